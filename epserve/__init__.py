@@ -1,0 +1,1 @@
+"""The `epserve` command line: thin wrappers over model_shards, cluster and replicas."""

@@ -1,0 +1,57 @@
+"""Entry point of the `epserve` console script: one sub-command per module, flags per design.md.
+
+Each command module exposes `add_parser(subparsers)` and `run(args) -> int`. User errors
+(bad checkpoint, bad flag values) print one clear line on stderr and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "tiny-checkpoint": "epserve.tiny_checkpoint_cmd",
+    "inspect": "epserve.inspect_cmd",
+    "generate": "epserve.generate_cmd",
+    "plan": "epserve.plan_cmd",
+    "serve": "epserve.serve_cmd",
+    "bench": "epserve.bench_cmd",
+}
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="epserve", description="Expert-parallel serving of Qwen3.5-MoE on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue  # command not built in this version
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as exc:
+        print(f"epserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        # Config/checkpoint/tokenizer errors carry a message naming the problem.
+        print(f"epserve {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

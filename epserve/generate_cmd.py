@@ -1,0 +1,132 @@
+"""`epserve generate`: complete one prompt, in one process or on an expert-parallel group.
+
+Unset sampling flags take the checkpoint's generation_config.json defaults (as requests to
+`serve` do); `--temperature 0` is greedy. Without tokenizer files, `--prompt-ids` works and
+text features refuse with a message naming the missing tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from epserve.cli import UserError
+from model_shards.config import from_hf_config
+from model_shards.generation_config import GenerationDefaults
+from model_shards.sampling import SamplingParams
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="complete one prompt (single process or expert-parallel)")
+    p.add_argument("--model", help="checkpoint folder (default: the embedded tiny model)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt as a user message with the chat template")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json)")
+    p.add_argument("--top-p", type=float, help="nucleus mass in (0, 1] (default: generation_config.json)")
+    p.add_argument("--top-k", type=int, help="0 disables (default: generation_config.json)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (auto = the checkpoint's)")
+    p.add_argument("--output", choices=["text", "json"], default="text")
+    p.add_argument("--trunk-ranks", type=int, default=1, help="trunk ranks D (>= 1)")
+    p.add_argument("--expert-ranks", type=int, default=0, help="expert ranks X (0 = experts in the trunk process)")
+    p.add_argument("--nodes", type=int, help="start a local Ray cluster of N nodes on loopback")
+    p.add_argument("--address", help="join an existing Ray cluster at this address")
+    p.add_argument("--block-size", type=int, default=16, help=argparse.SUPPRESS)
+    p.set_defaults(run=run)
+
+
+def sampling_from_args(args: argparse.Namespace, defaults: GenerationDefaults) -> SamplingParams:
+    temperature = defaults.temperature if args.temperature is None else args.temperature
+    top_p = defaults.top_p if args.top_p is None else args.top_p
+    top_k = defaults.top_k if args.top_k is None else args.top_k
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+    if top_k < -1:
+        raise UserError(f"--top-k must be >= -1, got {top_k}")
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=max(top_k, 0), min_p=defaults.min_p,
+                          repetition_penalty=defaults.repetition_penalty, seed=args.seed)
+
+
+def _prompt_ids(args: argparse.Namespace, folder: Path):  # noqa: ANN202  # (ids, tokenizer | None)
+    from model_shards.tokenizer import Tokenizer, TokenizerMissing
+
+    tokenizer = None
+    try:
+        tokenizer = Tokenizer.from_dir(folder)
+    except TokenizerMissing:
+        if args.prompt is not None or args.chat:
+            raise UserError(
+                f"{folder} has no tokenizer (tokenizer.json): --prompt/--chat need one; pass --prompt-ids instead"
+            ) from None
+    if args.prompt_ids is not None:
+        if args.chat:
+            raise UserError("--chat applies the chat template to --prompt text, not to --prompt-ids")
+        try:
+            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+        return ids, tokenizer
+    assert tokenizer is not None
+    text = args.prompt
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    return tokenizer.encode(text), tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    from model_shards.tiny_checkpoint import embedded_model
+
+    folder = Path(args.model) if args.model else embedded_model()
+    if not folder.is_dir():
+        raise UserError(f"--model {folder} is not a folder")
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.trunk_ranks < 1 or args.expert_ranks < 0:
+        raise UserError("--trunk-ranks must be >= 1 and --expert-ranks >= 0")
+    cfg = from_hf_config(folder)
+    defaults = GenerationDefaults.load(folder, cfg)
+    params = sampling_from_args(args, defaults)
+    prompt, tokenizer = _prompt_ids(args, folder)
+    bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise UserError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
+    if len(prompt) + args.max_tokens > cfg.max_position_embeddings:
+        raise UserError(f"prompt ({len(prompt)}) + max tokens ({args.max_tokens}) exceed the model's context "
+                        f"{cfg.max_position_embeddings}")
+    gen = _generate(args, folder, prompt, params, defaults)
+    text = tokenizer.decode(list(gen.token_ids)) if tokenizer is not None else None
+    if args.output == "json":
+        print(json.dumps({
+            "token_ids": list(gen.token_ids), "text": text, "prompt_token_ids": prompt,
+            "finish_reason": gen.finish_reason,
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(gen.token_ids)},
+            "timings": {"prefill_s": round(gen.prefill_s, 4), "decode_s": round(gen.decode_s, 4)},
+        }))
+    else:
+        print(text if text is not None else " ".join(map(str, gen.token_ids)))
+        print(f"[{len(gen.token_ids)} tokens, finish_reason={gen.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _generate(args, folder, prompt, params, defaults):  # noqa: ANN001, ANN202  # thin glue
+    from replicas.offline import LocalRunner, generate_one, runner_blocks
+
+    if args.expert_ranks == 0 and args.trunk_ranks == 1 and args.nodes is None and args.address is None:
+        from model_shards.model import LocalModel
+
+        model = LocalModel.load(folder, dtype=args.dtype)
+        runner = LocalRunner(model, num_blocks=runner_blocks(len(prompt), args.max_tokens, args.block_size),
+                             block_size=args.block_size)
+        return generate_one(runner, prompt, params=params, max_tokens=args.max_tokens,
+                            eos_token_ids=defaults.eos_token_ids)
+    from epserve.group_runner import run_on_group
+
+    return run_on_group(args, folder, prompt, params, defaults)

@@ -1,0 +1,176 @@
+"""What one forward step computes: packed new tokens of several sequences plus cache addresses.
+
+Owns: `SeqChunk` (one sequence's part of a step, as the scheduler describes it) and
+`StepBatch` (the packed, index-precomputed form the math consumes). Sequences are packed
+back to back (no padding between them); each carries its context length (tokens already
+cached), its DeltaNet state slot and its KV block table. The engine owns the pools; a
+step only names indices into them. Tests: tests/model_shards/test_model_parity.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """One sequence's tokens in a step.
+
+    Attributes:
+        token_ids: the new tokens (a prefill chunk, one decode token, or 1 + k verify tokens).
+        context_len: tokens of this sequence already in the caches before this step.
+        state_slot: DeltaNet state slot (conv window + recurrent state) of the sequence.
+        block_table: KV block ids covering positions [0, context_len + len(token_ids)).
+        positions: [3, n] MRoPE positions of the new tokens; None means text positions
+            context_len + rope_delta + i on all three axes.
+        rope_delta: offset of text positions after images (model_spec §4.3); 0 for text.
+        logits: which of the new tokens need logits ("last", "all" or "none").
+    """
+
+    token_ids: tuple[int, ...]
+    context_len: int
+    state_slot: int
+    block_table: tuple[int, ...]
+    positions: torch.Tensor | None = None
+    rope_delta: int = 0
+    logits: str = "last"
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            raise ValueError("a SeqChunk needs at least one new token")
+        if self.logits not in ("last", "all", "none"):
+            raise ValueError(f"logits must be 'last', 'all' or 'none', got {self.logits!r}")
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """Packed tokens of B sequences with everything the layers index by.
+
+    Built once per step by `StepBatch.build`; the layers never loop over Python sequences
+    in decode. Legend: T packed tokens, B sequences.
+    """
+
+    token_ids_T: torch.Tensor  # [T] int64
+    positions_3T: torch.Tensor  # [3, T] int64
+    query_lens: tuple[int, ...]
+    context_lens: tuple[int, ...]
+    state_slots_B: torch.Tensor  # [B] int64
+    block_tables_BN: torch.Tensor  # [B, max_blocks] int64 (0-padded; masked by length)
+    slot_mapping_T: torch.Tensor  # [T] flat KV index block * block_size + offset
+    block_size: int
+    logit_rows: torch.Tensor  # [R] rows of T whose logits are returned
+    embeds_override: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows [M], embeds [M, D])
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def build(seqs: list[SeqChunk], *, block_size: int, device: torch.device | str = "cpu") -> StepBatch:
+        """Pack sequences, compute positions, KV slot mapping and logit rows."""
+        if not seqs:
+            raise ValueError("a step needs at least one sequence")
+        ids: list[int] = []
+        slot_map: list[int] = []
+        logit_rows: list[int] = []
+        pos_parts: list[torch.Tensor] = []
+        max_blocks = max(len(s.block_table) for s in seqs)
+        for s in seqs:
+            n, start = len(s.token_ids), len(ids)
+            end_pos = s.context_len + n
+            if len(s.block_table) * block_size < end_pos:
+                raise ValueError(
+                    f"block table of {len(s.block_table)} blocks x {block_size} cannot hold {end_pos} tokens"
+                )
+            ids.extend(s.token_ids)
+            for p in range(s.context_len, end_pos):
+                slot_map.append(s.block_table[p // block_size] * block_size + p % block_size)
+            if s.positions is not None:
+                if tuple(s.positions.shape) != (3, n):
+                    raise ValueError(f"positions must be [3, {n}], got {tuple(s.positions.shape)}")
+                pos_parts.append(s.positions.to(torch.long))
+            else:
+                text = torch.arange(s.context_len, end_pos, dtype=torch.long) + s.rope_delta
+                pos_parts.append(text.expand(3, n))
+            if s.logits == "last":
+                logit_rows.append(start + n - 1)
+            elif s.logits == "all":
+                logit_rows.extend(range(start, start + n))
+        tables = torch.zeros(len(seqs), max_blocks, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tables[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.long)
+        return StepBatch(
+            token_ids_T=torch.tensor(ids, dtype=torch.long, device=device),
+            positions_3T=torch.cat(pos_parts, dim=1).to(device),
+            query_lens=tuple(len(s.token_ids) for s in seqs),
+            context_lens=tuple(s.context_len for s in seqs),
+            state_slots_B=torch.tensor([s.state_slot for s in seqs], dtype=torch.long, device=device),
+            block_tables_BN=tables.to(device),
+            slot_mapping_T=torch.tensor(slot_map, dtype=torch.long, device=device),
+            block_size=block_size,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
+        )
+
+    # ----------------------------------------------------------------- derived indices
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids_T.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @cached_property
+    def starts(self) -> tuple[int, ...]:
+        out, acc = [], 0
+        for n in self.query_lens:
+            out.append(acc)
+            acc += n
+        return tuple(out)
+
+    @cached_property
+    def recurrent_seqs(self) -> tuple[int, ...]:
+        """Sequences whose DeltaNet step uses the recurrent form: one new token on a cached state
+        (HF takes the recurrent path exactly when seq_len == 1 and a state exists)."""
+        return tuple(i for i, (q, c) in enumerate(zip(self.query_lens, self.context_lens)) if q == 1 and c > 0)
+
+    @cached_property
+    def chunk_seqs(self) -> tuple[int, ...]:
+        rec = set(self.recurrent_seqs)
+        return tuple(i for i in range(self.num_seqs) if i not in rec)
+
+    def padded_rows(self, seqs: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices [len(seqs), Tmax] into the packed tokens, padding pointing at row T
+        (callers append one zero row), and the matching validity mask."""
+        key = ("padded", seqs)
+        if key not in self._cache:
+            lens = [self.query_lens[i] for i in seqs]
+            tmax = max(lens)
+            rows = torch.full((len(seqs), tmax), self.num_tokens, dtype=torch.long)
+            for j, i in enumerate(seqs):
+                rows[j, : lens[j]] = torch.arange(self.starts[i], self.starts[i] + lens[j])
+            rows = rows.to(self.token_ids_T.device)
+            self._cache[key] = (rows, rows < self.num_tokens)
+        return self._cache[key]
+
+    def seq_rows(self, seqs: tuple[int, ...]) -> torch.Tensor:
+        """Packed row of the single new token of each listed sequence (decode-style sequences)."""
+        key = ("rows", seqs)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor([self.starts[i] for i in seqs], dtype=torch.long,
+                                            device=self.token_ids_T.device)
+        return self._cache[key]
+
+    def index_of(self, seqs: tuple[int, ...]) -> torch.Tensor:
+        key = ("idx", seqs)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(seqs, dtype=torch.long, device=self.token_ids_T.device)
+        return self._cache[key]
+
+    def fresh_mask(self, seqs: tuple[int, ...]) -> torch.Tensor:
+        """[len(seqs)] bool: sequences with no cached state (start from zeros)."""
+        key = ("fresh", seqs)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor([self.context_lens[i] == 0 for i in seqs],
+                                            device=self.token_ids_T.device)
+        return self._cache[key]

@@ -1,0 +1,102 @@
+"""Cache pools a trunk holds: paged KV blocks for attention layers, DeltaNet state slots.
+
+Owns the tensors only; which block or slot belongs to which sequence is the engine's
+business (it sends indices in each `StepBatch`). The MTP layer's attention gets its own
+row in the KV pool and shares the main model's block tables (same token positions).
+Sizes per token / per slot: model_spec §1.5. Tests: tests/model_shards/test_model_parity.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model_shards.config import ModelConfig
+
+
+@dataclass
+class CachePools:
+    """KV blocks and DeltaNet state slots for one trunk.
+
+    Attributes:
+        k, v: [L_attn, num_blocks, block_size, Hkv, head_dim] in the compute dtype
+            (post-norm, post-RoPE keys). Row i belongs to `attn_layer_rows[layer]`.
+        conv: [L_lin, num_slots, conv_dim, kernel - 1] the last pre-conv qkv inputs.
+        recurrent: [L_lin, num_slots, Hv, Kd, Vd] fp32 delta-rule state.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    conv: torch.Tensor
+    recurrent: torch.Tensor
+    block_size: int
+    attn_layer_rows: dict[int, int]
+    linear_layer_rows: dict[int, int]
+
+    @staticmethod
+    def allocate(
+        cfg: ModelConfig,
+        *,
+        num_blocks: int,
+        block_size: int,
+        num_slots: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        with_mtp: bool = False,
+    ) -> CachePools:
+        """Zero-filled pools (zeros keep masked-out attention reads finite)."""
+        attn_layers = list(cfg.attention_layers)
+        if with_mtp:
+            attn_layers += [cfg.num_layers + i for i in range(cfg.mtp_num_hidden_layers)]
+        lin_layers = list(cfg.linear_layers)
+        kv_shape = (len(attn_layers), num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        return CachePools(
+            k=torch.zeros(kv_shape, dtype=dtype, device=device),
+            v=torch.zeros(kv_shape, dtype=dtype, device=device),
+            conv=torch.zeros(
+                (len(lin_layers), num_slots, cfg.linear_conv_dim, cfg.linear_conv_kernel_dim - 1),
+                dtype=dtype, device=device,
+            ),
+            recurrent=torch.zeros(
+                (len(lin_layers), num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                 cfg.linear_value_head_dim),
+                dtype=torch.float32, device=device,
+            ),
+            block_size=block_size,
+            attn_layer_rows={layer: i for i, layer in enumerate(attn_layers)},
+            linear_layer_rows={layer: i for i, layer in enumerate(lin_layers)},
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.k.shape[1])
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.conv.shape[1])
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.attn_layer_rows[layer]
+        return self.k[row], self.v[row]
+
+    def state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.linear_layer_rows[layer]
+        return self.conv[row], self.recurrent[row]
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Duplicate a sequence's DeltaNet state (n > 1 sampling forks a prompt's state)."""
+        self.conv[:, dst] = self.conv[:, src]
+        self.recurrent[:, dst] = self.recurrent[:, src]
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, *, block_size: int, dtype_bytes: int, with_mtp: bool = False) -> int:
+        layers = len(cfg.attention_layers) + (cfg.mtp_num_hidden_layers if with_mtp else 0)
+        return 2 * layers * block_size * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+
+    @staticmethod
+    def bytes_per_slot(cfg: ModelConfig, *, dtype_bytes: int) -> int:
+        lin = len(cfg.linear_layers)
+        conv = cfg.linear_conv_dim * (cfg.linear_conv_kernel_dim - 1) * dtype_bytes
+        rec = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+        return lin * (conv + rec)

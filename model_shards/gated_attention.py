@@ -1,0 +1,128 @@
+"""Gated full attention (`self_attn`, model_spec §2.4) over a packed batch with a paged KV cache.
+
+Legend: T packed tokens, D hidden, H query heads, G = H / Hkv query heads per KV head,
+hd head dim, S keys of a sequence, N blocks x block_size.
+q_proj gives per head [query (hd) | gate (hd)]; q/k get zero-centred RMSNorm over hd, then
+partial RoPE; new K/V are written to the pool at the step's slot mapping; each query
+attends causally to its sequence's cached + new keys; softmax in fp32, cast back before
+PV; output * sigmoid(gate); o_proj. Mirrors HF `Qwen3_5MoeAttention` with the *eager*
+attention back-end (`eager_attention_forward`). Tests: tests/model_shards/test_blocks.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model_shards.batch import StepBatch
+from model_shards.config import ModelConfig
+from model_shards.norms import rms_norm_zc
+from model_shards.quant import Weight, linear
+from model_shards.rope import apply_partial_rope
+
+
+@dataclass
+class AttentionWeights:
+    q_proj: Weight  # [H * 2 * hd, D], per head [query | gate]
+    k_proj: Weight  # [Hkv * hd, D]
+    v_proj: Weight  # [Hkv * hd, D]
+    o_proj: Weight  # [D, H * hd]
+    q_norm: torch.Tensor  # [hd] zero-centred
+    k_norm: torch.Tensor  # [hd] zero-centred
+
+
+def attention_forward(
+    x_TD: torch.Tensor,
+    *,
+    w: AttentionWeights,
+    cfg: ModelConfig,
+    batch: StepBatch,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+) -> torch.Tensor:
+    """One attention mixer over all sequences of a step; writes this step's K/V into the pool.
+
+    Args:
+        x_TD: [T, D] normed hidden states.
+        cos, sin: [T, rotary_dim] from `rope.mrope_cos_sin`.
+        k_pool, v_pool: [num_blocks, block_size, Hkv, hd] this layer's pool.
+    Returns:
+        [T, D].
+    """
+    t = x_TD.shape[0]
+    h, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    query, gate = torch.chunk(linear(x_TD, w.q_proj).view(t, h, 2 * hd), 2, dim=-1)
+    gate = gate.reshape(t, h * hd)
+    q = rms_norm_zc(query, weight=w.q_norm, eps=cfg.rms_norm_eps)
+    k = rms_norm_zc(linear(x_TD, w.k_proj).view(t, hkv, hd), weight=w.k_norm, eps=cfg.rms_norm_eps)
+    v = linear(x_TD, w.v_proj).view(t, hkv, hd)
+    q = apply_partial_rope(q, cos=cos, sin=sin)
+    k = apply_partial_rope(k, cos=cos, sin=sin)
+
+    k_pool.view(-1, hkv, hd)[batch.slot_mapping_T] = k.to(k_pool.dtype)
+    v_pool.view(-1, hkv, hd)[batch.slot_mapping_T] = v.to(v_pool.dtype)
+
+    out_THD = torch.empty_like(q)
+    scale = hd**-0.5
+    decode = batch.recurrent_seqs  # one new token on a cached context: batched over sequences
+    if decode:
+        rows = batch.seq_rows(decode)
+        out_THD[rows] = _decode_attention(q[rows], batch=batch, seqs=decode, k_pool=k_pool, v_pool=v_pool, scale=scale)
+    for i in batch.chunk_seqs:
+        start, n, ctx = batch.starts[i], batch.query_lens[i], batch.context_lens[i]
+        out_THD[start:start + n] = _prefill_attention(
+            q[start:start + n], table=batch.block_tables_BN[i], context_len=ctx, k_pool=k_pool, v_pool=v_pool,
+            scale=scale,
+        )
+    attn = out_THD.reshape(t, h * hd) * torch.sigmoid(gate)
+    return linear(attn, w.o_proj)
+
+
+def _prefill_attention(
+    q_THD: torch.Tensor, *, table: torch.Tensor, context_len: int, k_pool: torch.Tensor, v_pool: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of n new queries over context_len cached + n new keys of one sequence."""
+    n, h, hd = q_THD.shape
+    hkv = k_pool.shape[2]
+    s = context_len + n
+    bs = k_pool.shape[1]
+    blocks = table[: -(-s // bs)]
+    k = k_pool[blocks].reshape(-1, hkv, hd)[:s]  # [S, Hkv, hd]
+    v = v_pool[blocks].reshape(-1, hkv, hd)[:s]
+    g = h // hkv
+    # [Hkv, G*n, hd] x [Hkv, hd, S]: query head j uses KV head j // G (HF repeat_kv).
+    qg = q_THD.view(n, hkv, g, hd).permute(1, 2, 0, 3).reshape(hkv, g * n, hd)
+    scores = torch.matmul(qg, k.permute(1, 2, 0)) * scale  # [Hkv, G*n, S]
+    key_pos = torch.arange(s, device=q_THD.device)
+    q_pos = torch.arange(context_len, s, device=q_THD.device).repeat(g)
+    scores = scores.masked_fill(key_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_THD.dtype)
+    out = torch.matmul(probs, v.permute(1, 0, 2))  # [Hkv, G*n, hd]
+    return out.view(hkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, h, hd)
+
+
+def _decode_attention(
+    q_BHD: torch.Tensor, *, batch: StepBatch, seqs: tuple[int, ...], k_pool: torch.Tensor, v_pool: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence over its whole context; contexts padded to the longest, masked."""
+    b, h, hd = q_BHD.shape
+    hkv, bs = k_pool.shape[2], k_pool.shape[1]
+    lens = [batch.context_lens[i] + 1 for i in seqs]
+    nblk = -(-max(lens) // bs)
+    tables = batch.block_tables_BN[batch.index_of(seqs), :nblk]
+    k = k_pool[tables].reshape(b, nblk * bs, hkv, hd)
+    v = v_pool[tables].reshape(b, nblk * bs, hkv, hd)
+    g = h // hkv
+    qg = q_BHD.view(b, hkv, g, hd)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, Hkv, G, S]
+    lens_t = torch.tensor(lens, device=q_BHD.device)
+    mask = torch.arange(nblk * bs, device=q_BHD.device)[None, :] >= lens_t[:, None]  # [B, S]
+    scores = scores.masked_fill(mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_BHD.dtype)
+    out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, Hkv, G, hd]
+    return out.reshape(b, h, hd)

@@ -1,0 +1,118 @@
+"""The trunk: embeddings, every decoder layer's mixer + router + shared expert, final norm, lm_head.
+
+A trunk runs the whole forward pass of a step except the routed experts, which it reaches
+through `routed` (a callable: local shard in one process, an all-to-all across ranks).
+Top level (model_spec §2.1): x = embed(ids); per layer h = x + Mixer(norm(x)),
+x = h + MoE(norm(h)); logits = lm_head(norm(x)). Pre-norm residuals, untied lm_head.
+Tests: tests/model_shards/test_model_parity.py (against transformers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model_shards.batch import StepBatch
+from model_shards.cache import CachePools
+from model_shards.config import FULL_ATTENTION, ModelConfig
+from model_shards.gated_attention import AttentionWeights, attention_forward
+from model_shards.gated_deltanet import DeltaNetWeights, deltanet_forward
+from model_shards.moe import Routing, SharedMoEWeights, route, shared_expert
+from model_shards.norms import rms_norm_zc
+from model_shards.quant import Weight, linear
+from model_shards.rope import inv_frequencies, mrope_cos_sin
+
+# (moe_layer, x_TD, routing) -> routed output [T, D] (weighted, slot-summed; shared expert excluded)
+RoutedExperts = Callable[[int, torch.Tensor, Routing], torch.Tensor]
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [D] zero-centred
+    post_norm: torch.Tensor  # [D] zero-centred
+    mixer: DeltaNetWeights | AttentionWeights
+    moe: SharedMoEWeights
+
+
+@dataclass
+class MtpWeights:
+    """The multi-token-prediction head (model_spec §3.1); reuses embed_tokens and lm_head."""
+
+    fc: Weight  # [D, 2D] input [embedding | hidden]
+    pre_fc_norm_embedding: torch.Tensor
+    pre_fc_norm_hidden: torch.Tensor
+    norm: torch.Tensor
+    layers: list[LayerWeights]  # full-attention decoder layers
+
+
+@dataclass
+class TrunkWeights:
+    embed: torch.Tensor  # [vocab, D]
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor  # [D]
+    lm_head: Weight  # [vocab, D] (the embedding itself when tied)
+    mtp: MtpWeights | None = None
+
+
+@dataclass(frozen=True)
+class TrunkOutput:
+    """hidden_TD: final-normed hidden state of every new token (what lm_head and MTP read);
+    logits_RV: fp32 logits of the batch's logit rows."""
+
+    hidden_TD: torch.Tensor
+    logits_RV: torch.Tensor
+
+
+class Trunk:
+    """Holds trunk weights and runs steps against cache pools and a routed-experts callable."""
+
+    def __init__(self, weights: TrunkWeights, cfg: ModelConfig, *, dtype: torch.dtype) -> None:
+        self.w = weights
+        self.cfg = cfg
+        self.dtype = dtype
+        self.inv_freq = inv_frequencies(rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
+
+    def forward(self, batch: StepBatch, *, pools: CachePools, routed: RoutedExperts) -> TrunkOutput:
+        """Run every layer for the step's tokens; update caches in place; logits for logit rows."""
+        x = F.embedding(batch.token_ids_T, self.w.embed)
+        if batch.embeds_override is not None:
+            rows, embeds = batch.embeds_override
+            x = x.index_copy(0, rows, embeds.to(x.dtype))
+        cos, sin = mrope_cos_sin(batch.positions_3T, inv_freq=self.inv_freq, mrope_section=self.cfg.mrope_section,
+                                 dtype=x.dtype)
+        for i, lw in enumerate(self.w.layers):
+            x = self.decoder_layer(x, lw, layer=i, batch=batch, pools=pools, routed=routed, cos=cos, sin=sin)
+        hidden = rms_norm_zc(x, weight=self.w.final_norm, eps=self.cfg.rms_norm_eps)
+        return TrunkOutput(hidden_TD=hidden, logits_RV=self.logits(hidden[batch.logit_rows]))
+
+    def logits(self, hidden_RD: torch.Tensor) -> torch.Tensor:
+        return linear(hidden_RD, self.w.lm_head).float()
+
+    def decoder_layer(
+        self, x: torch.Tensor, lw: LayerWeights, *, layer: int, batch: StepBatch, pools: CachePools,
+        routed: RoutedExperts, cos: torch.Tensor, sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """One pre-norm decoder layer. `layer` indexes caches and experts (MTP layers follow the
+        decoder layers)."""
+        cfg = self.cfg
+        h_in = rms_norm_zc(x, weight=lw.input_norm, eps=cfg.rms_norm_eps)
+        if isinstance(lw.mixer, AttentionWeights):
+            k_pool, v_pool = pools.kv(layer)
+            mixed = attention_forward(h_in, w=lw.mixer, cfg=cfg, batch=batch, cos=cos, sin=sin, k_pool=k_pool,
+                                      v_pool=v_pool)
+        else:
+            conv, rec = pools.state(layer)
+            mixed = deltanet_forward(h_in, w=lw.mixer, cfg=cfg, batch=batch, conv_state=conv, recurrent_state=rec)
+        h = x + mixed
+        m_in = rms_norm_zc(h, weight=lw.post_norm, eps=cfg.rms_norm_eps)
+        return h + self.moe(m_in, lw.moe, layer=layer, routed=routed)
+
+    def moe(self, x_TD: torch.Tensor, w: SharedMoEWeights, *, layer: int, routed: RoutedExperts) -> torch.Tensor:
+        routing = route(x_TD, router=w.router, top_k=self.cfg.num_experts_per_tok)
+        return routed(layer, x_TD, routing) + shared_expert(x_TD, w=w)
+
+    def is_attention(self, layer: int) -> bool:
+        return layer >= self.cfg.num_layers or self.cfg.layer_types[layer] == FULL_ATTENTION

@@ -1,0 +1,103 @@
+"""Offline generation of one prompt to completion on a group runner (`epserve generate`).
+
+A runner is anything with `step(list[StepRequest]) -> list[StepResult]` (one request per
+trunk rank) and `block_size`: the in-process `LocalRunner` or the expert-parallel driver.
+The prompt runs on trunk rank 0 in slot 0; other ranks join each step with no sequences.
+Tests: tests/model_shards/test_generate_cli.py (tokens equal transformers' generate).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+
+from model_shards.batch import SeqChunk
+from model_shards.cache import CachePools
+from model_shards.model import LocalModel
+from model_shards.sampling import SamplingParams
+from replicas.step_types import SeqStep, StepRequest, StepResult, TokenLogprobs
+from replicas.trunk_rank import TrunkRank
+
+
+class GroupRunner(Protocol):
+    block_size: int
+    num_trunk_ranks: int
+
+    def step(self, requests: list[StepRequest]) -> list[StepResult]: ...
+
+
+class LocalRunner:
+    """One trunk rank with every expert in-process (`--expert-ranks 0`)."""
+
+    num_trunk_ranks = 1
+
+    def __init__(self, model: LocalModel, *, num_blocks: int, block_size: int = 16, num_slots: int = 1) -> None:
+        self.block_size = block_size
+        pools = model.allocate(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots)
+        self.rank = TrunkRank(model.trunk, pools, model.routed)
+
+    @property
+    def pools(self) -> CachePools:
+        return self.rank.pools
+
+    def step(self, requests: list[StepRequest]) -> list[StepResult]:
+        return [self.rank.step(requests[0])]
+
+
+@dataclass(frozen=True)
+class Generation:
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "stop" (eos) or "length"
+    logprobs: tuple[TokenLogprobs | None, ...]
+    prefill_s: float
+    decode_s: float
+
+
+def generate_one(
+    runner: GroupRunner,
+    prompt_ids: list[int],
+    *,
+    params: SamplingParams,
+    max_tokens: int,
+    eos_token_ids: tuple[int, ...],
+) -> Generation:
+    """Prefill the prompt in one step, then decode one token per step until eos or max_tokens."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    bs = runner.block_size
+    table = tuple(range(-(-(len(prompt_ids) + max_tokens) // bs)))
+    idle = [StepRequest()] * (runner.num_trunk_ranks - 1)
+    out: list[int] = []
+    logprobs: list[TokenLogprobs | None] = []
+    context, new = 0, list(prompt_ids)
+    finish = "length"
+    t0 = time.perf_counter()
+    t_first = t0
+    while len(out) < max_tokens:
+        seq = SeqStep(
+            chunk=SeqChunk(tuple(new), context, 0, table), sample=True, params=params, output_index=len(out),
+            prompt_ids=tuple(prompt_ids) if params.has_penalties else (),
+            output_ids=tuple(out) if params.has_penalties else (),
+        )
+        res = runner.step([StepRequest((seq,)), *idle])[0]
+        token = res.token_ids[0]
+        assert token is not None
+        if not out:
+            t_first = time.perf_counter()
+        out.append(token)
+        logprobs.append(res.logprobs[0])
+        context += len(new)
+        new = [token]
+        if token in eos_token_ids:
+            finish = "stop"
+            break
+    return Generation(tuple(out), finish, tuple(logprobs), t_first - t0, time.perf_counter() - t_first)
+
+
+def runner_blocks(prompt_len: int, max_tokens: int, block_size: int) -> int:
+    return -(-(prompt_len + max_tokens) // block_size)
+
+
+

@@ -1,0 +1,57 @@
+"""The step interface between the engine and a group's trunk ranks (design.md).
+
+Small typed, picklable messages: the engine says, per trunk rank, which sequences take part,
+their new tokens and cache addresses and how to sample; the rank answers with token ids and
+requested logprobs only (logits never leave the rank). Tests: tests/replicas/test_trunk_rank.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from model_shards.batch import SeqChunk
+from model_shards.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    """One sequence in one step.
+
+    Attributes:
+        chunk: its new tokens and cache addresses.
+        sample: whether to sample a token after this chunk (False for a non-final prefill chunk).
+        params: how to sample.
+        output_index: index in the output of the token about to be sampled (seeds the draw).
+        prompt_ids, output_ids: token history, sent only when a penalty needs it.
+    """
+
+    chunk: SeqChunk
+    sample: bool
+    params: SamplingParams
+    output_index: int = 0
+    prompt_ids: tuple[int, ...] = ()
+    output_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """What one trunk rank computes in one step (may be empty: the rank still joins the collectives)."""
+
+    seqs: tuple[SeqStep, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprob of the sampled token and the top alternatives (raw model distribution)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Per sequence of the request, in order: the sampled token (None when not sampling) and logprobs."""
+
+    token_ids: tuple[int | None, ...] = ()
+    logprobs: tuple[TokenLogprobs | None, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,84 @@
+"""A trunk rank's core: owns the trunk weights and cache pools, runs a step, samples.
+
+Plain Python (no Ray): the Ray actor in replicas/actors.py wraps it, and the single-process
+layout (`--expert-ranks 0`) uses it directly with the local experts. The routed-experts seam is
+injected (`routed`), so the same class runs in-process or over an all-to-all.
+Tests: tests/replicas/test_trunk_rank.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from model_shards.batch import StepBatch
+from model_shards.cache import CachePools
+from model_shards.sampling import sample
+from model_shards.trunk import RoutedExperts, Trunk
+from replicas.step_types import StepRequest, StepResult, TokenLogprobs
+
+
+class TrunkRank:
+    """Runs steps for the sequences the engine placed on this rank.
+
+    Args:
+        trunk: trunk weights and math.
+        pools: this rank's KV blocks and DeltaNet state slots.
+        routed: the routed-experts seam (local shard or all-to-all dispatcher).
+    """
+
+    def __init__(self, trunk: Trunk, pools: CachePools, routed: RoutedExperts) -> None:
+        self.trunk = trunk
+        self.pools = pools
+        self.routed = routed
+
+    @torch.inference_mode()
+    def step(self, req: StepRequest) -> StepResult:
+        t0 = time.perf_counter()
+        if not req.seqs:
+            return StepResult(timings={"forward_s": 0.0})
+        batch = StepBatch.build([s.chunk for s in req.seqs], block_size=self.pools.block_size)
+        out = self.trunk.forward(batch, pools=self.pools, routed=self.routed)
+        t1 = time.perf_counter()
+        # logit rows are the last token of each sequence ("last" chunks); keep those that sample
+        sampling = [i for i, s in enumerate(req.seqs) if s.sample]
+        tokens: list[int | None] = [None] * len(req.seqs)
+        logprobs: list[TokenLogprobs | None] = [None] * len(req.seqs)
+        if sampling:
+            rows = _logit_row_of(req)
+            logits = out.logits_RV[[rows[i] for i in sampling]]
+            seqs = [req.seqs[i] for i in sampling]
+            res = sample(
+                logits, [s.params for s in seqs],
+                prompt_ids=[torch.tensor(s.prompt_ids, dtype=torch.long) for s in seqs],
+                output_ids=[torch.tensor(s.output_ids, dtype=torch.long) for s in seqs],
+                positions=[s.output_index for s in seqs],
+            )
+            ids = res.token_ids.tolist()
+            for j, i in enumerate(sampling):
+                tokens[i] = ids[j]
+                n = req.seqs[i].params.logprobs
+                if n is not None and res.logprob is not None:
+                    top = ()
+                    if n > 0 and res.top_ids is not None and res.top_logprobs is not None:
+                        top = tuple(zip(res.top_ids[j, :n].tolist(), res.top_logprobs[j, :n].tolist()))
+                    logprobs[i] = TokenLogprobs(float(res.logprob[j]), top)
+        return StepResult(tuple(tokens), tuple(logprobs),
+                          timings={"forward_s": t1 - t0, "sample_s": time.perf_counter() - t1})
+
+
+def _logit_row_of(req: StepRequest) -> dict[int, int]:
+    """Row of the step's logits holding each sampling sequence's last token.
+
+    NOTE: a sequence samples iff its chunk asks for logits of its last token; non-final
+    prefill chunks ask for none (no lm_head work for them).
+    """
+    rows, r = {}, 0
+    for i, s in enumerate(req.seqs):
+        if s.sample != (s.chunk.logits == "last"):
+            raise ValueError("a sequence samples exactly when its chunk asks for logits='last'")
+        if s.sample:
+            rows[i] = r
+            r += 1
+    return rows

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install epserve (editable) into the active Python environment.
+#   bash scripts/install.sh          # serving
+#   bash scripts/install.sh --test   # plus the test oracle (transformers) and test tools
+# torch: kept if already installed; on a machine with an NVIDIA GPU the default (CUDA) build;
+# otherwise the 2.13.0 CPU wheel (set EPSERVE_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# where the default index would hand out the multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
+python -m pip install -q --upgrade pip
+if ! python -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    python -m pip install -q torch
+  else
+    python -m pip install -q "torch==2.13.0" ${EPSERVE_TORCH_INDEX:+--extra-index-url "$EPSERVE_TORCH_INDEX"}
+  fi
+fi
+python -m pip install -q -e ".${extras}"
+python -c "import torch, ray, epserve; print(f'epserve installed: torch {torch.__version__}, ray {ray.__version__}')"

@@ -1,0 +1,42 @@
+"""Shared fixtures: random checkpoints built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep every local Ray node on loopback (design.md); set before any test imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random checkpoint saved by transformers (per-expert layout, no MTP, no tokenizer)."""
+    from tests.hf_oracle import save_random_hf_checkpoint
+
+    return save_random_hf_checkpoint(tmp_path_factory.mktemp("hf") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint_fused(hf_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.hf_oracle import fuse_experts
+
+    return fuse_experts(hf_checkpoint, tmp_path_factory.mktemp("hf_fused") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def epserve_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Cache dir for generated artefacts (tokenizer.json, the embedded model) shared by the session."""
+    d = Path(os.environ.get("EPSERVE_TEST_CACHE") or tmp_path_factory.mktemp("epserve_cache"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_fused(epserve_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`epserve tiny-checkpoint` output, fused experts (the embedded default model)."""
+    from model_shards.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_fused") / "ckpt", cache_dir=epserve_cache)
