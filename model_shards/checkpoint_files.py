@@ -70,13 +70,22 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], int]:
             header = json.loads(f.read(hlen))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"shard {path.name} has an unreadable safetensors header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"shard {path.name} has an unreadable safetensors header: not a JSON object")
     tensors: dict[str, TensorInfo] = {}
     data_end = 0
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        tensors[name] = TensorInfo(name=name, file=path.name, dtype=meta["dtype"], shape=tuple(meta["shape"]))
-        data_end = max(data_end, int(meta["data_offsets"][1]))
+        try:
+            tensors[name] = TensorInfo(name=name, file=path.name, dtype=str(meta["dtype"]),
+                                       shape=tuple(int(d) for d in meta["shape"]))
+            data_end = max(data_end, int(meta["data_offsets"][1]))
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"shard {path.name} has a malformed safetensors header entry for tensor {name}: "
+                "it needs dtype, shape and data_offsets"
+            ) from exc
     size = os.path.getsize(path)
     if 8 + hlen + data_end > size:
         raise CheckpointError(

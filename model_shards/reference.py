@@ -33,6 +33,7 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
 
 
 def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^x), written so that large x does not overflow."""
     return torch.log1p(torch.exp(-x.abs())) + x.clamp(min=0)
 
 
@@ -277,6 +278,7 @@ def attention_reference(
 def route_reference(x_TD: torch.Tensor, *, router_ED: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts (fp32), the top_k largest in descending order, renormalised.
 
+    Ties go to the lower expert id (a stable sort); random tests avoid ties.
     Returns:
         topk_ids_Tk int64 and topk_weights_Tk fp32 (each row sums to 1).
     """

@@ -32,6 +32,7 @@ VISION_PREFIX = "model.visual."
 MTP_PREFIX = "mtp."
 SCALE_SUFFIX = "_scale_inv"
 PARTS = ("trunk", "experts", "mtp", "vision")
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")  # what an unquantised tensor (or an FP8 scale) may be stored as
 
 
 @dataclass(frozen=True)
@@ -228,10 +229,12 @@ class CheckpointProblems:
     unexpected: tuple[str, ...]
     wrong_shape: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]  # (name, expected, found)
     wrong_dtype: tuple[tuple[str, str], ...]  # (name, found dtype) for FP8 weights not stored as F8_E4M3
+    # (name, found dtype) for tensors the config keeps unquantised but stored FP8/integer (no scales to apply)
+    not_float: tuple[tuple[str, str], ...] = ()
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.wrong_shape or self.wrong_dtype)
+        return not (self.missing or self.unexpected or self.wrong_shape or self.wrong_dtype or self.not_float)
 
     def message(self) -> str:
         lines = []
@@ -244,6 +247,8 @@ class CheckpointProblems:
             lines.append(f"tensor {name} has shape {list(got)}, expected {list(want)}")
         for name, dt in self.wrong_dtype[:8]:
             lines.append(f"tensor {name} is {dt}, expected F8_E4M3 (the config declares FP8 weights)")
+        for name, dt in self.not_float[:8]:
+            lines.append(f"tensor {name} is {dt}, expected {'/'.join(FLOAT_DTYPES)} (the config does not quantise it)")
         return "; ".join(lines)
 
 
@@ -259,7 +264,11 @@ def check_checkpoint(reader: CheckpointReader, cfg: ModelConfig, layout: Checkpo
     wrong_dtype = tuple(
         (n, found[n].dtype) for n, spec in expected.items() if spec.fp8 and n in found and found[n].dtype != "F8_E4M3"
     )
-    return CheckpointProblems(missing, unexpected, wrong_shape, wrong_dtype)
+    not_float = tuple(
+        (n, found[n].dtype) for n, spec in expected.items()
+        if not spec.fp8 and n in found and found[n].dtype not in FLOAT_DTYPES
+    )
+    return CheckpointProblems(missing, unexpected, wrong_shape, wrong_dtype, not_float)
 
 
 def validate(reader: CheckpointReader, cfg: ModelConfig) -> CheckpointLayout:

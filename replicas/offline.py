@@ -17,6 +17,7 @@ from model_shards.batch import SeqChunk
 from model_shards.cache import CachePools
 from model_shards.model import LocalModel
 from model_shards.sampling import SamplingParams
+from replicas.dispatch import LocalDispatcher
 from replicas.step_types import SeqStep, StepRequest, StepResult, TokenLogprobs
 from replicas.trunk_rank import TrunkRank
 
@@ -36,7 +37,7 @@ class LocalRunner:
     def __init__(self, model: LocalModel, *, num_blocks: int, block_size: int = 16, num_slots: int = 1) -> None:
         self.block_size = block_size
         pools = model.allocate(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots)
-        self.rank = TrunkRank(model.trunk, pools, model.routed)
+        self.rank = TrunkRank(model.trunk, pools, LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers))
 
     @property
     def pools(self) -> CachePools:

@@ -15,7 +15,9 @@ import torch
 from model_shards.batch import StepBatch
 from model_shards.cache import CachePools
 from model_shards.sampling import sample
-from model_shards.trunk import RoutedExperts, Trunk
+from model_shards.trunk import Trunk
+from replicas.a2a_protocol import StepPlan
+from replicas.dispatch import Dispatcher
 from replicas.step_types import StepRequest, StepResult, TokenLogprobs
 
 
@@ -25,21 +27,28 @@ class TrunkRank:
     Args:
         trunk: trunk weights and math.
         pools: this rank's KV blocks and DeltaNet state slots.
-        routed: the routed-experts seam (local shard or all-to-all dispatcher).
+        routed: the dispatch/combine seam (local experts or the all-to-all).
     """
 
-    def __init__(self, trunk: Trunk, pools: CachePools, routed: RoutedExperts) -> None:
+    def __init__(self, trunk: Trunk, pools: CachePools, routed: Dispatcher) -> None:
         self.trunk = trunk
         self.pools = pools
         self.routed = routed
 
     @torch.inference_mode()
-    def step(self, req: StepRequest) -> StepResult:
+    def step(self, req: StepRequest, plan: StepPlan | None = None) -> StepResult:
+        """Forward + sample. With a plan (expert ranks elsewhere), the routed seam is framed by it and
+        a rank with no sequences still runs every exchange of the plan."""
         t0 = time.perf_counter()
+        if plan is not None:
+            self.routed.begin(plan)
         if not req.seqs:
-            return StepResult(timings={"forward_s": 0.0})
+            self.routed.run_idle()
+            self.routed.finish()
+            return StepResult(timings={"forward_s": time.perf_counter() - t0})
         batch = StepBatch.build([s.chunk for s in req.seqs], block_size=self.pools.block_size)
         out = self.trunk.forward(batch, pools=self.pools, routed=self.routed)
+        self.routed.finish()
         t1 = time.perf_counter()
         # logit rows are the last token of each sequence ("last" chunks); keep those that sample
         sampling = [i for i, s in enumerate(req.seqs) if s.sample]

@@ -40,3 +40,13 @@ def tiny_fused(epserve_cache: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from model_shards.tiny_checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_fused") / "ckpt", cache_dir=epserve_cache)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():  # noqa: ANN201  # cluster.local_cluster.LocalCluster
+    """A 3-node Ray cluster on loopback, shared by every test that needs Ray (started once)."""
+    from cluster.local_cluster import start_local_cluster
+
+    cluster = start_local_cluster(3, cpus_per_node=6)
+    yield cluster
+    cluster.shutdown()

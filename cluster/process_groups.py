@@ -1,0 +1,91 @@
+"""Process-group set-up among the actors of one expert-parallel group, with collective deadlines.
+
+Owns: `GroupSpec` (what the driver tells every rank: rendezvous address, world size, backend,
+deadline, epoch) and `GroupHandle` (the handle collectives take; no module-level rank or
+group getters). NCCL when every rank has a GPU, gloo otherwise. The deadline bounds every
+collective: a dead peer errors at once (gloo) or at the deadline, a frozen one at the
+deadline, never a hang. Tests: tests/cluster/test_process_groups.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    master_addr: str
+    master_port: int
+    world_size: int
+    backend: str  # "gloo" or "nccl"
+    deadline_s: float
+    epoch: int
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be gloo or nccl, got {self.backend!r}")
+        if self.deadline_s <= 0:
+            raise ValueError(f"the collective deadline must be positive, got {self.deadline_s}")
+
+
+@dataclass
+class GroupHandle:
+    """This process's membership of one group: pass it to every collective explicitly."""
+
+    group: dist.ProcessGroup
+    rank: int
+    spec: GroupSpec
+
+    @property
+    def world_size(self) -> int:
+        return self.spec.world_size
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.spec.backend == "nccl" else torch.device("cpu")
+
+
+def choose_backend(*, every_rank_has_gpu: bool) -> str:
+    return "nccl" if every_rank_has_gpu else "gloo"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` right now (the rendezvous store binds it moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def join_group(spec: GroupSpec, rank: int) -> GroupHandle:
+    """Join the group (blocks until all ranks joined or the deadline passes).
+
+    NOTE: torch keeps one default group per process; each rank actor belongs to exactly one
+    group at a time, so `leave_group` must run before joining the group's next epoch.
+    """
+    if dist.is_initialized():
+        leave_group()
+    dist.init_process_group(
+        backend=spec.backend,
+        init_method=f"tcp://{spec.master_addr}:{spec.master_port}",
+        rank=rank,
+        world_size=spec.world_size,
+        timeout=datetime.timedelta(seconds=spec.deadline_s),
+    )
+    group = dist.group.WORLD
+    assert group is not None
+    return GroupHandle(group=group, rank=rank, spec=spec)
+
+
+def leave_group() -> None:
+    """Tear down this process's group, tolerating a group that a peer's death already broke."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001  # a broken group cannot always be destroyed cleanly; drop it anyway
+            pass

@@ -1,0 +1,57 @@
+"""`epserve generate` on an expert-parallel group: start or join Ray, build the group, run, tear down."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+
+from model_shards.generation_config import GenerationDefaults
+from model_shards.sampling import SamplingParams
+from replicas.offline import Generation
+
+
+class _SyncGroupRunner:
+    """Adapts the async group driver to the offline runner protocol."""
+
+    def __init__(self, group, block_size: int) -> None:  # noqa: ANN001  # ExpertParallelGroup
+        self.group = group
+        self.block_size = block_size
+        self.num_trunk_ranks = group.shape.trunk_ranks
+
+    def step(self, requests):  # noqa: ANN001, ANN201  # list[StepRequest] -> list[StepResult]
+        return asyncio.run(self.group.step(requests))
+
+
+def run_on_group(args: argparse.Namespace, folder: Path, prompt: list[int], params: SamplingParams,
+                 defaults: GenerationDefaults) -> Generation:
+    from cluster.local_cluster import start_local_cluster
+
+    local = None
+    if args.address is None:
+        local = start_local_cluster(args.nodes or 1, cpus_per_node=max(2, os.cpu_count() or 2))
+    import ray
+
+    from cluster.topology import GroupShape
+    from replicas.actors import CacheSizes
+    from replicas.group import ExpertParallelGroup, GroupConfig
+    from replicas.offline import generate_one, runner_blocks
+
+    if local is None:
+        ray.init(address=args.address, log_to_driver=False)
+    blocks = runner_blocks(len(prompt), args.max_tokens, args.block_size)
+    group = ExpertParallelGroup(GroupConfig(
+        model_dir=str(folder), shape=GroupShape(args.trunk_ranks, args.expert_ranks), dtype=args.dtype,
+        caches=CacheSizes(num_blocks=blocks, block_size=args.block_size, num_slots=1),
+    ))
+    try:
+        group.start()
+        return generate_one(_SyncGroupRunner(group, args.block_size), prompt, params=params,
+                            max_tokens=args.max_tokens, eos_token_ids=defaults.eos_token_ids)
+    finally:
+        group.shutdown()
+        if local is not None:
+            local.shutdown()
+        else:
+            ray.shutdown()

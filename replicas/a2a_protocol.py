@@ -1,0 +1,110 @@
+"""Wire format of the trunk <-> expert all-to-all: one collective each way per MoE layer.
+
+Owns: `StepPlan` (the MoE calls every rank makes in a step, lock-step), row packing (hidden
+row + its global expert id in one uint8 row, so dispatch is a single collective), the two
+exchange modes and their split sizes:
+- variable (prefill): a counts exchange, then `all_to_all_single` with uneven splits;
+- fixed (decode): every (trunk, expert rank) pair exchanges C + 1 rows (a header row, then up to
+  C rows), so no counts exchange. The dispatch header carries the pair's true row count and
+  whether the sender overflowed C anywhere; the combine header carries the group-wide overflow
+  flag. When any pair overflowed, one extra exchange with sizes both sides already know
+  carries the rest: no token is dropped.
+Global ranks: 0..D-1 trunks, D..D+X-1 experts (cluster/topology.py). Tests:
+tests/replicas/test_dispatch.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from cluster.process_groups import GroupHandle
+
+VARIABLE = "variable"
+FIXED = "fixed"
+ID_BYTES = 4  # int32 expert id appended to every dispatched row
+HEADER_MIN_BYTES = 9  # int64 row count + 1 flag byte
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The MoE layer calls of one step, identical on every rank of the group.
+
+    Attributes:
+        moe_layers: MoE layer ids in call order (decoder layers, then MTP layers if drafting).
+        mode: VARIABLE (counts exchange) or FIXED (capacity rows per pair, no counts exchange).
+        capacity: C, rows per (trunk rank, expert rank) pair in FIXED mode.
+    """
+
+    moe_layers: tuple[int, ...]
+    mode: str = VARIABLE
+    capacity: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in (VARIABLE, FIXED):
+            raise ValueError(f"mode must be {VARIABLE!r} or {FIXED!r}, got {self.mode!r}")
+        if self.mode == FIXED and self.capacity < 1:
+            raise ValueError("FIXED mode needs capacity >= 1")
+
+
+def fixed_capacity(max_tokens_per_trunk: int, *, top_k: int, expert_ranks: int, factor: float) -> int:
+    """C for a decode step: factor x the mean rows a trunk sends an expert rank, rounded up to a
+    power of two (few distinct buffer shapes), at least 1."""
+    mean = max_tokens_per_trunk * top_k / max(expert_ranks, 1)
+    c = max(1, int(-(-mean * factor // 1)))
+    return 1 << (c - 1).bit_length()
+
+
+def row_bytes(hidden: int, dtype: torch.dtype) -> int:
+    return hidden * torch.empty((), dtype=dtype).element_size()
+
+
+def pack_rows(x_RD: torch.Tensor, ids_R: torch.Tensor) -> torch.Tensor:
+    """[R, D] hidden rows + [R] expert ids -> [R, D * es + 4] uint8."""
+    return torch.cat([x_RD.contiguous().view(torch.uint8), ids_R.to(torch.int32).view(torch.uint8).view(-1, ID_BYTES)],
+                     dim=1)
+
+
+def unpack_rows(buf: torch.Tensor, *, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `pack_rows`: ([R, D] in dtype, [R] int64 ids)."""
+    nb = row_bytes(hidden, dtype)
+    # reshape(-1) (not .contiguous()): a one-row slice counts as contiguous but keeps its row stride
+    x = buf[:, :nb].reshape(-1).view(dtype).view(buf.shape[0], hidden)
+    ids = buf[:, nb:nb + ID_BYTES].reshape(-1).view(torch.int32).to(torch.long)
+    return x, ids
+
+
+def write_header(row: torch.Tensor, *, count: int, flag: bool) -> None:
+    """Header row (uint8): bytes 0..7 int64 count, byte 8 flag."""
+    row[:8] = torch.tensor([count], dtype=torch.int64).view(torch.uint8)
+    row[8] = int(flag)
+
+
+def read_headers(rows: torch.Tensor) -> tuple[list[int], list[bool]]:
+    """[P, B] header rows -> counts, flags."""
+    counts = rows[:, :8].reshape(-1).view(torch.int64).tolist()
+    flags = (rows[:, 8] != 0).tolist()
+    return counts, flags
+
+
+def combine_flags(rows: torch.Tensor) -> list[bool]:
+    """Combine header rows (uint8): byte 0 is the group-wide overflow flag."""
+    return (rows[:, 0] != 0).tolist()
+
+
+def exchange(group: GroupHandle, send: torch.Tensor, *, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+    """One `all_to_all_single` over dim 0 with the given per-rank row counts."""
+    out = send.new_empty((sum(recv_splits), *send.shape[1:]))
+    dist.all_to_all_single(out, send, output_split_sizes=recv_splits, input_split_sizes=send_splits,
+                           group=group.group)
+    return out
+
+
+def exchange_counts(group: GroupHandle, send_counts: list[int]) -> list[int]:
+    """The variable mode's counts exchange: each rank learns how many rows every peer sends it."""
+    send = torch.tensor(send_counts, dtype=torch.int64, device=group.device)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group.group)
+    return recv.tolist()
