@@ -54,4 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m epserve.cli` runs this file as __main__, a second copy of the module: dispatch to the
+    # importable one so its UserError is the one the commands raise.
+    from epserve.cli import main as _main
+
+    sys.exit(_main())

@@ -410,10 +410,9 @@ def load_experts(
     layout = layout or CheckpointLayout.detect(reader, cfg)
     ld = _Loader(reader, cfg, layout, dtype)
     prefixes = moe_layer_prefixes(cfg, layout, with_mtp=with_mtp)
-    per_layer = (
-        [list(expert_ids)] * len(prefixes) if expert_ids and isinstance(next(iter(expert_ids)), int)
-        else [list(ids) for ids in expert_ids]  # type: ignore[union-attr]  # nested form checked above
-    )
+    ids_list = list(expert_ids)
+    flat = not ids_list or isinstance(ids_list[0], int)
+    per_layer = [list(ids_list)] * len(prefixes) if flat else [list(ids) for ids in ids_list]  # type: ignore[arg-type]
     if len(per_layer) != len(prefixes):
         raise ValueError(f"expert_ids has {len(per_layer)} layer lists, the model has {len(prefixes)} MoE layers")
     layers = []

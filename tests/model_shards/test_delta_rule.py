@@ -26,7 +26,8 @@ FP32_ATOL = 5e-6
 
 LENGTHS = (1, 63, 64, 65, 150)
 H, HK, K, V = 8, 2, 32, 48  # model_shards.config.tiny(): value heads = 4 x key heads, K != V
-RULES = {"chunk": chunk_gated_delta_rule, "recurrent": recurrent_gated_delta_rule}  # name -> our rule
+Rule = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+RULES: dict[str, Rule] = {"chunk": chunk_gated_delta_rule, "recurrent": recurrent_gated_delta_rule}  # name -> our rule
 
 
 def _report(got: torch.Tensor, want: torch.Tensor) -> str:
@@ -62,9 +63,6 @@ def _slice(inp: dict[str, torch.Tensor], *, rows: slice = slice(None), start: in
     out = {name: x[rows, start:stop] for name, x in inp.items() if name != "state_BHKV"}
     out["state_BHKV"] = inp["state_BHKV"][rows] if state is None else state
     return out
-
-
-Rule = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def _call(rule: Rule, inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

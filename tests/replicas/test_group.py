@@ -167,3 +167,71 @@ def test_expert_rank_bytes_equal_safetensors_headers(ray_cluster, hf_checkpoint:
         assert total == sum(v for n, v in sizes.items() if ".mlp.experts." in n)
     finally:
         group.shutdown()
+
+
+def _long_prefill(group, d: int) -> list[StepRequest]:  # noqa: ANN001
+    """A step long enough (several hundred ms) to kill or freeze a rank while it runs."""
+    prompts = _prompts(99, [600, 600])
+    reqs = [[] for _ in range(d)]
+    for i, p in enumerate(prompts):
+        reqs[0].append(SeqStep(SeqChunk(tuple(p), 0, i, tuple(range(i * 40, i * 40 + 40))), True,
+                               SamplingParams(temperature=0.0)))
+    return [StepRequest(tuple(r)) for r in reqs]
+
+
+@pytest.mark.parametrize("how", ["kill", "sigstop"])
+def test_dead_or_frozen_expert_rank_fails_the_step_then_rebuild_serves(
+    how: str, ray_cluster, hf_checkpoint: Path, reference: _Reference
+) -> None:
+    """A killed expert errors its peers at once; a frozen one at the collective deadline (5 s here).
+    Either way the step raises GroupFailure naming expert rank 1 (never a hang), and rebuild() serves again."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import ray
+
+    from replicas.group import GroupFailure
+
+    deadline = 5.0
+    group = _group(hf_checkpoint, 1, 2, deadline_s=deadline)
+    victim = group.experts[1]
+    pid = ray.get(victim.pid.remote())
+    try:
+        def strike() -> None:
+            time.sleep(0.3)
+            if how == "kill":
+                ray.kill(victim, no_restart=True)
+            else:
+                os.kill(pid, signal.SIGSTOP)
+
+        threading.Thread(target=strike, daemon=True).start()
+        t0 = time.monotonic()
+        with pytest.raises(GroupFailure) as info:
+            asyncio.run(group.step(_long_prefill(group, 1)))
+        elapsed = time.monotonic() - t0
+        failure = info.value
+        assert group.shape.expert_rank(1) in failure.failed_ranks, str(failure)
+        assert "expert rank 1" in str(failure)
+        assert elapsed < deadline * 2 + 10, f"failure took {elapsed:.1f} s"
+        if how == "kill":
+            assert failure.dead == (group.shape.expert_rank(1),)
+        else:
+            assert failure.timed_out == (group.shape.expert_rank(1),)
+        # still failed until rebuilt
+        with pytest.raises(GroupFailure):
+            asyncio.run(group.step([StepRequest()]))
+        group.rebuild()
+        assert group.epoch == 1
+        sc = _Scenario(group, reference, 1)
+        sc.add(0, rank=0, prompt=_prompts(5, [20])[0], slot=0)
+        sc.step([0])
+        sc.step([0])
+    finally:
+        if how == "sigstop":
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        group.shutdown()
