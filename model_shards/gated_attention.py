@@ -124,5 +124,7 @@ def _decode_attention(
     mask = torch.arange(nblk * bs, device=q_BHD.device)[None, :] >= lens_t[:, None]  # [B, S]
     scores = scores.masked_fill(mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_BHD.dtype)
+    # Padding reads other sequences' blocks: zero them, since 0 * NaN would still poison the sum.
+    v = v.masked_fill(mask[:, :, None, None], 0)
     out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, Hkv, G, hd]
     return out.reshape(b, h, hd)

@@ -125,6 +125,12 @@ class TrunkRankActor(_RankBase):
         assert self.rank is not None
         return self.rank.routed.load.take()
 
+    def take_timings(self) -> dict[str, float]:
+        """Seconds in dispatch + combine and MoE layer calls since the last call (empty with X = 0)."""
+        assert self.rank is not None
+        routed = self.rank.routed
+        return routed.take_timings() if isinstance(routed, AllToAllDispatcher) else {}
+
     def cache_info(self) -> dict[str, int]:
         return {"num_blocks": self.pools.num_blocks, "num_slots": self.pools.num_slots,
                 "block_size": self.pools.block_size, "read_bytes": self.read_bytes}

@@ -12,6 +12,7 @@ Tests: tests/replicas/test_dispatch.py (all-to-all vs local on the same inputs).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -119,6 +120,14 @@ class AllToAllDispatcher:
         self._cursor = 0
         self.in_bytes = row_bytes(hidden, dtype) + 4
         self.out_bytes = row_bytes(hidden, dtype)
+        # Always-on timing (two perf_counter calls per MoE layer): seconds inside dispatch + combine
+        # (waiting for the expert ranks included) and the number of MoE layer calls, since `take_timings`.
+        self.timings: dict[str, float] = {"exchange_s": 0.0, "layers": 0}
+
+    def take_timings(self) -> dict[str, float]:
+        """Accumulated dispatch + combine seconds and MoE layer calls since the last call; resets them."""
+        out, self.timings = self.timings, {"exchange_s": 0.0, "layers": 0}
+        return out
 
     # ----------------------------------------------------------------- step framing
     def begin(self, plan: StepPlan) -> None:
@@ -148,8 +157,12 @@ class AllToAllDispatcher:
         self._cursor += 1
         if routing.num_tokens:
             self.load.add(layer, routing.topk_ids_Tk)
+        t0 = time.perf_counter()
         handle, payload = self.dispatch(layer, x_TD, routing, plan)
-        return self.combine(handle, payload)
+        y = self.combine(handle, payload)
+        self.timings["exchange_s"] += time.perf_counter() - t0
+        self.timings["layers"] += 1
+        return y
 
     def _destinations(self, layer: int, routing: Routing) -> torch.Tensor:
         """Expert rank of every slot row; a redundant expert's copies share tokens by token index."""
