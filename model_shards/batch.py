@@ -67,45 +67,53 @@ class StepBatch:
 
     @staticmethod
     def build(seqs: list[SeqChunk], *, block_size: int, device: torch.device | str = "cpu") -> StepBatch:
-        """Pack sequences, compute positions, KV slot mapping and logit rows."""
+        """Pack sequences, compute positions, KV slot mapping and logit rows.
+
+        Index lists are built in Python and turned into tensors once per field (a decode
+        step of B sequences costs a handful of tensor constructions, not B of each).
+        """
         if not seqs:
             raise ValueError("a step needs at least one sequence")
         ids: list[int] = []
         slot_map: list[int] = []
         logit_rows: list[int] = []
+        text_pos: list[int] = []
         pos_parts: list[torch.Tensor] = []
+        explicit = any(s.positions is not None for s in seqs)
         max_blocks = max(len(s.block_table) for s in seqs)
+        tables: list[tuple[int, ...]] = []
         for s in seqs:
             n, start = len(s.token_ids), len(ids)
             end_pos = s.context_len + n
-            if len(s.block_table) * block_size < end_pos:
+            table = s.block_table
+            if len(table) * block_size < end_pos:
                 raise ValueError(
-                    f"block table of {len(s.block_table)} blocks x {block_size} cannot hold {end_pos} tokens"
+                    f"block table of {len(table)} blocks x {block_size} cannot hold {end_pos} tokens"
                 )
             ids.extend(s.token_ids)
-            for p in range(s.context_len, end_pos):
-                slot_map.append(s.block_table[p // block_size] * block_size + p % block_size)
+            slot_map.extend(table[p // block_size] * block_size + p % block_size for p in range(s.context_len, end_pos))
             if s.positions is not None:
                 if tuple(s.positions.shape) != (3, n):
                     raise ValueError(f"positions must be [3, {n}], got {tuple(s.positions.shape)}")
                 pos_parts.append(s.positions.to(torch.long))
-            else:
+            elif explicit:
                 text = torch.arange(s.context_len, end_pos, dtype=torch.long) + s.rope_delta
                 pos_parts.append(text.expand(3, n))
+            else:
+                text_pos.extend(range(s.context_len + s.rope_delta, end_pos + s.rope_delta))
             if s.logits == "last":
                 logit_rows.append(start + n - 1)
             elif s.logits == "all":
                 logit_rows.extend(range(start, start + n))
-        tables = torch.zeros(len(seqs), max_blocks, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            tables[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.long)
+            tables.append((*table, *(0,) * (max_blocks - len(table))))
+        positions = torch.cat(pos_parts, dim=1) if explicit else torch.tensor([text_pos] * 3, dtype=torch.long)
         return StepBatch(
             token_ids_T=torch.tensor(ids, dtype=torch.long, device=device),
-            positions_3T=torch.cat(pos_parts, dim=1).to(device),
+            positions_3T=positions.to(device),
             query_lens=tuple(len(s.token_ids) for s in seqs),
             context_lens=tuple(s.context_len for s in seqs),
             state_slots_B=torch.tensor([s.state_slot for s in seqs], dtype=torch.long, device=device),
-            block_tables_BN=tables.to(device),
+            block_tables_BN=torch.tensor(tables, dtype=torch.long, device=device),
             slot_mapping_T=torch.tensor(slot_map, dtype=torch.long, device=device),
             block_size=block_size,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
@@ -135,9 +143,26 @@ class StepBatch:
         return tuple(i for i, (q, c) in enumerate(zip(self.query_lens, self.context_lens)) if q == 1 and c > 0)
 
     @cached_property
+    def decode_only(self) -> bool:
+        """Every sequence is a recurrent step (one token on a cached state): packed row i is
+        sequence i's token, so per-sequence rows need no gather."""
+        return len(self.recurrent_seqs) == self.num_seqs
+
+    @cached_property
     def chunk_seqs(self) -> tuple[int, ...]:
         rec = set(self.recurrent_seqs)
         return tuple(i for i in range(self.num_seqs) if i not in rec)
+
+    def chunk_groups(self, multiple: int) -> tuple[tuple[int, ...], ...]:
+        """`chunk_seqs` grouped by new-token count rounded up to `multiple` (first-seen order):
+        the sequences of a group pad to the same length, so they can run as one batch."""
+        key = ("groups", multiple)
+        if key not in self._cache:
+            groups: dict[int, list[int]] = {}
+            for i in self.chunk_seqs:
+                groups.setdefault(-(-self.query_lens[i] // multiple), []).append(i)
+            self._cache[key] = tuple(tuple(g) for g in groups.values())
+        return self._cache[key]
 
     def padded_rows(self, seqs: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Row indices [len(seqs), Tmax] into the packed tokens, padding pointing at row T

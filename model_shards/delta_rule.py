@@ -28,12 +28,12 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def _prepare(
     q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor, g_BTH: torch.Tensor, beta_BTH: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
-    """Expand key heads to value heads (repeat_interleave: value head j uses key head j // r),
-    move heads before time, upcast to fp32, l2-normalise q and k."""
-    h, hk = v_BTHV.shape[2], k_BTHK.shape[2]
-    if h != hk:
-        q_BTHK = q_BTHK.repeat_interleave(h // hk, dim=2)
-        k_BTHK = k_BTHK.repeat_interleave(h // hk, dim=2)
+    """Move heads before time, upcast to fp32, l2-normalise q and k.
+
+    q and k stay on their Hk key heads: HF expands them to value heads first, but the row-wise
+    l2norm (and any per-element scaling) of a repeated row is the same bits, so callers expand
+    (or broadcast) afterwards and do 1/r of the work.
+    """
     q, k, v, beta, g = [
         t.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
         for t in (q_BTHK, k_BTHK, v_BTHV, beta_BTH, g_BTH)
@@ -61,40 +61,45 @@ def chunk_gated_delta_rule(
         out_BTHV in q's dtype, final state [B, H, K, V] fp32.
     """
     out_dtype = q_BTHK.dtype
-    b, t = q_BTHK.shape[:2]
+    b, t, hk = q_BTHK.shape[:3]
     q, k, v, beta, g = _prepare(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH)
     q = q * (q.shape[-1] ** -0.5)
-    h, kd, vd = q.shape[1], q.shape[-1], v.shape[-1]
+    h, kd, vd = v.shape[1], q.shape[-1], v.shape[-1]
 
     pad = (CHUNK - t % CHUNK) % CHUNK
     q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
     beta, g = (F.pad(x, (0, pad)) for x in (beta, g))
     n = (t + pad) // CHUNK
 
-    v_beta = v * beta.unsqueeze(-1)
-    k_beta = k * beta.unsqueeze(-1)
-    q, k, k_beta, v_beta = (x.reshape(b, h, n, CHUNK, x.shape[-1]) for x in (q, k, k_beta, v_beta))
+    # Q K^T depends on key heads only: one matmul per key head, then repeated (same bits as HF's
+    # product of repeated heads).
+    q, k = (x.reshape(b, hk, n, CHUNK, kd) for x in (q, k))
+    qk = q @ k.transpose(-1, -2)
+    if h != hk:
+        q, k, qk = (x.repeat_interleave(h // hk, dim=1) for x in (q, k, qk))
+    v_beta = v.reshape(b, h, n, CHUNK, vd) * beta.reshape(b, h, n, CHUNK, 1)
+    k_beta = k * beta.reshape(b, h, n, CHUNK, 1)
     g = g.reshape(b, h, n, CHUNK)
     upper = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).triu(1)
 
     gamma = g.cumsum(dim=3)  # log decay from chunk start to each position
     decay = (gamma.unsqueeze(4) - gamma.unsqueeze(3)).masked_fill(upper, float("-inf")).exp()  # Γ_ij, j <= i
     a_mat = (k_beta @ k.transpose(-1, -2)) * decay
-    qk = (q @ k.transpose(-1, -2)) * decay
+    qk = qk * decay
     k_beta_decayed = k_beta * gamma.exp().unsqueeze(-1)
     # UT transform: (I + strictly_lower(A)) U = βV and (I + strictly_lower(A)) W = βK e^γ.
     u = torch.linalg.solve_triangular(a_mat, v_beta, upper=False, unitriangular=True)
     w = torch.linalg.solve_triangular(a_mat, k_beta_decayed, upper=False, unitriangular=True)
 
     state = state_BHKV.to(u)
-    out = torch.zeros_like(u)
+    out = torch.empty_like(u)
     q = q * gamma.exp().unsqueeze(-1)
-    k = k * (gamma[..., -1:] - gamma).exp().unsqueeze(-1)
+    k_t = (k * (gamma[..., -1:] - gamma).exp().unsqueeze(-1)).transpose(-1, -2)
     chunk_decay = gamma[..., -1].exp()[..., None, None]
     for i in range(n):
         v_new = u[:, :, i] - w[:, :, i] @ state
         out[:, :, i] = q[:, :, i] @ state + qk[:, :, i] @ v_new
-        state = state * chunk_decay[:, :, i] + k[:, :, i].transpose(-1, -2) @ v_new
+        state = state * chunk_decay[:, :, i] + k_t[:, :, i] @ v_new
 
     out = out.reshape(b, h, -1, vd)[:, :, :t]
     return out.transpose(1, 2).to(out_dtype, memory_format=torch.contiguous_format), state
@@ -112,7 +117,9 @@ def recurrent_gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-by-token gated delta rule (decode; also speculative verification).
 
-    Same arguments as `chunk_gated_delta_rule`.
+    Same arguments as `chunk_gated_delta_rule`. Value heads are viewed as [Hk, r] so q and k
+    broadcast over the r value heads of their key head instead of being repeated (the same
+    elementwise products and K-sums as HF's repeated heads, so the same bits).
     Args:
         keep_states: return the state after *every* token, [B, T, H, K, V], instead of the last
             one (what speculative decoding rolls back to).
@@ -120,18 +127,23 @@ def recurrent_gated_delta_rule(
         out_BTHV in q's dtype, state [B, H, K, V] (or [B, T, H, K, V] with keep_states), fp32.
     """
     out_dtype = q_BTHK.dtype
+    b, t, hk, kd = q_BTHK.shape
+    h, vd = v_BTHV.shape[2:]
+    r = h // hk
     q, k, v, beta, g = _prepare(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH)
-    q = q / (q.shape[-1] ** 0.5)
-    state = state_BHKV.to(v)
-    out = torch.zeros_like(v)
-    kept = []
-    for i in range(q.shape[2]):
-        state = state * g[:, :, i].exp()[..., None, None]
-        predicted = (state * k[:, :, i].unsqueeze(-1)).sum(dim=-2)  # S^T k
-        delta = (v[:, :, i] - predicted) * beta[:, :, i].unsqueeze(-1)
-        state = state + k[:, :, i].unsqueeze(-1) * delta.unsqueeze(-2)
-        out[:, :, i] = (state * q[:, :, i].unsqueeze(-1)).sum(dim=-2)
+    q = (q / (kd**0.5)).view(b, hk, 1, t, kd, 1)
+    k = k.view(b, hk, 1, t, kd, 1)
+    v, beta = v.view(b, hk, r, t, vd), beta.view(b, hk, r, t, 1)
+    g = g.view(b, hk, r, t, 1, 1)
+    state = state_BHKV.to(v).view(b, hk, r, kd, vd)
+    outs, kept = [], []
+    for i in range(t):
+        state = state * g[:, :, :, i].exp()
+        predicted = (state * k[:, :, :, i]).sum(dim=-2)  # S^T k
+        delta = (v[:, :, :, i] - predicted) * beta[:, :, :, i]
+        state = state + k[:, :, :, i] * delta.unsqueeze(-2)
+        outs.append((state * q[:, :, :, i]).sum(dim=-2))  # [B, Hk, r, V]
         if keep_states:
-            kept.append(state)
-    out = out.transpose(1, 2).contiguous().to(out_dtype)
-    return out, (torch.stack(kept, dim=1) if keep_states else state)
+            kept.append(state.view(b, h, kd, vd))
+    out = outs[0].view(b, 1, h, vd) if t == 1 else torch.stack(outs, dim=1).view(b, t, h, vd)
+    return out.to(out_dtype), (torch.stack(kept, dim=1) if keep_states else state.view(b, h, kd, vd))

@@ -30,6 +30,9 @@ class AttentionWeights:
     o_proj: Weight  # [D, H * hd]
     q_norm: torch.Tensor  # [hd] zero-centred
     k_norm: torch.Tensor  # [hd] zero-centred
+    # [(2H + 2Hkv) * hd, D] q_proj, k_proj, v_proj stacked (one GEMM, same bits as three); the
+    # loader sets it and makes the three fields row views of it. None: three GEMMs.
+    qkv_proj: torch.Tensor | None = None
 
 
 def attention_forward(
@@ -54,11 +57,15 @@ def attention_forward(
     """
     t = x_TD.shape[0]
     h, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    query, gate = torch.chunk(linear(x_TD, w.q_proj).view(t, h, 2 * hd), 2, dim=-1)
+    if w.qkv_proj is not None:
+        qg, k, v = linear(x_TD, w.qkv_proj).split([h * 2 * hd, hkv * hd, hkv * hd], dim=-1)
+    else:
+        qg, k, v = linear(x_TD, w.q_proj), linear(x_TD, w.k_proj), linear(x_TD, w.v_proj)
+    query, gate = torch.chunk(qg.reshape(t, h, 2 * hd), 2, dim=-1)
     gate = gate.reshape(t, h * hd)
     q = rms_norm_zc(query, weight=w.q_norm, eps=cfg.rms_norm_eps)
-    k = rms_norm_zc(linear(x_TD, w.k_proj).view(t, hkv, hd), weight=w.k_norm, eps=cfg.rms_norm_eps)
-    v = linear(x_TD, w.v_proj).view(t, hkv, hd)
+    k = rms_norm_zc(k.reshape(t, hkv, hd), weight=w.k_norm, eps=cfg.rms_norm_eps)
+    v = v.reshape(t, hkv, hd)
     q = apply_partial_rope(q, cos=cos, sin=sin)
     k = apply_partial_rope(k, cos=cos, sin=sin)
 

@@ -7,7 +7,10 @@ W inputs, zeros for a fresh sequence) then SiLU; beta = sigmoid(b), g = -exp(A_l
 softplus(a + dt_bias); the delta rule (recurrent form for one token on a cached state, as
 HF does; chunked otherwise); gated RMSNorm with z; out_proj.
 Mirrors HF `Qwen3_5MoeGatedDeltaNet` with `causal_conv1d_fn/update` and the torch delta
-rules. Reference: model_shards/reference.py. Tests: tests/model_shards/test_blocks.py.
+rules, bit for bit: decode steps of all sequences run together, prefill sequences whose
+lengths round up to the same number of 64-token chunks run as one zero-padded batch (the
+rule pads each sequence that way anyway). Reference: model_shards/reference.py.
+Tests: tests/model_shards/test_blocks.py.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 
 from model_shards.batch import StepBatch
 from model_shards.config import ModelConfig
-from model_shards.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from model_shards.delta_rule import CHUNK, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from model_shards.norms import rms_norm_gated
 from model_shards.quant import Weight, linear
 
@@ -37,6 +40,9 @@ class DeltaNetWeights:
     A_log: torch.Tensor  # [H]
     norm: torch.Tensor  # [V] gated-norm weight (plain w)
     out_proj: Weight  # [D, H*V]
+    # [C + H*V, D] in_proj_qkv and in_proj_z stacked (one GEMM, same bits as two); the loader
+    # sets it and makes the two fields row views of it. None: two GEMMs.
+    in_proj_qkvz: torch.Tensor | None = None
 
 
 def _conv_silu(x_BCL: torch.Tensor, weight_CK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -44,6 +50,18 @@ def _conv_silu(x_BCL: torch.Tensor, weight_CK: torch.Tensor, out_dtype: torch.dt
     c = x_BCL.shape[1]
     out = F.conv1d(x_BCL.to(weight_CK.dtype), weight_CK.unsqueeze(1), None, padding=0, groups=c)
     return F.silu(out).to(out_dtype)
+
+
+def _conv_silu_last(x_BCL: torch.Tensor, weight_CK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """`_conv_silu(x)[:, :, -1]` (the newest position only) without a conv kernel call: the taps are
+    summed oldest first in fp32 with fused multiply-adds, the depthwise F.conv1d kernel's order (same
+    bits in fp32 and bf16), rounded to the weight dtype, then SiLU. Returns [B, C]."""
+    x = x_BCL[:, :, -weight_CK.shape[1]:].float()
+    w = weight_CK.float()
+    acc = x[:, :, 0] * w[:, 0]
+    for j in range(1, w.shape[1]):
+        acc = torch.addcmul(acc, x[:, :, j], w[:, j])
+    return F.silu(acc.to(weight_CK.dtype)).to(out_dtype)
 
 
 def _gates(a_TH: torch.Tensor, b_TH: torch.Tensor, w: DeltaNetWeights) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,46 +89,81 @@ def deltanet_forward(
         [T, D] mixer output.
     """
     t = x_TD.shape[0]
-    h, kd, vd, hk = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_num_key_heads
-    qkv_TC = linear(x_TD, w.in_proj_qkv)
-    z_THV = linear(x_TD, w.in_proj_z).view(t, h, vd)
+    h, vd = cfg.linear_num_value_heads, cfg.linear_value_head_dim
+    if w.in_proj_qkvz is not None:
+        qkv_TC, z_TX = linear(x_TD, w.in_proj_qkvz).split([cfg.linear_conv_dim, h * vd], dim=-1)
+    else:
+        qkv_TC, z_TX = linear(x_TD, w.in_proj_qkv), linear(x_TD, w.in_proj_z)
     beta_TH, g_TH = _gates(linear(x_TD, w.in_proj_a), linear(x_TD, w.in_proj_b), w)
-    core_THV = torch.empty(t, h, vd, dtype=x_TD.dtype, device=x_TD.device)
+    step = dict(w=w, cfg=cfg, conv_state=conv_state, recurrent_state=recurrent_state)
 
-    if batch.recurrent_seqs:
-        seqs = batch.recurrent_seqs
-        rows, slots = batch.seq_rows(seqs), batch.state_slots_B[batch.index_of(seqs)]
-        window = torch.cat([conv_state[slots], qkv_TC[rows].unsqueeze(-1)], dim=-1)  # [B, C, W + 1]
-        conv_state[slots] = window[:, :, 1:].to(conv_state.dtype)
-        mixed = _conv_silu(window, w.conv1d, x_TD.dtype)[:, :, -1]  # [B, C]
-        q, k, v = _split_heads(mixed.unsqueeze(1), cfg)
-        out, state = recurrent_gated_delta_rule(
-            q, k_BTHK=k, v_BTHV=v, g_BTH=g_TH[rows].unsqueeze(1), beta_BTH=beta_TH[rows].unsqueeze(1),
-            state_BHKV=recurrent_state[slots],
-        )
-        recurrent_state[slots] = state
-        core_THV[rows] = out[:, 0]
+    if batch.decode_only:  # packed row i is sequence i's token: no gathers
+        core_THV = _recurrent_step(qkv_TC, g_TH, beta_TH, slots=batch.state_slots_B, **step)
+    else:
+        core_THV = torch.empty(t, h, vd, dtype=x_TD.dtype, device=x_TD.device)
+        if batch.recurrent_seqs:
+            seqs = batch.recurrent_seqs
+            rows = batch.seq_rows(seqs)
+            core_THV[rows] = _recurrent_step(qkv_TC[rows], g_TH[rows], beta_TH[rows],
+                                             slots=batch.state_slots_B[batch.index_of(seqs)], **step)
+        for group in batch.chunk_groups(CHUNK):
+            _chunk_group(group, qkv_TC, g_TH, beta_TH, out_THV=core_THV, batch=batch, **step)
 
-    for i in batch.chunk_seqs:
-        # One sequence at a time: no padding waste between prompts of different lengths, and
-        # each sequence's arithmetic does not depend on what else is in the batch.
-        start, n, slot = batch.starts[i], batch.query_lens[i], int(batch.state_slots_B[i])
+    normed = rms_norm_gated(core_THV.reshape(-1, vd), gate=z_TX.reshape(-1, vd), weight=w.norm, eps=cfg.rms_norm_eps)
+    return linear(normed.reshape(t, h * vd), w.out_proj)
+
+
+def _recurrent_step(
+    qkv_BC: torch.Tensor, g_BH: torch.Tensor, beta_BH: torch.Tensor, *, slots: torch.Tensor, w: DeltaNetWeights,
+    cfg: ModelConfig, conv_state: torch.Tensor, recurrent_state: torch.Tensor,
+) -> torch.Tensor:
+    """One new token on a cached state for each of B sequences (HF's recurrent path). Returns [B, H, V]."""
+    window = torch.cat([conv_state[slots], qkv_BC.unsqueeze(-1)], dim=-1)  # [B, C, W + 1]
+    conv_state[slots] = window[:, :, 1:].to(conv_state.dtype)
+    mixed = _conv_silu_last(window, w.conv1d, qkv_BC.dtype)  # [B, C]
+    q, k, v = _split_heads(mixed.unsqueeze(1), cfg)
+    out, state = recurrent_gated_delta_rule(
+        q, k_BTHK=k, v_BTHV=v, g_BTH=g_BH.unsqueeze(1), beta_BTH=beta_BH.unsqueeze(1),
+        state_BHKV=recurrent_state[slots],
+    )
+    recurrent_state[slots] = state
+    return out[:, 0]
+
+
+def _chunk_group(
+    group: tuple[int, ...], qkv_TC: torch.Tensor, g_TH: torch.Tensor, beta_TH: torch.Tensor, *,
+    out_THV: torch.Tensor, batch: StepBatch, w: DeltaNetWeights, cfg: ModelConfig, conv_state: torch.Tensor,
+    recurrent_state: torch.Tensor,
+) -> None:
+    """Chunked path for sequences with the same number of 64-token chunks, as one batch.
+
+    NOTE: each sequence is conv'd on its own and right-padded with zeros (q = k = v = 0, g = 0,
+    beta = 0) to the group's length; that is exactly the padding the chunked rule applies to a
+    lone sequence, so every sequence's outputs and states do not depend on its group.
+    """
+    lens = [batch.query_lens[i] for i in group]
+    tpad = len(group) > 1 and -(-max(lens) // CHUNK) * CHUNK
+    mixed, gs, betas, inits = [], [], [], []
+    for i, n in zip(group, lens):
+        start, slot = batch.starts[i], int(batch.state_slots_B[i])
         fresh = batch.context_lens[i] == 0
         left = conv_state.new_zeros(conv_state.shape[1:]) if fresh else conv_state[slot]
         window = torch.cat([left.to(qkv_TC.dtype), qkv_TC[start:start + n].T], dim=-1)[None]  # [1, C, W + n]
         conv_state[slot] = window[0, :, n:].to(conv_state.dtype)
-        mixed = _conv_silu(window, w.conv1d, x_TD.dtype).transpose(1, 2)  # [1, n, C]
-        q, k, v = _split_heads(mixed, cfg)
-        init = recurrent_state.new_zeros(recurrent_state.shape[1:]) if fresh else recurrent_state[slot]
-        out, state = chunk_gated_delta_rule(
-            q, k_BTHK=k, v_BTHV=v, g_BTH=g_TH[None, start:start + n], beta_BTH=beta_TH[None, start:start + n],
-            state_BHKV=init[None],
-        )
-        recurrent_state[slot] = state[0]
-        core_THV[start:start + n] = out[0]
-
-    normed = rms_norm_gated(core_THV.reshape(-1, vd), gate=z_THV.reshape(-1, vd), weight=w.norm, eps=cfg.rms_norm_eps)
-    return linear(normed.reshape(t, h * vd), w.out_proj)
+        rows = [_conv_silu(window, w.conv1d, qkv_TC.dtype)[0].T, g_TH[start:start + n], beta_TH[start:start + n]]
+        if tpad:
+            rows = [F.pad(x, (0, 0, 0, tpad - n)) for x in rows]
+        mixed.append(rows[0])
+        gs.append(rows[1])
+        betas.append(rows[2])
+        inits.append(recurrent_state.new_zeros(recurrent_state.shape[1:]) if fresh else recurrent_state[slot])
+    q, k, v = _split_heads(torch.stack(mixed), cfg)
+    out, state = chunk_gated_delta_rule(
+        q, k_BTHK=k, v_BTHV=v, g_BTH=torch.stack(gs), beta_BTH=torch.stack(betas), state_BHKV=torch.stack(inits),
+    )
+    for j, (i, n) in enumerate(zip(group, lens)):
+        recurrent_state[int(batch.state_slots_B[i])] = state[j]
+        out_THV[batch.starts[i]:batch.starts[i] + n] = out[j, :n]
 
 
 def _split_heads(mixed_BLC: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

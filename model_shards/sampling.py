@@ -106,6 +106,7 @@ def sample(
     prompt_ids: list[torch.Tensor] | None = None,
     output_ids: list[torch.Tensor] | None = None,
     positions: list[int] | None = None,
+    banned: list[tuple[int, ...]] | None = None,
 ) -> SampleOutput:
     """Choose one token per row.
 
@@ -114,19 +115,28 @@ def sample(
         params: one `SamplingParams` per row.
         prompt_ids, output_ids: per-row int64 token tensors (only read when a penalty is set).
         positions: per-row index of the token being sampled in its output (seeds the draw).
+        banned: per-row token ids that may not be drawn (min_tokens); logprobs stay those of
+            the raw logits.
     """
     b = logits_BV.shape[0]
     if len(params) != b:
         raise ValueError(f"{len(params)} sampling params for {b} rows")
     tokens = torch.empty(b, dtype=torch.long, device=logits_BV.device)
-    greedy_rows = [i for i, p in enumerate(params) if p.greedy and not p.has_penalties]
+
+    def simple(i: int) -> bool:
+        return params[i].greedy and not params[i].has_penalties and not (banned and banned[i])
+
+    greedy_rows = [i for i in range(b) if simple(i)]
     if greedy_rows:
         idx = torch.tensor(greedy_rows, device=logits_BV.device)
         tokens[idx] = logits_BV[idx].argmax(dim=-1)
     for i, p in enumerate(params):
-        if p.greedy and not p.has_penalties:
+        if simple(i):
             continue
         row = logits_BV[i]
+        if banned and banned[i]:
+            row = row.clone()
+            row[list(banned[i])] = float("-inf")
         if p.has_penalties:
             empty = torch.empty(0, dtype=torch.long, device=row.device)
             row = apply_penalties(

@@ -200,3 +200,11 @@ def embedded_model(cache_dir: str | Path | None = None) -> Path:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def resolve_model_dir(model: str | None, cache_dir: str | Path | None = None) -> str:
+    """A checkpoint folder given by the user, or (None) the embedded model, written on first use.
+
+    Every process that needs the embedded model resolves it itself: on another node the cached copy
+    is written there (deterministic: same seed, same bytes)."""
+    return str(embedded_model(cache_dir)) if model is None else str(model)

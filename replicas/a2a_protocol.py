@@ -15,6 +15,7 @@ tests/replicas/test_dispatch.py.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -82,11 +83,17 @@ def write_header(row: torch.Tensor, *, count: int, flag: bool) -> None:
     row[8] = int(flag)
 
 
+def write_headers(rows: torch.Tensor, *, counts: torch.Tensor, flag: bool) -> None:
+    """All header rows at once: [P, B] uint8 rows, [P] int64 counts (same bytes as `write_header` per row)."""
+    rows[:, :8] = counts.to(device=rows.device, dtype=torch.int64).contiguous().view(torch.uint8).view(-1, 8)
+    rows[:, 8] = int(flag)
+
+
 def read_headers(rows: torch.Tensor) -> tuple[list[int], list[bool]]:
-    """[P, B] header rows -> counts, flags."""
-    counts = rows[:, :8].reshape(-1).view(torch.int64).tolist()
-    flags = (rows[:, 8] != 0).tolist()
-    return counts, flags
+    """[P, B] header rows -> counts, flags (one host copy of the P x 9 header bytes, decoded in Python)."""
+    raw = rows[:, :HEADER_MIN_BYTES].tolist()
+    counts = [int.from_bytes(bytes(h[:8]), sys.byteorder, signed=True) for h in raw]
+    return counts, [h[8] != 0 for h in raw]
 
 
 def combine_flags(rows: torch.Tensor) -> list[bool]:
@@ -94,9 +101,15 @@ def combine_flags(rows: torch.Tensor) -> list[bool]:
     return (rows[:, 0] != 0).tolist()
 
 
-def exchange(group: GroupHandle, send: torch.Tensor, *, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
-    """One `all_to_all_single` over dim 0 with the given per-rank row counts."""
-    out = send.new_empty((sum(recv_splits), *send.shape[1:]))
+def exchange(group: GroupHandle, send: torch.Tensor, *, send_splits: list[int], recv_splits: list[int],
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """One `all_to_all_single` over dim 0 with the given per-rank row counts.
+
+    `out`: a preallocated receive buffer of sum(recv_splits) rows (reused across layers by the fixed
+    mode); a new one otherwise.
+    """
+    if out is None:
+        out = send.new_empty((sum(recv_splits), *send.shape[1:]))
     dist.all_to_all_single(out, send, output_split_sizes=recv_splits, input_split_sizes=send_splits,
                            group=group.group)
     return out

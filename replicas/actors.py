@@ -22,6 +22,7 @@ from model_shards.cache import CachePools
 from model_shards.checkpoint_files import CheckpointReader
 from model_shards.config import from_hf_config
 from model_shards.model import resolve_dtype
+from model_shards.tiny_checkpoint import resolve_model_dir
 from model_shards.trunk import Trunk
 from model_shards.weights import CheckpointLayout, load_experts, load_trunk
 from replicas.a2a_protocol import StepPlan
@@ -42,7 +43,7 @@ class CacheSizes:
 class RankSpec:
     """Everything a rank actor needs to load its part (sent once, at creation)."""
 
-    model_dir: str
+    model_dir: str | None  # None: the embedded tiny model (written on this node if missing)
     dtype: str
     shape: GroupShape
     expert_map: ExpertMap | None  # None when X = 0 (all experts in the trunk)
@@ -86,10 +87,11 @@ class TrunkRankActor(_RankBase):
         super().__init__()
         _set_threads(spec.threads)
         self.spec = spec
-        cfg = from_hf_config(spec.model_dir)
+        folder = resolve_model_dir(spec.model_dir)
+        cfg = from_hf_config(folder)
         self.cfg = cfg
         self.dtype = resolve_dtype(cfg, spec.dtype)
-        reader = CheckpointReader(spec.model_dir)
+        reader = CheckpointReader(folder)
         self.layout = CheckpointLayout.detect(reader, cfg)
         weights = load_trunk(reader, cfg, dtype=self.dtype, layout=self.layout)
         self.trunk = Trunk(weights, cfg, dtype=self.dtype)
@@ -144,10 +146,11 @@ class ExpertRankActor(_RankBase):
         _set_threads(spec.threads)
         assert spec.expert_map is not None
         self.spec = spec
-        cfg = from_hf_config(spec.model_dir)
+        folder = resolve_model_dir(spec.model_dir)
+        cfg = from_hf_config(folder)
         self.cfg = cfg
         self.dtype = resolve_dtype(cfg, spec.dtype)
-        reader = CheckpointReader(spec.model_dir)
+        reader = CheckpointReader(folder)
         layout = CheckpointLayout.detect(reader, cfg)
         ids = spec.expert_map.experts_of(spec.index)
         has_mtp = layout.mtp_layout is not None

@@ -24,7 +24,7 @@ from cluster.topology import GroupShape
 from model_shards.experts import ExpertShard, local_routed_experts
 from model_shards.moe import Routing, combine_slots
 from replicas.a2a_protocol import (
-    FIXED, StepPlan, combine_flags, exchange, exchange_counts, pack_rows, row_bytes, write_header,
+    FIXED, StepPlan, combine_flags, exchange, exchange_counts, pack_rows, row_bytes, write_headers,
 )
 
 
@@ -90,6 +90,9 @@ class DispatchHandle:
         counts_X: rows sent to each expert rank (all of them, capacity or not).
         sent_X: rows that went in the main exchange (min(count, C) in fixed mode).
         overflow: fixed mode only: some pair in the group exceeded C (decided by the headers).
+        src_R: fixed mode, when this rank overflowed nowhere: slot row -> its row in the [X * (C + 1)]
+            exchange buffer (the combine answer comes back in the dispatch layout), so combine is one
+            gather; None otherwise.
     """
 
     routing: Routing
@@ -98,6 +101,7 @@ class DispatchHandle:
     sent_X: tuple[int, ...]
     mode: str
     capacity: int
+    src_R: torch.Tensor | None = None
 
 
 class AllToAllDispatcher:
@@ -116,6 +120,11 @@ class AllToAllDispatcher:
         self.hidden, self.dtype = hidden, dtype
         self.load = ExpertLoad(expert_map.num_moe_layers, num_experts)
         self._tables = [expert_map.route_table(layer) for layer in range(expert_map.num_moe_layers)]
+        # without redundant copies an expert's rank depends on the expert alone: one lookup per layer
+        self._direct = [table[:, 0].clone() if bool((copies == 1).all()) else None for table, copies in self._tables]
+        # fixed mode: per-capacity exchange buffers and split lists, reused across layers and steps
+        # (padding rows keep stale bytes; receivers read only the header and the counted rows)
+        self._fixed: dict[int, tuple[torch.Tensor, torch.Tensor, list[int], list[int], torch.Tensor]] = {}
         self._plan: StepPlan | None = None
         self._cursor = 0
         self.in_bytes = row_bytes(hidden, dtype) + 4
@@ -168,6 +177,9 @@ class AllToAllDispatcher:
         """Expert rank of every slot row; a redundant expert's copies share tokens by token index."""
         table, copies = self._tables[layer]
         ids = routing.topk_ids_Tk.reshape(-1).cpu()
+        direct = self._direct[layer]
+        if direct is not None:
+            return direct[ids]
         token = torch.arange(ids.shape[0]) // routing.top_k
         return table[ids, token % copies[ids]]
 
@@ -181,28 +193,60 @@ class AllToAllDispatcher:
         k = max(routing.top_k, 1)
         order = order.to(x_TD.device)
         payload = pack_rows(x_TD[order // k], routing.topk_ids_Tk.reshape(-1)[order])
+        src = None
         if plan.mode == FIXED:
             sent = [min(c, plan.capacity) for c in counts]
-            self._send_fixed(payload, counts, sent, plan.capacity)
+            src = self._send_fixed(payload, counts, sent, plan.capacity, order)
         else:
             sent = counts
             exchange_counts(self.group, [0] * self.shape.trunk_ranks + counts)
             exchange(self.group, payload, send_splits=[0] * self.shape.trunk_ranks + counts,
                      recv_splits=[0] * self.shape.world_size)
-        handle = DispatchHandle(routing, order, tuple(counts), tuple(sent), plan.mode, plan.capacity)
+        handle = DispatchHandle(routing, order, tuple(counts), tuple(sent), plan.mode, plan.capacity, src)
         return handle, payload
 
-    def _send_fixed(self, payload: torch.Tensor, counts: list[int], sent: list[int], cap: int) -> None:
+    def _fixed_buffers(self, cap: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int], torch.Tensor]:
+        """(send [X * (C + 1), in_bytes], recv [X * (C + 1), out_bytes], send splits, recv splits,
+        [X] first-row index of each expert rank's block) for capacity C, made once per C."""
+        bufs = self._fixed.get(cap)
+        if bufs is None:
+            d, x, dev = self.shape.trunk_ranks, self.shape.expert_ranks, self.group.device
+            rows = x * (cap + 1)
+            bufs = (torch.zeros(rows, self.in_bytes, dtype=torch.uint8, device=dev),
+                    torch.zeros(rows, self.out_bytes, dtype=torch.uint8, device=dev),
+                    [0] * d + [cap + 1] * x, [0] * d + [cap + 1] * x, torch.arange(x) * (cap + 1) + 1)
+            self._fixed[cap] = bufs
+        return bufs
+
+    def _send_fixed(self, payload: torch.Tensor, counts: list[int], sent: list[int], cap: int,
+                    order: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Fill the send buffer (header row + up to C rows per expert rank) and run the dispatch exchange.
+
+        Returns slot row -> buffer row (see `DispatchHandle.src_R`) when nothing overflowed and `order` is
+        given, else None.
+        """
         x = self.shape.expert_ranks
-        buf = torch.zeros(x, cap + 1, self.in_bytes, dtype=torch.uint8, device=payload.device)
+        send, _, splits, _, first_row = self._fixed_buffers(cap)
+        buf = send.view(x, cap + 1, self.in_bytes)
         overflowed = any(c > cap for c in counts)
-        start = 0
-        for j in range(x):
-            write_header(buf[j, 0], count=counts[j], flag=overflowed)
-            buf[j, 1:1 + sent[j]] = payload[start:start + sent[j]]
-            start += counts[j]
-        exchange(self.group, buf.view(-1, self.in_bytes), send_splits=[0] * self.shape.trunk_ranks + [cap + 1] * x,
-                 recv_splits=[0] * self.shape.world_size)
+        write_headers(buf[:, 0], counts=torch.tensor(counts, dtype=torch.int64), flag=overflowed)
+        src = None
+        if not overflowed:
+            # sorted row i of expert rank j (rows grouped by rank) goes to buffer row first_row[j] + i - start[j]
+            counts_t = torch.tensor(counts, dtype=torch.int64)
+            pos = torch.arange(payload.shape[0]) + (first_row - (torch.cumsum(counts_t, 0) - counts_t)).repeat_interleave(counts_t)
+            pos = pos.to(send.device)
+            send.index_copy_(0, pos, payload)
+            if order is not None:
+                src = torch.empty_like(pos)
+                src[order] = pos
+        else:
+            start = 0
+            for j in range(x):
+                buf[j, 1:1 + sent[j]] = payload[start:start + sent[j]]
+                start += counts[j]
+        exchange(self.group, send, send_splits=splits, recv_splits=[0] * self.shape.world_size)
+        return src
 
     def combine(self, handle: DispatchHandle, payload: torch.Tensor) -> torch.Tensor:
         """Receive the expert outputs, restore slot order, weight and sum each token's slots."""
@@ -211,9 +255,17 @@ class AllToAllDispatcher:
         nothing = payload.new_empty((0, self.out_bytes))
         if handle.mode == FIXED:
             cap = handle.capacity
-            recv = exchange(self.group, nothing, send_splits=[0] * self.shape.world_size,
-                            recv_splits=[0] * d + [cap + 1] * x).view(x, cap + 1, self.out_bytes)
+            _, recv_buf, _, recv_splits, _ = self._fixed_buffers(cap)
+            exchange(self.group, nothing, send_splits=[0] * self.shape.world_size, recv_splits=recv_splits,
+                     out=recv_buf)
+            recv = recv_buf.view(x, cap + 1, self.out_bytes)
             flags = combine_flags(recv[:, 0])
+            if handle.src_R is not None and not any(flags):
+                if r == 0:
+                    return recv_buf.view(self.dtype).new_zeros((handle.routing.num_tokens, self.hidden))
+                # one gather: the answers sit in the dispatch layout, src_R maps slot rows to buffer rows
+                y_slots = recv_buf.view(self.dtype).index_select(0, handle.src_R)
+                return combine_slots(y_slots, routing=handle.routing)
             parts = [recv[j, 1:1 + handle.sent_X[j]] for j in range(x)]
             if any(flags):
                 extra = [c - s for c, s in zip(handle.counts_X, handle.sent_X)]

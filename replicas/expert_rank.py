@@ -42,6 +42,10 @@ class ExpertRank:
         self.in_bytes = row_bytes(hidden, dtype) + 4
         self.out_bytes = row_bytes(hidden, dtype)
         self.rows_per_layer = torch.zeros(len(shard.layers), dtype=torch.int64)
+        # fixed mode: per-capacity receive / send buffers and split lists, reused across layers and steps
+        self._fixed: dict[int, tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = {}
+        dev = group.device
+        self._no_rows_in = torch.empty(0, self.in_bytes, dtype=torch.uint8, device=dev)
 
     @torch.inference_mode()
     def serve(self, plan: StepPlan) -> ExpertStepStats:
@@ -71,22 +75,40 @@ class ExpertRank:
         exchange(self.group, out, send_splits=recv_counts[:d] + [0] * (w - d), recv_splits=[0] * w)
         return rows.shape[0], secs
 
+    def _fixed_buffers(self, cap: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+        """(recv [D * (C + 1), in_bytes], send [D * (C + 1), out_bytes], recv splits, send splits) for capacity C.
+
+        The send buffer's header rows stay zero but for byte 0 (the flag); padding rows keep stale bytes
+        (the trunk reads only the counted rows).
+        """
+        bufs = self._fixed.get(cap)
+        if bufs is None:
+            d, x, dev = self.shape.trunk_ranks, self.shape.expert_ranks, self.group.device
+            rows = d * (cap + 1)
+            bufs = (torch.zeros(rows, self.in_bytes, dtype=torch.uint8, device=dev),
+                    torch.zeros(rows, self.out_bytes, dtype=torch.uint8, device=dev),
+                    [cap + 1] * d + [0] * x, [cap + 1] * d + [0] * x)
+            self._fixed[cap] = bufs
+        return bufs
+
     def _fixed_layer(self, layer: int, cap: int) -> tuple[int, float]:
         d, x, w = self.shape.trunk_ranks, self.shape.expert_ranks, self.shape.world_size
         dev = self.group.device
-        recv = exchange(self.group, torch.empty(0, self.in_bytes, dtype=torch.uint8, device=dev),
-                        send_splits=[0] * w, recv_splits=[cap + 1] * d + [0] * x).view(d, cap + 1, self.in_bytes)
+        recv_buf, back_buf, recv_splits, send_splits = self._fixed_buffers(cap)
+        exchange(self.group, self._no_rows_in, send_splits=[0] * w, recv_splits=recv_splits, out=recv_buf)
+        recv = recv_buf.view(d, cap + 1, self.in_bytes)
         counts, flags = read_headers(recv[:, 0])
         overflow = any(flags)
         sent = [min(c, cap) for c in counts]
-        out, secs = self._compute(layer, torch.cat([recv[t, 1:1 + sent[t]] for t in range(d)]))
-        back = torch.zeros(d, cap + 1, self.out_bytes, dtype=torch.uint8, device=dev)
+        rows_in = recv[0, 1:1 + sent[0]] if d == 1 else torch.cat([recv[t, 1:1 + sent[t]] for t in range(d)])
+        out, secs = self._compute(layer, rows_in)
+        back = back_buf.view(d, cap + 1, self.out_bytes)
         back[:, 0, 0] = int(overflow)  # combine header: the group-wide overflow flag
         start = 0
         for t in range(d):
             back[t, 1:1 + sent[t]] = out[start:start + sent[t]]
             start += sent[t]
-        exchange(self.group, back.view(-1, self.out_bytes), send_splits=[cap + 1] * d + [0] * x, recv_splits=[0] * w)
+        exchange(self.group, back_buf, send_splits=send_splits, recv_splits=[0] * w)
         rows = sum(sent)
         if overflow:
             extra = [c - s for c, s in zip(counts, sent)]

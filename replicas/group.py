@@ -24,6 +24,7 @@ from cluster.placement import ExpertMap, GroupPlacement, plan_placement
 from cluster.process_groups import GroupSpec, choose_backend
 from cluster.topology import GroupShape, Topology
 from model_shards.config import ModelConfig, from_hf_config
+from model_shards.tiny_checkpoint import resolve_model_dir
 from replicas.a2a_protocol import FIXED, VARIABLE, StepPlan, fixed_capacity
 from replicas.actors import CacheSizes, ExpertRankActor, RankSpec, TrunkRankActor
 from replicas.step_types import StepRequest, StepResult
@@ -71,7 +72,7 @@ class GroupConfig:
         cpus_per_rank: CPU slots per rank bundle (and BLAS threads per rank).
     """
 
-    model_dir: str
+    model_dir: str | None  # None: the embedded tiny model, resolved by each process
     shape: GroupShape
     dtype: str = "auto"
     deadline_s: float = 30.0
@@ -96,7 +97,7 @@ class ExpertParallelGroup:
     def __init__(self, config: GroupConfig, *, placement: PlacementGroup | None = None, first_bundle: int = 0) -> None:
         self.config = config
         self.shape = config.shape
-        self.cfg: ModelConfig = from_hf_config(config.model_dir)
+        self.cfg: ModelConfig = from_hf_config(resolve_model_dir(config.model_dir))
         self.expert_map = config.expert_map or (
             ExpertMap.contiguous(num_experts=self.cfg.num_experts, num_moe_layers=self.cfg.num_moe_layers,
                                  expert_ranks=self.shape.expert_ranks) if self.shape.expert_ranks else None

@@ -23,6 +23,7 @@ class SeqStep:
         params: how to sample.
         output_index: index in the output of the token about to be sampled (seeds the draw).
         prompt_ids, output_ids: token history, sent only when a penalty needs it.
+        suppress_ids: tokens that may not be sampled this step (min_tokens keeps eos out).
     """
 
     chunk: SeqChunk
@@ -31,6 +32,7 @@ class SeqStep:
     output_index: int = 0
     prompt_ids: tuple[int, ...] = ()
     output_ids: tuple[int, ...] = ()
+    suppress_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ class TrunkRank:
                 prompt_ids=[torch.tensor(s.prompt_ids, dtype=torch.long) for s in seqs],
                 output_ids=[torch.tensor(s.output_ids, dtype=torch.long) for s in seqs],
                 positions=[s.output_index for s in seqs],
+                banned=[s.suppress_ids for s in seqs],
             )
             ids = res.token_ids.tolist()
             for j, i in enumerate(sampling):

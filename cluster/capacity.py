@@ -1,0 +1,395 @@
+"""Capacity planning: will a model fit a GPU cluster as D trunk ranks + X expert ranks, and how much
+KV / DeltaNet state is left for sequences.
+
+Owns: `plan_capacity`, a pure function from a `ModelConfig` and a `Topology` to a `CapacityPlan`
+(frozen): the D/X choice, experts per expert rank (the contiguous `ExpertMap`), weight bytes per
+GPU of each pool, the cache room on trunk GPUs, sequences of `max_model_len` that fit, and the
+HBM floor of a decode step. Weight bytes come from `model_shards.weights.expected_tensors` (the
+one name/shape table), cache bytes from `CachePools.bytes_per_block` / `bytes_per_slot`.
+Must not: read weights, import Ray, or print (epserve/plan_cmd.py formats).
+Tests: tests/cluster/test_capacity.py (oracle: model_spec §1.4-1.5 published figures).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+from cluster.placement import ExpertMap
+from cluster.topology import GroupShape, Topology
+from model_shards.cache import CachePools
+from model_shards.config import MULTIMODAL_MODEL_TYPE, ModelConfig, QuantConfig
+from model_shards.weights import MTP_PREFIX, MULTIMODAL_PREFIX, TEXT_PREFIX, expected_tensors
+
+GIB = 2**30
+WEIGHT_FORMATS = ("bf16", "fp8")
+BF16_BYTES = 2  # every unquantised weight and every FP8 block scale is stored bf16 (model_spec §5.3)
+DEFAULT_BLOCK_SIZE = 16  # the engine's KV block size (epserve generate --block-size)
+# Per GPU: CUDA context + cuBLAS workspace (~1 GiB), NCCL / all-to-all buffers (~1-2 GiB), a chunked
+# prefill's activations (8k tokens x ~20k-wide projections, bf16: < 1 GiB each), decode logits
+# (256 x 248k fp32 = 0.25 GiB), with headroom for allocator fragmentation.
+DEFAULT_ACTIVATION_RESERVE_GIB = 8.0
+# `modules_to_not_convert` of the official Qwen/Qwen3.5-397B-A17B-FP8 release (its config.json,
+# /work/shared/configs/qwen3.5-397b-a17b-fp8.config.json); used only when planning fp8 from a bf16 config.
+FP8_RELEASE_NOT_CONVERTED = (
+    "lm_head", "model.language_model.embed_tokens", "mlp.gate", "mlp.shared_expert_gate",
+    "linear_attn.in_proj_a", "linear_attn.in_proj_b", "linear_attn.conv1d", "model.visual", "mtp.fc",
+)
+FP8_RELEASE_BLOCK = (128, 128)
+# Keys of `CapacityPlan.weight_bytes`: where each group of tensors lives.
+TRUNK_GROUPS = ("embed", "lm_head", "layers", "mtp_trunk", "vision")  # every trunk GPU holds all of these
+EXPERT_GROUPS = ("experts", "mtp_experts")  # split over the expert GPUs
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    """What `plan_capacity` decided and computed. Bytes are exact integers; GiB = 2**30 bytes.
+
+    Attributes:
+        trunk_ranks, expert_ranks: D and X; `layout_rule` says how they were chosen.
+        experts_per_rank: routed experts each expert rank holds in every MoE layer (contiguous map).
+        weight_bytes: one copy of the model by group (TRUNK_GROUPS + EXPERT_GROUPS).
+        bytes_per_expert: one routed expert over every MoE layer (MTP layer included).
+        trunk_gpu_weight_bytes / expert_gpu_weight_bytes: weights on one trunk GPU / the fullest expert GPU.
+        trunk_cache_bytes: what a trunk GPU has left for KV blocks and state slots (may be negative).
+        bytes_per_sequence: KV blocks of `max_model_len` tokens + one DeltaNet state slot.
+        sequences_per_trunk_gpu, sequences_total: sequences of `max_model_len` that fit (per GPU, all D).
+        decode_floor_ms: HBM floor of one decode step (weights only), None without `hbm_tbps`.
+        decode_floor_with_cache_ms: the same plus reading every cached sequence of a trunk GPU once.
+        fits: whether the plan works; `reason` says why not (empty when it fits).
+        assumptions: every modelling choice a reader should know about, one sentence each.
+    """
+
+    weight_format: str
+    nodes: int
+    gpus_per_node: int
+    gpu_memory_gib: float
+    trunk_ranks: int
+    expert_ranks: int
+    layout_rule: str
+    num_experts: int
+    num_moe_layers: int
+    experts_per_rank: tuple[int, ...]
+    weight_bytes: dict[str, int]
+    bytes_per_expert: int
+    trunk_gpu_weight_bytes: int
+    expert_gpu_weight_bytes: int
+    activation_reserve_bytes: int
+    trunk_cache_bytes: int
+    expert_gpu_free_bytes: int
+    max_model_len: int
+    block_size: int
+    kv_bytes_per_token: int
+    state_bytes_per_slot: int
+    bytes_per_sequence: int
+    sequences_per_trunk_gpu: int
+    sequences_total: int
+    hbm_tbps: float | None
+    decode_trunk_stream_bytes: int
+    decode_expert_stream_bytes: int
+    decode_floor_ms: float | None
+    decode_floor_with_cache_ms: float | None
+    fits: bool
+    reason: str
+    assumptions: tuple[str, ...]
+
+    @property
+    def total_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def gpus_used(self) -> int:
+        return self.trunk_ranks + self.expert_ranks
+
+    @property
+    def total_weight_bytes(self) -> int:
+        return sum(self.weight_bytes.values())
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = asdict(self)
+        out["experts_per_rank"] = list(self.experts_per_rank)
+        out["assumptions"] = list(self.assumptions)
+        out.update(total_gpus=self.total_gpus, gpus_used=self.gpus_used, total_weight_bytes=self.total_weight_bytes)
+        return out
+
+
+# ------------------------------------------------------------------------------ weights
+def planning_config(cfg: ModelConfig, weight_format: str) -> tuple[ModelConfig, list[str]]:
+    """The config whose tensor table describes the weights as served, and what was assumed.
+
+    bf16: no quantisation (an FP8 config's quantization_config is ignored: the bf16 release of the same
+    architecture). fp8: the config's own quantization_config, or, for a bf16 config, the FP8 release's
+    `modules_to_not_convert` with 128x128 blocks.
+    """
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    if weight_format == "bf16":
+        notes = ["bf16: every weight 2 bytes"]
+        if cfg.quant is not None:
+            notes.append("bf16 planned from an FP8 config: its quantization_config is ignored (the bf16 release)")
+        return cfg.with_overrides(quant=None), notes
+    if cfg.quant is not None:
+        return cfg, [f"fp8: modules_to_not_convert from the config ({', '.join(cfg.quant.modules_to_not_convert)}), "
+                     f"{cfg.quant.block_rows}x{cfg.quant.block_cols} blocks, bf16 scales"]
+    quant = QuantConfig(block_rows=FP8_RELEASE_BLOCK[0], block_cols=FP8_RELEASE_BLOCK[1],
+                        modules_to_not_convert=FP8_RELEASE_NOT_CONVERTED)
+    return cfg.with_overrides(quant=quant), [
+        "fp8 planned from a bf16 config: ASSUMED the Qwen3.5-397B-A17B-FP8 release's modules_to_not_convert "
+        f"({', '.join(FP8_RELEASE_NOT_CONVERTED)}), 128x128 blocks, bf16 scales"]
+
+
+def weight_bytes_by_group(cfg: ModelConfig) -> dict[str, int]:
+    """Bytes of one copy of the model by group, from `expected_tensors` (fused expert layout).
+
+    FP8 weights count 1 byte per element, everything else (scales included) 2 bytes. Groups:
+    embed, lm_head, layers (mixers, routers, shared experts, norms, final norm), mtp_trunk (the MTP
+    head without its routed experts), vision, experts (routed, decoder layers), mtp_experts.
+    """
+    prefix = MULTIMODAL_PREFIX if cfg.model_type == MULTIMODAL_MODEL_TYPE else TEXT_PREFIX
+    specs = expected_tensors(cfg, prefix=prefix, layout="fused", mtp_layout="fused" if cfg.has_mtp else None,
+                             vision=cfg.vision is not None)
+    out = dict.fromkeys(TRUNK_GROUPS + EXPERT_GROUPS, 0)
+    for name, spec in specs.items():
+        nbytes = math.prod(spec.shape) * (1 if spec.fp8 else BF16_BYTES)
+        routed = ".mlp.experts." in name
+        if spec.part == "vision":
+            group = "vision"
+        elif name.startswith(MTP_PREFIX):
+            group = "mtp_experts" if routed else "mtp_trunk"
+        elif routed:
+            group = "experts"
+        elif name.startswith(f"{prefix}embed_tokens."):
+            group = "embed"
+        elif name.startswith("lm_head."):
+            group = "lm_head"
+        else:
+            group = "layers"
+        out[group] += nbytes
+    return out
+
+
+# ------------------------------------------------------------------------------ D and X
+def _experts_per_rank(num_experts: int, expert_ranks: int) -> tuple[int, ...]:
+    if expert_ranks == 0:
+        return ()
+    owners = ExpertMap.contiguous(num_experts=num_experts, num_moe_layers=1, expert_ranks=expert_ranks).owners[0]
+    counts = Counter(ranks[0] for ranks in owners)
+    return tuple(counts[j] for j in range(expert_ranks))
+
+
+def smallest_expert_ranks(*, num_experts: int, bytes_per_expert: int, budget_bytes: int) -> int | None:
+    """The smallest X whose fullest shard (ceil(E/X) experts) fits `budget_bytes`; None if none does."""
+    for x in range(1, num_experts + 1):
+        if -(-num_experts // x) * bytes_per_expert <= budget_bytes:
+            return x
+    return None
+
+
+def _choose_shape(
+    *, total_gpus: int, num_experts: int, trunk_ranks: int | None, expert_ranks: int | None, x_min: int | None
+) -> tuple[int, int, str, list[str]]:
+    """(D, X, rule, reasons it cannot run). When the GPUs are too few, D/X are what the plan would need."""
+    # No X fits: plan the widest split the cluster allows and let the expert check name the problem.
+    need_x = x_min if x_min is not None else min(num_experts, max(total_gpus - 1, 1))
+    if trunk_ranks is None and expert_ranks is None:
+        if x_min is not None and x_min + 1 > total_gpus:
+            return 1, x_min, "auto", [f"too few GPUs: the experts need {x_min} expert GPUs and the trunk at least 1, "
+                                      f"{x_min + 1} GPUs in all; the cluster has {total_gpus}"]
+        return max(total_gpus - need_x, 1), need_x, "auto: smallest X whose expert shard fits, the rest trunk ranks", []
+    if trunk_ranks is None:
+        assert expert_ranks is not None
+        if expert_ranks == 0:
+            return 1, 0, "given X = 0: experts inside the single trunk rank", []
+        if expert_ranks + 1 > total_gpus:
+            return 1, expert_ranks, "given X", [f"too few GPUs: X = {expert_ranks} expert ranks + at least 1 trunk "
+                                                 f"rank need {expert_ranks + 1} GPUs; the cluster has {total_gpus}"]
+        return total_gpus - expert_ranks, expert_ranks, "given X, the other GPUs trunk ranks", []
+    if expert_ranks is None:
+        x = min(num_experts, total_gpus - trunk_ranks)
+        if x < 1:
+            return trunk_ranks, need_x, "given D", [f"too few GPUs: D = {trunk_ranks} trunk ranks leave no GPU for "
+                                                     f"expert ranks on a cluster of {total_gpus}"]
+        return trunk_ranks, x, "given D, the other GPUs expert ranks (at most one per expert)", []
+    if trunk_ranks + expert_ranks > total_gpus:
+        return trunk_ranks, expert_ranks, "given D and X", [
+            f"too few GPUs: D = {trunk_ranks} + X = {expert_ranks} = {trunk_ranks + expert_ranks} GPUs; "
+            f"the cluster has {total_gpus}"]
+    return trunk_ranks, expert_ranks, "given D and X", []
+
+
+# ------------------------------------------------------------------------------ the plan
+def plan_capacity(
+    cfg: ModelConfig,
+    topology: Topology,
+    *,
+    weight_format: str,
+    trunk_ranks: int | None = None,
+    expert_ranks: int | None = None,
+    max_model_len: int,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    kv_dtype_bytes: int = 2,
+    activation_reserve_gib: float = DEFAULT_ACTIVATION_RESERVE_GIB,
+    hbm_tbps: float | None = None,
+) -> CapacityPlan:
+    """Plan one expert-parallel group on a GPU cluster: D trunk GPUs and X expert GPUs, disjoint pools.
+
+    Choosing D and X (when not given): X is the smallest expert-rank count whose fullest shard
+    (ceil(E/X) experts of every MoE layer, the MTP layer's included) plus the activation reserve
+    fits one GPU; every other GPU of the nodes becomes a trunk rank, because trunk ranks are where
+    sequences live (KV + DeltaNet state). Given only X, D takes the rest; given only D, X takes the
+    rest (capped at E). Why trunk-heavy: under the HBM floor a decode step costs about the same for
+    any D (each expert rank streams its shard once per step however many tokens arrive), so more
+    trunk ranks mean more sequences per step; all-to-all bandwidth and expert compute, which this
+    ignores, are what eventually cap D.
+
+    Worked example (397B, bf16, 2 nodes x 8 x 140 GiB, reserve 8 GiB): one expert over 61 MoE
+    layers is 61 x 25.17 MB = 1.43 GiB; X = 5 holds 103 experts = 147.3 GiB (too much), X = 6
+    holds 86 = 122.95 GiB, + 8 <= 140, so X = 6 (86, 86, 85, 85, 85, 85 experts) and D = 16 - 6 = 10.
+
+    A trunk GPU holds embed + lm_head + all mixers + routers + shared experts + norms + the MTP
+    head's non-expert part + the vision tower, an activation reserve, and in what is left KV blocks
+    and DeltaNet state slots. One sequence of `max_model_len` takes ceil(len / block_size) KV blocks
+    (all attention layers, + the MTP layer's when the config has one) and one state slot (conv
+    bf16, recurrent fp32). The decode floor (with `hbm_tbps`, TB/s = 1e12 B/s) assumes a full
+    batch touches every expert of a rank, one batch in flight (trunk and expert pools take turns
+    layer by layer, so their times add), plain decode without MTP speculation: the trunk streams
+    everything but the embedding table (a row gather), the vision tower and the MTP head, the fullest
+    expert rank streams its decoder-layer experts.
+
+    Args:
+        cfg: the model (`from_hf_config`); topology: nodes x GPUs x GiB per GPU.
+        weight_format: "bf16" or "fp8" (see `planning_config`).
+        trunk_ranks, expert_ranks: D and X, or None to choose (above). X = 0: experts in the one trunk rank.
+        max_model_len: tokens per sequence the cache must hold (<= max_position_embeddings).
+        block_size: tokens per KV block; kv_dtype_bytes: 2 (bf16) or 1 (fp8 KV).
+        activation_reserve_gib: kept free on every GPU for activations, buffers and the CUDA context.
+        hbm_tbps: HBM bandwidth per GPU in TB/s (4.8 for H200) for the decode floor; None skips it.
+    Returns:
+        The `CapacityPlan`; `fits` False with `reason` when it cannot run.
+    Raises:
+        ValueError: a value out of range (named with the value).
+    """
+    _validate(cfg, topology, weight_format=weight_format, trunk_ranks=trunk_ranks, expert_ranks=expert_ranks,
+              max_model_len=max_model_len, block_size=block_size, kv_dtype_bytes=kv_dtype_bytes,
+              activation_reserve_gib=activation_reserve_gib, hbm_tbps=hbm_tbps)
+    served, assumptions = planning_config(cfg, weight_format)
+    groups = weight_bytes_by_group(served)
+    e = cfg.num_experts
+    expert_total = groups["experts"] + groups["mtp_experts"]
+    # Fused tensors are [E, ...] per MoE layer (scales too), so one expert's share is exact.
+    assert expert_total % e == 0, (expert_total, e)
+    per_expert = expert_total // e
+    gpu_bytes = int(topology.gpu_memory_gib * GIB)
+    reserve = int(activation_reserve_gib * GIB)
+    x_min = smallest_expert_ranks(num_experts=e, bytes_per_expert=per_expert, budget_bytes=gpu_bytes - reserve)
+    d, x, rule, reasons = _choose_shape(total_gpus=topology.total_gpus, num_experts=e, trunk_ranks=trunk_ranks,
+                                        expert_ranks=expert_ranks, x_min=x_min)
+    per_rank = _experts_per_rank(e, x)
+
+    trunk_weights = sum(groups[g] for g in TRUNK_GROUPS) + (expert_total if x == 0 else 0)
+    expert_weights = max(per_rank, default=0) * per_expert
+    expert_free = gpu_bytes - reserve - expert_weights if x else 0
+    cache_room = gpu_bytes - reserve - trunk_weights
+    reasons += _memory_reasons(x=x, x_min=x_min, per_rank=per_rank, expert_free=expert_free,
+                               expert_weights=expert_weights, cache_room=cache_room, trunk_weights=trunk_weights,
+                               reserve_gib=activation_reserve_gib, gpu_gib=topology.gpu_memory_gib)
+
+    kv_token, slot, per_seq = sequence_bytes(cfg, max_model_len=max_model_len, block_size=block_size,
+                                             kv_dtype_bytes=kv_dtype_bytes)
+    seqs = max(cache_room, 0) // per_seq
+    if cache_room >= 0 and seqs == 0:
+        reasons.append(f"no room for even one sequence: {max_model_len} tokens need {per_seq / GIB:.2f} GiB "
+                       f"(KV + DeltaNet state), a trunk GPU has {cache_room / GIB:.2f} GiB left")
+    assumptions += _cache_assumptions(cfg, kv_dtype_bytes, block_size, activation_reserve_gib)
+
+    # Plain decode: no embedding table (a row gather), vision tower or MTP head; decoder-layer experts only.
+    trunk_stream = groups["lm_head"] + groups["layers"] + (groups["experts"] if x == 0 else 0)
+    expert_stream = max(per_rank, default=0) * (groups["experts"] // e)
+    floor = floor_cache = None
+    if hbm_tbps is not None:
+        floor = (trunk_stream + expert_stream) / (hbm_tbps * 1e12) * 1e3
+        floor_cache = floor + seqs * per_seq / (hbm_tbps * 1e12) * 1e3
+        assumptions.append("decode floor: full batch touches every expert of a rank; trunk and expert pools take "
+                           "turns (times add); no MTP speculation; embedding rows gathered, vision tower idle")
+    return CapacityPlan(
+        weight_format=weight_format, nodes=topology.nodes, gpus_per_node=topology.gpus_per_node,
+        gpu_memory_gib=topology.gpu_memory_gib, trunk_ranks=d, expert_ranks=x, layout_rule=rule, num_experts=e,
+        num_moe_layers=cfg.num_moe_layers, experts_per_rank=per_rank, weight_bytes=groups, bytes_per_expert=per_expert,
+        trunk_gpu_weight_bytes=trunk_weights, expert_gpu_weight_bytes=expert_weights,
+        activation_reserve_bytes=reserve, trunk_cache_bytes=cache_room, expert_gpu_free_bytes=expert_free,
+        max_model_len=max_model_len, block_size=block_size, kv_bytes_per_token=kv_token, state_bytes_per_slot=slot,
+        bytes_per_sequence=per_seq, sequences_per_trunk_gpu=seqs, sequences_total=seqs * d, hbm_tbps=hbm_tbps,
+        decode_trunk_stream_bytes=trunk_stream, decode_expert_stream_bytes=expert_stream, decode_floor_ms=floor,
+        decode_floor_with_cache_ms=floor_cache, fits=not reasons, reason="; ".join(reasons),
+        assumptions=tuple(assumptions),
+    )
+
+
+def sequence_bytes(
+    cfg: ModelConfig, *, max_model_len: int, block_size: int, kv_dtype_bytes: int
+) -> tuple[int, int, int]:
+    """(KV bytes per token, DeltaNet state bytes per slot, bytes of one sequence of `max_model_len`).
+
+    KV covers every attention layer plus the MTP layer's when the config has one (it shares the
+    block tables); a sequence takes whole blocks. The conv state stays bf16 whatever the KV dtype
+    and the recurrent state is fp32 (model_spec §1.5).
+    """
+    kv_token = CachePools.bytes_per_block(cfg, block_size=1, dtype_bytes=kv_dtype_bytes, with_mtp=cfg.has_mtp)
+    slot = CachePools.bytes_per_slot(cfg, dtype_bytes=BF16_BYTES)
+    return kv_token, slot, -(-max_model_len // block_size) * block_size * kv_token + slot
+
+
+def _memory_reasons(
+    *, x: int, x_min: int | None, per_rank: tuple[int, ...], expert_free: int, expert_weights: int, cache_room: int,
+    trunk_weights: int, reserve_gib: float, gpu_gib: float,
+) -> list[str]:
+    out = []
+    if x and expert_free < 0:
+        hint = f"; X >= {x_min} would fit" if x_min is not None else "; even one expert per GPU does not fit"
+        out.append(f"experts do not fit: {max(per_rank)} experts per expert GPU = {expert_weights / GIB:.1f} GiB + "
+                   f"{reserve_gib:g} GiB reserve > {gpu_gib:g} GiB{hint}")
+    if cache_room < 0:
+        what = "trunk + all experts (X = 0)" if x == 0 else "trunk weights"
+        out.append(f"{what} do not fit a trunk GPU: {trunk_weights / GIB:.1f} GiB + {reserve_gib:g} GiB reserve > "
+                   f"{gpu_gib:g} GiB")
+    return out
+
+
+def _cache_assumptions(cfg: ModelConfig, kv_dtype_bytes: int, block_size: int, reserve_gib: float) -> list[str]:
+    mtp = " + the MTP layer" if cfg.has_mtp else ""
+    return [
+        f"KV cache: {len(cfg.attention_layers)} attention layers{mtp}, {kv_dtype_bytes}-byte entries, "
+        f"blocks of {block_size} tokens; every sequence reserved at max_model_len",
+        "DeltaNet state: one slot per sequence, conv bf16 + recurrent fp32, "
+        f"{len(cfg.linear_layers)} layers",
+        f"activation reserve {reserve_gib:g} GiB on every GPU (context, NCCL buffers, prefill activations, logits)",
+    ]
+
+
+def _validate(
+    cfg: ModelConfig, topology: Topology, *, weight_format: str, trunk_ranks: int | None, expert_ranks: int | None,
+    max_model_len: int, block_size: int, kv_dtype_bytes: int, activation_reserve_gib: float, hbm_tbps: float | None,
+) -> None:
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    if not topology.has_gpus:
+        raise ValueError(f"capacity planning needs GPUs: gpus_per_node is {topology.gpus_per_node}")
+    if not 1 <= max_model_len <= cfg.max_position_embeddings:
+        raise ValueError(f"max_model_len must be in [1, {cfg.max_position_embeddings}] (the model's "
+                         f"max_position_embeddings), got {max_model_len}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if kv_dtype_bytes not in (1, 2, 4):
+        raise ValueError(f"kv_dtype_bytes must be 1, 2 or 4, got {kv_dtype_bytes}")
+    if activation_reserve_gib < 0:
+        raise ValueError(f"activation_reserve_gib must be >= 0, got {activation_reserve_gib}")
+    if hbm_tbps is not None and hbm_tbps <= 0:
+        raise ValueError(f"hbm_tbps must be > 0, got {hbm_tbps}")
+    if expert_ranks is not None and expert_ranks > cfg.num_experts:
+        raise ValueError(f"expert_ranks {expert_ranks} exceeds num_experts {cfg.num_experts}: some ranks would "
+                         "hold nothing")
+    if trunk_ranks is not None or expert_ranks is not None:
+        # GroupShape owns the D/X rules (D >= 1, X >= 0, X = 0 only with D = 1); its messages name the values.
+        GroupShape(trunk_ranks=1 if trunk_ranks is None else trunk_ranks,
+                   expert_ranks=1 if expert_ranks is None else expert_ranks)

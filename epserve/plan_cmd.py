@@ -1,0 +1,122 @@
+"""`epserve plan`: will a model fit a GPU cluster as D trunk + X expert ranks, and how many sequences.
+
+A thin shim over cluster/capacity.py (`plan_capacity`, pure arithmetic from config.json; no
+weights read, no Ray): prints the layout, weights per GPU of each pool, cache room, sequences
+of --max-model-len that fit and, with --hbm-tbps, the HBM floor of a decode step.
+Exit 0: it fits. 1: it does not (reason on stderr as `epserve plan: error: ...`) or the model's
+config cannot be read. 2: a flag value out of range.
+Tests: tests/cluster/test_capacity.py (CLI exit codes and JSON keys via subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cluster.capacity import (
+    DEFAULT_ACTIVATION_RESERVE_GIB, DEFAULT_BLOCK_SIZE, GIB, TRUNK_GROUPS, CapacityPlan, plan_capacity,
+)
+from cluster.topology import Topology
+from epserve.cli import UserError
+from model_shards.config import from_hf_config
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="capacity plan: D trunk + X expert GPUs, weights per GPU, sequences that fit")
+    p.add_argument("--model", required=True, help="checkpoint folder or config.json path (only the config is read)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--gpu-memory-gib", type=float, required=True, help="memory per GPU in GiB (e.g. 140 for H200)")
+    p.add_argument("--weight-format", choices=["bf16", "fp8"],
+                   help="weights as served (default: fp8 when the config has a quantization_config, else bf16)")
+    p.add_argument("--trunk-ranks", type=int, help="trunk ranks D (default: the GPUs the experts leave)")
+    p.add_argument("--expert-ranks", type=int,
+                   help="expert ranks X (default: the smallest X whose expert shard fits a GPU)")
+    p.add_argument("--max-model-len", type=int, help="tokens per sequence (default: max_position_embeddings)")
+    p.add_argument("--hbm-tbps", type=float, help="HBM bandwidth per GPU in TB/s for the decode floor (H200: 4.8)")
+    p.add_argument("--output", choices=["text", "json"], default="text")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help=argparse.SUPPRESS)
+    p.add_argument("--activation-reserve-gib", type=float, default=DEFAULT_ACTIVATION_RESERVE_GIB,
+                   help=argparse.SUPPRESS)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = Path(args.model)
+    if not model.exists():
+        raise UserError(f"--model {model} does not exist (a checkpoint folder or a config.json path)")
+    cfg = from_hf_config(model)
+    weight_format = args.weight_format or ("fp8" if cfg.quant is not None else "bf16")
+    max_len = cfg.max_position_embeddings if args.max_model_len is None else args.max_model_len
+    try:
+        topology = Topology(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib)
+        plan = plan_capacity(
+            cfg, topology, weight_format=weight_format, trunk_ranks=args.trunk_ranks,
+            expert_ranks=args.expert_ranks, max_model_len=max_len, block_size=args.block_size,
+            activation_reserve_gib=args.activation_reserve_gib, hbm_tbps=args.hbm_tbps,
+        )
+    except ValueError as exc:  # out-of-range flags: the message names the value
+        raise UserError(str(exc)) from None
+    if args.output == "json":
+        print(json.dumps({"model": str(model), **plan.to_json()}, indent=2))
+    else:
+        print(render(plan, model=str(model)))
+    if not plan.fits:
+        print(f"epserve plan: error: does not fit: {plan.reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------ text report
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def _counts(per_rank: tuple[int, ...]) -> str:
+    """'86 x 2, 85 x 4': experts per rank, grouped (the contiguous map puts the larger ones first)."""
+    groups: dict[int, int] = {}
+    for n in per_rank:
+        groups[n] = groups.get(n, 0) + 1
+    return ", ".join(f"{n} x {k}" if k > 1 else str(n) for n, k in groups.items())
+
+
+def render(plan: CapacityPlan, *, model: str) -> str:
+    """The human-readable report (one line per fact, assumptions last)."""
+    w = plan.weight_bytes
+    trunk_parts = ", ".join(f"{g} {w[g] / GIB:.2f}" for g in TRUNK_GROUPS if w[g])
+    lines = [
+        f"model        {model} ({plan.weight_format})",
+        f"cluster      {plan.nodes} node(s) x {plan.gpus_per_node} GPUs x {plan.gpu_memory_gib:g} GiB = "
+        f"{plan.total_gpus} GPUs",
+        f"layout       D = {plan.trunk_ranks} trunk + X = {plan.expert_ranks} expert ranks = {plan.gpus_used} GPUs "
+        f"({plan.layout_rule})",
+        f"weights      {_gib(plan.total_weight_bytes)} per model copy; one expert over {plan.num_moe_layers} MoE "
+        f"layers {plan.bytes_per_expert / 2**20:.1f} MiB",
+    ]
+    if plan.expert_ranks:
+        lines.append(f"experts      {plan.num_experts} per MoE layer; per expert rank: "
+                     f"{_counts(plan.experts_per_rank)}")
+        lines.append(f"expert GPU   {_gib(plan.expert_gpu_weight_bytes)} weights (fullest rank) + "
+                     f"{_gib(plan.activation_reserve_bytes)} reserve, {_gib(plan.expert_gpu_free_bytes)} free")
+    else:
+        lines.append(f"experts      all {plan.num_experts} inside the trunk rank (X = 0)")
+    lines += [
+        f"trunk GPU    {_gib(plan.trunk_gpu_weight_bytes)} weights ({trunk_parts} GiB) + "
+        f"{_gib(plan.activation_reserve_bytes)} reserve, {_gib(plan.trunk_cache_bytes)} for KV + state",
+        f"sequence     {plan.max_model_len} tokens = {_gib(plan.bytes_per_sequence)} "
+        f"(KV {plan.kv_bytes_per_token} B/token in blocks of {plan.block_size}, "
+        f"state slot {plan.state_bytes_per_slot / 2**20:.1f} MiB)",
+        f"capacity     {plan.sequences_per_trunk_gpu} sequences per trunk GPU, {plan.sequences_total} in total",
+    ]
+    if plan.decode_floor_ms is not None:
+        assert plan.decode_floor_with_cache_ms is not None
+        lines.append(
+            f"decode floor {plan.decode_floor_ms:.2f} ms/step at {plan.hbm_tbps:g} TB/s (trunk streams "
+            f"{_gib(plan.decode_trunk_stream_bytes)}, fullest expert rank {_gib(plan.decode_expert_stream_bytes)}); "
+            f"{plan.decode_floor_with_cache_ms:.2f} ms with every cached sequence read once")
+    lines.append("fits         yes" if plan.fits else f"fits         NO: {plan.reason}")
+    lines.append("assumptions")
+    lines += [f"  - {a}" for a in plan.assumptions]
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""`build_app(args)`: the one entry point of the Serve app (serve.run, `epserve serve`, KubeRay import_path).
+
+Deployments: `EpserveIngress` (HTTP, autoscaled on ongoing requests) -> `EpserveEngine` (one
+replica = one expert-parallel group; its placement group holds the replica in bundle 0 and
+every rank after it, so the engine scales in whole groups). A `MetricsHub` actor per app sums
+every replica's metrics for /metrics. Tests: tests/replicas/test_serving.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve import Application
+
+from cluster.placement import plan_placement
+from cluster.topology import GroupShape, Topology
+from replicas.app_args import AppArgs
+from replicas.engine_deployment import EngineServer
+from replicas.ingress import Ingress, build_api, default_model_name
+from replicas.metrics import MetricsHub
+
+ENGINE_REPLICA_BUNDLE = {"CPU": 1.0}
+
+
+def metrics_hub(app_name: str) -> Any:  # noqa: ANN401  # a Ray actor handle
+    """The app's hub (created on first use; detached so it outlives any one replica)."""
+    return ray.remote(num_cpus=0)(MetricsHub).options(
+        name=f"epserve-metrics-{app_name}", get_if_exists=True, lifetime="detached", namespace="epserve",
+    ).remote()
+
+
+def build_app(args: dict[str, Any] | AppArgs) -> Application:
+    """Build the application from `AppArgs` (a dict from YAML, or the model itself)."""
+    a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    plain = a.model_dump(mode="json")
+    if a.api_key is not None:
+        plain["api_key"] = a.api_key.get_secret_value()  # model_dump masks secrets
+    hub = metrics_hub(a.served_model_name or default_model_name(a.model))
+    shape = GroupShape(a.trunk_ranks, a.expert_ranks)
+    placement = plan_placement(
+        shape, Topology(nodes=1, gpus_per_node=shape.world_size if a.gpus else 0, gpu_memory_gib=1.0 if a.gpus else 0),
+        replica_bundle=ENGINE_REPLICA_BUNDLE, cpus_per_rank=a.cpus_per_rank,
+    )
+    engine = serve.deployment(EngineServer).options(
+        name="EpserveEngine",
+        autoscaling_config=a.engine_autoscaling.serve_config(),
+        max_ongoing_requests=a.engine_max_ongoing_requests,
+        placement_group_bundles=[dict(b) for b in placement.bundles],
+        placement_group_strategy=placement.strategy,
+        ray_actor_options={"num_cpus": ENGINE_REPLICA_BUNDLE["CPU"]},
+        health_check_period_s=5.0,
+        health_check_timeout_s=30.0,
+        graceful_shutdown_timeout_s=30.0,
+    ).bind(plain, hub)
+    ingress = serve.deployment(serve.ingress(build_api)(Ingress)).options(
+        name="EpserveIngress",
+        autoscaling_config=a.ingress_autoscaling.serve_config(),
+        max_ongoing_requests=a.ingress_max_ongoing_requests,
+        max_queued_requests=a.ingress_max_queued_requests,
+        ray_actor_options={"num_cpus": 1},
+        health_check_period_s=5.0,
+    ).bind(engine, plain, hub)
+    return ingress

@@ -1,0 +1,95 @@
+"""The arguments of the Serve app: one pydantic model, `extra="forbid"`.
+
+The same model validates `serve.run(build_app(args))`, `epserve serve --config app.yaml` and
+a KubeRay serveConfigV2 `args:` block, so a typo in any of them is an error, not a silent
+default. Environment variables are read here only (`api_key_env`). Tests:
+tests/replicas/test_app_args.py.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+
+class AutoscalingArgs(BaseModel):
+    """Serve autoscaling bounds of one deployment (replicas; for the engine, whole groups)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=1, description="Replicas kept at idle.")
+    max_replicas: int = Field(1, ge=1, description="Upper bound under load.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Ongoing requests per replica to aim for.")
+    upscale_delay_s: float = Field(5.0, ge=0, description="Load must persist this long before scaling up.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Idle time before scaling down.")
+    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas report load.")
+    look_back_period_s: float = Field(10.0, gt=0, description="Window the load is averaged over.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingArgs:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) < min_replicas ({self.min_replicas})")
+        return self
+
+    def serve_config(self) -> dict:
+        return {
+            "min_replicas": self.min_replicas, "initial_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas, "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": self.metrics_interval_s, "look_back_period_s": self.look_back_period_s,
+        }
+
+
+class AppArgs(BaseModel):
+    """Everything `build_app` needs. Sizes of caches are per trunk rank."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Checkpoint folder; unset = the embedded tiny model.")
+    served_model_name: str | None = Field(None, description="Name clients use; default: the folder's name.")
+    trunk_ranks: int = Field(1, ge=1, description="D: trunk ranks per expert-parallel group.")
+    expert_ranks: int = Field(0, ge=0, description="X: expert ranks per group (0 = experts inside the trunk).")
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    gpus: bool = Field(False, description="Give every rank one GPU (NCCL); else CPU ranks (gloo).")
+    cpus_per_rank: float = Field(1.0, gt=0)
+    collective_deadline_s: float = Field(30.0, gt=0, description="Bound on every collective of a group.")
+    capacity_factor: float = Field(2.0, gt=0, description="Decode exchange capacity over the mean rows per pair.")
+    block_size: int = Field(16, ge=1, le=1024)
+    num_kv_blocks: int = Field(1024, ge=1, description="KV blocks per trunk rank.")
+    max_num_seqs: int = Field(32, ge=1, description="Running sequences (= DeltaNet state slots) per trunk rank.")
+    max_num_batched_tokens: int = Field(2048, ge=64, description="New tokens per trunk rank per step.")
+    max_model_len: int | None = Field(None, ge=2, description="Context limit; default: the model's, capped by the cache.")
+    default_max_tokens: int | None = Field(None, ge=1, description="max_tokens when a request sets none.")
+    max_n: int = Field(16, ge=1, description="Largest n a request may ask for.")
+    max_waiting_requests: int = Field(256, ge=1, description="Engine queue bound; beyond it 429 + Retry-After.")
+    ingress_max_ongoing_requests: int = Field(256, ge=1)
+    ingress_max_queued_requests: int = Field(512, ge=1, description="Serve's own queue bound (503 beyond).")
+    engine_max_ongoing_requests: int = Field(1024, ge=1)
+    ingress_autoscaling: AutoscalingArgs = Field(
+        default_factory=lambda: AutoscalingArgs(min_replicas=1, max_replicas=2, target_ongoing_requests=32))
+    engine_autoscaling: AutoscalingArgs = Field(
+        default_factory=lambda: AutoscalingArgs(min_replicas=1, max_replicas=1, target_ongoing_requests=64))
+    api_key: SecretStr | None = Field(None, description="Bearer key required on every route but /health.")
+    api_key_env: str | None = Field(None, description="Name of an environment variable holding the key.")
+    load_timeout_s: float = Field(1800.0, gt=0, description="Time allowed to load weights and form a group.")
+
+    @model_validator(mode="after")
+    def _layout(self) -> AppArgs:
+        if self.expert_ranks == 0 and self.trunk_ranks > 1:
+            raise ValueError("expert_ranks 0 keeps the experts inside one trunk rank: use trunk_ranks 1, or X >= 1")
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("give api_key or api_key_env, not both")
+        return self
+
+    def resolved_api_key(self) -> str | None:
+        """The key itself: from api_key, or read (here, once) from the named environment variable."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value() or None
+        if self.api_key_env is not None:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise ValueError(f"api_key_env names {self.api_key_env}, which is unset or empty")
+            return value
+        return None

@@ -1,0 +1,279 @@
+"""The engine: continuous batching of many requests on one expert-parallel group.
+
+`step() = schedule -> execute -> update` (vLLM), run as one asyncio task: the scheduler picks
+each trunk rank's tokens, the group runs them (one Ray call per rank), and sampled tokens
+become stream events of their requests. Requests join and leave between steps; aborts free
+their caches before the next step. A failed group ends every request it holds with a
+retriable error, is rebuilt, and the loop resumes. Must not: hold model math or HTTP.
+Tests: tests/replicas/test_engine.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+from model_shards.batch import SeqChunk
+from model_shards.tokenizer import Tokenizer
+from replicas.block_pool import BlockPool
+from replicas.engine_types import EngineFailure, GenerateOutput, GenerateRequest
+from replicas.metrics import MetricsRegistry
+from replicas.scheduler import Scheduled, Scheduler, SchedulerConfig, SchedulerOutput
+from replicas.sequence import Sequence, Status
+from replicas.step_types import SeqStep, StepRequest, StepResult
+
+log = logging.getLogger("epserve.engine")
+
+
+class AsyncRunner(Protocol):
+    """The group as the engine drives it (replicas/group.py, or an in-process adapter)."""
+
+    async def step(self, requests: list[StepRequest]) -> list[StepResult]: ...
+
+
+class EngineOverloaded(RuntimeError):
+    """The bounded waiting queue is full: the caller answers 429/503 with Retry-After."""
+
+
+class RequestRejected(ValueError):
+    """The request can never run on this engine (e.g. longer than a trunk rank's KV pool)."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The group is failed and not (yet) rebuilt: retriable."""
+
+
+class Engine:
+    """Schedules and runs requests on one group.
+
+    Args:
+        runner: executes steps (the group driver).
+        pools: one BlockPool per trunk rank, sized like the ranks' cache tensors.
+        config: scheduler limits per trunk rank.
+        tokenizer: detokenization and stop strings (None: token ids only).
+        max_waiting: bound of the waiting queue (sequences); beyond it `EngineOverloaded`.
+        recover: called (in a thread) after a group failure to rebuild it; None = stay failed.
+        metrics: where to record serving metrics.
+    """
+
+    def __init__(self, runner: AsyncRunner, *, pools: list[BlockPool], config: SchedulerConfig,
+                 tokenizer: Tokenizer | None, max_waiting: int = 256, recover: Callable[[], None] | None = None,
+                 metrics: MetricsRegistry | None = None) -> None:
+        self.runner = runner
+        self.scheduler = Scheduler(config, pools)
+        self.tokenizer = tokenizer
+        self.max_waiting = max_waiting
+        self.recover = recover
+        self.metrics = metrics or MetricsRegistry()
+        self._streams: dict[str, tuple[list[Sequence], asyncio.Queue[GenerateOutput]]] = {}
+        self._ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.failure: str | None = None  # set while the group is down
+        self.steps = 0
+        self.last_step_time = 0.0
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="epserve-engine")
+
+    async def stop(self) -> None:
+        """End every request with a retriable error and stop the loop."""
+        self._fail_all("the engine is shutting down", retriable=True)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001  # the loop's own end
+                pass
+            self._task = None
+
+    # ----------------------------------------------------------------- requests
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """Stream events of all n choices of `req` until each has finished or failed.
+
+        Raises (before the first event):
+            EngineOverloaded, RequestRejected, EngineUnavailable.
+        """
+        self.admit_check(req)
+        seqs = [Sequence(req, i, self.tokenizer, next(self._ids)) for i in range(req.n)]
+        queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
+        self._streams[req.request_id] = (seqs, queue)
+        for s in seqs:
+            self.scheduler.add(s)
+        self._wake.set()
+        done = 0
+        try:
+            while done < req.n:
+                event = await queue.get()
+                if event.finished:
+                    done += 1
+                yield event
+        finally:
+            if done < req.n:
+                self.abort(req.request_id)
+            self._streams.pop(req.request_id, None)
+
+    def admit_check(self, req: GenerateRequest) -> None:
+        if self.failure is not None:
+            raise EngineUnavailable(f"the expert-parallel group is unavailable ({self.failure}); retry")
+        if req.request_id in self._streams:
+            raise RequestRejected(f"request id {req.request_id} is already running")
+        if not self.scheduler.fits_ever(len(req.prompt_ids) + req.max_tokens):
+            raise RequestRejected(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) do not fit in one trunk "
+                "rank's KV cache on this server")
+        if len(self.scheduler.waiting) + req.n > self.max_waiting:
+            raise EngineOverloaded(f"{len(self.scheduler.waiting)} sequences are waiting (limit {self.max_waiting})")
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its caches are freed before the next step."""
+        entry = self._streams.get(request_id)
+        if entry is None:
+            return
+        for s in entry[0]:
+            s.aborted = True
+        self._wake.set()
+
+    # ----------------------------------------------------------------- the loop
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._reap()
+            out = self.scheduler.schedule()
+            if out.empty:
+                if not self.scheduler.waiting and not self.scheduler.num_running:
+                    self._wake.clear()
+                else:
+                    await asyncio.sleep(0.005)  # waiting on an abort or a free block
+                self._record_gauges()
+                continue
+            t0 = time.monotonic()
+            try:
+                results = await self.runner.step(self._requests(out))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001  # any group failure ends its requests, retriably
+                await self._on_failure(exc)
+                continue
+            self.steps += 1
+            self.last_step_time = time.monotonic()
+            self.metrics.observe("step_time_seconds", self.last_step_time - t0)
+            self._update(out, results)
+            self._record_gauges()
+
+    def _requests(self, out: SchedulerOutput) -> list[StepRequest]:
+        reqs = []
+        for trunk in out.per_trunk:
+            steps = []
+            for sch in trunk:
+                steps.append(self._seq_step(sch))
+                if sch.seq.t_scheduled is None:
+                    sch.seq.t_scheduled = time.monotonic()
+                    self.metrics.observe("request_queue_time_seconds", sch.seq.t_scheduled - sch.seq.t_arrival)
+            reqs.append(StepRequest(tuple(steps)))
+        return reqs
+
+    @staticmethod
+    def _seq_step(sch: Scheduled) -> SeqStep:
+        seq = sch.seq
+        assert seq.addr is not None
+        ids = seq.all_ids[sch.start:sch.start + sch.n]
+        chunk = SeqChunk(tuple(ids), sch.start, seq.addr.slot, tuple(seq.addr.blocks),
+                         rope_delta=seq.rope_delta, logits="last" if sch.sample else "none")
+        penalties = seq.params.has_penalties
+        return SeqStep(
+            chunk=chunk, sample=sch.sample, params=seq.params, output_index=len(seq.output_ids),
+            prompt_ids=tuple(seq.prompt_ids) if penalties else (), output_ids=tuple(seq.output_ids) if penalties else (),
+            suppress_ids=seq.suppressed_ids() if sch.sample else (),
+        )
+
+    def _update(self, out: SchedulerOutput, results: list[StepResult]) -> None:
+        for trunk, res in zip(out.per_trunk, results):
+            for i, sch in enumerate(trunk):
+                seq = sch.seq
+                seq.num_computed = sch.start + sch.n
+                if not sch.sample or seq.aborted:
+                    continue
+                token = res.token_ids[i]
+                assert token is not None
+                prev = seq.t_last_token
+                event = seq.append(token, res.logprobs[i])
+                self.metrics.inc("generation_tokens")
+                if prev is None:
+                    self.metrics.observe("time_to_first_token_seconds", seq.t_first_token - seq.t_arrival)
+                else:
+                    self.metrics.observe("inter_token_latency_seconds", seq.t_last_token - prev)
+                self._deliver(seq, event)
+                if event.finished:
+                    self._finish(seq, event.finish_reason or "error")
+
+    def _deliver(self, seq: Sequence, event: GenerateOutput) -> None:
+        entry = self._streams.get(seq.req.request_id)
+        if entry is not None:
+            entry[1].put_nowait(event)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.release(seq)
+        self.metrics.inc("request_success", finished_reason=reason)
+        if seq.index == 0:
+            self.metrics.inc("prompt_tokens", len(seq.prompt_ids))
+        self.metrics.observe("e2e_request_latency_seconds", time.monotonic() - seq.t_arrival)
+
+    def _reap(self) -> None:
+        """Release aborted sequences (between steps, never during one)."""
+        for seqs, _ in list(self._streams.values()):
+            for s in seqs:
+                if s.aborted and s.status is not Status.FINISHED:
+                    self.scheduler.release(s)
+                    self.metrics.inc("request_success", finished_reason="abort")
+        for seq in [s for s in self.scheduler.waiting if s.aborted]:
+            self.scheduler.release(seq)
+
+    # ----------------------------------------------------------------- failures
+    def _fail_all(self, message: str, *, retriable: bool) -> None:
+        failure = EngineFailure(message=message, retriable=retriable)
+        for rid, (seqs, queue) in list(self._streams.items()):
+            for s in seqs:
+                if s.status is Status.FINISHED:
+                    continue
+                self.scheduler.release(s)
+                queue.put_nowait(GenerateOutput(request_id=rid, index=s.index, error=failure,
+                                                prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids)))
+                self.metrics.inc("request_errors", kind="group_failure" if retriable else "error")
+
+    async def _on_failure(self, exc: Exception) -> None:
+        self.failure = str(exc)
+        log.error("group step failed: %s", exc)
+        self._fail_all(f"the expert-parallel group failed and is being rebuilt ({exc})", retriable=True)
+        if self.recover is None:
+            return
+        try:
+            await asyncio.to_thread(self.recover)
+        except Exception as rebuild_exc:  # noqa: BLE001  # stays unavailable; health reports it
+            log.error("group rebuild failed: %s", rebuild_exc)
+            self.failure = f"rebuild failed: {rebuild_exc}"
+            return
+        self.failure = None
+        log.info("group rebuilt; serving again")
+
+    # ----------------------------------------------------------------- state
+    def _record_gauges(self) -> None:
+        m, pools = self.metrics, self.scheduler.pools
+        m.set("num_requests_running", self.scheduler.num_running)
+        m.set("num_requests_waiting", len(self.scheduler.waiting))
+        m.set("kv_blocks_used", sum(p.num_blocks - p.free_blocks for p in pools))
+        m.set("kv_blocks_total", sum(p.num_blocks for p in pools))
+        m.set("state_slots_used", sum(p.num_slots - p.free_slots for p in pools))
+        m.set("state_slots_total", sum(p.num_slots for p in pools))
+        m.counters[("num_preemptions", ())] = float(self.scheduler.num_preemptions)
+
+    def pool_state(self) -> list[dict[str, int]]:
+        """Free blocks and slots per trunk rank (tests check aborts return everything)."""
+        return [{"free_blocks": p.free_blocks, "num_blocks": p.num_blocks, "free_slots": p.free_slots,
+                 "num_slots": p.num_slots} for p in self.scheduler.pools]

@@ -1,0 +1,134 @@
+"""The engine deployment: one Serve replica = one expert-parallel group + its engine.
+
+Owns: building the group inside the replica's own placement group (bundle 0 is this replica,
+the ranks' bundles follow, so replicas scale in whole groups), the engine's step loop, readiness
+(weights loaded and a step run), Serve's health hook (a group that cannot be rebuilt fails the
+replica so Serve replaces it), and pushing metrics to the app's hub. `serve.deployment` is
+applied in replicas/app.py. Tests: tests/replicas/test_serving.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+
+from cluster.topology import GroupShape
+from model_shards.config import from_hf_config
+from model_shards.tokenizer import Tokenizer
+from replicas.actors import CacheSizes
+from replicas.app_args import AppArgs
+from replicas.block_pool import BlockPool
+from replicas.engine import Engine
+from replicas.engine_types import GenerateOutput, GenerateRequest
+from replicas.group import ExpertParallelGroup, GroupConfig
+from replicas.metrics import MetricsRegistry
+from replicas.scheduler import SchedulerConfig
+
+log = logging.getLogger("epserve.engine")
+
+METRICS_PUSH_S = 1.0
+
+
+class EngineServer:
+    """Hosts one group and its engine.
+
+    Args:
+        args: the app's `AppArgs` as a dict.
+        metrics_hub: handle of the app's MetricsHub actor, or None.
+    """
+
+    def __init__(self, args: dict[str, Any], metrics_hub: Any = None) -> None:  # noqa: ANN401  # Ray handle
+        from model_shards.tiny_checkpoint import resolve_model_dir
+
+        a = AppArgs.model_validate(args)
+        self.args = a
+        folder = resolve_model_dir(a.model)
+        self.cfg = from_hf_config(folder)
+        self.tokenizer = Tokenizer.from_dir(folder)
+        caches = CacheSizes(num_blocks=a.num_kv_blocks, block_size=a.block_size, num_slots=a.max_num_seqs)
+        placement = ray.util.get_current_placement_group()
+        self.group = ExpertParallelGroup(
+            GroupConfig(model_dir=a.model, shape=GroupShape(a.trunk_ranks, a.expert_ranks), dtype=a.dtype,
+                        deadline_s=a.collective_deadline_s, caches=caches, capacity_factor=a.capacity_factor,
+                        cpus_per_rank=a.cpus_per_rank, gpus=a.gpus, load_timeout_s=a.load_timeout_s),
+            placement=placement, first_bundle=1 if placement is not None else 0,
+        )
+        t0 = time.monotonic()
+        self.group.start()  # loads every rank's weights and runs one idle step through all of them
+        log.info("group of %d trunk + %d expert ranks ready in %.1f s", a.trunk_ranks, a.expert_ranks,
+                 time.monotonic() - t0)
+        self.metrics = MetricsRegistry()
+        pools = [BlockPool(num_blocks=a.num_kv_blocks, num_slots=a.max_num_seqs, block_size=a.block_size)
+                 for _ in range(a.trunk_ranks)]
+        self.engine = Engine(self.group, pools=pools,
+                             config=SchedulerConfig(max_num_seqs=a.max_num_seqs,
+                                                    max_num_batched_tokens=a.max_num_batched_tokens),
+                             tokenizer=self.tokenizer, max_waiting=a.max_waiting_requests,
+                             recover=self.group.rebuild, metrics=self.metrics)
+        self.hub = metrics_hub
+        self.replica_id = uuid.uuid4().hex[:12]
+        self._push_task: asyncio.Task | None = None
+
+    def _ensure_started(self) -> None:
+        self.engine.start()
+        if self._push_task is None and self.hub is not None:
+            self._push_task = asyncio.get_running_loop().create_task(self._push_metrics())
+
+    async def _push_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_PUSH_S)
+            await asyncio.to_thread(self._record_expert_load)
+            try:
+                self.hub.push.remote(self.replica_id, self.metrics.snapshot())
+            except Exception as exc:  # noqa: BLE001  # metrics must never take serving down
+                log.warning("metrics push failed: %s", exc)
+
+    def _record_expert_load(self) -> None:
+        """Expert-load imbalance since the last push: max / mean tokens per expert rank, mean over layers."""
+        if self.group.expert_map is None or self.engine.failure is not None:
+            return
+        try:
+            per_rank = self.group.expert_load()["tokens_per_rank"]
+        except Exception:  # noqa: BLE001  # a failing group reports no load
+            return
+        totals = per_rank.sum(dim=1)
+        used = totals > 0
+        if bool(used.any()):
+            ratio = per_rank[used].max(dim=1).values / per_rank[used].mean(dim=1)
+            self.metrics.set("expert_load_imbalance_sum", float(ratio.mean()))
+            self.metrics.set("expert_load_imbalance_count", 1.0)
+
+    # ----------------------------------------------------------------- called through handles
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """Stream the request's events; a cancelled call (client gone) aborts it."""
+        self._ensure_started()
+        log.info("request %s: admitted, %d prompt tokens, max_tokens %d", req.request_id, len(req.prompt_ids),
+                 req.max_tokens)
+        async for event in self.engine.generate(req):
+            yield event
+
+    async def ready(self) -> bool:
+        self._ensure_started()
+        return self.engine.failure is None
+
+    async def pool_state(self) -> list[dict[str, int]]:
+        return self.engine.pool_state()
+
+    async def check_health(self) -> None:
+        """Serve's health hook: unhealthy only when the group is down and could not be rebuilt."""
+        self._ensure_started()
+        failure = self.engine.failure
+        if failure is not None and failure.startswith("rebuild failed"):
+            raise RuntimeError(f"expert-parallel group is down: {failure}")
+
+    async def __del__(self) -> None:
+        try:
+            await self.engine.stop()
+        finally:
+            self.group.shutdown()

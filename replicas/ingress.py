@@ -1,0 +1,413 @@
+"""The HTTP ingress: OpenAI-compatible routes in front of the engine deployment.
+
+Owns: the route table (`api`), API-key checking for every route but /health, request ids
+(X-Request-Id header in and out, in the body id and in every log line), body size limits,
+turning bad input into OpenAI error bodies (400/401/404/413/429/503 with Retry-After), and
+streaming engine events as SSE (one event per token, usage chunk, in-band error + [DONE]).
+`serve.ingress(build_api)` and the deployment options are applied in replicas/app.py. Must not: run the model.
+Tests: tests/replicas/test_serving.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from replicas.app_args import AppArgs
+from replicas.engine_types import GenerateOutput, GenerateRequest
+from replicas.metrics import MetricsRegistry, render
+from replicas.openai_protocol import (
+    ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, bad_request,
+    validation_error,
+)
+from replicas.openai_responses import (
+    ChoiceState, chat_chunk, chat_response, completion_chunk, completion_response, usage_chunk,
+)
+from replicas.request_builder import ModelContext
+
+log = logging.getLogger("epserve.ingress")
+
+MAX_BODY_BYTES = 16 * 2**20
+PUBLIC_PATHS = ("/health",)
+REQUEST_ID_HEADER = "X-Request-Id"
+
+async def _parse(request: Request, model: type) -> Any:  # noqa: ANN401  # returns an instance of `model`
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body of {len(raw)} bytes exceeds {MAX_BODY_BYTES}")
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def _engine_error(exc: BaseException) -> ApiError:
+    """Map engine-side exceptions (re-raised through the Serve handle) to HTTP errors."""
+    from replicas.engine import EngineOverloaded, EngineUnavailable, RequestRejected
+
+    if isinstance(exc, EngineOverloaded):
+        return ApiError(429, f"The server is at capacity: {exc}. Retry later.", type="rate_limit_error",
+                        retry_after=1)
+    if isinstance(exc, RequestRejected):
+        return bad_request(str(exc))
+    if isinstance(exc, EngineUnavailable):
+        return ApiError(503, str(exc), type="service_unavailable_error", retry_after=2)
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(exc, BackPressureError):
+        return ApiError(503, "The server is at capacity. Retry later.", type="service_unavailable_error",
+                        retry_after=1)
+    log.error("engine call failed: %r", exc)
+    return ApiError(503, f"The engine is unavailable ({type(exc).__name__}). Retry later.",
+                    type="service_unavailable_error", retry_after=2)
+
+
+def _sse(obj: Any) -> str:  # noqa: ANN401  # any JSON value
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class Ingress:
+    """Route handlers; one instance per ingress replica.
+
+    Args:
+        engine: a Serve handle to the engine deployment.
+        args: the app's `AppArgs` as a dict.
+        metrics_hub: a handle to the app's MetricsHub actor (None in tests without one).
+    """
+
+    def __init__(self, engine: Any, args: dict[str, Any], metrics_hub: Any = None) -> None:  # noqa: ANN401
+        from model_shards.tiny_checkpoint import resolve_model_dir
+
+        self.args = AppArgs.model_validate(args)
+        folder = resolve_model_dir(self.args.model)
+        name = self.args.served_model_name or default_model_name(self.args.model)
+        self.ctx = ModelContext.load(
+            folder, name=name, max_model_len=self.args.max_model_len,
+            cache_tokens=self.args.num_kv_blocks * self.args.block_size,
+            default_max_tokens=self.args.default_max_tokens, max_n=self.args.max_n,
+        )
+        self.api_key = self.args.resolved_api_key()
+        self.engine = engine
+        self.hub = metrics_hub
+        self.metrics = MetricsRegistry()
+        self._ready_cache: tuple[float, bool] = (0.0, False)
+        self._replica_id = uuid.uuid4().hex[:8]
+
+    # ----------------------------------------------------------------- generation
+    async def _start(self, greq: GenerateRequest) -> tuple[Any, GenerateOutput]:  # noqa: ANN401
+        """Start the engine stream and wait for its first event, so errors before any token become
+        a proper HTTP status instead of a 200 stream."""
+        gen = self.engine.options(stream=True).generate.remote(greq)
+        try:
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            raise ApiError(503, "the engine ended the request without output", retry_after=1) from None
+        except asyncio.CancelledError:
+            gen.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001  # mapped to an HTTP status
+            raise _engine_error(exc) from None
+        return gen, first
+
+    async def _events(self, gen: Any, first: GenerateOutput) -> AsyncIterator[GenerateOutput]:  # noqa: ANN401
+        try:
+            yield first
+            async for ev in gen:
+                yield ev
+        finally:
+            gen.cancel()  # client gone or stream done: make sure the engine request is aborted
+
+    async def _collect(self, streams: list[tuple[Any, GenerateOutput]], offsets: list[int]) -> list[ChoiceState]:
+        """Run every stream to the end (non-streaming responses)."""
+        async def one(stream: tuple[Any, GenerateOutput], offset: int) -> list[ChoiceState]:
+            states: dict[int, ChoiceState] = {}
+            async for ev in self._events(*stream):
+                if ev.error is not None:
+                    raise ApiError(ev.error.code if ev.error.retriable else 500, ev.error.message,
+                                   type="service_unavailable_error", retry_after=2 if ev.error.retriable else None)
+                st = states.setdefault(ev.index, ChoiceState(index=offset + ev.index))
+                st.text += ev.text
+                st.token_ids += list(ev.token_ids)
+                st.logprobs += list(ev.logprobs)
+                st.completion_tokens = ev.completion_tokens
+                if ev.finish_reason is not None:
+                    st.finish_reason, st.stop_reason = ev.finish_reason, ev.stop_reason
+            return list(states.values())
+
+        parts = await asyncio.gather(*(one(s, o) for s, o in zip(streams, offsets)))
+        return [c for p in parts for c in p]
+
+    async def chat(self, request: Request) -> Response:
+        rid = request.state.request_id
+        req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+        self.ctx.check_model(req.model)
+        if req.tools or req.tool_choice not in (None, "none", "auto") or req.response_format or req.structured_outputs:
+            raise bad_request("tools, tool_choice and response_format need the chat-features build of epserve",
+                              "tools")
+        prompt = self.ctx.render_chat(req)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        greq = self.ctx.build(req, prompt, request_id=rid, logprobs=logprobs)
+        log.info("request %s: chat, %d prompt tokens, n=%d, stream=%s", rid, len(prompt), req.n, req.stream)
+        stream = await self._start(greq)
+        body_id = f"chatcmpl-{rid}"
+        if not req.stream:
+            choices = await self._collect([stream], [0])
+            return JSONResponse(chat_response(body_id, self.ctx.name, choices, prompt_tokens=len(prompt),
+                                              tok=self.ctx.tokenizer, want_logprobs=req.logprobs))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+
+        async def sse() -> AsyncIterator[str]:
+            created, seen, completion = int(time.time()), set(), {}
+            try:
+                async for ev in self._events(*stream):
+                    if ev.error is not None:
+                        yield _sse(_stream_error(ev))
+                        break
+                    chunk = chat_chunk(body_id, self.ctx.name, created, ev, first=ev.index not in seen,
+                                       tok=self.ctx.tokenizer, want_logprobs=req.logprobs)
+                    seen.add(ev.index)
+                    completion[ev.index] = ev.completion_tokens
+                    if continuous:
+                        chunk["usage"] = usage_chunk("", "", 0, "", len(prompt), sum(completion.values()))["usage"]
+                    yield _sse(chunk)
+                else:
+                    if include_usage:
+                        yield _sse(usage_chunk(body_id, self.ctx.name, created, "chat.completion.chunk", len(prompt),
+                                               sum(completion.values())))
+                yield "data: [DONE]\n\n"
+            finally:
+                log.info("request %s: stream ended", rid)
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    async def completions(self, request: Request) -> Response:
+        rid = request.state.request_id
+        req: CompletionRequest = await _parse(request, CompletionRequest)
+        self.ctx.check_model(req.model)
+        prompts = self.ctx.completion_prompts(req)
+        for ids in prompts:
+            self.ctx.check_ids(ids, "prompt")
+        greqs = [self.ctx.build(req, ids, request_id=rid if len(prompts) == 1 else f"{rid}-{i}", logprobs=req.logprobs)
+                 for i, ids in enumerate(prompts)]
+        log.info("request %s: completion, %d prompt(s), n=%d, stream=%s", rid, len(prompts), req.n, req.stream)
+        streams = []
+        try:
+            for g in greqs:
+                streams.append(await self._start(g))
+        except BaseException:
+            for gen, _ in streams:
+                gen.cancel()
+            raise
+        offsets = [i * req.n for i in range(len(prompts))]
+        n_prompt = sum(len(p) for p in prompts)
+        body_id = f"cmpl-{rid}"
+        want_lp = req.logprobs is not None
+        if not req.stream:
+            choices = await self._collect(streams, offsets)
+            echo = {offsets[i] + j: self.ctx.tokenizer.decode(p) for i, p in enumerate(prompts)
+                    for j in range(req.n)} if req.echo else None
+            return JSONResponse(completion_response(body_id, self.ctx.name, choices, prompt_tokens=n_prompt,
+                                                    tok=self.ctx.tokenizer, want_logprobs=want_lp, echo_texts=echo))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def sse() -> AsyncIterator[str]:
+            created, completion, text_len = int(time.time()), {}, {}
+            merged = _merge([self._events(*s) for s in streams], offsets)
+            async for index, ev in merged:
+                if ev.error is not None:
+                    yield _sse(_stream_error(ev))
+                    break
+                yield _sse(completion_chunk(body_id, self.ctx.name, created, ev, index=index, tok=self.ctx.tokenizer,
+                                            want_logprobs=want_lp, offset=text_len.get(index, 0)))
+                text_len[index] = text_len.get(index, 0) + len(ev.text)
+                completion[index] = ev.completion_tokens
+            else:
+                if include_usage:
+                    yield _sse(usage_chunk(body_id, self.ctx.name, created, "text_completion", n_prompt,
+                                           sum(completion.values())))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    # ----------------------------------------------------------------- utility routes
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": self.ctx.name, "object": "model", "created": 0, "owned_by": "epserve",
+            "root": self.ctx.folder, "max_model_len": self.ctx.max_model_len,
+        }]}
+
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        req: TokenizeRequest = await _parse(request, TokenizeRequest)
+        self.ctx.check_model(req.model)
+        if req.prompt is not None:
+            ids = self.ctx.tokenizer.encode(req.prompt)
+        else:
+            chat = ChatCompletionRequest(model=self.ctx.name, messages=req.messages or [],
+                                         add_generation_prompt=req.add_generation_prompt,
+                                         chat_template_kwargs=req.chat_template_kwargs)
+            ids = self.ctx.render_chat(chat)
+        return {"count": len(ids), "max_model_len": self.ctx.max_model_len, "tokens": ids}
+
+    async def detokenize(self, request: Request) -> dict[str, Any]:
+        req: DetokenizeRequest = await _parse(request, DetokenizeRequest)
+        self.ctx.check_model(req.model)
+        if req.tokens:
+            self.ctx.check_ids(req.tokens, "tokens")
+        return {"prompt": self.ctx.tokenizer.decode(req.tokens)}
+
+    async def health(self) -> Response:
+        ready = await self.ready()
+        body = {"status": "ok" if ready else "unavailable", "model": self.ctx.name}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def ready(self) -> bool:
+        """Weights loaded and a step has run on some engine replica (cached for 2 s)."""
+        stamp, value = self._ready_cache
+        if time.monotonic() - stamp < 2.0:
+            return value
+        try:
+            value = bool(await asyncio.wait_for(self.engine.ready.remote(), timeout=10))
+        except Exception:  # noqa: BLE001  # unreachable engine = not ready
+            value = False
+        self._ready_cache = (time.monotonic(), value)
+        return value
+
+    async def prometheus(self) -> Response:
+        if self.hub is None:
+            raise ApiError(503, "metrics are not available in this deployment")
+        snapshot = await self.hub.merged.remote()
+        return PlainTextResponse(render(snapshot, model_name=self.ctx.name),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def default_model_name(model: str | None) -> str:
+    from pathlib import Path
+
+    return Path(model).name if model else "qwen3.5-moe-tiny"
+
+
+def _stream_error(ev: GenerateOutput) -> dict[str, Any]:
+    assert ev.error is not None
+    status = ev.error.code if ev.error.retriable else 500
+    return ApiError(status, ev.error.message, type="service_unavailable_error" if ev.error.retriable
+                    else "internal_error").body()
+
+
+async def _merge(gens: list[AsyncIterator[GenerateOutput]], offsets: list[int]
+                 ) -> AsyncIterator[tuple[int, GenerateOutput]]:
+    """Interleave several engine streams as events arrive; yields (choice index, event)."""
+    if len(gens) == 1:
+        async for ev in gens[0]:
+            yield offsets[0] + ev.index, ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async for ev in gens[i]:
+                await queue.put((offsets[i] + ev.index, ev))
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(gens))]
+    remaining = len(gens)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+                continue
+            yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+
+def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (tests) or None (inside Serve)
+    """The FastAPI app: the route table, auth and request-id middleware, error handlers.
+
+    Built on each replica (Serve calls it after `Ingress.__init__`); handlers reach the replica's
+    `Ingress` through the replica context, or through `instance` when given (tests).
+    """
+    api = FastAPI(title="epserve", description="OpenAI-compatible API of an expert-parallel Qwen3.5-MoE server.",
+                  version="1")
+
+    def ing() -> Ingress:
+        if instance is not None:
+            return instance
+        from ray import serve
+
+        return serve.get_replica_context().servable_object
+
+    @api.middleware("http")
+    async def request_id_and_auth(request: Request, call_next):  # noqa: ANN001, ANN202  # Starlette signature
+        rid = request.headers.get(REQUEST_ID_HEADER, "")
+        if not (0 < len(rid) <= 128 and rid.replace("-", "").replace("_", "").isalnum()):
+            rid = uuid.uuid4().hex
+        request.state.request_id = rid
+        key = ing().api_key
+        if key and request.url.path not in PUBLIC_PATHS and request.headers.get("authorization", "") != f"Bearer {key}":
+            err = ApiError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+                           type="authentication_error")
+            return JSONResponse(err.body(), status_code=401)
+        # Serve's proxy assigns X-Request-Id (reusing the client's) and returns it on every response;
+        # handlers put the same id in bodies and logs.
+        return await call_next(request)
+
+    @api.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after is not None else {}
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @api.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request %s failed", getattr(request.state, "request_id", "?"))
+        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}", type="internal_error").body(),
+                            status_code=500)
+
+    @api.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await ing().chat(request)
+
+    @api.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await ing().completions(request)
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return ing().models()
+
+    @api.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        return await ing().tokenize(request)
+
+    @api.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        return await ing().detokenize(request)
+
+    @api.get("/health")
+    async def health() -> Response:
+        return await ing().health()
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        return await ing().prometheus()
+
+    return api

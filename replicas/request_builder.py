@@ -1,0 +1,129 @@
+"""OpenAI requests -> engine requests: prompt rendering, limits, sampling defaults.
+
+Owns: the model facts the ingress needs (`ModelContext`: tokenizer, chat template,
+generation_config defaults, context limit, served name) and turning a validated chat or
+completions request into `GenerateRequest`s, with 400s that name the problem (prompt too
+long for the context, token ids outside the vocabulary, n too large). Unset sampling
+parameters take generation_config.json's values (vLLM's behaviour).
+Tests: tests/replicas/test_serving.py.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from model_shards.config import ModelConfig, from_hf_config
+from model_shards.generation_config import GenerationDefaults
+from model_shards.sampling import SamplingParams
+from model_shards.tokenizer import Tokenizer
+from replicas.engine_types import GenerateRequest
+from replicas.openai_protocol import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling, bad_request
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """What the ingress knows of the model it fronts."""
+
+    name: str
+    folder: str
+    cfg: ModelConfig
+    tokenizer: Tokenizer
+    defaults: GenerationDefaults
+    max_model_len: int
+    default_max_tokens: int | None
+    max_n: int
+
+    @staticmethod
+    def load(folder: str, *, name: str, max_model_len: int | None, cache_tokens: int,
+             default_max_tokens: int | None, max_n: int) -> ModelContext:
+        """Read config, tokenizer and generation defaults; the context is capped by what one trunk
+        rank's KV cache holds (`cache_tokens`)."""
+        cfg = from_hf_config(folder)
+        limit = min(cfg.max_position_embeddings, cache_tokens)
+        if max_model_len is not None:
+            if max_model_len > limit:
+                raise ValueError(f"max_model_len {max_model_len} exceeds what the model and KV cache allow ({limit})")
+            limit = max_model_len
+        return ModelContext(name=name, folder=folder, cfg=cfg, tokenizer=Tokenizer.from_dir(folder),
+                            defaults=GenerationDefaults.load(Path(folder), cfg), max_model_len=limit,
+                            default_max_tokens=default_max_tokens, max_n=max_n)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise ApiError(404, f"The model `{model}` does not exist. This server serves `{self.name}`.",
+                           type="not_found_error", param="model")
+
+    def render_chat(self, req: ChatCompletionRequest) -> list[int]:
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        kwargs = dict(req.chat_template_kwargs or {})
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tools=req.tools, add_generation_prompt=req.add_generation_prompt, **kwargs)
+        except ValueError as exc:
+            raise bad_request(f"messages could not be rendered with the chat template: {exc}", "messages") from exc
+        except Exception as exc:  # noqa: BLE001  # template errors from user-controlled kwargs are client errors
+            raise bad_request(f"chat template error: {exc}", "messages") from exc
+        return self.tokenizer.encode(text)
+
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            return [self.tokenizer.encode(p)]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]  # checked: list[int]
+        if all(isinstance(x, str) for x in p):
+            return [self.tokenizer.encode(x) for x in p]  # type: ignore[arg-type]
+        return [list(x) for x in p]  # type: ignore[union-attr]  # list[list[int]]
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        if not ids:
+            raise bad_request("the prompt is empty", param)
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise bad_request(f"token ids {bad[:5]} are outside the vocabulary [0, {self.cfg.vocab_size})", param)
+
+    def build(self, req: _Sampling, prompt_ids: list[int], *, request_id: str, logprobs: int | None
+              ) -> GenerateRequest:
+        """One engine request; raises 400 when the prompt and max_tokens do not fit the context."""
+        n_prompt = len(prompt_ids)
+        if req.n > self.max_n:
+            raise bad_request(f"n must be at most {self.max_n}, got {req.n}", "n")
+        if n_prompt >= self.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
+                f"{n_prompt} tokens, which leaves no room for the output.", "messages" if hasattr(req, "messages") else "prompt")
+        asked = req.requested_max_tokens
+        room = self.max_model_len - n_prompt
+        if asked is not None and asked > room:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{asked} output tokens and your prompt contains {n_prompt} input tokens, for a total of "
+                f"{asked + n_prompt} tokens.", "max_tokens")
+        max_tokens = asked if asked is not None else min(room, self.default_max_tokens or room)
+        if req.min_tokens > max_tokens:
+            raise bad_request(f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})", "min_tokens")
+        d = self.defaults
+        params = SamplingParams(
+            temperature=d.temperature if req.temperature is None else req.temperature,
+            top_p=d.top_p if req.top_p is None else req.top_p,
+            top_k=max(0, d.top_k if req.top_k is None else req.top_k),
+            min_p=d.min_p if req.min_p is None else req.min_p,
+            presence_penalty=d.presence_penalty if req.presence_penalty is None else req.presence_penalty,
+            frequency_penalty=d.frequency_penalty if req.frequency_penalty is None else req.frequency_penalty,
+            repetition_penalty=d.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
+            # Unseeded requests get a random seed: sampling stays stateless per token (model_shards.sampling).
+            seed=(req.seed % 2**63) if req.seed is not None else random.getrandbits(63),
+            logprobs=logprobs,
+        )
+        if req.stop_token_ids:
+            bad = [t for t in req.stop_token_ids if t >= self.cfg.vocab_size]
+            if bad:
+                raise bad_request(f"stop_token_ids {bad[:5]} are outside the vocabulary", "stop_token_ids")
+        return GenerateRequest(
+            request_id=request_id, prompt_ids=tuple(prompt_ids), params=params, max_tokens=max_tokens, n=req.n,
+            min_tokens=req.min_tokens, stop=tuple(req.stop or ()), stop_token_ids=tuple(req.stop_token_ids or ()),
+            eos_token_ids=self.defaults.eos_token_ids, ignore_eos=req.ignore_eos,
+            skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+        )

@@ -1,0 +1,156 @@
+"""One generated sequence (a choice of a request): its tokens, cache addresses and output text.
+
+Owns: the scheduler's invariant (`num_computed` of `len(all_ids)` tokens are in the caches),
+the cache addresses the engine assigned (trunk rank, state slot, KV blocks), and turning
+sampled tokens into stream events: incremental detokenization, stop tokens / strings with
+the text that might start a stop string held back, max_tokens. Must not: schedule.
+Tests: tests/replicas/test_engine.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from model_shards.detokenizer import IncrementalDetokenizer
+from model_shards.sampling import SamplingParams
+from model_shards.tokenizer import Tokenizer
+from replicas.engine_types import GenerateOutput, GenerateRequest
+from replicas.step_types import TokenLogprobs
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class CacheAddress:
+    """Where a running sequence's state lives: a trunk rank, its DeltaNet slot, its KV blocks."""
+
+    trunk: int
+    slot: int
+    blocks: list[int] = field(default_factory=list)
+
+
+class Sequence:
+    """A choice being generated.
+
+    Args:
+        req: the request it belongs to. index: its choice index.
+        tokenizer: for detokenization (None: token ids only, no stop strings).
+    """
+
+    def __init__(self, req: GenerateRequest, index: int, tokenizer: Tokenizer | None, seq_id: int) -> None:
+        self.req = req
+        self.index = index
+        self.seq_id = seq_id
+        self.params: SamplingParams = _with_seed(req.params, index)
+        self.prompt_ids = list(req.prompt_ids)
+        self.output_ids: list[int] = []
+        self.num_computed = 0
+        self.status = Status.WAITING
+        self.addr: CacheAddress | None = None
+        self.aborted = False
+        self.num_preemptions = 0
+        self.rope_delta = 0
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=req.skip_special_tokens) if tokenizer else None
+        self._text = ""  # detokenized output so far
+        self._emitted = 0  # characters of _text already sent
+        self._hold = max((len(s) for s in req.stop), default=1) - 1
+        self.t_arrival = req.arrival_time or time.monotonic()
+        self.t_scheduled: float | None = None
+        self.t_first_token: float | None = None
+        self.t_last_token: float | None = None
+
+    # ----------------------------------------------------------------- scheduler view
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to be computed before the next sample."""
+        return self.num_tokens - self.num_computed
+
+    def suppressed_ids(self) -> tuple[int, ...]:
+        """Tokens that may not be sampled yet (min_tokens keeps eos and stop tokens out)."""
+        if len(self.output_ids) >= self.req.min_tokens:
+            return ()
+        eos = () if self.req.ignore_eos else self.req.eos_token_ids
+        return tuple(eos) + tuple(self.req.stop_token_ids)
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: caches are gone; prompt + outputs so far are recomputed when readmitted."""
+        self.num_computed = 0
+        self.addr = None
+        self.status = Status.WAITING
+        self.num_preemptions += 1
+
+    # ----------------------------------------------------------------- outputs
+    def append(self, token: int, logprobs: TokenLogprobs | None) -> GenerateOutput:
+        """Record a sampled token and return the stream event it produces (final if it ends the choice)."""
+        now = time.monotonic()
+        if self.t_first_token is None:
+            self.t_first_token = now
+        self.t_last_token = now
+        self.output_ids.append(token)
+        finish, stop_reason = None, None
+        text = ""
+        if self._detok is not None:
+            self._text += self._detok.feed(token)
+        if len(self.output_ids) >= self.req.min_tokens:
+            if not self.req.ignore_eos and token in self.req.eos_token_ids:
+                finish, stop_reason = "stop", None
+            elif token in self.req.stop_token_ids:
+                finish, stop_reason = "stop", token
+            elif self.req.stop and self._detok is not None:
+                hit = self._find_stop()
+                if hit is not None:
+                    cut, stop_str = hit
+                    self._text = self._text[:cut]
+                    finish, stop_reason = "stop", stop_str
+        if finish is None and len(self.output_ids) >= self.req.max_tokens:
+            finish = "length"
+        if finish is not None and self._detok is not None and not isinstance(stop_reason, str):
+            self._text += self._detok.finish()  # flush a held-back partial character
+        if finish is not None:
+            text = self._text[self._emitted:]
+            self._emitted = len(self._text)
+        else:
+            safe = max(self._emitted, len(self._text) - self._hold)
+            text = self._text[self._emitted:safe]
+            self._emitted = safe
+        return GenerateOutput(
+            request_id=self.req.request_id, index=self.index, token_ids=(token,), text=text,
+            logprobs=(logprobs,) if logprobs is not None else (), finish_reason=finish, stop_reason=stop_reason,
+            prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids),
+        )
+
+    def _find_stop(self) -> tuple[int, str] | None:
+        """Earliest stop string in the not-yet-final tail of the text: (cut position, the string)."""
+        start = max(0, self._emitted - self._hold)
+        best: tuple[int, str] | None = None
+        for s in self.req.stop:
+            pos = self._text.find(s, start)
+            if pos >= 0 and (best is None or pos < best[0]):
+                best = (pos, s)
+        if best is None:
+            return None
+        pos, s = best
+        return (pos + len(s) if self.req.include_stop_str_in_output else pos), s
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+
+def _with_seed(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice i draws with seed + i, so n > 1 choices differ yet each is reproducible."""
+    return params if index == 0 else replace(params, seed=params.seed + index)
