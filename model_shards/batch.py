@@ -9,10 +9,15 @@ step only names indices into them. Tests: tests/model_shards/test_model_parity.p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TypeVar
 
 import torch
+
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,13 @@ class StepBatch:
     def chunk_seqs(self) -> tuple[int, ...]:
         rec = set(self.recurrent_seqs)
         return tuple(i for i in range(self.num_seqs) if i not in rec)
+
+    def memo(self, key: tuple, make: Callable[[], _T]) -> _T:
+        """`make()` once per step: index tensors and masks derived from the batch that every
+        layer of the step shares (e.g. attention's key mask). `key` must name what is built."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
     def chunk_groups(self, multiple: int) -> tuple[tuple[int, ...], ...]:
         """`chunk_seqs` grouped by new-token count rounded up to `multiple` (first-seen order):

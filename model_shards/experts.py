@@ -43,10 +43,12 @@ class ExpertShard:
         self.layers = layers
         self.num_experts = num_experts
         self._local_index = []
+        self._holds_all = []  # local index == global id: no translation, nothing to check
         for lay in layers:
             index = torch.full((num_experts,), -1, dtype=torch.long)
             index[list(lay.expert_ids)] = torch.arange(len(lay.expert_ids))
             self._local_index.append(index)
+            self._holds_all.append(tuple(lay.expert_ids) == tuple(range(num_experts)))
 
     def holds(self, layer: int) -> tuple[int, ...]:
         return self.layers[layer].expert_ids
@@ -65,14 +67,32 @@ class ExpertShard:
         Returns:
             [R, D] in x's dtype, same row order.
         """
+        return self._run(layer, x_RD, expert_ids_R, fan_out=1)
+
+    def forward_tokens(self, layer: int, x_TD: torch.Tensor, topk_ids_Tk: torch.Tensor) -> torch.Tensor:
+        """`forward` of every (token, slot) pair without materialising repeated tokens.
+
+        Args:
+            x_TD: [T, D] tokens. topk_ids_Tk: [T, k] global expert ids.
+        Returns:
+            [T * k, D] unweighted outputs, row t * k + j = slot j of token t.
+        """
+        return self._run(layer, x_TD, topk_ids_Tk.reshape(-1), fan_out=topk_ids_Tk.shape[1])
+
+    def _run(self, layer: int, x: torch.Tensor, expert_ids_R: torch.Tensor, *, fan_out: int) -> torch.Tensor:
+        """Rows R = x rows x fan_out (row r reads x[r // fan_out]), sorted by expert, FFN, unsorted."""
         lay = self.layers[layer]
-        local = self._local_index[layer][expert_ids_R]
-        if bool((local < 0).any()):
-            missing = sorted(set(expert_ids_R[local < 0].tolist()))
-            raise ValueError(f"layer {layer}: experts {missing} are not held by this shard")
+        if self._holds_all[layer]:
+            local = expert_ids_R
+        else:
+            local = self._local_index[layer][expert_ids_R]
+            if bool((local < 0).any()):
+                missing = sorted(set(expert_ids_R[local < 0].tolist()))
+                raise ValueError(f"layer {layer}: experts {missing} are not held by this shard")
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=len(lay.expert_ids))
-        y_sorted = expert_ffn(x_RD[order], counts_E=counts, gate_up=lay.gate_up, down=lay.down)
+        src = order if fan_out == 1 else torch.div(order, fan_out, rounding_mode="floor")
+        y_sorted = expert_ffn(x[src], counts_E=counts, gate_up=lay.gate_up, down=lay.down)
         out = torch.empty_like(y_sorted)
         out[order] = y_sorted
         return out
@@ -99,7 +119,5 @@ def local_routed_experts(shard: ExpertShard, layer: int, x_TD: torch.Tensor, rou
     Returns:
         [T, D] routed output of the MoE block (shared expert not included).
     """
-    k = routing.top_k
-    rows = x_TD.repeat_interleave(k, dim=0)  # row t*k + j = token t, slot j
-    y = shard.forward(layer, rows, routing.topk_ids_Tk.reshape(-1))
+    y = shard.forward_tokens(layer, x_TD, routing.topk_ids_Tk)  # row t*k + j = token t, slot j
     return combine_slots(y, routing=routing)

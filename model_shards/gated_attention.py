@@ -119,19 +119,26 @@ def _decode_attention(
     """One query per sequence over its whole context; contexts padded to the longest, masked."""
     b, h, hd = q_BHD.shape
     hkv, bs = k_pool.shape[2], k_pool.shape[1]
-    lens = [batch.context_lens[i] + 1 for i in seqs]
-    nblk = -(-max(lens) // bs)
-    tables = batch.block_tables_BN[batch.index_of(seqs), :nblk]
+    tables, mask = batch.memo(("decode_keys", seqs, bs), lambda: _decode_keys(batch, seqs, bs))
+    nblk = tables.shape[1]
     k = k_pool[tables].reshape(b, nblk * bs, hkv, hd)
     v = v_pool[tables].reshape(b, nblk * bs, hkv, hd)
     g = h // hkv
     qg = q_BHD.view(b, hkv, g, hd)
     scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, Hkv, G, S]
-    lens_t = torch.tensor(lens, device=q_BHD.device)
-    mask = torch.arange(nblk * bs, device=q_BHD.device)[None, :] >= lens_t[:, None]  # [B, S]
-    scores = scores.masked_fill(mask[:, None, None, :], float("-inf"))
+    scores.masked_fill_(mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_BHD.dtype)
     # Padding reads other sequences' blocks: zero them, since 0 * NaN would still poison the sum.
-    v = v.masked_fill(mask[:, :, None, None], 0)
+    v.masked_fill_(mask[:, :, None, None], 0)  # v is a gathered copy of the pool
     out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, Hkv, G, hd]
     return out.reshape(b, h, hd)
+
+
+def _decode_keys(batch: StepBatch, seqs: tuple[int, ...], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block tables [B, nblk] covering the longest context and the [B, nblk * bs] mask of key slots
+    past each sequence's length (shared by every attention layer of the step)."""
+    lens = [batch.context_lens[i] + 1 for i in seqs]
+    nblk = -(-max(lens) // bs)
+    tables = batch.block_tables_BN[batch.index_of(seqs), :nblk]
+    lens_t = torch.tensor(lens, device=tables.device)
+    return tables, torch.arange(nblk * bs, device=tables.device)[None, :] >= lens_t[:, None]

@@ -1,7 +1,8 @@
 """Sparse MoE math (model_spec §2.5), split at the seam where routed experts may live elsewhere.
 
 Trunk side: `route` (fp32 softmax over all experts, top-k on probabilities, renormalise, cast
-to the model dtype) and the sigmoid-gated shared expert. Expert side: `expert_ffn` on routed
+to the model dtype) and the sigmoid-gated shared expert (`route_and_shared` runs both off one
+stacked router | gate | up GEMM when the loader provides it). Expert side: `expert_ffn` on routed
 rows (SwiGLU per expert, grouped GEMM) with `expert_ffn_reference` (per-expert loop) beside it.
 Combine: weight each routed row after down_proj (model dtype), then sum the k slots of a
 token in fp32 with one rounding: HF's `grouped_mm` experts back-end (transformers' default),
@@ -50,21 +51,45 @@ class SharedMoEWeights:
     shared_up_proj: Weight  # [Is, D]
     shared_down_proj: Weight  # [D, Is]
     shared_expert_gate: torch.Tensor  # [1, D]
+    # [E + 2 Is, D] router, shared gate_proj and up_proj stacked (one GEMM, same bits as three);
+    # the loader sets it (plain weights only) and makes the three fields row views of it.
+    router_gate_up: torch.Tensor | None = None
 
 
 def route(x_TD: torch.Tensor, *, router: torch.Tensor, top_k: int) -> Routing:
     """Router: logits in model dtype, softmax in fp32 over all experts, top-k, renormalise."""
-    logits = F.linear(x_TD, router)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    return _route_logits(F.linear(x_TD, router), top_k)
+
+
+def _route_logits(logits_TE: torch.Tensor, top_k: int) -> Routing:
+    probs = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
-    weights = weights / weights.sum(dim=-1, keepdim=True)
-    return Routing(topk_ids_Tk=ids, topk_weights_Tk=weights.to(logits.dtype))
+    weights /= weights.sum(dim=-1, keepdim=True)
+    return Routing(topk_ids_Tk=ids, topk_weights_Tk=weights.to(logits_TE.dtype))
 
 
 def shared_expert(x_TD: torch.Tensor, *, w: SharedMoEWeights) -> torch.Tensor:
     """sigmoid(x . shared_expert_gate) * down(silu(gate(x)) * up(x))."""
-    hidden = F.silu(linear(x_TD, w.shared_gate_proj)) * linear(x_TD, w.shared_up_proj)
+    return _shared_from(x_TD, linear(x_TD, w.shared_gate_proj), linear(x_TD, w.shared_up_proj), w)
+
+
+def _shared_from(x_TD: torch.Tensor, gate_TI: torch.Tensor, up_TI: torch.Tensor, w: SharedMoEWeights) -> torch.Tensor:
+    hidden = F.silu(gate_TI) * up_TI
     return torch.sigmoid(F.linear(x_TD, w.shared_expert_gate)) * linear(hidden, w.shared_down_proj)
+
+
+def route_and_shared(x_TD: torch.Tensor, *, w: SharedMoEWeights, top_k: int) -> tuple[Routing, torch.Tensor]:
+    """`route` and `shared_expert` of the same tokens, with one GEMM for router | gate | up when
+    `w.router_gate_up` is set (same bits as the separate calls).
+
+    Returns:
+        The routing, and the gated shared-expert output [T, D].
+    """
+    if w.router_gate_up is None:
+        return route(x_TD, router=w.router, top_k=top_k), shared_expert(x_TD, w=w)
+    e, i = w.router.shape[0], (w.router_gate_up.shape[0] - w.router.shape[0]) // 2
+    logits, gate, up = F.linear(x_TD, w.router_gate_up).split([e, i, i], dim=-1)
+    return _route_logits(logits, top_k), _shared_from(x_TD, gate, up, w)
 
 
 def expert_ffn(

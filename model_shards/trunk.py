@@ -20,7 +20,7 @@ from model_shards.cache import CachePools
 from model_shards.config import FULL_ATTENTION, ModelConfig
 from model_shards.gated_attention import AttentionWeights, attention_forward
 from model_shards.gated_deltanet import DeltaNetWeights, deltanet_forward
-from model_shards.moe import Routing, SharedMoEWeights, route, shared_expert
+from model_shards.moe import Routing, SharedMoEWeights, route_and_shared
 from model_shards.norms import rms_norm_zc
 from model_shards.quant import Weight, linear
 from model_shards.rope import inv_frequencies, mrope_cos_sin
@@ -111,8 +111,8 @@ class Trunk:
         return h + self.moe(m_in, lw.moe, layer=layer, routed=routed)
 
     def moe(self, x_TD: torch.Tensor, w: SharedMoEWeights, *, layer: int, routed: RoutedExperts) -> torch.Tensor:
-        routing = route(x_TD, router=w.router, top_k=self.cfg.num_experts_per_tok)
-        return routed(layer, x_TD, routing) + shared_expert(x_TD, w=w)
+        routing, shared = route_and_shared(x_TD, w=w, top_k=self.cfg.num_experts_per_tok)
+        return routed(layer, x_TD, routing) + shared
 
     def is_attention(self, layer: int) -> bool:
         return layer >= self.cfg.num_layers or self.cfg.layer_types[layer] == FULL_ATTENTION

@@ -6,7 +6,10 @@ read only what a rank needs: `load_trunk` (everything but routed experts), `load
 (given expert ids of every MoE layer). Both expert layouts are read: fused
 `mlp.experts.gate_up_proj` [E, 2I, D] (gate rows then up rows) / `down_proj` [E, D, I], and
 per-expert `mlp.experts.N.{gate,up,down}_proj.weight`, which are concatenated (gate, up)
-and stacked here. FP8 weights stay FP8 (`Fp8Weight`). Tests: tests/model_shards/test_weights.py.
+and stacked here. FP8 weights stay FP8 (`Fp8Weight`). Plain trunk weights that multiply the
+same input are stacked at load for one GEMM each (in_proj_qkv | in_proj_z; q | k | v proj;
+router | shared gate | shared up), the per-tensor fields becoming row views of the stack (no
+extra memory). Tests: tests/model_shards/test_weights.py.
 """
 
 from __future__ import annotations
@@ -322,37 +325,54 @@ class _Loader:
         return Fp8Weight(data, scale, (self.cfg.quant.block_rows, self.cfg.quant.block_cols))
 
 
+def _stack_rows(weights: list[Weight]) -> tuple[torch.Tensor | None, list[Weight]]:
+    """Weights [N_i, D] that multiply the same input, as one [sum N_i, D] stack plus row views of it
+    that replace them (the originals are freed). FP8 or mixed dtypes: (None, the weights unchanged).
+
+    NOTE: one GEMM over the stack gives the same bits as one GEMM per weight on CPU for these
+    shapes (fp32 and bf16, 1 to 2048 rows), except that a GEMM with a handful of output columns
+    (in_proj_a/b, shared_expert_gate) takes another fp32 kernel: those stay unstacked.
+    """
+    if not all(isinstance(w, torch.Tensor) for w in weights) or len({w.dtype for w in weights}) != 1:
+        return None, weights
+    stacked = torch.cat(weights)  # type: ignore[arg-type]  # all plain tensors, checked above
+    return stacked, list(stacked.split([w.shape[0] for w in weights]))
+
+
 def _layer_weights(ld: _Loader, base: str, *, attention: bool) -> LayerWeights:
     if attention:
         a = f"{base}self_attn."
+        qkv, (q, k, v) = _stack_rows([ld.weight(f"{a}{p}_proj.weight") for p in "qkv"])
         mixer: DeltaNetWeights | AttentionWeights = AttentionWeights(
-            q_proj=ld.weight(f"{a}q_proj.weight"), k_proj=ld.weight(f"{a}k_proj.weight"),
-            v_proj=ld.weight(f"{a}v_proj.weight"), o_proj=ld.weight(f"{a}o_proj.weight"),
-            q_norm=ld.tensor(f"{a}q_norm.weight"), k_norm=ld.tensor(f"{a}k_norm.weight"),
+            q_proj=q, k_proj=k, v_proj=v, o_proj=ld.weight(f"{a}o_proj.weight"),
+            q_norm=ld.tensor(f"{a}q_norm.weight"), k_norm=ld.tensor(f"{a}k_norm.weight"), qkv_proj=qkv,
         )
     else:
         g = f"{base}linear_attn."
+        qkvz, (qkv, z) = _stack_rows([ld.weight(f"{g}in_proj_qkv.weight"), ld.weight(f"{g}in_proj_z.weight")])
         # HF casts every parameter (A_log and dt_bias too) to the load dtype; we mirror it.
         mixer = DeltaNetWeights(
-            in_proj_qkv=ld.weight(f"{g}in_proj_qkv.weight"), in_proj_z=ld.weight(f"{g}in_proj_z.weight"),
+            in_proj_qkv=qkv, in_proj_z=z,
             in_proj_b=ld.weight(f"{g}in_proj_b.weight"), in_proj_a=ld.weight(f"{g}in_proj_a.weight"),
             conv1d=ld.tensor(f"{g}conv1d.weight").squeeze(1), dt_bias=ld.tensor(f"{g}dt_bias"),
             A_log=ld.tensor(f"{g}A_log"), norm=ld.tensor(f"{g}norm.weight"),
-            out_proj=ld.weight(f"{g}out_proj.weight"),
+            out_proj=ld.weight(f"{g}out_proj.weight"), in_proj_qkvz=qkvz,
         )
     m = f"{base}mlp."
     router = ld.weight(f"{m}gate.weight")
     gate = ld.weight(f"{m}shared_expert_gate.weight")
     if isinstance(router, Fp8Weight) or isinstance(gate, Fp8Weight):
         raise CheckpointError(f"{m}gate / shared_expert_gate must stay unquantised (list them in modules_to_not_convert)")
+    router_gate_up, (router, shared_gate, shared_up) = _stack_rows(
+        [router, ld.weight(f"{m}shared_expert.gate_proj.weight"), ld.weight(f"{m}shared_expert.up_proj.weight")])
     return LayerWeights(
         input_norm=ld.tensor(f"{base}input_layernorm.weight"),
         post_norm=ld.tensor(f"{base}post_attention_layernorm.weight"),
         mixer=mixer,
         moe=SharedMoEWeights(
-            router=router, shared_gate_proj=ld.weight(f"{m}shared_expert.gate_proj.weight"),
-            shared_up_proj=ld.weight(f"{m}shared_expert.up_proj.weight"),
+            router=router, shared_gate_proj=shared_gate, shared_up_proj=shared_up,  # type: ignore[arg-type]  # router plain
             shared_down_proj=ld.weight(f"{m}shared_expert.down_proj.weight"), shared_expert_gate=gate,
+            router_gate_up=router_gate_up,
         ),
     )
 

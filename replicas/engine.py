@@ -26,7 +26,7 @@ from replicas.scheduler import Scheduled, Scheduler, SchedulerConfig, SchedulerO
 from replicas.sequence import Sequence, Status
 from replicas.step_types import SeqStep, StepRequest, StepResult
 
-log = logging.getLogger("epserve.engine")
+log = logging.getLogger("ray.serve.epserve.engine")
 
 
 class AsyncRunner(Protocol):
@@ -70,6 +70,7 @@ class Engine:
         self.recover = recover
         self.metrics = metrics or MetricsRegistry()
         self._streams: dict[str, tuple[list[Sequence], asyncio.Queue[GenerateOutput]]] = {}
+        self._aborted: list[Sequence] = []
         self._ids = itertools.count()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -136,8 +137,11 @@ class Engine:
         entry = self._streams.get(request_id)
         if entry is None:
             return
+        log.info("request %s: aborted", request_id)
         for s in entry[0]:
-            s.aborted = True
+            if s.status is not Status.FINISHED:
+                s.aborted = True
+                self._aborted.append(s)
         self._wake.set()
 
     # ----------------------------------------------------------------- the loop
@@ -227,13 +231,11 @@ class Engine:
 
     def _reap(self) -> None:
         """Release aborted sequences (between steps, never during one)."""
-        for seqs, _ in list(self._streams.values()):
-            for s in seqs:
-                if s.aborted and s.status is not Status.FINISHED:
-                    self.scheduler.release(s)
-                    self.metrics.inc("request_success", finished_reason="abort")
-        for seq in [s for s in self.scheduler.waiting if s.aborted]:
-            self.scheduler.release(seq)
+        aborted, self._aborted = self._aborted, []
+        for s in aborted:
+            if s.status is not Status.FINISHED:
+                self.scheduler.release(s)
+                self.metrics.inc("request_success", finished_reason="abort")
 
     # ----------------------------------------------------------------- failures
     def _fail_all(self, message: str, *, retriable: bool) -> None:

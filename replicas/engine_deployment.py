@@ -30,7 +30,7 @@ from replicas.group import ExpertParallelGroup, GroupConfig
 from replicas.metrics import MetricsRegistry
 from replicas.scheduler import SchedulerConfig
 
-log = logging.getLogger("epserve.engine")
+log = logging.getLogger("ray.serve.epserve.engine")
 
 METRICS_PUSH_S = 1.0
 

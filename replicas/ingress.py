@@ -34,7 +34,7 @@ from replicas.openai_responses import (
 )
 from replicas.request_builder import ModelContext
 
-log = logging.getLogger("epserve.ingress")
+log = logging.getLogger("ray.serve.epserve.ingress")
 
 MAX_BODY_BYTES = 16 * 2**20
 PUBLIC_PATHS = ("/health",)

@@ -196,3 +196,8 @@ class MetricsHub:
 
     def merged(self) -> Snapshot:
         return merge(list(self.snapshots.values()))
+
+    def counter_by_replica(self, name: str) -> dict[str, float]:
+        """One counter's value per reporting replica (to see which replicas served)."""
+        return {rid: sum(v for (n, _), v in snap.counters.items() if n == name)
+                for rid, snap in self.snapshots.items()}

@@ -50,3 +50,24 @@ def ray_cluster():  # noqa: ANN201  # cluster.local_cluster.LocalCluster
     cluster = start_local_cluster(3, cpus_per_node=6)
     yield cluster
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(epserve_cache: Path) -> Path:
+    """The embedded default model (what `epserve serve` serves without --model), in the test cache."""
+    from model_shards.tiny_checkpoint import embedded_model
+
+    return embedded_model(epserve_cache)
+
+
+@pytest.fixture(scope="session")
+def serve_http(ray_cluster):  # noqa: ANN001, ANN201  # -> base URL of Serve's HTTP proxy
+    """Ray Serve on the shared cluster, HTTP on a free loopback port (apps are deployed per module)."""
+    from ray import serve
+
+    from cluster.process_groups import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
