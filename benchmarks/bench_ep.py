@@ -79,6 +79,26 @@ class _IdentityShard:
         return x
 
 
+def _layer_inputs(tokens: int, hidden: int, seed: int = 0) -> list[tuple[torch.Tensor, Routing]]:
+    """Per MoE layer: [T, hidden] tokens and a random top-k routing (distinct experts, weights summing to 1)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(LAYERS):
+        x = torch.randn(tokens, hidden, generator=g)
+        ids = torch.rand(tokens, NUM_EXPERTS, generator=g).topk(TOP_K, dim=1).indices
+        w = torch.rand(tokens, TOP_K, generator=g).softmax(dim=1)
+        out.append((x, Routing(ids, w)))
+    return out
+
+
+def _overflow_layers(tokens: int, x: int, cap: int, hidden: int) -> int:
+    """Layers (of LAYERS) whose routing sends more than C rows to some expert rank (contiguous map): those
+    take the overflow path (two more exchanges)."""
+    per_rank = NUM_EXPERTS // x
+    return sum(int(torch.bincount(r.topk_ids_Tk.reshape(-1) // per_rank, minlength=x).max()) > cap
+               for _, r in _layer_inputs(tokens, hidden))
+
+
 class ExchangeBench:
     """One rank of the micro-benchmark group: trunk (AllToAllDispatcher) or expert (ExpertRank)."""
 
@@ -112,14 +132,7 @@ class ExchangeBench:
             self.rank = ExpertRank(_IdentityShard(LAYERS), self.group, self.shape, hidden=hidden, dtype=torch.float32)
 
     def _inputs(self, tokens: int, seed: int) -> list[tuple[torch.Tensor, Routing]]:
-        g = torch.Generator().manual_seed(seed)
-        out = []
-        for _ in range(LAYERS):
-            x = torch.randn(tokens, self.hidden, generator=g)
-            ids = torch.rand(tokens, NUM_EXPERTS, generator=g).topk(TOP_K, dim=1).indices
-            w = torch.rand(tokens, TOP_K, generator=g).softmax(dim=1)
-            out.append((x, Routing(ids, w)))
-        return out
+        return _layer_inputs(tokens, self.hidden, seed)
 
     def run(self, kind: str, tokens: int, cap: int, steps: int, seed: int = 0, profile: bool = False) -> dict:
         """`steps` steps of LAYERS MoE layers; kind: "fixed" | "variable" (ours) or "bare".
@@ -152,16 +165,19 @@ class ExchangeBench:
             if prof:
                 prof.enable()
             t0 = time.perf_counter()
+            stamps = [t0]  # trunk: after every layer
             for _ in range(steps):
                 if kind == "bare":
                     for _layer in range(LAYERS):
                         dist.all_to_all_single(recv_a, send_a, output_split_sizes=a_out, input_split_sizes=a_in, group=pg)
                         dist.all_to_all_single(recv_b, send_b, output_split_sizes=b_out, input_split_sizes=b_in, group=pg)
+                        stamps.append(time.perf_counter())
                 elif self.is_trunk:
                     self.disp.begin(plan)
                     for layer in plan.moe_layers:
                         xx, routing = inputs[layer]
                         y = self.disp(layer, xx, routing)
+                        stamps.append(time.perf_counter())
                     self.disp.finish()
                 else:
                     self.rank.serve(plan)
@@ -173,7 +189,8 @@ class ExchangeBench:
                 xx, _ = inputs[LAYERS - 1]
                 err = (y - xx).abs().max().item()
                 assert err < 1e-5, f"{kind}: identity round trip off by {err}"
-        out = {"s_per_layer": secs / (steps * LAYERS)}
+        per_layer = [b - a for a, b in zip(stamps, stamps[1:])]
+        out = {"s_per_layer": secs / (steps * LAYERS), "median_s": statistics.median(per_layer) if per_layer else 0.0}
         if prof:
             s = io.StringIO()
             pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(22)
@@ -206,7 +223,7 @@ class ExchangeGroup:
         import ray
 
         res = ray.get([a.run.remote(kind, tokens, cap, steps, 0, profile) for a in self.actors], timeout=600)
-        return {"s_per_layer": res[0]["s_per_layer"], "profiles": [r.get("profile") for r in res]}
+        return {**res[0], "profiles": [r.get("profile") for r in res]}
 
     def shutdown(self) -> None:
         import ray
@@ -217,17 +234,22 @@ class ExchangeGroup:
         remove_placement_group(self.pg)
 
 
-def _interleaved(group: ExchangeGroup, kinds: list[tuple[str, int, int]], reps: int, steps: int) -> list[float]:
-    """Median seconds per layer of each (kind, tokens, cap), runs interleaved, order rotated each rep."""
+def _interleaved(group: ExchangeGroup, kinds: list[tuple[str, int, int]], reps: int, steps: int
+                 ) -> list[tuple[float, float]]:
+    """Per (kind, tokens, cap): (mean, median) ms per layer, each the median over `reps` interleaved runs
+    (order rotated each rep) of that run's mean / median layer time."""
     for kind, t, c in kinds:  # warm-up
         group.run(kind, t, c, 1)
-    samples: list[list[float]] = [[] for _ in kinds]
+    means: list[list[float]] = [[] for _ in kinds]
+    medians: list[list[float]] = [[] for _ in kinds]
     for rep in range(reps):
         n = len(kinds)
         for i in [(rep + j) % n for j in range(n)]:
             kind, t, c = kinds[i]
-            samples[i].append(group.run(kind, t, c, steps)["s_per_layer"])
-    return [statistics.median(s) for s in samples]
+            res = group.run(kind, t, c, steps)
+            means[i].append(res["s_per_layer"] * 1e3)
+            medians[i].append(res["median_s"] * 1e3)
+    return [(statistics.median(a), statistics.median(b)) for a, b in zip(means, medians)]
 
 
 def bench_exchange(hiddens: list[int], reps: int, steps: int, profile: bool) -> dict:
@@ -242,9 +264,12 @@ def bench_exchange(hiddens: list[int], reps: int, steps: int, profile: bool) -> 
                     kinds += [("fixed", t, c), ("bare", t, c)]
                 med = _interleaved(g, kinds, reps, steps)
                 for i, t in enumerate(DECODE_SIZES):
-                    ours, bare = med[2 * i], med[2 * i + 1]
-                    out["decode"].append(dict(hidden=hidden, x=x, tokens=t, cap=kinds[2 * i][2], ours_ms=ours * 1e3,
-                                              bare_ms=bare * 1e3, ratio=ours / bare, nodes=g.nodes))
+                    (ours, ours_med), (bare, bare_med) = med[2 * i], med[2 * i + 1]
+                    c = kinds[2 * i][2]
+                    out["decode"].append(dict(hidden=hidden, x=x, tokens=t, cap=c, ours_ms=ours, bare_ms=bare,
+                                              ratio=ours / bare, ours_med_ms=ours_med, bare_med_ms=bare_med,
+                                              ratio_med=ours_med / bare_med, overflow=_overflow_layers(t, x, c, hidden),
+                                              nodes=g.nodes))
                 if profile and hidden == hiddens[0]:
                     for t in (8,):
                         c = fixed_capacity(t, top_k=TOP_K, expert_ranks=x, factor=CAPACITY_FACTOR)
@@ -258,8 +283,10 @@ def bench_exchange(hiddens: list[int], reps: int, steps: int, profile: bool) -> 
                     med = _interleaved(g, kinds, max(5, reps // 2), steps)
                     for i, t in enumerate(SWEEP_SIZES):
                         out["sweep"].append(dict(hidden=hidden, x=x, tokens=t, cap=kinds[3 * i][2],
-                                                 fixed_ms=med[3 * i] * 1e3, variable_ms=med[3 * i + 1] * 1e3,
-                                                 bare_ms=med[3 * i + 2] * 1e3))
+                                                 fixed_ms=med[3 * i][0], variable_ms=med[3 * i + 1][0],
+                                                 bare_ms=med[3 * i + 2][0], fixed_med_ms=med[3 * i][1],
+                                                 variable_med_ms=med[3 * i + 1][1], bare_med_ms=med[3 * i + 2][1],
+                                                 overflow=_overflow_layers(t, x, kinds[3 * i][2], hidden)))
             finally:
                 g.shutdown()
     return out
@@ -357,28 +384,39 @@ def report(ex: dict, dec: list[dict]) -> str:
     out = []
     if ex["decode"]:
         out.append("## 1. Exchange per MoE layer, FIXED, decode sizes (D = 1; identity experts) vs bare all_to_all_single x2")
-        out.append(f"target: ours <= {TARGET}x bare")
-        out.append(_table(["hidden", "X", "tokens", "C", "ours ms/layer", "bare ms/layer", "ours/bare", "target"],
-                          [[str(r["hidden"]), str(r["x"]), str(r["tokens"]), str(r["cap"]), f"{r['ours_ms']:.3f}",
-                            f"{r['bare_ms']:.3f}", f"{r['ratio']:.2f}", "ok" if r["ratio"] <= TARGET else "MISS"]
-                           for r in ex["decode"]]))
-        out.append("rank placement (node id of global ranks 0..D+X-1): " + "; ".join(
-            sorted({f"X={r['x']}: {' '.join(r['nodes'])}" for r in ex["decode"]})))
+        out.append(f"target: ours <= {TARGET}x bare. mean = loop time / layers; median = median layer; each the median "
+                   "of the interleaved repetitions. ovf = layers (of 8) where the routing exceeded C (2 more exchanges)")
+        out.append(_table(["hidden", "X", "tokens", "C", "ovf", "ours mean ms", "bare mean ms", "ratio", "ours med ms",
+                           "bare med ms", "ratio med", "target"],
+                          [[str(r["hidden"]), str(r["x"]), str(r["tokens"]), str(r["cap"]), f"{r['overflow']}/{LAYERS}",
+                            f"{r['ours_ms']:.3f}", f"{r['bare_ms']:.3f}", f"{r['ratio']:.2f}", f"{r['ours_med_ms']:.3f}",
+                            f"{r['bare_med_ms']:.3f}", f"{r['ratio_med']:.2f}",
+                            "ok" if r["ratio"] <= TARGET else "MISS"] for r in ex["decode"]]))
+        seen = {}
+        for r in ex["decode"]:
+            seen.setdefault((r["hidden"], r["x"]), " ".join(r["nodes"]))
+        out.append("node of global ranks 0..X (trunk first): " + "; ".join(
+            f"hidden {h} X={x}: {v}" for (h, x), v in seen.items()))
     if dec:
         out.append("\n## 2. Decode step, D = 1, median of %d steps after a %d-token prefill (fp32, 1 thread per process)"
                    % (DECODE_STEPS, PREFILL))
+        out.append("step wall = driver time of one step (Ray call included); trunk fwd = the trunk actor's forward; "
+                   "exch = dispatch + combine per layer inside the trunk (expert FFN wait included)")
         out.append(_table(["hidden", "batch", "layout", "step wall ms", "vs local", "trunk fwd ms", "exch ms/layer",
                            "tokens = local"],
                           [[str(r["hidden"]), str(r["batch"]), r["layout"], f"{r['wall_ms']:.2f}", f"{r['vs_local']:.2f}",
                             f"{r['fwd_ms']:.2f}", f"{r['exch_ms']:.3f}" if r["layout"] != "local" else "-",
                             str(r["same_tokens"])] for r in dec]))
     if ex["sweep"]:
-        out.append("\n## 3. Exchange per MoE layer vs tokens per trunk, X = 2 (identity experts)")
-        out.append(_table(["hidden", "tokens", "C", "FIXED ms", "VARIABLE ms", "FIXED/VARIABLE", "bare(FIXED) ms",
+        out.append("\n## 3. Exchange per MoE layer vs tokens per trunk, X = 2 (identity experts; mean ms per layer, "
+                   "median layer in brackets)")
+        out.append(_table(["hidden", "tokens", "C", "ovf", "FIXED ms", "VARIABLE ms", "FIXED/VARIABLE", "bare(FIXED) ms",
                            "FIXED/bare"],
-                          [[str(r["hidden"]), str(r["tokens"]), str(r["cap"]), f"{r['fixed_ms']:.3f}",
-                            f"{r['variable_ms']:.3f}", f"{r['fixed_ms'] / r['variable_ms']:.2f}", f"{r['bare_ms']:.3f}",
-                            f"{r['fixed_ms'] / r['bare_ms']:.2f}"] for r in ex["sweep"]]))
+                          [[str(r["hidden"]), str(r["tokens"]), str(r["cap"]), f"{r['overflow']}/{LAYERS}",
+                            f"{r['fixed_ms']:.3f} ({r['fixed_med_ms']:.3f})",
+                            f"{r['variable_ms']:.3f} ({r['variable_med_ms']:.3f})", f"{r['fixed_ms'] / r['variable_ms']:.2f}",
+                            f"{r['bare_ms']:.3f} ({r['bare_med_ms']:.3f})", f"{r['fixed_ms'] / r['bare_ms']:.2f}"]
+                           for r in ex["sweep"]]))
     for name, profs in ex.get("profiles", {}).items():
         for rank, p in enumerate(profs):
             if p:

@@ -165,6 +165,15 @@ class StepBatch:
             self._cache[key] = make()
         return self._cache[key]
 
+    def slot_run(self, seqs: tuple[int, ...]) -> int | None:
+        """The first state slot when the listed sequences' slots are consecutive (s, s + 1, ...),
+        else None: their DeltaNet states are then one block of the pool, read and written in place."""
+        def make() -> int | None:
+            every = self.state_slots_B.tolist()
+            slots = [every[i] for i in seqs]
+            return slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
+        return self.memo(("slot_run", seqs), make)
+
     def chunk_groups(self, multiple: int) -> tuple[tuple[int, ...], ...]:
         """`chunk_seqs` grouped by new-token count rounded up to `multiple` (first-seen order):
         the sequences of a group pad to the same length, so they can run as one batch."""

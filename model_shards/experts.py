@@ -92,10 +92,8 @@ class ExpertShard:
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=len(lay.expert_ids))
         src = order if fan_out == 1 else torch.div(order, fan_out, rounding_mode="floor")
-        y_sorted = expert_ffn(x[src], counts_E=counts, gate_up=lay.gate_up, down=lay.down)
-        out = torch.empty_like(y_sorted)
-        out[order] = y_sorted
-        return out
+        y_sorted = expert_ffn(x.index_select(0, src), counts_E=counts, gate_up=lay.gate_up, down=lay.down)
+        return torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
 
     def forward_reference(self, layer: int, x_RD: torch.Tensor, expert_ids_R: torch.Tensor) -> torch.Tensor:
         """Same as `forward` through the per-expert loop (dequantised weights)."""

@@ -69,8 +69,8 @@ def attention_forward(
     q = apply_partial_rope(q, cos=cos, sin=sin)
     k = apply_partial_rope(k, cos=cos, sin=sin)
 
-    k_pool.view(-1, hkv, hd)[batch.slot_mapping_T] = k.to(k_pool.dtype)
-    v_pool.view(-1, hkv, hd)[batch.slot_mapping_T] = v.to(v_pool.dtype)
+    k_pool.view(-1, hkv, hd).index_copy_(0, batch.slot_mapping_T, k.to(k_pool.dtype))
+    v_pool.view(-1, hkv, hd).index_copy_(0, batch.slot_mapping_T, v.to(v_pool.dtype))
 
     out_THD = torch.empty_like(q)
     scale = hd**-0.5
@@ -98,8 +98,8 @@ def _prefill_attention(
     s = context_len + n
     bs = k_pool.shape[1]
     blocks = table[: -(-s // bs)]
-    k = k_pool[blocks].reshape(-1, hkv, hd)[:s]  # [S, Hkv, hd]
-    v = v_pool[blocks].reshape(-1, hkv, hd)[:s]
+    k = k_pool.index_select(0, blocks).reshape(-1, hkv, hd)[:s]  # [S, Hkv, hd]
+    v = v_pool.index_select(0, blocks).reshape(-1, hkv, hd)[:s]
     g = h // hkv
     # [Hkv, G*n, hd] x [Hkv, hd, S]: query head j uses KV head j // G (HF repeat_kv).
     qg = q_THD.view(n, hkv, g, hd).permute(1, 2, 0, 3).reshape(hkv, g * n, hd)
@@ -119,10 +119,10 @@ def _decode_attention(
     """One query per sequence over its whole context; contexts padded to the longest, masked."""
     b, h, hd = q_BHD.shape
     hkv, bs = k_pool.shape[2], k_pool.shape[1]
-    tables, mask = batch.memo(("decode_keys", seqs, bs), lambda: _decode_keys(batch, seqs, bs))
-    nblk = tables.shape[1]
-    k = k_pool[tables].reshape(b, nblk * bs, hkv, hd)
-    v = v_pool[tables].reshape(b, nblk * bs, hkv, hd)
+    blocks, mask = batch.memo(("decode_keys", seqs, bs), lambda: _decode_keys(batch, seqs, bs))
+    s = mask.shape[1]
+    k = k_pool.index_select(0, blocks).view(b, s, hkv, hd)
+    v = v_pool.index_select(0, blocks).view(b, s, hkv, hd)
     g = h // hkv
     qg = q_BHD.view(b, hkv, g, hd)
     scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, Hkv, G, S]
@@ -135,10 +135,10 @@ def _decode_attention(
 
 
 def _decode_keys(batch: StepBatch, seqs: tuple[int, ...], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block tables [B, nblk] covering the longest context and the [B, nblk * bs] mask of key slots
-    past each sequence's length (shared by every attention layer of the step)."""
+    """The [B * nblk] block ids (B rows of a table covering the longest context) and the [B, nblk * bs]
+    mask of key slots past each sequence's length (shared by every attention layer of the step)."""
     lens = [batch.context_lens[i] + 1 for i in seqs]
     nblk = -(-max(lens) // bs)
     tables = batch.block_tables_BN[batch.index_of(seqs), :nblk]
     lens_t = torch.tensor(lens, device=tables.device)
-    return tables, torch.arange(nblk * bs, device=tables.device)[None, :] >= lens_t[:, None]
+    return tables.reshape(-1), torch.arange(nblk * bs, device=tables.device)[None, :] >= lens_t[:, None]

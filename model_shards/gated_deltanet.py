@@ -98,14 +98,16 @@ def deltanet_forward(
     step = dict(w=w, cfg=cfg, conv_state=conv_state, recurrent_state=recurrent_state)
 
     if batch.decode_only:  # packed row i is sequence i's token: no gathers
-        core_THV = _recurrent_step(qkv_TC, g_TH, beta_TH, slots=batch.state_slots_B, **step)
+        core_THV = _recurrent_step(qkv_TC, g_TH, beta_TH, slots=batch.state_slots_B,
+                                   first_slot=batch.slot_run(batch.recurrent_seqs), **step)
     else:
         core_THV = torch.empty(t, h, vd, dtype=x_TD.dtype, device=x_TD.device)
         if batch.recurrent_seqs:
             seqs = batch.recurrent_seqs
             rows = batch.seq_rows(seqs)
             core_THV[rows] = _recurrent_step(qkv_TC[rows], g_TH[rows], beta_TH[rows],
-                                             slots=batch.state_slots_B[batch.index_of(seqs)], **step)
+                                             slots=batch.state_slots_B[batch.index_of(seqs)],
+                                             first_slot=batch.slot_run(seqs), **step)
         for group in batch.chunk_groups(CHUNK):
             _chunk_group(group, qkv_TC, g_TH, beta_TH, out_THV=core_THV, batch=batch, **step)
 
@@ -114,19 +116,31 @@ def deltanet_forward(
 
 
 def _recurrent_step(
-    qkv_BC: torch.Tensor, g_BH: torch.Tensor, beta_BH: torch.Tensor, *, slots: torch.Tensor, w: DeltaNetWeights,
-    cfg: ModelConfig, conv_state: torch.Tensor, recurrent_state: torch.Tensor,
+    qkv_BC: torch.Tensor, g_BH: torch.Tensor, beta_BH: torch.Tensor, *, slots: torch.Tensor, first_slot: int | None,
+    w: DeltaNetWeights, cfg: ModelConfig, conv_state: torch.Tensor, recurrent_state: torch.Tensor,
 ) -> torch.Tensor:
-    """One new token on a cached state for each of B sequences (HF's recurrent path). Returns [B, H, V]."""
-    window = torch.cat([conv_state[slots], qkv_BC.unsqueeze(-1)], dim=-1)  # [B, C, W + 1]
-    conv_state[slots] = window[:, :, 1:].to(conv_state.dtype)
+    """One new token on a cached state for each of B sequences (HF's recurrent path). Returns [B, H, V].
+
+    Slots that form one run (`first_slot` not None) are read and written through views of the
+    pools; otherwise they are gathered and scattered back.
+    """
+    b = qkv_BC.shape[0]
+    if first_slot is not None:
+        conv_old, rec_old = conv_state.narrow(0, first_slot, b), recurrent_state.narrow(0, first_slot, b)
+    else:
+        conv_old, rec_old = conv_state.index_select(0, slots), recurrent_state.index_select(0, slots)
+    window = torch.cat([conv_old, qkv_BC.unsqueeze(-1)], dim=-1)  # [B, C, W + 1] (a copy)
     mixed = _conv_silu_last(window, w.conv1d, qkv_BC.dtype)  # [B, C]
     q, k, v = _split_heads(mixed.unsqueeze(1), cfg)
     out, state = recurrent_gated_delta_rule(
-        q, k_BTHK=k, v_BTHV=v, g_BTH=g_BH.unsqueeze(1), beta_BTH=beta_BH.unsqueeze(1),
-        state_BHKV=recurrent_state[slots],
+        q, k_BTHK=k, v_BTHV=v, g_BTH=g_BH.unsqueeze(1), beta_BTH=beta_BH.unsqueeze(1), state_BHKV=rec_old,
     )
-    recurrent_state[slots] = state
+    if first_slot is not None:
+        conv_old.copy_(window[:, :, 1:])
+        rec_old.copy_(state)
+    else:
+        conv_state.index_copy_(0, slots, window[:, :, 1:].to(conv_state.dtype))
+        recurrent_state.index_copy_(0, slots, state)
     return out[:, 0]
 
 

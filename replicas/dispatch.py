@@ -24,7 +24,7 @@ from cluster.topology import GroupShape
 from model_shards.experts import ExpertShard, local_routed_experts
 from model_shards.moe import Routing, combine_slots
 from replicas.a2a_protocol import (
-    FIXED, StepPlan, combine_flags, exchange, exchange_counts, pack_rows, row_bytes, write_headers,
+    FIXED, ID_BYTES, StepPlan, exchange, exchange_counts, pack_rows, row_bytes, write_headers,
 )
 
 
@@ -86,22 +86,51 @@ class DispatchHandle:
 
     Attributes:
         routing: the layer's routing (weights are applied at combine).
-        order_R: send order -> slot row (row t*k + j is token t, slot j).
+        order_R: send order -> slot row (row t*k + j is token t, slot j); None on the fixed fast path.
         counts_X: rows sent to each expert rank (all of them, capacity or not).
         sent_X: rows that went in the main exchange (min(count, C) in fixed mode).
-        overflow: fixed mode only: some pair in the group exceeded C (decided by the headers).
-        src_R: fixed mode, when this rank overflowed nowhere: slot row -> its row in the [X * (C + 1)]
-            exchange buffer (the combine answer comes back in the dispatch layout), so combine is one
-            gather; None otherwise.
+        src_R: fixed mode, when this rank exceeded C nowhere: slot row -> its row in the [X * (C + 1)]
+            exchange buffer (the combine answer comes back in the dispatch layout, so combine is one
+            gather); None otherwise.
     """
 
     routing: Routing
-    order_R: torch.Tensor
+    order_R: torch.Tensor | None
     counts_X: tuple[int, ...]
     sent_X: tuple[int, ...]
     mode: str
     capacity: int
     src_R: torch.Tensor | None = None
+
+
+class _FixedBuffers:
+    """A trunk rank's fixed-mode exchange buffers for one capacity C, made once and reused every layer.
+
+    send: [X * (C + 1), in_bytes] (a header row, then C row slots, per expert rank); recv: [X * (C + 1),
+    out_bytes] (the combine answer, same layout). Padding slots keep stale bytes from earlier layers:
+    receivers read only the header and the counted rows. `rows`, `ids`, `counts`, `flags` are typed views
+    into `send` (None where the row width does not allow a typed view); `answers` into `recv`.
+    """
+
+    def __init__(self, shape: GroupShape, cap: int, *, hidden: int, dtype: torch.dtype, in_bytes: int,
+                 out_bytes: int, device: torch.device) -> None:
+        d, x = shape.trunk_ranks, shape.expert_ranks
+        n = x * (cap + 1)
+        self.send = torch.zeros(n, in_bytes, dtype=torch.uint8, device=device)
+        self.recv = torch.zeros(n, out_bytes, dtype=torch.uint8, device=device)
+        self.send_splits = [0] * d + [cap + 1] * x
+        self.recv_splits = [0] * d + [cap + 1] * x
+        header = self.send.view(x, cap + 1, in_bytes)[:, 0]
+        self.counts, self.flags = header[:, :8], header[:, 8]
+        self.answer_flags = self.recv.view(x, cap + 1, out_bytes)[:, 0, 0]
+        self.answers = self.recv.view(dtype)  # [n, hidden]
+        nb = in_bytes - ID_BYTES
+        try:
+            self.rows: torch.Tensor | None = self.send[:, :nb].view(dtype)  # [n, hidden], row stride in_bytes
+            self.ids: torch.Tensor | None = self.send[:, nb:].view(torch.int32)  # [n, 1]
+        except RuntimeError:  # a row width the typed views cannot stride over (e.g. odd hidden in bf16)
+            self.rows = self.ids = None
+        self.flag = False  # what `flags` holds now
 
 
 class AllToAllDispatcher:
@@ -122,13 +151,13 @@ class AllToAllDispatcher:
         self._tables = [expert_map.route_table(layer) for layer in range(expert_map.num_moe_layers)]
         # without redundant copies an expert's rank depends on the expert alone: one lookup per layer
         self._direct = [table[:, 0].clone() if bool((copies == 1).all()) else None for table, copies in self._tables]
-        # fixed mode: per-capacity exchange buffers and split lists, reused across layers and steps
-        # (padding rows keep stale bytes; receivers read only the header and the counted rows)
-        self._fixed: dict[int, tuple[torch.Tensor, torch.Tensor, list[int], list[int], torch.Tensor]] = {}
+        self._fixed: dict[int, _FixedBuffers] = {}
+        self._no_splits = [0] * shape.world_size
         self._plan: StepPlan | None = None
         self._cursor = 0
-        self.in_bytes = row_bytes(hidden, dtype) + 4
+        self.in_bytes = row_bytes(hidden, dtype) + ID_BYTES
         self.out_bytes = row_bytes(hidden, dtype)
+        self._nothing_out = torch.empty(0, self.out_bytes, dtype=torch.uint8, device=group.device)
         # Always-on timing (two perf_counter calls per MoE layer): seconds inside dispatch + combine
         # (waiting for the expert ranks included) and the number of MoE layer calls, since `take_timings`.
         self.timings: dict[str, float] = {"exchange_s": 0.0, "layers": 0}
@@ -183,104 +212,115 @@ class AllToAllDispatcher:
         token = torch.arange(ids.shape[0]) // routing.top_k
         return table[ids, token % copies[ids]]
 
+    def _fixed_buffers(self, cap: int) -> _FixedBuffers:
+        bufs = self._fixed.get(cap)
+        if bufs is None:
+            bufs = _FixedBuffers(self.shape, cap, hidden=self.hidden, dtype=self.dtype, in_bytes=self.in_bytes,
+                                 out_bytes=self.out_bytes, device=self.group.device)
+            self._fixed[cap] = bufs
+        return bufs
+
     def dispatch(self, layer: int, x_TD: torch.Tensor, routing: Routing, plan: StepPlan
                  ) -> tuple[DispatchHandle, torch.Tensor]:
-        """Send every (token, slot) row to its expert rank; returns the handle and this rank's packed rows."""
+        """Send every (token, slot) row to its expert rank.
+
+        Returns the handle and the packed rows (send order) that may still have to go in the fixed mode's
+        overflow exchange; on the fixed fast path (this rank within C everywhere) nothing is owed and
+        the payload is empty.
+        """
         x = self.shape.expert_ranks
         dest = self._destinations(layer, routing)
+        counts_t = torch.bincount(dest, minlength=x) if dest.numel() else torch.zeros(x, dtype=torch.int64)
+        counts = counts_t.tolist()
+        if plan.mode == FIXED and max(counts) <= plan.capacity:
+            bufs = self._fixed_buffers(plan.capacity)
+            if bufs.rows is not None:
+                return self._dispatch_fixed_fast(x_TD, routing, dest, counts_t, counts, plan.capacity, bufs)
         order = torch.argsort(dest, stable=True)
-        counts = torch.bincount(dest, minlength=x).tolist() if dest.numel() else [0] * x
         k = max(routing.top_k, 1)
         order = order.to(x_TD.device)
         payload = pack_rows(x_TD[order // k], routing.topk_ids_Tk.reshape(-1)[order])
-        src = None
         if plan.mode == FIXED:
             sent = [min(c, plan.capacity) for c in counts]
-            src = self._send_fixed(payload, counts, sent, plan.capacity, order)
+            self._send_fixed(payload, counts, sent, plan.capacity)
         else:
             sent = counts
             exchange_counts(self.group, [0] * self.shape.trunk_ranks + counts)
             exchange(self.group, payload, send_splits=[0] * self.shape.trunk_ranks + counts,
-                     recv_splits=[0] * self.shape.world_size)
-        handle = DispatchHandle(routing, order, tuple(counts), tuple(sent), plan.mode, plan.capacity, src)
+                     recv_splits=self._no_splits)
+        handle = DispatchHandle(routing, order, tuple(counts), tuple(sent), plan.mode, plan.capacity)
         return handle, payload
 
-    def _fixed_buffers(self, cap: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int], torch.Tensor]:
-        """(send [X * (C + 1), in_bytes], recv [X * (C + 1), out_bytes], send splits, recv splits,
-        [X] first-row index of each expert rank's block) for capacity C, made once per C."""
-        bufs = self._fixed.get(cap)
-        if bufs is None:
-            d, x, dev = self.shape.trunk_ranks, self.shape.expert_ranks, self.group.device
-            rows = x * (cap + 1)
-            bufs = (torch.zeros(rows, self.in_bytes, dtype=torch.uint8, device=dev),
-                    torch.zeros(rows, self.out_bytes, dtype=torch.uint8, device=dev),
-                    [0] * d + [cap + 1] * x, [0] * d + [cap + 1] * x, torch.arange(x) * (cap + 1) + 1)
-            self._fixed[cap] = bufs
-        return bufs
-
-    def _send_fixed(self, payload: torch.Tensor, counts: list[int], sent: list[int], cap: int,
-                    order: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Fill the send buffer (header row + up to C rows per expert rank) and run the dispatch exchange.
-
-        Returns slot row -> buffer row (see `DispatchHandle.src_R`) when nothing overflowed and `order` is
-        given, else None.
-        """
+    def _dispatch_fixed_fast(self, x_TD: torch.Tensor, routing: Routing, dest: torch.Tensor, counts_t: torch.Tensor,
+                             counts: list[int], cap: int, bufs: _FixedBuffers) -> tuple[DispatchHandle, torch.Tensor]:
+        """Fixed mode, every count within C: rows go straight from the tokens into their buffer slots
+        (no sort, no packed copy). Same bytes in the header and counted rows as `_send_fixed`."""
         x = self.shape.expert_ranks
-        send, _, splits, _, first_row = self._fixed_buffers(cap)
-        buf = send.view(x, cap + 1, self.in_bytes)
+        # slot row r goes to row dest[r] * (C + 1) + (1-based running count of dest[r] up to r): its
+        # expert rank's block, after the header, in slot order (= the stable sort order of `dispatch`)
+        run = torch.nn.functional.one_hot(dest, x).cumsum(0).gather(1, dest.unsqueeze(1)).squeeze(1)
+        src = (dest * (cap + 1) + run).to(bufs.send.device)
+        assert bufs.rows is not None and bufs.ids is not None
+        bufs.rows.index_copy_(0, src, x_TD.repeat_interleave(max(routing.top_k, 1), dim=0))
+        bufs.ids.index_copy_(0, src, routing.topk_ids_Tk.reshape(-1, 1).to(torch.int32))
+        bufs.counts.copy_(counts_t.view(torch.uint8).view(x, 8))
+        if bufs.flag:
+            bufs.flags.zero_()
+            bufs.flag = False
+        exchange(self.group, bufs.send, send_splits=bufs.send_splits, recv_splits=self._no_splits)
+        handle = DispatchHandle(routing, None, tuple(counts), tuple(counts), FIXED, cap, src)
+        return handle, bufs.send[:0]
+
+    def _send_fixed(self, payload: torch.Tensor, counts: list[int], sent: list[int], cap: int) -> None:
+        x = self.shape.expert_ranks
+        bufs = self._fixed_buffers(cap)
+        buf = bufs.send.view(x, cap + 1, self.in_bytes)
         overflowed = any(c > cap for c in counts)
         write_headers(buf[:, 0], counts=torch.tensor(counts, dtype=torch.int64), flag=overflowed)
-        src = None
-        if not overflowed:
-            # sorted row i of expert rank j (rows grouped by rank) goes to buffer row first_row[j] + i - start[j]
-            counts_t = torch.tensor(counts, dtype=torch.int64)
-            pos = torch.arange(payload.shape[0]) + (first_row - (torch.cumsum(counts_t, 0) - counts_t)).repeat_interleave(counts_t)
-            pos = pos.to(send.device)
-            send.index_copy_(0, pos, payload)
-            if order is not None:
-                src = torch.empty_like(pos)
-                src[order] = pos
-        else:
-            start = 0
-            for j in range(x):
-                buf[j, 1:1 + sent[j]] = payload[start:start + sent[j]]
-                start += counts[j]
-        exchange(self.group, send, send_splits=splits, recv_splits=[0] * self.shape.world_size)
-        return src
+        bufs.flag = overflowed
+        start = 0
+        for j in range(x):
+            buf[j, 1:1 + sent[j]] = payload[start:start + sent[j]]
+            start += counts[j]
+        exchange(self.group, bufs.send, send_splits=bufs.send_splits, recv_splits=self._no_splits)
 
     def combine(self, handle: DispatchHandle, payload: torch.Tensor) -> torch.Tensor:
         """Receive the expert outputs, restore slot order, weight and sum each token's slots."""
         d, x = self.shape.trunk_ranks, self.shape.expert_ranks
-        r = len(handle.order_R)
-        nothing = payload.new_empty((0, self.out_bytes))
+        r = handle.routing.topk_ids_Tk.numel()
+        nothing = self._nothing_out
         if handle.mode == FIXED:
             cap = handle.capacity
-            _, recv_buf, _, recv_splits, _ = self._fixed_buffers(cap)
-            exchange(self.group, nothing, send_splits=[0] * self.shape.world_size, recv_splits=recv_splits,
-                     out=recv_buf)
-            recv = recv_buf.view(x, cap + 1, self.out_bytes)
-            flags = combine_flags(recv[:, 0])
-            if handle.src_R is not None and not any(flags):
+            bufs = self._fixed_buffers(cap)
+            exchange(self.group, nothing, send_splits=self._no_splits, recv_splits=bufs.recv_splits, out=bufs.recv)
+            overflow = any(bufs.answer_flags.tolist())
+            if handle.src_R is not None:
+                if overflow:  # another trunk rank overflowed: take part in its extra exchanges, owing nothing
+                    zeros = [0] * self.shape.world_size
+                    exchange(self.group, payload, send_splits=zeros, recv_splits=zeros)
+                    exchange(self.group, nothing, send_splits=zeros, recv_splits=zeros)
                 if r == 0:
-                    return recv_buf.view(self.dtype).new_zeros((handle.routing.num_tokens, self.hidden))
+                    return bufs.answers.new_zeros((handle.routing.num_tokens, self.hidden))
                 # one gather: the answers sit in the dispatch layout, src_R maps slot rows to buffer rows
-                y_slots = recv_buf.view(self.dtype).index_select(0, handle.src_R)
-                return combine_slots(y_slots, routing=handle.routing)
+                return combine_slots(bufs.answers.index_select(0, handle.src_R), routing=handle.routing)
+            recv = bufs.recv.view(x, cap + 1, self.out_bytes)
             parts = [recv[j, 1:1 + handle.sent_X[j]] for j in range(x)]
-            if any(flags):
+            if overflow:
                 extra = [c - s for c, s in zip(handle.counts_X, handle.sent_X)]
                 starts = [sum(handle.counts_X[:j]) + handle.sent_X[j] for j in range(x)]
                 rest = torch.cat([payload[starts[j]:starts[j] + extra[j]] for j in range(x)])
-                exchange(self.group, rest, send_splits=[0] * d + extra, recv_splits=[0] * self.shape.world_size)
-                back = exchange(self.group, nothing, send_splits=[0] * self.shape.world_size, recv_splits=[0] * d + extra)
+                exchange(self.group, rest, send_splits=[0] * d + extra, recv_splits=self._no_splits)
+                back = exchange(self.group, nothing, send_splits=self._no_splits, recv_splits=[0] * d + extra)
                 offs = [sum(extra[:j]) for j in range(x)]
                 parts = [torch.cat([parts[j], back[offs[j]:offs[j] + extra[j]]]) for j in range(x)]
             out_bytes = torch.cat(parts) if parts else nothing
         else:
-            out_bytes = exchange(self.group, nothing, send_splits=[0] * self.shape.world_size, recv_splits=[0] * d + list(handle.counts_X))
+            out_bytes = exchange(self.group, nothing, send_splits=self._no_splits,
+                                 recv_splits=[0] * d + list(handle.counts_X))
         y_sorted = out_bytes.reshape(-1).view(self.dtype).view(r, self.hidden)
         if r == 0:
             return y_sorted.new_zeros((handle.routing.num_tokens, self.hidden))
+        assert handle.order_R is not None
         y_slots = torch.empty_like(y_sorted)
         y_slots[handle.order_R] = y_sorted
         return combine_slots(y_slots, routing=handle.routing)

@@ -106,7 +106,9 @@ class Ingress:
         self.hub = metrics_hub
         self.metrics = MetricsRegistry()
         self._ready_cache: tuple[float, bool] = (0.0, False)
-        self._replica_id = uuid.uuid4().hex[:8]
+        from replicas.grpc_service import GrpcApi
+
+        self.grpc = GrpcApi(self)
 
     # ----------------------------------------------------------------- generation
     async def _start(self, greq: GenerateRequest) -> tuple[Any, GenerateOutput]:  # noqa: ANN401
@@ -296,6 +298,26 @@ class Ingress:
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+    # ----------------------------------------------------------------- gRPC (method names = RPC names)
+    async def Generate(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
+        async for message in self.grpc.generate(request, grpc_context):
+            yield message
+
+    async def Chat(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
+        async for message in self.grpc.chat(request, grpc_context):
+            yield message
+
+    async def ModelInfo(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802, ANN401
+        return await self.grpc.model_info(request, grpc_context)
+
+    async def Check(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802, ANN401  # grpc.health.v1
+        return await self.grpc.health_check(request, grpc_context)
+
+    async def Watch(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
+        async for message in self.grpc.health_watch(request, grpc_context):
+            yield message
+
+
 def default_model_name(model: str | None) -> str:
     from pathlib import Path
 
@@ -363,7 +385,10 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
             rid = uuid.uuid4().hex
         request.state.request_id = rid
         key = ing().api_key
-        if key and request.url.path not in PUBLIC_PATHS and request.headers.get("authorization", "") != f"Bearer {key}":
+        path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]  # the app's route prefix (Serve's root_path) is not part of the route
+        if key and path not in PUBLIC_PATHS and request.headers.get("authorization", "") != f"Bearer {key}":
             err = ApiError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
                            type="authentication_error")
             return JSONResponse(err.body(), status_code=401)

@@ -61,13 +61,19 @@ def embedded_model_dir(epserve_cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serve_http(ray_cluster):  # noqa: ANN001, ANN201  # -> base URL of Serve's HTTP proxy
-    """Ray Serve on the shared cluster, HTTP on a free loopback port (apps are deployed per module)."""
+def serve_ports(ray_cluster):  # noqa: ANN001, ANN201  # -> (http base URL, grpc "host:port")
+    """Ray Serve on the shared cluster: HTTP and gRPC proxies on free loopback ports."""
     from ray import serve
 
     from cluster.process_groups import free_port
+    from replicas.grpc_service import grpc_options
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
+    http, grpc_port = free_port(), free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http}, grpc_options=grpc_options(grpc_port))
+    yield f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}"
     serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_http(serve_ports):  # noqa: ANN001, ANN201  # -> base URL of Serve's HTTP proxy
+    return serve_ports[0]

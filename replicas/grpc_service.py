@@ -1,0 +1,203 @@
+"""The gRPC API (replicas/proto/epserve.proto), served by Ray Serve's gRPC proxy on its own port.
+
+Owns: turning proto requests into the same engine requests the HTTP API builds (one code path
+for limits and defaults: replicas/request_builder.py), streaming results as proto messages,
+API-key checks on metadata, the standard grpc.health.v1 service, and status codes
+(INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, UNAUTHENTICATED; the client's
+cancellation or deadline aborts the engine request). The Serve ingress class exposes these as
+methods named after the RPCs (replicas/ingress.py). Tests: tests/replicas/test_grpc.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+from pydantic import ValidationError
+
+from replicas.engine_types import GenerateOutput
+from replicas.openai_protocol import ApiError, ChatCompletionRequest, CompletionRequest, validation_error
+from replicas.proto import epserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from replicas.ingress import Ingress
+
+SERVICE = "epserve.v1.Epserve"
+SERVICER_FUNCTIONS = [
+    "replicas.proto.epserve_pb2_grpc.add_EpserveServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+          404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
+          413: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          503: grpc.StatusCode.UNAVAILABLE}
+
+
+def grpc_options(port: int, *, request_timeout_s: float | None = None) -> dict[str, Any]:
+    """Serve's gRPC proxy options for this API (reflection on)."""
+    return {"port": port, "grpc_servicer_functions": list(SERVICER_FUNCTIONS), "enable_reflection": True,
+            "request_timeout_s": request_timeout_s}
+
+
+class GrpcError(Exception):
+    """Raised after setting the status on the Serve gRPC context: Serve ends the call with that status."""
+
+
+def fail(ctx: Any, err: ApiError) -> GrpcError:  # noqa: ANN401  # RayServegRPCContext
+    ctx.set_code(STATUS.get(err.status, grpc.StatusCode.INTERNAL))
+    ctx.set_details(err.message)
+    return GrpcError(err.message)
+
+
+def sampling_fields(s: pb.SamplingParams) -> dict[str, Any]:
+    """Proto sampling params -> the OpenAI request fields (validated by the same pydantic models)."""
+    out: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "seed", "max_tokens", "skip_special_tokens"):
+        if s.HasField(name):
+            out[name] = getattr(s, name)
+    if s.min_tokens:
+        out["min_tokens"] = s.min_tokens
+    if s.stop:
+        out["stop"] = list(s.stop)
+    if s.stop_token_ids:
+        out["stop_token_ids"] = list(s.stop_token_ids)
+    if s.ignore_eos:
+        out["ignore_eos"] = True
+    out["n"] = s.n or 1
+    return out
+
+
+def logprobs_pb(ev: GenerateOutput) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=t, logprob=lp.logprob,
+                            top=[pb.TopLogprob(token_id=i, logprob=v) for i, v in lp.top])
+            for t, lp in zip(ev.token_ids, ev.logprobs)]
+
+
+def chat_message_dict(m: pb.ChatMessage) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": m.role}
+    if m.parts:
+        parts = []
+        for p in m.parts:
+            if p.HasField("text"):
+                parts.append({"type": "text", "text": p.text})
+            else:
+                import base64
+
+                url = f"data:{p.image.mime_type or 'image/png'};base64,{base64.b64encode(p.image.data).decode()}"
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+        msg["content"] = parts
+    elif m.content or not m.tool_calls:
+        msg["content"] = m.content
+    if m.tool_calls:
+        msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in m.tool_calls]
+    for field in ("tool_call_id", "reasoning_content", "name"):
+        if getattr(m, field):
+            msg[field] = getattr(m, field)
+    return msg
+
+
+class GrpcApi:
+    """RPC implementations over an `Ingress` (its model context, engine handle and readiness)."""
+
+    def __init__(self, ingress: Ingress) -> None:
+        self.ing = ingress
+
+    def check_auth(self, ctx: Any) -> None:  # noqa: ANN401
+        key = self.ing.api_key
+        if not key:
+            return
+        given = dict(ctx.invocation_metadata()).get("authorization", "")
+        if given != f"Bearer {key}":
+            raise fail(ctx, ApiError(401, "missing or invalid API key in the 'authorization' metadata"))
+
+    def _validate(self, model: type, fields: dict[str, Any]) -> Any:  # noqa: ANN401
+        try:
+            return model.model_validate(fields)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+    async def generate(self, request: pb.GenerateRequest, ctx: Any) -> AsyncIterator[pb.GenerateResponse]:  # noqa: ANN401
+        self.check_auth(ctx)
+        rid = ctx.request_id() or ""
+        try:
+            ctxm = self.ing.ctx
+            fields = {"model": request.model or ctxm.name, **sampling_fields(request.sampling)}
+            kind = request.WhichOneof("prompt")
+            if kind is None:
+                raise ApiError(400, "give a prompt: token_ids, text or messages", param="prompt")
+            logprobs = request.sampling.logprobs if request.sampling.HasField("logprobs") else None
+            if kind == "messages":
+                req = self._validate(ChatCompletionRequest, {
+                    **fields, "messages": [chat_message_dict(m) for m in request.messages.messages]})
+                ctxm.check_model(req.model)
+                prompt = ctxm.render_chat(req)
+            else:
+                if "max_tokens" not in fields:
+                    fields["max_tokens"] = None
+                req = self._validate(CompletionRequest, {
+                    **fields, "prompt": list(request.token_ids.ids) if kind == "token_ids" else request.text})
+                ctxm.check_model(req.model)
+                prompt = ctxm.completion_prompts(req)[0]
+            ctxm.check_ids(prompt, "prompt")
+            greq = ctxm.build(req, prompt, request_id=rid, logprobs=logprobs)
+            gen, first = await self.ing._start(greq)
+        except ApiError as err:
+            raise fail(ctx, err) from None
+        completion: dict[int, int] = {}
+        async for ev in self.ing._events(gen, first):
+            if ev.error is not None:
+                raise fail(ctx, ApiError(503 if ev.error.retriable else 500, ev.error.message))
+            completion[ev.index] = ev.completion_tokens
+            yield pb.GenerateResponse(index=ev.index, token_ids=list(ev.token_ids), text=ev.text,
+                                      logprobs=logprobs_pb(ev), finish_reason=ev.finish_reason or "",
+                                      stop_reason="" if ev.stop_reason is None else str(ev.stop_reason))
+        total = sum(completion.values())
+        yield pb.GenerateResponse(usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=total,
+                                                 total_tokens=len(prompt) + total))
+
+    async def chat(self, request: pb.ChatRequest, ctx: Any) -> AsyncIterator[pb.ChatResponse]:  # noqa: ANN401
+        self.check_auth(ctx)
+        raise fail(ctx, ApiError(400, "Chat needs the chat-features build"))
+        yield pb.ChatResponse()  # pragma: no cover  # makes this an async generator
+
+    async def model_info(self, request: pb.ModelInfoRequest, ctx: Any) -> pb.ModelInfoResponse:  # noqa: ANN401
+        self.check_auth(ctx)
+        c = self.ing.ctx
+        a = self.ing.args
+        return pb.ModelInfoResponse(
+            model=c.name, max_model_len=c.max_model_len, vocab_size=c.cfg.vocab_size,
+            eos_token_ids=list(c.defaults.eos_token_ids), trunk_ranks=a.trunk_ranks, expert_ranks=a.expert_ranks,
+            model_type=c.cfg.model_type, num_experts=c.cfg.num_experts, num_experts_per_tok=c.cfg.num_experts_per_tok)
+
+    async def health_check(self, request: health_pb2.HealthCheckRequest, ctx: Any) -> health_pb2.HealthCheckResponse:  # noqa: ANN401
+        if request.service not in ("", SERVICE):
+            raise fail(ctx, ApiError(404, f"unknown service {request.service!r}"))
+        ready = await self.ing.ready()
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def health_watch(self, request: health_pb2.HealthCheckRequest, ctx: Any  # noqa: ANN401
+                           ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        if request.service not in ("", SERVICE):
+            yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            return
+        last = None
+        while True:
+            status = (await self.health_check(request, ctx)).status
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(1.0)
+
+
+def _json_or_400(text: str, param: str) -> Any:  # noqa: ANN401
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"{param} is not valid JSON: {exc}", param=param) from None
