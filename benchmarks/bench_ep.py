@@ -13,7 +13,10 @@ so that the noise of a shared machine hits both sides alike; figures are medians
    - bare: two `all_to_all_single` calls with preallocated buffers and the same splits: C + 1
      rows of (hidden * 4 + 4) bytes to each expert rank, then C + 1 rows of hidden * 4 bytes back.
    C = `fixed_capacity(T, top_k, X, factor=2.0)`, as `ExpertParallelGroup.plan_for` picks it.
-   Target: ours <= 1.5 x bare.
+   Each repetition is one Ray call per actor: a barrier, then `--steps` x 8 layers; the trunk
+   stamps every layer. Per cell: "mean" = loop time / layers and "med" = the median layer, each
+   the median over the repetitions; "ovf" = layers whose random routing exceeds C somewhere (they
+   take the overflow path: two more exchanges). Target: ours <= 1.5 x bare.
 2. Decode step, D = 1, X in {1, 2, 4} (`ExpertParallelGroup`, real experts) vs the single-process
    model (`LocalModel` loaded in this driver process, stepped through `TrunkRank` with the local
    dispatcher: the same step code a rank runs), batch B in {1, 8, 32} after a 16-token prefill,
@@ -25,8 +28,9 @@ so that the noise of a shared machine hits both sides alike; figures are medians
 
 Threads: 1 torch thread per rank actor (a {CPU: 1} bundle) and 1 in the driver for the local model.
 
-Usage: python benchmarks/bench_ep.py [--hiddens 256,1024] [--decode-hiddens 256] [--reps 15]
-       [--steps 4] [--profile] [--json out.json]
+Usage: python benchmarks/bench_ep.py [--hiddens 256,1024] [--decode-hiddens 256,1024] [--reps 15]
+       [--steps 4] [--skip-exchange] [--profile] [--json out.json]
+(about 5 minutes with the defaults and --decode-hiddens 256,1024 on 2 cores)
 """
 
 from __future__ import annotations
@@ -437,7 +441,7 @@ def main() -> None:
     from cluster.local_cluster import start_local_cluster
 
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
-          f"python {platform.python_version()}", flush=True)
+          f"python {platform.python_version()}, load average at start {os.getloadavg()[0]:.1f}", flush=True)
     t_start = time.time()
     cluster = start_local_cluster(3, cpus_per_node=6)
     try:
@@ -449,7 +453,7 @@ def main() -> None:
     finally:
         cluster.shutdown()
     print(report(ex, dec))
-    print(f"\ntotal {time.time() - t_start:.0f} s")
+    print(f"\ntotal {time.time() - t_start:.0f} s, load average at end {os.getloadavg()[0]:.1f} (1 min)")
     if args.json:
         Path(args.json).write_text(json.dumps({"exchange": {k: v for k, v in ex.items() if k != "profiles"},
                                                "decode": dec}, indent=1))

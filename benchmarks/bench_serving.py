@@ -339,7 +339,9 @@ class Bench:
         h = snap.histograms.get(("step_time_seconds", ()))
         return (h.n, h.total) if h is not None else (0, 0.0)
 
-    async def run(self, path: str, c: int, rounds: int, session) -> Run:  # noqa: ANN001
+    async def run(self, path: str, c: int, rounds: int, session, until: asyncio.Event | None = None  # noqa: ANN001
+                  ) -> Run:
+        """c workers, `rounds` requests each back to back (or until `until` is set)."""
         run = Run(path, c)
         expect = self.args.max_tokens
         counter = iter(range(10**9))
@@ -353,6 +355,8 @@ class Bench:
 
         async def worker() -> None:
             for _ in range(rounds):
+                if until is not None and until.is_set():
+                    return
                 i = next(counter)
                 if path == HTTP:
                     await http_request(session, self.url, self.work.body(i), expect, run)
@@ -389,16 +393,18 @@ class Bench:
             self.label_app_ranks()
             self.runner.steps, self.runner.step_s, self.runner.forward_s, self.runner.sample_s = 0, 0.0, 0.0, 0.0
             print(f"warm-up done ({time.monotonic() - t0:.1f} s)", flush=True)
-            for c in levels:
-                runs: dict[str, list[Run]] = {HTTP: [], INPROC: []}
-                for rep in range(a.repeats):
-                    for path in ((HTTP, INPROC) if rep % 2 == 0 else (INPROC, HTTP)):
+            runs: dict[int, dict[str, list[Run]]] = {c: {HTTP: [], INPROC: []} for c in levels}
+            flip = False
+            for rep in range(a.repeats):  # levels and paths both ABBA-interleaved: noise hits every cell alike
+                for c in (levels if rep % 2 == 0 else levels[::-1]):
+                    for path in ((HTTP, INPROC) if not flip else (INPROC, HTTP)):
                         r = await self.run(path, c, a.rounds, session)
-                        runs[path].append(r)
+                        runs[c][path].append(r)
                         print(f"  c={c:<3} {path:<10} rep {rep}: {r.tokens} tok in {r.wall_s:.2f} s = "
                               f"{r.tokens / r.wall_s:7.1f} tok/s, {r.steps} steps, machine busy "
                               f"{100 * r.machine_busy:.0f}%", flush=True)
-                out["levels"][c] = runs
+                    flip = not flip
+            out["levels"] = runs
             if a.py_spy:
                 out["py_spy"] = await self.py_spy(max(levels), session)
         await self.engine.stop()
@@ -415,17 +421,22 @@ class Bench:
             if name in ("Serve ingress replica", "Serve engine replica", "Serve proxy", "trunk rank (HTTP path)"):
                 targets[name] = pid
         tmp = Path(tempfile.mkdtemp(prefix="bench-serving-pyspy-"))
+        seconds = max(1, round(self.args.py_spy))
+        done = asyncio.Event()
+        task = asyncio.create_task(self.run(HTTP, c, 10**6, session, until=done))
+        await asyncio.sleep(2.0)  # let the batch fill up
         procs = {name: subprocess.Popen(
-            ["py-spy", "record", "--pid", str(pid), "--duration", str(self.args.py_spy), "--rate", "200",
+            ["py-spy", "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "100",
              "--format", "raw", "--nonblocking", "--output", str(tmp / f"{pid}.txt")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in targets.items()}
-        rounds = max(self.args.rounds, 2)
-        task = asyncio.create_task(self.run(HTTP, c, rounds * 4, session))
+            stdout=subprocess.DEVNULL, stderr=open(tmp / f"{pid}.err", "w")) for name, pid in targets.items()}
         await asyncio.to_thread(lambda: [p.wait() for p in procs.values()])
+        done.set()
         await task
         report = {}
         for name, pid in targets.items():
-            report[name] = summarize_py_spy(tmp / f"{pid}.txt")
+            text = summarize_py_spy(tmp / f"{pid}.txt")
+            err = (tmp / f"{pid}.err").read_text().strip().splitlines()
+            report[name] = text if text != "(no samples)" else f"(no samples: {err[-1] if err else '?'})"
         return report
 
     def micro(self) -> dict[str, float]:
@@ -468,6 +479,14 @@ class Bench:
             out[f"sample {b} rows, defaults (T={params.temperature}, top_k={params.top_k}, top_p={params.top_p})"] = \
                 timeit(lambda lg=logits, b=b: sample(lg, [params] * b, positions=list(range(b))))
             out[f"sample {b} rows, greedy"] = timeit(lambda lg=logits, b=b: sample(lg, [greedy] * b))
+            if params.top_k > 0 and params.min_p == 0.0 and not params.greedy:
+                out[f"sketch: sample {b} rows, top_k candidates first (same draws)"] = timeit(
+                    lambda lg=logits, b=b: sample_top_k_first(lg, [params] * b, list(range(b))))
+        if params.top_k > 0 and params.min_p == 0.0 and not params.greedy:  # the sketch draws what sample() draws
+            lg = torch.randn(64, vocab) * 3
+            ref = sample(lg, [params] * 64, positions=list(range(64))).token_ids.tolist()
+            same = sum(a == b for a, b in zip(ref, sample_top_k_first(lg, [params] * 64, list(range(64)))))
+            out[f"sketch draws equal to sample() on 64 random rows (count)"] = float(same)
         ids = self.work.prompts[0] * 2
 
         def detok() -> None:
@@ -480,6 +499,30 @@ class Bench:
             lambda: [_sse(completion_chunk("cmpl-x", MODEL_NAME, 0, ev, index=0, tok=self.tokenizer,
                                            want_logprobs=False, offset=0)) for _ in range(100)]) / 100
         return out
+
+
+def sample_top_k_first(logits_BV, params, positions: list[int]) -> list[int]:  # noqa: ANN001
+    """A sketch of `model_shards.sampling.sample` for top_k > 0 (no penalties, min_p 0) that sorts only
+    the top_k candidates for top_p instead of the whole vocabulary; same Gumbel noise, same seeds."""
+    import torch
+
+    from model_shards.sampling import _step_seed
+
+    tokens = []
+    for i, p in enumerate(params):
+        x = logits_BV[i] / p.temperature
+        kth = torch.topk(x, p.top_k).values[-1]
+        cand = (x >= kth).nonzero().squeeze(1)  # ascending ids; ties at the k-th value kept, as filter_logits does
+        xc = x[cand]
+        if p.top_p < 1.0:
+            sx, order = torch.sort(xc, descending=True)
+            probs = torch.softmax(sx, dim=-1)
+            drop = probs.cumsum(dim=-1) - probs >= p.top_p
+            xc = xc.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        gen = torch.Generator().manual_seed(_step_seed(p.seed, positions[i]))
+        u = torch.rand(x.shape, generator=gen, dtype=torch.float32).clamp_(1e-20, 1.0)[cand]
+        tokens.append(int(cand[(xc - torch.log(-torch.log(u))).argmax()]))
+    return tokens
 
 
 def summarize_py_spy(path: Path, top: int = 12) -> str:
@@ -557,6 +600,15 @@ def report(args: argparse.Namespace, out: dict, command: str) -> str:
             lines.append(f"| {c} | {path} | {', '.join(f'{r.tokens / r.wall_s:.1f}' for r in rs)} | {steps} | "
                          f"{1e3 * sum(r.step_s for r in rs) / max(1, steps):.1f} | "
                          f"{', '.join(f'{100 * r.machine_busy:.0f}%' for r in rs)} |")
+    trunk = {(c, path): sum(r.cpu_s.get(f"trunk rank ({'HTTP' if path == HTTP else 'in-process'} path)", 0.0)
+                            for r in levels[c][path]) / sum(r.tokens for r in levels[c][path])
+             for c in cs for path in (HTTP, INPROC)}
+    if all(trunk.values()):
+        lines += ["", "Trunk-rank CPU ms per output token (a noise-robust figure: CPU time, not wall time) and the "
+                  f"gain it allows at most (c={lo} ms / c={hi} ms; a rank uses one thread): HTTP "
+                  f"{1e3 * trunk[(lo, HTTP)]:.2f} -> {1e3 * trunk[(hi, HTTP)]:.2f} ms ({trunk[(lo, HTTP)] / trunk[(hi, HTTP)]:.2f}x), "
+                  f"in-process {1e3 * trunk[(lo, INPROC)]:.2f} -> {1e3 * trunk[(hi, INPROC)]:.2f} ms "
+                  f"({trunk[(lo, INPROC)] / trunk[(hi, INPROC)]:.2f}x)."]
     lines += ["", "CPU seconds per 1000 output tokens, by process (this cluster's process tree; 2 cores in all):", ""]
     names = sorted({n for c in cs for path in (HTTP, INPROC) for r in levels[c][path] for n in r.cpu_s})
     header = "| process | " + " | ".join(f"c={c} {path}" for c in cs for path in (HTTP, INPROC)) + " |"
@@ -577,7 +629,7 @@ def report(args: argparse.Namespace, out: dict, command: str) -> str:
     if out["micro"]:
         lines += ["", "Micro-benchmarks (driver process, 1 torch thread; median ms):", ""]
         lines += ["| piece | ms |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in out["micro"].items()]
+        lines += [f"| {k} | {v:.3f} |" if "count" not in k else f"| {k} | {v:.0f} |" for k, v in out["micro"].items()]
     if out.get("inproc_trunk"):
         t = out["inproc_trunk"]
         lines += ["", f"In-process path, all measured runs: {t['steps']} steps, engine-side step {t['step_ms']:.2f} ms "
@@ -597,7 +649,8 @@ def report(args: argparse.Namespace, out: dict, command: str) -> str:
         f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; D={args.trunk_ranks} x "
         f"X={args.expert_ranks}, dtype {args.dtype}, prompt {args.prompt_len} tokens, max_tokens {args.max_tokens} "
         f"(ignore_eos), {args.rounds} requests back to back per worker per run, {args.repeats} interleaved repeats "
-        f"per level, sampling {'temperature ' + str(args.temperature) if args.temperature is not None else 'defaults of generation_config.json'}.",
+        f"per level (levels and paths interleaved ABBA), Serve env {' '.join(args.serve_env) or 'default'}, "
+        f"sampling {'temperature ' + str(args.temperature) if args.temperature is not None else 'defaults of generation_config.json'}.",
         "",
     ]
     return "\n".join(head + lines) + "\n"
@@ -620,12 +673,17 @@ def main() -> None:
     p.add_argument("--cache-dir", default=None, help="where the embedded model is cached (default: EPSERVE_CACHE_DIR)")
     p.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
                    help="sample the Serve processes with py-spy during an extra HTTP run at the top level")
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for every Ray process of the cluster (e.g. Ray Serve knobs); repeatable")
     p.add_argument("--no-micro", action="store_true")
     p.add_argument("--results", default=None, help="write the markdown report to this file")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     command = "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(__file__, ROOT)] + sys.argv[1:])
 
+    for kv in args.serve_env:
+        key, _, value = kv.partition("=")
+        os.environ[key] = value  # inherited by the raylet and every worker started below
     bench = Bench(args)
     try:
         bench.start()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 CHUNK = 64
+_EXP_UNDERFLOW = -104.0  # exp(x) rounds to +0 in float32 for every x below this (e^-103.97 = 2^-150)
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -41,6 +42,17 @@ def _prepare(
     return l2norm(q), l2norm(k), v, beta, g
 
 
+def _exp_lower(x: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """exp(x) below and on the diagonal, 0 above it (HF: masked_fill(upper, -inf).exp()), in place.
+
+    Same bits, faster: every x < -104 (and the masked -inf) has exp(x) == +0 exactly in float32
+    (below half the smallest subnormal, in Sleef and in libm), but computing it takes a slow
+    underflow path; those entries are set to 0 before the exp and back to +0 after.
+    """
+    zero = (x < _EXP_UNDERFLOW).logical_or_(upper)
+    return x.masked_fill_(zero, 0.0).exp_().masked_fill_(zero, 0.0)
+
+
 def chunk_gated_delta_rule(
     q_BTHK: torch.Tensor,
     *,
@@ -61,48 +73,52 @@ def chunk_gated_delta_rule(
         out_BTHV in q's dtype, final state [B, H, K, V] fp32.
     """
     out_dtype = q_BTHK.dtype
-    b, t, hk = q_BTHK.shape[:3]
-    q, k, v, beta, g = _prepare(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH)
-    q = q * (q.shape[-1] ** -0.5)
-    h, kd, vd = v.shape[1], q.shape[-1], v.shape[-1]
-
+    b, t, hk, kd = q_BTHK.shape
+    h, vd = v_BTHV.shape[2:]
+    r = h // hk
     pad = (CHUNK - t % CHUNK) % CHUNK
-    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    beta, g = (F.pad(x, (0, pad)) for x in (beta, g))
     n = (t + pad) // CHUNK
 
-    # Q K^T depends on key heads only: one matmul per key head, then repeated (same bits as HF's
-    # product of repeated heads).
-    q, k = (x.reshape(b, hk, n, CHUNK, kd) for x in (q, k))
-    qk = q @ k.transpose(-1, -2)
-    if h != hk:
-        q, k, qk = (x.repeat_interleave(h // hk, dim=1) for x in (q, k, qk))
-    v_beta = v.reshape(b, h, n, CHUNK, vd) * beta.reshape(b, h, n, CHUNK, 1)
-    k_beta = k * beta.reshape(b, h, n, CHUNK, 1)
-    g = g.reshape(b, h, n, CHUNK)
+    def chunk_major(x: torch.Tensor, heads: int) -> torch.Tensor:
+        """[B, T, heads, D] -> fp32 [n, B, heads, C, D], time zero-padded to n * C."""
+        x = F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
+        x = x.reshape(b, n, CHUNK, heads, -1).permute(1, 0, 3, 2, 4)
+        return x.to(torch.float32, memory_format=torch.contiguous_format)
+
+    # Layout [n, B, Hk, r, C, ...]: chunk-major, so the sequential loop reads contiguous chunks; value
+    # heads as [Hk, r], so q and k stay on key heads and broadcast over the r value heads of their key
+    # head (HF repeats them first; the products are the same, so are the bits). Large temporaries are
+    # updated in place.
+    q = (l2norm(chunk_major(q_BTHK, hk)) * kd**-0.5).unsqueeze(3)  # [n, B, Hk, 1, C, K]
+    k = l2norm(chunk_major(k_BTHK, hk)).unsqueeze(3)
+    v = chunk_major(v_BTHV, h).view(n, b, hk, r, CHUNK, vd)
+    beta = chunk_major(beta_BTH.unsqueeze(-1), h).view(n, b, hk, r, CHUNK, 1)
+    gamma = chunk_major(g_BTH.unsqueeze(-1), h).view(n, b, hk, r, CHUNK).cumsum(dim=-1)  # decay from chunk start
+    v_beta = v * beta
+    k_beta = k * beta
     upper = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).triu(1)
 
-    gamma = g.cumsum(dim=3)  # log decay from chunk start to each position
-    decay = (gamma.unsqueeze(4) - gamma.unsqueeze(3)).masked_fill(upper, float("-inf")).exp()  # Γ_ij, j <= i
-    a_mat = (k_beta @ k.transpose(-1, -2)) * decay
-    qk = qk * decay
-    k_beta_decayed = k_beta * gamma.exp().unsqueeze(-1)
+    decay = gamma.unsqueeze(-1) - gamma.unsqueeze(-2)
+    decay = _exp_lower(decay, upper)  # Γ_ij, j <= i
+    a_mat = (k_beta @ k.transpose(-1, -2)).mul_(decay)
+    qk = (q @ k.transpose(-1, -2)) * decay
+    gamma_exp = gamma.exp().unsqueeze(-1)
     # UT transform: (I + strictly_lower(A)) U = βV and (I + strictly_lower(A)) W = βK e^γ.
     u = torch.linalg.solve_triangular(a_mat, v_beta, upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(a_mat, k_beta_decayed, upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(a_mat, k_beta.mul_(gamma_exp), upper=False, unitriangular=True)
 
-    state = state_BHKV.to(u)
+    state = state_BHKV.to(torch.float32).view(b, hk, r, kd, vd)
     out = torch.empty_like(u)
-    q = q * gamma.exp().unsqueeze(-1)
+    q = q * gamma_exp
     k_t = (k * (gamma[..., -1:] - gamma).exp().unsqueeze(-1)).transpose(-1, -2)
     chunk_decay = gamma[..., -1].exp()[..., None, None]
     for i in range(n):
-        v_new = u[:, :, i] - w[:, :, i] @ state
-        out[:, :, i] = q[:, :, i] @ state + qk[:, :, i] @ v_new
-        state = state * chunk_decay[:, :, i] + k_t[:, :, i] @ v_new
+        v_new = u[i] - w[i] @ state
+        out[i] = q[i] @ state + qk[i] @ v_new
+        state = state * chunk_decay[i] + k_t[i] @ v_new
 
-    out = out.reshape(b, h, -1, vd)[:, :, :t]
-    return out.transpose(1, 2).to(out_dtype, memory_format=torch.contiguous_format), state
+    out = out.view(n, b, h, CHUNK, vd).permute(1, 0, 3, 2, 4).reshape(b, n * CHUNK, h, vd)[:, :t]
+    return out.to(out_dtype, memory_format=torch.contiguous_format), state.view(b, h, kd, vd)
 
 
 def recurrent_gated_delta_rule(
@@ -130,6 +146,8 @@ def recurrent_gated_delta_rule(
     b, t, hk, kd = q_BTHK.shape
     h, vd = v_BTHV.shape[2:]
     r = h // hk
+    if t == 1 and not keep_states:
+        return _recurrent_one_token(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV)
     q, k, v, beta, g = _prepare(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH)
     q = (q / (kd**0.5)).view(b, hk, 1, t, kd, 1)
     k = k.view(b, hk, 1, t, kd, 1)
@@ -147,3 +165,24 @@ def recurrent_gated_delta_rule(
             kept.append(state.view(b, h, kd, vd))
     out = outs[0].view(b, 1, h, vd) if t == 1 else torch.stack(outs, dim=1).view(b, t, h, vd)
     return out.to(out_dtype), (torch.stack(kept, dim=1) if keep_states else state.view(b, h, kd, vd))
+
+
+def _recurrent_one_token(
+    q_B1HK: torch.Tensor, k_B1HK: torch.Tensor, v_B1HV: torch.Tensor, g_B1H: torch.Tensor, beta_B1H: torch.Tensor,
+    state_BHKV: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`recurrent_gated_delta_rule` for T = 1 (a decode step): the loop body once, with no time axis
+    to move, the new state updated in place and one scratch tensor for the three state-sized
+    products (same ops on the same values, so the same bits)."""
+    b, _, hk, kd = q_B1HK.shape
+    h, vd = v_B1HV.shape[2:]
+    r = h // hk
+    q = (l2norm(q_B1HK.float()) / (kd**0.5)).view(b, hk, 1, kd, 1)
+    k = l2norm(k_B1HK.float()).view(b, hk, 1, kd, 1)
+    state = state_BHKV.to(torch.float32).view(b, hk, r, kd, vd) * g_B1H.float().exp().view(b, hk, r, 1, 1)
+    scratch = torch.mul(state, k)
+    predicted = scratch.sum(dim=-2)  # S^T k
+    delta = (v_B1HV.float().view(b, hk, r, vd) - predicted) * beta_B1H.float().view(b, hk, r, 1)
+    state.add_(torch.mul(k, delta.unsqueeze(-2), out=scratch))
+    out = torch.mul(state, q, out=scratch).sum(dim=-2)  # [B, Hk, r, V]
+    return out.view(b, 1, h, vd).to(q_B1HK.dtype), state.view(b, h, kd, vd)

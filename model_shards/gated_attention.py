@@ -12,12 +12,13 @@ attention back-end (`eager_attention_forward`). Tests: tests/model_shards/test_b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from model_shards.batch import StepBatch
 from model_shards.config import ModelConfig
-from model_shards.norms import rms_norm_zc
+from model_shards.norms import rms_norm_zc_scaled, zc_scale
 from model_shards.quant import Weight, linear
 from model_shards.rope import apply_partial_rope
 
@@ -33,6 +34,15 @@ class AttentionWeights:
     # [(2H + 2Hkv) * hd, D] q_proj, k_proj, v_proj stacked (one GEMM, same bits as three); the
     # loader sets it and makes the three fields row views of it. None: three GEMMs.
     qkv_proj: torch.Tensor | None = None
+
+    # fp32 (1 + w) of q_norm / k_norm, computed on first use and kept.
+    @cached_property
+    def q_scale(self) -> torch.Tensor:
+        return zc_scale(self.q_norm)
+
+    @cached_property
+    def k_scale(self) -> torch.Tensor:
+        return zc_scale(self.k_norm)
 
 
 def attention_forward(
@@ -63,8 +73,8 @@ def attention_forward(
         qg, k, v = linear(x_TD, w.q_proj), linear(x_TD, w.k_proj), linear(x_TD, w.v_proj)
     query, gate = torch.chunk(qg.reshape(t, h, 2 * hd), 2, dim=-1)
     gate = gate.reshape(t, h * hd)
-    q = rms_norm_zc(query, weight=w.q_norm, eps=cfg.rms_norm_eps)
-    k = rms_norm_zc(k.reshape(t, hkv, hd), weight=w.k_norm, eps=cfg.rms_norm_eps)
+    q = rms_norm_zc_scaled(query, scale=w.q_scale, eps=cfg.rms_norm_eps)
+    k = rms_norm_zc_scaled(k.reshape(t, hkv, hd), scale=w.k_scale, eps=cfg.rms_norm_eps)
     v = v.reshape(t, hkv, hd)
     q = apply_partial_rope(q, cos=cos, sin=sin)
     k = apply_partial_rope(k, cos=cos, sin=sin)
@@ -103,10 +113,10 @@ def _prefill_attention(
     g = h // hkv
     # [Hkv, G*n, hd] x [Hkv, hd, S]: query head j uses KV head j // G (HF repeat_kv).
     qg = q_THD.view(n, hkv, g, hd).permute(1, 2, 0, 3).reshape(hkv, g * n, hd)
-    scores = torch.matmul(qg, k.permute(1, 2, 0)) * scale  # [Hkv, G*n, S]
+    scores = torch.matmul(qg, k.permute(1, 2, 0)).mul_(scale)  # [Hkv, G*n, S]
     key_pos = torch.arange(s, device=q_THD.device)
     q_pos = torch.arange(context_len, s, device=q_THD.device).repeat(g)
-    scores = scores.masked_fill(key_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+    scores.masked_fill_(key_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_THD.dtype)
     out = torch.matmul(probs, v.permute(1, 0, 2))  # [Hkv, G*n, hd]
     return out.view(hkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, h, hd)
@@ -125,7 +135,7 @@ def _decode_attention(
     v = v_pool.index_select(0, blocks).view(b, s, hkv, hd)
     g = h // hkv
     qg = q_BHD.view(b, hkv, g, hd)
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, Hkv, G, S]
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).mul_(scale)  # [B, Hkv, G, S]
     scores.masked_fill_(mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_BHD.dtype)
     # Padding reads other sequences' blocks: zero them, since 0 * NaN would still poison the sum.

@@ -16,6 +16,7 @@ Tests: tests/model_shards/test_blocks.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,17 @@ class DeltaNetWeights:
     # sets it and makes the two fields row views of it. None: two GEMMs.
     in_proj_qkvz: torch.Tensor | None = None
 
+    # Derived on first use and kept (replace the object rather than assigning new weights to it).
+    @cached_property
+    def neg_decay_rate(self) -> torch.Tensor:
+        """[H] fp32 -exp(A_log): g = neg_decay_rate * softplus(a + dt_bias)."""
+        return -self.A_log.float().exp()
+
+    @cached_property
+    def conv_taps(self) -> tuple[torch.Tensor, ...]:
+        """The conv weight's kernel columns, each [C] in fp32 (the decode step's multiply-adds)."""
+        return self.conv1d.float().unbind(1)
+
 
 def _conv_silu(x_BCL: torch.Tensor, weight_CK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Depthwise conv without padding (the left context is already in x), then SiLU."""
@@ -52,21 +64,23 @@ def _conv_silu(x_BCL: torch.Tensor, weight_CK: torch.Tensor, out_dtype: torch.dt
     return F.silu(out).to(out_dtype)
 
 
-def _conv_silu_last(x_BCL: torch.Tensor, weight_CK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """`_conv_silu(x)[:, :, -1]` (the newest position only) without a conv kernel call: the taps are
-    summed oldest first in fp32 with fused multiply-adds, the depthwise F.conv1d kernel's order (same
-    bits in fp32 and bf16), rounded to the weight dtype, then SiLU. Returns [B, C]."""
-    x = x_BCL[:, :, -weight_CK.shape[1]:].float()
-    w = weight_CK.float()
-    acc = x[:, :, 0] * w[:, 0]
-    for j in range(1, w.shape[1]):
-        acc = torch.addcmul(acc, x[:, :, j], w[:, j])
-    return F.silu(acc.to(weight_CK.dtype)).to(out_dtype)
+def _conv_silu_last(
+    x_BCL: torch.Tensor, taps: tuple[torch.Tensor, ...], conv_dtype: torch.dtype, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """`_conv_silu(x)[:, :, -1]` (the newest position only) without a conv kernel call: the taps
+    (`DeltaNetWeights.conv_taps`, fp32 [C] each) are summed oldest first in fp32 with fused
+    multiply-adds, the depthwise F.conv1d kernel's order (same bits in fp32 and bf16), rounded to
+    the conv weight's dtype, then SiLU. Returns [B, C]."""
+    xs = x_BCL[:, :, -len(taps):].float().unbind(-1)
+    acc = xs[0] * taps[0]
+    for x, w in zip(xs[1:], taps[1:]):
+        acc = torch.addcmul(acc, x, w)
+    return F.silu(acc.to(conv_dtype)).to(out_dtype)
 
 
 def _gates(a_TH: torch.Tensor, b_TH: torch.Tensor, w: DeltaNetWeights) -> tuple[torch.Tensor, torch.Tensor]:
     beta = b_TH.sigmoid()
-    g = -w.A_log.float().exp() * F.softplus(a_TH.float() + w.dt_bias)
+    g = w.neg_decay_rate * F.softplus(a_TH.float() + w.dt_bias)
     return beta, g
 
 
@@ -130,7 +144,7 @@ def _recurrent_step(
     else:
         conv_old, rec_old = conv_state.index_select(0, slots), recurrent_state.index_select(0, slots)
     window = torch.cat([conv_old, qkv_BC.unsqueeze(-1)], dim=-1)  # [B, C, W + 1] (a copy)
-    mixed = _conv_silu_last(window, w.conv1d, qkv_BC.dtype)  # [B, C]
+    mixed = _conv_silu_last(window, w.conv_taps, w.conv1d.dtype, qkv_BC.dtype)  # [B, C]
     q, k, v = _split_heads(mixed.unsqueeze(1), cfg)
     out, state = recurrent_gated_delta_rule(
         q, k_BTHK=k, v_BTHV=v, g_BTH=g_BH.unsqueeze(1), beta_BTH=beta_BH.unsqueeze(1), state_BHKV=rec_old,
@@ -151,32 +165,35 @@ def _chunk_group(
 ) -> None:
     """Chunked path for sequences with the same number of 64-token chunks, as one batch.
 
-    NOTE: each sequence is conv'd on its own and right-padded with zeros (q = k = v = 0, g = 0,
-    beta = 0) to the group's length; that is exactly the padding the chunked rule applies to a
-    lone sequence, so every sequence's outputs and states do not depend on its group.
+    NOTE: every sequence is right-padded to the group's length and its padded rows are zeroed
+    after the conv (q = k = v = 0, g = 0, beta = 0), exactly the padding the chunked rule gives a
+    lone sequence; the depthwise conv and the rule compute each batch row on its own (checked bit
+    for bit), so a sequence's outputs and states do not depend on its group.
     """
     lens = [batch.query_lens[i] for i in group]
-    tpad = len(group) > 1 and -(-max(lens) // CHUNK) * CHUNK
-    mixed, gs, betas, inits = [], [], [], []
-    for i, n in zip(group, lens):
-        start, slot = batch.starts[i], int(batch.state_slots_B[i])
-        fresh = batch.context_lens[i] == 0
-        left = conv_state.new_zeros(conv_state.shape[1:]) if fresh else conv_state[slot]
-        window = torch.cat([left.to(qkv_TC.dtype), qkv_TC[start:start + n].T], dim=-1)[None]  # [1, C, W + n]
-        conv_state[slot] = window[0, :, n:].to(conv_state.dtype)
-        rows = [_conv_silu(window, w.conv1d, qkv_TC.dtype)[0].T, g_TH[start:start + n], beta_TH[start:start + n]]
-        if tpad:
-            rows = [F.pad(x, (0, 0, 0, tpad - n)) for x in rows]
-        mixed.append(rows[0])
-        gs.append(rows[1])
-        betas.append(rows[2])
-        inits.append(recurrent_state.new_zeros(recurrent_state.shape[1:]) if fresh else recurrent_state[slot])
-    q, k, v = _split_heads(torch.stack(mixed), cfg)
-    out, state = chunk_gated_delta_rule(
-        q, k_BTHK=k, v_BTHV=v, g_BTH=torch.stack(gs), beta_BTH=torch.stack(betas), state_BHKV=torch.stack(inits),
-    )
-    for j, (i, n) in enumerate(zip(group, lens)):
-        recurrent_state[int(batch.state_slots_B[i])] = state[j]
+    tpad = lens[0] if len(group) == 1 else -(-max(lens) // CHUNK) * CHUNK
+    nw = conv_state.shape[-1]  # W cached conv inputs
+    window = qkv_TC.new_zeros(len(group), qkv_TC.shape[1], nw + tpad)  # [G, C, W + tpad], fresh: zero left context
+    g = g_TH.new_zeros(len(group), tpad, g_TH.shape[1])
+    beta = beta_TH.new_zeros(len(group), tpad, beta_TH.shape[1])
+    init = recurrent_state.new_zeros(len(group), *recurrent_state.shape[1:])
+    slots = [int(batch.state_slots_B[i]) for i in group]
+    for j, (i, n, slot) in enumerate(zip(group, lens, slots)):
+        start = batch.starts[i]
+        if batch.context_lens[i] > 0:
+            window[j, :, :nw] = conv_state[slot]
+            init[j] = recurrent_state[slot]
+        window[j, :, nw:nw + n] = qkv_TC[start:start + n].T
+        g[j, :n], beta[j, :n] = g_TH[start:start + n], beta_TH[start:start + n]
+        conv_state[slot] = window[j, :, n:n + nw]
+    mixed = _conv_silu(window, w.conv1d, qkv_TC.dtype)  # [G, C, tpad]
+    for j, n in enumerate(lens):
+        if n < tpad:
+            mixed[j, :, n:] = 0
+    q, k, v = _split_heads(mixed.transpose(1, 2), cfg)
+    out, state = chunk_gated_delta_rule(q, k_BTHK=k, v_BTHV=v, g_BTH=g, beta_BTH=beta, state_BHKV=init)
+    for j, (i, n, slot) in enumerate(zip(group, lens, slots)):
+        recurrent_state[slot] = state[j]
         out_THV[batch.starts[i]:batch.starts[i] + n] = out[j, :n]
 
 

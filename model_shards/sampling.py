@@ -107,6 +107,7 @@ def sample(
     output_ids: list[torch.Tensor] | None = None,
     positions: list[int] | None = None,
     banned: list[tuple[int, ...]] | None = None,
+    allowed: list[torch.Tensor | None] | None = None,
 ) -> SampleOutput:
     """Choose one token per row.
 
@@ -117,6 +118,7 @@ def sample(
         positions: per-row index of the token being sampled in its output (seeds the draw).
         banned: per-row token ids that may not be drawn (min_tokens); logprobs stay those of
             the raw logits.
+        allowed: per-row int32 bitmask of the tokens a grammar allows (structured output), or None.
     """
     b = logits_BV.shape[0]
     if len(params) != b:
@@ -124,7 +126,8 @@ def sample(
     tokens = torch.empty(b, dtype=torch.long, device=logits_BV.device)
 
     def simple(i: int) -> bool:
-        return params[i].greedy and not params[i].has_penalties and not (banned and banned[i])
+        return (params[i].greedy and not params[i].has_penalties and not (banned and banned[i])
+                and not (allowed and allowed[i] is not None))
 
     greedy_rows = [i for i in range(b) if simple(i)]
     if greedy_rows:
@@ -134,9 +137,12 @@ def sample(
         if simple(i):
             continue
         row = logits_BV[i]
-        if banned and banned[i]:
+        if (banned and banned[i]) or (allowed and allowed[i] is not None):
             row = row.clone()
-            row[list(banned[i])] = float("-inf")
+            if banned and banned[i]:
+                row[list(banned[i])] = float("-inf")
+            if allowed and allowed[i] is not None:
+                apply_bitmask(row, allowed[i])
         if p.has_penalties:
             empty = torch.empty(0, dtype=torch.long, device=row.device)
             row = apply_penalties(
@@ -166,3 +172,24 @@ def _with_logprobs(logits_BV: torch.Tensor, tokens: torch.Tensor, params: list[S
         return SampleOutput(tokens, chosen, None, None)
     top = torch.topk(logp, n, dim=-1)
     return SampleOutput(tokens, chosen, top.indices, top.values)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Set the logits of disallowed tokens to -inf, in place (pure torch, any device).
+
+    Args:
+        logits: float [V] or [B, V].
+        bitmask: int32 [W] or [B, W] (the `GrammarMatcher.bitmask` layout); tokens at or past 32 * W are disallowed.
+
+    Returns:
+        `logits`.
+    """
+    if bitmask.dtype != torch.int32 or bitmask.dim() != logits.dim() or bitmask.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(f"bitmask must be int32 with the logits' leading shape, got {bitmask.dtype} "
+                         f"{tuple(bitmask.shape)} for logits {tuple(logits.shape)}")
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask.to(logits.device).unsqueeze(-1) >> shifts) & 1).flatten(-2).bool()  # [..., 32 * W]
+    if allowed.shape[-1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[-1]), value=False)
+    return logits.masked_fill_(~allowed[..., :vocab], float("-inf"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from model_shards.config import FULL_ATTENTION, ModelConfig
 from model_shards.gated_attention import AttentionWeights, attention_forward
 from model_shards.gated_deltanet import DeltaNetWeights, deltanet_forward
 from model_shards.moe import Routing, SharedMoEWeights, route_and_shared
-from model_shards.norms import rms_norm_zc
+from model_shards.norms import rms_norm_zc, rms_norm_zc_scaled, zc_scale
 from model_shards.quant import Weight, linear
 from model_shards.rope import inv_frequencies, mrope_cos_sin
 
@@ -31,10 +32,21 @@ RoutedExperts = Callable[[int, torch.Tensor, Routing], torch.Tensor]
 
 @dataclass
 class LayerWeights:
+    """NOTE: the fp32 (1 + w) norm scales are computed on first use and kept; replace the
+    object rather than assigning new norm weights to it."""
+
     input_norm: torch.Tensor  # [D] zero-centred
     post_norm: torch.Tensor  # [D] zero-centred
     mixer: DeltaNetWeights | AttentionWeights
     moe: SharedMoEWeights
+
+    @cached_property
+    def input_scale(self) -> torch.Tensor:
+        return zc_scale(self.input_norm)
+
+    @cached_property
+    def post_scale(self) -> torch.Tensor:
+        return zc_scale(self.post_norm)
 
 
 @dataclass
@@ -55,6 +67,11 @@ class TrunkWeights:
     final_norm: torch.Tensor  # [D]
     lm_head: Weight  # [vocab, D] (the embedding itself when tied)
     mtp: MtpWeights | None = None
+
+    @cached_property
+    def final_scale(self) -> torch.Tensor:
+        """fp32 (1 + final_norm), kept after first use (as LayerWeights' scales)."""
+        return zc_scale(self.final_norm)
 
 
 @dataclass(frozen=True)
@@ -85,7 +102,7 @@ class Trunk:
                                  dtype=x.dtype)
         for i, lw in enumerate(self.w.layers):
             x = self.decoder_layer(x, lw, layer=i, batch=batch, pools=pools, routed=routed, cos=cos, sin=sin)
-        hidden = rms_norm_zc(x, weight=self.w.final_norm, eps=self.cfg.rms_norm_eps)
+        hidden = rms_norm_zc_scaled(x, scale=self.w.final_scale, eps=self.cfg.rms_norm_eps)
         return TrunkOutput(hidden_TD=hidden, logits_RV=self.logits(hidden[batch.logit_rows]))
 
     def logits(self, hidden_RD: torch.Tensor) -> torch.Tensor:
@@ -98,7 +115,7 @@ class Trunk:
         """One pre-norm decoder layer. `layer` indexes caches and experts (MTP layers follow the
         decoder layers)."""
         cfg = self.cfg
-        h_in = rms_norm_zc(x, weight=lw.input_norm, eps=cfg.rms_norm_eps)
+        h_in = rms_norm_zc_scaled(x, scale=lw.input_scale, eps=cfg.rms_norm_eps)
         if isinstance(lw.mixer, AttentionWeights):
             k_pool, v_pool = pools.kv(layer)
             mixed = attention_forward(h_in, w=lw.mixer, cfg=cfg, batch=batch, cos=cos, sin=sin, k_pool=k_pool,
@@ -107,7 +124,7 @@ class Trunk:
             conv, rec = pools.state(layer)
             mixed = deltanet_forward(h_in, w=lw.mixer, cfg=cfg, batch=batch, conv_state=conv, recurrent_state=rec)
         h = x + mixed
-        m_in = rms_norm_zc(h, weight=lw.post_norm, eps=cfg.rms_norm_eps)
+        m_in = rms_norm_zc_scaled(h, scale=lw.post_scale, eps=cfg.rms_norm_eps)
         return h + self.moe(m_in, lw.moe, layer=layer, routed=routed)
 
     def moe(self, x_TD: torch.Tensor, w: SharedMoEWeights, *, layer: int, routed: RoutedExperts) -> torch.Tensor:

@@ -50,12 +50,17 @@ class StepPlan:
             raise ValueError("FIXED mode needs capacity >= 1")
 
 
+def _pow2_at_least(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
 def fixed_capacity(max_tokens_per_trunk: int, *, top_k: int, expert_ranks: int, factor: float) -> int:
     """C for a decode step: factor x the mean rows a trunk sends an expert rank, rounded up to a
-    power of two (few distinct buffer shapes), at least 1."""
+    power of two (few distinct buffer shapes), at least 1, and no more than the power of two that holds
+    all of a trunk's rows (T x k: beyond that a pair cannot overflow anyway, extra rows are only padding)."""
     mean = max_tokens_per_trunk * top_k / max(expert_ranks, 1)
     c = max(1, int(-(-mean * factor // 1)))
-    return 1 << (c - 1).bit_length()
+    return min(_pow2_at_least(c), _pow2_at_least(max_tokens_per_trunk * top_k))
 
 
 def row_bytes(hidden: int, dtype: torch.dtype) -> int:

@@ -29,16 +29,40 @@ from replicas.a2a_protocol import (
 
 
 class ExpertLoad:
-    """Tokens routed to each expert of each MoE layer since the last reset (cheap: one bincount per layer)."""
+    """Tokens routed to each expert of each MoE layer since the last reset.
+
+    `add` only keeps a reference to the layer's routing ids; `flush` (run by the all-to-all dispatcher at
+    the end of each step, off the per-layer exchange path, and by every read) counts them all with one
+    bincount.
+    """
 
     def __init__(self, num_moe_layers: int, num_experts: int) -> None:
-        self.counts = torch.zeros(num_moe_layers, num_experts, dtype=torch.int64)
+        self._counts = torch.zeros(num_moe_layers, num_experts, dtype=torch.int64)
+        self._pending: list[tuple[int, torch.Tensor]] = []
 
     def add(self, layer: int, topk_ids_Tk: torch.Tensor) -> None:
-        self.counts[layer] += torch.bincount(topk_ids_Tk.reshape(-1).cpu(), minlength=self.counts.shape[1])
+        if not 0 <= layer < self._counts.shape[0]:
+            raise IndexError(f"MoE layer {layer} outside the {self._counts.shape[0]} counted layers")
+        self._pending.append((layer, topk_ids_Tk))
+        if len(self._pending) >= 4096:  # a caller that never flushes still holds a bounded list
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        num_layers, num_experts = self._counts.shape
+        keys = torch.cat([ids.reshape(-1).cpu() + layer * num_experts for layer, ids in self._pending])
+        self._pending = []
+        self._counts += torch.bincount(keys, minlength=num_layers * num_experts).view(num_layers, num_experts)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        self.flush()
+        return self._counts
 
     def take(self) -> torch.Tensor:
-        out, self.counts = self.counts, torch.zeros_like(self.counts)
+        self.flush()
+        out, self._counts = self._counts, torch.zeros_like(self._counts)
         return out
 
 
@@ -59,7 +83,7 @@ class Dispatcher(Protocol):
 class LocalDispatcher:
     """All experts in this process: repeat rows per slot, expert FFN, weight and slot-sum.
 
-    It has no peers, so step framing is a no-op.
+    It has no peers, so step framing only settles the expert-load counters.
     """
 
     def __init__(self, shard: ExpertShard, *, num_moe_layers: int) -> None:
@@ -70,7 +94,7 @@ class LocalDispatcher:
         pass
 
     def finish(self) -> None:
-        pass
+        self.load.flush()
 
     def run_idle(self) -> None:
         pass
@@ -124,6 +148,8 @@ class _FixedBuffers:
         self.counts, self.flags = header[:, :8], header[:, 8]
         self.answer_flags = self.recv.view(x, cap + 1, out_bytes)[:, 0, 0]
         self.answers = self.recv.view(dtype)  # [n, hidden]
+        self.owed = self.send[:0]  # the fast path's payload: no rows left for an overflow exchange
+        self.block = torch.arange(x) * (cap + 1)  # first row (the header) of each expert rank's block
         nb = in_bytes - ID_BYTES
         try:
             self.rows: torch.Tensor | None = self.send[:, :nb].view(dtype)  # [n, hidden], row stride in_bytes
@@ -177,6 +203,7 @@ class AllToAllDispatcher:
         if self._cursor != len(plan.moe_layers):
             raise RuntimeError(f"step ran {self._cursor} MoE layers, the plan has {len(plan.moe_layers)}")
         self._plan = None
+        self.load.flush()
 
     def run_idle(self) -> None:
         """A trunk rank with no tokens still takes part in every exchange of the plan, with empty rows."""
@@ -258,8 +285,9 @@ class AllToAllDispatcher:
         x = self.shape.expert_ranks
         # slot row r goes to row dest[r] * (C + 1) + (1-based running count of dest[r] up to r): its
         # expert rank's block, after the header, in slot order (= the stable sort order of `dispatch`)
-        run = torch.nn.functional.one_hot(dest, x).cumsum(0).gather(1, dest.unsqueeze(1)).squeeze(1)
-        src = (dest * (cap + 1) + run).to(bufs.send.device)
+        src = (torch.nn.functional.one_hot(dest, x).cumsum(0) + bufs.block).gather(1, dest.unsqueeze(1)).squeeze(1)
+        if src.device != bufs.send.device:
+            src = src.to(bufs.send.device)
         assert bufs.rows is not None and bufs.ids is not None
         bufs.rows.index_copy_(0, src, x_TD.repeat_interleave(max(routing.top_k, 1), dim=0))
         bufs.ids.index_copy_(0, src, routing.topk_ids_Tk.reshape(-1, 1).to(torch.int32))
@@ -269,7 +297,7 @@ class AllToAllDispatcher:
             bufs.flag = False
         exchange(self.group, bufs.send, send_splits=bufs.send_splits, recv_splits=self._no_splits)
         handle = DispatchHandle(routing, None, tuple(counts), tuple(counts), FIXED, cap, src)
-        return handle, bufs.send[:0]
+        return handle, bufs.owed
 
     def _send_fixed(self, payload: torch.Tensor, counts: list[int], sent: list[int], cap: int) -> None:
         x = self.shape.expert_ranks

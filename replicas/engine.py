@@ -15,7 +15,8 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from dataclasses import replace
+from typing import Any, Protocol
 
 from model_shards.batch import SeqChunk
 from model_shards.tokenizer import Tokenizer
@@ -58,17 +59,19 @@ class Engine:
         max_waiting: bound of the waiting queue (sequences); beyond it `EngineOverloaded`.
         recover: called (in a thread) after a group failure to rebuild it; None = stay failed.
         metrics: where to record serving metrics.
+        grammars: returns the GrammarCache for structured output (built on first use; None = unsupported).
     """
 
     def __init__(self, runner: AsyncRunner, *, pools: list[BlockPool], config: SchedulerConfig,
                  tokenizer: Tokenizer | None, max_waiting: int = 256, recover: Callable[[], None] | None = None,
-                 metrics: MetricsRegistry | None = None) -> None:
+                 metrics: MetricsRegistry | None = None, grammars: Callable[[], Any] | None = None) -> None:
         self.runner = runner
         self.scheduler = Scheduler(config, pools)
         self.tokenizer = tokenizer
         self.max_waiting = max_waiting
         self.recover = recover
         self.metrics = metrics or MetricsRegistry()
+        self._grammars = grammars
         self._streams: dict[str, tuple[list[Sequence], asyncio.Queue[GenerateOutput]]] = {}
         self._aborted: list[Sequence] = []
         self._ids = itertools.count()
@@ -102,7 +105,13 @@ class Engine:
             EngineOverloaded, RequestRejected, EngineUnavailable.
         """
         self.admit_check(req)
+        compiled = await self._compile(req) if req.grammar is not None else None
         seqs = [Sequence(req, i, self.tokenizer, next(self._ids)) for i in range(req.n)]
+        if compiled is not None:
+            from replicas.structured_output import GrammarMatcher
+
+            for s in seqs:
+                s.matcher = GrammarMatcher(compiled, eos_ids=() if req.ignore_eos else req.eos_token_ids)
         queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
         self._streams[req.request_id] = (seqs, queue)
         for s in seqs:
@@ -119,6 +128,20 @@ class Engine:
             if done < req.n:
                 self.abort(req.request_id)
             self._streams.pop(req.request_id, None)
+
+    async def _compile(self, req: GenerateRequest) -> Any:  # noqa: ANN401  # CompiledGrammar
+        """Compile (or fetch from the bounded cache) the request's grammar, off the event loop."""
+        from replicas.structured_output import GrammarCompileBusy
+
+        if self._grammars is None:
+            raise RequestRejected("structured output is not available on this engine")
+        try:
+            cache = await asyncio.to_thread(self._grammars)
+            return await asyncio.to_thread(cache.get, req.grammar)
+        except GrammarCompileBusy as exc:
+            raise EngineOverloaded(str(exc)) from None
+        except ValueError as exc:
+            raise RequestRejected(f"invalid structured output constraint: {exc}") from None
 
     def admit_check(self, req: GenerateRequest) -> None:
         if self.failure is not None:
@@ -191,10 +214,11 @@ class Engine:
         chunk = SeqChunk(tuple(ids), sch.start, seq.addr.slot, tuple(seq.addr.blocks),
                          rope_delta=seq.rope_delta, logits="last" if sch.sample else "none")
         penalties = seq.params.has_penalties
+        mask = seq.matcher.bitmask() if (seq.matcher is not None and sch.sample) else None
         return SeqStep(
             chunk=chunk, sample=sch.sample, params=seq.params, output_index=len(seq.output_ids),
             prompt_ids=tuple(seq.prompt_ids) if penalties else (), output_ids=tuple(seq.output_ids) if penalties else (),
-            suppress_ids=seq.suppressed_ids() if sch.sample else (),
+            suppress_ids=seq.suppressed_ids() if sch.sample else (), allowed_mask=mask,
         )
 
     def _update(self, out: SchedulerOutput, results: list[StepResult]) -> None:
@@ -208,6 +232,8 @@ class Engine:
                 assert token is not None
                 prev = seq.t_last_token
                 event = seq.append(token, res.logprobs[i])
+                if seq.matcher is not None and not event.finished:
+                    event = self._advance_grammar(seq, token, event)
                 self.metrics.inc("generation_tokens")
                 if prev is None:
                     self.metrics.observe("time_to_first_token_seconds", seq.t_first_token - seq.t_arrival)
@@ -216,6 +242,19 @@ class Engine:
                 self._deliver(seq, event)
                 if event.finished:
                     self._finish(seq, event.finish_reason or "error")
+
+    def _advance_grammar(self, seq: Sequence, token: int, event: GenerateOutput) -> GenerateOutput:
+        """Feed the sampled token to the sequence's grammar; a complete grammar ends the choice."""
+        from replicas.structured_output import GrammarViolation
+
+        try:
+            seq.matcher.accept(token)
+        except GrammarViolation as exc:
+            return replace(event, finish_reason=None,
+                           error=EngineFailure(f"structured output failed: {exc}", retriable=False, code=500))
+        if seq.matcher.is_terminated():
+            return seq.close("stop", event)
+        return event
 
     def _deliver(self, seq: Sequence, event: GenerateOutput) -> None:
         entry = self._streams.get(seq.req.request_id)

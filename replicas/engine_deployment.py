@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -70,10 +71,24 @@ class EngineServer:
                              config=SchedulerConfig(max_num_seqs=a.max_num_seqs,
                                                     max_num_batched_tokens=a.max_num_batched_tokens),
                              tokenizer=self.tokenizer, max_waiting=a.max_waiting_requests,
-                             recover=self.group.rebuild, metrics=self.metrics)
+                             recover=self.group.rebuild, metrics=self.metrics, grammars=self._grammar_cache)
+        self._folder = folder
+        self._grammars = None
+        self._grammar_lock = threading.Lock()
         self.hub = metrics_hub
         self.replica_id = uuid.uuid4().hex[:12]
         self._push_task: asyncio.Task | None = None
+
+    def _grammar_cache(self):  # noqa: ANN202  # replicas.structured_output.GrammarCache, built on first use
+        """The bounded cache of compiled grammars (its tokenizer costs ~200 MB and seconds: only when needed)."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                from model_shards.generation_config import GenerationDefaults
+                from replicas.structured_output import GrammarCache, build_guidance_tokenizer
+
+                eos = GenerationDefaults.load(self._folder, self.cfg).eos_token_ids
+                self._grammars = GrammarCache(build_guidance_tokenizer(self._folder, eos_ids=eos))
+            return self._grammars
 
     def _ensure_started(self) -> None:
         self.engine.start()

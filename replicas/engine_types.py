@@ -8,6 +8,7 @@ the engine trusts these fields.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from model_shards.sampling import SamplingParams
 from replicas.step_types import TokenLogprobs
@@ -39,6 +40,7 @@ class GenerateRequest:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     arrival_time: float = 0.0
+    grammar: Any = None  # replicas.structured_output.GrammarSpec: structured output / forced tool calls
     mm_inputs: tuple = ()  # multimodal inputs (model_shards.vision), empty for text
 
 

@@ -18,7 +18,7 @@ from cluster.process_groups import GroupHandle
 from cluster.topology import GroupShape
 from model_shards.experts import ExpertShard
 from replicas.a2a_protocol import (
-    FIXED, ID_BYTES, StepPlan, exchange, exchange_counts, read_headers, row_bytes, unpack_rows,
+    FIXED, HEADER_MIN_BYTES, ID_BYTES, StepPlan, exchange, exchange_counts, read_headers, row_bytes, unpack_rows,
 )
 
 
@@ -47,7 +47,7 @@ class _FixedBuffers:
         self.back = torch.zeros(n, out_bytes, dtype=torch.uint8, device=device)
         self.recv_splits = [cap + 1] * d + [0] * x
         self.send_splits = [cap + 1] * d + [0] * x
-        self.headers = self.recv.view(d, cap + 1, in_bytes)[:, 0]
+        self.headers = self.recv.view(d, cap + 1, in_bytes)[:, 0, :HEADER_MIN_BYTES]
         self.back_flags = self.back.view(d, cap + 1, out_bytes)[:, 0, 0]
         self.answers = self.back.view(dtype)
         nb = in_bytes - ID_BYTES

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from pydantic import ValidationError
 
+from replicas.chat_stream import ChatChoiceStream
 from replicas.engine_types import GenerateOutput
 from replicas.openai_protocol import ApiError, ChatCompletionRequest, CompletionRequest, validation_error
 from replicas.proto import epserve_pb2 as pb
@@ -162,9 +163,37 @@ class GrpcApi:
                                                  total_tokens=len(prompt) + total))
 
     async def chat(self, request: pb.ChatRequest, ctx: Any) -> AsyncIterator[pb.ChatResponse]:  # noqa: ANN401
+        """Chat with the HTTP API's features: reasoning split, tool calls, structured output."""
         self.check_auth(ctx)
-        raise fail(ctx, ApiError(400, "Chat needs the chat-features build"))
-        yield pb.ChatResponse()  # pragma: no cover  # makes this an async generator
+        rid = ctx.request_id() or ""
+        try:
+            ctxm = self.ing.ctx
+            req = self._validate(ChatCompletionRequest, chat_fields(request, default_model=ctxm.name))
+            ctxm.check_model(req.model)
+            chat = ctxm.chat_prompt(req)
+            logprobs = request.sampling.logprobs if request.sampling.HasField("logprobs") else None
+            greq = ctxm.build(req, chat.ids, request_id=rid, logprobs=logprobs,
+                              grammar=ctxm.chat_grammar(req, thinking=chat.thinking))
+            gen, first = await self.ing._start(greq)
+        except ApiError as err:
+            raise fail(ctx, err) from None
+        parsers: dict[int, ChatChoiceStream] = {}
+        completion: dict[int, int] = {}
+        async for ev in self.ing._events(gen, first):
+            if ev.error is not None:
+                raise fail(ctx, ApiError(503 if ev.error.retriable else 500, ev.error.message))
+            parser = parsers.setdefault(ev.index, ChatChoiceStream(thinking=chat.thinking, tools=chat.tools))
+            delta = parser.feed(ev.text)
+            if ev.finish_reason is not None:
+                delta = delta + parser.finish()
+            completion[ev.index] = ev.completion_tokens
+            yield pb.ChatResponse(
+                index=ev.index, content=delta.content, reasoning_content=delta.reasoning,
+                tool_calls=[tool_call_delta_pb(d) for d in delta.tool_calls], token_ids=list(ev.token_ids),
+                logprobs=logprobs_pb(ev), finish_reason=parser.finish_reason(ev.finish_reason) or "")
+        total = sum(completion.values())
+        yield pb.ChatResponse(usage=pb.Usage(prompt_tokens=len(chat.ids), completion_tokens=total,
+                                             total_tokens=len(chat.ids) + total))
 
     async def model_info(self, request: pb.ModelInfoRequest, ctx: Any) -> pb.ModelInfoResponse:  # noqa: ANN401
         self.check_auth(ctx)
@@ -194,6 +223,42 @@ class GrpcApi:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
             await asyncio.sleep(1.0)
+
+
+def tool_call_delta_pb(d: dict[str, Any]) -> pb.ToolCallDelta:
+    fn = d.get("function") or {}
+    return pb.ToolCallDelta(index=d.get("index", 0), id=d.get("id", ""), name=fn.get("name", ""),
+                            arguments=fn.get("arguments", ""))
+
+
+def chat_fields(request: pb.ChatRequest, *, default_model: str) -> dict[str, Any]:
+    """A proto ChatRequest as the fields of the HTTP API's ChatCompletionRequest (one validation path)."""
+    fields: dict[str, Any] = {"model": request.model or default_model, **sampling_fields(request.sampling),
+                              "messages": [chat_message_dict(m) for m in request.messages]}
+    if request.sampling.HasField("logprobs"):
+        fields["logprobs"] = True
+        fields["top_logprobs"] = request.sampling.logprobs
+    if request.tools:
+        fields["tools"] = [{"type": "function", "function": {
+            "name": t.name, "description": t.description,
+            "parameters": _json_or_400(t.parameters_json, f"tools[{t.name}].parameters_json")
+            if t.parameters_json else {"type": "object", "properties": {}}}} for t in request.tools]
+    if request.tool_choice:
+        fields["tool_choice"] = (request.tool_choice if request.tool_choice in ("auto", "none", "required")
+                                 else {"type": "function", "function": {"name": request.tool_choice}})
+    rf = request.response_format
+    if rf.json_object:
+        fields["response_format"] = {"type": "json_object"}
+    elif rf.json_schema:
+        fields["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "response", "schema": _json_or_400(rf.json_schema, "response_format.json_schema")}}
+    elif rf.regex:
+        fields["structured_outputs"] = {"regex": rf.regex}
+    elif rf.choice:
+        fields["structured_outputs"] = {"choice": list(rf.choice)}
+    if request.HasField("enable_thinking"):
+        fields["chat_template_kwargs"] = {"enable_thinking": request.enable_thinking}
+    return fields
 
 
 def _json_or_400(text: str, param: str) -> Any:  # noqa: ANN401

@@ -29,8 +29,9 @@ from replicas.openai_protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, bad_request,
     validation_error,
 )
+from replicas.chat_stream import ChatChoiceStream
 from replicas.openai_responses import (
-    ChoiceState, chat_chunk, chat_response, completion_chunk, completion_response, usage_chunk,
+    ChoiceState, chat_chunk, chat_response, completion_chunk, completion_response, usage, usage_chunk,
 )
 from replicas.request_builder import ModelContext
 
@@ -158,43 +159,49 @@ class Ingress:
         rid = request.state.request_id
         req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
         self.ctx.check_model(req.model)
-        if req.tools or req.tool_choice not in (None, "none", "auto") or req.response_format or req.structured_outputs:
-            raise bad_request("tools, tool_choice and response_format need the chat-features build of epserve",
-                              "tools")
-        prompt = self.ctx.render_chat(req)
+        chat = self.ctx.chat_prompt(req)
+        prompt = chat.ids
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        greq = self.ctx.build(req, prompt, request_id=rid, logprobs=logprobs)
+        greq = self.ctx.build(req, prompt, request_id=rid, logprobs=logprobs,
+                              grammar=self.ctx.chat_grammar(req, thinking=chat.thinking))
         log.info("request %s: chat, %d prompt tokens, n=%d, stream=%s", rid, len(prompt), req.n, req.stream)
         stream = await self._start(greq)
         body_id = f"chatcmpl-{rid}"
         if not req.stream:
             choices = await self._collect([stream], [0])
+            for c in choices:
+                parser = ChatChoiceStream(thinking=chat.thinking, tools=chat.tools)
+                delta = parser.feed(c.text) + parser.finish()
+                c.text, c.reasoning, c.tool_calls = delta.content, delta.reasoning, parser.tool_calls
+                c.finish_reason = parser.finish_reason(c.finish_reason)
             return JSONResponse(chat_response(body_id, self.ctx.name, choices, prompt_tokens=len(prompt),
                                               tok=self.ctx.tokenizer, want_logprobs=req.logprobs))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
 
         async def sse() -> AsyncIterator[str]:
-            created, seen, completion = int(time.time()), set(), {}
-            try:
-                async for ev in self._events(*stream):
-                    if ev.error is not None:
-                        yield _sse(_stream_error(ev))
-                        break
-                    chunk = chat_chunk(body_id, self.ctx.name, created, ev, first=ev.index not in seen,
-                                       tok=self.ctx.tokenizer, want_logprobs=req.logprobs)
-                    seen.add(ev.index)
-                    completion[ev.index] = ev.completion_tokens
-                    if continuous:
-                        chunk["usage"] = usage_chunk("", "", 0, "", len(prompt), sum(completion.values()))["usage"]
-                    yield _sse(chunk)
-                else:
-                    if include_usage:
-                        yield _sse(usage_chunk(body_id, self.ctx.name, created, "chat.completion.chunk", len(prompt),
-                                               sum(completion.values())))
-                yield "data: [DONE]\n\n"
-            finally:
-                log.info("request %s: stream ended", rid)
+            created, parsers, completion = int(time.time()), {}, {}
+            async for ev in self._events(*stream):
+                if ev.error is not None:
+                    yield _sse(_stream_error(ev))
+                    break
+                first = ev.index not in parsers
+                parser = parsers.setdefault(ev.index, ChatChoiceStream(thinking=chat.thinking, tools=chat.tools))
+                delta = parser.feed(ev.text)
+                if ev.finish_reason is not None:
+                    delta = delta + parser.finish()
+                chunk = chat_chunk(body_id, self.ctx.name, created, ev, delta, first=first,
+                                   finish_reason=parser.finish_reason(ev.finish_reason), tok=self.ctx.tokenizer,
+                                   want_logprobs=req.logprobs)
+                completion[ev.index] = ev.completion_tokens
+                if continuous:
+                    chunk["usage"] = usage(len(prompt), sum(completion.values()))
+                yield _sse(chunk)
+            else:
+                if include_usage:
+                    yield _sse(usage_chunk(body_id, self.ctx.name, created, "chat.completion.chunk", len(prompt),
+                                           sum(completion.values())))
+            yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
@@ -205,8 +212,9 @@ class Ingress:
         prompts = self.ctx.completion_prompts(req)
         for ids in prompts:
             self.ctx.check_ids(ids, "prompt")
-        greqs = [self.ctx.build(req, ids, request_id=rid if len(prompts) == 1 else f"{rid}-{i}", logprobs=req.logprobs)
-                 for i, ids in enumerate(prompts)]
+        grammar = self.ctx.completion_grammar(req)
+        greqs = [self.ctx.build(req, ids, request_id=rid if len(prompts) == 1 else f"{rid}-{i}", logprobs=req.logprobs,
+                                grammar=grammar) for i, ids in enumerate(prompts)]
         log.info("request %s: completion, %d prompt(s), n=%d, stream=%s", rid, len(prompts), req.n, req.stream)
         streams = []
         try:

@@ -162,6 +162,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+    structured_outputs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:

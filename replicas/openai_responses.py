@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_shards.tokenizer import Tokenizer
+from replicas.chat_stream import ChatDelta
 from replicas.engine_types import GenerateOutput
 from replicas.step_types import TokenLogprobs
 
@@ -26,6 +27,8 @@ class ChoiceState:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     completion_tokens: int = 0
+    reasoning: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -65,11 +68,19 @@ def completion_logprobs(tok: Tokenizer, ids: list[int], lps: list[TokenLogprobs]
             "text_offset": offsets}
 
 
-def chat_chunk(rid: str, model: str, created: int, ev: GenerateOutput, *, first: bool,
-               tok: Tokenizer | None, want_logprobs: bool) -> dict[str, Any]:
-    delta: dict[str, Any] = {"role": "assistant"} if first else {}
-    delta["content"] = ev.text
-    choice: dict[str, Any] = {"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": ev.finish_reason}
+def chat_chunk(rid: str, model: str, created: int, ev: GenerateOutput, delta: ChatDelta, *, first: bool,
+               finish_reason: str | None, tok: Tokenizer | None, want_logprobs: bool) -> dict[str, Any]:
+    """One streamed chat event: the choice's delta (content, reasoning_content, tool_calls) for one token."""
+    out: dict[str, Any] = {"role": "assistant"} if first else {}
+    if delta.reasoning:
+        out["reasoning_content"] = delta.reasoning
+    if delta.tool_calls:
+        out["tool_calls"] = delta.tool_calls
+        if delta.content:
+            out["content"] = delta.content
+    else:
+        out["content"] = delta.content
+    choice: dict[str, Any] = {"index": ev.index, "delta": out, "logprobs": None, "finish_reason": finish_reason}
     if want_logprobs and tok is not None and ev.logprobs:
         choice["logprobs"] = chat_logprobs(tok, list(ev.token_ids), list(ev.logprobs))
     if ev.stop_reason is not None:
@@ -97,8 +108,13 @@ def chat_response(rid: str, model: str, choices: list[ChoiceState], *, prompt_to
                   want_logprobs: bool) -> dict[str, Any]:
     out = []
     for c in sorted(choices, key=lambda c: c.index):
+        message: dict[str, Any] = {"role": "assistant", "content": c.text if (c.text or not c.tool_calls) else None}
+        if c.reasoning:
+            message["reasoning_content"] = c.reasoning
+        if c.tool_calls:
+            message["tool_calls"] = c.tool_calls
         item: dict[str, Any] = {
-            "index": c.index, "message": {"role": "assistant", "content": c.text},
+            "index": c.index, "message": message,
             "logprobs": chat_logprobs(tok, c.token_ids, c.logprobs) if want_logprobs else None,
             "finish_reason": c.finish_reason,
         }

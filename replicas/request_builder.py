@@ -13,13 +13,25 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from model_shards.config import ModelConfig, from_hf_config
 from model_shards.generation_config import GenerationDefaults
 from model_shards.sampling import SamplingParams
 from model_shards.tokenizer import Tokenizer
 from replicas.engine_types import GenerateRequest
+from replicas.tool_parser import tools_by_name
+from replicas.chat_stream import thinking_open
 from replicas.openai_protocol import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling, bad_request
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A rendered chat prompt and how its output is parsed."""
+
+    ids: list[int]
+    thinking: bool  # the prompt opened <think>: reasoning comes first
+    tools: dict[str, Any] | None  # tool schemas when calls are parsed
 
 
 @dataclass(frozen=True)
@@ -56,8 +68,28 @@ class ModelContext:
                            type="not_found_error", param="model")
 
     def render_chat(self, req: ChatCompletionRequest) -> list[int]:
+        return self.chat_prompt(req).ids
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> ChatPrompt:
+        """Render the messages (and tools) with the chat template; decide reasoning and tool parsing."""
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         kwargs = dict(req.chat_template_kwargs or {})
+        tools = None
+        if req.tools is not None:
+            try:
+                tools = tools_by_name(req.tools)
+            except ValueError as exc:
+                raise bad_request(f"tools: {exc}", "tools") from None
+        choice = req.tool_choice
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            if not name or tools is None or name not in tools:
+                raise bad_request("tool_choice must name one of the request's tools", "tool_choice")
+        elif choice not in (None, "none", "auto", "required"):
+            raise bad_request(f"tool_choice {choice!r} must be none, auto, required or a named function",
+                              "tool_choice")
+        if choice == "required" and not tools:
+            raise bad_request("tool_choice 'required' needs tools", "tool_choice")
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, tools=req.tools, add_generation_prompt=req.add_generation_prompt, **kwargs)
@@ -65,7 +97,8 @@ class ModelContext:
             raise bad_request(f"messages could not be rendered with the chat template: {exc}", "messages") from exc
         except Exception as exc:  # noqa: BLE001  # template errors from user-controlled kwargs are client errors
             raise bad_request(f"chat template error: {exc}", "messages") from exc
-        return self.tokenizer.encode(text)
+        parse_tools = tools if (tools and choice != "none") else None
+        return ChatPrompt(ids=self.tokenizer.encode(text), thinking=thinking_open(text), tools=parse_tools)
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
@@ -84,8 +117,35 @@ class ModelContext:
         if bad:
             raise bad_request(f"token ids {bad[:5]} are outside the vocabulary [0, {self.cfg.vocab_size})", param)
 
-    def build(self, req: _Sampling, prompt_ids: list[int], *, request_id: str, logprobs: int | None
-              ) -> GenerateRequest:
+    def chat_grammar(self, req: ChatCompletionRequest, *, thinking: bool = False) -> Any:  # noqa: ANN401
+        """The constraint of a chat request (GrammarSpec), or None: response_format / structured_outputs, or a
+        forced tool call (tool_choice required / named). With thinking on, free reasoning may come first."""
+        from replicas.structured_output import GrammarSpec
+
+        try:
+            specs = [GrammarSpec.from_response_format(req.response_format),
+                     GrammarSpec.from_structured_outputs(req.structured_outputs),
+                     GrammarSpec.from_tool_choice(req.tool_choice, req.tools, parallel_tool_calls=req.parallel_tool_calls)]
+        except ValueError as exc:
+            raise bad_request(str(exc), "response_format") from None
+        given = [g for g in specs if g is not None]
+        if len(given) > 1:
+            raise bad_request("give only one of response_format, structured_outputs and a forced tool_choice",
+                              "response_format")
+        if not given:
+            return None
+        return given[0].with_reasoning() if thinking else given[0]
+
+    def completion_grammar(self, req: CompletionRequest) -> Any:  # noqa: ANN401
+        from replicas.structured_output import GrammarSpec
+
+        try:
+            return GrammarSpec.from_structured_outputs(req.structured_outputs)
+        except ValueError as exc:
+            raise bad_request(str(exc), "structured_outputs") from None
+
+    def build(self, req: _Sampling, prompt_ids: list[int], *, request_id: str, logprobs: int | None,
+              grammar: Any = None) -> GenerateRequest:  # noqa: ANN401
         """One engine request; raises 400 when the prompt and max_tokens do not fit the context."""
         n_prompt = len(prompt_ids)
         if req.n > self.max_n:
@@ -126,4 +186,5 @@ class ModelContext:
             min_tokens=req.min_tokens, stop=tuple(req.stop or ()), stop_token_ids=tuple(req.stop_token_ids or ()),
             eos_token_ids=self.defaults.eos_token_ids, ignore_eos=req.ignore_eos,
             skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+            grammar=grammar,
         )

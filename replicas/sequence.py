@@ -56,6 +56,7 @@ class Sequence:
         self.aborted = False
         self.num_preemptions = 0
         self.rope_delta = 0
+        self.matcher = None  # replicas.structured_output.GrammarMatcher when the request is constrained
         self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=req.skip_special_tokens) if tokenizer else None
         self._text = ""  # detokenized output so far
         self._emitted = 0  # characters of _text already sent
@@ -132,6 +133,14 @@ class Sequence:
             logprobs=(logprobs,) if logprobs is not None else (), finish_reason=finish, stop_reason=stop_reason,
             prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids),
         )
+
+    def close(self, finish_reason: str, last: GenerateOutput) -> GenerateOutput:
+        """End the choice now (its grammar is complete): the last event becomes final, text flushed."""
+        if self._detok is not None:
+            self._text += self._detok.finish()
+        text = last.text + self._text[self._emitted:]
+        self._emitted = len(self._text)
+        return replace(last, text=text, finish_reason=finish_reason)
 
     def _find_stop(self) -> tuple[int, str] | None:
         """Earliest stop string in the not-yet-final tail of the text: (cut position, the string)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from model_shards.batch import SeqChunk
 from model_shards.sampling import SamplingParams
 
@@ -24,6 +26,7 @@ class SeqStep:
         output_index: index in the output of the token about to be sampled (seeds the draw).
         prompt_ids, output_ids: token history, sent only when a penalty needs it.
         suppress_ids: tokens that may not be sampled this step (min_tokens keeps eos out).
+        allowed_mask: int32 bitmask of the tokens a grammar allows now (structured output), or None.
     """
 
     chunk: SeqChunk
@@ -33,6 +36,7 @@ class SeqStep:
     prompt_ids: tuple[int, ...] = ()
     output_ids: tuple[int, ...] = ()
     suppress_ids: tuple[int, ...] = ()
+    allowed_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

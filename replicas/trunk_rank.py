@@ -64,6 +64,7 @@ class TrunkRank:
                 output_ids=[torch.tensor(s.output_ids, dtype=torch.long) for s in seqs],
                 positions=[s.output_index for s in seqs],
                 banned=[s.suppress_ids for s in seqs],
+                allowed=[s.allowed_mask for s in seqs],
             )
             ids = res.token_ids.tolist()
             for j, i in enumerate(sampling):
