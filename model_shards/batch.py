@@ -68,7 +68,7 @@ class StepBatch:
     block_size: int
     logit_rows: torch.Tensor  # [R] rows of T whose logits are returned
     embeds_override: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows [M], embeds [M, D])
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+    _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @staticmethod
     def build(seqs: list[SeqChunk], *, block_size: int, device: torch.device | str = "cpu") -> StepBatch:

@@ -80,10 +80,13 @@ def chunk_gated_delta_rule(
     n = (t + pad) // CHUNK
 
     def chunk_major(x: torch.Tensor, heads: int) -> torch.Tensor:
-        """[B, T, heads, D] -> fp32 [n, B, heads, C, D], time zero-padded to n * C."""
+        """[B, T, heads, D] (any strides) -> contiguous fp32 [n, B, heads, C, D], time zero-padded to n * C.
+
+        Warning: `.to(float32, memory_format=contiguous_format)` returns an fp32 input as is, strides
+        included; reductions over D must see stride 1 (as in HF's layout) to give HF's bits.
+        """
         x = F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
-        x = x.reshape(b, n, CHUNK, heads, -1).permute(1, 0, 3, 2, 4)
-        return x.to(torch.float32, memory_format=torch.contiguous_format)
+        return x.reshape(b, n, CHUNK, heads, -1).permute(1, 0, 3, 2, 4).to(torch.float32).contiguous()
 
     # Layout [n, B, Hk, r, C, ...]: chunk-major, so the sequential loop reads contiguous chunks; value
     # heads as [Hk, r], so q and k stay on key heads and broadcast over the r value heads of their key
