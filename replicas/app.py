@@ -13,6 +13,7 @@ from typing import Any
 import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from cluster.placement import plan_placement
 from cluster.topology import GroupShape, Topology
@@ -52,7 +53,10 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         ray_actor_options={"num_cpus": ENGINE_REPLICA_BUNDLE["CPU"]},
         health_check_period_s=5.0,
         health_check_timeout_s=30.0,
-        graceful_shutdown_timeout_s=30.0,
+        graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
+        request_router_config=RequestRouterConfig(
+            request_router_class="replicas.engine_router:AvailableGroupRouter",
+            request_routing_stats_period_s=1.0, request_routing_stats_timeout_s=5.0),
     ).bind(plain, hub)
     ingress = serve.deployment(serve.ingress(build_api)(Ingress)).options(
         name="EpserveIngress",

@@ -74,6 +74,9 @@ class AppArgs(BaseModel):
     api_key: SecretStr | None = Field(None, description="Bearer key required on every route but /health.")
     api_key_env: str | None = Field(None, description="Name of an environment variable holding the key.")
     load_timeout_s: float = Field(1800.0, gt=0, description="Time allowed to load weights and form a group.")
+    graceful_shutdown_timeout_s: float = Field(
+        60.0, gt=0, description="A stopping engine replica lets streams finish this long; the rest end with a "
+                                "retriable error.")
 
     @model_validator(mode="after")
     def _layout(self) -> AppArgs:

@@ -80,6 +80,7 @@ class Engine:
         self.failure: str | None = None  # set while the group is down
         self.steps = 0
         self.last_step_time = 0.0
+        self._canary: asyncio.Future | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -174,7 +175,9 @@ class Engine:
             self._reap()
             out = self.scheduler.schedule()
             if out.empty:
-                if not self.scheduler.waiting and not self.scheduler.num_running:
+                if self._canary is not None and not self.scheduler.num_running:
+                    await self._run_canary()
+                elif not self.scheduler.waiting and not self.scheduler.num_running:
                     self._wake.clear()
                 else:
                     await asyncio.sleep(0.005)  # waiting on an abort or a free block
@@ -275,6 +278,38 @@ class Engine:
             if s.status is not Status.FINISHED:
                 self.scheduler.release(s)
                 self.metrics.inc("request_success", finished_reason="abort")
+
+    # ----------------------------------------------------------------- readiness
+    async def probe(self, *, max_age_s: float = 5.0, timeout_s: float = 60.0) -> bool:
+        """Whether the data path works: a step through every rank succeeded in the last `max_age_s`,
+        or an idle step (all exchanges, no tokens) run now through the loop succeeds."""
+        if self.failure is not None:
+            return False
+        if self.steps and time.monotonic() - self.last_step_time < max_age_s:
+            return True
+        if self._canary is None:
+            self._canary = asyncio.get_running_loop().create_future()
+            self._wake.set()
+        try:
+            return bool(await asyncio.wait_for(asyncio.shield(self._canary), timeout_s))
+        except asyncio.TimeoutError:
+            return False
+
+    async def _run_canary(self) -> None:
+        """Idle step (no sequences) through the group, between real steps, so lock-step is never broken."""
+        waiter, self._canary = self._canary, None
+        assert waiter is not None
+        try:
+            await self.runner.step([StepRequest() for _ in self.scheduler.pools])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001  # the group failed: same path as a failed real step
+            waiter.set_result(False)
+            await self._on_failure(exc)
+            return
+        self.steps += 1
+        self.last_step_time = time.monotonic()
+        waiter.set_result(True)
 
     # ----------------------------------------------------------------- failures
     def _fail_all(self, message: str, *, retriable: bool) -> None:

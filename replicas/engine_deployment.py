@@ -129,8 +129,13 @@ class EngineServer:
             yield event
 
     async def ready(self) -> bool:
+        """Readiness: the group's data path works (a recent step, or an idle canary step now)."""
         self._ensure_started()
-        return self.engine.failure is None
+        return await self.engine.probe(max_age_s=5.0, timeout_s=4 * self.args.collective_deadline_s + 10)
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Read by the engine request router (replicas/engine_router.py): avoid a group that is down."""
+        return {"available": self.engine.failure is None}
 
     async def pool_state(self) -> list[dict[str, int]]:
         return self.engine.pool_state()

@@ -147,11 +147,11 @@ class GrpcApi:
                 prompt = ctxm.completion_prompts(req)[0]
             ctxm.check_ids(prompt, "prompt")
             greq = ctxm.build(req, prompt, request_id=rid, logprobs=logprobs)
-            gen, first = await self.ing._start(greq)
+            stream = await self.ing._start(greq)
         except ApiError as err:
             raise fail(ctx, err) from None
         completion: dict[int, int] = {}
-        async for ev in self.ing._events(gen, first):
+        async for ev in self.ing._events(*stream):
             if ev.error is not None:
                 raise fail(ctx, ApiError(503 if ev.error.retriable else 500, ev.error.message))
             completion[ev.index] = ev.completion_tokens
@@ -174,12 +174,12 @@ class GrpcApi:
             logprobs = request.sampling.logprobs if request.sampling.HasField("logprobs") else None
             greq = ctxm.build(req, chat.ids, request_id=rid, logprobs=logprobs,
                               grammar=ctxm.chat_grammar(req, thinking=chat.thinking))
-            gen, first = await self.ing._start(greq)
+            stream = await self.ing._start(greq)
         except ApiError as err:
             raise fail(ctx, err) from None
         parsers: dict[int, ChatChoiceStream] = {}
         completion: dict[int, int] = {}
-        async for ev in self.ing._events(gen, first):
+        async for ev in self.ing._events(*stream):
             if ev.error is not None:
                 raise fail(ctx, ApiError(503 if ev.error.retriable else 500, ev.error.message))
             parser = parsers.setdefault(ev.index, ChatChoiceStream(thinking=chat.thinking, tools=chat.tools))

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import ValidationError
 
 from replicas.app_args import AppArgs
-from replicas.engine_types import GenerateOutput, GenerateRequest
+from replicas.engine_types import EngineFailure, GenerateOutput, GenerateRequest
 from replicas.metrics import MetricsRegistry, render
 from replicas.openai_protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, bad_request,
@@ -112,32 +112,59 @@ class Ingress:
         self.grpc = GrpcApi(self)
 
     # ----------------------------------------------------------------- generation
-    async def _start(self, greq: GenerateRequest) -> tuple[Any, GenerateOutput]:  # noqa: ANN401
-        """Start the engine stream and wait for its first event, so errors before any token become
-        a proper HTTP status instead of a 200 stream."""
-        gen = self.engine.options(stream=True).generate.remote(greq)
-        try:
-            first = await gen.__anext__()
-        except StopAsyncIteration:
-            raise ApiError(503, "the engine ended the request without output", retry_after=1) from None
-        except asyncio.CancelledError:
-            gen.cancel()
-            raise
-        except Exception as exc:  # noqa: BLE001  # mapped to an HTTP status
-            raise _engine_error(exc) from None
-        return gen, first
+    async def _start(self, greq: GenerateRequest) -> tuple[Any, GenerateOutput, int]:  # noqa: ANN401
+        """Start the engine stream and wait for its first event, so errors before any token become a proper
+        HTTP status instead of a 200 stream. A request that failed retriably before producing a token is
+        retried once; the engine router sends the retry to another group (replicas/engine_router.py)."""
+        for attempt in (1, 2):
+            gen = self.engine.options(stream=True).generate.remote(greq)
+            try:
+                first = await gen.__anext__()
+            except StopAsyncIteration:
+                raise ApiError(503, "the engine ended the request without output", retry_after=1) from None
+            except asyncio.CancelledError:
+                gen.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001  # mapped to an HTTP status
+                err = _engine_error(exc)
+                if attempt == 1 and err.status == 503:
+                    log.warning("request %s: %s; retrying once", greq.request_id, err.message)
+                    continue
+                raise err from None
+            if first.error is not None and first.error.retriable and not first.token_ids and attempt == 1:
+                gen.cancel()
+                log.warning("request %s: failed before its first token (%s); retrying once", greq.request_id,
+                            first.error.message)
+                continue
+            return gen, first, greq.n
+        raise AssertionError("unreachable")
 
-    async def _events(self, gen: Any, first: GenerateOutput) -> AsyncIterator[GenerateOutput]:  # noqa: ANN401
+    async def _events(self, gen: Any, first: GenerateOutput, n: int = 1) -> AsyncIterator[GenerateOutput]:  # noqa: ANN401
+        """The engine stream of a request with `n` choices; if the engine replica dies mid-stream, every choice
+        not yet finished ends with a retriable error event (never a silent truncation)."""
+        finished: set[int] = set()
         try:
-            yield first
-            async for ev in gen:
+            for ev in (first,):
+                finished |= {ev.index} if ev.finished else set()
                 yield ev
+            async for ev in gen:
+                finished |= {ev.index} if ev.finished else set()
+                yield ev
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:  # noqa: BLE001  # the engine replica or its group is gone
+            log.error("request %s: engine stream broke: %r", first.request_id, exc)
+            failure = EngineFailure(f"the engine serving this request failed ({type(exc).__name__}); retry",
+                                    retriable=True)
+            for index in range(n):
+                if index not in finished:
+                    yield GenerateOutput(request_id=first.request_id, index=index, error=failure)
         finally:
             gen.cancel()  # client gone or stream done: make sure the engine request is aborted
 
-    async def _collect(self, streams: list[tuple[Any, GenerateOutput]], offsets: list[int]) -> list[ChoiceState]:
+    async def _collect(self, streams: list[tuple[Any, GenerateOutput, int]], offsets: list[int]) -> list[ChoiceState]:
         """Run every stream to the end (non-streaming responses)."""
-        async def one(stream: tuple[Any, GenerateOutput], offset: int) -> list[ChoiceState]:
+        async def one(stream: tuple[Any, GenerateOutput, int], offset: int) -> list[ChoiceState]:
             states: dict[int, ChoiceState] = {}
             async for ev in self._events(*stream):
                 if ev.error is not None:
@@ -221,7 +248,7 @@ class Ingress:
             for g in greqs:
                 streams.append(await self._start(g))
         except BaseException:
-            for gen, _ in streams:
+            for gen, *_ in streams:
                 gen.cancel()
             raise
         offsets = [i * req.n for i in range(len(prompts))]

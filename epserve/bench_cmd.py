@@ -1,0 +1,159 @@
+"""`epserve bench`: load-test a server over HTTP (/v1/completions, streaming) or gRPC (Generate).
+
+Flags follow `vllm bench serve` (design.md's table); the work is in loadtest/: datasets, arrival
+process, clients, runner, aggregation, report and plot. Prints a summary table like vLLM's;
+`--result-json` and `--plot` write the full result and a PNG. Exit status 1 when any request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import math
+import sys
+
+from epserve.cli import UserError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="load-test a server: TTFT, TPOT, ITL, E2E, throughput, goodput")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--base-url", help="HTTP server, e.g. http://127.0.0.1:8000 (a /v1 suffix is accepted)")
+    target.add_argument("--grpc", metavar="HOST:PORT", help="gRPC server (Serve's gRPC proxy)")
+    p.add_argument("--grpc-application", help="Serve application name sent as gRPC metadata (several apps)")
+    p.add_argument("--model", help="model name (default: the server's first model)")
+    p.add_argument("--tokenizer", help="checkpoint folder whose tokenizer to use (needed for sharegpt; "
+                   "random ids then span its vocabulary instead of [0, 32000))")
+    p.add_argument("--dataset", choices=["random", "sharegpt", "shared-prefix"], default="random")
+    p.add_argument("--dataset-path", help="ShareGPT JSON file (--dataset sharegpt)")
+    p.add_argument("--random-input-len", type=int, default=1024, help="prompt tokens (random, shared-prefix question)")
+    p.add_argument("--random-output-len", type=int, default=128, help="output tokens (random, shared-prefix)")
+    p.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="lengths uniform in [len*(1-r), len*(1+r)] (default 0: exact)")
+    p.add_argument("--shared-prefix-len", type=int, default=1024, help="prefix tokens shared by a group")
+    p.add_argument("--shared-prefix-groups", type=int, default=8, help="number of prefix groups")
+    p.add_argument("--sharegpt-output-len", type=int, help="fixed output length instead of the gpt turn's")
+    p.add_argument("--num-prompts", type=int, default=1000,
+                   help="requests to send (with --duration: distinct prompts, cycled)")
+    p.add_argument("--request-rate", type=float, default=math.inf,
+                   help="mean requests/s, gamma arrivals (default inf: all at once)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals (1 = Poisson, <1 burstier)")
+    p.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
+    p.add_argument("--duration", type=float, help="stop sending after this many seconds (in-flight ones finish)")
+    p.add_argument("--warmup", type=int, default=1, help="requests sent before the measured run (default 1)")
+    p.add_argument("--goodput", nargs="+", metavar="KEY:MS",
+                   help="SLOs in ms for goodput, e.g. ttft:500 tpot:50 e2e:2000 (also itl)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0, greedy)")
+    p.add_argument("--api-key", help="API key (Authorization: Bearer)")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompts and arrival times")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of one request in seconds")
+    p.add_argument("--result-json", help="write the full result (summary and per-request data) here")
+    p.add_argument("--plot", help="write a PNG of latency distributions and throughput over time here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from loadtest.metrics import parse_goodput
+    from loadtest.report import build_result, summary_table, write_json
+    from loadtest.runner import RunConfig, WarmupFailed
+
+    try:
+        slos = parse_goodput(args.goodput)
+        cfg = RunConfig(request_rate=args.request_rate, burstiness=args.burstiness,
+                        max_concurrency=args.max_concurrency, duration_s=args.duration, warmup=args.warmup,
+                        seed=args.seed, progress=not args.no_progress)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    requests = _dataset(args)
+    client = _client(args)
+    try:
+        outcome, model = asyncio.run(_run(client, requests, cfg))
+    except WarmupFailed as exc:
+        raise UserError(str(exc)) from None
+    config = {k: v for k, v in vars(args).items() if k not in ("run", "api_key", "command")}
+    config.update(model=model, backend="grpc" if args.grpc else "openai-completions",
+                  date=datetime.datetime.now().isoformat(timespec="seconds"))
+    result = build_result(outcome, config=config, slos=slos)
+    print(summary_table(result), flush=True)
+    if args.result_json:
+        write_json(result, args.result_json)
+        print(f"result written to {args.result_json}")
+    if args.plot:
+        from loadtest.plot import write_plot
+
+        write_plot(result, args.plot, title=_plot_title(args, model))
+        print(f"plot written to {args.plot}")
+    return 1 if result["failed"] else 0
+
+
+async def _run(client, requests, cfg):  # noqa: ANN001, ANN202  # -> (RunOutcome, model name)
+    from loadtest.runner import run as run_bench
+
+    async with client:
+        try:
+            model = await client.resolve_model()
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001  # connection refused, DNS, ...: the user's target is wrong
+            raise UserError(f"cannot reach the server: {type(exc).__name__}: {exc}") from None
+        print(f"benchmarking model '{model}': {_describe_load(cfg)}", file=sys.stderr, flush=True)
+        return await run_bench(client, requests, cfg), model
+
+
+def _describe_load(cfg) -> str:  # noqa: ANN001
+    rate = "inf" if math.isinf(cfg.request_rate) else f"{cfg.request_rate:g} req/s (burstiness {cfg.burstiness:g})"
+    parts = [f"rate {rate}"]
+    if cfg.max_concurrency:
+        parts.append(f"max concurrency {cfg.max_concurrency}")
+    if cfg.duration_s:
+        parts.append(f"for {cfg.duration_s:g} s")
+    return ", ".join(parts)
+
+
+def _plot_title(args: argparse.Namespace, model: str) -> str:
+    target = args.base_url or f"grpc://{args.grpc}"
+    rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s"
+    conc = f", max concurrency {args.max_concurrency}" if args.max_concurrency else ""
+    lens = (f"{args.random_input_len} in / {args.random_output_len} out tokens" if args.dataset != "sharegpt"
+            else "ShareGPT lengths")
+    return f"epserve bench: {model} at {target}, {args.dataset} ({lens}), {rate}{conc}"
+
+
+def _dataset(args: argparse.Namespace) -> list:
+    from loadtest import datasets as ds
+
+    try:
+        if args.num_prompts < 1:
+            raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+        if args.dataset == "sharegpt":
+            if not args.dataset_path or not args.tokenizer:
+                raise UserError("--dataset sharegpt needs --dataset-path FILE and --tokenizer DIR")
+            from model_shards.tokenizer import Tokenizer
+
+            return ds.sharegpt_requests(args.dataset_path, args.num_prompts, tokenizer=Tokenizer.from_dir(args.tokenizer),
+                                        seed=args.seed, output_len=args.sharegpt_output_len)
+        space = ds.TokenSpace.from_tokenizer_dir(args.tokenizer) if args.tokenizer else ds.TokenSpace()
+        common = dict(input_len=args.random_input_len, output_len=args.random_output_len,
+                      range_ratio=args.random_range_ratio, seed=args.seed, space=space)
+        if args.dataset == "shared-prefix":
+            return ds.shared_prefix_requests(args.num_prompts, groups=args.shared_prefix_groups,
+                                             prefix_len=args.shared_prefix_len, **common)
+        return ds.random_requests(args.num_prompts, **common)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _client(args: argparse.Namespace):  # noqa: ANN202  # OpenAICompletionsClient | GrpcGenerateClient
+    if args.grpc:
+        from loadtest.grpc_client import GrpcGenerateClient
+
+        return GrpcGenerateClient(args.grpc, model=args.model, api_key=args.api_key,
+                                  application=args.grpc_application, temperature=args.temperature,
+                                  timeout_s=args.request_timeout)
+    from loadtest.http_client import OpenAICompletionsClient
+
+    return OpenAICompletionsClient(args.base_url, model=args.model, api_key=args.api_key,
+                                   temperature=args.temperature, timeout_s=args.request_timeout,
+                                   max_connections=args.max_concurrency or 0)

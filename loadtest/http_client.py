@@ -1,0 +1,137 @@
+"""Streaming OpenAI /v1/completions client over aiohttp, timing every SSE event.
+
+One `send` per request, never raising: the outcome (times, token counts, usage, error kind) is
+a `RequestResult`. Every `data:` event with a non-empty `choices` list is one token-bearing
+event (epserve sends one per token, so the stream count equals usage.completion_tokens; a
+server that packs several tokens per event is still totalled right by its usage chunk).
+Requests carry `ignore_eos` and min_tokens = max_tokens so output lengths are exact.
+Must not: decide when to send (runner.py). Tests: tests/loadtest/test_bench.py (fake server, real app).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from loadtest.datasets import BenchRequest
+from loadtest.metrics import RequestResult
+
+ERROR_BODY_CHARS = 300
+
+
+def completions_url(base_url: str) -> str:
+    """`http://host:port[/prefix][/v1]` -> `.../v1/completions` (a trailing /v1 is accepted, as `epserve serve` prints it)."""
+    base = base_url.rstrip("/")
+    if base.endswith("/v1"):
+        base = base[: -len("/v1")]
+    return base + "/v1/completions"
+
+
+class OpenAICompletionsClient:
+    """Streams /v1/completions requests to one server; use as `async with`.
+
+    Args:
+        base_url: the server (with its route prefix, if any).
+        model: the model name; None asks /v1/models for the first one (`resolve_model`).
+        api_key: sent as `Authorization: Bearer KEY`.
+        temperature: sampling temperature of every request (0 = greedy).
+        timeout_s: deadline of one whole request.
+        max_connections: connection pool size (0 = unbounded; the runner bounds concurrency).
+    """
+
+    def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
+                 temperature: float = 0.0, timeout_s: float = 600.0, max_connections: int = 0) -> None:
+        self.url = completions_url(base_url)
+        self.models_url = self.url[: -len("/completions")] + "/models"
+        self.model = model
+        self.temperature = temperature
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.max_connections = max_connections
+        self.session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> OpenAICompletionsClient:
+        connector = aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, headers=self.headers)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def resolve_model(self) -> str:
+        """The configured model, else the first id /v1/models lists."""
+        if self.model is None:
+            assert self.session is not None, "use the client as `async with`"
+            async with self.session.get(self.models_url) as resp:
+                if resp.status != 200:
+                    raise ValueError(f"GET {self.models_url} returned HTTP {resp.status}: "
+                                     f"{(await resp.text())[:ERROR_BODY_CHARS]}")
+                data = (await resp.json()).get("data") or []
+            if not data:
+                raise ValueError(f"{self.models_url} lists no model; pass --model")
+            self.model = str(data[0]["id"])
+        return self.model
+
+    def body(self, req: BenchRequest) -> bytes:
+        prompt: Any = req.prompt if isinstance(req.prompt, str) else list(req.prompt)
+        return json.dumps({
+            "model": self.model, "prompt": prompt, "max_tokens": req.output_len, "min_tokens": req.output_len,
+            "ignore_eos": True, "temperature": self.temperature, "stream": True,
+            "stream_options": {"include_usage": True},
+        }).encode()
+
+    async def send(self, req: BenchRequest, now: Callable[[], float]) -> RequestResult:
+        """Send one request and read its stream to the end.
+
+        Args:
+            now: the runner's clock (seconds since the benchmark start).
+        """
+        assert self.session is not None, "use the client as `async with`"
+        data = self.body(req)
+        r = RequestResult(req.prompt_len, req.output_len, start=now())
+        try:
+            async with self.session.post(self.url, data=data) as resp:
+                if resp.status != 200:
+                    r.error, r.error_detail = f"http_{resp.status}", (await resp.text())[:ERROR_BODY_CHARS]
+                else:
+                    await self._read_stream(resp, r, now)
+        except asyncio.TimeoutError:
+            r.error = "timeout"
+        except aiohttp.ClientError as exc:
+            r.error, r.error_detail = "connection", f"{type(exc).__name__}: {exc}"[:ERROR_BODY_CHARS]
+        r.end = now()
+        return r
+
+    @staticmethod
+    async def _read_stream(resp: aiohttp.ClientResponse, r: RequestResult, now: Callable[[], float]) -> None:
+        times, tokens = r.chunk_times, r.chunk_tokens
+        async for line in resp.content:
+            if not line.startswith(b"data:"):
+                continue
+            t = now()
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                return
+            try:
+                ev = json.loads(payload)
+            except json.JSONDecodeError:
+                r.error, r.error_detail = "bad_event", payload[:ERROR_BODY_CHARS].decode(errors="replace")
+                return
+            if "error" in ev:
+                r.error, r.error_detail = "stream_error", json.dumps(ev["error"])[:ERROR_BODY_CHARS]
+                return
+            if ev.get("choices"):
+                times.append(t)
+                tokens.append(1)
+            usage = ev.get("usage")
+            if usage:
+                r.usage_prompt_tokens = usage.get("prompt_tokens")
+                r.usage_completion_tokens = usage.get("completion_tokens")
+        r.error = "incomplete_stream"  # the connection ended before [DONE]
