@@ -132,8 +132,9 @@ def _dataset(args: argparse.Namespace) -> list:
                 raise UserError("--dataset sharegpt needs --dataset-path FILE and --tokenizer DIR")
             from model_shards.tokenizer import Tokenizer
 
-            return ds.sharegpt_requests(args.dataset_path, args.num_prompts, tokenizer=Tokenizer.from_dir(args.tokenizer),
-                                        seed=args.seed, output_len=args.sharegpt_output_len)
+            tokenizer = Tokenizer.from_dir(args.tokenizer)
+            return ds.sharegpt_requests(args.dataset_path, args.num_prompts, tokenizer=tokenizer, seed=args.seed,
+                                        output_len=args.sharegpt_output_len)
         space = ds.TokenSpace.from_tokenizer_dir(args.tokenizer) if args.tokenizer else ds.TokenSpace()
         common = dict(input_len=args.random_input_len, output_len=args.random_output_len,
                       range_ratio=args.random_range_ratio, seed=args.seed, space=space)

@@ -55,17 +55,15 @@ class TokenSpace:
     excluded: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
-        if self.high - len([t for t in self.excluded if 0 <= t < self.high]) < 1:
+        allowed = np.setdiff1d(np.arange(self.high, dtype=np.int64), np.fromiter(self.excluded, dtype=np.int64))
+        if allowed.size == 0:
             raise ValueError(f"no token ids left in [0, {self.high}) after excluding {len(self.excluded)} ids")
+        object.__setattr__(self, "_allowed", allowed)  # frozen dataclass: a cache, not a field
 
     def sample(self, rng: np.random.Generator, n: int) -> tuple[int, ...]:
-        ids = rng.integers(0, self.high, size=n)
-        if self.excluded:
-            bad = np.isin(ids, list(self.excluded))
-            while bad.any():
-                ids[bad] = rng.integers(0, self.high, size=int(bad.sum()))
-                bad = np.isin(ids, list(self.excluded))
-        return tuple(int(t) for t in ids)
+        """`n` ids drawn uniformly (with replacement) from the allowed ones."""
+        allowed: np.ndarray = self._allowed  # type: ignore[attr-defined]  # set in __post_init__
+        return tuple(allowed[rng.integers(0, allowed.size, size=n)].tolist())
 
     @classmethod
     def from_tokenizer_dir(cls, folder: str | Path) -> TokenSpace:

@@ -3,11 +3,14 @@
 Same contract as http_client.py: `send` never raises and returns a `RequestResult`. Generate
 streams one message per token (tokens counted as len(token_ids)); the last message carries the
 usage. Token-id prompts go as `token_ids`, text as `text`. Errors are `grpc_<status code>`.
+Every call sends a fresh `request_id` metadata entry: Serve hands the ingress only what the client
+sent, and the engine refuses two running requests with one id (an empty one included).
 Tests: tests/loadtest/test_bench.py (the real app).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import grpc
@@ -84,7 +87,8 @@ class GrpcGenerateClient:
         message = self.request(req)
         r = RequestResult(req.prompt_len, req.output_len, start=now())
         try:
-            call = self.stub.Generate(message, timeout=self.timeout_s, metadata=self.metadata)
+            metadata = [*self.metadata, ("request_id", uuid.uuid4().hex)]
+            call = self.stub.Generate(message, timeout=self.timeout_s, metadata=metadata)
             async for msg in call:
                 t = now()
                 if msg.token_ids:

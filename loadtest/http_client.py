@@ -24,7 +24,7 @@ ERROR_BODY_CHARS = 300
 
 
 def completions_url(base_url: str) -> str:
-    """`http://host:port[/prefix][/v1]` -> `.../v1/completions` (a trailing /v1 is accepted, as `epserve serve` prints it)."""
+    """`http://host:port[/prefix][/v1]` -> `.../v1/completions` (a trailing /v1, as `epserve serve` prints, is fine)."""
     base = base_url.rstrip("/")
     if base.endswith("/v1"):
         base = base[: -len("/v1")]

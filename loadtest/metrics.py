@@ -142,12 +142,16 @@ def meets_slos(r: RequestResult, slos: dict[str, float]) -> bool:
 
 
 def timeline(results: list[RequestResult], bucket_s: float = 1.0) -> dict[str, list[float]]:
-    """Per time bucket from 0: output tokens/s, completed requests/s, requests in flight at the bucket start."""
+    """Per time bucket from 0 (start `t`, `width`): output tokens/s, completed requests/s, mean requests in flight.
+
+    The last bucket ends at the last request's end, so its rates are over its real (shorter) width.
+    """
     ends = [r.end for r in results if math.isfinite(r.end)]
     if not ends:
-        return {"t": [], "output_tokens_per_s": [], "completed_per_s": [], "in_flight": []}
-    n = int(max(ends) // bucket_s) + 1
-    tokens, done, delta = [0.0] * n, [0.0] * n, [0] * (n + 1)
+        return {"t": [], "width": [], "output_tokens_per_s": [], "completed_per_s": [], "in_flight": []}
+    t_end = max(ends)
+    n = int(t_end // bucket_s) + 1
+    tokens, done, busy = [0.0] * n, [0.0] * n, [0.0] * n
     for r in results:
         for t, k in zip(r.chunk_times, r.chunk_tokens):
             tokens[min(int(t // bucket_s), n - 1)] += k
@@ -155,16 +159,23 @@ def timeline(results: list[RequestResult], bucket_s: float = 1.0) -> dict[str, l
             continue
         if r.ok:
             done[min(int(r.end // bucket_s), n - 1)] += 1
-        first, last = math.ceil(r.start / bucket_s), math.ceil(r.end / bucket_s) - 1  # b * bucket_s in [start, end)
-        if first <= last:
-            delta[first] += 1
-            delta[min(last, n - 1) + 1] -= 1
-    flight, level = [], 0
-    for b in range(n):
-        level += delta[b]
-        flight.append(level)
-    return {"t": [b * bucket_s for b in range(n)], "output_tokens_per_s": [x / bucket_s for x in tokens],
-            "completed_per_s": [x / bucket_s for x in done], "in_flight": flight}
+        for b in range(int(r.start // bucket_s), min(int(r.end // bucket_s), n - 1) + 1):
+            busy[b] += max(0.0, min(r.end, (b + 1) * bucket_s) - max(r.start, b * bucket_s))  # overlap, s
+    widths = [bucket_s] * (n - 1) + [max(t_end - (n - 1) * bucket_s, 1e-9)]
+    return {"t": [b * bucket_s for b in range(n)], "width": widths,
+            "output_tokens_per_s": [x / w for x, w in zip(tokens, widths)],
+            "completed_per_s": [x / w for x, w in zip(done, widths)],
+            "in_flight": [x / w for x, w in zip(busy, widths)]}
+
+
+def peak_concurrency(results: list[RequestResult]) -> int:
+    """Most requests in flight at any instant (an end at the same time as a start counts first)."""
+    events = sorted([(r.start, 1) for r in results] + [(r.end, -1) for r in results if math.isfinite(r.end)])
+    level = peak = 0
+    for _, d in events:
+        level += d
+        peak = max(peak, level)
+    return peak
 
 
 def summarize(results: list[RequestResult], duration_s: float, *, slos: dict[str, float] | None = None,

@@ -3,7 +3,7 @@
 Top row: histograms of TTFT, ITL and E2E latency with mean / p50 / p99 marked (a long tail past
 3x p99 is folded into the last bin and counted in the panel). Bottom: the CDFs of all four
 latencies on a log axis, and per-second output tokens/s with requests in flight and completed
-requests/s. Must not: compute statistics beyond what it draws (they come from the result dict).
+requests/s (the last, partial second is drawn at its real width). Must not: compute statistics beyond what it draws (they come from the result dict).
 Tests: tests/loadtest/test_bench.py (the file is written and not blank).
 """
 
@@ -66,7 +66,7 @@ def _cdf(ax, series: dict[str, list[float]]) -> None:  # noqa: ANN001
         drawn = True
     if drawn:
         ax.set_xscale("log")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left")
     for q in (0.5, 0.9, 0.99):
         ax.axhline(q, color="grey", linewidth=0.6, linestyle=":")
         ax.text(1.0, q, f" p{q * 100:g}", transform=ax.get_yaxis_transform(), fontsize=7, va="center",
@@ -77,7 +77,7 @@ def _cdf(ax, series: dict[str, list[float]]) -> None:  # noqa: ANN001
     ax.grid(alpha=0.3, which="both")
 
 
-def _throughput(ax, tl: dict) -> None:  # noqa: ANN001
+def _throughput(ax, tl: dict, last_send: float | None) -> None:  # noqa: ANN001
     ax.set_title("Throughput over time (1 s buckets)", fontsize=11, fontweight="bold")
     ax.set_xlabel("time since benchmark start (s)")
     ax.set_ylabel("output tokens / s", color="#ff7f0e")
@@ -85,19 +85,25 @@ def _throughput(ax, tl: dict) -> None:  # noqa: ANN001
     if not t:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
         return
-    bars = ax.bar(t, tl["output_tokens_per_s"], width=0.9, align="edge", color="#ff7f0e", alpha=0.6,
-                  label="output tokens/s")
+    widths = tl.get("width") or [1.0] * len(t)
+    bars = ax.bar(t, tl["output_tokens_per_s"], width=[0.92 * w for w in widths], align="edge", color="#ff7f0e",
+                  alpha=0.6, label="output tokens/s")
     ax.tick_params(axis="y", labelcolor="#ff7f0e")
     ax.grid(axis="y", alpha=0.3)
     right = ax.twinx()
-    (flight,) = right.step(t, tl["in_flight"], where="post", color="#1f77b4", linewidth=1.5,
-                           label="requests in flight")
-    (done,) = right.plot([x + 0.5 for x in t], tl["completed_per_s"], color="#2ca02c", linestyle="--",
+    mid = [x + w / 2 for x, w in zip(t, widths)]
+    (flight,) = right.plot(mid, tl["in_flight"], color="#1f77b4", marker=".", linewidth=1.5,
+                           label="requests in flight (mean)")
+    (done,) = right.plot(mid, tl["completed_per_s"], color="#2ca02c", linestyle="--",
                          marker=".", linewidth=1.2, label="completed requests/s")
     right.set_ylabel("requests")
     right.set_ylim(bottom=0)
-    ax.legend(handles=[bars, flight, done], fontsize=8, loc="upper left", framealpha=0.9)
-    ax.set_xlim(0, t[-1] + 1)
+    handles = [bars, flight, done]
+    if last_send is not None:
+        handles.append(ax.axvline(last_send, color="dimgrey", linestyle=":", linewidth=1.2,
+                                  label=f"last request sent ({last_send:.1f} s)"))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", framealpha=0.9)
+    ax.set_xlim(0, t[-1] + widths[-1])
 
 
 def write_plot(result: dict, path: str | Path, *, title: str) -> None:
@@ -120,7 +126,7 @@ def write_plot(result: dict, path: str | Path, *, title: str) -> None:
     for col, key in enumerate(("ttft", "itl", "e2el")):
         _hist(fig.add_subplot(grid[0, col]), series[key], key, result)
     _cdf(fig.add_subplot(grid[1, 0]), series)
-    _throughput(fig.add_subplot(grid[1, 1:]), result["timeline"])
+    _throughput(fig.add_subplot(grid[1, 1:]), result["timeline"], max(result["start_times"], default=None))
     sub = (f"{result['completed']} requests ok, {result['failed']} failed in {result['duration']:.1f} s  |  "
            f"{result['request_throughput']:.2f} req/s, {result['output_throughput']:.0f} output tok/s  |  "
            f"mean TTFT {result['mean_ttft_ms']:.1f} ms, mean ITL {result['mean_itl_ms']:.1f} ms")

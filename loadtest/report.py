@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from loadtest.metrics import PERCENTILES, RequestResult, describe, summarize, timeline
+from loadtest.metrics import PERCENTILES, RequestResult, describe, peak_concurrency, summarize, timeline
 from loadtest.runner import RunOutcome
 
 WIDTH = 50
@@ -34,7 +34,7 @@ def build_result(outcome: RunOutcome, *, config: dict, slos: dict[str, float] | 
         out[f"{stat}_send_lag_ms"] = v * 1e3
     tl = timeline(res)
     out["peak_output_throughput"] = max(tl["output_tokens_per_s"], default=math.nan)
-    out["peak_concurrent_requests"] = max(tl["in_flight"], default=0)
+    out["peak_concurrent_requests"] = peak_concurrency(res)
     out["warmup"] = {"requests": len(outcome.warmup),
                      "prompt_tokens": sum(r.prompt_tokens for r in outcome.warmup),
                      "completion_tokens": sum(r.output_tokens for r in outcome.warmup)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import ray
@@ -28,6 +29,8 @@ from model_shards.tiny_checkpoint import resolve_model_dir
 from replicas.a2a_protocol import FIXED, VARIABLE, StepPlan, fixed_capacity
 from replicas.actors import CacheSizes, ExpertRankActor, RankSpec, TrunkRankActor
 from replicas.step_types import StepRequest, StepResult
+
+ERROR_GRACE_S = 2.0
 
 TrunkActor = ray.remote(max_restarts=0, max_concurrency=1)(TrunkRankActor)
 ExpertActor = ray.remote(max_restarts=0, max_concurrency=1)(ExpertRankActor)
@@ -111,6 +114,8 @@ class ExpertParallelGroup:
         self._pg = placement
         self._first_bundle = first_bundle
         self.epoch = 0
+        self.group_id = uuid.uuid4().hex[:8]  # names this group's actors (epserve-<id>-trunk0-...), for operators
+        self._created = 0
         self.trunks: list = []
         self.experts: list = []
         self._broken: GroupFailure | None = None
@@ -135,11 +140,13 @@ class ExpertParallelGroup:
         spec = RankSpec(model_dir=self.config.model_dir, dtype=self.config.dtype, shape=self.shape,
                         expert_map=self.expert_map, index=index, caches=self.config.caches if is_trunk else None,
                         threads=int(self.config.cpus_per_rank))
+        self._created += 1
+        role = f"trunk{index}" if is_trunk else f"expert{index}"
         opts = dict(
             num_cpus=self.config.cpus_per_rank, num_gpus=1 if self.config.gpus else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self._pg, placement_group_bundle_index=self._first_bundle + global_rank),
-            name=None,
+            name=f"epserve-{self.group_id}-{role}-{self._created}",
         )
         return (TrunkActor if is_trunk else ExpertActor).options(**opts).remote(spec)
 
@@ -235,14 +242,20 @@ class ExpertParallelGroup:
         n_collectives = 3 * len(plan.moe_layers) + 1 if plan is not None else 1
         overall = time.monotonic() + deadline * n_collectives + deadline
         first_done: float | None = None
+        first_error: float | None = None
         while pending:
             limit = overall if first_done is None else min(overall, first_done + deadline + 5.0)
+            if first_error is not None:
+                # Peers of a failed rank error within moments; whoever is still silent is hung.
+                limit = min(limit, first_error + ERROR_GRACE_S)
             timeout = max(0.0, limit - time.monotonic())
             done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if not done:
                 break
             if first_done is None:
                 first_done = time.monotonic()
+            if first_error is None and any(f.exception() is not None for f in done):
+                first_error = time.monotonic()
         dead, errors, out = [], {}, [None] * len(refs)
         for fut, i in futs.items():
             if fut in pending:

@@ -40,6 +40,9 @@ log = logging.getLogger("ray.serve.epserve.ingress")
 MAX_BODY_BYTES = 16 * 2**20
 PUBLIC_PATHS = ("/health",)
 REQUEST_ID_HEADER = "X-Request-Id"
+# Before the one retry: longer than the engine replicas' routing-stats period (1 s, replicas/app.py), so the
+# router already knows the failed group is down and picks another.
+RETRY_DELAY_S = 1.5
 
 async def _parse(request: Request, model: type) -> Any:  # noqa: ANN401  # returns an instance of `model`
     raw = await request.body()
@@ -60,6 +63,8 @@ async def _parse(request: Request, model: type) -> Any:  # noqa: ANN401  # retur
 def _engine_error(exc: BaseException) -> ApiError:
     """Map engine-side exceptions (re-raised through the Serve handle) to HTTP errors."""
     from replicas.engine import EngineOverloaded, EngineUnavailable, RequestRejected
+
+    exc = getattr(exc, "cause", None) or exc  # Ray wraps the replica's exception; report the original message
 
     if isinstance(exc, EngineOverloaded):
         return ApiError(429, f"The server is at capacity: {exc}. Retry later.", type="rate_limit_error",
@@ -129,12 +134,14 @@ class Ingress:
                 err = _engine_error(exc)
                 if attempt == 1 and err.status == 503:
                     log.warning("request %s: %s; retrying once", greq.request_id, err.message)
+                    await asyncio.sleep(RETRY_DELAY_S)
                     continue
                 raise err from None
             if first.error is not None and first.error.retriable and not first.token_ids and attempt == 1:
                 gen.cancel()
                 log.warning("request %s: failed before its first token (%s); retrying once", greq.request_id,
                             first.error.message)
+                await asyncio.sleep(RETRY_DELAY_S)
                 continue
             return gen, first, greq.n
         raise AssertionError("unreachable")
@@ -404,7 +411,62 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
     `Ingress` through the replica context, or through `instance` when given (tests).
     """
     api = FastAPI(title="epserve", description="OpenAI-compatible API of an expert-parallel Qwen3.5-MoE server.",
-                  version="1")
+                  version="1", docs_url=None, redoc_url=None)
+    # NOTE: no /docs or /redoc: those pages load their JavaScript from a CDN and, with an API key set, the
+    # browser fetches /openapi.json without the key. /openapi.json is a route like the others: behind the key.
+
+    # OpenAPI description. Handlers parse raw bodies themselves (one error shape, tests/replicas/test_fuzz.py
+    # fuzzes against this document), so request bodies are declared here from the same pydantic models;
+    # nested models go to components/schemas so every $ref resolves in the document.
+    schemas: dict[str, Any] = {"ErrorResponse": {
+        "type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+                "message": {"type": "string"}, "type": {"type": "string"},
+                "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}
+    error_text = {400: "Invalid request (the message names the parameter).", 401: "Missing or invalid API key.",
+                  404: "Unknown model.", 413: "Request body too large.", 429: "Engine queue full; see Retry-After.",
+                  500: "Internal error.", 503: "Engine unavailable or at capacity; see Retry-After."}
+
+    def errors(*codes: int) -> dict[str, Any]:
+        ref = {"$ref": "#/components/schemas/ErrorResponse"}
+        return {str(c): {"description": error_text[c], "content": {"application/json": {"schema": ref}}}
+                for c in codes}
+
+    def ok(description: str, schema: dict[str, Any], *, stream: bool = False) -> dict[str, Any]:
+        content: dict[str, Any] = {"application/json": {"schema": schema}}
+        if stream:
+            content["text/event-stream"] = {"schema": {"type": "string", "description": "SSE `data:` events, "
+                                                       "then `data: [DONE]`; errors arrive in-band."}}
+        return {"200": {"description": description, "content": content}}
+
+    def spec(model: type | None, responses: dict[str, Any]) -> dict[str, Any]:
+        """`openapi_extra` of a route: the JSON body of `model` (when given) and the responses."""
+        extra: dict[str, Any] = {"responses": responses}
+        if model is not None:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(body.pop("$defs", {}))
+            schemas[model.__name__] = body
+            extra["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        return extra
+
+    def completion_schema(obj: str) -> dict[str, Any]:
+        return {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+                "properties": {"object": {"const": obj}, "choices": {"type": "array", "items": {
+                    "type": "object", "required": ["index", "finish_reason"]}}}}
+
+    def openapi() -> dict[str, Any]:
+        doc = FastAPI.openapi(api)
+        components = doc.setdefault("components", {})
+        components.setdefault("schemas", {}).update(schemas)
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
+                                                     "description": "Required on every route but /health when "
+                                                                    "the server has an API key."}}
+        doc["security"] = [{"bearer": []}]
+        return doc
+
+    api.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the document
+    generation_errors = (400, 401, 404, 413, 429, 500, 503)
 
     def ing() -> Ingress:
         if instance is not None:
@@ -442,31 +504,51 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
         return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}", type="internal_error").body(),
                             status_code=500)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=spec(ChatCompletionRequest, {
+        **ok("A chat completion, or an SSE stream of chunks with `stream: true`.",
+             completion_schema("chat.completion"), stream=True), **errors(*generation_errors)}))
     async def chat(request: Request) -> Response:
         return await ing().chat(request)
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=spec(CompletionRequest, {
+        **ok("A text completion, or an SSE stream of chunks with `stream: true`.",
+             completion_schema("text_completion"), stream=True), **errors(*generation_errors)}))
     async def completions(request: Request) -> Response:
         return await ing().completions(request)
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", openapi_extra=spec(None, {
+        **ok("The served model.", {"type": "object", "required": ["object", "data"],
+                                   "properties": {"object": {"const": "list"}, "data": {"type": "array"}}}),
+        **errors(401)}))
     async def models() -> dict[str, Any]:
         return ing().models()
 
-    @api.post("/tokenize")
+    @api.post("/tokenize", openapi_extra=spec(TokenizeRequest, {
+        **ok("Token ids of a prompt or of rendered chat messages.", {
+            "type": "object", "required": ["count", "max_model_len", "tokens"],
+            "properties": {"tokens": {"type": "array", "items": {"type": "integer"}}}}),
+        **errors(400, 401, 404, 413)}))
     async def tokenize(request: Request) -> dict[str, Any]:
         return await ing().tokenize(request)
 
-    @api.post("/detokenize")
+    @api.post("/detokenize", openapi_extra=spec(DetokenizeRequest, {
+        **ok("The text of token ids.", {"type": "object", "required": ["prompt"],
+                                        "properties": {"prompt": {"type": "string"}}}),
+        **errors(400, 401, 404, 413)}))
     async def detokenize(request: Request) -> dict[str, Any]:
         return await ing().detokenize(request)
 
-    @api.get("/health")
+    health_body = {"type": "object", "required": ["status", "model"],
+                   "properties": {"status": {"enum": ["ok", "unavailable"]}, "model": {"type": "string"}}}
+
+    @api.get("/health", openapi_extra={"security": [], "responses": {
+        **ok("Ready: weights loaded and an engine step has run.", health_body),
+        "503": {"description": "Not ready.", "content": {"application/json": {"schema": health_body}}}}})
     async def health() -> Response:
         return await ing().health()
 
-    @api.get("/metrics")
+    @api.get("/metrics", response_class=PlainTextResponse, openapi_extra={"responses": {
+        "200": {"description": "Prometheus text exposition of every replica's metrics."}, **errors(401, 503)}})
     async def metrics() -> Response:
         return await ing().prometheus()
 

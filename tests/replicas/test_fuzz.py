@@ -1,0 +1,343 @@
+"""Fuzzing the public APIs (docs/reliability.md goal R6): no input may produce a server error.
+
+HTTP: Schemathesis 4 over the app's own /openapi.json (positive and negative modes, fixed seed,
+`derandomize`), check `not_a_server_error` plus conformance to the documented statuses, content types
+and bodies. gRPC: Hypothesis strategies over the proto fields (random strings, out-of-range numbers,
+token ids, nested chat messages, tools with random JSON schemas, response formats); allowed status
+codes are the documented ones, never INTERNAL / UNKNOWN. A canary completion must succeed every
+CANARY_EVERY cases and after each fuzz run (a wedged engine with a green /health is a failure too).
+The app is small on purpose (max_model_len 256, default_max_tokens 2, max_n 2) so cases stay cheap.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+import requests
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402  # after the importorskip
+from hypothesis import strategies as st  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance, negative_data_rejection, response_schema_conformance, status_code_conformance,
+)
+
+from replicas.grpc_client import EpserveClient  # noqa: E402
+from replicas.ingress import build_api  # noqa: E402
+from replicas.proto import epserve_pb2 as pb  # noqa: E402
+
+pytestmark = pytest.mark.timeout(900)
+
+APP, PREFIX, KEY, MODEL = "fuzz", "/fuzz", "fuzz-key", "fuzz-tiny"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SEED = 20260801
+HTTP_CASES = 60  # Hypothesis examples per operation and generation mode
+HTTP_CASES_NO_INPUT = 20  # positive cases of an operation without inputs: the same request each time
+GRPC_CASES = 60  # per RPC
+CANARY_EVERY = 100
+MAX_MODEL_LEN = 256
+HTTP_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+               negative_data_rejection]
+GRPC_ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
+SETTINGS = dict(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck),
+                phases=[Phase.explicit, Phase.generate, Phase.shrink])
+
+# (api, operation) -> Counter of outcomes (HTTP status or gRPC code name); printed by the canary tests.
+STATS: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
+
+
+@pytest.fixture(scope="module")
+def fuzz_app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
+    from ray import serve
+
+    from replicas.app import build_app
+    from replicas.app_args import AppArgs, AutoscalingArgs
+
+    http, grpc_target = serve_ports
+    args = AppArgs(
+        model=str(embedded_model_dir), served_model_name=MODEL, dtype="float32", num_kv_blocks=64, block_size=16,
+        max_num_seqs=8, max_model_len=MAX_MODEL_LEN, default_max_tokens=2, max_n=2, api_key=KEY,
+        collective_deadline_s=30,
+        ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
+        engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
+    )
+    serve.run(build_app(args), name=APP, route_prefix=PREFIX)
+    client = EpserveClient(grpc_target, api_key=KEY, application=APP, timeout_s=60)
+    yield SimpleNamespace(base=http + PREFIX, client=client)
+    client.close()
+    serve.delete(APP)
+
+
+def http_canary(base: str) -> None:
+    r = requests.post(base + "/v1/completions", headers=AUTH, timeout=60,
+                      json={"model": MODEL, "prompt": "canary", "max_tokens": 1, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 1
+
+
+def grpc_canary(client: EpserveClient) -> None:
+    out = client.complete(text="canary", max_tokens=1, temperature=0)
+    assert len(out.token_ids) == 1 and out.finish_reason
+
+
+def _report(api: str) -> str:
+    rows = [f"{op}: {sum(c.values())} cases {dict(sorted(c.items()))}" for (a, op), c in sorted(STATS.items())
+            if a == api]
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------- HTTP
+
+
+def test_openapi_document_describes_every_route() -> None:
+    """Every route of build_api() is documented, every POST has a JSON body schema, and the document is valid
+    OpenAPI 3.1 with every $ref resolving (no pydantic `$defs` left behind)."""
+    from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
+
+    api = build_api()
+    doc = api.openapi()
+    errors = [str(e) for e in OPENAPI_31_VALIDATOR.iter_errors(doc)]
+    assert errors == []
+    text = json.dumps(doc)
+    assert "$defs" not in text
+    for ref in {part.split('"')[0] for part in text.split('"$ref": "')[1:]}:
+        assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in doc["components"]["schemas"], ref
+    for route in api.routes:
+        if route.path == api.openapi_url:
+            continue
+        for method in route.methods - {"HEAD"}:
+            op = doc["paths"][route.path][method.lower()]
+            assert "200" in op["responses"], (method, route.path)
+            if route.path != "/health":
+                assert "401" in op["responses"], (method, route.path)
+            if method == "POST":
+                assert op["requestBody"]["required"] is True
+                assert "application/json" in op["requestBody"]["content"]
+                assert "400" in op["responses"]
+    assert doc["paths"]["/health"]["get"]["security"] == []
+
+
+# The document the app serves is built by build_api() without a replica (test_served_document_is_this_one
+# checks that), so the operations are known at collection time and each (operation, mode) is its own test.
+# Cases come from `APIOperation.as_strategy` under our own @given: schemathesis' pytest plugin
+# (`@schema.parametrize`, `from_fixture`) does not name or run items correctly on pytest 9.2 (`_nodeid`).
+HTTP_SCHEMA = schemathesis.openapi.from_dict(build_api().openapi(), config=schemathesis.Config.from_dict({
+    "seed": SEED, "generation": {"allow-x00": True}}))
+HTTP_OPERATIONS = [r.ok() for r in HTTP_SCHEMA.get_all_operations()]
+HTTP_RUNS = [(op.label, mode) for op in HTTP_OPERATIONS for mode in ("positive", "negative")]
+
+
+def test_served_document_is_this_one(fuzz_app) -> None:  # noqa: ANN001
+    served = requests.get(fuzz_app.base + "/openapi.json", headers=AUTH, timeout=30).json()
+    assert served.pop("servers") == [{"url": PREFIX}]
+    assert served == json.loads(json.dumps(build_api().openapi()))
+
+
+@pytest.mark.parametrize("label,mode", HTTP_RUNS, ids=[f"{label}-{mode}" for label, mode in HTTP_RUNS])
+def test_http_fuzz(fuzz_app, label: str, mode: str) -> None:  # noqa: ANN001
+    """Generated requests (valid and invalid) never get a 5xx, and responses match the document.
+
+    Operations with a body get the right key (the body is what is fuzzed); the others keep the generated
+    Authorization header in negative mode, which fuzzes the auth check itself.
+    """
+    operation = HTTP_SCHEMA.find_operation_by_label(label)
+    generation = schemathesis.GenerationMode(mode)
+    positive = generation == schemathesis.GenerationMode.POSITIVE
+    counter = STATS[("http", f"{label} {mode}")]
+    headers = AUTH if operation.body or positive else None
+
+    @settings(max_examples=HTTP_CASES if operation.body or not positive else HTTP_CASES_NO_INPUT, **SETTINGS)
+    @given(case=operation.as_strategy(generation_mode=generation))
+    def run(case: Any) -> None:  # noqa: ANN401  # schemathesis.Case
+        if positive and isinstance(case.body, dict) and "model" in case.body:
+            case.body["model"] = MODEL  # a random name is a 404 before anything else: go deeper
+        try:
+            response = case.call_and_validate(base_url=fuzz_app.base, headers=headers, checks=HTTP_CHECKS, timeout=60)
+        except BaseException:
+            counter["FAILED"] += 1
+            raise
+        counter[response.status_code] += 1
+        if sum(counter.values()) % CANARY_EVERY == 0:
+            http_canary(fuzz_app.base)
+
+    run()
+
+
+def test_http_canary_after_fuzzing(fuzz_app) -> None:  # noqa: ANN001
+    http_canary(fuzz_app.base)
+    print("\nHTTP fuzz cases per operation and mode:\n" + _report("http"))
+    for label, mode in HTTP_RUNS:
+        if label.startswith("POST") or mode == "negative":
+            counter = STATS[("http", f"{label} {mode}")]
+            assert sum(counter.values()) >= HTTP_CASES, (label, mode, counter)
+    r = requests.get(fuzz_app.base + "/health", timeout=30)
+    assert r.status_code == 200, r.text
+
+
+# ----------------------------------------------------------------------------------------------- gRPC
+
+U32 = 2**32 - 1
+small_u32 = st.one_of(st.integers(0, 4), st.integers(0, U32))
+texts = st.text(max_size=40)
+names = st.one_of(st.sampled_from(["get_weather", "search", "f"]), st.text(max_size=12))
+
+
+def _json_values() -> st.SearchStrategy:
+    leaves = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+                       st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=10))
+    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+
+
+REGEXES = st.one_of(
+    st.sampled_from(["(a+)+$", "(a|aa)*b", ".*", "[", "a{1000000}", "\\d{3}-\\d{4}", "((a*)*)*", "(?=a)", "\\",
+                     "[^\\x00-\\x{10FFFF}]", "a{2,1}", "(?P<x>a)(?P=x)", "&~", ""]),
+    st.text(alphabet="ab()[]{}*+?|^$\\.-,0123456789&~", max_size=20))
+
+
+def _json_schemas() -> st.SearchStrategy:
+    """Dicts built from JSON-Schema keywords with random (often wrong) values, nested."""
+    types = st.one_of(st.sampled_from(["object", "string", "integer", "number", "boolean", "array", "null"]),
+                      st.lists(st.sampled_from(["string", "integer", "null", "bogus"]), max_size=3), _json_values())
+
+    def node(children: st.SearchStrategy) -> st.SearchStrategy:
+        return st.fixed_dictionaries({}, optional={
+            "type": types, "properties": st.dictionaries(st.text(max_size=8), children, max_size=3),
+            "required": st.one_of(st.lists(st.text(max_size=8), max_size=3), _json_values()),
+            "items": children, "enum": st.lists(_json_values(), max_size=3), "const": _json_values(),
+            "pattern": REGEXES, "minLength": st.integers(-5, 2**40), "maxLength": st.integers(-5, 2**40),
+            "minimum": _json_values(), "maximum": _json_values(), "anyOf": st.lists(children, max_size=3),
+            "oneOf": st.lists(children, max_size=2), "allOf": st.lists(children, max_size=2),
+            "$ref": st.sampled_from(["#", "#/$defs/x", "#/definitions/y", "http://example.invalid/s.json"]),
+            "$defs": st.dictionaries(st.sampled_from(["x", "z"]), children, max_size=1),
+            "additionalProperties": st.one_of(st.booleans(), children), "format": st.text(max_size=10),
+            "minItems": st.integers(-5, 2**40), "maxItems": st.integers(-5, 2**40),
+        })
+
+    return st.recursive(st.one_of(st.booleans(), node(st.just({}))), node, max_leaves=6)
+
+
+json_texts = st.one_of(_json_schemas().map(json.dumps), _json_values().map(json.dumps), texts, st.just(""))
+
+sampling = st.fixed_dictionaries({}, optional={
+    "temperature": st.floats(width=32), "top_p": st.floats(width=32), "top_k": st.integers(-(2**31), 2**31 - 1),
+    "min_p": st.floats(width=32), "presence_penalty": st.floats(width=32),
+    "frequency_penalty": st.floats(width=32), "repetition_penalty": st.floats(width=32),
+    "seed": st.integers(-(2**63), 2**63 - 1), "max_tokens": st.one_of(st.integers(0, 6), st.integers(0, U32)),
+    "min_tokens": small_u32, "stop": st.lists(texts, max_size=20), "stop_token_ids": st.lists(small_u32, max_size=70),
+    "ignore_eos": st.booleans(), "n": st.one_of(st.integers(0, 3), st.integers(0, U32)),
+    "logprobs": st.one_of(st.integers(0, 25), st.integers(0, U32)), "skip_special_tokens": st.booleans(),
+}).map(lambda kw: pb.SamplingParams(**kw))
+
+images = st.builds(pb.Image, data=st.binary(max_size=64), mime_type=st.one_of(
+    st.sampled_from(["image/png", "image/jpeg", ""]), texts))
+parts = st.one_of(st.builds(pb.ContentPart, text=texts), st.builds(pb.ContentPart, image=images))
+tool_calls = st.builds(pb.ToolCall, id=texts, name=names, arguments=json_texts)
+messages = st.builds(
+    pb.ChatMessage, role=st.one_of(st.sampled_from(["system", "user", "assistant", "tool", "developer"]), texts),
+    content=texts, parts=st.lists(parts, max_size=3), tool_calls=st.lists(tool_calls, max_size=2),
+    tool_call_id=texts, reasoning_content=texts, name=texts)
+models = st.one_of(st.just(""), st.just(MODEL), texts)
+token_ids = st.lists(st.one_of(st.integers(0, 248319), st.integers(0, U32)), max_size=20)
+
+
+@st.composite
+def generate_requests(draw: st.DrawFn) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(model=draw(models), sampling=draw(sampling))
+    kind = draw(st.sampled_from(["token_ids", "text", "messages", None]))
+    if kind == "token_ids":
+        req.token_ids.ids.extend(draw(token_ids))
+    elif kind == "text":
+        req.text = draw(st.text(max_size=200))
+    elif kind == "messages":
+        req.messages.messages.extend(draw(st.lists(messages, max_size=4)))
+    return req
+
+
+@st.composite
+def chat_requests(draw: st.DrawFn) -> pb.ChatRequest:
+    tools = draw(st.lists(st.builds(pb.Tool, name=names, description=texts, parameters_json=json_texts), max_size=3))
+    tool_choice = draw(st.one_of(st.sampled_from(["", "auto", "none", "required"]), names,
+                                 st.sampled_from([t.name for t in tools] or [""])))
+    response_format = draw(st.one_of(
+        st.just(pb.ResponseFormat()), st.builds(pb.ResponseFormat, json_object=st.booleans()),
+        st.builds(pb.ResponseFormat, json_schema=json_texts), st.builds(pb.ResponseFormat, regex=REGEXES),
+        st.builds(pb.ResponseFormat, choice=st.lists(texts, max_size=5)),
+        st.builds(pb.ResponseFormat, json_object=st.booleans(), json_schema=json_texts, regex=REGEXES,
+                  choice=st.lists(texts, max_size=3))))
+    req = pb.ChatRequest(model=draw(models), messages=draw(st.lists(messages, max_size=4)), sampling=draw(sampling),
+                         tools=tools, tool_choice=tool_choice, response_format=response_format)
+    thinking = draw(st.one_of(st.none(), st.booleans()))
+    if thinking is not None:
+        req.enable_thinking = thinking
+    return req
+
+
+def _call_grpc(fuzz_app, rpc: str, request: Any) -> None:  # noqa: ANN001, ANN401  # a proto request
+    counter = STATS[("grpc", rpc)]
+    stub = fuzz_app.client.stub
+    try:
+        list(getattr(stub, rpc)(request, timeout=60, metadata=fuzz_app.client.metadata))
+        code, details = grpc.StatusCode.OK, ""
+    except grpc.RpcError as err:
+        code, details = err.code(), err.details()
+    counter[code.name] += 1
+    assert code in GRPC_ALLOWED, f"{rpc} -> {code.name}: {details}\nrequest: {request}"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        print(f"UNAVAILABLE from {rpc}: {details}")
+    if sum(counter.values()) % CANARY_EVERY == 0:
+        grpc_canary(fuzz_app.client)
+
+
+def test_grpc_generate_fuzz(fuzz_app) -> None:  # noqa: ANN001
+    @settings(max_examples=GRPC_CASES, **SETTINGS)
+    @given(request=generate_requests())
+    def run(request: pb.GenerateRequest) -> None:
+        _call_grpc(fuzz_app, "Generate", request)
+
+    run()
+
+
+def test_grpc_chat_fuzz(fuzz_app) -> None:  # noqa: ANN001
+    @settings(max_examples=GRPC_CASES, **SETTINGS)
+    @given(request=chat_requests())
+    def run(request: pb.ChatRequest) -> None:
+        _call_grpc(fuzz_app, "Chat", request)
+
+    run()
+
+
+def test_grpc_model_info_and_health_fuzz(fuzz_app) -> None:  # noqa: ANN001
+    from grpc_health.v1 import health_pb2
+
+    assert fuzz_app.client.model_info().max_model_len == MAX_MODEL_LEN
+
+    @settings(max_examples=50, **SETTINGS)
+    @given(service=st.one_of(st.just(""), st.just("epserve.v1.Epserve"), st.text(max_size=30)))
+    def run(service: str) -> None:
+        try:
+            status = fuzz_app.client.health(service)
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            STATS[("grpc", "Health.Check")]["OK"] += 1
+        except grpc.RpcError as err:
+            STATS[("grpc", "Health.Check")][err.code().name] += 1
+            assert err.code() == grpc.StatusCode.NOT_FOUND, err.details()
+
+    run()
+
+
+def test_grpc_canary_after_fuzzing(fuzz_app) -> None:  # noqa: ANN001
+    started = time.monotonic()
+    grpc_canary(fuzz_app.client)
+    print(f"\ngRPC fuzz cases per RPC (canary {time.monotonic() - started:.2f} s):\n" + _report("grpc"))
+    for rpc in ("Generate", "Chat"):
+        assert sum(STATS[("grpc", rpc)].values()) >= GRPC_CASES, STATS[("grpc", rpc)]
