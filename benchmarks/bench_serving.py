@@ -13,21 +13,23 @@ hidden 128; dtype = the checkpoint's bf16 unless --dtype), D = 1 x X = 0 by defa
   c asyncio tasks consuming `engine.generate(req)` back to back. Requests are built by the
   ingress's own `ModelContext.build` from the same request bodies, so sampling parameters match.
 
-Per concurrency level the two paths run interleaved (A B, then B A, ... `--repeats` times) so the
-noise of a shared 2-core machine hits both alike; tok/s = output tokens / wall time summed over
-the repeats; TTFT and ITL medians come from per-event arrival times (client side for HTTP).
+Levels and paths run interleaved (ABBA over `--repeats`) so the noise of a shared 2-core machine
+hits every cell alike; tok/s = output tokens / wall time summed over the repeats; TTFT and ITL
+medians come from per-event arrival times (client side for HTTP). The driver (client and in-process
+engine) is reniced to the Ray workers' niceness so neither path is favoured by the scheduler.
 Alongside: engine steps and mean batch (tokens per step) of each path, the CPU seconds every
 process of this cluster spent per 1000 output tokens (/proc, the process tree of this driver), and
-micro-benchmarks of the per-token pieces (lm_head + sampling over the vocabulary, incremental
-detokenization, SSE chunk formatting). `--py-spy SECONDS` additionally samples the busiest
-processes during one HTTP run at the highest concurrency.
+micro-benchmarks of the per-token pieces (lm_head + sampling over the vocabulary, a top_k-first
+sampling sketch with the same draws, incremental detokenization, SSE chunk formatting).
+`--py-spy SECONDS` also samples the Serve processes and the trunk rank during an extra HTTP run at
+the highest concurrency; `--serve-env KEY=VALUE` tries Ray Serve knobs.
 
 Targets: HTTP / in-process >= 0.8 at concurrency 16; concurrency 16 over 1 >= 4x on each path.
 
 Usage: python benchmarks/bench_serving.py [--dtype auto|float32|bfloat16] [--trunk-ranks 1]
        [--expert-ranks 0] [--concurrency 1,4,16] [--rounds 3] [--repeats 2] [--prompt-len 32]
-       [--max-tokens 64] [--temperature T] [--py-spy 8] [--results benchmarks/RESULTS-serving.md]
-       [--json out.json]
+       [--max-tokens 64] [--temperature T] [--py-spy 6] [--serve-env K=V] [--results FILE]
+       [--json out.json]   (results and analysis: benchmarks/RESULTS-serving.md)
 """
 
 from __future__ import annotations

@@ -18,39 +18,41 @@ from epserve.cli import UserError
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="load-test a server: TTFT, TPOT, ITL, E2E, throughput, goodput")
+    add = p.add_argument
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--base-url", help="HTTP server, e.g. http://127.0.0.1:8000 (a /v1 suffix is accepted)")
+    target.add_argument("--base-url", metavar="URL",
+                        help="HTTP server, e.g. http://127.0.0.1:8000 (a /v1 suffix is accepted)")
     target.add_argument("--grpc", metavar="HOST:PORT", help="gRPC server (Serve's gRPC proxy)")
-    p.add_argument("--grpc-application", help="Serve application name sent as gRPC metadata (several apps)")
-    p.add_argument("--model", help="model name (default: the server's first model)")
-    p.add_argument("--tokenizer", help="checkpoint folder whose tokenizer to use (needed for sharegpt; "
-                   "random ids then span its vocabulary instead of [0, 32000))")
-    p.add_argument("--dataset", choices=["random", "sharegpt", "shared-prefix"], default="random")
-    p.add_argument("--dataset-path", help="ShareGPT JSON file (--dataset sharegpt)")
-    p.add_argument("--random-input-len", type=int, default=1024, help="prompt tokens (random, shared-prefix question)")
-    p.add_argument("--random-output-len", type=int, default=128, help="output tokens (random, shared-prefix)")
-    p.add_argument("--random-range-ratio", type=float, default=0.0,
-                   help="lengths uniform in [len*(1-r), len*(1+r)] (default 0: exact)")
-    p.add_argument("--shared-prefix-len", type=int, default=1024, help="prefix tokens shared by a group")
-    p.add_argument("--shared-prefix-groups", type=int, default=8, help="number of prefix groups")
-    p.add_argument("--sharegpt-output-len", type=int, help="fixed output length instead of the gpt turn's")
-    p.add_argument("--num-prompts", type=int, default=1000,
-                   help="requests to send (with --duration: distinct prompts, cycled)")
-    p.add_argument("--request-rate", type=float, default=math.inf,
-                   help="mean requests/s, gamma arrivals (default inf: all at once)")
-    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals (1 = Poisson, <1 burstier)")
-    p.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
-    p.add_argument("--duration", type=float, help="stop sending after this many seconds (in-flight ones finish)")
-    p.add_argument("--warmup", type=int, default=1, help="requests sent before the measured run (default 1)")
-    p.add_argument("--goodput", nargs="+", metavar="KEY:MS",
-                   help="SLOs in ms for goodput, e.g. ttft:500 tpot:50 e2e:2000 (also itl)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0, greedy)")
-    p.add_argument("--api-key", help="API key (Authorization: Bearer)")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompts and arrival times")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of one request in seconds")
-    p.add_argument("--result-json", help="write the full result (summary and per-request data) here")
-    p.add_argument("--plot", help="write a PNG of latency distributions and throughput over time here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add("--grpc-application", metavar="APP", help="Serve application name sent as gRPC metadata (several apps)")
+    add("--model", metavar="NAME", help="model name (default: the server's first model)")
+    add("--tokenizer", metavar="DIR", help="checkpoint folder whose tokenizer to use (needed for sharegpt; "
+        "random ids then span its vocabulary instead of [0, 32000))")
+    add("--dataset", choices=["random", "sharegpt", "shared-prefix"], default="random")
+    add("--dataset-path", metavar="FILE", help="ShareGPT JSON file (--dataset sharegpt)")
+    add("--random-input-len", type=int, metavar="N", default=1024, help="prompt tokens (also the shared-prefix "
+        "question; default 1024)")
+    add("--random-output-len", type=int, metavar="N", default=128, help="output tokens (default 128)")
+    add("--random-range-ratio", type=float, metavar="R", default=0.0,
+        help="lengths uniform in [len*(1-R), len*(1+R)] (default 0: exact)")
+    add("--shared-prefix-len", type=int, metavar="N", default=1024, help="prefix tokens shared by a group")
+    add("--shared-prefix-groups", type=int, metavar="N", default=8, help="number of prefix groups")
+    add("--sharegpt-output-len", type=int, metavar="N", help="fixed output length instead of the gpt turn's")
+    add("--num-prompts", type=int, metavar="N", default=1000,
+        help="requests to send (with --duration: distinct prompts, cycled)")
+    add("--request-rate", type=float, metavar="RPS", default=math.inf,
+        help="mean requests/s, gamma arrivals (default inf: all at once)")
+    add("--burstiness", type=float, metavar="K", default=1.0, help="gamma shape of arrivals (1 = Poisson, <1 burstier)")
+    add("--max-concurrency", type=int, metavar="N", help="at most N requests in flight")
+    add("--duration", type=float, metavar="S", help="stop sending after S seconds (requests in flight finish)")
+    add("--warmup", type=int, metavar="N", default=1, help="requests sent before the measured run (default 1)")
+    add("--goodput", nargs="+", metavar="KEY:MS", help="SLOs in ms, e.g. ttft:500 tpot:50 e2e:2000 (also itl)")
+    add("--temperature", type=float, metavar="T", default=0.0, help="sampling temperature (default 0, greedy)")
+    add("--api-key", metavar="KEY", help="API key (Authorization: Bearer KEY)")
+    add("--seed", type=int, metavar="N", default=0, help="seed of prompts and arrival times")
+    add("--request-timeout", type=float, metavar="S", default=600.0, help="deadline of one request (default 600 s)")
+    add("--result-json", metavar="FILE", help="write the full result (summary and per-request data) here")
+    add("--plot", metavar="PNG", help="write a PNG of latency distributions and throughput over time here")
+    add("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 

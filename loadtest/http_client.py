@@ -111,27 +111,37 @@ class OpenAICompletionsClient:
 
     @staticmethod
     async def _read_stream(resp: aiohttp.ClientResponse, r: RequestResult, now: Callable[[], float]) -> None:
-        times, tokens = r.chunk_times, r.chunk_tokens
-        async for line in resp.content:
-            if not line.startswith(b"data:"):
-                continue
+        """Read SSE events as the bytes arrive (events that arrive in one read share its timestamp)."""
+        buf = b""
+        async for data in resp.content.iter_any():
             t = now()
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                return
-            try:
-                ev = json.loads(payload)
-            except json.JSONDecodeError:
-                r.error, r.error_detail = "bad_event", payload[:ERROR_BODY_CHARS].decode(errors="replace")
-                return
-            if "error" in ev:
-                r.error, r.error_detail = "stream_error", json.dumps(ev["error"])[:ERROR_BODY_CHARS]
-                return
-            if ev.get("choices"):
-                times.append(t)
-                tokens.append(1)
-            usage = ev.get("usage")
-            if usage:
-                r.usage_prompt_tokens = usage.get("prompt_tokens")
-                r.usage_completion_tokens = usage.get("completion_tokens")
-        r.error = "incomplete_stream"  # the connection ended before [DONE]
+            buf += data.replace(b"\r\n", b"\n") if b"\r" in data else data
+            while (end := buf.find(b"\n\n")) >= 0:
+                event, buf = buf[:end], buf[end + 2:]
+                for line in event.split(b"\n"):
+                    if line.startswith(b"data:") and _on_event(line[5:].strip(), r, t):
+                        return
+        if r.error is None:
+            r.error = "incomplete_stream"  # the connection ended before [DONE]
+
+
+def _on_event(payload: bytes, r: RequestResult, t: float) -> bool:
+    """Account one `data:` payload; True when the stream is over ([DONE] or an error)."""
+    if payload == b"[DONE]":
+        return True
+    try:
+        ev = json.loads(payload)
+    except json.JSONDecodeError:
+        r.error, r.error_detail = "bad_event", payload[:ERROR_BODY_CHARS].decode(errors="replace")
+        return True
+    if "error" in ev:
+        r.error, r.error_detail = "stream_error", json.dumps(ev["error"])[:ERROR_BODY_CHARS]
+        return True
+    if ev.get("choices"):
+        r.chunk_times.append(t)
+        r.chunk_tokens.append(1)
+    usage = ev.get("usage")
+    if usage:
+        r.usage_prompt_tokens = usage.get("prompt_tokens")
+        r.usage_completion_tokens = usage.get("completion_tokens")
+    return False

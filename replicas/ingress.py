@@ -434,9 +434,11 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
 
     def ok(description: str, schema: dict[str, Any], *, stream: bool = False) -> dict[str, Any]:
         content: dict[str, Any] = {"application/json": {"schema": schema}}
-        if stream:
-            content["text/event-stream"] = {"schema": {"type": "string", "description": "SSE `data:` events, "
-                                                       "then `data: [DONE]`; errors arrive in-band."}}
+        if stream:  # OpenAPI 3.1: the schema of an event stream describes one event
+            content["text/event-stream"] = {"schema": {
+                "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}},
+                "description": "One chunk object as JSON per event, then `[DONE]`; errors arrive in-band as "
+                               "an ErrorResponse event."}}
         return {"200": {"description": description, "content": content}}
 
     def spec(model: type | None, responses: dict[str, Any]) -> dict[str, Any]:

@@ -181,14 +181,18 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one(self) -> TokenizeRequest:
+        # NOTE: the messages are rendered through a ChatCompletionRequest: its limits must hold here (a 400,
+        # not a ValidationError raised inside the handler).
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
+        if self.chat_template_kwargs is not None and len(str(self.chat_template_kwargs)) > 4096:
+            raise ValueError("chat_template_kwargs is too large")
         return self
 
 

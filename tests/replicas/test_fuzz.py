@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,9 +40,9 @@ pytestmark = pytest.mark.timeout(900)
 APP, PREFIX, KEY, MODEL = "fuzz", "/fuzz", "fuzz-key", "fuzz-tiny"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SEED = 20260801
-HTTP_CASES = 60  # Hypothesis examples per operation and generation mode
+HTTP_CASES = 300  # Hypothesis examples per operation and generation mode
 HTTP_CASES_NO_INPUT = 20  # positive cases of an operation without inputs: the same request each time
-GRPC_CASES = 60  # per RPC
+GRPC_CASES = 300  # per RPC
 CANARY_EVERY = 100
 MAX_MODEL_LEN = 256
 HTTP_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
@@ -53,6 +54,7 @@ SETTINGS = dict(derandomize=True, database=None, deadline=None, suppress_health_
 
 # (api, operation) -> Counter of outcomes (HTTP status or gRPC code name); printed by the canary tests.
 STATS: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
+REJECTED: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)  # 400 by param
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +92,9 @@ def grpc_canary(client: EpserveClient) -> None:
 
 
 def _report(api: str) -> str:
-    rows = [f"{op}: {sum(c.values())} cases {dict(sorted(c.items()))}" for (a, op), c in sorted(STATS.items())
-            if a == api]
+    rows = [f"{op}: {sum(c.values())} cases {dict(sorted(c.items(), key=str))}\n"
+            f"    400 by param: {dict(REJECTED[(a, op)].most_common(8))}"
+            for (a, op), c in sorted(STATS.items()) if a == api]
     return "\n".join(rows)
 
 
@@ -133,7 +136,9 @@ def test_openapi_document_describes_every_route() -> None:
 HTTP_SCHEMA = schemathesis.openapi.from_dict(build_api().openapi(), config=schemathesis.Config.from_dict({
     "seed": SEED, "generation": {"allow-x00": True}}))
 HTTP_OPERATIONS = [r.ok() for r in HTTP_SCHEMA.get_all_operations()]
-HTTP_RUNS = [(op.label, mode) for op in HTTP_OPERATIONS for mode in ("positive", "negative")]
+# Negative mode needs something to negate: a body, or the Authorization header of the bearer scheme.
+HTTP_RUNS = [(op.label, mode) for op in HTTP_OPERATIONS for mode in ("positive", "negative")
+             if mode == "positive" or op.body or op.definition.raw.get("security") != []]
 
 
 def test_served_document_is_this_one(fuzz_app) -> None:  # noqa: ANN001
@@ -166,6 +171,8 @@ def test_http_fuzz(fuzz_app, label: str, mode: str) -> None:  # noqa: ANN001
             counter["FAILED"] += 1
             raise
         counter[response.status_code] += 1
+        if response.status_code == 400:
+            REJECTED[("http", f"{label} {mode}")][response.json()["error"]["param"]] += 1
         if sum(counter.values()) % CANARY_EVERY == 0:
             http_canary(fuzz_app.base)
 
@@ -185,9 +192,12 @@ def test_http_canary_after_fuzzing(fuzz_app) -> None:  # noqa: ANN001
 
 # ----------------------------------------------------------------------------------------------- gRPC
 
+# Each strategy mixes a plausible branch (reaches rendering, grammars, generation) with a wild one (random
+# strings, out-of-range numbers, malformed JSON), so both the deep paths and the validation are exercised.
 U32 = 2**32 - 1
 small_u32 = st.one_of(st.integers(0, 4), st.integers(0, U32))
 texts = st.text(max_size=40)
+words = st.text(alphabet="abcdefghij XYZ", min_size=1, max_size=20)
 names = st.one_of(st.sampled_from(["get_weather", "search", "f"]), st.text(max_size=12))
 
 
@@ -199,9 +209,16 @@ def _json_values() -> st.SearchStrategy:
 
 
 REGEXES = st.one_of(
-    st.sampled_from(["(a+)+$", "(a|aa)*b", ".*", "[", "a{1000000}", "\\d{3}-\\d{4}", "((a*)*)*", "(?=a)", "\\",
-                     "[^\\x00-\\x{10FFFF}]", "a{2,1}", "(?P<x>a)(?P=x)", "&~", ""]),
+    st.sampled_from(["[a-z]{1,5}", "(yes|no)", "\\d{3}-\\d{4}", "(a+)+$", "(a|aa)*b", ".*", "[", "a{1000000}",
+                     "((a*)*)*", "(?=a)", "\\", "[^\\x00-\\x{10FFFF}]", "a{2,1}", "(?P<x>a)(?P=x)", "&~", ""]),
     st.text(alphabet="ab()[]{}*+?|^$\\.-,0123456789&~", max_size=20))
+
+PLAIN_SCHEMAS = st.sampled_from([
+    {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}}},
+    {"type": "object", "properties": {}}, {"type": "string", "pattern": "[a-z]{1,3}"}, True,
+])
 
 
 def _json_schemas() -> st.SearchStrategy:
@@ -226,9 +243,18 @@ def _json_schemas() -> st.SearchStrategy:
     return st.recursive(st.one_of(st.booleans(), node(st.just({}))), node, max_leaves=6)
 
 
-json_texts = st.one_of(_json_schemas().map(json.dumps), _json_values().map(json.dumps), texts, st.just(""))
+json_texts = st.one_of(PLAIN_SCHEMAS.map(json.dumps), _json_schemas().map(json.dumps),
+                       _json_values().map(json.dumps), texts, st.just(""))
+object_schemas = st.one_of(PLAIN_SCHEMAS.filter(lambda x: isinstance(x, dict) and x["type"] == "object"),
+                           _json_schemas().map(lambda x: {**x, "type": "object"} if isinstance(x, dict) else x))
+parameters_json = st.one_of(object_schemas.map(json.dumps), json_texts)
 
-sampling = st.fixed_dictionaries({}, optional={
+plain_sampling = st.fixed_dictionaries({}, optional={
+    "temperature": st.floats(0, 2, width=32), "top_p": st.floats(0.125, 1, width=32), "top_k": st.integers(-1, 50),
+    "seed": st.integers(0, 2**31), "max_tokens": st.integers(1, 3), "ignore_eos": st.booleans(),
+    "stop": st.lists(words, max_size=3), "n": st.integers(0, 2), "logprobs": st.integers(0, 3),
+}).map(lambda kw: pb.SamplingParams(**kw))
+wild_sampling = st.fixed_dictionaries({}, optional={
     "temperature": st.floats(width=32), "top_p": st.floats(width=32), "top_k": st.integers(-(2**31), 2**31 - 1),
     "min_p": st.floats(width=32), "presence_penalty": st.floats(width=32),
     "frequency_penalty": st.floats(width=32), "repetition_penalty": st.floats(width=32),
@@ -237,17 +263,39 @@ sampling = st.fixed_dictionaries({}, optional={
     "ignore_eos": st.booleans(), "n": st.one_of(st.integers(0, 3), st.integers(0, U32)),
     "logprobs": st.one_of(st.integers(0, 25), st.integers(0, U32)), "skip_special_tokens": st.booleans(),
 }).map(lambda kw: pb.SamplingParams(**kw))
+sampling = st.one_of(st.just(pb.SamplingParams(max_tokens=1)), plain_sampling, wild_sampling)
 
 images = st.builds(pb.Image, data=st.binary(max_size=64), mime_type=st.one_of(
     st.sampled_from(["image/png", "image/jpeg", ""]), texts))
 parts = st.one_of(st.builds(pb.ContentPart, text=texts), st.builds(pb.ContentPart, image=images))
-tool_calls = st.builds(pb.ToolCall, id=texts, name=names, arguments=json_texts)
-messages = st.builds(
+tool_calls = st.builds(pb.ToolCall, id=texts, name=names, arguments=st.one_of(
+    st.just('{"city": "Paris"}'), json_texts))
+plain_messages = st.one_of(
+    st.builds(pb.ChatMessage, role=st.sampled_from(["system", "user", "developer"]), content=words),
+    st.builds(pb.ChatMessage, role=st.just("assistant"), content=words, reasoning_content=st.one_of(st.just(""), words)),
+    st.builds(pb.ChatMessage, role=st.just("assistant"), tool_calls=st.lists(tool_calls, min_size=1, max_size=2)),
+    st.builds(pb.ChatMessage, role=st.just("tool"), content=words, tool_call_id=words),
+    st.builds(pb.ChatMessage, role=st.just("user"), parts=st.lists(parts, min_size=1, max_size=2)))
+wild_messages = st.builds(
     pb.ChatMessage, role=st.one_of(st.sampled_from(["system", "user", "assistant", "tool", "developer"]), texts),
     content=texts, parts=st.lists(parts, max_size=3), tool_calls=st.lists(tool_calls, max_size=2),
     tool_call_id=texts, reasoning_content=texts, name=texts)
+conversations = st.one_of(
+    st.lists(plain_messages, min_size=1, max_size=3).map(lambda m: [pb.ChatMessage(role="user", content="hi"), *m]),
+    st.lists(st.one_of(plain_messages, wild_messages), max_size=4))
 models = st.one_of(st.just(""), st.just(MODEL), texts)
 token_ids = st.lists(st.one_of(st.integers(0, 248319), st.integers(0, U32)), max_size=20)
+tools = st.one_of(
+    st.just([]),
+    st.lists(st.builds(pb.Tool, name=st.sampled_from(["get_weather", "search", "f"]), description=words,
+                       parameters_json=parameters_json), max_size=3, unique_by=lambda t: t.name),
+    st.lists(st.builds(pb.Tool, name=names, description=texts, parameters_json=json_texts), max_size=3))
+response_formats = st.one_of(
+    st.just(pb.ResponseFormat()), st.builds(pb.ResponseFormat, json_object=st.booleans()),
+    st.builds(pb.ResponseFormat, json_schema=json_texts), st.builds(pb.ResponseFormat, regex=REGEXES),
+    st.builds(pb.ResponseFormat, choice=st.one_of(st.lists(words, min_size=1, max_size=4), st.lists(texts, max_size=5))),
+    st.builds(pb.ResponseFormat, json_object=st.booleans(), json_schema=json_texts, regex=REGEXES,
+              choice=st.lists(texts, max_size=3)))
 
 
 @st.composite
@@ -259,23 +307,17 @@ def generate_requests(draw: st.DrawFn) -> pb.GenerateRequest:
     elif kind == "text":
         req.text = draw(st.text(max_size=200))
     elif kind == "messages":
-        req.messages.messages.extend(draw(st.lists(messages, max_size=4)))
+        req.messages.messages.extend(draw(conversations))
     return req
 
 
 @st.composite
 def chat_requests(draw: st.DrawFn) -> pb.ChatRequest:
-    tools = draw(st.lists(st.builds(pb.Tool, name=names, description=texts, parameters_json=json_texts), max_size=3))
+    tool_list = draw(tools)
     tool_choice = draw(st.one_of(st.sampled_from(["", "auto", "none", "required"]), names,
-                                 st.sampled_from([t.name for t in tools] or [""])))
-    response_format = draw(st.one_of(
-        st.just(pb.ResponseFormat()), st.builds(pb.ResponseFormat, json_object=st.booleans()),
-        st.builds(pb.ResponseFormat, json_schema=json_texts), st.builds(pb.ResponseFormat, regex=REGEXES),
-        st.builds(pb.ResponseFormat, choice=st.lists(texts, max_size=5)),
-        st.builds(pb.ResponseFormat, json_object=st.booleans(), json_schema=json_texts, regex=REGEXES,
-                  choice=st.lists(texts, max_size=3))))
-    req = pb.ChatRequest(model=draw(models), messages=draw(st.lists(messages, max_size=4)), sampling=draw(sampling),
-                         tools=tools, tool_choice=tool_choice, response_format=response_format)
+                                 st.sampled_from([t.name for t in tool_list] or [""])))
+    req = pb.ChatRequest(model=draw(models), messages=draw(conversations), sampling=draw(sampling), tools=tool_list,
+                         tool_choice=tool_choice, response_format=draw(response_formats))
     thinking = draw(st.one_of(st.none(), st.booleans()))
     if thinking is not None:
         req.enable_thinking = thinking
@@ -291,6 +333,8 @@ def _call_grpc(fuzz_app, rpc: str, request: Any) -> None:  # noqa: ANN001, ANN40
     except grpc.RpcError as err:
         code, details = err.code(), err.details()
     counter[code.name] += 1
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        REJECTED[("grpc", rpc)][re.sub(r"[^a-z_ .]", "", details.split(":")[0].lower())[:40]] += 1
     assert code in GRPC_ALLOWED, f"{rpc} -> {code.name}: {details}\nrequest: {request}"
     if code == grpc.StatusCode.UNAVAILABLE:
         print(f"UNAVAILABLE from {rpc}: {details}")
