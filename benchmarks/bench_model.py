@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -311,13 +312,17 @@ def main() -> None:
             p.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
     torch.set_num_threads(args.threads)
     import transformers
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # its "falling back to the torch implementation" notices and load bars
+    hf_logging.disable_progress_bar()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          f"repeats {args.repeats}", flush=True)
+          f"repeats {args.repeats}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench_model_") as tmp:
         for c in configs:
             run_config(c, dtypes, args.repeats, Path(tmp), results)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "results": results},

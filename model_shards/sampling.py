@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 
 
@@ -82,8 +84,40 @@ def apply_penalties(
     return out
 
 
+def candidates(logits_V: torch.Tensor, *, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens a non-greedy draw may pick and their tempered logits (descending), without a full sort
+    when top_k is set (the common case: the checkpoint's defaults have top_k 20).
+
+    Same support as `filter_logits`: min_p keeps x_i >= x_max + log(min_p) (softmax-free: the ratio to
+    the top probability), top_k the k largest, top_p the smallest prefix of the renormalised rest
+    reaching top_p.
+
+    Returns:
+        ids [C] int64, logits [C] float.
+    """
+    x = logits_V / params.temperature
+    if 0 < params.top_k < x.shape[-1]:
+        vals, ids = torch.topk(x, params.top_k)
+    elif params.min_p > 0.0:  # sort only what min_p keeps
+        ids = torch.nonzero(x >= x.max() + math.log(params.min_p)).flatten()
+        vals, order = torch.sort(x[ids], descending=True)
+        ids = ids[order]
+    else:
+        vals, ids = torch.sort(x, descending=True)
+    keep = torch.isfinite(vals)
+    if params.min_p > 0.0:
+        keep &= vals >= vals[0] + math.log(params.min_p)
+    vals, ids = vals[keep], ids[keep]
+    if params.top_p < 1.0:
+        probs = torch.softmax(vals, dim=-1)
+        n = int(((probs.cumsum(dim=-1) - probs) < params.top_p).sum())  # smallest prefix reaching top_p
+        vals, ids = vals[: max(n, 1)], ids[: max(n, 1)]
+    return ids, vals
+
+
 def filter_logits(logits_V: torch.Tensor, *, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then min_p, top_k and top_p masking (masked entries become -inf)."""
+    """Readable reference of `candidates`: temperature, min_p, top_k and top_p as -inf masks over the
+    whole vocabulary (masked entries become -inf)."""
     x = logits_V / params.temperature
     if params.min_p > 0.0:
         probs = torch.softmax(x, dim=-1)
@@ -153,11 +187,11 @@ def sample(
         if p.greedy:
             tokens[i] = row.argmax()
             continue
-        x = filter_logits(row, params=p)
+        ids, x = candidates(row, params=p)
         gen = torch.Generator(device=row.device).manual_seed(_step_seed(p.seed, positions[i] if positions else 0))
-        # Gumbel-max: argmax(x + G) is a draw from softmax(x); one uniform vector per row.
+        # Gumbel-max: argmax(x + G) is a draw from softmax(x); one uniform per candidate.
         u = torch.rand(x.shape, generator=gen, device=row.device, dtype=torch.float32).clamp_(1e-20, 1.0)
-        tokens[i] = (x - torch.log(-torch.log(u))).argmax()
+        tokens[i] = ids[(x - torch.log(-torch.log(u))).argmax()]
     return _with_logprobs(logits_BV, tokens, params)
 
 

@@ -1,0 +1,96 @@
+"""Sampling: support of the filters against the whole-vocabulary reference, draws against the target
+distribution, seeds, penalties, masks and logprobs (known answers and oracles, small vocabularies)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model_shards.sampling import SamplingParams, apply_bitmask, apply_penalties, candidates, filter_logits, sample
+
+PARAMS = [
+    SamplingParams(temperature=0.6, top_k=20, top_p=0.95),
+    SamplingParams(temperature=1.0, top_p=0.9),
+    SamplingParams(temperature=0.8, min_p=0.05),
+    SamplingParams(temperature=1.3, top_k=5, min_p=0.2, top_p=0.5),
+    SamplingParams(temperature=1.0),
+]
+
+
+@pytest.mark.parametrize("p", PARAMS, ids=["defaults", "top_p", "min_p", "all", "plain"])
+def test_candidates_have_the_reference_support(p: SamplingParams) -> None:
+    torch.manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(5000) * 3
+        ids, vals = candidates(x, params=p)
+        ref = filter_logits(x, params=p)
+        assert set(ids.tolist()) == set(torch.nonzero(torch.isfinite(ref)).flatten().tolist())
+        torch.testing.assert_close(vals, ref[ids])
+        assert bool((vals[:-1] >= vals[1:]).all()), "candidates come in descending order"
+
+
+def test_draws_follow_the_filtered_distribution() -> None:
+    """10,000 seeded draws from a 6-token vocabulary match softmax of the filtered logits (chi-square)."""
+    x = torch.tensor([2.0, 1.5, 1.0, 0.5, -1.0, -3.0])
+    p = SamplingParams(temperature=0.8, top_k=4, top_p=0.95)
+    target = torch.softmax(filter_logits(x, params=p), dim=-1)
+    n = 10_000
+    params = [SamplingParams(temperature=0.8, top_k=4, top_p=0.95, seed=s) for s in range(n)]
+    drawn = sample(x.expand(n, -1).clone(), params, positions=[0] * n).token_ids
+    freq = torch.bincount(drawn, minlength=6).float() / n
+    assert float(freq[target == 0].sum()) == 0.0, "a filtered-out token was drawn"
+    kept = target > 0
+    chi2 = float((((freq - target) ** 2) / target)[kept].sum() * n)
+    assert chi2 < 20.5, f"chi-square {chi2:.1f} with {int(kept.sum()) - 1} degrees of freedom"  # p < 0.001
+
+
+def test_seed_and_position_make_draws_reproducible_and_distinct() -> None:
+    x = torch.randn(3, 1000)
+    p = [SamplingParams(temperature=1.0, seed=7)] * 3
+    a = sample(x, p, positions=[0, 1, 2]).token_ids
+    b = sample(x, p, positions=[0, 1, 2]).token_ids
+    assert torch.equal(a, b)
+    # one row alone draws what it drew inside the batch (independent of batch composition)
+    assert int(sample(x[1:2], p[:1], positions=[1]).token_ids[0]) == int(a[1])
+    other = [sample(x[:1], [SamplingParams(temperature=1.0, seed=s)], positions=[0]).token_ids.item() for s in range(20)]
+    assert len(set(other)) > 5
+
+
+def test_greedy_is_argmax_and_logprobs_are_raw_log_softmax() -> None:
+    x = torch.randn(4, 50)
+    out = sample(x, [SamplingParams(temperature=0.0, logprobs=3)] * 4)
+    assert torch.equal(out.token_ids, x.argmax(-1))
+    ref = torch.log_softmax(x, dim=-1)
+    torch.testing.assert_close(out.logprob, ref.gather(1, out.token_ids[:, None])[:, 0])
+    torch.testing.assert_close(out.top_logprobs, ref.topk(3).values)
+
+
+def test_penalties_known_answers() -> None:
+    x = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    rep = apply_penalties(x, params=SamplingParams(repetition_penalty=2.0), prompt_ids=torch.tensor([0]),
+                          output_ids=torch.tensor([1]))
+    assert rep.tolist() == [1.0, -4.0, 1.0, 0.5]  # positive / 2, negative * 2, unseen unchanged
+    fp = apply_penalties(x, params=SamplingParams(frequency_penalty=0.5, presence_penalty=0.25),
+                         prompt_ids=torch.tensor([3]), output_ids=torch.tensor([2, 2, 0]))
+    assert fp.tolist() == [2.0 - 0.5 - 0.25, -2.0, 1.0 - 1.0 - 0.25, 0.5]  # prompt tokens are not penalised
+
+
+def test_banned_and_allowed_masks() -> None:
+    x = torch.tensor([[5.0, 4.0, 3.0, 2.0]] * 2)
+    g = SamplingParams(temperature=0.0, logprobs=0)
+    out = sample(x, [g, g], banned=[(0,), ()], allowed=[None, torch.tensor([0b1100], dtype=torch.int32)])
+    assert out.token_ids.tolist() == [1, 2]
+    # logprobs stay those of the raw model distribution
+    torch.testing.assert_close(out.logprob, torch.log_softmax(x, -1)[[0, 1], [1, 2]])
+    row = torch.zeros(40)
+    mask = torch.tensor([1 << 3, 1 << 1], dtype=torch.int32)  # tokens 3 and 33
+    allowed = torch.nonzero(torch.isfinite(apply_bitmask(row, mask))).flatten().tolist()
+    assert allowed == [3, 33]
+
+
+def test_min_p_threshold_is_relative_to_the_top_probability() -> None:
+    x = torch.tensor([0.0, math.log(0.5), math.log(0.09), math.log(0.11)])
+    ids, _ = candidates(x, params=SamplingParams(temperature=1.0, min_p=0.1))
+    assert sorted(ids.tolist()) == [0, 1, 3]
