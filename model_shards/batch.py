@@ -33,6 +33,8 @@ class SeqChunk:
             context_len + rope_delta + i on all three axes.
         rope_delta: offset of text positions after images (model_spec §4.3); 0 for text.
         logits: which of the new tokens need logits ("last", "all" or "none").
+        vision_rows: rows of the new tokens that take vision embeddings instead of token embeddings.
+        vision_first: index, in the sequence's vision embeddings, of the first of those rows.
     """
 
     token_ids: tuple[int, ...]
@@ -42,6 +44,8 @@ class SeqChunk:
     positions: torch.Tensor | None = None
     rope_delta: int = 0
     logits: str = "last"
+    vision_rows: tuple[int, ...] = ()
+    vision_first: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

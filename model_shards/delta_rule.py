@@ -7,9 +7,13 @@ V value dim. State S [B, H, K, V] is fp32.
   is bit-identical to a one-shot prefill.
 - `recurrent_gated_delta_rule` mirrors `torch_recurrent_gated_delta_rule` (q divided by
   sqrt(K); S^T k and S^T q as elementwise products summed over K).
+Both give HF's bits with less work: q and k stay on key heads and broadcast over value heads
+(HF repeats them), the chunked form is laid out chunk-major and skips exps that underflow to
+0, a one-token step skips the time loop.
 Sequences shorter than T are right-padded with k = v = 0, beta = 0, g = 0: a padded step
 decays by exp(0) = 1 and writes nothing, so the final state is exact.
-Naive per-token reference: model_shards/reference.py. Tests: tests/model_shards/test_delta_rule.py.
+Naive per-token reference: model_shards/reference.py. Tests: tests/model_shards/test_delta_rule.py
+(against HF bit for bit) and test_fast_paths.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """An expert shard: the routed experts one rank holds, for every MoE layer (incl. MTP layers).
 
 Owns: the stacked per-layer expert weights of a given set of global expert ids, and the
-computation of routed rows for those experts (`forward`), plus `local_routed_experts`, the
+computation of routed rows for those experts (`forward`; `forward_tokens` takes tokens and
+their top-k ids without materialising the repeated rows), plus `local_routed_experts`, the
 whole in-process dispatch -> FFN -> combine path (the reference every distributed
 dispatcher is compared with). Must not: know how rows travel between processes.
 Tests: tests/model_shards/test_moe.py.

@@ -6,7 +6,8 @@ q_proj gives per head [query (hd) | gate (hd)]; q/k get zero-centred RMSNorm ove
 partial RoPE; new K/V are written to the pool at the step's slot mapping; each query
 attends causally to its sequence's cached + new keys; softmax in fp32, cast back before
 PV; output * sigmoid(gate); o_proj. Mirrors HF `Qwen3_5MoeAttention` with the *eager*
-attention back-end (`eager_attention_forward`). Tests: tests/model_shards/test_blocks.py.
+attention back-end (`eager_attention_forward`), bit for bit; q/k/v come from one stacked GEMM when
+the loader provides it. Tests: tests/model_shards/test_blocks.py, test_fast_paths.py.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ W inputs, zeros for a fresh sequence) then SiLU; beta = sigmoid(b), g = -exp(A_l
 softplus(a + dt_bias); the delta rule (recurrent form for one token on a cached state, as
 HF does; chunked otherwise); gated RMSNorm with z; out_proj.
 Mirrors HF `Qwen3_5MoeGatedDeltaNet` with `causal_conv1d_fn/update` and the torch delta
-rules, bit for bit: decode steps of all sequences run together, prefill sequences whose
-lengths round up to the same number of 64-token chunks run as one zero-padded batch (the
-rule pads each sequence that way anyway). Reference: model_shards/reference.py.
-Tests: tests/model_shards/test_blocks.py.
+rules, bit for bit. Decode steps of all sequences run together (the conv's newest position
+as multiply-adds, states read and written in place when the slots are consecutive); prefill
+sequences whose lengths round up to the same number of 64-token chunks run as one zero-padded
+batch (the rule pads each sequence that way anyway). Reference: model_shards/reference.py.
+Tests: tests/model_shards/test_blocks.py, test_fast_paths.py.
 """
 
 from __future__ import annotations

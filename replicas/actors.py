@@ -24,6 +24,7 @@ from model_shards.config import from_hf_config
 from model_shards.model import resolve_dtype
 from model_shards.tiny_checkpoint import resolve_model_dir
 from model_shards.trunk import Trunk
+from model_shards.vision import VisionTower, load_vision
 from model_shards.weights import CheckpointLayout, load_experts, load_trunk
 from replicas.a2a_protocol import StepPlan
 from replicas.dispatch import AllToAllDispatcher, LocalDispatcher
@@ -99,10 +100,14 @@ class TrunkRankActor(_RankBase):
         self.pools = CachePools.allocate(cfg, num_blocks=spec.caches.num_blocks, block_size=spec.caches.block_size,
                                          num_slots=spec.caches.num_slots, dtype=self.dtype,
                                          with_mtp=weights.mtp is not None)
+        self.vision = None
+        if cfg.vision is not None and self.layout.has_vision:
+            self.vision = VisionTower(load_vision(reader, cfg, dtype=self.dtype), cfg.vision, dtype=self.dtype)
         self.rank: TrunkRank | None = None
         if spec.shape.expert_ranks == 0:
             shard = load_experts(reader, cfg, expert_ids=range(cfg.num_experts), dtype=self.dtype, layout=self.layout)
-            self.rank = TrunkRank(self.trunk, self.pools, LocalDispatcher(shard, num_moe_layers=cfg.num_moe_layers))
+            self.rank = TrunkRank(self.trunk, self.pools, LocalDispatcher(shard, num_moe_layers=cfg.num_moe_layers),
+                                  self.vision)
         self.read_bytes = reader.stats.bytes
         reader.close()
 
@@ -111,7 +116,7 @@ class TrunkRankActor(_RankBase):
         self.group = join_group(spec, self.spec.shape.trunk_rank(self.spec.index))
         dispatcher = AllToAllDispatcher(self.group, self.spec.shape, self.spec.expert_map, hidden=self.cfg.hidden_size,
                                         dtype=self.dtype, num_experts=self.cfg.num_experts)
-        self.rank = TrunkRank(self.trunk, self.pools, dispatcher)
+        self.rank = TrunkRank(self.trunk, self.pools, dispatcher, self.vision)
 
     def step(self, req: StepRequest, plan: StepPlan | None) -> StepResult:
         assert self.rank is not None, "trunk rank has not joined its group"

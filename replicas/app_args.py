@@ -74,6 +74,13 @@ class AppArgs(BaseModel):
     api_key: SecretStr | None = Field(None, description="Bearer key required on every route but /health.")
     api_key_env: str | None = Field(None, description="Name of an environment variable holding the key.")
     load_timeout_s: float = Field(1800.0, gt=0, description="Time allowed to load weights and form a group.")
+    allowed_local_media_path: str | None = Field(
+        None, description="Folder whose files requests may name as images / video frames (no network fetching).")
+    max_images_per_request: int = Field(8, ge=0)
+    max_videos_per_request: int = Field(1, ge=0)
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="Encoded size of one image or video frame.")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Decoded width x height of one image or frame.")
+    max_video_frames: int = Field(64, ge=1)
     graceful_shutdown_timeout_s: float = Field(
         60.0, gt=0, description="A stopping engine replica lets streams finish this long; the rest end with a "
                                 "retriable error.")

@@ -153,8 +153,20 @@ class Engine:
             raise RequestRejected(
                 f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) do not fit in one trunk "
                 "rank's KV cache on this server")
-        if len(self.scheduler.waiting) + req.n > self.max_waiting:
-            raise EngineOverloaded(f"{len(self.scheduler.waiting)} sequences are waiting (limit {self.max_waiting})")
+        queued = len(self.scheduler.waiting) + req.n - self._free_seq_slots()
+        if queued > self.max_waiting:
+            raise EngineOverloaded(f"{len(self.scheduler.waiting)} sequences are waiting for a running slot "
+                                   f"(limit {self.max_waiting})")
+
+    def _free_seq_slots(self) -> int:
+        """Running slots the next step can fill: sequences taking them do not queue behind running ones.
+
+        NOTE: a burst into an idle engine arrives faster than the loop moves it from `waiting` to running,
+        so counting every waiting sequence as queued would reject requests that start at the next step.
+        """
+        s = self.scheduler
+        return sum(max(0, min(s.config.max_num_seqs - len(run), pool.free_slots))
+                   for run, pool in zip(s.running, s.pools))
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its caches are freed before the next step."""
@@ -214,14 +226,17 @@ class Engine:
         seq = sch.seq
         assert seq.addr is not None
         ids = seq.all_ids[sch.start:sch.start + sch.n]
-        chunk = SeqChunk(tuple(ids), sch.start, seq.addr.slot, tuple(seq.addr.blocks),
-                         rope_delta=seq.rope_delta, logits="last" if sch.sample else "none")
+        positions, vision_rows, vision_first = seq.chunk_vision(sch.start, sch.n)
+        chunk = SeqChunk(tuple(ids), sch.start, seq.addr.slot, tuple(seq.addr.blocks), positions=positions,
+                         rope_delta=seq.rope_delta, logits="last" if sch.sample else "none",
+                         vision_rows=vision_rows, vision_first=vision_first)
         penalties = seq.params.has_penalties
         mask = seq.matcher.bitmask() if (seq.matcher is not None and sch.sample) else None
         return SeqStep(
             chunk=chunk, sample=sch.sample, params=seq.params, output_index=len(seq.output_ids),
             prompt_ids=tuple(seq.prompt_ids) if penalties else (), output_ids=tuple(seq.output_ids) if penalties else (),
             suppress_ids=seq.suppressed_ids() if sch.sample else (), allowed_mask=mask,
+            vision=seq.mm.inputs if (seq.mm is not None and sch.start == 0) else None,
         )
 
     def _update(self, out: SchedulerOutput, results: list[StepResult]) -> None:

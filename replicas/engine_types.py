@@ -41,7 +41,7 @@ class GenerateRequest:
     include_stop_str_in_output: bool = False
     arrival_time: float = 0.0
     grammar: Any = None  # replicas.structured_output.GrammarSpec: structured output / forced tool calls
-    mm_inputs: tuple = ()  # multimodal inputs (model_shards.vision), empty for text
+    mm: Any = None  # replicas.media.MultimodalPrompt for prompts with images or videos
 
 
 @dataclass(frozen=True)

@@ -137,16 +137,17 @@ class GrpcApi:
                 req = self._validate(ChatCompletionRequest, {
                     **fields, "messages": [chat_message_dict(m) for m in request.messages.messages]})
                 ctxm.check_model(req.model)
-                prompt = ctxm.render_chat(req)
+                chat = await asyncio.to_thread(ctxm.chat_prompt, req)
+                prompt, mm = chat.ids, chat.mm
             else:
                 if "max_tokens" not in fields:
                     fields["max_tokens"] = None
                 req = self._validate(CompletionRequest, {
                     **fields, "prompt": list(request.token_ids.ids) if kind == "token_ids" else request.text})
                 ctxm.check_model(req.model)
-                prompt = ctxm.completion_prompts(req)[0]
+                prompt, mm = ctxm.completion_prompts(req)[0], None
             ctxm.check_ids(prompt, "prompt")
-            greq = ctxm.build(req, prompt, request_id=rid, logprobs=logprobs)
+            greq = ctxm.build(req, prompt, request_id=rid, logprobs=logprobs, mm=mm)
             stream = await self.ing._start(greq)
         except ApiError as err:
             raise fail(ctx, err) from None
@@ -170,10 +171,10 @@ class GrpcApi:
             ctxm = self.ing.ctx
             req = self._validate(ChatCompletionRequest, chat_fields(request, default_model=ctxm.name))
             ctxm.check_model(req.model)
-            chat = ctxm.chat_prompt(req)
+            chat = await asyncio.to_thread(ctxm.chat_prompt, req)
             logprobs = request.sampling.logprobs if request.sampling.HasField("logprobs") else None
             greq = ctxm.build(req, chat.ids, request_id=rid, logprobs=logprobs,
-                              grammar=ctxm.chat_grammar(req, thinking=chat.thinking))
+                              grammar=ctxm.chat_grammar(req, thinking=chat.thinking), mm=chat.mm)
             stream = await self.ing._start(greq)
         except ApiError as err:
             raise fail(ctx, err) from None

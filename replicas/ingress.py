@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from model_shards.image_processing import MediaLimits
 from replicas.app_args import AppArgs
 from replicas.engine_types import EngineFailure, GenerateOutput, GenerateRequest
 from replicas.metrics import MetricsRegistry, render
@@ -102,10 +103,14 @@ class Ingress:
         self.args = AppArgs.model_validate(args)
         folder = resolve_model_dir(self.args.model)
         name = self.args.served_model_name or default_model_name(self.args.model)
+        a = self.args
         self.ctx = ModelContext.load(
-            folder, name=name, max_model_len=self.args.max_model_len,
-            cache_tokens=self.args.num_kv_blocks * self.args.block_size,
-            default_max_tokens=self.args.default_max_tokens, max_n=self.args.max_n,
+            folder, name=name, max_model_len=a.max_model_len, cache_tokens=a.num_kv_blocks * a.block_size,
+            default_max_tokens=a.default_max_tokens, max_n=a.max_n,
+            media_limits=MediaLimits(max_images=a.max_images_per_request, max_videos=a.max_videos_per_request,
+                                     max_bytes=a.max_image_bytes, max_pixels=a.max_image_pixels,
+                                     max_frames=a.max_video_frames),
+            local_media=a.allowed_local_media_path,
         )
         self.api_key = self.args.resolved_api_key()
         self.engine = engine
@@ -193,11 +198,12 @@ class Ingress:
         rid = request.state.request_id
         req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
         self.ctx.check_model(req.model)
-        chat = self.ctx.chat_prompt(req)
+        # rendering may decode and resize images: off the event loop
+        chat = await asyncio.to_thread(self.ctx.chat_prompt, req)
         prompt = chat.ids
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         greq = self.ctx.build(req, prompt, request_id=rid, logprobs=logprobs,
-                              grammar=self.ctx.chat_grammar(req, thinking=chat.thinking))
+                              grammar=self.ctx.chat_grammar(req, thinking=chat.thinking), mm=chat.mm)
         log.info("request %s: chat, %d prompt tokens, n=%d, stream=%s", rid, len(prompt), req.n, req.stream)
         stream = await self._start(greq)
         body_id = f"chatcmpl-{rid}"

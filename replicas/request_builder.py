@@ -19,7 +19,9 @@ from model_shards.config import ModelConfig, from_hf_config
 from model_shards.generation_config import GenerationDefaults
 from model_shards.sampling import SamplingParams
 from model_shards.tokenizer import Tokenizer
+from model_shards.image_processing import MediaError, MediaLimits
 from replicas.engine_types import GenerateRequest
+from replicas.media import MediaReader, MultimodalPrompt, has_media
 from replicas.tool_parser import tools_by_name
 from replicas.chat_stream import thinking_open
 from replicas.openai_protocol import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling, bad_request
@@ -32,6 +34,7 @@ class ChatPrompt:
     ids: list[int]
     thinking: bool  # the prompt opened <think>: reasoning comes first
     tools: dict[str, Any] | None  # tool schemas when calls are parsed
+    mm: MultimodalPrompt | None = None  # images / videos: positions and preprocessed inputs
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,12 @@ class ModelContext:
     max_model_len: int
     default_max_tokens: int | None
     max_n: int
+    media: MediaReader | None = None
 
     @staticmethod
     def load(folder: str, *, name: str, max_model_len: int | None, cache_tokens: int,
-             default_max_tokens: int | None, max_n: int) -> ModelContext:
+             default_max_tokens: int | None, max_n: int, media_limits: MediaLimits | None = None,
+             local_media: str | None = None) -> ModelContext:
         """Read config, tokenizer and generation defaults; the context is capped by what one trunk
         rank's KV cache holds (`cache_tokens`)."""
         cfg = from_hf_config(folder)
@@ -58,9 +63,11 @@ class ModelContext:
             if max_model_len > limit:
                 raise ValueError(f"max_model_len {max_model_len} exceeds what the model and KV cache allow ({limit})")
             limit = max_model_len
+        media = (MediaReader(cfg, limits=media_limits or MediaLimits(), local_root=local_media)
+                 if cfg.vision is not None else None)
         return ModelContext(name=name, folder=folder, cfg=cfg, tokenizer=Tokenizer.from_dir(folder),
                             defaults=GenerationDefaults.load(Path(folder), cfg), max_model_len=limit,
-                            default_max_tokens=default_max_tokens, max_n=max_n)
+                            default_max_tokens=default_max_tokens, max_n=max_n, media=media)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:
@@ -98,7 +105,17 @@ class ModelContext:
         except Exception as exc:  # noqa: BLE001  # template errors from user-controlled kwargs are client errors
             raise bad_request(f"chat template error: {exc}", "messages") from exc
         parse_tools = tools if (tools and choice != "none") else None
-        return ChatPrompt(ids=self.tokenizer.encode(text), thinking=thinking_open(text), tools=parse_tools)
+        ids = self.tokenizer.encode(text)
+        mm = None
+        if has_media(messages):
+            if self.media is None:
+                raise bad_request("this model takes no images or videos", "messages")
+            try:
+                inputs = self.media.read_messages(messages)
+                ids, mm = self.media.expand(ids, inputs, encode_text=self.tokenizer.encode)
+            except MediaError as exc:
+                raise bad_request(str(exc), "messages") from None
+        return ChatPrompt(ids=ids, thinking=thinking_open(text), tools=parse_tools, mm=mm)
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
@@ -145,7 +162,7 @@ class ModelContext:
             raise bad_request(str(exc), "structured_outputs") from None
 
     def build(self, req: _Sampling, prompt_ids: list[int], *, request_id: str, logprobs: int | None,
-              grammar: Any = None) -> GenerateRequest:  # noqa: ANN401
+              grammar: Any = None, mm: MultimodalPrompt | None = None) -> GenerateRequest:  # noqa: ANN401
         """One engine request; raises 400 when the prompt and max_tokens do not fit the context."""
         n_prompt = len(prompt_ids)
         if req.n > self.max_n:
@@ -186,5 +203,5 @@ class ModelContext:
             min_tokens=req.min_tokens, stop=tuple(req.stop or ()), stop_token_ids=tuple(req.stop_token_ids or ()),
             eos_token_ids=self.defaults.eos_token_ids, ignore_eos=req.ignore_eos,
             skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
-            grammar=grammar,
+            grammar=grammar, mm=mm,
         )

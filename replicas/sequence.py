@@ -55,7 +55,8 @@ class Sequence:
         self.addr: CacheAddress | None = None
         self.aborted = False
         self.num_preemptions = 0
-        self.rope_delta = 0
+        self.mm = req.mm  # replicas.media.MultimodalPrompt or None
+        self.rope_delta = req.mm.rope_delta if req.mm is not None else 0
         self.matcher = None  # replicas.structured_output.GrammarMatcher when the request is constrained
         self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=req.skip_special_tokens) if tokenizer else None
         self._text = ""  # detokenized output so far
@@ -79,6 +80,24 @@ class Sequence:
     def remaining(self) -> int:
         """Tokens still to be computed before the next sample."""
         return self.num_tokens - self.num_computed
+
+    def chunk_vision(self, start: int, n: int) -> tuple[object | None, tuple[int, ...], int]:
+        """For tokens [start, start + n): their [3, n] MRoPE positions (None for plain text), the rows that
+        take vision embeddings, and the index of the first such embedding."""
+        if self.mm is None:
+            return None, (), 0
+        prompt = len(self.prompt_ids)
+        import torch
+
+        text = torch.arange(start, start + n, dtype=torch.long) + self.rope_delta
+        positions = text.expand(3, n).clone()
+        end = min(start + n, prompt)
+        if start < end:
+            positions[:, : end - start] = self.mm.positions[:, start:end]
+        pads = set(self.mm.pad_ids)
+        rows = tuple(i for i, t in enumerate(self.prompt_ids[start:end]) if t in pads)
+        first = sum(1 for t in self.prompt_ids[:start] if t in pads)
+        return positions, rows, first
 
     def suppressed_ids(self) -> tuple[int, ...]:
         """Tokens that may not be sampled yet (min_tokens keeps eos and stop tokens out)."""

@@ -8,6 +8,7 @@ requested logprobs only (logits never leave the rank). Tests: tests/replicas/tes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -27,6 +28,8 @@ class SeqStep:
         prompt_ids, output_ids: token history, sent only when a penalty needs it.
         suppress_ids: tokens that may not be sampled this step (min_tokens keeps eos out).
         allowed_mask: int32 bitmask of the tokens a grammar allows now (structured output), or None.
+        vision: the sequence's preprocessed images/videos, sent with its first chunk (the trunk rank
+            encodes them once and keeps the embeddings with the sequence's state slot).
     """
 
     chunk: SeqChunk
@@ -37,6 +40,7 @@ class SeqStep:
     output_ids: tuple[int, ...] = ()
     suppress_ids: tuple[int, ...] = ()
     allowed_mask: torch.Tensor | None = None
+    vision: tuple[Any, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ Tests: tests/replicas/test_trunk_rank.py.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -16,6 +17,7 @@ from model_shards.batch import StepBatch
 from model_shards.cache import CachePools
 from model_shards.sampling import sample
 from model_shards.trunk import Trunk
+from model_shards.vision import VisionTower
 from replicas.a2a_protocol import StepPlan
 from replicas.dispatch import Dispatcher
 from replicas.step_types import StepRequest, StepResult, TokenLogprobs
@@ -30,10 +32,12 @@ class TrunkRank:
         routed: the dispatch/combine seam (local experts or the all-to-all).
     """
 
-    def __init__(self, trunk: Trunk, pools: CachePools, routed: Dispatcher) -> None:
+    def __init__(self, trunk: Trunk, pools: CachePools, routed: Dispatcher, vision: VisionTower | None = None) -> None:
         self.trunk = trunk
         self.pools = pools
         self.routed = routed
+        self.vision = vision
+        self.vision_cache: dict[int, torch.Tensor] = {}  # state slot -> its sequence's vision embeddings
 
     @torch.inference_mode()
     def step(self, req: StepRequest, plan: StepPlan | None = None) -> StepResult:
@@ -47,6 +51,9 @@ class TrunkRank:
             self.routed.finish()
             return StepResult(timings={"forward_s": time.perf_counter() - t0})
         batch = StepBatch.build([s.chunk for s in req.seqs], block_size=self.pools.block_size)
+        override = self._vision_rows(req, batch)
+        if override is not None:
+            batch = replace(batch, embeds_override=override)
         out = self.trunk.forward(batch, pools=self.pools, routed=self.routed)
         self.routed.finish()
         t1 = time.perf_counter()
@@ -77,6 +84,31 @@ class TrunkRank:
                     logprobs[i] = TokenLogprobs(float(res.logprob[j]), top)
         return StepResult(tuple(tokens), tuple(logprobs),
                           timings={"forward_s": t1 - t0, "sample_s": time.perf_counter() - t1})
+
+
+    def _vision_rows(self, req: StepRequest, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Vision embeddings for this step's image/video rows. A sequence's first chunk brings its inputs,
+        encoded once here and kept with its state slot for its later chunks (and dropped when the slot
+        starts another sequence)."""
+        rows: list[int] = []
+        parts: list[torch.Tensor] = []
+        for i, s in enumerate(req.seqs):
+            slot = s.chunk.state_slot
+            if s.chunk.context_len == 0:
+                self.vision_cache.pop(slot, None)
+                if s.vision:
+                    if self.vision is None:
+                        raise ValueError("this trunk rank has no vision tower (checkpoint without model.visual.*)")
+                    pixels = torch.cat([v.pixel_values for v in s.vision])
+                    self.vision_cache[slot] = self.vision.encode(pixels, [v.grid_thw for v in s.vision])
+            if s.chunk.vision_rows:
+                table = self.vision_cache[slot]
+                first, n = s.chunk.vision_first, len(s.chunk.vision_rows)
+                parts.append(table[first:first + n])
+                rows.extend(batch.starts[i] + r for r in s.chunk.vision_rows)
+        if not rows:
+            return None
+        return torch.tensor(rows, dtype=torch.long), torch.cat(parts)
 
 
 def _logit_row_of(req: StepRequest) -> dict[int, int]:

@@ -165,3 +165,21 @@ def test_reflection_client_streams_generate(app) -> None:  # noqa: ANN001
         assert sum(len(m.token_ids) for m in msgs) == 3
     finally:
         channel.close()
+
+
+def test_image_bytes_over_grpc(app) -> None:  # noqa: ANN001
+    """gRPC carries image bytes; a bad image is INVALID_ARGUMENT."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, format="PNG")
+    msg = pb.ChatMessage(role="user", parts=[pb.ContentPart(image=pb.Image(data=buf.getvalue(), mime_type="image/png")),
+                                             pb.ContentPart(text="describe")])
+    out = app.client.complete(messages=[msg], max_tokens=3, temperature=0, ignore_eos=True)
+    assert out.usage.prompt_tokens > 64 and len(out.token_ids) == 3
+    bad = pb.ChatMessage(role="user", parts=[pb.ContentPart(image=pb.Image(data=b"not an image"))])
+    with pytest.raises(grpc.RpcError) as info:
+        app.client.complete(messages=[bad], max_tokens=3)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

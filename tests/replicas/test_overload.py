@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(600)
 APP = "overload"
 PREFIX = "/overload"
 MAX_NUM_SEQS = 8
-MAX_WAITING = 2
+MAX_WAITING = 1
 MAX_TOKENS = 16
 PROMPT = [1000 + 37 * i for i in range(24)]  # 24 ordinary token ids
 UNLOADED_CONCURRENCY = MAX_NUM_SEQS // 2
@@ -165,6 +165,21 @@ async def _open_loop(url: str, rate: float, duration: float, seed: int = 7) -> l
         return list(await asyncio.gather(*tasks))
 
 
+async def _engine_means() -> dict[str, tuple[float, int]]:
+    """(sum, count) of the engine's step-time and queue-time histograms, as its replica last pushed them."""
+    import ray
+
+    hub = ray.get_actor("epserve-metrics-ov-tiny", namespace="epserve")
+    snap = await hub.merged.remote()
+    return {name: (h.total, h.n) for (name, _), h in snap.histograms.items()
+            if name in ("step_time_seconds", "request_queue_time_seconds")}
+
+
+def _mean_ms(before: dict, after: dict, name: str) -> float:
+    total, n = (a - b for a, b in zip(after.get(name, (0.0, 0)), before.get(name, (0.0, 0))))
+    return 1e3 * total / n if n else float("nan")
+
+
 def _p99(xs: list[float]) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(0.99 * len(xs)))] if xs else float("nan")
@@ -173,11 +188,22 @@ def _p99(xs: list[float]) -> float:
 def test_twice_capacity_sheds_fast_and_keeps_admitted_latency(app) -> None:  # noqa: ANN001
     async def phases() -> SimpleNamespace:
         await _closed_loop(app.url, UNLOADED_CONCURRENCY, 2.0)  # warm-up
+        stats = [await _engine_means()]
         unloaded, _ = await _closed_loop(app.url, UNLOADED_CONCURRENCY, MEASURE_S)
+        await asyncio.sleep(1.5)  # the engine pushes its metrics every second
+        stats.append(await _engine_means())
         saturated, wall = await _closed_loop(app.url, MAX_NUM_SEQS + MAX_WAITING, MEASURE_S)
         capacity = sum(1 for o in saturated if o.status == 200 and o.finish_reason) / wall
+        await asyncio.sleep(1.5)
+        stats.append(await _engine_means())
         overloaded = await _open_loop(app.url, OVERLOAD_FACTOR * capacity, OVERLOAD_S)
-        return SimpleNamespace(unloaded=unloaded, saturated=saturated, capacity=capacity, overloaded=overloaded)
+        await asyncio.sleep(1.5)
+        stats.append(await _engine_means())
+        engine = {phase: (_mean_ms(stats[i], stats[i + 1], "step_time_seconds"),
+                          _mean_ms(stats[i], stats[i + 1], "request_queue_time_seconds"))
+                  for i, phase in enumerate(("unloaded", "saturated", "overloaded"))}
+        return SimpleNamespace(unloaded=unloaded, saturated=saturated, capacity=capacity, overloaded=overloaded,
+                               engine=engine)
 
     r = asyncio.run(phases())
     base = [o for o in r.unloaded if o.status == 200]
@@ -197,7 +223,8 @@ def test_twice_capacity_sheds_fast_and_keeps_admitted_latency(app) -> None:  # n
           f"{statistics.median(o.t_first for o in admitted if o.t_first is not None) * 1e3:.0f} ms p99 "
           f"{admitted_p99 * 1e3:.0f} ms; rejection status line p50 "
           f"{statistics.median(o.t_status for o in rejected) * 1e3 if rejected else float('nan'):.0f} ms "
-          f"p99 {reject_p99 * 1e3:.0f} ms")
+          f"p99 {reject_p99 * 1e3:.0f} ms; engine mean step / queue time (ms): "
+          + ", ".join(f"{k} {v[0]:.0f} / {v[1]:.0f}" for k, v in r.engine.items()))
 
     assert not [o.exception for o in ov if o.exception], [o.exception for o in ov if o.exception][:3]
     assert set(codes) <= {200, 429, 503}, codes
@@ -217,6 +244,8 @@ def test_twice_capacity_sheds_fast_and_keeps_admitted_latency(app) -> None:  # n
 def test_grpc_burst_rejections_are_resource_exhausted(app) -> None:  # noqa: ANN001
     import grpc
 
+    from replicas.proto import epserve_pb2 as pb
+
     burst = 4 * (MAX_NUM_SEQS + MAX_WAITING)
     results: list[tuple[str, str, float]] = [("", "", 0.0)] * burst
     go = threading.Barrier(burst)
@@ -226,7 +255,13 @@ def test_grpc_burst_rejections_are_resource_exhausted(app) -> None:  # noqa: ANN
         t0 = time.monotonic()
         finish = ""
         try:
-            for msg in app.grpc.generate(token_ids=PROMPT, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True):
+            req = pb.GenerateRequest(model="ov-tiny", sampling=app.grpc.sampling(
+                max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+            req.token_ids.ids.extend(PROMPT)
+            # NOTE: an explicit request id each: without one, Serve's context gives none and the API uses "" for
+            # every call, so concurrent calls collide ("request id  is already running", INVALID_ARGUMENT).
+            for msg in app.grpc.stub.Generate(req, timeout=120,
+                                              metadata=[*app.grpc.metadata, ("request_id", f"burst-{i}")]):
                 finish = msg.finish_reason or finish
             results[i] = ("OK", finish, time.monotonic() - t0)
         except grpc.RpcError as exc:
