@@ -104,7 +104,12 @@ def candidates(logits_V: torch.Tensor, *, params: SamplingParams) -> tuple[torch
         ids = ids[order]
     else:
         vals, ids = torch.sort(x, descending=True)
+    if bool(torch.isposinf(vals).any()):  # overflow (an extreme temperature or penalty): the +inf tokens tie
+        top = torch.isposinf(vals)
+        return ids[top], torch.zeros(int(top.sum()), dtype=vals.dtype, device=vals.device)
     keep = torch.isfinite(vals)
+    if not bool(keep.any()):  # nothing finite (NaN or fully masked): the best-ranked token, never an empty draw
+        return ids[:1], torch.zeros(1, dtype=vals.dtype, device=vals.device)
     if params.min_p > 0.0:
         keep &= vals >= vals[0] + math.log(params.min_p)
     vals, ids = vals[keep], ids[keep]

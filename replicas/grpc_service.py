@@ -11,7 +11,9 @@ methods named after the RPCs (replicas/ingress.py). Tests: tests/replicas/test_g
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -114,7 +116,7 @@ class GrpcApi:
         if not key:
             return
         given = dict(ctx.invocation_metadata()).get("authorization", "")
-        if given != f"Bearer {key}":
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):  # constant time
             raise fail(ctx, ApiError(401, "missing or invalid API key in the 'authorization' metadata"))
 
     def _validate(self, model: type, fields: dict[str, Any]) -> Any:  # noqa: ANN401
@@ -125,7 +127,7 @@ class GrpcApi:
 
     async def generate(self, request: pb.GenerateRequest, ctx: Any) -> AsyncIterator[pb.GenerateResponse]:  # noqa: ANN401
         self.check_auth(ctx)
-        rid = ctx.request_id() or ""
+        rid = ctx.request_id() or uuid.uuid4().hex  # unique when the client sends none
         try:
             ctxm = self.ing.ctx
             fields = {"model": request.model or ctxm.name, **sampling_fields(request.sampling)}
@@ -166,7 +168,7 @@ class GrpcApi:
     async def chat(self, request: pb.ChatRequest, ctx: Any) -> AsyncIterator[pb.ChatResponse]:  # noqa: ANN401
         """Chat with the HTTP API's features: reasoning split, tool calls, structured output."""
         self.check_auth(ctx)
-        rid = ctx.request_id() or ""
+        rid = ctx.request_id() or uuid.uuid4().hex  # unique when the client sends none
         try:
             ctxm = self.ing.ctx
             req = self._validate(ChatCompletionRequest, chat_fields(request, default_model=ctxm.name))

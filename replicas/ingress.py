@@ -11,6 +11,7 @@ Tests: tests/replicas/test_serving.py.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -493,7 +494,8 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
         path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]  # the app's route prefix (Serve's root_path) is not part of the route
-        if key and path not in PUBLIC_PATHS and request.headers.get("authorization", "") != f"Bearer {key}":
+        if key and path not in PUBLIC_PATHS and not hmac.compare_digest(
+                request.headers.get("authorization", "").encode(), f"Bearer {key}".encode()):
             err = ApiError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
                            type="authentication_error")
             return JSONResponse(err.body(), status_code=401)

@@ -94,3 +94,17 @@ def test_min_p_threshold_is_relative_to_the_top_probability() -> None:
     x = torch.tensor([0.0, math.log(0.5), math.log(0.09), math.log(0.11)])
     ids, _ = candidates(x, params=SamplingParams(temperature=1.0, min_p=0.1))
     assert sorted(ids.tolist()) == [0, 1, 3]
+
+
+def test_overflowing_logits_still_give_a_token() -> None:
+    """An extreme temperature or penalty can overflow logits to +inf (or leave nothing finite): the draw
+    picks among the +inf tokens (or the best-ranked one) instead of failing on an empty candidate set."""
+    logits = torch.tensor([1.0, 3.0e38, 2.0, 3.0e38, -1.0])
+    tiny = SamplingParams(temperature=1e-3, seed=1)  # 3e38 / 1e-3 overflows to +inf
+    for seed in range(8):
+        tok = int(sample(logits[None], [SamplingParams(temperature=1e-3, seed=seed)]).token_ids[0])
+        assert tok in (1, 3)
+    ids, vals = candidates(logits, params=tiny)
+    assert sorted(ids.tolist()) == [1, 3] and torch.equal(vals, torch.zeros(2))
+    nan = torch.full((5,), float("nan"))
+    assert int(sample(nan[None], [SamplingParams(temperature=1.0, top_k=3)]).token_ids[0]) in range(5)
