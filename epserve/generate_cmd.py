@@ -16,6 +16,7 @@ from epserve.cli import UserError
 from model_shards.config import from_hf_config
 from model_shards.generation_config import GenerationDefaults
 from model_shards.sampling import SamplingParams
+from replicas.speculative import MAX_SPECULATIVE_TOKENS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nodes", type=int, help="start a local Ray cluster of N nodes on loopback")
     p.add_argument("--address", help="join an existing Ray cluster at this address")
     p.add_argument("--block-size", type=int, default=16, help=argparse.SUPPRESS)
+    p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="draft K tokens per step with the checkpoint's MTP head (0 = off; greedy output is "
+                        "identical either way)")
     p.set_defaults(run=run)
 
 
@@ -92,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
     if args.trunk_ranks < 1 or args.expert_ranks < 0:
         raise UserError("--trunk-ranks must be >= 1 and --expert-ranks >= 0")
     cfg = from_hf_config(folder)
+    if not 0 <= args.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+        raise UserError(f"--speculative-tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {args.speculative_tokens}")
+    if args.speculative_tokens and not cfg.has_mtp:
+        raise UserError(f"--speculative-tokens needs an MTP head: {folder}'s config has mtp_num_hidden_layers 0")
     defaults = GenerationDefaults.load(folder, cfg)
     params = sampling_from_args(args, defaults)
     prompt, tokenizer = _prompt_ids(args, folder)
@@ -109,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
             "finish_reason": gen.finish_reason,
             "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(gen.token_ids)},
             "timings": {"prefill_s": round(gen.prefill_s, 4), "decode_s": round(gen.decode_s, 4)},
+            "speculative": {"steps": gen.steps, "draft_tokens": gen.draft_tokens,
+                            "accepted_tokens": gen.accepted_tokens},
         }))
     else:
         print(text if text is not None else " ".join(map(str, gen.token_ids)))
@@ -123,10 +133,11 @@ def _generate(args, folder, prompt, params, defaults):  # noqa: ANN001, ANN202  
         from model_shards.model import LocalModel
 
         model = LocalModel.load(folder, dtype=args.dtype)
-        runner = LocalRunner(model, num_blocks=runner_blocks(len(prompt), args.max_tokens, args.block_size),
-                             block_size=args.block_size)
+        k = args.speculative_tokens
+        runner = LocalRunner(model, num_blocks=runner_blocks(len(prompt), args.max_tokens + 2 * k, args.block_size),
+                             block_size=args.block_size, spec_tokens=k)
         return generate_one(runner, prompt, params=params, max_tokens=args.max_tokens,
-                            eos_token_ids=defaults.eos_token_ids)
+                            eos_token_ids=defaults.eos_token_ids, spec_tokens=k)
     from epserve.group_runner import run_on_group
 
     return run_on_group(args, folder, prompt, params, defaults)

@@ -40,15 +40,16 @@ def run_on_group(args: argparse.Namespace, folder: Path, prompt: list[int], para
 
     if local is None:
         ray.init(address=args.address, log_to_driver=False)
-    blocks = runner_blocks(len(prompt), args.max_tokens, args.block_size)
+    k = args.speculative_tokens
+    blocks = runner_blocks(len(prompt), args.max_tokens + 2 * k, args.block_size)
     group = ExpertParallelGroup(GroupConfig(
         model_dir=str(folder), shape=GroupShape(args.trunk_ranks, args.expert_ranks), dtype=args.dtype,
-        caches=CacheSizes(num_blocks=blocks, block_size=args.block_size, num_slots=1),
+        caches=CacheSizes(num_blocks=blocks, block_size=args.block_size, num_slots=1, spec_tokens=k),
     ))
     try:
         group.start()
         return generate_one(_SyncGroupRunner(group, args.block_size), prompt, params=params,
-                            max_tokens=args.max_tokens, eos_token_ids=defaults.eos_token_ids)
+                            max_tokens=args.max_tokens, eos_token_ids=defaults.eos_token_ids, spec_tokens=k)
     finally:
         group.shutdown()
         if local is not None:

@@ -31,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=int, help="gRPC port (default: HTTP port + 1000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set it in the config)")
     p.add_argument("--served-model-name", help="model name clients use")
+    p.add_argument("--speculative-tokens", type=int, metavar="K",
+                   help="draft K tokens per step with the checkpoint's MTP head (default 0 = off)")
     p.set_defaults(run=run)
 
 
@@ -52,7 +54,8 @@ def load_args(args: argparse.Namespace):  # noqa: ANN201  # -> AppArgs
         if not isinstance(raw, dict):
             raise UserError(f"--config {path} must be a mapping of build_app args")
     overrides = {"model": args.model, "trunk_ranks": args.trunk_ranks, "expert_ranks": args.expert_ranks,
-                 "api_key": args.api_key, "served_model_name": args.served_model_name}
+                 "api_key": args.api_key, "served_model_name": args.served_model_name,
+                 "speculative_tokens": args.speculative_tokens}
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return AppArgs.model_validate(raw)
@@ -69,6 +72,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"serving the embedded tiny model from {app_args.model}", flush=True)
     elif not Path(app_args.model).is_dir():
         raise UserError(f"--model {app_args.model} is not a folder")
+    if app_args.speculative_tokens:
+        from model_shards.config import from_hf_config
+
+        if not from_hf_config(Path(app_args.model)).has_mtp:
+            raise UserError(f"--speculative-tokens needs an MTP head: {app_args.model}'s config has "
+                            "mtp_num_hidden_layers 0")
     local = None
     if args.address is None:
         from cluster.local_cluster import start_local_cluster

@@ -35,6 +35,8 @@ class SeqChunk:
         logits: which of the new tokens need logits ("last", "all" or "none").
         vision_rows: rows of the new tokens that take vision embeddings instead of token embeddings.
         vision_first: index, in the sequence's vision embeddings, of the first of those rows.
+        verify: process the new tokens one at a time, as consecutive decode steps would (speculative
+            verification): DeltaNet states after every token are kept so the caches can roll back.
     """
 
     token_ids: tuple[int, ...]
@@ -46,6 +48,7 @@ class SeqChunk:
     logits: str = "last"
     vision_rows: tuple[int, ...] = ()
     vision_first: int = 0
+    verify: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -72,6 +75,7 @@ class StepBatch:
     block_size: int
     logit_rows: torch.Tensor  # [R] rows of T whose logits are returned
     embeds_override: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows [M], embeds [M, D])
+    verify: tuple[bool, ...] = ()  # per sequence: token-by-token verification (SeqChunk.verify)
     _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @staticmethod
@@ -126,6 +130,7 @@ class StepBatch:
             slot_mapping_T=torch.tensor(slot_map, dtype=torch.long, device=device),
             block_size=block_size,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
+            verify=tuple(s.verify for s in seqs),
         )
 
     # ----------------------------------------------------------------- derived indices
@@ -149,7 +154,16 @@ class StepBatch:
     def recurrent_seqs(self) -> tuple[int, ...]:
         """Sequences whose DeltaNet step uses the recurrent form: one new token on a cached state
         (HF takes the recurrent path exactly when seq_len == 1 and a state exists)."""
-        return tuple(i for i, (q, c) in enumerate(zip(self.query_lens, self.context_lens)) if q == 1 and c > 0)
+        return tuple(i for i, (q, c) in enumerate(zip(self.query_lens, self.context_lens))
+                     if q == 1 and c > 0 and not self.is_verify(i))
+
+    @cached_property
+    def verify_seqs(self) -> tuple[int, ...]:
+        """Sequences whose new tokens are checked token by token (speculative verification)."""
+        return tuple(i for i in range(self.num_seqs) if self.is_verify(i))
+
+    def is_verify(self, i: int) -> bool:
+        return bool(self.verify) and self.verify[i]
 
     @cached_property
     def decode_only(self) -> bool:
@@ -159,8 +173,27 @@ class StepBatch:
 
     @cached_property
     def chunk_seqs(self) -> tuple[int, ...]:
-        rec = set(self.recurrent_seqs)
-        return tuple(i for i in range(self.num_seqs) if i not in rec)
+        taken = set(self.recurrent_seqs) | set(self.verify_seqs)
+        return tuple(i for i in range(self.num_seqs) if i not in taken)
+
+    @cached_property
+    def decode_rows(self) -> tuple[tuple[int, int], ...]:
+        """(sequence, key count) of every row attended like a decode step: one row per recurrent
+        sequence, one row per token of a verifying sequence (token j sees context + j + 1 keys)."""
+        rows: list[tuple[int, int, int]] = []
+        for i in self.recurrent_seqs:
+            rows.append((self.starts[i], i, self.context_lens[i] + 1))
+        for i in self.verify_seqs:
+            rows.extend((self.starts[i] + j, i, self.context_lens[i] + j + 1) for j in range(self.query_lens[i]))
+        rows.sort()
+        return tuple((i, n) for _, i, n in rows)
+
+    @cached_property
+    def decode_row_ids(self) -> torch.Tensor:
+        """Packed rows of `decode_rows`, in the same order."""
+        rows = sorted([self.starts[i] for i in self.recurrent_seqs]
+                      + [self.starts[i] + j for i in self.verify_seqs for j in range(self.query_lens[i])])
+        return torch.tensor(rows, dtype=torch.long, device=self.token_ids_T.device)
 
     def memo(self, key: tuple, make: Callable[[], _T]) -> _T:
         """`make()` once per step: index tensors and masks derived from the batch that every

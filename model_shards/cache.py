@@ -24,6 +24,8 @@ class CachePools:
             (post-norm, post-RoPE keys). Row i belongs to `attn_layer_rows[layer]`.
         conv: [L_lin, num_slots, conv_dim, kernel - 1] the last pre-conv qkv inputs.
         recurrent: [L_lin, num_slots, Hv, Kd, Vd] fp32 delta-rule state.
+        spec_conv, spec_recurrent: with speculation, the states after each of up to k + 1 verified
+            tokens ([L_lin, num_slots, k + 1, ...]), so a slot rolls back to its last accepted token.
     """
 
     k: torch.Tensor
@@ -33,6 +35,8 @@ class CachePools:
     block_size: int
     attn_layer_rows: dict[int, int]
     linear_layer_rows: dict[int, int]
+    spec_conv: torch.Tensor | None = None
+    spec_recurrent: torch.Tensor | None = None
 
     @staticmethod
     def allocate(
@@ -44,8 +48,10 @@ class CachePools:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         with_mtp: bool = False,
+        spec_tokens: int = 0,
     ) -> CachePools:
-        """Zero-filled pools (zeros keep masked-out attention reads finite)."""
+        """Zero-filled pools (zeros keep masked-out attention reads finite); `spec_tokens` = k > 0 adds
+        the per-token state buffers verification needs."""
         attn_layers = list(cfg.attention_layers)
         if with_mtp:
             attn_layers += [cfg.num_layers + i for i in range(cfg.mtp_num_hidden_layers)]
@@ -66,6 +72,12 @@ class CachePools:
             block_size=block_size,
             attn_layer_rows={layer: i for i, layer in enumerate(attn_layers)},
             linear_layer_rows={layer: i for i, layer in enumerate(lin_layers)},
+            spec_conv=torch.zeros(
+                (len(lin_layers), num_slots, spec_tokens + 1, cfg.linear_conv_dim, cfg.linear_conv_kernel_dim - 1),
+                dtype=dtype, device=device) if spec_tokens else None,
+            spec_recurrent=torch.zeros(
+                (len(lin_layers), num_slots, spec_tokens + 1, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                 cfg.linear_value_head_dim), dtype=torch.float32, device=device) if spec_tokens else None,
         )
 
     @property
@@ -83,6 +95,20 @@ class CachePools:
     def state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         row = self.linear_layer_rows[layer]
         return self.conv[row], self.recurrent[row]
+
+    def spec_state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This layer's per-token state buffers ([num_slots, k + 1, ...] each), or None without speculation."""
+        if self.spec_conv is None or self.spec_recurrent is None:
+            return None
+        row = self.linear_layer_rows[layer]
+        return self.spec_conv[row], self.spec_recurrent[row]
+
+    def rollback(self, slot: int, *, keep: int) -> None:
+        """Set a slot's DeltaNet states to those after verified token `keep` (0 = the first token)."""
+        if self.spec_conv is None or self.spec_recurrent is None:
+            raise ValueError("these pools were allocated without speculation (spec_tokens = 0)")
+        self.conv[:, slot] = self.spec_conv[:, slot, keep]
+        self.recurrent[:, slot] = self.spec_recurrent[:, slot, keep]
 
     def copy_slot(self, src: int, dst: int) -> None:
         """Duplicate a sequence's DeltaNet state (n > 1 sampling forks a prompt's state)."""

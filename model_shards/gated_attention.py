@@ -85,10 +85,9 @@ def attention_forward(
 
     out_THD = torch.empty_like(q)
     scale = hd**-0.5
-    decode = batch.recurrent_seqs  # one new token on a cached context: batched over sequences
-    if decode:
-        rows = batch.seq_rows(decode)
-        out_THD[rows] = _decode_attention(q[rows], batch=batch, seqs=decode, k_pool=k_pool, v_pool=v_pool, scale=scale)
+    if batch.decode_rows:  # one query per row over its cached context, batched (decode and verification)
+        rows = batch.decode_row_ids
+        out_THD[rows] = _decode_attention(q[rows], batch=batch, k_pool=k_pool, v_pool=v_pool, scale=scale)
     for i in batch.chunk_seqs:
         start, n, ctx = batch.starts[i], batch.query_lens[i], batch.context_lens[i]
         out_THD[start:start + n] = _prefill_attention(
@@ -124,13 +123,12 @@ def _prefill_attention(
 
 
 def _decode_attention(
-    q_BHD: torch.Tensor, *, batch: StepBatch, seqs: tuple[int, ...], k_pool: torch.Tensor, v_pool: torch.Tensor,
-    scale: float,
+    q_BHD: torch.Tensor, *, batch: StepBatch, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float,
 ) -> torch.Tensor:
-    """One query per sequence over its whole context; contexts padded to the longest, masked."""
+    """One query per row (`batch.decode_rows`) over its keys; key counts padded to the longest, masked."""
     b, h, hd = q_BHD.shape
     hkv, bs = k_pool.shape[2], k_pool.shape[1]
-    blocks, mask = batch.memo(("decode_keys", seqs, bs), lambda: _decode_keys(batch, seqs, bs))
+    blocks, mask = batch.memo(("decode_keys", bs), lambda: _decode_keys(batch, bs))
     s = mask.shape[1]
     k = k_pool.index_select(0, blocks).view(b, s, hkv, hd)
     v = v_pool.index_select(0, blocks).view(b, s, hkv, hd)
@@ -145,10 +143,11 @@ def _decode_attention(
     return out.reshape(b, h, hd)
 
 
-def _decode_keys(batch: StepBatch, seqs: tuple[int, ...], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_keys(batch: StepBatch, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The [B * nblk] block ids (B rows of a table covering the longest context) and the [B, nblk * bs]
-    mask of key slots past each sequence's length (shared by every attention layer of the step)."""
-    lens = [batch.context_lens[i] + 1 for i in seqs]
+    mask of key slots past each row's key count (shared by every attention layer of the step)."""
+    seqs = tuple(i for i, _ in batch.decode_rows)
+    lens = [n for _, n in batch.decode_rows]
     nblk = -(-max(lens) // bs)
     tables = batch.block_tables_BN[batch.index_of(seqs), :nblk]
     lens_t = torch.tensor(lens, device=tables.device)

@@ -93,6 +93,7 @@ def deltanet_forward(
     batch: StepBatch,
     conv_state: torch.Tensor,
     recurrent_state: torch.Tensor,
+    spec_state: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One DeltaNet mixer over all sequences of a step; updates the state slots in place.
 
@@ -100,6 +101,8 @@ def deltanet_forward(
         x_TD: [T, D] normed hidden states (model dtype).
         conv_state: [num_slots, C, W] this layer's conv windows (model dtype).
         recurrent_state: [num_slots, H, K, V] fp32.
+        spec_state: ([num_slots, k+1, C, W], [num_slots, k+1, H, K, V]) where verifying sequences
+            leave their states after each token (CachePools.rollback picks one).
     Returns:
         [T, D] mixer output.
     """
@@ -125,6 +128,10 @@ def deltanet_forward(
                                              first_slot=batch.slot_run(seqs), **step)
         for group in batch.chunk_groups(CHUNK):
             _chunk_group(group, qkv_TC, g_TH, beta_TH, out_THV=core_THV, batch=batch, **step)
+        for i in batch.verify_seqs:
+            if spec_state is None:
+                raise ValueError("verifying sequences need pools allocated with spec_tokens > 0")
+            _verify_steps(i, qkv_TC, g_TH, beta_TH, out_THV=core_THV, batch=batch, spec_state=spec_state, **step)
 
     normed = rms_norm_gated(core_THV.reshape(-1, vd), gate=z_TX.reshape(-1, vd), weight=w.norm, eps=cfg.rms_norm_eps)
     return linear(normed.reshape(t, h * vd), w.out_proj)
@@ -157,6 +164,34 @@ def _recurrent_step(
         conv_state.index_copy_(0, slots, window[:, :, 1:].to(conv_state.dtype))
         recurrent_state.index_copy_(0, slots, state)
     return out[:, 0]
+
+
+def _verify_steps(
+    i: int, qkv_TC: torch.Tensor, g_TH: torch.Tensor, beta_TH: torch.Tensor, *, out_THV: torch.Tensor,
+    batch: StepBatch, spec_state: tuple[torch.Tensor, torch.Tensor], w: DeltaNetWeights, cfg: ModelConfig,
+    conv_state: torch.Tensor, recurrent_state: torch.Tensor,
+) -> None:
+    """A verifying sequence's n tokens as n consecutive recurrent steps (the same arithmetic as n decode
+    steps), keeping the conv window and recurrent state after each token in `spec_state`; the slot is
+    left at the last token's states (rolled back by CachePools.rollback when drafts are rejected)."""
+    start, n, slot = batch.starts[i], batch.query_lens[i], int(batch.state_slots_B[i])
+    nw = conv_state.shape[-1]
+    window = torch.cat([conv_state[slot], qkv_TC[start:start + n].T.to(conv_state.dtype)], dim=-1)  # [C, W + n]
+    mixed = torch.stack([
+        _conv_silu_last(window[None, :, j:j + nw + 1], w.conv_taps, w.conv1d.dtype, qkv_TC.dtype)[0] for j in range(n)
+    ])  # [n, C], each exactly the decode step's conv
+    q, k, v = _split_heads(mixed.unsqueeze(0), cfg)
+    out, states = recurrent_gated_delta_rule(
+        q, k_BTHK=k, v_BTHV=v, g_BTH=g_TH[None, start:start + n], beta_BTH=beta_TH[None, start:start + n],
+        state_BHKV=recurrent_state[slot][None], keep_states=True,
+    )
+    spec_conv, spec_rec = spec_state
+    for j in range(n):
+        spec_conv[slot, j] = window[:, j + 1:j + 1 + nw]
+    spec_rec[slot, :n] = states[0]
+    conv_state[slot] = window[:, n:n + nw]
+    recurrent_state[slot] = states[0, -1]
+    out_THV[start:start + n] = out[0]
 
 
 def _chunk_group(

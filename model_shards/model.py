@@ -63,9 +63,9 @@ class LocalModel:
     def routed(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         return local_routed_experts(self.experts, layer, x_TD, routing)
 
-    def allocate(self, *, num_blocks: int, block_size: int, num_slots: int) -> CachePools:
+    def allocate(self, *, num_blocks: int, block_size: int, num_slots: int, spec_tokens: int = 0) -> CachePools:
         return CachePools.allocate(self.cfg, num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
-                                   dtype=self.dtype, with_mtp=self.trunk.w.mtp is not None)
+                                   dtype=self.dtype, with_mtp=self.trunk.w.mtp is not None, spec_tokens=spec_tokens)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, pools: CachePools) -> TrunkOutput:

@@ -122,7 +122,8 @@ class Trunk:
                                       v_pool=v_pool)
         else:
             conv, rec = pools.state(layer)
-            mixed = deltanet_forward(h_in, w=lw.mixer, cfg=cfg, batch=batch, conv_state=conv, recurrent_state=rec)
+            mixed = deltanet_forward(h_in, w=lw.mixer, cfg=cfg, batch=batch, conv_state=conv, recurrent_state=rec,
+                                     spec_state=pools.spec_state(layer))
         h = x + mixed
         m_in = rms_norm_zc_scaled(h, scale=lw.post_scale, eps=cfg.rms_norm_eps)
         return h + self.moe(m_in, lw.moe, layer=layer, routed=routed)

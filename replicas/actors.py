@@ -38,6 +38,7 @@ class CacheSizes:
     num_blocks: int
     block_size: int
     num_slots: int
+    spec_tokens: int = 0  # k > 0: per-token DeltaNet states for verifying k drafts
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class TrunkRankActor(_RankBase):
         assert spec.caches is not None
         self.pools = CachePools.allocate(cfg, num_blocks=spec.caches.num_blocks, block_size=spec.caches.block_size,
                                          num_slots=spec.caches.num_slots, dtype=self.dtype,
-                                         with_mtp=weights.mtp is not None)
+                                         with_mtp=weights.mtp is not None, spec_tokens=spec.caches.spec_tokens)
         self.vision = None
         if cfg.vision is not None and self.layout.has_vision:
             self.vision = VisionTower(load_vision(reader, cfg, dtype=self.dtype), cfg.vision, dtype=self.dtype)

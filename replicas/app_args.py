@@ -64,6 +64,10 @@ class AppArgs(BaseModel):
     default_max_tokens: int | None = Field(None, ge=1, description="max_tokens when a request sets none.")
     max_n: int = Field(16, ge=1, description="Largest n a request may ask for.")
     max_waiting_requests: int = Field(256, ge=1, description="Engine queue bound; beyond it 429 + Retry-After.")
+    max_queue_steps: int | None = Field(
+        None, ge=1, description="Admit a request that must queue only if a running slot frees within this many "
+        "steps (by the running requests' max_tokens); beyond it 429, so admitted requests keep their TTFT. "
+        "Unset: only max_waiting_requests bounds the queue.")
     ingress_max_ongoing_requests: int = Field(256, ge=1)
     ingress_max_queued_requests: int = Field(512, ge=1, description="Serve's own queue bound (503 beyond).")
     engine_max_ongoing_requests: int = Field(1024, ge=1)
@@ -81,6 +85,9 @@ class AppArgs(BaseModel):
     max_image_bytes: int = Field(20 * 2**20, ge=1, description="Encoded size of one image or video frame.")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Decoded width x height of one image or frame.")
     max_video_frames: int = Field(64, ge=1)
+    speculative_tokens: int = Field(
+        0, ge=0, le=8, description="k > 0: the MTP head drafts k tokens per step, verified by the next step "
+                                   "(greedy output is identical to k = 0; needs a checkpoint with mtp.*).")
     graceful_shutdown_timeout_s: float = Field(
         60.0, gt=0, description="A stopping engine replica lets streams finish this long; the rest end with a "
                                 "retriable error.")

@@ -25,7 +25,7 @@ from replicas.engine_types import EngineFailure, GenerateOutput, GenerateRequest
 from replicas.metrics import MetricsRegistry
 from replicas.scheduler import Scheduled, Scheduler, SchedulerConfig, SchedulerOutput
 from replicas.sequence import Sequence, Status
-from replicas.step_types import SeqStep, StepRequest, StepResult
+from replicas.step_types import SeqStep, StepRequest, StepResult, TokenLogprobs
 
 log = logging.getLogger("ray.serve.epserve.engine")
 
@@ -60,11 +60,17 @@ class Engine:
         recover: called (in a thread) after a group failure to rebuild it; None = stay failed.
         metrics: where to record serving metrics.
         grammars: returns the GrammarCache for structured output (built on first use; None = unsupported).
+        spec_tokens: k > 0 drafts k tokens per step with the MTP head (the runner's pools must hold the
+            per-token states: spec_tokens >= k, and config.lookahead >= 2k).
+        max_queue_steps: a request that must wait for a running slot is admitted only if one frees within
+            this many steps, by the running sequences' max_tokens (1: at the end of the step now running);
+            beyond it `EngineOverloaded`, so admitted requests keep their TTFT. None: `max_waiting` only.
     """
 
     def __init__(self, runner: AsyncRunner, *, pools: list[BlockPool], config: SchedulerConfig,
                  tokenizer: Tokenizer | None, max_waiting: int = 256, recover: Callable[[], None] | None = None,
-                 metrics: MetricsRegistry | None = None, grammars: Callable[[], Any] | None = None) -> None:
+                 metrics: MetricsRegistry | None = None, grammars: Callable[[], Any] | None = None,
+                 spec_tokens: int = 0, max_queue_steps: int | None = None) -> None:
         self.runner = runner
         self.scheduler = Scheduler(config, pools)
         self.tokenizer = tokenizer
@@ -72,6 +78,12 @@ class Engine:
         self.recover = recover
         self.metrics = metrics or MetricsRegistry()
         self._grammars = grammars
+        self.spec_tokens = spec_tokens
+        if max_queue_steps is not None and max_queue_steps < 1:
+            raise ValueError(f"max_queue_steps must be >= 1 or None, got {max_queue_steps}")
+        self.max_queue_steps = max_queue_steps
+        if spec_tokens and config.lookahead < 2 * spec_tokens:
+            raise ValueError(f"speculating {spec_tokens} tokens needs SchedulerConfig.lookahead >= {2 * spec_tokens}")
         self._streams: dict[str, tuple[list[Sequence], asyncio.Queue[GenerateOutput]]] = {}
         self._aborted: list[Sequence] = []
         self._ids = itertools.count()
@@ -108,6 +120,11 @@ class Engine:
         self.admit_check(req)
         compiled = await self._compile(req) if req.grammar is not None else None
         seqs = [Sequence(req, i, self.tokenizer, next(self._ids)) for i in range(req.n)]
+        for s in seqs:
+            # Verification is exact for plain sampling; penalties, grammars and min_tokens change the
+            # distribution from token to token, so those requests decode without drafts.
+            s.speculate = bool(self.spec_tokens) and req.grammar is None and not s.params.has_penalties \
+                and req.min_tokens == 0
         if compiled is not None:
             from replicas.structured_output import GrammarMatcher
 
@@ -157,6 +174,19 @@ class Engine:
         if queued > self.max_waiting:
             raise EngineOverloaded(f"{len(self.scheduler.waiting)} sequences are waiting for a running slot "
                                    f"(limit {self.max_waiting})")
+        if queued > 0 and self.max_queue_steps is not None:
+            steps = self._steps_until_freed(queued)
+            if steps > self.max_queue_steps:
+                raise EngineOverloaded(f"no running slot frees within {self.max_queue_steps} steps")
+
+    def _steps_until_freed(self, k: int) -> float:
+        """Steps until k running sequences have ended, if each runs to its max_tokens.
+
+        NOTE: an upper bound (eos, a stop string or accepted drafts end sequences sooner), so the
+        bound errs towards rejecting; a sequence still prefilling counts its prefill as one step.
+        """
+        ends = sorted(seq.req.max_tokens - len(seq.output_ids) for run in self.scheduler.running for seq in run)
+        return ends[k - 1] if k <= len(ends) else float("inf")
 
     def _free_seq_slots(self) -> int:
         """Running slots the next step can fill: sequences taking them do not queue behind running ones.
@@ -218,18 +248,21 @@ class Engine:
                 if sch.seq.t_scheduled is None:
                     sch.seq.t_scheduled = time.monotonic()
                     self.metrics.observe("request_queue_time_seconds", sch.seq.t_scheduled - sch.seq.t_arrival)
-            reqs.append(StepRequest(tuple(steps)))
+            reqs.append(StepRequest(tuple(steps), mtp_steps=self.spec_tokens))
         return reqs
 
     @staticmethod
     def _seq_step(sch: Scheduled) -> SeqStep:
         seq = sch.seq
         assert seq.addr is not None
-        ids = seq.all_ids[sch.start:sch.start + sch.n]
+        drafts = tuple(seq.drafts) if (sch.sample and sch.n > 1 and sch.start + 1 == seq.num_tokens) else ()
+        own = sch.n - len(drafts)
+        ids = (*seq.all_ids[sch.start:sch.start + own], *drafts)
         positions, vision_rows, vision_first = seq.chunk_vision(sch.start, sch.n)
-        chunk = SeqChunk(tuple(ids), sch.start, seq.addr.slot, tuple(seq.addr.blocks), positions=positions,
-                         rope_delta=seq.rope_delta, logits="last" if sch.sample else "none",
-                         vision_rows=vision_rows, vision_first=vision_first)
+        chunk = SeqChunk(ids, sch.start, seq.addr.slot, tuple(seq.addr.blocks), positions=positions,
+                         rope_delta=seq.rope_delta, logits="all" if drafts else "last" if sch.sample else "none",
+                         vision_rows=vision_rows, vision_first=vision_first, verify=bool(drafts))
+        nxt = seq.all_ids[sch.start + sch.n] if not sch.sample and sch.start + sch.n < seq.num_tokens else None
         penalties = seq.params.has_penalties
         mask = seq.matcher.bitmask() if (seq.matcher is not None and sch.sample) else None
         return SeqStep(
@@ -237,29 +270,48 @@ class Engine:
             prompt_ids=tuple(seq.prompt_ids) if penalties else (), output_ids=tuple(seq.output_ids) if penalties else (),
             suppress_ids=seq.suppressed_ids() if sch.sample else (), allowed_mask=mask,
             vision=seq.mm.inputs if (seq.mm is not None and sch.start == 0) else None,
+            drafts=drafts, mtp=seq.speculate, mtp_next=nxt,
         )
 
     def _update(self, out: SchedulerOutput, results: list[StepResult]) -> None:
         for trunk, res in zip(out.per_trunk, results):
             for i, sch in enumerate(trunk):
                 seq = sch.seq
-                seq.num_computed = sch.start + sch.n
+                accepted = res.accepted[i] if res.accepted else ()
+                # the same test as _seq_step's: a decode that carried drafts
+                verified = bool(seq.drafts) and sch.sample and sch.n > 1 and sch.start + 1 == seq.num_tokens
+                if verified:  # the new token and the accepted drafts are in the caches now
+                    self.metrics.inc("spec_decode_num_draft_tokens", len(seq.drafts))
+                    self.metrics.inc("spec_decode_num_accepted_tokens", len(accepted))
+                    seq.num_computed = sch.start + 1 + len(accepted)
+                else:
+                    seq.num_computed = sch.start + sch.n
+                seq.drafts = list(res.drafts[i]) if res.drafts and seq.speculate else []
                 if not sch.sample or seq.aborted:
                     continue
                 token = res.token_ids[i]
                 assert token is not None
-                prev = seq.t_last_token
-                event = seq.append(token, res.logprobs[i])
-                if seq.matcher is not None and not event.finished:
-                    event = self._advance_grammar(seq, token, event)
-                self.metrics.inc("generation_tokens")
-                if prev is None:
-                    self.metrics.observe("time_to_first_token_seconds", seq.t_first_token - seq.t_arrival)
-                else:
-                    self.metrics.observe("inter_token_latency_seconds", seq.t_last_token - prev)
-                self._deliver(seq, event)
-                if event.finished:
-                    self._finish(seq, event.finish_reason or "error")
+                lps = (*(res.accepted_logprobs[i] if accepted else ()), res.logprobs[i])
+                for t, lp in zip((*accepted, token), lps):
+                    if self._emit(seq, t, lp):
+                        break
+
+    def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> bool:
+        """Record one generated token; True when it ended the choice."""
+        prev = seq.t_last_token
+        event = seq.append(token, logprobs)
+        if seq.matcher is not None and not event.finished:
+            event = self._advance_grammar(seq, token, event)
+        self.metrics.inc("generation_tokens")
+        if prev is None:
+            self.metrics.observe("time_to_first_token_seconds", seq.t_first_token - seq.t_arrival)
+        else:
+            self.metrics.observe("inter_token_latency_seconds", seq.t_last_token - prev)
+        self._deliver(seq, event)
+        if event.finished:
+            seq.drafts = []
+            self._finish(seq, event.finish_reason or "error")
+        return event.finished
 
     def _advance_grammar(self, seq: Sequence, token: int, event: GenerateOutput) -> GenerateOutput:
         """Feed the sampled token to the sequence's grammar; a complete grammar ends the choice."""

@@ -52,7 +52,11 @@ class EngineServer:
         folder = resolve_model_dir(a.model)
         self.cfg = from_hf_config(folder)
         self.tokenizer = Tokenizer.from_dir(folder)
-        caches = CacheSizes(num_blocks=a.num_kv_blocks, block_size=a.block_size, num_slots=a.max_num_seqs)
+        k = a.speculative_tokens
+        if k and not self.cfg.has_mtp:
+            raise ValueError(f"speculative_tokens {k} needs an MTP head: {folder}'s config has mtp_num_hidden_layers 0")
+        caches = CacheSizes(num_blocks=a.num_kv_blocks, block_size=a.block_size, num_slots=a.max_num_seqs,
+                            spec_tokens=k)
         placement = ray.util.get_current_placement_group()
         self.group = ExpertParallelGroup(
             GroupConfig(model_dir=a.model, shape=GroupShape(a.trunk_ranks, a.expert_ranks), dtype=a.dtype,
@@ -69,9 +73,11 @@ class EngineServer:
                  for _ in range(a.trunk_ranks)]
         self.engine = Engine(self.group, pools=pools,
                              config=SchedulerConfig(max_num_seqs=a.max_num_seqs,
-                                                    max_num_batched_tokens=a.max_num_batched_tokens),
+                                                    max_num_batched_tokens=a.max_num_batched_tokens,
+                                                    lookahead=2 * k),
                              tokenizer=self.tokenizer, max_waiting=a.max_waiting_requests,
-                             recover=self.group.rebuild, metrics=self.metrics, grammars=self._grammar_cache)
+                             recover=self.group.rebuild, metrics=self.metrics, grammars=self._grammar_cache,
+                             spec_tokens=k, max_queue_steps=a.max_queue_steps)
         self._folder = folder
         self._grammars = None
         self._grammar_lock = threading.Lock()

@@ -202,11 +202,14 @@ class ExpertParallelGroup:
             self._pg = None
 
     # ----------------------------------------------------------------- steps
-    def plan_for(self, requests: list[StepRequest], *, moe_layers: tuple[int, ...] | None = None) -> StepPlan:
-        """FIXED (no counts exchange) when every sequence brings one token, else VARIABLE."""
-        layers = moe_layers if moe_layers is not None else tuple(range(self.cfg.num_layers))
+    def plan_for(self, requests: list[StepRequest]) -> StepPlan:
+        """FIXED (no counts exchange) when every sequence decodes (one token, or a verified draft run),
+        else VARIABLE. With speculation every rank also makes the MTP layer's MoE calls: one pass and
+        k - 1 recursive draft steps."""
+        mtp = max((r.mtp_steps for r in requests), default=0)
+        layers = tuple(range(self.cfg.num_layers)) + (self.cfg.num_layers,) * mtp
         tokens = [sum(len(s.chunk.token_ids) for s in r.seqs) for r in requests]
-        decode = all(len(s.chunk.token_ids) == 1 for r in requests for s in r.seqs)
+        decode = all(len(s.chunk.token_ids) == 1 or s.chunk.verify for r in requests for s in r.seqs)
         if decode and self.shape.expert_ranks:
             cap = fixed_capacity(max(tokens), top_k=self.cfg.num_experts_per_tok, expert_ranks=self.shape.expert_ranks,
                                  factor=self.config.capacity_factor)

@@ -3,7 +3,10 @@
 A runner is anything with `step(list[StepRequest]) -> list[StepResult]` (one request per
 trunk rank) and `block_size`: the in-process `LocalRunner` or the expert-parallel driver.
 The prompt runs on trunk rank 0 in slot 0; other ranks join each step with no sequences.
-Tests: tests/model_shards/test_generate_cli.py (tokens equal transformers' generate).
+With `spec_tokens` k > 0 the MTP head drafts k tokens per step and the next step verifies them
+(replicas/speculative.py); greedy output is identical to k = 0.
+Tests: tests/model_shards/test_generate_cli.py (tokens equal transformers' generate),
+tests/replicas/test_speculative.py.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ class LocalRunner:
 
     num_trunk_ranks = 1
 
-    def __init__(self, model: LocalModel, *, num_blocks: int, block_size: int = 16, num_slots: int = 1) -> None:
+    def __init__(self, model: LocalModel, *, num_blocks: int, block_size: int = 16, num_slots: int = 1,
+                 spec_tokens: int = 0) -> None:
         self.block_size = block_size
-        pools = model.allocate(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots)
+        pools = model.allocate(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
+                               spec_tokens=spec_tokens)
         self.rank = TrunkRank(model.trunk, pools, LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers))
 
     @property
@@ -54,6 +59,9 @@ class Generation:
     logprobs: tuple[TokenLogprobs | None, ...]
     prefill_s: float
     decode_s: float
+    steps: int = 0  # target forwards (with speculation: fewer than tokens)
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 def generate_one(
@@ -63,38 +71,54 @@ def generate_one(
     params: SamplingParams,
     max_tokens: int,
     eos_token_ids: tuple[int, ...],
+    spec_tokens: int = 0,
 ) -> Generation:
-    """Prefill the prompt in one step, then decode one token per step until eos or max_tokens."""
+    """Prefill the prompt in one step, then decode until eos or max_tokens: one token per step, or with
+    speculation the accepted drafts and one more token per step."""
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
     bs = runner.block_size
-    table = tuple(range(-(-(len(prompt_ids) + max_tokens) // bs)))
-    idle = [StepRequest()] * (runner.num_trunk_ranks - 1)
+    table = tuple(range(runner_blocks(len(prompt_ids), max_tokens + 2 * spec_tokens, bs)))
+    idle = [StepRequest(mtp_steps=spec_tokens)] * (runner.num_trunk_ranks - 1)
     out: list[int] = []
     logprobs: list[TokenLogprobs | None] = []
-    context, new = 0, list(prompt_ids)
+    context, new, drafts = 0, list(prompt_ids), ()
     finish = "length"
+    steps = drafted = accepted_total = 0
     t0 = time.perf_counter()
     t_first = t0
-    while len(out) < max_tokens:
+    while len(out) < max_tokens and finish == "length":
         seq = SeqStep(
-            chunk=SeqChunk(tuple(new), context, 0, table), sample=True, params=params, output_index=len(out),
+            chunk=SeqChunk((*new, *drafts), context, 0, table, logits="all" if drafts else "last",
+                           verify=bool(drafts)),
+            sample=True, params=params, output_index=len(out),
             prompt_ids=tuple(prompt_ids) if params.has_penalties else (),
             output_ids=tuple(out) if params.has_penalties else (),
+            drafts=drafts, mtp=spec_tokens > 0,
         )
-        res = runner.step([StepRequest((seq,)), *idle])[0]
+        res = runner.step([StepRequest((seq,), mtp_steps=spec_tokens), *idle])[0]
+        steps += 1
         token = res.token_ids[0]
         assert token is not None
         if not out:
             t_first = time.perf_counter()
-        out.append(token)
-        logprobs.append(res.logprobs[0])
-        context += len(new)
+        accepted = res.accepted[0] if res.accepted else ()
+        drafted += len(drafts)
+        accepted_total += len(accepted)
+        lps = (*(res.accepted_logprobs[0] if accepted else ()), res.logprobs[0])
+        context += len(new) + len(accepted)
+        for t, lp in zip((*accepted, token), lps):
+            out.append(t)
+            logprobs.append(lp)
+            if t in eos_token_ids:
+                finish = "stop"
+                break
+            if len(out) == max_tokens:
+                break
         new = [token]
-        if token in eos_token_ids:
-            finish = "stop"
-            break
-    return Generation(tuple(out), finish, tuple(logprobs), t_first - t0, time.perf_counter() - t_first)
+        drafts = res.drafts[0] if res.drafts else ()
+    return Generation(tuple(out), finish, tuple(logprobs), t_first - t0, time.perf_counter() - t_first,
+                      steps=steps, draft_tokens=drafted, accepted_tokens=accepted_total)
 
 
 def runner_blocks(prompt_len: int, max_tokens: int, block_size: int) -> int:

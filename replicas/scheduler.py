@@ -27,6 +27,9 @@ class SchedulerConfig:
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # Speculation: KV positions reserved past a sequence's tokens (verified drafts and MTP drafting
+    # write ahead of the accepted prefix): 2k for k draft tokens.
+    lookahead: int = 0
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < CHUNK_ALIGN:
@@ -87,7 +90,7 @@ class Scheduler:
 
     def fits_ever(self, total_tokens: int) -> bool:
         """Whether a sequence of this many tokens can be held by one trunk rank at all."""
-        return any(p.blocks_for(total_tokens) <= p.num_blocks for p in self.pools)
+        return any(p.blocks_for(total_tokens + self.config.lookahead) <= p.num_blocks for p in self.pools)
 
     @property
     def num_running(self) -> int:
@@ -139,22 +142,24 @@ class Scheduler:
         i = 0
         while i < len(self.running[t]):  # decodes, oldest first
             seq = self.running[t][i]
-            if seq.remaining != 1 or seq.num_computed == 0 or budget < 1:
+            n = 1 + len(seq.drafts)  # the new token, and drafts to verify after it
+            if seq.remaining != 1 or seq.num_computed == 0 or budget < n:
                 i += 1
                 continue
-            while not self._grow(seq, seq.num_tokens):
+            while not self._grow(seq, seq.num_tokens + self.config.lookahead):
                 if self._preempt(t, out) is seq:
                     break
             if seq.addr is None:  # it preempted itself
                 break
-            planned.append(Scheduled(seq, seq.num_computed, 1, True))
-            budget -= 1
+            planned.append(Scheduled(seq, seq.num_computed, n, True))
+            budget -= n
             i += 1
         for seq in list(self.running[t]):  # prefills (fresh or resumed)
             if seq.remaining == 1 and seq.num_computed > 0:
                 continue
             n = chunk_len(seq.remaining, budget)
-            while n > 0 and not self._grow(seq, seq.num_computed + n):
+            while n > 0 and not self._grow(seq, seq.num_computed + n + (self.config.lookahead if n == seq.remaining
+                                                                       else 0)):
                 n = ((n - 1) // CHUNK_ALIGN) * CHUNK_ALIGN  # a shorter aligned chunk that fits
             if n <= 0:
                 continue
@@ -176,14 +181,16 @@ class Scheduler:
                 if pool.free_slots == 0 or len(self.running[t]) >= self.config.max_num_seqs or budgets[t] < 1:
                     continue
                 n = chunk_len(seq.remaining, budgets[t])
-                if n > 0 and pool.blocks_for(n) <= pool.free_blocks and pool.free_blocks > best_free:
+                need = pool.blocks_for(n + (self.config.lookahead if n == seq.remaining else 0))
+                if n > 0 and need <= pool.free_blocks and pool.free_blocks > best_free:
                     best, best_free = t, pool.free_blocks
             if best is None:
                 return  # FIFO: nobody overtakes the head of the queue
             pool = self.pools[best]
             n = chunk_len(seq.remaining, budgets[best])
             self.waiting.popleft()
-            seq.addr = CacheAddress(trunk=best, slot=pool.take_slot(), blocks=pool.take_blocks(pool.blocks_for(n)))
+            need = pool.blocks_for(n + (self.config.lookahead if n == seq.remaining else 0))
+            seq.addr = CacheAddress(trunk=best, slot=pool.take_slot(), blocks=pool.take_blocks(need))
             seq.status = Status.RUNNING
             self.running[best].append(seq)
             out.per_trunk[best].append(Scheduled(seq, 0, n, n == seq.remaining))

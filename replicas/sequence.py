@@ -58,6 +58,8 @@ class Sequence:
         self.mm = req.mm  # replicas.media.MultimodalPrompt or None
         self.rope_delta = req.mm.rope_delta if req.mm is not None else 0
         self.matcher = None  # replicas.structured_output.GrammarMatcher when the request is constrained
+        self.drafts: list[int] = []  # MTP drafts to verify in the next step
+        self.speculate = False  # set by the engine: this sequence drafts with the MTP head
         self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=req.skip_special_tokens) if tokenizer else None
         self._text = ""  # detokenized output so far
         self._emitted = 0  # characters of _text already sent
@@ -112,6 +114,7 @@ class Sequence:
         self.addr = None
         self.status = Status.WAITING
         self.num_preemptions += 1
+        self.drafts = []
 
     # ----------------------------------------------------------------- outputs
     def append(self, token: int, logprobs: TokenLogprobs | None) -> GenerateOutput:

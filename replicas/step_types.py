@@ -30,6 +30,9 @@ class SeqStep:
         allowed_mask: int32 bitmask of the tokens a grammar allows now (structured output), or None.
         vision: the sequence's preprocessed images/videos, sent with its first chunk (the trunk rank
             encodes them once and keeps the embeddings with the sequence's state slot).
+        drafts: speculative tokens at the end of `chunk.token_ids` to verify (chunk.verify is set).
+        mtp: the sequence takes part in MTP drafting (its MTP cache is kept up to date).
+        mtp_next: for a prefill chunk that does not sample, the token after it (the MTP's input).
     """
 
     chunk: SeqChunk
@@ -41,13 +44,22 @@ class SeqStep:
     suppress_ids: tuple[int, ...] = ()
     allowed_mask: torch.Tensor | None = None
     vision: tuple[Any, ...] | None = None
+    drafts: tuple[int, ...] = ()
+    mtp: bool = False
+    mtp_next: int | None = None
 
 
 @dataclass(frozen=True)
 class StepRequest:
-    """What one trunk rank computes in one step (may be empty: the rank still joins the collectives)."""
+    """What one trunk rank computes in one step (may be empty: the rank still joins the collectives).
+
+    Attributes:
+        mtp_steps: k > 0 when the group speculates: after the target forward every rank runs one MTP pass
+            and k - 1 recursive draft steps (each an MoE call of the MTP layer, in lock-step).
+    """
 
     seqs: tuple[SeqStep, ...] = ()
+    mtp_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -60,8 +72,15 @@ class TokenLogprobs:
 
 @dataclass(frozen=True)
 class StepResult:
-    """Per sequence of the request, in order: the sampled token (None when not sampling) and logprobs."""
+    """Per sequence of the request, in order: the sampled token (None when not sampling) and logprobs.
+
+    With speculation: `accepted[i]` are verified drafts emitted before `token_ids[i]` (with their
+    logprobs in `accepted_logprobs[i]`, one entry per accepted token, None when not asked), and `drafts[i]` the new drafts to verify next step.
+    """
 
     token_ids: tuple[int | None, ...] = ()
     logprobs: tuple[TokenLogprobs | None, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
+    accepted: tuple[tuple[int, ...], ...] = ()
+    accepted_logprobs: tuple[tuple[TokenLogprobs | None, ...], ...] = ()
+    drafts: tuple[tuple[int, ...], ...] = ()

@@ -20,6 +20,8 @@ from model_shards.trunk import Trunk
 from model_shards.vision import VisionTower
 from replicas.a2a_protocol import StepPlan
 from replicas.dispatch import Dispatcher
+from replicas.mtp_drafter import MtpDrafter
+from replicas.speculative import verify
 from replicas.step_types import StepRequest, StepResult, TokenLogprobs
 
 
@@ -38,11 +40,13 @@ class TrunkRank:
         self.routed = routed
         self.vision = vision
         self.vision_cache: dict[int, torch.Tensor] = {}  # state slot -> its sequence's vision embeddings
+        self.drafter = MtpDrafter(trunk, pools, routed)
 
     @torch.inference_mode()
     def step(self, req: StepRequest, plan: StepPlan | None = None) -> StepResult:
-        """Forward + sample. With a plan (expert ranks elsewhere), the routed seam is framed by it and
-        a rank with no sequences still runs every exchange of the plan."""
+        """Forward, sample (verifying drafts where given), draft with the MTP head when the group speculates.
+        With a plan (expert ranks elsewhere), the routed seam is framed by it and a rank with no sequences
+        still runs every exchange of the plan."""
         t0 = time.perf_counter()
         if plan is not None:
             self.routed.begin(plan)
@@ -55,36 +59,63 @@ class TrunkRank:
         if override is not None:
             batch = replace(batch, embeds_override=override)
         out = self.trunk.forward(batch, pools=self.pools, routed=self.routed)
-        self.routed.finish()
         t1 = time.perf_counter()
-        # logit rows are the last token of each sequence ("last" chunks); keep those that sample
-        sampling = [i for i, s in enumerate(req.seqs) if s.sample]
-        tokens: list[int | None] = [None] * len(req.seqs)
-        logprobs: list[TokenLogprobs | None] = [None] * len(req.seqs)
-        if sampling:
-            rows = _logit_row_of(req)
-            logits = out.logits_RV[[rows[i] for i in sampling]]
-            seqs = [req.seqs[i] for i in sampling]
-            res = sample(
-                logits, [s.params for s in seqs],
-                prompt_ids=[torch.tensor(s.prompt_ids, dtype=torch.long) for s in seqs],
-                output_ids=[torch.tensor(s.output_ids, dtype=torch.long) for s in seqs],
-                positions=[s.output_index for s in seqs],
-                banned=[s.suppress_ids for s in seqs],
-                allowed=[s.allowed_mask for s in seqs],
-            )
-            ids = res.token_ids.tolist()
-            for j, i in enumerate(sampling):
-                tokens[i] = ids[j]
-                n = req.seqs[i].params.logprobs
-                if n is not None and res.logprob is not None:
-                    top = ()
-                    if n > 0 and res.top_ids is not None and res.top_logprobs is not None:
-                        top = tuple(zip(res.top_ids[j, :n].tolist(), res.top_logprobs[j, :n].tolist()))
-                    logprobs[i] = TokenLogprobs(float(res.logprob[j]), top)
-        return StepResult(tuple(tokens), tuple(logprobs),
-                          timings={"forward_s": t1 - t0, "sample_s": time.perf_counter() - t1})
+        res = _Results(len(req.seqs))
+        rows = _logit_rows(req)
+        self._sample(req, out.logits_RV, rows, res)
+        self._verify(req, out.logits_RV, rows, res)
+        t2 = time.perf_counter()
+        if req.mtp_steps:
+            self.drafter.draft(req, batch, out.hidden_TD, res, steps=req.mtp_steps)
+        self.routed.run_idle()  # MTP exchanges this rank had no rows for, in plan order
+        self.routed.finish()
+        return res.result(timings={"forward_s": t1 - t0, "sample_s": t2 - t1, "draft_s": time.perf_counter() - t2})
 
+    def _sample(self, req: StepRequest, logits_RV: torch.Tensor, rows: dict[int, tuple[int, int]], res: _Results
+                ) -> None:
+        """One token per sampling sequence that brings no drafts."""
+        sampling = [i for i, s in enumerate(req.seqs) if s.sample and not s.drafts]
+        if not sampling:
+            return
+        seqs = [req.seqs[i] for i in sampling]
+        out = sample(
+            logits_RV[[rows[i][0] + rows[i][1] - 1 for i in sampling]], [s.params for s in seqs],
+            prompt_ids=[torch.tensor(s.prompt_ids, dtype=torch.long) for s in seqs],
+            output_ids=[torch.tensor(s.output_ids, dtype=torch.long) for s in seqs],
+            positions=[s.output_index for s in seqs],
+            banned=[s.suppress_ids for s in seqs],
+            allowed=[s.allowed_mask for s in seqs],
+        )
+        ids = out.token_ids.tolist()
+        for j, i in enumerate(sampling):
+            res.tokens[i] = ids[j]
+            n = req.seqs[i].params.logprobs
+            if n is not None and out.logprob is not None:
+                top = ()
+                if n > 0 and out.top_ids is not None and out.top_logprobs is not None:
+                    top = tuple(zip(out.top_ids[j, :n].tolist(), out.top_logprobs[j, :n].tolist()))
+                res.logprobs[i] = TokenLogprobs(float(out.logprob[j]), top)
+
+    def _verify(self, req: StepRequest, logits_RV: torch.Tensor, rows: dict[int, tuple[int, int]], res: _Results
+                ) -> None:
+        """Sequences that bring drafts: accept a prefix, add the target's token, roll the DeltaNet states
+        back to the last accepted token."""
+        for i, s in enumerate(req.seqs):
+            if not s.drafts:
+                continue
+            first, count = rows[i]
+            logits = logits_RV[first:first + count]
+            slot = s.chunk.state_slot
+            q = self.drafter.pending_q.pop(slot, [None] * len(s.drafts))
+            a, token = verify(logits, list(s.drafts), s.params, position=s.output_index, q=q)
+            self.pools.rollback(slot, keep=a)
+            res.tokens[i] = token
+            res.accepted[i] = tuple(s.drafts[:a])
+            res.verified_rows[i] = a + 1
+            res.accepted_logprobs[i] = (None,) * a  # one entry per accepted token, logprobs asked or not
+            if s.params.logprobs is not None:
+                lps = _token_logprobs(logits[: a + 1], [*s.drafts[:a], token], s.params.logprobs)
+                res.accepted_logprobs[i], res.logprobs[i] = tuple(lps[:-1]), lps[-1]
 
     def _vision_rows(self, req: StepRequest, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Vision embeddings for this step's image/video rows. A sequence's first chunk brings its inputs,
@@ -111,17 +142,47 @@ class TrunkRank:
         return torch.tensor(rows, dtype=torch.long), torch.cat(parts)
 
 
-def _logit_row_of(req: StepRequest) -> dict[int, int]:
-    """Row of the step's logits holding each sampling sequence's last token.
-
-    NOTE: a sequence samples iff its chunk asks for logits of its last token; non-final
-    prefill chunks ask for none (no lm_head work for them).
+def _logit_rows(req: StepRequest) -> dict[int, tuple[int, int]]:
+    """(first row, row count) of each sequence's logits: its last token ("last"), or all of its tokens
+    when it verifies drafts ("all"); non-final prefill chunks ask for none (no lm_head work).
     """
     rows, r = {}, 0
     for i, s in enumerate(req.seqs):
-        if s.sample != (s.chunk.logits == "last"):
-            raise ValueError("a sequence samples exactly when its chunk asks for logits='last'")
-        if s.sample:
-            rows[i] = r
-            r += 1
+        if s.sample != (s.chunk.logits != "none"):
+            raise ValueError("a sequence samples exactly when its chunk asks for logits")
+        if s.drafts and s.chunk.logits != "all":
+            raise ValueError("a sequence verifying drafts needs the logits of all its tokens")
+        n = len(s.chunk.token_ids) if s.chunk.logits == "all" else 1 if s.sample else 0
+        if n:
+            rows[i] = (r, n)
+            r += n
     return rows
+
+
+def _token_logprobs(logits_JV: torch.Tensor, tokens: list[int], n: int) -> list[TokenLogprobs]:
+    """Raw-model logprobs of each emitted token and its top-n alternatives."""
+    logp = torch.log_softmax(logits_JV.float(), dim=-1)
+    out = []
+    for j, t in enumerate(tokens):
+        top = ()
+        if n > 0:
+            v, ids = logp[j].topk(n)
+            top = tuple(zip(ids.tolist(), v.tolist()))
+        out.append(TokenLogprobs(float(logp[j, t]), top))
+    return out
+
+
+class _Results:
+    """Per-sequence outputs of a step, filled by sampling, verification and drafting."""
+
+    def __init__(self, n: int) -> None:
+        self.tokens: list[int | None] = [None] * n
+        self.logprobs: list[TokenLogprobs | None] = [None] * n
+        self.accepted: list[tuple[int, ...]] = [()] * n
+        self.accepted_logprobs: list[tuple[TokenLogprobs | None, ...]] = [()] * n
+        self.drafts: list[tuple[int, ...]] = [()] * n
+        self.verified_rows: dict[int, int] = {}  # seq -> chunk rows now valid in the caches
+
+    def result(self, *, timings: dict[str, float]) -> StepResult:
+        return StepResult(tuple(self.tokens), tuple(self.logprobs), timings=timings, accepted=tuple(self.accepted),
+                          accepted_logprobs=tuple(self.accepted_logprobs), drafts=tuple(self.drafts))
