@@ -79,7 +79,7 @@ async def one_run(base_url: str, rate: float, burstiness: float, duration: float
 def table(rows: list[dict]) -> str:
     head = ("| offered req/s | arrivals | requests | errors | schedule drew req/s | sent req/s | achieved req/s "
             "| achieved / offered | incl. tail req/s | send lag p50 / p99 ms | 16 events each | client CPU ms/req "
-            "| client CPU share | load avg |")
+            "| client CPU needed / got | load avg |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         kind = "Poisson" if r["burstiness"] == 1 else f"gamma k={r['burstiness']:g}"
@@ -87,7 +87,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['offered']:.0f} | {kind} | {r['requests']} | {r['errors']} | {r['scheduled_rate']:.1f} "
             f"| {r['achieved_send_rate']:.1f} | {r['achieved_rate']:.1f} | {r['achieved_rate'] / r['offered']:.3f} "
             f"| {r['throughput_with_tail']:.1f} | {r['lag_p50_ms']:.2f} / {r['lag_p99_ms']:.1f} "
-            f"| {'yes' if r['events_ok'] else 'NO'} | {r['cpu_ms_per_request']:.2f} | {r['cpu_share']:.0%} "
+            f"| {'yes' if r['events_ok'] else 'NO'} | {r['cpu_ms_per_request']:.2f} "
+            f"| {r['cpu_ms_per_request'] * r['offered'] / 1e3:.0%} / {r['cpu_share']:.0%} "
             f"| {r['load']:.1f} |")
     return "\n".join(lines)
 
@@ -152,7 +153,9 @@ def _markdown(rows: list[dict], line: str, a: argparse.Namespace) -> str:
         "completed (all 16 events + usage + [DONE]) per second of the send window; \"incl. tail\" = vLLM's "
         "request throughput (until the last response ends); \"send lag\" = each send's lateness against its "
         "schedule (a saturated client shows it first); \"client CPU ms/req\" = this process's CPU time per "
-        "request, so 1000 / it is about the request rate one free core could drive at this response length.\n"
+        "request, so 1000 / it is about the request rate one free core could drive at this response length; "
+        "\"CPU needed / got\" = that time x the offered rate (the share of one core the client needs) / the share "
+        "it was given: a run that falls short while it got less than it needed was starved by other processes.\n"
     )
 
 
