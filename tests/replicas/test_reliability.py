@@ -108,8 +108,10 @@ def _group_actors() -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for entry in ray.util.list_named_actors(all_namespaces=True):
         name = entry["name"]
-        if name.startswith("epserve-") and name.count("-") == 3:
-            _, gid, role, _ = name.split("-")
+        parts = name.split("-")
+        # NOTE: the metrics hubs are named epserve-metrics-<model name>, and model names may hold dashes
+        if len(parts) == 4 and parts[0] == "epserve" and parts[2].startswith(("trunk", "expert")):
+            _, gid, role, _ = parts
             try:
                 out.setdefault(gid, {})[role] = _pid_of(name, entry["namespace"])
             except Exception:  # noqa: BLE001  # an actor being torn down
