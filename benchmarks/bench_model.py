@@ -205,13 +205,41 @@ def check_same_logits(ours: Ours, theirs: Theirs, vocab: int) -> float:
 
 
 # ------------------------------------------------------------------------------ memory
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_kib() -> int:
+    """Reset the peak RSS to the current RSS where the kernel allows it; returns the baseline (KiB)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        rss = _status_kib("VmRSS")
+        if rss is not None:
+            return rss
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_kib() -> int:
+    return _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _mem_child(folder: str, what: str, dtype: str) -> None:
     """Runs in a fresh interpreter: print peak RSS growth (MiB) of one load."""
     from model_shards.checkpoint_files import CheckpointReader
     from model_shards.config import from_hf_config
     from model_shards.weights import load_experts, validate
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # NOTE: ru_maxrss is the peak of the whole process, imports included, which can exceed a small load's
+    # peak; on Linux, writing 5 to clear_refs resets the peak (VmHWM) to the current RSS instead.
+    base = _reset_peak_kib()
     if what == "full":
         obj = LocalModel.load(folder, dtype=dtype)
     else:
@@ -219,7 +247,7 @@ def _mem_child(folder: str, what: str, dtype: str) -> None:
         reader = CheckpointReader(folder)
         ids = list(range(cfg.num_experts // EXPERT_RANKS))
         obj = load_experts(reader, cfg, expert_ids=ids, dtype=DTYPES[dtype], layout=validate(reader, cfg))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_kib()
     del obj
     print(json.dumps({"peak_mib": (peak - base) / 1024}))
 
