@@ -309,3 +309,48 @@ def test_greedy_speculation_equals_plain_expert_parallel(d: int, x: int, ray_clu
         group.shutdown()
     assert outs == plain_outputs
     assert c["spec_decode_num_accepted_tokens"] > 0 and c.get("num_preemptions", 0) > 0
+
+
+# ---------------------------------------------------------------------------- served
+def _counter(metrics_text: str, name: str) -> float:
+    """Sum of a Prometheus counter's samples (every label set)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
+               if line.startswith(f"epserve:{name}_total"))
+
+
+def test_served_speculation_equals_plain_and_counts(serve_ports, peaked_checkpoint: Path,  # noqa: ANN001
+                                                    plain_outputs) -> None:
+    """The real app with `speculative_tokens` 2 (gRPC ingress, token ids in and out): greedy tokens equal
+    decoding without speculation, and the acceptance counters reach /metrics."""
+    import time
+
+    import requests
+    from ray import serve
+
+    from replicas.app import build_app
+    from replicas.app_args import AppArgs, AutoscalingArgs
+    from replicas.grpc_client import EpserveClient
+
+    args = AppArgs(model=str(peaked_checkpoint), served_model_name="spec-peaked", dtype="float32", trunk_ranks=1,
+                   expert_ranks=0, num_kv_blocks=64, block_size=BLOCK, max_num_seqs=4, max_num_batched_tokens=256,
+                   max_model_len=256, speculative_tokens=2,
+                   ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
+                   engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1))
+    serve.run(build_app(args), name="spec", route_prefix="/spec")
+    http, grpc_target = serve_ports
+    try:
+        with EpserveClient(grpc_target, application="spec", timeout_s=120) as client:
+            for i, p in enumerate(PROMPTS[:3]):
+                got = client.complete(token_ids=list(p), max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+                assert tuple(got.token_ids) == plain_outputs[i], f"prompt {i}"
+        deadline = time.monotonic() + 30  # the engine pushes its metrics every second
+        while True:
+            text = requests.get(f"{http}/spec/metrics", timeout=10).text
+            drafted = _counter(text, "spec_decode_num_draft_tokens")
+            if drafted > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        accepted = _counter(text, "spec_decode_num_accepted_tokens")
+        assert drafted > 0 and 0 < accepted < drafted, (drafted, accepted)
+    finally:
+        serve.delete("spec")
