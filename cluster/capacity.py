@@ -31,7 +31,7 @@ DEFAULT_BLOCK_SIZE = 16  # the engine's KV block size (epserve generate --block-
 # (256 x 248k fp32 = 0.25 GiB), with headroom for allocator fragmentation.
 DEFAULT_ACTIVATION_RESERVE_GIB = 8.0
 # `modules_to_not_convert` of the official Qwen/Qwen3.5-397B-A17B-FP8 release (its config.json,
-# /work/shared/configs/qwen3.5-397b-a17b-fp8.config.json); used only when planning fp8 from a bf16 config.
+# shared/configs/qwen3.5-397b-a17b-fp8.config.json beside the repository); used only when planning fp8 from a bf16 config.
 FP8_RELEASE_NOT_CONVERTED = (
     "lm_head", "model.language_model.embed_tokens", "mlp.gate", "mlp.shared_expert_gate",
     "linear_attn.in_proj_a", "linear_attn.in_proj_b", "linear_attn.conv1d", "model.visual", "mtp.fc",

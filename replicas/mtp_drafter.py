@@ -60,9 +60,16 @@ class MtpDrafter:
         drafts: dict[int, list[int]] = {i: [] for i, _ in samplers}
         qs: dict[int, list[Distribution | None]] = {i: [] for i, _ in samplers}
         logits, hidden = out.logits_RV, out.hidden_TD[mtp_batch.logit_rows]
+        greedy = [req.seqs[i].params.greedy for i, _ in samplers]
         for step in range(steps):
+            # one host sync per step for every greedy row, not one per sequence
+            argmax = logits.argmax(dim=-1).tolist() if any(greedy) else []
             for j, (i, _) in enumerate(samplers):
                 s = req.seqs[i]
+                if greedy[j]:
+                    drafts[i].append(argmax[j])
+                    qs[i].append(None)
+                    continue
                 position = s.output_index + len(res.accepted[i]) + 1 + step  # type: ignore[attr-defined]
                 token, q = draft(logits[j], s.params, position=position)
                 drafts[i].append(token)

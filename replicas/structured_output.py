@@ -31,6 +31,7 @@ from model_shards.sampling import apply_bitmask  # noqa: F401  # the mask's cons
 import numpy as np
 import torch
 from tokenizers import Tokenizer as BackendTokenizer
+from replicas.tool_parser import schema_types
 
 MODEL_VOCAB_SIZE = 248_320  # logits width; ids from the tokenizer's size up to here are padding, never allowed
 KINDS = ("json_object", "json_schema", "regex", "choice", "grammar", "tool_call")
@@ -464,26 +465,8 @@ def _value_rule(schema: Mapping[str, Any] | bool, defs: Mapping[str, Any], tag: 
 def _is_text_schema(schema: Mapping[str, Any]) -> bool:
     """Whether an argument is written as raw text: its types, null aside, are just string. Mirrors how
     replicas/tool_parser.py reads values (`type`, a list of types, anyOf/oneOf branches, a string-only enum)."""
-    types = _declared_types(schema)
+    types = schema_types(schema)
     return types is not None and types - {"null"} == {"string"}
-
-
-def _declared_types(schema: Any) -> frozenset[str] | None:
-    if not isinstance(schema, Mapping):
-        return None
-    declared = schema.get("type")
-    if isinstance(declared, str):
-        return frozenset({declared.lower()})
-    if isinstance(declared, list) and declared and all(isinstance(t, str) for t in declared):
-        return frozenset(t.lower() for t in declared)
-    branches = schema.get("anyOf", schema.get("oneOf"))
-    if isinstance(branches, list) and branches:
-        types = [_declared_types(branch) for branch in branches]
-        return None if None in types else frozenset().union(*types)
-    enum = schema.get("enum")
-    if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
-        return frozenset({"string"})
-    return None
 
 
 def _string_checks(schema: Mapping[str, Any]) -> list[str]:

@@ -488,7 +488,7 @@ def convert_value(raw: str, schema: Any) -> Any:
     Returns:
         A JSON-serialisable value.
     """
-    types = _schema_types(schema)
+    types = schema_types(schema)
     stripped = raw.strip()
     if types is None or not types & _JSON_TYPES:
         parsed = _parse_json(stripped)
@@ -507,7 +507,7 @@ def convert_value(raw: str, schema: Any) -> Any:
     return raw
 
 
-def _schema_types(schema: Any) -> frozenset[str] | None:
+def schema_types(schema: Any) -> frozenset[str] | None:
     """The JSON types a schema allows, or None when it does not say (no schema, $ref, any branch open)."""
     if not isinstance(schema, Mapping):
         return None
@@ -520,7 +520,7 @@ def _schema_types(schema: Any) -> frozenset[str] | None:
     if isinstance(branches, list) and branches:
         types: set[str] = set()
         for branch in branches:
-            branch_types = _schema_types(branch)
+            branch_types = schema_types(branch)
             if branch_types is None:
                 return None
             types |= branch_types
