@@ -1,8 +1,10 @@
 """A multi-node Ray cluster on loopback for development and tests (`ray.cluster_utils.Cluster`).
 
 Every node is its own raylet with its own resources; with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
-they register as 127.0.0.1 (design.md). Token authentication stays at Ray's default (on).
+they register as 127.0.0.1 (design.md). Token authentication is on: every cluster gets its own
+token (cluster/ray_auth.py), which `ray.cluster_utils.Cluster` would not do by itself.
 Shut it down through `shutdown()` only: never `ray stop`, which ends every Ray process on the machine.
+A start interrupted half way (Ctrl-C, a node that fails to come up) shuts down what it started.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
+
+from cluster.ray_auth import ClusterToken, enable_token_auth
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
@@ -21,13 +25,18 @@ class LocalCluster:
     address: str
     nodes: int
     _cluster: object = field(repr=False)
+    _token: ClusterToken | None = field(default=None, repr=False)
 
     def shutdown(self) -> None:
         import ray
 
-        if ray.is_initialized():
-            ray.shutdown()
-        self._cluster.shutdown()  # type: ignore[attr-defined]  # ray.cluster_utils.Cluster
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+            self._cluster.shutdown()  # type: ignore[attr-defined]  # ray.cluster_utils.Cluster
+        finally:
+            if self._token is not None:
+                self._token.remove()
 
 
 def start_local_cluster(
@@ -53,15 +62,43 @@ def start_local_cluster(
         # Ray reads the variable once, at import: make this driver process agree with its nodes.
         ray_constants.ENABLE_RAY_CLUSTER = False
 
+    token = enable_token_auth(generate=True)
     store = object_store_mb * 2**20
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": cpus_per_node, "resources": dict(head_resources or {}),
-                        "object_store_memory": store, "include_dashboard": False},
-    )
-    for _ in range(nodes - 1):
-        cluster.add_node(num_cpus=cpus_per_node, object_store_memory=store)
-    cluster.wait_for_nodes()
-    if connect:
-        ray.init(address=cluster.address, log_to_driver=False)
-    return LocalCluster(address=cluster.address, nodes=nodes, _cluster=cluster)
+    cluster = Cluster()
+    try:
+        cluster.add_node(num_cpus=cpus_per_node, resources=dict(head_resources or {}), object_store_memory=store,
+                         include_dashboard=False)
+        for _ in range(nodes - 1):
+            cluster.add_node(num_cpus=cpus_per_node, object_store_memory=store)
+        cluster.wait_for_nodes()
+        if connect:
+            # logging_level WARNING: the INFO line "Connecting to existing Ray cluster" would describe the
+            # cluster we just created as someone else's.
+            ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+    except BaseException:
+        # Ctrl-C or a failed node mid-start: leave no raylet, GCS or token behind.
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+        token.remove()
+        raise
+    return LocalCluster(address=cluster.address, nodes=nodes, _cluster=cluster, _token=token)
+
+
+def cluster_cpus(demand: float, nodes: int = 1) -> int:
+    """Logical CPUs each local node advertises so that a layout needing `demand` CPU slots places.
+
+    Ray's CPUs are scheduling slots, not cores: a node advertises at least the machine's cores, and
+    more where the layout asks for more slots than the machine has cores (the ranks then share
+    cores, with BLAS threads sized to their fraction: replicas/actors.py)."""
+    import math
+
+    cores = os.cpu_count() or 1
+    return max(cores, 2, math.ceil(demand - 1e-9))
+
+
+def local_gpus() -> int:
+    """GPUs this machine gives a local cluster (CUDA_VISIBLE_DEVICES respected); 0 on a CPU build of torch."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

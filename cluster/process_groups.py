@@ -70,16 +70,38 @@ def join_group(spec: GroupSpec, rank: int) -> GroupHandle:
     """
     if dist.is_initialized():
         leave_group()
+    timeout = datetime.timedelta(seconds=spec.deadline_s)
     dist.init_process_group(
         backend=spec.backend,
-        init_method=f"tcp://{spec.master_addr}:{spec.master_port}",
+        store=_rendezvous_store(spec, rank, timeout),
         rank=rank,
         world_size=spec.world_size,
-        timeout=datetime.timedelta(seconds=spec.deadline_s),
+        timeout=timeout,
     )
     group = dist.group.WORLD
     assert group is not None
     return GroupHandle(group=group, rank=rank, spec=spec)
+
+
+def _rendezvous_store(spec: GroupSpec, rank: int, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The group's key-value store; rank 0 serves it on `master_addr` only.
+
+    torch's own TCPStore server listens on every interface; handing it a socket we bound to the
+    rendezvous address keeps it off other networks (the store accepts any client that reaches it)."""
+    if rank != 0:
+        return dist.TCPStore(spec.master_addr, spec.master_port, spec.world_size, False, timeout)
+    family = socket.AF_INET6 if ":" in spec.master_addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((spec.master_addr, spec.master_port))
+        sock.listen(max(128, spec.world_size))
+    except OSError:
+        sock.close()
+        raise
+    # The store owns the descriptor from here on (it closes it when destroyed).
+    return dist.TCPStore(spec.master_addr, spec.master_port, spec.world_size, True, timeout,
+                         wait_for_workers=False, master_listen_fd=sock.detach())
 
 
 def leave_group() -> None:

@@ -28,9 +28,20 @@ def run_on_group(args: argparse.Namespace, folder: Path, prompt: list[int], para
                  defaults: GenerationDefaults) -> Generation:
     from cluster.local_cluster import start_local_cluster
 
+    world = args.trunk_ranks + args.expert_ranks
+    cores = os.cpu_count() or 1
+    # More ranks than cores: each rank a fraction of a CPU (one BLAS thread), so the group places.
+    cpus_per_rank = 1.0 if world <= cores else max(0.1, round(cores / world, 3))
     local = None
     if args.address is None:
-        local = start_local_cluster(args.nodes or 1, cpus_per_node=max(2, os.cpu_count() or 2))
+        from cluster.local_cluster import cluster_cpus
+
+        nodes = args.nodes or 1
+        local = start_local_cluster(nodes, cpus_per_node=cluster_cpus(world * cpus_per_rank / nodes))
+    else:
+        from cluster.ray_auth import enable_token_auth
+
+        enable_token_auth(generate=False)
     import ray
 
     from cluster.topology import GroupShape
@@ -39,12 +50,13 @@ def run_on_group(args: argparse.Namespace, folder: Path, prompt: list[int], para
     from replicas.offline import generate_one, runner_blocks
 
     if local is None:
-        ray.init(address=args.address, log_to_driver=False)
+        ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
     k = args.speculative_tokens
     blocks = runner_blocks(len(prompt), args.max_tokens + 2 * k, args.block_size)
     group = ExpertParallelGroup(GroupConfig(
         model_dir=str(folder), shape=GroupShape(args.trunk_ranks, args.expert_ranks), dtype=args.dtype,
         caches=CacheSizes(num_blocks=blocks, block_size=args.block_size, num_slots=1, spec_tokens=k),
+        cpus_per_rank=cpus_per_rank,
     ))
     try:
         group.start()

@@ -9,6 +9,7 @@ command started is shut down with it (no Ray process left behind).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -70,50 +71,189 @@ def run(args: argparse.Namespace) -> int:
 
         app_args = app_args.model_copy(update={"model": str(embedded_model())})
         print(f"serving the embedded tiny model from {app_args.model}", flush=True)
-    elif not Path(app_args.model).is_dir():
-        raise UserError(f"--model {app_args.model} is not a folder")
+    check_model_folder(Path(app_args.model or ""))
     if app_args.speculative_tokens:
         from model_shards.config import from_hf_config
 
-        if not from_hf_config(Path(app_args.model)).has_mtp:
+        if not from_hf_config(Path(app_args.model or "")).has_mtp:
             raise UserError(f"--speculative-tokens needs an MTP head: {app_args.model}'s config has "
                             "mtp_num_hidden_layers 0")
-    local = None
     if args.address is None:
-        from cluster.local_cluster import start_local_cluster
-
-        local = start_local_cluster(args.nodes or 1, cpus_per_node=max(4, os.cpu_count() or 4))
-    import ray
-    from ray import serve
-
-    if local is None:
-        ray.init(address=args.address, log_to_driver=False)
+        app_args = fit_to_machine(app_args)
     stop = threading.Event()
+    local = None
+    # Until the app is up, Ctrl-C and SIGTERM interrupt the start (the finally below cleans up);
+    # once it serves they only ask for the drain, which then runs uninterrupted.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, _interrupt)
     try:
-        from replicas.app import build_app
+        from replicas.app import build_app, resource_demand
 
+        if args.address is None:
+            from cluster.local_cluster import cluster_cpus, local_gpus, start_local_cluster
+
+            # What this machine lacks is known before any Ray process starts.
+            check_resources(resource_demand(app_args, at_max=False), {"GPU": float(local_gpus())}, local=True,
+                            only=("GPU",))
+            nodes = args.nodes or 1
+            local = start_local_cluster(nodes, cpus_per_node=cluster_cpus(
+                resource_demand(app_args, at_max=True)["CPU"] / nodes))
+        else:
+            _join(args.address)
+        import ray
+        from ray import serve
+
+        check_resources(resource_demand(app_args, at_max=False), ray.cluster_resources(), local=local is not None)
         grpc_port = args.grpc_port or args.port + 1000
         serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=_grpc_options(grpc_port))
-        serve.run(build_app(app_args), name="epserve", route_prefix="/", blocking=False)
+        # Serve logs "Connecting to existing Serve app ... will not be applied" for the controller
+        # serve.start just made with exactly these options: not news to the user.
+        serve_log = logging.getLogger("ray.serve")
+        level = serve_log.level
+        serve_log.setLevel(logging.WARNING)
+        try:
+            serve.run_many([serve.RunTarget(target=build_app(app_args), name=APP_NAME, route_prefix="/")],
+                           wait_for_applications_running=False)
+        finally:
+            serve_log.setLevel(level)
+        wait_until_running(APP_NAME)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         name = app_args.served_model_name or Path(app_args.model or "").name
         print(f"epserve is serving model '{name}'", flush=True)
         print(f"  OpenAI API: http://{args.host}:{args.port}/v1  (try: curl http://{args.host}:{args.port}/v1/models)",
               flush=True)
+        print(f"  gRPC: {args.host}:{grpc_port}", flush=True)
         print("  Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):
             pass
         print("stopping...", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: stopping...", file=sys.stderr, flush=True)
+        return 130
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            if local is not None:
-                local.shutdown()
-            else:
-                ray.shutdown()
+        # A second Ctrl-C must not cut the clean-up short (it would leave Ray processes behind).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        _shutdown(local)
     return 0
+
+
+APP_NAME = "epserve"
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _join(address: str) -> None:
+    import ray
+
+    from cluster.ray_auth import RayAuthError, enable_token_auth
+
+    try:
+        enable_token_auth(generate=False)
+    except RayAuthError as exc:
+        raise UserError(str(exc)) from None
+    ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+
+
+def _shutdown(local) -> None:  # noqa: ANN001  # LocalCluster | None
+    import ray
+
+    if not ray.is_initialized():
+        if local is not None:
+            local.shutdown()
+        return
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        if local is not None:
+            local.shutdown()
+        else:
+            ray.shutdown()
+
+
+def check_model_folder(folder: Path) -> None:
+    """What `epserve inspect` checks, before any Ray process starts: a broken folder is named in a second."""
+    from model_shards.checkpoint_summary import summarise
+
+    if not folder.is_dir():
+        raise UserError(f"--model {folder} is not a folder")
+    summary = summarise(folder)
+    problems = list(summary.problems)
+    if not summary.files.get("tokenizer.json", False):
+        problems.append(f"no tokenizer.json in {folder}: serving needs the tokenizer (text prompts and chat)")
+    if problems:
+        lines = "\n  ".join(problems)
+        raise UserError(f"--model {folder} cannot be served:\n  {lines}\n(`epserve inspect {folder}` shows the "
+                        "whole report)")
+
+
+def fit_to_machine(app_args):  # noqa: ANN001, ANN201  # AppArgs -> AppArgs
+    """On a local cluster, give each rank a fraction of a CPU when the layout has more ranks than the
+    machine has cores (unless cpus_per_rank was set): the ranks share the cores, one BLAS thread each."""
+    if "cpus_per_rank" in app_args.model_fields_set:
+        return app_args
+    cores = os.cpu_count() or 1
+    world = app_args.trunk_ranks + app_args.expert_ranks
+    if world <= cores:
+        return app_args
+    return app_args.model_copy(update={"cpus_per_rank": max(0.1, round(cores / world, 3))})
+
+
+def check_resources(need: dict[str, float], have: dict[str, float], *, local: bool,
+                    only: tuple[str, ...] | None = None) -> None:
+    """Name what the layout lacks. A cluster we started cannot grow, so that is an error; a cluster we
+    joined may autoscale, so there it is a warning (wait_until_running then reports Serve's view)."""
+    missing = {k: v - have.get(k, 0.0) for k, v in need.items()
+               if have.get(k, 0.0) + 1e-9 < v and (only is None or k in only)}
+    if not missing:
+        return
+    text = ", ".join(f"{k} {need[k]:g} (the cluster has {have.get(k, 0.0):g})" for k in sorted(missing))
+    msg = f"the layout needs {text}"
+    if "GPU" in missing:
+        msg += "; with gpus: true every rank takes one GPU (D + X per engine replica)"
+    if local:
+        raise UserError(msg)
+    print(f"epserve serve: warning: {msg}; waiting for the cluster to provide them", file=sys.stderr, flush=True)
+
+
+def wait_until_running(app: str, *, report_every_s: float = 30.0) -> None:
+    """Poll Serve until the app runs; a replica that cannot start ends the command with its own error."""
+    import time
+
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    started = last_report = time.monotonic()
+    while True:
+        status = serve.status().applications.get(app)
+        if status is not None and status.status == ApplicationStatus.RUNNING:
+            return
+        if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
+            raise UserError(startup_failure(status))
+        now = time.monotonic()
+        if now - last_report >= report_every_s:
+            last_report = now
+            print(f"still starting after {now - started:.0f} s (loading weights, forming groups)", file=sys.stderr,
+                  flush=True)
+            for name, dep in (status.deployments.items() if status is not None else ()):
+                if dep.message:
+                    print(f"  {name}: {dep.message.strip().splitlines()[0]}", file=sys.stderr, flush=True)
+        time.sleep(0.25)
+
+
+def startup_failure(status) -> str:  # noqa: ANN001  # ray.serve.schema.ApplicationStatusOverview
+    """The replica's own error (the last line of its traceback) instead of Serve's 25-line wrapper."""
+    for name, dep in status.deployments.items():
+        if dep.message and "Error" in dep.message:
+            lines = [ln.strip() for ln in dep.message.strip().splitlines() if ln.strip()]
+            cause = next((ln for ln in reversed(lines) if "Error" in ln.split(":")[0]), lines[-1])
+            return f"{name} failed to start: {cause}"
+    return f"the app failed to deploy: {status.message}"
 
 
 def _grpc_options(port: int) -> dict | None:

@@ -23,6 +23,29 @@ from replicas.ingress import Ingress, build_api, default_model_name
 from replicas.metrics import MetricsHub
 
 ENGINE_REPLICA_BUNDLE = {"CPU": 1.0}
+INGRESS_CPUS = 1.0
+
+
+def _engine_bundles(a: AppArgs) -> Any:  # noqa: ANN401  # cluster.placement.GroupPlacement
+    shape = GroupShape(a.trunk_ranks, a.expert_ranks)
+    return plan_placement(
+        shape, Topology(nodes=1, gpus_per_node=shape.world_size if a.gpus else 0, gpu_memory_gib=1.0 if a.gpus else 0),
+        replica_bundle=ENGINE_REPLICA_BUNDLE, cpus_per_rank=a.cpus_per_rank,
+    )
+
+
+def resource_demand(a: AppArgs, *, at_max: bool) -> dict[str, float]:
+    """Ray resources the app needs: its minimum replicas (to become ready) or its maximum (to scale).
+
+    `epserve serve` sizes a local cluster by it and checks a cluster it joins against it, so a layout
+    that cannot be placed is named at start instead of waiting forever."""
+    engines = a.engine_autoscaling.max_replicas if at_max else a.engine_autoscaling.min_replicas
+    ingresses = a.ingress_autoscaling.max_replicas if at_max else a.ingress_autoscaling.min_replicas
+    total: dict[str, float] = {"CPU": ingresses * INGRESS_CPUS}
+    for bundle in _engine_bundles(a).bundles:
+        for k, v in bundle.items():
+            total[k] = total.get(k, 0.0) + engines * float(v)
+    return total
 
 
 def metrics_hub(app_name: str) -> Any:  # noqa: ANN401  # a Ray actor handle
@@ -39,11 +62,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     if a.api_key is not None:
         plain["api_key"] = a.api_key.get_secret_value()  # model_dump masks secrets
     hub = metrics_hub(a.served_model_name or default_model_name(a.model))
-    shape = GroupShape(a.trunk_ranks, a.expert_ranks)
-    placement = plan_placement(
-        shape, Topology(nodes=1, gpus_per_node=shape.world_size if a.gpus else 0, gpu_memory_gib=1.0 if a.gpus else 0),
-        replica_bundle=ENGINE_REPLICA_BUNDLE, cpus_per_rank=a.cpus_per_rank,
-    )
+    placement = _engine_bundles(a)
     engine = serve.deployment(EngineServer).options(
         name="EpserveEngine",
         autoscaling_config=a.engine_autoscaling.serve_config(),
@@ -63,7 +82,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         autoscaling_config=a.ingress_autoscaling.serve_config(),
         max_ongoing_requests=a.ingress_max_ongoing_requests,
         max_queued_requests=a.ingress_max_queued_requests,
-        ray_actor_options={"num_cpus": 1},
+        ray_actor_options={"num_cpus": INGRESS_CPUS},
         health_check_period_s=5.0,
     ).bind(engine, plain, hub)
     return ingress
