@@ -147,14 +147,21 @@ def _gcs_address(sp: ServeProcess) -> str:
         except psutil.Error:
             continue
         if cmd and cmd[0].endswith("gcs_server"):
-            port = next(a.split("=", 1)[1] for a in cmd if a.startswith("--gcs_server_port="))
-            return f"127.0.0.1:{port}"
+            ports = sorted({c.laddr.port for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN})
+            assert len(ports) == 1, ports  # the GCS serves one gRPC port (its flag says 0: chosen at start)
+            return f"127.0.0.1:{ports[0]}"
     raise AssertionError("no gcs_server in the server's process tree")
 
 
 def _token_path(sp: ServeProcess) -> str:
-    env = psutil.Process(sp.proc.pid).environ()
-    return env["RAY_AUTH_TOKEN_PATH"]
+    """The cluster's token file, from the GCS's environment (epserve set it before starting the GCS)."""
+    for p in sp.tree():
+        try:
+            if p.cmdline() and p.cmdline()[0].endswith("gcs_server"):
+                return p.environ()["RAY_AUTH_TOKEN_PATH"]
+        except psutil.Error:
+            continue
+    raise AssertionError("no gcs_server in the server's process tree")
 
 
 @pytest.mark.parametrize("with_token", [False, True])
