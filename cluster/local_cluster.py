@@ -27,16 +27,49 @@ class LocalCluster:
     _cluster: object = field(repr=False)
     _token: ClusterToken | None = field(default=None, repr=False)
 
-    def shutdown(self) -> None:
+    def shutdown(self, *, grace_s: float = 5.0) -> None:
+        """Stop every node; workers and agents that outlive their raylet by `grace_s` are killed by pid."""
         import ray
 
+        procs = _cluster_processes(self._cluster)
         try:
             if ray.is_initialized():
                 ray.shutdown()
             self._cluster.shutdown()  # type: ignore[attr-defined]  # ray.cluster_utils.Cluster
         finally:
+            _reap(procs, grace_s)
             if self._token is not None:
                 self._token.remove()
+
+
+def _cluster_processes(cluster: object) -> list:  # -> list[psutil.Process]
+    """The processes the cluster's nodes started (GCS, raylets) and everything below them (workers, agents)."""
+    import psutil
+
+    procs: dict[int, psutil.Process] = {}
+    for node in cluster.list_all_nodes():  # type: ignore[attr-defined]
+        for infos in node.all_processes.values():
+            for info in infos:
+                try:
+                    root = psutil.Process(info.process.pid)
+                    for p in (root, *root.children(recursive=True)):
+                        procs[p.pid] = p
+                except psutil.Error:
+                    pass
+    return list(procs.values())
+
+
+def _reap(procs: list, grace_s: float) -> None:
+    """Wait for these (our own) processes to exit; kill what is left (a worker that missed its raylet's end)."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 def start_local_cluster(
@@ -77,10 +110,14 @@ def start_local_cluster(
             ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
     except BaseException:
         # Ctrl-C or a failed node mid-start: leave no raylet, GCS or token behind.
-        if ray.is_initialized():
-            ray.shutdown()
-        cluster.shutdown()
-        token.remove()
+        procs = _cluster_processes(cluster)
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+            cluster.shutdown()
+        finally:
+            _reap(procs, 5.0)
+            token.remove()
         raise
     return LocalCluster(address=cluster.address, nodes=nodes, _cluster=cluster, _token=token)
 

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         app_args = fit_to_machine(app_args)
     stop = threading.Event()
     local = None
+    interrupted = False
     # Until the app is up, Ctrl-C and SIGTERM interrupt the start (the finally below cleans up);
     # once it serves they only ask for the drain, which then runs uninterrupted.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -103,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
         import ray
         from ray import serve
 
+        # ray.init installs its own SIGTERM handler (log and abort, which would orphan the cluster's
+        # workers): ours again.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
         check_resources(resource_demand(app_args, at_max=False), ray.cluster_resources(), local=local is not None)
         grpc_port = args.grpc_port or args.port + 1000
         serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=_grpc_options(grpc_port))
@@ -128,14 +133,15 @@ def run(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             pass
         print("stopping...", flush=True)
-    except KeyboardInterrupt:
-        print("interrupted: stopping...", file=sys.stderr, flush=True)
-        return 130
+    except KeyboardInterrupt as exc:
+        print("interrupted during start-up: stopping...", file=sys.stderr, flush=True)
+        interrupted = True
+        return 128 + (signal.SIGTERM if str(exc) == "SIGTERM" else signal.SIGINT)
     finally:
         # A second Ctrl-C must not cut the clean-up short (it would leave Ray processes behind).
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
-        _shutdown(local)
+        _shutdown(local, drain=not interrupted)
     return 0
 
 
@@ -158,10 +164,12 @@ def _join(address: str) -> None:
     ray.init(address=address, log_to_driver=False, logging_level="WARNING")
 
 
-def _shutdown(local) -> None:  # noqa: ANN001  # LocalCluster | None
+def _shutdown(local, *, drain: bool) -> None:  # noqa: ANN001  # LocalCluster | None
+    """Stop Serve, then the cluster we started. Interrupted during start-up, a local cluster has
+    nothing to drain: it goes down at once (Serve's own shutdown waits out replicas still loading)."""
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or (local is not None and not drain):
         if local is not None:
             local.shutdown()
         return
