@@ -175,7 +175,7 @@ def _dataset(args: argparse.Namespace, model: str) -> list:
             close = getattr(codec, "close", None)
             if close is not None:
                 close()
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # bad lengths, a missing file, the server's /tokenize gone mid-way
         raise UserError(str(exc)) from None
 
 
