@@ -1,8 +1,9 @@
 """`epserve bench` and the Locust file: pure parts, the client against a fake server, and the real app.
 
 Oracles: numpy for percentiles and gamma statistics; the fake server's known delays and event
-counts for the client; the real app's /metrics (prompt and generation token counters, TTFT and
-ITL histograms) for a bench run over HTTP and gRPC.
+counts for the client; a strict OpenAI-schema fake server that counts prompt tokens with the
+model's tokenizer (text prompts, no non-standard fields by default); the real app's /metrics
+(prompt and generation token counters, TTFT and ITL histograms) for a bench run over HTTP and gRPC.
 """
 
 from __future__ import annotations
