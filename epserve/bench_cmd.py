@@ -162,8 +162,9 @@ def _dataset(args: argparse.Namespace, model: str) -> list:
                                         output_len=args.sharegpt_output_len)
         for length in (args.random_input_len, args.random_output_len):
             ds.length_bounds(length, args.random_range_ratio)  # bad values fail before any tokenizer work
-        space = ds.TokenSpace.from_tokenizer_dir(args.tokenizer) if args.tokenizer else ds.TokenSpace()
         codec = _codec(args, model)
+        local = codec if args.tokenizer and codec is not None else None  # loaded once: 15 MB of tokenizer.json
+        space = ds.TokenSpace.from_tokenizer_dir(args.tokenizer, local) if args.tokenizer else ds.TokenSpace()
         common = dict(input_len=args.random_input_len, output_len=args.random_output_len,
                       range_ratio=args.random_range_ratio, seed=args.seed, space=space, codec=codec)
         try:

@@ -80,11 +80,11 @@ class TokenSpace:
         return tuple(allowed[rng.integers(0, allowed.size, size=n)].tolist())
 
     @classmethod
-    def from_tokenizer_dir(cls, folder: str | Path) -> TokenSpace:
-        """The tokenizer's whole vocabulary minus its added (special) tokens."""
+    def from_tokenizer_dir(cls, folder: str | Path, tokenizer: Tokenizer | None = None) -> TokenSpace:
+        """The tokenizer's whole vocabulary minus its added (special) tokens (`tokenizer`: the folder's, if loaded)."""
         from model_shards.tokenizer import Tokenizer
 
-        tok = Tokenizer.from_dir(folder)
+        tok = tokenizer if tokenizer is not None else Tokenizer.from_dir(folder)
         config = Path(folder) / "tokenizer_config.json"
         added = json.loads(config.read_text()).get("added_tokens_decoder", {}) if config.is_file() else {}
         return cls(high=tok.vocab_size, excluded=frozenset(int(k) for k in added))

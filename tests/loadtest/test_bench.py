@@ -263,16 +263,22 @@ def test_cli_json_plot_and_user_errors(fake: FakeServer, tmp_path: Path, capsys:
 
 
 # ------------------------------------------------------------------------------ text prompts, strict servers
-def test_text_prompts_have_exact_token_counts(embedded_model_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def model_tokenizer(embedded_model_dir: Path):  # noqa: ANN201  # -> model_shards.tokenizer.Tokenizer
+    from model_shards.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(embedded_model_dir)
+
+
+def test_text_prompts_have_exact_token_counts(embedded_model_dir: Path, model_tokenizer) -> None:  # noqa: ANN001
     """Random and shared-prefix text prompts encode to their planned lengths with the model's tokenizer
     (the `tokenizers` library reading tokenizer.json directly: the oracle is not our wrapper)."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from model_shards.tokenizer import Tokenizer
-
     oracle = HFTokenizer.from_file(str(embedded_model_dir / "tokenizer.json"))
     count = lambda text: len(oracle.encode(text, add_special_tokens=False).ids)  # noqa: E731
-    tok, space = Tokenizer.from_dir(embedded_model_dir), ds.TokenSpace.from_tokenizer_dir(embedded_model_dir)
+    tok = model_tokenizer
+    space = ds.TokenSpace.from_tokenizer_dir(embedded_model_dir, tok)
     reqs = ds.random_requests(60, input_len=200, output_len=8, range_ratio=0.5, seed=4, space=space, codec=tok)
     assert all(isinstance(r.prompt, str) for r in reqs)
     lo, hi = ds.length_bounds(200, 0.5)
@@ -288,10 +294,8 @@ def test_text_prompts_have_exact_token_counts(embedded_model_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def strict_server(embedded_model_dir: Path) -> FakeServer:
-    from model_shards.tokenizer import Tokenizer
-
-    with FakeServer(ttft_s=0.01, itl_s=0.002, strict=True, tokenizer=Tokenizer.from_dir(embedded_model_dir)) as s:
+def strict_server(model_tokenizer) -> FakeServer:  # noqa: ANN001
+    with FakeServer(ttft_s=0.01, itl_s=0.002, strict=True, tokenizer=model_tokenizer) as s:
         yield s
 
 
