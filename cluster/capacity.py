@@ -20,6 +20,7 @@ from cluster.placement import ExpertMap
 from cluster.topology import GroupShape, Topology
 from model_shards.cache import CachePools
 from model_shards.config import MULTIMODAL_MODEL_TYPE, ModelConfig, QuantConfig
+from model_shards.published_models import FP8_RELEASE_BLOCK, FP8_RELEASE_NOT_CONVERTED
 from model_shards.weights import MTP_PREFIX, MULTIMODAL_PREFIX, TEXT_PREFIX, expected_tensors
 
 GIB = 2**30
@@ -30,13 +31,8 @@ DEFAULT_BLOCK_SIZE = 16  # the engine's KV block size (epserve generate --block-
 # prefill's activations (8k tokens x ~20k-wide projections, bf16: < 1 GiB each), decode logits
 # (256 x 248k fp32 = 0.25 GiB), with headroom for allocator fragmentation.
 DEFAULT_ACTIVATION_RESERVE_GIB = 8.0
-# `modules_to_not_convert` of the official Qwen/Qwen3.5-397B-A17B-FP8 release (its config.json,
-# shared/configs/qwen3.5-397b-a17b-fp8.config.json beside the repository); used only when planning fp8 from a bf16 config.
-FP8_RELEASE_NOT_CONVERTED = (
-    "lm_head", "model.language_model.embed_tokens", "mlp.gate", "mlp.shared_expert_gate",
-    "linear_attn.in_proj_a", "linear_attn.in_proj_b", "linear_attn.conv1d", "model.visual", "mtp.fc",
-)
-FP8_RELEASE_BLOCK = (128, 128)
+# FP8_RELEASE_NOT_CONVERTED / FP8_RELEASE_BLOCK (model_shards/published_models.py): the official FP8
+# releases' modules_to_not_convert and blocks; used only when planning fp8 from a bf16 config.
 # Keys of `CapacityPlan.weight_bytes`: where each group of tensors lives.
 TRUNK_GROUPS = ("embed", "lm_head", "layers", "mtp_trunk", "vision")  # every trunk GPU holds all of these
 EXPERT_GROUPS = ("experts", "mtp_experts")  # split over the expert GPUs

@@ -3,6 +3,10 @@
 Flags follow `vllm bench serve` (design.md's table); the work is in loadtest/: datasets, arrival
 process, clients, runner, aggregation, report and plot. Prints a summary table like vLLM's;
 `--result-json` and `--plot` write the full result and a PNG. Exit status 1 when any request failed.
+Requests follow the OpenAI schema by default, so any OpenAI-compatible server can be measured:
+random and shared-prefix prompts are text of exact token counts, built with the served model's
+tokenizer (`--tokenizer DIR`, else the server's /tokenize and /detokenize); `--prompt-token-ids`
+sends token-id lists instead and `--ignore-eos` the non-standard fields that fix output lengths.
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     target.add_argument("--grpc", metavar="HOST:PORT", help="gRPC server (Serve's gRPC proxy)")
     add("--grpc-application", metavar="APP", help="Serve application name sent as gRPC metadata (several apps)")
     add("--model", metavar="NAME", help="model name (default: the server's first model)")
-    add("--tokenizer", metavar="DIR", help="checkpoint folder whose tokenizer to use (needed for sharegpt; "
-        "random ids then span its vocabulary instead of [0, 32000))")
+    add("--tokenizer", metavar="DIR", help="the served model's folder (its tokenizer builds the text prompts; "
+        "needed for sharegpt); default: the server's /tokenize and /detokenize")
+    add("--prompt-token-ids", action="store_true", help="send random / shared-prefix prompts as token-id lists "
+        "(epserve and vLLM take them; no tokenizer needed) instead of text")
+    add("--ignore-eos", action="store_true", help="send ignore_eos and min_tokens = max_tokens, so every request "
+        "generates exactly its output length (non-standard fields: strict OpenAI-schema servers reject them)")
     add("--dataset", choices=["random", "sharegpt", "shared-prefix"], default="random")
     add("--dataset-path", metavar="FILE", help="ShareGPT JSON file (--dataset sharegpt)")
     add("--random-input-len", type=int, metavar="N", default=1024, help="prompt tokens (also the shared-prefix "
@@ -68,10 +76,14 @@ def run(args: argparse.Namespace) -> int:
                         seed=args.seed, progress=not args.no_progress)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    requests = _dataset(args)
+    if args.plot:
+        _check_plot_dependency()  # before the run: a missing extra must not cost a whole benchmark
     client = _client(args)
+    model = asyncio.run(_resolve_model(client))
+    requests = _dataset(args, model)
+    print(f"benchmarking model '{model}': {_describe_load(cfg)}", file=sys.stderr, flush=True)
     try:
-        outcome, model = asyncio.run(_run(client, requests, cfg))
+        outcome = asyncio.run(_run(client, requests, cfg))
     except WarmupFailed as exc:
         raise UserError(str(exc)) from None
     config = {k: v for k, v in vars(args).items() if k not in ("run", "api_key", "command")}
@@ -90,18 +102,29 @@ def run(args: argparse.Namespace) -> int:
     return 1 if result["failed"] else 0
 
 
-async def _run(client, requests, cfg):  # noqa: ANN001, ANN202  # -> (RunOutcome, model name)
-    from loadtest.runner import run as run_bench
+def _check_plot_dependency() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("--plot needs matplotlib, which this environment lacks: pip install 'epserve[plot]' "
+                        "(bash scripts/install.sh installs it)") from None
 
+
+async def _resolve_model(client) -> str:  # noqa: ANN001
     async with client:
         try:
-            model = await client.resolve_model()
+            return await client.resolve_model()
         except ValueError as exc:
             raise UserError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001  # connection refused, DNS, ...: the user's target is wrong
             raise UserError(f"cannot reach the server: {type(exc).__name__}: {exc}") from None
-        print(f"benchmarking model '{model}': {_describe_load(cfg)}", file=sys.stderr, flush=True)
-        return await run_bench(client, requests, cfg), model
+
+
+async def _run(client, requests, cfg):  # noqa: ANN001, ANN202  # -> RunOutcome
+    from loadtest.runner import run as run_bench
+
+    async with client:
+        return await run_bench(client, requests, cfg)
 
 
 def _describe_load(cfg) -> str:  # noqa: ANN001
@@ -123,7 +146,7 @@ def _plot_title(args: argparse.Namespace, model: str) -> str:
     return f"epserve bench: {model} at {target}, {args.dataset} ({lens}), {rate}{conc}"
 
 
-def _dataset(args: argparse.Namespace) -> list:
+def _dataset(args: argparse.Namespace, model: str) -> list:
     from loadtest import datasets as ds
 
     try:
@@ -137,15 +160,52 @@ def _dataset(args: argparse.Namespace) -> list:
             tokenizer = Tokenizer.from_dir(args.tokenizer)
             return ds.sharegpt_requests(args.dataset_path, args.num_prompts, tokenizer=tokenizer, seed=args.seed,
                                         output_len=args.sharegpt_output_len)
-        space = ds.TokenSpace.from_tokenizer_dir(args.tokenizer) if args.tokenizer else ds.TokenSpace()
+        for length in (args.random_input_len, args.random_output_len):
+            ds.length_bounds(length, args.random_range_ratio)  # bad values fail before any tokenizer work
+        codec = _codec(args, model)
+        local = codec if args.tokenizer and codec is not None else None  # loaded once: 15 MB of tokenizer.json
+        space = ds.TokenSpace.from_tokenizer_dir(args.tokenizer, local) if args.tokenizer else ds.TokenSpace()
         common = dict(input_len=args.random_input_len, output_len=args.random_output_len,
-                      range_ratio=args.random_range_ratio, seed=args.seed, space=space)
-        if args.dataset == "shared-prefix":
-            return ds.shared_prefix_requests(args.num_prompts, groups=args.shared_prefix_groups,
-                                             prefix_len=args.shared_prefix_len, **common)
-        return ds.random_requests(args.num_prompts, **common)
-    except ValueError as exc:
+                      range_ratio=args.random_range_ratio, seed=args.seed, space=space, codec=codec)
+        try:
+            if args.dataset == "shared-prefix":
+                return ds.shared_prefix_requests(args.num_prompts, groups=args.shared_prefix_groups,
+                                                 prefix_len=args.shared_prefix_len, **common)
+            return ds.random_requests(args.num_prompts, **common)
+        finally:
+            close = getattr(codec, "close", None)
+            if close is not None:
+                close()
+    except (ValueError, OSError) as exc:  # bad lengths, a missing file, the server's /tokenize gone mid-way
         raise UserError(str(exc)) from None
+
+
+def _codec(args: argparse.Namespace, model: str):  # noqa: ANN202  # TextCodec | None
+    """The tokenizer that turns random ids into text prompts: None sends token ids.
+
+    gRPC takes token ids natively, so it gets text only with --tokenizer. Over HTTP the default is the
+    server's own /tokenize and /detokenize, checked here once so a server without them fails in a second."""
+    if args.prompt_token_ids:
+        return None
+    if args.tokenizer:
+        from model_shards.tokenizer import Tokenizer
+
+        return Tokenizer.from_dir(args.tokenizer)
+    if args.grpc:
+        return None
+    from loadtest.remote_tokenizer import RemoteTokenizer
+
+    remote = RemoteTokenizer(args.base_url, model=model, api_key=args.api_key)
+    try:
+        remote.decode(remote.encode("Hello"))
+    except (ValueError, OSError) as exc:
+        remote.close()
+        raise UserError(f"text prompts need the served model's tokenizer and the server's /tokenize failed "
+                        f"({exc}); pass --tokenizer DIR (the model's folder, or one with its tokenizer.json), "
+                        "or --prompt-token-ids if the server takes token-id prompts") from None
+    print(f"building {args.num_prompts} text prompts with the server's tokenizer (/tokenize, /detokenize)",
+          file=sys.stderr, flush=True)
+    return remote
 
 
 def _client(args: argparse.Namespace):  # noqa: ANN202  # OpenAICompletionsClient | GrpcGenerateClient
@@ -154,9 +214,9 @@ def _client(args: argparse.Namespace):  # noqa: ANN202  # OpenAICompletionsClien
 
         return GrpcGenerateClient(args.grpc, model=args.model, api_key=args.api_key,
                                   application=args.grpc_application, temperature=args.temperature,
-                                  timeout_s=args.request_timeout)
+                                  timeout_s=args.request_timeout, ignore_eos=args.ignore_eos)
     from loadtest.http_client import OpenAICompletionsClient
 
     return OpenAICompletionsClient(args.base_url, model=args.model, api_key=args.api_key,
                                    temperature=args.temperature, timeout_s=args.request_timeout,
-                                   max_connections=args.max_concurrency or 0)
+                                   max_connections=args.max_concurrency or 0, ignore_eos=args.ignore_eos)

@@ -38,8 +38,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, reporting unknown flags with the usage of the sub-command they follow.
+
+    argparse leaves flags a sub-parser does not know to the top-level parser, whose error shows the
+    top-level usage ("epserve [-h] COMMAND ..."); the sub-command's own usage is the useful one."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        message = f"unrecognized arguments: {' '.join(extra)}"
+        if argv.index(extra[0]) < argv.index(args.command):
+            parser.error(message)  # before the command name: a top-level flag
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+        sub.choices[args.command].error(message)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return int(args.run(args) or 0)
     except UserError as exc:

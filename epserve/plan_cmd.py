@@ -1,7 +1,8 @@
 """`epserve plan`: will a model fit a GPU cluster as D trunk + X expert ranks, and how many sequences.
 
-A thin shim over cluster/capacity.py (`plan_capacity`, pure arithmetic from config.json; no
-weights read, no Ray): prints the layout, weights per GPU of each pool, cache room, sequences
+A thin shim over cluster/capacity.py (`plan_capacity`, pure arithmetic from config.json, or from
+a published model's dimensions by name (model_shards/published_models.py); no weights read, no
+Ray, no download): prints the layout, weights per GPU of each pool, cache room, sequences
 of --max-model-len that fit and, with --hbm-tbps, the HBM floor of a decode step.
 Exit 0: it fits. 1: it does not (reason on stderr as `epserve plan: error: ...`) or the model's
 config cannot be read. 2: a flag value out of range.
@@ -20,12 +21,14 @@ from cluster.capacity import (
 )
 from cluster.topology import Topology
 from epserve.cli import UserError
-from model_shards.config import from_hf_config
+from model_shards.config import ModelConfig, from_hf_config
+from model_shards.published_models import published_config, published_names
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="capacity plan: D trunk + X expert GPUs, weights per GPU, sequences that fit")
-    p.add_argument("--model", required=True, help="checkpoint folder or config.json path (only the config is read)")
+    p.add_argument("--model", required=True, help="checkpoint folder or config.json path (only the config is read), "
+                   f"or a published model's name: {', '.join(published_names())}")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--gpu-memory-gib", type=float, required=True, help="memory per GPU in GiB (e.g. 140 for H200)")
@@ -43,11 +46,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _model_config(model: str) -> ModelConfig:
+    """A folder or config.json path when one exists, else a published model's name."""
+    if Path(model).exists():
+        return from_hf_config(model)
+    try:
+        return published_config(model)
+    except KeyError:
+        raise UserError(f"--model {model}: no such folder or config.json, and not a published model name "
+                        f"({', '.join(published_names())})") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    model = Path(args.model)
-    if not model.exists():
-        raise UserError(f"--model {model} does not exist (a checkpoint folder or a config.json path)")
-    cfg = from_hf_config(model)
+    model = args.model
+    cfg = _model_config(model)
     weight_format = args.weight_format or ("fp8" if cfg.quant is not None else "bf16")
     max_len = cfg.max_position_embeddings if args.max_model_len is None else args.max_model_len
     try:
@@ -72,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ text report
 def _gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
+
+
+def _room(n: int, what: str) -> str:
+    """'9.75 GiB free' or 'SHORT by 51.02 GiB': a refused layout never prints negative memory."""
+    return f"{_gib(n)} {what}" if n >= 0 else f"SHORT by {_gib(-n)}"
 
 
 def _counts(per_rank: tuple[int, ...]) -> str:
@@ -99,12 +116,12 @@ def render(plan: CapacityPlan, *, model: str) -> str:
         lines.append(f"experts      {plan.num_experts} per MoE layer; per expert rank: "
                      f"{_counts(plan.experts_per_rank)}")
         lines.append(f"expert GPU   {_gib(plan.expert_gpu_weight_bytes)} weights (fullest rank) + "
-                     f"{_gib(plan.activation_reserve_bytes)} reserve, {_gib(plan.expert_gpu_free_bytes)} free")
+                     f"{_gib(plan.activation_reserve_bytes)} reserve, {_room(plan.expert_gpu_free_bytes, 'free')}")
     else:
         lines.append(f"experts      all {plan.num_experts} inside the trunk rank (X = 0)")
     lines += [
         f"trunk GPU    {_gib(plan.trunk_gpu_weight_bytes)} weights ({trunk_parts} GiB) + "
-        f"{_gib(plan.activation_reserve_bytes)} reserve, {_gib(plan.trunk_cache_bytes)} for KV + state",
+        f"{_gib(plan.activation_reserve_bytes)} reserve, {_room(plan.trunk_cache_bytes, 'for KV + state')}",
         f"sequence     {plan.max_model_len} tokens = {_gib(plan.bytes_per_sequence)} "
         f"(KV {plan.kv_bytes_per_token} B/token in blocks of {plan.block_size}, "
         f"state slot {plan.state_bytes_per_slot / 2**20:.1f} MiB)",

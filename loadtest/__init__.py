@@ -1,6 +1,7 @@
 """Load testing of an OpenAI-compatible (or epserve gRPC) server: the core of `epserve bench`.
 
-One concept per module: `datasets` (what to send), `arrivals` (when to send it), `http_client`
+One concept per module: `datasets` (what to send; text prompts through a local tokenizer or
+`remote_tokenizer`, the server's /tokenize), `arrivals` (when to send it), `http_client`
 and `grpc_client` (how; one `RequestResult` per request), `runner` (warm-up, dispatch, progress),
 `metrics` (aggregation, goodput), `report` (summary table, JSON), `plot` (PNG). `fake_server` is a
 trivial streaming server used to show the client is not the bottleneck (benchmarks/bench_loadgen.py)

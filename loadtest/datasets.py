@@ -1,13 +1,16 @@
 """What a benchmark sends: prompts with their planned output lengths.
 
 Three datasets, as in `vllm bench serve` and `sglang.bench_serving`:
-- random: prompts of random token ids (sent as `prompt: [ids]`, so the prompt length is exact
-  without a tokenizer); lengths drawn uniformly in [len*(1-r), len*(1+r)].
+- random: prompts of random tokens; lengths drawn uniformly in [len*(1-r), len*(1+r)]. With a
+  tokenizer (the served model's) the prompt is text of exactly that many tokens, found by round
+  trip as vLLM's benchmark does (decode random ids, re-encode, add or drop ids until the count
+  matches), so any OpenAI-schema server takes it; without one it is a token-id list.
 - sharegpt: a ShareGPT-format JSON file; the first human turn is the prompt (sent as text), the
   length of the gpt turn that answers it (tokenized) is the output length; vLLM's filters apply.
 - shared-prefix: groups of random prompts that share a long random prefix (prefix caching).
-Output lengths are exact on the server side because requests carry `ignore_eos` and
-min_tokens = max_tokens = output_len. Must not: send anything. Tests: tests/loadtest/test_bench.py.
+Output lengths are exact on the server side only with `--ignore-eos` (the clients then send
+`ignore_eos` and min_tokens = max_tokens). Must not: send requests (a remote tokenizer may be
+asked to encode and decode). Tests: tests/loadtest/test_bench.py.
 """
 
 from __future__ import annotations
@@ -17,15 +20,26 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
     from model_shards.tokenizer import Tokenizer
 
+
+class TextCodec(Protocol):
+    """What text prompts need of a tokenizer: model_shards.tokenizer.Tokenizer, or the server's
+    /tokenize and /detokenize (loadtest/remote_tokenizer.py)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
 # Without a tokenizer random ids come from [0, 32000): ordinary tokens of every current vocabulary.
 DEFAULT_TOKEN_HIGH = 32000
+# Rounds of decode -> re-encode -> adjust before a prompt keeps the length it has (vLLM's bound is 10 too).
+MAX_FIT_ROUNDS = 10
 # vLLM's ShareGPT filters: drop too-short turns and too-long pairs.
 SHAREGPT_MIN_LEN = 4
 SHAREGPT_MAX_PROMPT_LEN = 1024
@@ -38,7 +52,7 @@ class BenchRequest:
 
     Args:
         prompt: token ids (sent as a token-id prompt) or text.
-        prompt_len: prompt tokens (exact for ids; the tokenizer's count for text).
+        prompt_len: prompt tokens (exact for ids; the tokenizer's count of the text).
         output_len: tokens to generate (max_tokens = min_tokens, with ignore_eos).
     """
 
@@ -66,11 +80,11 @@ class TokenSpace:
         return tuple(allowed[rng.integers(0, allowed.size, size=n)].tolist())
 
     @classmethod
-    def from_tokenizer_dir(cls, folder: str | Path) -> TokenSpace:
-        """The tokenizer's whole vocabulary minus its added (special) tokens."""
+    def from_tokenizer_dir(cls, folder: str | Path, tokenizer: Tokenizer | None = None) -> TokenSpace:
+        """The tokenizer's whole vocabulary minus its added (special) tokens (`tokenizer`: the folder's, if loaded)."""
         from model_shards.tokenizer import Tokenizer
 
-        tok = Tokenizer.from_dir(folder)
+        tok = tokenizer if tokenizer is not None else Tokenizer.from_dir(folder)
         config = Path(folder) / "tokenizer_config.json"
         added = json.loads(config.read_text()).get("added_tokens_decoder", {}) if config.is_file() else {}
         return cls(high=tok.vocab_size, excluded=frozenset(int(k) for k in added))
@@ -94,36 +108,78 @@ def _lengths(rng: np.random.Generator, length: int, range_ratio: float, n: int) 
     return [int(x) for x in rng.integers(low, high + 1, size=n)]
 
 
+def fit_text(codec: TextCodec, ids: tuple[int, ...], target: int, *, rng: np.random.Generator, space: TokenSpace,
+             prefix: str = "") -> tuple[str, int]:
+    """Text that `codec` encodes to `target` tokens: `prefix` + the text of `ids`, adjusted by round trip.
+
+    Decoding random ids and encoding the text again rarely gives the same count (merges across ids,
+    bytes that are not UTF-8 alone): ids are dropped or drawn until the count matches, for at most
+    MAX_FIT_ROUNDS rounds (vLLM's gen_prompt_decode_to_target_len does the same).
+
+    Returns:
+        (text, its token count): the count is `target` unless the rounds ran out (then the true count).
+    """
+    body = list(ids)
+    text, n = prefix, 0
+    for _ in range(MAX_FIT_ROUNDS):
+        text = prefix + codec.decode(body)
+        n = len(codec.encode(text))
+        if n == target:
+            break
+        if n > target:
+            body = body[: max(1, len(body) - (n - target))]
+        else:
+            body += space.sample(rng, target - n)
+    return text, n
+
+
 def random_requests(n: int, *, input_len: int, output_len: int, range_ratio: float = 0.0, seed: int = 0,
-                    space: TokenSpace = TokenSpace()) -> list[BenchRequest]:
-    """`n` prompts of random token ids.
+                    space: TokenSpace = TokenSpace(), codec: TextCodec | None = None) -> list[BenchRequest]:
+    """`n` prompts of random tokens: text when a `codec` is given, else token-id lists.
 
     Args:
         input_len, output_len: centre of the prompt and output lengths.
         range_ratio: lengths are uniform in [len*(1-r), len*(1+r)] (integers, inclusive).
         seed: fixes ids and lengths.
         space: the ids to draw from.
+        codec: the served model's tokenizer; prompts become text of the drawn length (`fit_text`).
     """
     rng = np.random.default_rng(seed)
     ins, outs = _lengths(rng, input_len, range_ratio, n), _lengths(rng, output_len, range_ratio, n)
-    return [BenchRequest(space.sample(rng, i), i, o) for i, o in zip(ins, outs)]
+    if codec is None:
+        return [BenchRequest(space.sample(rng, i), i, o) for i, o in zip(ins, outs)]
+    out = []
+    for i, o in zip(ins, outs):
+        text, n_tokens = fit_text(codec, space.sample(rng, i), i, rng=rng, space=space)
+        out.append(BenchRequest(text, n_tokens, o))
+    return out
 
 
 def shared_prefix_requests(n: int, *, groups: int, prefix_len: int, input_len: int, output_len: int,
-                           range_ratio: float = 0.0, seed: int = 0,
-                           space: TokenSpace = TokenSpace()) -> list[BenchRequest]:
+                           range_ratio: float = 0.0, seed: int = 0, space: TokenSpace = TokenSpace(),
+                           codec: TextCodec | None = None) -> list[BenchRequest]:
     """`n` random prompts in `groups` groups; every prompt of a group starts with the group's prefix.
 
     Prompt i belongs to group i % groups; the order is shuffled (as sglang's generated-shared-prefix).
-    The question after the prefix has a length drawn around `input_len`.
+    The question after the prefix has a length drawn around `input_len`. With a `codec` prompts are
+    text: each group's prefix text is `prefix_len` tokens, and prefix + question text is the whole length.
     """
     if groups < 1 or prefix_len < 1:
         raise ValueError(f"shared-prefix needs groups >= 1 and a prefix >= 1 token, got {groups}, {prefix_len}")
     rng = np.random.default_rng(seed)
     prefixes = [space.sample(rng, prefix_len) for _ in range(groups)]
     ins, outs = _lengths(rng, input_len, range_ratio, n), _lengths(rng, output_len, range_ratio, n)
-    reqs = [BenchRequest(prefixes[i % groups] + space.sample(rng, q), prefix_len + q, o)
-            for i, (q, o) in enumerate(zip(ins, outs))]
+    if codec is None:
+        reqs = [BenchRequest(prefixes[i % groups] + space.sample(rng, q), prefix_len + q, o)
+                for i, (q, o) in enumerate(zip(ins, outs))]
+    else:
+        texts = [fit_text(codec, p, prefix_len, rng=rng, space=space) for p in prefixes]
+        reqs = []
+        for i, (q, o) in enumerate(zip(ins, outs)):
+            prefix, prefix_tokens = texts[i % groups]
+            target = prefix_tokens + q
+            text, n_tokens = fit_text(codec, space.sample(rng, q), target, rng=rng, space=space, prefix=prefix)
+            reqs.append(BenchRequest(text, n_tokens, o))
     order = rng.permutation(n)
     return [reqs[i] for i in order]
 

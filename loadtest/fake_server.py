@@ -5,6 +5,10 @@ client: it does no work but answer. POST /v1/completions streams max_tokens (def
 `data:` events, `ttft_s` after the request and `itl_s` apart, then a usage event when asked
 (stream_options.include_usage) and `data: [DONE]`. GET /v1/models lists "fake". Prompts starting
 with "fail:429" get HTTP 429; "fail:stream" gets an in-band error event after one token.
+`strict=True` makes it a server that follows the OpenAI schema to the letter: a body with a field
+outside the documented /v1/completions fields (`ignore_eos`, `min_tokens`, ...), a token-id prompt
+or another model's name gets HTTP 422 / 404, as FastAPI-based servers answer. With a `tokenizer`,
+prompt tokens are counted with it (usage.prompt_tokens, `prompt_tokens_seen`); else by words.
 Must not: be used as a reference for anything but transport. Run: python -m loadtest.fake_server --port 8100
 """
 
@@ -14,8 +18,54 @@ import argparse
 import asyncio
 import json
 import threading
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 MODEL = "fake"
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = None
+
+
+class StrictCompletionRequest(BaseModel):
+    """The documented body of OpenAI's POST /v1/completions, text prompts only, nothing else accepted."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr
+    prompt: StrictStr | list[StrictStr]
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = None
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    user: str | None = None
+
+
+def strict_check(body: bytes) -> tuple[str, dict[str, Any]] | None:
+    """None when `body` is a valid strict request, else (HTTP status, error body)."""
+    try:
+        req = StrictCompletionRequest.model_validate_json(body)
+    except ValidationError as exc:
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return "422 Unprocessable Entity", {"detail": detail}
+    if req.model != MODEL:
+        return "404 Not Found", {"error": {"message": f"model {req.model!r} does not exist", "type": "not_found",
+                                           "param": "model", "code": 404}}
+    return None
+
 
 
 def _chunk(payload: bytes) -> bytes:
@@ -73,7 +123,12 @@ class _Conn(asyncio.Protocol):
                 self.transport.write(_response("200 OK", json.dumps({"object": "list", "data": [
                     {"id": MODEL, "object": "model"}]}).encode()))
             elif method == "POST" and path.endswith("/v1/completions"):
-                await self._stream(json.loads(body))
+                refused = strict_check(body) if self.server.strict else None
+                if refused is not None:
+                    self.server.refused += 1
+                    self.transport.write(_response(refused[0], json.dumps(refused[1]).encode()))
+                else:
+                    await self._stream(json.loads(body))
             else:
                 self.transport.write(_response("404 Not Found", b'{"error": {"message": "not found"}}'))
 
@@ -85,8 +140,14 @@ class _Conn(asyncio.Protocol):
             t.write(_response("429 Too Many Requests", b'{"error": {"message": "at capacity"}}'))
             return
         n = int(req.get("max_tokens") or 16)
-        n_prompt = len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
+        if isinstance(prompt, list):
+            n_prompt = len(prompt)
+        elif s.tokenizer is not None:
+            n_prompt = len(s.tokenizer.encode(prompt))
+        else:
+            n_prompt = len(str(prompt).split())
         s.requests += 1
+        s.prompt_tokens_seen.append(n_prompt)
         t.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         if s.ttft_s:
             await asyncio.sleep(s.ttft_s)
@@ -116,11 +177,17 @@ class FakeServer:
         port: 0 picks a free port (see `.port` once started).
         ttft_s: delay before the first event.
         itl_s: delay between events.
+        strict: refuse what the OpenAI schema does not define (see the module docstring).
+        tokenizer: counts prompt tokens (anything with `encode(text) -> list`).
     """
 
-    def __init__(self, port: int = 0, *, ttft_s: float = 0.0, itl_s: float = 0.0) -> None:
+    def __init__(self, port: int = 0, *, ttft_s: float = 0.0, itl_s: float = 0.0, strict: bool = False,
+                 tokenizer: Any = None) -> None:  # noqa: ANN401
         self.port, self.ttft_s, self.itl_s = port, ttft_s, itl_s
+        self.strict, self.tokenizer = strict, tokenizer
         self.requests = 0
+        self.refused = 0
+        self.prompt_tokens_seen: list[int] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -181,9 +248,10 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--ttft-ms", type=float, default=0.0)
     p.add_argument("--itl-ms", type=float, default=0.0)
+    p.add_argument("--strict", action="store_true", help="refuse fields and token-id prompts outside the OpenAI schema")
     a = p.parse_args()
     try:
-        asyncio.run(FakeServer(a.port, ttft_s=a.ttft_ms / 1e3, itl_s=a.itl_ms / 1e3).serve_forever())
+        asyncio.run(FakeServer(a.port, ttft_s=a.ttft_ms / 1e3, itl_s=a.itl_ms / 1e3, strict=a.strict).serve_forever())
     except KeyboardInterrupt:
         pass
 

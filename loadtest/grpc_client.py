@@ -33,11 +33,14 @@ class GrpcGenerateClient:
         application: Serve application name (needed when the cluster runs several apps).
         temperature: sampling temperature (0 = greedy).
         timeout_s: deadline of one whole call.
+        ignore_eos: set ignore_eos and min_tokens = max_tokens (exact output lengths), as over HTTP.
     """
 
     def __init__(self, target: str, *, model: str | None = None, api_key: str | None = None,
-                 application: str | None = None, temperature: float = 0.0, timeout_s: float = 600.0) -> None:
+                 application: str | None = None, temperature: float = 0.0, timeout_s: float = 600.0,
+                 ignore_eos: bool = False) -> None:
         self.target = target
+        self.ignore_eos = ignore_eos
         self.model = model or ""
         self.temperature = temperature
         self.timeout_s = timeout_s
@@ -72,8 +75,9 @@ class GrpcGenerateClient:
         return self.model
 
     def request(self, req: BenchRequest) -> pb.GenerateRequest:
-        sampling = pb.SamplingParams(max_tokens=req.output_len, min_tokens=req.output_len, ignore_eos=True,
-                                     temperature=self.temperature)
+        sampling = pb.SamplingParams(max_tokens=req.output_len, temperature=self.temperature)
+        if self.ignore_eos:
+            sampling.min_tokens, sampling.ignore_eos = req.output_len, True
         out = pb.GenerateRequest(model=self.model, sampling=sampling)
         if isinstance(req.prompt, str):
             out.text = req.prompt

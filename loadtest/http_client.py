@@ -4,7 +4,8 @@ One `send` per request, never raising: the outcome (times, token counts, usage, 
 a `RequestResult`. Every `data:` event with a non-empty `choices` list is one token-bearing
 event (epserve sends one per token, so the stream count equals usage.completion_tokens; a
 server that packs several tokens per event is still totalled right by its usage chunk).
-Requests carry `ignore_eos` and min_tokens = max_tokens so output lengths are exact.
+Bodies follow the OpenAI schema; only with `ignore_eos` do they carry the non-standard
+`ignore_eos` and min_tokens = max_tokens that make output lengths exact (epserve, vLLM, SGLang).
 Must not: decide when to send (runner.py). Tests: tests/loadtest/test_bench.py (fake server, real app).
 """
 
@@ -41,14 +42,17 @@ class OpenAICompletionsClient:
         temperature: sampling temperature of every request (0 = greedy).
         timeout_s: deadline of one whole request.
         max_connections: connection pool size (0 = unbounded; the runner bounds concurrency).
+        ignore_eos: add `ignore_eos` and `min_tokens` (not in the OpenAI schema) for exact output lengths.
     """
 
     def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
-                 temperature: float = 0.0, timeout_s: float = 600.0, max_connections: int = 0) -> None:
+                 temperature: float = 0.0, timeout_s: float = 600.0, max_connections: int = 0,
+                 ignore_eos: bool = False) -> None:
         self.url = completions_url(base_url)
         self.models_url = self.url[: -len("/completions")] + "/models"
         self.model = model
         self.temperature = temperature
+        self.ignore_eos = ignore_eos
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -81,11 +85,13 @@ class OpenAICompletionsClient:
 
     def body(self, req: BenchRequest) -> bytes:
         prompt: Any = req.prompt if isinstance(req.prompt, str) else list(req.prompt)
-        return json.dumps({
-            "model": self.model, "prompt": prompt, "max_tokens": req.output_len, "min_tokens": req.output_len,
-            "ignore_eos": True, "temperature": self.temperature, "stream": True,
-            "stream_options": {"include_usage": True},
-        }).encode()
+        body: dict[str, Any] = {
+            "model": self.model, "prompt": prompt, "max_tokens": req.output_len, "temperature": self.temperature,
+            "stream": True, "stream_options": {"include_usage": True},
+        }
+        if self.ignore_eos:
+            body.update(min_tokens=req.output_len, ignore_eos=True)
+        return json.dumps(body).encode()
 
     async def send(self, req: BenchRequest, now: Callable[[], float]) -> RequestResult:
         """Send one request and read its stream to the end.

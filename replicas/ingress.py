@@ -298,10 +298,17 @@ class Ingress:
 
     # ----------------------------------------------------------------- utility routes
     def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": self.ctx.name, "object": "model", "created": 0, "owned_by": "epserve",
-            "root": self.ctx.folder, "max_model_len": self.ctx.max_model_len,
-        }]}
+        # `root` is the served name, never the folder: where the weights sit on disk is not the client's business.
+        c, a = self.ctx, self.args
+        entry = {"id": c.name, "object": "model", "created": 0, "owned_by": "epserve", "root": c.name,
+                 "max_model_len": c.max_model_len, "max_position_embeddings": c.cfg.max_position_embeddings}
+        if c.max_model_len < c.cfg.max_position_embeddings:  # say why the context is shorter than `inspect` shows
+            cache = a.num_kv_blocks * a.block_size
+            entry["max_model_len_reason"] = (
+                f"set by max_model_len {a.max_model_len}" if a.max_model_len is not None else
+                f"capped by the KV cache of one trunk rank: num_kv_blocks {a.num_kv_blocks} x block_size "
+                f"{a.block_size} = {cache} tokens")
+        return {"object": "list", "data": [entry]}
 
     async def tokenize(self, request: Request) -> dict[str, Any]:
         req: TokenizeRequest = await _parse(request, TokenizeRequest)

@@ -1,8 +1,9 @@
 """`epserve bench` and the Locust file: pure parts, the client against a fake server, and the real app.
 
 Oracles: numpy for percentiles and gamma statistics; the fake server's known delays and event
-counts for the client; the real app's /metrics (prompt and generation token counters, TTFT and
-ITL histograms) for a bench run over HTTP and gRPC.
+counts for the client; a strict OpenAI-schema fake server that counts prompt tokens with the
+model's tokenizer (text prompts, no non-standard fields by default); the real app's /metrics
+(prompt and generation token counters, TTFT and ITL histograms) for a bench run over HTTP and gRPC.
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def test_errors_are_counted_by_kind(fake: FakeServer) -> None:
 @pytest.mark.timeout(120)
 def test_cli_json_plot_and_user_errors(fake: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = bench("--base-url", fake.base_url, "--random-input-len", "16", "--random-output-len", "8",
+    rc = bench("--base-url", fake.base_url, "--prompt-token-ids", "--random-input-len", "16", "--random-output-len", "8",
                "--num-prompts", "30", "--request-rate", "60", "--goodput", "ttft:500", "e2e:2000",
                "--result-json", str(out), "--plot", str(png))
     assert rc == 0
@@ -259,6 +260,111 @@ def test_cli_json_plot_and_user_errors(fake: FakeServer, tmp_path: Path, capsys:
     assert bench("--base-url", fake.base_url, "--goodput", "ttft=5") == 2
     assert bench("--base-url", fake.base_url, "--dataset", "sharegpt") == 2
     assert bench("--base-url", fake.base_url, "--model", "x", "--random-input-len", "0") == 2
+
+
+# ------------------------------------------------------------------------------ text prompts, strict servers
+@pytest.fixture(scope="module")
+def model_tokenizer(embedded_model_dir: Path):  # noqa: ANN201  # -> model_shards.tokenizer.Tokenizer
+    from model_shards.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(embedded_model_dir)
+
+
+def test_text_prompts_have_exact_token_counts(embedded_model_dir: Path, model_tokenizer) -> None:  # noqa: ANN001
+    """Random and shared-prefix text prompts encode to their planned lengths with the model's tokenizer
+    (the `tokenizers` library reading tokenizer.json directly: the oracle is not our wrapper)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    oracle = HFTokenizer.from_file(str(embedded_model_dir / "tokenizer.json"))
+    count = lambda text: len(oracle.encode(text, add_special_tokens=False).ids)  # noqa: E731
+    tok = model_tokenizer
+    space = ds.TokenSpace.from_tokenizer_dir(embedded_model_dir, tok)
+    reqs = ds.random_requests(60, input_len=200, output_len=8, range_ratio=0.5, seed=4, space=space, codec=tok)
+    assert all(isinstance(r.prompt, str) for r in reqs)
+    lo, hi = ds.length_bounds(200, 0.5)
+    assert all(lo <= r.prompt_len <= hi for r in reqs)
+    assert [count(r.prompt) for r in reqs] == [r.prompt_len for r in reqs]
+    ids_plan = ds.random_requests(60, input_len=200, output_len=8, range_ratio=0.5, seed=4, space=space)
+    assert [r.prompt_len for r in reqs] == [r.prompt_len for r in ids_plan], "text keeps the drawn lengths"
+    shared = ds.shared_prefix_requests(24, groups=3, prefix_len=96, input_len=20, output_len=4, seed=1, space=space,
+                                       codec=tok)
+    assert {r.prompt_len for r in shared} == {116} and {count(r.prompt) for r in shared} == {116}
+    prefixes = {r.prompt[:40] for r in shared}
+    assert len(prefixes) == 3, "each group shares its prefix text"
+
+
+@pytest.fixture(scope="module")
+def strict_server(model_tokenizer) -> FakeServer:  # noqa: ANN001
+    with FakeServer(ttft_s=0.01, itl_s=0.002, strict=True, tokenizer=model_tokenizer) as s:
+        yield s
+
+
+@pytest.mark.timeout(180)
+def test_bench_drives_a_strict_openai_server(strict_server: FakeServer, embedded_model_dir: Path,
+                                             tmp_path: Path) -> None:
+    """Defaults send only OpenAI-schema fields and text prompts of the planned token counts (the server
+    counts them with the tokenizer); the non-standard options are refused by the same server (the test
+    can fail), and without a tokenizer the run stops before sending anything, naming the fix."""
+    s = strict_server
+    out, png = tmp_path / "strict.json", tmp_path / "strict.png"
+    before = len(s.prompt_tokens_seen)
+    rc = bench("--base-url", s.base_url + "/v1", "--tokenizer", str(embedded_model_dir), "--random-input-len", "48",
+               "--random-output-len", "6", "--num-prompts", "40", "--request-rate", "80", "--warmup", "2",
+               "--result-json", str(out), "--plot", str(png))
+    r = json.loads(out.read_text())
+    assert rc == 0 and r["failed"] == 0 and r["completed"] == 40, r["errors"]
+    assert s.refused == 0
+    assert s.prompt_tokens_seen[before:] == [48] * 42, "the server's own count of every prompt (warm-up included)"
+    assert r["total_input_tokens"] == 40 * 48 and r["total_output_tokens"] == 40 * 6
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for extra in (["--ignore-eos"], ["--prompt-token-ids"]):
+        refused = s.refused
+        rc = bench("--base-url", s.base_url, "--tokenizer", str(embedded_model_dir), "--random-input-len", "8",
+                   "--random-output-len", "2", "--num-prompts", "2", *extra)
+        assert rc == 2 and s.refused > refused, extra  # the warm-up request was refused: 422
+    sent = s.requests + s.refused
+    assert bench("--base-url", s.base_url, "--random-input-len", "8", "--num-prompts", "2") == 2
+    assert s.requests + s.refused == sent, "no request without a way to build text prompts"
+
+
+@pytest.mark.timeout(180)
+def test_bench_plot_from_the_console_entry_point(strict_server: FakeServer, embedded_model_dir: Path,
+                                                 tmp_path: Path) -> None:
+    """`epserve bench --plot` as a user runs it (a new process through the CLI entry point) writes a PNG;
+    where matplotlib cannot be imported it stops before the first request, naming the extra."""
+    png = tmp_path / "cli.png"
+    argv = ["bench", "--no-progress", "--base-url", strict_server.base_url, "--tokenizer", str(embedded_model_dir),
+            "--random-input-len", "16", "--random-output-len", "4", "--num-prompts", "10", "--plot", str(png)]
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "epserve.cli", *argv], capture_output=True, text=True, timeout=150,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    sent = strict_server.requests
+    no_mpl = ("import sys; sys.modules['matplotlib'] = None; from epserve.cli import main; "
+              f"sys.exit(main({argv!r}))")
+    proc = subprocess.run([sys.executable, "-c", no_mpl], capture_output=True, text=True, timeout=150,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "epserve[plot]" in proc.stderr, proc.stderr[-2000:]
+    assert strict_server.requests == sent, "nothing sent when the plot cannot be drawn"
+
+
+def test_readme_install_covers_documented_commands() -> None:
+    """What `bash scripts/install.sh` installs (pyproject's dependencies plus its default extras) includes
+    the packages the documented commands import: matplotlib (bench --plot) and openai (README's examples)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    script = (ROOT / "scripts" / "install.sh").read_text()
+    default = re.search(r'^extras="\[([^\]]*)\]"', script, flags=re.M)
+    assert default, "install.sh sets its default extras"
+    reqs = list(project["dependencies"])
+    for extra in default.group(1).split(","):
+        reqs += project["optional-dependencies"][extra]
+    names = {re.split(r"[<>=\[ ;]", r, maxsplit=1)[0].lower() for r in reqs}
+    assert {"matplotlib", "openai"} <= names, names
+    readme = (ROOT / "README.md").read_text()
+    assert "from openai import OpenAI" in readme and "`openai`" in readme, "the README names the client package"
 
 
 # ------------------------------------------------------------------------------ the real app
@@ -314,7 +420,7 @@ def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
 def _server_vs_client(app, argv: list[str], tmp_path: Path, tag: str) -> dict:  # noqa: ANN001
     before = settled(app.base)
     out, png = tmp_path / f"{tag}.json", tmp_path / f"{tag}.png"
-    rc = bench(*argv, "--model", MODEL, "--random-input-len", "32", "--random-output-len", "16",
+    rc = bench(*argv, "--model", MODEL, "--ignore-eos", "--random-input-len", "32", "--random-output-len", "16",
                "--random-range-ratio", "0.5", "--num-prompts", "64", "--warmup", "0",
                "--result-json", str(out), "--plot", str(png))
     after = settled(app.base)
