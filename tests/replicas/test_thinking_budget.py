@@ -127,3 +127,41 @@ def test_drafts_never_skip_the_forced_token(peaked_model, thinking_prompt) -> No
     for b, (want, _), (got, usage) in zip(budgets, plain, spec):
         assert got == want, f"budget {b}"
         assert got.index(THINK_CLOSE) == b and got[b:b + 2] == list(END) and usage == 16
+
+
+# ---------------------------------------------------------------------------- where the budget comes from
+def test_budget_resolution_request_then_server_then_checkpoint(embedded_model_dir: Path) -> None:
+    from replicas.openai_protocol import ChatCompletionRequest
+    from replicas.request_builder import ModelContext
+
+    def ctx(server: int | None) -> ModelContext:
+        return ModelContext.load(str(embedded_model_dir), name="t", max_model_len=512, cache_tokens=4096,
+                                 default_max_tokens=None, max_n=1, max_thinking_tokens=server)
+
+    def built(c: ModelContext, body: dict, *, thinking: bool = True, grammar: object = None) -> GenerateRequest:
+        req = ChatCompletionRequest.model_validate({"model": "t", "messages": [{"role": "user", "content": "hi"}],
+                                                    "max_tokens": 8, **body})
+        return c.build(req, [1, 2, 3], request_id="r", logprobs=None, thinking=thinking, grammar=grammar)
+
+    checkpoint, server = ctx(None), ctx(3)
+    assert checkpoint.max_thinking_tokens == 16  # the embedded model's generation_config.json
+    assert built(checkpoint, {}).max_thinking_tokens == 16
+    assert built(server, {}).max_thinking_tokens == 3
+    g = built(server, {"max_thinking_tokens": 0})
+    assert g.max_thinking_tokens == 0 and g.thinking_end_ids == END
+    assert g.thinking_exit_ids == (THINK_CLOSE, 248058)  # `</think>`, or a tool call the model starts itself
+    assert built(server, {}, grammar=object()).thinking_exit_ids == (THINK_CLOSE,)  # a grammar wants </think>
+    assert built(server, {"max_thinking_tokens": 5}, thinking=False).max_thinking_tokens is None  # thinking off
+
+
+def test_serve_flag_and_bad_values(embedded_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from epserve.cli import main
+    from model_shards.config import ConfigError, from_hf_config
+    from model_shards.generation_config import GenerationDefaults
+
+    assert main(["serve", "--max-thinking-tokens", "-1"]) == 2
+    assert "max_thinking_tokens" in capsys.readouterr().err
+    (tmp_path / "generation_config.json").write_text('{"max_thinking_tokens": "lots"}')
+    cfg = from_hf_config(embedded_model_dir)
+    with pytest.raises(ConfigError, match="max_thinking_tokens"):
+        GenerationDefaults.load(tmp_path, cfg)
