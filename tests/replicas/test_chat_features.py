@@ -164,7 +164,8 @@ def test_reasoning_split_and_thinking_switch(app) -> None:  # noqa: ANN001
                                          temperature=0, extra_body={"ignore_eos": True})
     off = app.oai.chat.completions.create(model="ctiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
                                           temperature=0, extra_body={"ignore_eos": True, **NO_THINK})
-    # thinking on: the prompt opened <think> and random weights never close it -> all reasoning
+    # thinking on: the prompt opened <think> and random weights never close it; 8 tokens stay under the embedded
+    # model's thinking budget (16) -> all reasoning
     assert getattr(on.choices[0].message, "reasoning_content", None) and not on.choices[0].message.content
     assert off.choices[0].message.content and not getattr(off.choices[0].message, "reasoning_content", None)
 

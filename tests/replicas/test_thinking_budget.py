@@ -83,6 +83,17 @@ def _req(rid: str, prompt: tuple[int, ...], max_tokens: int, budget: int | None,
                            thinking_exit_ids=exits if budget is not None else ())
 
 
+@pytest.mark.parametrize("token", [0, 31, 32, 63, THINK_CLOSE, 248319])
+def test_one_token_mask_allows_only_that_token(token: int) -> None:
+    import torch
+
+    from model_shards.sampling import apply_bitmask
+    from replicas.engine import only_token_mask
+
+    logits = apply_bitmask(torch.zeros(248320), only_token_mask(token))
+    assert torch.isfinite(logits).nonzero().flatten().tolist() == [token]
+
+
 def test_think_close_forced_exactly_at_the_budget(tiny_model, thinking_prompt) -> None:  # noqa: ANN001
     n = 14
     (plain, _), = _run(tiny_model, [_req("plain", thinking_prompt, n, None)])[0]
