@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", help="model name clients use")
     p.add_argument("--speculative-tokens", type=int, metavar="K",
                    help="draft K tokens per step with the checkpoint's MTP head (default 0 = off)")
+    p.add_argument("--max-thinking-tokens", type=int, metavar="N",
+                   help="default thinking budget of chat requests: </think> is written after N reasoning tokens "
+                        "(default: the checkpoint's generation_config.json, 16 for the embedded model; else none)")
     p.set_defaults(run=run)
 
 
@@ -56,7 +59,8 @@ def load_args(args: argparse.Namespace):  # noqa: ANN201  # -> AppArgs
             raise UserError(f"--config {path} must be a mapping of build_app args")
     overrides = {"model": args.model, "trunk_ranks": args.trunk_ranks, "expert_ranks": args.expert_ranks,
                  "api_key": args.api_key, "served_model_name": args.served_model_name,
-                 "speculative_tokens": args.speculative_tokens}
+                 "speculative_tokens": args.speculative_tokens,
+                 "max_thinking_tokens": args.max_thinking_tokens}
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return AppArgs.model_validate(raw)

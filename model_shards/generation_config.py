@@ -25,6 +25,8 @@ class GenerationDefaults:
     frequency_penalty: float = 0.0
     eos_token_ids: tuple[int, ...] = ()
     max_new_tokens: int | None = None
+    # Not a transformers key: our checkpoints' default thinking budget (replicas/request_builder.py); None: unbounded.
+    max_thinking_tokens: int | None = None
 
     @staticmethod
     def load(folder: str | Path, cfg: ModelConfig) -> GenerationDefaults:
@@ -52,4 +54,13 @@ class GenerationDefaults:
             frequency_penalty=float(raw.get("frequency_penalty", 0.0)),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             max_new_tokens=raw.get("max_new_tokens"),
+            max_thinking_tokens=_budget(raw.get("max_thinking_tokens"), path),
         )
+
+
+def _budget(value: object, path: Path) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{path}: max_thinking_tokens must be a non-negative integer, got {value!r}")
+    return value

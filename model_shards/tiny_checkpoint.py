@@ -25,7 +25,7 @@ from model_shards.quant import quantize_blockwise
 from model_shards.weights import MULTIMODAL_PREFIX, SCALE_SUFFIX, expected_tensors
 
 # Bump when the written weights or files change: caches of the embedded model key on it.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 SHARD_BYTES = 48 * 2**20
 
 # The real Qwen3.5 FP8 release keeps these modules unquantised (read back from the config, never hard-coded).
@@ -76,9 +76,11 @@ def tiny_config_dict(*, fp8: bool = False) -> dict:
     return cfg
 
 
+# max_thinking_tokens (read by model_shards/generation_config.py): random weights never write `</think>`, so
+# without a budget every chat answer with thinking on would be reasoning only.
 GENERATION_CONFIG = {
     "bos_token_id": 248044, "do_sample": True, "eos_token_id": [248046, 248044], "pad_token_id": 248044,
-    "temperature": 0.6, "top_k": 20, "top_p": 0.95,
+    "temperature": 0.6, "top_k": 20, "top_p": 0.95, "max_thinking_tokens": 16,
 }
 
 

@@ -62,6 +62,10 @@ class AppArgs(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=64, description="New tokens per trunk rank per step.")
     max_model_len: int | None = Field(None, ge=2, description="Context limit; default: the model's, capped by the cache.")
     default_max_tokens: int | None = Field(None, ge=1, description="max_tokens when a request sets none.")
+    max_thinking_tokens: int | None = Field(
+        None, ge=0, description="Thinking budget when a chat request sets none: after this many reasoning tokens "
+        "the engine writes </think> and the answer follows. Unset: generation_config.json's max_thinking_tokens "
+        "(16 in the embedded tiny model), else unbounded.")
     max_n: int = Field(16, ge=1, description="Largest n a request may ask for.")
     max_waiting_requests: int = Field(256, ge=1, description="Engine queue bound; beyond it 429 + Retry-After.")
     max_queue_steps: int | None = Field(

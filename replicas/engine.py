@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
+import torch
+
 from model_shards.batch import SeqChunk
 from model_shards.tokenizer import Tokenizer
 from replicas.block_pool import BlockPool
@@ -264,11 +266,18 @@ class Engine:
                          vision_rows=vision_rows, vision_first=vision_first, verify=bool(drafts))
         nxt = seq.all_ids[sch.start + sch.n] if not sch.sample and sch.start + sch.n < seq.num_tokens else None
         penalties = seq.params.has_penalties
-        mask = seq.matcher.bitmask() if (seq.matcher is not None and sch.sample) else None
+        # A spent thinking budget forces `</think>` (then its blank line) through a one-token mask, so sampling,
+        # logprobs and the MTP drafts that follow all see the forced token; _update keeps drafts out of these steps.
+        forced = seq.forced_token() if sch.sample else None
+        if forced is not None:
+            assert not drafts, "drafts never reach a forced token"
+            mask = only_token_mask(forced)
+        else:
+            mask = seq.matcher.bitmask() if (seq.matcher is not None and sch.sample) else None
         return SeqStep(
             chunk=chunk, sample=sch.sample, params=seq.params, output_index=len(seq.output_ids),
             prompt_ids=tuple(seq.prompt_ids) if penalties else (), output_ids=tuple(seq.output_ids) if penalties else (),
-            suppress_ids=seq.suppressed_ids() if sch.sample else (), allowed_mask=mask,
+            suppress_ids=seq.suppressed_ids() if sch.sample and forced is None else (), allowed_mask=mask,
             vision=seq.mm.inputs if (seq.mm is not None and sch.start == 0) else None,
             drafts=drafts, mtp=seq.speculate, mtp_next=nxt,
         )
@@ -291,10 +300,18 @@ class Engine:
                     continue
                 token = res.token_ids[i]
                 assert token is not None
+                forced = seq.forced_token()
+                if forced is not None and token != forced:  # only NaN logits get past a one-token mask
+                    log.warning("request %s: sampled %d where %d was forced", seq.req.request_id, token, forced)
+                    token, seq.drafts = forced, []
                 lps = (*(res.accepted_logprobs[i] if accepted else ()), res.logprobs[i])
                 for t, lp in zip((*accepted, token), lps):
                     if self._emit(seq, t, lp):
                         break
+                room = seq.free_tokens()
+                if room is not None and len(seq.drafts) >= room:
+                    # k drafts emit up to k + 1 tokens: none of them may take the place of a forced token
+                    seq.drafts = []
 
     def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> bool:
         """Record one generated token; True when it ended the choice."""
@@ -420,3 +437,11 @@ class Engine:
         """Free blocks and slots per trunk rank (tests check aborts return everything)."""
         return [{"free_blocks": p.free_blocks, "num_blocks": p.num_blocks, "free_slots": p.free_slots,
                  "num_slots": p.num_slots} for p in self.scheduler.pools]
+
+
+def only_token_mask(token_id: int) -> torch.Tensor:
+    """An allowed-token bitmask (the GrammarMatcher layout, shortened: ids past it are disallowed) of one token."""
+    word, bit = divmod(token_id, 32)
+    mask = torch.zeros(word + 1, dtype=torch.int32)
+    mask[word] = (1 << bit) - (1 << 32 if bit == 31 else 0)  # bit 31 is the int32 sign bit
+    return mask

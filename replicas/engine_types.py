@@ -25,6 +25,12 @@ class GenerateRequest:
         stop: stop strings (not included in the output text unless include_stop_str_in_output).
         stop_token_ids: extra token ids that end a choice (the token is kept in token_ids).
         eos_token_ids: the checkpoint's eos ids; ignored with ignore_eos.
+        max_thinking_tokens: the prompt opened a reasoning block and its output may hold at most this many
+            reasoning tokens; then `thinking_end_ids` are forced (None: no budget). Reasoning tokens count toward
+            max_tokens.
+        thinking_end_ids: what closes reasoning when the budget is spent (`</think>` and the blank line after it).
+        thinking_exit_ids: tokens with which the model itself ends its reasoning (`</think>`; also `<tool_call>`
+            where no grammar asks for `</think>` first): after one, nothing is forced.
     """
 
     request_id: str
@@ -42,6 +48,9 @@ class GenerateRequest:
     arrival_time: float = 0.0
     grammar: Any = None  # replicas.structured_output.GrammarSpec: structured output / forced tool calls
     mm: Any = None  # replicas.media.MultimodalPrompt for prompts with images or videos
+    max_thinking_tokens: int | None = None
+    thinking_end_ids: tuple[int, ...] = ()
+    thinking_exit_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

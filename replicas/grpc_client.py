@@ -94,14 +94,16 @@ class EpserveClient:
 
     def chat(self, messages: list[pb.ChatMessage], *, model: str = "", tools: list[pb.Tool] | None = None,
              tool_choice: str = "", response_format: pb.ResponseFormat | None = None,
-             enable_thinking: bool | None = None, timeout_s: float | None = None,
-             **sampling: Any) -> Iterator[pb.ChatResponse]:  # noqa: ANN401
+             enable_thinking: bool | None = None, max_thinking_tokens: int | None = None,
+             timeout_s: float | None = None, **sampling: Any) -> Iterator[pb.ChatResponse]:  # noqa: ANN401
         req = pb.ChatRequest(model=model, messages=messages, sampling=self.sampling(**sampling), tools=tools or [],
                              tool_choice=tool_choice)
         if response_format is not None:
             req.response_format.CopyFrom(response_format)
         if enable_thinking is not None:
             req.enable_thinking = enable_thinking
+        if max_thinking_tokens is not None:
+            req.max_thinking_tokens = max_thinking_tokens
         return self.stub.Chat(req, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
 
     def model_info(self, timeout_s: float | None = None) -> pb.ModelInfoResponse:

@@ -176,7 +176,8 @@ class GrpcApi:
             chat = await asyncio.to_thread(ctxm.chat_prompt, req)
             logprobs = request.sampling.logprobs if request.sampling.HasField("logprobs") else None
             greq = ctxm.build(req, chat.ids, request_id=rid, logprobs=logprobs,
-                              grammar=ctxm.chat_grammar(req, thinking=chat.thinking), mm=chat.mm)
+                              grammar=ctxm.chat_grammar(req, thinking=chat.thinking), mm=chat.mm,
+                              thinking=chat.thinking)
             stream = await self.ing._start(greq)
         except ApiError as err:
             raise fail(ctx, err) from None
@@ -261,6 +262,8 @@ def chat_fields(request: pb.ChatRequest, *, default_model: str) -> dict[str, Any
         fields["structured_outputs"] = {"choice": list(rf.choice)}
     if request.HasField("enable_thinking"):
         fields["chat_template_kwargs"] = {"enable_thinking": request.enable_thinking}
+    if request.HasField("max_thinking_tokens"):
+        fields["max_thinking_tokens"] = request.max_thinking_tokens
     return fields
 
 

@@ -111,7 +111,7 @@ class Ingress:
             media_limits=MediaLimits(max_images=a.max_images_per_request, max_videos=a.max_videos_per_request,
                                      max_bytes=a.max_image_bytes, max_pixels=a.max_image_pixels,
                                      max_frames=a.max_video_frames),
-            local_media=a.allowed_local_media_path,
+            local_media=a.allowed_local_media_path, max_thinking_tokens=a.max_thinking_tokens,
         )
         self.api_key = self.args.resolved_api_key()
         self.engine = engine
@@ -204,7 +204,8 @@ class Ingress:
         prompt = chat.ids
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         greq = self.ctx.build(req, prompt, request_id=rid, logprobs=logprobs,
-                              grammar=self.ctx.chat_grammar(req, thinking=chat.thinking), mm=chat.mm)
+                              grammar=self.ctx.chat_grammar(req, thinking=chat.thinking), mm=chat.mm,
+                              thinking=chat.thinking)
         log.info("request %s: chat, %d prompt tokens, n=%d, stream=%s", rid, len(prompt), req.n, req.stream)
         stream = await self._start(greq)
         body_id = f"chatcmpl-{rid}"

@@ -149,6 +149,8 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     structured_outputs: dict[str, Any] | None = None
+    # reasoning tokens before the engine writes </think> (thinking on); None: the server's default
+    max_thinking_tokens: int | None = Field(None, ge=0)
 
     @property
     def requested_max_tokens(self) -> int | None:

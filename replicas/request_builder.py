@@ -24,6 +24,7 @@ from replicas.engine_types import GenerateRequest
 from replicas.media import MediaReader, MultimodalPrompt, has_media
 from replicas.tool_parser import tools_by_name
 from replicas.chat_stream import thinking_open
+from replicas.reasoning_parser import THINK_CLOSE, TOOL_CALL_OPEN
 from replicas.openai_protocol import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling, bad_request
 
 
@@ -50,13 +51,15 @@ class ModelContext:
     default_max_tokens: int | None
     max_n: int
     media: MediaReader | None = None
+    max_thinking_tokens: int | None = None  # the server's thinking budget (None: unbounded)
 
     @staticmethod
     def load(folder: str, *, name: str, max_model_len: int | None, cache_tokens: int,
              default_max_tokens: int | None, max_n: int, media_limits: MediaLimits | None = None,
-             local_media: str | None = None) -> ModelContext:
+             local_media: str | None = None, max_thinking_tokens: int | None = None) -> ModelContext:
         """Read config, tokenizer and generation defaults; the context is capped by what one trunk
-        rank's KV cache holds (`cache_tokens`)."""
+        rank's KV cache holds (`cache_tokens`). The thinking budget is `max_thinking_tokens`, else
+        generation_config.json's."""
         cfg = from_hf_config(folder)
         limit = min(cfg.max_position_embeddings, cache_tokens)
         if max_model_len is not None:
@@ -65,9 +68,12 @@ class ModelContext:
             limit = max_model_len
         media = (MediaReader(cfg, limits=media_limits or MediaLimits(), local_root=local_media)
                  if cfg.vision is not None else None)
+        defaults = GenerationDefaults.load(Path(folder), cfg)
+        budget = max_thinking_tokens if max_thinking_tokens is not None else defaults.max_thinking_tokens
         return ModelContext(name=name, folder=folder, cfg=cfg, tokenizer=Tokenizer.from_dir(folder),
-                            defaults=GenerationDefaults.load(Path(folder), cfg), max_model_len=limit,
-                            default_max_tokens=default_max_tokens, max_n=max_n, media=media)
+                            defaults=defaults, max_model_len=limit,
+                            default_max_tokens=default_max_tokens, max_n=max_n, media=media,
+                            max_thinking_tokens=budget)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:
@@ -162,8 +168,10 @@ class ModelContext:
             raise bad_request(str(exc), "structured_outputs") from None
 
     def build(self, req: _Sampling, prompt_ids: list[int], *, request_id: str, logprobs: int | None,
-              grammar: Any = None, mm: MultimodalPrompt | None = None) -> GenerateRequest:  # noqa: ANN401
-        """One engine request; raises 400 when the prompt and max_tokens do not fit the context."""
+              grammar: Any = None, mm: MultimodalPrompt | None = None,  # noqa: ANN401
+              thinking: bool = False) -> GenerateRequest:
+        """One engine request; raises 400 when the prompt and max_tokens do not fit the context.
+        `thinking`: the (chat) prompt opened `<think>`, so the thinking budget applies."""
         n_prompt = len(prompt_ids)
         if req.n > self.max_n:
             raise bad_request(f"n must be at most {self.max_n}, got {req.n}", "n")
@@ -203,5 +211,22 @@ class ModelContext:
             min_tokens=req.min_tokens, stop=tuple(req.stop or ()), stop_token_ids=tuple(req.stop_token_ids or ()),
             eos_token_ids=self.defaults.eos_token_ids, ignore_eos=req.ignore_eos,
             skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
-            grammar=grammar, mm=mm,
+            grammar=grammar, mm=mm, **(self.thinking_budget(req, grammar=grammar) if thinking else {}),
         )
+
+    def thinking_budget(self, req: _Sampling, *, grammar: Any = None) -> dict[str, Any]:  # noqa: ANN401
+        """The GenerateRequest fields of the thinking budget of a prompt that opened `<think>` ({}: unbounded).
+
+        When the budget is spent the engine writes `</think>` and the blank line Qwen3.5's chat template puts after
+        it (what a reasoning grammar expects too). The model ends reasoning itself with `</think>`, or, with no
+        grammar asking for `</think>`, by starting a tool call (`<tool_call>`, as the reasoning parser reads it).
+        """
+        budget = getattr(req, "max_thinking_tokens", None)
+        budget = self.max_thinking_tokens if budget is None else budget
+        close = self.tokenizer.token_to_id(THINK_CLOSE)
+        if budget is None or close is None:
+            return {}
+        call = self.tokenizer.token_to_id(TOOL_CALL_OPEN)
+        exits = (close,) if grammar is not None or call is None else (close, call)
+        return {"max_thinking_tokens": budget, "thinking_end_ids": (close, *self.tokenizer.encode("\n\n")),
+                "thinking_exit_ids": exits}

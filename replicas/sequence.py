@@ -60,6 +60,11 @@ class Sequence:
         self.matcher = None  # replicas.structured_output.GrammarMatcher when the request is constrained
         self.drafts: list[int] = []  # MTP drafts to verify in the next step
         self.speculate = False  # set by the engine: this sequence drafts with the MTP head
+        # Thinking budget: reasoning tokens so far, whether the budget still counts, and the tokens to force next.
+        self.reasoning_tokens = 0
+        budget = req.max_thinking_tokens
+        self._thinking = budget is not None and budget > 0 and bool(req.thinking_end_ids)
+        self._forced: list[int] = list(req.thinking_end_ids) if budget == 0 else []
         self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=req.skip_special_tokens) if tokenizer else None
         self._text = ""  # detokenized output so far
         self._emitted = 0  # characters of _text already sent
@@ -108,6 +113,36 @@ class Sequence:
         eos = () if self.req.ignore_eos else self.req.eos_token_ids
         return tuple(eos) + tuple(self.req.stop_token_ids)
 
+    def forced_token(self) -> int | None:
+        """The token the next sample must be (the thinking budget is spent and `</think>` is not yet out), or None."""
+        return self._forced[0] if self._forced else None
+
+    def free_tokens(self) -> int | None:
+        """Tokens that may still be sampled before a forced one (None: no bound). A step that verifies k drafts
+        emits up to k + 1 tokens, so it may carry at most free_tokens() - 1 drafts."""
+        if self._forced:
+            return 0
+        if not self._thinking:
+            return None
+        assert self.req.max_thinking_tokens is not None
+        return self.req.max_thinking_tokens - self.reasoning_tokens
+
+    def _count_thinking(self, token: int) -> None:
+        """Advance the thinking budget by one output token (forced tokens are taken off the queue)."""
+        if self._forced:
+            if token == self._forced[0]:
+                self._forced.pop(0)
+            return
+        if not self._thinking:
+            return
+        if token in self.req.thinking_exit_ids:
+            self._thinking = False
+            return
+        self.reasoning_tokens += 1
+        if self.reasoning_tokens >= (self.req.max_thinking_tokens or 0):
+            self._thinking = False
+            self._forced = list(self.req.thinking_end_ids)
+
     def reset_for_recompute(self) -> None:
         """Preempted: caches are gone; prompt + outputs so far are recomputed when readmitted."""
         self.num_computed = 0
@@ -124,6 +159,7 @@ class Sequence:
             self.t_first_token = now
         self.t_last_token = now
         self.output_ids.append(token)
+        self._count_thinking(token)
         finish, stop_reason = None, None
         text = ""
         if self._detok is not None:
