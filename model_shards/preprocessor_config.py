@@ -61,8 +61,9 @@ def load_preprocess_config(folder: str | Path, vision: VisionConfig) -> Preproce
         common = _common(video, VIDEO_FILE)
         for key in ("image_mean", "image_std", "rescale_factor"):
             # one normalisation serves images and videos; Qwen's two files agree
-            if key in common and key in fields and common[key] != fields[key]:
-                raise ValueError(f"{VIDEO_FILE}: {key} {common[key]} differs from {IMAGE_FILE}'s {fields[key]}; "
+            image_value = fields.get(key, getattr(base, key))
+            if key in common and common[key] != image_value:
+                raise ValueError(f"{VIDEO_FILE}: {key} {common[key]} differs from the images' {image_value}; "
                                  "separate image and video normalisation is not supported")
         fields.update(common)
         lo, hi = _pixel_bounds(video, VIDEO_FILE, base.video_min_pixels, base.video_max_pixels)
