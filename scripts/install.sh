@@ -2,6 +2,7 @@
 # Install epserve (editable) into the active Python environment.
 #   bash scripts/install.sh          # serving
 #   bash scripts/install.sh --test   # plus the test oracle (transformers) and test tools
+#   bash scripts/install.sh --video  # serving, plus video files as chat content (PyAV)
 # torch: kept if already installed; on a machine with an NVIDIA GPU the default (CUDA) build;
 # otherwise the 2.13.0 CPU wheel (set EPSERVE_TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # where the default index would hand out the multi-GB CUDA build).
@@ -9,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
 if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
+if [ "${1:-}" = "--video" ]; then extras="[video]"; fi
 python -m pip install -q --upgrade pip
 if ! python -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

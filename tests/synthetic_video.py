@@ -8,8 +8,9 @@ import numpy as np
 
 
 def make_video(*, codec: str = "libx264", container: str = "mp4", frames: int = 20, fps: int = 10,
-               width: int = 64, height: int = 48, seed: int = 0) -> bytes:
-    """`frames` frames of moving coloured bars plus noise (so frames differ), encoded in memory."""
+               width: int = 64, height: int = 48, seed: int = 0, noise: bool = False) -> bytes:
+    """`frames` frames of moving coloured bars plus faint noise (so frames differ), encoded in memory;
+    `noise`: full-range noise, which barely compresses (a large file from a short clip)."""
     import av
 
     rng = np.random.default_rng(seed)
@@ -18,7 +19,8 @@ def make_video(*, codec: str = "libx264", container: str = "mp4", frames: int = 
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(frames):
-            rgb = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+            rgb = rng.integers(0, 255 if noise else 60, (height, width, 3), dtype=np.uint8)
+            rgb = np.minimum(rgb, 255 - 150)  # the bars below add at most 150
             rgb[:, (i * 5) % width:, 0] += 150
             rgb[(i * 3) % height:, :, 2] += 120
             for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
