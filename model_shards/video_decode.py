@@ -16,6 +16,7 @@ Tests: tests/replicas/test_multimodal.py (served), tests/model_shards/test_video
 from __future__ import annotations
 
 import io
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -71,6 +72,8 @@ def decode_video(data: bytes, *, cfg: PreprocessConfig, limits: MediaLimits,
 
     Raises: MediaError (no PyAV, a limit exceeded, a container or codec not allowed, undecodable).
     """
+    if sample_fps is not None and not (math.isfinite(sample_fps) and sample_fps > 0):
+        raise MediaError(f"video fps must be a positive number, got {sample_fps}")
     try:
         import av
     except ImportError:

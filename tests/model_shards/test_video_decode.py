@@ -145,3 +145,9 @@ def test_decoding_keeps_only_sampled_frames_for_long_videos() -> None:
     out = decode_video(data, cfg=CFG, limits=MediaLimits())
     assert out.total_frames == 600 and len(out.frames) == len(out.indices) == 120
     assert out.indices == sample_frame_indices(600, video_fps=10.0, cfg=replace(CFG))
+
+
+@pytest.mark.parametrize("fps", [0.0, -2.0, float("nan"), float("inf")])
+def test_a_sampling_fps_that_is_not_a_positive_number_is_refused(fps: float) -> None:
+    with pytest.raises(MediaError, match="fps"):
+        decode_video(make_video(), cfg=CFG, limits=MediaLimits(), sample_fps=fps)
