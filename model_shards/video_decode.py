@@ -86,6 +86,8 @@ def decode_video(data: bytes, *, cfg: PreprocessConfig, limits: MediaLimits,
         codec, total, fps = _scan(av, data, fmt, limits, deadline)
         pick = replace(cfg, fps=sample_fps) if sample_fps is not None else cfg
         indices = sample_frame_indices(total, video_fps=fps, cfg=pick)
+        if len(indices) > limits.max_frames:  # refused before any frame is decoded and kept
+            raise MediaError(f"video keeps {len(indices)} frames, the limit (max_frames) is {limits.max_frames}")
         frames, decoded = _decode(av, data, fmt, set(indices), limits, deadline)
         if decoded != total:
             # the container's packet count was not the frame count: sample again on what decodes
