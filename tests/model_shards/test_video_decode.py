@@ -84,6 +84,10 @@ def test_video_file_equals_its_frames_sent_as_a_frame_list(tmp_path: Path) -> No
     assert list(listed.timestamps) == Qwen3VLProcessor._calculate_timestamps(None, indices, rate, 2)
     # `fps` on a file is the sampling rate: 5 per second keeps 10 of the 20 frames (5 temporal patches)
     assert reader.video({"url": str(tmp_path / "clip.mp4"), "fps": 5}).grid_thw[0] == 5
+    # a server without allowed_local_media_path names no files
+    closed = MediaReader(from_hf_config(tiny_config_dict()), limits=MediaLimits(), local_root=None)
+    with pytest.raises(MediaError, match="local files are not allowed"):
+        closed.video({"url": str(tmp_path / "clip.mp4")})
 
 
 def torch_equal(a, b) -> bool:  # noqa: ANN001

@@ -128,7 +128,7 @@ def test_image_chat_equals_offline_greedy(app, sizes) -> None:  # noqa: ANN001
     (lambda: "data:image/png;base64," + base64.b64encode(b"definitely not an image").decode(), "decodable"),
     (lambda: "data:image/png;base64,@@@not-base64@@@", "base64"),
     (lambda: "https://example.com/cat.png", "network"),
-    (lambda: "file:///etc/passwd", "local files"),
+    (lambda: "file:///etc/passwd", "outside the allowed media folder"),
 ], ids=["oversized", "truncated", "undecodable", "bad-base64", "network-url", "local-file"])
 def test_bad_images_get_400_and_server_keeps_serving(app, content, needle: str) -> None:  # noqa: ANN001
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": content()}},
