@@ -39,6 +39,11 @@ class MediaLimits:
         max_bytes: encoded size of one image or one video frame.
         max_pixels: decoded width * height of one image or frame (before resizing).
         max_frames: frames one video may keep after sampling.
+        max_video_bytes: encoded size of one video file (mp4 / webm).
+        max_video_seconds: duration of one video file (the larger of the container's and frames / fps).
+        max_video_decoded_frames: frames a video file may hold (all are decoded to reach the sampled ones).
+        max_video_decoded_pixels: width * height summed over the decoded frames of one video file.
+        max_video_decode_s: wall time decoding one video file may take (a backstop for slow streams).
     """
 
     max_images: int = 16
@@ -46,6 +51,11 @@ class MediaLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 8192 * 8192
     max_frames: int = 768
+    max_video_bytes: int = 64 * 1024 * 1024
+    max_video_seconds: float = 600.0
+    max_video_decoded_frames: int = 18000
+    max_video_decoded_pixels: int = 18000 * 1920 * 1080
+    max_video_decode_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,10 @@ class PreprocessConfig:
 
     Defaults are Qwen3.5's released files: images within [65536, 16777216] pixels, videos within
     [4096, 25165824] pixels over all frames, mean = std = 0.5 per channel, 2 frames per second
-    sampled, 4 to 768 frames.
+    sampled, 4 to 768 frames. `cap_pixels_per_frame` (HF's opt-in qwen-vl-utils rule, off in
+    transformers 5.24 and in Qwen's files) caps each frame at min(max_video_tokens * factor^2,
+    video_max_pixels / frames), floored at 1.05 * video_min_pixels.
+    Read from a checkpoint by model_shards/preprocessor_config.py.
     """
 
     patch_size: int = 16
@@ -70,6 +83,8 @@ class PreprocessConfig:
     fps: float = 2.0
     min_frames: int = 4
     max_frames: int = 768
+    cap_pixels_per_frame: bool = False
+    max_video_tokens: int = 768
 
     @property
     def factor(self) -> int:
@@ -279,29 +294,59 @@ def preprocess_video(
 ) -> VisionInput:
     """A video given as its decoded frames (all of them, at `video_fps`) -> one VisionInput.
 
-    Frames are sampled (`sample_frame_indices`), resized together (`smart_resize_video`, Pillow
-    bicubic), normalised, padded to a multiple of T by repeating the last, and patchified; the
-    timestamps are those the prompt carries (`frame_timestamps`).
-
-    Warning: HF resizes video frames with torchvision's bicubic (antialiased tensor resize), not
-    Pillow's, so pixel values differ slightly from HF's video processor; the geometry is the same.
+    Frames are sampled (`sample_frame_indices`), then preprocessed by `preprocess_sampled_video`.
     Raises: MediaError (no frames, too many frames kept, frame sizes differ, pixel limits).
     """
     if not frames:
         raise MediaError("a video needs at least one frame")
     if video_fps <= 0:
         raise MediaError(f"video fps must be positive, got {video_fps}")
+    indices = sample_frame_indices(len(frames), video_fps=video_fps, cfg=cfg, num_frames=num_frames)
+    if len(indices) > limits.max_frames:
+        raise MediaError(f"video keeps {len(indices)} frames, the limit (max_frames) is {limits.max_frames}")
+    return preprocess_sampled_video([frames[i] for i in indices], indices, video_fps=video_fps, cfg=cfg,
+                                    limits=limits)
+
+
+def video_max_pixels(num_frames: int, cfg: PreprocessConfig) -> int:
+    """Pixel budget of all frames together (HF Qwen3VLVideoProcessor.resize, with its optional per-frame cap)."""
+    if not cfg.cap_pixels_per_frame:
+        return cfg.video_max_pixels
+    frame_cap = cfg.max_video_tokens * cfg.factor * cfg.factor
+    per_frame = max(min(frame_cap, cfg.video_max_pixels // num_frames), int(cfg.video_min_pixels * 1.05))
+    return per_frame * num_frames
+
+
+def preprocess_sampled_video(
+    frames: Sequence[Image.Image],
+    indices: Sequence[int],
+    *,
+    video_fps: float,
+    cfg: PreprocessConfig,
+    limits: MediaLimits,
+) -> VisionInput:
+    """The kept frames of a video (frame `indices[i]` of the source at `video_fps`) -> one VisionInput.
+
+    Frames are resized together (`smart_resize_video`, Pillow bicubic), normalised, padded to a
+    multiple of T by repeating the last, and patchified; the timestamps are those the prompt
+    carries (`frame_timestamps`).
+
+    Warning: HF resizes video frames with torchvision's bicubic (antialiased tensor resize), not
+    Pillow's, so pixel values differ slightly from HF's video processor; the geometry is the same.
+    Raises: MediaError (no frames, too many frames, frame sizes differ, pixel limits).
+    """
+    if not frames or len(frames) != len(indices):
+        raise MediaError("a video needs at least one frame")
+    if len(frames) > limits.max_frames:
+        raise MediaError(f"video keeps {len(frames)} frames, the limit (max_frames) is {limits.max_frames}")
     sizes = {f.size for f in frames}
     if len(sizes) != 1:
         raise MediaError(f"video frames differ in size: {sorted(sizes)}")
     check_pixels(frames[0].size, limits=limits)
-    indices = sample_frame_indices(len(frames), video_fps=video_fps, cfg=cfg, num_frames=num_frames)
-    if len(indices) > limits.max_frames:
-        raise MediaError(f"video keeps {len(indices)} frames, the limit (max_frames) is {limits.max_frames}")
-    rgb = [to_rgb(frames[i]) for i in indices]
+    rgb = [to_rgb(f) for f in frames]
     size = smart_resize_video(len(rgb), rgb[0].shape[0], rgb[0].shape[1], factor=cfg.factor,
                               temporal_factor=cfg.temporal_patch_size, min_pixels=cfg.video_min_pixels,
-                              max_pixels=cfg.video_max_pixels)
+                              max_pixels=video_max_pixels(len(rgb), cfg))
     stack = [resize_and_normalize(x, size=size, cfg=cfg) for x in rgb]
     stack += [stack[-1]] * (-len(stack) % cfg.temporal_patch_size)
     pixels, grid = patchify(np.stack(stack), cfg=cfg)

@@ -3,7 +3,8 @@
 The embedded default model: real vocabulary (248320 rows, the Qwen3.5 tokenizer), small
 hidden size, every part present (text, vision tower, MTP head), config.json with
 text_config + vision_config, sharded safetensors with an index, generation_config.json,
-tokenizer files with our ChatML template. Tensor names and shapes come from the one table
+tokenizer files with our ChatML template, and Qwen3.5's published
+preprocessor_config.json / video_preprocessor_config.json. Tensor names and shapes come from the one table
 in model_shards/weights.py. Experts fused (the BF16 release) or per expert (the FP8
 release and HF saves); `fp8=True` stores block-quantised e4m3 weights with bf16 scales.
 Tests: tests/model_shards/test_tiny_checkpoint.py (transformers loads it, zero missing keys).
@@ -21,11 +22,14 @@ from safetensors.torch import save_file
 
 from model_shards.config import FULL_ATTENTION, LINEAR_ATTENTION
 from model_shards.config import from_hf_config
+from model_shards.preprocessor_config import (
+    IMAGE_FILE, QWEN35_IMAGE_PREPROCESSOR, QWEN35_VIDEO_PREPROCESSOR, VIDEO_FILE,
+)
 from model_shards.quant import quantize_blockwise
 from model_shards.weights import MULTIMODAL_PREFIX, SCALE_SUFFIX, expected_tensors
 
 # Bump when the written weights or files change: caches of the embedded model key on it.
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 SHARD_BYTES = 48 * 2**20
 
 # The real Qwen3.5 FP8 release keeps these modules unquantised (read back from the config, never hard-coded).
@@ -147,6 +151,8 @@ def write_tiny_checkpoint(
     _write_shards(out, tensors)
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    (out / IMAGE_FILE).write_text(json.dumps(QWEN35_IMAGE_PREPROCESSOR, indent=2) + "\n")
+    (out / VIDEO_FILE).write_text(json.dumps(QWEN35_VIDEO_PREPROCESSOR, indent=2) + "\n")
     if tokenizer:
         from model_shards.tokenizer_files import write_tokenizer_files
 

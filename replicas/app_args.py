@@ -88,7 +88,19 @@ class AppArgs(BaseModel):
     max_videos_per_request: int = Field(1, ge=0)
     max_image_bytes: int = Field(20 * 2**20, ge=1, description="Encoded size of one image or video frame.")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Decoded width x height of one image or frame.")
-    max_video_frames: int = Field(64, ge=1)
+    max_video_frames: int = Field(64, ge=1, description="Frames one video keeps after sampling.")
+    # Video files are decoded in the ingress (PyAV, the `video` extra); these bound one file's decode.
+    max_video_bytes: int = Field(64 * 2**20, ge=1, description="Encoded size of one video file (mp4 / webm).")
+    max_video_seconds: float = Field(
+        600.0, gt=0, description="Duration of one video file; longer videos are refused, not truncated.")
+    max_video_decoded_frames: int = Field(
+        18000, ge=1, description="Frames one video file may hold: every frame is decoded to reach the sampled "
+                                 "ones (10 min at 30 fps).")
+    max_video_decoded_pixels: int = Field(
+        18000 * 1920 * 1080, ge=1, description="Width x height summed over the decoded frames of one video file "
+                                               "(bounds decode work and time: 10 min of 1080p at 30 fps).")
+    max_video_decode_s: float = Field(
+        60.0, gt=0, description="Wall time decoding one video file may take (a backstop for slow streams).")
     speculative_tokens: int = Field(
         0, ge=0, le=8, description="k > 0: the MTP head drafts k tokens per step, verified by the next step "
                                    "(greedy output is identical to k = 0; needs a checkpoint with mtp.*).")

@@ -110,7 +110,11 @@ class Ingress:
             default_max_tokens=a.default_max_tokens, max_n=a.max_n,
             media_limits=MediaLimits(max_images=a.max_images_per_request, max_videos=a.max_videos_per_request,
                                      max_bytes=a.max_image_bytes, max_pixels=a.max_image_pixels,
-                                     max_frames=a.max_video_frames),
+                                     max_frames=a.max_video_frames, max_video_bytes=a.max_video_bytes,
+                                     max_video_seconds=a.max_video_seconds,
+                                     max_video_decoded_frames=a.max_video_decoded_frames,
+                                     max_video_decoded_pixels=a.max_video_decoded_pixels,
+                                     max_video_decode_s=a.max_video_decode_s),
             local_media=a.allowed_local_media_path, max_thinking_tokens=a.max_thinking_tokens,
         )
         self.api_key = self.args.resolved_api_key()

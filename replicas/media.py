@@ -2,7 +2,8 @@
 
 Owns: reading OpenAI content parts (`image_url` / `video_url`) from `data:` base64 URLs or from files
 under one allow-listed local folder (never the internet), bounds per request (count, bytes,
-pixels, frames: each a 400 naming the limit), preprocessing through model_shards.image_processing,
+pixels, frames: each a 400 naming the limit), video files decoded by model_shards.video_decode,
+preprocessing through model_shards.image_processing (settings read from the checkpoint),
 and turning the template's one-pad-per-item prompt into the model's prompt with 3-D MRoPE positions
 (model_shards.mm_positions). Must not: run the vision tower (trunk ranks do).
 Tests: tests/replicas/test_multimodal.py.
@@ -21,9 +22,10 @@ import torch
 from model_shards.config import ModelConfig
 from model_shards.image_processing import (
     MediaError, MediaLimits, PreprocessConfig, VisionInput, check_counts, decode_image, preprocess_image,
-    preprocess_video,
+    preprocess_sampled_video, preprocess_video,
 )
 from model_shards.mm_positions import VisionItem, VisionTokenIds, expand_placeholders, mrope_positions, token_types
+from model_shards.video_decode import decode_video
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 DEFAULT_VIDEO_FPS = 2.0
@@ -53,30 +55,37 @@ class MediaReader:
         cfg: the model config (needs a vision tower).
         limits: per-request bounds.
         local_root: folder whose files requests may name (file:// URLs or absolute paths); None = none.
+        pre: the checkpoint's preprocessing (model_shards.preprocessor_config); None = Qwen3.5's defaults.
     """
 
-    def __init__(self, cfg: ModelConfig, *, limits: MediaLimits, local_root: str | None) -> None:
+    def __init__(self, cfg: ModelConfig, *, limits: MediaLimits, local_root: str | None,
+                 pre: PreprocessConfig | None = None) -> None:
         if cfg.vision is None:
             raise ValueError("this model has no vision tower")
         self.cfg = cfg
         self.tokens = VisionTokenIds.from_config(cfg)
-        self.pre = PreprocessConfig.for_vision(cfg.vision)
+        self.pre = pre or PreprocessConfig.for_vision(cfg.vision)
         self.limits = limits
         self.root = Path(local_root).resolve() if local_root else None
 
     # ----------------------------------------------------------------- fetching
-    def _bytes(self, url: str, what: str) -> bytes:
+    def _bytes(self, url: str, what: str, *, limit: tuple[int, str] | None = None) -> bytes:
+        """The bytes a data: URL or an allowed local file holds, at most `limit` = (bytes, its name)."""
+        most, name = limit or (self.limits.max_bytes, "max_bytes")
         if url.startswith("data:"):
             head, _, payload = url.partition(",")
             if ";base64" not in head:
                 raise MediaError(f"{what}: only base64 data URLs are accepted")
-            if len(payload) * 3 // 4 > self.limits.max_bytes:
-                raise MediaError(f"{what} is over {self.limits.max_bytes} bytes (max_bytes)")
+            if len(payload) * 3 // 4 > most:
+                raise MediaError(f"{what} is over {most} bytes ({name})")
             try:
                 return base64.b64decode(payload, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise MediaError(f"{what}: invalid base64 data: {exc}") from None
-        return self._local(url, what).read_bytes()
+        path = self._local(url, what)
+        if path.is_file() and path.stat().st_size > most:
+            raise MediaError(f"{what} is over {most} bytes ({name})")
+        return path.read_bytes()
 
     def _local(self, url: str, what: str) -> Path:
         if url.startswith(("http://", "https://")):
@@ -94,13 +103,16 @@ class MediaReader:
         return preprocess_image(decode_image(self._bytes(url, "image"), limits=self.limits), cfg=self.pre)
 
     def video(self, spec: dict[str, Any]) -> VisionInput:
-        """A video given as a folder of frames (allow-listed) or a list of frame data URLs, at `fps`."""
+        """A video given as a file (mp4 / webm: a data: URL or an allowed local file; `fps` = sampling rate),
+        a folder of frames (allow-listed) or a list of frame URLs (`fps` = the rate of the given frames)."""
         fps = float(spec.get("fps", DEFAULT_VIDEO_FPS))
         frames_urls = spec.get("frames")
         if frames_urls is None:
-            folder = self._local(str(spec.get("url", "")), "video")
-            if not folder.is_dir():
-                raise MediaError("video: give a folder of frames (video files need a decoder this server lacks)")
+            url = str(spec.get("url", ""))
+            if url.startswith("data:") or not self._local(url, "video").is_dir():
+                # a video file: `fps` is the sampling rate (default: the checkpoint's)
+                return self.video_file(url, sample_fps=fps if "fps" in spec else None)
+            folder = self._local(url, "video")
             frames_urls = [str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
         if not isinstance(frames_urls, list) or not frames_urls:
             raise MediaError("video: no frames")
@@ -108,6 +120,13 @@ class MediaReader:
             raise MediaError(f"video: {len(frames_urls)} frames given, too many (max_frames {self.limits.max_frames})")
         frames = [decode_image(self._bytes(str(u), "video frame"), limits=self.limits) for u in frames_urls]
         return preprocess_video(frames, video_fps=fps, cfg=self.pre, limits=self.limits)
+
+    def video_file(self, url: str, *, sample_fps: float | None) -> VisionInput:
+        """An mp4 / webm file (data: URL or allowed local file), sampled at `sample_fps` frames per second."""
+        data = self._bytes(url, "video", limit=(self.limits.max_video_bytes, "max_video_bytes"))
+        video = decode_video(data, cfg=self.pre, limits=self.limits, sample_fps=sample_fps)
+        return preprocess_sampled_video(video.frames, video.indices, video_fps=video.fps, cfg=self.pre,
+                                        limits=self.limits)
 
     # ----------------------------------------------------------------- requests
     def read_messages(self, messages: list[dict[str, Any]]) -> list[VisionInput]:

@@ -20,6 +20,7 @@ from model_shards.generation_config import GenerationDefaults
 from model_shards.sampling import SamplingParams
 from model_shards.tokenizer import Tokenizer
 from model_shards.image_processing import MediaError, MediaLimits
+from model_shards.preprocessor_config import load_preprocess_config
 from replicas.engine_types import GenerateRequest
 from replicas.media import MediaReader, MultimodalPrompt, has_media
 from replicas.tool_parser import tools_by_name
@@ -66,7 +67,8 @@ class ModelContext:
             if max_model_len > limit:
                 raise ValueError(f"max_model_len {max_model_len} exceeds what the model and KV cache allow ({limit})")
             limit = max_model_len
-        media = (MediaReader(cfg, limits=media_limits or MediaLimits(), local_root=local_media)
+        media = (MediaReader(cfg, limits=media_limits or MediaLimits(), local_root=local_media,
+                             pre=load_preprocess_config(folder, cfg.vision))
                  if cfg.vision is not None else None)
         defaults = GenerationDefaults.load(Path(folder), cfg)
         budget = max_thinking_tokens if max_thinking_tokens is not None else defaults.max_thinking_tokens

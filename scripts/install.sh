@@ -3,6 +3,7 @@
 #   bash scripts/install.sh          # serving, plus what the README's other commands need:
 #                                    # matplotlib (epserve bench --plot) and openai (the Python examples)
 #   bash scripts/install.sh --test   # plus the test oracle (transformers) and test tools
+#   bash scripts/install.sh --video  # serving, plus video files as chat content (PyAV)
 # torch: kept if already installed; on a machine with an NVIDIA GPU the default (CUDA) build;
 # otherwise the 2.13.0 CPU wheel (set EPSERVE_TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # where the default index would hand out the multi-GB CUDA build).
@@ -10,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="[plot,client]"
 if [ "${1:-}" = "--test" ]; then extras="[plot,client,test]"; fi
+if [ "${1:-}" = "--video" ]; then extras="[plot,client,video]"; fi
 python -m pip install -q --upgrade pip
 if ! python -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

@@ -1,8 +1,11 @@
-"""Images through the chat API equal the offline path, on the single-process and expert-parallel layouts.
+"""Images and videos through the chat API equal the offline path, on the single-process and
+expert-parallel layouts.
 
 Oracle: the model in this process (LocalModel + the vision tower, fp32) on the same preprocessed image,
 with the prompt expanded and positioned by model_shards (whose vision parts are checked against
-transformers in tests/model_shards/test_vision.py), decoded greedily. Bad images get 400s.
+transformers in tests/model_shards/test_vision.py), decoded greedily. A video file (mp4, made here with
+PyAV) gives the prompt and output of the frames PyAV decodes from it, sent as a frame list at the
+stream's rate (same timestamps). Bad images and videos get 400s naming the limit.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from PIL import Image
 pytestmark = pytest.mark.timeout(900)
 
 TOKENS = 8
+VIDEO_BYTES = 150_000  # limits of the test app, small enough to trip with tiny synthetic videos
+VIDEO_FRAMES = 100
+VIDEO_SECONDS = 20.0
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
@@ -85,7 +91,7 @@ def _offline_text(folder: Path, messages: list[dict]) -> str:
 
 
 @pytest.fixture(scope="module", params=[0, 1], ids=["single-process", "expert-parallel"])
-def app(request, serve_http: str, embedded_model_dir: Path):  # noqa: ANN001, ANN201
+def app(request, serve_http: str, embedded_model_dir: Path, tmp_path_factory):  # noqa: ANN001, ANN201
     from ray import serve
 
     from replicas.app import build_app
@@ -93,11 +99,14 @@ def app(request, serve_http: str, embedded_model_dir: Path):  # noqa: ANN001, AN
 
     x = request.param
     name = f"mm{x}"
+    media = tmp_path_factory.mktemp(f"media{x}")
     args = AppArgs(model=str(embedded_model_dir), served_model_name=name, dtype="float32", expert_ranks=x,
                    num_kv_blocks=160, max_num_seqs=8, max_model_len=2048, max_images_per_request=3,
-                   max_image_pixels=2000 * 2000)
+                   max_image_pixels=2000 * 2000, allowed_local_media_path=str(media),
+                   max_video_bytes=VIDEO_BYTES, max_video_decoded_frames=VIDEO_FRAMES,
+                   max_video_seconds=VIDEO_SECONDS)
     serve.run(build_app(args), name=name, route_prefix=f"/{name}")
-    yield SimpleNamespace(base=f"{serve_http}/{name}", name=name, folder=embedded_model_dir,
+    yield SimpleNamespace(base=f"{serve_http}/{name}", name=name, folder=embedded_model_dir, media=media,
                           oai=openai.OpenAI(base_url=f"{serve_http}/{name}/v1", api_key="x", max_retries=0, timeout=300))
     serve.delete(name)
 
@@ -119,7 +128,7 @@ def test_image_chat_equals_offline_greedy(app, sizes) -> None:  # noqa: ANN001
     (lambda: "data:image/png;base64," + base64.b64encode(b"definitely not an image").decode(), "decodable"),
     (lambda: "data:image/png;base64,@@@not-base64@@@", "base64"),
     (lambda: "https://example.com/cat.png", "network"),
-    (lambda: "file:///etc/passwd", "local files"),
+    (lambda: "file:///etc/passwd", "outside the allowed media folder"),
 ], ids=["oversized", "truncated", "undecodable", "bad-base64", "network-url", "local-file"])
 def test_bad_images_get_400_and_server_keeps_serving(app, content, needle: str) -> None:  # noqa: ANN001
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": content()}},
@@ -132,5 +141,68 @@ def test_bad_images_get_400_and_server_keeps_serving(app, content, needle: str) 
     r = requests.post(app.base + "/v1/chat/completions", json={"model": app.name, "messages": too_many,
                                                                 "max_tokens": 2}, timeout=120)
     assert r.status_code == 400 and "max_images" in r.json()["error"]["message"]
+    ok = app.oai.chat.completions.create(model=app.name, messages=_messages(_png(48, 48)), max_tokens=2)
+    assert ok.usage.completion_tokens >= 1
+
+
+# ------------------------------------------------------------------------------ video files
+def _video_messages(spec: dict) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": spec},
+                                         {"type": "text", "text": "What happens in the video?"}]}]
+
+
+def _chat(app, messages: list[dict]):  # noqa: ANN001, ANN202
+    return app.oai.chat.completions.create(model=app.name, messages=messages, max_tokens=TOKENS, temperature=0,
+                                           extra_body={"ignore_eos": True, **NO_THINK})
+
+
+def test_mp4_video_equals_its_decoded_frames_as_a_frame_list(app) -> None:  # noqa: ANN001
+    pytest.importorskip("av")
+    from tests.synthetic_video import make_video, pyav_frames
+
+    data = make_video(frames=20, fps=10, width=96, height=64)  # 2 s: 4 frames sampled at 2 fps
+    (app.media / "clip.mp4").write_bytes(data)
+    frames, rate = pyav_frames(data)
+    listed = _video_messages({"frames": [_url(_png_bytes(f)) for f in frames], "fps": rate})
+    want = _chat(app, listed)
+    assert want.choices[0].message.content == _offline_text(app.folder, listed)
+    for spec in ({"url": "data:video/mp4;base64," + base64.b64encode(data).decode()},
+                 {"url": str(app.media / "clip.mp4")}):
+        got = _chat(app, _video_messages(spec))
+        assert got.usage.prompt_tokens == want.usage.prompt_tokens
+        assert got.choices[0].message.content == want.choices[0].message.content
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _gif() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda mv: mv(frames=40, fps=10, width=320, height=240, noise=True), "max_video_bytes"),
+    (lambda mv: mv(frames=120, fps=30, width=32, height=32), "max_video_decoded_frames"),
+    (lambda mv: mv(frames=25, fps=1, width=32, height=32), "max_video_seconds"),
+    (lambda mv: mv(codec="mpeg4"), "codec"),
+    (lambda mv: _gif(), "container"),
+], ids=["bytes", "frames", "seconds", "codec", "container"])
+def test_bad_videos_get_400_naming_the_limit(app, make, needle: str) -> None:  # noqa: ANN001
+    pytest.importorskip("av")
+    from tests.synthetic_video import make_video
+
+    data = make(make_video)
+    if needle == "max_video_bytes":
+        assert len(data) > VIDEO_BYTES
+    url = "data:video/mp4;base64," + base64.b64encode(data).decode()
+    r = requests.post(app.base + "/v1/chat/completions", json={"model": app.name, "max_tokens": 2,
+                                                                "messages": _video_messages({"url": url})}, timeout=120)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"], r.json()
     ok = app.oai.chat.completions.create(model=app.name, messages=_messages(_png(48, 48)), max_tokens=2)
     assert ok.usage.completion_tokens >= 1
