@@ -95,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
         from replicas.app import build_app
 
         grpc_port = args.grpc_port or args.port + 1000
-        serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=_grpc_options(grpc_port))
+        from replicas.proxy_options import serve_start_options
+
+        serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=_grpc_options(grpc_port),
+                    **serve_start_options(app_args))  # body / message limits in the proxies
         serve.run(build_app(app_args), name="epserve", route_prefix="/", blocking=False)
         name = app_args.served_model_name or Path(app_args.model or "").name
         print(f"epserve is serving model '{name}'", flush=True)
