@@ -75,10 +75,11 @@ class ProxyHealth(health_pb2_grpc.HealthServicer):
         if request.service not in SERVICES:
             yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             return
-        if self.watchers >= self.max_watchers:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"this proxy already serves {self.max_watchers} health Watch streams "
+        if self.watchers >= self.max_watchers:  # ends the call with this status (no abort inside a generator)
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(f"this proxy already serves {self.max_watchers} health Watch streams "
                                 "(max_health_watchers); use Check or retry later")
+            return
         self.watchers += 1
         try:
             last = None

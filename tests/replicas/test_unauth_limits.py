@@ -63,19 +63,19 @@ def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _listener_pid(port: int) -> int:
-    """The process listening on a loopback port (a Serve proxy)."""
-    pids = {c.pid for c in psutil.net_connections(kind="tcp")
-            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid}
-    assert len(pids) == 1, f"port {port}: listeners {pids}"
-    return pids.pop()
+def _listeners(port: int, what: str) -> dict[str, int]:
+    """The processes listening on a loopback port: Serve's proxies (one per node, sharing it by SO_REUSEPORT)."""
+    pids = sorted({c.pid for c in psutil.net_connections(kind="tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid})
+    assert pids, f"nothing listens on port {port}"
+    return {f"{what} {pid}": pid for pid in pids}
 
 
 def _ingress_pid() -> int:
-    from ray.util.state import list_actors
-
-    pids = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000)
-            if a.class_name == f"ServeReplica:{APP}:EpserveIngress"]
+    """The ingress replica's process, by the title Ray gives an actor's worker (`ray::ServeReplica:APP:NAME`)."""
+    title = f"ServeReplica:{APP}:EpserveIngress"
+    pids = [p.pid for p in psutil.process_iter(["cmdline"])
+            if any(title in part for part in (p.info["cmdline"] or []))]
     assert len(pids) == 1, pids
     return pids[0]
 
@@ -187,7 +187,7 @@ def test_grpc_message_over_cap_is_refused_before_buffering(app) -> None:  # noqa
         stub = epserve_pb2_grpc.EpserveStub(channel)
         list(stub.Generate(pb.GenerateRequest(text="hi"), metadata=[("application", APP), (
             "authorization", f"Bearer {KEY}")], timeout=60))  # warm: the proxy and ingress are past start-up
-        with PeakRss({"grpc proxy": _listener_pid(port), "ingress": _ingress_pid()}) as rss:
+        with PeakRss({**_listeners(port, "grpc proxy"), "ingress": _ingress_pid()}) as rss:
             t0 = time.monotonic()
             with pytest.raises(grpc.RpcError) as info:
                 list(stub.Generate(big, metadata=[("application", APP)], timeout=60))
@@ -205,7 +205,7 @@ def test_http_body_over_cap_gets_413_without_buffering(app) -> None:  # noqa: AN
     payload = b"x" * (64 * MiB)
     _completion(app.base)  # warm
     results = {}
-    with PeakRss({"http proxy": _listener_pid(port), "ingress": _ingress_pid()}) as rss:
+    with PeakRss({**_listeners(port, "http proxy"), "ingress": _ingress_pid()}) as rss:
         for name, headers, body in (
                 ("no key, Content-Length", {}, payload),
                 ("key, Content-Length", {"Authorization": f"Bearer {KEY}"}, payload),
