@@ -263,3 +263,49 @@ def test_unfinished_bodies_time_out_and_hold_no_slot(app) -> None:  # noqa: ANN0
     err = json.loads(answers[0][0].split(b"\r\n\r\n", 1)[1])["error"]
     assert set(err) == {"message", "type", "param", "code"} and "body_read_timeout_s" in err["message"]
     assert DEFAULTS.body_read_timeout_s - 1 < last < DEFAULTS.body_read_timeout_s + 10
+
+
+# ----------------------------------------------------------------------------------------------- ingress fallback
+
+
+def test_ingress_read_body_enforces_cap_and_deadline_without_the_proxy_hook() -> None:
+    """`read_body` (the ingress's copy of the limits, for proxies without the hook) under a real uvicorn server."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from cluster.process_groups import free_port
+    from replicas.body_limits import read_body
+    from replicas.openai_protocol import ApiError
+
+    async def echo(request: Request) -> JSONResponse:
+        try:
+            return JSONResponse({"size": len(await read_body(request, 1000, 1.0))})
+        except ApiError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/", echo, methods=["POST"])]), host="127.0.0.1",
+                                           port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/"
+        assert requests.post(url, data=b"x" * 1000, timeout=10).json() == {"size": 1000}
+        assert _is_openai_error(requests.post(url, data=b"x" * 1001, timeout=10), 413)
+        chunked = requests.post(url, data=(b"x" * 300 for _ in range(4)), timeout=10)
+        assert _is_openai_error(chunked, 413)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            t0 = time.monotonic()
+            s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+            answer = s.recv(65536)
+            took = time.monotonic() - t0
+        assert answer.split(b" ", 2)[1] == b"408" and b"body_read_timeout_s" in answer and 0.9 < took < 5, (answer, took)
+    finally:
+        server.should_exit = True
+        thread.join(10)
