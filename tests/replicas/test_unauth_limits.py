@@ -7,6 +7,8 @@
 - HTTP bodies over the cap get 413 with the OpenAI error body without being buffered (same RSS bound).
 - Clients that never finish their bodies get 408 after body_read_timeout_s and hold no ingress slot:
   a normal request succeeds meanwhile, although they outnumber the ingress's slots and queue.
+Without Serve, under a real uvicorn: the ingress's own copy of the cap and deadline (`read_body`), and the
+proxy middleware's bound on the body bytes it holds at once.
 Processes are found from the system (the socket listening on each proxy port, Ray's actor table),
 not guessed. The app's ingress has 8 slots and a queue of 8, so anything holding slots would fail it.
 """
@@ -265,47 +267,86 @@ def test_unfinished_bodies_time_out_and_hold_no_slot(app) -> None:  # noqa: ANN0
     assert DEFAULTS.body_read_timeout_s - 1 < last < DEFAULTS.body_read_timeout_s + 10
 
 
-# ----------------------------------------------------------------------------------------------- ingress fallback
+# ----------------------------------------------------------------------------------------------- without Serve
 
 
-def test_ingress_read_body_enforces_cap_and_deadline_without_the_proxy_hook() -> None:
-    """`read_body` (the ingress's copy of the limits, for proxies without the hook) under a real uvicorn server."""
-    import uvicorn
-    from starlette.applications import Starlette
-    from starlette.requests import Request
+class _Uvicorn:
+    """A real uvicorn server on a free loopback port, in a thread."""
+
+    def __init__(self, app: object) -> None:
+        import uvicorn
+
+        from cluster.process_groups import free_port
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}/"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _unfinished(url: str, declared: int) -> socket.socket:
+    host, port = url.removeprefix("http://").rstrip("/").split(":")
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\nabc".encode())
+    return s
+
+
+async def _echo_size(request) -> object:  # noqa: ANN001  # a starlette Request
     from starlette.responses import JSONResponse
-    from starlette.routing import Route
 
-    from cluster.process_groups import free_port
     from replicas.body_limits import read_body
     from replicas.openai_protocol import ApiError
 
-    async def echo(request: Request) -> JSONResponse:
-        try:
-            return JSONResponse({"size": len(await read_body(request, 1000, 1.0))})
-        except ApiError as err:
-            return JSONResponse(err.body(), status_code=err.status)
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/", echo, methods=["POST"])]), host="127.0.0.1",
-                                           port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{port}/"
+        return JSONResponse({"size": len(await read_body(request, 1000, 1.0))})
+    except ApiError as err:
+        return JSONResponse(err.body(), status_code=err.status)
+
+
+def _echo_app() -> object:
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    return Starlette(routes=[Route("/", _echo_size, methods=["POST"])])
+
+
+def test_ingress_read_body_enforces_cap_and_deadline_without_the_proxy_hook() -> None:
+    """`read_body` (the ingress's copy of the limits, for proxies without the hook): cap 1000 B, deadline 1 s."""
+    with _Uvicorn(_echo_app()) as url:
         assert requests.post(url, data=b"x" * 1000, timeout=10).json() == {"size": 1000}
         assert _is_openai_error(requests.post(url, data=b"x" * 1001, timeout=10), 413)
-        chunked = requests.post(url, data=(b"x" * 300 for _ in range(4)), timeout=10)
-        assert _is_openai_error(chunked, 413)
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            t0 = time.monotonic()
-            s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+        assert _is_openai_error(requests.post(url, data=(b"x" * 300 for _ in range(4)), timeout=10), 413)
+        t0 = time.monotonic()
+        with _unfinished(url, 100) as s:
             answer = s.recv(65536)
-            took = time.monotonic() - t0
-        assert answer.split(b" ", 2)[1] == b"408" and b"body_read_timeout_s" in answer and 0.9 < took < 5, (answer, took)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+        took = time.monotonic() - t0
+        assert answer.split(b" ", 2)[1] == b"408" and b"body_read_timeout_s" in answer and 0.9 < took < 5, answer
+
+
+def test_proxy_middleware_bounds_the_bytes_it_holds() -> None:
+    """ProxyBodyLimits with a 1,500 B budget: while one unfinished 1,000 B body holds its share, a second
+    gets 503 + Retry-After at once; once the first has timed out (408), the budget is back."""
+    from replicas.body_limits import ProxyBodyLimits
+
+    app = ProxyBodyLimits(_echo_app(), max_bytes=1000, read_timeout_s=2.0, budget_bytes=1500)
+    with _Uvicorn(app) as url:
+        with _unfinished(url, 1000) as held:
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            r = requests.post(url, data=b"x" * 1000, timeout=10)
+            assert _is_openai_error(r, 503) and r.headers["Retry-After"] == "1" and time.monotonic() - t0 < 1
+            assert requests.post(url, data=b"x" * 400, timeout=10).json() == {"size": 400}  # fits beside it
+            assert held.recv(65536).split(b" ", 2)[1] == b"408"
+        assert requests.post(url, data=b"x" * 1000, timeout=10).json() == {"size": 1000}
+        assert _is_openai_error(requests.post(url, data=b"x" * 1001, timeout=10), 413)
