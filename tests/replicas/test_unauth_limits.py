@@ -174,8 +174,12 @@ def test_health_watch_streams_hold_no_ingress_slot(app) -> None:  # noqa: ANN001
     assert r["http"] == 200 and r["http_s"] < 15
     assert r["grpc_replies"] >= 2 and r["grpc_s"] < 15
     assert r["health"] == 200
-    assert counts == {"SERVING": DEFAULTS.max_health_watchers,
-                      "RESOURCE_EXHAUSTED": WATCHERS - DEFAULTS.max_health_watchers}
+    # Beyond the cap: RESOURCE_EXHAUSTED. A few percent of a burst of streams that a grpcio aio server ends at
+    # once reach the client as CANCELLED instead (seen with a bare grpc.aio server too), still refused.
+    refused = WATCHERS - DEFAULTS.max_health_watchers
+    assert counts.get("SERVING") == DEFAULTS.max_health_watchers, counts
+    assert counts.get("RESOURCE_EXHAUSTED", 0) + counts.get("CANCELLED", 0) == refused, counts
+    assert counts.get("RESOURCE_EXHAUSTED", 0) >= 0.9 * refused, counts
     assert r["again"] == "SERVING"
 
 
