@@ -114,7 +114,10 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, _interrupt)
         check_resources(resource_demand(app_args, at_max=False), ray.cluster_resources(), local=local is not None)
         grpc_port = args.grpc_port or args.port + 1000
-        serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=_grpc_options(grpc_port))
+        from replicas.proxy_options import serve_start_options
+
+        serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=_grpc_options(grpc_port),
+                    **serve_start_options(app_args))  # body / message limits in the proxies
         # Serve logs "Connecting to existing Serve app ... will not be applied" for the controller
         # serve.start just made with exactly these options: not news to the user.
         serve_log = logging.getLogger("ray.serve")

@@ -104,6 +104,15 @@ class AppArgs(BaseModel):
     speculative_tokens: int = Field(
         0, ge=0, le=8, description="k > 0: the MTP head drafts k tokens per step, verified by the next step "
                                    "(greedy output is identical to k = 0; needs a checkpoint with mtp.*).")
+    max_request_body_mb: float = Field(
+        16.0, gt=0, description="Largest HTTP request body and gRPC message, in MiB (2**20 bytes): 413 / "
+                                "RESOURCE_EXHAUSTED beyond, refused before it is buffered.")
+    body_read_timeout_s: float = Field(
+        10.0, gt=0, description="Time a client has to send its whole request body (408 after); a body still "
+                                "arriving holds no ingress slot.")
+    max_health_watchers: int = Field(
+        1024, ge=1, description="grpc.health.v1 Watch streams per Serve proxy (RESOURCE_EXHAUSTED beyond); "
+                                "they are answered by the proxy and hold no ingress slot.")
     graceful_shutdown_timeout_s: float = Field(
         60.0, gt=0, description="A stopping engine replica lets streams finish this long; the rest end with a "
                                 "retriable error.")
@@ -115,6 +124,9 @@ class AppArgs(BaseModel):
         if self.api_key is not None and self.api_key_env is not None:
             raise ValueError("give api_key or api_key_env, not both")
         return self
+
+    def max_request_body_bytes(self) -> int:
+        return int(self.max_request_body_mb * 2**20)
 
     def resolved_api_key(self) -> str | None:
         """The key itself: from api_key, or read (here, once) from the named environment variable."""

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 SERVICE = "epserve.v1.Epserve"
 SERVICER_FUNCTIONS = [
     "replicas.proto.epserve_pb2_grpc.add_EpserveServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "replicas.proxy_health.add_health_servicer",  # grpc.health.v1, answered by the proxy itself
 ]
 STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
           404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,

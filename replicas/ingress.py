@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from model_shards.image_processing import MediaLimits
 from replicas.app_args import AppArgs
+from replicas.body_limits import read_body
 from replicas.engine_types import EngineFailure, GenerateOutput, GenerateRequest
 from replicas.metrics import MetricsRegistry, render
 from replicas.openai_protocol import (
@@ -47,9 +48,8 @@ REQUEST_ID_HEADER = "X-Request-Id"
 RETRY_DELAY_S = 1.5
 
 async def _parse(request: Request, model: type) -> Any:  # noqa: ANN401  # returns an instance of `model`
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body of {len(raw)} bytes exceeds {MAX_BODY_BYTES}")
+    # cap and read deadline: AppArgs, put on the request by the auth middleware
+    raw = await read_body(request, *getattr(request.state, "body_limits", (MAX_BODY_BYTES, 10.0)))
     try:
         obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -511,6 +511,7 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
             err = ApiError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
                            type="authentication_error")
             return JSONResponse(err.body(), status_code=401)
+        request.state.body_limits = (ing().args.max_request_body_bytes(), ing().args.body_read_timeout_s)
         # Serve's proxy assigns X-Request-Id (reusing the client's) and returns it on every response;
         # handlers put the same id in bodies and logs.
         return await call_next(request)

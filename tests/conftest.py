@@ -66,10 +66,14 @@ def serve_ports(ray_cluster):  # noqa: ANN001, ANN201  # -> (http base URL, grpc
     from ray import serve
 
     from cluster.process_groups import free_port
+    from replicas.app_args import AppArgs
     from replicas.grpc_service import grpc_options
+    from replicas.proxy_options import serve_start_options
 
     http, grpc_port = free_port(), free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": http}, grpc_options=grpc_options(grpc_port))
+    # the proxies' limits at AppArgs' defaults (16 MiB bodies and messages, 10 s body reads), as `epserve serve`
+    serve.start(http_options={"host": "127.0.0.1", "port": http}, grpc_options=grpc_options(grpc_port),
+                **serve_start_options(AppArgs()))
     yield f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}"
     serve.shutdown()
 

@@ -125,6 +125,7 @@ def serve_problems(d: Docs) -> list[str]:
 
     from replicas.app_args import AppArgs
     from replicas.grpc_service import grpc_options
+    from replicas.proxy_options import proxy_env
 
     problems = []
     for rs in d.get("RayService", []):
@@ -171,9 +172,17 @@ def serve_problems(d: Docs) -> list[str]:
             if app["import_path"] != "replicas.app:build_app":
                 problems.append(f"{where}: import_path must be replicas.app:build_app")
             try:
-                AppArgs.model_validate(app.get("args") or {})
+                args = AppArgs.model_validate(app.get("args") or {})
             except ValidationError as exc:
                 problems.append(f"{where}: args rejected by AppArgs: {exc}")
+                continue
+            # Serve's proxies read the request limits from their environment (replicas/proxy_options.py)
+            want_env = proxy_env(args)
+            for group_where, _, template in pod_templates(rs):
+                env = {e["name"]: e.get("value") for e in ray_container(template).get("env", [])}
+                wrong = {k: env.get(k) for k, v in want_env.items() if env.get(k) != v}
+                if wrong:
+                    problems.append(f"{where} {group_where}: proxy limit env {wrong} differ from proxy_env {want_env}")
     return problems
 
 

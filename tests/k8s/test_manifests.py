@@ -214,6 +214,7 @@ BREAKAGES: list[tuple[str, Callable[[Docs], Any], Callable[[Docs], list[str]]]] 
     ("unknown AppArgs field", lambda d: _set_args(d, True, trunk_rank=8), serve_problems),
     ("serve config typo", lambda d: _set_serve(d, "grpc_option", {}), serve_problems),
     ("gRPC servicer missing", lambda d: _set_serve(d, "grpc_options", {"port": 9000}), serve_problems),
+    ("proxy body cap not the app's", lambda d: _set_args(d, False, max_request_body_mb=4), serve_problems),
     ("EP group larger than the node pair", lambda d: _set_args(d, True, trunk_ranks=9), placement_problems),
     ("engine scales past the GPU group", lambda d: _gpu_group(d).update(maxReplicas=1), placement_problems),
     ("tiny app asks for GPUs", lambda d: _set_args(d, False, gpus=True), placement_problems),
