@@ -63,6 +63,7 @@ class AppArgs(BaseModel):
     max_model_len: int | None = Field(None, ge=2, description="Context limit; default: the model's, capped by the cache.")
     default_max_tokens: int | None = Field(None, ge=1, description="max_tokens when a request sets none.")
     max_n: int = Field(16, ge=1, description="Largest n a request may ask for.")
+    max_fanout: int = Field(64, ge=1, description="Sequences one request may start: prompts x n (a 400 beyond).")
     max_waiting_requests: int = Field(256, ge=1, description="Engine queue bound; beyond it 429 + Retry-After.")
     max_queue_steps: int | None = Field(
         None, ge=1, description="Admit a request that must queue only if a running slot frees within this many "

@@ -25,6 +25,7 @@ from replicas.engine_types import EngineFailure, GenerateOutput, GenerateRequest
 from replicas.metrics import MetricsRegistry
 from replicas.scheduler import Scheduled, Scheduler, SchedulerConfig, SchedulerOutput
 from replicas.sequence import Sequence, Status
+from replicas.step_guard import request_problem
 from replicas.step_types import SeqStep, StepRequest, StepResult, TokenLogprobs
 
 log = logging.getLogger("ray.serve.epserve.engine")
@@ -65,13 +66,16 @@ class Engine:
         max_queue_steps: a request that must wait for a running slot is admitted only if one frees within
             this many steps, by the running sequences' max_tokens (1: at the end of the step now running);
             beyond it `EngineOverloaded`, so admitted requests keep their TTFT. None: `max_waiting` only.
+        vocab_size: rows of the LM head; token ids and logprobs beyond it are refused at admission
+            (replicas/step_guard.py). None: unchecked.
     """
 
     def __init__(self, runner: AsyncRunner, *, pools: list[BlockPool], config: SchedulerConfig,
                  tokenizer: Tokenizer | None, max_waiting: int = 256, recover: Callable[[], None] | None = None,
                  metrics: MetricsRegistry | None = None, grammars: Callable[[], Any] | None = None,
-                 spec_tokens: int = 0, max_queue_steps: int | None = None) -> None:
+                 spec_tokens: int = 0, max_queue_steps: int | None = None, vocab_size: int | None = None) -> None:
         self.runner = runner
+        self.vocab_size = vocab_size
         self.scheduler = Scheduler(config, pools)
         self.tokenizer = tokenizer
         self.max_waiting = max_waiting
@@ -166,6 +170,9 @@ class Engine:
             raise EngineUnavailable(f"the expert-parallel group is unavailable ({self.failure}); retry")
         if req.request_id in self._streams:
             raise RequestRejected(f"request id {req.request_id} is already running")
+        problem = request_problem(req, vocab_size=self.vocab_size)
+        if problem is not None:  # refused alone, before any step: it cannot fail the group
+            raise RequestRejected(problem)
         if not self.scheduler.fits_ever(len(req.prompt_ids) + req.max_tokens):
             raise RequestRejected(
                 f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) do not fit in one trunk "

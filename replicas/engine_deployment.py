@@ -77,7 +77,7 @@ class EngineServer:
                                                     lookahead=2 * k),
                              tokenizer=self.tokenizer, max_waiting=a.max_waiting_requests,
                              recover=self.group.rebuild, metrics=self.metrics, grammars=self._grammar_cache,
-                             spec_tokens=k, max_queue_steps=a.max_queue_steps)
+                             spec_tokens=k, max_queue_steps=a.max_queue_steps, vocab_size=self.cfg.vocab_size)
         self._folder = folder
         self._grammars = None
         self._grammar_lock = threading.Lock()
