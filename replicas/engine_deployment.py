@@ -146,6 +146,10 @@ class EngineServer:
     async def pool_state(self) -> list[dict[str, int]]:
         return self.engine.pool_state()
 
+    async def group_epoch(self) -> int:
+        """The group's epoch, bumped by every rebuild (tests check that bad input never fails the group)."""
+        return self.group.epoch
+
     async def check_health(self) -> None:
         """Serve's health hook: unhealthy only when the group is down and could not be rebuilt."""
         self._ensure_started()
