@@ -284,6 +284,9 @@ class Engine:
         for trunk, res in zip(out.per_trunk, results):
             for i, sch in enumerate(trunk):
                 seq = sch.seq
+                if res.errors and res.errors[i] is not None:
+                    self._refuse(seq, res.errors[i])  # failed alone, before the step's collectives
+                    continue
                 accepted = res.accepted[i] if res.accepted else ()
                 # the same test as _seq_step's: a decode that carried drafts
                 verified = bool(seq.drafts) and sch.sample and sch.n > 1 and sch.start + 1 == seq.num_tokens
@@ -332,6 +335,18 @@ class Engine:
         if seq.matcher.is_terminated():
             return seq.close("stop", event)
         return event
+
+    def _refuse(self, seq: Sequence, why: str) -> None:
+        """A trunk rank refused this sequence before the step's first collective: it ends alone, with a
+        non-retriable 400 (its own input), and the group keeps serving."""
+        if seq.status is Status.FINISHED or seq.aborted:
+            return
+        log.warning("request %s: refused by its trunk rank: %s", seq.req.request_id, why)
+        self._deliver(seq, GenerateOutput(request_id=seq.req.request_id, index=seq.index,
+                                          error=EngineFailure(f"refused: {why}", retriable=False, code=400),
+                                          prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids)))
+        self.scheduler.release(seq)
+        self.metrics.inc("request_errors", kind="refused")
 
     def _deliver(self, seq: Sequence, event: GenerateOutput) -> None:
         entry = self._streams.get(seq.req.request_id)

@@ -79,10 +79,12 @@ class ModelContext:
                            type="not_found_error", param="model")
 
     def render_chat(self, req: ChatCompletionRequest) -> list[int]:
-        return self.chat_prompt(req).ids
+        """Token ids of rendered messages, of any length (/tokenize)."""
+        return self.chat_prompt(req, bounded=False).ids
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> ChatPrompt:
-        """Render the messages (and tools) with the chat template; decide reasoning and tool parsing."""
+    def chat_prompt(self, req: ChatCompletionRequest, *, bounded: bool = True) -> ChatPrompt:
+        """Render the messages (and tools) with the chat template; decide reasoning and tool parsing.
+        `bounded`: refuse (400) a rendered prompt longer than the context while tokenizing it."""
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         kwargs = dict(req.chat_template_kwargs or {})
         tools = None
@@ -109,7 +111,7 @@ class ModelContext:
         except Exception as exc:  # noqa: BLE001  # template errors from user-controlled kwargs are client errors
             raise bad_request(f"chat template error: {exc}", "messages") from exc
         parse_tools = tools if (tools and choice != "none") else None
-        ids = self.encode_prompt(text, "messages")
+        ids = self.encode_prompt(text, "messages") if bounded else self.encode_text(text)
         mm = None
         if has_media(messages):
             if self.media is None:

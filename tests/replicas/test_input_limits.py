@@ -204,6 +204,70 @@ def test_tokenizer_pieces_equal_the_whole_text(embedded_model_dir: Path) -> None
             assert [t for p in tok.encode_pieces(text, piece_chars) for t in p] == whole, (trial, piece_chars)
 
 
+def test_trunk_refusal_ends_one_request_and_the_engine_keeps_serving(embedded_model_dir: Path) -> None:
+    """In-process (the real TrunkRank with local experts), the engine's own admission check off: a sequence
+    the trunk rank refuses before its forward ends alone with a non-retriable 400; the request stepped beside
+    it gets the same greedy tokens as alone (the oracle), the engine never fails and the pools come back."""
+    import asyncio
+
+    import torch
+
+    from model_shards.model import LocalModel
+    from model_shards.sampling import SamplingParams
+    from replicas.block_pool import BlockPool
+    from replicas.engine import Engine
+    from replicas.engine_types import GenerateRequest
+    from replicas.offline import LocalRunner
+    from replicas.scheduler import SchedulerConfig
+
+    class Runner:  # the engine awaits its runner; LocalRunner is synchronous
+        def __init__(self, runner: LocalRunner) -> None:
+            self.runner = runner
+
+        async def step(self, requests):  # noqa: ANN001, ANN201
+            return self.runner.step(requests)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = LocalModel.load(embedded_model_dir, dtype="float32", with_mtp=False)
+    runner = Runner(LocalRunner(model, num_blocks=16, block_size=16, num_slots=4))
+
+    def request(rid: str, logprobs: int | None) -> GenerateRequest:
+        return GenerateRequest(request_id=rid, prompt_ids=(9707, 11, 1879), max_tokens=4, ignore_eos=True,
+                               params=SamplingParams(temperature=0.0, logprobs=logprobs))
+
+    async def collect(engine: Engine, req: GenerateRequest) -> tuple[list[int], list]:
+        tokens, errors = [], []
+        async for ev in engine.generate(req):
+            tokens += ev.token_ids
+            if ev.error is not None:
+                errors.append(ev.error)
+        return tokens, errors
+
+    async def main():  # noqa: ANN202
+        engine = Engine(runner, pools=[BlockPool(num_blocks=16, num_slots=4, block_size=16)],
+                        config=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256), tokenizer=None)
+        engine.start()
+        try:
+            alone = await collect(engine, request("alone", 2))
+            together = await asyncio.gather(collect(engine, request("good", 2)), collect(engine, request("bad", VOCAB + 1)))
+            return alone, together, engine.failure, engine.pool_state()
+        finally:
+            await engine.stop()
+
+    try:
+        alone, (good, bad), failure, pools = asyncio.run(main())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(alone[0]) == 4 and not alone[1]
+    assert good == alone
+    assert bad[0] == [] and len(bad[1]) == 1
+    err = bad[1][0]
+    assert not err.retriable and err.status == 400 and "logprobs" in err.message, err
+    assert failure is None
+    assert pools == [{"free_blocks": 16, "num_blocks": 16, "free_slots": 4, "num_slots": 4}]
+
+
 # ----------------------------------------------------------------------------------------------- gRPC
 
 
