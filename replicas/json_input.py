@@ -54,7 +54,7 @@ def check_json_value(obj: Any, *, param: str | None = None, what: str = "the req
     while stack:
         value, depth, path = stack.pop()
         if isinstance(value, str):
-            if surrogates and not _encodable(value):
+            if surrogates and not encodable(value):
                 raise bad_request(f"{_where(what, path)} holds a lone UTF-16 surrogate (not valid Unicode text)",
                                   _param(param, path))
             continue
@@ -62,7 +62,7 @@ def check_json_value(obj: Any, *, param: str | None = None, what: str = "the req
             children = [(k, v) for k, v in value.items()]
             if surrogates:
                 for k, _ in children:
-                    if not _encodable(k):
+                    if not encodable(k):
                         raise bad_request(f"{_where(what, path)} has a key with a lone UTF-16 surrogate",
                                           _param(param, path))
         elif isinstance(value, list):
@@ -76,7 +76,8 @@ def check_json_value(obj: Any, *, param: str | None = None, what: str = "the req
                 stack.append((v, depth + 1, f"{path}.{k}" if path else str(k)))
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
+    """Whether `text` is Unicode text (no lone surrogates): what a tokenizer and UTF-8 accept."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -21,6 +21,7 @@ from model_shards.sampling import SamplingParams
 from model_shards.tokenizer import Tokenizer
 from model_shards.image_processing import MediaError, MediaLimits
 from replicas.engine_types import GenerateRequest
+from replicas.json_input import encodable
 from replicas.media import MediaReader, MultimodalPrompt, has_media
 from replicas.tool_parser import tools_by_name
 from replicas.chat_stream import thinking_open
@@ -111,7 +112,7 @@ class ModelContext:
         except Exception as exc:  # noqa: BLE001  # template errors from user-controlled kwargs are client errors
             raise bad_request(f"chat template error: {exc}", "messages") from exc
         parse_tools = tools if (tools and choice != "none") else None
-        ids = self.encode_prompt(text, "messages") if bounded else self.encode_text(text)
+        ids = self.encode_prompt(text, "messages") if bounded else self.encode_text(text, "messages")
         mm = None
         if has_media(messages):
             if self.media is None:
@@ -145,10 +146,19 @@ class ModelContext:
                               f"the server allows at most {self.max_fanout} per request (max_fanout)",
                               "prompt" if prompts > 1 else "n")
 
+    @staticmethod
+    def check_text(text: str, param: str) -> None:
+        """Lone surrogates can still arrive here through the chat template (tool-call arguments are JSON it
+        parses): a 400, not the tokenizer's TypeError."""
+        if not encodable(text):
+            raise bad_request("the prompt holds a lone UTF-16 surrogate (e.g. a \\ud800 escape in tool-call "
+                              "arguments): not valid Unicode text", param)
+
     def encode_prompt(self, text: str, param: str) -> list[int]:
         """Token ids of a prompt text, refused (400) as soon as it is certain to exceed the context: by its
         length alone, or while tokenizing piece by piece (so a huge prompt costs about one context's work)."""
         limit = self.max_model_len
+        self.check_text(text, param)
         if len(text) > limit * self.max_token_chars:
             raise bad_request(f"This model's maximum context length is {limit} tokens. However, your prompt has "
                               f"{len(text)} characters, more than {limit} tokens can hold.", param)
@@ -160,8 +170,9 @@ class ModelContext:
                                   f"has more than {len(ids)} tokens.", param)
         return ids
 
-    def encode_text(self, text: str) -> list[int]:
+    def encode_text(self, text: str, param: str = "prompt") -> list[int]:
         """Token ids of any length (/tokenize), in pieces (short GIL holds when run off the event loop)."""
+        self.check_text(text, param)
         return [t for piece in self.tokenizer.encode_pieces(text) for t in piece]
 
     def check_ids(self, ids: list[int], param: str) -> None:

@@ -100,6 +100,12 @@ HTTP_CASES = [
         [{"type": "video_url", "video_url": {"frames": [_frame()], "fps": "nan"}}]), "messages"),
     ("video-fps-nan", "/v1/chat/completions", CHAT % (
         '[{"type": "video_url", "video_url": {"frames": ["%s"], "fps": NaN}}]' % _frame()), "messages"),
+    ("tool-call-arguments-surrogate-escape", "/v1/chat/completions", json.dumps({
+        "model": MODEL, "max_tokens": 1, "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+                "name": "f", "arguments": '{"a": "\\ud800"}'}}]},  # JSON text the template parses
+            {"role": "tool", "tool_call_id": "c", "content": "y"}]}), "messages"),
     ("logprobs-over-cap", "/v1/completions",
      '{"model": "%s", "prompt": "x", "logprobs": 300000}' % MODEL, "logprobs"),
     ("top-logprobs-over-cap", "/v1/chat/completions",
@@ -378,8 +384,8 @@ def test_grpc_garbage_bytes_are_invalid_argument(app, name: str, payload: bytes)
 
 
 def _chat(app, **fields) -> tuple[grpc.StatusCode, str]:  # noqa: ANN001, ANN003
-    req = pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="x")],
-                         sampling=pb.SamplingParams(max_tokens=1), **fields)
+    fields.setdefault("messages", [pb.ChatMessage(role="user", content="x")])
+    req = pb.ChatRequest(sampling=pb.SamplingParams(max_tokens=1), **fields)
     return _grpc_code(lambda: app.client.stub.Chat(req, metadata=app.client.metadata, timeout=60))
 
 
@@ -389,6 +395,10 @@ def _chat(app, **fields) -> tuple[grpc.StatusCode, str]:  # noqa: ANN001, ANN003
     ("json-schema-nested-100000", dict(response_format=pb.ResponseFormat(json_schema="[" * 100_000 + "]" * 100_000))),
     ("json-schema-lone-surrogate", dict(response_format=pb.ResponseFormat(
         json_schema='{"type": "string", "enum": ["\\ud800"]}'))),
+    ("tool-call-arguments-surrogate-escape", dict(messages=[
+        pb.ChatMessage(role="user", content="x"),
+        pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(id="c", name="f", arguments='{"a": "\\ud800"}')]),
+        pb.ChatMessage(role="tool", tool_call_id="c", content="y")])),
     ("tool-parameters-nested", dict(tools=[pb.Tool(name="f", parameters_json=_deep(5000))])),
     ("tool-parameters-lone-surrogate", dict(tools=[pb.Tool(
         name="f", parameters_json='{"type": "object", "properties": {"\\udc00": {"type": "string"}}}')])),
