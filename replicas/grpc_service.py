@@ -190,7 +190,8 @@ class GrpcApi:
             req = self._validate(ChatCompletionRequest, chat_fields(request, default_model=ctxm.name))
             ctxm.check_model(req.model)
             chat = await asyncio.to_thread(ctxm.chat_prompt, req)
-            greq = ctxm.build(req, chat.ids, request_id=rid, grammar=ctxm.chat_grammar(req, thinking=chat.thinking), mm=chat.mm)
+            greq = ctxm.build(req, chat.ids, request_id=rid, grammar=ctxm.chat_grammar(req, thinking=chat.thinking),
+                              mm=chat.mm)
             stream = await self.ing._start(greq)
         except ApiError as err:
             raise fail(ctx, err) from None
@@ -253,7 +254,8 @@ def tool_call_delta_pb(d: dict[str, Any]) -> pb.ToolCallDelta:
 
 def chat_fields(request: pb.ChatRequest, *, default_model: str) -> dict[str, Any]:
     """A proto ChatRequest as the fields of the HTTP API's ChatCompletionRequest (one validation path)."""
-    fields: dict[str, Any] = {"model": request.model or default_model, **sampling_fields(request.sampling, chat=True),
+    fields: dict[str, Any] = {"model": request.model or default_model,
+                              **sampling_fields(request.sampling, chat=True),
                               "messages": [chat_message_dict(m) for m in request.messages]}
     if request.tools:
         fields["tools"] = [{"type": "function", "function": {

@@ -204,7 +204,8 @@ class Ingress:
         # rendering may decode and resize images: off the event loop
         chat = await asyncio.to_thread(self.ctx.chat_prompt, req)
         prompt = chat.ids
-        greq = self.ctx.build(req, prompt, request_id=rid, grammar=self.ctx.chat_grammar(req, thinking=chat.thinking), mm=chat.mm)
+        greq = self.ctx.build(req, prompt, request_id=rid, grammar=self.ctx.chat_grammar(req, thinking=chat.thinking),
+                              mm=chat.mm)
         log.info("request %s: chat, %d prompt tokens, n=%d, stream=%s", rid, len(prompt), req.n, req.stream)
         stream = await self._start(greq)
         body_id = f"chatcmpl-{rid}"
