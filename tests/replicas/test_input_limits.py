@@ -256,7 +256,8 @@ def test_trunk_refusal_ends_one_request_and_the_engine_keeps_serving(embedded_mo
         engine.start()
         try:
             alone = await collect(engine, request("alone", 2))
-            together = await asyncio.gather(collect(engine, request("good", 2)), collect(engine, request("bad", VOCAB + 1)))
+            together = await asyncio.gather(collect(engine, request("good", 2)),
+                                            collect(engine, request("bad", VOCAB + 1)))
             return alone, together, engine.failure, engine.pool_state()
         finally:
             await engine.stop()
