@@ -2,7 +2,7 @@
 
 Plain frozen dataclasses (picklable across Serve handles, never dicts). Validation against
 the model (context length, vocabulary) happens in the ingress before a request is built;
-the engine trusts these fields.
+the engine re-checks at admission what could fail a group step (replicas/step_guard.py).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from replicas.ingress import Ingress
 
 SERVICE = "epserve.v1.Epserve"
-# The generated registrations, with request parsers that turn bad bytes into INVALID_ARGUMENT (replicas/grpc_decode.py).
+# The generated registrations, with parsers that turn bad bytes into INVALID_ARGUMENT (replicas/grpc_decode.py).
 SERVICER_FUNCTIONS = [
     "replicas.grpc_decode.add_epserve_to_server",
     "replicas.grpc_decode.add_health_to_server",
