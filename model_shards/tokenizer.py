@@ -11,7 +11,7 @@ Tests: tests/model_shards/test_tokenizer.py (oracles: transformers' AutoTokenize
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,44 @@ class Tokenizer:
         """
         return self._backend.encode(text, add_special_tokens=False).ids
 
+    def encode_pieces(self, text: str, piece_chars: int = 16384) -> Iterator[list[int]]:
+        """`encode(text)` in pieces of about `piece_chars` characters, concatenating to exactly the same ids.
+
+        Cuts only at a space between two letters: with a byte-level BPE whose pre-tokenizer puts a space in
+        front of the word after it (GPT-2 / Qwen style), every pre-token ends before such a space, and NFC
+        cannot compose across it. Each `tokenizers` call holds the GIL; pieces keep those holds short, so a
+        long prompt tokenized in a worker thread does not stall an event loop, and a caller can stop early.
+        Tokenizers of another style get one piece (the whole text).
+        """
+        if len(text) <= piece_chars or not self._splits_before_spaced_words():
+            yield self.encode(text)
+            return
+        start = 0
+        while start < len(text):
+            end = start + piece_chars
+            if end >= len(text):
+                end = len(text)
+            else:
+                end = _letter_space_letter(text, end)
+            yield self.encode(text[start:end])
+            start = end
+
+    def _splits_before_spaced_words(self) -> bool:
+        cached = getattr(self, "_spaced_split", None)
+        if cached is None:
+            pre = self._backend.pre_tokenizer
+            added = self._backend.get_added_tokens_decoder().values()
+            cached = (pre is not None and [p for p, _ in pre.pre_tokenize_str("ab cd")] == ["ab", "\u0120cd"]
+                      and not any(" " in t.content for t in added))
+            self._spaced_split = cached
+        return cached
+
+    def longest_token_chars(self) -> int:
+        """Upper bound on the characters one token covers (its bytes; added tokens' text), so a text of
+        c characters has at least c / this many tokens."""
+        vocab = self._backend.get_vocab(with_added_tokens=True)
+        return max(len(t) for t in vocab)  # byte-level strings: one character per byte
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; bytes that do not form UTF-8 come out as U+FFFD.
 
@@ -197,3 +235,13 @@ def _token_text(entry: Any) -> str | None:
     if isinstance(entry, Mapping):
         entry = entry.get("content")
     return entry if isinstance(entry, str) else None
+
+
+def _letter_space_letter(text: str, at: int) -> int:
+    """The first index >= `at` of a space between two letters, else len(text) (no safe cut: one piece)."""
+    i = text.find(" ", max(at, 1))
+    while 0 < i < len(text) - 1:
+        if text[i - 1].isalpha() and text[i + 1].isalpha():
+            return i
+        i = text.find(" ", i + 1)
+    return len(text)

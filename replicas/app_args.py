@@ -67,6 +67,7 @@ class AppArgs(BaseModel):
         "the engine writes </think> and the answer follows. Unset: generation_config.json's max_thinking_tokens "
         "(16 in the embedded tiny model), else unbounded.")
     max_n: int = Field(16, ge=1, description="Largest n a request may ask for.")
+    max_fanout: int = Field(64, ge=1, description="Sequences one request may start: prompts x n (a 400 beyond).")
     max_waiting_requests: int = Field(256, ge=1, description="Engine queue bound; beyond it 429 + Retry-After.")
     max_queue_steps: int | None = Field(
         None, ge=1, description="Admit a request that must queue only if a running slot frees within this many "

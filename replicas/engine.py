@@ -27,6 +27,7 @@ from replicas.engine_types import EngineFailure, GenerateOutput, GenerateRequest
 from replicas.metrics import MetricsRegistry
 from replicas.scheduler import Scheduled, Scheduler, SchedulerConfig, SchedulerOutput
 from replicas.sequence import Sequence, Status
+from replicas.step_guard import request_problem
 from replicas.step_types import SeqStep, StepRequest, StepResult, TokenLogprobs
 
 log = logging.getLogger("ray.serve.epserve.engine")
@@ -67,13 +68,16 @@ class Engine:
         max_queue_steps: a request that must wait for a running slot is admitted only if one frees within
             this many steps, by the running sequences' max_tokens (1: at the end of the step now running);
             beyond it `EngineOverloaded`, so admitted requests keep their TTFT. None: `max_waiting` only.
+        vocab_size: rows of the LM head; token ids and logprobs beyond it are refused at admission
+            (replicas/step_guard.py). None: unchecked.
     """
 
     def __init__(self, runner: AsyncRunner, *, pools: list[BlockPool], config: SchedulerConfig,
                  tokenizer: Tokenizer | None, max_waiting: int = 256, recover: Callable[[], None] | None = None,
                  metrics: MetricsRegistry | None = None, grammars: Callable[[], Any] | None = None,
-                 spec_tokens: int = 0, max_queue_steps: int | None = None) -> None:
+                 spec_tokens: int = 0, max_queue_steps: int | None = None, vocab_size: int | None = None) -> None:
         self.runner = runner
+        self.vocab_size = vocab_size
         self.scheduler = Scheduler(config, pools)
         self.tokenizer = tokenizer
         self.max_waiting = max_waiting
@@ -168,6 +172,9 @@ class Engine:
             raise EngineUnavailable(f"the expert-parallel group is unavailable ({self.failure}); retry")
         if req.request_id in self._streams:
             raise RequestRejected(f"request id {req.request_id} is already running")
+        problem = request_problem(req, vocab_size=self.vocab_size)
+        if problem is not None:  # refused alone, before any step: it cannot fail the group
+            raise RequestRejected(problem)
         if not self.scheduler.fits_ever(len(req.prompt_ids) + req.max_tokens):
             raise RequestRejected(
                 f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) do not fit in one trunk "
@@ -286,6 +293,9 @@ class Engine:
         for trunk, res in zip(out.per_trunk, results):
             for i, sch in enumerate(trunk):
                 seq = sch.seq
+                if res.errors and res.errors[i] is not None:
+                    self._refuse(seq, res.errors[i])  # failed alone, before the step's collectives
+                    continue
                 accepted = res.accepted[i] if res.accepted else ()
                 # the same test as _seq_step's: a decode that carried drafts
                 verified = bool(seq.drafts) and sch.sample and sch.n > 1 and sch.start + 1 == seq.num_tokens
@@ -342,6 +352,18 @@ class Engine:
         if seq.matcher.is_terminated():
             return seq.close("stop", event)
         return event
+
+    def _refuse(self, seq: Sequence, why: str) -> None:
+        """A trunk rank refused this sequence before the step's first collective: it ends alone, with a
+        non-retriable 400 (its own input), and the group keeps serving."""
+        if seq.status is Status.FINISHED or seq.aborted:
+            return
+        log.warning("request %s: refused by its trunk rank: %s", seq.req.request_id, why)
+        self._deliver(seq, GenerateOutput(request_id=seq.req.request_id, index=seq.index,
+                                          error=EngineFailure(f"refused: {why}", retriable=False, code=400),
+                                          prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids)))
+        self.scheduler.release(seq)
+        self.metrics.inc("request_errors", kind="refused")
 
     def _deliver(self, seq: Sequence, event: GenerateOutput) -> None:
         entry = self._streams.get(seq.req.request_id)

@@ -77,7 +77,7 @@ class EngineServer:
                                                     lookahead=2 * k),
                              tokenizer=self.tokenizer, max_waiting=a.max_waiting_requests,
                              recover=self.group.rebuild, metrics=self.metrics, grammars=self._grammar_cache,
-                             spec_tokens=k, max_queue_steps=a.max_queue_steps)
+                             spec_tokens=k, max_queue_steps=a.max_queue_steps, vocab_size=self.cfg.vocab_size)
         self._folder = folder
         self._grammars = None
         self._grammar_lock = threading.Lock()
@@ -145,6 +145,10 @@ class EngineServer:
 
     async def pool_state(self) -> list[dict[str, int]]:
         return self.engine.pool_state()
+
+    async def group_epoch(self) -> int:
+        """The group's epoch, bumped by every rebuild (tests check that bad input never fails the group)."""
+        return self.group.epoch
 
     async def check_health(self) -> None:
         """Serve's health hook: unhealthy only when the group is down and could not be rebuilt."""

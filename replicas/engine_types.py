@@ -2,7 +2,7 @@
 
 Plain frozen dataclasses (picklable across Serve handles, never dicts). Validation against
 the model (context length, vocabulary) happens in the ingress before a request is built;
-the engine trusts these fields.
+the engine re-checks at admission what could fail a group step (replicas/step_guard.py).
 """
 
 from __future__ import annotations
@@ -55,11 +55,18 @@ class GenerateRequest:
 
 @dataclass(frozen=True)
 class EngineFailure:
-    """An error ending a choice: retriable (the group failed or is restarting) or not."""
+    """An error ending a choice: retriable (the group failed or is restarting) or not (code 400: the request's
+    own input was refused before its step ran; the group kept serving)."""
 
     message: str
     retriable: bool = True
     code: int = 503
+
+    @property
+    def status(self) -> int:
+        """The HTTP status to answer: `code` (503 retriable, 4xx the request's own input), 500 for other
+        non-retriable failures. Only a retriable failure is ever retried."""
+        return self.code if self.retriable or 400 <= self.code < 500 else 500
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,8 @@ from pydantic import ValidationError
 
 from replicas.chat_stream import ChatChoiceStream
 from replicas.engine_types import GenerateOutput
+from replicas.grpc_decode import UndecodableRequest
+from replicas.json_input import parse_json
 from replicas.openai_protocol import ApiError, ChatCompletionRequest, CompletionRequest, validation_error
 from replicas.proto import epserve_pb2 as pb
 
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
     from replicas.ingress import Ingress
 
 SERVICE = "epserve.v1.Epserve"
+# The generated registrations, with parsers that turn bad bytes into INVALID_ARGUMENT (replicas/grpc_decode.py).
 SERVICER_FUNCTIONS = [
-    "replicas.proto.epserve_pb2_grpc.add_EpserveServicer_to_server",
+    "replicas.grpc_decode.add_epserve_to_server",
     "replicas.proxy_health.add_health_servicer",  # grpc.health.v1, answered by the proxy itself
 ]
 STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
@@ -56,8 +58,9 @@ def fail(ctx: Any, err: ApiError) -> GrpcError:  # noqa: ANN401  # RayServegRPCC
     return GrpcError(err.message)
 
 
-def sampling_fields(s: pb.SamplingParams) -> dict[str, Any]:
-    """Proto sampling params -> the OpenAI request fields (validated by the same pydantic models)."""
+def sampling_fields(s: pb.SamplingParams, *, chat: bool) -> dict[str, Any]:
+    """Proto sampling params -> the OpenAI request fields of a chat (`chat`) or completions request, validated by
+    the HTTP API's pydantic models: every cap (logprobs <= 20, n, stops, ranges) is the same for both APIs."""
     out: dict[str, Any] = {}
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty", "seed", "max_tokens", "skip_special_tokens"):
@@ -72,6 +75,11 @@ def sampling_fields(s: pb.SamplingParams) -> dict[str, Any]:
     if s.ignore_eos:
         out["ignore_eos"] = True
     out["n"] = s.n or 1
+    if s.HasField("logprobs"):
+        if chat:
+            out["logprobs"], out["top_logprobs"] = True, s.logprobs
+        else:
+            out["logprobs"] = s.logprobs
     return out
 
 
@@ -119,6 +127,12 @@ class GrpcApi:
         if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):  # constant time
             raise fail(ctx, ApiError(401, "missing or invalid API key in the 'authorization' metadata"))
 
+    @staticmethod
+    def check_decoded(request: Any, ctx: Any) -> None:  # noqa: ANN401
+        """Bytes the proxy could not parse (replicas/grpc_decode.py) are the client's error: INVALID_ARGUMENT."""
+        if isinstance(request, UndecodableRequest):
+            raise fail(ctx, ApiError(400, request.describe()))
+
     def _validate(self, model: type, fields: dict[str, Any]) -> Any:  # noqa: ANN401
         try:
             return model.model_validate(fields)
@@ -127,14 +141,15 @@ class GrpcApi:
 
     async def generate(self, request: pb.GenerateRequest, ctx: Any) -> AsyncIterator[pb.GenerateResponse]:  # noqa: ANN401
         self.check_auth(ctx)
+        self.check_decoded(request, ctx)
         rid = ctx.request_id() or uuid.uuid4().hex  # unique when the client sends none
         try:
             ctxm = self.ing.ctx
-            fields = {"model": request.model or ctxm.name, **sampling_fields(request.sampling)}
             kind = request.WhichOneof("prompt")
             if kind is None:
                 raise ApiError(400, "give a prompt: token_ids, text or messages", param="prompt")
-            logprobs = request.sampling.logprobs if request.sampling.HasField("logprobs") else None
+            fields = {"model": request.model or ctxm.name,
+                      **sampling_fields(request.sampling, chat=kind == "messages")}
             if kind == "messages":
                 req = self._validate(ChatCompletionRequest, {
                     **fields, "messages": [chat_message_dict(m) for m in request.messages.messages]})
@@ -147,16 +162,16 @@ class GrpcApi:
                 req = self._validate(CompletionRequest, {
                     **fields, "prompt": list(request.token_ids.ids) if kind == "token_ids" else request.text})
                 ctxm.check_model(req.model)
-                prompt, mm = ctxm.completion_prompts(req)[0], None
+                prompt, mm = (await asyncio.to_thread(ctxm.completion_prompts, req))[0], None
             ctxm.check_ids(prompt, "prompt")
-            greq = ctxm.build(req, prompt, request_id=rid, logprobs=logprobs, mm=mm)
+            greq = ctxm.build(req, prompt, request_id=rid, mm=mm)
             stream = await self.ing._start(greq)
         except ApiError as err:
             raise fail(ctx, err) from None
         completion: dict[int, int] = {}
         async for ev in self.ing._events(*stream):
             if ev.error is not None:
-                raise fail(ctx, ApiError(503 if ev.error.retriable else 500, ev.error.message))
+                raise fail(ctx, ApiError(ev.error.status, ev.error.message))
             completion[ev.index] = ev.completion_tokens
             yield pb.GenerateResponse(index=ev.index, token_ids=list(ev.token_ids), text=ev.text,
                                       logprobs=logprobs_pb(ev), finish_reason=ev.finish_reason or "",
@@ -168,15 +183,15 @@ class GrpcApi:
     async def chat(self, request: pb.ChatRequest, ctx: Any) -> AsyncIterator[pb.ChatResponse]:  # noqa: ANN401
         """Chat with the HTTP API's features: reasoning split, tool calls, structured output."""
         self.check_auth(ctx)
+        self.check_decoded(request, ctx)
         rid = ctx.request_id() or uuid.uuid4().hex  # unique when the client sends none
         try:
             ctxm = self.ing.ctx
             req = self._validate(ChatCompletionRequest, chat_fields(request, default_model=ctxm.name))
             ctxm.check_model(req.model)
             chat = await asyncio.to_thread(ctxm.chat_prompt, req)
-            logprobs = request.sampling.logprobs if request.sampling.HasField("logprobs") else None
-            greq = ctxm.build(req, chat.ids, request_id=rid, logprobs=logprobs,
-                              grammar=ctxm.chat_grammar(req, thinking=chat.thinking), mm=chat.mm,
+            greq = ctxm.build(req, chat.ids, request_id=rid, grammar=ctxm.chat_grammar(req, thinking=chat.thinking),
+                              mm=chat.mm,
                               thinking=chat.thinking)
             stream = await self.ing._start(greq)
         except ApiError as err:
@@ -185,7 +200,7 @@ class GrpcApi:
         completion: dict[int, int] = {}
         async for ev in self.ing._events(*stream):
             if ev.error is not None:
-                raise fail(ctx, ApiError(503 if ev.error.retriable else 500, ev.error.message))
+                raise fail(ctx, ApiError(ev.error.status, ev.error.message))
             parser = parsers.setdefault(ev.index, ChatChoiceStream(thinking=chat.thinking, tools=chat.tools))
             delta = parser.feed(ev.text)
             if ev.finish_reason is not None:
@@ -201,6 +216,7 @@ class GrpcApi:
 
     async def model_info(self, request: pb.ModelInfoRequest, ctx: Any) -> pb.ModelInfoResponse:  # noqa: ANN401
         self.check_auth(ctx)
+        self.check_decoded(request, ctx)
         c = self.ing.ctx
         a = self.ing.args
         return pb.ModelInfoResponse(
@@ -209,6 +225,7 @@ class GrpcApi:
             model_type=c.cfg.model_type, num_experts=c.cfg.num_experts, num_experts_per_tok=c.cfg.num_experts_per_tok)
 
     async def health_check(self, request: health_pb2.HealthCheckRequest, ctx: Any) -> health_pb2.HealthCheckResponse:  # noqa: ANN401
+        self.check_decoded(request, ctx)
         if request.service not in ("", SERVICE):
             raise fail(ctx, ApiError(404, f"unknown service {request.service!r}"))
         ready = await self.ing.ready()
@@ -217,6 +234,7 @@ class GrpcApi:
 
     async def health_watch(self, request: health_pb2.HealthCheckRequest, ctx: Any  # noqa: ANN401
                            ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        self.check_decoded(request, ctx)
         if request.service not in ("", SERVICE):
             yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             return
@@ -237,11 +255,9 @@ def tool_call_delta_pb(d: dict[str, Any]) -> pb.ToolCallDelta:
 
 def chat_fields(request: pb.ChatRequest, *, default_model: str) -> dict[str, Any]:
     """A proto ChatRequest as the fields of the HTTP API's ChatCompletionRequest (one validation path)."""
-    fields: dict[str, Any] = {"model": request.model or default_model, **sampling_fields(request.sampling),
+    fields: dict[str, Any] = {"model": request.model or default_model,
+                              **sampling_fields(request.sampling, chat=True),
                               "messages": [chat_message_dict(m) for m in request.messages]}
-    if request.sampling.HasField("logprobs"):
-        fields["logprobs"] = True
-        fields["top_logprobs"] = request.sampling.logprobs
     if request.tools:
         fields["tools"] = [{"type": "function", "function": {
             "name": t.name, "description": t.description,
@@ -268,7 +284,4 @@ def chat_fields(request: pb.ChatRequest, *, default_model: str) -> dict[str, Any
 
 
 def _json_or_400(text: str, param: str) -> Any:  # noqa: ANN401
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, f"{param} is not valid JSON: {exc}", param=param) from None
+    return parse_json(text, param=param, what=param)  # the HTTP bodies' limits: depth, lone surrogates

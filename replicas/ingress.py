@@ -22,11 +22,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_shards.image_processing import MediaLimits
 from replicas.app_args import AppArgs
 from replicas.body_limits import read_body
 from replicas.engine_types import EngineFailure, GenerateOutput, GenerateRequest
+from replicas.json_input import parse_json
 from replicas.metrics import MetricsRegistry, render
 from replicas.openai_protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, bad_request,
@@ -50,10 +52,7 @@ RETRY_DELAY_S = 1.5
 async def _parse(request: Request, model: type) -> Any:  # noqa: ANN401  # returns an instance of `model`
     # cap and read deadline: AppArgs, put on the request by the auth middleware
     raw = await read_body(request, *getattr(request.state, "body_limits", (MAX_BODY_BYTES, 10.0)))
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    obj = parse_json(raw)  # depth and lone-surrogate limits: a 400, not a RecursionError / UnicodeEncodeError later
     if not isinstance(obj, dict):
         raise bad_request("the request body must be a JSON object")
     try:
@@ -107,7 +106,7 @@ class Ingress:
         a = self.args
         self.ctx = ModelContext.load(
             folder, name=name, max_model_len=a.max_model_len, cache_tokens=a.num_kv_blocks * a.block_size,
-            default_max_tokens=a.default_max_tokens, max_n=a.max_n,
+            default_max_tokens=a.default_max_tokens, max_n=a.max_n, max_fanout=a.max_fanout,
             media_limits=MediaLimits(max_images=a.max_images_per_request, max_videos=a.max_videos_per_request,
                                      max_bytes=a.max_image_bytes, max_pixels=a.max_image_pixels,
                                      max_frames=a.max_video_frames, max_video_bytes=a.max_video_bytes,
@@ -147,6 +146,9 @@ class Ingress:
                     await asyncio.sleep(RETRY_DELAY_S)
                     continue
                 raise err from None
+            if first.error is not None and not first.error.retriable and first.error.status < 500:
+                gen.cancel()  # refused on its own input before any token: a 4xx, never retried
+                raise ApiError(first.error.status, first.error.message)
             if first.error is not None and first.error.retriable and not first.token_ids and attempt == 1:
                 gen.cancel()
                 log.warning("request %s: failed before its first token (%s); retrying once", greq.request_id,
@@ -185,8 +187,8 @@ class Ingress:
             states: dict[int, ChoiceState] = {}
             async for ev in self._events(*stream):
                 if ev.error is not None:
-                    raise ApiError(ev.error.code if ev.error.retriable else 500, ev.error.message,
-                                   type="service_unavailable_error", retry_after=2 if ev.error.retriable else None)
+                    raise ApiError(ev.error.status, ev.error.message, type=_error_type(ev.error),
+                                   retry_after=2 if ev.error.retriable else None)
                 st = states.setdefault(ev.index, ChoiceState(index=offset + ev.index))
                 st.text += ev.text
                 st.token_ids += list(ev.token_ids)
@@ -206,9 +208,8 @@ class Ingress:
         # rendering may decode and resize images: off the event loop
         chat = await asyncio.to_thread(self.ctx.chat_prompt, req)
         prompt = chat.ids
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        greq = self.ctx.build(req, prompt, request_id=rid, logprobs=logprobs,
-                              grammar=self.ctx.chat_grammar(req, thinking=chat.thinking), mm=chat.mm,
+        greq = self.ctx.build(req, prompt, request_id=rid, grammar=self.ctx.chat_grammar(req, thinking=chat.thinking),
+                              mm=chat.mm,
                               thinking=chat.thinking)
         log.info("request %s: chat, %d prompt tokens, n=%d, stream=%s", rid, len(prompt), req.n, req.stream)
         stream = await self._start(greq)
@@ -255,12 +256,12 @@ class Ingress:
         rid = request.state.request_id
         req: CompletionRequest = await _parse(request, CompletionRequest)
         self.ctx.check_model(req.model)
-        prompts = self.ctx.completion_prompts(req)
+        prompts = await asyncio.to_thread(self.ctx.completion_prompts, req)  # long texts: off the event loop
         for ids in prompts:
             self.ctx.check_ids(ids, "prompt")
         grammar = self.ctx.completion_grammar(req)
-        greqs = [self.ctx.build(req, ids, request_id=rid if len(prompts) == 1 else f"{rid}-{i}", logprobs=req.logprobs,
-                                grammar=grammar) for i, ids in enumerate(prompts)]
+        greqs = [self.ctx.build(req, ids, request_id=rid if len(prompts) == 1 else f"{rid}-{i}", grammar=grammar)
+                 for i, ids in enumerate(prompts)]
         log.info("request %s: completion, %d prompt(s), n=%d, stream=%s", rid, len(prompts), req.n, req.stream)
         streams = []
         try:
@@ -319,12 +320,12 @@ class Ingress:
         req: TokenizeRequest = await _parse(request, TokenizeRequest)
         self.ctx.check_model(req.model)
         if req.prompt is not None:
-            ids = self.ctx.tokenizer.encode(req.prompt)
+            ids = await asyncio.to_thread(self.ctx.encode_text, req.prompt)
         else:
             chat = ChatCompletionRequest(model=self.ctx.name, messages=req.messages or [],
                                          add_generation_prompt=req.add_generation_prompt,
                                          chat_template_kwargs=req.chat_template_kwargs)
-            ids = self.ctx.render_chat(chat)
+            ids = await asyncio.to_thread(self.ctx.render_chat, chat)
         return {"count": len(ids), "max_model_len": self.ctx.max_model_len, "tokens": ids}
 
     async def detokenize(self, request: Request) -> dict[str, Any]:
@@ -387,9 +388,13 @@ def default_model_name(model: str | None) -> str:
 
 def _stream_error(ev: GenerateOutput) -> dict[str, Any]:
     assert ev.error is not None
-    status = ev.error.code if ev.error.retriable else 500
-    return ApiError(status, ev.error.message, type="service_unavailable_error" if ev.error.retriable
-                    else "internal_error").body()
+    return ApiError(ev.error.status, ev.error.message, type=_error_type(ev.error)).body()
+
+
+def _error_type(err: EngineFailure) -> str:
+    if err.retriable:
+        return "service_unavailable_error"
+    return "invalid_request_error" if err.status < 500 else "internal_error"
 
 
 async def _merge(gens: list[AsyncIterator[GenerateOutput]], offsets: list[int]
@@ -520,6 +525,17 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after is not None else {}
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own answers (unknown path 404, wrong method 405) in the OpenAI error body."""
+        path = request.scope.get("path", "")
+        message, code, kind = {
+            404: (f"no route {path}", "not_found", "not_found_error"),
+            405: (f"method {request.method} is not allowed on {path}", "method_not_allowed", "invalid_request_error"),
+        }.get(exc.status_code, (str(exc.detail), None, "invalid_request_error"))
+        err = ApiError(exc.status_code, message, type=kind, code=code)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=dict(exc.headers or {}))
 
     @api.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

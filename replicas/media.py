@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,7 @@ class MediaReader:
     def video(self, spec: dict[str, Any]) -> VisionInput:
         """A video given as a file (mp4 / webm: a data: URL or an allowed local file; `fps` = sampling rate),
         a folder of frames (allow-listed) or a list of frame URLs (`fps` = the rate of the given frames)."""
-        fps = float(spec.get("fps", DEFAULT_VIDEO_FPS))
+        fps = _fps(spec.get("fps", DEFAULT_VIDEO_FPS))
         frames_urls = spec.get("frames")
         if frames_urls is None:
             url = str(spec.get("url", ""))
@@ -172,3 +173,13 @@ def _kind(part: Any) -> str | None:  # noqa: ANN401
 
 def has_media(messages: list[dict[str, Any]]) -> bool:
     return any(_kind(p) for m in messages if isinstance(m.get("content"), list) for p in m["content"])
+
+
+def _fps(value: Any) -> float:  # noqa: ANN401  # client JSON
+    """A video's frame rate: a finite positive number (a string like "abc" or "nan" is a MediaError -> 400)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MediaError(f"video: fps must be a number, got {value!r:.40}")
+    fps = float(value)
+    if not math.isfinite(fps) or fps <= 0:
+        raise MediaError(f"video: fps must be a finite number > 0, got {value!r:.40}")
+    return fps

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 16
+MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs / logprobs alternatives (HTTP and gRPC alike)
 MAX_STOP_LEN = 256
 # Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): logits / 1e-40 overflow to inf in fp32.
 SAMPLING_EPS = 1e-5
@@ -111,6 +112,10 @@ class _Sampling(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    @property
+    def engine_logprobs(self) -> int | None:
+        return None
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -140,7 +145,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -156,6 +161,11 @@ class ChatCompletionRequest(_Sampling):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def engine_logprobs(self) -> int | None:
+        """Alternatives per token for the engine (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     @model_validator(mode="after")
     def _logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
@@ -168,11 +178,21 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
     structured_outputs: dict[str, Any] | None = None
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def num_prompts(self) -> int:
+        """Prompts in `prompt` (a list of strings or of token lists is a batch)."""
+        p = self.prompt
+        return len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:

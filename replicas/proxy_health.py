@@ -23,6 +23,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from replicas.grpc_decode import UndecodableRequest
+
 log = logging.getLogger("ray.serve.epserve.health")
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -39,12 +41,15 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def add_health_servicer(servicer: Any, server: Any) -> None:  # noqa: ANN401  # Serve's mock servicer, its gRPC server
     """A `grpc_servicer_functions` entry: the health service served by the proxy itself."""
+    from replicas.grpc_decode import LenientServer, add_health_to_server  # noqa: I001
+
     if not hasattr(server, "add_passthrough_service"):  # a Serve without passthrough services: route as before
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        add_health_to_server(servicer, server)
         return
     server.add_passthrough_service(HEALTH_SERVICE)
     limit = int(os.environ.get(MAX_WATCHERS_ENV, DEFAULT_MAX_WATCHERS))
-    health_pb2_grpc.add_HealthServicer_to_server(ProxyHealth(max_watchers=limit), server)
+    # Lenient parsing: garbage bytes reach Check/Watch as UndecodableRequest and get INVALID_ARGUMENT.
+    health_pb2_grpc.add_HealthServicer_to_server(ProxyHealth(max_watchers=limit), LenientServer(server))
 
 
 class _AppReadiness:
@@ -66,12 +71,18 @@ class ProxyHealth(health_pb2_grpc.HealthServicer):
         self._apps: dict[str, _AppReadiness] = {}
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:  # noqa: N802, ANN401
+        if isinstance(request, UndecodableRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
         if request.service not in SERVICES:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=await self._status(context))
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any  # noqa: N802, ANN401
                     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        if isinstance(request, UndecodableRequest):
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            context.set_details(request.describe())
+            return
         if request.service not in SERVICES:
             yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             return

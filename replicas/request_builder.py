@@ -22,6 +22,7 @@ from model_shards.tokenizer import Tokenizer
 from model_shards.image_processing import MediaError, MediaLimits
 from model_shards.preprocessor_config import load_preprocess_config
 from replicas.engine_types import GenerateRequest
+from replicas.json_input import encodable
 from replicas.media import MediaReader, MultimodalPrompt, has_media
 from replicas.tool_parser import tools_by_name
 from replicas.chat_stream import thinking_open
@@ -53,11 +54,14 @@ class ModelContext:
     max_n: int
     media: MediaReader | None = None
     max_thinking_tokens: int | None = None  # the server's thinking budget (None: unbounded)
+    max_fanout: int = 64  # sequences one request may start: prompts x n
+    max_token_chars: int = 128  # the tokenizer's longest token: a prompt has >= chars / this many tokens
 
     @staticmethod
     def load(folder: str, *, name: str, max_model_len: int | None, cache_tokens: int,
              default_max_tokens: int | None, max_n: int, media_limits: MediaLimits | None = None,
-             local_media: str | None = None, max_thinking_tokens: int | None = None) -> ModelContext:
+             local_media: str | None = None, max_thinking_tokens: int | None = None,
+             max_fanout: int = 64) -> ModelContext:
         """Read config, tokenizer and generation defaults; the context is capped by what one trunk
         rank's KV cache holds (`cache_tokens`). The thinking budget is `max_thinking_tokens`, else
         generation_config.json's."""
@@ -72,10 +76,12 @@ class ModelContext:
                  if cfg.vision is not None else None)
         defaults = GenerationDefaults.load(Path(folder), cfg)
         budget = max_thinking_tokens if max_thinking_tokens is not None else defaults.max_thinking_tokens
-        return ModelContext(name=name, folder=folder, cfg=cfg, tokenizer=Tokenizer.from_dir(folder),
+        tokenizer = Tokenizer.from_dir(folder)
+        return ModelContext(name=name, folder=folder, cfg=cfg, tokenizer=tokenizer,
                             defaults=defaults, max_model_len=limit,
                             default_max_tokens=default_max_tokens, max_n=max_n, media=media,
-                            max_thinking_tokens=budget)
+                            max_thinking_tokens=budget, max_fanout=max_fanout,
+                            max_token_chars=tokenizer.longest_token_chars())
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:
@@ -83,10 +89,12 @@ class ModelContext:
                            type="not_found_error", param="model")
 
     def render_chat(self, req: ChatCompletionRequest) -> list[int]:
-        return self.chat_prompt(req).ids
+        """Token ids of rendered messages, of any length (/tokenize)."""
+        return self.chat_prompt(req, bounded=False).ids
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> ChatPrompt:
-        """Render the messages (and tools) with the chat template; decide reasoning and tool parsing."""
+    def chat_prompt(self, req: ChatCompletionRequest, *, bounded: bool = True) -> ChatPrompt:
+        """Render the messages (and tools) with the chat template; decide reasoning and tool parsing.
+        `bounded`: refuse (400) a rendered prompt longer than the context while tokenizing it."""
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         kwargs = dict(req.chat_template_kwargs or {})
         tools = None
@@ -113,7 +121,7 @@ class ModelContext:
         except Exception as exc:  # noqa: BLE001  # template errors from user-controlled kwargs are client errors
             raise bad_request(f"chat template error: {exc}", "messages") from exc
         parse_tools = tools if (tools and choice != "none") else None
-        ids = self.tokenizer.encode(text)
+        ids = self.encode_prompt(text, "messages") if bounded else self.encode_text(text, "messages")
         mm = None
         if has_media(messages):
             if self.media is None:
@@ -126,14 +134,55 @@ class ModelContext:
         return ChatPrompt(ids=ids, thinking=thinking_open(text), tools=parse_tools, mm=mm)
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        """Token ids of each prompt; the fan-out and length limits hold before anything is tokenized.
+        Long texts cost CPU seconds: call this off the event loop (the pieces keep GIL holds short)."""
+        self.check_fanout(req.num_prompts, req.n)
         p = req.prompt
         if isinstance(p, str):
-            return [self.tokenizer.encode(p)]
+            return [self.encode_prompt(p, "prompt")]
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]  # checked: list[int]
         if all(isinstance(x, str) for x in p):
-            return [self.tokenizer.encode(x) for x in p]  # type: ignore[arg-type]
+            return [self.encode_prompt(x, "prompt") for x in p]  # type: ignore[arg-type]
         return [list(x) for x in p]  # type: ignore[union-attr]  # list[list[int]]
+
+    def check_fanout(self, prompts: int, n: int) -> None:
+        """One request may start at most `max_fanout` sequences (prompts x n): a 400 naming the limit."""
+        if n > self.max_n:
+            raise bad_request(f"n must be at most {self.max_n}, got {n}", "n")
+        if prompts * n > self.max_fanout:
+            raise bad_request(f"this request asks for {prompts} prompt(s) x n={n} = {prompts * n} sequences; "
+                              f"the server allows at most {self.max_fanout} per request (max_fanout)",
+                              "prompt" if prompts > 1 else "n")
+
+    @staticmethod
+    def check_text(text: str, param: str) -> None:
+        """Lone surrogates can still arrive here through the chat template (tool-call arguments are JSON it
+        parses): a 400, not the tokenizer's TypeError."""
+        if not encodable(text):
+            raise bad_request("the prompt holds a lone UTF-16 surrogate (e.g. a \\ud800 escape in tool-call "
+                              "arguments): not valid Unicode text", param)
+
+    def encode_prompt(self, text: str, param: str) -> list[int]:
+        """Token ids of a prompt text, refused (400) as soon as it is certain to exceed the context: by its
+        length alone, or while tokenizing piece by piece (so a huge prompt costs about one context's work)."""
+        limit = self.max_model_len
+        self.check_text(text, param)
+        if len(text) > limit * self.max_token_chars:
+            raise bad_request(f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                              f"{len(text)} characters, more than {limit} tokens can hold.", param)
+        ids: list[int] = []
+        for piece in self.tokenizer.encode_pieces(text):
+            ids += piece
+            if len(ids) > limit:
+                raise bad_request(f"This model's maximum context length is {limit} tokens. However, your prompt "
+                                  f"has more than {len(ids)} tokens.", param)
+        return ids
+
+    def encode_text(self, text: str, param: str = "prompt") -> list[int]:
+        """Token ids of any length (/tokenize), in pieces (short GIL holds when run off the event loop)."""
+        self.check_text(text, param)
+        return [t for piece in self.tokenizer.encode_pieces(text) for t in piece]
 
     def check_ids(self, ids: list[int], param: str) -> None:
         if not ids:
@@ -169,14 +218,14 @@ class ModelContext:
         except ValueError as exc:
             raise bad_request(str(exc), "structured_outputs") from None
 
-    def build(self, req: _Sampling, prompt_ids: list[int], *, request_id: str, logprobs: int | None,
+    def build(self, req: _Sampling, prompt_ids: list[int], *, request_id: str,
               grammar: Any = None, mm: MultimodalPrompt | None = None,  # noqa: ANN401
               thinking: bool = False) -> GenerateRequest:
         """One engine request; raises 400 when the prompt and max_tokens do not fit the context.
+        Logprobs come from the validated request (`engine_logprobs`): one cap for HTTP and gRPC.
         `thinking`: the (chat) prompt opened `<think>`, so the thinking budget applies."""
         n_prompt = len(prompt_ids)
-        if req.n > self.max_n:
-            raise bad_request(f"n must be at most {self.max_n}, got {req.n}", "n")
+        self.check_fanout(1, req.n)
         if n_prompt >= self.max_model_len:
             raise bad_request(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
@@ -202,7 +251,7 @@ class ModelContext:
             repetition_penalty=d.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
             # Unseeded requests get a random seed: sampling stays stateless per token (model_shards.sampling).
             seed=(req.seed % 2**63) if req.seed is not None else random.getrandbits(63),
-            logprobs=logprobs,
+            logprobs=req.engine_logprobs,
         )
         if req.stop_token_ids:
             bad = [t for t in req.stop_token_ids if t >= self.cfg.vocab_size]

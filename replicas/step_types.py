@@ -84,3 +84,4 @@ class StepResult:
     accepted: tuple[tuple[int, ...], ...] = ()
     accepted_logprobs: tuple[tuple[TokenLogprobs | None, ...], ...] = ()
     drafts: tuple[tuple[int, ...], ...] = ()
+    errors: tuple[str | None, ...] = ()  # per sequence: refused before the step's first collective (why), or None

@@ -22,7 +22,7 @@ from replicas.a2a_protocol import StepPlan
 from replicas.dispatch import Dispatcher
 from replicas.mtp_drafter import MtpDrafter
 from replicas.speculative import verify
-from replicas.step_types import StepRequest, StepResult, TokenLogprobs
+from replicas.step_types import SeqStep, StepRequest, StepResult, TokenLogprobs
 
 
 class TrunkRank:
@@ -46,16 +46,36 @@ class TrunkRank:
     def step(self, req: StepRequest, plan: StepPlan | None = None) -> StepResult:
         """Forward, sample (verifying drafts where given), draft with the MTP head when the group speculates.
         With a plan (expert ranks elsewhere), the routed seam is framed by it and a rank with no sequences
-        still runs every exchange of the plan."""
+        still runs every exchange of the plan.
+
+        The rule for errors inside a step: what fails before the forward (the step's first collective) fails
+        only its sequences, reported in `StepResult.errors`, and the rank still takes part in every exchange,
+        so the group keeps serving; an error after that is a group failure (the caller sees the rank raise).
+        """
         t0 = time.perf_counter()
         if plan is not None:
             self.routed.begin(plan)
+        refused = {i: why for i, s in enumerate(req.seqs) if (why := self._refusal(s)) is not None}
+        if refused:
+            keep = [i for i in range(len(req.seqs)) if i not in refused]
+            res = self._run(replace(req, seqs=tuple(req.seqs[i] for i in keep)), t0)
+            return _spread(res, keep, refused, len(req.seqs))
+        return self._run(req, t0)
+
+    def _run(self, req: StepRequest, t0: float) -> StepResult:
         if not req.seqs:
             self.routed.run_idle()
             self.routed.finish()
             return StepResult(timings={"forward_s": time.perf_counter() - t0})
-        batch = StepBatch.build([s.chunk for s in req.seqs], block_size=self.pools.block_size)
-        override = self._vision_rows(req, batch)
+        try:  # before the first collective: a failure here is these sequences', not the group's
+            batch = StepBatch.build([s.chunk for s in req.seqs], block_size=self.pools.block_size)
+            override = self._vision_rows(req, batch)
+        except Exception as exc:  # noqa: BLE001  # reported per sequence; the rank still runs the plan idle
+            self.routed.run_idle()
+            self.routed.finish()
+            why = f"the step could not start for this request ({type(exc).__name__}: {str(exc)[:200]})"
+            return StepResult(token_ids=(None,) * len(req.seqs), logprobs=(None,) * len(req.seqs),
+                              errors=(why,) * len(req.seqs), timings={"forward_s": time.perf_counter() - t0})
         if override is not None:
             batch = replace(batch, embeds_override=override)
         out = self.trunk.forward(batch, pools=self.pools, routed=self.routed)
@@ -70,6 +90,24 @@ class TrunkRank:
         self.routed.run_idle()  # MTP exchanges this rank had no rows for, in plan order
         self.routed.finish()
         return res.result(timings={"forward_s": t1 - t0, "sample_s": t2 - t1, "draft_s": time.perf_counter() - t2})
+
+    def _refusal(self, s: SeqStep) -> str | None:
+        """Why this sequence could make the step raise after its first collective (ids past the vocabulary,
+        more logprobs than tokens, cache addresses past the pools), or None."""
+        vocab = self.trunk.cfg.vocab_size
+        if s.params.logprobs is not None and not 0 <= s.params.logprobs <= vocab:
+            return f"logprobs {s.params.logprobs} is outside [0, {vocab}]"
+        for name, ids in (("token ids", s.chunk.token_ids), ("drafts", s.drafts), ("suppressed ids", s.suppress_ids),
+                          ("prompt ids", s.prompt_ids), ("output ids", s.output_ids)):
+            if any(not 0 <= t < vocab for t in ids):
+                return f"{name} outside the vocabulary [0, {vocab})"
+        if not 0 <= s.chunk.state_slot < self.pools.num_slots or any(
+                not 0 <= b < self.pools.num_blocks for b in s.chunk.block_table):
+            return "cache addresses outside this rank's pools"
+        mask = s.allowed_mask
+        if mask is not None and (mask.dtype != torch.int32 or mask.dim() != 1):
+            return "the structured-output mask is not an int32 vector"
+        return None
 
     def _sample(self, req: StepRequest, logits_RV: torch.Tensor, rows: dict[int, tuple[int, int]], res: _Results
                 ) -> None:
@@ -170,6 +208,20 @@ def _token_logprobs(logits_JV: torch.Tensor, tokens: list[int], n: int) -> list[
             top = tuple(zip(ids.tolist(), v.tolist()))
         out.append(TokenLogprobs(float(logp[j, t]), top))
     return out
+
+
+def _spread(res: StepResult, keep: list[int], refused: dict[int, str], n: int) -> StepResult:
+    """The result of the kept sequences laid out over all `n`, with the refused ones' reasons in `errors`."""
+    def out(values: tuple, empty: object) -> tuple:
+        full = [empty] * n
+        for j, i in enumerate(keep):
+            full[i] = values[j] if j < len(values) else empty
+        return tuple(full)
+
+    errors = out(res.errors, None) if res.errors else (None,) * n
+    return replace(res, token_ids=out(res.token_ids, None), logprobs=out(res.logprobs, None),
+                   accepted=out(res.accepted, ()), accepted_logprobs=out(res.accepted_logprobs, ()),
+                   drafts=out(res.drafts, ()), errors=tuple(refused.get(i, e) for i, e in enumerate(errors)))
 
 
 class _Results:

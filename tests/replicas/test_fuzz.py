@@ -6,8 +6,11 @@ negative modes, Hypothesis `derandomize` so every run sends the same cases), che
 `negative_data_rejection` (what the document forbids must be refused). gRPC: Hypothesis strategies
 over the proto fields (random strings, out-of-range numbers, token ids, nested chat messages, tools
 with random JSON schemas, response formats); allowed status codes are the documented ones, never
-INTERNAL / UNKNOWN. A canary completion must succeed every
-CANARY_EVERY cases and after each fuzz run (a wedged engine with a green /health is a failure too).
+INTERNAL / UNKNOWN, and UNAVAILABLE only without a group failure: the group's epoch must not move over the
+whole run (no client input may fail a step). Hostile shapes (issue 12): JSON nested past the depth cap,
+lone UTF-16 surrogates, non-numeric strings and NaN / Infinity in numeric fields must all be a 400 with
+the error body; raw and mutated bytes on gRPC must be INVALID_ARGUMENT or parse. A canary completion must
+succeed every CANARY_EVERY cases and after each fuzz run (a wedged engine with a green /health is a failure too).
 The app is small on purpose (max_model_len 256, default_max_tokens 2, max_n 2) so cases stay cheap.
 """
 
@@ -44,6 +47,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 HTTP_CASES = 300  # Hypothesis examples per operation and generation mode
 HTTP_CASES_NO_INPUT = 20  # positive cases of an operation without inputs: the same request each time
 GRPC_CASES = 300  # per RPC
+HOSTILE_CASES = 200  # hostile HTTP shapes; raw gRPC bytes per RPC
 CANARY_EVERY = 100
 MAX_MODEL_LEN = 256
 HTTP_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
@@ -75,7 +79,8 @@ def fuzz_app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     )
     serve.run(build_app(args), name=APP, route_prefix=PREFIX)
     client = EpserveClient(grpc_target, api_key=KEY, application=APP, timeout_s=60)
-    yield SimpleNamespace(base=http + PREFIX, client=client)
+    yield SimpleNamespace(base=http + PREFIX, client=client,
+                          engine=serve.get_deployment_handle("EpserveEngine", app_name=APP))
     client.close()
     serve.delete(APP)
 
@@ -90,6 +95,11 @@ def http_canary(base: str) -> None:
 def grpc_canary(client: EpserveClient) -> None:
     out = client.complete(text="canary", max_tokens=1, temperature=0)
     assert len(out.token_ids) == 1 and out.finish_reason
+
+
+def group_epoch(fuzz_app) -> int:  # noqa: ANN001
+    """Bumped by every group rebuild: stays 0 while no input has failed a step."""
+    return fuzz_app.engine.group_epoch.remote().result()
 
 
 def _report(api: str) -> str:
@@ -280,6 +290,103 @@ def test_fuzz_findings_stay_fixed(fuzz_app, name: str, path: str, body: dict,  #
     http_canary(fuzz_app.base)
 
 
+# ------------------------------------------------------------------ hostile shapes (HTTP), issue 12 item 5
+
+HOSTILE_BASES = {
+    "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+    "/v1/completions": {"model": MODEL, "prompt": "hi", "max_tokens": 1},
+    "/tokenize": {"prompt": "hi"},
+}
+NUMERIC_FIELDS = {
+    "/v1/chat/completions": ["temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                             "repetition_penalty", "seed", "max_tokens", "max_completion_tokens", "n", "min_tokens",
+                             "top_logprobs"],
+    "/v1/completions": ["temperature", "top_p", "top_k", "max_tokens", "n", "logprobs", "seed", "best_of",
+                        "repetition_penalty"],
+    "/tokenize": [],
+}
+DEEP = "__DEEP__"
+# Where a hostile value goes: a body field, or a place inside the messages / tools / formats.
+SLOTS = {
+    "/v1/chat/completions": ["messages.0.content", "metadata", "user", "response_format", "tools",
+                             "chat_template_kwargs", "stop", "messages.0.name", "structured_outputs"],
+    "/v1/completions": ["prompt", "metadata", "user", "stop", "structured_outputs"],
+    "/tokenize": ["prompt", "chat_template_kwargs"],
+}
+non_numeric = st.one_of(st.sampled_from(["abc", "nan", "NaN", "inf", "-inf", "1e999", "", " 1", "0x10", "1_000",
+                                         "\u0031", "true", "null", "٣"]), st.text(max_size=8))
+lone_surrogates = st.builds(lambda pre, s, post: pre + s + post, st.text(max_size=5),
+                            st.characters(categories=["Cs"]), st.text(max_size=5))
+
+
+def _deep_json(depth: int, opener: str) -> str:
+    closer = {"[": "]", '{"a":': "}"}[opener]
+    return opener * depth + "1" + closer * depth
+
+
+@st.composite
+def hostile_bodies(draw: st.DrawFn) -> tuple[str, bytes, str]:
+    """(path, raw JSON body, shape): one hostile value in an otherwise valid body; every shape is a 400."""
+    path = draw(st.sampled_from(sorted(HOSTILE_BASES)))
+    body = json.loads(json.dumps(HOSTILE_BASES[path]))
+    shapes = ["deep", "surrogate", "nan-literal"] + (["non-numeric"] if NUMERIC_FIELDS[path] else [])
+    shape = draw(st.sampled_from(shapes))
+    deep_text = None
+    if shape == "non-numeric":
+        body[draw(st.sampled_from(NUMERIC_FIELDS[path]))] = draw(non_numeric)
+    elif shape == "nan-literal":
+        field = draw(st.sampled_from(NUMERIC_FIELDS[path] or ["prompt"]))
+        body[field] = draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+    else:
+        slot = draw(st.sampled_from(SLOTS[path]))
+        if shape == "deep":
+            value: Any = DEEP
+            depth = draw(st.one_of(st.integers(130, 3000), st.just(100_000)))
+            deep_text = _deep_json(depth, draw(st.sampled_from(["[", '{"a":'])))
+        else:
+            value = draw(lone_surrogates)
+        if slot.startswith("messages.0."):
+            body["messages"][0][slot.split(".")[-1]] = value
+        elif slot in ("response_format", "structured_outputs", "chat_template_kwargs", "metadata"):
+            body[slot] = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": [value]}}} \
+                if slot == "response_format" else {"k": value}
+        elif slot == "tools":
+            body[slot] = [{"type": "function", "function": {"name": "f", "parameters": {
+                "type": "object", "properties": {"p": {"description": value}}}}}]
+        elif slot == "stop":
+            body[slot] = [value]
+        else:
+            body[slot] = value
+    raw = json.dumps(body, allow_nan=True)  # ensure_ascii: surrogates travel as \udXXX escapes
+    if deep_text is not None:
+        raw = raw.replace(json.dumps(DEEP), deep_text)
+    return path, raw.encode(), shape
+
+
+def test_http_hostile_shapes_fuzz(fuzz_app) -> None:  # noqa: ANN001
+    """Deep nesting, lone surrogates, non-numeric strings and NaN / Infinity in numeric fields, anywhere in a
+    valid body: a 400 with the OpenAI error body every time (never a 500, never served)."""
+    epoch = group_epoch(fuzz_app)
+
+    @settings(max_examples=HOSTILE_CASES, **SETTINGS)
+    @given(case=hostile_bodies())
+    @example(case=("/v1/completions", b'{"model": "fuzz-tiny", "prompt": "\\ud800"}', "surrogate"))
+    @example(case=("/v1/completions", b"[" * 100_000 + b"]" * 100_000, "deep"))
+    def run(case: tuple[str, bytes, str]) -> None:
+        path, raw, shape = case
+        counter = STATS[("http", f"hostile {shape}")]
+        r = requests.post(fuzz_app.base + path, data=raw, timeout=60,
+                          headers={**AUTH, "Content-Type": "application/json"})
+        counter[r.status_code] += 1
+        assert r.status_code == 400, (path, shape, r.status_code, r.text[:300], raw[:300])
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error", err
+
+    run()
+    http_canary(fuzz_app.base)
+    assert group_epoch(fuzz_app) == epoch
+
+
 def test_http_canary_after_fuzzing(fuzz_app) -> None:  # noqa: ANN001
     http_canary(fuzz_app.base)
     print("\nHTTP fuzz cases per operation and mode:\n" + _report("http"))
@@ -345,7 +452,10 @@ def _json_schemas() -> st.SearchStrategy:
 
 
 json_texts = st.one_of(PLAIN_SCHEMAS.map(json.dumps), _json_schemas().map(json.dumps),
-                       _json_values().map(json.dumps), texts, st.just(""))
+                       _json_values().map(json.dumps), texts, st.just(""),
+                       # hostile JSON text (issue 12): past the depth cap, lone surrogate escapes
+                       st.integers(129, 5000).map(lambda d: _deep_json(d, '{"a":')),
+                       lone_surrogates.map(lambda s: json.dumps({"type": "string", "enum": [s]})))
 object_schemas = st.one_of(PLAIN_SCHEMAS.filter(lambda x: isinstance(x, dict) and x["type"] == "object"),
                            _json_schemas().map(lambda x: {**x, "type": "object"} if isinstance(x, dict) else x))
 parameters_json = st.one_of(object_schemas.map(json.dumps), json_texts)
@@ -488,9 +598,59 @@ def test_grpc_model_info_and_health_fuzz(fuzz_app) -> None:  # noqa: ANN001
     run()
 
 
+VALID_GENERATE = pb.GenerateRequest(model=MODEL, text="hi", sampling=pb.SamplingParams(max_tokens=1, logprobs=2))
+VALID_CHAT = pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="hi")],
+                            sampling=pb.SamplingParams(max_tokens=1),
+                            response_format=pb.ResponseFormat(json_schema='{"type": "string"}'))
+
+
+@st.composite
+def raw_messages(draw: st.DrawFn, valid: bytes) -> bytes:
+    """Random bytes, or a valid request with bytes flipped, cut or spliced in (often still parses)."""
+    kind = draw(st.sampled_from(["random", "flip", "cut", "splice"]))
+    if kind == "random":
+        return draw(st.binary(max_size=300))
+    data = bytearray(valid)
+    if kind == "flip":
+        for _ in range(draw(st.integers(1, 4))):
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    elif kind == "cut":
+        data = data[:draw(st.integers(0, len(data) - 1))]
+    else:
+        at = draw(st.integers(0, len(data)))
+        data[at:at] = draw(st.binary(min_size=1, max_size=16))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("rpc,valid", [("Generate", VALID_GENERATE), ("Chat", VALID_CHAT)])
+def test_grpc_raw_bytes_fuzz(fuzz_app, rpc: str, valid: Any) -> None:  # noqa: ANN001, ANN401
+    """Raw garbage on the wire: INVALID_ARGUMENT (the proxy's parse error, replicas/grpc_decode.py) or, when
+    the bytes still parse, whatever the request deserves; never UNKNOWN / INTERNAL."""
+    call = fuzz_app.client.channel.unary_stream(f"/epserve.v1.Epserve/{rpc}", request_serializer=lambda b: b,
+                                                response_deserializer=lambda b: b)
+    counter = STATS[("grpc", f"{rpc} raw bytes")]
+
+    @settings(max_examples=HOSTILE_CASES, **SETTINGS)
+    @given(data=raw_messages(valid.SerializeToString()))
+    @example(data=b"\xff\xff\xff\xff")
+    @example(data=b"\x1a\x03\xff\xfe\xfd")  # a string field holding invalid UTF-8
+    def run(data: bytes) -> None:
+        try:
+            list(call(data, timeout=60, metadata=fuzz_app.client.metadata))
+            code, details = grpc.StatusCode.OK, ""
+        except grpc.RpcError as err:
+            code, details = err.code(), err.details()
+        counter[code.name] += 1
+        assert code in GRPC_ALLOWED, f"{rpc} raw {data[:80]!r} -> {code.name}: {details}"
+
+    run()
+    grpc_canary(fuzz_app.client)
+
+
 def test_grpc_canary_after_fuzzing(fuzz_app) -> None:  # noqa: ANN001
     started = time.monotonic()
     grpc_canary(fuzz_app.client)
+    assert group_epoch(fuzz_app) == 0, "some fuzzed input failed a group step (the group was rebuilt)"
     print(f"\ngRPC fuzz cases per RPC (canary {time.monotonic() - started:.2f} s):\n" + _report("grpc"))
     for rpc in ("Generate", "Chat"):
         assert sum(STATS[("grpc", rpc)].values()) >= GRPC_CASES, STATS[("grpc", rpc)]

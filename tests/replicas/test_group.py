@@ -142,6 +142,32 @@ def test_group_equals_single_process(d: int, x: int, ray_cluster, hf_checkpoint:
         group.shutdown()
 
 
+def test_refused_sequence_fails_alone_and_the_group_keeps_serving(ray_cluster, hf_checkpoint: Path,
+                                                                  reference: _Reference) -> None:
+    """The rule for errors inside a step: a trunk rank refuses, before the step's first collective, sequences
+    that would make it raise later (logprobs past the vocabulary, token ids outside it); they fail alone in
+    `StepResult.errors`, the rank still runs the step's exchanges, the good sequence beside them gets the
+    reference's token, and the group is not failed (epoch 0, the next step serves)."""
+    group = _group(hf_checkpoint, 1, 1)
+    try:
+        prompt = tuple(_prompts(7, [12])[0])
+        good = SeqStep(SeqChunk(prompt, 0, 0, (0,)), True, SamplingParams(temperature=0.0, logprobs=2))
+        bad_lp = SeqStep(SeqChunk((5, 6), 0, 1, (1,)), True, SamplingParams(temperature=0.0, logprobs=VOCAB + 1))
+        bad_id = SeqStep(SeqChunk((5, VOCAB + 3), 0, 2, (2,)), True, SamplingParams(temperature=0.0))
+        res = asyncio.run(group.step([StepRequest((bad_lp, good, bad_id))]))[0]
+        assert res.errors[1] is None
+        assert "logprobs" in res.errors[0] and "vocabulary" in res.errors[2], res.errors
+        assert res.token_ids[0] is None and res.token_ids[2] is None
+        want = reference.logprobs(SeqChunk(prompt, 0, 15, tuple(range(100, 101))))
+        assert res.token_ids[1] == int(want.argmax())
+        assert group.epoch == 0
+        res = asyncio.run(group.step([StepRequest((SeqStep(SeqChunk((res.token_ids[1],), len(prompt), 0, (0,)), True,
+                                                           SamplingParams(temperature=0.0)),))]))[0]
+        assert res.errors in ((), (None,)) and res.token_ids[0] is not None and group.epoch == 0
+    finally:
+        group.shutdown()
+
+
 def test_expert_rank_bytes_equal_safetensors_headers(ray_cluster, hf_checkpoint: Path) -> None:
     """Each expert rank's parameter bytes = the sizes of its expert tensors in the safetensors headers."""
     import ray
