@@ -41,7 +41,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def add_health_servicer(servicer: Any, server: Any) -> None:  # noqa: ANN401  # Serve's mock servicer, its gRPC server
     """A `grpc_servicer_functions` entry: the health service served by the proxy itself."""
-    from replicas.grpc_decode import LenientServer, add_health_to_server  # noqa: I001
+    from replicas.grpc_decode import LenientServer, add_health_to_server
 
     if not hasattr(server, "add_passthrough_service"):  # a Serve without passthrough services: route as before
         add_health_to_server(servicer, server)
