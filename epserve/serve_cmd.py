@@ -2,8 +2,9 @@
 
 Flags override `--config app.yaml`, whose keys are exactly the `AppArgs` of build_app (the
 same args a KubeRay serveConfigV2 passes). Without --model the embedded tiny checkpoint is
-written once (cached) and served. On Ctrl-C / SIGTERM: Serve shuts down, and a cluster this
-command started is shut down with it (no Ray process left behind).
+written once (cached) and served. On Ctrl-C / SIGTERM: new requests are refused, in-flight ones get
+`graceful_shutdown_timeout_s` to finish (the rest end with an error event and [DONE], gRPC UNAVAILABLE),
+then Serve shuts down, and a cluster this command started is shut down with it (no Ray process left behind).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             pass
         print("stopping...", flush=True)
+        _drain_app("epserve", app_args.graceful_shutdown_timeout_s)
     finally:
         try:
             serve.shutdown()
@@ -114,6 +116,31 @@ def run(args: argparse.Namespace) -> int:
             else:
                 ray.shutdown()
     return 0
+
+
+def _drain_app(name: str, grace_s: float) -> None:
+    """Delete the app before Serve shuts down, so in-flight streams end properly.
+
+    Deleting stops routing new requests to it and stops its replicas gracefully: streams may finish for
+    `grace_s`, then the engine replica is stopped and the ingress ends the streams left with a retriable
+    error event and [DONE] (gRPC: UNAVAILABLE). `serve.shutdown()` alone kills the proxies at once, cutting
+    every stream mid-body. A second Ctrl-C / SIGTERM stops waiting.
+    """
+    import time
+
+    from ray import serve
+
+    from replicas.app import INGRESS_SHUTDOWN_MARGIN_S
+
+    again = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: again.set())
+    print(f"letting in-flight requests finish (up to {grace_s:g} s; Ctrl-C again to stop now)", flush=True)
+    serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + grace_s + INGRESS_SHUTDOWN_MARGIN_S + 30  # + the controller's own steps
+    while time.monotonic() < deadline and not again.wait(0.25):
+        if name not in serve.status().applications:
+            return
 
 
 def _grpc_options(port: int) -> dict | None:

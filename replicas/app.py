@@ -23,6 +23,10 @@ from replicas.ingress import Ingress, build_api, default_model_name
 from replicas.metrics import MetricsHub
 
 ENGINE_REPLICA_BUNDLE = {"CPU": 1.0}
+# A stopping ingress replica outlives the engine's drain by this much: when the engine replica is stopped at its
+# `graceful_shutdown_timeout_s`, the ingress still has time to end the streams left with an error event and [DONE].
+INGRESS_SHUTDOWN_MARGIN_S = 5.0
+SHUTDOWN_WAIT_LOOP_S = 0.5  # how often a stopping replica looks whether its requests are done
 
 
 def metrics_hub(app_name: str) -> Any:  # noqa: ANN401  # a Ray actor handle
@@ -54,6 +58,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         health_check_period_s=5.0,
         health_check_timeout_s=30.0,
         graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
         request_router_config=RequestRouterConfig(
             request_router_class="replicas.engine_router:AvailableGroupRouter",
             request_routing_stats_period_s=1.0, request_routing_stats_timeout_s=5.0),
@@ -65,5 +70,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         max_queued_requests=a.ingress_max_queued_requests,
         ray_actor_options={"num_cpus": 1},
         health_check_period_s=5.0,
+        graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s + INGRESS_SHUTDOWN_MARGIN_S,
+        graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
     ).bind(engine, plain, hub)
     return ingress

@@ -95,8 +95,9 @@ class AppArgs(BaseModel):
         0, ge=0, le=8, description="k > 0: the MTP head drafts k tokens per step, verified by the next step "
                                    "(greedy output is identical to k = 0; needs a checkpoint with mtp.*).")
     graceful_shutdown_timeout_s: float = Field(
-        60.0, gt=0, description="A stopping engine replica lets streams finish this long; the rest end with a "
-                                "retriable error.")
+        20.0, gt=0, description="On stop (Ctrl-C, SIGTERM, a replica being stopped) streams may finish this long; "
+                                "the rest end with a retriable error event and [DONE] (gRPC UNAVAILABLE). Keep it "
+                                "and the ingress's 5 s more below the pods' terminationGracePeriodSeconds.")
 
     @model_validator(mode="after")
     def _layout(self) -> AppArgs:

@@ -204,6 +204,7 @@ class Engine:
         if entry is None:
             return
         log.info("request %s: aborted", request_id)
+        self.metrics.inc("requests_aborted")
         for s in entry[0]:
             if s.status is not Status.FINISHED:
                 s.aborted = True
@@ -415,6 +416,12 @@ class Engine:
         m.set("state_slots_used", sum(p.num_slots - p.free_slots for p in pools))
         m.set("state_slots_total", sum(p.num_slots for p in pools))
         m.counters[("num_preemptions", ())] = float(self.scheduler.num_preemptions)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts read by tests and operators now (the /metrics gauges lag by the push period)."""
+        return {"running": self.scheduler.num_running, "waiting": len(self.scheduler.waiting),
+                "streams": len(self._streams), "aborted": int(self.metrics.counters.get(("requests_aborted", ()), 0)),
+                "pools": self.pool_state()}
 
     def pool_state(self) -> list[dict[str, int]]:
         """Free blocks and slots per trunk rank (tests check aborts return everything)."""

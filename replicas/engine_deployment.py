@@ -146,6 +146,10 @@ class EngineServer:
     async def pool_state(self) -> list[dict[str, int]]:
         return self.engine.pool_state()
 
+    async def stats(self) -> dict[str, Any]:
+        """Running and waiting sequences, open streams, aborts and the pools, as of now."""
+        return self.engine.stats()
+
     async def check_health(self) -> None:
         """Serve's health hook: unhealthy only when the group is down and could not be rebuilt."""
         self._ensure_started()

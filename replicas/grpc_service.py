@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 SERVICE = "epserve.v1.Epserve"
 SERVICER_FUNCTIONS = [
-    "replicas.proto.epserve_pb2_grpc.add_EpserveServicer_to_server",
+    "replicas.grpc_proxy_cancel.add_EpserveServicer_to_server",  # the generated one, plus cancel fixes
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
