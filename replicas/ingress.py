@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -244,7 +245,7 @@ class Ingress:
                                            sum(completion.values())))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return _sse_response(sse(), [stream])
 
     async def completions(self, request: Request) -> Response:
         rid = request.state.request_id
@@ -294,7 +295,7 @@ class Ingress:
                                            sum(completion.values())))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return _sse_response(sse(), streams)
 
     # ----------------------------------------------------------------- utility routes
     def models(self) -> dict[str, Any]:
@@ -371,6 +372,23 @@ def default_model_name(model: str | None) -> str:
     from pathlib import Path
 
     return Path(model).name if model else "qwen3.5-moe-tiny"
+
+
+def _sse_response(body: AsyncIterator[str], streams: list[tuple[Any, GenerateOutput, int]]) -> StreamingResponse:
+    """The SSE response of `body`, which reads the engine `streams`.
+
+    NOTE: a client that leaves before the body's first iteration (the request cancelled between the
+    handler's return and the response, or Starlette seeing the disconnect first) means the body never
+    runs, so its `finally` never cancels the engine streams: cancel them when the body is dropped.
+    """
+    gens = [s[0] for s in streams]
+    weakref.finalize(body, _cancel_all, gens)
+    return StreamingResponse(body, media_type="text/event-stream")
+
+
+def _cancel_all(gens: list[Any]) -> None:  # noqa: ANN401  # DeploymentResponseGenerators
+    for gen in gens:
+        gen.cancel()  # a no-op for a stream already cancelled or finished
 
 
 def _stream_error(ev: GenerateOutput) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from replicas.grpc_client import EpserveClient
 
 pytestmark = pytest.mark.timeout(600)
 
+MODEL = "gs-tiny"
 GRACE_S = 4.0
 SHORT, LONG = 24, 3000
 
@@ -47,9 +48,11 @@ class Outcome:
 def _http_stream(base: str, out: Outcome, max_tokens: int, i: int) -> None:
     try:
         with requests.post(base + "/v1/completions", json={
-                "model": "qwen3.5-moe-tiny", "prompt": f"stream {i}", "max_tokens": max_tokens, "stream": True,
+                "model": MODEL, "prompt": f"stream {i}", "max_tokens": max_tokens, "stream": True,
                 "temperature": 0, "ignore_eos": True}, stream=True, timeout=(10, 120)) as r:
-            assert r.status_code == 200, r.text
+            if r.status_code != 200:
+                out.transport_error = f"HTTP {r.status_code}: {r.text}"
+                return
             for line in r.iter_lines():
                 if not line.startswith(b"data: "):
                     continue
@@ -91,7 +94,8 @@ def _start_server(tmp_path: Path, epserve_cache: Path) -> tuple[subprocess.Popen
 
     http_port, grpc_port = free_port(), free_port()
     config = tmp_path / "app.yaml"
-    config.write_text(f"graceful_shutdown_timeout_s: {GRACE_S}\ndtype: float32\nnum_kv_blocks: 1024\n")
+    config.write_text(f"graceful_shutdown_timeout_s: {GRACE_S}\ndtype: float32\nnum_kv_blocks: 1024\n"
+                      f"served_model_name: {MODEL}\n")
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115  # closed with the process
     proc = subprocess.Popen(
         [sys.executable, "-m", "epserve.cli", "serve", "--config", str(config), "--port", str(http_port),
@@ -141,7 +145,7 @@ def test_stop_under_load_ends_every_stream(how: str, tmp_path: Path, epserve_cac
             os.kill(proc.pid, signal.SIGTERM)
         time.sleep(1.0)
         try:
-            refused = requests.post(base + "/v1/completions", json={"model": "qwen3.5-moe-tiny", "prompt": "late",
+            refused = requests.post(base + "/v1/completions", json={"model": MODEL, "prompt": "late",
                                                                     "max_tokens": 2}, timeout=30).status_code
         except requests.RequestException as exc:
             refused = repr(exc)
