@@ -119,28 +119,44 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _drain_app(name: str, grace_s: float) -> None:
-    """Delete the app before Serve shuts down, so in-flight streams end properly.
+    """Drain the engine replicas before Serve shuts down, so in-flight streams end properly.
 
-    Deleting stops routing new requests to it and stops its replicas gracefully: streams may finish for
-    `grace_s`, then the engine replica is stopped and the ingress ends the streams left with a retriable
-    error event and [DONE] (gRPC: UNAVAILABLE). `serve.shutdown()` alone kills the proxies at once, cutting
-    every stream mid-body. A second Ctrl-C / SIGTERM stops waiting.
+    Each engine replica stops admitting (new requests get a retriable 503 / UNAVAILABLE) and lets its
+    streams run for `grace_s`; those still running then end with a retriable error event and [DONE]
+    (gRPC: UNAVAILABLE), delivered through the ingress and proxies, which are still up. Only then
+    `serve.shutdown()`, which kills the proxies at once: alone it would cut every stream mid-body (and
+    `serve.delete` first drops the proxies' handles, stalling the streams they carry). A second
+    Ctrl-C / SIGTERM stops waiting.
     """
     import time
 
     from ray import serve
 
-    from replicas.app import INGRESS_SHUTDOWN_MARGIN_S
-
     again = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: again.set())
     print(f"letting in-flight requests finish (up to {grace_s:g} s; Ctrl-C again to stop now)", flush=True)
-    serve.delete(name, _blocking=False)
-    deadline = time.monotonic() + grace_s + INGRESS_SHUTDOWN_MARGIN_S + 30  # + the controller's own steps
-    while time.monotonic() < deadline and not again.wait(0.25):
-        if name not in serve.status().applications:
+    try:
+        states = serve.status().applications[name].deployments["EpserveEngine"].replica_states
+        engine = serve.get_deployment_handle("EpserveEngine", app_name=name)
+    except Exception:  # noqa: BLE001  # no app (a failed start-up): nothing to drain
+        return
+    replicas = max(1, sum(n for state, n in states.items() if state == "RUNNING"))
+    open_requests: dict[str, int] = {}
+    # Calls are routed, not addressed: repeat until every replica has answered (drained ones report
+    # themselves unavailable, so the router steers later calls to the others) and all are done.
+    deadline = time.monotonic() + grace_s + 15
+    while time.monotonic() < deadline and not again.is_set():
+        try:
+            rid, n = engine.drain.remote(grace_s).result(timeout_s=10)
+        except Exception as exc:  # noqa: BLE001  # a replica going away; shutdown follows either way
+            print(f"drain: {exc}", flush=True)
+            break
+        open_requests[rid] = n
+        if len(open_requests) >= replicas and not any(open_requests.values()):
+            again.wait(1.0)  # the ingress and the proxies deliver the last events
             return
+        again.wait(0.2)
 
 
 def _grpc_options(port: int) -> dict | None:

@@ -90,6 +90,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.failure: str | None = None  # set while the group is down
+        self.draining = False  # stopping: admits nothing new
         self.steps = 0
         self.last_step_time = 0.0
         self._canary: asyncio.Future | None = None
@@ -109,6 +110,21 @@ class Engine:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001  # the loop's own end
                 pass
             self._task = None
+
+    async def drain(self, grace_s: float) -> None:
+        """Admit nothing new; let open requests run for `grace_s`, then end the rest with a retriable error."""
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        failure = EngineFailure("the server is shutting down; retry", retriable=True)
+        for rid, (seqs, queue) in list(self._streams.items()):
+            for s in seqs:
+                if s.status is not Status.FINISHED and not s.aborted:
+                    queue.put_nowait(GenerateOutput(request_id=rid, index=s.index, error=failure,
+                                                    prompt_tokens=len(s.prompt_ids),
+                                                    completion_tokens=len(s.output_ids)))
+            self.abort(rid)  # caches freed between steps, as for a client that left
 
     # ----------------------------------------------------------------- requests
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
@@ -162,6 +178,8 @@ class Engine:
             raise RequestRejected(f"invalid structured output constraint: {exc}") from None
 
     def admit_check(self, req: GenerateRequest) -> None:
+        if self.draining:
+            raise EngineUnavailable("the server is shutting down; retry")
         if self.failure is not None:
             raise EngineUnavailable(f"the expert-parallel group is unavailable ({self.failure}); retry")
         if req.request_id in self._streams:

@@ -84,6 +84,7 @@ class EngineServer:
         self.hub = metrics_hub
         self.replica_id = uuid.uuid4().hex[:12]
         self._push_task: asyncio.Task | None = None
+        self._drain_task: asyncio.Task | None = None
 
     def _grammar_cache(self):  # noqa: ANN202  # replicas.structured_output.GrammarCache, built on first use
         """The bounded cache of compiled grammars (its tokenizer costs ~200 MB and seconds: only when needed)."""
@@ -137,11 +138,13 @@ class EngineServer:
     async def ready(self) -> bool:
         """Readiness: the group's data path works (a recent step, or an idle canary step now)."""
         self._ensure_started()
+        if self.engine.draining:
+            return False
         return await self.engine.probe(max_age_s=5.0, timeout_s=4 * self.args.collective_deadline_s + 10)
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Read by the engine request router (replicas/engine_router.py): avoid a group that is down."""
-        return {"available": self.engine.failure is None}
+        return {"available": self.engine.failure is None and not self.engine.draining}
 
     async def pool_state(self) -> list[dict[str, int]]:
         return self.engine.pool_state()
@@ -149,6 +152,16 @@ class EngineServer:
     async def stats(self) -> dict[str, Any]:
         """Running and waiting sequences, open streams, aborts and the pools, as of now."""
         return self.engine.stats()
+
+    async def drain(self, grace_s: float) -> tuple[str, int]:
+        """Stop admitting (new requests get a retriable 503); open requests may run `grace_s` more, then end
+        with a retriable error. Idempotent. Returns this replica's id and its open requests, so the caller
+        (epserve/serve_cmd.py) can reach every replica and see when they are done."""
+        self._ensure_started()
+        if self._drain_task is None:
+            log.info("draining: %d open requests get %.1f s", len(self.engine._streams), grace_s)
+            self._drain_task = asyncio.get_running_loop().create_task(self.engine.drain(grace_s))
+        return self.replica_id, self.engine.stats()["streams"]
 
     async def check_health(self) -> None:
         """Serve's health hook: unhealthy only when the group is down and could not be rebuilt."""

@@ -1,4 +1,5 @@
-"""Every way a client gives up aborts the engine request: gRPC cancel, gRPC deadline, HTTP disconnect.
+"""Every way a client gives up aborts the engine request: gRPC cancel, gRPC deadline, HTTP disconnect,
+and the ingress replica that held the stream dying.
 
 200 streams (long max_tokens, so an orphan would run for tens of seconds) are abandoned at random
 moments — before the request is sent on, before the first token, or after a random number of
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -171,3 +174,53 @@ def test_random_cancels_leave_nothing_running(app) -> None:  # noqa: ANN001
           f"{quiet_after:.2f} s after the last client left")
     assert max(busy) > 0, "the streams never ran concurrently in the engine"
     assert quiet_after <= QUIET_BOUND_S, f"the engine took {quiet_after:.2f} s to drop abandoned requests"
+
+
+def _ingress_pids() -> list[int]:
+    import ray
+
+    names = [e for e in ray.util.list_named_actors(all_namespaces=True)
+             if e["name"].startswith(f"SERVE_REPLICA::{APP}#EpserveIngress")]
+    return [ray.get(ray.get_actor(e["name"], namespace=e["namespace"]).__ray_call__.remote(
+        lambda _self: os.getpid()), timeout=30) for e in names]
+
+
+def test_killed_ingress_replica_aborts_its_engine_requests(app) -> None:  # noqa: ANN001
+    """The ingress replica holding the streams dies (SIGKILL): the engine requests it opened are aborted."""
+    baseline = _stats(app)["pools"]
+    n = 6
+
+    def stream(i: int) -> None:
+        conn = http.client.HTTPConnection(app.host, app.port, timeout=120)
+        try:
+            conn.request("POST", "/c/v1/completions", body=json.dumps({
+                "model": "ctiny", "prompt": f"victim {i}", "max_tokens": MAX_TOKENS, "stream": True,
+                "ignore_eos": True}), headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            while resp.readline():
+                pass
+        except (OSError, http.client.HTTPException):
+            pass  # the replica died under it
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while _stats(app)["running"] < n:
+        assert time.monotonic() < deadline, _stats(app)
+        time.sleep(0.1)
+    pids = _ingress_pids()
+    assert pids
+    t_kill = time.monotonic()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    while not _idle(stats := _stats(app), baseline):
+        assert time.monotonic() - t_kill < 30, f"the dead ingress's engine requests still run: {stats}"
+        time.sleep(0.05)
+    took = time.monotonic() - t_kill
+    for t in threads:
+        t.join(60)
+    print(f"ingress replica killed under {n} streams: engine idle with pools at baseline {took:.2f} s later")
+    assert took <= 5.0, took
