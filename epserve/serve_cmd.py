@@ -119,14 +119,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _drain_app(name: str, grace_s: float) -> None:
-    """Drain the engine replicas before Serve shuts down, so in-flight streams end properly.
+    """Drain the app before Serve shuts down, so in-flight streams end properly.
 
     Each engine replica stops admitting (new requests get a retriable 503 / UNAVAILABLE) and lets its
     streams run for `grace_s`; those still running then end with a retriable error event and [DONE]
-    (gRPC: UNAVAILABLE), delivered through the ingress and proxies, which are still up. Only then
-    `serve.shutdown()`, which kills the proxies at once: alone it would cut every stream mid-body (and
-    `serve.delete` first drops the proxies' handles, stalling the streams they carry). A second
-    Ctrl-C / SIGTERM stops waiting.
+    (gRPC: UNAVAILABLE). Then we wait until the ingress replicas have sent their last events through the
+    proxies, which are still up. Only then `serve.shutdown()`, which kills the proxies at once: alone it
+    cuts every stream mid-body (and `serve.delete` first drops the proxies' handles, stalling the streams
+    they carry). A second Ctrl-C / SIGTERM stops waiting.
     """
     import time
 
@@ -137,26 +137,44 @@ def _drain_app(name: str, grace_s: float) -> None:
         signal.signal(sig, lambda *_: again.set())
     print(f"letting in-flight requests finish (up to {grace_s:g} s; Ctrl-C again to stop now)", flush=True)
     try:
-        states = serve.status().applications[name].deployments["EpserveEngine"].replica_states
+        deployments = serve.status().applications[name].deployments
         engine = serve.get_deployment_handle("EpserveEngine", app_name=name)
+        ingress = serve.get_app_handle(name)
     except Exception:  # noqa: BLE001  # no app (a failed start-up): nothing to drain
         return
-    replicas = max(1, sum(n for state, n in states.items() if state == "RUNNING"))
-    open_requests: dict[str, int] = {}
-    # Calls are routed, not addressed: repeat until every replica has answered (drained ones report
-    # themselves unavailable, so the router steers later calls to the others) and all are done.
     deadline = time.monotonic() + grace_s + 15
-    while time.monotonic() < deadline and not again.is_set():
+    if _until_all_report_zero(engine.drain, grace_s, replicas=_running(deployments, "EpserveEngine"),
+                              deadline=deadline, stop=again):
+        _until_all_report_zero(ingress.stream_count, replicas=_running(deployments, "EpserveIngress"),
+                               deadline=deadline, stop=again)
+        again.wait(1.0)  # the proxies send what the ingress handed them
+
+
+def _running(deployments: dict, name: str) -> int:  # noqa: ANN001
+    states = deployments[name].replica_states if name in deployments else {}
+    return max(1, sum(n for state, n in states.items() if state == "RUNNING"))
+
+
+def _until_all_report_zero(method, *args, replicas: int, deadline: float, stop: threading.Event) -> bool:  # noqa: ANN001
+    """Call a handle method returning (replica id, open requests) until every replica reported 0.
+
+    Calls are routed, not addressed, so they repeat (a draining engine replica reports itself
+    unavailable, which steers the router to the others). False when the deadline passed first.
+    """
+    import time
+
+    counts: dict[str, int] = {}
+    while time.monotonic() < deadline and not stop.is_set():
         try:
-            rid, n = engine.drain.remote(grace_s).result(timeout_s=10)
+            rid, n = method.remote(*args).result(timeout_s=10)
         except Exception as exc:  # noqa: BLE001  # a replica going away; shutdown follows either way
-            print(f"drain: {exc}", flush=True)
-            break
-        open_requests[rid] = n
-        if len(open_requests) >= replicas and not any(open_requests.values()):
-            again.wait(1.0)  # the ingress and the proxies deliver the last events
-            return
-        again.wait(0.2)
+            print(f"while draining: {exc}", flush=True)
+            return False
+        counts[rid] = n
+        if len(counts) >= replicas and not any(counts.values()):
+            return True
+        stop.wait(0.2)
+    return False
 
 
 def _grpc_options(port: int) -> dict | None:

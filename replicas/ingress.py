@@ -119,6 +119,7 @@ class Ingress:
         self.hub = metrics_hub
         self.metrics = MetricsRegistry()
         self._ready_cache: tuple[float, bool] = (0.0, False)
+        self.open_streams = 0  # streaming responses not yet ended (a stopping server waits for them)
         from replicas.grpc_service import GrpcApi
 
         self.grpc = GrpcApi(self)
@@ -245,7 +246,7 @@ class Ingress:
                                            sum(completion.values())))
             yield "data: [DONE]\n\n"
 
-        return _sse_response(sse(), [stream])
+        return _sse_response(self, sse(), [stream])
 
     async def completions(self, request: Request) -> Response:
         rid = request.state.request_id
@@ -295,7 +296,7 @@ class Ingress:
                                            sum(completion.values())))
             yield "data: [DONE]\n\n"
 
-        return _sse_response(sse(), streams)
+        return _sse_response(self, sse(), streams)
 
     # ----------------------------------------------------------------- utility routes
     def models(self) -> dict[str, Any]:
@@ -340,6 +341,12 @@ class Ingress:
         self._ready_cache = (time.monotonic(), value)
         return value
 
+    async def stream_count(self) -> tuple[str, int]:
+        """This replica's id and its open streams (epserve/serve_cmd.py waits for 0 before stopping Serve)."""
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id, self.open_streams
+
     async def prometheus(self) -> Response:
         if self.hub is None:
             raise ApiError(503, "metrics are not available in this deployment")
@@ -350,11 +357,11 @@ class Ingress:
 
     # ----------------------------------------------------------------- gRPC (method names = RPC names)
     async def Generate(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
-        async for message in self.grpc.generate(request, grpc_context):
+        async for message in _counted(self, self.grpc.generate(request, grpc_context)):
             yield message
 
     async def Chat(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
-        async for message in self.grpc.chat(request, grpc_context):
+        async for message in _counted(self, self.grpc.chat(request, grpc_context)):
             yield message
 
     async def ModelInfo(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802, ANN401
@@ -374,8 +381,9 @@ def default_model_name(model: str | None) -> str:
     return Path(model).name if model else "qwen3.5-moe-tiny"
 
 
-def _sse_response(body: AsyncIterator[str], streams: list[tuple[Any, GenerateOutput, int]]) -> StreamingResponse:
-    """The SSE response of `body`, which reads the engine `streams`.
+def _sse_response(ing: Ingress, body: AsyncIterator[str], streams: list[tuple[Any, GenerateOutput, int]]
+                  ) -> StreamingResponse:
+    """The SSE response of `body`, which reads the engine `streams`, counted in `ing.open_streams`.
 
     NOTE: a client that leaves before the body's first iteration (the request cancelled between the
     handler's return and the response, or Starlette seeing the disconnect first) means the body never
@@ -383,7 +391,16 @@ def _sse_response(body: AsyncIterator[str], streams: list[tuple[Any, GenerateOut
     """
     gens = [s[0] for s in streams]
     weakref.finalize(body, _cancel_all, gens)
-    return StreamingResponse(body, media_type="text/event-stream")
+    return StreamingResponse(_counted(ing, body), media_type="text/event-stream")
+
+
+async def _counted(ing: Ingress, body: AsyncIterator[Any]) -> AsyncIterator[Any]:  # noqa: ANN401
+    ing.open_streams += 1
+    try:
+        async for item in body:
+            yield item
+    finally:
+        ing.open_streams -= 1
 
 
 def _cancel_all(gens: list[Any]) -> None:  # noqa: ANN401  # DeploymentResponseGenerators

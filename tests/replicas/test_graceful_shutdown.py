@@ -155,8 +155,10 @@ def test_stop_under_load_ends_every_stream(how: str, tmp_path: Path, epserve_cac
         assert not any(t.is_alive() for t in threads), "a stream hung after the stop signal"
         rc = proc.wait(GRACE_S + 90)
         t_exit = time.monotonic() - t_stop
+        log = (tmp_path / "serve.log").read_text()[-2000:]
         for (kind, n), o in zip(plan, outs):
-            assert o.transport_error is None, f"{kind} stream cut: {o}"
+            assert o.transport_error is None, f"{kind} {n}-token stream cut {o.ended_at - t_stop:.1f} s after " \
+                                              f"the signal: {o}\n{log}"
             if kind == "http":
                 assert o.done_marker, f"HTTP stream without [DONE]: {o}"
                 assert (o.finish_reason is not None) != (o.error is not None), o
