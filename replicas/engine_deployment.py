@@ -3,8 +3,9 @@
 Owns: building the group inside the replica's own placement group (bundle 0 is this replica,
 the ranks' bundles follow, so replicas scale in whole groups), the engine's step loop, readiness
 (weights loaded and a step run), Serve's health hook (a group that cannot be rebuilt fails the
-replica so Serve replaces it), and pushing metrics to the app's hub. `serve.deployment` is
-applied in replicas/app.py. Tests: tests/replicas/test_serving.py.
+replica so Serve replaces it), draining on stop (epserve/serve_cmd.py), and pushing metrics to the
+app's hub. `serve.deployment` is applied in replicas/app.py. Tests: tests/replicas/test_serving.py,
+tests/replicas/test_graceful_shutdown.py.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class EngineServer:
         (epserve/serve_cmd.py) can reach every replica and see when they are done."""
         self._ensure_started()
         if self._drain_task is None:
-            log.info("draining: %d open requests get %.1f s", len(self.engine._streams), grace_s)
+            log.info("draining: %d open requests get %.1f s", self.engine.stats()["streams"], grace_s)
             self._drain_task = asyncio.get_running_loop().create_task(self.engine.drain(grace_s))
         return self.replica_id, self.engine.stats()["streams"]
 
