@@ -117,14 +117,21 @@ class Engine:
         deadline = time.monotonic() + grace_s
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        failure = EngineFailure("the server is shutting down; retry", retriable=True)
-        for rid, (seqs, queue) in list(self._streams.items()):
-            for s in seqs:
-                if s.status is not Status.FINISHED and not s.aborted:
-                    queue.put_nowait(GenerateOutput(request_id=rid, index=s.index, error=failure,
-                                                    prompt_tokens=len(s.prompt_ids),
-                                                    completion_tokens=len(s.output_ids)))
-            self.abort(rid)  # caches freed between steps, as for a client that left
+        for rid in list(self._streams):
+            self.end(rid, "the server is shutting down; retry")
+
+    def end(self, request_id: str, message: str) -> None:
+        """End a request now with a retriable error event (its stream closes); caches freed between steps."""
+        entry = self._streams.get(request_id)
+        if entry is None:
+            return
+        seqs, queue = entry
+        failure = EngineFailure(message, retriable=True)
+        for s in seqs:
+            if s.status is not Status.FINISHED and not s.aborted:
+                queue.put_nowait(GenerateOutput(request_id=request_id, index=s.index, error=failure,
+                                                prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids)))
+        self.abort(request_id)
 
     # ----------------------------------------------------------------- requests
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:

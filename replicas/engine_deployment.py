@@ -35,6 +35,7 @@ from replicas.scheduler import SchedulerConfig
 log = logging.getLogger("ray.serve.epserve.engine")
 
 METRICS_PUSH_S = 1.0
+CALLER_CHECK_S = 1.0  # how often the callers (ingress replicas) of open requests are checked for life
 
 
 class EngineServer:
@@ -86,6 +87,8 @@ class EngineServer:
         self.replica_id = uuid.uuid4().hex[:12]
         self._push_task: asyncio.Task | None = None
         self._drain_task: asyncio.Task | None = None
+        self._callers: dict[str, str] = {}  # request id -> name of the replica actor that called
+        self._watch_task: asyncio.Task | None = None
 
     def _grammar_cache(self):  # noqa: ANN202  # replicas.structured_output.GrammarCache, built on first use
         """The bounded cache of compiled grammars (its tokenizer costs ~200 MB and seconds: only when needed)."""
@@ -100,6 +103,8 @@ class EngineServer:
 
     def _ensure_started(self) -> None:
         self.engine.start()
+        if self._watch_task is None:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch_callers())
         if self._push_task is None and self.hub is not None:
             self._push_task = asyncio.get_running_loop().create_task(self._push_metrics())
 
@@ -128,13 +133,28 @@ class EngineServer:
             self.metrics.set("expert_load_imbalance_count", 1.0)
 
     # ----------------------------------------------------------------- called through handles
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        """Stream the request's events; a cancelled call (client gone) aborts it."""
+    async def generate(self, req: GenerateRequest, caller: str | None = None) -> AsyncIterator[GenerateOutput]:
+        """Stream the request's events; a cancelled call (client gone) aborts it, and so does the death of
+        `caller` (the calling replica's actor name): Ray does not cancel a dead caller's stream."""
         self._ensure_started()
         log.info("request %s: admitted, %d prompt tokens, max_tokens %d", req.request_id, len(req.prompt_ids),
                  req.max_tokens)
-        async for event in self.engine.generate(req):
-            yield event
+        if caller is not None:
+            self._callers[req.request_id] = caller
+        try:
+            async for event in self.engine.generate(req):
+                yield event
+        finally:
+            self._callers.pop(req.request_id, None)
+
+    async def _watch_callers(self) -> None:
+        while True:
+            await asyncio.sleep(CALLER_CHECK_S)
+            for name in set(self._callers.values()):
+                if not await asyncio.to_thread(_actor_alive, name):
+                    for rid in [r for r, c in self._callers.items() if c == name]:
+                        log.warning("request %s: its caller %s is gone; aborting", rid, name)
+                        self.engine.end(rid, "the ingress replica serving this request is gone")
 
     async def ready(self) -> bool:
         """Readiness: the group's data path works (a recent step, or an idle canary step now)."""
@@ -176,3 +196,16 @@ class EngineServer:
             await self.engine.stop()
         finally:
             self.group.shutdown()
+
+
+def _actor_alive(name: str) -> bool:
+    """Whether the named Serve actor is alive (a dead one's name is released)."""
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(name, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    except Exception:  # noqa: BLE001  # the GCS unreachable for a moment: assume alive, look again later
+        return True
+    return True

@@ -130,7 +130,7 @@ class Ingress:
         HTTP status instead of a 200 stream. A request that failed retriably before producing a token is
         retried once; the engine router sends the retry to another group (replicas/engine_router.py)."""
         for attempt in (1, 2):
-            gen = self.engine.options(stream=True).generate.remote(greq)
+            gen = self.engine.options(stream=True).generate.remote(greq, _replica_name())
             try:
                 first = await gen.__anext__()
             except StopAsyncIteration:
@@ -373,6 +373,16 @@ class Ingress:
     async def Watch(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
         async for message in self.grpc.health_watch(request, grpc_context):
             yield message
+
+
+def _replica_name() -> str | None:
+    """This replica's actor name (the engine aborts a dead caller's requests), or None outside Serve."""
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.to_full_id_str()
+    except Exception:  # noqa: BLE001  # no replica context (tests that build an Ingress directly)
+        return None
 
 
 def default_model_name(model: str | None) -> str:
