@@ -5,6 +5,8 @@ Owns: the route table (`api`), API-key checking for every route but /health, req
 turning bad input into OpenAI error bodies (400/401/404/413/429/503 with Retry-After), and
 streaming engine events as SSE (one event per token, usage chunk, in-band error + [DONE]).
 `serve.ingress(build_api)` and the deployment options are applied in replicas/app.py. Must not: run the model.
+A client that leaves cancels its engine requests (tests/replicas/test_cancellation.py); open streams are
+counted so a stopping server waits for them (tests/replicas/test_graceful_shutdown.py).
 Tests: tests/replicas/test_serving.py.
 """
 
