@@ -2,8 +2,9 @@
 
 Flags override `--config app.yaml`, whose keys are exactly the `AppArgs` of build_app (the
 same args a KubeRay serveConfigV2 passes). Without --model the embedded tiny checkpoint is
-written once (cached) and served. On Ctrl-C / SIGTERM: Serve shuts down, and a cluster this
-command started is shut down with it (no Ray process left behind).
+written once (cached) and served. On Ctrl-C / SIGTERM: new requests are refused, in-flight ones get
+`graceful_shutdown_timeout_s` to finish (the rest end with an error event and [DONE], gRPC UNAVAILABLE),
+then Serve shuts down, and a cluster this command started is shut down with it (no Ray process left behind).
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             pass
         print("stopping...", flush=True)
+        _drain_app(APP_NAME, app_args.graceful_shutdown_timeout_s)
     except KeyboardInterrupt as exc:
         print("interrupted during start-up: stopping...", file=sys.stderr, flush=True)
         interrupted = True
@@ -269,6 +271,65 @@ def startup_failure(status) -> str:  # noqa: ANN001  # ray.serve.schema.Applicat
             cause = next((ln for ln in reversed(lines) if "Error" in ln.split(":")[0]), lines[-1])
             return f"{name} failed to start: {cause}"
     return f"the app failed to deploy: {status.message}"
+
+
+def _drain_app(name: str, grace_s: float) -> None:
+    """Drain the app before Serve shuts down, so in-flight streams end properly.
+
+    Each engine replica stops admitting (new requests get a retriable 503 / UNAVAILABLE) and lets its
+    streams run for `grace_s`; those still running then end with a retriable error event and [DONE]
+    (gRPC: UNAVAILABLE). Then we wait until the ingress replicas have sent their last events through the
+    proxies, which are still up. Only then `serve.shutdown()`, which kills the proxies at once: alone it
+    cuts every stream mid-body (and `serve.delete` first drops the proxies' handles, stalling the streams
+    they carry). A second Ctrl-C / SIGTERM stops waiting.
+    """
+    import time
+
+    from ray import serve
+
+    again = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: again.set())
+    print(f"letting in-flight requests finish (up to {grace_s:g} s; Ctrl-C again to stop now)", flush=True)
+    try:
+        deployments = serve.status().applications[name].deployments
+        engine = serve.get_deployment_handle("EpserveEngine", app_name=name)
+        ingress = serve.get_app_handle(name)
+    except Exception:  # noqa: BLE001  # no app (a failed start-up): nothing to drain
+        return
+    deadline = time.monotonic() + grace_s + 15
+    if _until_all_report_zero(engine.drain, grace_s, replicas=_running(deployments, "EpserveEngine"),
+                              deadline=deadline, stop=again):
+        _until_all_report_zero(ingress.stream_count, replicas=_running(deployments, "EpserveIngress"),
+                               deadline=deadline, stop=again)
+        again.wait(1.0)  # the proxies send what the ingress handed them
+
+
+def _running(deployments: dict, name: str) -> int:  # noqa: ANN001
+    states = deployments[name].replica_states if name in deployments else {}
+    return max(1, sum(n for state, n in states.items() if state == "RUNNING"))
+
+
+def _until_all_report_zero(method, *args, replicas: int, deadline: float, stop: threading.Event) -> bool:  # noqa: ANN001
+    """Call a handle method returning (replica id, open requests) until every replica reported 0.
+
+    Calls are routed, not addressed, so they repeat (a draining engine replica reports itself
+    unavailable, which steers the router to the others). False when the deadline passed first.
+    """
+    import time
+
+    counts: dict[str, int] = {}
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            rid, n = method.remote(*args).result(timeout_s=10)
+        except Exception as exc:  # noqa: BLE001  # a replica going away; shutdown follows either way
+            print(f"while draining: {exc}", flush=True)
+            return False
+        counts[rid] = n
+        if len(counts) >= replicas and not any(counts.values()):
+            return True
+        stop.wait(0.2)
+    return False
 
 
 def _grpc_options(port: int) -> dict | None:

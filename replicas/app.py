@@ -47,6 +47,11 @@ def resource_demand(a: AppArgs, *, at_max: bool) -> dict[str, float]:
             total[k] = total.get(k, 0.0) + engines * float(v)
     return total
 
+# A stopping ingress replica outlives the engine's drain by this much: when the engine replica is stopped at its
+# `graceful_shutdown_timeout_s`, the ingress still has time to end the streams left with an error event and [DONE].
+INGRESS_SHUTDOWN_MARGIN_S = 5.0
+SHUTDOWN_WAIT_LOOP_S = 0.5  # how often a stopping replica looks whether its requests are done
+
 
 def metrics_hub(app_name: str) -> Any:  # noqa: ANN401  # a Ray actor handle
     """The app's hub (created on first use; detached so it outlives any one replica)."""
@@ -73,6 +78,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         health_check_period_s=5.0,
         health_check_timeout_s=30.0,
         graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
         request_router_config=RequestRouterConfig(
             request_router_class="replicas.engine_router:AvailableGroupRouter",
             request_routing_stats_period_s=1.0, request_routing_stats_timeout_s=5.0),
@@ -84,5 +90,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         max_queued_requests=a.ingress_max_queued_requests,
         ray_actor_options={"num_cpus": INGRESS_CPUS},
         health_check_period_s=5.0,
+        graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s + INGRESS_SHUTDOWN_MARGIN_S,
+        graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
     ).bind(engine, plain, hub)
     return ingress

@@ -14,6 +14,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 
+CPU_COLLECTIVE_DEADLINE_S = 5.0
+GPU_COLLECTIVE_DEADLINE_S = 30.0
+
+
 class AutoscalingArgs(BaseModel):
     """Serve autoscaling bounds of one deployment (replicas; for the engine, whole groups)."""
 
@@ -54,7 +58,9 @@ class AppArgs(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gpus: bool = Field(False, description="Give every rank one GPU (NCCL); else CPU ranks (gloo).")
     cpus_per_rank: float = Field(1.0, gt=0)
-    collective_deadline_s: float = Field(30.0, gt=0, description="Bound on every collective of a group.")
+    collective_deadline_s: float | None = Field(
+        None, gt=0, description="Bound on every collective of a group; a hung rank's streams fail after it. "
+        "Unset: 5 s with CPU ranks (gloo), 30 s with GPUs (NCCL).")
     capacity_factor: float = Field(2.0, gt=0, description="Decode exchange capacity over the mean rows per pair.")
     block_size: int = Field(16, ge=1, le=1024)
     num_kv_blocks: int = Field(1024, ge=1, description="KV blocks per trunk rank.")
@@ -115,8 +121,9 @@ class AppArgs(BaseModel):
         1024, ge=1, description="grpc.health.v1 Watch streams per Serve proxy (RESOURCE_EXHAUSTED beyond); "
                                 "they are answered by the proxy and hold no ingress slot.")
     graceful_shutdown_timeout_s: float = Field(
-        60.0, gt=0, description="A stopping engine replica lets streams finish this long; the rest end with a "
-                                "retriable error.")
+        20.0, gt=0, description="On stop (Ctrl-C, SIGTERM, a replica being stopped) streams may finish this long; "
+                                "the rest end with a retriable error event and [DONE] (gRPC UNAVAILABLE). Keep it "
+                                "and the ingress's 5 s more below the pods' terminationGracePeriodSeconds.")
 
     @model_validator(mode="after")
     def _layout(self) -> AppArgs:
@@ -124,6 +131,10 @@ class AppArgs(BaseModel):
             raise ValueError("expert_ranks 0 keeps the experts inside one trunk rank: use trunk_ranks 1, or X >= 1")
         if self.api_key is not None and self.api_key_env is not None:
             raise ValueError("give api_key or api_key_env, not both")
+        if self.collective_deadline_s is None:
+            # CPU steps of the served models take well under a second, so 5 s finds a hung (SIGSTOPped) rank
+            # within reliability.md's target; NCCL kernels and first-step warm-ups need longer.
+            self.collective_deadline_s = CPU_COLLECTIVE_DEADLINE_S if not self.gpus else GPU_COLLECTIVE_DEADLINE_S
         return self
 
     def max_request_body_bytes(self) -> int:

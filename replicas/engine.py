@@ -96,6 +96,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.failure: str | None = None  # set while the group is down
+        self.draining = False  # stopping: admits nothing new
         self.steps = 0
         self.last_step_time = 0.0
         self._canary: asyncio.Future | None = None
@@ -115,6 +116,28 @@ class Engine:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001  # the loop's own end
                 pass
             self._task = None
+
+    async def drain(self, grace_s: float) -> None:
+        """Admit nothing new; let open requests run for `grace_s`, then end the rest with a retriable error."""
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self._streams):
+            self.end(rid, "the server is shutting down; retry")
+
+    def end(self, request_id: str, message: str) -> None:
+        """End a request now with a retriable error event (its stream closes); caches freed between steps."""
+        entry = self._streams.get(request_id)
+        if entry is None:
+            return
+        seqs, queue = entry
+        failure = EngineFailure(message, retriable=True)
+        for s in seqs:
+            if s.status is not Status.FINISHED and not s.aborted:
+                queue.put_nowait(GenerateOutput(request_id=request_id, index=s.index, error=failure,
+                                                prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids)))
+        self.abort(request_id)
 
     # ----------------------------------------------------------------- requests
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
@@ -168,6 +191,8 @@ class Engine:
             raise RequestRejected(f"invalid structured output constraint: {exc}") from None
 
     def admit_check(self, req: GenerateRequest) -> None:
+        if self.draining:
+            raise EngineUnavailable("the server is shutting down; retry")
         if self.failure is not None:
             raise EngineUnavailable(f"the expert-parallel group is unavailable ({self.failure}); retry")
         if req.request_id in self._streams:
@@ -213,6 +238,7 @@ class Engine:
         if entry is None:
             return
         log.info("request %s: aborted", request_id)
+        self.metrics.inc("requests_aborted")
         for s in entry[0]:
             if s.status is not Status.FINISHED:
                 s.aborted = True
@@ -454,6 +480,12 @@ class Engine:
         m.set("state_slots_used", sum(p.num_slots - p.free_slots for p in pools))
         m.set("state_slots_total", sum(p.num_slots for p in pools))
         m.counters[("num_preemptions", ())] = float(self.scheduler.num_preemptions)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts read by tests and operators now (the /metrics gauges lag by the push period)."""
+        return {"running": self.scheduler.num_running, "waiting": len(self.scheduler.waiting),
+                "streams": len(self._streams), "aborted": int(self.metrics.counters.get(("requests_aborted", ()), 0)),
+                "pools": self.pool_state()}
 
     def pool_state(self) -> list[dict[str, int]]:
         """Free blocks and slots per trunk rank (tests check aborts return everything)."""

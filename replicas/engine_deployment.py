@@ -3,8 +3,9 @@
 Owns: building the group inside the replica's own placement group (bundle 0 is this replica,
 the ranks' bundles follow, so replicas scale in whole groups), the engine's step loop, readiness
 (weights loaded and a step run), Serve's health hook (a group that cannot be rebuilt fails the
-replica so Serve replaces it), and pushing metrics to the app's hub. `serve.deployment` is
-applied in replicas/app.py. Tests: tests/replicas/test_serving.py.
+replica so Serve replaces it), draining on stop (epserve/serve_cmd.py), and pushing metrics to the
+app's hub. `serve.deployment` is applied in replicas/app.py. Tests: tests/replicas/test_serving.py,
+tests/replicas/test_graceful_shutdown.py.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from replicas.scheduler import SchedulerConfig
 log = logging.getLogger("ray.serve.epserve.engine")
 
 METRICS_PUSH_S = 1.0
+CALLER_CHECK_S = 1.0  # how often the callers (ingress replicas) of open requests are checked for life
 
 
 class EngineServer:
@@ -84,6 +86,9 @@ class EngineServer:
         self.hub = metrics_hub
         self.replica_id = uuid.uuid4().hex[:12]
         self._push_task: asyncio.Task | None = None
+        self._drain_task: asyncio.Task | None = None
+        self._callers: dict[str, str] = {}  # request id -> name of the replica actor that called
+        self._watch_task: asyncio.Task | None = None
 
     def _grammar_cache(self):  # noqa: ANN202  # replicas.structured_output.GrammarCache, built on first use
         """The bounded cache of compiled grammars (its tokenizer costs ~200 MB and seconds: only when needed)."""
@@ -98,6 +103,8 @@ class EngineServer:
 
     def _ensure_started(self) -> None:
         self.engine.start()
+        if self._watch_task is None:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch_callers())
         if self._push_task is None and self.hub is not None:
             self._push_task = asyncio.get_running_loop().create_task(self._push_metrics())
 
@@ -126,22 +133,39 @@ class EngineServer:
             self.metrics.set("expert_load_imbalance_count", 1.0)
 
     # ----------------------------------------------------------------- called through handles
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        """Stream the request's events; a cancelled call (client gone) aborts it."""
+    async def generate(self, req: GenerateRequest, caller: str | None = None) -> AsyncIterator[GenerateOutput]:
+        """Stream the request's events; a cancelled call (client gone) aborts it, and so does the death of
+        `caller` (the calling replica's actor name): Ray does not cancel a dead caller's stream."""
         self._ensure_started()
         log.info("request %s: admitted, %d prompt tokens, max_tokens %d", req.request_id, len(req.prompt_ids),
                  req.max_tokens)
-        async for event in self.engine.generate(req):
-            yield event
+        if caller is not None:
+            self._callers[req.request_id] = caller
+        try:
+            async for event in self.engine.generate(req):
+                yield event
+        finally:
+            self._callers.pop(req.request_id, None)
+
+    async def _watch_callers(self) -> None:
+        while True:
+            await asyncio.sleep(CALLER_CHECK_S)
+            for name in set(self._callers.values()):
+                if not await asyncio.to_thread(_actor_alive, name):
+                    for rid in [r for r, c in self._callers.items() if c == name]:
+                        log.warning("request %s: its caller %s is gone; aborting", rid, name)
+                        self.engine.end(rid, "the ingress replica serving this request is gone")
 
     async def ready(self) -> bool:
         """Readiness: the group's data path works (a recent step, or an idle canary step now)."""
         self._ensure_started()
+        if self.engine.draining:
+            return False
         return await self.engine.probe(max_age_s=5.0, timeout_s=4 * self.args.collective_deadline_s + 10)
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Read by the engine request router (replicas/engine_router.py): avoid a group that is down."""
-        return {"available": self.engine.failure is None}
+        return {"available": self.engine.failure is None and not self.engine.draining}
 
     async def pool_state(self) -> list[dict[str, int]]:
         return self.engine.pool_state()
@@ -149,6 +173,20 @@ class EngineServer:
     async def group_epoch(self) -> int:
         """The group's epoch, bumped by every rebuild (tests check that bad input never fails the group)."""
         return self.group.epoch
+
+    async def stats(self) -> dict[str, Any]:
+        """Running and waiting sequences, open streams, aborts and the pools, as of now."""
+        return self.engine.stats()
+
+    async def drain(self, grace_s: float) -> tuple[str, int]:
+        """Stop admitting (new requests get a retriable 503); open requests may run `grace_s` more, then end
+        with a retriable error. Idempotent. Returns this replica's id and its open requests, so the caller
+        (epserve/serve_cmd.py) can reach every replica and see when they are done."""
+        self._ensure_started()
+        if self._drain_task is None:
+            log.info("draining: %d open requests get %.1f s", self.engine.stats()["streams"], grace_s)
+            self._drain_task = asyncio.get_running_loop().create_task(self.engine.drain(grace_s))
+        return self.replica_id, self.engine.stats()["streams"]
 
     async def check_health(self) -> None:
         """Serve's health hook: unhealthy only when the group is down and could not be rebuilt."""
@@ -162,3 +200,16 @@ class EngineServer:
             await self.engine.stop()
         finally:
             self.group.shutdown()
+
+
+def _actor_alive(name: str) -> bool:
+    """Whether the named Serve actor is alive (a dead one's name is released)."""
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(name, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    except Exception:  # noqa: BLE001  # the GCS unreachable for a moment: assume alive, look again later
+        return True
+    return True

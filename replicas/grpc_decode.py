@@ -65,8 +65,10 @@ class LenientServer:
 
 
 def add_epserve_to_server(servicer: Any, server: Any) -> None:  # noqa: ANN401
+    from replicas.grpc_proxy_cancel import install_pump
     from replicas.proto.epserve_pb2_grpc import add_EpserveServicer_to_server
 
+    install_pump(server)  # cancels and deadlines always reach the replica (replicas/grpc_proxy_cancel.py)
     add_EpserveServicer_to_server(servicer, LenientServer(server))
 
 

@@ -5,6 +5,8 @@ Owns: the route table (`api`), API-key checking for every route but /health, req
 turning bad input into OpenAI error bodies (400/401/404/413/429/503 with Retry-After), and
 streaming engine events as SSE (one event per token, usage chunk, in-band error + [DONE]).
 `serve.ingress(build_api)` and the deployment options are applied in replicas/app.py. Must not: run the model.
+A client that leaves cancels its engine requests (tests/replicas/test_cancellation.py); open streams are
+counted so a stopping server waits for them (tests/replicas/test_graceful_shutdown.py).
 Tests: tests/replicas/test_serving.py.
 """
 
@@ -16,6 +18,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -121,6 +124,7 @@ class Ingress:
         self.hub = metrics_hub
         self.metrics = MetricsRegistry()
         self._ready_cache: tuple[float, bool] = (0.0, False)
+        self.open_streams = 0  # streaming responses not yet ended (a stopping server waits for them)
         from replicas.grpc_service import GrpcApi
 
         self.grpc = GrpcApi(self)
@@ -131,7 +135,7 @@ class Ingress:
         HTTP status instead of a 200 stream. A request that failed retriably before producing a token is
         retried once; the engine router sends the retry to another group (replicas/engine_router.py)."""
         for attempt in (1, 2):
-            gen = self.engine.options(stream=True).generate.remote(greq)
+            gen = self.engine.options(stream=True).generate.remote(greq, _replica_name())
             try:
                 first = await gen.__anext__()
             except StopAsyncIteration:
@@ -250,7 +254,7 @@ class Ingress:
                                            sum(completion.values())))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return _sse_response(self, sse(), [stream])
 
     async def completions(self, request: Request) -> Response:
         rid = request.state.request_id
@@ -300,7 +304,7 @@ class Ingress:
                                            sum(completion.values())))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return _sse_response(self, sse(), streams)
 
     # ----------------------------------------------------------------- utility routes
     def models(self) -> dict[str, Any]:
@@ -352,6 +356,12 @@ class Ingress:
         self._ready_cache = (time.monotonic(), value)
         return value
 
+    async def stream_count(self) -> tuple[str, int]:
+        """This replica's id and its open streams (epserve/serve_cmd.py waits for 0 before stopping Serve)."""
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id, self.open_streams
+
     async def prometheus(self) -> Response:
         if self.hub is None:
             raise ApiError(503, "metrics are not available in this deployment")
@@ -362,11 +372,11 @@ class Ingress:
 
     # ----------------------------------------------------------------- gRPC (method names = RPC names)
     async def Generate(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
-        async for message in self.grpc.generate(request, grpc_context):
+        async for message in _counted(self, self.grpc.generate(request, grpc_context)):
             yield message
 
     async def Chat(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
-        async for message in self.grpc.chat(request, grpc_context):
+        async for message in _counted(self, self.grpc.chat(request, grpc_context)):
             yield message
 
     async def ModelInfo(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802, ANN401
@@ -380,10 +390,47 @@ class Ingress:
             yield message
 
 
+def _replica_name() -> str | None:
+    """This replica's actor name (the engine aborts a dead caller's requests), or None outside Serve."""
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.to_full_id_str()
+    except Exception:  # noqa: BLE001  # no replica context (tests that build an Ingress directly)
+        return None
+
+
 def default_model_name(model: str | None) -> str:
     from pathlib import Path
 
     return Path(model).name if model else "qwen3.5-moe-tiny"
+
+
+def _sse_response(ing: Ingress, body: AsyncIterator[str], streams: list[tuple[Any, GenerateOutput, int]]
+                  ) -> StreamingResponse:
+    """The SSE response of `body`, which reads the engine `streams`, counted in `ing.open_streams`.
+
+    NOTE: a client that leaves before the body's first iteration (the request cancelled between the
+    handler's return and the response, or Starlette seeing the disconnect first) means the body never
+    runs, so its `finally` never cancels the engine streams: cancel them when the body is dropped.
+    """
+    gens = [s[0] for s in streams]
+    weakref.finalize(body, _cancel_all, gens)
+    return StreamingResponse(_counted(ing, body), media_type="text/event-stream")
+
+
+async def _counted(ing: Ingress, body: AsyncIterator[Any]) -> AsyncIterator[Any]:  # noqa: ANN401
+    ing.open_streams += 1
+    try:
+        async for item in body:
+            yield item
+    finally:
+        ing.open_streams -= 1
+
+
+def _cancel_all(gens: list[Any]) -> None:  # noqa: ANN401  # DeploymentResponseGenerators
+    for gen in gens:
+        gen.cancel()  # a no-op for a stream already cancelled or finished
 
 
 def _stream_error(ev: GenerateOutput) -> dict[str, Any]:

@@ -33,6 +33,7 @@ HELP = {
     "generation_tokens": "Generated tokens.",
     "request_success": "Finished requests by finish reason.",
     "request_errors": "Requests that ended in an error, by kind.",
+    "requests_aborted": "Requests aborted before they finished (client gone, deadline, shutdown).",
     "num_preemptions": "Sequences preempted for lack of cache.",
     "expert_load_imbalance": "Max over mean tokens per expert rank, mean over MoE layers (1 = balanced).",
     "spec_decode_num_draft_tokens": "Draft tokens proposed by MTP.",

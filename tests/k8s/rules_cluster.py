@@ -451,3 +451,20 @@ def probe_problems(d: Docs) -> list[str]:
                 if tolerance < 300:
                     problems.append(f"{tag}: a GPU worker restart costs a weight reload; tolerate >= 300 s")
     return problems
+
+
+def shutdown_problems(d: Docs) -> list[str]:
+    """A stopping replica's drain (`graceful_shutdown_timeout_s`, the ingress's margin more) ends before the
+    kubelet kills its pod (terminationGracePeriodSeconds, 30 s when unset), so streams end with an error event
+    instead of being cut."""
+    from replicas.app import INGRESS_SHUTDOWN_MARGIN_S
+
+    problems = []
+    for rs in d.get("RayService", []):
+        drain = app_args(rs).graceful_shutdown_timeout_s + INGRESS_SHUTDOWN_MARGIN_S
+        for where, _, template in pod_templates(rs):
+            grace = float(template["spec"].get("terminationGracePeriodSeconds", 30))
+            if drain >= grace:
+                problems.append(f"{source(rs)} {where}: graceful_shutdown_timeout_s + {INGRESS_SHUTDOWN_MARGIN_S:g} s "
+                                f"= {drain:g} s is not below terminationGracePeriodSeconds {grace:g}")
+    return problems

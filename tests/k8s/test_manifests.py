@@ -44,6 +44,7 @@ from tests.k8s.rules_cluster import (
     security_problems,
     serve_problems,
     shm_problems,
+    shutdown_problems,
     upgrade_problems,
 )
 from tests.k8s.rules_network import (
@@ -117,6 +118,10 @@ def test_head_holds_no_gpu_and_no_replica() -> None:
 
 def test_gpu_workers_get_gpus_rdma_ipc_lock_and_nccl_env_and_cpu_app_none() -> None:
     assert accelerator_problems(docs()) == []
+
+
+def test_replica_drain_ends_before_the_pod_is_killed() -> None:
+    assert shutdown_problems(docs()) == []
 
 
 def test_pods_are_non_root_and_drop_all_capabilities() -> None:
@@ -228,6 +233,8 @@ BREAKAGES: list[tuple[str, Callable[[Docs], Any], Callable[[Docs], list[str]]]] 
         add=["IPC_LOCK", "SYS_ADMIN"]), accelerator_problems),
     ("no NCCL_IB_HCA", lambda d: _gpu_worker(d).update(
         env=[e for e in _gpu_worker(d)["env"] if e["name"] != "NCCL_IB_HCA"]), accelerator_problems),
+    ("drain past the pod's grace period", lambda d: _set_args(d, False, graceful_shutdown_timeout_s=60),
+     shutdown_problems),
     ("watchdog below the collective deadline", lambda d: _set_args(d, True, collective_deadline_s=300),
      accelerator_problems),
     ("tiny worker with a GPU", lambda d: ray_container(_rs(d, False)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]

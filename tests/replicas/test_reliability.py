@@ -1,6 +1,6 @@
 """Faults lose nothing: killed or frozen ranks, a killed ingress replica, a killed Serve controller.
 
-An app with two expert-parallel groups (D=1 x X=2 each, collective deadline 5 s) serves 8 streams while
+An app with two expert-parallel groups (D=1 x X=2 each, the CPU default collective deadline) serves 8 streams while
 a victim is killed (SIGKILL) or frozen (SIGSTOP). Outcome table per stream: it ends with a finish_reason,
 with an in-band retriable error object, or (ingress killed) with a transport error; never a clean end
 without either, never a hang. The failed group serves again within 60 s; the other group keeps serving.
@@ -23,7 +23,6 @@ import requests
 pytestmark = pytest.mark.timeout(900)
 
 APP = "rel"
-DEADLINE_S = 5.0
 
 
 @dataclass
@@ -183,9 +182,10 @@ def app(serve_http: str, embedded_model_dir: Path):  # noqa: ANN201
     from replicas.app import build_app
     from replicas.app_args import AppArgs, AutoscalingArgs
 
+    # NOTE: no collective_deadline_s: the CPU default must end a frozen rank's streams within 10 s
     args = AppArgs(
         model=str(embedded_model_dir), served_model_name="rtiny", dtype="float32", trunk_ranks=1, expert_ranks=2,
-        collective_deadline_s=DEADLINE_S, num_kv_blocks=128, max_num_seqs=12, max_model_len=1024,
+        num_kv_blocks=128, max_num_seqs=12, max_model_len=1024,
         ingress_autoscaling=AutoscalingArgs(min_replicas=2, max_replicas=2),
         engine_autoscaling=AutoscalingArgs(min_replicas=2, max_replicas=2),
     )
@@ -210,9 +210,11 @@ def test_rank_fault_ends_streams_retriably_and_group_returns(app, victim: str, h
         _join(threads, 90)
         counts = _check_outcomes(streams, t_fault=t_fault)
         assert counts.get("error", 0) >= 1, f"the faulty group held no stream? {counts}"
+        errored = [s.ended_at - t_fault for s in streams if s.outcome == "error"]
         took = _both_groups_serve(app)
         assert time.monotonic() - t_fault < 90
-        print(f"{victim} {how}: outcomes {counts}, both groups serving {took:.1f} s after recovery traffic began")
+        print(f"{victim} {how}: outcomes {counts}, errors {min(errored):.1f}-{max(errored):.1f} s after the fault, "
+              f"both groups serving {took:.1f} s after recovery traffic began")
     finally:
         if how == "stop":
             try:
