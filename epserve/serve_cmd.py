@@ -87,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
         app_args = fit_to_machine(app_args)
     stop = threading.Event()
     local = None
-    interrupted = False
     # Until the app is up, Ctrl-C and SIGTERM interrupt the start (the finally below cleans up);
     # once it serves they only ask for the drain, which then runs uninterrupted.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -144,13 +143,12 @@ def run(args: argparse.Namespace) -> int:
         _drain_app(APP_NAME, app_args.graceful_shutdown_timeout_s)
     except KeyboardInterrupt as exc:
         print("interrupted during start-up: stopping...", file=sys.stderr, flush=True)
-        interrupted = True
         return 128 + (signal.SIGTERM if str(exc) == "SIGTERM" else signal.SIGINT)
     finally:
         # A second Ctrl-C must not cut the clean-up short (it would leave Ray processes behind).
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
-        _shutdown(local, drain=not interrupted)
+        _shutdown(local)
     return 0
 
 
@@ -173,24 +171,24 @@ def _join(address: str) -> None:
     ray.init(address=address, log_to_driver=False, logging_level="WARNING")
 
 
-def _shutdown(local, *, drain: bool) -> None:  # noqa: ANN001  # LocalCluster | None
-    """Stop Serve, then the cluster we started. Interrupted during start-up, a local cluster has
-    nothing to drain: it goes down at once (Serve's own shutdown waits out replicas still loading)."""
+def _shutdown(local) -> None:  # noqa: ANN001  # LocalCluster | None
+    """Stop what we started. A local cluster goes down whole once the app has drained (or was interrupted
+    while starting): Serve's own shutdown would only wait out replicas still loading, and its controller
+    kills itself mid-call, which Ray reports as a failed task on every stop. A joined cluster keeps
+    running, so there Serve is shut down properly."""
     import ray
 
-    if not ray.is_initialized() or (local is not None and not drain):
-        if local is not None:
-            local.shutdown()
+    if local is not None:
+        local.shutdown()
+        return
+    if not ray.is_initialized():
         return
     from ray import serve
 
     try:
         serve.shutdown()
     finally:
-        if local is not None:
-            local.shutdown()
-        else:
-            ray.shutdown()
+        ray.shutdown()
 
 
 def check_model_folder(folder: Path) -> None:

@@ -79,6 +79,18 @@ def test_broken_model_folder_fails_before_ray(embedded_model_dir: Path, tmp_path
     assert "Started a local Ray instance" not in r.stderr + r.stdout
 
 
+def test_replica_start_up_error_is_the_commands_error(embedded_model_dir: Path, tmp_path: Path) -> None:
+    """A problem only a replica finds (here: a context longer than the KV cache holds) ends the command
+    with the replica's own message, not Serve's wrapper or a hang."""
+    config = tmp_path / "app.yaml"
+    config.write_text("max_model_len: 10000000\n")
+    r = _epserve("serve", "--model", str(embedded_model_dir), "--config", str(config), "--port", str(free_port()),
+                 "--grpc-port", str(free_port()), timeout=400)
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    last = r.stderr.strip().splitlines()[-1]
+    assert "failed to start" in last and "max_model_len 10000000 exceeds" in last, r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_during_startup_leaves_no_ray_process(embedded_model_dir: Path, sig: int) -> None:
     sp = start_serve(["--model", str(embedded_model_dir), "--trunk-ranks", "1", "--expert-ranks", "2"],
