@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         app_args = fit_to_machine(app_args)
     stop = threading.Event()
     local = None
+    drained = False
     # Until the app is up, Ctrl-C and SIGTERM interrupt the start (the finally below cleans up);
     # once it serves they only ask for the drain, which then runs uninterrupted.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -141,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             pass
         print("stopping...", flush=True)
         _drain_app(APP_NAME, app_args.graceful_shutdown_timeout_s)
+        drained = True
     except KeyboardInterrupt as exc:
         print("interrupted during start-up: stopping...", file=sys.stderr, flush=True)
         return 128 + (signal.SIGTERM if str(exc) == "SIGTERM" else signal.SIGINT)
@@ -148,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         # A second Ctrl-C must not cut the clean-up short (it would leave Ray processes behind).
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
-        _shutdown(local)
+        _shutdown(local, drained=drained)
     return 0
 
 
@@ -171,14 +173,14 @@ def _join(address: str) -> None:
     ray.init(address=address, log_to_driver=False, logging_level="WARNING")
 
 
-def _shutdown(local) -> None:  # noqa: ANN001  # LocalCluster | None
-    """Stop what we started. A local cluster goes down whole once the app has drained (or was interrupted
-    while starting): Serve's own shutdown would only wait out replicas still loading, and its controller
-    kills itself mid-call, which Ray reports as a failed task on every stop. A joined cluster keeps
-    running, so there Serve is shut down properly."""
+def _shutdown(local, *, drained: bool) -> None:  # noqa: ANN001  # LocalCluster | None
+    """Stop Serve, then the cluster we started. Interrupted during start-up, a local cluster has nothing
+    to drain and goes down whole at once (Serve's shutdown would wait out replicas still loading).
+    After a drain, Serve's shutdown also ends the handles the drain used: left running, their threads
+    would start a new Ray connection (to any cluster on the machine) once ours is gone."""
     import ray
 
-    if local is not None:
+    if local is not None and not drained:
         local.shutdown()
         return
     if not ray.is_initialized():
@@ -188,7 +190,10 @@ def _shutdown(local) -> None:  # noqa: ANN001  # LocalCluster | None
     try:
         serve.shutdown()
     finally:
-        ray.shutdown()
+        if local is not None:
+            local.shutdown()
+        else:
+            ray.shutdown()
 
 
 def check_model_folder(folder: Path) -> None:

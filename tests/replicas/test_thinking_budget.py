@@ -152,7 +152,7 @@ def test_budget_resolution_request_then_server_then_checkpoint(embedded_model_di
     def built(c: ModelContext, body: dict, *, thinking: bool = True, grammar: object = None) -> GenerateRequest:
         req = ChatCompletionRequest.model_validate({"model": "t", "messages": [{"role": "user", "content": "hi"}],
                                                     "max_tokens": 8, **body})
-        return c.build(req, [1, 2, 3], request_id="r", logprobs=None, thinking=thinking, grammar=grammar)
+        return c.build(req, [1, 2, 3], request_id="r", thinking=thinking, grammar=grammar)
 
     checkpoint, server = ctx(None), ctx(3)
     assert checkpoint.max_thinking_tokens == 16  # the embedded model's generation_config.json
