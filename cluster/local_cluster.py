@@ -73,7 +73,11 @@ def _reap(procs: list, grace_s: float) -> None:
 
 
 def start_local_cluster(
-    nodes: int, *, cpus_per_node: int = 2, connect: bool = True, head_resources: dict[str, float] | None = None,
+    nodes: int,
+    *,
+    cpus_per_node: int = 2,
+    connect: bool = True,
+    head_resources: dict[str, float] | None = None,
     object_store_mb: int = 256,
 ) -> LocalCluster:
     """Start `nodes` Ray nodes on 127.0.0.1 (the first is the head) and optionally connect this process.
@@ -99,8 +103,12 @@ def start_local_cluster(
     store = object_store_mb * 2**20
     cluster = Cluster()
     try:
-        cluster.add_node(num_cpus=cpus_per_node, resources=dict(head_resources or {}), object_store_memory=store,
-                         include_dashboard=False)
+        cluster.add_node(
+            num_cpus=cpus_per_node,
+            resources=dict(head_resources or {}),
+            object_store_memory=store,
+            include_dashboard=False,
+        )
         for _ in range(nodes - 1):
             cluster.add_node(num_cpus=cpus_per_node, object_store_memory=store)
         cluster.wait_for_nodes()

@@ -152,8 +152,11 @@ class Tokenizer:
         if cached is None:
             pre = self._backend.pre_tokenizer
             added = self._backend.get_added_tokens_decoder().values()
-            cached = (pre is not None and [p for p, _ in pre.pre_tokenize_str("ab cd")] == ["ab", "\u0120cd"]
-                      and not any(" " in t.content for t in added))
+            cached = (
+                pre is not None
+                and [p for p, _ in pre.pre_tokenize_str("ab cd")] == ["ab", "\u0120cd"]
+                and not any(" " in t.content for t in added)
+            )
             self._spaced_split = cached
         return cached
 

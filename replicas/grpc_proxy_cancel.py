@@ -32,8 +32,10 @@ class _LiveContext:
 
     def __init__(self, ctx: Any) -> None:  # noqa: ANN401  # grpc.aio.ServicerContext
         self._ctx = ctx
-        self._taken = {name: getattr(ctx, name)() for name in (
-            "peer", "auth_context", "peer_identities", "peer_identity_key", "invocation_metadata")}
+        self._taken = {
+            name: getattr(ctx, name)()
+            for name in ("peer", "auth_context", "peer_identities", "peer_identity_key", "invocation_metadata")
+        }
 
     def __getattr__(self, name: str) -> Any:  # noqa: ANN401
         if name in self._taken:

@@ -43,18 +43,26 @@ class MtpDrafter:
             if nxt is None:
                 continue
             c = s.chunk
-            chunks.append(SeqChunk(
-                (*c.token_ids[1:valid], nxt), c.context_len, c.state_slot, c.block_table,
-                positions=c.positions[:, :valid] if c.positions is not None else None, rope_delta=c.rope_delta,
-                logits="last" if s.sample else "none"))
+            chunks.append(
+                SeqChunk(
+                    (*c.token_ids[1:valid], nxt),
+                    c.context_len,
+                    c.state_slot,
+                    c.block_table,
+                    positions=c.positions[:, :valid] if c.positions is not None else None,
+                    rope_delta=c.rope_delta,
+                    logits="last" if s.sample else "none",
+                )
+            )
             rows.append(torch.arange(batch.starts[i], batch.starts[i] + valid))
             if s.sample:
                 samplers.append((i, c.context_len + valid))
         if not chunks:
             return
         mtp_batch = StepBatch.build(chunks, block_size=self.pools.block_size)
-        out = mtp_forward(self.trunk, hidden_TD[torch.cat(rows)], batch=mtp_batch, pools=self.pools,
-                          routed=self.routed, step=0)
+        out = mtp_forward(
+            self.trunk, hidden_TD[torch.cat(rows)], batch=mtp_batch, pools=self.pools, routed=self.routed, step=0
+        )
         if not samplers:
             return
         drafts: dict[int, list[int]] = {i: [] for i, _ in samplers}
@@ -77,10 +85,24 @@ class MtpDrafter:
             if step + 1 == steps:
                 break
             # recursive step: MTP at the position after the last one, input (its own normed output, the draft)
-            rec = [SeqChunk((drafts[i][-1],), end + step, req.seqs[i].chunk.state_slot, req.seqs[i].chunk.block_table,
-                            rope_delta=req.seqs[i].chunk.rope_delta) for i, end in samplers]
-            out = mtp_forward(self.trunk, hidden, batch=StepBatch.build(rec, block_size=self.pools.block_size),
-                              pools=self.pools, routed=self.routed, step=step + 1)
+            rec = [
+                SeqChunk(
+                    (drafts[i][-1],),
+                    end + step,
+                    req.seqs[i].chunk.state_slot,
+                    req.seqs[i].chunk.block_table,
+                    rope_delta=req.seqs[i].chunk.rope_delta,
+                )
+                for i, end in samplers
+            ]
+            out = mtp_forward(
+                self.trunk,
+                hidden,
+                batch=StepBatch.build(rec, block_size=self.pools.block_size),
+                pools=self.pools,
+                routed=self.routed,
+                step=step + 1,
+            )
             logits, hidden = out.logits_RV, out.hidden_TD
         for i, _ in samplers:
             res.drafts[i] = tuple(drafts[i])  # type: ignore[attr-defined]

@@ -77,8 +77,11 @@ class ProxyHealth(health_pb2_grpc.HealthServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=await self._status(context))
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any  # noqa: N802, ANN401
-                    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+    async def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: Any,  # noqa: N802, ANN401
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         if isinstance(request, UndecodableRequest):
             context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
             context.set_details(request.describe())
@@ -88,8 +91,10 @@ class ProxyHealth(health_pb2_grpc.HealthServicer):
             return
         if self.watchers >= self.max_watchers:  # ends the call with this status (no abort inside a generator)
             context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
-            context.set_details(f"this proxy already serves {self.max_watchers} health Watch streams "
-                                "(max_health_watchers); use Check or retry later")
+            context.set_details(
+                f"this proxy already serves {self.max_watchers} health Watch streams "
+                "(max_health_watchers); use Check or retry later"
+            )
             return
         self.watchers += 1
         try:

@@ -158,8 +158,9 @@ class Scheduler:
             if seq.remaining == 1 and seq.num_computed > 0:
                 continue
             n = chunk_len(seq.remaining, budget)
-            while n > 0 and not self._grow(seq, seq.num_computed + n + (self.config.lookahead if n == seq.remaining
-                                                                       else 0)):
+            while n > 0 and not self._grow(
+                seq, seq.num_computed + n + (self.config.lookahead if n == seq.remaining else 0)
+            ):
                 n = ((n - 1) // CHUNK_ALIGN) * CHUNK_ALIGN  # a shorter aligned chunk that fits
             if n <= 0:
                 continue

@@ -65,7 +65,9 @@ class Sequence:
         budget = req.max_thinking_tokens
         self._thinking = budget is not None and budget > 0 and bool(req.thinking_end_ids)
         self._forced: list[int] = list(req.thinking_end_ids) if budget == 0 else []
-        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=req.skip_special_tokens) if tokenizer else None
+        self._detok = (
+            IncrementalDetokenizer(tokenizer, skip_special_tokens=req.skip_special_tokens) if tokenizer else None
+        )
         self._text = ""  # detokenized output so far
         self._emitted = 0  # characters of _text already sent
         self._hold = max((len(s) for s in req.stop), default=1) - 1
@@ -180,23 +182,29 @@ class Sequence:
         if finish is not None and self._detok is not None and not isinstance(stop_reason, str):
             self._text += self._detok.finish()  # flush a held-back partial character
         if finish is not None:
-            text = self._text[self._emitted:]
+            text = self._text[self._emitted :]
             self._emitted = len(self._text)
         else:
             safe = max(self._emitted, len(self._text) - self._hold)
-            text = self._text[self._emitted:safe]
+            text = self._text[self._emitted : safe]
             self._emitted = safe
         return GenerateOutput(
-            request_id=self.req.request_id, index=self.index, token_ids=(token,), text=text,
-            logprobs=(logprobs,) if logprobs is not None else (), finish_reason=finish, stop_reason=stop_reason,
-            prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids),
+            request_id=self.req.request_id,
+            index=self.index,
+            token_ids=(token,),
+            text=text,
+            logprobs=(logprobs,) if logprobs is not None else (),
+            finish_reason=finish,
+            stop_reason=stop_reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
         )
 
     def close(self, finish_reason: str, last: GenerateOutput) -> GenerateOutput:
         """End the choice now (its grammar is complete): the last event becomes final, text flushed."""
         if self._detok is not None:
             self._text += self._detok.finish()
-        text = last.text + self._text[self._emitted:]
+        text = last.text + self._text[self._emitted :]
         self._emitted = len(self._text)
         return replace(last, text=text, finish_reason=finish_reason)
 

@@ -33,8 +33,7 @@ FIRST_SPECIAL_ID = 248_044
 CORPUS = {
     "english": "The quick brown fox jumps over the lazy dog. It's 5 o'clock; we'll see, they've gone, I'd say.",
     "code": (
-        'def f(x: int) -> int:\n    """Doc."""\n    return {"a": [x ** 2, x // 3]}  # comment\n\n\n'
-        "class A:\n\tpass\n"
+        'def f(x: int) -> int:\n    """Doc."""\n    return {"a": [x ** 2, x // 3]}  # comment\n\n\nclass A:\n\tpass\n'
     ),
     "cjk": "你好，世界！这是一个测试。日本語のテキストとカタカナ。한국어 문장입니다.",
     "emoji": "Emoji 😀👍🏽 family 👨‍👩‍👧‍👦 flags 🇯🇵🇫🇷 and ❤️‍🔥 done",
@@ -177,7 +176,7 @@ def tiktoken_ref() -> Any:
 
 def _first_diff(a: list[int], b: list[int]) -> str:
     at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return f"first difference at {at}: ours {a[at:at + 5]} vs oracle {b[at:at + 5]} (lengths {len(a)}, {len(b)})"
+    return f"first difference at {at}: ours {a[at : at + 5]} vs oracle {b[at : at + 5]} (lengths {len(a)}, {len(b)})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +382,7 @@ def test_tool_calls_and_results_by_hand(tok: Tokenizer) -> None:
         "<parameter=verbose>\ntrue\n</parameter>\n"
         "</function>\n</tool_call>\n"
         "<tool_call>\n<function=now>\n</function>\n</tool_call><|im_end|>\n"
-        "<|im_start|>user\n<tool_response>\n{\"temp\": 21}\n</tool_response>\n"
+        '<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response>\n'
         "<tool_response>\n12:00\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\n<think>\n"
     )
@@ -482,8 +481,7 @@ def test_detokenizer_random_ids(tok: Tokenizer, skip: bool) -> None:
     byte_ids = [tok.token_to_id(symbol) for symbol in byte_to_unicode().values()]
     for trial in range(150):
         ids = [
-            rng.choice(byte_ids) if rng.random() < 0.5 else rng.randrange(NUM_TOKENS)
-            for _ in range(rng.randint(1, 40))
+            rng.choice(byte_ids) if rng.random() < 0.5 else rng.randrange(NUM_TOKENS) for _ in range(rng.randint(1, 40))
         ]
         expected = tok.decode(ids, skip_special_tokens=skip)
         for chunk in (1, 3):
@@ -518,4 +516,3 @@ def test_detokenizer_flushes_incomplete_tail(tok: Tokenizer) -> None:
     assert detok.finish() == tok.decode(ids)[1:] == "\ufffd"
     with pytest.raises(RuntimeError):
         detok.feed(1)
-
