@@ -59,7 +59,7 @@ from cluster.placement import ExpertMap, plan_placement  # noqa: E402  # after t
 from cluster.process_groups import GroupSpec, free_port, join_group  # noqa: E402
 from cluster.topology import GroupShape, Topology  # noqa: E402
 from model_shards.moe import Routing  # noqa: E402
-from replicas.a2a_protocol import FIXED, VARIABLE, StepPlan, fixed_capacity  # noqa: E402
+from replicas.a2a_protocol import FIXED, StepPlan, fixed_capacity  # noqa: E402
 
 NUM_EXPERTS, TOP_K = 16, 4  # tests/hf_oracle.py TEXT
 LAYERS = 8  # MoE layers per step (the tiny config's 8 decoder layers)
@@ -353,6 +353,8 @@ def bench_exchange(hiddens: list[int], reps: int, steps: int, profile: bool) -> 
 
 # ------------------------------------------------------------------------------ decode steps
 def bench_decode(hiddens: list[int], tmp: Path) -> list[dict]:
+    import ray
+
     from model_shards.batch import SeqChunk
     from model_shards.model import LocalModel
     from model_shards.sampling import SamplingParams
@@ -362,8 +364,6 @@ def bench_decode(hiddens: list[int], tmp: Path) -> list[dict]:
     from replicas.step_types import SeqStep, StepRequest
     from replicas.trunk_rank import TrunkRank
     from tests.hf_oracle import save_random_hf_checkpoint
-
-    import ray
 
     rows = []
     greedy = SamplingParams(temperature=0.0)

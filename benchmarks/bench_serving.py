@@ -278,6 +278,7 @@ class Bench:
         from cluster.process_groups import free_port
         from cluster.topology import GroupShape
         from model_shards.tiny_checkpoint import embedded_model
+        from model_shards.tokenizer import Tokenizer
         from replicas.actors import CacheSizes
         from replicas.app import build_app
         from replicas.app_args import AppArgs, AutoscalingArgs
@@ -286,7 +287,6 @@ class Bench:
         from replicas.group import ExpertParallelGroup, GroupConfig
         from replicas.request_builder import ModelContext
         from replicas.scheduler import SchedulerConfig
-        from model_shards.tokenizer import Tokenizer
 
         a = self.args
         t0 = time.monotonic()
@@ -572,7 +572,7 @@ class Bench:
             lg = torch.randn(64, vocab) * 3
             ref = sample(lg, [params] * 64, positions=list(range(64))).token_ids.tolist()
             same = sum(a == b for a, b in zip(ref, sample_top_k_first(lg, [params] * 64, list(range(64)))))
-            out[f"sketch draws equal to sample() on 64 random rows (count)"] = float(same)
+            out["sketch draws equal to sample() on 64 random rows (count)"] = float(same)
         ids = self.work.prompts[0] * 2
 
         def detok() -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import sysconfig
 from pathlib import Path
 
 import torch

@@ -16,7 +16,6 @@ from typing import TypeVar
 
 import torch
 
-
 _T = TypeVar("_T")
 
 

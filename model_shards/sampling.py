@@ -10,9 +10,8 @@ Tests: tests/model_shards/test_sampling.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model_shards.config import FULL_ATTENTION, LINEAR_ATTENTION
-from model_shards.config import from_hf_config
+from model_shards.config import FULL_ATTENTION, LINEAR_ATTENTION, from_hf_config
 from model_shards.preprocessor_config import (
     IMAGE_FILE,
     QWEN35_IMAGE_PREPROCESSOR,

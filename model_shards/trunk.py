@@ -22,7 +22,7 @@ from model_shards.config import FULL_ATTENTION, ModelConfig
 from model_shards.gated_attention import AttentionWeights, attention_forward
 from model_shards.gated_deltanet import DeltaNetWeights, deltanet_forward
 from model_shards.moe import Routing, SharedMoEWeights, route_and_shared
-from model_shards.norms import rms_norm_zc, rms_norm_zc_scaled, zc_scale
+from model_shards.norms import rms_norm_zc_scaled, zc_scale
 from model_shards.quant import Weight, linear
 from model_shards.rope import inv_frequencies, mrope_cos_sin
 

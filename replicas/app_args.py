@@ -13,7 +13,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-
 CPU_COLLECTIVE_DEADLINE_S = 5.0
 GPU_COLLECTIVE_DEADLINE_S = 30.0
 

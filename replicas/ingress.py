@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model_shards.image_processing import MediaLimits
 from replicas.app_args import AppArgs
 from replicas.body_limits import read_body
+from replicas.chat_stream import ChatChoiceStream
 from replicas.engine_types import EngineFailure, GenerateOutput, GenerateRequest
 from replicas.json_input import parse_json
 from replicas.metrics import MetricsRegistry, render
@@ -42,7 +43,6 @@ from replicas.openai_protocol import (
     bad_request,
     validation_error,
 )
-from replicas.chat_stream import ChatChoiceStream
 from replicas.openai_responses import (
     ChoiceState,
     chat_chunk,

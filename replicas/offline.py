@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-
 from model_shards.batch import SeqChunk
 from model_shards.cache import CachePools
 from model_shards.model import LocalModel

@@ -17,17 +17,17 @@ from typing import Any
 
 from model_shards.config import ModelConfig, from_hf_config
 from model_shards.generation_config import GenerationDefaults
-from model_shards.sampling import SamplingParams
-from model_shards.tokenizer import Tokenizer
 from model_shards.image_processing import MediaError, MediaLimits
 from model_shards.preprocessor_config import load_preprocess_config
+from model_shards.sampling import SamplingParams
+from model_shards.tokenizer import Tokenizer
+from replicas.chat_stream import thinking_open
 from replicas.engine_types import GenerateRequest
 from replicas.json_input import encodable
 from replicas.media import MediaReader, MultimodalPrompt, has_media
-from replicas.tool_parser import tools_by_name
-from replicas.chat_stream import thinking_open
-from replicas.reasoning_parser import THINK_CLOSE, TOOL_CALL_OPEN
 from replicas.openai_protocol import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling, bad_request
+from replicas.reasoning_parser import THINK_CLOSE, TOOL_CALL_OPEN
+from replicas.tool_parser import tools_by_name
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import llguidance
-
-from model_shards.sampling import apply_bitmask  # noqa: F401  # the mask's consumer lives with sampling
 import numpy as np
 import torch
 from tokenizers import Tokenizer as BackendTokenizer
+
+from model_shards.sampling import apply_bitmask  # noqa: F401  # the mask's consumer lives with sampling
 from replicas.tool_parser import schema_types
 
 MODEL_VOCAB_SIZE = 248_320  # logits width; ids from the tokenizer's size up to here are padding, never allowed

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from tests.k8s.manifests import (
-    Docs,
     K8S,
+    Docs,
     app_args,
     docs,
     env_of,

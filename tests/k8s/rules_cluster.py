@@ -18,7 +18,6 @@ from tests.k8s.manifests import (
     DEPRECATED_RAYSERVICE_FIELDS,
     DNS1035,
     DNS1123_LABEL,
-    Docs,
     GPU,
     GPU_MEMORY_GIB,
     MAX_RAYSERVICE_NAME,
@@ -27,6 +26,7 @@ from tests.k8s.manifests import (
     RAYSERVICE_CRD,
     SERVE_PORTS,
     UPGRADE_TYPES,
+    Docs,
     app_args,
     duration_s,
     env_of,
@@ -403,7 +403,7 @@ def security_problems(d: Docs) -> list[str]:
             problems.append(f"{where}: the pod's seccompProfile must be RuntimeDefault")
         for c in containers:
             sc, tag = c.get("securityContext", {}), f"{where} container {c['name']}"
-            if not (sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True):
+            if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
                 problems.append(f"{tag}: runAsNonRoot not true")
             if sc.get("runAsUser") == 0:
                 problems.append(f"{tag}: runAsUser 0")

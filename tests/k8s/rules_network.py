@@ -12,12 +12,12 @@ import yaml
 from tests.k8s.manifests import (
     APP_LABEL,
     CONTROL_PORTS,
-    Docs,
     FILL_JOB_LABEL,
     KUBE_DNS_POD,
     NODE_TYPE,
     OPERATOR_POD,
     SERVE_PORTS,
+    Docs,
     pod_templates,
     source,
 )

@@ -20,17 +20,23 @@ import pytest
 import yaml
 
 from tests.k8s.manifests import (
-    Docs,
     GPU,
     NODE_TYPE,
     RAYSERVICE_CRD,
     UPGRADE_TYPES,
+    Docs,
     app_args,
     crd_schema,
     docs,
     ray_container,
     serve_config,
     source,
+)
+from tests.k8s.rules_artifacts import (
+    dockerfile_inputs,
+    dockerfile_problems,
+    image_problems,
+    job_problems,
 )
 from tests.k8s.rules_cluster import (
     accelerator_problems,
@@ -50,12 +56,6 @@ from tests.k8s.rules_cluster import (
 from tests.k8s.rules_network import (
     exposure_problems,
     netpol_problems,
-)
-from tests.k8s.rules_artifacts import (
-    dockerfile_inputs,
-    dockerfile_problems,
-    image_problems,
-    job_problems,
 )
 
 

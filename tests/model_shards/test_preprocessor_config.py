@@ -17,8 +17,13 @@ import pytest
 from PIL import Image
 
 from model_shards.config import from_hf_config
-from model_shards.image_processing import MediaLimits, PreprocessConfig, preprocess_image, preprocess_video
-from model_shards.image_processing import sample_frame_indices
+from model_shards.image_processing import (
+    MediaLimits,
+    PreprocessConfig,
+    preprocess_image,
+    preprocess_video,
+    sample_frame_indices,
+)
 from model_shards.preprocessor_config import (
     IMAGE_FILE,
     QWEN35_IMAGE_PREPROCESSOR,

@@ -499,7 +499,7 @@ def test_detokenizer_text(tok: Tokenizer, name: str) -> None:
 
 def test_detokenizer_holds_back_split_character(tok: Tokenizer) -> None:
     to_symbol = byte_to_unicode()
-    ids = [tok.token_to_id(to_symbol[b]) for b in "a😀中".encode("utf-8")]
+    ids = [tok.token_to_id(to_symbol[b]) for b in "a😀中".encode()]
     detok = IncrementalDetokenizer(tok)
     deltas = [detok.feed(token_id) for token_id in ids]
     assert deltas == ["a", "", "", "", "😀", "", "", "中"]
@@ -509,7 +509,7 @@ def test_detokenizer_holds_back_split_character(tok: Tokenizer) -> None:
 
 def test_detokenizer_flushes_incomplete_tail(tok: Tokenizer) -> None:
     to_symbol = byte_to_unicode()
-    ids = [tok.token_to_id(to_symbol[b]) for b in "x中".encode("utf-8")[:-1]]
+    ids = [tok.token_to_id(to_symbol[b]) for b in "x中".encode()[:-1]]
     detok = IncrementalDetokenizer(tok)
     assert detok.feed(ids[0]) == "x"
     assert detok.feed(ids[1:]) == ""

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 

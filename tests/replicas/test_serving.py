@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import requests
 import openai
 import pytest
+import requests
 import torch
 
 pytestmark = pytest.mark.timeout(900)
