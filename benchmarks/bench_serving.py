@@ -395,8 +395,8 @@ class Bench:
         path: str,
         c: int,
         rounds: int,
-        session,
-        until: asyncio.Event | None = None,  # noqa: ANN001
+        session,  # noqa: ANN001
+        until: asyncio.Event | None = None,
     ) -> Run:
         """c workers, `rounds` requests each back to back (or until `until` is set)."""
         run = Run(path, c)

@@ -49,7 +49,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
         message = f"unrecognized arguments: {' '.join(extra)}"
         if argv.index(extra[0]) < argv.index(args.command):
             parser.error(message)  # before the command name: a top-level flag
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.command].error(message)
     return args
 

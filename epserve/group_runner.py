@@ -20,7 +20,7 @@ class _SyncGroupRunner:
         self.block_size = block_size
         self.num_trunk_ranks = group.shape.trunk_ranks
 
-    def step(self, requests):  # noqa: ANN001, ANN201  # list[StepRequest] -> list[StepResult]
+    def step(self, requests):  # noqa: ANN001, ANN202  # list[StepRequest] -> list[StepResult]
         return asyncio.run(self.group.step(requests))
 
 

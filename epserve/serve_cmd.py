@@ -334,12 +334,12 @@ def _drain_app(name: str, grace_s: float) -> None:
         again.wait(1.0)  # the proxies send what the ingress handed them
 
 
-def _running(deployments: dict, name: str) -> int:  # noqa: ANN001
+def _running(deployments: dict, name: str) -> int:
     states = deployments[name].replica_states if name in deployments else {}
     return max(1, sum(n for state, n in states.items() if state == "RUNNING"))
 
 
-def _until_all_report_zero(method, *args, replicas: int, deadline: float, stop: threading.Event) -> bool:  # noqa: ANN001
+def _until_all_report_zero(method, *args, replicas: int, deadline: float, stop: threading.Event) -> bool:  # noqa: ANN001, ANN002
     """Call a handle method returning (replica id, open requests) until every replica reported 0.
 
     Calls are routed, not addressed, so they repeat (a draining engine replica reports itself

@@ -207,8 +207,14 @@ class FakeServer:
     """
 
     def __init__(
-        self, port: int = 0, *, ttft_s: float = 0.0, itl_s: float = 0.0, strict: bool = False, tokenizer: Any = None
-    ) -> None:  # noqa: ANN401
+        self,
+        port: int = 0,
+        *,
+        ttft_s: float = 0.0,
+        itl_s: float = 0.0,
+        strict: bool = False,
+        tokenizer: Any = None,  # noqa: ANN401
+    ) -> None:
         self.port, self.ttft_s, self.itl_s = port, ttft_s, itl_s
         self.strict, self.tokenizer = strict, tokenizer
         self.requests = 0

@@ -213,7 +213,7 @@ class ModelConfig:
         )
 
     # ----------------------------------------------------------------- helpers
-    def with_overrides(self, **changes: Any) -> ModelConfig:
+    def with_overrides(self, **changes: Any) -> ModelConfig:  # noqa: ANN401
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
@@ -260,7 +260,7 @@ def from_hf_config(src: str | Path | dict[str, Any]) -> ModelConfig:
     return _text_from_hf(text, wrapper=wrapper, vision=vision, model_type=model_type)
 
 
-def _req(d: dict[str, Any], key: str, where: str) -> Any:
+def _req(d: dict[str, Any], key: str, where: str) -> Any:  # noqa: ANN401
     if key not in d:
         raise ConfigError(f"config.json {where} is missing the required field {key!r}")
     return d[key]
@@ -394,7 +394,7 @@ def _quant_from_hf(q: dict[str, Any] | None) -> QuantConfig | None:
 
 
 # --------------------------------------------------------------------------- factories
-def tiny(**overrides: Any) -> ModelConfig:
+def tiny(**overrides: Any) -> ModelConfig:  # noqa: ANN401
     """A small config that keeps every structural ratio that hides bugs in the real one.
 
     Linear:full = 3:1 layers, GQA 4:1, DeltaNet value heads = 4 x key heads with key dim !=

@@ -167,11 +167,11 @@ def _check_seconds(seconds: float, limits: MediaLimits) -> None:
 
 
 def _decode(
-    av: Any,
+    av: Any,  # noqa: ANN401
     data: bytes,
     fmt: str,
     wanted: set[int],
-    limits: MediaLimits,  # noqa: ANN401
+    limits: MediaLimits,
     deadline: float,
 ) -> tuple[dict[int, Image.Image], int]:
     """Decode every frame (presentation order), keep those numbered in `wanted` as RGB images."""

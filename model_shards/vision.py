@@ -292,7 +292,9 @@ class VisionTower:
         attention: "eager" (reference, HF parity) or "sdpa" (fused kernel per frame).
     """
 
-    def __init__(self, weights: VisionWeights, cfg: VisionConfig, *, dtype: torch.dtype, attention: str = "eager"):
+    def __init__(
+        self, weights: VisionWeights, cfg: VisionConfig, *, dtype: torch.dtype, attention: str = "eager"
+    ) -> None:
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"vision attention {attention!r} is not one of {ATTENTION_IMPLS}")
         self.w, self.cfg, self.dtype, self.attention = weights, cfg, dtype, attention

@@ -317,7 +317,9 @@ def validate(reader: CheckpointReader, cfg: ModelConfig) -> CheckpointLayout:
 class _Loader:
     """Reads named tensors, checks their shapes against the table, casts to the compute dtype."""
 
-    def __init__(self, reader: CheckpointReader, cfg: ModelConfig, layout: CheckpointLayout, dtype: torch.dtype):
+    def __init__(
+        self, reader: CheckpointReader, cfg: ModelConfig, layout: CheckpointLayout, dtype: torch.dtype
+    ) -> None:
         self.reader, self.cfg, self.dtype = reader, cfg, dtype
         self.specs = layout.expected(cfg)
         self.layout = layout

@@ -67,8 +67,8 @@ class ProxyBodyLimits:
 
     def __init__(
         self,
-        app: Any,
-        max_bytes: int = DEFAULT_MAX_BODY_BYTES,  # noqa: ANN401  # an ASGI app
+        app: Any,  # noqa: ANN401  # an ASGI app
+        max_bytes: int = DEFAULT_MAX_BODY_BYTES,
         read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
         budget_bytes: int | None = None,
     ) -> None:

@@ -84,8 +84,8 @@ class EpserveClient:
         messages: list[pb.ChatMessage] | None = None,
         model: str = "",
         timeout_s: float | None = None,
-        **sampling: Any,
-    ) -> Iterator[pb.GenerateResponse]:  # noqa: ANN401
+        **sampling: Any,  # noqa: ANN401
+    ) -> Iterator[pb.GenerateResponse]:
         """Stream Generate; cancel by closing the returned iterator (`.cancel()` on it)."""
         req = pb.GenerateRequest(model=model, sampling=self.sampling(**sampling))
         if text is not None:
@@ -119,8 +119,8 @@ class EpserveClient:
         enable_thinking: bool | None = None,
         max_thinking_tokens: int | None = None,
         timeout_s: float | None = None,
-        **sampling: Any,
-    ) -> Iterator[pb.ChatResponse]:  # noqa: ANN401
+        **sampling: Any,  # noqa: ANN401
+    ) -> Iterator[pb.ChatResponse]:
         req = pb.ChatRequest(
             model=model,
             messages=messages,

@@ -155,7 +155,7 @@ class Ingress:
         self.grpc = GrpcApi(self)
 
     # ----------------------------------------------------------------- generation
-    async def _start(self, greq: GenerateRequest) -> tuple[Any, GenerateOutput, int]:  # noqa: ANN401
+    async def _start(self, greq: GenerateRequest) -> tuple[Any, GenerateOutput, int]:
         """Start the engine stream and wait for its first event, so errors before any token become a proper
         HTTP status instead of a 200 stream. A request that failed retriably before producing a token is
         retried once; the engine router sends the retry to another group (replicas/engine_router.py)."""
@@ -473,21 +473,21 @@ class Ingress:
         )
 
     # ----------------------------------------------------------------- gRPC (method names = RPC names)
-    async def Generate(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
+    async def Generate(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: ANN401
         async for message in _counted(self, self.grpc.generate(request, grpc_context)):
             yield message
 
-    async def Chat(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
+    async def Chat(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: ANN401
         async for message in _counted(self, self.grpc.chat(request, grpc_context)):
             yield message
 
-    async def ModelInfo(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802, ANN401
+    async def ModelInfo(self, request: Any, grpc_context: Any) -> Any:  # noqa: ANN401
         return await self.grpc.model_info(request, grpc_context)
 
-    async def Check(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802, ANN401  # grpc.health.v1
+    async def Check(self, request: Any, grpc_context: Any) -> Any:  # noqa: ANN401  # grpc.health.v1
         return await self.grpc.health_check(request, grpc_context)
 
-    async def Watch(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
+    async def Watch(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: ANN401
         async for message in self.grpc.health_watch(request, grpc_context):
             yield message
 
@@ -522,7 +522,7 @@ def _sse_response(
     return StreamingResponse(_counted(ing, body), media_type="text/event-stream")
 
 
-async def _counted(ing: Ingress, body: AsyncIterator[Any]) -> AsyncIterator[Any]:  # noqa: ANN401
+async def _counted(ing: Ingress, body: AsyncIterator[Any]) -> AsyncIterator[Any]:
     ing.open_streams += 1
     try:
         async for item in body:
@@ -531,7 +531,7 @@ async def _counted(ing: Ingress, body: AsyncIterator[Any]) -> AsyncIterator[Any]
         ing.open_streams -= 1
 
 
-def _cancel_all(gens: list[Any]) -> None:  # noqa: ANN401  # DeploymentResponseGenerators
+def _cancel_all(gens: list[Any]) -> None:  # DeploymentResponseGenerators
     for gen in gens:
         gen.cancel()  # a no-op for a stream already cancelled or finished
 

@@ -45,10 +45,10 @@ def parse_json(raw: bytes | str, *, param: str | None = None, what: str = "the r
 
 
 def check_json_value(
-    obj: Any,
+    obj: Any,  # noqa: ANN401
     *,
     param: str | None = None,
-    what: str = "the request body",  # noqa: ANN401
+    what: str = "the request body",
     brackets: int | None = None,
     surrogates: bool = True,
 ) -> None:

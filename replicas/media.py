@@ -158,8 +158,12 @@ class MediaReader:
         return out
 
     def expand(
-        self, prompt_ids: list[int], inputs: list[VisionInput], *, encode_text: Any
-    ) -> tuple[list[int], MultimodalPrompt]:  # noqa: ANN401
+        self,
+        prompt_ids: list[int],
+        inputs: list[VisionInput],
+        *,
+        encode_text: Any,  # noqa: ANN401
+    ) -> tuple[list[int], MultimodalPrompt]:
         """The model's prompt (pads expanded, frame timestamps written) and its multimodal prompt."""
         merge = self.cfg.vision.spatial_merge_size  # type: ignore[union-attr]  # checked in __init__
         items = [VisionItem(i.kind, i.grid_thw, i.timestamps) for i in inputs]

@@ -70,7 +70,7 @@ class ProxyHealth(health_pb2_grpc.HealthServicer):
         self.watchers = 0
         self._apps: dict[str, _AppReadiness] = {}
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:  # noqa: N802, ANN401
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:  # noqa: ANN401
         if isinstance(request, UndecodableRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
         if request.service not in SERVICES:
@@ -80,7 +80,7 @@ class ProxyHealth(health_pb2_grpc.HealthServicer):
     async def Watch(
         self,
         request: health_pb2.HealthCheckRequest,
-        context: Any,  # noqa: N802, ANN401
+        context: Any,  # noqa: ANN401
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         if isinstance(request, UndecodableRequest):
             context.set_code(grpc.StatusCode.INVALID_ARGUMENT)

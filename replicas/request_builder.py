@@ -147,7 +147,7 @@ class ModelContext:
             )
         except ValueError as exc:
             raise bad_request(f"messages could not be rendered with the chat template: {exc}", "messages") from exc
-        except Exception as exc:  # noqa: BLE001  # template errors from user-controlled kwargs are client errors
+        except Exception as exc:  # template errors from user-controlled kwargs are client errors
             raise bad_request(f"chat template error: {exc}", "messages") from exc
         parse_tools = tools if (tools and choice != "none") else None
         ids = self.encode_prompt(text, "messages") if bounded else self.encode_text(text, "messages")
@@ -267,8 +267,8 @@ class ModelContext:
         prompt_ids: list[int],
         *,
         request_id: str,
-        grammar: Any = None,
-        mm: MultimodalPrompt | None = None,  # noqa: ANN401
+        grammar: Any = None,  # noqa: ANN401
+        mm: MultimodalPrompt | None = None,
         thinking: bool = False,
     ) -> GenerateRequest:
         """One engine request; raises 400 when the prompt and max_tokens do not fit the context.

@@ -319,14 +319,14 @@ class GrammarSpec:
         return cls("tool_call", _compact_json({"functions": chosen, "parallel": parallel}, "tools"))
 
 
-def _parse_json(text: str, what: str) -> Any:
+def _parse_json(text: str, what: str) -> Any:  # noqa: ANN401
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as err:
         raise ValueError(f"{what} is not valid JSON: {err}") from None
 
 
-def _schema_text(schema: Any, what: str) -> str:
+def _schema_text(schema: Any, what: str) -> str:  # noqa: ANN401
     if isinstance(schema, str):
         if len(schema.encode("utf-8")) > MAX_SCHEMA_BYTES:
             raise ValueError(f"{what} is over the limit of {MAX_SCHEMA_BYTES} bytes")
@@ -339,14 +339,14 @@ def _schema_text(schema: Any, what: str) -> str:
     return text
 
 
-def _compact_json(value: Any, what: str) -> str:
+def _compact_json(value: Any, what: str) -> str:  # noqa: ANN401
     try:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError) as err:
         raise ValueError(f"{what} cannot be written as JSON: {err}") from None
 
 
-def _check_choices(choices: Any) -> None:
+def _check_choices(choices: Any) -> None:  # noqa: ANN401
     if not isinstance(choices, list) or not choices:
         raise ValueError("choice must be a non-empty list of strings")
     if len(choices) > MAX_CHOICES:
@@ -380,7 +380,7 @@ def _functions(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]
     return functions
 
 
-def _check_parameters(parameters: Any, where: str) -> None:
+def _check_parameters(parameters: Any, where: str) -> None:  # noqa: ANN401
     if not isinstance(parameters, Mapping) or parameters.get("type", "object") != "object":
         raise ValueError(f"{where}: parameters must be a JSON schema of type object")
     properties = parameters.get("properties", {})

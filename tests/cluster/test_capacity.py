@@ -113,7 +113,7 @@ def config_397b(*, fp8: bool = False, mtp: bool = True) -> dict[str, Any]:
     return out
 
 
-def _plan(cfg_dict: dict[str, Any], *, nodes: int = 1, fmt: str = "bf16", **kw: Any):  # noqa: ANN202
+def _plan(cfg_dict: dict[str, Any], *, nodes: int = 1, fmt: str = "bf16", **kw: Any):  # noqa: ANN202, ANN401
     topo = Topology(nodes=nodes, **{**H200_NODE, **kw.pop("topology", {})})
     return plan_capacity(
         from_hf_config(cfg_dict), topo, weight_format=fmt, max_model_len=kw.pop("max_model_len", LEN), **kw

