@@ -692,7 +692,8 @@ def _summary(levels: dict[int, dict[str, list[Run]]]) -> list[str]:
         f"- HTTP / in-process at concurrency {hi}: **{ratio:.2f}** (target >= {TARGET_RATIO}: "
         f"{verdict(ratio >= TARGET_RATIO)})",
         f"- concurrency {hi} over {lo}: HTTP **{gain[HTTP]:.2f}x**, in-process **{gain[INPROC]:.2f}x** (target >= "
-        f"{TARGET_GAIN}x: HTTP {verdict(gain[HTTP] >= TARGET_GAIN)}, in-process {verdict(gain[INPROC] >= TARGET_GAIN)})",
+        f"{TARGET_GAIN}x: HTTP {verdict(gain[HTTP] >= TARGET_GAIN)}, "
+        f"in-process {verdict(gain[INPROC] >= TARGET_GAIN)})",
     ]
 
 

@@ -3,7 +3,8 @@
 Top row: histograms of TTFT, ITL and E2E latency with mean / p50 / p99 marked (a long tail past
 3x p99 is folded into the last bin and counted in the panel). Bottom: the CDFs of all four
 latencies on a log axis, and per-second output tokens/s with requests in flight and completed
-requests/s (the last, partial second is drawn at its real width). Must not: compute statistics beyond what it draws (they come from the result dict).
+requests/s (the last, partial second is drawn at its real width). Must not: compute statistics
+beyond what it draws (they come from the result dict).
 Tests: tests/loadtest/test_bench.py (the file is written and not blank).
 """
 

@@ -278,7 +278,7 @@ def _chunk_group(
 
 
 def _split_heads(mixed_BLC: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, l = mixed_BLC.shape[:2]
+    b, l = mixed_BLC.shape[:2]  # noqa: E741  # L of the _BLC legend
     q, k, v = torch.split(mixed_BLC, [cfg.linear_key_dim, cfg.linear_key_dim, cfg.linear_value_dim], dim=-1)
     return (
         q.reshape(b, l, cfg.linear_num_key_heads, cfg.linear_key_head_dim),

@@ -10,8 +10,8 @@ cancels). Here each streaming handler pulls the results in a task of its own and
 queue; the end of the RPC (cancel, deadline, or done) cancels that task, so the cancel always lands
 inside its wait for the next result.
 
-Installed by replicas.grpc_decode.add_epserve_to_server, a gRPC servicer function (replicas/grpc_service.py): Serve imports
-and calls them in the proxy with the server it builds. Tests: tests/replicas/test_cancellation.py.
+Installed by replicas.grpc_decode.add_epserve_to_server, a gRPC servicer function (replicas/grpc_service.py):
+Serve imports and calls them in the proxy with the server it builds. Tests: tests/replicas/test_cancellation.py.
 """
 
 from __future__ import annotations

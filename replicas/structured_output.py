@@ -652,7 +652,7 @@ class GrammarCache:
                     )
             except ValueError as err:
                 result = err
-            except BaseException as err:  # a bug, not a bad request: the callers see it, the cache keeps nothing
+            except BaseException as err:  # noqa: BLE001  # a bug, not a bad request: the callers see it, the cache keeps nothing
                 with self._lock:
                     self._pending.pop(spec, None)
                 future.set_exception(err)

@@ -66,7 +66,9 @@ class ServeProcess:
                 except psutil.Error:
                     pass
             self.proc.wait(timeout=10)
-            raise AssertionError(f"epserve serve did not exit within {timeout_s} s of {signal.Signals(sig).name}")
+            raise AssertionError(  # noqa: B904  # the timeout is the failure; its traceback stays as context
+                f"epserve serve did not exit within {timeout_s} s of {signal.Signals(sig).name}"
+            )
 
 
 def start_serve(args: list[str], *, port: int, grpc_port: int, env: dict[str, str] | None = None) -> ServeProcess:

@@ -83,7 +83,7 @@ def test_batched_prefill_and_decode_match_transformers(
         seqs = [SeqChunk((expected[i][1][step],), len(p) + step, i, tables[i]) for i, p in enumerate(prompts)]
         got = ours.forward(StepBatch.build(seqs, block_size=BLOCK), pools).logits_RV
         want = torch.stack([e[2][step] for e in expected])
-        torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=0, msg=lambda m: f"step {step}: {_report(got, want)}")
+        torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=0, msg=lambda m: f"step {step}: {_report(got, want)}")  # noqa: B023  # called in this iteration
         assert got.argmax(-1).tolist() == [e[1][step + 1] for e in expected]
 
 

@@ -8,8 +8,9 @@ finish_reason and [DONE]; goodput stays near capacity; no 5xx but 503. The laten
 < 100 ms p99, admitted p99 TTFT <= 2x the unloaded p99) are printed with their verdicts, as figures: on 2 shared
 cores their tails move with the machine's load (rejection p99 71-138 ms, TTFT ratio 1.5x measured). The test
 fails only past bounds that the failure modes they guard against exceed: a rejection that waits behind work
-(> 500 ms), admitted requests queued behind whole running requests (3.9x without max_queue_steps, bound 3x). Then a gRPC burst: rejections are RESOURCE_EXHAUSTED, the
-admitted calls complete. In-process (no Ray): the engine's admission policy with a stepped fake group.
+(> 500 ms), admitted requests queued behind whole running requests (3.9x without max_queue_steps, bound 3x). Then a gRPC
+burst: rejections are RESOURCE_EXHAUSTED, the admitted calls complete. In-process (no Ray): the engine's
+admission policy with a stepped fake group.
 NOTE: the ingress answers a stream's status line only with its first token (replicas/ingress.py `_start`), so
 an admitted request's time to status line is its TTFT; a rejection's is the admission round trip.
 """

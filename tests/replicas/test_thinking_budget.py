@@ -146,7 +146,7 @@ def test_model_ending_its_reasoning_stops_the_budget(tiny_model, thinking_prompt
     assert out == plain
 
 
-def test_drafts_never_skip_the_forced_token(peaked_model, thinking_prompt) -> None:  # noqa: ANN001
+def test_drafts_never_skip_the_forced_token(peaked_model, thinking_prompt) -> None:  # noqa: ANN001, F811  # fixture imported above
     """Speculating k = 2: drafts stop short of the budget, so the output equals the budgeted run without drafts."""
     budgets = [1, 2, 3, 4, 5, 6, 7, 8]
     reqs = [_req(f"b{b}", thinking_prompt[: 10 + b], 16, b) for b in budgets]  # distinct prompts
