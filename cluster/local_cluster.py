@@ -9,6 +9,7 @@ A start interrupted half way (Ctrl-C, a node that fails to come up) shuts down w
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ def start_local_cluster(
         if connect:
             # logging_level WARNING: the INFO line "Connecting to existing Ray cluster" would describe the
             # cluster we just created as someone else's.
-            ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+            ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
     except BaseException:
         # Ctrl-C or a failed node mid-start: leave no raylet, GCS or token behind.
         procs = _cluster_processes(cluster)

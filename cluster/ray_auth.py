@@ -86,7 +86,7 @@ def enable_token_auth(*, generate: bool) -> ClusterToken:
 
 def _refresh_ray() -> None:
     """Ray caches its config and token at import; make an already imported Ray see the new ones."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # compiled; its stub lacks them
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def run_on_group(
     from replicas.offline import generate_one, runner_blocks
 
     if local is None:
-        ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
+        ray.init(address=args.address, log_to_driver=False, logging_level=logging.WARNING)
     k = args.speculative_tokens
     blocks = runner_blocks(len(prompt), args.max_tokens + 2 * k, args.block_size)
     group = ExpertParallelGroup(

@@ -191,7 +191,7 @@ def _join(address: str) -> None:
         enable_token_auth(generate=False)
     except RayAuthError as exc:
         raise UserError(str(exc)) from None
-    ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
 
 
 def _shutdown(local) -> None:  # noqa: ANN001  # LocalCluster | None

@@ -256,11 +256,12 @@ class FakeServer:
 
     def stop(self) -> None:
         loop = self._loop
-        if loop is None or self._server is None:
+        server = self._server
+        if loop is None or server is None:
             return
 
         async def close() -> None:
-            self._server.close()
+            server.close()
             await asyncio.sleep(0)
 
         asyncio.run_coroutine_threadsafe(close(), loop).result(10)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from typing import Any
 
 from locust import HttpUser, LoadTestShape, between, events, task
 
@@ -153,7 +154,7 @@ class RampBurstSoak(LoadTestShape):
     use_common_options = True
 
     def tick(self) -> tuple[int, float] | None:
-        opts = self.runner.environment.parsed_options
+        opts: Any = self.runner.environment.parsed_options  # type: ignore[union-attr]  # locust sets runner before tick()
         total = float(opts.run_time or DEFAULT_RUN_TIME_S)
         peak = int(opts.peak_users)
         t = self.get_run_time()

@@ -160,8 +160,8 @@ class CheckpointReader:
                     raise CheckpointError(f"tensor {tname} is stored twice ({found[tname].file} and {name})")
                 found[tname] = info
         for tname, fname in weight_map.items():
-            info = found.get(tname)
-            if info is None or info.file != fname:
+            stored = found.get(tname)
+            if stored is None or stored.file != fname:
                 raise CheckpointError(
                     f"{INDEX_NAME} says tensor {tname} is in {fname}, but that shard does not hold it"
                 )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +114,7 @@ def deltanet_forward(
     else:
         qkv_TC, z_TX = linear(x_TD, w.in_proj_qkv), linear(x_TD, w.in_proj_z)
     beta_TH, g_TH = _gates(linear(x_TD, w.in_proj_a), linear(x_TD, w.in_proj_b), w)
-    step = dict(w=w, cfg=cfg, conv_state=conv_state, recurrent_state=recurrent_state)
+    step: dict[str, Any] = dict(w=w, cfg=cfg, conv_state=conv_state, recurrent_state=recurrent_state)
 
     if batch.decode_only:  # packed row i is sequence i's token: no gathers
         core_THV = _recurrent_step(

@@ -98,8 +98,8 @@ class PreprocessConfig:
             patch_size=v.patch_size,
             temporal_patch_size=v.temporal_patch_size,
             merge_size=v.spatial_merge_size,
-            **overrides,
-        )  # type: ignore[arg-type]  # field values
+            **overrides,  # type: ignore[arg-type]  # field values
+        )
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ dim, D hidden, S keys, E experts, k top-k. Tests: tests/model_shards/test_{block
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -261,7 +262,7 @@ def attention_reference(
     v_THD = (x_TD @ _f32(w.v_proj).T).view(t_count, hkv, hd)
     query_THD = _rms_normalize(query_THD, eps) * (1.0 + w.q_norm.float())
     k_THD = _rms_normalize(k_THD, eps) * (1.0 + w.k_norm.float())
-    rope = dict(
+    rope: dict[str, Any] = dict(
         positions_3T=positions_3T, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta, mrope_section=cfg.mrope_section
     )
     query_THD, k_THD = mrope_reference(query_THD, **rope), mrope_reference(k_THD, **rope)

@@ -179,12 +179,13 @@ def sample(
         if simple(i):
             continue
         row = logits_BV[i]
-        if (banned and banned[i]) or (allowed and allowed[i] is not None):
+        mask = allowed[i] if allowed else None
+        if (banned and banned[i]) or mask is not None:
             row = row.clone()
             if banned and banned[i]:
                 row[list(banned[i])] = float("-inf")
-            if allowed and allowed[i] is not None:
-                apply_bitmask(row, allowed[i])
+            if mask is not None:
+                apply_bitmask(row, mask)
         if p.has_penalties:
             empty = torch.empty(0, dtype=torch.long, device=row.device)
             row = apply_penalties(

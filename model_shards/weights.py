@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -131,7 +132,7 @@ def _expert_specs(cfg: ModelConfig, moe_prefix: str, layout: str) -> dict[str, t
     x = f"{moe_prefix}experts."
     if layout == "fused":
         return {f"{x}gate_up_proj": ((e, 2 * i, d), True), f"{x}down_proj": ((e, d, i), True)}
-    out = {}
+    out: dict[str, tuple[tuple[int, ...], bool]] = {}
     for j in range(e):
         out[f"{x}{j}.gate_proj.weight"] = ((i, d), True)
         out[f"{x}{j}.up_proj.weight"] = ((i, d), True)
@@ -365,9 +366,10 @@ def _stack_rows(weights: list[Weight]) -> tuple[torch.Tensor | None, list[Weight
     shapes (fp32 and bf16, 1 to 2048 rows), except that a GEMM with a handful of output columns
     (in_proj_a/b, shared_expert_gate) takes another fp32 kernel: those stay unstacked.
     """
-    if not all(isinstance(w, torch.Tensor) for w in weights) or len({w.dtype for w in weights}) != 1:
+    tensors = [w for w in weights if isinstance(w, torch.Tensor)]
+    if len(tensors) != len(weights) or len({w.dtype for w in tensors}) != 1:
         return None, weights
-    stacked = torch.cat(weights)  # type: ignore[arg-type]  # all plain tensors, checked above
+    stacked = torch.cat(tensors)
     return stacked, list(stacked.split([w.shape[0] for w in weights]))
 
 
@@ -386,10 +388,10 @@ def _layer_weights(ld: _Loader, base: str, *, attention: bool) -> LayerWeights:
         )
     else:
         g = f"{base}linear_attn."
-        qkvz, (qkv, z) = _stack_rows([ld.weight(f"{g}in_proj_qkv.weight"), ld.weight(f"{g}in_proj_z.weight")])
+        qkvz, (in_qkv, z) = _stack_rows([ld.weight(f"{g}in_proj_qkv.weight"), ld.weight(f"{g}in_proj_z.weight")])
         # HF casts every parameter (A_log and dt_bias too) to the load dtype; we mirror it.
         mixer = DeltaNetWeights(
-            in_proj_qkv=qkv,
+            in_proj_qkv=in_qkv,
             in_proj_z=z,
             in_proj_b=ld.weight(f"{g}in_proj_b.weight"),
             in_proj_a=ld.weight(f"{g}in_proj_a.weight"),
@@ -415,9 +417,9 @@ def _layer_weights(ld: _Loader, base: str, *, attention: bool) -> LayerWeights:
         post_norm=ld.tensor(f"{base}post_attention_layernorm.weight"),
         mixer=mixer,
         moe=SharedMoEWeights(
-            router=router,
+            router=router,  # type: ignore[arg-type]  # plain: checked above, and stacking keeps it a tensor
             shared_gate_proj=shared_gate,
-            shared_up_proj=shared_up,  # type: ignore[arg-type]  # router plain
+            shared_up_proj=shared_up,
             shared_down_proj=ld.weight(f"{m}shared_expert.down_proj.weight"),
             shared_expert_gate=gate,
             router_gate_up=router_gate_up,
@@ -484,9 +486,9 @@ def load_experts(
     layout = layout or CheckpointLayout.detect(reader, cfg)
     ld = _Loader(reader, cfg, layout, dtype)
     prefixes = moe_layer_prefixes(cfg, layout, with_mtp=with_mtp)
-    ids_list = list(expert_ids)
+    ids_list: list[Any] = list(expert_ids)  # one list of ids or one per layer, told apart here
     flat = not ids_list or isinstance(ids_list[0], int)
-    per_layer = [list(ids_list)] * len(prefixes) if flat else [list(ids) for ids in ids_list]  # type: ignore[arg-type]
+    per_layer = [list(ids_list)] * len(prefixes) if flat else [list(ids) for ids in ids_list]
     if len(per_layer) != len(prefixes):
         raise ValueError(f"expert_ids has {len(per_layer)} layer lists, the model has {len(prefixes)} MoE layers")
     layers = []
@@ -509,7 +511,7 @@ def _layer_experts(ld: _Loader, mlp: str, kind: str, ids: list[int]) -> LayerExp
     gate_up, down = [], []
     for e in ids:
         g, u = ld.weight(f"{x}{e}.gate_proj.weight"), ld.weight(f"{x}{e}.up_proj.weight")
-        gate_up.append(concat_rows([g, u]) if isinstance(g, Fp8Weight) else torch.cat([g, u], dim=0))
+        gate_up.append(concat_rows([g, u]) if isinstance(g, Fp8Weight) else torch.cat([g, u], dim=0))  # type: ignore[list-item]  # gate and up share one format
         down.append(ld.weight(f"{x}{e}.down_proj.weight"))
     if isinstance(gate_up[0], Fp8Weight):
         return LayerExperts(tuple(ids), stack(gate_up), stack(down))  # type: ignore[arg-type]  # all FP8 here

@@ -79,7 +79,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     hub = metrics_hub(a.served_model_name or default_model_name(a.model))
     placement = _engine_bundles(a)
     engine = (
-        serve.deployment(EngineServer)
+        serve.deployment(EngineServer)  # type: ignore[attr-defined]  # Serve's overloads miss deployment(cls)
         .options(
             name="EpserveEngine",
             autoscaling_config=a.engine_autoscaling.serve_config(),
@@ -91,16 +91,17 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             health_check_timeout_s=30.0,
             graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
             graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
+            # the pydantic plugin misreads Serve's RequestRouterConfig fields as dicts
             request_router_config=RequestRouterConfig(
-                request_router_class="replicas.engine_router:AvailableGroupRouter",
-                request_routing_stats_period_s=1.0,
-                request_routing_stats_timeout_s=5.0,
+                request_router_class="replicas.engine_router:AvailableGroupRouter",  # type: ignore[arg-type]
+                request_routing_stats_period_s=1.0,  # type: ignore[arg-type]
+                request_routing_stats_timeout_s=5.0,  # type: ignore[arg-type]
             ),
         )
         .bind(plain, hub)
     )
     ingress = (
-        serve.deployment(serve.ingress(build_api)(Ingress))
+        serve.deployment(serve.ingress(build_api)(Ingress))  # type: ignore[attr-defined]  # as above
         .options(
             name="EpserveIngress",
             autoscaling_config=a.ingress_autoscaling.serve_config(),

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -29,6 +29,9 @@ from replicas.scheduler import Scheduled, Scheduler, SchedulerConfig, SchedulerO
 from replicas.sequence import Sequence, Status
 from replicas.step_guard import request_problem
 from replicas.step_types import SeqStep, StepRequest, StepResult, TokenLogprobs
+
+if TYPE_CHECKING:  # annotations only: llguidance loads with the first constrained request
+    from replicas.structured_output import GrammarMatcher
 
 log = logging.getLogger("ray.serve.epserve.engine")
 
@@ -333,6 +336,7 @@ class Engine:
         # A spent thinking budget forces `</think>` (then its blank line) through a one-token mask, so sampling,
         # logprobs and the MTP drafts that follow all see the forced token; _update keeps drafts out of these steps.
         forced = seq.forced_token() if sch.sample else None
+        mask: torch.Tensor | None
         if forced is not None:
             assert not drafts, "drafts never reach a forced token"
             mask = only_token_mask(forced)
@@ -357,8 +361,9 @@ class Engine:
         for trunk, res in zip(out.per_trunk, results):
             for i, sch in enumerate(trunk):
                 seq = sch.seq
-                if res.errors and res.errors[i] is not None:
-                    self._refuse(seq, res.errors[i])  # failed alone, before the step's collectives
+                error = res.errors[i] if res.errors else None
+                if error is not None:
+                    self._refuse(seq, error)  # failed alone, before the step's collectives
                     continue
                 accepted = res.accepted[i] if res.accepted else ()
                 # the same test as _seq_step's: a decode that carried drafts
@@ -392,31 +397,33 @@ class Engine:
         prev = seq.t_last_token
         event = seq.append(token, logprobs)
         if seq.matcher is not None and not event.finished:
-            event = self._advance_grammar(seq, token, event)
+            event = self._advance_grammar(seq, seq.matcher, token, event)
         self.metrics.inc("generation_tokens")
         if prev is None:
-            self.metrics.observe("time_to_first_token_seconds", seq.t_first_token - seq.t_arrival)
+            self.metrics.observe("time_to_first_token_seconds", seq.t_first_token - seq.t_arrival)  # type: ignore[operator]  # set by append
         else:
-            self.metrics.observe("inter_token_latency_seconds", seq.t_last_token - prev)
+            self.metrics.observe("inter_token_latency_seconds", seq.t_last_token - prev)  # type: ignore[operator]  # set by append
         self._deliver(seq, event)
         if event.finished:
             seq.drafts = []
             self._finish(seq, event.finish_reason or "error")
         return event.finished
 
-    def _advance_grammar(self, seq: Sequence, token: int, event: GenerateOutput) -> GenerateOutput:
+    def _advance_grammar(
+        self, seq: Sequence, matcher: GrammarMatcher, token: int, event: GenerateOutput
+    ) -> GenerateOutput:
         """Feed the sampled token to the sequence's grammar; a complete grammar ends the choice."""
         from replicas.structured_output import GrammarViolation
 
         try:
-            seq.matcher.accept(token)
+            matcher.accept(token)
         except GrammarViolation as exc:
             return replace(
                 event,
                 finish_reason=None,
                 error=EngineFailure(f"structured output failed: {exc}", retriable=False, code=500),
             )
-        if seq.matcher.is_terminated():
+        if matcher.is_terminated():
             return seq.close("stop", event)
         return event
 

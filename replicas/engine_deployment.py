@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -31,6 +31,9 @@ from replicas.engine_types import GenerateOutput, GenerateRequest
 from replicas.group import ExpertParallelGroup, GroupConfig
 from replicas.metrics import MetricsRegistry
 from replicas.scheduler import SchedulerConfig
+
+if TYPE_CHECKING:  # annotations only: llguidance loads with the first grammar
+    from replicas.structured_output import GrammarCache
 
 log = logging.getLogger("ray.serve.epserve.engine")
 
@@ -66,7 +69,7 @@ class EngineServer:
                 model_dir=a.model,
                 shape=GroupShape(a.trunk_ranks, a.expert_ranks),
                 dtype=a.dtype,
-                deadline_s=a.collective_deadline_s,
+                deadline_s=a.collective_deadline_s,  # type: ignore[arg-type]  # set by AppArgs' validator
                 caches=caches,
                 capacity_factor=a.capacity_factor,
                 cpus_per_rank=a.cpus_per_rank,
@@ -102,7 +105,7 @@ class EngineServer:
             vocab_size=self.cfg.vocab_size,
         )
         self._folder = folder
-        self._grammars = None
+        self._grammars: GrammarCache | None = None
         self._grammar_lock = threading.Lock()
         self.hub = metrics_hub
         self.replica_id = uuid.uuid4().hex[:12]
@@ -111,7 +114,7 @@ class EngineServer:
         self._callers: dict[str, str] = {}  # request id -> name of the replica actor that called
         self._watch_task: asyncio.Task | None = None
 
-    def _grammar_cache(self):  # noqa: ANN202  # replicas.structured_output.GrammarCache, built on first use
+    def _grammar_cache(self) -> GrammarCache:  # built on first use
         """The bounded cache of compiled grammars (its tokenizer costs ~200 MB and seconds: only when needed)."""
         with self._grammar_lock:
             if self._grammars is None:
@@ -183,7 +186,7 @@ class EngineServer:
         self._ensure_started()
         if self.engine.draining:
             return False
-        return await self.engine.probe(max_age_s=5.0, timeout_s=4 * self.args.collective_deadline_s + 10)
+        return await self.engine.probe(max_age_s=5.0, timeout_s=4 * self.args.collective_deadline_s + 10)  # type: ignore[operator]  # set by AppArgs' validator
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Read by the engine request router (replicas/engine_router.py): avoid a group that is down."""

@@ -32,8 +32,9 @@ from replicas.step_types import StepRequest, StepResult
 
 ERROR_GRACE_S = 2.0
 
-TrunkActor = ray.remote(max_restarts=0, max_concurrency=1)(TrunkRankActor)
-ExpertActor = ray.remote(max_restarts=0, max_concurrency=1)(ExpertRankActor)
+# Ray's typed overloads of remote() leave out the actor option max_concurrency
+TrunkActor = ray.remote(max_restarts=0, max_concurrency=1)(TrunkRankActor)  # type: ignore[call-overload]
+ExpertActor = ray.remote(max_restarts=0, max_concurrency=1)(ExpertRankActor)  # type: ignore[call-overload]
 
 
 class GroupFailure(RuntimeError):
@@ -169,7 +170,8 @@ class ExpertParallelGroup:
             num_cpus=self.config.cpus_per_rank,
             num_gpus=1 if self.config.gpus else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self._pg, placement_group_bundle_index=self._first_bundle + global_rank
+                self._pg,  # type: ignore[arg-type]  # placed by start() before any actor
+                placement_group_bundle_index=self._first_bundle + global_rank,
             ),
             name=f"epserve-{self.group_id}-{role}-{self._created}",
         )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from replicas.chat_stream import ChatChoiceStream
 from replicas.engine_types import GenerateOutput
@@ -155,7 +155,7 @@ class GrpcApi:
         if isinstance(request, UndecodableRequest):
             raise fail(ctx, ApiError(400, request.describe()))
 
-    def _validate(self, model: type, fields: dict[str, Any]) -> Any:  # noqa: ANN401
+    def _validate(self, model: type[BaseModel], fields: dict[str, Any]) -> Any:  # noqa: ANN401
         try:
             return model.model_validate(fields)
         except ValidationError as exc:

@@ -24,7 +24,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_shards.image_processing import MediaLimits
@@ -64,7 +64,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 RETRY_DELAY_S = 1.5
 
 
-async def _parse(request: Request, model: type) -> Any:  # noqa: ANN401  # returns an instance of `model`
+async def _parse(request: Request, model: type[BaseModel]) -> Any:  # noqa: ANN401  # returns an instance of `model`
     # cap and read deadline: AppArgs, put on the request by the auth middleware
     raw = await read_body(request, *getattr(request.state, "body_limits", (MAX_BODY_BYTES, 10.0)))
     obj = parse_json(raw)  # depth and lone-surrogate limits: a 400, not a RecursionError / UnicodeEncodeError later
@@ -278,7 +278,9 @@ class Ingress:
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
 
         async def sse() -> AsyncIterator[str]:
-            created, parsers, completion = int(time.time()), {}, {}
+            created = int(time.time())
+            parsers: dict[int, ChatChoiceStream] = {}
+            completion: dict[int, int] = {}
             async for ev in self._events(*stream):
                 if ev.error is not None:
                     yield _sse(_stream_error(ev))
@@ -365,7 +367,9 @@ class Ingress:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def sse() -> AsyncIterator[str]:
-            created, completion, text_len = int(time.time()), {}, {}
+            created = int(time.time())
+            completion: dict[int, int] = {}
+            text_len: dict[int, int] = {}
             merged = _merge([self._events(*s) for s in streams], offsets)
             async for index, ev in merged:
                 if ev.error is not None:
@@ -643,7 +647,7 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
             }
         return {"200": {"description": description, "content": content}}
 
-    def spec(model: type | None, responses: dict[str, Any]) -> dict[str, Any]:
+    def spec(model: type[BaseModel] | None, responses: dict[str, Any]) -> dict[str, Any]:
         """`openapi_extra` of a route: the JSON body of `model` (when given) and the responses."""
         extra: dict[str, Any] = {"responses": responses}
         if model is not None:
@@ -688,7 +692,7 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
             return instance
         from ray import serve
 
-        return serve.get_replica_context().servable_object
+        return serve.get_replica_context().servable_object  # type: ignore[return-value]  # Serve types it Callable
 
     @api.middleware("http")
     async def request_id_and_auth(request: Request, call_next):  # noqa: ANN001, ANN202  # Starlette signature

@@ -85,7 +85,8 @@ def generate_one(
     idle = [StepRequest(mtp_steps=spec_tokens)] * (runner.num_trunk_ranks - 1)
     out: list[int] = []
     logprobs: list[TokenLogprobs | None] = []
-    context, new, drafts = 0, list(prompt_ids), ()
+    context, new = 0, list(prompt_ids)
+    drafts: tuple[int, ...] = ()
     finish = "length"
     steps = drafted = accepted_total = 0
     t0 = time.perf_counter()

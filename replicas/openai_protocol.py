@@ -248,7 +248,7 @@ class DetokenizeRequest(BaseModel):
 
 def validation_error(exc: Exception) -> ApiError:
     """A pydantic ValidationError as one OpenAI 400, naming the first offending field."""
-    errors = getattr(exc, "errors", lambda: [])()
+    errors: list[dict[str, Any]] = getattr(exc, "errors", lambda: [])()
     if not errors:
         return bad_request(str(exc))
     first = errors[0]

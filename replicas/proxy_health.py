@@ -112,12 +112,12 @@ class ProxyHealth(health_pb2_grpc.HealthServicer):
         app = dict(context.invocation_metadata()).get("application", "")
         state = self._apps.setdefault(app, _AppReadiness())
         if time.monotonic() - state.read_at < POLL_S:
-            return state.status
+            return state.status  # type: ignore[return-value]  # read once: read_at 0.0 is stale at first
         async with state.lock:
             if time.monotonic() - state.read_at >= POLL_S:
                 state.status = await self._read(app, state)
                 state.read_at = time.monotonic()
-        return state.status
+        return state.status  # type: ignore[return-value]  # read once: read_at 0.0 is stale at first
 
     async def _read(self, app: str, state: _AppReadiness) -> int:
         from ray.serve.exceptions import BackPressureError

@@ -173,7 +173,7 @@ class ModelContext:
             return [list(p)]  # type: ignore[arg-type]  # checked: list[int]
         if all(isinstance(x, str) for x in p):
             return [self.encode_prompt(x, "prompt") for x in p]  # type: ignore[arg-type]
-        return [list(x) for x in p]  # type: ignore[union-attr]  # list[list[int]]
+        return [list(x) for x in p]  # type: ignore[arg-type]  # the rest: list[list[int]]
 
     def check_fanout(self, prompts: int, n: int) -> None:
         """One request may start at most `max_fanout` sequences (prompts x n): a 400 naming the limit."""

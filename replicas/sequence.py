@@ -12,12 +12,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from model_shards.detokenizer import IncrementalDetokenizer
 from model_shards.sampling import SamplingParams
 from model_shards.tokenizer import Tokenizer
 from replicas.engine_types import GenerateOutput, GenerateRequest
 from replicas.step_types import TokenLogprobs
+
+if TYPE_CHECKING:  # annotations only: torch and llguidance load where they are used
+    import torch
+
+    from replicas.structured_output import GrammarMatcher
 
 
 class Status(Enum):
@@ -57,7 +63,7 @@ class Sequence:
         self.num_preemptions = 0
         self.mm = req.mm  # replicas.media.MultimodalPrompt or None
         self.rope_delta = req.mm.rope_delta if req.mm is not None else 0
-        self.matcher = None  # replicas.structured_output.GrammarMatcher when the request is constrained
+        self.matcher: GrammarMatcher | None = None  # set when the request is constrained
         self.drafts: list[int] = []  # MTP drafts to verify in the next step
         self.speculate = False  # set by the engine: this sequence drafts with the MTP head
         # Thinking budget: reasoning tokens so far, whether the budget still counts, and the tokens to force next.
@@ -90,7 +96,7 @@ class Sequence:
         """Tokens still to be computed before the next sample."""
         return self.num_tokens - self.num_computed
 
-    def chunk_vision(self, start: int, n: int) -> tuple[object | None, tuple[int, ...], int]:
+    def chunk_vision(self, start: int, n: int) -> tuple[torch.Tensor | None, tuple[int, ...], int]:
         """For tokens [start, start + n): their [3, n] MRoPE positions (None for plain text), the rows that
         take vision embeddings, and the index of the first such embedding."""
         if self.mm is None:
@@ -162,7 +168,8 @@ class Sequence:
         self.t_last_token = now
         self.output_ids.append(token)
         self._count_thinking(token)
-        finish, stop_reason = None, None
+        finish: str | None = None
+        stop_reason: int | str | None = None
         text = ""
         if self._detok is not None:
             self._text += self._detok.feed(token)

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import llguidance
 import numpy as np
@@ -430,8 +430,8 @@ def grammar_text(spec: GrammarSpec) -> str:
 
 def _json_with_options(schema: Mapping[str, Any] | bool, options: Mapping[str, Any] | None = None) -> str:
     """Schema JSON text carrying llguidance options in "x-guidance"; by default the bounded whitespace."""
-    schema = {} if schema is True else dict(schema)
-    user = schema.get("x-guidance") if isinstance(schema.get("x-guidance"), Mapping) else {}
+    schema = {} if schema is True else dict(schema)  # type: ignore[arg-type]  # False is refused in GrammarSpec
+    user: Mapping[str, Any] = schema["x-guidance"] if isinstance(schema.get("x-guidance"), Mapping) else {}
     if options is None:  # the user's own whitespace choice wins; otherwise bounded whitespace
         options = (
             {}
@@ -481,7 +481,7 @@ def _value_rule(schema: Mapping[str, Any] | bool, defs: Mapping[str, Any], tag: 
     return f"V_{tag}"
 
 
-def _is_text_schema(schema: Mapping[str, Any]) -> bool:
+def _is_text_schema(schema: Mapping[str, Any] | bool) -> TypeGuard[Mapping[str, Any]]:
     """Whether an argument is written as raw text: its types, null aside, are just string. Mirrors how
     replicas/tool_parser.py reads values (`type`, a list of types, anyOf/oneOf branches, a string-only enum)."""
     types = schema_types(schema)
@@ -644,10 +644,11 @@ class GrammarCache:
     def _compile(self, spec: GrammarSpec, future: Future) -> None:
         try:
             try:
-                result: CompiledGrammar | ValueError = compile_grammar(spec, self.tokenizer, self._limits)
-                if result.compile_s > self.compile_timeout_s:
+                compiled = compile_grammar(spec, self.tokenizer, self._limits)
+                result: CompiledGrammar | ValueError = compiled
+                if compiled.compile_s > self.compile_timeout_s:
                     result = ValueError(
-                        f"{spec.kind}: compiling took {result.compile_s:.1f} s, over the limit of "
+                        f"{spec.kind}: compiling took {compiled.compile_s:.1f} s, over the limit of "
                         f"{self.compile_timeout_s:g} s; simplify the {spec.kind}"
                     )
             except ValueError as err:

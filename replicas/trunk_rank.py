@@ -141,7 +141,7 @@ class TrunkRank:
             res.tokens[i] = ids[j]
             n = req.seqs[i].params.logprobs
             if n is not None and out.logprob is not None:
-                top = ()
+                top: tuple[tuple[int, float], ...] = ()
                 if n > 0 and out.top_ids is not None and out.top_logprobs is not None:
                     top = tuple(zip(out.top_ids[j, :n].tolist(), out.top_logprobs[j, :n].tolist()))
                 res.logprobs[i] = TokenLogprobs(float(out.logprob[j]), top)
@@ -215,7 +215,7 @@ def _token_logprobs(logits_JV: torch.Tensor, tokens: list[int], n: int) -> list[
     logp = torch.log_softmax(logits_JV.float(), dim=-1)
     out = []
     for j, t in enumerate(tokens):
-        top = ()
+        top: tuple[tuple[int, float], ...] = ()
         if n > 0:
             v, ids = logp[j].topk(n)
             top = tuple(zip(ids.tolist(), v.tolist()))
