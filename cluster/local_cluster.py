@@ -48,7 +48,7 @@ def _cluster_processes(cluster: object) -> list:  # -> list[psutil.Process]
     import psutil
 
     procs: dict[int, psutil.Process] = {}
-    for node in cluster.list_all_nodes():  # type: ignore[attr-defined]
+    for node in cluster.list_all_nodes():  # type: ignore[attr-defined]  # a ray.cluster_utils.Cluster
         for infos in node.all_processes.values():
             for info in infos:
                 try:

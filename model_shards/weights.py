@@ -515,7 +515,7 @@ def _layer_experts(ld: _Loader, mlp: str, kind: str, ids: list[int]) -> LayerExp
         down.append(ld.weight(f"{x}{e}.down_proj.weight"))
     if isinstance(gate_up[0], Fp8Weight):
         return LayerExperts(tuple(ids), stack(gate_up), stack(down))  # type: ignore[arg-type]  # all FP8 here
-    return LayerExperts(tuple(ids), torch.stack(gate_up), torch.stack(down))  # type: ignore[arg-type]
+    return LayerExperts(tuple(ids), torch.stack(gate_up), torch.stack(down))  # type: ignore[arg-type]  # all plain here
 
 
 def part_of(name: str) -> str:

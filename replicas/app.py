@@ -91,11 +91,10 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             health_check_timeout_s=30.0,
             graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
             graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
-            # the pydantic plugin misreads Serve's RequestRouterConfig fields as dicts
             request_router_config=RequestRouterConfig(
-                request_router_class="replicas.engine_router:AvailableGroupRouter",  # type: ignore[arg-type]
-                request_routing_stats_period_s=1.0,  # type: ignore[arg-type]
-                request_routing_stats_timeout_s=5.0,  # type: ignore[arg-type]
+                request_router_class="replicas.engine_router:AvailableGroupRouter",  # type: ignore[arg-type]  # read as a dict
+                request_routing_stats_period_s=1.0,  # type: ignore[arg-type]  # by mypy's pydantic plugin
+                request_routing_stats_timeout_s=5.0,  # type: ignore[arg-type]  # (Serve's own model)
             ),
         )
         .bind(plain, hub)

@@ -32,9 +32,8 @@ from replicas.step_types import StepRequest, StepResult
 
 ERROR_GRACE_S = 2.0
 
-# Ray's typed overloads of remote() leave out the actor option max_concurrency
-TrunkActor = ray.remote(max_restarts=0, max_concurrency=1)(TrunkRankActor)  # type: ignore[call-overload]
-ExpertActor = ray.remote(max_restarts=0, max_concurrency=1)(ExpertRankActor)  # type: ignore[call-overload]
+TrunkActor = ray.remote(max_restarts=0, max_concurrency=1)(TrunkRankActor)  # type: ignore[call-overload]  # Ray's overloads lack it
+ExpertActor = ray.remote(max_restarts=0, max_concurrency=1)(ExpertRankActor)  # type: ignore[call-overload]  # (max_concurrency)
 
 
 class GroupFailure(RuntimeError):

@@ -38,8 +38,8 @@ class MtpDrafter:
                 self.pending_q.pop(s.chunk.state_slot, None)
             if not s.mtp:
                 continue
-            valid = res.verified_rows.get(i, len(s.chunk.token_ids))  # type: ignore[attr-defined]
-            nxt = res.tokens[i] if s.sample else s.mtp_next  # type: ignore[attr-defined]
+            valid = res.verified_rows.get(i, len(s.chunk.token_ids))  # type: ignore[attr-defined]  # res: trunk_rank._Results
+            nxt = res.tokens[i] if s.sample else s.mtp_next  # type: ignore[attr-defined]  # res: trunk_rank._Results
             if nxt is None:
                 continue
             c = s.chunk
@@ -78,7 +78,7 @@ class MtpDrafter:
                     drafts[i].append(argmax[j])
                     qs[i].append(None)
                     continue
-                position = s.output_index + len(res.accepted[i]) + 1 + step  # type: ignore[attr-defined]
+                position = s.output_index + len(res.accepted[i]) + 1 + step  # type: ignore[attr-defined]  # res: trunk_rank._Results
                 token, q = draft(logits[j], s.params, position=position)
                 drafts[i].append(token)
                 qs[i].append(q)
@@ -105,6 +105,6 @@ class MtpDrafter:
             )
             logits, hidden = out.logits_RV, out.hidden_TD
         for i, _ in samplers:
-            res.drafts[i] = tuple(drafts[i])  # type: ignore[attr-defined]
+            res.drafts[i] = tuple(drafts[i])  # type: ignore[attr-defined]  # res: trunk_rank._Results
             if not req.seqs[i].params.greedy:
                 self.pending_q[req.seqs[i].chunk.state_slot] = qs[i]

@@ -172,7 +172,7 @@ class ModelContext:
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]  # checked: list[int]
         if all(isinstance(x, str) for x in p):
-            return [self.encode_prompt(x, "prompt") for x in p]  # type: ignore[arg-type]
+            return [self.encode_prompt(x, "prompt") for x in p]  # type: ignore[arg-type]  # checked: list[str]
         return [list(x) for x in p]  # type: ignore[arg-type]  # the rest: list[list[int]]
 
     def check_fanout(self, prompts: int, n: int) -> None:

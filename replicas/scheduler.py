@@ -108,7 +108,7 @@ class Scheduler:
 
     def _preempt(self, trunk: int, out: SchedulerOutput) -> Sequence:
         victim = self.running[trunk][-1]  # newest admitted: least progress lost
-        self.pools[trunk].release(slot=victim.addr.slot, blocks=victim.addr.blocks)  # type: ignore[union-attr]
+        self.pools[trunk].release(slot=victim.addr.slot, blocks=victim.addr.blocks)  # type: ignore[union-attr]  # running: addr set
         self.running[trunk].pop()
         victim.reset_for_recompute()
         self.waiting.appendleft(victim)
