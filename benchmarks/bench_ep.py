@@ -59,7 +59,7 @@ from cluster.placement import ExpertMap, plan_placement  # noqa: E402  # after t
 from cluster.process_groups import GroupSpec, free_port, join_group  # noqa: E402
 from cluster.topology import GroupShape, Topology  # noqa: E402
 from model_shards.moe import Routing  # noqa: E402
-from replicas.a2a_protocol import FIXED, VARIABLE, StepPlan, fixed_capacity  # noqa: E402
+from replicas.a2a_protocol import FIXED, StepPlan, fixed_capacity  # noqa: E402
 
 NUM_EXPERTS, TOP_K = 16, 4  # tests/hf_oracle.py TEXT
 LAYERS = 8  # MoE layers per step (the tiny config's 8 decoder layers)
@@ -99,8 +99,10 @@ def _overflow_layers(tokens: int, x: int, cap: int, hidden: int) -> int:
     """Layers (of LAYERS) whose routing sends more than C rows to some expert rank (contiguous map): those
     take the overflow path (two more exchanges)."""
     per_rank = NUM_EXPERTS // x
-    return sum(int(torch.bincount(r.topk_ids_Tk.reshape(-1) // per_rank, minlength=x).max()) > cap
-               for _, r in _layer_inputs(tokens, hidden))
+    return sum(
+        int(torch.bincount(r.topk_ids_Tk.reshape(-1) // per_rank, minlength=x).max()) > cap
+        for _, r in _layer_inputs(tokens, hidden)
+    )
 
 
 class ExchangeBench:
@@ -130,8 +132,9 @@ class ExchangeBench:
         self.is_trunk = rank < d
         emap = ExpertMap.contiguous(num_experts=NUM_EXPERTS, num_moe_layers=LAYERS, expert_ranks=x)
         if self.is_trunk:
-            self.disp = AllToAllDispatcher(self.group, self.shape, emap, hidden=hidden, dtype=torch.float32,
-                                           num_experts=NUM_EXPERTS)
+            self.disp = AllToAllDispatcher(
+                self.group, self.shape, emap, hidden=hidden, dtype=torch.float32, num_experts=NUM_EXPERTS
+            )
         else:
             self.rank = ExpertRank(_IdentityShard(LAYERS), self.group, self.shape, hidden=hidden, dtype=torch.float32)
 
@@ -153,13 +156,25 @@ class ExchangeBench:
             if kind == "bare":
                 ib, ob = self.hidden * 4 + 4, self.hidden * 4
                 if self.is_trunk:
-                    send_a, recv_a = torch.zeros(x * (cap + 1), ib, dtype=torch.uint8), torch.empty(0, ib, dtype=torch.uint8)
-                    send_b, recv_b = torch.empty(0, ob, dtype=torch.uint8), torch.empty(x * (cap + 1), ob, dtype=torch.uint8)
+                    send_a, recv_a = (
+                        torch.zeros(x * (cap + 1), ib, dtype=torch.uint8),
+                        torch.empty(0, ib, dtype=torch.uint8),
+                    )
+                    send_b, recv_b = (
+                        torch.empty(0, ob, dtype=torch.uint8),
+                        torch.empty(x * (cap + 1), ob, dtype=torch.uint8),
+                    )
                     a_in, a_out = [0] * d + [cap + 1] * x, [0] * w
                     b_in, b_out = [0] * w, [0] * d + [cap + 1] * x
                 else:
-                    send_a, recv_a = torch.empty(0, ib, dtype=torch.uint8), torch.empty(d * (cap + 1), ib, dtype=torch.uint8)
-                    send_b, recv_b = torch.zeros(d * (cap + 1), ob, dtype=torch.uint8), torch.empty(0, ob, dtype=torch.uint8)
+                    send_a, recv_a = (
+                        torch.empty(0, ib, dtype=torch.uint8),
+                        torch.empty(d * (cap + 1), ib, dtype=torch.uint8),
+                    )
+                    send_b, recv_b = (
+                        torch.zeros(d * (cap + 1), ob, dtype=torch.uint8),
+                        torch.empty(0, ob, dtype=torch.uint8),
+                    )
                     a_in, a_out = [0] * w, [cap + 1] * d + [0] * x
                     b_in, b_out = [cap + 1] * d + [0] * x, [0] * w
             elif self.is_trunk:
@@ -173,8 +188,12 @@ class ExchangeBench:
             for _ in range(steps):
                 if kind == "bare":
                     for _layer in range(LAYERS):
-                        dist.all_to_all_single(recv_a, send_a, output_split_sizes=a_out, input_split_sizes=a_in, group=pg)
-                        dist.all_to_all_single(recv_b, send_b, output_split_sizes=b_out, input_split_sizes=b_in, group=pg)
+                        dist.all_to_all_single(
+                            recv_a, send_a, output_split_sizes=a_out, input_split_sizes=a_in, group=pg
+                        )
+                        dist.all_to_all_single(
+                            recv_b, send_b, output_split_sizes=b_out, input_split_sizes=b_in, group=pg
+                        )
                         stamps.append(time.perf_counter())
                 elif self.is_trunk:
                     self.disp.begin(plan)
@@ -215,12 +234,25 @@ class ExchangeGroup:
         self.pg = placement_group(list(layout.bundles), strategy=layout.strategy)
         ray.get(self.pg.ready(), timeout=120)
         cls = ray.remote(max_restarts=0)(ExchangeBench)
-        self.actors = [cls.options(num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            self.pg, placement_group_bundle_index=layout.bundle_of(r))).remote() for r in range(self.shape.world_size)]
+        self.actors = [
+            cls.options(
+                num_cpus=1,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=layout.bundle_of(r)
+                ),
+            ).remote()
+            for r in range(self.shape.world_size)
+        ]
         self.nodes = ray.get([a.node.remote() for a in self.actors])
         addr, port = ray.get(self.actors[0].rendezvous.remote())
-        spec = GroupSpec(master_addr=addr, master_port=port, world_size=self.shape.world_size, backend="gloo",
-                         deadline_s=60.0, epoch=0)
+        spec = GroupSpec(
+            master_addr=addr,
+            master_port=port,
+            world_size=self.shape.world_size,
+            backend="gloo",
+            deadline_s=60.0,
+            epoch=0,
+        )
         ray.get([a.join.remote(spec, r, 1, x, hidden) for r, a in enumerate(self.actors)], timeout=120)
 
     def run(self, kind: str, tokens: int, cap: int, steps: int, profile: bool = False) -> dict:
@@ -238,8 +270,9 @@ class ExchangeGroup:
         remove_placement_group(self.pg)
 
 
-def _interleaved(group: ExchangeGroup, kinds: list[tuple[str, int, int]], reps: int, steps: int
-                 ) -> list[tuple[float, float]]:
+def _interleaved(
+    group: ExchangeGroup, kinds: list[tuple[str, int, int]], reps: int, steps: int
+) -> list[tuple[float, float]]:
     """Per (kind, tokens, cap): (mean, median) ms per layer, each the median over `reps` interleaved runs
     (order rotated each rep) of that run's mean / median layer time."""
     for kind, t, c in kinds:  # warm-up
@@ -270,10 +303,22 @@ def bench_exchange(hiddens: list[int], reps: int, steps: int, profile: bool) -> 
                 for i, t in enumerate(DECODE_SIZES):
                     (ours, ours_med), (bare, bare_med) = med[2 * i], med[2 * i + 1]
                     c = kinds[2 * i][2]
-                    out["decode"].append(dict(hidden=hidden, x=x, tokens=t, cap=c, ours_ms=ours, bare_ms=bare,
-                                              ratio=ours / bare, ours_med_ms=ours_med, bare_med_ms=bare_med,
-                                              ratio_med=ours_med / bare_med, overflow=_overflow_layers(t, x, c, hidden),
-                                              nodes=g.nodes))
+                    out["decode"].append(
+                        dict(
+                            hidden=hidden,
+                            x=x,
+                            tokens=t,
+                            cap=c,
+                            ours_ms=ours,
+                            bare_ms=bare,
+                            ratio=ours / bare,
+                            ours_med_ms=ours_med,
+                            bare_med_ms=bare_med,
+                            ratio_med=ours_med / bare_med,
+                            overflow=_overflow_layers(t, x, c, hidden),
+                            nodes=g.nodes,
+                        )
+                    )
                 if profile and hidden == hiddens[0]:
                     for t in (8,):
                         c = fixed_capacity(t, top_k=TOP_K, expert_ranks=x, factor=CAPACITY_FACTOR)
@@ -286,11 +331,21 @@ def bench_exchange(hiddens: list[int], reps: int, steps: int, profile: bool) -> 
                         kinds += [("fixed", t, c), ("variable", t, 0), ("bare", t, c)]
                     med = _interleaved(g, kinds, max(5, reps // 2), steps)
                     for i, t in enumerate(SWEEP_SIZES):
-                        out["sweep"].append(dict(hidden=hidden, x=x, tokens=t, cap=kinds[3 * i][2],
-                                                 fixed_ms=med[3 * i][0], variable_ms=med[3 * i + 1][0],
-                                                 bare_ms=med[3 * i + 2][0], fixed_med_ms=med[3 * i][1],
-                                                 variable_med_ms=med[3 * i + 1][1], bare_med_ms=med[3 * i + 2][1],
-                                                 overflow=_overflow_layers(t, x, kinds[3 * i][2], hidden)))
+                        out["sweep"].append(
+                            dict(
+                                hidden=hidden,
+                                x=x,
+                                tokens=t,
+                                cap=kinds[3 * i][2],
+                                fixed_ms=med[3 * i][0],
+                                variable_ms=med[3 * i + 1][0],
+                                bare_ms=med[3 * i + 2][0],
+                                fixed_med_ms=med[3 * i][1],
+                                variable_med_ms=med[3 * i + 1][1],
+                                bare_med_ms=med[3 * i + 2][1],
+                                overflow=_overflow_layers(t, x, kinds[3 * i][2], hidden),
+                            )
+                        )
             finally:
                 g.shutdown()
     return out
@@ -298,6 +353,8 @@ def bench_exchange(hiddens: list[int], reps: int, steps: int, profile: bool) -> 
 
 # ------------------------------------------------------------------------------ decode steps
 def bench_decode(hiddens: list[int], tmp: Path) -> list[dict]:
+    import ray
+
     from model_shards.batch import SeqChunk
     from model_shards.model import LocalModel
     from model_shards.sampling import SamplingParams
@@ -307,8 +364,6 @@ def bench_decode(hiddens: list[int], tmp: Path) -> list[dict]:
     from replicas.step_types import SeqStep, StepRequest
     from replicas.trunk_rank import TrunkRank
     from tests.hf_oracle import save_random_hf_checkpoint
-
-    import ray
 
     rows = []
     greedy = SamplingParams(temperature=0.0)
@@ -323,8 +378,11 @@ def bench_decode(hiddens: list[int], tmp: Path) -> list[dict]:
         local = TrunkRank(model.trunk, pools, LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers))
         groups = {}
         for x in (1, 2, 4):
-            groups[x] = ExpertParallelGroup(GroupConfig(model_dir=str(folder), shape=GroupShape(1, x), dtype="float32",
-                                                        deadline_s=60.0, caches=caches))
+            groups[x] = ExpertParallelGroup(
+                GroupConfig(
+                    model_dir=str(folder), shape=GroupShape(1, x), dtype="float32", deadline_s=60.0, caches=caches
+                )
+            )
             groups[x].start()
         layouts = ["local"] + [f"X={x}" for x in groups]
         loop = asyncio.new_event_loop()
@@ -338,12 +396,23 @@ def bench_decode(hiddens: list[int], tmp: Path) -> list[dict]:
                 state = {name: {s: dict(pending=list(prompts[s]), ctx=0) for s in sids} for name in layouts}
                 samples: dict[str, list[dict]] = {name: [] for name in layouts}
                 for step in range(1 + DECODE_WARM + DECODE_STEPS):
-                    for name in layouts[step % len(layouts):] + layouts[:step % len(layouts)]:  # rotate the order
+                    for name in layouts[step % len(layouts) :] + layouts[: step % len(layouts)]:  # rotate the order
                         st = state[name]
-                        req = StepRequest(tuple(
-                            SeqStep(SeqChunk(tuple(st[s]["pending"]), st[s]["ctx"], s,
-                                             tuple(range(s * blocks_per_seq, (s + 1) * blocks_per_seq))), True, greedy)
-                            for s in sids))
+                        req = StepRequest(
+                            tuple(
+                                SeqStep(
+                                    SeqChunk(
+                                        tuple(st[s]["pending"]),
+                                        st[s]["ctx"],
+                                        s,
+                                        tuple(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)),
+                                    ),
+                                    True,
+                                    greedy,
+                                )
+                                for s in sids
+                            )
+                        )
                         t0 = time.perf_counter()
                         if name == "local":
                             res = local.step(req)
@@ -358,16 +427,30 @@ def bench_decode(hiddens: list[int], tmp: Path) -> list[dict]:
                             st[s]["ctx"] += len(st[s]["pending"])
                             st[s]["pending"] = [tok]
                         if step > DECODE_WARM:  # step 0 is the prefill
-                            samples[name].append(dict(wall=wall, fwd=res.timings.get("forward_s", 0.0),
-                                                      exch=exch.get("exchange_s", 0.0) / max(exch.get("layers", 0), 1)))
+                            samples[name].append(
+                                dict(
+                                    wall=wall,
+                                    fwd=res.timings.get("forward_s", 0.0),
+                                    exch=exch.get("exchange_s", 0.0) / max(exch.get("layers", 0), 1),
+                                )
+                            )
                 toks = {name: [state[name][s]["pending"][0] for s in sids] for name in layouts}
                 same = all(toks[n] == toks["local"] for n in layouts)
                 loc = statistics.median(r["wall"] for r in samples["local"])
                 for name in layouts:
                     med = {k: statistics.median(r[k] for r in samples[name]) for k in ("wall", "fwd", "exch")}
-                    rows.append(dict(hidden=hidden, batch=b, layout=name, wall_ms=med["wall"] * 1e3,
-                                     fwd_ms=med["fwd"] * 1e3, exch_ms=med["exch"] * 1e3, vs_local=med["wall"] / loc,
-                                     same_tokens=same))
+                    rows.append(
+                        dict(
+                            hidden=hidden,
+                            batch=b,
+                            layout=name,
+                            wall_ms=med["wall"] * 1e3,
+                            fwd_ms=med["fwd"] * 1e3,
+                            exch_ms=med["exch"] * 1e3,
+                            vs_local=med["wall"] / loc,
+                            same_tokens=same,
+                        )
+                    )
         finally:
             loop.close()
             for grp in groups.values():
@@ -378,8 +461,10 @@ def bench_decode(hiddens: list[int], tmp: Path) -> list[dict]:
 # ------------------------------------------------------------------------------ report
 def _table(head: list[str], rows: list[list[str]]) -> str:
     w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    lines = ["| " + " | ".join(h.ljust(w[i]) for i, h in enumerate(head)) + " |",
-             "|" + "|".join("-" * (n + 2) for n in w) + "|"]
+    lines = [
+        "| " + " | ".join(h.ljust(w[i]) for i, h in enumerate(head)) + " |",
+        "|" + "|".join("-" * (n + 2) for n in w) + "|",
+    ]
     lines += ["| " + " | ".join(c.rjust(w[i]) for i, c in enumerate(r)) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -387,40 +472,125 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 def report(ex: dict, dec: list[dict]) -> str:
     out = []
     if ex["decode"]:
-        out.append("## 1. Exchange per MoE layer, FIXED, decode sizes (D = 1; identity experts) vs bare all_to_all_single x2")
-        out.append(f"target: ours <= {TARGET}x bare. mean = loop time / layers; median = median layer; each the median "
-                   "of the interleaved repetitions. ovf = layers (of 8) where the routing exceeded C (2 more exchanges)")
-        out.append(_table(["hidden", "X", "tokens", "C", "ovf", "ours mean ms", "bare mean ms", "ratio", "ours med ms",
-                           "bare med ms", "ratio med", "target"],
-                          [[str(r["hidden"]), str(r["x"]), str(r["tokens"]), str(r["cap"]), f"{r['overflow']}/{LAYERS}",
-                            f"{r['ours_ms']:.3f}", f"{r['bare_ms']:.3f}", f"{r['ratio']:.2f}", f"{r['ours_med_ms']:.3f}",
-                            f"{r['bare_med_ms']:.3f}", f"{r['ratio_med']:.2f}",
-                            "ok" if r["ratio"] <= TARGET else "MISS"] for r in ex["decode"]]))
+        out.append(
+            "## 1. Exchange per MoE layer, FIXED, decode sizes (D = 1; identity experts) vs bare all_to_all_single x2"
+        )
+        out.append(
+            f"target: ours <= {TARGET}x bare. mean = loop time / layers; median = median layer; each the median "
+            "of the interleaved repetitions. ovf = layers (of 8) where the routing exceeded C (2 more exchanges)"
+        )
+        out.append(
+            _table(
+                [
+                    "hidden",
+                    "X",
+                    "tokens",
+                    "C",
+                    "ovf",
+                    "ours mean ms",
+                    "bare mean ms",
+                    "ratio",
+                    "ours med ms",
+                    "bare med ms",
+                    "ratio med",
+                    "target",
+                ],
+                [
+                    [
+                        str(r["hidden"]),
+                        str(r["x"]),
+                        str(r["tokens"]),
+                        str(r["cap"]),
+                        f"{r['overflow']}/{LAYERS}",
+                        f"{r['ours_ms']:.3f}",
+                        f"{r['bare_ms']:.3f}",
+                        f"{r['ratio']:.2f}",
+                        f"{r['ours_med_ms']:.3f}",
+                        f"{r['bare_med_ms']:.3f}",
+                        f"{r['ratio_med']:.2f}",
+                        "ok" if r["ratio"] <= TARGET else "MISS",
+                    ]
+                    for r in ex["decode"]
+                ],
+            )
+        )
         seen = {}
         for r in ex["decode"]:
             seen.setdefault((r["hidden"], r["x"]), " ".join(r["nodes"]))
-        out.append("node of global ranks 0..X (trunk first): " + "; ".join(
-            f"hidden {h} X={x}: {v}" for (h, x), v in seen.items()))
+        out.append(
+            "node of global ranks 0..X (trunk first): "
+            + "; ".join(f"hidden {h} X={x}: {v}" for (h, x), v in seen.items())
+        )
     if dec:
-        out.append("\n## 2. Decode step, D = 1, median of %d steps after a %d-token prefill (fp32, 1 thread per process)"
-                   % (DECODE_STEPS, PREFILL))
-        out.append("step wall = driver time of one step (Ray call included); trunk fwd = the trunk actor's forward; "
-                   "exch = dispatch + combine per layer inside the trunk (expert FFN wait included)")
-        out.append(_table(["hidden", "batch", "layout", "step wall ms", "vs local", "trunk fwd ms", "exch ms/layer",
-                           "tokens = local"],
-                          [[str(r["hidden"]), str(r["batch"]), r["layout"], f"{r['wall_ms']:.2f}", f"{r['vs_local']:.2f}",
-                            f"{r['fwd_ms']:.2f}", f"{r['exch_ms']:.3f}" if r["layout"] != "local" else "-",
-                            str(r["same_tokens"])] for r in dec]))
+        out.append(
+            "\n## 2. Decode step, D = 1, median of %d steps after a %d-token prefill (fp32, 1 thread per process)"
+            % (DECODE_STEPS, PREFILL)
+        )
+        out.append(
+            "step wall = driver time of one step (Ray call included); trunk fwd = the trunk actor's forward; "
+            "exch = dispatch + combine per layer inside the trunk (expert FFN wait included)"
+        )
+        out.append(
+            _table(
+                [
+                    "hidden",
+                    "batch",
+                    "layout",
+                    "step wall ms",
+                    "vs local",
+                    "trunk fwd ms",
+                    "exch ms/layer",
+                    "tokens = local",
+                ],
+                [
+                    [
+                        str(r["hidden"]),
+                        str(r["batch"]),
+                        r["layout"],
+                        f"{r['wall_ms']:.2f}",
+                        f"{r['vs_local']:.2f}",
+                        f"{r['fwd_ms']:.2f}",
+                        f"{r['exch_ms']:.3f}" if r["layout"] != "local" else "-",
+                        str(r["same_tokens"]),
+                    ]
+                    for r in dec
+                ],
+            )
+        )
     if ex["sweep"]:
-        out.append("\n## 3. Exchange per MoE layer vs tokens per trunk, X = 2 (identity experts; mean ms per layer, "
-                   "median layer in brackets)")
-        out.append(_table(["hidden", "tokens", "C", "ovf", "FIXED ms", "VARIABLE ms", "FIXED/VARIABLE", "bare(FIXED) ms",
-                           "FIXED/bare"],
-                          [[str(r["hidden"]), str(r["tokens"]), str(r["cap"]), f"{r['overflow']}/{LAYERS}",
-                            f"{r['fixed_ms']:.3f} ({r['fixed_med_ms']:.3f})",
-                            f"{r['variable_ms']:.3f} ({r['variable_med_ms']:.3f})", f"{r['fixed_ms'] / r['variable_ms']:.2f}",
-                            f"{r['bare_ms']:.3f} ({r['bare_med_ms']:.3f})", f"{r['fixed_ms'] / r['bare_ms']:.2f}"]
-                           for r in ex["sweep"]]))
+        out.append(
+            "\n## 3. Exchange per MoE layer vs tokens per trunk, X = 2 (identity experts; mean ms per layer, "
+            "median layer in brackets)"
+        )
+        out.append(
+            _table(
+                [
+                    "hidden",
+                    "tokens",
+                    "C",
+                    "ovf",
+                    "FIXED ms",
+                    "VARIABLE ms",
+                    "FIXED/VARIABLE",
+                    "bare(FIXED) ms",
+                    "FIXED/bare",
+                ],
+                [
+                    [
+                        str(r["hidden"]),
+                        str(r["tokens"]),
+                        str(r["cap"]),
+                        f"{r['overflow']}/{LAYERS}",
+                        f"{r['fixed_ms']:.3f} ({r['fixed_med_ms']:.3f})",
+                        f"{r['variable_ms']:.3f} ({r['variable_med_ms']:.3f})",
+                        f"{r['fixed_ms'] / r['variable_ms']:.2f}",
+                        f"{r['bare_ms']:.3f} ({r['bare_med_ms']:.3f})",
+                        f"{r['fixed_ms'] / r['bare_ms']:.2f}",
+                    ]
+                    for r in ex["sweep"]
+                ],
+            )
+        )
     for name, profs in ex.get("profiles", {}).items():
         for rank, p in enumerate(profs):
             if p:
@@ -440,14 +610,20 @@ def main() -> None:
     args = ap.parse_args()
     from cluster.local_cluster import start_local_cluster
 
-    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
-          f"python {platform.python_version()}, load average at start {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
+        f"python {platform.python_version()}, load average at start {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     t_start = time.time()
     cluster = start_local_cluster(3, cpus_per_node=6)
     try:
         hiddens = [int(h) for h in args.hiddens.split(",") if h]
-        ex = {"decode": [], "sweep": [], "profiles": {}} if args.skip_exchange else bench_exchange(
-            hiddens, args.reps, args.steps, args.profile)
+        ex = (
+            {"decode": [], "sweep": [], "profiles": {}}
+            if args.skip_exchange
+            else bench_exchange(hiddens, args.reps, args.steps, args.profile)
+        )
         with tempfile.TemporaryDirectory() as tmp:
             dec = bench_decode([int(h) for h in args.decode_hiddens.split(",") if h], Path(tmp))
     finally:
@@ -455,8 +631,9 @@ def main() -> None:
     print(report(ex, dec))
     print(f"\ntotal {time.time() - t_start:.0f} s, load average at end {os.getloadavg()[0]:.1f} (1 min)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"exchange": {k: v for k, v in ex.items() if k != "profiles"},
-                                               "decode": dec}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"exchange": {k: v for k, v in ex.items() if k != "profiles"}, "decode": dec}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,7 @@ def start_server(port: int, itl_ms: float) -> subprocess.Popen:
 
 async def one_run(base_url: str, rate: float, burstiness: float, duration: float, seed: int) -> dict:
     requests = random_requests(256, input_len=32, output_len=CHUNKS, seed=seed)
-    cfg = RunConfig(request_rate=rate, burstiness=burstiness, duration_s=duration, warmup=8, seed=seed,
-                    progress=False)
+    cfg = RunConfig(request_rate=rate, burstiness=burstiness, duration_s=duration, warmup=8, seed=seed, progress=False)
     load = os.getloadavg()[0]
     async with OpenAICompletionsClient(base_url, model="fake") as client:
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -64,22 +63,30 @@ async def one_run(base_url: str, rate: float, burstiness: float, duration: float
     window = max(r.start for r in res) - min(r.start for r in res)
     scheduled = arrival_offsets(n, rate, burstiness, seed=seed)
     return {
-        "offered": rate, "burstiness": burstiness, "requests": n, "errors": n - ok,
+        "offered": rate,
+        "burstiness": burstiness,
+        "requests": n,
+        "errors": n - ok,
         "scheduled_rate": (n - 1) / scheduled[-1],
         "achieved_send_rate": (n - 1) / window,
         "achieved_rate": ok / window,  # completed requests per second of the send window
         "throughput_with_tail": ok / out.duration_s,  # vLLM's request throughput: until the last request ends
         "tail_s": out.duration_s - max(r.start for r in res),
-        "lag_p50_ms": percentile(out.send_lag_s, 50) * 1e3, "lag_p99_ms": percentile(out.send_lag_s, 99) * 1e3,
+        "lag_p50_ms": percentile(out.send_lag_s, 50) * 1e3,
+        "lag_p99_ms": percentile(out.send_lag_s, 99) * 1e3,
         "events_ok": all(r.stream_tokens == CHUNKS and r.output_tokens == CHUNKS for r in res if r.ok),
-        "cpu_ms_per_request": cpu / max(1, n + cfg.warmup) * 1e3, "cpu_share": cpu / wall, "load": load,
+        "cpu_ms_per_request": cpu / max(1, n + cfg.warmup) * 1e3,
+        "cpu_share": cpu / wall,
+        "load": load,
     }
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| offered req/s | arrivals | requests | errors | schedule drew req/s | sent req/s | achieved req/s "
-            "| achieved / offered | incl. tail req/s | send lag p50 / p99 ms | 16 events each | client CPU ms/req "
-            "| client CPU needed / got | load avg |")
+    head = (
+        "| offered req/s | arrivals | requests | errors | schedule drew req/s | sent req/s | achieved req/s "
+        "| achieved / offered | incl. tail req/s | send lag p50 / p99 ms | 16 events each | client CPU ms/req "
+        "| client CPU needed / got | load avg |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         kind = "Poisson" if r["burstiness"] == 1 else f"gamma k={r['burstiness']:g}"
@@ -89,7 +96,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['throughput_with_tail']:.1f} | {r['lag_p50_ms']:.2f} / {r['lag_p99_ms']:.1f} "
             f"| {'yes' if r['events_ok'] else 'NO'} | {r['cpu_ms_per_request']:.2f} "
             f"| {r['cpu_ms_per_request'] * r['offered'] / 1e3:.0%} / {r['cpu_share']:.0%} "
-            f"| {r['load']:.1f} |")
+            f"| {r['load']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -99,16 +107,21 @@ def verdict(rows: list[dict]) -> tuple[bool, str]:
         return False, f"no fixed-rate run at {TARGET_RATE:.0f} req/s"
     ratio = row["achieved_rate"] / row["offered"]
     ok = abs(ratio - 1) <= TARGET_TOLERANCE and not row["errors"] and row["events_ok"]
-    return ok, (f"at {TARGET_RATE:.0f} req/s offered (gamma k={row['burstiness']:g}): {row['achieved_rate']:.1f} "
-                f"req/s achieved ({ratio:.3f} of offered), send lag p99 {row['lag_p99_ms']:.1f} ms, "
-                f"{row['errors']} errors -> {'MET' if ok else 'NOT MET'} "
-                f"(target: within {TARGET_TOLERANCE:.0%} of offered, no errors, 16 events per response)")
+    return ok, (
+        f"at {TARGET_RATE:.0f} req/s offered (gamma k={row['burstiness']:g}): {row['achieved_rate']:.1f} "
+        f"req/s achieved ({ratio:.3f} of offered), send lag p99 {row['lag_p99_ms']:.1f} ms, "
+        f"{row['errors']} errors -> {'MET' if ok else 'NOT MET'} "
+        f"(target: within {TARGET_TOLERANCE:.0%} of offered, no errors, 16 events per response)"
+    )
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", default="200:100,200:1,400:100",
-                   help="RATE:BURSTINESS per run (burstiness 100 = nearly fixed gaps, 1 = Poisson)")
+    p.add_argument(
+        "--runs",
+        default="200:100,200:1,400:100",
+        help="RATE:BURSTINESS per run (burstiness 100 = nearly fixed gaps, 1 = Poisson)",
+    )
     p.add_argument("--duration", type=float, default=30.0, help="seconds per run")
     p.add_argument("--itl-ms", type=float, default=5.0, help="fake server: gap between the 16 events")
     p.add_argument("--port", type=int, default=0, help="fake server port (default: a free one)")
@@ -123,9 +136,12 @@ def main() -> int:
             rate, _, burst = spec.partition(":")
             row = asyncio.run(one_run(f"http://127.0.0.1:{port}", float(rate), float(burst or 1), a.duration, a.seed))
             rows.append(row)
-            print(f"offered {row['offered']:.0f} req/s (k={row['burstiness']:g}): achieved {row['achieved_rate']:.1f}, "
-                  f"incl. tail {row['throughput_with_tail']:.1f} req/s, lag p99 {row['lag_p99_ms']:.1f} ms, "
-                  f"client {row['cpu_ms_per_request']:.2f} CPU ms/request, load {row['load']:.1f}", flush=True)
+            print(
+                f"offered {row['offered']:.0f} req/s (k={row['burstiness']:g}): achieved {row['achieved_rate']:.1f}, "
+                f"incl. tail {row['throughput_with_tail']:.1f} req/s, lag p99 {row['lag_p99_ms']:.1f} ms, "
+                f"client {row['cpu_ms_per_request']:.2f} CPU ms/request, load {row['load']:.1f}",
+                flush=True,
+            )
     finally:
         server.terminate()
         server.wait(10)
@@ -148,13 +164,13 @@ def _markdown(rows: list[dict], line: str, a: argparse.Namespace) -> str:
         f"Command: `python benchmarks/bench_loadgen.py --runs {a.runs} --duration {a.duration:g} "
         f"--itl-ms {a.itl_ms:g}`\n\n"
         f"{table(rows)}\n\n**Result:** {line}\n\n"
-        "Columns: \"schedule drew\" is the rate of the arrival sample itself (a Poisson sample of 30 s is "
-        "off its mean by ~1-2%); \"sent\" = sends per second of the send window; \"achieved\" = requests "
-        "completed (all 16 events + usage + [DONE]) per second of the send window; \"incl. tail\" = vLLM's "
-        "request throughput (until the last response ends); \"send lag\" = each send's lateness against its "
-        "schedule (a saturated client shows it first); \"client CPU ms/req\" = this process's CPU time per "
+        'Columns: "schedule drew" is the rate of the arrival sample itself (a Poisson sample of 30 s is '
+        'off its mean by ~1-2%); "sent" = sends per second of the send window; "achieved" = requests '
+        'completed (all 16 events + usage + [DONE]) per second of the send window; "incl. tail" = vLLM\'s '
+        'request throughput (until the last response ends); "send lag" = each send\'s lateness against its '
+        'schedule (a saturated client shows it first); "client CPU ms/req" = this process\'s CPU time per '
         "request, so 1000 / it is about the request rate one free core could drive at this response length; "
-        "\"CPU needed / got\" = that time x the offered rate (the share of one core the client needs) / the share "
+        '"CPU needed / got" = that time x the offered rate (the share of one core the client needs) / the share '
         "it was given: a run that falls short while it got less than it needed was starved by other processes.\n"
     )
 

@@ -42,24 +42,63 @@ sys.path.insert(0, str(ROOT))
 from model_shards.batch import SeqChunk, StepBatch  # noqa: E402  # after the sys.path line above
 from model_shards.model import LocalModel  # noqa: E402
 
-ROPE = dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25, mrope_section=[3, 3, 2],
-            mrope_interleaved=True)
-COMMON = dict(num_hidden_layers=8, head_dim=64, linear_conv_kernel_dim=4, rope_parameters=ROPE,
-              max_position_embeddings=4096, rms_norm_eps=1e-6, eos_token_id=1)
+ROPE = dict(
+    rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25, mrope_section=[3, 3, 2], mrope_interleaved=True
+)
+COMMON = dict(
+    num_hidden_layers=8,
+    head_dim=64,
+    linear_conv_kernel_dim=4,
+    rope_parameters=ROPE,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    eos_token_id=1,
+)
 CONFIGS = {
     # model_spec §7.1
-    "tiny": dict(COMMON, vocab_size=1024, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                 linear_num_key_heads=2, linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32,
-                 num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
-                 shared_expert_intermediate_size=128),
+    "tiny": dict(
+        COMMON,
+        vocab_size=1024,
+        hidden_size=256,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        linear_num_key_heads=2,
+        linear_num_value_heads=8,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+    ),
     # 4x hidden, 4x experts, top-8, GQA 8:1, DeltaNet 4 key / 16 value heads x 64
-    "wide": dict(COMMON, vocab_size=4096, hidden_size=1024, num_attention_heads=16, num_key_value_heads=2,
-                 linear_num_key_heads=4, linear_num_value_heads=16, linear_key_head_dim=64, linear_value_head_dim=64,
-                 num_experts=64, num_experts_per_tok=8, moe_intermediate_size=256,
-                 shared_expert_intermediate_size=512),
+    "wide": dict(
+        COMMON,
+        vocab_size=4096,
+        hidden_size=1024,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        linear_num_key_heads=4,
+        linear_num_value_heads=16,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        num_experts=64,
+        num_experts_per_tok=8,
+        moe_intermediate_size=256,
+        shared_expert_intermediate_size=512,
+    ),
 }
-VISION = dict(depth=1, hidden_size=64, num_heads=4, intermediate_size=128, out_hidden_size=256, patch_size=16,
-              temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64)
+VISION = dict(
+    depth=1,
+    hidden_size=64,
+    num_heads=4,
+    intermediate_size=128,
+    out_hidden_size=256,
+    patch_size=16,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+    num_position_embeddings=64,
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PREFILL_B, PREFILL_T = 4, 512
 DECODE_BATCHES = (1, 8, 32)
@@ -77,9 +116,15 @@ def save_checkpoint(name: str, out: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     vision = dict(VISION, out_hidden_size=CONFIGS[name]["hidden_size"])
-    cfg = Qwen3_5MoeConfig(text_config=CONFIGS[name], vision_config=vision, image_token_id=1001,
-                           video_token_id=1002, vision_start_token_id=1003, vision_end_token_id=1004,
-                           tie_word_embeddings=False)
+    cfg = Qwen3_5MoeConfig(
+        text_config=CONFIGS[name],
+        vision_config=vision,
+        image_token_id=1001,
+        video_token_id=1002,
+        vision_start_token_id=1003,
+        vision_end_token_id=1004,
+        tie_word_embeddings=False,
+    )
     model = Qwen3_5MoeForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -124,21 +169,24 @@ class Ours(Side):
 
     def reset(self, num_seqs: int, tokens: int) -> None:
         self.tables = _tables(num_seqs, tokens)
-        self.pools = self.model.allocate(num_blocks=sum(len(t) for t in self.tables), block_size=BLOCK,
-                                         num_slots=num_seqs)
+        self.pools = self.model.allocate(
+            num_blocks=sum(len(t) for t in self.tables), block_size=BLOCK, num_slots=num_seqs
+        )
         self.lens = [0] * num_seqs
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         rows = ids.tolist()
-        batch = StepBatch.build([SeqChunk(tuple(r), 0, i, self.tables[i]) for i, r in enumerate(rows)],
-                                block_size=BLOCK)
+        batch = StepBatch.build(
+            [SeqChunk(tuple(r), 0, i, self.tables[i]) for i, r in enumerate(rows)], block_size=BLOCK
+        )
         out = self.model.forward(batch, self.pools).logits_RV
         self.lens = [len(r) for r in rows]
         return out
 
     def step(self, ids: list[int]) -> torch.Tensor:
-        batch = StepBatch.build([SeqChunk((t,), self.lens[i], i, self.tables[i]) for i, t in enumerate(ids)],
-                                block_size=BLOCK)
+        batch = StepBatch.build(
+            [SeqChunk((t,), self.lens[i], i, self.tables[i]) for i, t in enumerate(ids)], block_size=BLOCK
+        )
         out = self.model.forward(batch, self.pools).logits_RV
         self.lens = [n + 1 for n in self.lens]
         return out
@@ -168,9 +216,9 @@ def bench_prefill(sides: list[Side], vocab: int, repeats: int) -> dict[str, floa
     ids = torch.randint(0, vocab, (PREFILL_B, PREFILL_T), generator=torch.Generator().manual_seed(1))
     times: dict[str, list[float]] = {s.name: [] for s in sides}
     for r in range(repeats + 1):  # repeat 0 is the warm-up
-        for s in (sides if r % 2 == 0 else sides[::-1]):
+        for s in sides if r % 2 == 0 else sides[::-1]:
             s.reset(PREFILL_B, PREFILL_T)
-            t = _timed(lambda: s.prefill(ids))
+            t = _timed(lambda: s.prefill(ids))  # noqa: B023  # called within this iteration
             if r:
                 times[s.name].append(t)
     return {name: PREFILL_B * PREFILL_T / statistics.median(ts) for name, ts in times.items()}
@@ -188,9 +236,9 @@ def bench_decode(sides: list[Side], vocab: int, batch: int, repeats: int) -> dic
             s.reset(batch, DECODE_CONTEXT + len(tokens))
             s.prefill(prompt)
             s.step(tokens[0])  # first step after a prefill: not timed
-        for step in tokens[1:DECODE_STEPS + 1]:
+        for step in tokens[1 : DECODE_STEPS + 1]:
             for s in order:
-                t = _timed(lambda: s.step(step))
+                t = _timed(lambda: s.step(step))  # noqa: B023  # called within this iteration
                 if r:
                     times[s.name].append(t)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
@@ -255,8 +303,13 @@ def _mem_child(folder: str, what: str, dtype: str) -> None:
 def measure_load_memory(folder: Path, dtype: str) -> dict[str, float]:
     out = {}
     for what in ("experts_1of8", "full"):
-        proc = subprocess.run([sys.executable, __file__, "--_mem-child", str(folder), what, dtype],
-                              capture_output=True, text=True, check=True, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--_mem-child", str(folder), what, dtype],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
         out[what] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
     return out
 
@@ -276,13 +329,19 @@ def run_config(name: str, dtypes: list[str], repeats: int, tmp: Path, results: d
         print(f"[{name} {dt}] transformers back-ends: {backends}; max |d logit| ours vs theirs {diff:.3g}", flush=True)
         cell = results.setdefault(name, {}).setdefault(dt, {"hf_backends": backends, "max_abs_logit_diff": diff})
         pf = bench_prefill([ours, theirs], vocab, repeats)
-        cell["prefill_tok_s"] = {"ours": pf["ours"], "transformers": pf["transformers"],
-                                 "ratio": pf["ours"] / pf["transformers"]}
+        cell["prefill_tok_s"] = {
+            "ours": pf["ours"],
+            "transformers": pf["transformers"],
+            "ratio": pf["ours"] / pf["transformers"],
+        }
         print(f"[{name} {dt}] prefill {pf['ours']:.0f} vs {pf['transformers']:.0f} tok/s", flush=True)
         for b in DECODE_BATCHES:
             dc = bench_decode([ours, theirs], vocab, b, repeats)
-            cell[f"decode_b{b}_ms"] = {"ours": dc["ours"], "transformers": dc["transformers"],
-                                       "ratio": dc["transformers"] / dc["ours"]}
+            cell[f"decode_b{b}_ms"] = {
+                "ours": dc["ours"],
+                "transformers": dc["transformers"],
+                "ratio": dc["transformers"] / dc["ours"],
+            }
             print(f"[{name} {dt}] decode B={b}: {dc['ours']:.2f} vs {dc['transformers']:.2f} ms", flush=True)
         del theirs, ours
     if name == "wide":
@@ -297,15 +356,27 @@ def print_table(results: dict) -> None:
         if name == "memory":
             continue
         for dt, cell in per_dtype.items():
-            for key, metric in (("prefill_tok_s", "prefill 4x512 (tok/s)"),
-                                *((f"decode_b{b}_ms", f"decode B={b} (ms/step)") for b in DECODE_BATCHES)):
+            for key, metric in (
+                ("prefill_tok_s", "prefill 4x512 (tok/s)"),
+                *((f"decode_b{b}_ms", f"decode B={b} (ms/step)") for b in DECODE_BATCHES),
+            ):
                 if key not in cell:
                     continue
                 v = cell[key]
                 target = TARGETS["prefill" if key.startswith("prefill") else "decode"]
                 fmt = "{:.0f}" if key.startswith("prefill") else "{:.2f}"
-                rows.append((name, dt, metric, fmt.format(v["ours"]), fmt.format(v["transformers"]),
-                             f"{v['ratio']:.2f}x", f">= {target:.1f}x", "ok" if v["ratio"] >= target else "MISSED"))
+                rows.append(
+                    (
+                        name,
+                        dt,
+                        metric,
+                        fmt.format(v["ours"]),
+                        fmt.format(v["transformers"]),
+                        f"{v['ratio']:.2f}x",
+                        f">= {target:.1f}x",
+                        "ok" if v["ratio"] >= target else "MISSED",
+                    )
+                )
     head = ("config", "dtype", "metric", "ours", "transformers", "ratio", "target", "")
     widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
@@ -315,8 +386,10 @@ def print_table(results: dict) -> None:
         print(line(r))
     print("ratio = transformers time / our time (> 1: ours faster); prefill compares tokens/s the same way.")
     for key, mem in results.get("memory", {}).items():
-        print(f"peak RSS of a load ({key}): 1/{EXPERT_RANKS} of the experts {mem['experts_1of8']:.0f} MiB, "
-              f"whole model {mem['full']:.0f} MiB, ratio {mem['ratio']:.2f}x")
+        print(
+            f"peak RSS of a load ({key}): 1/{EXPERT_RANKS} of the experts {mem['experts_1of8']:.0f} MiB, "
+            f"whole model {mem['full']:.0f} MiB, ratio {mem['ratio']:.2f}x"
+        )
 
 
 def main() -> None:
@@ -344,8 +417,11 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()  # its "falling back to the torch implementation" notices and load bars
     hf_logging.disable_progress_bar()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          f"repeats {args.repeats}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+        f"repeats {args.repeats}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench_model_") as tmp:
         for c in configs:
@@ -353,8 +429,9 @@ def main() -> None:
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     print_table(results)
     if args.json:
-        args.json.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "results": results},
-                                        indent=2))
+        args.json.write_text(
+            json.dumps({"threads": args.threads, "repeats": args.repeats, "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

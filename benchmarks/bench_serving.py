@@ -120,12 +120,21 @@ class ProcClock:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             return "gone"
-        for key, name in (("EpserveIngress", "Serve ingress replica"), ("EpserveEngine", "Serve engine replica"),
-                          ("ProxyActor", "Serve proxy"), ("ServeController", "Serve controller"),
-                          ("MetricsHub", "metrics hub"), ("TrunkRankActor", "trunk rank (other)"),
-                          ("ExpertRankActor", "expert rank (other)"), ("raylet", "raylet"),
-                          ("gcs_server", "gcs"), ("dashboard", "dashboard agents"), ("log_monitor", "log monitor"),
-                          ("ray::IDLE", "idle workers"), ("default_worker", "idle workers")):
+        for key, name in (
+            ("EpserveIngress", "Serve ingress replica"),
+            ("EpserveEngine", "Serve engine replica"),
+            ("ProxyActor", "Serve proxy"),
+            ("ServeController", "Serve controller"),
+            ("MetricsHub", "metrics hub"),
+            ("TrunkRankActor", "trunk rank (other)"),
+            ("ExpertRankActor", "expert rank (other)"),
+            ("raylet", "raylet"),
+            ("gcs_server", "gcs"),
+            ("dashboard", "dashboard agents"),
+            ("log_monitor", "log monitor"),
+            ("ray::IDLE", "idle workers"),
+            ("default_worker", "idle workers"),
+        ):
             if key in cmd:
                 return name
         return "other ray processes"
@@ -168,7 +177,7 @@ def make_prompts(tokenizer, count: int, length: int) -> list[list[int]]:  # noqa
     ) * 8
     ids = tokenizer.encode(text)
     step = max(1, (len(ids) - length) // max(1, count))
-    return [ids[(i * step) % (len(ids) - length):][:length] for i in range(count)]
+    return [ids[(i * step) % (len(ids) - length) :][:length] for i in range(count)]
 
 
 class Workload:
@@ -179,8 +188,14 @@ class Workload:
         self._n = 0
 
     def body(self, i: int) -> dict:
-        b = {"model": MODEL_NAME, "prompt": self.prompts[i % len(self.prompts)], "max_tokens": self.max_tokens,
-             "stream": True, "ignore_eos": True, "seed": i}
+        b = {
+            "model": MODEL_NAME,
+            "prompt": self.prompts[i % len(self.prompts)],
+            "max_tokens": self.max_tokens,
+            "stream": True,
+            "ignore_eos": True,
+            "seed": i,
+        }
         if self.temperature is not None:
             b["temperature"] = self.temperature
         return b
@@ -190,8 +205,9 @@ class Workload:
 
         body = self.body(i)
         self._n += 1
-        return self.ctx.build(CompletionRequest.model_validate(body), list(body["prompt"]),
-                              request_id=f"inproc-{self._n}", logprobs=None)
+        return self.ctx.build(
+            CompletionRequest.model_validate(body), list(body["prompt"]), request_id=f"inproc-{self._n}", logprobs=None
+        )
 
 
 async def http_request(session, url: str, body: dict, expect: int, run: Run) -> None:  # noqa: ANN001
@@ -262,6 +278,7 @@ class Bench:
         from cluster.process_groups import free_port
         from cluster.topology import GroupShape
         from model_shards.tiny_checkpoint import embedded_model
+        from model_shards.tokenizer import Tokenizer
         from replicas.actors import CacheSizes
         from replicas.app import build_app
         from replicas.app_args import AppArgs, AutoscalingArgs
@@ -270,16 +287,22 @@ class Bench:
         from replicas.group import ExpertParallelGroup, GroupConfig
         from replicas.request_builder import ModelContext
         from replicas.scheduler import SchedulerConfig
-        from model_shards.tokenizer import Tokenizer
 
         a = self.args
         t0 = time.monotonic()
         self.folder = str(embedded_model(a.cache_dir))
         print(f"model: {self.folder} ({time.monotonic() - t0:.1f} s)", flush=True)
         self.app_args = AppArgs(
-            model=self.folder, served_model_name=MODEL_NAME, dtype=a.dtype, trunk_ranks=a.trunk_ranks,
-            expert_ranks=a.expert_ranks, num_kv_blocks=a.num_kv_blocks, block_size=16, max_num_seqs=a.max_num_seqs,
-            max_num_batched_tokens=a.max_num_batched_tokens, collective_deadline_s=30,
+            model=self.folder,
+            served_model_name=MODEL_NAME,
+            dtype=a.dtype,
+            trunk_ranks=a.trunk_ranks,
+            expert_ranks=a.expert_ranks,
+            num_kv_blocks=a.num_kv_blocks,
+            block_size=16,
+            max_num_seqs=a.max_num_seqs,
+            max_num_batched_tokens=a.max_num_batched_tokens,
+            collective_deadline_s=30,
             ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
             engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
         )
@@ -292,27 +315,46 @@ class Bench:
         print(f"cluster + app up ({time.monotonic() - t0:.1f} s)", flush=True)
 
         s = self.app_args
-        self.group = ExpertParallelGroup(GroupConfig(
-            model_dir=s.model, shape=GroupShape(s.trunk_ranks, s.expert_ranks), dtype=s.dtype,
-            deadline_s=s.collective_deadline_s, caches=CacheSizes(s.num_kv_blocks, s.block_size, s.max_num_seqs),
-            capacity_factor=s.capacity_factor, cpus_per_rank=s.cpus_per_rank, gpus=s.gpus,
-            load_timeout_s=s.load_timeout_s))
+        self.group = ExpertParallelGroup(
+            GroupConfig(
+                model_dir=s.model,
+                shape=GroupShape(s.trunk_ranks, s.expert_ranks),
+                dtype=s.dtype,
+                deadline_s=s.collective_deadline_s,
+                caches=CacheSizes(s.num_kv_blocks, s.block_size, s.max_num_seqs),
+                capacity_factor=s.capacity_factor,
+                cpus_per_rank=s.cpus_per_rank,
+                gpus=s.gpus,
+                load_timeout_s=s.load_timeout_s,
+            )
+        )
         self.group.start()
         self.runner = TimedRunner(self.group)
         self.tokenizer = Tokenizer.from_dir(self.folder)
-        self.engine = Engine(self.runner, pools=[BlockPool(num_blocks=s.num_kv_blocks, num_slots=s.max_num_seqs,
-                                                           block_size=s.block_size) for _ in range(s.trunk_ranks)],
-                             config=SchedulerConfig(max_num_seqs=s.max_num_seqs,
-                                                    max_num_batched_tokens=s.max_num_batched_tokens),
-                             tokenizer=self.tokenizer, max_waiting=s.max_waiting_requests, recover=self.group.rebuild)
-        ctx = ModelContext.load(self.folder, name=MODEL_NAME, max_model_len=s.max_model_len,
-                                cache_tokens=s.num_kv_blocks * s.block_size, default_max_tokens=s.default_max_tokens,
-                                max_n=s.max_n)
+        self.engine = Engine(
+            self.runner,
+            pools=[
+                BlockPool(num_blocks=s.num_kv_blocks, num_slots=s.max_num_seqs, block_size=s.block_size)
+                for _ in range(s.trunk_ranks)
+            ],
+            config=SchedulerConfig(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens),
+            tokenizer=self.tokenizer,
+            max_waiting=s.max_waiting_requests,
+            recover=self.group.rebuild,
+        )
+        ctx = ModelContext.load(
+            self.folder,
+            name=MODEL_NAME,
+            max_model_len=s.max_model_len,
+            cache_tokens=s.num_kv_blocks * s.block_size,
+            default_max_tokens=s.default_max_tokens,
+            max_n=s.max_n,
+        )
         self.work = Workload(ctx, make_prompts(self.tokenizer, 64, a.prompt_len), a.max_tokens, a.temperature)
         self.defaults = ctx.defaults
         inproc_pids = ray.get([t.pid.remote() for t in self.group.trunks + self.group.experts])
         labels = {p: "trunk rank (in-process path)" for p in inproc_pids[: s.trunk_ranks]}
-        labels.update({p: "expert rank (in-process path)" for p in inproc_pids[s.trunk_ranks:]})
+        labels.update({p: "expert rank (in-process path)" for p in inproc_pids[s.trunk_ranks :]})
         self.hub = ray.get_actor(f"epserve-metrics-{MODEL_NAME}", namespace="epserve")
         self.clock = ProcClock(labels)
         # Ray starts its workers at a raised niceness (the Serve replicas and every rank run at it); the
@@ -348,8 +390,14 @@ class Bench:
         h = snap.histograms.get(("step_time_seconds", ()))
         return (h.n, h.total) if h is not None else (0, 0.0)
 
-    async def run(self, path: str, c: int, rounds: int, session, until: asyncio.Event | None = None  # noqa: ANN001
-                  ) -> Run:
+    async def run(
+        self,
+        path: str,
+        c: int,
+        rounds: int,
+        session,  # noqa: ANN001
+        until: asyncio.Event | None = None,
+    ) -> Run:
         """c workers, `rounds` requests each back to back (or until `until` is set)."""
         run = Run(path, c)
         expect = self.args.max_tokens
@@ -405,13 +453,16 @@ class Bench:
             runs: dict[int, dict[str, list[Run]]] = {c: {HTTP: [], INPROC: []} for c in levels}
             flip = False
             for rep in range(a.repeats):  # levels and paths both ABBA-interleaved: noise hits every cell alike
-                for c in (levels if rep % 2 == 0 else levels[::-1]):
-                    for path in ((HTTP, INPROC) if not flip else (INPROC, HTTP)):
+                for c in levels if rep % 2 == 0 else levels[::-1]:
+                    for path in (HTTP, INPROC) if not flip else (INPROC, HTTP):
                         r = await self.run(path, c, a.rounds, session)
                         runs[c][path].append(r)
-                        print(f"  c={c:<3} {path:<10} rep {rep}: {r.tokens} tok in {r.wall_s:.2f} s = "
-                              f"{r.tokens / r.wall_s:7.1f} tok/s, {r.steps} steps, machine busy "
-                              f"{100 * r.machine_busy:.0f}%", flush=True)
+                        print(
+                            f"  c={c:<3} {path:<10} rep {rep}: {r.tokens} tok in {r.wall_s:.2f} s = "
+                            f"{r.tokens / r.wall_s:7.1f} tok/s, {r.steps} steps, machine busy "
+                            f"{100 * r.machine_busy:.0f}%",
+                            flush=True,
+                        )
                     flip = not flip
             out["levels"] = runs
             if a.py_spy:
@@ -434,10 +485,28 @@ class Bench:
         done = asyncio.Event()
         task = asyncio.create_task(self.run(HTTP, c, 10**6, session, until=done))
         await asyncio.sleep(2.0)  # let the batch fill up
-        procs = {name: subprocess.Popen(
-            ["py-spy", "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "100",
-             "--format", "raw", "--nonblocking", "--output", str(tmp / f"{pid}.txt")],
-            stdout=subprocess.DEVNULL, stderr=open(tmp / f"{pid}.err", "w")) for name, pid in targets.items()}
+        procs = {
+            name: subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(seconds),
+                    "--rate",
+                    "100",
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--output",
+                    str(tmp / f"{pid}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=open(tmp / f"{pid}.err", "w"),
+            )
+            for name, pid in targets.items()
+        }
         await asyncio.to_thread(lambda: [p.wait() for p in procs.values()])
         done.set()
         await task
@@ -464,8 +533,13 @@ class Bench:
         cfg = from_hf_config(self.folder)
         dtype = resolve_dtype(cfg, self.args.dtype)
         d = self.defaults
-        params = SamplingParams(temperature=d.temperature if self.args.temperature is None else self.args.temperature,
-                                top_p=d.top_p, top_k=max(0, d.top_k), min_p=d.min_p, seed=1)
+        params = SamplingParams(
+            temperature=d.temperature if self.args.temperature is None else self.args.temperature,
+            top_p=d.top_p,
+            top_k=max(0, d.top_k),
+            min_p=d.min_p,
+            seed=1,
+        )
         greedy = SamplingParams(temperature=0.0)
         out: dict[str, float] = {}
 
@@ -484,29 +558,43 @@ class Bench:
             h = torch.randn(b, hidden, dtype=dtype)
             logits = (h @ w.T).float()
             out[f"lm_head [{b}x{hidden}] x [{hidden}x{vocab}] {str(dtype).replace('torch.', '')}"] = timeit(
-                lambda h=h: (h @ w.T).float())
-            out[f"sample {b} rows, defaults (T={params.temperature}, top_k={params.top_k}, top_p={params.top_p})"] = \
+                lambda h=h: (h @ w.T).float()
+            )
+            out[f"sample {b} rows, defaults (T={params.temperature}, top_k={params.top_k}, top_p={params.top_p})"] = (
                 timeit(lambda lg=logits, b=b: sample(lg, [params] * b, positions=list(range(b))))
+            )
             out[f"sample {b} rows, greedy"] = timeit(lambda lg=logits, b=b: sample(lg, [greedy] * b))
             if params.top_k > 0 and params.min_p == 0.0 and not params.greedy:
                 out[f"sketch: sample {b} rows, top_k candidates first (same draws)"] = timeit(
-                    lambda lg=logits, b=b: sample_top_k_first(lg, [params] * b, list(range(b))))
+                    lambda lg=logits, b=b: sample_top_k_first(lg, [params] * b, list(range(b)))
+                )
         if params.top_k > 0 and params.min_p == 0.0 and not params.greedy:  # the sketch draws what sample() draws
             lg = torch.randn(64, vocab) * 3
             ref = sample(lg, [params] * 64, positions=list(range(64))).token_ids.tolist()
             same = sum(a == b for a, b in zip(ref, sample_top_k_first(lg, [params] * 64, list(range(64)))))
-            out[f"sketch draws equal to sample() on 64 random rows (count)"] = float(same)
+            out["sketch draws equal to sample() on 64 random rows (count)"] = float(same)
         ids = self.work.prompts[0] * 2
 
         def detok() -> None:
             dt = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
             for t in ids[:64]:
                 dt.feed(t)
+
         out["incremental detokenization, per token"] = timeit(detok) / 64
         ev = GenerateOutput(request_id="x", index=0, token_ids=(1234,), text=" token", completion_tokens=5)
-        out["SSE completion chunk format + json, per token"] = timeit(
-            lambda: [_sse(completion_chunk("cmpl-x", MODEL_NAME, 0, ev, index=0, tok=self.tokenizer,
-                                           want_logprobs=False, offset=0)) for _ in range(100)]) / 100
+        out["SSE completion chunk format + json, per token"] = (
+            timeit(
+                lambda: [
+                    _sse(
+                        completion_chunk(
+                            "cmpl-x", MODEL_NAME, 0, ev, index=0, tok=self.tokenizer, want_logprobs=False, offset=0
+                        )
+                    )
+                    for _ in range(100)
+                ]
+            )
+            / 100
+        )
         return out
 
 
@@ -547,8 +635,10 @@ def summarize_py_spy(path: Path, top: int = 12) -> str:
             continue
         count = int(n)
         total += count
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
-                  if " (" in f else f for f in stack.split(";")]
+        frames = [
+            f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")" if " (" in f else f
+            for f in stack.split(";")
+        ]
         if frames:
             leaf[frames[-1]] += count
         for f in set(frames):
@@ -573,18 +663,23 @@ def _per_step(runs: list[Run]) -> float:
 
 def _summary(levels: dict[int, dict[str, list[Run]]]) -> list[str]:
     """The main table and the two targets."""
+
     def med(runs: list[Run], attr: str) -> float:
         return _median_ms([x for r in runs for x in getattr(r, attr)])
 
     cs = sorted(levels)
-    lines = ["| concurrency | HTTP tok/s | in-process tok/s | HTTP / in-process | HTTP TTFT p50 ms | in-proc TTFT p50 ms"
-             " | HTTP ITL p50 ms | in-proc ITL p50 ms | HTTP tokens/step | in-proc tokens/step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| concurrency | HTTP tok/s | in-process tok/s | HTTP / in-process | HTTP TTFT p50 ms | in-proc TTFT p50 ms"
+        " | HTTP ITL p50 ms | in-proc ITL p50 ms | HTTP tokens/step | in-proc tokens/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in cs:
         h, p = levels[c][HTTP], levels[c][INPROC]
-        lines.append(f"| {c} | {_tps(h):.1f} | {_tps(p):.1f} | {_tps(h) / _tps(p):.2f} | {med(h, 'ttft_s'):.1f} | "
-                     f"{med(p, 'ttft_s'):.1f} | {med(h, 'itl_s'):.1f} | {med(p, 'itl_s'):.1f} | {_per_step(h):.1f} | "
-                     f"{_per_step(p):.1f} |")
+        lines.append(
+            f"| {c} | {_tps(h):.1f} | {_tps(p):.1f} | {_tps(h) / _tps(p):.2f} | {med(h, 'ttft_s'):.1f} | "
+            f"{med(p, 'ttft_s'):.1f} | {med(h, 'itl_s'):.1f} | {med(p, 'itl_s'):.1f} | {_per_step(h):.1f} | "
+            f"{_per_step(p):.1f} |"
+        )
     lo, hi = cs[0], cs[-1]
     gain = {path: _tps(levels[hi][path]) / _tps(levels[lo][path]) for path in (HTTP, INPROC)}
     ratio = _tps(levels[hi][HTTP]) / _tps(levels[hi][INPROC])
@@ -597,22 +692,28 @@ def _summary(levels: dict[int, dict[str, list[Run]]]) -> list[str]:
         f"- HTTP / in-process at concurrency {hi}: **{ratio:.2f}** (target >= {TARGET_RATIO}: "
         f"{verdict(ratio >= TARGET_RATIO)})",
         f"- concurrency {hi} over {lo}: HTTP **{gain[HTTP]:.2f}x**, in-process **{gain[INPROC]:.2f}x** (target >= "
-        f"{TARGET_GAIN}x: HTTP {verdict(gain[HTTP] >= TARGET_GAIN)}, in-process {verdict(gain[INPROC] >= TARGET_GAIN)})",
+        f"{TARGET_GAIN}x: HTTP {verdict(gain[HTTP] >= TARGET_GAIN)}, "
+        f"in-process {verdict(gain[INPROC] >= TARGET_GAIN)})",
     ]
 
 
 def _runs(levels: dict[int, dict[str, list[Run]]]) -> list[str]:
     """Every run's tok/s (the spread is the noise), engine steps and mean step time."""
-    lines = ["Per run (tok/s of each repeat, engine steps, mean engine-side step ms, machine busy %):", "",
-             "| concurrency | path | runs: tok/s | steps | step ms (engine side) | machine busy |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "Per run (tok/s of each repeat, engine steps, mean engine-side step ms, machine busy %):",
+        "",
+        "| concurrency | path | runs: tok/s | steps | step ms (engine side) | machine busy |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in sorted(levels):
         for path in (HTTP, INPROC):
             rs = levels[c][path]
             steps = sum(r.steps for r in rs)
-            lines.append(f"| {c} | {path} | {', '.join(f'{r.tokens / r.wall_s:.1f}' for r in rs)} | {steps} | "
-                         f"{1e3 * sum(r.step_s for r in rs) / max(1, steps):.1f} | "
-                         f"{', '.join(f'{100 * r.machine_busy:.0f}%' for r in rs)} |")
+            lines.append(
+                f"| {c} | {path} | {', '.join(f'{r.tokens / r.wall_s:.1f}' for r in rs)} | {steps} | "
+                f"{1e3 * sum(r.step_s for r in rs) / max(1, steps):.1f} | "
+                f"{', '.join(f'{100 * r.machine_busy:.0f}%' for r in rs)} |"
+            )
     return lines
 
 
@@ -620,49 +721,83 @@ def _cpu(levels: dict[int, dict[str, list[Run]]]) -> list[str]:
     """CPU seconds per 1000 output tokens by process, and the gain the trunk rank's CPU cost allows."""
     cs, paths = sorted(levels), (HTTP, INPROC)
     names = sorted({n for c in cs for path in paths for r in levels[c][path] for n in r.cpu_s})
-    per_k = {(c, path): {n: 1000 * sum(r.cpu_s.get(n, 0.0) for r in levels[c][path])
-                         / sum(r.tokens for r in levels[c][path]) for n in names} for c in cs for path in paths}
+    per_k = {
+        (c, path): {
+            n: 1000 * sum(r.cpu_s.get(n, 0.0) for r in levels[c][path]) / sum(r.tokens for r in levels[c][path])
+            for n in names
+        }
+        for c in cs
+        for path in paths
+    }
     lines = []
-    trunk = {(c, path): per_k[(c, path)].get(f"trunk rank ({'HTTP' if path == HTTP else 'in-process'} path)", 0.0)
-             for c in cs for path in paths}
+    trunk = {
+        (c, path): per_k[(c, path)].get(f"trunk rank ({'HTTP' if path == HTTP else 'in-process'} path)", 0.0)
+        for c in cs
+        for path in paths
+    }
     lo, hi = cs[0], cs[-1]
     if all(trunk.values()):
-        lines += [f"Trunk-rank CPU ms per output token (CPU time, not wall time: robust to the noise) and the gain "
-                  f"it allows at most (c={lo} / c={hi}; a rank computes on one thread): " + ", ".join(
-                      f"{path} {trunk[(lo, path)]:.2f} -> {trunk[(hi, path)]:.2f} ms "
-                      f"({trunk[(lo, path)] / trunk[(hi, path)]:.2f}x)" for path in paths) + ".", ""]
-    lines += ["CPU seconds per 1000 output tokens (= CPU ms per token), by process of this cluster:", "",
-              "| process | " + " | ".join(f"c={c} {path}" for c in cs for path in paths) + " |",
-              "|---|" + "---|" * (2 * len(cs))]
+        lines += [
+            f"Trunk-rank CPU ms per output token (CPU time, not wall time: robust to the noise) and the gain "
+            f"it allows at most (c={lo} / c={hi}; a rank computes on one thread): "
+            + ", ".join(
+                f"{path} {trunk[(lo, path)]:.2f} -> {trunk[(hi, path)]:.2f} ms "
+                f"({trunk[(lo, path)] / trunk[(hi, path)]:.2f}x)"
+                for path in paths
+            )
+            + ".",
+            "",
+        ]
+    lines += [
+        "CPU seconds per 1000 output tokens (= CPU ms per token), by process of this cluster:",
+        "",
+        "| process | " + " | ".join(f"c={c} {path}" for c in cs for path in paths) + " |",
+        "|---|" + "---|" * (2 * len(cs)),
+    ]
     for n in sorted(names, key=lambda n: -max(v[n] for v in per_k.values())):
         if max(v[n] for v in per_k.values()) >= 0.005:
             lines.append(f"| {n} | " + " | ".join(f"{per_k[(c, p)][n]:.2f}" for c in cs for p in paths) + " |")
-    lines.append("| **total** | " + " | ".join(f"**{sum(per_k[(c, p)].values()):.2f}**" for c in cs for p in paths)
-                 + " |")
+    lines.append(
+        "| **total** | " + " | ".join(f"**{sum(per_k[(c, p)].values()):.2f}**" for c in cs for p in paths) + " |"
+    )
     return lines
 
 
 def report(args: argparse.Namespace, out: dict, command: str) -> str:
     levels = out["levels"]
-    sampling = (f"temperature {args.temperature}" if args.temperature is not None
-                else "generation_config.json defaults")
+    sampling = f"temperature {args.temperature}" if args.temperature is not None else "generation_config.json defaults"
     lines = [
-        "## Run", "", "```", command, "```", "",
+        "## Run",
+        "",
+        "```",
+        command,
+        "```",
+        "",
         f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; D={args.trunk_ranks} x "
         f"X={args.expert_ranks}, dtype {args.dtype}, prompt {args.prompt_len} tokens, max_tokens {args.max_tokens} "
         f"(ignore_eos), sampling: {sampling}; {args.rounds} requests back to back per worker per run, "
         f"{args.repeats} repeats per level (levels and paths interleaved ABBA); driver niceness "
         f"{out.get('driver_nice', '?')} (Ray workers': {out.get('worker_nice', '?')}); Serve env "
-        f"{' '.join(args.serve_env) or 'default'}.", "",
+        f"{' '.join(args.serve_env) or 'default'}.",
+        "",
     ]
     lines += _summary(levels) + [""] + _runs(levels) + [""] + _cpu(levels)
     if out.get("inproc_trunk"):
         t = out["inproc_trunk"]
-        lines += ["", f"In-process path, all measured runs: {t['steps']} steps; per step, engine side "
-                  f"{t['step_ms']:.2f} ms = trunk forward {t['forward_ms']:.2f} ms + sampling {t['sample_ms']:.2f} ms "
-                  f"+ Ray call, transfer and waiting for a core {t['step_ms'] - t['forward_ms'] - t['sample_ms']:.2f} ms."]
+        lines += [
+            "",
+            f"In-process path, all measured runs: {t['steps']} steps; per step, engine side "
+            f"{t['step_ms']:.2f} ms = trunk forward {t['forward_ms']:.2f} ms + sampling {t['sample_ms']:.2f} ms "
+            f"+ Ray call, transfer and waiting for a core {t['step_ms'] - t['forward_ms'] - t['sample_ms']:.2f} ms.",
+        ]
     if out["micro"]:
-        lines += ["", "Micro-benchmarks (driver process, 1 torch thread; median ms):", "", "| piece | ms |", "|---|---|"]
+        lines += [
+            "",
+            "Micro-benchmarks (driver process, 1 torch thread; median ms):",
+            "",
+            "| piece | ms |",
+            "|---|---|",
+        ]
         lines += [f"| {k} | {v:.0f} |" if "count" in k else f"| {k} | {v:.3f} |" for k, v in out["micro"].items()]
     if out["py_spy"]:
         lines += ["", f"py-spy ({args.py_spy:g} s of an extra HTTP run at concurrency {max(levels)}):", ""]
@@ -686,12 +821,26 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--cache-dir", default=None, help="where the embedded model is cached (default: EPSERVE_CACHE_DIR)")
-    p.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
-                   help="sample the Serve processes with py-spy during an extra HTTP run at the top level")
-    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for every Ray process of the cluster (e.g. Ray Serve knobs); repeatable")
-    p.add_argument("--no-match-worker-nice", dest="match_worker_nice", action="store_false",
-                   help="keep this driver (client + in-process engine) at its niceness instead of Ray workers'")
+    p.add_argument(
+        "--py-spy",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="sample the Serve processes with py-spy during an extra HTTP run at the top level",
+    )
+    p.add_argument(
+        "--serve-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for every Ray process of the cluster (e.g. Ray Serve knobs); repeatable",
+    )
+    p.add_argument(
+        "--no-match-worker-nice",
+        dest="match_worker_nice",
+        action="store_false",
+        help="keep this driver (client + in-process engine) at its niceness instead of Ray workers'",
+    )
     p.add_argument("--no-micro", action="store_true")
     p.add_argument("--results", default=None, help="write the markdown report to this file")
     p.add_argument("--json", default=None)
@@ -707,9 +856,12 @@ def main() -> None:
         out = asyncio.run(bench.main())
         r = bench.runner
         out["driver_nice"], out["worker_nice"] = bench.driver_nice, bench.worker_nice
-        out["inproc_trunk"] = {"steps": r.steps, "step_ms": 1e3 * r.step_s / max(1, r.steps),
-                               "forward_ms": 1e3 * r.forward_s / max(1, r.steps),
-                               "sample_ms": 1e3 * r.sample_s / max(1, r.steps)}
+        out["inproc_trunk"] = {
+            "steps": r.steps,
+            "step_ms": 1e3 * r.step_s / max(1, r.steps),
+            "forward_ms": 1e3 * r.forward_s / max(1, r.steps),
+            "sample_ms": 1e3 * r.sample_s / max(1, r.steps),
+        }
     finally:
         bench.stop()
     text = report(args, out, command)
@@ -717,9 +869,13 @@ def main() -> None:
     if args.results:
         Path(args.results).write_text("# Serving throughput: HTTP streaming vs the engine in-process\n\n" + text)
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {str(c): {p: [r.__dict__ for r in rs] for p, rs in runs.items()} for c, runs in out["levels"].items()},
-            indent=1, default=str))
+        Path(args.json).write_text(
+            json.dumps(
+                {str(c): {p: [r.__dict__ for r in rs] for p, rs in runs.items()} for c, runs in out["levels"].items()},
+                indent=1,
+                default=str,
+            )
+        )
 
 
 if __name__ == "__main__":

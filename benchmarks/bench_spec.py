@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import sysconfig
 from pathlib import Path
 
 import torch
@@ -46,8 +45,9 @@ def heldout_prompts(n: int, length: int) -> list[list[int]]:
     return spread_windows(token_stream(files), n, length).tolist()
 
 
-def run_set(model: LocalModel, prompts: list[list[int]], k: int, args: argparse.Namespace,
-            eos: tuple[int, ...]) -> tuple[list[Generation], float]:
+def run_set(
+    model: LocalModel, prompts: list[list[int]], k: int, args: argparse.Namespace, eos: tuple[int, ...]
+) -> tuple[list[Generation], float]:
     blocks = runner_blocks(args.prompt_len, args.max_tokens + 2 * k, 16)
     runner = LocalRunner(model, num_blocks=blocks + 1, spec_tokens=k)
     outs, decode_s = [], 0.0
@@ -81,9 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.model} has no MTP weights: speculative decoding needs them")
     prompts = heldout_prompts(args.prompts, args.prompt_len)
     eos = ()  # fixed-length decoding: every k decodes the same number of tokens
-    print(f"model {args.model} ({args.dtype}), {len(prompts)} held-out prompts x {args.prompt_len} tokens, "
-          f"{args.max_tokens} new tokens each, temperature {args.temperature}, threads {args.threads}, "
-          f"{args.repeats} interleaved repeats")
+    print(
+        f"model {args.model} ({args.dtype}), {len(prompts)} held-out prompts x {args.prompt_len} tokens, "
+        f"{args.max_tokens} new tokens each, temperature {args.temperature}, threads {args.threads}, "
+        f"{args.repeats} interleaved repeats"
+    )
 
     with torch.inference_mode():
         run_set(model, prompts[:1], max(ks), args, eos)  # warm-up
@@ -97,8 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     base_tokens = [g.token_ids for g in gens[0]]
     new_tokens = sum(len(t) for t in base_tokens)
     base_tps = new_tokens / statistics.median(times[0])
-    print(f"\n{'k':>2} {'acceptance':>10} {'tokens/forward':>14} {'forwards':>8} {'decode tok/s':>12} "
-          f"{'vs k=0':>7} {'same tokens':>11}")
+    print(
+        f"\n{'k':>2} {'acceptance':>10} {'tokens/forward':>14} {'forwards':>8} {'decode tok/s':>12} "
+        f"{'vs k=0':>7} {'same tokens':>11}"
+    )
     for k in ks:
         g = gens[k]
         drafted, accepted = sum(x.draft_tokens for x in g), sum(x.accepted_tokens for x in g)
@@ -106,8 +110,10 @@ def main(argv: list[str] | None = None) -> None:
         tps = sum(len(x.token_ids) for x in g) / statistics.median(times[k])
         same = [x.token_ids for x in g] == base_tokens
         acc = f"{accepted / drafted:.3f}" if drafted else "-"
-        print(f"{k:>2} {acc:>10} {sum(len(x.token_ids) for x in g) / forwards:>14.2f} {forwards:>8} "
-              f"{tps:>12.1f} {tps / base_tps:>6.2f}x {'yes' if same else 'NO':>11}")
+        print(
+            f"{k:>2} {acc:>10} {sum(len(x.token_ids) for x in g) / forwards:>14.2f} {forwards:>8} "
+            f"{tps:>12.1f} {tps / base_tps:>6.2f}x {'yes' if same else 'NO':>11}"
+        )
         if args.temperature == 0 and not same:
             raise SystemExit(f"greedy tokens with k={k} differ from plain decoding")
 

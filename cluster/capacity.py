@@ -126,13 +126,19 @@ def planning_config(cfg: ModelConfig, weight_format: str) -> tuple[ModelConfig, 
             notes.append("bf16 planned from an FP8 config: its quantization_config is ignored (the bf16 release)")
         return cfg.with_overrides(quant=None), notes
     if cfg.quant is not None:
-        return cfg, [f"fp8: modules_to_not_convert from the config ({', '.join(cfg.quant.modules_to_not_convert)}), "
-                     f"{cfg.quant.block_rows}x{cfg.quant.block_cols} blocks, bf16 scales"]
-    quant = QuantConfig(block_rows=FP8_RELEASE_BLOCK[0], block_cols=FP8_RELEASE_BLOCK[1],
-                        modules_to_not_convert=FP8_RELEASE_NOT_CONVERTED)
+        return cfg, [
+            f"fp8: modules_to_not_convert from the config ({', '.join(cfg.quant.modules_to_not_convert)}), "
+            f"{cfg.quant.block_rows}x{cfg.quant.block_cols} blocks, bf16 scales"
+        ]
+    quant = QuantConfig(
+        block_rows=FP8_RELEASE_BLOCK[0],
+        block_cols=FP8_RELEASE_BLOCK[1],
+        modules_to_not_convert=FP8_RELEASE_NOT_CONVERTED,
+    )
     return cfg.with_overrides(quant=quant), [
         "fp8 planned from a bf16 config: ASSUMED the Qwen3.5-397B-A17B-FP8 release's modules_to_not_convert "
-        f"({', '.join(FP8_RELEASE_NOT_CONVERTED)}), 128x128 blocks, bf16 scales"]
+        f"({', '.join(FP8_RELEASE_NOT_CONVERTED)}), 128x128 blocks, bf16 scales"
+    ]
 
 
 def weight_bytes_by_group(cfg: ModelConfig) -> dict[str, int]:
@@ -143,8 +149,9 @@ def weight_bytes_by_group(cfg: ModelConfig) -> dict[str, int]:
     head without its routed experts), vision, experts (routed, decoder layers), mtp_experts.
     """
     prefix = MULTIMODAL_PREFIX if cfg.model_type == MULTIMODAL_MODEL_TYPE else TEXT_PREFIX
-    specs = expected_tensors(cfg, prefix=prefix, layout="fused", mtp_layout="fused" if cfg.has_mtp else None,
-                             vision=cfg.vision is not None)
+    specs = expected_tensors(
+        cfg, prefix=prefix, layout="fused", mtp_layout="fused" if cfg.has_mtp else None, vision=cfg.vision is not None
+    )
     out = dict.fromkeys(TRUNK_GROUPS + EXPERT_GROUPS, 0)
     for name, spec in specs.items():
         nbytes = math.prod(spec.shape) * (1 if spec.fp8 else BF16_BYTES)
@@ -190,27 +197,54 @@ def _choose_shape(
     need_x = x_min if x_min is not None else min(num_experts, max(total_gpus - 1, 1))
     if trunk_ranks is None and expert_ranks is None:
         if x_min is not None and x_min + 1 > total_gpus:
-            return 1, x_min, "auto", [f"too few GPUs: the experts need {x_min} expert GPUs and the trunk at least 1, "
-                                      f"{x_min + 1} GPUs in all; the cluster has {total_gpus}"]
+            return (
+                1,
+                x_min,
+                "auto",
+                [
+                    f"too few GPUs: the experts need {x_min} expert GPUs and the trunk at least 1, "
+                    f"{x_min + 1} GPUs in all; the cluster has {total_gpus}"
+                ],
+            )
         return max(total_gpus - need_x, 1), need_x, "auto: smallest X whose expert shard fits, the rest trunk ranks", []
     if trunk_ranks is None:
         assert expert_ranks is not None
         if expert_ranks == 0:
             return 1, 0, "given X = 0: experts inside the single trunk rank", []
         if expert_ranks + 1 > total_gpus:
-            return 1, expert_ranks, "given X", [f"too few GPUs: X = {expert_ranks} expert ranks + at least 1 trunk "
-                                                 f"rank need {expert_ranks + 1} GPUs; the cluster has {total_gpus}"]
+            return (
+                1,
+                expert_ranks,
+                "given X",
+                [
+                    f"too few GPUs: X = {expert_ranks} expert ranks + at least 1 trunk "
+                    f"rank need {expert_ranks + 1} GPUs; the cluster has {total_gpus}"
+                ],
+            )
         return total_gpus - expert_ranks, expert_ranks, "given X, the other GPUs trunk ranks", []
     if expert_ranks is None:
         x = min(num_experts, total_gpus - trunk_ranks)
         if x < 1:
-            return trunk_ranks, need_x, "given D", [f"too few GPUs: D = {trunk_ranks} trunk ranks leave no GPU for "
-                                                     f"expert ranks on a cluster of {total_gpus}"]
+            return (
+                trunk_ranks,
+                need_x,
+                "given D",
+                [
+                    f"too few GPUs: D = {trunk_ranks} trunk ranks leave no GPU for "
+                    f"expert ranks on a cluster of {total_gpus}"
+                ],
+            )
         return trunk_ranks, x, "given D, the other GPUs expert ranks (at most one per expert)", []
     if trunk_ranks + expert_ranks > total_gpus:
-        return trunk_ranks, expert_ranks, "given D and X", [
-            f"too few GPUs: D = {trunk_ranks} + X = {expert_ranks} = {trunk_ranks + expert_ranks} GPUs; "
-            f"the cluster has {total_gpus}"]
+        return (
+            trunk_ranks,
+            expert_ranks,
+            "given D and X",
+            [
+                f"too few GPUs: D = {trunk_ranks} + X = {expert_ranks} = {trunk_ranks + expert_ranks} GPUs; "
+                f"the cluster has {total_gpus}"
+            ],
+        )
     return trunk_ranks, expert_ranks, "given D and X", []
 
 
@@ -266,9 +300,18 @@ def plan_capacity(
     Raises:
         ValueError: a value out of range (named with the value).
     """
-    _validate(cfg, topology, weight_format=weight_format, trunk_ranks=trunk_ranks, expert_ranks=expert_ranks,
-              max_model_len=max_model_len, block_size=block_size, kv_dtype_bytes=kv_dtype_bytes,
-              activation_reserve_gib=activation_reserve_gib, hbm_tbps=hbm_tbps)
+    _validate(
+        cfg,
+        topology,
+        weight_format=weight_format,
+        trunk_ranks=trunk_ranks,
+        expert_ranks=expert_ranks,
+        max_model_len=max_model_len,
+        block_size=block_size,
+        kv_dtype_bytes=kv_dtype_bytes,
+        activation_reserve_gib=activation_reserve_gib,
+        hbm_tbps=hbm_tbps,
+    )
     served, assumptions = planning_config(cfg, weight_format)
     groups = weight_bytes_by_group(served)
     e = cfg.num_experts
@@ -279,24 +322,36 @@ def plan_capacity(
     gpu_bytes = int(topology.gpu_memory_gib * GIB)
     reserve = int(activation_reserve_gib * GIB)
     x_min = smallest_expert_ranks(num_experts=e, bytes_per_expert=per_expert, budget_bytes=gpu_bytes - reserve)
-    d, x, rule, reasons = _choose_shape(total_gpus=topology.total_gpus, num_experts=e, trunk_ranks=trunk_ranks,
-                                        expert_ranks=expert_ranks, x_min=x_min)
+    d, x, rule, reasons = _choose_shape(
+        total_gpus=topology.total_gpus, num_experts=e, trunk_ranks=trunk_ranks, expert_ranks=expert_ranks, x_min=x_min
+    )
     per_rank = _experts_per_rank(e, x)
 
     trunk_weights = sum(groups[g] for g in TRUNK_GROUPS) + (expert_total if x == 0 else 0)
     expert_weights = max(per_rank, default=0) * per_expert
     expert_free = gpu_bytes - reserve - expert_weights if x else 0
     cache_room = gpu_bytes - reserve - trunk_weights
-    reasons += _memory_reasons(x=x, x_min=x_min, per_rank=per_rank, expert_free=expert_free,
-                               expert_weights=expert_weights, cache_room=cache_room, trunk_weights=trunk_weights,
-                               reserve_gib=activation_reserve_gib, gpu_gib=topology.gpu_memory_gib)
+    reasons += _memory_reasons(
+        x=x,
+        x_min=x_min,
+        per_rank=per_rank,
+        expert_free=expert_free,
+        expert_weights=expert_weights,
+        cache_room=cache_room,
+        trunk_weights=trunk_weights,
+        reserve_gib=activation_reserve_gib,
+        gpu_gib=topology.gpu_memory_gib,
+    )
 
-    kv_token, slot, per_seq = sequence_bytes(cfg, max_model_len=max_model_len, block_size=block_size,
-                                             kv_dtype_bytes=kv_dtype_bytes)
+    kv_token, slot, per_seq = sequence_bytes(
+        cfg, max_model_len=max_model_len, block_size=block_size, kv_dtype_bytes=kv_dtype_bytes
+    )
     seqs = max(cache_room, 0) // per_seq
     if cache_room >= 0 and seqs == 0:
-        reasons.append(f"no room for even one sequence: {max_model_len} tokens need {per_seq / GIB:.2f} GiB "
-                       f"(KV + DeltaNet state), a trunk GPU has {cache_room / GIB:.2f} GiB left")
+        reasons.append(
+            f"no room for even one sequence: {max_model_len} tokens need {per_seq / GIB:.2f} GiB "
+            f"(KV + DeltaNet state), a trunk GPU has {cache_room / GIB:.2f} GiB left"
+        )
     assumptions += _cache_assumptions(cfg, kv_dtype_bytes, block_size, activation_reserve_gib)
 
     # Plain decode: no embedding table (a row gather), vision tower or MTP head; decoder-layer experts only.
@@ -306,18 +361,42 @@ def plan_capacity(
     if hbm_tbps is not None:
         floor = (trunk_stream + expert_stream) / (hbm_tbps * 1e12) * 1e3
         floor_cache = floor + seqs * per_seq / (hbm_tbps * 1e12) * 1e3
-        assumptions.append("decode floor: full batch touches every expert of a rank; trunk and expert pools take "
-                           "turns (times add); no MTP speculation; embedding rows gathered, vision tower idle")
+        assumptions.append(
+            "decode floor: full batch touches every expert of a rank; trunk and expert pools take "
+            "turns (times add); no MTP speculation; embedding rows gathered, vision tower idle"
+        )
     return CapacityPlan(
-        weight_format=weight_format, nodes=topology.nodes, gpus_per_node=topology.gpus_per_node,
-        gpu_memory_gib=topology.gpu_memory_gib, trunk_ranks=d, expert_ranks=x, layout_rule=rule, num_experts=e,
-        num_moe_layers=cfg.num_moe_layers, experts_per_rank=per_rank, weight_bytes=groups, bytes_per_expert=per_expert,
-        trunk_gpu_weight_bytes=trunk_weights, expert_gpu_weight_bytes=expert_weights,
-        activation_reserve_bytes=reserve, trunk_cache_bytes=cache_room, expert_gpu_free_bytes=expert_free,
-        max_model_len=max_model_len, block_size=block_size, kv_bytes_per_token=kv_token, state_bytes_per_slot=slot,
-        bytes_per_sequence=per_seq, sequences_per_trunk_gpu=seqs, sequences_total=seqs * d, hbm_tbps=hbm_tbps,
-        decode_trunk_stream_bytes=trunk_stream, decode_expert_stream_bytes=expert_stream, decode_floor_ms=floor,
-        decode_floor_with_cache_ms=floor_cache, fits=not reasons, reason="; ".join(reasons),
+        weight_format=weight_format,
+        nodes=topology.nodes,
+        gpus_per_node=topology.gpus_per_node,
+        gpu_memory_gib=topology.gpu_memory_gib,
+        trunk_ranks=d,
+        expert_ranks=x,
+        layout_rule=rule,
+        num_experts=e,
+        num_moe_layers=cfg.num_moe_layers,
+        experts_per_rank=per_rank,
+        weight_bytes=groups,
+        bytes_per_expert=per_expert,
+        trunk_gpu_weight_bytes=trunk_weights,
+        expert_gpu_weight_bytes=expert_weights,
+        activation_reserve_bytes=reserve,
+        trunk_cache_bytes=cache_room,
+        expert_gpu_free_bytes=expert_free,
+        max_model_len=max_model_len,
+        block_size=block_size,
+        kv_bytes_per_token=kv_token,
+        state_bytes_per_slot=slot,
+        bytes_per_sequence=per_seq,
+        sequences_per_trunk_gpu=seqs,
+        sequences_total=seqs * d,
+        hbm_tbps=hbm_tbps,
+        decode_trunk_stream_bytes=trunk_stream,
+        decode_expert_stream_bytes=expert_stream,
+        decode_floor_ms=floor,
+        decode_floor_with_cache_ms=floor_cache,
+        fits=not reasons,
+        reason="; ".join(reasons),
         assumptions=tuple(assumptions),
     )
 
@@ -337,18 +416,30 @@ def sequence_bytes(
 
 
 def _memory_reasons(
-    *, x: int, x_min: int | None, per_rank: tuple[int, ...], expert_free: int, expert_weights: int, cache_room: int,
-    trunk_weights: int, reserve_gib: float, gpu_gib: float,
+    *,
+    x: int,
+    x_min: int | None,
+    per_rank: tuple[int, ...],
+    expert_free: int,
+    expert_weights: int,
+    cache_room: int,
+    trunk_weights: int,
+    reserve_gib: float,
+    gpu_gib: float,
 ) -> list[str]:
     out = []
     if x and expert_free < 0:
         hint = f"; X >= {x_min} would fit" if x_min is not None else "; even one expert per GPU does not fit"
-        out.append(f"experts do not fit: {max(per_rank)} experts per expert GPU = {expert_weights / GIB:.1f} GiB + "
-                   f"{reserve_gib:g} GiB reserve > {gpu_gib:g} GiB{hint}")
+        out.append(
+            f"experts do not fit: {max(per_rank)} experts per expert GPU = {expert_weights / GIB:.1f} GiB + "
+            f"{reserve_gib:g} GiB reserve > {gpu_gib:g} GiB{hint}"
+        )
     if cache_room < 0:
         what = "trunk + all experts (X = 0)" if x == 0 else "trunk weights"
-        out.append(f"{what} do not fit a trunk GPU: {trunk_weights / GIB:.1f} GiB + {reserve_gib:g} GiB reserve > "
-                   f"{gpu_gib:g} GiB")
+        out.append(
+            f"{what} do not fit a trunk GPU: {trunk_weights / GIB:.1f} GiB + {reserve_gib:g} GiB reserve > "
+            f"{gpu_gib:g} GiB"
+        )
     return out
 
 
@@ -357,23 +448,33 @@ def _cache_assumptions(cfg: ModelConfig, kv_dtype_bytes: int, block_size: int, r
     return [
         f"KV cache: {len(cfg.attention_layers)} attention layers{mtp}, {kv_dtype_bytes}-byte entries, "
         f"blocks of {block_size} tokens; every sequence reserved at max_model_len",
-        "DeltaNet state: one slot per sequence, conv bf16 + recurrent fp32, "
-        f"{len(cfg.linear_layers)} layers",
+        f"DeltaNet state: one slot per sequence, conv bf16 + recurrent fp32, {len(cfg.linear_layers)} layers",
         f"activation reserve {reserve_gib:g} GiB on every GPU (context, NCCL buffers, prefill activations, logits)",
     ]
 
 
 def _validate(
-    cfg: ModelConfig, topology: Topology, *, weight_format: str, trunk_ranks: int | None, expert_ranks: int | None,
-    max_model_len: int, block_size: int, kv_dtype_bytes: int, activation_reserve_gib: float, hbm_tbps: float | None,
+    cfg: ModelConfig,
+    topology: Topology,
+    *,
+    weight_format: str,
+    trunk_ranks: int | None,
+    expert_ranks: int | None,
+    max_model_len: int,
+    block_size: int,
+    kv_dtype_bytes: int,
+    activation_reserve_gib: float,
+    hbm_tbps: float | None,
 ) -> None:
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
     if not topology.has_gpus:
         raise ValueError(f"capacity planning needs GPUs: gpus_per_node is {topology.gpus_per_node}")
     if not 1 <= max_model_len <= cfg.max_position_embeddings:
-        raise ValueError(f"max_model_len must be in [1, {cfg.max_position_embeddings}] (the model's "
-                         f"max_position_embeddings), got {max_model_len}")
+        raise ValueError(
+            f"max_model_len must be in [1, {cfg.max_position_embeddings}] (the model's "
+            f"max_position_embeddings), got {max_model_len}"
+        )
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     if kv_dtype_bytes not in (1, 2, 4):
@@ -383,9 +484,12 @@ def _validate(
     if hbm_tbps is not None and hbm_tbps <= 0:
         raise ValueError(f"hbm_tbps must be > 0, got {hbm_tbps}")
     if expert_ranks is not None and expert_ranks > cfg.num_experts:
-        raise ValueError(f"expert_ranks {expert_ranks} exceeds num_experts {cfg.num_experts}: some ranks would "
-                         "hold nothing")
+        raise ValueError(
+            f"expert_ranks {expert_ranks} exceeds num_experts {cfg.num_experts}: some ranks would hold nothing"
+        )
     if trunk_ranks is not None or expert_ranks is not None:
         # GroupShape owns the D/X rules (D >= 1, X >= 0, X = 0 only with D = 1); its messages name the values.
-        GroupShape(trunk_ranks=1 if trunk_ranks is None else trunk_ranks,
-                   expert_ranks=1 if expert_ranks is None else expert_ranks)
+        GroupShape(
+            trunk_ranks=1 if trunk_ranks is None else trunk_ranks,
+            expert_ranks=1 if expert_ranks is None else expert_ranks,
+        )

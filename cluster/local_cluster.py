@@ -9,6 +9,7 @@ A start interrupted half way (Ctrl-C, a node that fails to come up) shuts down w
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ def _cluster_processes(cluster: object) -> list:  # -> list[psutil.Process]
     import psutil
 
     procs: dict[int, psutil.Process] = {}
-    for node in cluster.list_all_nodes():  # type: ignore[attr-defined]
+    for node in cluster.list_all_nodes():  # type: ignore[attr-defined]  # a ray.cluster_utils.Cluster
         for infos in node.all_processes.values():
             for info in infos:
                 try:
@@ -73,7 +74,11 @@ def _reap(procs: list, grace_s: float) -> None:
 
 
 def start_local_cluster(
-    nodes: int, *, cpus_per_node: int = 2, connect: bool = True, head_resources: dict[str, float] | None = None,
+    nodes: int,
+    *,
+    cpus_per_node: int = 2,
+    connect: bool = True,
+    head_resources: dict[str, float] | None = None,
     object_store_mb: int = 256,
 ) -> LocalCluster:
     """Start `nodes` Ray nodes on 127.0.0.1 (the first is the head) and optionally connect this process.
@@ -99,15 +104,19 @@ def start_local_cluster(
     store = object_store_mb * 2**20
     cluster = Cluster()
     try:
-        cluster.add_node(num_cpus=cpus_per_node, resources=dict(head_resources or {}), object_store_memory=store,
-                         include_dashboard=False)
+        cluster.add_node(
+            num_cpus=cpus_per_node,
+            resources=dict(head_resources or {}),
+            object_store_memory=store,
+            include_dashboard=False,
+        )
         for _ in range(nodes - 1):
             cluster.add_node(num_cpus=cpus_per_node, object_store_memory=store)
         cluster.wait_for_nodes()
         if connect:
             # logging_level WARNING: the INFO line "Connecting to existing Ray cluster" would describe the
             # cluster we just created as someone else's.
-            ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+            ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
     except BaseException:
         # Ctrl-C or a failed node mid-start: leave no raylet, GCS or token behind.
         procs = _cluster_processes(cluster)

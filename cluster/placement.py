@@ -32,8 +32,9 @@ class ExpertMap:
                     raise ValueError(f"expert {e} of MoE layer {layer} has no expert rank")
                 bad = [r for r in ranks if not 0 <= r < self.num_expert_ranks]
                 if bad:
-                    raise ValueError(f"expert {e} of MoE layer {layer} maps to ranks {bad}, "
-                                     f"outside [0, {self.num_expert_ranks})")
+                    raise ValueError(
+                        f"expert {e} of MoE layer {layer} maps to ranks {bad}, outside [0, {self.num_expert_ranks})"
+                    )
                 if len(set(ranks)) != len(ranks):
                     raise ValueError(f"expert {e} of MoE layer {layer} lists a rank twice: {list(ranks)}")
 
@@ -51,9 +52,7 @@ class ExpertMap:
         return ExpertMap(owners=(tuple(owner),) * num_moe_layers, num_expert_ranks=expert_ranks)
 
     @staticmethod
-    def explicit(
-        owners: Sequence[int | Sequence[int]], *, num_moe_layers: int, expert_ranks: int
-    ) -> ExpertMap:
+    def explicit(owners: Sequence[int | Sequence[int]], *, num_moe_layers: int, expert_ranks: int) -> ExpertMap:
         """The same map for every MoE layer: entry e is a rank or a list of ranks (redundant copies)."""
         return ExpertMap.explicit_per_layer([owners] * num_moe_layers, expert_ranks=expert_ranks)
 
@@ -119,8 +118,10 @@ def plan_placement(
     n = shape.world_size
     if topology.has_gpus:
         if n > topology.total_gpus:
-            raise ValueError(f"the group needs {n} GPUs (D={shape.trunk_ranks} + X={shape.expert_ranks}), "
-                             f"the cluster has {topology.total_gpus}")
+            raise ValueError(
+                f"the group needs {n} GPUs (D={shape.trunk_ranks} + X={shape.expert_ranks}), "
+                f"the cluster has {topology.total_gpus}"
+            )
         rank_bundle = {"GPU": 1.0, "CPU": cpus_per_rank}
     else:
         rank_bundle = {"CPU": cpus_per_rank}

@@ -100,8 +100,15 @@ def _rendezvous_store(spec: GroupSpec, rank: int, timeout: datetime.timedelta) -
         sock.close()
         raise
     # The store owns the descriptor from here on (it closes it when destroyed).
-    return dist.TCPStore(spec.master_addr, spec.master_port, spec.world_size, True, timeout,
-                         wait_for_workers=False, master_listen_fd=sock.detach())
+    return dist.TCPStore(
+        spec.master_addr,
+        spec.master_port,
+        spec.world_size,
+        True,
+        timeout,
+        wait_for_workers=False,
+        master_listen_fd=sock.detach(),
+    )
 
 
 def leave_group() -> None:

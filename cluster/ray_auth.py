@@ -60,13 +60,17 @@ def enable_token_auth(*, generate: bool) -> ClusterToken:
     """
     mode = os.environ.get(MODE_VAR)
     if mode is not None and mode.lower() != "token":
-        raise RayAuthError(f"{MODE_VAR}={mode}: epserve runs Ray only with token authentication (unset it, or set "
-                           f"{MODE_VAR}=token); without it anyone who reaches a Serve replica's port can run code")
+        raise RayAuthError(
+            f"{MODE_VAR}={mode}: epserve runs Ray only with token authentication (unset it, or set "
+            f"{MODE_VAR}=token); without it anyone who reaches a Serve replica's port can run code"
+        )
     token = ClusterToken(path=None)
     if not user_token_configured():
         if not generate:
-            raise RayAuthError(f"joining a Ray cluster needs its token: set {TOKEN_PATH_VAR} (a file) or {TOKEN_VAR} "
-                               "to the token the cluster was started with")
+            raise RayAuthError(
+                f"joining a Ray cluster needs its token: set {TOKEN_PATH_VAR} (a file) or {TOKEN_VAR} "
+                "to the token the cluster was started with"
+            )
         folder = Path(tempfile.mkdtemp(prefix="epserve-ray-auth-"))  # mkdtemp makes it 0700
         path = folder / "token"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -82,7 +86,7 @@ def enable_token_auth(*, generate: bool) -> ClusterToken:
 
 def _refresh_ray() -> None:
     """Ray caches its config and token at import; make an already imported Ray see the new ones."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # compiled; its stub lacks them
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()

@@ -53,7 +53,9 @@ class GroupShape:
         if self.expert_ranks < 0:
             raise ValueError(f"--expert-ranks must be >= 0, got {self.expert_ranks}")
         if self.expert_ranks == 0 and self.trunk_ranks > 1:
-            raise ValueError("--expert-ranks 0 (experts inside the trunk) supports one trunk rank; use X >= 1 for D > 1")
+            raise ValueError(
+                "--expert-ranks 0 (experts inside the trunk) supports one trunk rank; use X >= 1 for D > 1"
+            )
 
     @property
     def world_size(self) -> int:

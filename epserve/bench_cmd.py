@@ -24,31 +24,64 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="load-test a server: TTFT, TPOT, ITL, E2E, throughput, goodput")
     add = p.add_argument
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--base-url", metavar="URL",
-                        help="HTTP server, e.g. http://127.0.0.1:8000 (a /v1 suffix is accepted)")
+    target.add_argument(
+        "--base-url", metavar="URL", help="HTTP server, e.g. http://127.0.0.1:8000 (a /v1 suffix is accepted)"
+    )
     target.add_argument("--grpc", metavar="HOST:PORT", help="gRPC server (Serve's gRPC proxy)")
     add("--grpc-application", metavar="APP", help="Serve application name sent as gRPC metadata (several apps)")
     add("--model", metavar="NAME", help="model name (default: the server's first model)")
-    add("--tokenizer", metavar="DIR", help="the served model's folder (its tokenizer builds the text prompts; "
-        "needed for sharegpt); default: the server's /tokenize and /detokenize")
-    add("--prompt-token-ids", action="store_true", help="send random / shared-prefix prompts as token-id lists "
-        "(epserve and vLLM take them; no tokenizer needed) instead of text")
-    add("--ignore-eos", action="store_true", help="send ignore_eos and min_tokens = max_tokens, so every request "
-        "generates exactly its output length (non-standard fields: strict OpenAI-schema servers reject them)")
+    add(
+        "--tokenizer",
+        metavar="DIR",
+        help="the served model's folder (its tokenizer builds the text prompts; "
+        "needed for sharegpt); default: the server's /tokenize and /detokenize",
+    )
+    add(
+        "--prompt-token-ids",
+        action="store_true",
+        help="send random / shared-prefix prompts as token-id lists "
+        "(epserve and vLLM take them; no tokenizer needed) instead of text",
+    )
+    add(
+        "--ignore-eos",
+        action="store_true",
+        help="send ignore_eos and min_tokens = max_tokens, so every request "
+        "generates exactly its output length (non-standard fields: strict OpenAI-schema servers reject them)",
+    )
     add("--dataset", choices=["random", "sharegpt", "shared-prefix"], default="random")
     add("--dataset-path", metavar="FILE", help="ShareGPT JSON file (--dataset sharegpt)")
-    add("--random-input-len", type=int, metavar="N", default=1024, help="prompt tokens (also the shared-prefix "
-        "question; default 1024)")
+    add(
+        "--random-input-len",
+        type=int,
+        metavar="N",
+        default=1024,
+        help="prompt tokens (also the shared-prefix question; default 1024)",
+    )
     add("--random-output-len", type=int, metavar="N", default=128, help="output tokens (default 128)")
-    add("--random-range-ratio", type=float, metavar="R", default=0.0,
-        help="lengths uniform in [len*(1-R), len*(1+R)] (default 0: exact)")
+    add(
+        "--random-range-ratio",
+        type=float,
+        metavar="R",
+        default=0.0,
+        help="lengths uniform in [len*(1-R), len*(1+R)] (default 0: exact)",
+    )
     add("--shared-prefix-len", type=int, metavar="N", default=1024, help="prefix tokens shared by a group")
     add("--shared-prefix-groups", type=int, metavar="N", default=8, help="number of prefix groups")
     add("--sharegpt-output-len", type=int, metavar="N", help="fixed output length instead of the gpt turn's")
-    add("--num-prompts", type=int, metavar="N", default=1000,
-        help="requests to send (with --duration: distinct prompts, cycled)")
-    add("--request-rate", type=float, metavar="RPS", default=math.inf,
-        help="mean requests/s, gamma arrivals (default inf: all at once)")
+    add(
+        "--num-prompts",
+        type=int,
+        metavar="N",
+        default=1000,
+        help="requests to send (with --duration: distinct prompts, cycled)",
+    )
+    add(
+        "--request-rate",
+        type=float,
+        metavar="RPS",
+        default=math.inf,
+        help="mean requests/s, gamma arrivals (default inf: all at once)",
+    )
     add("--burstiness", type=float, metavar="K", default=1.0, help="gamma shape of arrivals (1 = Poisson, <1 burstier)")
     add("--max-concurrency", type=int, metavar="N", help="at most N requests in flight")
     add("--duration", type=float, metavar="S", help="stop sending after S seconds (requests in flight finish)")
@@ -71,9 +104,15 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         slos = parse_goodput(args.goodput)
-        cfg = RunConfig(request_rate=args.request_rate, burstiness=args.burstiness,
-                        max_concurrency=args.max_concurrency, duration_s=args.duration, warmup=args.warmup,
-                        seed=args.seed, progress=not args.no_progress)
+        cfg = RunConfig(
+            request_rate=args.request_rate,
+            burstiness=args.burstiness,
+            max_concurrency=args.max_concurrency,
+            duration_s=args.duration,
+            warmup=args.warmup,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if args.plot:
@@ -87,8 +126,11 @@ def run(args: argparse.Namespace) -> int:
     except WarmupFailed as exc:
         raise UserError(str(exc)) from None
     config = {k: v for k, v in vars(args).items() if k not in ("run", "api_key", "command")}
-    config.update(model=model, backend="grpc" if args.grpc else "openai-completions",
-                  date=datetime.datetime.now().isoformat(timespec="seconds"))
+    config.update(
+        model=model,
+        backend="grpc" if args.grpc else "openai-completions",
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+    )
     result = build_result(outcome, config=config, slos=slos)
     print(summary_table(result), flush=True)
     if args.result_json:
@@ -106,8 +148,10 @@ def _check_plot_dependency() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UserError("--plot needs matplotlib, which this environment lacks: pip install 'epserve[plot]' "
-                        "(bash scripts/install.sh installs it)") from None
+        raise UserError(
+            "--plot needs matplotlib, which this environment lacks: pip install 'epserve[plot]' "
+            "(bash scripts/install.sh installs it)"
+        ) from None
 
 
 async def _resolve_model(client) -> str:  # noqa: ANN001
@@ -141,8 +185,11 @@ def _plot_title(args: argparse.Namespace, model: str) -> str:
     target = args.base_url or f"grpc://{args.grpc}"
     rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s"
     conc = f", max concurrency {args.max_concurrency}" if args.max_concurrency else ""
-    lens = (f"{args.random_input_len} in / {args.random_output_len} out tokens" if args.dataset != "sharegpt"
-            else "ShareGPT lengths")
+    lens = (
+        f"{args.random_input_len} in / {args.random_output_len} out tokens"
+        if args.dataset != "sharegpt"
+        else "ShareGPT lengths"
+    )
     return f"epserve bench: {model} at {target}, {args.dataset} ({lens}), {rate}{conc}"
 
 
@@ -158,19 +205,31 @@ def _dataset(args: argparse.Namespace, model: str) -> list:
             from model_shards.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_dir(args.tokenizer)
-            return ds.sharegpt_requests(args.dataset_path, args.num_prompts, tokenizer=tokenizer, seed=args.seed,
-                                        output_len=args.sharegpt_output_len)
+            return ds.sharegpt_requests(
+                args.dataset_path,
+                args.num_prompts,
+                tokenizer=tokenizer,
+                seed=args.seed,
+                output_len=args.sharegpt_output_len,
+            )
         for length in (args.random_input_len, args.random_output_len):
             ds.length_bounds(length, args.random_range_ratio)  # bad values fail before any tokenizer work
         codec = _codec(args, model)
         local = codec if args.tokenizer and codec is not None else None  # loaded once: 15 MB of tokenizer.json
         space = ds.TokenSpace.from_tokenizer_dir(args.tokenizer, local) if args.tokenizer else ds.TokenSpace()
-        common = dict(input_len=args.random_input_len, output_len=args.random_output_len,
-                      range_ratio=args.random_range_ratio, seed=args.seed, space=space, codec=codec)
+        common = dict(
+            input_len=args.random_input_len,
+            output_len=args.random_output_len,
+            range_ratio=args.random_range_ratio,
+            seed=args.seed,
+            space=space,
+            codec=codec,
+        )
         try:
             if args.dataset == "shared-prefix":
-                return ds.shared_prefix_requests(args.num_prompts, groups=args.shared_prefix_groups,
-                                                 prefix_len=args.shared_prefix_len, **common)
+                return ds.shared_prefix_requests(
+                    args.num_prompts, groups=args.shared_prefix_groups, prefix_len=args.shared_prefix_len, **common
+                )
             return ds.random_requests(args.num_prompts, **common)
         finally:
             close = getattr(codec, "close", None)
@@ -200,11 +259,16 @@ def _codec(args: argparse.Namespace, model: str):  # noqa: ANN202  # TextCodec |
         remote.decode(remote.encode("Hello"))
     except (ValueError, OSError) as exc:
         remote.close()
-        raise UserError(f"text prompts need the served model's tokenizer and the server's /tokenize failed "
-                        f"({exc}); pass --tokenizer DIR (the model's folder, or one with its tokenizer.json), "
-                        "or --prompt-token-ids if the server takes token-id prompts") from None
-    print(f"building {args.num_prompts} text prompts with the server's tokenizer (/tokenize, /detokenize)",
-          file=sys.stderr, flush=True)
+        raise UserError(
+            f"text prompts need the served model's tokenizer and the server's /tokenize failed "
+            f"({exc}); pass --tokenizer DIR (the model's folder, or one with its tokenizer.json), "
+            "or --prompt-token-ids if the server takes token-id prompts"
+        ) from None
+    print(
+        f"building {args.num_prompts} text prompts with the server's tokenizer (/tokenize, /detokenize)",
+        file=sys.stderr,
+        flush=True,
+    )
     return remote
 
 
@@ -212,11 +276,23 @@ def _client(args: argparse.Namespace):  # noqa: ANN202  # OpenAICompletionsClien
     if args.grpc:
         from loadtest.grpc_client import GrpcGenerateClient
 
-        return GrpcGenerateClient(args.grpc, model=args.model, api_key=args.api_key,
-                                  application=args.grpc_application, temperature=args.temperature,
-                                  timeout_s=args.request_timeout, ignore_eos=args.ignore_eos)
+        return GrpcGenerateClient(
+            args.grpc,
+            model=args.model,
+            api_key=args.api_key,
+            application=args.grpc_application,
+            temperature=args.temperature,
+            timeout_s=args.request_timeout,
+            ignore_eos=args.ignore_eos,
+        )
     from loadtest.http_client import OpenAICompletionsClient
 
-    return OpenAICompletionsClient(args.base_url, model=args.model, api_key=args.api_key,
-                                   temperature=args.temperature, timeout_s=args.request_timeout,
-                                   max_connections=args.max_concurrency or 0, ignore_eos=args.ignore_eos)
+    return OpenAICompletionsClient(
+        args.base_url,
+        model=args.model,
+        api_key=args.api_key,
+        temperature=args.temperature,
+        timeout_s=args.request_timeout,
+        max_connections=args.max_concurrency or 0,
+        ignore_eos=args.ignore_eos,
+    )

@@ -27,7 +27,7 @@ class UserError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epserve", description="Expert-parallel serving of Qwen3.5-MoE on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -49,7 +49,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
         message = f"unrecognized arguments: {' '.join(extra)}"
         if argv.index(extra[0]) < argv.index(args.command):
             parser.error(message)  # before the command name: a top-level flag
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.command].error(message)
     return args
 

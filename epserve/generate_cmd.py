@@ -31,17 +31,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, help="nucleus mass in (0, 1] (default: generation_config.json)")
     p.add_argument("--top-k", type=int, help="0 disables (default: generation_config.json)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute dtype (auto = the checkpoint's)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="compute dtype (auto = the checkpoint's)",
+    )
     p.add_argument("--output", choices=["text", "json"], default="text")
     p.add_argument("--trunk-ranks", type=int, default=1, help="trunk ranks D (>= 1)")
     p.add_argument("--expert-ranks", type=int, default=0, help="expert ranks X (0 = experts in the trunk process)")
     p.add_argument("--nodes", type=int, help="start a local Ray cluster of N nodes on loopback")
     p.add_argument("--address", help="join an existing Ray cluster at this address")
     p.add_argument("--block-size", type=int, default=16, help=argparse.SUPPRESS)
-    p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
-                   help="draft K tokens per step with the checkpoint's MTP head (0 = off; greedy output is "
-                        "identical either way)")
+    p.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=0,
+        metavar="K",
+        help="draft K tokens per step with the checkpoint's MTP head (0 = off; greedy output is identical either way)",
+    )
     p.set_defaults(run=run)
 
 
@@ -55,8 +63,14 @@ def sampling_from_args(args: argparse.Namespace, defaults: GenerationDefaults) -
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
     if top_k < -1:
         raise UserError(f"--top-k must be >= -1, got {top_k}")
-    return SamplingParams(temperature=temperature, top_p=top_p, top_k=max(top_k, 0), min_p=defaults.min_p,
-                          repetition_penalty=defaults.repetition_penalty, seed=args.seed)
+    return SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=max(top_k, 0),
+        min_p=defaults.min_p,
+        repetition_penalty=defaults.repetition_penalty,
+        seed=args.seed,
+    )
 
 
 def _prompt_ids(args: argparse.Namespace, folder: Path):  # noqa: ANN202  # (ids, tokenizer | None)
@@ -107,19 +121,30 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise UserError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
     if len(prompt) + args.max_tokens > cfg.max_position_embeddings:
-        raise UserError(f"prompt ({len(prompt)}) + max tokens ({args.max_tokens}) exceed the model's context "
-                        f"{cfg.max_position_embeddings}")
+        raise UserError(
+            f"prompt ({len(prompt)}) + max tokens ({args.max_tokens}) exceed the model's context "
+            f"{cfg.max_position_embeddings}"
+        )
     gen = _generate(args, folder, prompt, params, defaults)
     text = tokenizer.decode(list(gen.token_ids)) if tokenizer is not None else None
     if args.output == "json":
-        print(json.dumps({
-            "token_ids": list(gen.token_ids), "text": text, "prompt_token_ids": prompt,
-            "finish_reason": gen.finish_reason,
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(gen.token_ids)},
-            "timings": {"prefill_s": round(gen.prefill_s, 4), "decode_s": round(gen.decode_s, 4)},
-            "speculative": {"steps": gen.steps, "draft_tokens": gen.draft_tokens,
-                            "accepted_tokens": gen.accepted_tokens},
-        }))
+        print(
+            json.dumps(
+                {
+                    "token_ids": list(gen.token_ids),
+                    "text": text,
+                    "prompt_token_ids": prompt,
+                    "finish_reason": gen.finish_reason,
+                    "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(gen.token_ids)},
+                    "timings": {"prefill_s": round(gen.prefill_s, 4), "decode_s": round(gen.decode_s, 4)},
+                    "speculative": {
+                        "steps": gen.steps,
+                        "draft_tokens": gen.draft_tokens,
+                        "accepted_tokens": gen.accepted_tokens,
+                    },
+                }
+            )
+        )
     else:
         print(text if text is not None else " ".join(map(str, gen.token_ids)))
         print(f"[{len(gen.token_ids)} tokens, finish_reason={gen.finish_reason}]", file=sys.stderr)
@@ -134,10 +159,20 @@ def _generate(args, folder, prompt, params, defaults):  # noqa: ANN001, ANN202  
 
         model = LocalModel.load(folder, dtype=args.dtype)
         k = args.speculative_tokens
-        runner = LocalRunner(model, num_blocks=runner_blocks(len(prompt), args.max_tokens + 2 * k, args.block_size),
-                             block_size=args.block_size, spec_tokens=k)
-        return generate_one(runner, prompt, params=params, max_tokens=args.max_tokens,
-                            eos_token_ids=defaults.eos_token_ids, spec_tokens=k)
+        runner = LocalRunner(
+            model,
+            num_blocks=runner_blocks(len(prompt), args.max_tokens + 2 * k, args.block_size),
+            block_size=args.block_size,
+            spec_tokens=k,
+        )
+        return generate_one(
+            runner,
+            prompt,
+            params=params,
+            max_tokens=args.max_tokens,
+            eos_token_ids=defaults.eos_token_ids,
+            spec_tokens=k,
+        )
     from epserve.group_runner import run_on_group
 
     return run_on_group(args, folder, prompt, params, defaults)

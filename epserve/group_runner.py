@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -20,12 +21,13 @@ class _SyncGroupRunner:
         self.block_size = block_size
         self.num_trunk_ranks = group.shape.trunk_ranks
 
-    def step(self, requests):  # noqa: ANN001, ANN201  # list[StepRequest] -> list[StepResult]
+    def step(self, requests):  # noqa: ANN001, ANN202  # list[StepRequest] -> list[StepResult]
         return asyncio.run(self.group.step(requests))
 
 
-def run_on_group(args: argparse.Namespace, folder: Path, prompt: list[int], params: SamplingParams,
-                 defaults: GenerationDefaults) -> Generation:
+def run_on_group(
+    args: argparse.Namespace, folder: Path, prompt: list[int], params: SamplingParams, defaults: GenerationDefaults
+) -> Generation:
     from cluster.local_cluster import start_local_cluster
 
     world = args.trunk_ranks + args.expert_ranks
@@ -50,18 +52,28 @@ def run_on_group(args: argparse.Namespace, folder: Path, prompt: list[int], para
     from replicas.offline import generate_one, runner_blocks
 
     if local is None:
-        ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
+        ray.init(address=args.address, log_to_driver=False, logging_level=logging.WARNING)
     k = args.speculative_tokens
     blocks = runner_blocks(len(prompt), args.max_tokens + 2 * k, args.block_size)
-    group = ExpertParallelGroup(GroupConfig(
-        model_dir=str(folder), shape=GroupShape(args.trunk_ranks, args.expert_ranks), dtype=args.dtype,
-        caches=CacheSizes(num_blocks=blocks, block_size=args.block_size, num_slots=1, spec_tokens=k),
-        cpus_per_rank=cpus_per_rank,
-    ))
+    group = ExpertParallelGroup(
+        GroupConfig(
+            model_dir=str(folder),
+            shape=GroupShape(args.trunk_ranks, args.expert_ranks),
+            dtype=args.dtype,
+            caches=CacheSizes(num_blocks=blocks, block_size=args.block_size, num_slots=1, spec_tokens=k),
+            cpus_per_rank=cpus_per_rank,
+        )
+    )
     try:
         group.start()
-        return generate_one(_SyncGroupRunner(group, args.block_size), prompt, params=params,
-                            max_tokens=args.max_tokens, eos_token_ids=defaults.eos_token_ids, spec_tokens=k)
+        return generate_one(
+            _SyncGroupRunner(group, args.block_size),
+            prompt,
+            params=params,
+            max_tokens=args.max_tokens,
+            eos_token_ids=defaults.eos_token_ids,
+            spec_tokens=k,
+        )
     finally:
         group.shutdown()
         if local is not None:

@@ -37,8 +37,10 @@ def run(args: argparse.Namespace) -> int:
     for problem in summary.problems:
         print(f"epserve inspect: error: {problem}", file=sys.stderr)
     if not summary.ok:
-        print(f"epserve inspect: error: {folder} cannot be loaded ({len(summary.problems)} problem(s) above)",
-              file=sys.stderr)
+        print(
+            f"epserve inspect: error: {folder} cannot be loaded ({len(summary.problems)} problem(s) above)",
+            file=sys.stderr,
+        )
     return 0 if summary.ok else 1
 
 
@@ -77,15 +79,21 @@ def _config_lines(c: dict[str, Any]) -> list[str]:
         f"mtp          {c['mtp_num_hidden_layers']} layer(s)",
     ]
     v = c["vision"]
-    lines.append("vision       none" if v is None else
-                 f"vision       depth {v['depth']}, hidden {v['hidden_size']}, {v['num_heads']} heads, mlp "
-                 f"{v['intermediate_size']}, out {v['out_hidden_size']}, patch {v['patch_size']}x{v['patch_size']}"
-                 f"x{v['temporal_patch_size']}, merge {v['spatial_merge_size']}")
+    lines.append(
+        "vision       none"
+        if v is None
+        else f"vision       depth {v['depth']}, hidden {v['hidden_size']}, {v['num_heads']} heads, mlp "
+        f"{v['intermediate_size']}, out {v['out_hidden_size']}, patch {v['patch_size']}x{v['patch_size']}"
+        f"x{v['temporal_patch_size']}, merge {v['spatial_merge_size']}"
+    )
     q = c["quantization"]
-    lines.append("quantization none" if q is None else
-                 f"quantization {q['quant_method']} {q['fmt']}, block {q['weight_block_size'][0]}x"
-                 f"{q['weight_block_size'][1]}, activations {q['activation_scheme']}, not converted: "
-                 f"{', '.join(q['modules_to_not_convert']) or '(none)'}")
+    lines.append(
+        "quantization none"
+        if q is None
+        else f"quantization {q['quant_method']} {q['fmt']}, block {q['weight_block_size'][0]}x"
+        f"{q['weight_block_size'][1]}, activations {q['activation_scheme']}, not converted: "
+        f"{', '.join(q['modules_to_not_convert']) or '(none)'}"
+    )
     return lines
 
 
@@ -95,12 +103,16 @@ def render(s: CheckpointSummary) -> str:
     lines += _config_lines(s.config)
     if s.layout is not None:
         lay = s.layout
-        lines.append(f"layout       experts {lay['experts']}, mtp {lay['mtp'] or 'absent'}, "
-                     f"vision {'present' if lay['vision'] else 'absent'}, prefix {lay['prefix']}")
+        lines.append(
+            f"layout       experts {lay['experts']}, mtp {lay['mtp'] or 'absent'}, "
+            f"vision {'present' if lay['vision'] else 'absent'}, prefix {lay['prefix']}"
+        )
     sh = s.shards
     total = sh["index_total_size"]
-    lines.append(f"shards       {sh['count']} file(s)" + (
-        f" + index (total_size {total:,}, headers declare {sh['tensor_bytes']:,})" if sh["index"] else ", no index"))
+    lines.append(
+        f"shards       {sh['count']} file(s)"
+        + (f" + index (total_size {total:,}, headers declare {sh['tensor_bytes']:,})" if sh["index"] else ", no index")
+    )
     lines.append("files        " + ", ".join(f"{name} {'yes' if there else 'NO'}" for name, there in s.files.items()))
     lines += ["", f"{'part':<9}{'tensors':>9}{'params':>18}{'':>10}{'bytes':>16}"]
     tot = [0, 0, 0]

@@ -17,7 +17,12 @@ import sys
 from pathlib import Path
 
 from cluster.capacity import (
-    DEFAULT_ACTIVATION_RESERVE_GIB, DEFAULT_BLOCK_SIZE, GIB, TRUNK_GROUPS, CapacityPlan, plan_capacity,
+    DEFAULT_ACTIVATION_RESERVE_GIB,
+    DEFAULT_BLOCK_SIZE,
+    GIB,
+    TRUNK_GROUPS,
+    CapacityPlan,
+    plan_capacity,
 )
 from cluster.topology import Topology
 from epserve.cli import UserError
@@ -27,22 +32,31 @@ from model_shards.published_models import published_config, published_names
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="capacity plan: D trunk + X expert GPUs, weights per GPU, sequences that fit")
-    p.add_argument("--model", required=True, help="checkpoint folder or config.json path (only the config is read), "
-                   f"or a published model's name: {', '.join(published_names())}")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint folder or config.json path (only the config is read), "
+        f"or a published model's name: {', '.join(published_names())}",
+    )
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--gpu-memory-gib", type=float, required=True, help="memory per GPU in GiB (e.g. 140 for H200)")
-    p.add_argument("--weight-format", choices=["bf16", "fp8"],
-                   help="weights as served (default: fp8 when the config has a quantization_config, else bf16)")
+    p.add_argument(
+        "--weight-format",
+        choices=["bf16", "fp8"],
+        help="weights as served (default: fp8 when the config has a quantization_config, else bf16)",
+    )
     p.add_argument("--trunk-ranks", type=int, help="trunk ranks D (default: the GPUs the experts leave)")
-    p.add_argument("--expert-ranks", type=int,
-                   help="expert ranks X (default: the smallest X whose expert shard fits a GPU)")
+    p.add_argument(
+        "--expert-ranks", type=int, help="expert ranks X (default: the smallest X whose expert shard fits a GPU)"
+    )
     p.add_argument("--max-model-len", type=int, help="tokens per sequence (default: max_position_embeddings)")
     p.add_argument("--hbm-tbps", type=float, help="HBM bandwidth per GPU in TB/s for the decode floor (H200: 4.8)")
     p.add_argument("--output", choices=["text", "json"], default="text")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help=argparse.SUPPRESS)
-    p.add_argument("--activation-reserve-gib", type=float, default=DEFAULT_ACTIVATION_RESERVE_GIB,
-                   help=argparse.SUPPRESS)
+    p.add_argument(
+        "--activation-reserve-gib", type=float, default=DEFAULT_ACTIVATION_RESERVE_GIB, help=argparse.SUPPRESS
+    )
     p.set_defaults(run=run)
 
 
@@ -53,8 +67,10 @@ def _model_config(model: str) -> ModelConfig:
     try:
         return published_config(model)
     except KeyError:
-        raise UserError(f"--model {model}: no such folder or config.json, and not a published model name "
-                        f"({', '.join(published_names())})") from None
+        raise UserError(
+            f"--model {model}: no such folder or config.json, and not a published model name "
+            f"({', '.join(published_names())})"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,9 +81,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         topology = Topology(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib)
         plan = plan_capacity(
-            cfg, topology, weight_format=weight_format, trunk_ranks=args.trunk_ranks,
-            expert_ranks=args.expert_ranks, max_model_len=max_len, block_size=args.block_size,
-            activation_reserve_gib=args.activation_reserve_gib, hbm_tbps=args.hbm_tbps,
+            cfg,
+            topology,
+            weight_format=weight_format,
+            trunk_ranks=args.trunk_ranks,
+            expert_ranks=args.expert_ranks,
+            max_model_len=max_len,
+            block_size=args.block_size,
+            activation_reserve_gib=args.activation_reserve_gib,
+            hbm_tbps=args.hbm_tbps,
         )
     except ValueError as exc:  # out-of-range flags: the message names the value
         raise UserError(str(exc)) from None
@@ -113,10 +135,13 @@ def render(plan: CapacityPlan, *, model: str) -> str:
         f"layers {plan.bytes_per_expert / 2**20:.1f} MiB",
     ]
     if plan.expert_ranks:
-        lines.append(f"experts      {plan.num_experts} per MoE layer; per expert rank: "
-                     f"{_counts(plan.experts_per_rank)}")
-        lines.append(f"expert GPU   {_gib(plan.expert_gpu_weight_bytes)} weights (fullest rank) + "
-                     f"{_gib(plan.activation_reserve_bytes)} reserve, {_room(plan.expert_gpu_free_bytes, 'free')}")
+        lines.append(
+            f"experts      {plan.num_experts} per MoE layer; per expert rank: {_counts(plan.experts_per_rank)}"
+        )
+        lines.append(
+            f"expert GPU   {_gib(plan.expert_gpu_weight_bytes)} weights (fullest rank) + "
+            f"{_gib(plan.activation_reserve_bytes)} reserve, {_room(plan.expert_gpu_free_bytes, 'free')}"
+        )
     else:
         lines.append(f"experts      all {plan.num_experts} inside the trunk rank (X = 0)")
     lines += [
@@ -132,7 +157,8 @@ def render(plan: CapacityPlan, *, model: str) -> str:
         lines.append(
             f"decode floor {plan.decode_floor_ms:.2f} ms/step at {plan.hbm_tbps:g} TB/s (trunk streams "
             f"{_gib(plan.decode_trunk_stream_bytes)}, fullest expert rank {_gib(plan.decode_expert_stream_bytes)}); "
-            f"{plan.decode_floor_with_cache_ms:.2f} ms with every cached sequence read once")
+            f"{plan.decode_floor_with_cache_ms:.2f} ms with every cached sequence read once"
+        )
     lines.append("fits         yes" if plan.fits else f"fits         NO: {plan.reason}")
     lines.append("assumptions")
     lines += [f"  - {a}" for a in plan.assumptions]

@@ -33,11 +33,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=int, help="gRPC port (default: HTTP port + 1000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set it in the config)")
     p.add_argument("--served-model-name", help="model name clients use")
-    p.add_argument("--speculative-tokens", type=int, metavar="K",
-                   help="draft K tokens per step with the checkpoint's MTP head (default 0 = off)")
-    p.add_argument("--max-thinking-tokens", type=int, metavar="N",
-                   help="default thinking budget of chat requests: </think> is written after N reasoning tokens "
-                        "(default: the checkpoint's generation_config.json, 16 for the embedded model; else none)")
+    p.add_argument(
+        "--speculative-tokens",
+        type=int,
+        metavar="K",
+        help="draft K tokens per step with the checkpoint's MTP head (default 0 = off)",
+    )
+    p.add_argument(
+        "--max-thinking-tokens",
+        type=int,
+        metavar="N",
+        help="default thinking budget of chat requests: </think> is written after N reasoning tokens "
+        "(default: the checkpoint's generation_config.json, 16 for the embedded model; else none)",
+    )
     p.set_defaults(run=run)
 
 
@@ -58,10 +66,15 @@ def load_args(args: argparse.Namespace):  # noqa: ANN201  # -> AppArgs
             raise UserError(f"--config {path} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise UserError(f"--config {path} must be a mapping of build_app args")
-    overrides = {"model": args.model, "trunk_ranks": args.trunk_ranks, "expert_ranks": args.expert_ranks,
-                 "api_key": args.api_key, "served_model_name": args.served_model_name,
-                 "speculative_tokens": args.speculative_tokens,
-                 "max_thinking_tokens": args.max_thinking_tokens}
+    overrides = {
+        "model": args.model,
+        "trunk_ranks": args.trunk_ranks,
+        "expert_ranks": args.expert_ranks,
+        "api_key": args.api_key,
+        "served_model_name": args.served_model_name,
+        "speculative_tokens": args.speculative_tokens,
+        "max_thinking_tokens": args.max_thinking_tokens,
+    }
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return AppArgs.model_validate(raw)
@@ -81,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
         from model_shards.config import from_hf_config
 
         if not from_hf_config(Path(app_args.model or "")).has_mtp:
-            raise UserError(f"--speculative-tokens needs an MTP head: {app_args.model}'s config has "
-                            "mtp_num_hidden_layers 0")
+            raise UserError(
+                f"--speculative-tokens needs an MTP head: {app_args.model}'s config has mtp_num_hidden_layers 0"
+            )
     if args.address is None:
         app_args = fit_to_machine(app_args)
     stop = threading.Event()
@@ -99,11 +113,13 @@ def run(args: argparse.Namespace) -> int:
             from cluster.local_cluster import cluster_cpus, local_gpus, start_local_cluster
 
             # What this machine lacks is known before any Ray process starts.
-            check_resources(resource_demand(app_args, at_max=False), {"GPU": float(local_gpus())}, local=True,
-                            only=("GPU",))
+            check_resources(
+                resource_demand(app_args, at_max=False), {"GPU": float(local_gpus())}, local=True, only=("GPU",)
+            )
             nodes = args.nodes or 1
-            local = start_local_cluster(nodes, cpus_per_node=cluster_cpus(
-                resource_demand(app_args, at_max=True)["CPU"] / nodes))
+            local = start_local_cluster(
+                nodes, cpus_per_node=cluster_cpus(resource_demand(app_args, at_max=True)["CPU"] / nodes)
+            )
         else:
             _join(args.address)
         import ray
@@ -117,16 +133,21 @@ def run(args: argparse.Namespace) -> int:
         grpc_port = args.grpc_port or args.port + 1000
         from replicas.proxy_options import serve_start_options
 
-        serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=_grpc_options(grpc_port),
-                    **serve_start_options(app_args))  # body / message limits in the proxies
+        serve.start(
+            http_options={"host": args.host, "port": args.port},
+            grpc_options=_grpc_options(grpc_port),
+            **serve_start_options(app_args),
+        )  # body / message limits in the proxies
         # Serve logs "Connecting to existing Serve app ... will not be applied" for the controller
         # serve.start just made with exactly these options: not news to the user.
         serve_log = logging.getLogger("ray.serve")
         level = serve_log.level
         serve_log.setLevel(logging.WARNING)
         try:
-            serve.run_many([serve.RunTarget(target=build_app(app_args), name=APP_NAME, route_prefix="/")],
-                           wait_for_applications_running=False)
+            serve.run_many(
+                [serve.RunTarget(target=build_app(app_args), name=APP_NAME, route_prefix="/")],
+                wait_for_applications_running=False,
+            )
         finally:
             serve_log.setLevel(level)
         wait_until_running(APP_NAME)
@@ -134,8 +155,10 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: stop.set())
         name = app_args.served_model_name or Path(app_args.model or "").name
         print(f"epserve is serving model '{name}'", flush=True)
-        print(f"  OpenAI API: http://{args.host}:{args.port}/v1  (try: curl http://{args.host}:{args.port}/v1/models)",
-              flush=True)
+        print(
+            f"  OpenAI API: http://{args.host}:{args.port}/v1  (try: curl http://{args.host}:{args.port}/v1/models)",
+            flush=True,
+        )
         print(f"  gRPC: {args.host}:{grpc_port}", flush=True)
         print("  Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):
@@ -170,7 +193,7 @@ def _join(address: str) -> None:
         enable_token_auth(generate=False)
     except RayAuthError as exc:
         raise UserError(str(exc)) from None
-    ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
 
 
 def _shutdown(local, *, drained: bool) -> None:  # noqa: ANN001  # LocalCluster | None
@@ -208,8 +231,9 @@ def check_model_folder(folder: Path) -> None:
         problems.append(f"no tokenizer.json in {folder}: serving needs the tokenizer (text prompts and chat)")
     if problems:
         lines = "\n  ".join(problems)
-        raise UserError(f"--model {folder} cannot be served:\n  {lines}\n(`epserve inspect {folder}` shows the "
-                        "whole report)")
+        raise UserError(
+            f"--model {folder} cannot be served:\n  {lines}\n(`epserve inspect {folder}` shows the whole report)"
+        )
 
 
 def fit_to_machine(app_args):  # noqa: ANN001, ANN201  # AppArgs -> AppArgs
@@ -224,12 +248,14 @@ def fit_to_machine(app_args):  # noqa: ANN001, ANN201  # AppArgs -> AppArgs
     return app_args.model_copy(update={"cpus_per_rank": max(0.1, round(cores / world, 3))})
 
 
-def check_resources(need: dict[str, float], have: dict[str, float], *, local: bool,
-                    only: tuple[str, ...] | None = None) -> None:
+def check_resources(
+    need: dict[str, float], have: dict[str, float], *, local: bool, only: tuple[str, ...] | None = None
+) -> None:
     """Name what the layout lacks. A cluster we started cannot grow, so that is an error; a cluster we
     joined may autoscale, so there it is a warning (wait_until_running then reports Serve's view)."""
-    missing = {k: v - have.get(k, 0.0) for k, v in need.items()
-               if have.get(k, 0.0) + 1e-9 < v and (only is None or k in only)}
+    missing = {
+        k: v - have.get(k, 0.0) for k, v in need.items() if have.get(k, 0.0) + 1e-9 < v and (only is None or k in only)
+    }
     if not missing:
         return
     text = ", ".join(f"{k} {need[k]:g} (the cluster has {have.get(k, 0.0):g})" for k in sorted(missing))
@@ -258,9 +284,12 @@ def wait_until_running(app: str, *, report_every_s: float = 30.0) -> None:
         now = time.monotonic()
         if now - last_report >= report_every_s:
             last_report = now
-            print(f"still starting after {now - started:.0f} s (loading weights, forming groups)", file=sys.stderr,
-                  flush=True)
-            for name, dep in (status.deployments.items() if status is not None else ()):
+            print(
+                f"still starting after {now - started:.0f} s (loading weights, forming groups)",
+                file=sys.stderr,
+                flush=True,
+            )
+            for name, dep in status.deployments.items() if status is not None else ():
                 if dep.message:
                     print(f"  {name}: {dep.message.strip().splitlines()[0]}", file=sys.stderr, flush=True)
         time.sleep(0.25)
@@ -301,19 +330,21 @@ def _drain_app(name: str, grace_s: float) -> None:
     except Exception:  # noqa: BLE001  # no app (a failed start-up): nothing to drain
         return
     deadline = time.monotonic() + grace_s + 15
-    if _until_all_report_zero(engine.drain, grace_s, replicas=_running(deployments, "EpserveEngine"),
-                              deadline=deadline, stop=again):
-        _until_all_report_zero(ingress.stream_count, replicas=_running(deployments, "EpserveIngress"),
-                               deadline=deadline, stop=again)
+    if _until_all_report_zero(
+        engine.drain, grace_s, replicas=_running(deployments, "EpserveEngine"), deadline=deadline, stop=again
+    ):
+        _until_all_report_zero(
+            ingress.stream_count, replicas=_running(deployments, "EpserveIngress"), deadline=deadline, stop=again
+        )
         again.wait(1.0)  # the proxies send what the ingress handed them
 
 
-def _running(deployments: dict, name: str) -> int:  # noqa: ANN001
+def _running(deployments: dict, name: str) -> int:
     states = deployments[name].replica_states if name in deployments else {}
     return max(1, sum(n for state, n in states.items() if state == "RUNNING"))
 
 
-def _until_all_report_zero(method, *args, replicas: int, deadline: float, stop: threading.Event) -> bool:  # noqa: ANN001
+def _until_all_report_zero(method, *args, replicas: int, deadline: float, stop: threading.Event) -> bool:  # noqa: ANN001, ANN002
     """Call a handle method returning (replica id, open requests) until every replica reported 0.
 
     Calls are routed, not addressed, so they repeat (a draining engine replica reports itself
@@ -342,5 +373,3 @@ def _grpc_options(port: int) -> dict | None:
     except ImportError:
         return None
     return grpc_options(port)
-
-

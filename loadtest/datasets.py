@@ -36,6 +36,7 @@ class TextCodec(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
+
 # Without a tokenizer random ids come from [0, 32000): ordinary tokens of every current vocabulary.
 DEFAULT_TOKEN_HIGH = 32000
 # Rounds of decode -> re-encode -> adjust before a prompt keeps the length it has (vLLM's bound is 10 too).
@@ -108,8 +109,15 @@ def _lengths(rng: np.random.Generator, length: int, range_ratio: float, n: int) 
     return [int(x) for x in rng.integers(low, high + 1, size=n)]
 
 
-def fit_text(codec: TextCodec, ids: tuple[int, ...], target: int, *, rng: np.random.Generator, space: TokenSpace,
-             prefix: str = "") -> tuple[str, int]:
+def fit_text(
+    codec: TextCodec,
+    ids: tuple[int, ...],
+    target: int,
+    *,
+    rng: np.random.Generator,
+    space: TokenSpace,
+    prefix: str = "",
+) -> tuple[str, int]:
     """Text that `codec` encodes to `target` tokens: `prefix` + the text of `ids`, adjusted by round trip.
 
     Decoding random ids and encoding the text again rarely gives the same count (merges across ids,
@@ -133,8 +141,16 @@ def fit_text(codec: TextCodec, ids: tuple[int, ...], target: int, *, rng: np.ran
     return text, n
 
 
-def random_requests(n: int, *, input_len: int, output_len: int, range_ratio: float = 0.0, seed: int = 0,
-                    space: TokenSpace = TokenSpace(), codec: TextCodec | None = None) -> list[BenchRequest]:
+def random_requests(
+    n: int,
+    *,
+    input_len: int,
+    output_len: int,
+    range_ratio: float = 0.0,
+    seed: int = 0,
+    space: TokenSpace = TokenSpace(),
+    codec: TextCodec | None = None,
+) -> list[BenchRequest]:
     """`n` prompts of random tokens: text when a `codec` is given, else token-id lists.
 
     Args:
@@ -155,9 +171,18 @@ def random_requests(n: int, *, input_len: int, output_len: int, range_ratio: flo
     return out
 
 
-def shared_prefix_requests(n: int, *, groups: int, prefix_len: int, input_len: int, output_len: int,
-                           range_ratio: float = 0.0, seed: int = 0, space: TokenSpace = TokenSpace(),
-                           codec: TextCodec | None = None) -> list[BenchRequest]:
+def shared_prefix_requests(
+    n: int,
+    *,
+    groups: int,
+    prefix_len: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float = 0.0,
+    seed: int = 0,
+    space: TokenSpace = TokenSpace(),
+    codec: TextCodec | None = None,
+) -> list[BenchRequest]:
     """`n` random prompts in `groups` groups; every prompt of a group starts with the group's prefix.
 
     Prompt i belongs to group i % groups; the order is shuffled (as sglang's generated-shared-prefix).
@@ -170,8 +195,10 @@ def shared_prefix_requests(n: int, *, groups: int, prefix_len: int, input_len: i
     prefixes = [space.sample(rng, prefix_len) for _ in range(groups)]
     ins, outs = _lengths(rng, input_len, range_ratio, n), _lengths(rng, output_len, range_ratio, n)
     if codec is None:
-        reqs = [BenchRequest(prefixes[i % groups] + space.sample(rng, q), prefix_len + q, o)
-                for i, (q, o) in enumerate(zip(ins, outs))]
+        reqs = [
+            BenchRequest(prefixes[i % groups] + space.sample(rng, q), prefix_len + q, o)
+            for i, (q, o) in enumerate(zip(ins, outs))
+        ]
     else:
         texts = [fit_text(codec, p, prefix_len, rng=rng, space=space) for p in prefixes]
         reqs = []
@@ -198,9 +225,16 @@ def sharegpt_pairs(data: Iterable[dict]) -> list[tuple[str, str]]:
     return pairs
 
 
-def sharegpt_requests(path: str | Path, n: int, *, tokenizer: Tokenizer, seed: int = 0,
-                      output_len: int | None = None, max_prompt_len: int = SHAREGPT_MAX_PROMPT_LEN,
-                      max_total_len: int = SHAREGPT_MAX_TOTAL_LEN) -> list[BenchRequest]:
+def sharegpt_requests(
+    path: str | Path,
+    n: int,
+    *,
+    tokenizer: Tokenizer,
+    seed: int = 0,
+    output_len: int | None = None,
+    max_prompt_len: int = SHAREGPT_MAX_PROMPT_LEN,
+    max_total_len: int = SHAREGPT_MAX_TOTAL_LEN,
+) -> list[BenchRequest]:
     """`n` text prompts from a ShareGPT JSON file (a list of {"conversations": [{"from", "value"}...]}).
 
     Conversations are shuffled with `seed` and tokenized until `n` pass vLLM's filters: prompt and
@@ -228,5 +262,6 @@ def sharegpt_requests(path: str | Path, n: int, *, tokenizer: Tokenizer, seed: i
         out.append(BenchRequest(prompt, p_len, o_len))
         if len(out) == n:
             return out
-    raise ValueError(f"{path}: only {len(out)} of {len(pairs)} conversations pass the length filters; "
-                     f"--num-prompts asks for {n}")
+    raise ValueError(
+        f"{path}: only {len(out)} of {len(pairs)} conversations pass the length filters; --num-prompts asks for {n}"
+    )

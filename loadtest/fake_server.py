@@ -62,10 +62,15 @@ def strict_check(body: bytes) -> tuple[str, dict[str, Any]] | None:
         detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         return "422 Unprocessable Entity", {"detail": detail}
     if req.model != MODEL:
-        return "404 Not Found", {"error": {"message": f"model {req.model!r} does not exist", "type": "not_found",
-                                           "param": "model", "code": 404}}
+        return "404 Not Found", {
+            "error": {
+                "message": f"model {req.model!r} does not exist",
+                "type": "not_found",
+                "param": "model",
+                "code": 404,
+            }
+        }
     return None
-
 
 
 def _chunk(payload: bytes) -> bytes:
@@ -73,8 +78,14 @@ def _chunk(payload: bytes) -> bytes:
 
 
 def _response(status: str, body: bytes, content_type: bytes = b"application/json") -> bytes:
-    return (b"HTTP/1.1 " + status.encode() + b"\r\ncontent-type: " + content_type +
-            b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+    return (
+        b"HTTP/1.1 "
+        + status.encode()
+        + b"\r\ncontent-type: "
+        + content_type
+        + b"\r\ncontent-length: %d\r\n\r\n" % len(body)
+        + body
+    )
 
 
 class _Conn(asyncio.Protocol):
@@ -111,7 +122,7 @@ class _Conn(asyncio.Protocol):
             if len(self.buf) < end:
                 return
             method, path, _ = head.split("\r\n", 1)[0].split(" ", 2)
-            self.queue.put_nowait((method, path, self.buf[head_end + 4:end]))
+            self.queue.put_nowait((method, path, self.buf[head_end + 4 : end]))
             self.buf = self.buf[end:]
 
     async def _answer(self) -> None:
@@ -120,8 +131,11 @@ class _Conn(asyncio.Protocol):
             if self.transport is None or self.transport.is_closing():
                 return
             if method == "GET" and path.endswith("/v1/models"):
-                self.transport.write(_response("200 OK", json.dumps({"object": "list", "data": [
-                    {"id": MODEL, "object": "model"}]}).encode()))
+                self.transport.write(
+                    _response(
+                        "200 OK", json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode()
+                    )
+                )
             elif method == "POST" and path.endswith("/v1/completions"):
                 refused = strict_check(body) if self.server.strict else None
                 if refused is not None:
@@ -160,13 +174,24 @@ class _Conn(asyncio.Protocol):
                 t.write(_chunk(b'data: {"error": {"message": "engine failed", "code": 503}}\n\n'))
                 break
             finish = b'"length"' if i == n - 1 else b"null"
-            t.write(_chunk(b'data: {"id":"cmpl-1","object":"text_completion","model":"fake","choices":'
-                           b'[{"index":0,"text":" tok%d","logprobs":null,"finish_reason":%s}]}\n\n' % (i, finish)))
+            t.write(
+                _chunk(
+                    b'data: {"id":"cmpl-1","object":"text_completion","model":"fake","choices":'
+                    b'[{"index":0,"text":" tok%d","logprobs":null,"finish_reason":%s}]}\n\n' % (i, finish)
+                )
+            )
         else:
             if (req.get("stream_options") or {}).get("include_usage"):
                 usage = {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
-                t.write(_chunk(b"data: " + json.dumps({"id": "cmpl-1", "object": "text_completion", "model": MODEL,
-                                                       "choices": [], "usage": usage}).encode() + b"\n\n"))
+                t.write(
+                    _chunk(
+                        b"data: "
+                        + json.dumps(
+                            {"id": "cmpl-1", "object": "text_completion", "model": MODEL, "choices": [], "usage": usage}
+                        ).encode()
+                        + b"\n\n"
+                    )
+                )
         t.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
 
@@ -181,8 +206,15 @@ class FakeServer:
         tokenizer: counts prompt tokens (anything with `encode(text) -> list`).
     """
 
-    def __init__(self, port: int = 0, *, ttft_s: float = 0.0, itl_s: float = 0.0, strict: bool = False,
-                 tokenizer: Any = None) -> None:  # noqa: ANN401
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        ttft_s: float = 0.0,
+        itl_s: float = 0.0,
+        strict: bool = False,
+        tokenizer: Any = None,  # noqa: ANN401
+    ) -> None:
         self.port, self.ttft_s, self.itl_s = port, ttft_s, itl_s
         self.strict, self.tokenizer = strict, tokenizer
         self.requests = 0
@@ -224,11 +256,12 @@ class FakeServer:
 
     def stop(self) -> None:
         loop = self._loop
-        if loop is None or self._server is None:
+        server = self._server
+        if loop is None or server is None:
             return
 
         async def close() -> None:
-            self._server.close()
+            server.close()
             await asyncio.sleep(0)
 
         asyncio.run_coroutine_threadsafe(close(), loop).result(10)

@@ -36,9 +36,17 @@ class GrpcGenerateClient:
         ignore_eos: set ignore_eos and min_tokens = max_tokens (exact output lengths), as over HTTP.
     """
 
-    def __init__(self, target: str, *, model: str | None = None, api_key: str | None = None,
-                 application: str | None = None, temperature: float = 0.0, timeout_s: float = 600.0,
-                 ignore_eos: bool = False) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        application: str | None = None,
+        temperature: float = 0.0,
+        timeout_s: float = 600.0,
+        ignore_eos: bool = False,
+    ) -> None:
         self.target = target
         self.ignore_eos = ignore_eos
         self.model = model or ""
@@ -53,9 +61,13 @@ class GrpcGenerateClient:
         self.stub: pb_grpc.EpserveStub | None = None
 
     async def __aenter__(self) -> GrpcGenerateClient:
-        self.channel = grpc.aio.insecure_channel(self.target, options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self.channel = grpc.aio.insecure_channel(
+            self.target,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
         self.stub = pb_grpc.EpserveStub(self.channel)
         return self
 

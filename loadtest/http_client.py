@@ -45,9 +45,17 @@ class OpenAICompletionsClient:
         ignore_eos: add `ignore_eos` and `min_tokens` (not in the OpenAI schema) for exact output lengths.
     """
 
-    def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
-                 temperature: float = 0.0, timeout_s: float = 600.0, max_connections: int = 0,
-                 ignore_eos: bool = False) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        temperature: float = 0.0,
+        timeout_s: float = 600.0,
+        max_connections: int = 0,
+        ignore_eos: bool = False,
+    ) -> None:
         self.url = completions_url(base_url)
         self.models_url = self.url[: -len("/completions")] + "/models"
         self.model = model
@@ -75,8 +83,9 @@ class OpenAICompletionsClient:
             assert self.session is not None, "use the client as `async with`"
             async with self.session.get(self.models_url) as resp:
                 if resp.status != 200:
-                    raise ValueError(f"GET {self.models_url} returned HTTP {resp.status}: "
-                                     f"{(await resp.text())[:ERROR_BODY_CHARS]}")
+                    raise ValueError(
+                        f"GET {self.models_url} returned HTTP {resp.status}: {(await resp.text())[:ERROR_BODY_CHARS]}"
+                    )
                 data = (await resp.json()).get("data") or []
             if not data:
                 raise ValueError(f"{self.models_url} lists no model; pass --model")
@@ -86,8 +95,12 @@ class OpenAICompletionsClient:
     def body(self, req: BenchRequest) -> bytes:
         prompt: Any = req.prompt if isinstance(req.prompt, str) else list(req.prompt)
         body: dict[str, Any] = {
-            "model": self.model, "prompt": prompt, "max_tokens": req.output_len, "temperature": self.temperature,
-            "stream": True, "stream_options": {"include_usage": True},
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": req.output_len,
+            "temperature": self.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
         }
         if self.ignore_eos:
             body.update(min_tokens=req.output_len, ignore_eos=True)
@@ -123,7 +136,7 @@ class OpenAICompletionsClient:
             t = now()
             buf += data.replace(b"\r\n", b"\n") if b"\r" in data else data
             while (end := buf.find(b"\n\n")) >= 0:
-                event, buf = buf[:end], buf[end + 2:]
+                event, buf = buf[:end], buf[end + 2 :]
                 for line in event.split(b"\n"):
                     if line.startswith(b"data:") and _on_event(line[5:].strip(), r, t):
                         return

@@ -19,11 +19,14 @@ from __future__ import annotations
 import json
 import random
 import time
+from typing import Any
 
 from locust import HttpUser, LoadTestShape, between, events, task
 
-WORDS = ("expert parallel serving routes every token to the experts it picked and combines their outputs "
-         "while the trunk keeps attention caches and the scheduler batches requests continuously").split()
+WORDS = (
+    "expert parallel serving routes every token to the experts it picked and combines their outputs "
+    "while the trunk keeps attention caches and the scheduler batches requests continuously"
+).split()
 DEFAULT_PEAK_USERS = 64
 DEFAULT_RUN_TIME_S = 600
 # (name, fraction of the run time, fraction of the peak users, spawn rate as a fraction of the peak per second)
@@ -52,8 +55,9 @@ class _StreamingUser(HttpUser):
         self.prompt_words = opts.prompt_words
 
     def _first_model(self) -> str:
-        with self.client.get("/v1/models", headers=getattr(self, "headers", {}), name="/v1/models",
-                             catch_response=True) as resp:
+        with self.client.get(
+            "/v1/models", headers=getattr(self, "headers", {}), name="/v1/models", catch_response=True
+        ) as resp:
             try:
                 return resp.json()["data"][0]["id"]
             except (ValueError, KeyError, IndexError):
@@ -70,8 +74,9 @@ class _StreamingUser(HttpUser):
         """POST one streaming request; the entry's time is the whole stream, TTFT is fired separately."""
         t0 = time.perf_counter()
         ttft = None
-        with self.client.post(self.path, json=self.body(), headers=self.headers, stream=True, name=self.path,
-                              catch_response=True) as resp:
+        with self.client.post(
+            self.path, json=self.body(), headers=self.headers, stream=True, name=self.path, catch_response=True
+        ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
                 return
@@ -95,8 +100,14 @@ class _StreamingUser(HttpUser):
             resp.request_meta["response_time"] = (time.perf_counter() - t0) * 1e3  # the whole stream
             resp.success()
         if ttft is not None:
-            events.request.fire(request_type="TTFT", name=f"TTFT {self.path}", response_time=ttft * 1e3,
-                                response_length=0, exception=None, context={})
+            events.request.fire(
+                request_type="TTFT",
+                name=f"TTFT {self.path}",
+                response_time=ttft * 1e3,
+                response_length=0,
+                exception=None,
+                context={},
+            )
 
 
 class CompletionsUser(_StreamingUser):
@@ -107,8 +118,15 @@ class CompletionsUser(_StreamingUser):
         self.stream()
 
     def body(self) -> dict:
-        return {"model": self.model, "prompt": self.prompt(), "max_tokens": self.max_tokens,
-                "min_tokens": self.max_tokens, "ignore_eos": True, "temperature": 0.0, "stream": True}
+        return {
+            "model": self.model,
+            "prompt": self.prompt(),
+            "max_tokens": self.max_tokens,
+            "min_tokens": self.max_tokens,
+            "ignore_eos": True,
+            "temperature": 0.0,
+            "stream": True,
+        }
 
 
 class ChatUser(_StreamingUser):
@@ -119,9 +137,15 @@ class ChatUser(_StreamingUser):
         self.stream()
 
     def body(self) -> dict:
-        return {"model": self.model, "messages": [{"role": "user", "content": self.prompt()}],
-                "max_tokens": self.max_tokens, "min_tokens": self.max_tokens, "ignore_eos": True,
-                "temperature": 0.0, "stream": True}
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": self.prompt()}],
+            "max_tokens": self.max_tokens,
+            "min_tokens": self.max_tokens,
+            "ignore_eos": True,
+            "temperature": 0.0,
+            "stream": True,
+        }
 
 
 class RampBurstSoak(LoadTestShape):
@@ -130,7 +154,7 @@ class RampBurstSoak(LoadTestShape):
     use_common_options = True
 
     def tick(self) -> tuple[int, float] | None:
-        opts = self.runner.environment.parsed_options
+        opts: Any = self.runner.environment.parsed_options  # type: ignore[union-attr]  # locust sets runner before tick()
         total = float(opts.run_time or DEFAULT_RUN_TIME_S)
         peak = int(opts.peak_users)
         t = self.get_run_time()

@@ -134,10 +134,12 @@ def meets_slos(r: RequestResult, slos: dict[str, float]) -> bool:
     """A successful request whose TTFT, TPOT, every ITL gap and E2E are within the SLOs given."""
     if not r.ok:
         return False
-    checks = {"ttft": lambda: r.ttft is not None and r.ttft <= slos["ttft"],
-              "tpot": lambda: r.tpot is None or r.tpot <= slos["tpot"],
-              "itl": lambda: all(g <= slos["itl"] for g in r.itl),
-              "e2el": lambda: r.e2e <= slos["e2el"]}
+    checks = {
+        "ttft": lambda: r.ttft is not None and r.ttft <= slos["ttft"],
+        "tpot": lambda: r.tpot is None or r.tpot <= slos["tpot"],
+        "itl": lambda: all(g <= slos["itl"] for g in r.itl),
+        "e2el": lambda: r.e2e <= slos["e2el"],
+    }
     return all(checks[k]() for k in slos)
 
 
@@ -162,10 +164,13 @@ def timeline(results: list[RequestResult], bucket_s: float = 1.0) -> dict[str, l
         for b in range(int(r.start // bucket_s), min(int(r.end // bucket_s), n - 1) + 1):
             busy[b] += max(0.0, min(r.end, (b + 1) * bucket_s) - max(r.start, b * bucket_s))  # overlap, s
     widths = [bucket_s] * (n - 1) + [max(t_end - (n - 1) * bucket_s, 1e-9)]
-    return {"t": [b * bucket_s for b in range(n)], "width": widths,
-            "output_tokens_per_s": [x / w for x, w in zip(tokens, widths)],
-            "completed_per_s": [x / w for x, w in zip(done, widths)],
-            "in_flight": [x / w for x, w in zip(busy, widths)]}
+    return {
+        "t": [b * bucket_s for b in range(n)],
+        "width": widths,
+        "output_tokens_per_s": [x / w for x, w in zip(tokens, widths)],
+        "completed_per_s": [x / w for x, w in zip(done, widths)],
+        "in_flight": [x / w for x, w in zip(busy, widths)],
+    }
 
 
 def peak_concurrency(results: list[RequestResult]) -> int:
@@ -178,8 +183,13 @@ def peak_concurrency(results: list[RequestResult]) -> int:
     return peak
 
 
-def summarize(results: list[RequestResult], duration_s: float, *, slos: dict[str, float] | None = None,
-              percentiles: tuple[float, ...] = PERCENTILES) -> dict:
+def summarize(
+    results: list[RequestResult],
+    duration_s: float,
+    *,
+    slos: dict[str, float] | None = None,
+    percentiles: tuple[float, ...] = PERCENTILES,
+) -> dict:
     """The aggregate of one run (successful requests only, but every error counted by kind).
 
     Returns:

@@ -68,7 +68,8 @@ class RemoteTokenizer:
                     raise
         if resp.status != 200:
             raise RemoteTokenizerUnavailable(
-                f"POST {self.prefix}{route} returned HTTP {resp.status}: {text[:ERROR_BODY_CHARS]}")
+                f"POST {self.prefix}{route} returned HTTP {resp.status}: {text[:ERROR_BODY_CHARS]}"
+            )
         return json.loads(text)
 
     def encode(self, text: str) -> list[int]:

@@ -16,28 +16,38 @@ from loadtest.metrics import PERCENTILES, RequestResult, describe, peak_concurre
 from loadtest.runner import RunOutcome
 
 WIDTH = 50
-METRIC_TITLES = {"ttft": ("Time to First Token", "TTFT"),
-                 "tpot": ("Time per Output Token (excl. 1st token)", "TPOT"),
-                 "itl": ("Inter-token Latency", "ITL"),
-                 "e2el": ("End-to-end Latency", "E2EL")}
+METRIC_TITLES = {
+    "ttft": ("Time to First Token", "TTFT"),
+    "tpot": ("Time per Output Token (excl. 1st token)", "TPOT"),
+    "itl": ("Inter-token Latency", "ITL"),
+    "e2el": ("End-to-end Latency", "E2EL"),
+}
 
 
-def build_result(outcome: RunOutcome, *, config: dict, slos: dict[str, float] | None = None,
-                 percentiles: tuple[float, ...] = PERCENTILES) -> dict:
+def build_result(
+    outcome: RunOutcome,
+    *,
+    config: dict,
+    slos: dict[str, float] | None = None,
+    percentiles: tuple[float, ...] = PERCENTILES,
+) -> dict:
     """Everything a run produced, JSON-ready (nan becomes null when written)."""
     res = outcome.results
     out = {"config": config, **summarize(res, outcome.duration_s, slos=slos, percentiles=percentiles)}
     starts = [r.start for r in res]
-    out["achieved_send_rate"] = (len(starts) - 1) / (max(starts) - min(starts)) if len(starts) > 1 and \
-        max(starts) > min(starts) else math.nan
+    out["achieved_send_rate"] = (
+        (len(starts) - 1) / (max(starts) - min(starts)) if len(starts) > 1 and max(starts) > min(starts) else math.nan
+    )
     for stat, v in describe(outcome.send_lag_s, percentiles).items():
         out[f"{stat}_send_lag_ms"] = v * 1e3
     tl = timeline(res)
     out["peak_output_throughput"] = max(tl["output_tokens_per_s"], default=math.nan)
     out["peak_concurrent_requests"] = peak_concurrency(res)
-    out["warmup"] = {"requests": len(outcome.warmup),
-                     "prompt_tokens": sum(r.prompt_tokens for r in outcome.warmup),
-                     "completion_tokens": sum(r.output_tokens for r in outcome.warmup)}
+    out["warmup"] = {
+        "requests": len(outcome.warmup),
+        "prompt_tokens": sum(r.prompt_tokens for r in outcome.warmup),
+        "completion_tokens": sum(r.output_tokens for r in outcome.warmup),
+    }
     out["timeline"] = tl
     out.update(_per_request(res))
     return out
@@ -82,9 +92,11 @@ def summary_table(result: dict, percentiles: tuple[float, ...] = PERCENTILES) ->
     """The text table printed at the end of `epserve bench`."""
     c = result["config"]
     rate = c.get("request_rate", math.inf)
-    lines = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=WIDTH, c="="),
-             _row("Successful requests:", result["completed"]),
-             _row("Failed requests:", result["failed"])]
+    lines = [
+        "{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=WIDTH, c="="),
+        _row("Successful requests:", result["completed"]),
+        _row("Failed requests:", result["failed"]),
+    ]
     for kind, n in sorted(result["errors"].items()):
         lines.append(_row(f"  {kind}:", n))
     if c.get("max_concurrency"):

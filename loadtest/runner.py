@@ -58,8 +58,10 @@ class RunConfig:
         if self.duration_s is not None and not self.duration_s > 0:
             raise ValueError(f"--duration must be > 0 seconds, got {self.duration_s}")
         if self.duration_s is not None and math.isinf(self.request_rate) and self.max_concurrency is None:
-            raise ValueError("--duration with an infinite --request-rate needs --max-concurrency "
-                             "(else it would start requests without bound)")
+            raise ValueError(
+                "--duration with an infinite --request-rate needs --max-concurrency "
+                "(else it would start requests without bound)"
+            )
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
 
@@ -111,8 +113,9 @@ async def _warmup(client: Client, requests: Sequence[BenchRequest], cfg: RunConf
     return list(results)
 
 
-async def _dispatch(client: Client, requests: Sequence[BenchRequest], cfg: RunConfig,
-                    on_done: Callable[[int], object]) -> RunOutcome:
+async def _dispatch(
+    client: Client, requests: Sequence[BenchRequest], cfg: RunConfig, on_done: Callable[[int], object]
+) -> RunOutcome:
     """The measured run (see the module docstring)."""
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     results: list[RequestResult] = []
@@ -163,8 +166,14 @@ async def _safe_send(coro: Awaitable[RequestResult], req: BenchRequest, now: Cal
     try:
         return await coro
     except Exception as exc:  # noqa: BLE001  # recorded as an error kind
-        return RequestResult(req.prompt_len, req.output_len, start=start, end=now(), error="client_error",
-                             error_detail=f"{type(exc).__name__}: {exc}"[:300])
+        return RequestResult(
+            req.prompt_len,
+            req.output_len,
+            start=start,
+            end=now(),
+            error="client_error",
+            error_detail=f"{type(exc).__name__}: {exc}"[:300],
+        )
 
 
 class _SimpleBar:

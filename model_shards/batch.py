@@ -16,7 +16,6 @@ from typing import TypeVar
 
 import torch
 
-
 _T = TypeVar("_T")
 
 
@@ -100,9 +99,7 @@ class StepBatch:
             end_pos = s.context_len + n
             table = s.block_table
             if len(table) * block_size < end_pos:
-                raise ValueError(
-                    f"block table of {len(table)} blocks x {block_size} cannot hold {end_pos} tokens"
-                )
+                raise ValueError(f"block table of {len(table)} blocks x {block_size} cannot hold {end_pos} tokens")
             ids.extend(s.token_ids)
             slot_map.extend(table[p // block_size] * block_size + p % block_size for p in range(s.context_len, end_pos))
             if s.positions is not None:
@@ -154,8 +151,11 @@ class StepBatch:
     def recurrent_seqs(self) -> tuple[int, ...]:
         """Sequences whose DeltaNet step uses the recurrent form: one new token on a cached state
         (HF takes the recurrent path exactly when seq_len == 1 and a state exists)."""
-        return tuple(i for i, (q, c) in enumerate(zip(self.query_lens, self.context_lens))
-                     if q == 1 and c > 0 and not self.is_verify(i))
+        return tuple(
+            i
+            for i, (q, c) in enumerate(zip(self.query_lens, self.context_lens))
+            if q == 1 and c > 0 and not self.is_verify(i)
+        )
 
     @cached_property
     def verify_seqs(self) -> tuple[int, ...]:
@@ -191,8 +191,10 @@ class StepBatch:
     @cached_property
     def decode_row_ids(self) -> torch.Tensor:
         """Packed rows of `decode_rows`, in the same order."""
-        rows = sorted([self.starts[i] for i in self.recurrent_seqs]
-                      + [self.starts[i] + j for i in self.verify_seqs for j in range(self.query_lens[i])])
+        rows = sorted(
+            [self.starts[i] for i in self.recurrent_seqs]
+            + [self.starts[i] + j for i in self.verify_seqs for j in range(self.query_lens[i])]
+        )
         return torch.tensor(rows, dtype=torch.long, device=self.token_ids_T.device)
 
     def memo(self, key: tuple, make: Callable[[], _T]) -> _T:
@@ -205,10 +207,12 @@ class StepBatch:
     def slot_run(self, seqs: tuple[int, ...]) -> int | None:
         """The first state slot when the listed sequences' slots are consecutive (s, s + 1, ...),
         else None: their DeltaNet states are then one block of the pool, read and written in place."""
+
         def make() -> int | None:
             every = self.state_slots_B.tolist()
             slots = [every[i] for i in seqs]
             return slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
+
         return self.memo(("slot_run", seqs), make)
 
     def chunk_groups(self, multiple: int) -> tuple[tuple[int, ...], ...]:
@@ -240,8 +244,9 @@ class StepBatch:
         """Packed row of the single new token of each listed sequence (decode-style sequences)."""
         key = ("rows", seqs)
         if key not in self._cache:
-            self._cache[key] = torch.tensor([self.starts[i] for i in seqs], dtype=torch.long,
-                                            device=self.token_ids_T.device)
+            self._cache[key] = torch.tensor(
+                [self.starts[i] for i in seqs], dtype=torch.long, device=self.token_ids_T.device
+            )
         return self._cache[key]
 
     def index_of(self, seqs: tuple[int, ...]) -> torch.Tensor:
@@ -254,6 +259,5 @@ class StepBatch:
         """[len(seqs)] bool: sequences with no cached state (start from zeros)."""
         key = ("fresh", seqs)
         if key not in self._cache:
-            self._cache[key] = torch.tensor([self.context_lens[i] == 0 for i in seqs],
-                                            device=self.token_ids_T.device)
+            self._cache[key] = torch.tensor([self.context_lens[i] == 0 for i in seqs], device=self.token_ids_T.device)
         return self._cache[key]

@@ -62,22 +62,44 @@ class CachePools:
             v=torch.zeros(kv_shape, dtype=dtype, device=device),
             conv=torch.zeros(
                 (len(lin_layers), num_slots, cfg.linear_conv_dim, cfg.linear_conv_kernel_dim - 1),
-                dtype=dtype, device=device,
+                dtype=dtype,
+                device=device,
             ),
             recurrent=torch.zeros(
-                (len(lin_layers), num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                 cfg.linear_value_head_dim),
-                dtype=torch.float32, device=device,
+                (
+                    len(lin_layers),
+                    num_slots,
+                    cfg.linear_num_value_heads,
+                    cfg.linear_key_head_dim,
+                    cfg.linear_value_head_dim,
+                ),
+                dtype=torch.float32,
+                device=device,
             ),
             block_size=block_size,
             attn_layer_rows={layer: i for i, layer in enumerate(attn_layers)},
             linear_layer_rows={layer: i for i, layer in enumerate(lin_layers)},
             spec_conv=torch.zeros(
                 (len(lin_layers), num_slots, spec_tokens + 1, cfg.linear_conv_dim, cfg.linear_conv_kernel_dim - 1),
-                dtype=dtype, device=device) if spec_tokens else None,
+                dtype=dtype,
+                device=device,
+            )
+            if spec_tokens
+            else None,
             spec_recurrent=torch.zeros(
-                (len(lin_layers), num_slots, spec_tokens + 1, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                 cfg.linear_value_head_dim), dtype=torch.float32, device=device) if spec_tokens else None,
+                (
+                    len(lin_layers),
+                    num_slots,
+                    spec_tokens + 1,
+                    cfg.linear_num_value_heads,
+                    cfg.linear_key_head_dim,
+                    cfg.linear_value_head_dim,
+                ),
+                dtype=torch.float32,
+                device=device,
+            )
+            if spec_tokens
+            else None,
         )
 
     @property

@@ -51,7 +51,7 @@ class ChatTemplate:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
-        **template_kwargs: Any,
+        **template_kwargs: Any,  # noqa: ANN401
     ) -> str:
         """Render a conversation.
 
@@ -111,7 +111,7 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     return out
 
 
-def _parsed_tool_call(call: Any, message_index: int) -> Any:
+def _parsed_tool_call(call: Any, message_index: int) -> Any:  # noqa: ANN401
     if not isinstance(call, Mapping):
         return call
     call = dict(call)
@@ -147,7 +147,7 @@ def _raise_exception(message: str) -> None:
 
 
 def _tojson(
-    value: Any,
+    value: Any,  # noqa: ANN401
     ensure_ascii: bool = False,
     indent: int | None = None,
     separators: tuple[str, str] | None = None,

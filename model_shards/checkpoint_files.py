@@ -21,13 +21,33 @@ from safetensors import safe_open
 INDEX_NAME = "model.safetensors.index.json"
 
 DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-               "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+DTYPE_BYTES = {
+    "BF16": 2,
+    "F16": 2,
+    "F32": 4,
+    "F64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 class CheckpointError(ValueError):
@@ -78,8 +98,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], int]:
         if name == "__metadata__":
             continue
         try:
-            tensors[name] = TensorInfo(name=name, file=path.name, dtype=str(meta["dtype"]),
-                                       shape=tuple(int(d) for d in meta["shape"]))
+            tensors[name] = TensorInfo(
+                name=name, file=path.name, dtype=str(meta["dtype"]), shape=tuple(int(d) for d in meta["shape"])
+            )
             data_end = max(data_end, int(meta["data_offsets"][1]))
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise CheckpointError(
@@ -139,9 +160,11 @@ class CheckpointReader:
                     raise CheckpointError(f"tensor {tname} is stored twice ({found[tname].file} and {name})")
                 found[tname] = info
         for tname, fname in weight_map.items():
-            info = found.get(tname)
-            if info is None or info.file != fname:
-                raise CheckpointError(f"{INDEX_NAME} says tensor {tname} is in {fname}, but that shard does not hold it")
+            stored = found.get(tname)
+            if stored is None or stored.file != fname:
+                raise CheckpointError(
+                    f"{INDEX_NAME} says tensor {tname} is in {fname}, but that shard does not hold it"
+                )
         if weight_map:
             unindexed = sorted(set(found) - set(weight_map))
             if unindexed:
@@ -181,7 +204,7 @@ class CheckpointReader:
             end = start
             while end + 1 < len(rows) and rows[end + 1] == rows[end] + 1:
                 end += 1
-            parts.append(sl[rows[start]: rows[end] + 1])
+            parts.append(sl[rows[start] : rows[end] + 1])
             start = end + 1
         tensor = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
         self.stats.names.append(f"{name}[{len(rows)} rows]")

@@ -21,7 +21,14 @@ from typing import Any
 from model_shards.checkpoint_files import INDEX_NAME, CheckpointError, CheckpointReader, TensorInfo, read_header
 from model_shards.config import ConfigError, ModelConfig, from_hf_config, load_config_dict
 from model_shards.weights import (
-    FLOAT_DTYPES, PARTS, SCALE_SUFFIX, CheckpointLayout, CheckpointProblems, TensorSpec, check_checkpoint, part_of,
+    FLOAT_DTYPES,
+    PARTS,
+    SCALE_SUFFIX,
+    CheckpointLayout,
+    CheckpointProblems,
+    TensorSpec,
+    check_checkpoint,
+    part_of,
 )
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -76,11 +83,16 @@ class CheckpointSummary:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "folder": self.folder, "config": self.config, "layout": self.layout,
+            "folder": self.folder,
+            "config": self.config,
+            "layout": self.layout,
             "parts": {k: asdict(v) for k, v in self.parts.items()},
             "dtypes": {k: asdict(v) for k, v in self.dtypes.items()},
-            "shards": self.shards, "files": self.files,
-            "problems": list(self.problems), "warnings": list(self.warnings), "ok": self.ok,
+            "shards": self.shards,
+            "files": self.files,
+            "problems": list(self.problems),
+            "warnings": list(self.warnings),
+            "ok": self.ok,
         }
 
 
@@ -126,36 +138,54 @@ def config_facts(cfg: ModelConfig) -> dict[str, Any]:
     where one exists (so a reader can compare with the file), plus derived counts."""
     v, q = cfg.vision, cfg.quant
     facts: dict[str, Any] = {
-        "model_type": cfg.model_type, "dtype": cfg.dtype,
+        "model_type": cfg.model_type,
+        "dtype": cfg.dtype,
         "num_hidden_layers": cfg.num_layers,
-        "linear_attention_layers": len(cfg.linear_layers), "full_attention_layers": len(cfg.attention_layers),
+        "linear_attention_layers": len(cfg.linear_layers),
+        "full_attention_layers": len(cfg.attention_layers),
         "full_attention_layer_ids": list(cfg.attention_layers),
-        "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,
-        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim, "rotary_dim": cfg.rotary_dim,
-        "linear_num_key_heads": cfg.linear_num_key_heads, "linear_num_value_heads": cfg.linear_num_value_heads,
-        "linear_key_head_dim": cfg.linear_key_head_dim, "linear_value_head_dim": cfg.linear_value_head_dim,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "rotary_dim": cfg.rotary_dim,
+        "linear_num_key_heads": cfg.linear_num_key_heads,
+        "linear_num_value_heads": cfg.linear_num_value_heads,
+        "linear_key_head_dim": cfg.linear_key_head_dim,
+        "linear_value_head_dim": cfg.linear_value_head_dim,
         "linear_conv_kernel_dim": cfg.linear_conv_kernel_dim,
-        "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
         "moe_intermediate_size": cfg.moe_intermediate_size,
         "shared_expert_intermediate_size": cfg.shared_expert_intermediate_size,
-        "mtp_num_hidden_layers": cfg.mtp_num_hidden_layers, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "vision": None, "quantization": None,
+        "mtp_num_hidden_layers": cfg.mtp_num_hidden_layers,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "vision": None,
+        "quantization": None,
     }
     if v is not None:
         facts["vision"] = {
-            "depth": v.depth, "hidden_size": v.hidden_size, "num_heads": v.num_heads,
-            "intermediate_size": v.intermediate_size, "out_hidden_size": v.out_hidden_size,
-            "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
-            "spatial_merge_size": v.spatial_merge_size, "in_channels": v.in_channels,
+            "depth": v.depth,
+            "hidden_size": v.hidden_size,
+            "num_heads": v.num_heads,
+            "intermediate_size": v.intermediate_size,
+            "out_hidden_size": v.out_hidden_size,
+            "patch_size": v.patch_size,
+            "temporal_patch_size": v.temporal_patch_size,
+            "spatial_merge_size": v.spatial_merge_size,
+            "in_channels": v.in_channels,
             "num_position_embeddings": v.num_position_embeddings,
         }
     if q is not None:
         # from_hf_config accepts only quant_method fp8 with fmt e4m3, so those two are what was read.
         facts["quantization"] = {
-            "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [q.block_rows, q.block_cols],
-            "activation_scheme": q.activation_scheme, "modules_to_not_convert": list(q.modules_to_not_convert),
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "weight_block_size": [q.block_rows, q.block_cols],
+            "activation_scheme": q.activation_scheme,
+            "modules_to_not_convert": list(q.modules_to_not_convert),
         }
     return facts
 
@@ -165,10 +195,14 @@ def problem_lines(problems: CheckpointProblems) -> list[str]:
     lines = [f"missing tensor {n}" for n in problems.missing]
     lines += [f"unexpected tensor {n} (not in the Qwen3.5-MoE layout of this config)" for n in problems.unexpected]
     lines += [f"tensor {n} has shape {list(got)}, expected {list(want)}" for n, want, got in problems.wrong_shape]
-    lines += [f"tensor {n} is {dt}, expected F8_E4M3 (the config declares FP8 weights)"
-              for n, dt in problems.wrong_dtype]
-    lines += [f"tensor {n} is {dt}, expected {'/'.join(FLOAT_DTYPES)} (the config does not quantise it, so it "
-              "would load without scales)" for n, dt in problems.not_float]
+    lines += [
+        f"tensor {n} is {dt}, expected F8_E4M3 (the config declares FP8 weights)" for n, dt in problems.wrong_dtype
+    ]
+    lines += [
+        f"tensor {n} is {dt}, expected {'/'.join(FLOAT_DTYPES)} (the config does not quantise it, so it "
+        "would load without scales)"
+        for n, dt in problems.not_float
+    ]
     return lines
 
 
@@ -194,8 +228,12 @@ def summarise(folder: str | Path) -> CheckpointSummary:
         except CheckpointError as exc:
             problems.append(str(exc))
         else:
-            layout = {"prefix": found.prefix, "experts": found.layout, "mtp": found.mtp_layout,
-                      "vision": found.has_vision}
+            layout = {
+                "prefix": found.prefix,
+                "experts": found.layout,
+                "mtp": found.mtp_layout,
+                "vision": found.has_vision,
+            }
             problems += problem_lines(check_checkpoint(reader, cfg, found))
             warnings += _absent_parts(cfg, found)
     parts, dtypes = count_tensors(tensors)
@@ -206,8 +244,14 @@ def summarise(folder: str | Path) -> CheckpointSummary:
     if cfg is None and isinstance(raw.get("quantization_config"), dict):
         facts["quantization"] = raw["quantization_config"]
     return CheckpointSummary(
-        folder=str(folder), config=facts, layout=layout, parts=parts, dtypes=dtypes,
-        shards=_shard_table(folder, tensors, warnings), files=files, problems=tuple(problems),
+        folder=str(folder),
+        config=facts,
+        layout=layout,
+        parts=parts,
+        dtypes=dtypes,
+        shards=_shard_table(folder, tensors, warnings),
+        files=files,
+        problems=tuple(problems),
         warnings=tuple(warnings),
     )
 
@@ -249,8 +293,10 @@ def _read_headers(folder: Path, problems: list[str]) -> tuple[CheckpointReader |
 def _absent_parts(cfg: ModelConfig, layout: CheckpointLayout) -> list[str]:
     out = []
     if cfg.has_mtp and layout.mtp_layout is None:
-        out.append(f"config declares {cfg.mtp_num_hidden_layers} MTP layer(s) but the checkpoint has no mtp.* "
-                   "tensors: generation works, MTP speculation is unavailable")
+        out.append(
+            f"config declares {cfg.mtp_num_hidden_layers} MTP layer(s) but the checkpoint has no mtp.* "
+            "tensors: generation works, MTP speculation is unavailable"
+        )
     if cfg.vision is not None and not layout.has_vision:
         out.append("config has a vision_config but the checkpoint has no model.visual.* tensors: text only")
     return out
@@ -276,15 +322,23 @@ def _shard_table(folder: Path, tensors: Mapping[str, TensorInfo], warnings: list
         counts[1] += info.nbytes
     tensor_bytes = sum(info.nbytes for info in tensors.values())
     if total_size is not None and int(total_size) != tensor_bytes:
-        warnings.append(f"{INDEX_NAME} metadata.total_size is {int(total_size):,} but the shard headers declare "
-                        f"{tensor_bytes:,} bytes of tensors")
+        warnings.append(
+            f"{INDEX_NAME} metadata.total_size is {int(total_size):,} but the shard headers declare "
+            f"{tensor_bytes:,} bytes of tensors"
+        )
     if listed is not None and set(present) - set(listed):
         warnings.append(f"shard files not named in {INDEX_NAME} (never loaded): {sorted(set(present) - set(listed))}")
     files = []
     for name in listed if listed is not None else present:
         path = folder / name
         tcount, tbytes = per_file.get(name, [0, 0])
-        files.append({"file": name, "tensors": tcount, "bytes": tbytes,
-                      "size": path.stat().st_size if path.is_file() else None})
-    return {"count": len(files), "index": listed is not None, "index_total_size": total_size,
-            "tensor_bytes": tensor_bytes, "files": files}
+        files.append(
+            {"file": name, "tensors": tcount, "bytes": tbytes, "size": path.stat().st_size if path.is_file() else None}
+        )
+    return {
+        "count": len(files),
+        "index": listed is not None,
+        "index_total_size": total_size,
+        "tensor_bytes": tensor_bytes,
+        "files": files,
+    }

@@ -161,10 +161,21 @@ class ModelConfig:
                 raise ConfigError(msg)
 
         for name in (
-            "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
-            "linear_value_head_dim", "linear_conv_kernel_dim", "num_experts", "num_experts_per_tok",
-            "moe_intermediate_size", "shared_expert_intermediate_size", "max_position_embeddings",
+            "vocab_size",
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "linear_num_key_heads",
+            "linear_num_value_heads",
+            "linear_key_head_dim",
+            "linear_value_head_dim",
+            "linear_conv_kernel_dim",
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "shared_expert_intermediate_size",
+            "max_position_embeddings",
         ):
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
@@ -185,7 +196,9 @@ class ModelConfig:
             self.num_experts_per_tok <= self.num_experts,
             f"num_experts_per_tok {self.num_experts_per_tok} exceeds num_experts {self.num_experts}",
         )
-        need(0.0 < self.partial_rotary_factor <= 1.0, f"partial_rotary_factor {self.partial_rotary_factor} not in (0, 1]")
+        need(
+            0.0 < self.partial_rotary_factor <= 1.0, f"partial_rotary_factor {self.partial_rotary_factor} not in (0, 1]"
+        )
         need(self.rotary_dim % 2 == 0, f"rotary dim {self.rotary_dim} (head_dim x partial_rotary_factor) must be even")
         need(
             len(self.mrope_section) == 3 and sum(self.mrope_section) == self.rotary_dim // 2,
@@ -200,7 +213,7 @@ class ModelConfig:
         )
 
     # ----------------------------------------------------------------- helpers
-    def with_overrides(self, **changes: Any) -> ModelConfig:
+    def with_overrides(self, **changes: Any) -> ModelConfig:  # noqa: ANN401
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
@@ -247,7 +260,7 @@ def from_hf_config(src: str | Path | dict[str, Any]) -> ModelConfig:
     return _text_from_hf(text, wrapper=wrapper, vision=vision, model_type=model_type)
 
 
-def _req(d: dict[str, Any], key: str, where: str) -> Any:
+def _req(d: dict[str, Any], key: str, where: str) -> Any:  # noqa: ANN401
     if key not in d:
         raise ConfigError(f"config.json {where} is missing the required field {key!r}")
     return d[key]
@@ -290,7 +303,9 @@ def _text_from_hf(
     eos = text.get("eos_token_id", wrapper.get("eos_token_id"))
     eos_ids = tuple(int(x) for x in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
     tie = bool(text.get("tie_word_embeddings", wrapper.get("tie_word_embeddings", False)))
-    dtype = text.get("dtype") or text.get("torch_dtype") or wrapper.get("dtype") or wrapper.get("torch_dtype") or "bfloat16"
+    dtype = (
+        text.get("dtype") or text.get("torch_dtype") or wrapper.get("dtype") or wrapper.get("torch_dtype") or "bfloat16"
+    )
 
     return ModelConfig(
         vocab_size=int(_req(text, "vocab_size", where)),
@@ -379,7 +394,7 @@ def _quant_from_hf(q: dict[str, Any] | None) -> QuantConfig | None:
 
 
 # --------------------------------------------------------------------------- factories
-def tiny(**overrides: Any) -> ModelConfig:
+def tiny(**overrides: Any) -> ModelConfig:  # noqa: ANN401
     """A small config that keeps every structural ratio that hides bugs in the real one.
 
     Linear:full = 3:1 layers, GQA 4:1, DeltaNet value heads = 4 x key heads with key dim !=
@@ -387,15 +402,29 @@ def tiny(**overrides: Any) -> ModelConfig:
     routed expert, top-4 of 16 experts (divisible by expert-parallel sizes 1, 2, 4), MTP.
     """
     base = dict(
-        vocab_size=1024, hidden_size=128, layer_types=tuple(
-            LINEAR_ATTENTION if (i + 1) % 4 else FULL_ATTENTION for i in range(8)
-        ),
-        num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-        linear_num_key_heads=2, linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=48,
-        linear_conv_kernel_dim=4, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
-        shared_expert_intermediate_size=128, rms_norm_eps=1e-6, rope_theta=1e7, partial_rotary_factor=0.25,
-        mrope_section=(3, 3, 2), max_position_embeddings=4096, mtp_num_hidden_layers=1,
-        eos_token_ids=(1,), dtype="float32",
+        vocab_size=1024,
+        hidden_size=128,
+        layer_types=tuple(LINEAR_ATTENTION if (i + 1) % 4 else FULL_ATTENTION for i in range(8)),
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_num_key_heads=2,
+        linear_num_value_heads=8,
+        linear_key_head_dim=32,
+        linear_value_head_dim=48,
+        linear_conv_kernel_dim=4,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1e7,
+        partial_rotary_factor=0.25,
+        mrope_section=(3, 3, 2),
+        max_position_embeddings=4096,
+        mtp_num_hidden_layers=1,
+        eos_token_ids=(1,),
+        dtype="float32",
     )
     base.update(overrides)
     return ModelConfig(**base)  # type: ignore[arg-type]  # keys above are the dataclass fields

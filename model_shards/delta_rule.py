@@ -175,7 +175,11 @@ def recurrent_gated_delta_rule(
 
 
 def _recurrent_one_token(
-    q_B1HK: torch.Tensor, k_B1HK: torch.Tensor, v_B1HV: torch.Tensor, g_B1H: torch.Tensor, beta_B1H: torch.Tensor,
+    q_B1HK: torch.Tensor,
+    k_B1HK: torch.Tensor,
+    v_B1HV: torch.Tensor,
+    g_B1H: torch.Tensor,
+    beta_B1H: torch.Tensor,
     state_BHKV: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`recurrent_gated_delta_rule` for T = 1 (a decode step): the loop body once, with no time axis

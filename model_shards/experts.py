@@ -100,8 +100,9 @@ class ExpertShard:
         """Same as `forward` through the per-expert loop (dequantised weights)."""
         lay = self.layers[layer]
         gate_up, down = dense(lay.gate_up, x_RD.dtype), dense(lay.down, x_RD.dtype)
-        return expert_ffn_reference(x_RD, expert_idx_R=self._local_index[layer][expert_ids_R], gate_up=gate_up,
-                                    down=down)
+        return expert_ffn_reference(
+            x_RD, expert_idx_R=self._local_index[layer][expert_ids_R], gate_up=gate_up, down=down
+        )
 
     @property
     def nbytes(self) -> int:

@@ -90,8 +90,12 @@ def attention_forward(
         out_THD[rows] = _decode_attention(q[rows], batch=batch, k_pool=k_pool, v_pool=v_pool, scale=scale)
     for i in batch.chunk_seqs:
         start, n, ctx = batch.starts[i], batch.query_lens[i], batch.context_lens[i]
-        out_THD[start:start + n] = _prefill_attention(
-            q[start:start + n], table=batch.block_tables_BN[i], context_len=ctx, k_pool=k_pool, v_pool=v_pool,
+        out_THD[start : start + n] = _prefill_attention(
+            q[start : start + n],
+            table=batch.block_tables_BN[i],
+            context_len=ctx,
+            k_pool=k_pool,
+            v_pool=v_pool,
             scale=scale,
         )
     attn = out_THD.reshape(t, h * hd) * torch.sigmoid(gate)
@@ -99,7 +103,12 @@ def attention_forward(
 
 
 def _prefill_attention(
-    q_THD: torch.Tensor, *, table: torch.Tensor, context_len: int, k_pool: torch.Tensor, v_pool: torch.Tensor,
+    q_THD: torch.Tensor,
+    *,
+    table: torch.Tensor,
+    context_len: int,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of n new queries over context_len cached + n new keys of one sequence."""
@@ -123,7 +132,12 @@ def _prefill_attention(
 
 
 def _decode_attention(
-    q_BHD: torch.Tensor, *, batch: StepBatch, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float,
+    q_BHD: torch.Tensor,
+    *,
+    batch: StepBatch,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    scale: float,
 ) -> torch.Tensor:
     """One query per row (`batch.decode_rows`) over its keys; key counts padded to the longest, masked."""
     b, h, hd = q_BHD.shape

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,7 @@ def _conv_silu_last(
     (`DeltaNetWeights.conv_taps`, fp32 [C] each) are summed oldest first in fp32 with fused
     multiply-adds, the depthwise F.conv1d kernel's order (same bits in fp32 and bf16), rounded to
     the conv weight's dtype, then SiLU. Returns [B, C]."""
-    xs = x_BCL[:, :, -len(taps):].float().unbind(-1)
+    xs = x_BCL[:, :, -len(taps) :].float().unbind(-1)
     acc = xs[0] * taps[0]
     for x, w in zip(xs[1:], taps[1:]):
         acc = torch.addcmul(acc, x, w)
@@ -113,19 +114,25 @@ def deltanet_forward(
     else:
         qkv_TC, z_TX = linear(x_TD, w.in_proj_qkv), linear(x_TD, w.in_proj_z)
     beta_TH, g_TH = _gates(linear(x_TD, w.in_proj_a), linear(x_TD, w.in_proj_b), w)
-    step = dict(w=w, cfg=cfg, conv_state=conv_state, recurrent_state=recurrent_state)
+    step: dict[str, Any] = dict(w=w, cfg=cfg, conv_state=conv_state, recurrent_state=recurrent_state)
 
     if batch.decode_only:  # packed row i is sequence i's token: no gathers
-        core_THV = _recurrent_step(qkv_TC, g_TH, beta_TH, slots=batch.state_slots_B,
-                                   first_slot=batch.slot_run(batch.recurrent_seqs), **step)
+        core_THV = _recurrent_step(
+            qkv_TC, g_TH, beta_TH, slots=batch.state_slots_B, first_slot=batch.slot_run(batch.recurrent_seqs), **step
+        )
     else:
         core_THV = torch.empty(t, h, vd, dtype=x_TD.dtype, device=x_TD.device)
         if batch.recurrent_seqs:
             seqs = batch.recurrent_seqs
             rows = batch.seq_rows(seqs)
-            core_THV[rows] = _recurrent_step(qkv_TC[rows], g_TH[rows], beta_TH[rows],
-                                             slots=batch.state_slots_B[batch.index_of(seqs)],
-                                             first_slot=batch.slot_run(seqs), **step)
+            core_THV[rows] = _recurrent_step(
+                qkv_TC[rows],
+                g_TH[rows],
+                beta_TH[rows],
+                slots=batch.state_slots_B[batch.index_of(seqs)],
+                first_slot=batch.slot_run(seqs),
+                **step,
+            )
         for group in batch.chunk_groups(CHUNK):
             _chunk_group(group, qkv_TC, g_TH, beta_TH, out_THV=core_THV, batch=batch, **step)
         for i in batch.verify_seqs:
@@ -138,8 +145,16 @@ def deltanet_forward(
 
 
 def _recurrent_step(
-    qkv_BC: torch.Tensor, g_BH: torch.Tensor, beta_BH: torch.Tensor, *, slots: torch.Tensor, first_slot: int | None,
-    w: DeltaNetWeights, cfg: ModelConfig, conv_state: torch.Tensor, recurrent_state: torch.Tensor,
+    qkv_BC: torch.Tensor,
+    g_BH: torch.Tensor,
+    beta_BH: torch.Tensor,
+    *,
+    slots: torch.Tensor,
+    first_slot: int | None,
+    w: DeltaNetWeights,
+    cfg: ModelConfig,
+    conv_state: torch.Tensor,
+    recurrent_state: torch.Tensor,
 ) -> torch.Tensor:
     """One new token on a cached state for each of B sequences (HF's recurrent path). Returns [B, H, V].
 
@@ -155,7 +170,12 @@ def _recurrent_step(
     mixed = _conv_silu_last(window, w.conv_taps, w.conv1d.dtype, qkv_BC.dtype)  # [B, C]
     q, k, v = _split_heads(mixed.unsqueeze(1), cfg)
     out, state = recurrent_gated_delta_rule(
-        q, k_BTHK=k, v_BTHV=v, g_BTH=g_BH.unsqueeze(1), beta_BTH=beta_BH.unsqueeze(1), state_BHKV=rec_old,
+        q,
+        k_BTHK=k,
+        v_BTHV=v,
+        g_BTH=g_BH.unsqueeze(1),
+        beta_BTH=beta_BH.unsqueeze(1),
+        state_BHKV=rec_old,
     )
     if first_slot is not None:
         conv_old.copy_(window[:, :, 1:])
@@ -167,36 +187,61 @@ def _recurrent_step(
 
 
 def _verify_steps(
-    i: int, qkv_TC: torch.Tensor, g_TH: torch.Tensor, beta_TH: torch.Tensor, *, out_THV: torch.Tensor,
-    batch: StepBatch, spec_state: tuple[torch.Tensor, torch.Tensor], w: DeltaNetWeights, cfg: ModelConfig,
-    conv_state: torch.Tensor, recurrent_state: torch.Tensor,
+    i: int,
+    qkv_TC: torch.Tensor,
+    g_TH: torch.Tensor,
+    beta_TH: torch.Tensor,
+    *,
+    out_THV: torch.Tensor,
+    batch: StepBatch,
+    spec_state: tuple[torch.Tensor, torch.Tensor],
+    w: DeltaNetWeights,
+    cfg: ModelConfig,
+    conv_state: torch.Tensor,
+    recurrent_state: torch.Tensor,
 ) -> None:
     """A verifying sequence's n tokens as n consecutive recurrent steps (the same arithmetic as n decode
     steps), keeping the conv window and recurrent state after each token in `spec_state`; the slot is
     left at the last token's states (rolled back by CachePools.rollback when drafts are rejected)."""
     start, n, slot = batch.starts[i], batch.query_lens[i], int(batch.state_slots_B[i])
     nw = conv_state.shape[-1]
-    window = torch.cat([conv_state[slot], qkv_TC[start:start + n].T.to(conv_state.dtype)], dim=-1)  # [C, W + n]
-    mixed = torch.stack([
-        _conv_silu_last(window[None, :, j:j + nw + 1], w.conv_taps, w.conv1d.dtype, qkv_TC.dtype)[0] for j in range(n)
-    ])  # [n, C], each exactly the decode step's conv
+    window = torch.cat([conv_state[slot], qkv_TC[start : start + n].T.to(conv_state.dtype)], dim=-1)  # [C, W + n]
+    mixed = torch.stack(
+        [
+            _conv_silu_last(window[None, :, j : j + nw + 1], w.conv_taps, w.conv1d.dtype, qkv_TC.dtype)[0]
+            for j in range(n)
+        ]
+    )  # [n, C], each exactly the decode step's conv
     q, k, v = _split_heads(mixed.unsqueeze(0), cfg)
     out, states = recurrent_gated_delta_rule(
-        q, k_BTHK=k, v_BTHV=v, g_BTH=g_TH[None, start:start + n], beta_BTH=beta_TH[None, start:start + n],
-        state_BHKV=recurrent_state[slot][None], keep_states=True,
+        q,
+        k_BTHK=k,
+        v_BTHV=v,
+        g_BTH=g_TH[None, start : start + n],
+        beta_BTH=beta_TH[None, start : start + n],
+        state_BHKV=recurrent_state[slot][None],
+        keep_states=True,
     )
     spec_conv, spec_rec = spec_state
     for j in range(n):
-        spec_conv[slot, j] = window[:, j + 1:j + 1 + nw]
+        spec_conv[slot, j] = window[:, j + 1 : j + 1 + nw]
     spec_rec[slot, :n] = states[0]
-    conv_state[slot] = window[:, n:n + nw]
+    conv_state[slot] = window[:, n : n + nw]
     recurrent_state[slot] = states[0, -1]
-    out_THV[start:start + n] = out[0]
+    out_THV[start : start + n] = out[0]
 
 
 def _chunk_group(
-    group: tuple[int, ...], qkv_TC: torch.Tensor, g_TH: torch.Tensor, beta_TH: torch.Tensor, *,
-    out_THV: torch.Tensor, batch: StepBatch, w: DeltaNetWeights, cfg: ModelConfig, conv_state: torch.Tensor,
+    group: tuple[int, ...],
+    qkv_TC: torch.Tensor,
+    g_TH: torch.Tensor,
+    beta_TH: torch.Tensor,
+    *,
+    out_THV: torch.Tensor,
+    batch: StepBatch,
+    w: DeltaNetWeights,
+    cfg: ModelConfig,
+    conv_state: torch.Tensor,
     recurrent_state: torch.Tensor,
 ) -> None:
     """Chunked path for sequences with the same number of 64-token chunks, as one batch.
@@ -219,9 +264,9 @@ def _chunk_group(
         if batch.context_lens[i] > 0:
             window[j, :, :nw] = conv_state[slot]
             init[j] = recurrent_state[slot]
-        window[j, :, nw:nw + n] = qkv_TC[start:start + n].T
-        g[j, :n], beta[j, :n] = g_TH[start:start + n], beta_TH[start:start + n]
-        conv_state[slot] = window[j, :, n:n + nw]
+        window[j, :, nw : nw + n] = qkv_TC[start : start + n].T
+        g[j, :n], beta[j, :n] = g_TH[start : start + n], beta_TH[start : start + n]
+        conv_state[slot] = window[j, :, n : n + nw]
     mixed = _conv_silu(window, w.conv1d, qkv_TC.dtype)  # [G, C, tpad]
     for j, n in enumerate(lens):
         if n < tpad:
@@ -230,11 +275,11 @@ def _chunk_group(
     out, state = chunk_gated_delta_rule(q, k_BTHK=k, v_BTHV=v, g_BTH=g, beta_BTH=beta, state_BHKV=init)
     for j, (i, n, slot) in enumerate(zip(group, lens, slots)):
         recurrent_state[slot] = state[j]
-        out_THV[batch.starts[i]:batch.starts[i] + n] = out[j, :n]
+        out_THV[batch.starts[i] : batch.starts[i] + n] = out[j, :n]
 
 
 def _split_heads(mixed_BLC: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, l = mixed_BLC.shape[:2]
+    b, l = mixed_BLC.shape[:2]  # noqa: E741  # L of the _BLC legend
     q, k, v = torch.split(mixed_BLC, [cfg.linear_key_dim, cfg.linear_key_dim, cfg.linear_value_dim], dim=-1)
     return (
         q.reshape(b, l, cfg.linear_num_key_heads, cfg.linear_key_head_dim),

@@ -94,8 +94,12 @@ class PreprocessConfig:
     @staticmethod
     def for_vision(v: VisionConfig, **overrides: object) -> PreprocessConfig:
         """Patch geometry from the model's vision config, other fields default unless overridden."""
-        return PreprocessConfig(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                                merge_size=v.spatial_merge_size, **overrides)  # type: ignore[arg-type]  # field values
+        return PreprocessConfig(
+            patch_size=v.patch_size,
+            temporal_patch_size=v.temporal_patch_size,
+            merge_size=v.spatial_merge_size,
+            **overrides,  # type: ignore[arg-type]  # field values
+        )
 
 
 @dataclass(frozen=True)
@@ -183,7 +187,9 @@ def smart_resize(height: int, width: int, *, factor: int, min_pixels: int, max_p
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     if h_bar == 0 or w_bar == 0:
-        raise MediaError(f"image of {height}x{width} is too small for a {factor}-pixel grid with min_pixels {min_pixels}")
+        raise MediaError(
+            f"image of {height}x{width} is too small for a {factor}-pixel grid with min_pixels {min_pixels}"
+        )
     return h_bar, w_bar
 
 
@@ -245,14 +251,17 @@ def patchify(frames_FCHW: np.ndarray, *, cfg: PreprocessConfig) -> tuple[torch.T
 def preprocess_image(image: Image.Image, *, cfg: PreprocessConfig) -> VisionInput:
     """One still image -> a VisionInput with grid (1, h, w); the frame is repeated T times."""
     rgb = to_rgb(image)
-    size = smart_resize(rgb.shape[0], rgb.shape[1], factor=cfg.factor, min_pixels=cfg.min_pixels,
-                        max_pixels=cfg.max_pixels)
+    size = smart_resize(
+        rgb.shape[0], rgb.shape[1], factor=cfg.factor, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels
+    )
     frame = resize_and_normalize(rgb, size=size, cfg=cfg)
     pixels, grid = patchify(np.repeat(frame[None], cfg.temporal_patch_size, axis=0), cfg=cfg)
     return VisionInput("image", pixels, grid)
 
 
-def preprocess_images(images: Sequence[Image.Image], *, cfg: PreprocessConfig, limits: MediaLimits) -> list[VisionInput]:
+def preprocess_images(
+    images: Sequence[Image.Image], *, cfg: PreprocessConfig, limits: MediaLimits
+) -> list[VisionInput]:
     """Several images of one request (count checked against `limits`)."""
     check_counts(images=len(images), videos=0, limits=limits)
     for im in images:
@@ -304,8 +313,7 @@ def preprocess_video(
     indices = sample_frame_indices(len(frames), video_fps=video_fps, cfg=cfg, num_frames=num_frames)
     if len(indices) > limits.max_frames:
         raise MediaError(f"video keeps {len(indices)} frames, the limit (max_frames) is {limits.max_frames}")
-    return preprocess_sampled_video([frames[i] for i in indices], indices, video_fps=video_fps, cfg=cfg,
-                                    limits=limits)
+    return preprocess_sampled_video([frames[i] for i in indices], indices, video_fps=video_fps, cfg=cfg, limits=limits)
 
 
 def video_max_pixels(num_frames: int, cfg: PreprocessConfig) -> int:
@@ -344,9 +352,15 @@ def preprocess_sampled_video(
         raise MediaError(f"video frames differ in size: {sorted(sizes)}")
     check_pixels(frames[0].size, limits=limits)
     rgb = [to_rgb(f) for f in frames]
-    size = smart_resize_video(len(rgb), rgb[0].shape[0], rgb[0].shape[1], factor=cfg.factor,
-                              temporal_factor=cfg.temporal_patch_size, min_pixels=cfg.video_min_pixels,
-                              max_pixels=video_max_pixels(len(rgb), cfg))
+    size = smart_resize_video(
+        len(rgb),
+        rgb[0].shape[0],
+        rgb[0].shape[1],
+        factor=cfg.factor,
+        temporal_factor=cfg.temporal_patch_size,
+        min_pixels=cfg.video_min_pixels,
+        max_pixels=video_max_pixels(len(rgb), cfg),
+    )
     stack = [resize_and_normalize(x, size=size, cfg=cfg) for x in rgb]
     stack += [stack[-1]] * (-len(stack) % cfg.temporal_patch_size)
     pixels, grid = patchify(np.stack(stack), cfg=cfg)

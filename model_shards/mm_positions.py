@@ -125,12 +125,16 @@ def expand_placeholders(
             out.extend([tokens.image] * take("image").tokens(merge_size=merge_size))
         elif tok == tokens.video:
             item = take("video")
-            wrapped = bool(out) and out[-1] == tokens.vision_start and i + 1 < len(ids) and ids[i + 1] == tokens.vision_end
+            wrapped = (
+                bool(out) and out[-1] == tokens.vision_start and i + 1 < len(ids) and ids[i + 1] == tokens.vision_end
+            )
             if wrapped:
                 out.pop()
                 i += 1  # skip the template's vision_end too
             _, h, w = item.grid_thw
-            frame = [tokens.vision_start] + [tokens.video] * ((h // merge_size) * (w // merge_size)) + [tokens.vision_end]
+            frame = (
+                [tokens.vision_start] + [tokens.video] * ((h // merge_size) * (w // merge_size)) + [tokens.vision_end]
+            )
             for seconds in item.timestamps:
                 out.extend(encode_text(timestamp_text(seconds)))
                 out.extend(frame)
@@ -139,7 +143,9 @@ def expand_placeholders(
         i += 1
     for kind in KINDS:
         if seen[kind] != counts[kind]:
-            raise ValueError(f"{counts[kind]} {kind}(s) were given but the prompt has {seen[kind]} {kind} placeholder(s)")
+            raise ValueError(
+                f"{counts[kind]} {kind}(s) were given but the prompt has {seen[kind]} {kind} placeholder(s)"
+            )
     return out
 
 
@@ -157,9 +163,7 @@ def _frame_grids(items: Sequence[VisionItem], kind: str) -> Iterator[tuple[int, 
             yield from [(1, h, w)] * t if kind == "video" else [it.grid_thw]
 
 
-def mrope_positions(
-    types: Sequence[int], items: Sequence[VisionItem], *, merge_size: int
-) -> tuple[torch.Tensor, int]:
+def mrope_positions(types: Sequence[int], items: Sequence[VisionItem], *, merge_size: int) -> tuple[torch.Tensor, int]:
     """3-D MRoPE position ids of a whole prompt and its decode offset.
 
     Walks runs of equal type with a counter p = 0:
@@ -203,7 +207,9 @@ def mrope_positions(
         start += n
     for kind, rest in grids.items():
         if next(rest, None) is not None:
-            raise ValueError(f"more {'images' if kind == IMAGE else 'video frames'} were given than the prompt has runs for")
+            raise ValueError(
+                f"more {'images' if kind == IMAGE else 'video frames'} were given than the prompt has runs for"
+            )
     if not parts:
         raise ValueError("an empty prompt has no positions")
     positions = torch.cat(parts, dim=1).to(torch.long)

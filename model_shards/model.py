@@ -55,8 +55,9 @@ class LocalModel:
         layout = validate(reader, cfg)
         torch_dtype = resolve_dtype(cfg, dtype)
         trunk_w = load_trunk(reader, cfg, dtype=torch_dtype, with_mtp=with_mtp, layout=layout)
-        experts = load_experts(reader, cfg, expert_ids=range(cfg.num_experts), dtype=torch_dtype,
-                               with_mtp=with_mtp, layout=layout)
+        experts = load_experts(
+            reader, cfg, expert_ids=range(cfg.num_experts), dtype=torch_dtype, with_mtp=with_mtp, layout=layout
+        )
         reader.close()
         return LocalModel(Trunk(trunk_w, cfg, dtype=torch_dtype), experts)
 
@@ -64,8 +65,15 @@ class LocalModel:
         return local_routed_experts(self.experts, layer, x_TD, routing)
 
     def allocate(self, *, num_blocks: int, block_size: int, num_slots: int, spec_tokens: int = 0) -> CachePools:
-        return CachePools.allocate(self.cfg, num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
-                                   dtype=self.dtype, with_mtp=self.trunk.w.mtp is not None, spec_tokens=spec_tokens)
+        return CachePools.allocate(
+            self.cfg,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            num_slots=num_slots,
+            dtype=self.dtype,
+            with_mtp=self.trunk.w.mtp is not None,
+            spec_tokens=spec_tokens,
+        )
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, pools: CachePools) -> TrunkOutput:

@@ -92,9 +92,7 @@ def route_and_shared(x_TD: torch.Tensor, *, w: SharedMoEWeights, top_k: int) -> 
     return _route_logits(logits, top_k), _shared_from(x_TD, gate, up, w)
 
 
-def expert_ffn(
-    x_RD: torch.Tensor, *, counts_E: torch.Tensor, gate_up: Weight, down: Weight
-) -> torch.Tensor:
+def expert_ffn(x_RD: torch.Tensor, *, counts_E: torch.Tensor, gate_up: Weight, down: Weight) -> torch.Tensor:
     """SwiGLU of every routed row by its expert, rows grouped by expert (grouped GEMM).
 
     Args:

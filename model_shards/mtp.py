@@ -48,15 +48,19 @@ def mtp_forward(
     e = F.embedding(batch.token_ids_T, trunk.w.embed)
     u = linear(
         torch.cat(
-            [rms_norm_zc(e, weight=w.pre_fc_norm_embedding, eps=cfg.rms_norm_eps),
-             rms_norm_zc(hidden_TD.to(e.dtype), weight=w.pre_fc_norm_hidden, eps=cfg.rms_norm_eps)],
+            [
+                rms_norm_zc(e, weight=w.pre_fc_norm_embedding, eps=cfg.rms_norm_eps),
+                rms_norm_zc(hidden_TD.to(e.dtype), weight=w.pre_fc_norm_hidden, eps=cfg.rms_norm_eps),
+            ],
             dim=-1,
         ),
         w.fc,
     )
-    cos, sin = mrope_cos_sin(batch.positions_3T, inv_freq=trunk.inv_freq, mrope_section=cfg.mrope_section,
-                             dtype=u.dtype)
-    u = trunk.decoder_layer(u, w.layers[j], layer=cfg.num_layers + j, batch=batch, pools=pools, routed=routed,
-                            cos=cos, sin=sin)
+    cos, sin = mrope_cos_sin(
+        batch.positions_3T, inv_freq=trunk.inv_freq, mrope_section=cfg.mrope_section, dtype=u.dtype
+    )
+    u = trunk.decoder_layer(
+        u, w.layers[j], layer=cfg.num_layers + j, batch=batch, pools=pools, routed=routed, cos=cos, sin=sin
+    )
     normed = rms_norm_zc(u, weight=w.norm, eps=cfg.rms_norm_eps)
     return TrunkOutput(hidden_TD=normed, logits_RV=trunk.logits(normed[batch.logit_rows]))

@@ -27,20 +27,34 @@ VIDEO_FILE = "video_preprocessor_config.json"
 # What Qwen3.5 (as Qwen3-VL) publishes; our defaults (PreprocessConfig) are these values.
 QWEN35_IMAGE_PREPROCESSOR = {
     "size": {"longest_edge": 16777216, "shortest_edge": 65536},
-    "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-    "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast",
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor",
+    "image_processor_type": "Qwen2VLImageProcessorFast",
 }
 QWEN35_VIDEO_PREPROCESSOR = {
     "size": {"longest_edge": 25165824, "shortest_edge": 4096},
-    "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-    "processor_class": "Qwen3VLProcessor", "video_processor_type": "Qwen3VLVideoProcessor",
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor",
+    "video_processor_type": "Qwen3VLVideoProcessor",
 }
 
 # Switches HF honours that we implement only one way: a file asking for the other way is refused.
-_MUST_BE = {"do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
-            "do_sample_frames": True, "resample": 3}  # 3 = PIL bicubic
+_MUST_BE = {
+    "do_resize": True,
+    "do_rescale": True,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+    "do_sample_frames": True,
+    "resample": 3,
+}  # 3 = PIL bicubic
 
 
 def load_preprocess_config(folder: str | Path, vision: VisionConfig) -> PreprocessConfig:
@@ -63,8 +77,10 @@ def load_preprocess_config(folder: str | Path, vision: VisionConfig) -> Preproce
             # one normalisation serves images and videos; Qwen's two files agree
             image_value = fields.get(key, getattr(base, key))
             if key in common and common[key] != image_value:
-                raise ValueError(f"{VIDEO_FILE}: {key} {common[key]} differs from the images' {image_value}; "
-                                 "separate image and video normalisation is not supported")
+                raise ValueError(
+                    f"{VIDEO_FILE}: {key} {common[key]} differs from the images' {image_value}; "
+                    "separate image and video normalisation is not supported"
+                )
         fields.update(common)
         lo, hi = _pixel_bounds(video, VIDEO_FILE, base.video_min_pixels, base.video_max_pixels)
         fields.update(video_min_pixels=lo, video_max_pixels=hi)
@@ -78,11 +94,16 @@ def load_preprocess_config(folder: str | Path, vision: VisionConfig) -> Preproce
         if video.get("cap_pixels_per_frame") is not None:
             fields["cap_pixels_per_frame"] = bool(video["cap_pixels_per_frame"])
     cfg = PreprocessConfig(**{**base.__dict__, **fields})
-    for key, want in (("patch_size", vision.patch_size), ("temporal_patch_size", vision.temporal_patch_size),
-                      ("merge_size", vision.spatial_merge_size)):
+    for key, want in (
+        ("patch_size", vision.patch_size),
+        ("temporal_patch_size", vision.temporal_patch_size),
+        ("merge_size", vision.spatial_merge_size),
+    ):
         if getattr(cfg, key) != want:
-            raise ValueError(f"preprocessor {key} {getattr(cfg, key)} disagrees with the vision tower's {want} "
-                             "(config.json vision_config)")
+            raise ValueError(
+                f"preprocessor {key} {getattr(cfg, key)} disagrees with the vision tower's {want} "
+                "(config.json vision_config)"
+            )
     if cfg.min_frames > cfg.max_frames:
         raise ValueError(f"{VIDEO_FILE}: min_frames {cfg.min_frames} > max_frames {cfg.max_frames}")
     return cfg

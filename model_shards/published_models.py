@@ -14,14 +14,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model_shards.config import (
-    FULL_ATTENTION, LINEAR_ATTENTION, MULTIMODAL_MODEL_TYPE, ModelConfig, QuantConfig, VisionConfig,
+    FULL_ATTENTION,
+    LINEAR_ATTENTION,
+    MULTIMODAL_MODEL_TYPE,
+    ModelConfig,
+    QuantConfig,
+    VisionConfig,
 )
 
 # Modules the FP8 releases keep in bf16 (routers, DeltaNet's small projections and conv, embeddings,
 # lm_head, the vision tower, the MTP fusion layer); matched as substrings of tensor names.
 FP8_RELEASE_NOT_CONVERTED = (
-    "lm_head", "model.language_model.embed_tokens", "mlp.gate", "mlp.shared_expert_gate",
-    "linear_attn.in_proj_a", "linear_attn.in_proj_b", "linear_attn.conv1d", "model.visual", "mtp.fc",
+    "lm_head",
+    "model.language_model.embed_tokens",
+    "mlp.gate",
+    "mlp.shared_expert_gate",
+    "linear_attn.in_proj_a",
+    "linear_attn.in_proj_b",
+    "linear_attn.conv1d",
+    "model.visual",
+    "mtp.fc",
 )
 FP8_RELEASE_BLOCK = (128, 128)
 FP8_SUFFIX = "-FP8"
@@ -47,13 +59,31 @@ class PublishedDims:
 
 PUBLISHED: dict[str, PublishedDims] = {
     "Qwen3.5-397B-A17B": PublishedDims(
-        total_params_b=397, hidden_size=4096, num_layers=60, num_attention_heads=32, num_key_value_heads=2,
-        linear_num_key_heads=16, linear_num_value_heads=64, num_experts=512, num_experts_per_tok=10,
-        moe_intermediate_size=1024, shared_expert_intermediate_size=1024),
+        total_params_b=397,
+        hidden_size=4096,
+        num_layers=60,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        linear_num_key_heads=16,
+        linear_num_value_heads=64,
+        num_experts=512,
+        num_experts_per_tok=10,
+        moe_intermediate_size=1024,
+        shared_expert_intermediate_size=1024,
+    ),
     "Qwen3.5-35B-A3B": PublishedDims(
-        total_params_b=35, hidden_size=2048, num_layers=40, num_attention_heads=16, num_key_value_heads=2,
-        linear_num_key_heads=16, linear_num_value_heads=32, num_experts=256, num_experts_per_tok=8,
-        moe_intermediate_size=512, shared_expert_intermediate_size=512),
+        total_params_b=35,
+        hidden_size=2048,
+        num_layers=40,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        linear_num_key_heads=16,
+        linear_num_value_heads=32,
+        num_experts=256,
+        num_experts_per_tok=8,
+        moe_intermediate_size=512,
+        shared_expert_intermediate_size=512,
+    ),
 }
 
 
@@ -66,7 +96,7 @@ def lookup(name: str) -> tuple[PublishedDims, bool] | None:
     """(dims, is FP8) for a published name (case-insensitive, `Qwen/` prefix optional), else None."""
     key = name.strip()
     if key.lower().startswith(ORG_PREFIX.lower()):
-        key = key[len(ORG_PREFIX):]
+        key = key[len(ORG_PREFIX) :]
     fp8 = key.upper().endswith(FP8_SUFFIX)
     if fp8:
         key = key[: -len(FP8_SUFFIX)]
@@ -93,21 +123,59 @@ def _config(d: PublishedDims, fp8: bool) -> ModelConfig:
     # layers then 1 gated-attention layer, 256-dim attention heads with a quarter rotary (MRoPE
     # 11/11/10), 128-dim DeltaNet heads, one MTP layer, 262144 positions, the 27-block vision tower.
     layer_types = tuple(LINEAR_ATTENTION if (i + 1) % 4 else FULL_ATTENTION for i in range(d.num_layers))
-    vision = VisionConfig(depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304,
-                          hidden_act="gelu_pytorch_tanh", patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
-                          in_channels=3, num_position_embeddings=2304, out_hidden_size=d.hidden_size)
-    quant = (QuantConfig(block_rows=FP8_RELEASE_BLOCK[0], block_cols=FP8_RELEASE_BLOCK[1],
-                         modules_to_not_convert=FP8_RELEASE_NOT_CONVERTED) if fp8 else None)
+    vision = VisionConfig(
+        depth=27,
+        hidden_size=1152,
+        num_heads=16,
+        intermediate_size=4304,
+        hidden_act="gelu_pytorch_tanh",
+        patch_size=16,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        in_channels=3,
+        num_position_embeddings=2304,
+        out_hidden_size=d.hidden_size,
+    )
+    quant = (
+        QuantConfig(
+            block_rows=FP8_RELEASE_BLOCK[0],
+            block_cols=FP8_RELEASE_BLOCK[1],
+            modules_to_not_convert=FP8_RELEASE_NOT_CONVERTED,
+        )
+        if fp8
+        else None
+    )
     return ModelConfig(
-        vocab_size=248320, hidden_size=d.hidden_size, layer_types=layer_types,
-        num_attention_heads=d.num_attention_heads, num_key_value_heads=d.num_key_value_heads, head_dim=256,
-        linear_num_key_heads=d.linear_num_key_heads, linear_num_value_heads=d.linear_num_value_heads,
-        linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
-        num_experts=d.num_experts, num_experts_per_tok=d.num_experts_per_tok,
-        moe_intermediate_size=d.moe_intermediate_size, shared_expert_intermediate_size=d.shared_expert_intermediate_size,
-        rms_norm_eps=1e-6, rope_theta=10_000_000.0, partial_rotary_factor=0.25, mrope_section=(11, 11, 10),
-        max_position_embeddings=262144, tie_word_embeddings=False, mtp_num_hidden_layers=1,
-        eos_token_ids=(248044,), dtype="bfloat16", model_type=MULTIMODAL_MODEL_TYPE, vision=vision,
-        image_token_id=248056, video_token_id=248057, vision_start_token_id=248053, vision_end_token_id=248054,
-        quant=quant, extra={"mtp_use_dedicated_embeddings": False},
+        vocab_size=248320,
+        hidden_size=d.hidden_size,
+        layer_types=layer_types,
+        num_attention_heads=d.num_attention_heads,
+        num_key_value_heads=d.num_key_value_heads,
+        head_dim=256,
+        linear_num_key_heads=d.linear_num_key_heads,
+        linear_num_value_heads=d.linear_num_value_heads,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+        num_experts=d.num_experts,
+        num_experts_per_tok=d.num_experts_per_tok,
+        moe_intermediate_size=d.moe_intermediate_size,
+        shared_expert_intermediate_size=d.shared_expert_intermediate_size,
+        rms_norm_eps=1e-6,
+        rope_theta=10_000_000.0,
+        partial_rotary_factor=0.25,
+        mrope_section=(11, 11, 10),
+        max_position_embeddings=262144,
+        tie_word_embeddings=False,
+        mtp_num_hidden_layers=1,
+        eos_token_ids=(248044,),
+        dtype="bfloat16",
+        model_type=MULTIMODAL_MODEL_TYPE,
+        vision=vision,
+        image_token_id=248056,
+        video_token_id=248057,
+        vision_start_token_id=248053,
+        vision_end_token_id=248054,
+        quant=quant,
+        extra={"mtp_use_dedicated_embeddings": False},
     )

@@ -12,6 +12,7 @@ dim, D hidden, S keys, E experts, k top-k. Tests: tests/model_shards/test_{block
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -78,13 +79,13 @@ def causal_conv_reference(
     start = 0
     for b, n in enumerate(lens):
         left_CW = torch.zeros(c, kernel - 1) if left_context_BCW is None else left_context_BCW[b].float()
-        history_CL = torch.cat([left_CW, x_TC[start:start + n].T], dim=1)  # [C, K - 1 + n]
+        history_CL = torch.cat([left_CW, x_TC[start : start + n].T], dim=1)  # [C, K - 1 + n]
         for t in range(n):
             acc_C = torch.zeros(c)
             for j in range(kernel):
                 acc_C = acc_C + weight_CK[:, j] * history_CL[:, t + j]
             y_TC[start + t] = _silu(acc_C)
-        windows.append(history_CL[:, history_CL.shape[1] - (kernel - 1):])
+        windows.append(history_CL[:, history_CL.shape[1] - (kernel - 1) :])
         start += n
     return y_TC, torch.stack(windows)
 
@@ -170,15 +171,19 @@ def deltanet_reference(
     left = None if conv_window_CW is None else conv_window_CW[None]
     mixed_TC, window_1CW = causal_conv_reference(qkv_TC, weight_CK=w.conv1d, left_context_BCW=left)
     q_THK = mixed_TC[:, : hk * kd].view(t, hk, kd)
-    k_THK = mixed_TC[:, hk * kd: 2 * hk * kd].view(t, hk, kd)
-    v_THV = mixed_TC[:, 2 * hk * kd:].view(t, h, vd)
+    k_THK = mixed_TC[:, hk * kd : 2 * hk * kd].view(t, hk, kd)
+    v_THV = mixed_TC[:, 2 * hk * kd :].view(t, h, vd)
 
     beta_TH = torch.sigmoid(b_TH)
     g_TH = -torch.exp(w.A_log.float()) * _softplus(a_TH + w.dt_bias.float())
 
     state = torch.zeros(h, kd, vd) if state_HKV is None else state_HKV
     o_1THV, state_1HKV = gated_delta_rule_reference(
-        q_THK[None], k_BTHK=k_THK[None], v_BTHV=v_THV[None], g_BTH=g_TH[None], beta_BTH=beta_TH[None],
+        q_THK[None],
+        k_BTHK=k_THK[None],
+        v_BTHV=v_THV[None],
+        g_BTH=g_TH[None],
+        beta_BTH=beta_TH[None],
         state_BHKV=state[None],
     )
     normed_THV = _rms_normalize(o_1THV[0], cfg.rms_norm_eps) * w.norm.float() * _silu(z_THV)
@@ -188,7 +193,11 @@ def deltanet_reference(
 
 # ------------------------------------------------------------------------------ rope
 def mrope_reference(
-    x_THD: torch.Tensor, *, positions_3T: torch.Tensor, rotary_dim: int, theta: float,
+    x_THD: torch.Tensor,
+    *,
+    positions_3T: torch.Tensor,
+    rotary_dim: int,
+    theta: float,
     mrope_section: tuple[int, int, int],
 ) -> torch.Tensor:
     """Partial interleaved MRoPE (model_spec §2.4.3), one frequency at a time.
@@ -253,8 +262,9 @@ def attention_reference(
     v_THD = (x_TD @ _f32(w.v_proj).T).view(t_count, hkv, hd)
     query_THD = _rms_normalize(query_THD, eps) * (1.0 + w.q_norm.float())
     k_THD = _rms_normalize(k_THD, eps) * (1.0 + w.k_norm.float())
-    rope = dict(positions_3T=positions_3T, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta,
-                mrope_section=cfg.mrope_section)
+    rope: dict[str, Any] = dict(
+        positions_3T=positions_3T, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta, mrope_section=cfg.mrope_section
+    )
     query_THD, k_THD = mrope_reference(query_THD, **rope), mrope_reference(k_THD, **rope)
 
     past = 0 if past_k_SHD is None else past_k_SHD.shape[0]

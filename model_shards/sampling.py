@@ -10,9 +10,8 @@ Tests: tests/model_shards/test_sampling.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -165,8 +164,12 @@ def sample(
     tokens = torch.empty(b, dtype=torch.long, device=logits_BV.device)
 
     def simple(i: int) -> bool:
-        return (params[i].greedy and not params[i].has_penalties and not (banned and banned[i])
-                and not (allowed and allowed[i] is not None))
+        return (
+            params[i].greedy
+            and not params[i].has_penalties
+            and not (banned and banned[i])
+            and not (allowed and allowed[i] is not None)
+        )
 
     greedy_rows = [i for i in range(b) if simple(i)]
     if greedy_rows:
@@ -176,16 +179,18 @@ def sample(
         if simple(i):
             continue
         row = logits_BV[i]
-        if (banned and banned[i]) or (allowed and allowed[i] is not None):
+        mask = allowed[i] if allowed else None
+        if (banned and banned[i]) or mask is not None:
             row = row.clone()
             if banned and banned[i]:
                 row[list(banned[i])] = float("-inf")
-            if allowed and allowed[i] is not None:
-                apply_bitmask(row, allowed[i])
+            if mask is not None:
+                apply_bitmask(row, mask)
         if p.has_penalties:
             empty = torch.empty(0, dtype=torch.long, device=row.device)
             row = apply_penalties(
-                row, params=p,
+                row,
+                params=p,
                 prompt_ids=prompt_ids[i] if prompt_ids is not None else empty,
                 output_ids=output_ids[i] if output_ids is not None else empty,
             )
@@ -224,8 +229,10 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
         `logits`.
     """
     if bitmask.dtype != torch.int32 or bitmask.dim() != logits.dim() or bitmask.shape[:-1] != logits.shape[:-1]:
-        raise ValueError(f"bitmask must be int32 with the logits' leading shape, got {bitmask.dtype} "
-                         f"{tuple(bitmask.shape)} for logits {tuple(logits.shape)}")
+        raise ValueError(
+            f"bitmask must be int32 with the logits' leading shape, got {bitmask.dtype} "
+            f"{tuple(bitmask.shape)} for logits {tuple(logits.shape)}"
+        )
     vocab = logits.shape[-1]
     shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
     allowed = ((bitmask.to(logits.device).unsqueeze(-1) >> shifts) & 1).flatten(-2).bool()  # [..., 32 * W]

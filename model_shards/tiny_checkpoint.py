@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model_shards.config import FULL_ATTENTION, LINEAR_ATTENTION
-from model_shards.config import from_hf_config
+from model_shards.config import FULL_ATTENTION, LINEAR_ATTENTION, from_hf_config
 from model_shards.preprocessor_config import (
-    IMAGE_FILE, QWEN35_IMAGE_PREPROCESSOR, QWEN35_VIDEO_PREPROCESSOR, VIDEO_FILE,
+    IMAGE_FILE,
+    QWEN35_IMAGE_PREPROCESSOR,
+    QWEN35_VIDEO_PREPROCESSOR,
+    VIDEO_FILE,
 )
 from model_shards.quant import quantize_blockwise
 from model_shards.weights import MULTIMODAL_PREFIX, SCALE_SUFFIX, expected_tensors
@@ -34,8 +36,15 @@ SHARD_BYTES = 48 * 2**20
 
 # The real Qwen3.5 FP8 release keeps these modules unquantised (read back from the config, never hard-coded).
 FP8_NOT_CONVERTED = [
-    "lm_head", "model.language_model.embed_tokens", "mlp.gate", "mlp.shared_expert_gate",
-    "linear_attn.in_proj_a", "linear_attn.in_proj_b", "linear_attn.conv1d", "model.visual", "mtp.fc",
+    "lm_head",
+    "model.language_model.embed_tokens",
+    "mlp.gate",
+    "mlp.shared_expert_gate",
+    "linear_attn.in_proj_a",
+    "linear_attn.in_proj_b",
+    "linear_attn.conv1d",
+    "model.visual",
+    "mtp.fc",
 ]
 
 
@@ -46,36 +55,78 @@ def tiny_config_dict(*, fp8: bool = False) -> dict:
         "architectures": ["Qwen3_5MoeForConditionalGeneration"],
         "model_type": "qwen3_5_moe",
         "text_config": {
-            "model_type": "qwen3_5_moe_text", "vocab_size": 248320, "hidden_size": 128,
-            "num_hidden_layers": 8, "layer_types": layers, "full_attention_interval": 4,
-            "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
-            "attn_output_gate": True, "attention_bias": False, "attention_dropout": 0.0,
-            "linear_num_key_heads": 2, "linear_num_value_heads": 8, "linear_key_head_dim": 32,
-            "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4,
-            "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 64,
-            "shared_expert_intermediate_size": 128, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+            "model_type": "qwen3_5_moe_text",
+            "vocab_size": 248320,
+            "hidden_size": 128,
+            "num_hidden_layers": 8,
+            "layer_types": layers,
+            "full_attention_interval": 4,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "head_dim": 64,
+            "attn_output_gate": True,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 8,
+            "linear_key_head_dim": 32,
+            "linear_value_head_dim": 32,
+            "linear_conv_kernel_dim": 4,
+            "num_experts": 16,
+            "num_experts_per_tok": 4,
+            "moe_intermediate_size": 64,
+            "shared_expert_intermediate_size": 128,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-6,
             "max_position_embeddings": 32768,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
-                                "mrope_section": [3, 3, 2], "mrope_interleaved": True},
-            "mtp_num_hidden_layers": 1, "mtp_use_dedicated_embeddings": False, "mamba_ssm_dtype": "float32",
-            "router_aux_loss_coef": 0.001, "output_router_logits": False, "use_cache": True,
-            "initializer_range": 0.02, "eos_token_id": 248044, "tie_word_embeddings": False, "dtype": "bfloat16",
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000000,
+                "partial_rotary_factor": 0.25,
+                "mrope_section": [3, 3, 2],
+                "mrope_interleaved": True,
+            },
+            "mtp_num_hidden_layers": 1,
+            "mtp_use_dedicated_embeddings": False,
+            "mamba_ssm_dtype": "float32",
+            "router_aux_loss_coef": 0.001,
+            "output_router_logits": False,
+            "use_cache": True,
+            "initializer_range": 0.02,
+            "eos_token_id": 248044,
+            "tie_word_embeddings": False,
+            "dtype": "bfloat16",
         },
         "vision_config": {
-            "model_type": "qwen3_5_moe", "depth": 2, "hidden_size": 64, "num_heads": 4, "intermediate_size": 128,
-            "hidden_act": "gelu_pytorch_tanh", "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2,
-            "in_channels": 3, "num_position_embeddings": 64, "out_hidden_size": 128,
-            "deepstack_visual_indexes": [], "initializer_range": 0.02,
+            "model_type": "qwen3_5_moe",
+            "depth": 2,
+            "hidden_size": 64,
+            "num_heads": 4,
+            "intermediate_size": 128,
+            "hidden_act": "gelu_pytorch_tanh",
+            "patch_size": 16,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "in_channels": 3,
+            "num_position_embeddings": 64,
+            "out_hidden_size": 128,
+            "deepstack_visual_indexes": [],
+            "initializer_range": 0.02,
         },
-        "image_token_id": 248056, "video_token_id": 248057,
-        "vision_start_token_id": 248053, "vision_end_token_id": 248054,
+        "image_token_id": 248056,
+        "video_token_id": 248057,
+        "vision_start_token_id": 248053,
+        "vision_end_token_id": 248054,
         "tie_word_embeddings": False,
         "dtype": "bfloat16",
     }
     if fp8:
         cfg["quantization_config"] = {
-            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-            "weight_block_size": [128, 128], "modules_to_not_convert": list(FP8_NOT_CONVERTED),
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+            "modules_to_not_convert": list(FP8_NOT_CONVERTED),
         }
     return cfg
 
@@ -83,14 +134,21 @@ def tiny_config_dict(*, fp8: bool = False) -> dict:
 # max_thinking_tokens (read by model_shards/generation_config.py): random weights never write `</think>`, so
 # without a budget every chat answer with thinking on would be reasoning only.
 GENERATION_CONFIG = {
-    "bos_token_id": 248044, "do_sample": True, "eos_token_id": [248046, 248044], "pad_token_id": 248044,
-    "temperature": 0.6, "top_k": 20, "top_p": 0.95, "max_thinking_tokens": 16,
+    "bos_token_id": 248044,
+    "do_sample": True,
+    "eos_token_id": [248046, 248044],
+    "pad_token_id": 248044,
+    "temperature": 0.6,
+    "top_k": 20,
+    "top_p": 0.95,
+    "max_thinking_tokens": 16,
 }
 
 
 def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Random values by role: zero-centred norms near 0 (perturbed so `w` vs `1+w` shows),
     the gated norm near 1, DeltaNet decay parameters in HF's ranges, linears N(0, 0.02)."""
+
     def normal(std: float) -> torch.Tensor:
         return torch.randn(shape, generator=gen) * std
 
@@ -133,8 +191,7 @@ def write_tiny_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     raw = tiny_config_dict(fp8=fp8)
     cfg = from_hf_config(raw)
-    specs = expected_tensors(cfg, prefix=MULTIMODAL_PREFIX, layout=expert_layout, mtp_layout=expert_layout,
-                             vision=True)
+    specs = expected_tensors(cfg, prefix=MULTIMODAL_PREFIX, layout=expert_layout, mtp_layout=expert_layout, vision=True)
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for name, spec in specs.items():

@@ -152,8 +152,11 @@ class Tokenizer:
         if cached is None:
             pre = self._backend.pre_tokenizer
             added = self._backend.get_added_tokens_decoder().values()
-            cached = (pre is not None and [p for p, _ in pre.pre_tokenize_str("ab cd")] == ["ab", "\u0120cd"]
-                      and not any(" " in t.content for t in added))
+            cached = (
+                pre is not None
+                and [p for p, _ in pre.pre_tokenize_str("ab cd")] == ["ab", "\u0120cd"]
+                and not any(" " in t.content for t in added)
+            )
             self._spaced_split = cached
         return cached
 
@@ -190,7 +193,7 @@ class Tokenizer:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
-        **template_kwargs: Any,
+        **template_kwargs: Any,  # noqa: ANN401
     ) -> str:
         """Render a conversation to prompt text with the checkpoint's chat template.
 
@@ -220,7 +223,7 @@ class Tokenizer:
         )
 
 
-def _template_from_config(entry: Any) -> str | None:
+def _template_from_config(entry: Any) -> str | None:  # noqa: ANN401
     # Older configs store several named templates; "default" is the one used for plain chat.
     if entry is None or isinstance(entry, str):
         return entry
@@ -230,7 +233,7 @@ def _template_from_config(entry: Any) -> str | None:
     raise ValueError(f"{TOKENIZER_CONFIG_JSON}: chat_template must be a string or a list, got {type(entry).__name__}")
 
 
-def _token_text(entry: Any) -> str | None:
+def _token_text(entry: Any) -> str | None:  # noqa: ANN401
     # Special tokens appear as plain strings or as serialized AddedToken dicts with a "content" key.
     if isinstance(entry, Mapping):
         entry = entry.get("content")

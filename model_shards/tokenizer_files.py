@@ -70,7 +70,7 @@ def chat_template_text() -> str:
     return resources.files("model_shards").joinpath(CHAT_TEMPLATE_RESOURCE).read_text(encoding="utf-8")
 
 
-def write_tokenizer_files(out_dir: Path, *, cache_dir: Path | None = None) -> None:
+def write_tokenizer_files(out_dir: Path, *, cache_dir: str | Path | None = None) -> None:
     """Write tokenizer.json and tokenizer_config.json (chat template embedded) into `out_dir`.
 
     Args:
@@ -84,7 +84,7 @@ def write_tokenizer_files(out_dir: Path, *, cache_dir: Path | None = None) -> No
     _atomic_write(out_dir / TOKENIZER_CONFIG_JSON, json.dumps(config, indent=2, ensure_ascii=False).encode())
 
 
-def tokenizer_json_bytes(*, cache_dir: Path | None = None) -> bytes:
+def tokenizer_json_bytes(*, cache_dir: str | Path | None = None) -> bytes:
     """The serialized tokenizer.json, from the cache when present, else built and cached.
 
     Args:

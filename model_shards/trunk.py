@@ -22,7 +22,7 @@ from model_shards.config import FULL_ATTENTION, ModelConfig
 from model_shards.gated_attention import AttentionWeights, attention_forward
 from model_shards.gated_deltanet import DeltaNetWeights, deltanet_forward
 from model_shards.moe import Routing, SharedMoEWeights, route_and_shared
-from model_shards.norms import rms_norm_zc, rms_norm_zc_scaled, zc_scale
+from model_shards.norms import rms_norm_zc_scaled, zc_scale
 from model_shards.quant import Weight, linear
 from model_shards.rope import inv_frequencies, mrope_cos_sin
 
@@ -98,8 +98,9 @@ class Trunk:
         if batch.embeds_override is not None:
             rows, embeds = batch.embeds_override
             x = x.index_copy(0, rows, embeds.to(x.dtype))
-        cos, sin = mrope_cos_sin(batch.positions_3T, inv_freq=self.inv_freq, mrope_section=self.cfg.mrope_section,
-                                 dtype=x.dtype)
+        cos, sin = mrope_cos_sin(
+            batch.positions_3T, inv_freq=self.inv_freq, mrope_section=self.cfg.mrope_section, dtype=x.dtype
+        )
         for i, lw in enumerate(self.w.layers):
             x = self.decoder_layer(x, lw, layer=i, batch=batch, pools=pools, routed=routed, cos=cos, sin=sin)
         hidden = rms_norm_zc_scaled(x, scale=self.w.final_scale, eps=self.cfg.rms_norm_eps)
@@ -109,8 +110,16 @@ class Trunk:
         return linear(hidden_RD, self.w.lm_head).float()
 
     def decoder_layer(
-        self, x: torch.Tensor, lw: LayerWeights, *, layer: int, batch: StepBatch, pools: CachePools,
-        routed: RoutedExperts, cos: torch.Tensor, sin: torch.Tensor,
+        self,
+        x: torch.Tensor,
+        lw: LayerWeights,
+        *,
+        layer: int,
+        batch: StepBatch,
+        pools: CachePools,
+        routed: RoutedExperts,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
     ) -> torch.Tensor:
         """One pre-norm decoder layer. `layer` indexes caches and experts (MTP layers follow the
         decoder layers)."""
@@ -118,12 +127,20 @@ class Trunk:
         h_in = rms_norm_zc_scaled(x, scale=lw.input_scale, eps=cfg.rms_norm_eps)
         if isinstance(lw.mixer, AttentionWeights):
             k_pool, v_pool = pools.kv(layer)
-            mixed = attention_forward(h_in, w=lw.mixer, cfg=cfg, batch=batch, cos=cos, sin=sin, k_pool=k_pool,
-                                      v_pool=v_pool)
+            mixed = attention_forward(
+                h_in, w=lw.mixer, cfg=cfg, batch=batch, cos=cos, sin=sin, k_pool=k_pool, v_pool=v_pool
+            )
         else:
             conv, rec = pools.state(layer)
-            mixed = deltanet_forward(h_in, w=lw.mixer, cfg=cfg, batch=batch, conv_state=conv, recurrent_state=rec,
-                                     spec_state=pools.spec_state(layer))
+            mixed = deltanet_forward(
+                h_in,
+                w=lw.mixer,
+                cfg=cfg,
+                batch=batch,
+                conv_state=conv,
+                recurrent_state=rec,
+                spec_state=pools.spec_state(layer),
+            )
         h = x + mixed
         m_in = rms_norm_zc_scaled(h, scale=lw.post_scale, eps=cfg.rms_norm_eps)
         return h + self.moe(m_in, lw.moe, layer=layer, routed=routed)

@@ -32,8 +32,10 @@ ALLOWED_CONTAINERS = {"mp4": "ISO BMFF (mp4, mov)", "matroska": "WebM / Matroska
 # The codecs web video uses, decoded by FFmpeg's most-used, most-fuzzed decoders; everything else
 # (mpeg4 part 2, mjpeg, raw video, legacy codecs) is refused to keep the decoder surface small.
 ALLOWED_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1"})
-NO_PYAV = ("video files need the server's `video` extra (PyAV: pip install 'epserve[video]'), which this "
-           "server lacks; send the video as a list of frames instead")
+NO_PYAV = (
+    "video files need the server's `video` extra (PyAV: pip install 'epserve[video]'), which this "
+    "server lacks; send the video as a list of frames instead"
+)
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,9 @@ def sniff_container(data: bytes) -> str:
     raise MediaError(f"video: the container is not an allowed one (allowed containers: {allowed})")
 
 
-def decode_video(data: bytes, *, cfg: PreprocessConfig, limits: MediaLimits,
-                 sample_fps: float | None = None) -> DecodedVideo:
+def decode_video(
+    data: bytes, *, cfg: PreprocessConfig, limits: MediaLimits, sample_fps: float | None = None
+) -> DecodedVideo:
     """Decode a video file and keep the frames HF's sampling picks at `sample_fps` (default cfg.fps).
 
     Raises: MediaError (no PyAV, a limit exceeded, a container or codec not allowed, undecodable).
@@ -113,8 +116,9 @@ def _stream(container: Any) -> Any:  # noqa: ANN401
 
 def _check_time(deadline: float, limits: MediaLimits) -> None:
     if time.monotonic() > deadline:
-        raise MediaError(f"video: decoding took longer than the limit (max_video_decode_s) of "
-                         f"{limits.max_video_decode_s} s")
+        raise MediaError(
+            f"video: decoding took longer than the limit (max_video_decode_s) of {limits.max_video_decode_s} s"
+        )
 
 
 def _scan(av: Any, data: bytes, fmt: str, limits: MediaLimits, deadline: float) -> tuple[str, int, float]:  # noqa: ANN401
@@ -124,10 +128,14 @@ def _scan(av: Any, data: bytes, fmt: str, limits: MediaLimits, deadline: float) 
         ctx = stream.codec_context
         codec = ctx.codec.canonical_name
         if codec not in ALLOWED_CODECS:
-            raise MediaError(f"video: codec {codec!r} is not allowed (allowed codecs: {', '.join(sorted(ALLOWED_CODECS))})")
+            raise MediaError(
+                f"video: codec {codec!r} is not allowed (allowed codecs: {', '.join(sorted(ALLOWED_CODECS))})"
+            )
         if ctx.width * ctx.height > limits.max_pixels:
-            raise MediaError(f"video frames are {ctx.width}x{ctx.height} = {ctx.width * ctx.height} pixels, "
-                             f"the limit (max_pixels) is {limits.max_pixels}")
+            raise MediaError(
+                f"video frames are {ctx.width}x{ctx.height} = {ctx.width * ctx.height} pixels, "
+                f"the limit (max_pixels) is {limits.max_pixels}"
+            )
         rate = stream.average_rate or stream.guessed_rate
         if not rate or float(rate) <= 0:
             raise MediaError("video: the stream has no frame rate")
@@ -140,8 +148,10 @@ def _scan(av: Any, data: bytes, fmt: str, limits: MediaLimits, deadline: float) 
                 continue
             total += 1
             if total > limits.max_video_decoded_frames:
-                raise MediaError(f"video has more than {limits.max_video_decoded_frames} frames, the limit "
-                                 "(max_video_decoded_frames)")
+                raise MediaError(
+                    f"video has more than {limits.max_video_decoded_frames} frames, the limit "
+                    "(max_video_decoded_frames)"
+                )
             _check_time(deadline, limits)
         if total == 0:
             raise MediaError("video: the file has no frames")
@@ -151,11 +161,19 @@ def _scan(av: Any, data: bytes, fmt: str, limits: MediaLimits, deadline: float) 
 
 def _check_seconds(seconds: float, limits: MediaLimits) -> None:
     if seconds > limits.max_video_seconds:
-        raise MediaError(f"video is {seconds:.1f} s long, the limit (max_video_seconds) is {limits.max_video_seconds} s")
+        raise MediaError(
+            f"video is {seconds:.1f} s long, the limit (max_video_seconds) is {limits.max_video_seconds} s"
+        )
 
 
-def _decode(av: Any, data: bytes, fmt: str, wanted: set[int], limits: MediaLimits,  # noqa: ANN401
-            deadline: float) -> tuple[dict[int, Image.Image], int]:
+def _decode(
+    av: Any,  # noqa: ANN401
+    data: bytes,
+    fmt: str,
+    wanted: set[int],
+    limits: MediaLimits,
+    deadline: float,
+) -> tuple[dict[int, Image.Image], int]:
     """Decode every frame (presentation order), keep those numbered in `wanted` as RGB images."""
     kept: dict[int, Image.Image] = {}
     n = pixels = 0
@@ -163,15 +181,21 @@ def _decode(av: Any, data: bytes, fmt: str, wanted: set[int], limits: MediaLimit
         for frame in container.decode(_stream(container)):
             area = frame.width * frame.height
             if area > limits.max_pixels:
-                raise MediaError(f"video frames are {frame.width}x{frame.height} = {area} pixels, the limit "
-                                 f"(max_pixels) is {limits.max_pixels}")
+                raise MediaError(
+                    f"video frames are {frame.width}x{frame.height} = {area} pixels, the limit "
+                    f"(max_pixels) is {limits.max_pixels}"
+                )
             pixels += area
             if pixels > limits.max_video_decoded_pixels:
-                raise MediaError(f"video decodes to more than {limits.max_video_decoded_pixels} pixels over its "
-                                 "frames, the limit (max_video_decoded_pixels)")
+                raise MediaError(
+                    f"video decodes to more than {limits.max_video_decoded_pixels} pixels over its "
+                    "frames, the limit (max_video_decoded_pixels)"
+                )
             if n >= limits.max_video_decoded_frames:
-                raise MediaError(f"video has more than {limits.max_video_decoded_frames} frames, the limit "
-                                 "(max_video_decoded_frames)")
+                raise MediaError(
+                    f"video has more than {limits.max_video_decoded_frames} frames, the limit "
+                    "(max_video_decoded_frames)"
+                )
             if n in wanted:
                 kept[n] = frame.to_image()  # RGB24 through swscale
             n += 1

@@ -100,20 +100,33 @@ def load_vision(reader: CheckpointReader, cfg: ModelConfig, *, dtype: torch.dtyp
     blocks = []
     for b in range(cfg.vision.depth):
         p = f"blocks.{b}."
-        blocks.append(VisionBlockWeights(
-            norm1_w=read(p + "norm1.weight"), norm1_b=read(p + "norm1.bias"),
-            qkv_w=read(p + "attn.qkv.weight"), qkv_b=read(p + "attn.qkv.bias"),
-            proj_w=read(p + "attn.proj.weight"), proj_b=read(p + "attn.proj.bias"),
-            norm2_w=read(p + "norm2.weight"), norm2_b=read(p + "norm2.bias"),
-            fc1_w=read(p + "mlp.linear_fc1.weight"), fc1_b=read(p + "mlp.linear_fc1.bias"),
-            fc2_w=read(p + "mlp.linear_fc2.weight"), fc2_b=read(p + "mlp.linear_fc2.bias"),
-        ))
+        blocks.append(
+            VisionBlockWeights(
+                norm1_w=read(p + "norm1.weight"),
+                norm1_b=read(p + "norm1.bias"),
+                qkv_w=read(p + "attn.qkv.weight"),
+                qkv_b=read(p + "attn.qkv.bias"),
+                proj_w=read(p + "attn.proj.weight"),
+                proj_b=read(p + "attn.proj.bias"),
+                norm2_w=read(p + "norm2.weight"),
+                norm2_b=read(p + "norm2.bias"),
+                fc1_w=read(p + "mlp.linear_fc1.weight"),
+                fc1_b=read(p + "mlp.linear_fc1.bias"),
+                fc2_w=read(p + "mlp.linear_fc2.weight"),
+                fc2_b=read(p + "mlp.linear_fc2.bias"),
+            )
+        )
     return VisionWeights(
-        patch_embed_w=read("patch_embed.proj.weight"), patch_embed_b=read("patch_embed.proj.bias"),
-        pos_embed=read("pos_embed.weight"), blocks=blocks,
-        merger_norm_w=read("merger.norm.weight"), merger_norm_b=read("merger.norm.bias"),
-        merger_fc1_w=read("merger.linear_fc1.weight"), merger_fc1_b=read("merger.linear_fc1.bias"),
-        merger_fc2_w=read("merger.linear_fc2.weight"), merger_fc2_b=read("merger.linear_fc2.bias"),
+        patch_embed_w=read("patch_embed.proj.weight"),
+        patch_embed_b=read("patch_embed.proj.bias"),
+        pos_embed=read("pos_embed.weight"),
+        blocks=blocks,
+        merger_norm_w=read("merger.norm.weight"),
+        merger_norm_b=read("merger.norm.bias"),
+        merger_fc1_w=read("merger.linear_fc1.weight"),
+        merger_fc1_b=read("merger.linear_fc1.bias"),
+        merger_fc2_w=read("merger.linear_fc2.weight"),
+        merger_fc2_b=read("merger.linear_fc2.bias"),
     )
 
 
@@ -178,7 +191,9 @@ def position_embedding(pos_embed: torch.Tensor, *, grids: Sequence[Grid], merge:
     return torch.cat(out)
 
 
-def rotary_cos_sin(grids: Sequence[Grid], *, head_dim: int, theta: float, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(
+    grids: Sequence[Grid], *, head_dim: int, theta: float, merge: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D rotary tables: angles [row * f | col * f] over f = theta^(-2i / (K/2)), i < K/4, duplicated to K.
 
     Returns: cos, sin [N, K] fp32 (applied with full-width rotate_half, in fp32).
@@ -240,8 +255,14 @@ def frame_attention(
 
 
 def vision_block(
-    x_ND: torch.Tensor, w: VisionBlockWeights, *, num_heads: int, cos: torch.Tensor, sin: torch.Tensor,
-    lengths: Sequence[int], impl: str = "eager",
+    x_ND: torch.Tensor,
+    w: VisionBlockWeights,
+    *,
+    num_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    lengths: Sequence[int],
+    impl: str = "eager",
 ) -> torch.Tensor:
     """x += proj(FrameAttn(rope(qkv(LN1(x))))); x += fc2(gelu_tanh(fc1(LN2(x)))). [N, D] -> [N, D]."""
     n, d = x_ND.shape
@@ -271,7 +292,9 @@ class VisionTower:
         attention: "eager" (reference, HF parity) or "sdpa" (fused kernel per frame).
     """
 
-    def __init__(self, weights: VisionWeights, cfg: VisionConfig, *, dtype: torch.dtype, attention: str = "eager"):
+    def __init__(
+        self, weights: VisionWeights, cfg: VisionConfig, *, dtype: torch.dtype, attention: str = "eager"
+    ) -> None:
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"vision attention {attention!r} is not one of {ATTENTION_IMPLS}")
         self.w, self.cfg, self.dtype, self.attention = weights, cfg, dtype, attention
@@ -296,7 +319,8 @@ class VisionTower:
             )
         dev = self.w.pos_embed.device
         x = pixel_values_NP.to(device=dev, dtype=self.dtype).view(
-            -1, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+            -1, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size
+        )
         # Conv3d with kernel = stride = the whole input: one output vector per patch (HF's op, same rounding).
         x = F.conv3d(x, self.w.patch_embed_w, self.w.patch_embed_b, stride=self.w.patch_embed_w.shape[2:]).view(n, -1)
         x = x + position_embedding(self.w.pos_embed, grids=grids, merge=merge).to(x.dtype)

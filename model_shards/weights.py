@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -87,29 +88,42 @@ def _layer_specs(cfg: ModelConfig, base: str, *, attention: bool, part: str) -> 
     if attention:
         h, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         a = f"{base}self_attn."
-        out.update({
-            f"{a}q_proj.weight": ((h * hd * 2, d), True), f"{a}k_proj.weight": ((hkv * hd, d), True),
-            f"{a}v_proj.weight": ((hkv * hd, d), True), f"{a}o_proj.weight": ((d, h * hd), True),
-            f"{a}q_norm.weight": ((hd,), False), f"{a}k_norm.weight": ((hd,), False),
-        })
+        out.update(
+            {
+                f"{a}q_proj.weight": ((h * hd * 2, d), True),
+                f"{a}k_proj.weight": ((hkv * hd, d), True),
+                f"{a}v_proj.weight": ((hkv * hd, d), True),
+                f"{a}o_proj.weight": ((d, h * hd), True),
+                f"{a}q_norm.weight": ((hd,), False),
+                f"{a}k_norm.weight": ((hd,), False),
+            }
+        )
     else:
         c, hv, vd = cfg.linear_conv_dim, cfg.linear_num_value_heads, cfg.linear_value_head_dim
         g = f"{base}linear_attn."
-        out.update({
-            f"{g}in_proj_qkv.weight": ((c, d), True), f"{g}in_proj_z.weight": ((hv * vd, d), True),
-            f"{g}in_proj_b.weight": ((hv, d), True), f"{g}in_proj_a.weight": ((hv, d), True),
-            f"{g}conv1d.weight": ((c, 1, cfg.linear_conv_kernel_dim), False),
-            f"{g}dt_bias": ((hv,), False), f"{g}A_log": ((hv,), False),
-            f"{g}norm.weight": ((vd,), False), f"{g}out_proj.weight": ((d, hv * vd), True),
-        })
+        out.update(
+            {
+                f"{g}in_proj_qkv.weight": ((c, d), True),
+                f"{g}in_proj_z.weight": ((hv * vd, d), True),
+                f"{g}in_proj_b.weight": ((hv, d), True),
+                f"{g}in_proj_a.weight": ((hv, d), True),
+                f"{g}conv1d.weight": ((c, 1, cfg.linear_conv_kernel_dim), False),
+                f"{g}dt_bias": ((hv,), False),
+                f"{g}A_log": ((hv,), False),
+                f"{g}norm.weight": ((vd,), False),
+                f"{g}out_proj.weight": ((d, hv * vd), True),
+            }
+        )
     m, i_s = f"{base}mlp.", cfg.shared_expert_intermediate_size
-    out.update({
-        f"{m}gate.weight": ((cfg.num_experts, d), True),
-        f"{m}shared_expert.gate_proj.weight": ((i_s, d), True),
-        f"{m}shared_expert.up_proj.weight": ((i_s, d), True),
-        f"{m}shared_expert.down_proj.weight": ((d, i_s), True),
-        f"{m}shared_expert_gate.weight": ((1, d), True),
-    })
+    out.update(
+        {
+            f"{m}gate.weight": ((cfg.num_experts, d), True),
+            f"{m}shared_expert.gate_proj.weight": ((i_s, d), True),
+            f"{m}shared_expert.up_proj.weight": ((i_s, d), True),
+            f"{m}shared_expert.down_proj.weight": ((d, i_s), True),
+            f"{m}shared_expert_gate.weight": ((1, d), True),
+        }
+    )
     return out
 
 
@@ -118,7 +132,7 @@ def _expert_specs(cfg: ModelConfig, moe_prefix: str, layout: str) -> dict[str, t
     x = f"{moe_prefix}experts."
     if layout == "fused":
         return {f"{x}gate_up_proj": ((e, 2 * i, d), True), f"{x}down_proj": ((e, d, i), True)}
-    out = {}
+    out: dict[str, tuple[tuple[int, ...], bool]] = {}
     for j in range(e):
         out[f"{x}{j}.gate_proj.weight"] = ((i, d), True)
         out[f"{x}{j}.up_proj.weight"] = ((i, d), True)
@@ -135,23 +149,31 @@ def _vision_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
         f"{p}patch_embed.proj.weight": ((h, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), False),
         f"{p}patch_embed.proj.bias": ((h,), False),
         f"{p}pos_embed.weight": ((v.num_position_embeddings, h), False),
-        f"{p}merger.norm.weight": ((h,), False), f"{p}merger.norm.bias": ((h,), False),
-        f"{p}merger.linear_fc1.weight": ((merged, merged), False), f"{p}merger.linear_fc1.bias": ((merged,), False),
+        f"{p}merger.norm.weight": ((h,), False),
+        f"{p}merger.norm.bias": ((h,), False),
+        f"{p}merger.linear_fc1.weight": ((merged, merged), False),
+        f"{p}merger.linear_fc1.bias": ((merged,), False),
         f"{p}merger.linear_fc2.weight": ((v.out_hidden_size, merged), False),
         f"{p}merger.linear_fc2.bias": ((v.out_hidden_size,), False),
     }
     for b in range(v.depth):
         q = f"{p}blocks.{b}."
-        out.update({
-            f"{q}norm1.weight": ((h,), False), f"{q}norm1.bias": ((h,), False),
-            f"{q}norm2.weight": ((h,), False), f"{q}norm2.bias": ((h,), False),
-            f"{q}attn.qkv.weight": ((3 * h, h), False), f"{q}attn.qkv.bias": ((3 * h,), False),
-            f"{q}attn.proj.weight": ((h, h), False), f"{q}attn.proj.bias": ((h,), False),
-            f"{q}mlp.linear_fc1.weight": ((v.intermediate_size, h), False),
-            f"{q}mlp.linear_fc1.bias": ((v.intermediate_size,), False),
-            f"{q}mlp.linear_fc2.weight": ((h, v.intermediate_size), False),
-            f"{q}mlp.linear_fc2.bias": ((h,), False),
-        })
+        out.update(
+            {
+                f"{q}norm1.weight": ((h,), False),
+                f"{q}norm1.bias": ((h,), False),
+                f"{q}norm2.weight": ((h,), False),
+                f"{q}norm2.bias": ((h,), False),
+                f"{q}attn.qkv.weight": ((3 * h, h), False),
+                f"{q}attn.qkv.bias": ((3 * h,), False),
+                f"{q}attn.proj.weight": ((h, h), False),
+                f"{q}attn.proj.bias": ((h,), False),
+                f"{q}mlp.linear_fc1.weight": ((v.intermediate_size, h), False),
+                f"{q}mlp.linear_fc1.bias": ((v.intermediate_size,), False),
+                f"{q}mlp.linear_fc2.weight": ((h, v.intermediate_size), False),
+                f"{q}mlp.linear_fc2.bias": ((h,), False),
+            }
+        )
     return out
 
 
@@ -180,12 +202,15 @@ def expected_tensors(
         add(_layer_specs(cfg, base, attention=kind == FULL_ATTENTION, part="trunk"), "trunk")
         add(_expert_specs(cfg, f"{base}mlp.", layout), "experts")
     if mtp_layout is not None:
-        add({
-            f"{MTP_PREFIX}fc.weight": ((d, 2 * d), True),
-            f"{MTP_PREFIX}pre_fc_norm_embedding.weight": ((d,), False),
-            f"{MTP_PREFIX}pre_fc_norm_hidden.weight": ((d,), False),
-            f"{MTP_PREFIX}norm.weight": ((d,), False),
-        }, "mtp")
+        add(
+            {
+                f"{MTP_PREFIX}fc.weight": ((d, 2 * d), True),
+                f"{MTP_PREFIX}pre_fc_norm_embedding.weight": ((d,), False),
+                f"{MTP_PREFIX}pre_fc_norm_hidden.weight": ((d,), False),
+                f"{MTP_PREFIX}norm.weight": ((d,), False),
+            },
+            "mtp",
+        )
         for j in range(cfg.mtp_num_hidden_layers):
             base = f"{MTP_PREFIX}layers.{j}."
             add(_layer_specs(cfg, base, attention=True, part="mtp"), "mtp")
@@ -218,12 +243,14 @@ class CheckpointLayout:
         if cfg.has_mtp and any(n.startswith(MTP_PREFIX) for n in reader.tensors):
             mtp = expert_layout(reader, f"{MTP_PREFIX}layers.0.mlp.")
         has_vision = cfg.vision is not None and any(n.startswith(VISION_PREFIX) for n in reader.tensors)
-        return CheckpointLayout(prefix=prefix, layout=expert_layout(reader, f"{prefix}layers.0.mlp."),
-                                mtp_layout=mtp, has_vision=has_vision)
+        return CheckpointLayout(
+            prefix=prefix, layout=expert_layout(reader, f"{prefix}layers.0.mlp."), mtp_layout=mtp, has_vision=has_vision
+        )
 
     def expected(self, cfg: ModelConfig) -> dict[str, TensorSpec]:
-        return expected_tensors(cfg, prefix=self.prefix, layout=self.layout, mtp_layout=self.mtp_layout,
-                                vision=self.has_vision)
+        return expected_tensors(
+            cfg, prefix=self.prefix, layout=self.layout, mtp_layout=self.mtp_layout, vision=self.has_vision
+        )
 
 
 @dataclass(frozen=True)
@@ -242,10 +269,13 @@ class CheckpointProblems:
     def message(self) -> str:
         lines = []
         if self.missing:
-            lines.append(f"missing tensor(s): {', '.join(self.missing[:8])}" + (" ..." if len(self.missing) > 8 else ""))
+            lines.append(
+                f"missing tensor(s): {', '.join(self.missing[:8])}" + (" ..." if len(self.missing) > 8 else "")
+            )
         if self.unexpected:
-            lines.append(f"unexpected tensor(s): {', '.join(self.unexpected[:8])}"
-                         + (" ..." if len(self.unexpected) > 8 else ""))
+            lines.append(
+                f"unexpected tensor(s): {', '.join(self.unexpected[:8])}" + (" ..." if len(self.unexpected) > 8 else "")
+            )
         for name, want, got in self.wrong_shape[:8]:
             lines.append(f"tensor {name} has shape {list(got)}, expected {list(want)}")
         for name, dt in self.wrong_dtype[:8]:
@@ -268,7 +298,8 @@ def check_checkpoint(reader: CheckpointReader, cfg: ModelConfig, layout: Checkpo
         (n, found[n].dtype) for n, spec in expected.items() if spec.fp8 and n in found and found[n].dtype != "F8_E4M3"
     )
     not_float = tuple(
-        (n, found[n].dtype) for n, spec in expected.items()
+        (n, found[n].dtype)
+        for n, spec in expected.items()
         if not spec.fp8 and n in found and found[n].dtype not in FLOAT_DTYPES
     )
     return CheckpointProblems(missing, unexpected, wrong_shape, wrong_dtype, not_float)
@@ -287,7 +318,9 @@ def validate(reader: CheckpointReader, cfg: ModelConfig) -> CheckpointLayout:
 class _Loader:
     """Reads named tensors, checks their shapes against the table, casts to the compute dtype."""
 
-    def __init__(self, reader: CheckpointReader, cfg: ModelConfig, layout: CheckpointLayout, dtype: torch.dtype):
+    def __init__(
+        self, reader: CheckpointReader, cfg: ModelConfig, layout: CheckpointLayout, dtype: torch.dtype
+    ) -> None:
         self.reader, self.cfg, self.dtype = reader, cfg, dtype
         self.specs = layout.expected(cfg)
         self.layout = layout
@@ -333,9 +366,10 @@ def _stack_rows(weights: list[Weight]) -> tuple[torch.Tensor | None, list[Weight
     shapes (fp32 and bf16, 1 to 2048 rows), except that a GEMM with a handful of output columns
     (in_proj_a/b, shared_expert_gate) takes another fp32 kernel: those stay unstacked.
     """
-    if not all(isinstance(w, torch.Tensor) for w in weights) or len({w.dtype for w in weights}) != 1:
+    tensors = [w for w in weights if isinstance(w, torch.Tensor)]
+    if len(tensors) != len(weights) or len({w.dtype for w in tensors}) != 1:
         return None, weights
-    stacked = torch.cat(weights)  # type: ignore[arg-type]  # all plain tensors, checked above
+    stacked = torch.cat(tensors)
     return stacked, list(stacked.split([w.shape[0] for w in weights]))
 
 
@@ -344,41 +378,61 @@ def _layer_weights(ld: _Loader, base: str, *, attention: bool) -> LayerWeights:
         a = f"{base}self_attn."
         qkv, (q, k, v) = _stack_rows([ld.weight(f"{a}{p}_proj.weight") for p in "qkv"])
         mixer: DeltaNetWeights | AttentionWeights = AttentionWeights(
-            q_proj=q, k_proj=k, v_proj=v, o_proj=ld.weight(f"{a}o_proj.weight"),
-            q_norm=ld.tensor(f"{a}q_norm.weight"), k_norm=ld.tensor(f"{a}k_norm.weight"), qkv_proj=qkv,
+            q_proj=q,
+            k_proj=k,
+            v_proj=v,
+            o_proj=ld.weight(f"{a}o_proj.weight"),
+            q_norm=ld.tensor(f"{a}q_norm.weight"),
+            k_norm=ld.tensor(f"{a}k_norm.weight"),
+            qkv_proj=qkv,
         )
     else:
         g = f"{base}linear_attn."
-        qkvz, (qkv, z) = _stack_rows([ld.weight(f"{g}in_proj_qkv.weight"), ld.weight(f"{g}in_proj_z.weight")])
+        qkvz, (in_qkv, z) = _stack_rows([ld.weight(f"{g}in_proj_qkv.weight"), ld.weight(f"{g}in_proj_z.weight")])
         # HF casts every parameter (A_log and dt_bias too) to the load dtype; we mirror it.
         mixer = DeltaNetWeights(
-            in_proj_qkv=qkv, in_proj_z=z,
-            in_proj_b=ld.weight(f"{g}in_proj_b.weight"), in_proj_a=ld.weight(f"{g}in_proj_a.weight"),
-            conv1d=ld.tensor(f"{g}conv1d.weight").squeeze(1), dt_bias=ld.tensor(f"{g}dt_bias"),
-            A_log=ld.tensor(f"{g}A_log"), norm=ld.tensor(f"{g}norm.weight"),
-            out_proj=ld.weight(f"{g}out_proj.weight"), in_proj_qkvz=qkvz,
+            in_proj_qkv=in_qkv,
+            in_proj_z=z,
+            in_proj_b=ld.weight(f"{g}in_proj_b.weight"),
+            in_proj_a=ld.weight(f"{g}in_proj_a.weight"),
+            conv1d=ld.tensor(f"{g}conv1d.weight").squeeze(1),
+            dt_bias=ld.tensor(f"{g}dt_bias"),
+            A_log=ld.tensor(f"{g}A_log"),
+            norm=ld.tensor(f"{g}norm.weight"),
+            out_proj=ld.weight(f"{g}out_proj.weight"),
+            in_proj_qkvz=qkvz,
         )
     m = f"{base}mlp."
     router = ld.weight(f"{m}gate.weight")
     gate = ld.weight(f"{m}shared_expert_gate.weight")
     if isinstance(router, Fp8Weight) or isinstance(gate, Fp8Weight):
-        raise CheckpointError(f"{m}gate / shared_expert_gate must stay unquantised (list them in modules_to_not_convert)")
+        raise CheckpointError(
+            f"{m}gate / shared_expert_gate must stay unquantised (list them in modules_to_not_convert)"
+        )
     router_gate_up, (router, shared_gate, shared_up) = _stack_rows(
-        [router, ld.weight(f"{m}shared_expert.gate_proj.weight"), ld.weight(f"{m}shared_expert.up_proj.weight")])
+        [router, ld.weight(f"{m}shared_expert.gate_proj.weight"), ld.weight(f"{m}shared_expert.up_proj.weight")]
+    )
     return LayerWeights(
         input_norm=ld.tensor(f"{base}input_layernorm.weight"),
         post_norm=ld.tensor(f"{base}post_attention_layernorm.weight"),
         mixer=mixer,
         moe=SharedMoEWeights(
-            router=router, shared_gate_proj=shared_gate, shared_up_proj=shared_up,  # type: ignore[arg-type]  # router plain
-            shared_down_proj=ld.weight(f"{m}shared_expert.down_proj.weight"), shared_expert_gate=gate,
+            router=router,  # type: ignore[arg-type]  # plain: checked above, and stacking keeps it a tensor
+            shared_gate_proj=shared_gate,
+            shared_up_proj=shared_up,
+            shared_down_proj=ld.weight(f"{m}shared_expert.down_proj.weight"),
+            shared_expert_gate=gate,
             router_gate_up=router_gate_up,
         ),
     )
 
 
 def load_trunk(
-    reader: CheckpointReader, cfg: ModelConfig, *, dtype: torch.dtype, with_mtp: bool = True,
+    reader: CheckpointReader,
+    cfg: ModelConfig,
+    *,
+    dtype: torch.dtype,
+    with_mtp: bool = True,
     layout: CheckpointLayout | None = None,
 ) -> TrunkWeights:
     """Everything a trunk rank holds: embeddings, mixers, routers, shared experts, norms, lm_head,
@@ -388,7 +442,8 @@ def load_trunk(
     p = layout.prefix
     embed = ld.tensor(f"{p}embed_tokens.weight")
     layers = [
-        _layer_weights(ld, f"{p}layers.{i}.", attention=kind == FULL_ATTENTION) for i, kind in enumerate(cfg.layer_types)
+        _layer_weights(ld, f"{p}layers.{i}.", attention=kind == FULL_ATTENTION)
+        for i, kind in enumerate(cfg.layer_types)
     ]
     lm_head: Weight = embed if cfg.tie_word_embeddings else ld.weight("lm_head.weight")
     mtp = None
@@ -398,8 +453,9 @@ def load_trunk(
             pre_fc_norm_embedding=ld.tensor(f"{MTP_PREFIX}pre_fc_norm_embedding.weight"),
             pre_fc_norm_hidden=ld.tensor(f"{MTP_PREFIX}pre_fc_norm_hidden.weight"),
             norm=ld.tensor(f"{MTP_PREFIX}norm.weight"),
-            layers=[_layer_weights(ld, f"{MTP_PREFIX}layers.{j}.", attention=True)
-                    for j in range(cfg.mtp_num_hidden_layers)],
+            layers=[
+                _layer_weights(ld, f"{MTP_PREFIX}layers.{j}.", attention=True) for j in range(cfg.mtp_num_hidden_layers)
+            ],
         )
     return TrunkWeights(embed=embed, layers=layers, final_norm=ld.tensor(f"{p}norm.weight"), lm_head=lm_head, mtp=mtp)
 
@@ -430,9 +486,9 @@ def load_experts(
     layout = layout or CheckpointLayout.detect(reader, cfg)
     ld = _Loader(reader, cfg, layout, dtype)
     prefixes = moe_layer_prefixes(cfg, layout, with_mtp=with_mtp)
-    ids_list = list(expert_ids)
+    ids_list: list[Any] = list(expert_ids)  # one list of ids or one per layer, told apart here
     flat = not ids_list or isinstance(ids_list[0], int)
-    per_layer = [list(ids_list)] * len(prefixes) if flat else [list(ids) for ids in ids_list]  # type: ignore[arg-type]
+    per_layer = [list(ids_list)] * len(prefixes) if flat else [list(ids) for ids in ids_list]
     if len(per_layer) != len(prefixes):
         raise ValueError(f"expert_ids has {len(per_layer)} layer lists, the model has {len(prefixes)} MoE layers")
     layers = []
@@ -455,11 +511,11 @@ def _layer_experts(ld: _Loader, mlp: str, kind: str, ids: list[int]) -> LayerExp
     gate_up, down = [], []
     for e in ids:
         g, u = ld.weight(f"{x}{e}.gate_proj.weight"), ld.weight(f"{x}{e}.up_proj.weight")
-        gate_up.append(concat_rows([g, u]) if isinstance(g, Fp8Weight) else torch.cat([g, u], dim=0))
+        gate_up.append(concat_rows([g, u]) if isinstance(g, Fp8Weight) else torch.cat([g, u], dim=0))  # type: ignore[list-item]  # gate and up share one format
         down.append(ld.weight(f"{x}{e}.down_proj.weight"))
     if isinstance(gate_up[0], Fp8Weight):
         return LayerExperts(tuple(ids), stack(gate_up), stack(down))  # type: ignore[arg-type]  # all FP8 here
-    return LayerExperts(tuple(ids), torch.stack(gate_up), torch.stack(down))  # type: ignore[arg-type]
+    return LayerExperts(tuple(ids), torch.stack(gate_up), torch.stack(down))  # type: ignore[arg-type]  # all plain here
 
 
 def part_of(name: str) -> str:

@@ -69,8 +69,9 @@ def row_bytes(hidden: int, dtype: torch.dtype) -> int:
 
 def pack_rows(x_RD: torch.Tensor, ids_R: torch.Tensor) -> torch.Tensor:
     """[R, D] hidden rows + [R] expert ids -> [R, D * es + 4] uint8."""
-    return torch.cat([x_RD.contiguous().view(torch.uint8), ids_R.to(torch.int32).view(torch.uint8).view(-1, ID_BYTES)],
-                     dim=1)
+    return torch.cat(
+        [x_RD.contiguous().view(torch.uint8), ids_R.to(torch.int32).view(torch.uint8).view(-1, ID_BYTES)], dim=1
+    )
 
 
 def unpack_rows(buf: torch.Tensor, *, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +79,7 @@ def unpack_rows(buf: torch.Tensor, *, hidden: int, dtype: torch.dtype) -> tuple[
     nb = row_bytes(hidden, dtype)
     # reshape(-1) (not .contiguous()): a one-row slice counts as contiguous but keeps its row stride
     x = buf[:, :nb].reshape(-1).view(dtype).view(buf.shape[0], hidden)
-    ids = buf[:, nb:nb + ID_BYTES].reshape(-1).view(torch.int32).to(torch.long)
+    ids = buf[:, nb : nb + ID_BYTES].reshape(-1).view(torch.int32).to(torch.long)
     return x, ids
 
 
@@ -106,8 +107,14 @@ def combine_flags(rows: torch.Tensor) -> list[bool]:
     return (rows[:, 0] != 0).tolist()
 
 
-def exchange(group: GroupHandle, send: torch.Tensor, *, send_splits: list[int], recv_splits: list[int],
-             out: torch.Tensor | None = None) -> torch.Tensor:
+def exchange(
+    group: GroupHandle,
+    send: torch.Tensor,
+    *,
+    send_splits: list[int],
+    recv_splits: list[int],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One `all_to_all_single` over dim 0 with the given per-rank row counts.
 
     `out`: a preallocated receive buffer of sum(recv_splits) rows (reused across layers by the fixed
@@ -115,8 +122,7 @@ def exchange(group: GroupHandle, send: torch.Tensor, *, send_splits: list[int], 
     """
     if out is None:
         out = send.new_empty((sum(recv_splits), *send.shape[1:]))
-    dist.all_to_all_single(out, send, output_split_sizes=recv_splits, input_split_sizes=send_splits,
-                           group=group.group)
+    dist.all_to_all_single(out, send, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group.group)
     return out
 
 

@@ -98,25 +98,38 @@ class TrunkRankActor(_RankBase):
         weights = load_trunk(reader, cfg, dtype=self.dtype, layout=self.layout)
         self.trunk = Trunk(weights, cfg, dtype=self.dtype)
         assert spec.caches is not None
-        self.pools = CachePools.allocate(cfg, num_blocks=spec.caches.num_blocks, block_size=spec.caches.block_size,
-                                         num_slots=spec.caches.num_slots, dtype=self.dtype,
-                                         with_mtp=weights.mtp is not None, spec_tokens=spec.caches.spec_tokens)
+        self.pools = CachePools.allocate(
+            cfg,
+            num_blocks=spec.caches.num_blocks,
+            block_size=spec.caches.block_size,
+            num_slots=spec.caches.num_slots,
+            dtype=self.dtype,
+            with_mtp=weights.mtp is not None,
+            spec_tokens=spec.caches.spec_tokens,
+        )
         self.vision = None
         if cfg.vision is not None and self.layout.has_vision:
             self.vision = VisionTower(load_vision(reader, cfg, dtype=self.dtype), cfg.vision, dtype=self.dtype)
         self.rank: TrunkRank | None = None
         if spec.shape.expert_ranks == 0:
             shard = load_experts(reader, cfg, expert_ids=range(cfg.num_experts), dtype=self.dtype, layout=self.layout)
-            self.rank = TrunkRank(self.trunk, self.pools, LocalDispatcher(shard, num_moe_layers=cfg.num_moe_layers),
-                                  self.vision)
+            self.rank = TrunkRank(
+                self.trunk, self.pools, LocalDispatcher(shard, num_moe_layers=cfg.num_moe_layers), self.vision
+            )
         self.read_bytes = reader.stats.bytes
         reader.close()
 
     def join(self, spec: GroupSpec) -> None:
         assert self.spec.expert_map is not None
         self.group = join_group(spec, self.spec.shape.trunk_rank(self.spec.index))
-        dispatcher = AllToAllDispatcher(self.group, self.spec.shape, self.spec.expert_map, hidden=self.cfg.hidden_size,
-                                        dtype=self.dtype, num_experts=self.cfg.num_experts)
+        dispatcher = AllToAllDispatcher(
+            self.group,
+            self.spec.shape,
+            self.spec.expert_map,
+            hidden=self.cfg.hidden_size,
+            dtype=self.dtype,
+            num_experts=self.cfg.num_experts,
+        )
         self.rank = TrunkRank(self.trunk, self.pools, dispatcher, self.vision)
 
     def step(self, req: StepRequest, plan: StepPlan | None) -> StepResult:
@@ -140,8 +153,12 @@ class TrunkRankActor(_RankBase):
         return routed.take_timings() if isinstance(routed, AllToAllDispatcher) else {}
 
     def cache_info(self) -> dict[str, int]:
-        return {"num_blocks": self.pools.num_blocks, "num_slots": self.pools.num_slots,
-                "block_size": self.pools.block_size, "read_bytes": self.read_bytes}
+        return {
+            "num_blocks": self.pools.num_blocks,
+            "num_slots": self.pools.num_slots,
+            "block_size": self.pools.block_size,
+            "read_bytes": self.read_bytes,
+        }
 
 
 class ExpertRankActor(_RankBase):
@@ -160,8 +177,14 @@ class ExpertRankActor(_RankBase):
         layout = CheckpointLayout.detect(reader, cfg)
         ids = spec.expert_map.experts_of(spec.index)
         has_mtp = layout.mtp_layout is not None
-        self.shard = load_experts(reader, cfg, expert_ids=ids[: cfg.num_layers + (cfg.mtp_num_hidden_layers if has_mtp else 0)],
-                                  dtype=self.dtype, with_mtp=has_mtp, layout=layout)
+        self.shard = load_experts(
+            reader,
+            cfg,
+            expert_ids=ids[: cfg.num_layers + (cfg.mtp_num_hidden_layers if has_mtp else 0)],
+            dtype=self.dtype,
+            with_mtp=has_mtp,
+            layout=layout,
+        )
         self.read_names = list(reader.stats.names)
         self.read_bytes = reader.stats.bytes
         reader.close()

@@ -29,8 +29,10 @@ INGRESS_CPUS = 1.0
 def _engine_bundles(a: AppArgs) -> Any:  # noqa: ANN401  # cluster.placement.GroupPlacement
     shape = GroupShape(a.trunk_ranks, a.expert_ranks)
     return plan_placement(
-        shape, Topology(nodes=1, gpus_per_node=shape.world_size if a.gpus else 0, gpu_memory_gib=1.0 if a.gpus else 0),
-        replica_bundle=ENGINE_REPLICA_BUNDLE, cpus_per_rank=a.cpus_per_rank,
+        shape,
+        Topology(nodes=1, gpus_per_node=shape.world_size if a.gpus else 0, gpu_memory_gib=1.0 if a.gpus else 0),
+        replica_bundle=ENGINE_REPLICA_BUNDLE,
+        cpus_per_rank=a.cpus_per_rank,
     )
 
 
@@ -47,6 +49,7 @@ def resource_demand(a: AppArgs, *, at_max: bool) -> dict[str, float]:
             total[k] = total.get(k, 0.0) + engines * float(v)
     return total
 
+
 # A stopping ingress replica outlives the engine's drain by this much: when the engine replica is stopped at its
 # `graceful_shutdown_timeout_s`, the ingress still has time to end the streams left with an error event and [DONE].
 INGRESS_SHUTDOWN_MARGIN_S = 5.0
@@ -55,9 +58,16 @@ SHUTDOWN_WAIT_LOOP_S = 0.5  # how often a stopping replica looks whether its req
 
 def metrics_hub(app_name: str) -> Any:  # noqa: ANN401  # a Ray actor handle
     """The app's hub (created on first use; detached so it outlives any one replica)."""
-    return ray.remote(num_cpus=0)(MetricsHub).options(
-        name=f"epserve-metrics-{app_name}", get_if_exists=True, lifetime="detached", namespace="epserve",
-    ).remote()
+    return (
+        ray.remote(num_cpus=0)(MetricsHub)
+        .options(
+            name=f"epserve-metrics-{app_name}",
+            get_if_exists=True,
+            lifetime="detached",
+            namespace="epserve",
+        )
+        .remote()
+    )
 
 
 def build_app(args: dict[str, Any] | AppArgs) -> Application:
@@ -68,29 +78,39 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         plain["api_key"] = a.api_key.get_secret_value()  # model_dump masks secrets
     hub = metrics_hub(a.served_model_name or default_model_name(a.model))
     placement = _engine_bundles(a)
-    engine = serve.deployment(EngineServer).options(
-        name="EpserveEngine",
-        autoscaling_config=a.engine_autoscaling.serve_config(),
-        max_ongoing_requests=a.engine_max_ongoing_requests,
-        placement_group_bundles=[dict(b) for b in placement.bundles],
-        placement_group_strategy=placement.strategy,
-        ray_actor_options={"num_cpus": ENGINE_REPLICA_BUNDLE["CPU"]},
-        health_check_period_s=5.0,
-        health_check_timeout_s=30.0,
-        graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
-        graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
-        request_router_config=RequestRouterConfig(
-            request_router_class="replicas.engine_router:AvailableGroupRouter",
-            request_routing_stats_period_s=1.0, request_routing_stats_timeout_s=5.0),
-    ).bind(plain, hub)
-    ingress = serve.deployment(serve.ingress(build_api)(Ingress)).options(
-        name="EpserveIngress",
-        autoscaling_config=a.ingress_autoscaling.serve_config(),
-        max_ongoing_requests=a.ingress_max_ongoing_requests,
-        max_queued_requests=a.ingress_max_queued_requests,
-        ray_actor_options={"num_cpus": INGRESS_CPUS},
-        health_check_period_s=5.0,
-        graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s + INGRESS_SHUTDOWN_MARGIN_S,
-        graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
-    ).bind(engine, plain, hub)
+    engine = (
+        serve.deployment(EngineServer)  # type: ignore[attr-defined]  # Serve's overloads miss deployment(cls)
+        .options(
+            name="EpserveEngine",
+            autoscaling_config=a.engine_autoscaling.serve_config(),
+            max_ongoing_requests=a.engine_max_ongoing_requests,
+            placement_group_bundles=[dict(b) for b in placement.bundles],
+            placement_group_strategy=placement.strategy,
+            ray_actor_options={"num_cpus": ENGINE_REPLICA_BUNDLE["CPU"]},
+            health_check_period_s=5.0,
+            health_check_timeout_s=30.0,
+            graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
+            graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
+            request_router_config=RequestRouterConfig(
+                request_router_class="replicas.engine_router:AvailableGroupRouter",  # type: ignore[arg-type]  # read as a dict
+                request_routing_stats_period_s=1.0,  # type: ignore[arg-type]  # by mypy's pydantic plugin
+                request_routing_stats_timeout_s=5.0,  # type: ignore[arg-type]  # (Serve's own model)
+            ),
+        )
+        .bind(plain, hub)
+    )
+    ingress = (
+        serve.deployment(serve.ingress(build_api)(Ingress))  # type: ignore[attr-defined]  # as above
+        .options(
+            name="EpserveIngress",
+            autoscaling_config=a.ingress_autoscaling.serve_config(),
+            max_ongoing_requests=a.ingress_max_ongoing_requests,
+            max_queued_requests=a.ingress_max_queued_requests,
+            ray_actor_options={"num_cpus": INGRESS_CPUS},
+            health_check_period_s=5.0,
+            graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s + INGRESS_SHUTDOWN_MARGIN_S,
+            graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
+        )
+        .bind(engine, plain, hub)
+    )
     return ingress

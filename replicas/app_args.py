@@ -13,7 +13,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-
 CPU_COLLECTIVE_DEADLINE_S = 5.0
 GPU_COLLECTIVE_DEADLINE_S = 30.0
 
@@ -39,10 +38,14 @@ class AutoscalingArgs(BaseModel):
 
     def serve_config(self) -> dict:
         return {
-            "min_replicas": self.min_replicas, "initial_replicas": self.min_replicas,
-            "max_replicas": self.max_replicas, "target_ongoing_requests": self.target_ongoing_requests,
-            "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
-            "metrics_interval_s": self.metrics_interval_s, "look_back_period_s": self.look_back_period_s,
+            "min_replicas": self.min_replicas,
+            "initial_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": self.look_back_period_s,
         }
 
 
@@ -59,38 +62,52 @@ class AppArgs(BaseModel):
     gpus: bool = Field(False, description="Give every rank one GPU (NCCL); else CPU ranks (gloo).")
     cpus_per_rank: float = Field(1.0, gt=0)
     collective_deadline_s: float | None = Field(
-        None, gt=0, description="Bound on every collective of a group; a hung rank's streams fail after it. "
-        "Unset: 5 s with CPU ranks (gloo), 30 s with GPUs (NCCL).")
+        None,
+        gt=0,
+        description="Bound on every collective of a group; a hung rank's streams fail after it. "
+        "Unset: 5 s with CPU ranks (gloo), 30 s with GPUs (NCCL).",
+    )
     capacity_factor: float = Field(2.0, gt=0, description="Decode exchange capacity over the mean rows per pair.")
     block_size: int = Field(16, ge=1, le=1024)
     num_kv_blocks: int = Field(1024, ge=1, description="KV blocks per trunk rank.")
     max_num_seqs: int = Field(32, ge=1, description="Running sequences (= DeltaNet state slots) per trunk rank.")
     max_num_batched_tokens: int = Field(2048, ge=64, description="New tokens per trunk rank per step.")
-    max_model_len: int | None = Field(None, ge=2, description="Context limit; default: the model's, capped by the cache.")
+    max_model_len: int | None = Field(
+        None, ge=2, description="Context limit; default: the model's, capped by the cache."
+    )
     default_max_tokens: int | None = Field(None, ge=1, description="max_tokens when a request sets none.")
     max_thinking_tokens: int | None = Field(
-        None, ge=0, description="Thinking budget when a chat request sets none: after this many reasoning tokens "
+        None,
+        ge=0,
+        description="Thinking budget when a chat request sets none: after this many reasoning tokens "
         "the engine writes </think> and the answer follows. Unset: generation_config.json's max_thinking_tokens "
-        "(16 in the embedded tiny model), else unbounded.")
+        "(16 in the embedded tiny model), else unbounded.",
+    )
     max_n: int = Field(16, ge=1, description="Largest n a request may ask for.")
     max_fanout: int = Field(64, ge=1, description="Sequences one request may start: prompts x n (a 400 beyond).")
     max_waiting_requests: int = Field(256, ge=1, description="Engine queue bound; beyond it 429 + Retry-After.")
     max_queue_steps: int | None = Field(
-        None, ge=1, description="Admit a request that must queue only if a running slot frees within this many "
+        None,
+        ge=1,
+        description="Admit a request that must queue only if a running slot frees within this many "
         "steps (by the running requests' max_tokens); beyond it 429, so admitted requests keep their TTFT. "
-        "Unset: only max_waiting_requests bounds the queue.")
+        "Unset: only max_waiting_requests bounds the queue.",
+    )
     ingress_max_ongoing_requests: int = Field(256, ge=1)
     ingress_max_queued_requests: int = Field(512, ge=1, description="Serve's own queue bound (503 beyond).")
     engine_max_ongoing_requests: int = Field(1024, ge=1)
     ingress_autoscaling: AutoscalingArgs = Field(
-        default_factory=lambda: AutoscalingArgs(min_replicas=1, max_replicas=2, target_ongoing_requests=32))
+        default_factory=lambda: AutoscalingArgs(min_replicas=1, max_replicas=2, target_ongoing_requests=32)
+    )
     engine_autoscaling: AutoscalingArgs = Field(
-        default_factory=lambda: AutoscalingArgs(min_replicas=1, max_replicas=1, target_ongoing_requests=64))
+        default_factory=lambda: AutoscalingArgs(min_replicas=1, max_replicas=1, target_ongoing_requests=64)
+    )
     api_key: SecretStr | None = Field(None, description="Bearer key required on every route but /health.")
     api_key_env: str | None = Field(None, description="Name of an environment variable holding the key.")
     load_timeout_s: float = Field(1800.0, gt=0, description="Time allowed to load weights and form a group.")
     allowed_local_media_path: str | None = Field(
-        None, description="Folder whose files requests may name as images / video frames (no network fetching).")
+        None, description="Folder whose files requests may name as images / video frames (no network fetching)."
+    )
     max_images_per_request: int = Field(8, ge=0)
     max_videos_per_request: int = Field(1, ge=0)
     max_image_bytes: int = Field(20 * 2**20, ge=1, description="Encoded size of one image or video frame.")
@@ -99,31 +116,55 @@ class AppArgs(BaseModel):
     # Video files are decoded in the ingress (PyAV, the `video` extra); these bound one file's decode.
     max_video_bytes: int = Field(64 * 2**20, ge=1, description="Encoded size of one video file (mp4 / webm).")
     max_video_seconds: float = Field(
-        600.0, gt=0, description="Duration of one video file; longer videos are refused, not truncated.")
+        600.0, gt=0, description="Duration of one video file; longer videos are refused, not truncated."
+    )
     max_video_decoded_frames: int = Field(
-        18000, ge=1, description="Frames one video file may hold: every frame is decoded to reach the sampled "
-                                 "ones (10 min at 30 fps).")
+        18000,
+        ge=1,
+        description="Frames one video file may hold: every frame is decoded to reach the sampled "
+        "ones (10 min at 30 fps).",
+    )
     max_video_decoded_pixels: int = Field(
-        18000 * 1920 * 1080, ge=1, description="Width x height summed over the decoded frames of one video file "
-                                               "(bounds decode work and time: 10 min of 1080p at 30 fps).")
+        18000 * 1920 * 1080,
+        ge=1,
+        description="Width x height summed over the decoded frames of one video file "
+        "(bounds decode work and time: 10 min of 1080p at 30 fps).",
+    )
     max_video_decode_s: float = Field(
-        60.0, gt=0, description="Wall time decoding one video file may take (a backstop for slow streams).")
+        60.0, gt=0, description="Wall time decoding one video file may take (a backstop for slow streams)."
+    )
     speculative_tokens: int = Field(
-        0, ge=0, le=8, description="k > 0: the MTP head drafts k tokens per step, verified by the next step "
-                                   "(greedy output is identical to k = 0; needs a checkpoint with mtp.*).")
+        0,
+        ge=0,
+        le=8,
+        description="k > 0: the MTP head drafts k tokens per step, verified by the next step "
+        "(greedy output is identical to k = 0; needs a checkpoint with mtp.*).",
+    )
     max_request_body_mb: float = Field(
-        16.0, gt=0, description="Largest HTTP request body and gRPC message, in MiB (2**20 bytes): 413 / "
-                                "RESOURCE_EXHAUSTED beyond, refused before it is buffered.")
+        16.0,
+        gt=0,
+        description="Largest HTTP request body and gRPC message, in MiB (2**20 bytes): 413 / "
+        "RESOURCE_EXHAUSTED beyond, refused before it is buffered.",
+    )
     body_read_timeout_s: float = Field(
-        10.0, gt=0, description="Time a client has to send its whole request body (408 after); a body still "
-                                "arriving holds no ingress slot.")
+        10.0,
+        gt=0,
+        description="Time a client has to send its whole request body (408 after); a body still "
+        "arriving holds no ingress slot.",
+    )
     max_health_watchers: int = Field(
-        1024, ge=1, description="grpc.health.v1 Watch streams per Serve proxy (RESOURCE_EXHAUSTED beyond); "
-                                "they are answered by the proxy and hold no ingress slot.")
+        1024,
+        ge=1,
+        description="grpc.health.v1 Watch streams per Serve proxy (RESOURCE_EXHAUSTED beyond); "
+        "they are answered by the proxy and hold no ingress slot.",
+    )
     graceful_shutdown_timeout_s: float = Field(
-        20.0, gt=0, description="On stop (Ctrl-C, SIGTERM, a replica being stopped) streams may finish this long; "
-                                "the rest end with a retriable error event and [DONE] (gRPC UNAVAILABLE). Keep it "
-                                "and the ingress's 5 s more below the pods' terminationGracePeriodSeconds.")
+        20.0,
+        gt=0,
+        description="On stop (Ctrl-C, SIGTERM, a replica being stopped) streams may finish this long; "
+        "the rest end with a retriable error event and [DONE] (gRPC UNAVAILABLE). Keep it "
+        "and the ingress's 5 s more below the pods' terminationGracePeriodSeconds.",
+    )
 
     @model_validator(mode="after")
     def _layout(self) -> AppArgs:

@@ -30,8 +30,7 @@ BUDGET_BODIES = 32  # a proxy buffers at most this many full-size bodies at once
 
 
 def too_large(size: int, cap: int) -> ApiError:
-    return ApiError(413, f"request body of {size} bytes exceeds the limit of {cap} bytes "
-                         f"(max_request_body_mb)")
+    return ApiError(413, f"request body of {size} bytes exceeds the limit of {cap} bytes (max_request_body_mb)")
 
 
 def too_slow(timeout_s: float) -> ApiError:
@@ -66,8 +65,13 @@ def _has_body(scope: dict[str, Any]) -> bool:
 class ProxyBodyLimits:
     """Pure ASGI middleware for Serve's HTTP proxy (see the module docstring)."""
 
-    def __init__(self, app: Any, max_bytes: int = DEFAULT_MAX_BODY_BYTES,  # noqa: ANN401  # an ASGI app
-                 read_timeout_s: float = DEFAULT_READ_TIMEOUT_S, budget_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,  # noqa: ANN401  # an ASGI app
+        max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+        budget_bytes: int | None = None,
+    ) -> None:
         self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
         self.budget = budget_bytes if budget_bytes is not None else BUDGET_BODIES * max_bytes
         self.held = 0  # bytes of bodies this proxy holds for requests not yet answered
@@ -88,8 +92,12 @@ class ProxyBodyLimits:
         def reserve(n: int) -> None:
             nonlocal reserved
             if self.held + n > self.budget:
-                raise ApiError(503, "the server is holding too many request bodies; retry later",
-                               type="service_unavailable_error", retry_after=1)
+                raise ApiError(
+                    503,
+                    "the server is holding too many request bodies; retry later",
+                    type="service_unavailable_error",
+                    retry_after=1,
+                )
             self.held += n
             reserved += n
 
@@ -160,8 +168,13 @@ def proxy_middlewares() -> list[Any]:
     """The callback `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH` names; limits from the proxy's environment."""
     from starlette.middleware import Middleware
 
-    return [Middleware(ProxyBodyLimits, max_bytes=int(os.environ.get(MAX_BODY_ENV, DEFAULT_MAX_BODY_BYTES)),
-                       read_timeout_s=float(os.environ.get(READ_TIMEOUT_ENV, DEFAULT_READ_TIMEOUT_S)))]
+    return [
+        Middleware(
+            ProxyBodyLimits,
+            max_bytes=int(os.environ.get(MAX_BODY_ENV, DEFAULT_MAX_BODY_BYTES)),
+            read_timeout_s=float(os.environ.get(READ_TIMEOUT_ENV, DEFAULT_READ_TIMEOUT_S)),
+        )
+    ]
 
 
 async def read_body(request: Any, max_bytes: int, read_timeout_s: float) -> bytes:  # noqa: ANN401  # starlette Request

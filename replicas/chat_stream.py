@@ -24,8 +24,9 @@ class ChatDelta:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
     def __add__(self, other: ChatDelta) -> ChatDelta:
-        return ChatDelta(self.content + other.content, self.reasoning + other.reasoning,
-                         self.tool_calls + other.tool_calls)
+        return ChatDelta(
+            self.content + other.content, self.reasoning + other.reasoning, self.tool_calls + other.tool_calls
+        )
 
 
 def thinking_open(prompt_text: str) -> bool:
@@ -79,4 +80,3 @@ class ChatChoiceStream:
         if engine_reason is not None and self.tool_calls and engine_reason == "stop":
             return "tool_calls"
         return engine_reason
-

@@ -24,7 +24,14 @@ from cluster.topology import GroupShape
 from model_shards.experts import ExpertShard, local_routed_experts
 from model_shards.moe import Routing, combine_slots
 from replicas.a2a_protocol import (
-    FIXED, ID_BYTES, StepPlan, exchange, exchange_counts, pack_rows, row_bytes, write_headers,
+    FIXED,
+    ID_BYTES,
+    StepPlan,
+    exchange,
+    exchange_counts,
+    pack_rows,
+    row_bytes,
+    write_headers,
 )
 
 
@@ -136,8 +143,17 @@ class _FixedBuffers:
     into `send` (None where the row width does not allow a typed view); `answers` into `recv`.
     """
 
-    def __init__(self, shape: GroupShape, cap: int, *, hidden: int, dtype: torch.dtype, in_bytes: int,
-                 out_bytes: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        shape: GroupShape,
+        cap: int,
+        *,
+        hidden: int,
+        dtype: torch.dtype,
+        in_bytes: int,
+        out_bytes: int,
+        device: torch.device,
+    ) -> None:
         d, x = shape.trunk_ranks, shape.expert_ranks
         n = x * (cap + 1)
         self.send = torch.zeros(n, in_bytes, dtype=torch.uint8, device=device)
@@ -169,8 +185,16 @@ class AllToAllDispatcher:
         hidden: model width; dtype: compute dtype of the rows on the wire.
     """
 
-    def __init__(self, group: GroupHandle, shape: GroupShape, expert_map: ExpertMap, *, hidden: int,
-                 dtype: torch.dtype, num_experts: int) -> None:
+    def __init__(
+        self,
+        group: GroupHandle,
+        shape: GroupShape,
+        expert_map: ExpertMap,
+        *,
+        hidden: int,
+        dtype: torch.dtype,
+        num_experts: int,
+    ) -> None:
         self.group, self.shape, self.map = group, shape, expert_map
         self.hidden, self.dtype = hidden, dtype
         self.load = ExpertLoad(expert_map.num_moe_layers, num_experts)
@@ -210,7 +234,9 @@ class AllToAllDispatcher:
         plan = self._plan
         assert plan is not None
         dev = self.group.device
-        empty = Routing(torch.empty(0, 1, dtype=torch.long, device=dev), torch.empty(0, 1, dtype=self.dtype, device=dev))
+        empty = Routing(
+            torch.empty(0, 1, dtype=torch.long, device=dev), torch.empty(0, 1, dtype=self.dtype, device=dev)
+        )
         while self._cursor < len(plan.moe_layers):
             self(plan.moe_layers[self._cursor], torch.empty(0, self.hidden, dtype=self.dtype, device=dev), empty)
 
@@ -242,13 +268,21 @@ class AllToAllDispatcher:
     def _fixed_buffers(self, cap: int) -> _FixedBuffers:
         bufs = self._fixed.get(cap)
         if bufs is None:
-            bufs = _FixedBuffers(self.shape, cap, hidden=self.hidden, dtype=self.dtype, in_bytes=self.in_bytes,
-                                 out_bytes=self.out_bytes, device=self.group.device)
+            bufs = _FixedBuffers(
+                self.shape,
+                cap,
+                hidden=self.hidden,
+                dtype=self.dtype,
+                in_bytes=self.in_bytes,
+                out_bytes=self.out_bytes,
+                device=self.group.device,
+            )
             self._fixed[cap] = bufs
         return bufs
 
-    def dispatch(self, layer: int, x_TD: torch.Tensor, routing: Routing, plan: StepPlan
-                 ) -> tuple[DispatchHandle, torch.Tensor]:
+    def dispatch(
+        self, layer: int, x_TD: torch.Tensor, routing: Routing, plan: StepPlan
+    ) -> tuple[DispatchHandle, torch.Tensor]:
         """Send every (token, slot) row to its expert rank.
 
         Returns the handle and the packed rows (send order) that may still have to go in the fixed mode's
@@ -273,13 +307,22 @@ class AllToAllDispatcher:
         else:
             sent = counts
             exchange_counts(self.group, [0] * self.shape.trunk_ranks + counts)
-            exchange(self.group, payload, send_splits=[0] * self.shape.trunk_ranks + counts,
-                     recv_splits=self._no_splits)
+            exchange(
+                self.group, payload, send_splits=[0] * self.shape.trunk_ranks + counts, recv_splits=self._no_splits
+            )
         handle = DispatchHandle(routing, order, tuple(counts), tuple(sent), plan.mode, plan.capacity)
         return handle, payload
 
-    def _dispatch_fixed_fast(self, x_TD: torch.Tensor, routing: Routing, dest: torch.Tensor, counts_t: torch.Tensor,
-                             counts: list[int], cap: int, bufs: _FixedBuffers) -> tuple[DispatchHandle, torch.Tensor]:
+    def _dispatch_fixed_fast(
+        self,
+        x_TD: torch.Tensor,
+        routing: Routing,
+        dest: torch.Tensor,
+        counts_t: torch.Tensor,
+        counts: list[int],
+        cap: int,
+        bufs: _FixedBuffers,
+    ) -> tuple[DispatchHandle, torch.Tensor]:
         """Fixed mode, every count within C: rows go straight from the tokens into their buffer slots
         (no sort, no packed copy). Same bytes in the header and counted rows as `_send_fixed`."""
         x = self.shape.expert_ranks
@@ -308,7 +351,7 @@ class AllToAllDispatcher:
         bufs.flag = overflowed
         start = 0
         for j in range(x):
-            buf[j, 1:1 + sent[j]] = payload[start:start + sent[j]]
+            buf[j, 1 : 1 + sent[j]] = payload[start : start + sent[j]]
             start += counts[j]
         exchange(self.group, bufs.send, send_splits=bufs.send_splits, recv_splits=self._no_splits)
 
@@ -332,19 +375,20 @@ class AllToAllDispatcher:
                 # one gather: the answers sit in the dispatch layout, src_R maps slot rows to buffer rows
                 return combine_slots(bufs.answers.index_select(0, handle.src_R), routing=handle.routing)
             recv = bufs.recv.view(x, cap + 1, self.out_bytes)
-            parts = [recv[j, 1:1 + handle.sent_X[j]] for j in range(x)]
+            parts = [recv[j, 1 : 1 + handle.sent_X[j]] for j in range(x)]
             if overflow:
                 extra = [c - s for c, s in zip(handle.counts_X, handle.sent_X)]
                 starts = [sum(handle.counts_X[:j]) + handle.sent_X[j] for j in range(x)]
-                rest = torch.cat([payload[starts[j]:starts[j] + extra[j]] for j in range(x)])
+                rest = torch.cat([payload[starts[j] : starts[j] + extra[j]] for j in range(x)])
                 exchange(self.group, rest, send_splits=[0] * d + extra, recv_splits=self._no_splits)
                 back = exchange(self.group, nothing, send_splits=self._no_splits, recv_splits=[0] * d + extra)
                 offs = [sum(extra[:j]) for j in range(x)]
-                parts = [torch.cat([parts[j], back[offs[j]:offs[j] + extra[j]]]) for j in range(x)]
+                parts = [torch.cat([parts[j], back[offs[j] : offs[j] + extra[j]]]) for j in range(x)]
             out_bytes = torch.cat(parts) if parts else nothing
         else:
-            out_bytes = exchange(self.group, nothing, send_splits=self._no_splits,
-                                 recv_splits=[0] * d + list(handle.counts_X))
+            out_bytes = exchange(
+                self.group, nothing, send_splits=self._no_splits, recv_splits=[0] * d + list(handle.counts_X)
+            )
         y_sorted = out_bytes.reshape(-1).view(self.dtype).view(r, self.hidden)
         if r == 0:
             return y_sorted.new_zeros((handle.routing.num_tokens, self.hidden))

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -29,6 +29,9 @@ from replicas.scheduler import Scheduled, Scheduler, SchedulerConfig, SchedulerO
 from replicas.sequence import Sequence, Status
 from replicas.step_guard import request_problem
 from replicas.step_types import SeqStep, StepRequest, StepResult, TokenLogprobs
+
+if TYPE_CHECKING:  # annotations only: llguidance loads with the first constrained request
+    from replicas.structured_output import GrammarMatcher
 
 log = logging.getLogger("ray.serve.epserve.engine")
 
@@ -72,10 +75,21 @@ class Engine:
             (replicas/step_guard.py). None: unchecked.
     """
 
-    def __init__(self, runner: AsyncRunner, *, pools: list[BlockPool], config: SchedulerConfig,
-                 tokenizer: Tokenizer | None, max_waiting: int = 256, recover: Callable[[], None] | None = None,
-                 metrics: MetricsRegistry | None = None, grammars: Callable[[], Any] | None = None,
-                 spec_tokens: int = 0, max_queue_steps: int | None = None, vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        runner: AsyncRunner,
+        *,
+        pools: list[BlockPool],
+        config: SchedulerConfig,
+        tokenizer: Tokenizer | None,
+        max_waiting: int = 256,
+        recover: Callable[[], None] | None = None,
+        metrics: MetricsRegistry | None = None,
+        grammars: Callable[[], Any] | None = None,
+        spec_tokens: int = 0,
+        max_queue_steps: int | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
         self.runner = runner
         self.vocab_size = vocab_size
         self.scheduler = Scheduler(config, pools)
@@ -135,8 +149,15 @@ class Engine:
         failure = EngineFailure(message, retriable=True)
         for s in seqs:
             if s.status is not Status.FINISHED and not s.aborted:
-                queue.put_nowait(GenerateOutput(request_id=request_id, index=s.index, error=failure,
-                                                prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids)))
+                queue.put_nowait(
+                    GenerateOutput(
+                        request_id=request_id,
+                        index=s.index,
+                        error=failure,
+                        prompt_tokens=len(s.prompt_ids),
+                        completion_tokens=len(s.output_ids),
+                    )
+                )
         self.abort(request_id)
 
     # ----------------------------------------------------------------- requests
@@ -152,8 +173,9 @@ class Engine:
         for s in seqs:
             # Verification is exact for plain sampling; penalties, grammars and min_tokens change the
             # distribution from token to token, so those requests decode without drafts.
-            s.speculate = bool(self.spec_tokens) and req.grammar is None and not s.params.has_penalties \
-                and req.min_tokens == 0
+            s.speculate = (
+                bool(self.spec_tokens) and req.grammar is None and not s.params.has_penalties and req.min_tokens == 0
+            )
         if compiled is not None:
             from replicas.structured_output import GrammarMatcher
 
@@ -203,11 +225,13 @@ class Engine:
         if not self.scheduler.fits_ever(len(req.prompt_ids) + req.max_tokens):
             raise RequestRejected(
                 f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) do not fit in one trunk "
-                "rank's KV cache on this server")
+                "rank's KV cache on this server"
+            )
         queued = len(self.scheduler.waiting) + req.n - self._free_seq_slots()
         if queued > self.max_waiting:
-            raise EngineOverloaded(f"{len(self.scheduler.waiting)} sequences are waiting for a running slot "
-                                   f"(limit {self.max_waiting})")
+            raise EngineOverloaded(
+                f"{len(self.scheduler.waiting)} sequences are waiting for a running slot (limit {self.max_waiting})"
+            )
         if queued > 0 and self.max_queue_steps is not None:
             steps = self._steps_until_freed(queued)
             if steps > self.max_queue_steps:
@@ -229,8 +253,9 @@ class Engine:
         so counting every waiting sequence as queued would reject requests that start at the next step.
         """
         s = self.scheduler
-        return sum(max(0, min(s.config.max_num_seqs - len(run), pool.free_slots))
-                   for run, pool in zip(s.running, s.pools))
+        return sum(
+            max(0, min(s.config.max_num_seqs - len(run), pool.free_slots)) for run, pool in zip(s.running, s.pools)
+        )
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its caches are freed before the next step."""
@@ -292,35 +317,53 @@ class Engine:
         assert seq.addr is not None
         drafts = tuple(seq.drafts) if (sch.sample and sch.n > 1 and sch.start + 1 == seq.num_tokens) else ()
         own = sch.n - len(drafts)
-        ids = (*seq.all_ids[sch.start:sch.start + own], *drafts)
+        ids = (*seq.all_ids[sch.start : sch.start + own], *drafts)
         positions, vision_rows, vision_first = seq.chunk_vision(sch.start, sch.n)
-        chunk = SeqChunk(ids, sch.start, seq.addr.slot, tuple(seq.addr.blocks), positions=positions,
-                         rope_delta=seq.rope_delta, logits="all" if drafts else "last" if sch.sample else "none",
-                         vision_rows=vision_rows, vision_first=vision_first, verify=bool(drafts))
+        chunk = SeqChunk(
+            ids,
+            sch.start,
+            seq.addr.slot,
+            tuple(seq.addr.blocks),
+            positions=positions,
+            rope_delta=seq.rope_delta,
+            logits="all" if drafts else "last" if sch.sample else "none",
+            vision_rows=vision_rows,
+            vision_first=vision_first,
+            verify=bool(drafts),
+        )
         nxt = seq.all_ids[sch.start + sch.n] if not sch.sample and sch.start + sch.n < seq.num_tokens else None
         penalties = seq.params.has_penalties
         # A spent thinking budget forces `</think>` (then its blank line) through a one-token mask, so sampling,
         # logprobs and the MTP drafts that follow all see the forced token; _update keeps drafts out of these steps.
         forced = seq.forced_token() if sch.sample else None
+        mask: torch.Tensor | None
         if forced is not None:
             assert not drafts, "drafts never reach a forced token"
             mask = only_token_mask(forced)
         else:
             mask = seq.matcher.bitmask() if (seq.matcher is not None and sch.sample) else None
         return SeqStep(
-            chunk=chunk, sample=sch.sample, params=seq.params, output_index=len(seq.output_ids),
-            prompt_ids=tuple(seq.prompt_ids) if penalties else (), output_ids=tuple(seq.output_ids) if penalties else (),
-            suppress_ids=seq.suppressed_ids() if sch.sample and forced is None else (), allowed_mask=mask,
+            chunk=chunk,
+            sample=sch.sample,
+            params=seq.params,
+            output_index=len(seq.output_ids),
+            prompt_ids=tuple(seq.prompt_ids) if penalties else (),
+            output_ids=tuple(seq.output_ids) if penalties else (),
+            suppress_ids=seq.suppressed_ids() if sch.sample and forced is None else (),
+            allowed_mask=mask,
             vision=seq.mm.inputs if (seq.mm is not None and sch.start == 0) else None,
-            drafts=drafts, mtp=seq.speculate, mtp_next=nxt,
+            drafts=drafts,
+            mtp=seq.speculate,
+            mtp_next=nxt,
         )
 
     def _update(self, out: SchedulerOutput, results: list[StepResult]) -> None:
         for trunk, res in zip(out.per_trunk, results):
             for i, sch in enumerate(trunk):
                 seq = sch.seq
-                if res.errors and res.errors[i] is not None:
-                    self._refuse(seq, res.errors[i])  # failed alone, before the step's collectives
+                error = res.errors[i] if res.errors else None
+                if error is not None:
+                    self._refuse(seq, error)  # failed alone, before the step's collectives
                     continue
                 accepted = res.accepted[i] if res.accepted else ()
                 # the same test as _seq_step's: a decode that carried drafts
@@ -354,28 +397,33 @@ class Engine:
         prev = seq.t_last_token
         event = seq.append(token, logprobs)
         if seq.matcher is not None and not event.finished:
-            event = self._advance_grammar(seq, token, event)
+            event = self._advance_grammar(seq, seq.matcher, token, event)
         self.metrics.inc("generation_tokens")
         if prev is None:
-            self.metrics.observe("time_to_first_token_seconds", seq.t_first_token - seq.t_arrival)
+            self.metrics.observe("time_to_first_token_seconds", seq.t_first_token - seq.t_arrival)  # type: ignore[operator]  # set by append
         else:
-            self.metrics.observe("inter_token_latency_seconds", seq.t_last_token - prev)
+            self.metrics.observe("inter_token_latency_seconds", seq.t_last_token - prev)  # type: ignore[operator]  # set by append
         self._deliver(seq, event)
         if event.finished:
             seq.drafts = []
             self._finish(seq, event.finish_reason or "error")
         return event.finished
 
-    def _advance_grammar(self, seq: Sequence, token: int, event: GenerateOutput) -> GenerateOutput:
+    def _advance_grammar(
+        self, seq: Sequence, matcher: GrammarMatcher, token: int, event: GenerateOutput
+    ) -> GenerateOutput:
         """Feed the sampled token to the sequence's grammar; a complete grammar ends the choice."""
         from replicas.structured_output import GrammarViolation
 
         try:
-            seq.matcher.accept(token)
+            matcher.accept(token)
         except GrammarViolation as exc:
-            return replace(event, finish_reason=None,
-                           error=EngineFailure(f"structured output failed: {exc}", retriable=False, code=500))
-        if seq.matcher.is_terminated():
+            return replace(
+                event,
+                finish_reason=None,
+                error=EngineFailure(f"structured output failed: {exc}", retriable=False, code=500),
+            )
+        if matcher.is_terminated():
             return seq.close("stop", event)
         return event
 
@@ -385,9 +433,16 @@ class Engine:
         if seq.status is Status.FINISHED or seq.aborted:
             return
         log.warning("request %s: refused by its trunk rank: %s", seq.req.request_id, why)
-        self._deliver(seq, GenerateOutput(request_id=seq.req.request_id, index=seq.index,
-                                          error=EngineFailure(f"refused: {why}", retriable=False, code=400),
-                                          prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids)))
+        self._deliver(
+            seq,
+            GenerateOutput(
+                request_id=seq.req.request_id,
+                index=seq.index,
+                error=EngineFailure(f"refused: {why}", retriable=False, code=400),
+                prompt_tokens=len(seq.prompt_ids),
+                completion_tokens=len(seq.output_ids),
+            ),
+        )
         self.scheduler.release(seq)
         self.metrics.inc("request_errors", kind="refused")
 
@@ -451,8 +506,15 @@ class Engine:
                 if s.status is Status.FINISHED:
                     continue
                 self.scheduler.release(s)
-                queue.put_nowait(GenerateOutput(request_id=rid, index=s.index, error=failure,
-                                                prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.output_ids)))
+                queue.put_nowait(
+                    GenerateOutput(
+                        request_id=rid,
+                        index=s.index,
+                        error=failure,
+                        prompt_tokens=len(s.prompt_ids),
+                        completion_tokens=len(s.output_ids),
+                    )
+                )
                 self.metrics.inc("request_errors", kind="group_failure" if retriable else "error")
 
     async def _on_failure(self, exc: Exception) -> None:
@@ -483,14 +545,25 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """Counts read by tests and operators now (the /metrics gauges lag by the push period)."""
-        return {"running": self.scheduler.num_running, "waiting": len(self.scheduler.waiting),
-                "streams": len(self._streams), "aborted": int(self.metrics.counters.get(("requests_aborted", ()), 0)),
-                "pools": self.pool_state()}
+        return {
+            "running": self.scheduler.num_running,
+            "waiting": len(self.scheduler.waiting),
+            "streams": len(self._streams),
+            "aborted": int(self.metrics.counters.get(("requests_aborted", ()), 0)),
+            "pools": self.pool_state(),
+        }
 
     def pool_state(self) -> list[dict[str, int]]:
         """Free blocks and slots per trunk rank (tests check aborts return everything)."""
-        return [{"free_blocks": p.free_blocks, "num_blocks": p.num_blocks, "free_slots": p.free_slots,
-                 "num_slots": p.num_slots} for p in self.scheduler.pools]
+        return [
+            {
+                "free_blocks": p.free_blocks,
+                "num_blocks": p.num_blocks,
+                "free_slots": p.free_slots,
+                "num_slots": p.num_slots,
+            }
+            for p in self.scheduler.pools
+        ]
 
 
 def only_token_mask(token_id: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -31,6 +31,9 @@ from replicas.engine_types import GenerateOutput, GenerateRequest
 from replicas.group import ExpertParallelGroup, GroupConfig
 from replicas.metrics import MetricsRegistry
 from replicas.scheduler import SchedulerConfig
+
+if TYPE_CHECKING:  # annotations only: llguidance loads with the first grammar
+    from replicas.structured_output import GrammarCache
 
 log = logging.getLogger("ray.serve.epserve.engine")
 
@@ -57,31 +60,52 @@ class EngineServer:
         k = a.speculative_tokens
         if k and not self.cfg.has_mtp:
             raise ValueError(f"speculative_tokens {k} needs an MTP head: {folder}'s config has mtp_num_hidden_layers 0")
-        caches = CacheSizes(num_blocks=a.num_kv_blocks, block_size=a.block_size, num_slots=a.max_num_seqs,
-                            spec_tokens=k)
+        caches = CacheSizes(
+            num_blocks=a.num_kv_blocks, block_size=a.block_size, num_slots=a.max_num_seqs, spec_tokens=k
+        )
         placement = ray.util.get_current_placement_group()
         self.group = ExpertParallelGroup(
-            GroupConfig(model_dir=a.model, shape=GroupShape(a.trunk_ranks, a.expert_ranks), dtype=a.dtype,
-                        deadline_s=a.collective_deadline_s, caches=caches, capacity_factor=a.capacity_factor,
-                        cpus_per_rank=a.cpus_per_rank, gpus=a.gpus, load_timeout_s=a.load_timeout_s),
-            placement=placement, first_bundle=1 if placement is not None else 0,
+            GroupConfig(
+                model_dir=a.model,
+                shape=GroupShape(a.trunk_ranks, a.expert_ranks),
+                dtype=a.dtype,
+                deadline_s=a.collective_deadline_s,  # type: ignore[arg-type]  # set by AppArgs' validator
+                caches=caches,
+                capacity_factor=a.capacity_factor,
+                cpus_per_rank=a.cpus_per_rank,
+                gpus=a.gpus,
+                load_timeout_s=a.load_timeout_s,
+            ),
+            placement=placement,
+            first_bundle=1 if placement is not None else 0,
         )
         t0 = time.monotonic()
         self.group.start()  # loads every rank's weights and runs one idle step through all of them
-        log.info("group of %d trunk + %d expert ranks ready in %.1f s", a.trunk_ranks, a.expert_ranks,
-                 time.monotonic() - t0)
+        log.info(
+            "group of %d trunk + %d expert ranks ready in %.1f s", a.trunk_ranks, a.expert_ranks, time.monotonic() - t0
+        )
         self.metrics = MetricsRegistry()
-        pools = [BlockPool(num_blocks=a.num_kv_blocks, num_slots=a.max_num_seqs, block_size=a.block_size)
-                 for _ in range(a.trunk_ranks)]
-        self.engine = Engine(self.group, pools=pools,
-                             config=SchedulerConfig(max_num_seqs=a.max_num_seqs,
-                                                    max_num_batched_tokens=a.max_num_batched_tokens,
-                                                    lookahead=2 * k),
-                             tokenizer=self.tokenizer, max_waiting=a.max_waiting_requests,
-                             recover=self.group.rebuild, metrics=self.metrics, grammars=self._grammar_cache,
-                             spec_tokens=k, max_queue_steps=a.max_queue_steps, vocab_size=self.cfg.vocab_size)
+        pools = [
+            BlockPool(num_blocks=a.num_kv_blocks, num_slots=a.max_num_seqs, block_size=a.block_size)
+            for _ in range(a.trunk_ranks)
+        ]
+        self.engine = Engine(
+            self.group,
+            pools=pools,
+            config=SchedulerConfig(
+                max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, lookahead=2 * k
+            ),
+            tokenizer=self.tokenizer,
+            max_waiting=a.max_waiting_requests,
+            recover=self.group.rebuild,
+            metrics=self.metrics,
+            grammars=self._grammar_cache,
+            spec_tokens=k,
+            max_queue_steps=a.max_queue_steps,
+            vocab_size=self.cfg.vocab_size,
+        )
         self._folder = folder
-        self._grammars = None
+        self._grammars: GrammarCache | None = None
         self._grammar_lock = threading.Lock()
         self.hub = metrics_hub
         self.replica_id = uuid.uuid4().hex[:12]
@@ -90,7 +114,7 @@ class EngineServer:
         self._callers: dict[str, str] = {}  # request id -> name of the replica actor that called
         self._watch_task: asyncio.Task | None = None
 
-    def _grammar_cache(self):  # noqa: ANN202  # replicas.structured_output.GrammarCache, built on first use
+    def _grammar_cache(self) -> GrammarCache:  # built on first use
         """The bounded cache of compiled grammars (its tokenizer costs ~200 MB and seconds: only when needed)."""
         with self._grammar_lock:
             if self._grammars is None:
@@ -137,8 +161,9 @@ class EngineServer:
         """Stream the request's events; a cancelled call (client gone) aborts it, and so does the death of
         `caller` (the calling replica's actor name): Ray does not cancel a dead caller's stream."""
         self._ensure_started()
-        log.info("request %s: admitted, %d prompt tokens, max_tokens %d", req.request_id, len(req.prompt_ids),
-                 req.max_tokens)
+        log.info(
+            "request %s: admitted, %d prompt tokens, max_tokens %d", req.request_id, len(req.prompt_ids), req.max_tokens
+        )
         if caller is not None:
             self._callers[req.request_id] = caller
         try:
@@ -161,7 +186,7 @@ class EngineServer:
         self._ensure_started()
         if self.engine.draining:
             return False
-        return await self.engine.probe(max_age_s=5.0, timeout_s=4 * self.args.collective_deadline_s + 10)
+        return await self.engine.probe(max_age_s=5.0, timeout_s=4 * self.args.collective_deadline_s + 10)  # type: ignore[operator]  # set by AppArgs' validator
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Read by the engine request router (replicas/engine_router.py): avoid a group that is down."""

@@ -18,7 +18,15 @@ from cluster.process_groups import GroupHandle
 from cluster.topology import GroupShape
 from model_shards.experts import ExpertShard
 from replicas.a2a_protocol import (
-    FIXED, HEADER_MIN_BYTES, ID_BYTES, StepPlan, exchange, exchange_counts, read_headers, row_bytes, unpack_rows,
+    FIXED,
+    HEADER_MIN_BYTES,
+    ID_BYTES,
+    StepPlan,
+    exchange,
+    exchange_counts,
+    read_headers,
+    row_bytes,
+    unpack_rows,
 )
 
 
@@ -39,8 +47,9 @@ class _FixedBuffers:
     them), `answers` [n, hidden] into back.
     """
 
-    def __init__(self, shape: GroupShape, cap: int, *, dtype: torch.dtype, in_bytes: int, out_bytes: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self, shape: GroupShape, cap: int, *, dtype: torch.dtype, in_bytes: int, out_bytes: int, device: torch.device
+    ) -> None:
         d, x = shape.trunk_ranks, shape.expert_ranks
         n = d * (cap + 1)
         self.recv = torch.zeros(n, in_bytes, dtype=torch.uint8, device=device)
@@ -67,8 +76,9 @@ class ExpertRank:
         group: process-group handle; shape: D and X of the group.
     """
 
-    def __init__(self, shard: ExpertShard, group: GroupHandle, shape: GroupShape, *, hidden: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, shard: ExpertShard, group: GroupHandle, shape: GroupShape, *, hidden: int, dtype: torch.dtype
+    ) -> None:
         self.shard, self.group, self.shape = shard, group, shape
         self.hidden, self.dtype = hidden, dtype
         self.in_bytes = row_bytes(hidden, dtype) + ID_BYTES
@@ -112,16 +122,21 @@ class ExpertRank:
     def _fixed_buffers(self, cap: int) -> _FixedBuffers:
         bufs = self._fixed.get(cap)
         if bufs is None:
-            bufs = _FixedBuffers(self.shape, cap, dtype=self.dtype, in_bytes=self.in_bytes, out_bytes=self.out_bytes,
-                                 device=self.group.device)
+            bufs = _FixedBuffers(
+                self.shape,
+                cap,
+                dtype=self.dtype,
+                in_bytes=self.in_bytes,
+                out_bytes=self.out_bytes,
+                device=self.group.device,
+            )
             self._fixed[cap] = bufs
         return bufs
 
     def _fixed_layer(self, layer: int, cap: int) -> tuple[int, float]:
         d, x = self.shape.trunk_ranks, self.shape.expert_ranks
         bufs = self._fixed_buffers(cap)
-        exchange(self.group, self._no_rows_in, send_splits=self._no_splits, recv_splits=bufs.recv_splits,
-                 out=bufs.recv)
+        exchange(self.group, self._no_rows_in, send_splits=self._no_splits, recv_splits=bufs.recv_splits, out=bufs.recv)
         counts, flags = read_headers(bufs.headers)
         overflow = any(flags)
         sent = [min(c, cap) for c in counts]
@@ -131,16 +146,16 @@ class ExpertRank:
             n = sent[0]
             self._rows[layer] += n
             if n:
-                y = self.shard.forward(layer, bufs.rows[1:1 + n].contiguous(), bufs.ids[1:1 + n, 0].to(torch.long))
-                bufs.answers[1:1 + n].copy_(y)
+                y = self.shard.forward(layer, bufs.rows[1 : 1 + n].contiguous(), bufs.ids[1 : 1 + n, 0].to(torch.long))
+                bufs.answers[1 : 1 + n].copy_(y)
             secs = time.perf_counter() - t0
         else:
             recv = bufs.recv.view(d, cap + 1, self.in_bytes)
-            out, secs = self._compute(layer, torch.cat([recv[t, 1:1 + sent[t]] for t in range(d)]))
+            out, secs = self._compute(layer, torch.cat([recv[t, 1 : 1 + sent[t]] for t in range(d)]))
             back = bufs.back.view(d, cap + 1, self.out_bytes)
             start = 0
             for t in range(d):
-                back[t, 1:1 + sent[t]] = out[start:start + sent[t]]
+                back[t, 1 : 1 + sent[t]] = out[start : start + sent[t]]
                 start += sent[t]
         if overflow != bufs.flag:  # combine header: the group-wide overflow flag
             bufs.back_flags.fill_(int(overflow))

@@ -32,8 +32,8 @@ from replicas.step_types import StepRequest, StepResult
 
 ERROR_GRACE_S = 2.0
 
-TrunkActor = ray.remote(max_restarts=0, max_concurrency=1)(TrunkRankActor)
-ExpertActor = ray.remote(max_restarts=0, max_concurrency=1)(ExpertRankActor)
+TrunkActor = ray.remote(max_restarts=0, max_concurrency=1)(TrunkRankActor)  # type: ignore[call-overload]  # Ray's overloads lack it
+ExpertActor = ray.remote(max_restarts=0, max_concurrency=1)(ExpertRankActor)  # type: ignore[call-overload]  # (max_concurrency)
 
 
 class GroupFailure(RuntimeError):
@@ -45,8 +45,15 @@ class GroupFailure(RuntimeError):
         errors: global rank -> error text, for ranks that raised (often collateral of the above).
     """
 
-    def __init__(self, epoch: int, *, dead: tuple[int, ...], timed_out: tuple[int, ...], errors: dict[int, str],
-                 names: dict[int, str]) -> None:
+    def __init__(
+        self,
+        epoch: int,
+        *,
+        dead: tuple[int, ...],
+        timed_out: tuple[int, ...],
+        errors: dict[int, str],
+        names: dict[int, str],
+    ) -> None:
         self.epoch, self.dead, self.timed_out, self.errors = epoch, dead, timed_out, errors
         parts = []
         if dead:
@@ -102,14 +109,24 @@ class ExpertParallelGroup:
         self.shape = config.shape
         self.cfg: ModelConfig = from_hf_config(resolve_model_dir(config.model_dir))
         self.expert_map = config.expert_map or (
-            ExpertMap.contiguous(num_experts=self.cfg.num_experts, num_moe_layers=self.cfg.num_moe_layers,
-                                 expert_ranks=self.shape.expert_ranks) if self.shape.expert_ranks else None
+            ExpertMap.contiguous(
+                num_experts=self.cfg.num_experts,
+                num_moe_layers=self.cfg.num_moe_layers,
+                expert_ranks=self.shape.expert_ranks,
+            )
+            if self.shape.expert_ranks
+            else None
         )
         self._own_pg = placement is None
         self._layout: GroupPlacement = plan_placement(
-            self.shape, Topology(nodes=1, gpus_per_node=self.shape.world_size if config.gpus else 0,
-                                 gpu_memory_gib=1.0 if config.gpus else 0.0),
-            cpus_per_rank=config.cpus_per_rank, strategy=config.strategy,
+            self.shape,
+            Topology(
+                nodes=1,
+                gpus_per_node=self.shape.world_size if config.gpus else 0,
+                gpu_memory_gib=1.0 if config.gpus else 0.0,
+            ),
+            cpus_per_rank=config.cpus_per_rank,
+            strategy=config.strategy,
         )
         self._pg = placement
         self._first_bundle = first_bundle
@@ -137,15 +154,24 @@ class ExpertParallelGroup:
     def _new_actor(self, global_rank: int):  # noqa: ANN202  # a Ray actor handle
         is_trunk = global_rank < self.shape.trunk_ranks
         index = global_rank if is_trunk else global_rank - self.shape.trunk_ranks
-        spec = RankSpec(model_dir=self.config.model_dir, dtype=self.config.dtype, shape=self.shape,
-                        expert_map=self.expert_map, index=index, caches=self.config.caches if is_trunk else None,
-                        threads=int(self.config.cpus_per_rank))
+        spec = RankSpec(
+            model_dir=self.config.model_dir,
+            dtype=self.config.dtype,
+            shape=self.shape,
+            expert_map=self.expert_map,
+            index=index,
+            caches=self.config.caches if is_trunk else None,
+            threads=int(self.config.cpus_per_rank),
+        )
         self._created += 1
         role = f"trunk{index}" if is_trunk else f"expert{index}"
         opts = dict(
-            num_cpus=self.config.cpus_per_rank, num_gpus=1 if self.config.gpus else 0,
+            num_cpus=self.config.cpus_per_rank,
+            num_gpus=1 if self.config.gpus else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self._pg, placement_group_bundle_index=self._first_bundle + global_rank),
+                self._pg,  # type: ignore[arg-type]  # placed by start() before any actor
+                placement_group_bundle_index=self._first_bundle + global_rank,
+            ),
             name=f"epserve-{self.group_id}-{role}-{self._created}",
         )
         return (TrunkActor if is_trunk else ExpertActor).options(**opts).remote(spec)
@@ -154,11 +180,15 @@ class ExpertParallelGroup:
         if self.shape.expert_ranks == 0:
             return
         addr, port = ray.get(self.trunks[0].rendezvous.remote(), timeout=60)
-        spec = GroupSpec(master_addr=addr, master_port=port, world_size=self.shape.world_size,
-                         backend=choose_backend(every_rank_has_gpu=self.config.gpus),
-                         deadline_s=self.config.deadline_s, epoch=self.epoch)
-        ray.get([a.join.remote(spec) for a in self.trunks + self.experts],
-                timeout=self.config.deadline_s + 60)
+        spec = GroupSpec(
+            master_addr=addr,
+            master_port=port,
+            world_size=self.shape.world_size,
+            backend=choose_backend(every_rank_has_gpu=self.config.gpus),
+            deadline_s=self.config.deadline_s,
+            epoch=self.epoch,
+        )
+        ray.get([a.join.remote(spec) for a in self.trunks + self.experts], timeout=self.config.deadline_s + 60)
 
     def rebuild(self) -> None:
         """Replace failed ranks with fresh actors (weights reloaded), re-form the process group on a
@@ -174,7 +204,7 @@ class ExpertParallelGroup:
             ray.kill(actors[r], no_restart=True)
             actors[r] = self._new_actor(r)
         self.trunks = actors[: self.shape.trunk_ranks]
-        self.experts = actors[self.shape.trunk_ranks:]
+        self.experts = actors[self.shape.trunk_ranks :]
         ray.get([actors[r].pid.remote() for r in failed], timeout=self.config.load_timeout_s)
         self.epoch += 1
         self._broken = None
@@ -211,8 +241,12 @@ class ExpertParallelGroup:
         tokens = [sum(len(s.chunk.token_ids) for s in r.seqs) for r in requests]
         decode = all(len(s.chunk.token_ids) == 1 or s.chunk.verify for r in requests for s in r.seqs)
         if decode and self.shape.expert_ranks:
-            cap = fixed_capacity(max(tokens), top_k=self.cfg.num_experts_per_tok, expert_ranks=self.shape.expert_ranks,
-                                 factor=self.config.capacity_factor)
+            cap = fixed_capacity(
+                max(tokens),
+                top_k=self.cfg.num_experts_per_tok,
+                expert_ranks=self.shape.expert_ranks,
+                factor=self.config.capacity_factor,
+            )
             return StepPlan(layers, FIXED, cap)
         return StepPlan(layers, VARIABLE)
 
@@ -267,15 +301,17 @@ class ExpertParallelGroup:
             exc = fut.exception()
             if exc is None:
                 out[i] = fut.result()
-            elif isinstance(exc, (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError,
-                                  ray.exceptions.RayActorError)):
+            elif isinstance(
+                exc, (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError)
+            ):
                 dead.append(i)
             else:
                 errors[i] = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         timed_out = sorted(futs[f] for f in pending)
         if dead or timed_out or errors:
-            self._broken = GroupFailure(self.epoch, dead=tuple(sorted(dead)), timed_out=tuple(timed_out),
-                                        errors=errors, names=self.names)
+            self._broken = GroupFailure(
+                self.epoch, dead=tuple(sorted(dead)), timed_out=tuple(timed_out), errors=errors, names=self.names
+            )
             raise self._broken
         return out
 
@@ -294,4 +330,3 @@ class ExpertParallelGroup:
                         per_rank[layer, r] += per_expert[layer, e].item() / len(ranks)
             out["tokens_per_rank"] = per_rank
         return out
-

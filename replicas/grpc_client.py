@@ -40,10 +40,19 @@ class EpserveClient:
         timeout_s: default deadline of each call.
     """
 
-    def __init__(self, target: str, *, api_key: str | None = None, application: str | None = None,
-                 timeout_s: float = 120.0, channel: grpc.Channel | None = None) -> None:
-        self.channel = channel or grpc.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)])
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        application: str | None = None,
+        timeout_s: float = 120.0,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.channel = channel or grpc.insecure_channel(
+            target,
+            options=[("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)],
+        )
         self.stub = pb_grpc.EpserveStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout_s = timeout_s
@@ -67,9 +76,16 @@ class EpserveClient:
         """SamplingParams from keyword arguments (temperature=0, max_tokens=16, stop=[...], ...)."""
         return pb.SamplingParams(**kw)
 
-    def generate(self, *, text: str | None = None, token_ids: list[int] | None = None,
-                 messages: list[pb.ChatMessage] | None = None, model: str = "", timeout_s: float | None = None,
-                 **sampling: Any) -> Iterator[pb.GenerateResponse]:  # noqa: ANN401
+    def generate(
+        self,
+        *,
+        text: str | None = None,
+        token_ids: list[int] | None = None,
+        messages: list[pb.ChatMessage] | None = None,
+        model: str = "",
+        timeout_s: float | None = None,
+        **sampling: Any,  # noqa: ANN401
+    ) -> Iterator[pb.GenerateResponse]:
         """Stream Generate; cancel by closing the returned iterator (`.cancel()` on it)."""
         req = pb.GenerateRequest(model=model, sampling=self.sampling(**sampling))
         if text is not None:
@@ -92,12 +108,26 @@ class EpserveClient:
                 out.finish_reason = msg.finish_reason or out.finish_reason
         return out
 
-    def chat(self, messages: list[pb.ChatMessage], *, model: str = "", tools: list[pb.Tool] | None = None,
-             tool_choice: str = "", response_format: pb.ResponseFormat | None = None,
-             enable_thinking: bool | None = None, max_thinking_tokens: int | None = None,
-             timeout_s: float | None = None, **sampling: Any) -> Iterator[pb.ChatResponse]:  # noqa: ANN401
-        req = pb.ChatRequest(model=model, messages=messages, sampling=self.sampling(**sampling), tools=tools or [],
-                             tool_choice=tool_choice)
+    def chat(
+        self,
+        messages: list[pb.ChatMessage],
+        *,
+        model: str = "",
+        tools: list[pb.Tool] | None = None,
+        tool_choice: str = "",
+        response_format: pb.ResponseFormat | None = None,
+        enable_thinking: bool | None = None,
+        max_thinking_tokens: int | None = None,
+        timeout_s: float | None = None,
+        **sampling: Any,  # noqa: ANN401
+    ) -> Iterator[pb.ChatResponse]:
+        req = pb.ChatRequest(
+            model=model,
+            messages=messages,
+            sampling=self.sampling(**sampling),
+            tools=tools or [],
+            tool_choice=tool_choice,
+        )
         if response_format is not None:
             req.response_format.CopyFrom(response_format)
         if enable_thinking is not None:
@@ -112,5 +142,6 @@ class EpserveClient:
     def health(self, service: str = "", timeout_s: float = 10.0) -> int:
         """grpc.health.v1 status (health_pb2.HealthCheckResponse.SERVING == 1)."""
         meta = [m for m in self.metadata if m[0] == "application"]
-        return self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s,
-                                      metadata=meta).status
+        return self.health_stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout_s, metadata=meta
+        ).status

@@ -43,7 +43,7 @@ def _lenient(handler: Any) -> Any:  # noqa: ANN401  # grpc.RpcMethodHandler (a n
         except (DecodeError, UnicodeDecodeError, ValueError) as exc:
             return UndecodableRequest(message_type, str(exc)[:200] or type(exc).__name__, len(data))
 
-    parse_or_mark.lenient = True  # type: ignore[attr-defined]
+    parse_or_mark.lenient = True  # type: ignore[attr-defined]  # a marker attribute on the function
     return handler._replace(request_deserializer=parse_or_mark)
 
 

@@ -10,8 +10,8 @@ cancels). Here each streaming handler pulls the results in a task of its own and
 queue; the end of the RPC (cancel, deadline, or done) cancels that task, so the cancel always lands
 inside its wait for the next result.
 
-Installed by replicas.grpc_decode.add_epserve_to_server, a gRPC servicer function (replicas/grpc_service.py): Serve imports
-and calls them in the proxy with the server it builds. Tests: tests/replicas/test_cancellation.py.
+Installed by replicas.grpc_decode.add_epserve_to_server, a gRPC servicer function (replicas/grpc_service.py):
+Serve imports and calls them in the proxy with the server it builds. Tests: tests/replicas/test_cancellation.py.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ class _LiveContext:
 
     def __init__(self, ctx: Any) -> None:  # noqa: ANN401  # grpc.aio.ServicerContext
         self._ctx = ctx
-        self._taken = {name: getattr(ctx, name)() for name in (
-            "peer", "auth_context", "peer_identities", "peer_identity_key", "invocation_metadata")}
+        self._taken = {
+            name: getattr(ctx, name)()
+            for name in ("peer", "auth_context", "peer_identities", "peer_identity_key", "invocation_metadata")
+        }
 
     def __getattr__(self, name: str) -> Any:  # noqa: ANN401
         if name in self._taken:
@@ -62,7 +64,7 @@ def pumped_factory(factory: Callable[..., Any]) -> Callable[..., Any]:
         handler = factory(service_method=service_method, streaming_type=streaming_type)
         return pumped(handler) if streaming_type == gRPCStreamingType.UNARY_STREAM else handler
 
-    make.epserve_pumped = True  # type: ignore[attr-defined]
+    make.epserve_pumped = True  # type: ignore[attr-defined]  # a marker attribute on the function
     return make
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from replicas.chat_stream import ChatChoiceStream
 from replicas.engine_types import GenerateOutput
@@ -36,16 +36,25 @@ SERVICER_FUNCTIONS = [
     "replicas.grpc_decode.add_epserve_to_server",
     "replicas.proxy_health.add_health_servicer",  # grpc.health.v1, answered by the proxy itself
 ]
-STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-          404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
-          413: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-          503: grpc.StatusCode.UNAVAILABLE}
+STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
 
 
 def grpc_options(port: int, *, request_timeout_s: float | None = None) -> dict[str, Any]:
     """Serve's gRPC proxy options for this API (reflection on)."""
-    return {"port": port, "grpc_servicer_functions": list(SERVICER_FUNCTIONS), "enable_reflection": True,
-            "request_timeout_s": request_timeout_s}
+    return {
+        "port": port,
+        "grpc_servicer_functions": list(SERVICER_FUNCTIONS),
+        "enable_reflection": True,
+        "request_timeout_s": request_timeout_s,
+    }
 
 
 class GrpcError(Exception):
@@ -62,8 +71,18 @@ def sampling_fields(s: pb.SamplingParams, *, chat: bool) -> dict[str, Any]:
     """Proto sampling params -> the OpenAI request fields of a chat (`chat`) or completions request, validated by
     the HTTP API's pydantic models: every cap (logprobs <= 20, n, stops, ranges) is the same for both APIs."""
     out: dict[str, Any] = {}
-    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "seed", "max_tokens", "skip_special_tokens"):
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "seed",
+        "max_tokens",
+        "skip_special_tokens",
+    ):
         if s.HasField(name):
             out[name] = getattr(s, name)
     if s.min_tokens:
@@ -84,9 +103,10 @@ def sampling_fields(s: pb.SamplingParams, *, chat: bool) -> dict[str, Any]:
 
 
 def logprobs_pb(ev: GenerateOutput) -> list[pb.TokenLogprob]:
-    return [pb.TokenLogprob(token_id=t, logprob=lp.logprob,
-                            top=[pb.TopLogprob(token_id=i, logprob=v) for i, v in lp.top])
-            for t, lp in zip(ev.token_ids, ev.logprobs)]
+    return [
+        pb.TokenLogprob(token_id=t, logprob=lp.logprob, top=[pb.TopLogprob(token_id=i, logprob=v) for i, v in lp.top])
+        for t, lp in zip(ev.token_ids, ev.logprobs)
+    ]
 
 
 def chat_message_dict(m: pb.ChatMessage) -> dict[str, Any]:
@@ -105,8 +125,10 @@ def chat_message_dict(m: pb.ChatMessage) -> dict[str, Any]:
     elif m.content or not m.tool_calls:
         msg["content"] = m.content
     if m.tool_calls:
-        msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                             for c in m.tool_calls]
+        msg["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
     for field in ("tool_call_id", "reasoning_content", "name"):
         if getattr(m, field):
             msg[field] = getattr(m, field)
@@ -133,7 +155,7 @@ class GrpcApi:
         if isinstance(request, UndecodableRequest):
             raise fail(ctx, ApiError(400, request.describe()))
 
-    def _validate(self, model: type, fields: dict[str, Any]) -> Any:  # noqa: ANN401
+    def _validate(self, model: type[BaseModel], fields: dict[str, Any]) -> Any:  # noqa: ANN401
         try:
             return model.model_validate(fields)
         except ValidationError as exc:
@@ -148,19 +170,22 @@ class GrpcApi:
             kind = request.WhichOneof("prompt")
             if kind is None:
                 raise ApiError(400, "give a prompt: token_ids, text or messages", param="prompt")
-            fields = {"model": request.model or ctxm.name,
-                      **sampling_fields(request.sampling, chat=kind == "messages")}
+            fields = {"model": request.model or ctxm.name, **sampling_fields(request.sampling, chat=kind == "messages")}
             if kind == "messages":
-                req = self._validate(ChatCompletionRequest, {
-                    **fields, "messages": [chat_message_dict(m) for m in request.messages.messages]})
+                req = self._validate(
+                    ChatCompletionRequest,
+                    {**fields, "messages": [chat_message_dict(m) for m in request.messages.messages]},
+                )
                 ctxm.check_model(req.model)
                 chat = await asyncio.to_thread(ctxm.chat_prompt, req)
                 prompt, mm = chat.ids, chat.mm
             else:
                 if "max_tokens" not in fields:
                     fields["max_tokens"] = None
-                req = self._validate(CompletionRequest, {
-                    **fields, "prompt": list(request.token_ids.ids) if kind == "token_ids" else request.text})
+                req = self._validate(
+                    CompletionRequest,
+                    {**fields, "prompt": list(request.token_ids.ids) if kind == "token_ids" else request.text},
+                )
                 ctxm.check_model(req.model)
                 prompt, mm = (await asyncio.to_thread(ctxm.completion_prompts, req))[0], None
             ctxm.check_ids(prompt, "prompt")
@@ -173,12 +198,18 @@ class GrpcApi:
             if ev.error is not None:
                 raise fail(ctx, ApiError(ev.error.status, ev.error.message))
             completion[ev.index] = ev.completion_tokens
-            yield pb.GenerateResponse(index=ev.index, token_ids=list(ev.token_ids), text=ev.text,
-                                      logprobs=logprobs_pb(ev), finish_reason=ev.finish_reason or "",
-                                      stop_reason="" if ev.stop_reason is None else str(ev.stop_reason))
+            yield pb.GenerateResponse(
+                index=ev.index,
+                token_ids=list(ev.token_ids),
+                text=ev.text,
+                logprobs=logprobs_pb(ev),
+                finish_reason=ev.finish_reason or "",
+                stop_reason="" if ev.stop_reason is None else str(ev.stop_reason),
+            )
         total = sum(completion.values())
-        yield pb.GenerateResponse(usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=total,
-                                                 total_tokens=len(prompt) + total))
+        yield pb.GenerateResponse(
+            usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=total, total_tokens=len(prompt) + total)
+        )
 
     async def chat(self, request: pb.ChatRequest, ctx: Any) -> AsyncIterator[pb.ChatResponse]:  # noqa: ANN401
         """Chat with the HTTP API's features: reasoning split, tool calls, structured output."""
@@ -190,9 +221,14 @@ class GrpcApi:
             req = self._validate(ChatCompletionRequest, chat_fields(request, default_model=ctxm.name))
             ctxm.check_model(req.model)
             chat = await asyncio.to_thread(ctxm.chat_prompt, req)
-            greq = ctxm.build(req, chat.ids, request_id=rid, grammar=ctxm.chat_grammar(req, thinking=chat.thinking),
-                              mm=chat.mm,
-                              thinking=chat.thinking)
+            greq = ctxm.build(
+                req,
+                chat.ids,
+                request_id=rid,
+                grammar=ctxm.chat_grammar(req, thinking=chat.thinking),
+                mm=chat.mm,
+                thinking=chat.thinking,
+            )
             stream = await self.ing._start(greq)
         except ApiError as err:
             raise fail(ctx, err) from None
@@ -207,12 +243,18 @@ class GrpcApi:
                 delta = delta + parser.finish()
             completion[ev.index] = ev.completion_tokens
             yield pb.ChatResponse(
-                index=ev.index, content=delta.content, reasoning_content=delta.reasoning,
-                tool_calls=[tool_call_delta_pb(d) for d in delta.tool_calls], token_ids=list(ev.token_ids),
-                logprobs=logprobs_pb(ev), finish_reason=parser.finish_reason(ev.finish_reason) or "")
+                index=ev.index,
+                content=delta.content,
+                reasoning_content=delta.reasoning,
+                tool_calls=[tool_call_delta_pb(d) for d in delta.tool_calls],
+                token_ids=list(ev.token_ids),
+                logprobs=logprobs_pb(ev),
+                finish_reason=parser.finish_reason(ev.finish_reason) or "",
+            )
         total = sum(completion.values())
-        yield pb.ChatResponse(usage=pb.Usage(prompt_tokens=len(chat.ids), completion_tokens=total,
-                                             total_tokens=len(chat.ids) + total))
+        yield pb.ChatResponse(
+            usage=pb.Usage(prompt_tokens=len(chat.ids), completion_tokens=total, total_tokens=len(chat.ids) + total)
+        )
 
     async def model_info(self, request: pb.ModelInfoRequest, ctx: Any) -> pb.ModelInfoResponse:  # noqa: ANN401
         self.check_auth(ctx)
@@ -220,9 +262,16 @@ class GrpcApi:
         c = self.ing.ctx
         a = self.ing.args
         return pb.ModelInfoResponse(
-            model=c.name, max_model_len=c.max_model_len, vocab_size=c.cfg.vocab_size,
-            eos_token_ids=list(c.defaults.eos_token_ids), trunk_ranks=a.trunk_ranks, expert_ranks=a.expert_ranks,
-            model_type=c.cfg.model_type, num_experts=c.cfg.num_experts, num_experts_per_tok=c.cfg.num_experts_per_tok)
+            model=c.name,
+            max_model_len=c.max_model_len,
+            vocab_size=c.cfg.vocab_size,
+            eos_token_ids=list(c.defaults.eos_token_ids),
+            trunk_ranks=a.trunk_ranks,
+            expert_ranks=a.expert_ranks,
+            model_type=c.cfg.model_type,
+            num_experts=c.cfg.num_experts,
+            num_experts_per_tok=c.cfg.num_experts_per_tok,
+        )
 
     async def health_check(self, request: health_pb2.HealthCheckRequest, ctx: Any) -> health_pb2.HealthCheckResponse:  # noqa: ANN401
         self.check_decoded(request, ctx)
@@ -230,10 +279,14 @@ class GrpcApi:
             raise fail(ctx, ApiError(404, f"unknown service {request.service!r}"))
         ready = await self.ing.ready()
         return health_pb2.HealthCheckResponse(
-            status=health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING)
+            status=health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
 
-    async def health_watch(self, request: health_pb2.HealthCheckRequest, ctx: Any  # noqa: ANN401
-                           ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+    async def health_watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        ctx: Any,  # noqa: ANN401
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         self.check_decoded(request, ctx)
         if request.service not in ("", SERVICE):
             yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
@@ -249,29 +302,46 @@ class GrpcApi:
 
 def tool_call_delta_pb(d: dict[str, Any]) -> pb.ToolCallDelta:
     fn = d.get("function") or {}
-    return pb.ToolCallDelta(index=d.get("index", 0), id=d.get("id", ""), name=fn.get("name", ""),
-                            arguments=fn.get("arguments", ""))
+    return pb.ToolCallDelta(
+        index=d.get("index", 0), id=d.get("id", ""), name=fn.get("name", ""), arguments=fn.get("arguments", "")
+    )
 
 
 def chat_fields(request: pb.ChatRequest, *, default_model: str) -> dict[str, Any]:
     """A proto ChatRequest as the fields of the HTTP API's ChatCompletionRequest (one validation path)."""
-    fields: dict[str, Any] = {"model": request.model or default_model,
-                              **sampling_fields(request.sampling, chat=True),
-                              "messages": [chat_message_dict(m) for m in request.messages]}
+    fields: dict[str, Any] = {
+        "model": request.model or default_model,
+        **sampling_fields(request.sampling, chat=True),
+        "messages": [chat_message_dict(m) for m in request.messages],
+    }
     if request.tools:
-        fields["tools"] = [{"type": "function", "function": {
-            "name": t.name, "description": t.description,
-            "parameters": _json_or_400(t.parameters_json, f"tools[{t.name}].parameters_json")
-            if t.parameters_json else {"type": "object", "properties": {}}}} for t in request.tools]
+        fields["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": _json_or_400(t.parameters_json, f"tools[{t.name}].parameters_json")
+                    if t.parameters_json
+                    else {"type": "object", "properties": {}},
+                },
+            }
+            for t in request.tools
+        ]
     if request.tool_choice:
-        fields["tool_choice"] = (request.tool_choice if request.tool_choice in ("auto", "none", "required")
-                                 else {"type": "function", "function": {"name": request.tool_choice}})
+        fields["tool_choice"] = (
+            request.tool_choice
+            if request.tool_choice in ("auto", "none", "required")
+            else {"type": "function", "function": {"name": request.tool_choice}}
+        )
     rf = request.response_format
     if rf.json_object:
         fields["response_format"] = {"type": "json_object"}
     elif rf.json_schema:
-        fields["response_format"] = {"type": "json_schema", "json_schema": {
-            "name": "response", "schema": _json_or_400(rf.json_schema, "response_format.json_schema")}}
+        fields["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "response", "schema": _json_or_400(rf.json_schema, "response_format.json_schema")},
+        }
     elif rf.regex:
         fields["structured_outputs"] = {"regex": rf.regex}
     elif rf.choice:

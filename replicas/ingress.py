@@ -24,22 +24,33 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_shards.image_processing import MediaLimits
 from replicas.app_args import AppArgs
 from replicas.body_limits import read_body
+from replicas.chat_stream import ChatChoiceStream
 from replicas.engine_types import EngineFailure, GenerateOutput, GenerateRequest
 from replicas.json_input import parse_json
 from replicas.metrics import MetricsRegistry, render
 from replicas.openai_protocol import (
-    ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, bad_request,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    bad_request,
     validation_error,
 )
-from replicas.chat_stream import ChatChoiceStream
 from replicas.openai_responses import (
-    ChoiceState, chat_chunk, chat_response, completion_chunk, completion_response, usage, usage_chunk,
+    ChoiceState,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    usage,
+    usage_chunk,
 )
 from replicas.request_builder import ModelContext
 
@@ -52,7 +63,8 @@ REQUEST_ID_HEADER = "X-Request-Id"
 # router already knows the failed group is down and picks another.
 RETRY_DELAY_S = 1.5
 
-async def _parse(request: Request, model: type) -> Any:  # noqa: ANN401  # returns an instance of `model`
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:  # noqa: ANN401  # returns an instance of `model`
     # cap and read deadline: AppArgs, put on the request by the auth middleware
     raw = await read_body(request, *getattr(request.state, "body_limits", (MAX_BODY_BYTES, 10.0)))
     obj = parse_json(raw)  # depth and lone-surrogate limits: a 400, not a RecursionError / UnicodeEncodeError later
@@ -71,8 +83,7 @@ def _engine_error(exc: BaseException) -> ApiError:
     exc = getattr(exc, "cause", None) or exc  # Ray wraps the replica's exception; report the original message
 
     if isinstance(exc, EngineOverloaded):
-        return ApiError(429, f"The server is at capacity: {exc}. Retry later.", type="rate_limit_error",
-                        retry_after=1)
+        return ApiError(429, f"The server is at capacity: {exc}. Retry later.", type="rate_limit_error", retry_after=1)
     if isinstance(exc, RequestRejected):
         return bad_request(str(exc))
     if isinstance(exc, EngineUnavailable):
@@ -80,11 +91,14 @@ def _engine_error(exc: BaseException) -> ApiError:
     from ray.serve.exceptions import BackPressureError
 
     if isinstance(exc, BackPressureError):
-        return ApiError(503, "The server is at capacity. Retry later.", type="service_unavailable_error",
-                        retry_after=1)
+        return ApiError(503, "The server is at capacity. Retry later.", type="service_unavailable_error", retry_after=1)
     log.error("engine call failed: %r", exc)
-    return ApiError(503, f"The engine is unavailable ({type(exc).__name__}). Retry later.",
-                    type="service_unavailable_error", retry_after=2)
+    return ApiError(
+        503,
+        f"The engine is unavailable ({type(exc).__name__}). Retry later.",
+        type="service_unavailable_error",
+        retry_after=2,
+    )
 
 
 def _sse(obj: Any) -> str:  # noqa: ANN401  # any JSON value
@@ -108,16 +122,27 @@ class Ingress:
         name = self.args.served_model_name or default_model_name(self.args.model)
         a = self.args
         self.ctx = ModelContext.load(
-            folder, name=name, max_model_len=a.max_model_len, cache_tokens=a.num_kv_blocks * a.block_size,
-            default_max_tokens=a.default_max_tokens, max_n=a.max_n, max_fanout=a.max_fanout,
-            media_limits=MediaLimits(max_images=a.max_images_per_request, max_videos=a.max_videos_per_request,
-                                     max_bytes=a.max_image_bytes, max_pixels=a.max_image_pixels,
-                                     max_frames=a.max_video_frames, max_video_bytes=a.max_video_bytes,
-                                     max_video_seconds=a.max_video_seconds,
-                                     max_video_decoded_frames=a.max_video_decoded_frames,
-                                     max_video_decoded_pixels=a.max_video_decoded_pixels,
-                                     max_video_decode_s=a.max_video_decode_s),
-            local_media=a.allowed_local_media_path, max_thinking_tokens=a.max_thinking_tokens,
+            folder,
+            name=name,
+            max_model_len=a.max_model_len,
+            cache_tokens=a.num_kv_blocks * a.block_size,
+            default_max_tokens=a.default_max_tokens,
+            max_n=a.max_n,
+            max_fanout=a.max_fanout,
+            media_limits=MediaLimits(
+                max_images=a.max_images_per_request,
+                max_videos=a.max_videos_per_request,
+                max_bytes=a.max_image_bytes,
+                max_pixels=a.max_image_pixels,
+                max_frames=a.max_video_frames,
+                max_video_bytes=a.max_video_bytes,
+                max_video_seconds=a.max_video_seconds,
+                max_video_decoded_frames=a.max_video_decoded_frames,
+                max_video_decoded_pixels=a.max_video_decoded_pixels,
+                max_video_decode_s=a.max_video_decode_s,
+            ),
+            local_media=a.allowed_local_media_path,
+            max_thinking_tokens=a.max_thinking_tokens,
         )
         self.api_key = self.args.resolved_api_key()
         self.engine = engine
@@ -130,7 +155,7 @@ class Ingress:
         self.grpc = GrpcApi(self)
 
     # ----------------------------------------------------------------- generation
-    async def _start(self, greq: GenerateRequest) -> tuple[Any, GenerateOutput, int]:  # noqa: ANN401
+    async def _start(self, greq: GenerateRequest) -> tuple[Any, GenerateOutput, int]:
         """Start the engine stream and wait for its first event, so errors before any token become a proper
         HTTP status instead of a 200 stream. A request that failed retriably before producing a token is
         retried once; the engine router sends the retry to another group (replicas/engine_router.py)."""
@@ -155,8 +180,11 @@ class Ingress:
                 raise ApiError(first.error.status, first.error.message)
             if first.error is not None and first.error.retriable and not first.token_ids and attempt == 1:
                 gen.cancel()
-                log.warning("request %s: failed before its first token (%s); retrying once", greq.request_id,
-                            first.error.message)
+                log.warning(
+                    "request %s: failed before its first token (%s); retrying once",
+                    greq.request_id,
+                    first.error.message,
+                )
                 await asyncio.sleep(RETRY_DELAY_S)
                 continue
             return gen, first, greq.n
@@ -177,8 +205,9 @@ class Ingress:
             raise
         except Exception as exc:  # noqa: BLE001  # the engine replica or its group is gone
             log.error("request %s: engine stream broke: %r", first.request_id, exc)
-            failure = EngineFailure(f"the engine serving this request failed ({type(exc).__name__}); retry",
-                                    retriable=True)
+            failure = EngineFailure(
+                f"the engine serving this request failed ({type(exc).__name__}); retry", retriable=True
+            )
             for index in range(n):
                 if index not in finished:
                     yield GenerateOutput(request_id=first.request_id, index=index, error=failure)
@@ -187,12 +216,17 @@ class Ingress:
 
     async def _collect(self, streams: list[tuple[Any, GenerateOutput, int]], offsets: list[int]) -> list[ChoiceState]:
         """Run every stream to the end (non-streaming responses)."""
+
         async def one(stream: tuple[Any, GenerateOutput, int], offset: int) -> list[ChoiceState]:
             states: dict[int, ChoiceState] = {}
             async for ev in self._events(*stream):
                 if ev.error is not None:
-                    raise ApiError(ev.error.status, ev.error.message, type=_error_type(ev.error),
-                                   retry_after=2 if ev.error.retriable else None)
+                    raise ApiError(
+                        ev.error.status,
+                        ev.error.message,
+                        type=_error_type(ev.error),
+                        retry_after=2 if ev.error.retriable else None,
+                    )
                 st = states.setdefault(ev.index, ChoiceState(index=offset + ev.index))
                 st.text += ev.text
                 st.token_ids += list(ev.token_ids)
@@ -212,9 +246,14 @@ class Ingress:
         # rendering may decode and resize images: off the event loop
         chat = await asyncio.to_thread(self.ctx.chat_prompt, req)
         prompt = chat.ids
-        greq = self.ctx.build(req, prompt, request_id=rid, grammar=self.ctx.chat_grammar(req, thinking=chat.thinking),
-                              mm=chat.mm,
-                              thinking=chat.thinking)
+        greq = self.ctx.build(
+            req,
+            prompt,
+            request_id=rid,
+            grammar=self.ctx.chat_grammar(req, thinking=chat.thinking),
+            mm=chat.mm,
+            thinking=chat.thinking,
+        )
         log.info("request %s: chat, %d prompt tokens, n=%d, stream=%s", rid, len(prompt), req.n, req.stream)
         stream = await self._start(greq)
         body_id = f"chatcmpl-{rid}"
@@ -225,13 +264,23 @@ class Ingress:
                 delta = parser.feed(c.text) + parser.finish()
                 c.text, c.reasoning, c.tool_calls = delta.content, delta.reasoning, parser.tool_calls
                 c.finish_reason = parser.finish_reason(c.finish_reason)
-            return JSONResponse(chat_response(body_id, self.ctx.name, choices, prompt_tokens=len(prompt),
-                                              tok=self.ctx.tokenizer, want_logprobs=req.logprobs))
+            return JSONResponse(
+                chat_response(
+                    body_id,
+                    self.ctx.name,
+                    choices,
+                    prompt_tokens=len(prompt),
+                    tok=self.ctx.tokenizer,
+                    want_logprobs=req.logprobs,
+                )
+            )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
 
         async def sse() -> AsyncIterator[str]:
-            created, parsers, completion = int(time.time()), {}, {}
+            created = int(time.time())
+            parsers: dict[int, ChatChoiceStream] = {}
+            completion: dict[int, int] = {}
             async for ev in self._events(*stream):
                 if ev.error is not None:
                     yield _sse(_stream_error(ev))
@@ -241,17 +290,33 @@ class Ingress:
                 delta = parser.feed(ev.text)
                 if ev.finish_reason is not None:
                     delta = delta + parser.finish()
-                chunk = chat_chunk(body_id, self.ctx.name, created, ev, delta, first=first,
-                                   finish_reason=parser.finish_reason(ev.finish_reason), tok=self.ctx.tokenizer,
-                                   want_logprobs=req.logprobs)
+                chunk = chat_chunk(
+                    body_id,
+                    self.ctx.name,
+                    created,
+                    ev,
+                    delta,
+                    first=first,
+                    finish_reason=parser.finish_reason(ev.finish_reason),
+                    tok=self.ctx.tokenizer,
+                    want_logprobs=req.logprobs,
+                )
                 completion[ev.index] = ev.completion_tokens
                 if continuous:
                     chunk["usage"] = usage(len(prompt), sum(completion.values()))
                 yield _sse(chunk)
             else:
                 if include_usage:
-                    yield _sse(usage_chunk(body_id, self.ctx.name, created, "chat.completion.chunk", len(prompt),
-                                           sum(completion.values())))
+                    yield _sse(
+                        usage_chunk(
+                            body_id,
+                            self.ctx.name,
+                            created,
+                            "chat.completion.chunk",
+                            len(prompt),
+                            sum(completion.values()),
+                        )
+                    )
             yield "data: [DONE]\n\n"
 
         return _sse_response(self, sse(), [stream])
@@ -264,8 +329,10 @@ class Ingress:
         for ids in prompts:
             self.ctx.check_ids(ids, "prompt")
         grammar = self.ctx.completion_grammar(req)
-        greqs = [self.ctx.build(req, ids, request_id=rid if len(prompts) == 1 else f"{rid}-{i}", grammar=grammar)
-                 for i, ids in enumerate(prompts)]
+        greqs = [
+            self.ctx.build(req, ids, request_id=rid if len(prompts) == 1 else f"{rid}-{i}", grammar=grammar)
+            for i, ids in enumerate(prompts)
+        ]
         log.info("request %s: completion, %d prompt(s), n=%d, stream=%s", rid, len(prompts), req.n, req.stream)
         streams = []
         try:
@@ -281,27 +348,54 @@ class Ingress:
         want_lp = req.logprobs is not None
         if not req.stream:
             choices = await self._collect(streams, offsets)
-            echo = {offsets[i] + j: self.ctx.tokenizer.decode(p) for i, p in enumerate(prompts)
-                    for j in range(req.n)} if req.echo else None
-            return JSONResponse(completion_response(body_id, self.ctx.name, choices, prompt_tokens=n_prompt,
-                                                    tok=self.ctx.tokenizer, want_logprobs=want_lp, echo_texts=echo))
+            echo = (
+                {offsets[i] + j: self.ctx.tokenizer.decode(p) for i, p in enumerate(prompts) for j in range(req.n)}
+                if req.echo
+                else None
+            )
+            return JSONResponse(
+                completion_response(
+                    body_id,
+                    self.ctx.name,
+                    choices,
+                    prompt_tokens=n_prompt,
+                    tok=self.ctx.tokenizer,
+                    want_logprobs=want_lp,
+                    echo_texts=echo,
+                )
+            )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def sse() -> AsyncIterator[str]:
-            created, completion, text_len = int(time.time()), {}, {}
+            created = int(time.time())
+            completion: dict[int, int] = {}
+            text_len: dict[int, int] = {}
             merged = _merge([self._events(*s) for s in streams], offsets)
             async for index, ev in merged:
                 if ev.error is not None:
                     yield _sse(_stream_error(ev))
                     break
-                yield _sse(completion_chunk(body_id, self.ctx.name, created, ev, index=index, tok=self.ctx.tokenizer,
-                                            want_logprobs=want_lp, offset=text_len.get(index, 0)))
+                yield _sse(
+                    completion_chunk(
+                        body_id,
+                        self.ctx.name,
+                        created,
+                        ev,
+                        index=index,
+                        tok=self.ctx.tokenizer,
+                        want_logprobs=want_lp,
+                        offset=text_len.get(index, 0),
+                    )
+                )
                 text_len[index] = text_len.get(index, 0) + len(ev.text)
                 completion[index] = ev.completion_tokens
             else:
                 if include_usage:
-                    yield _sse(usage_chunk(body_id, self.ctx.name, created, "text_completion", n_prompt,
-                                           sum(completion.values())))
+                    yield _sse(
+                        usage_chunk(
+                            body_id, self.ctx.name, created, "text_completion", n_prompt, sum(completion.values())
+                        )
+                    )
             yield "data: [DONE]\n\n"
 
         return _sse_response(self, sse(), streams)
@@ -310,14 +404,23 @@ class Ingress:
     def models(self) -> dict[str, Any]:
         # `root` is the served name, never the folder: where the weights sit on disk is not the client's business.
         c, a = self.ctx, self.args
-        entry = {"id": c.name, "object": "model", "created": 0, "owned_by": "epserve", "root": c.name,
-                 "max_model_len": c.max_model_len, "max_position_embeddings": c.cfg.max_position_embeddings}
+        entry = {
+            "id": c.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "epserve",
+            "root": c.name,
+            "max_model_len": c.max_model_len,
+            "max_position_embeddings": c.cfg.max_position_embeddings,
+        }
         if c.max_model_len < c.cfg.max_position_embeddings:  # say why the context is shorter than `inspect` shows
             cache = a.num_kv_blocks * a.block_size
             entry["max_model_len_reason"] = (
-                f"set by max_model_len {a.max_model_len}" if a.max_model_len is not None else
-                f"capped by the KV cache of one trunk rank: num_kv_blocks {a.num_kv_blocks} x block_size "
-                f"{a.block_size} = {cache} tokens")
+                f"set by max_model_len {a.max_model_len}"
+                if a.max_model_len is not None
+                else f"capped by the KV cache of one trunk rank: num_kv_blocks {a.num_kv_blocks} x block_size "
+                f"{a.block_size} = {cache} tokens"
+            )
         return {"object": "list", "data": [entry]}
 
     async def tokenize(self, request: Request) -> dict[str, Any]:
@@ -326,9 +429,12 @@ class Ingress:
         if req.prompt is not None:
             ids = await asyncio.to_thread(self.ctx.encode_text, req.prompt)
         else:
-            chat = ChatCompletionRequest(model=self.ctx.name, messages=req.messages or [],
-                                         add_generation_prompt=req.add_generation_prompt,
-                                         chat_template_kwargs=req.chat_template_kwargs)
+            chat = ChatCompletionRequest(
+                model=self.ctx.name,
+                messages=req.messages or [],
+                add_generation_prompt=req.add_generation_prompt,
+                chat_template_kwargs=req.chat_template_kwargs,
+            )
             ids = await asyncio.to_thread(self.ctx.render_chat, chat)
         return {"count": len(ids), "max_model_len": self.ctx.max_model_len, "tokens": ids}
 
@@ -366,26 +472,26 @@ class Ingress:
         if self.hub is None:
             raise ApiError(503, "metrics are not available in this deployment")
         snapshot = await self.hub.merged.remote()
-        return PlainTextResponse(render(snapshot, model_name=self.ctx.name),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
-
+        return PlainTextResponse(
+            render(snapshot, model_name=self.ctx.name), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     # ----------------------------------------------------------------- gRPC (method names = RPC names)
-    async def Generate(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
+    async def Generate(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: ANN401
         async for message in _counted(self, self.grpc.generate(request, grpc_context)):
             yield message
 
-    async def Chat(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
+    async def Chat(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: ANN401
         async for message in _counted(self, self.grpc.chat(request, grpc_context)):
             yield message
 
-    async def ModelInfo(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802, ANN401
+    async def ModelInfo(self, request: Any, grpc_context: Any) -> Any:  # noqa: ANN401
         return await self.grpc.model_info(request, grpc_context)
 
-    async def Check(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802, ANN401  # grpc.health.v1
+    async def Check(self, request: Any, grpc_context: Any) -> Any:  # noqa: ANN401  # grpc.health.v1
         return await self.grpc.health_check(request, grpc_context)
 
-    async def Watch(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
+    async def Watch(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: ANN401
         async for message in self.grpc.health_watch(request, grpc_context):
             yield message
 
@@ -406,8 +512,9 @@ def default_model_name(model: str | None) -> str:
     return Path(model).name if model else "qwen3.5-moe-tiny"
 
 
-def _sse_response(ing: Ingress, body: AsyncIterator[str], streams: list[tuple[Any, GenerateOutput, int]]
-                  ) -> StreamingResponse:
+def _sse_response(
+    ing: Ingress, body: AsyncIterator[str], streams: list[tuple[Any, GenerateOutput, int]]
+) -> StreamingResponse:
     """The SSE response of `body`, which reads the engine `streams`, counted in `ing.open_streams`.
 
     NOTE: a client that leaves before the body's first iteration (the request cancelled between the
@@ -419,7 +526,7 @@ def _sse_response(ing: Ingress, body: AsyncIterator[str], streams: list[tuple[An
     return StreamingResponse(_counted(ing, body), media_type="text/event-stream")
 
 
-async def _counted(ing: Ingress, body: AsyncIterator[Any]) -> AsyncIterator[Any]:  # noqa: ANN401
+async def _counted(ing: Ingress, body: AsyncIterator[Any]) -> AsyncIterator[Any]:
     ing.open_streams += 1
     try:
         async for item in body:
@@ -428,7 +535,7 @@ async def _counted(ing: Ingress, body: AsyncIterator[Any]) -> AsyncIterator[Any]
         ing.open_streams -= 1
 
 
-def _cancel_all(gens: list[Any]) -> None:  # noqa: ANN401  # DeploymentResponseGenerators
+def _cancel_all(gens: list[Any]) -> None:  # DeploymentResponseGenerators
     for gen in gens:
         gen.cancel()  # a no-op for a stream already cancelled or finished
 
@@ -444,8 +551,9 @@ def _error_type(err: EngineFailure) -> str:
     return "invalid_request_error" if err.status < 500 else "internal_error"
 
 
-async def _merge(gens: list[AsyncIterator[GenerateOutput]], offsets: list[int]
-                 ) -> AsyncIterator[tuple[int, GenerateOutput]]:
+async def _merge(
+    gens: list[AsyncIterator[GenerateOutput]], offsets: list[int]
+) -> AsyncIterator[tuple[int, GenerateOutput]]:
     """Interleave several engine streams as events arrive; yields (choice index, event)."""
     if len(gens) == 1:
         async for ev in gens[0]:
@@ -474,67 +582,105 @@ async def _merge(gens: list[AsyncIterator[GenerateOutput]], offsets: list[int]
             t.cancel()
 
 
-
 def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (tests) or None (inside Serve)
     """The FastAPI app: the route table, auth and request-id middleware, error handlers.
 
     Built on each replica (Serve calls it after `Ingress.__init__`); handlers reach the replica's
     `Ingress` through the replica context, or through `instance` when given (tests).
     """
-    api = FastAPI(title="epserve", description="OpenAI-compatible API of an expert-parallel Qwen3.5-MoE server.",
-                  version="1", docs_url=None, redoc_url=None)
+    api = FastAPI(
+        title="epserve",
+        description="OpenAI-compatible API of an expert-parallel Qwen3.5-MoE server.",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+    )
     # NOTE: no /docs or /redoc: those pages load their JavaScript from a CDN and, with an API key set, the
     # browser fetches /openapi.json without the key. /openapi.json is a route like the others: behind the key.
 
     # OpenAPI description. Handlers parse raw bodies themselves (one error shape, tests/replicas/test_fuzz.py
     # fuzzes against this document), so request bodies are declared here from the same pydantic models;
     # nested models go to components/schemas so every $ref resolves in the document.
-    schemas: dict[str, Any] = {"ErrorResponse": {
-        "type": "object", "required": ["error"], "properties": {"error": {
-            "type": "object", "required": ["message", "type", "param", "code"], "properties": {
-                "message": {"type": "string"}, "type": {"type": "string"},
-                "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}
-    error_text = {400: "Invalid request (the message names the parameter).", 401: "Missing or invalid API key.",
-                  404: "Unknown model.", 413: "Request body too large.", 429: "Engine queue full; see Retry-After.",
-                  500: "Internal error.", 503: "Engine unavailable or at capacity; see Retry-After."}
+    schemas: dict[str, Any] = {
+        "ErrorResponse": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type", "param", "code"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": {"type": ["string", "null"]},
+                        "code": {"type": ["string", "null"]},
+                    },
+                }
+            },
+        }
+    }
+    error_text = {
+        400: "Invalid request (the message names the parameter).",
+        401: "Missing or invalid API key.",
+        404: "Unknown model.",
+        413: "Request body too large.",
+        429: "Engine queue full; see Retry-After.",
+        500: "Internal error.",
+        503: "Engine unavailable or at capacity; see Retry-After.",
+    }
 
     def errors(*codes: int) -> dict[str, Any]:
         ref = {"$ref": "#/components/schemas/ErrorResponse"}
-        return {str(c): {"description": error_text[c], "content": {"application/json": {"schema": ref}}}
-                for c in codes}
+        return {str(c): {"description": error_text[c], "content": {"application/json": {"schema": ref}}} for c in codes}
 
     def ok(description: str, schema: dict[str, Any], *, stream: bool = False) -> dict[str, Any]:
         content: dict[str, Any] = {"application/json": {"schema": schema}}
         if stream:  # OpenAPI 3.1: the schema of an event stream describes one event
-            content["text/event-stream"] = {"schema": {
-                "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}},
-                "description": "One chunk object as JSON per event, then `[DONE]`; errors arrive in-band as "
-                               "an ErrorResponse event."}}
+            content["text/event-stream"] = {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {"data": {"type": "string"}},
+                    "description": "One chunk object as JSON per event, then `[DONE]`; errors arrive in-band as "
+                    "an ErrorResponse event.",
+                }
+            }
         return {"200": {"description": description, "content": content}}
 
-    def spec(model: type | None, responses: dict[str, Any]) -> dict[str, Any]:
+    def spec(model: type[BaseModel] | None, responses: dict[str, Any]) -> dict[str, Any]:
         """`openapi_extra` of a route: the JSON body of `model` (when given) and the responses."""
         extra: dict[str, Any] = {"responses": responses}
         if model is not None:
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(body.pop("$defs", {}))
             schemas[model.__name__] = body
-            extra["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+            extra["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
         return extra
 
     def completion_schema(obj: str) -> dict[str, Any]:
-        return {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
-                "properties": {"object": {"const": obj}, "choices": {"type": "array", "items": {
-                    "type": "object", "required": ["index", "finish_reason"]}}}}
+        return {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices", "usage"],
+            "properties": {
+                "object": {"const": obj},
+                "choices": {"type": "array", "items": {"type": "object", "required": ["index", "finish_reason"]}},
+            },
+        }
 
     def openapi() -> dict[str, Any]:
         doc = FastAPI.openapi(api)
         components = doc.setdefault("components", {})
         components.setdefault("schemas", {}).update(schemas)
-        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
-                                                     "description": "Required on every route but /health when "
-                                                                    "the server has an API key."}}
+        components["securitySchemes"] = {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "Required on every route but /health when the server has an API key.",
+            }
+        }
         doc["security"] = [{"bearer": []}]
         return doc
 
@@ -546,7 +692,7 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
             return instance
         from ray import serve
 
-        return serve.get_replica_context().servable_object
+        return serve.get_replica_context().servable_object  # type: ignore[return-value]  # Serve types it Callable
 
     @api.middleware("http")
     async def request_id_and_auth(request: Request, call_next):  # noqa: ANN001, ANN202  # Starlette signature
@@ -557,11 +703,15 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
         key = ing().api_key
         path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
         if root and path.startswith(root):
-            path = path[len(root):]  # the app's route prefix (Serve's root_path) is not part of the route
-        if key and path not in PUBLIC_PATHS and not hmac.compare_digest(
-                request.headers.get("authorization", "").encode(), f"Bearer {key}".encode()):
-            err = ApiError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
-                           type="authentication_error")
+            path = path[len(root) :]  # the app's route prefix (Serve's root_path) is not part of the route
+        if (
+            key
+            and path not in PUBLIC_PATHS
+            and not hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {key}".encode())
+        ):
+            err = ApiError(
+                401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.", type="authentication_error"
+            )
             return JSONResponse(err.body(), status_code=401)
         request.state.body_limits = (ing().args.max_request_body_bytes(), ing().args.body_read_timeout_s)
         # Serve's proxy assigns X-Request-Id (reusing the client's) and returns it on every response;
@@ -587,54 +737,129 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
     @api.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request %s failed", getattr(request.state, "request_id", "?"))
-        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}", type="internal_error").body(),
-                            status_code=500)
+        return JSONResponse(
+            ApiError(500, f"internal error: {type(exc).__name__}", type="internal_error").body(), status_code=500
+        )
 
-    @api.post("/v1/chat/completions", openapi_extra=spec(ChatCompletionRequest, {
-        **ok("A chat completion, or an SSE stream of chunks with `stream: true`.",
-             completion_schema("chat.completion"), stream=True), **errors(*generation_errors)}))
+    @api.post(
+        "/v1/chat/completions",
+        openapi_extra=spec(
+            ChatCompletionRequest,
+            {
+                **ok(
+                    "A chat completion, or an SSE stream of chunks with `stream: true`.",
+                    completion_schema("chat.completion"),
+                    stream=True,
+                ),
+                **errors(*generation_errors),
+            },
+        ),
+    )
     async def chat(request: Request) -> Response:
         return await ing().chat(request)
 
-    @api.post("/v1/completions", openapi_extra=spec(CompletionRequest, {
-        **ok("A text completion, or an SSE stream of chunks with `stream: true`.",
-             completion_schema("text_completion"), stream=True), **errors(*generation_errors)}))
+    @api.post(
+        "/v1/completions",
+        openapi_extra=spec(
+            CompletionRequest,
+            {
+                **ok(
+                    "A text completion, or an SSE stream of chunks with `stream: true`.",
+                    completion_schema("text_completion"),
+                    stream=True,
+                ),
+                **errors(*generation_errors),
+            },
+        ),
+    )
     async def completions(request: Request) -> Response:
         return await ing().completions(request)
 
-    @api.get("/v1/models", openapi_extra=spec(None, {
-        **ok("The served model.", {"type": "object", "required": ["object", "data"],
-                                   "properties": {"object": {"const": "list"}, "data": {"type": "array"}}}),
-        **errors(401)}))
+    @api.get(
+        "/v1/models",
+        openapi_extra=spec(
+            None,
+            {
+                **ok(
+                    "The served model.",
+                    {
+                        "type": "object",
+                        "required": ["object", "data"],
+                        "properties": {"object": {"const": "list"}, "data": {"type": "array"}},
+                    },
+                ),
+                **errors(401),
+            },
+        ),
+    )
     async def models() -> dict[str, Any]:
         return ing().models()
 
-    @api.post("/tokenize", openapi_extra=spec(TokenizeRequest, {
-        **ok("Token ids of a prompt or of rendered chat messages.", {
-            "type": "object", "required": ["count", "max_model_len", "tokens"],
-            "properties": {"tokens": {"type": "array", "items": {"type": "integer"}}}}),
-        **errors(400, 401, 404, 413)}))
+    @api.post(
+        "/tokenize",
+        openapi_extra=spec(
+            TokenizeRequest,
+            {
+                **ok(
+                    "Token ids of a prompt or of rendered chat messages.",
+                    {
+                        "type": "object",
+                        "required": ["count", "max_model_len", "tokens"],
+                        "properties": {"tokens": {"type": "array", "items": {"type": "integer"}}},
+                    },
+                ),
+                **errors(400, 401, 404, 413),
+            },
+        ),
+    )
     async def tokenize(request: Request) -> dict[str, Any]:
         return await ing().tokenize(request)
 
-    @api.post("/detokenize", openapi_extra=spec(DetokenizeRequest, {
-        **ok("The text of token ids.", {"type": "object", "required": ["prompt"],
-                                        "properties": {"prompt": {"type": "string"}}}),
-        **errors(400, 401, 404, 413)}))
+    @api.post(
+        "/detokenize",
+        openapi_extra=spec(
+            DetokenizeRequest,
+            {
+                **ok(
+                    "The text of token ids.",
+                    {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                ),
+                **errors(400, 401, 404, 413),
+            },
+        ),
+    )
     async def detokenize(request: Request) -> dict[str, Any]:
         return await ing().detokenize(request)
 
-    health_body = {"type": "object", "required": ["status", "model"],
-                   "properties": {"status": {"enum": ["ok", "unavailable"]}, "model": {"type": "string"}}}
+    health_body = {
+        "type": "object",
+        "required": ["status", "model"],
+        "properties": {"status": {"enum": ["ok", "unavailable"]}, "model": {"type": "string"}},
+    }
 
-    @api.get("/health", openapi_extra={"security": [], "responses": {
-        **ok("Ready: weights loaded and an engine step has run.", health_body),
-        "503": {"description": "Not ready.", "content": {"application/json": {"schema": health_body}}}}})
+    @api.get(
+        "/health",
+        openapi_extra={
+            "security": [],
+            "responses": {
+                **ok("Ready: weights loaded and an engine step has run.", health_body),
+                "503": {"description": "Not ready.", "content": {"application/json": {"schema": health_body}}},
+            },
+        },
+    )
     async def health() -> Response:
         return await ing().health()
 
-    @api.get("/metrics", response_class=PlainTextResponse, openapi_extra={"responses": {
-        "200": {"description": "Prometheus text exposition of every replica's metrics."}, **errors(401, 503)}})
+    @api.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        openapi_extra={
+            "responses": {
+                "200": {"description": "Prometheus text exposition of every replica's metrics."},
+                **errors(401, 503),
+            }
+        },
+    )
     async def metrics() -> Response:
         return await ing().prometheus()
 

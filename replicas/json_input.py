@@ -34,13 +34,24 @@ def parse_json(raw: bytes | str, *, param: str | None = None, what: str = "the r
         raise bad_request(f"{what} is not valid JSON: {exc}", param) from None
     except RecursionError:
         raise _too_deep(what, param) from None
-    check_json_value(obj, param=param, what=what, brackets=data.count(b"[") + data.count(b"{"),
-                     surrogates=_SURROGATE_ESCAPE.search(data) is not None)
+    check_json_value(
+        obj,
+        param=param,
+        what=what,
+        brackets=data.count(b"[") + data.count(b"{"),
+        surrogates=_SURROGATE_ESCAPE.search(data) is not None,
+    )
     return obj
 
 
-def check_json_value(obj: Any, *, param: str | None = None, what: str = "the request body",  # noqa: ANN401
-                     brackets: int | None = None, surrogates: bool = True) -> None:
+def check_json_value(
+    obj: Any,  # noqa: ANN401
+    *,
+    param: str | None = None,
+    what: str = "the request body",
+    brackets: int | None = None,
+    surrogates: bool = True,
+) -> None:
     """Depth and lone-surrogate checks of a parsed value (iterative: no recursion on client data).
 
     Args:
@@ -55,16 +66,18 @@ def check_json_value(obj: Any, *, param: str | None = None, what: str = "the req
         value, depth, path = stack.pop()
         if isinstance(value, str):
             if surrogates and not encodable(value):
-                raise bad_request(f"{_where(what, path)} holds a lone UTF-16 surrogate (not valid Unicode text)",
-                                  _param(param, path))
+                raise bad_request(
+                    f"{_where(what, path)} holds a lone UTF-16 surrogate (not valid Unicode text)", _param(param, path)
+                )
             continue
         if isinstance(value, dict):
             children = [(k, v) for k, v in value.items()]
             if surrogates:
                 for k, _ in children:
                     if not encodable(k):
-                        raise bad_request(f"{_where(what, path)} has a key with a lone UTF-16 surrogate",
-                                          _param(param, path))
+                        raise bad_request(
+                            f"{_where(what, path)} has a key with a lone UTF-16 surrogate", _param(param, path)
+                        )
         elif isinstance(value, list):
             children = list(enumerate(value))
         else:

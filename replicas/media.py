@@ -22,8 +22,15 @@ import torch
 
 from model_shards.config import ModelConfig
 from model_shards.image_processing import (
-    MediaError, MediaLimits, PreprocessConfig, VisionInput, check_counts, decode_image, preprocess_image,
-    preprocess_sampled_video, preprocess_video,
+    MediaError,
+    MediaLimits,
+    PreprocessConfig,
+    VisionInput,
+    check_counts,
+    decode_image,
+    preprocess_image,
+    preprocess_sampled_video,
+    preprocess_video,
 )
 from model_shards.mm_positions import VisionItem, VisionTokenIds, expand_placeholders, mrope_positions, token_types
 from model_shards.video_decode import decode_video
@@ -59,8 +66,9 @@ class MediaReader:
         pre: the checkpoint's preprocessing (model_shards.preprocessor_config); None = Qwen3.5's defaults.
     """
 
-    def __init__(self, cfg: ModelConfig, *, limits: MediaLimits, local_root: str | None,
-                 pre: PreprocessConfig | None = None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, *, limits: MediaLimits, local_root: str | None, pre: PreprocessConfig | None = None
+    ) -> None:
         if cfg.vision is None:
             raise ValueError("this model has no vision tower")
         self.cfg = cfg
@@ -126,8 +134,9 @@ class MediaReader:
         """An mp4 / webm file (data: URL or allowed local file), sampled at `sample_fps` frames per second."""
         data = self._bytes(url, "video", limit=(self.limits.max_video_bytes, "max_video_bytes"))
         video = decode_video(data, cfg=self.pre, limits=self.limits, sample_fps=sample_fps)
-        return preprocess_sampled_video(video.frames, video.indices, video_fps=video.fps, cfg=self.pre,
-                                        limits=self.limits)
+        return preprocess_sampled_video(
+            video.frames, video.indices, video_fps=video.fps, cfg=self.pre, limits=self.limits
+        )
 
     # ----------------------------------------------------------------- requests
     def read_messages(self, messages: list[dict[str, Any]]) -> list[VisionInput]:
@@ -148,7 +157,13 @@ class MediaReader:
                 out.append(self.video(ref if isinstance(ref, dict) else {"url": ref}))
         return out
 
-    def expand(self, prompt_ids: list[int], inputs: list[VisionInput], *, encode_text: Any) -> tuple[list[int], MultimodalPrompt]:  # noqa: ANN401
+    def expand(
+        self,
+        prompt_ids: list[int],
+        inputs: list[VisionInput],
+        *,
+        encode_text: Any,  # noqa: ANN401
+    ) -> tuple[list[int], MultimodalPrompt]:
         """The model's prompt (pads expanded, frame timestamps written) and its multimodal prompt."""
         merge = self.cfg.vision.spatial_merge_size  # type: ignore[union-attr]  # checked in __init__
         items = [VisionItem(i.kind, i.grid_thw, i.timestamps) for i in inputs]

@@ -16,8 +16,28 @@ import time
 from dataclasses import dataclass, field
 
 PREFIX = "epserve:"
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                   20.0, 40.0, 80.0, 160.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+)
 GAUGE_STALE_S = 15.0
 
 HELP = {
@@ -101,7 +121,8 @@ class MetricsRegistry:
 
     def snapshot(self) -> Snapshot:
         return Snapshot(
-            counters=dict(self.counters), gauges=dict(self.gauges),
+            counters=dict(self.counters),
+            gauges=dict(self.gauges),
             histograms={k: Histogram(h.buckets, list(h.counts), h.total, h.n) for k, h in self.histograms.items()},
             time=time.time(),
         )
@@ -122,8 +143,10 @@ def merge(snapshots: list[Snapshot], *, now: float | None = None) -> Snapshot:
         if now - snap.time <= GAUGE_STALE_S:
             for k, v in snap.gauges.items():
                 out.gauges[k] = out.gauges.get(k, 0.0) + v
-    for used, total, perc in (("kv_blocks_used", "kv_blocks_total", "kv_cache_usage_perc"),
-                              ("state_slots_used", "state_slots_total", "state_slot_usage_perc")):
+    for used, total, perc in (
+        ("kv_blocks_used", "kv_blocks_total", "kv_cache_usage_perc"),
+        ("state_slots_used", "state_slots_total", "state_slot_usage_perc"),
+    ):
         u, t = out.gauges.pop((used, ()), None), out.gauges.pop((total, ()), None)
         if u is not None and t:
             out.gauges[(perc, ())] = u / t
@@ -200,5 +223,4 @@ class MetricsHub:
 
     def counter_by_replica(self, name: str) -> dict[str, float]:
         """One counter's value per reporting replica (to see which replicas served)."""
-        return {rid: sum(v for (n, _), v in snap.counters.items() if n == name)
-                for rid, snap in self.snapshots.items()}
+        return {rid: sum(v for (n, _), v in snap.counters.items() if n == name) for rid, snap in self.snapshots.items()}

@@ -38,23 +38,31 @@ class MtpDrafter:
                 self.pending_q.pop(s.chunk.state_slot, None)
             if not s.mtp:
                 continue
-            valid = res.verified_rows.get(i, len(s.chunk.token_ids))  # type: ignore[attr-defined]
-            nxt = res.tokens[i] if s.sample else s.mtp_next  # type: ignore[attr-defined]
+            valid = res.verified_rows.get(i, len(s.chunk.token_ids))  # type: ignore[attr-defined]  # res: trunk_rank._Results
+            nxt = res.tokens[i] if s.sample else s.mtp_next  # type: ignore[attr-defined]  # res: trunk_rank._Results
             if nxt is None:
                 continue
             c = s.chunk
-            chunks.append(SeqChunk(
-                (*c.token_ids[1:valid], nxt), c.context_len, c.state_slot, c.block_table,
-                positions=c.positions[:, :valid] if c.positions is not None else None, rope_delta=c.rope_delta,
-                logits="last" if s.sample else "none"))
+            chunks.append(
+                SeqChunk(
+                    (*c.token_ids[1:valid], nxt),
+                    c.context_len,
+                    c.state_slot,
+                    c.block_table,
+                    positions=c.positions[:, :valid] if c.positions is not None else None,
+                    rope_delta=c.rope_delta,
+                    logits="last" if s.sample else "none",
+                )
+            )
             rows.append(torch.arange(batch.starts[i], batch.starts[i] + valid))
             if s.sample:
                 samplers.append((i, c.context_len + valid))
         if not chunks:
             return
         mtp_batch = StepBatch.build(chunks, block_size=self.pools.block_size)
-        out = mtp_forward(self.trunk, hidden_TD[torch.cat(rows)], batch=mtp_batch, pools=self.pools,
-                          routed=self.routed, step=0)
+        out = mtp_forward(
+            self.trunk, hidden_TD[torch.cat(rows)], batch=mtp_batch, pools=self.pools, routed=self.routed, step=0
+        )
         if not samplers:
             return
         drafts: dict[int, list[int]] = {i: [] for i, _ in samplers}
@@ -70,19 +78,33 @@ class MtpDrafter:
                     drafts[i].append(argmax[j])
                     qs[i].append(None)
                     continue
-                position = s.output_index + len(res.accepted[i]) + 1 + step  # type: ignore[attr-defined]
+                position = s.output_index + len(res.accepted[i]) + 1 + step  # type: ignore[attr-defined]  # res: trunk_rank._Results
                 token, q = draft(logits[j], s.params, position=position)
                 drafts[i].append(token)
                 qs[i].append(q)
             if step + 1 == steps:
                 break
             # recursive step: MTP at the position after the last one, input (its own normed output, the draft)
-            rec = [SeqChunk((drafts[i][-1],), end + step, req.seqs[i].chunk.state_slot, req.seqs[i].chunk.block_table,
-                            rope_delta=req.seqs[i].chunk.rope_delta) for i, end in samplers]
-            out = mtp_forward(self.trunk, hidden, batch=StepBatch.build(rec, block_size=self.pools.block_size),
-                              pools=self.pools, routed=self.routed, step=step + 1)
+            rec = [
+                SeqChunk(
+                    (drafts[i][-1],),
+                    end + step,
+                    req.seqs[i].chunk.state_slot,
+                    req.seqs[i].chunk.block_table,
+                    rope_delta=req.seqs[i].chunk.rope_delta,
+                )
+                for i, end in samplers
+            ]
+            out = mtp_forward(
+                self.trunk,
+                hidden,
+                batch=StepBatch.build(rec, block_size=self.pools.block_size),
+                pools=self.pools,
+                routed=self.routed,
+                step=step + 1,
+            )
             logits, hidden = out.logits_RV, out.hidden_TD
         for i, _ in samplers:
-            res.drafts[i] = tuple(drafts[i])  # type: ignore[attr-defined]
+            res.drafts[i] = tuple(drafts[i])  # type: ignore[attr-defined]  # res: trunk_rank._Results
             if not req.seqs[i].params.greedy:
                 self.pending_q[req.seqs[i].chunk.state_slot] = qs[i]

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-
 from model_shards.batch import SeqChunk
 from model_shards.cache import CachePools
 from model_shards.model import LocalModel
@@ -37,12 +36,16 @@ class LocalRunner:
 
     num_trunk_ranks = 1
 
-    def __init__(self, model: LocalModel, *, num_blocks: int, block_size: int = 16, num_slots: int = 1,
-                 spec_tokens: int = 0) -> None:
+    def __init__(
+        self, model: LocalModel, *, num_blocks: int, block_size: int = 16, num_slots: int = 1, spec_tokens: int = 0
+    ) -> None:
         self.block_size = block_size
-        pools = model.allocate(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
-                               spec_tokens=spec_tokens)
-        self.rank = TrunkRank(model.trunk, pools, LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers))
+        pools = model.allocate(
+            num_blocks=num_blocks, block_size=block_size, num_slots=num_slots, spec_tokens=spec_tokens
+        )
+        self.rank = TrunkRank(
+            model.trunk, pools, LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers)
+        )
 
     @property
     def pools(self) -> CachePools:
@@ -82,19 +85,22 @@ def generate_one(
     idle = [StepRequest(mtp_steps=spec_tokens)] * (runner.num_trunk_ranks - 1)
     out: list[int] = []
     logprobs: list[TokenLogprobs | None] = []
-    context, new, drafts = 0, list(prompt_ids), ()
+    context, new = 0, list(prompt_ids)
+    drafts: tuple[int, ...] = ()
     finish = "length"
     steps = drafted = accepted_total = 0
     t0 = time.perf_counter()
     t_first = t0
     while len(out) < max_tokens and finish == "length":
         seq = SeqStep(
-            chunk=SeqChunk((*new, *drafts), context, 0, table, logits="all" if drafts else "last",
-                           verify=bool(drafts)),
-            sample=True, params=params, output_index=len(out),
+            chunk=SeqChunk((*new, *drafts), context, 0, table, logits="all" if drafts else "last", verify=bool(drafts)),
+            sample=True,
+            params=params,
+            output_index=len(out),
             prompt_ids=tuple(prompt_ids) if params.has_penalties else (),
             output_ids=tuple(out) if params.has_penalties else (),
-            drafts=drafts, mtp=spec_tokens > 0,
+            drafts=drafts,
+            mtp=spec_tokens > 0,
         )
         res = runner.step([StepRequest((seq,), mtp_steps=spec_tokens), *idle])[0]
         steps += 1
@@ -117,12 +123,17 @@ def generate_one(
                 break
         new = [token]
         drafts = res.drafts[0] if res.drafts else ()
-    return Generation(tuple(out), finish, tuple(logprobs), t_first - t0, time.perf_counter() - t_first,
-                      steps=steps, draft_tokens=drafted, accepted_tokens=accepted_total)
+    return Generation(
+        tuple(out),
+        finish,
+        tuple(logprobs),
+        t_first - t0,
+        time.perf_counter() - t_first,
+        steps=steps,
+        draft_tokens=drafted,
+        accepted_tokens=accepted_total,
+    )
 
 
 def runner_blocks(prompt_len: int, max_tokens: int, block_size: int) -> int:
     return -(-(prompt_len + max_tokens) // block_size)
-
-
-

@@ -22,13 +22,27 @@ SAMPLING_EPS = 1e-5
 class ApiError(Exception):
     """An error with its HTTP status and OpenAI envelope fields."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",  # noqa: A002  # OpenAI's name
-                 param: str | None = None, code: str | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",  # noqa: A002  # OpenAI's name
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type, param
-        self.code = code or {400: "invalid_request", 401: "invalid_api_key", 404: "model_not_found",
-                             408: "timeout", 413: "request_too_large", 429: "rate_limit_exceeded",
-                             503: "service_unavailable"}.get(status, str(status))
+        self.code = code or {
+            400: "invalid_request",
+            401: "invalid_api_key",
+            404: "model_not_found",
+            408: "timeout",
+            413: "request_too_large",
+            429: "rate_limit_exceeded",
+            503: "service_unavailable",
+        }.get(status, str(status))
         self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
@@ -234,7 +248,7 @@ class DetokenizeRequest(BaseModel):
 
 def validation_error(exc: Exception) -> ApiError:
     """A pydantic ValidationError as one OpenAI 400, naming the first offending field."""
-    errors = getattr(exc, "errors", lambda: [])()
+    errors: list[dict[str, Any]] = getattr(exc, "errors", lambda: [])()
     if not errors:
         return bad_request(str(exc))
     first = errors[0]

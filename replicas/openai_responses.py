@@ -32,8 +32,11 @@ class ChoiceState:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def _token_str(tok: Tokenizer, token_id: int) -> str:
@@ -44,11 +47,17 @@ def chat_logprobs(tok: Tokenizer, ids: list[int], lps: list[TokenLogprobs]) -> d
     content = []
     for t, lp in zip(ids, lps):
         s = _token_str(tok, t)
-        content.append({
-            "token": s, "logprob": lp.logprob, "bytes": list(s.encode("utf-8")),
-            "top_logprobs": [{"token": (a := _token_str(tok, i)), "logprob": v, "bytes": list(a.encode("utf-8"))}
-                             for i, v in lp.top],
-        })
+        content.append(
+            {
+                "token": s,
+                "logprob": lp.logprob,
+                "bytes": list(s.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": (a := _token_str(tok, i)), "logprob": v, "bytes": list(a.encode("utf-8"))}
+                    for i, v in lp.top
+                ],
+            }
+        )
     return {"content": content}
 
 
@@ -64,12 +73,26 @@ def completion_logprobs(tok: Tokenizer, ids: list[int], lps: list[TokenLogprobs]
         for i, v in lp.top:
             top.setdefault(_token_str(tok, i), v)
         tops.append(top)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps], "top_logprobs": tops,
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
-def chat_chunk(rid: str, model: str, created: int, ev: GenerateOutput, delta: ChatDelta, *, first: bool,
-               finish_reason: str | None, tok: Tokenizer | None, want_logprobs: bool) -> dict[str, Any]:
+def chat_chunk(
+    rid: str,
+    model: str,
+    created: int,
+    ev: GenerateOutput,
+    delta: ChatDelta,
+    *,
+    first: bool,
+    finish_reason: str | None,
+    tok: Tokenizer | None,
+    want_logprobs: bool,
+) -> dict[str, Any]:
     """One streamed chat event: the choice's delta (content, reasoning_content, tool_calls) for one token."""
     out: dict[str, Any] = {"role": "assistant"} if first else {}
     if delta.reasoning:
@@ -88,8 +111,17 @@ def chat_chunk(rid: str, model: str, created: int, ev: GenerateOutput, delta: Ch
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
 
-def completion_chunk(rid: str, model: str, created: int, ev: GenerateOutput, *, index: int, tok: Tokenizer | None,
-                     want_logprobs: bool, offset: int) -> dict[str, Any]:
+def completion_chunk(
+    rid: str,
+    model: str,
+    created: int,
+    ev: GenerateOutput,
+    *,
+    index: int,
+    tok: Tokenizer | None,
+    want_logprobs: bool,
+    offset: int,
+) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": index, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
     if want_logprobs and tok is not None and ev.logprobs:
         choice["logprobs"] = completion_logprobs(tok, list(ev.token_ids), list(ev.logprobs), offset=offset)
@@ -98,14 +130,22 @@ def completion_chunk(rid: str, model: str, created: int, ev: GenerateOutput, *, 
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
 
-def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int, completion_tokens: int
-                ) -> dict[str, Any]:
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+def usage_chunk(
+    rid: str, model: str, created: int, obj: str, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
-def chat_response(rid: str, model: str, choices: list[ChoiceState], *, prompt_tokens: int, tok: Tokenizer,
-                  want_logprobs: bool) -> dict[str, Any]:
+def chat_response(
+    rid: str, model: str, choices: list[ChoiceState], *, prompt_tokens: int, tok: Tokenizer, want_logprobs: bool
+) -> dict[str, Any]:
     out = []
     for c in sorted(choices, key=lambda c: c.index):
         message: dict[str, Any] = {"role": "assistant", "content": c.text if (c.text or not c.tool_calls) else None}
@@ -114,30 +154,53 @@ def chat_response(rid: str, model: str, choices: list[ChoiceState], *, prompt_to
         if c.tool_calls:
             message["tool_calls"] = c.tool_calls
         item: dict[str, Any] = {
-            "index": c.index, "message": message,
+            "index": c.index,
+            "message": message,
             "logprobs": chat_logprobs(tok, c.token_ids, c.logprobs) if want_logprobs else None,
             "finish_reason": c.finish_reason,
         }
         if c.stop_reason is not None:
             item["stop_reason"] = c.stop_reason
         out.append(item)
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": out,
-            "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices))}
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": out,
+        "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices)),
+    }
 
 
-def completion_response(rid: str, model: str, choices: list[ChoiceState], *, prompt_tokens: int, tok: Tokenizer,
-                        want_logprobs: bool, echo_texts: dict[int, str] | None = None) -> dict[str, Any]:
+def completion_response(
+    rid: str,
+    model: str,
+    choices: list[ChoiceState],
+    *,
+    prompt_tokens: int,
+    tok: Tokenizer,
+    want_logprobs: bool,
+    echo_texts: dict[int, str] | None = None,
+) -> dict[str, Any]:
     out = []
     for c in sorted(choices, key=lambda c: c.index):
         prefix = (echo_texts or {}).get(c.index, "")
         item: dict[str, Any] = {
-            "index": c.index, "text": prefix + c.text,
-            "logprobs": completion_logprobs(tok, c.token_ids, c.logprobs, offset=len(prefix)) if want_logprobs
+            "index": c.index,
+            "text": prefix + c.text,
+            "logprobs": completion_logprobs(tok, c.token_ids, c.logprobs, offset=len(prefix))
+            if want_logprobs
             else None,
             "finish_reason": c.finish_reason,
         }
         if c.stop_reason is not None:
             item["stop_reason"] = c.stop_reason
         out.append(item)
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": out,
-            "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices))}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": out,
+        "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices)),
+    }

@@ -70,15 +70,18 @@ class ProxyHealth(health_pb2_grpc.HealthServicer):
         self.watchers = 0
         self._apps: dict[str, _AppReadiness] = {}
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:  # noqa: N802, ANN401
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:  # noqa: ANN401
         if isinstance(request, UndecodableRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
         if request.service not in SERVICES:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=await self._status(context))
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any  # noqa: N802, ANN401
-                    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+    async def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: Any,  # noqa: ANN401
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         if isinstance(request, UndecodableRequest):
             context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
             context.set_details(request.describe())
@@ -88,8 +91,10 @@ class ProxyHealth(health_pb2_grpc.HealthServicer):
             return
         if self.watchers >= self.max_watchers:  # ends the call with this status (no abort inside a generator)
             context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
-            context.set_details(f"this proxy already serves {self.max_watchers} health Watch streams "
-                                "(max_health_watchers); use Check or retry later")
+            context.set_details(
+                f"this proxy already serves {self.max_watchers} health Watch streams "
+                "(max_health_watchers); use Check or retry later"
+            )
             return
         self.watchers += 1
         try:
@@ -107,12 +112,12 @@ class ProxyHealth(health_pb2_grpc.HealthServicer):
         app = dict(context.invocation_metadata()).get("application", "")
         state = self._apps.setdefault(app, _AppReadiness())
         if time.monotonic() - state.read_at < POLL_S:
-            return state.status
+            return state.status  # type: ignore[return-value]  # read once: read_at 0.0 is stale at first
         async with state.lock:
             if time.monotonic() - state.read_at >= POLL_S:
                 state.status = await self._read(app, state)
                 state.read_at = time.monotonic()
-        return state.status
+        return state.status  # type: ignore[return-value]  # read once: read_at 0.0 is stale at first
 
     async def _read(self, app: str, state: _AppReadiness) -> int:
         from ray.serve.exceptions import BackPressureError

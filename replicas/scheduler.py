@@ -108,7 +108,7 @@ class Scheduler:
 
     def _preempt(self, trunk: int, out: SchedulerOutput) -> Sequence:
         victim = self.running[trunk][-1]  # newest admitted: least progress lost
-        self.pools[trunk].release(slot=victim.addr.slot, blocks=victim.addr.blocks)  # type: ignore[union-attr]
+        self.pools[trunk].release(slot=victim.addr.slot, blocks=victim.addr.blocks)  # type: ignore[union-attr]  # running: addr set
         self.running[trunk].pop()
         victim.reset_for_recompute()
         self.waiting.appendleft(victim)
@@ -158,8 +158,9 @@ class Scheduler:
             if seq.remaining == 1 and seq.num_computed > 0:
                 continue
             n = chunk_len(seq.remaining, budget)
-            while n > 0 and not self._grow(seq, seq.num_computed + n + (self.config.lookahead if n == seq.remaining
-                                                                       else 0)):
+            while n > 0 and not self._grow(
+                seq, seq.num_computed + n + (self.config.lookahead if n == seq.remaining else 0)
+            ):
                 n = ((n - 1) // CHUNK_ALIGN) * CHUNK_ALIGN  # a shorter aligned chunk that fits
             if n <= 0:
                 continue

@@ -12,12 +12,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from model_shards.detokenizer import IncrementalDetokenizer
 from model_shards.sampling import SamplingParams
 from model_shards.tokenizer import Tokenizer
 from replicas.engine_types import GenerateOutput, GenerateRequest
 from replicas.step_types import TokenLogprobs
+
+if TYPE_CHECKING:  # annotations only: torch and llguidance load where they are used
+    import torch
+
+    from replicas.structured_output import GrammarMatcher
 
 
 class Status(Enum):
@@ -57,7 +63,7 @@ class Sequence:
         self.num_preemptions = 0
         self.mm = req.mm  # replicas.media.MultimodalPrompt or None
         self.rope_delta = req.mm.rope_delta if req.mm is not None else 0
-        self.matcher = None  # replicas.structured_output.GrammarMatcher when the request is constrained
+        self.matcher: GrammarMatcher | None = None  # set when the request is constrained
         self.drafts: list[int] = []  # MTP drafts to verify in the next step
         self.speculate = False  # set by the engine: this sequence drafts with the MTP head
         # Thinking budget: reasoning tokens so far, whether the budget still counts, and the tokens to force next.
@@ -65,7 +71,9 @@ class Sequence:
         budget = req.max_thinking_tokens
         self._thinking = budget is not None and budget > 0 and bool(req.thinking_end_ids)
         self._forced: list[int] = list(req.thinking_end_ids) if budget == 0 else []
-        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=req.skip_special_tokens) if tokenizer else None
+        self._detok = (
+            IncrementalDetokenizer(tokenizer, skip_special_tokens=req.skip_special_tokens) if tokenizer else None
+        )
         self._text = ""  # detokenized output so far
         self._emitted = 0  # characters of _text already sent
         self._hold = max((len(s) for s in req.stop), default=1) - 1
@@ -88,7 +96,7 @@ class Sequence:
         """Tokens still to be computed before the next sample."""
         return self.num_tokens - self.num_computed
 
-    def chunk_vision(self, start: int, n: int) -> tuple[object | None, tuple[int, ...], int]:
+    def chunk_vision(self, start: int, n: int) -> tuple[torch.Tensor | None, tuple[int, ...], int]:
         """For tokens [start, start + n): their [3, n] MRoPE positions (None for plain text), the rows that
         take vision embeddings, and the index of the first such embedding."""
         if self.mm is None:
@@ -160,7 +168,8 @@ class Sequence:
         self.t_last_token = now
         self.output_ids.append(token)
         self._count_thinking(token)
-        finish, stop_reason = None, None
+        finish: str | None = None
+        stop_reason: int | str | None = None
         text = ""
         if self._detok is not None:
             self._text += self._detok.feed(token)
@@ -180,23 +189,29 @@ class Sequence:
         if finish is not None and self._detok is not None and not isinstance(stop_reason, str):
             self._text += self._detok.finish()  # flush a held-back partial character
         if finish is not None:
-            text = self._text[self._emitted:]
+            text = self._text[self._emitted :]
             self._emitted = len(self._text)
         else:
             safe = max(self._emitted, len(self._text) - self._hold)
-            text = self._text[self._emitted:safe]
+            text = self._text[self._emitted : safe]
             self._emitted = safe
         return GenerateOutput(
-            request_id=self.req.request_id, index=self.index, token_ids=(token,), text=text,
-            logprobs=(logprobs,) if logprobs is not None else (), finish_reason=finish, stop_reason=stop_reason,
-            prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids),
+            request_id=self.req.request_id,
+            index=self.index,
+            token_ids=(token,),
+            text=text,
+            logprobs=(logprobs,) if logprobs is not None else (),
+            finish_reason=finish,
+            stop_reason=stop_reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
         )
 
     def close(self, finish_reason: str, last: GenerateOutput) -> GenerateOutput:
         """End the choice now (its grammar is complete): the last event becomes final, text flushed."""
         if self._detok is not None:
             self._text += self._detok.finish()
-        text = last.text + self._text[self._emitted:]
+        text = last.text + self._text[self._emitted :]
         self._emitted = len(self._text)
         return replace(last, text=text, finish_reason=finish_reason)
 

@@ -69,7 +69,11 @@ def draft(logits_V: torch.Tensor, params: SamplingParams, *, position: int) -> t
 
 
 def verify(
-    logits_JV: torch.Tensor, drafts: list[int], params: SamplingParams, *, position: int,
+    logits_JV: torch.Tensor,
+    drafts: list[int],
+    params: SamplingParams,
+    *,
+    position: int,
     q: list[Distribution | None],
 ) -> tuple[int, int]:
     """Check k drafts against the target's logits at the k + 1 verified positions.

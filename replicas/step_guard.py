@@ -25,9 +25,14 @@ def request_problem(req: GenerateRequest, *, vocab_size: int | None) -> str | No
         return "the prompt is empty"
     if req.n < 1 or req.max_tokens < 1 or req.min_tokens < 0:
         return f"n ({req.n}) and max_tokens ({req.max_tokens}) must be >= 1, min_tokens ({req.min_tokens}) >= 0"
-    floats = {"temperature": p.temperature, "top_p": p.top_p, "min_p": p.min_p,
-              "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
-              "repetition_penalty": p.repetition_penalty}
+    floats = {
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "min_p": p.min_p,
+        "presence_penalty": p.presence_penalty,
+        "frequency_penalty": p.frequency_penalty,
+        "repetition_penalty": p.repetition_penalty,
+    }
     bad = [k for k, v in floats.items() if not math.isfinite(v)]
     if bad:
         return f"{', '.join(bad)} must be finite numbers"
@@ -39,8 +44,11 @@ def request_problem(req: GenerateRequest, *, vocab_size: int | None) -> str | No
         return None
     if p.logprobs is not None and p.logprobs > vocab_size:
         return f"logprobs {p.logprobs} exceeds the vocabulary size {vocab_size}"
-    for name, ids in (("prompt", req.prompt_ids), ("stop_token_ids", req.stop_token_ids),
-                      ("eos_token_ids", req.eos_token_ids)):
+    for name, ids in (
+        ("prompt", req.prompt_ids),
+        ("stop_token_ids", req.stop_token_ids),
+        ("eos_token_ids", req.eos_token_ids),
+    ):
         out = [t for t in ids if not 0 <= t < vocab_size]
         if out:
             return f"{name} {out[:5]} are outside the vocabulary [0, {vocab_size})"

@@ -75,7 +75,8 @@ class StepResult:
     """Per sequence of the request, in order: the sampled token (None when not sampling) and logprobs.
 
     With speculation: `accepted[i]` are verified drafts emitted before `token_ids[i]` (with their
-    logprobs in `accepted_logprobs[i]`, one entry per accepted token, None when not asked), and `drafts[i]` the new drafts to verify next step.
+    logprobs in `accepted_logprobs[i]`, one entry per accepted token, None when not asked), and `drafts[i]`
+    the new drafts to verify next step.
     """
 
     token_ids: tuple[int | None, ...] = ()

@@ -23,14 +23,14 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import llguidance
-
-from model_shards.sampling import apply_bitmask  # noqa: F401  # the mask's consumer lives with sampling
 import numpy as np
 import torch
 from tokenizers import Tokenizer as BackendTokenizer
+
+from model_shards.sampling import apply_bitmask  # noqa: F401  # the mask's consumer lives with sampling
 from replicas.tool_parser import schema_types
 
 MODEL_VOCAB_SIZE = 248_320  # logits width; ids from the tokenizer's size up to here are padding, never allowed
@@ -48,8 +48,14 @@ MAX_LARK_REGEX_OPERATORS = 8  # `&` / `~` in a user Lark grammar: 18 intersectio
 COMPILE_TIMEOUT_S = 5.0
 MAX_CONCURRENT_COMPILES = 2
 GRAMMAR_CACHE_ENTRIES = 128
-_PAYLOAD_LIMITS = {"json_object": 0, "json_schema": MAX_SCHEMA_BYTES, "regex": MAX_REGEX_BYTES,
-                   "choice": MAX_CHOICES_BYTES, "grammar": MAX_GRAMMAR_BYTES, "tool_call": MAX_TOOLS_BYTES}
+_PAYLOAD_LIMITS = {
+    "json_object": 0,
+    "json_schema": MAX_SCHEMA_BYTES,
+    "regex": MAX_REGEX_BYTES,
+    "choice": MAX_CHOICES_BYTES,
+    "grammar": MAX_GRAMMAR_BYTES,
+    "tool_call": MAX_TOOLS_BYTES,
+}
 
 # JSON output: at most 40 whitespace characters between two JSON tokens (a newline and indentation), never the
 # endless whitespace run an unbounded pattern lets a model fall into.
@@ -175,8 +181,10 @@ class GrammarSpec:
         elif self.kind == "grammar":
             operators = sum(m.group() in ("&", "~") for m in _LARK_OPERATOR_SCAN.finditer(self.payload))
             if operators > MAX_LARK_REGEX_OPERATORS:
-                raise ValueError(f"grammar uses {operators} `&`/`~` regex operators, over the limit of "
-                                 f"{MAX_LARK_REGEX_OPERATORS} (they make compilation exponential)")
+                raise ValueError(
+                    f"grammar uses {operators} `&`/`~` regex operators, over the limit of "
+                    f"{MAX_LARK_REGEX_OPERATORS} (they make compilation exponential)"
+                )
 
     def with_reasoning(self, reasoning: bool = True) -> GrammarSpec:
         """The same constraint, applied after a reasoning block (see the class docstring)."""
@@ -251,7 +259,7 @@ class GrammarSpec:
             raise ValueError(f"structured_outputs: unsupported field(s) {unknown}; supported: {', '.join(supported)}")
         if len(given) != 1:
             raise ValueError(f"structured_outputs needs exactly one of {', '.join(supported)}, got {sorted(given)}")
-        (key, value), = given.items()
+        ((key, value),) = given.items()
         if key == "json":
             return cls.for_json_schema(value)
         if key == "regex":
@@ -266,8 +274,11 @@ class GrammarSpec:
 
     @classmethod
     def from_tool_choice(
-        cls, tool_choice: str | Mapping[str, Any] | None, tools: Sequence[Mapping[str, Any]] | None,
-        *, parallel_tool_calls: bool | None = None,
+        cls,
+        tool_choice: str | Mapping[str, Any] | None,
+        tools: Sequence[Mapping[str, Any]] | None,
+        *,
+        parallel_tool_calls: bool | None = None,
     ) -> GrammarSpec | None:
         """The spec that forces tool calls; None for tool_choice absent, "auto" or "none".
 
@@ -296,22 +307,26 @@ class GrammarSpec:
             name = function.get("name") if isinstance(function, Mapping) else None
             chosen, parallel = [f for f in functions if f["name"] == name], False
             if not chosen:
-                raise ValueError(f"tool_choice names function {name!r}, which is not among the tools "
-                                 f"({', '.join(f['name'] for f in functions)})")
+                raise ValueError(
+                    f"tool_choice names function {name!r}, which is not among the tools "
+                    f"({', '.join(f['name'] for f in functions)})"
+                )
         else:
-            raise ValueError(f'tool_choice must be "auto", "none", "required" or {{"type": "function", '
-                             f'"function": {{"name": ...}}}}, got {tool_choice!r}')
+            raise ValueError(
+                f'tool_choice must be "auto", "none", "required" or {{"type": "function", '
+                f'"function": {{"name": ...}}}}, got {tool_choice!r}'
+            )
         return cls("tool_call", _compact_json({"functions": chosen, "parallel": parallel}, "tools"))
 
 
-def _parse_json(text: str, what: str) -> Any:
+def _parse_json(text: str, what: str) -> Any:  # noqa: ANN401
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as err:
         raise ValueError(f"{what} is not valid JSON: {err}") from None
 
 
-def _schema_text(schema: Any, what: str) -> str:
+def _schema_text(schema: Any, what: str) -> str:  # noqa: ANN401
     if isinstance(schema, str):
         if len(schema.encode("utf-8")) > MAX_SCHEMA_BYTES:
             raise ValueError(f"{what} is over the limit of {MAX_SCHEMA_BYTES} bytes")
@@ -324,14 +339,14 @@ def _schema_text(schema: Any, what: str) -> str:
     return text
 
 
-def _compact_json(value: Any, what: str) -> str:
+def _compact_json(value: Any, what: str) -> str:  # noqa: ANN401
     try:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError) as err:
         raise ValueError(f"{what} cannot be written as JSON: {err}") from None
 
 
-def _check_choices(choices: Any) -> None:
+def _check_choices(choices: Any) -> None:  # noqa: ANN401
     if not isinstance(choices, list) or not choices:
         raise ValueError("choice must be a non-empty list of strings")
     if len(choices) > MAX_CHOICES:
@@ -344,7 +359,7 @@ def _check_choices(choices: Any) -> None:
 def _functions(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
     """[{"name", "parameters"}] of the request's tools, checked so that the call grammar can be written."""
     if not tools or isinstance(tools, (str, Mapping)) or not isinstance(tools, Sequence):
-        raise ValueError("tool_choice \"required\" or a named function needs a non-empty tools list")
+        raise ValueError('tool_choice "required" or a named function needs a non-empty tools list')
     if len(tools) > MAX_TOOLS:
         raise ValueError(f"{len(tools)} tools, over the limit of {MAX_TOOLS}")
     functions: list[dict[str, Any]] = []
@@ -365,7 +380,7 @@ def _functions(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]
     return functions
 
 
-def _check_parameters(parameters: Any, where: str) -> None:
+def _check_parameters(parameters: Any, where: str) -> None:  # noqa: ANN401
     if not isinstance(parameters, Mapping) or parameters.get("type", "object") != "object":
         raise ValueError(f"{where}: parameters must be a JSON schema of type object")
     properties = parameters.get("properties", {})
@@ -373,8 +388,9 @@ def _check_parameters(parameters: Any, where: str) -> None:
         raise ValueError(f"{where}: parameters.properties must be an object")
     for arg, schema in properties.items():
         if not _PARAMETER_NAME.fullmatch(arg):
-            raise ValueError(f"{where}: parameter name {arg!r} must be 1-256 characters without whitespace, "
-                             f"quotes, braces, < or >")
+            raise ValueError(
+                f"{where}: parameter name {arg!r} must be 1-256 characters without whitespace, quotes, braces, < or >"
+            )
         if schema is False or not isinstance(schema, (Mapping, bool)):
             raise ValueError(f"{where}: the schema of parameter {arg!r} must be an object or true")
     required = parameters.get("required", [])
@@ -414,11 +430,14 @@ def grammar_text(spec: GrammarSpec) -> str:
 
 def _json_with_options(schema: Mapping[str, Any] | bool, options: Mapping[str, Any] | None = None) -> str:
     """Schema JSON text carrying llguidance options in "x-guidance"; by default the bounded whitespace."""
-    schema = {} if schema is True else dict(schema)
-    user = schema.get("x-guidance") if isinstance(schema.get("x-guidance"), Mapping) else {}
+    schema = {} if schema is True else dict(schema)  # type: ignore[arg-type]  # False is refused in GrammarSpec
+    user: Mapping[str, Any] = schema["x-guidance"] if isinstance(schema.get("x-guidance"), Mapping) else {}
     if options is None:  # the user's own whitespace choice wins; otherwise bounded whitespace
-        options = {} if {"whitespace_flexible", "whitespace_pattern"} & set(user) else {
-            "whitespace_pattern": JSON_WHITESPACE_PATTERN}
+        options = (
+            {}
+            if {"whitespace_flexible", "whitespace_pattern"} & set(user)
+            else {"whitespace_pattern": JSON_WHITESPACE_PATTERN}
+        )
     schema["x-guidance"] = {**user, **options}
     return json.dumps(schema, ensure_ascii=False)
 
@@ -462,7 +481,7 @@ def _value_rule(schema: Mapping[str, Any] | bool, defs: Mapping[str, Any], tag: 
     return f"V_{tag}"
 
 
-def _is_text_schema(schema: Mapping[str, Any]) -> bool:
+def _is_text_schema(schema: Mapping[str, Any] | bool) -> TypeGuard[Mapping[str, Any]]:
     """Whether an argument is written as raw text: its types, null aside, are just string. Mirrors how
     replicas/tool_parser.py reads values (`type`, a list of types, anyOf/oneOf branches, a string-only enum)."""
     types = schema_types(schema)
@@ -484,7 +503,7 @@ def _string_checks(schema: Mapping[str, Any]) -> list[str]:
         anchored_end = pattern.endswith("$") and not pattern.endswith("\\$")
         head = "" if pattern.startswith("^") else "(?s:.*)"
         tail = "" if anchored_end else "(?s:.*)"
-        core = pattern[1 if not head else 0:len(pattern) - 1 if anchored_end else None]
+        core = pattern[1 if not head else 0 : len(pattern) - 1 if anchored_end else None]
         checks.append(f"/{head}(?:{llguidance.regex_to_lark(core, 'dw')}){tail}/")
     return checks
 
@@ -500,8 +519,9 @@ class CompiledGrammar:
     `failure`, and `GrammarCache` compiles the spec afresh for later requests.
     """
 
-    def __init__(self, spec: GrammarSpec, tokenizer: GuidanceTokenizer, template: llguidance.LLMatcher,
-                 compile_s: float) -> None:
+    def __init__(
+        self, spec: GrammarSpec, tokenizer: GuidanceTokenizer, template: llguidance.LLMatcher, compile_s: float
+    ) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.compile_s = compile_s  # construction plus the first mask (where llguidance builds its lexer)
@@ -515,8 +535,9 @@ class CompiledGrammar:
             return self._template.deep_copy()
 
 
-def compile_grammar(spec: GrammarSpec, tokenizer: GuidanceTokenizer,
-                    limits: llguidance.LLParserLimits | None = None) -> CompiledGrammar:
+def compile_grammar(
+    spec: GrammarSpec, tokenizer: GuidanceTokenizer, limits: llguidance.LLParserLimits | None = None
+) -> CompiledGrammar:
     """Compile a spec (no cache, no time bound: `GrammarCache.get` adds both).
 
     Args:
@@ -555,12 +576,20 @@ class GrammarCache:
     the background, its spec is cached as rejected, and it holds its compile slot until then.
     """
 
-    def __init__(self, tokenizer: GuidanceTokenizer, *, max_entries: int = GRAMMAR_CACHE_ENTRIES,
-                 compile_timeout_s: float = COMPILE_TIMEOUT_S, max_concurrent_compiles: int = MAX_CONCURRENT_COMPILES,
-                 limits: llguidance.LLParserLimits | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: GuidanceTokenizer,
+        *,
+        max_entries: int = GRAMMAR_CACHE_ENTRIES,
+        compile_timeout_s: float = COMPILE_TIMEOUT_S,
+        max_concurrent_compiles: int = MAX_CONCURRENT_COMPILES,
+        limits: llguidance.LLParserLimits | None = None,
+    ) -> None:
         if max_entries < 1 or compile_timeout_s <= 0 or max_concurrent_compiles < 1:
-            raise ValueError(f"GrammarCache needs max_entries >= 1, compile_timeout_s > 0, max_concurrent_compiles "
-                             f">= 1; got {max_entries}, {compile_timeout_s}, {max_concurrent_compiles}")
+            raise ValueError(
+                f"GrammarCache needs max_entries >= 1, compile_timeout_s > 0, max_concurrent_compiles "
+                f">= 1; got {max_entries}, {compile_timeout_s}, {max_concurrent_compiles}"
+            )
         self.tokenizer = tokenizer
         self.max_entries = max_entries
         self.compile_timeout_s = compile_timeout_s
@@ -608,19 +637,23 @@ class GrammarCache:
         try:
             return _unwrap(future.result(timeout=self.compile_timeout_s))
         except FutureTimeout:
-            raise ValueError(f"{spec.kind}: compiling took longer than {self.compile_timeout_s:g} s; "
-                             f"simplify the {spec.kind}") from None
+            raise ValueError(
+                f"{spec.kind}: compiling took longer than {self.compile_timeout_s:g} s; simplify the {spec.kind}"
+            ) from None
 
     def _compile(self, spec: GrammarSpec, future: Future) -> None:
         try:
             try:
-                result: CompiledGrammar | ValueError = compile_grammar(spec, self.tokenizer, self._limits)
-                if result.compile_s > self.compile_timeout_s:
-                    result = ValueError(f"{spec.kind}: compiling took {result.compile_s:.1f} s, over the limit of "
-                                        f"{self.compile_timeout_s:g} s; simplify the {spec.kind}")
+                compiled = compile_grammar(spec, self.tokenizer, self._limits)
+                result: CompiledGrammar | ValueError = compiled
+                if compiled.compile_s > self.compile_timeout_s:
+                    result = ValueError(
+                        f"{spec.kind}: compiling took {compiled.compile_s:.1f} s, over the limit of "
+                        f"{self.compile_timeout_s:g} s; simplify the {spec.kind}"
+                    )
             except ValueError as err:
                 result = err
-            except BaseException as err:  # a bug, not a bad request: the callers see it, the cache keeps nothing
+            except BaseException as err:  # noqa: BLE001  # a bug, not a bad request: the callers see it, the cache keeps nothing
                 with self._lock:
                     self._pending.pop(spec, None)
                 future.set_exception(err)
@@ -684,10 +717,16 @@ class GrammarMatcher:
         """
         if out is None:
             out = torch.empty(self._words, dtype=torch.int32)
-        elif (out.shape != (self._words,) or out.dtype != torch.int32 or out.device.type != "cpu"
-              or not out.is_contiguous()):
-            raise ValueError(f"out must be a contiguous int32 CPU tensor [{self._words}], got {out.dtype} "
-                             f"{tuple(out.shape)} on {out.device}")
+        elif (
+            out.shape != (self._words,)
+            or out.dtype != torch.int32
+            or out.device.type != "cpu"
+            or not out.is_contiguous()
+        ):
+            raise ValueError(
+                f"out must be a contiguous int32 CPU tensor [{self._words}], got {out.dtype} "
+                f"{tuple(out.shape)} on {out.device}"
+            )
         if self._eos_accepted:
             return out.zero_()
         start = time.perf_counter()
@@ -698,7 +737,7 @@ class GrammarMatcher:
         bits = out.numpy().view(np.uint32)
         _set_bits(bits, self._ll_eos, False)
         full, rest = divmod(self._text_vocab_size, 32)  # padding ids are never allowed, whatever the grammar says
-        bits[full + (rest > 0):] = 0
+        bits[full + (rest > 0) :] = 0
         if rest:
             bits[full] &= np.uint32((1 << rest) - 1)
         if self._matcher.is_accepting():
@@ -720,8 +759,11 @@ class GrammarMatcher:
             if not self._matcher.is_accepting():
                 raise GrammarViolation(f"eos token {token_id} before the {self.spec.kind} output is complete")
             self._eos_accepted = True
-        elif (token_id in self._ll_eos or not 0 <= token_id < self._text_vocab_size
-              or self._matcher.try_consume_tokens([token_id]) != 1):
+        elif (
+            token_id in self._ll_eos
+            or not 0 <= token_id < self._text_vocab_size
+            or self._matcher.try_consume_tokens([token_id]) != 1
+        ):
             if self._matcher.is_error():
                 raise self._failed()
             raise GrammarViolation(f"token {token_id} is not allowed here by the {self.spec.kind} grammar")

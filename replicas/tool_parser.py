@@ -459,7 +459,7 @@ def _find_line_start(text: str, tag: str, pos: int, line_start: int) -> int:
     return found
 
 
-def _dumps(value: Any) -> str:
+def _dumps(value: Any) -> str:  # noqa: ANN401
     return json.dumps(value, ensure_ascii=False)
 
 
@@ -472,7 +472,7 @@ _STRING_ONLY = frozenset({"string"})
 _JSON_TYPES = frozenset({"string", "integer", "number", "boolean", "object", "array", "null"})
 
 
-def convert_value(raw: str, schema: Any) -> Any:
+def convert_value(raw: str, schema: Any) -> Any:  # noqa: ANN401
     """Convert a parameter's text by its JSON schema; never raises, falls back to the text itself.
 
     string -> the text; integer / number -> the number (an integral float for an integer becomes an int);
@@ -507,7 +507,7 @@ def convert_value(raw: str, schema: Any) -> Any:
     return raw
 
 
-def schema_types(schema: Any) -> frozenset[str] | None:
+def schema_types(schema: Any) -> frozenset[str] | None:  # noqa: ANN401
     """The JSON types a schema allows, or None when it does not say (no schema, $ref, any branch open)."""
     if not isinstance(schema, Mapping):
         return None
@@ -531,7 +531,7 @@ def schema_types(schema: Any) -> frozenset[str] | None:
     return None
 
 
-def _as_type(value: Any, wanted: frozenset[str]) -> Any:
+def _as_type(value: Any, wanted: frozenset[str]) -> Any:  # noqa: ANN401
     """`value` if its JSON type is one of `wanted` (an integral float counts as an integer), else _NOT_PARSED."""
     if value is _NOT_PARSED:
         return value
@@ -551,14 +551,14 @@ def _as_type(value: Any, wanted: frozenset[str]) -> Any:
     return _NOT_PARSED
 
 
-def _parse_json(text: str) -> Any:
+def _parse_json(text: str) -> Any:  # noqa: ANN401
     try:
         return json.loads(text, parse_constant=_reject, parse_float=_finite_float)
     except (ValueError, RecursionError):
         return _NOT_PARSED
 
 
-def _parse_python_literal(text: str) -> Any:
+def _parse_python_literal(text: str) -> Any:  # noqa: ANN401
     # Only for containers a model wrote as a Python repr ({'a': True}); the result must be valid JSON.
     if not text.startswith(("{", "[")):
         return _NOT_PARSED
@@ -570,11 +570,11 @@ def _parse_python_literal(text: str) -> Any:
     return value
 
 
-def _dumps_strict(value: Any) -> str:
+def _dumps_strict(value: Any) -> str:  # noqa: ANN401
     return json.dumps(value, ensure_ascii=False, allow_nan=False)
 
 
-def _reject(constant: str) -> Any:
+def _reject(constant: str) -> Any:  # noqa: ANN401
     raise ValueError(f"{constant} is not JSON")
 
 

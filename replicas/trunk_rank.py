@@ -74,8 +74,12 @@ class TrunkRank:
             self.routed.run_idle()
             self.routed.finish()
             why = f"the step could not start for this request ({type(exc).__name__}: {str(exc)[:200]})"
-            return StepResult(token_ids=(None,) * len(req.seqs), logprobs=(None,) * len(req.seqs),
-                              errors=(why,) * len(req.seqs), timings={"forward_s": time.perf_counter() - t0})
+            return StepResult(
+                token_ids=(None,) * len(req.seqs),
+                logprobs=(None,) * len(req.seqs),
+                errors=(why,) * len(req.seqs),
+                timings={"forward_s": time.perf_counter() - t0},
+            )
         if override is not None:
             batch = replace(batch, embeds_override=override)
         out = self.trunk.forward(batch, pools=self.pools, routed=self.routed)
@@ -97,27 +101,35 @@ class TrunkRank:
         vocab = self.trunk.cfg.vocab_size
         if s.params.logprobs is not None and not 0 <= s.params.logprobs <= vocab:
             return f"logprobs {s.params.logprobs} is outside [0, {vocab}]"
-        for name, ids in (("token ids", s.chunk.token_ids), ("drafts", s.drafts), ("suppressed ids", s.suppress_ids),
-                          ("prompt ids", s.prompt_ids), ("output ids", s.output_ids)):
+        for name, ids in (
+            ("token ids", s.chunk.token_ids),
+            ("drafts", s.drafts),
+            ("suppressed ids", s.suppress_ids),
+            ("prompt ids", s.prompt_ids),
+            ("output ids", s.output_ids),
+        ):
             if any(not 0 <= t < vocab for t in ids):
                 return f"{name} outside the vocabulary [0, {vocab})"
         if not 0 <= s.chunk.state_slot < self.pools.num_slots or any(
-                not 0 <= b < self.pools.num_blocks for b in s.chunk.block_table):
+            not 0 <= b < self.pools.num_blocks for b in s.chunk.block_table
+        ):
             return "cache addresses outside this rank's pools"
         mask = s.allowed_mask
         if mask is not None and (mask.dtype != torch.int32 or mask.dim() != 1):
             return "the structured-output mask is not an int32 vector"
         return None
 
-    def _sample(self, req: StepRequest, logits_RV: torch.Tensor, rows: dict[int, tuple[int, int]], res: _Results
-                ) -> None:
+    def _sample(
+        self, req: StepRequest, logits_RV: torch.Tensor, rows: dict[int, tuple[int, int]], res: _Results
+    ) -> None:
         """One token per sampling sequence that brings no drafts."""
         sampling = [i for i, s in enumerate(req.seqs) if s.sample and not s.drafts]
         if not sampling:
             return
         seqs = [req.seqs[i] for i in sampling]
         out = sample(
-            logits_RV[[rows[i][0] + rows[i][1] - 1 for i in sampling]], [s.params for s in seqs],
+            logits_RV[[rows[i][0] + rows[i][1] - 1 for i in sampling]],
+            [s.params for s in seqs],
             prompt_ids=[torch.tensor(s.prompt_ids, dtype=torch.long) for s in seqs],
             output_ids=[torch.tensor(s.output_ids, dtype=torch.long) for s in seqs],
             positions=[s.output_index for s in seqs],
@@ -129,20 +141,21 @@ class TrunkRank:
             res.tokens[i] = ids[j]
             n = req.seqs[i].params.logprobs
             if n is not None and out.logprob is not None:
-                top = ()
+                top: tuple[tuple[int, float], ...] = ()
                 if n > 0 and out.top_ids is not None and out.top_logprobs is not None:
                     top = tuple(zip(out.top_ids[j, :n].tolist(), out.top_logprobs[j, :n].tolist()))
                 res.logprobs[i] = TokenLogprobs(float(out.logprob[j]), top)
 
-    def _verify(self, req: StepRequest, logits_RV: torch.Tensor, rows: dict[int, tuple[int, int]], res: _Results
-                ) -> None:
+    def _verify(
+        self, req: StepRequest, logits_RV: torch.Tensor, rows: dict[int, tuple[int, int]], res: _Results
+    ) -> None:
         """Sequences that bring drafts: accept a prefix, add the target's token, roll the DeltaNet states
         back to the last accepted token."""
         for i, s in enumerate(req.seqs):
             if not s.drafts:
                 continue
             first, count = rows[i]
-            logits = logits_RV[first:first + count]
+            logits = logits_RV[first : first + count]
             slot = s.chunk.state_slot
             q = self.drafter.pending_q.pop(slot, [None] * len(s.drafts))
             a, token = verify(logits, list(s.drafts), s.params, position=s.output_index, q=q)
@@ -173,7 +186,7 @@ class TrunkRank:
             if s.chunk.vision_rows:
                 table = self.vision_cache[slot]
                 first, n = s.chunk.vision_first, len(s.chunk.vision_rows)
-                parts.append(table[first:first + n])
+                parts.append(table[first : first + n])
                 rows.extend(batch.starts[i] + r for r in s.chunk.vision_rows)
         if not rows:
             return None
@@ -202,7 +215,7 @@ def _token_logprobs(logits_JV: torch.Tensor, tokens: list[int], n: int) -> list[
     logp = torch.log_softmax(logits_JV.float(), dim=-1)
     out = []
     for j, t in enumerate(tokens):
-        top = ()
+        top: tuple[tuple[int, float], ...] = ()
         if n > 0:
             v, ids = logp[j].topk(n)
             top = tuple(zip(ids.tolist(), v.tolist()))
@@ -212,6 +225,7 @@ def _token_logprobs(logits_JV: torch.Tensor, tokens: list[int], n: int) -> list[
 
 def _spread(res: StepResult, keep: list[int], refused: dict[int, str], n: int) -> StepResult:
     """The result of the kept sequences laid out over all `n`, with the refused ones' reasons in `errors`."""
+
     def out(values: tuple, empty: object) -> tuple:
         full = [empty] * n
         for j, i in enumerate(keep):
@@ -219,9 +233,15 @@ def _spread(res: StepResult, keep: list[int], refused: dict[int, str], n: int) -
         return tuple(full)
 
     errors = out(res.errors, None) if res.errors else (None,) * n
-    return replace(res, token_ids=out(res.token_ids, None), logprobs=out(res.logprobs, None),
-                   accepted=out(res.accepted, ()), accepted_logprobs=out(res.accepted_logprobs, ()),
-                   drafts=out(res.drafts, ()), errors=tuple(refused.get(i, e) for i, e in enumerate(errors)))
+    return replace(
+        res,
+        token_ids=out(res.token_ids, None),
+        logprobs=out(res.logprobs, None),
+        accepted=out(res.accepted, ()),
+        accepted_logprobs=out(res.accepted_logprobs, ()),
+        drafts=out(res.drafts, ()),
+        errors=tuple(refused.get(i, e) for i, e in enumerate(errors)),
+    )
 
 
 class _Results:
@@ -236,5 +256,11 @@ class _Results:
         self.verified_rows: dict[int, int] = {}  # seq -> chunk rows now valid in the caches
 
     def result(self, *, timings: dict[str, float]) -> StepResult:
-        return StepResult(tuple(self.tokens), tuple(self.logprobs), timings=timings, accepted=tuple(self.accepted),
-                          accepted_logprobs=tuple(self.accepted_logprobs), drafts=tuple(self.drafts))
+        return StepResult(
+            tuple(self.tokens),
+            tuple(self.logprobs),
+            timings=timings,
+            accepted=tuple(self.accepted),
+            accepted_logprobs=tuple(self.accepted_logprobs),
+            drafts=tuple(self.drafts),
+        )

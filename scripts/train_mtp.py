@@ -63,27 +63,60 @@ def text_config() -> dict:
     """config.json: a bare `qwen3_5_moe_text` config (no vision tower), 3:1 linear/full layers, MTP."""
     layers = [LINEAR_ATTENTION if (i + 1) % 4 else FULL_ATTENTION for i in range(8)]
     return {
-        "architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text",
-        "vocab_size": VOCAB_SIZE, "hidden_size": 128, "num_hidden_layers": 8, "layer_types": layers,
-        "full_attention_interval": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-        "attn_output_gate": True, "attention_bias": False, "attention_dropout": 0.0,
-        "linear_num_key_heads": 2, "linear_num_value_heads": 8, "linear_key_head_dim": 32,
-        "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
-        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-        "shared_expert_intermediate_size": 128, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        "architectures": ["Qwen3_5MoeForCausalLM"],
+        "model_type": "qwen3_5_moe_text",
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 128,
+        "num_hidden_layers": 8,
+        "layer_types": layers,
+        "full_attention_interval": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "attn_output_gate": True,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 8,
+        "linear_key_head_dim": 32,
+        "linear_value_head_dim": 16,
+        "linear_conv_kernel_dim": 4,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "shared_expert_intermediate_size": 128,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
         "max_position_embeddings": 32768,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
-                            "mrope_section": [2, 1, 1], "mrope_interleaved": True},
-        "mtp_num_hidden_layers": 1, "mtp_use_dedicated_embeddings": False, "mamba_ssm_dtype": "float32",
-        "router_aux_loss_coef": AUX_COEF, "output_router_logits": False, "use_cache": True,
-        "initializer_range": 0.02, "eos_token_id": EOT, "pad_token_id": EOT, "tie_word_embeddings": False,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000000,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True,
+        },
+        "mtp_num_hidden_layers": 1,
+        "mtp_use_dedicated_embeddings": False,
+        "mamba_ssm_dtype": "float32",
+        "router_aux_loss_coef": AUX_COEF,
+        "output_router_logits": False,
+        "use_cache": True,
+        "initializer_range": 0.02,
+        "eos_token_id": EOT,
+        "pad_token_id": EOT,
+        "tie_word_embeddings": False,
         "dtype": "float32",
     }
 
 
 GENERATION_CONFIG = {
-    "bos_token_id": EOT, "do_sample": True, "eos_token_id": [IM_END, EOT], "pad_token_id": EOT,
-    "temperature": 0.6, "top_k": 20, "top_p": 0.95,
+    "bos_token_id": EOT,
+    "do_sample": True,
+    "eos_token_id": [IM_END, EOT],
+    "pad_token_id": EOT,
+    "temperature": 0.6,
+    "top_k": 20,
+    "top_p": 0.95,
 }
 
 
@@ -92,7 +125,8 @@ def stdlib_files() -> list[Path]:
     """The standard library's *.py files (outside test folders, at most MAX_FILE_BYTES), in path order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [
-        p for p in root.rglob("*.py")
+        p
+        for p in root.rglob("*.py")
         if not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1]) and 0 < p.stat().st_size <= MAX_FILE_BYTES
     ]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
@@ -110,13 +144,13 @@ def token_stream(files: list[Path]) -> torch.Tensor:
 def random_windows(stream: torch.Tensor, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
     """[n, length] int64 windows at random offsets."""
     starts = torch.randint(0, stream.numel() - length, (n,), generator=gen)
-    return torch.stack([stream[s:s + length] for s in starts.tolist()]).long()
+    return torch.stack([stream[s : s + length] for s in starts.tolist()]).long()
 
 
 def spread_windows(stream: torch.Tensor, n: int, length: int) -> torch.Tensor:
     """[n, length] int64 windows at evenly spaced offsets (deterministic held-out set)."""
     starts = torch.linspace(0, stream.numel() - length, n).long()
-    return torch.stack([stream[s:s + length] for s in starts.tolist()]).long()
+    return torch.stack([stream[s : s + length] for s in starts.tolist()]).long()
 
 
 # ------------------------------------------------------------------------------ checkpoint files
@@ -133,12 +167,25 @@ def write_tokenizer(out: Path) -> None:
             raise RuntimeError(f"special token {t} got id {tok.token_to_id(t)}, expected {EOT + i}")
     tok.save(str(out / TOKENIZER_JSON))
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_prefix_space": False,
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
-        "clean_up_tokenization_spaces": False, "model_max_length": 32768, "chat_template": chat_template_text(),
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 32768,
+        "chat_template": chat_template_text(),
         "added_tokens_decoder": {
-            str(EOT + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                           "single_word": False, "special": True}
+            str(EOT + i): {
+                "content": t,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
             for i, t in enumerate(SPECIAL_TOKENS)
         },
     }
@@ -245,13 +292,18 @@ class TrainForward:
         self.p, self.cfg = params, cfg
         inv_freq = inv_frequencies(rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
         positions = torch.arange(seq_len).expand(3, seq_len)
-        self.cos, self.sin = mrope_cos_sin(positions, inv_freq=inv_freq, mrope_section=cfg.mrope_section,
-                                           dtype=torch.float32)
+        self.cos, self.sin = mrope_cos_sin(
+            positions, inv_freq=inv_freq, mrope_section=cfg.mrope_section, dtype=torch.float32
+        )
         moe_prefixes = [f"{P}layers.{i}.mlp." for i in range(cfg.num_layers)] + ["mtp.layers.0.mlp."]
         every = tuple(range(cfg.num_experts))
         self.experts = ExpertShard(
-            [LayerExperts(every, params[f"{m}experts.gate_up_proj"], params[f"{m}experts.down_proj"])
-             for m in moe_prefixes], num_experts=cfg.num_experts)
+            [
+                LayerExperts(every, params[f"{m}experts.gate_up_proj"], params[f"{m}experts.down_proj"])
+                for m in moe_prefixes
+            ],
+            num_experts=cfg.num_experts,
+        )
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return rms_norm_zc(x, weight=self.p[name], eps=self.cfg.rms_norm_eps)
@@ -268,10 +320,13 @@ class TrainForward:
     def mtp(self, hidden_BTD: torch.Tensor, next_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP-normed output [B, T, D] at slot t from (h_t, x_{t+1}), position t (model_spec §3.2)."""
         e = F.embedding(next_ids_BT, self.p[f"{P}embed_tokens.weight"])
-        u_in = torch.cat([self.norm(e, "mtp.pre_fc_norm_embedding.weight"),
-                          self.norm(hidden_BTD, "mtp.pre_fc_norm_hidden.weight")], dim=-1)
-        u, aux = self.layer(F.linear(u_in, self.p["mtp.fc.weight"]), "mtp.layers.0.",
-                            moe_layer=self.cfg.num_layers, attention=True)
+        u_in = torch.cat(
+            [self.norm(e, "mtp.pre_fc_norm_embedding.weight"), self.norm(hidden_BTD, "mtp.pre_fc_norm_hidden.weight")],
+            dim=-1,
+        )
+        u, aux = self.layer(
+            F.linear(u_in, self.p["mtp.fc.weight"]), "mtp.layers.0.", moe_layer=self.cfg.num_layers, attention=True
+        )
         return self.norm(u, "mtp.norm.weight"), aux
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -298,8 +353,9 @@ class TrainForward:
         v = F.linear(x, p[f"{a}v_proj.weight"]).view(b, t, hkv, hd)
         q = apply_partial_rope(q, cos=self.cos[:t], sin=self.sin[:t])
         k = apply_partial_rope(k, cos=self.cos[:t], sin=self.sin[:t])
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                           scale=hd**-0.5, enable_gqa=True)  # q head j reads kv head j // (h/hkv)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=hd**-0.5, enable_gqa=True
+        )  # q head j reads kv head j // (h/hkv)
         o = o.transpose(1, 2).reshape(b, t, h * hd) * torch.sigmoid(gate.reshape(b, t, h * hd))
         return F.linear(o, p[f"{a}o_proj.weight"])
 
@@ -315,10 +371,16 @@ class TrainForward:
         mixed = F.silu(F.conv1d(window, p[f"{g}conv1d.weight"], groups=qkv.shape[-1])).transpose(1, 2)
         q, k, v = mixed.split([cfg.linear_key_dim, cfg.linear_key_dim, cfg.linear_value_dim], dim=-1)
         hk, kd, vd = cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
-        core = chunk_delta_rule(q.reshape(b, t, hk, kd), k_BTHK=k.reshape(b, t, hk, kd),
-                                v_BTHV=v.reshape(b, t, -1, vd), g_BTH=decay, beta_BTH=beta)
-        normed = rms_norm_gated(core.reshape(-1, vd), gate=z.reshape(-1, vd), weight=p[f"{g}norm.weight"],
-                                eps=cfg.rms_norm_eps)
+        core = chunk_delta_rule(
+            q.reshape(b, t, hk, kd),
+            k_BTHK=k.reshape(b, t, hk, kd),
+            v_BTHV=v.reshape(b, t, -1, vd),
+            g_BTH=decay,
+            beta_BTH=beta,
+        )
+        normed = rms_norm_gated(
+            core.reshape(-1, vd), gate=z.reshape(-1, vd), weight=p[f"{g}norm.weight"], eps=cfg.rms_norm_eps
+        )
         return F.linear(normed.reshape(b, t, -1), p[f"{g}out_proj.weight"])
 
     def moe(self, x_TD: torch.Tensor, m: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,10 +389,12 @@ class TrainForward:
         router = p[f"{m}gate.weight"]
         routing = route(x_TD, router=router, top_k=self.cfg.num_experts_per_tok)
         shared = SharedMoEWeights(
-            router=router, shared_gate_proj=p[f"{m}shared_expert.gate_proj.weight"],
+            router=router,
+            shared_gate_proj=p[f"{m}shared_expert.gate_proj.weight"],
             shared_up_proj=p[f"{m}shared_expert.up_proj.weight"],
             shared_down_proj=p[f"{m}shared_expert.down_proj.weight"],
-            shared_expert_gate=p[f"{m}shared_expert_gate.weight"])
+            shared_expert_gate=p[f"{m}shared_expert_gate.weight"],
+        )
         y = local_routed_experts(self.experts, layer, x_TD, routing) + shared_expert(x_TD, w=shared)
         ids = routing.topk_ids_Tk.reshape(-1)
         frac = torch.bincount(ids, minlength=e).float() / ids.numel()
@@ -349,8 +413,14 @@ def losses(model: TrainForward, x_BL: torch.Tensor) -> tuple[torch.Tensor, torch
     return main, mtp, aux + mtp_aux
 
 
-def train(model: TrainForward, params: dict[str, torch.Tensor], stream: torch.Tensor, args: argparse.Namespace,
-          *, until: float) -> list[tuple[float, float, float]]:
+def train(
+    model: TrainForward,
+    params: dict[str, torch.Tensor],
+    stream: torch.Tensor,
+    args: argparse.Namespace,
+    *,
+    until: float,
+) -> list[tuple[float, float, float]]:
     """AdamW until the monotonic time `until`: linear warmup, cosine decay to 10% over the time budget.
 
     Returns:
@@ -358,8 +428,11 @@ def train(model: TrainForward, params: dict[str, torch.Tensor], stream: torch.Te
     """
     matrices = [p for p in params.values() if p.ndim >= 2]
     vectors = [p for p in params.values() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
     gen = torch.Generator().manual_seed(args.seed + 1)
     start = time.monotonic()
     history: list[tuple[float, float, float]] = []
@@ -378,8 +451,11 @@ def train(model: TrainForward, params: dict[str, torch.Tensor], stream: torch.Te
         history.append((now - start, main.item(), mtp.item()))
         if now >= next_log:
             recent = history[-10:]
-            print(f"  step {len(history):5d}  {now - start:6.0f}s  lr {lr:.2e}  main {_mean(recent, 1):.3f}"
-                  f"  mtp {_mean(recent, 2):.3f}  aux {aux.item():.3f}", flush=True)
+            print(
+                f"  step {len(history):5d}  {now - start:6.0f}s  lr {lr:.2e}  main {_mean(recent, 1):.3f}"
+                f"  mtp {_mean(recent, 2):.3f}  aux {aux.item():.3f}",
+                flush=True,
+            )
             next_log = now + max(15.0, (until - start) / 12)
     return history
 
@@ -394,7 +470,7 @@ def print_curve(history: list[tuple[float, float, float]]) -> None:
     print(f"training: {n} steps in {history[-1][0]:.0f} s ({history[-1][0] / n:.2f} s/step)")
     print("  steps          main    mtp")
     for i in range(min(10, n)):
-        part = history[i * n // min(10, n):(i + 1) * n // min(10, n)]
+        part = history[i * n // min(10, n) : (i + 1) * n // min(10, n)]
         lo = i * n // min(10, n) + 1
         print(f"  {lo:5d}-{lo + len(part) - 1:<5d}  {_mean(part, 1):6.3f} {_mean(part, 2):6.3f}")
 
@@ -408,8 +484,10 @@ def local_logits(model: LocalModel, x_BL: torch.Tensor) -> tuple[torch.Tensor, t
     tables = [tuple(range(i * nb, (i + 1) * nb)) for i in range(b)]
 
     def batch(offset: int) -> StepBatch:
-        return StepBatch.build([SeqChunk(tuple(x_BL[i, offset:offset + t].tolist()), 0, i, tables[i], logits="all")
-                                for i in range(b)], block_size=BLOCK_SIZE)
+        return StepBatch.build(
+            [SeqChunk(tuple(x_BL[i, offset : offset + t].tolist()), 0, i, tables[i], logits="all") for i in range(b)],
+            block_size=BLOCK_SIZE,
+        )
 
     out = model.forward(batch(0), pools)
     mtp = model.mtp(out.hidden_TD, batch(1), pools)
@@ -427,7 +505,7 @@ def heldout_metrics(model: LocalModel, windows: torch.Tensor, *, batch: int, unt
         if time.monotonic() > until:
             print(f"  (time budget: evaluated {done} of {windows.shape[0]} windows)")
             break
-        x = windows[i:i + batch]
+        x = windows[i : i + batch]
         main, mtp = local_logits(model, x)
         main_pred, mtp_pred = main.argmax(-1), mtp.argmax(-1)
         sums["nll"] += F.cross_entropy(main.flatten(0, 1), x[:, 1:-1].flatten(), reduction="sum").item()
@@ -462,8 +540,8 @@ def greedy_acceptance(model: LocalModel, prompts_BP: torch.Tensor, new_tokens: i
         generated.append(tok)
     seq = torch.cat([prompts_BP, torch.stack(generated, dim=1)], dim=1)
     _, mtp = local_logits(model, seq)
-    drafts = mtp.argmax(-1)[:, plen - 1:]  # drafts[:, j] proposes seq[:, plen + 1 + j]
-    return (drafts == seq[:, plen + 1:]).float().mean().item(), seq
+    drafts = mtp.argmax(-1)[:, plen - 1 :]  # drafts[:, j] proposes seq[:, plen + 1 + j]
+    return (drafts == seq[:, plen + 1 :]).float().mean().item(), seq
 
 
 @torch.no_grad()
@@ -481,8 +559,10 @@ def verify_against_training(model: LocalModel, train_model: TrainForward, x_BL: 
     for name, ours, ref in (("main", main, train_model.logits(hidden)), ("mtp", mtp, train_model.logits(mtp_hidden))):
         diff = (ours - ref).abs().amax(dim=-1)
         agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-        parts.append(f"{name} max {diff.max().item():.2e} ({int((diff > 1e-3).sum())} of {diff.numel()} positions "
-                     f"> 1e-3, argmax agreement {agree:.4f})")
+        parts.append(
+            f"{name} max {diff.max().item():.2e} ({int((diff > 1e-3).sum())} of {diff.numel()} positions "
+            f"> 1e-3, argmax agreement {agree:.4f})"
+        )
     return "; ".join(parts)
 
 
@@ -492,8 +572,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     ap.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget, evaluation included")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (1: on a shared, loaded machine 2 OpenMP threads stall at barriers)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: on a shared, loaded machine 2 OpenMP threads stall at barriers)",
+    )
     ap.add_argument("--batch", type=int, default=8, help="windows per step")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens (bytes) per training window")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
@@ -515,23 +599,30 @@ def main(argv: list[str] | None = None) -> None:
     heldout = [f for i, f in enumerate(files) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
     train_files = [f for i, f in enumerate(files) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
     train_stream, heldout_stream = token_stream(train_files), token_stream(heldout)
-    print(f"corpus: {sysconfig.get_paths()['stdlib']}: {len(train_files)} train files ({train_stream.numel():,} "
-          f"bytes), {len(heldout)} held-out files ({heldout_stream.numel():,} bytes); byte-level tokens")
+    print(
+        f"corpus: {sysconfig.get_paths()['stdlib']}: {len(train_files)} train files ({train_stream.numel():,} "
+        f"bytes), {len(heldout)} held-out files ({heldout_stream.numel():,} bytes); byte-level tokens"
+    )
 
     raw = text_config()
     cfg = from_hf_config(raw)
     params = init_params(cfg, torch.Generator().manual_seed(args.seed))
     n_mtp = sum(p.numel() for n, p in params.items() if n.startswith("mtp."))
-    print(f"model: hidden {cfg.hidden_size}, {cfg.num_layers} layers {''.join(t[0] for t in cfg.layer_types)} "
-          f"(l=DeltaNet {cfg.linear_num_key_heads}k/{cfg.linear_num_value_heads}v heads x "
-          f"{cfg.linear_key_head_dim}/{cfg.linear_value_head_dim}, f=attention {cfg.num_attention_heads}q/"
-          f"{cfg.num_key_value_heads}kv heads x {cfg.head_dim}), {cfg.num_experts} experts x "
-          f"{cfg.moe_intermediate_size} top-{cfg.num_experts_per_tok} + shared {cfg.shared_expert_intermediate_size}, "
-          f"MTP 1 layer, vocab {VOCAB_SIZE}; {sum(p.numel() for p in params.values()):,} params ({n_mtp:,} in mtp.*)")
+    print(
+        f"model: hidden {cfg.hidden_size}, {cfg.num_layers} layers {''.join(t[0] for t in cfg.layer_types)} "
+        f"(l=DeltaNet {cfg.linear_num_key_heads}k/{cfg.linear_num_value_heads}v heads x "
+        f"{cfg.linear_key_head_dim}/{cfg.linear_value_head_dim}, f=attention {cfg.num_attention_heads}q/"
+        f"{cfg.num_key_value_heads}kv heads x {cfg.head_dim}), {cfg.num_experts} experts x "
+        f"{cfg.moe_intermediate_size} top-{cfg.num_experts_per_tok} + shared {cfg.shared_expert_intermediate_size}, "
+        f"MTP 1 layer, vocab {VOCAB_SIZE}; {sum(p.numel() for p in params.values()):,} params ({n_mtp:,} in mtp.*)"
+    )
     train_model = TrainForward(params, cfg, seq_len=args.seq_len)
     reserve = min(max(0.05 * budget, 20.0), 90.0)  # writing + evaluation took ~5 s at load 5 on 2 cores
-    print(f"training for {budget - reserve - (time.monotonic() - t0):.0f} s: batch {args.batch} x {args.seq_len}, "
-          f"AdamW lr {args.lr}, MTP weight {args.mtp_weight} (h_t not detached), seed {args.seed}", flush=True)
+    print(
+        f"training for {budget - reserve - (time.monotonic() - t0):.0f} s: batch {args.batch} x {args.seq_len}, "
+        f"AdamW lr {args.lr}, MTP weight {args.mtp_weight} (h_t not detached), seed {args.seed}",
+        flush=True,
+    )
     history = train(train_model, params, train_stream, args, until=t0 + budget - reserve)
     print_curve(history)
 
@@ -546,15 +637,20 @@ def main(argv: list[str] | None = None) -> None:
     windows = spread_windows(heldout_stream, args.eval_windows, args.seq_len + 2)
     print(f"LocalModel vs training forward, |logit diff|: {verify_against_training(model, train_model, windows[:8])}")
     m = heldout_metrics(model, windows, batch=args.batch, until=hard_end)
-    print(f"held-out ({m['windows']} windows, {m['positions']:,} positions, LocalModel): "
-          f"main loss {m['nll']:.3f}, next-token accuracy {m['acc']:.3f}; "
-          f"MTP loss {m['mtp_nll']:.3f}, MTP accuracy on x_t+2 {m['mtp_acc']:.3f}")
-    print(f"k=1 greedy draft acceptance (teacher-forced, argmax MTP(h_t, x_t+1) == argmax main at t+1): "
-          f"{m['accept']:.3f}")
+    print(
+        f"held-out ({m['windows']} windows, {m['positions']:,} positions, LocalModel): "
+        f"main loss {m['nll']:.3f}, next-token accuracy {m['acc']:.3f}; "
+        f"MTP loss {m['mtp_nll']:.3f}, MTP accuracy on x_t+2 {m['mtp_acc']:.3f}"
+    )
+    print(
+        f"k=1 greedy draft acceptance (teacher-forced, argmax MTP(h_t, x_t+1) == argmax main at t+1): {m['accept']:.3f}"
+    )
     if time.monotonic() < hard_end - 20:
         accept, seq = greedy_acceptance(model, windows[: args.batch, :64], args.gen_tokens)
-        print(f"k=1 acceptance on the model's own greedy output ({args.batch} prompts x {args.gen_tokens} tokens): "
-              f"{accept:.3f}")
+        print(
+            f"k=1 acceptance on the model's own greedy output ({args.batch} prompts x {args.gen_tokens} tokens): "
+            f"{accept:.3f}"
+        )
         print(f"sample: {tokenizer.decode(seq[0, :64].tolist())!r} -> {tokenizer.decode(seq[0, 64:].tolist())!r}")
     print(f"total {time.monotonic() - t0:.0f} s")
 

@@ -72,8 +72,11 @@ def serve_ports(ray_cluster):  # noqa: ANN001, ANN201  # -> (http base URL, grpc
 
     http, grpc_port = free_port(), free_port()
     # the proxies' limits at AppArgs' defaults (16 MiB bodies and messages, 10 s body reads), as `epserve serve`
-    serve.start(http_options={"host": "127.0.0.1", "port": http}, grpc_options=grpc_options(grpc_port),
-                **serve_start_options(AppArgs()))
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": http},
+        grpc_options=grpc_options(grpc_port),
+        **serve_start_options(AppArgs()),
+    )
     yield f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}"
     serve.shutdown()
 

@@ -13,16 +13,39 @@ from safetensors.torch import load_file, save_file
 
 # model_spec §7.1 tiny config, with DeltaNet key dim != value dim and shared width != expert width.
 TEXT = dict(
-    vocab_size=1024, hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-    head_dim=64, linear_num_key_heads=2, linear_num_value_heads=8, linear_key_head_dim=32,
-    linear_value_head_dim=48, linear_conv_kernel_dim=4, num_experts=16, num_experts_per_tok=4,
-    moe_intermediate_size=64, shared_expert_intermediate_size=128,
-    rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25, mrope_section=[3, 3, 2],
-                         mrope_interleaved=True),
-    max_position_embeddings=4096, rms_norm_eps=1e-6, eos_token_id=1,
+    vocab_size=1024,
+    hidden_size=256,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    linear_num_key_heads=2,
+    linear_num_value_heads=8,
+    linear_key_head_dim=32,
+    linear_value_head_dim=48,
+    linear_conv_kernel_dim=4,
+    num_experts=16,
+    num_experts_per_tok=4,
+    moe_intermediate_size=64,
+    shared_expert_intermediate_size=128,
+    rope_parameters=dict(
+        rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25, mrope_section=[3, 3, 2], mrope_interleaved=True
+    ),
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    eos_token_id=1,
 )
-VISION = dict(depth=2, hidden_size=64, num_heads=4, intermediate_size=128, out_hidden_size=256, patch_size=16,
-              temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64)
+VISION = dict(
+    depth=2,
+    hidden_size=64,
+    num_heads=4,
+    intermediate_size=128,
+    out_hidden_size=256,
+    patch_size=16,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+    num_position_embeddings=64,
+)
 
 
 def save_random_hf_checkpoint(out: Path, *, seed: int = 0, text_overrides: dict | None = None) -> Path:
@@ -35,8 +58,15 @@ def save_random_hf_checkpoint(out: Path, *, seed: int = 0, text_overrides: dict 
 
     torch.manual_seed(seed)
     text = {**TEXT, **(text_overrides or {})}
-    cfg = Qwen3_5MoeConfig(text_config=text, vision_config=VISION, image_token_id=1001, video_token_id=1002,
-                           vision_start_token_id=1003, vision_end_token_id=1004, tie_word_embeddings=False)
+    cfg = Qwen3_5MoeConfig(
+        text_config=text,
+        vision_config=VISION,
+        image_token_id=1001,
+        video_token_id=1002,
+        vision_start_token_id=1003,
+        vision_end_token_id=1004,
+        tie_word_embeddings=False,
+    )
     model = Qwen3_5MoeForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -63,7 +93,8 @@ def fuse_experts(src: Path, dst: Path) -> Path:
     for base in layers:
         x = f"{base}.mlp.experts."
         out[f"{x}gate_up_proj"] = torch.stack(
-            [torch.cat([tensors[f"{x}{j}.gate_proj.weight"], tensors[f"{x}{j}.up_proj.weight"]]) for j in range(e)])
+            [torch.cat([tensors[f"{x}{j}.gate_proj.weight"], tensors[f"{x}{j}.up_proj.weight"]]) for j in range(e)]
+        )
         out[f"{x}down_proj"] = torch.stack([tensors[f"{x}{j}.down_proj.weight"] for j in range(e)])
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     for f in ("config.json", "generation_config.json"):

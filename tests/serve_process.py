@@ -66,7 +66,9 @@ class ServeProcess:
                 except psutil.Error:
                     pass
             self.proc.wait(timeout=10)
-            raise AssertionError(f"epserve serve did not exit within {timeout_s} s of {signal.Signals(sig).name}")
+            raise AssertionError(  # noqa: B904  # the timeout is the failure; its traceback stays as context
+                f"epserve serve did not exit within {timeout_s} s of {signal.Signals(sig).name}"
+            )
 
 
 def start_serve(args: list[str], *, port: int, grpc_port: int, env: dict[str, str] | None = None) -> ServeProcess:
@@ -75,10 +77,22 @@ def start_serve(args: list[str], *, port: int, grpc_port: int, env: dict[str, st
     # A fresh token per command: the pytest process's own cluster token must not leak into it.
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS"):
         full_env.pop(var, None)
-    cmd = [sys.executable, "-m", "epserve.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port),
-           "--grpc-port", str(grpc_port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
-                            stdin=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "epserve.cli",
+        "serve",
+        *args,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--grpc-port",
+        str(grpc_port),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, stdin=subprocess.DEVNULL
+    )
     sp = ServeProcess(proc=proc, port=port, grpc_port=grpc_port)
 
     def pump() -> None:

@@ -7,8 +7,17 @@ import io
 import numpy as np
 
 
-def make_video(*, codec: str = "libx264", container: str = "mp4", frames: int = 20, fps: int = 10,
-               width: int = 64, height: int = 48, seed: int = 0, noise: bool = False) -> bytes:
+def make_video(
+    *,
+    codec: str = "libx264",
+    container: str = "mp4",
+    frames: int = 20,
+    fps: int = 10,
+    width: int = 64,
+    height: int = 48,
+    seed: int = 0,
+    noise: bool = False,
+) -> bytes:
     """`frames` frames of moving coloured bars plus faint noise (so frames differ), encoded in memory;
     `noise`: full-range noise, which barely compresses (a large file from a short clip)."""
     import av
@@ -21,8 +30,8 @@ def make_video(*, codec: str = "libx264", container: str = "mp4", frames: int = 
         for i in range(frames):
             rgb = rng.integers(0, 255 if noise else 60, (height, width, 3), dtype=np.uint8)
             rgb = np.minimum(rgb, 255 - 150)  # the bars below add at most 150
-            rgb[:, (i * 5) % width:, 0] += 150
-            rgb[(i * 3) % height:, :, 2] += 120
+            rgb[:, (i * 5) % width :, 0] += 150
+            rgb[(i * 3) % height :, :, 2] += 120
             for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():

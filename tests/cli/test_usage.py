@@ -13,13 +13,18 @@ from epserve.cli import COMMANDS, main
 pytestmark = pytest.mark.timeout(120)
 
 # What each command needs to get past its required arguments (never run: the bad flag stops it first).
-REQUIRED = {"tiny-checkpoint": ["out"], "inspect": ["dir"], "generate": ["--model", "m", "--prompt", "hi"],
-            "plan": ["--model", "m", "--gpu-memory-gib", "80"], "serve": [], "bench": ["--base-url", "http://h"]}
+REQUIRED = {
+    "tiny-checkpoint": ["out"],
+    "inspect": ["dir"],
+    "generate": ["--model", "m", "--prompt", "hi"],
+    "plan": ["--model", "m", "--gpu-memory-gib", "80"],
+    "serve": [],
+    "bench": ["--base-url", "http://h"],
+}
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_unknown_flag_after_a_command_prints_that_commands_usage(command: str,
-                                                                  capsys: pytest.CaptureFixture) -> None:
+def test_unknown_flag_after_a_command_prints_that_commands_usage(command: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, *REQUIRED[command], "--no-such-flag", "7"])
     err = capsys.readouterr().err

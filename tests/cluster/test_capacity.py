@@ -21,7 +21,11 @@ from typing import Any
 import pytest
 
 from cluster.capacity import (
-    FP8_RELEASE_NOT_CONVERTED, GIB, plan_capacity, smallest_expert_ranks, weight_bytes_by_group,
+    FP8_RELEASE_NOT_CONVERTED,
+    GIB,
+    plan_capacity,
+    smallest_expert_ranks,
+    weight_bytes_by_group,
 )
 from cluster.placement import ExpertMap
 from cluster.topology import Topology
@@ -52,32 +56,68 @@ FP8_SCALES_PER_EXPERT = 768  # bf16 block scales of one expert (§1.4)
 def config_397b(*, fp8: bool = False, mtp: bool = True) -> dict[str, Any]:
     """Qwen3.5-397B-A17B's config.json, written from model_spec §1.1 (independent of shared/configs)."""
     text = {
-        "model_type": "qwen3_5_moe_text", "vocab_size": 248320, "hidden_size": 4096, "num_hidden_layers": 60,
-        "full_attention_interval": 4, "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 256,
-        "linear_num_key_heads": 16, "linear_num_value_heads": 64, "linear_key_head_dim": 128,
-        "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "num_experts": 512, "num_experts_per_tok": 10,
-        "moe_intermediate_size": 1024, "shared_expert_intermediate_size": 1024, "max_position_embeddings": 262144,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
-                            "mrope_section": [11, 11, 10], "mrope_interleaved": True},
-        "mtp_num_hidden_layers": 1 if mtp else 0, "tie_word_embeddings": False, "dtype": "bfloat16",
+        "model_type": "qwen3_5_moe_text",
+        "vocab_size": 248320,
+        "hidden_size": 4096,
+        "num_hidden_layers": 60,
+        "full_attention_interval": 4,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 2,
+        "head_dim": 256,
+        "linear_num_key_heads": 16,
+        "linear_num_value_heads": 64,
+        "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128,
+        "linear_conv_kernel_dim": 4,
+        "num_experts": 512,
+        "num_experts_per_tok": 10,
+        "moe_intermediate_size": 1024,
+        "shared_expert_intermediate_size": 1024,
+        "max_position_embeddings": 262144,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000000,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [11, 11, 10],
+            "mrope_interleaved": True,
+        },
+        "mtp_num_hidden_layers": 1 if mtp else 0,
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
     }
     out: dict[str, Any] = {
-        "model_type": "qwen3_5_moe", "text_config": text, "tie_word_embeddings": False,
-        "vision_config": {"depth": 27, "hidden_size": 1152, "num_heads": 16, "intermediate_size": 4304,
-                          "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2, "in_channels": 3,
-                          "num_position_embeddings": 2304, "out_hidden_size": 4096},
+        "model_type": "qwen3_5_moe",
+        "text_config": text,
+        "tie_word_embeddings": False,
+        "vision_config": {
+            "depth": 27,
+            "hidden_size": 1152,
+            "num_heads": 16,
+            "intermediate_size": 4304,
+            "patch_size": 16,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "in_channels": 3,
+            "num_position_embeddings": 2304,
+            "out_hidden_size": 4096,
+        },
     }
     if fp8:
-        out["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                      "weight_block_size": [128, 128],
-                                      "modules_to_not_convert": list(FP8_RELEASE_NOT_CONVERTED)}
+        out["quantization_config"] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+            "modules_to_not_convert": list(FP8_RELEASE_NOT_CONVERTED),
+        }
     return out
 
 
-def _plan(cfg_dict: dict[str, Any], *, nodes: int = 1, fmt: str = "bf16", **kw: Any):  # noqa: ANN202
+def _plan(cfg_dict: dict[str, Any], *, nodes: int = 1, fmt: str = "bf16", **kw: Any):  # noqa: ANN202, ANN401
     topo = Topology(nodes=nodes, **{**H200_NODE, **kw.pop("topology", {})})
-    return plan_capacity(from_hf_config(cfg_dict), topo, weight_format=fmt, max_model_len=kw.pop("max_model_len", LEN),
-                         **kw)
+    return plan_capacity(
+        from_hf_config(cfg_dict), topo, weight_format=fmt, max_model_len=kw.pop("max_model_len", LEN), **kw
+    )
 
 
 # ------------------------------------------------------------------------------ weight bytes vs §1.4
@@ -121,8 +161,9 @@ def test_fp8_published_totals() -> None:
 def test_trunk_gpu_holds_every_non_expert_part() -> None:
     plan = _plan(config_397b())
     mtp_trunk_params = MTP - 512 * PER_EXPERT
-    assert plan.trunk_gpu_weight_bytes == 2 * (2 * EMBED + GDN + ATTN + ROUTERS + SHARED + NORMS + VISION
-                                               + mtp_trunk_params)
+    assert plan.trunk_gpu_weight_bytes == 2 * (
+        2 * EMBED + GDN + ATTN + ROUTERS + SHARED + NORMS + VISION + mtp_trunk_params
+    )
 
 
 def test_fp8_from_bf16_config_uses_the_release_list_and_says_so() -> None:
@@ -142,8 +183,9 @@ def test_bf16_from_fp8_config_ignores_quantisation() -> None:
 def test_fused_table_gives_the_per_expert_bytes() -> None:
     """The planner counts the fused layout; the per-expert layout of the same model has the same bytes."""
     cfg = tiny(quant=QuantConfig(block_rows=32, block_cols=32, modules_to_not_convert=("mlp.gate", "lm_head")))
-    specs = expected_tensors(cfg, prefix="model.language_model.", layout="per-expert", mtp_layout="per-expert",
-                             vision=False)
+    specs = expected_tensors(
+        cfg, prefix="model.language_model.", layout="per-expert", mtp_layout="per-expert", vision=False
+    )
     per_expert_total = sum(math.prod(s.shape) * (1 if s.fp8 else 2) for s in specs.values())
     assert sum(weight_bytes_by_group(cfg).values()) == per_expert_total
 
@@ -152,8 +194,12 @@ def test_fused_table_gives_the_per_expert_bytes() -> None:
 def test_shared_config_files_agree_with_the_spec() -> None:
     for name, fp8 in (("qwen3.5-397b-a17b.config.json", False), ("qwen3.5-397b-a17b-fp8.config.json", True)):
         ours = _plan(config_397b(fp8=fp8), fmt="fp8" if fp8 else "bf16")
-        theirs = plan_capacity(from_hf_config(CONFIGS / name), Topology(nodes=1, **H200_NODE),
-                               weight_format="fp8" if fp8 else "bf16", max_model_len=LEN)
+        theirs = plan_capacity(
+            from_hf_config(CONFIGS / name),
+            Topology(nodes=1, **H200_NODE),
+            weight_format="fp8" if fp8 else "bf16",
+            max_model_len=LEN,
+        )
         assert theirs.weight_bytes == ours.weight_bytes and theirs.bytes_per_sequence == ours.bytes_per_sequence
 
 
@@ -215,8 +261,14 @@ def test_smallest_expert_ranks() -> None:
 
 def test_x0_keeps_every_expert_in_the_trunk() -> None:
     cfg = tiny()
-    plan = plan_capacity(cfg, Topology(nodes=1, gpus_per_node=1, gpu_memory_gib=1.0), weight_format="bf16",
-                         expert_ranks=0, max_model_len=4096, activation_reserve_gib=0.5)
+    plan = plan_capacity(
+        cfg,
+        Topology(nodes=1, gpus_per_node=1, gpu_memory_gib=1.0),
+        weight_format="bf16",
+        expert_ranks=0,
+        max_model_len=4096,
+        activation_reserve_gib=0.5,
+    )
     assert (plan.trunk_ranks, plan.expert_ranks, plan.experts_per_rank) == (1, 0, ())
     assert plan.trunk_gpu_weight_bytes == plan.total_weight_bytes  # tiny has no vision tower: all of it
     assert plan.fits and plan.sequences_per_trunk_gpu > 0
@@ -249,23 +301,26 @@ def test_no_room_for_one_sequence() -> None:
     plan = _plan(config_397b(fp8=True), nodes=4, fmt="fp8", topology={"gpu_memory_gib": 22.0})
     assert plan.trunk_cache_bytes > 0 and plan.sequences_per_trunk_gpu == 0
     assert not plan.fits and "no room for even one sequence: 262144 tokens need 8.18 GiB" in plan.reason
-    assert _plan(config_397b(fp8=True), nodes=4, fmt="fp8", topology={"gpu_memory_gib": 22.0},
-                 max_model_len=8192).fits
+    assert _plan(config_397b(fp8=True), nodes=4, fmt="fp8", topology={"gpu_memory_gib": 22.0}, max_model_len=8192).fits
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"fmt": "int4"}, "weight_format must be one of .* got 'int4'"),
-    ({"max_model_len": 0}, r"max_model_len must be in \[1, 262144\].* got 0"),
-    ({"max_model_len": 262145}, "got 262145"),
-    ({"block_size": 0}, "block_size must be >= 1, got 0"),
-    ({"kv_dtype_bytes": 3}, "kv_dtype_bytes must be 1, 2 or 4, got 3"),
-    ({"activation_reserve_gib": -1.0}, "activation_reserve_gib must be >= 0, got -1.0"),
-    ({"hbm_tbps": 0.0}, "hbm_tbps must be > 0, got 0.0"),
-    ({"expert_ranks": 513}, "expert_ranks 513 exceeds num_experts 512"),
-    ({"expert_ranks": 0, "trunk_ranks": 2}, "supports one trunk rank"),
-    ({"trunk_ranks": 0}, "--trunk-ranks must be >= 1, got 0"),
-    ({"topology": {"gpus_per_node": 0, "gpu_memory_gib": 0.0}}, "needs GPUs: gpus_per_node is 0"),
-], ids=["format", "len-0", "len-too-long", "block", "kv-dtype", "reserve", "hbm", "x-gt-e", "x0-d2", "d0", "cpu"])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fmt": "int4"}, "weight_format must be one of .* got 'int4'"),
+        ({"max_model_len": 0}, r"max_model_len must be in \[1, 262144\].* got 0"),
+        ({"max_model_len": 262145}, "got 262145"),
+        ({"block_size": 0}, "block_size must be >= 1, got 0"),
+        ({"kv_dtype_bytes": 3}, "kv_dtype_bytes must be 1, 2 or 4, got 3"),
+        ({"activation_reserve_gib": -1.0}, "activation_reserve_gib must be >= 0, got -1.0"),
+        ({"hbm_tbps": 0.0}, "hbm_tbps must be > 0, got 0.0"),
+        ({"expert_ranks": 513}, "expert_ranks 513 exceeds num_experts 512"),
+        ({"expert_ranks": 0, "trunk_ranks": 2}, "supports one trunk rank"),
+        ({"trunk_ranks": 0}, "--trunk-ranks must be >= 1, got 0"),
+        ({"topology": {"gpus_per_node": 0, "gpu_memory_gib": 0.0}}, "needs GPUs: gpus_per_node is 0"),
+    ],
+    ids=["format", "len-0", "len-too-long", "block", "kv-dtype", "reserve", "hbm", "x-gt-e", "x0-d2", "d0", "cpu"],
+)
 def test_bad_values_raise(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _plan(config_397b(), **kwargs)
@@ -280,11 +335,13 @@ def test_decode_floor_matches_the_landscape_figure() -> None:
     assert abs(expert_ms - (6.9 - 1.8)) < 0.1
     assert plan.decode_floor_ms is not None and abs(plan.decode_floor_ms - 6.9) < 0.3
     assert plan.decode_floor_ms == pytest.approx(
-        (plan.decode_trunk_stream_bytes + plan.decode_expert_stream_bytes) / 4.8e12 * 1e3)
+        (plan.decode_trunk_stream_bytes + plan.decode_expert_stream_bytes) / 4.8e12 * 1e3
+    )
     g = plan.weight_bytes
     assert plan.decode_trunk_stream_bytes == g["lm_head"] + g["layers"]  # no embed table, vision or MTP
     assert plan.decode_floor_with_cache_ms == pytest.approx(
-        plan.decode_floor_ms + plan.sequences_per_trunk_gpu * plan.bytes_per_sequence / 4.8e12 * 1e3)
+        plan.decode_floor_ms + plan.sequences_per_trunk_gpu * plan.bytes_per_sequence / 4.8e12 * 1e3
+    )
 
 
 def test_no_floor_without_bandwidth() -> None:
@@ -295,8 +352,9 @@ def test_no_floor_without_bandwidth() -> None:
 # ------------------------------------------------------------------------------ CLI (subprocess)
 def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
     code = "from epserve.cli import main; import sys; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, "plan", *argv], capture_output=True, text=True, timeout=60,
-                          cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", code, "plan", *argv], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
 
 
 @pytest.fixture(scope="module")
@@ -308,15 +366,50 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_cli_json_when_it_fits(model_dir: Path) -> None:
-    out = _cli("--model", str(model_dir), "--nodes", "2", "--gpus-per-node", "8", "--gpu-memory-gib", "140",
-               "--weight-format", "fp8", "--max-model-len", "32768", "--hbm-tbps", "4.8", "--output", "json")
+    out = _cli(
+        "--model",
+        str(model_dir),
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "8",
+        "--gpu-memory-gib",
+        "140",
+        "--weight-format",
+        "fp8",
+        "--max-model-len",
+        "32768",
+        "--hbm-tbps",
+        "4.8",
+        "--output",
+        "json",
+    )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    for key in ("model", "weight_format", "trunk_ranks", "expert_ranks", "experts_per_rank", "weight_bytes",
-                "trunk_gpu_weight_bytes", "expert_gpu_weight_bytes", "trunk_cache_bytes", "kv_bytes_per_token",
-                "state_bytes_per_slot", "bytes_per_sequence", "sequences_per_trunk_gpu", "sequences_total",
-                "decode_floor_ms", "decode_floor_with_cache_ms", "fits", "reason", "assumptions", "total_gpus",
-                "gpus_used", "total_weight_bytes"):
+    for key in (
+        "model",
+        "weight_format",
+        "trunk_ranks",
+        "expert_ranks",
+        "experts_per_rank",
+        "weight_bytes",
+        "trunk_gpu_weight_bytes",
+        "expert_gpu_weight_bytes",
+        "trunk_cache_bytes",
+        "kv_bytes_per_token",
+        "state_bytes_per_slot",
+        "bytes_per_sequence",
+        "sequences_per_trunk_gpu",
+        "sequences_total",
+        "decode_floor_ms",
+        "decode_floor_with_cache_ms",
+        "fits",
+        "reason",
+        "assumptions",
+        "total_gpus",
+        "gpus_used",
+        "total_weight_bytes",
+    ):
         assert key in data, key
     assert data["fits"] is True and data["weight_format"] == "fp8"
     assert (data["trunk_ranks"], data["expert_ranks"]) == (13, 3)
@@ -333,5 +426,6 @@ def test_cli_refuses_with_reason_and_exit_1(model_dir: Path) -> None:
 def test_cli_bad_value_exit_2(model_dir: Path) -> None:
     out = _cli("--model", str(model_dir), "--gpu-memory-gib", "140", "--max-model-len", "0")
     assert out.returncode == 2
-    assert out.stderr.strip() == ("epserve plan: error: max_model_len must be in [1, 262144] (the model's "
-                                  "max_position_embeddings), got 0")
+    assert out.stderr.strip() == (
+        "epserve plan: error: max_model_len must be in [1, 262144] (the model's max_position_embeddings), got 0"
+    )

@@ -61,21 +61,29 @@ def test_exactly_the_cluster_fits() -> None:
     assert isinstance(placement, GroupPlacement) and len(placement.bundles) == 8
 
 
-@pytest.mark.parametrize(("d", "x", "match"), [
-    (0, 2, "--trunk-ranks must be >= 1, got 0"),
-    (1, -1, "--expert-ranks must be >= 0, got -1"),
-    (2, 0, "supports one trunk rank"),
-], ids=["no-trunk", "negative-experts", "x0-with-two-trunks"])
+@pytest.mark.parametrize(
+    ("d", "x", "match"),
+    [
+        (0, 2, "--trunk-ranks must be >= 1, got 0"),
+        (1, -1, "--expert-ranks must be >= 0, got -1"),
+        (2, 0, "supports one trunk rank"),
+    ],
+    ids=["no-trunk", "negative-experts", "x0-with-two-trunks"],
+)
 def test_group_shape_errors(d: int, x: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         GroupShape(trunk_ranks=d, expert_ranks=x)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"nodes": 0}, "nodes must be >= 1, got 0"),
-    ({"nodes": 1, "gpus_per_node": -1}, "must be >= 0"),
-    ({"nodes": 1, "gpus_per_node": 8}, "gpu_memory_gib > 0"),
-], ids=["no-nodes", "negative-gpus", "gpus-without-memory"])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"nodes": 0}, "nodes must be >= 1, got 0"),
+        ({"nodes": 1, "gpus_per_node": -1}, "must be >= 0"),
+        ({"nodes": 1, "gpus_per_node": 8}, "gpu_memory_gib > 0"),
+    ],
+    ids=["no-nodes", "negative-gpus", "gpus-without-memory"],
+)
 def test_topology_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Topology(**kwargs)
@@ -102,8 +110,11 @@ def test_contiguous_512_over_6_ranks() -> None:
     assert [len(m.experts_of(j)[0]) for j in range(6)] == [86, 86, 85, 85, 85, 85]
 
 
-@pytest.mark.parametrize(("x", "match"), [(0, "at least one expert rank"), (17, "17 expert ranks for 16 experts")],
-                         ids=["zero-ranks", "more-ranks-than-experts"])
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [(0, "at least one expert rank"), (17, "17 expert ranks for 16 experts")],
+    ids=["zero-ranks", "more-ranks-than-experts"],
+)
 def test_contiguous_errors(x: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ExpertMap.contiguous(num_experts=16, num_moe_layers=1, expert_ranks=x)

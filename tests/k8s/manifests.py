@@ -37,8 +37,13 @@ NODE_TYPE = "ray.io/node-type"
 OPERATOR_POD = {"app.kubernetes.io/component": "kuberay-operator"}
 KUBE_DNS_POD = {"k8s-app": "kube-dns"}
 FILL_JOB_LABEL = ("epserve.io/role", "fill-model-volume")
-NCCL_ENV = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_IB_HCA", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
-            "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC")
+NCCL_ENV = (
+    "NCCL_SOCKET_IFNAME",
+    "GLOO_SOCKET_IFNAME",
+    "NCCL_IB_HCA",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC",
+)
 # Memory of the GPUs the GPU manifest may land on (nodeAffinity values of nvidia.com/gpu.product).
 GPU_MEMORY_GIB = {"NVIDIA-H200": 140.0, "NVIDIA-H100-80GB-HBM3": 80.0}
 MAX_RAYSERVICE_NAME = 47  # KubeRay: MaxRayClusterNameLength (53) - 6
@@ -79,8 +84,10 @@ def source(doc: dict[str, Any]) -> str:
 def crd_schema(filename: str) -> dict[str, Any]:
     path = CRD_DIR / filename
     if not path.is_file():
-        pytest.skip(f"KubeRay CRD schemas not found at {CRD_DIR.resolve()} (expected ../shared/kuberay-crds beside "
-                    "the checkout); CRD schema checks skipped")
+        pytest.skip(
+            f"KubeRay CRD schemas not found at {CRD_DIR.resolve()} (expected ../shared/kuberay-crds beside "
+            "the checkout); CRD schema checks skipped"
+        )
     crd = yaml.load(path.read_text(), Loader=Loader)
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return v1["schema"]["openAPIV3Schema"]

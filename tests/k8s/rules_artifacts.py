@@ -1,13 +1,12 @@
-"""Rules for the model-volume Job and its PVC, the image references, and k8s/Dockerfile.
-"""
+"""Rules for the model-volume Job and its PVC, the image references, and k8s/Dockerfile."""
 
 from __future__ import annotations
 
 import re
 
 from tests.k8s.manifests import (
-    Docs,
     K8S,
+    Docs,
     app_args,
     docs,
     env_of,
@@ -23,8 +22,10 @@ def job_problems(d: Docs) -> list[str]:
     problems = []
     pvcs = {p["metadata"]["name"]: p for p in d.get("PersistentVolumeClaim", [])}
     for pvc in pvcs.values():
-        if pvc.get("apiVersion") != "v1" or not set(pvc["spec"].get("accessModes", [])) & {"ReadWriteMany",
-                                                                                           "ReadOnlyMany"}:
+        if pvc.get("apiVersion") != "v1" or not set(pvc["spec"].get("accessModes", [])) & {
+            "ReadWriteMany",
+            "ReadOnlyMany",
+        }:
             problems.append(f"{source(pvc)}: the model PVC is mounted by many pods: ReadWriteMany/ReadOnlyMany")
         if "storage" not in pvc["spec"].get("resources", {}).get("requests", {}):
             problems.append(f"{source(pvc)}: no storage request")
@@ -39,8 +40,11 @@ def job_problems(d: Docs) -> list[str]:
             problems.append(f"{where}: apiVersion must be batch/v1")
         if pod.get("restartPolicy") not in ("Never", "OnFailure") or "backoffLimit" not in spec:
             problems.append(f"{where}: needs restartPolicy Never/OnFailure and an explicit backoffLimit")
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])
-                  if "persistentVolumeClaim" in v}
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in pod.get("volumes", [])
+            if "persistentVolumeClaim" in v
+        }
         if not claims or not set(claims.values()) <= set(pvcs):
             problems.append(f"{where}: must mount the PVC defined beside it ({sorted(pvcs)}), got {claims}")
         copiers = [c for c in pod.get("initContainers", []) if "MODEL_SOURCE" in env_of(c)]
@@ -66,16 +70,23 @@ def job_problems(d: Docs) -> list[str]:
         for rs, a in served:
             if a.model not in script:
                 problems.append(f"{where}: inspects something else than {a.model}, which {source(rs)} serves")
-            rs_claims = {v["persistentVolumeClaim"]["claimName"] for _, _, t in pod_templates(rs)
-                         for v in t["spec"].get("volumes", []) if "persistentVolumeClaim" in v}
+            rs_claims = {
+                v["persistentVolumeClaim"]["claimName"]
+                for _, _, t in pod_templates(rs)
+                for v in t["spec"].get("volumes", [])
+                if "persistentVolumeClaim" in v
+            }
             if not rs_claims or not rs_claims <= set(claims.values()):
                 problems.append(f"{source(rs)}: mounts {sorted(rs_claims)}, the Job fills {sorted(claims.values())}")
     for rs, a in served:
         for where, _, template in pod_templates(rs):
             if where == "head":
                 continue
-            mounts = [m for m in ray_container(template).get("volumeMounts", [])
-                      if a.model.startswith(m["mountPath"].rstrip("/") + "/")]
+            mounts = [
+                m
+                for m in ray_container(template).get("volumeMounts", [])
+                if a.model.startswith(m["mountPath"].rstrip("/") + "/")
+            ]
             if not mounts or not mounts[0].get("readOnly"):
                 problems.append(f"{source(rs)} {where}: {a.model} must be on a read-only volume mount")
     return problems
@@ -88,8 +99,9 @@ def image_problems(d: Docs) -> list[str]:
         images |= {c["image"] for _, _, t in pod_templates(rs) for c in t["spec"]["containers"]}
     for job in d.get("Job", []):
         images |= {c["image"] for c in job["spec"]["template"]["spec"]["containers"]}
-    problems = [f"image {i} must carry a pinned tag" for i in images if ":" not in i.rsplit("/", 1)[-1]
-                or i.endswith(":latest")]
+    problems = [
+        f"image {i} must carry a pinned tag" for i in images if ":" not in i.rsplit("/", 1)[-1] or i.endswith(":latest")
+    ]
     if len(images) != 1:
         problems.append(f"expected one epserve image everywhere, got {sorted(images)}")
     return problems
@@ -120,8 +132,9 @@ def dockerfile_problems(text: str, ignore: str, ray_versions: set[str]) -> list[
         problems.append("Dockerfile: torch must be a CUDA build, checked at build time")
     pinned = args.get("RAY_VERSION")
     if not re.search(r"ray\[[^\]]*serve[^\]]*\]==\$\{?RAY_VERSION", runs) or {pinned} != ray_versions:
-        problems.append(f"Dockerfile: Ray must be pinned to the manifests' rayVersion {sorted(ray_versions)} "
-                        f"(got {pinned})")
+        problems.append(
+            f"Dockerfile: Ray must be pinned to the manifests' rayVersion {sorted(ray_versions)} (got {pinned})"
+        )
     for package in ("bash", "wget", "libibverbs1"):
         if not re.search(rf"apt-get install[^\n]*\b{re.escape(package)}\b", runs):
             problems.append(f"Dockerfile: {package} is not installed")

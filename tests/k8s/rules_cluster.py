@@ -18,7 +18,6 @@ from tests.k8s.manifests import (
     DEPRECATED_RAYSERVICE_FIELDS,
     DNS1035,
     DNS1123_LABEL,
-    Docs,
     GPU,
     GPU_MEMORY_GIB,
     MAX_RAYSERVICE_NAME,
@@ -27,6 +26,7 @@ from tests.k8s.manifests import (
     RAYSERVICE_CRD,
     SERVE_PORTS,
     UPGRADE_TYPES,
+    Docs,
     app_args,
     duration_s,
     env_of,
@@ -48,8 +48,10 @@ def crd_problems(d: Docs) -> list[str]:
     for rs in d.get("RayService", []):
         body = {k: v for k, v in rs.items() if k != "metadata"} | {"metadata": {"name": rs["metadata"]["name"]}}
         problems += [f"{source(rs)}: {p}" for p in schema_problems(body, RAYSERVICE_CRD)]
-        problems += [f"{source(rs)} (as RayCluster): {p}"
-                     for p in schema_problems(rs["spec"]["rayClusterConfig"], RAYCLUSTER_CRD, "spec")]
+        problems += [
+            f"{source(rs)} (as RayCluster): {p}"
+            for p in schema_problems(rs["spec"]["rayClusterConfig"], RAYCLUSTER_CRD, "spec")
+        ]
     for rc in d.get("RayCluster", []):
         problems += [f"{source(rc)}: {p}" for p in schema_problems(rc, RAYCLUSTER_CRD)]
     return problems
@@ -84,8 +86,10 @@ def kuberay_rule_problems(d: Docs) -> list[str]:
             except ValueError as exc:
                 problems.append(f"{where}: ray.io/initializing-timeout: {exc}")
         if DEPRECATED_RAYSERVICE_FIELDS & set(spec):
-            problems.append(f"{where}: {sorted(DEPRECATED_RAYSERVICE_FIELDS & set(spec))} are ignored since KubeRay "
-                            "1.1 (kuberay#1685); the start-up budget is ray.io/initializing-timeout")
+            problems.append(
+                f"{where}: {sorted(DEPRECATED_RAYSERVICE_FIELDS & set(spec))} are ignored since KubeRay "
+                "1.1 (kuberay#1685); the start-up budget is ray.io/initializing-timeout"
+            )
         if cluster.get("authOptions", {}).get("mode") == "token":
             version = tuple(int(x) for x in str(cluster.get("rayVersion", "0")).split(".")[:2])
             if version < (2, 52):
@@ -137,8 +141,11 @@ def serve_problems(d: Docs) -> list[str]:
             problems.append(f"{where}: serveConfigV2 invalid: {exc}")
             continue
         # Serve's schema tolerates unknown keys; a typo there would be silently ignored.
-        for section, model in (((), ServeDeploySchema), (("http_options",), HTTPOptionsSchema),
-                               (("grpc_options",), gRPCOptionsSchema)):
+        for section, model in (
+            ((), ServeDeploySchema),
+            (("http_options",), HTTPOptionsSchema),
+            (("grpc_options",), gRPCOptionsSchema),
+        ):
             body = cfg
             for key in section:
                 body = body.get(key) or {}
@@ -199,10 +206,12 @@ def placement_problems(d: Docs) -> list[str]:
     for rs in d.get("RayService", []):
         where, a = source(rs), app_args(rs)
         shape = GroupShape(a.trunk_ranks, a.expert_ranks)
-        topology = Topology(nodes=1, gpus_per_node=shape.world_size if a.gpus else 0,
-                            gpu_memory_gib=1.0 if a.gpus else 0)
-        bundles = plan_placement(shape, topology, replica_bundle=ENGINE_REPLICA_BUNDLE,
-                                 cpus_per_rank=a.cpus_per_rank).bundles
+        topology = Topology(
+            nodes=1, gpus_per_node=shape.world_size if a.gpus else 0, gpu_memory_gib=1.0 if a.gpus else 0
+        )
+        bundles = plan_placement(
+            shape, topology, replica_bundle=ENGINE_REPLICA_BUNDLE, cpus_per_rank=a.cpus_per_rank
+        ).bundles
         gpus = sum(b.get("GPU", 0) for b in bundles)
         cpus = sum(b.get("CPU", 0) for b in bundles)
         groups = [(g, ray_container(t)) for w, g, t in pod_templates(rs) if w != "head"]
@@ -210,24 +219,28 @@ def placement_problems(d: Docs) -> list[str]:
         if not a.gpus:
             if gpu_groups:
                 problems.append(f"{where}: a CPU app (gpus: false) with GPU worker groups")
-            biggest = max((quantity(resources(c).get("cpu", 0)) * g.get("maxReplicas", 0) for g, c in groups),
-                          default=0)
+            biggest = max(
+                (quantity(resources(c).get("cpu", 0)) * g.get("maxReplicas", 0) for g, c in groups), default=0
+            )
             if biggest < cpus:
                 problems.append(f"{where}: the group needs {cpus} CPUs, the CPU workers reach {biggest}")
             continue
-        fitting = [(g, c) for g, c in gpu_groups
-                   if g.get("numOfHosts", 1) * quantity(resources(c)[GPU]) == gpus]
+        fitting = [(g, c) for g, c in gpu_groups if g.get("numOfHosts", 1) * quantity(resources(c)[GPU]) == gpus]
         if len(fitting) != 1:
-            problems.append(f"{where}: one EP group needs {gpus} GPUs (D={a.trunk_ranks} + X={a.expert_ranks}); "
-                            "want exactly one GPU worker group with numOfHosts x GPUs per pod equal to that")
+            problems.append(
+                f"{where}: one EP group needs {gpus} GPUs (D={a.trunk_ranks} + X={a.expert_ranks}); "
+                "want exactly one GPU worker group with numOfHosts x GPUs per pod equal to that"
+            )
             continue
         group, container = fitting[0]
         hosts = group.get("numOfHosts", 1)
         if hosts * quantity(resources(container).get("cpu", 0)) < cpus:
             problems.append(f"{where}: one EP group needs {cpus} CPUs, {hosts} pods of {group['groupName']} give less")
         if a.engine_autoscaling.max_replicas > group["maxReplicas"]:
-            problems.append(f"{where}: engine max_replicas {a.engine_autoscaling.max_replicas} > "
-                            f"{group['groupName']} maxReplicas {group['maxReplicas']} (one replica = one EP group)")
+            problems.append(
+                f"{where}: engine max_replicas {a.engine_autoscaling.max_replicas} > "
+                f"{group['groupName']} maxReplicas {group['maxReplicas']} (one replica = one EP group)"
+            )
         if a.engine_autoscaling.min_replicas > group["minReplicas"]:
             problems.append(f"{where}: engine min_replicas above {group['groupName']} minReplicas")
     return problems
@@ -245,8 +258,9 @@ def memory_problems(d: Docs) -> list[str]:
         a = app_args(rs)
         if not a.gpus:
             continue
-        config = CONFIG_DIR / ("qwen3.5-397b-a17b-fp8.config.json" if "FP8" in (a.model or "").upper()
-                               else "qwen3.5-397b-a17b.config.json")
+        config = CONFIG_DIR / (
+            "qwen3.5-397b-a17b-fp8.config.json" if "FP8" in (a.model or "").upper() else "qwen3.5-397b-a17b.config.json"
+        )
         if not config.is_file():
             pytest.skip(f"{config} not found; memory arithmetic skipped")
         cfg = from_hf_config(str(config))
@@ -254,29 +268,46 @@ def memory_problems(d: Docs) -> list[str]:
             container = ray_container(template)
             if not has_gpu(container):
                 continue
-            products = [v for term in template["spec"]["affinity"]["nodeAffinity"]
-                        ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-                        for expr in term["matchExpressions"] if expr["key"] == "nvidia.com/gpu.product"
-                        for v in expr["values"]]
+            products = [
+                v
+                for term in template["spec"]["affinity"]["nodeAffinity"][
+                    "requiredDuringSchedulingIgnoredDuringExecution"
+                ]["nodeSelectorTerms"]
+                for expr in term["matchExpressions"]
+                if expr["key"] == "nvidia.com/gpu.product"
+                for v in expr["values"]
+            ]
             unknown = [p for p in products if p not in GPU_MEMORY_GIB]
             if not products or unknown:
                 problems.append(f"{source(rs)} {where}: GPU products {unknown or 'none'} have no known memory size")
                 continue
             gib = min(GPU_MEMORY_GIB[p] for p in products)
-            topo = Topology(nodes=group.get("numOfHosts", 1), gpus_per_node=int(quantity(resources(container)[GPU])),
-                            gpu_memory_gib=gib)
-            plan = plan_capacity(cfg, topo, weight_format="fp8" if "FP8" in (a.model or "").upper() else "bf16",
-                                 trunk_ranks=a.trunk_ranks, expert_ranks=a.expert_ranks,
-                                 max_model_len=a.max_model_len or 32768, block_size=a.block_size)
+            topo = Topology(
+                nodes=group.get("numOfHosts", 1),
+                gpus_per_node=int(quantity(resources(container)[GPU])),
+                gpu_memory_gib=gib,
+            )
+            plan = plan_capacity(
+                cfg,
+                topo,
+                weight_format="fp8" if "FP8" in (a.model or "").upper() else "bf16",
+                trunk_ranks=a.trunk_ranks,
+                expert_ranks=a.expert_ranks,
+                max_model_len=a.max_model_len or 32768,
+                block_size=a.block_size,
+            )
             if not plan.fits:
                 problems.append(f"{source(rs)}: the layout does not fit {gib} GiB GPUs: {plan.reason}")
                 continue
-            kv_token, slot, _ = sequence_bytes(cfg, max_model_len=plan.max_model_len, block_size=a.block_size,
-                                               kv_dtype_bytes=2)
+            kv_token, slot, _ = sequence_bytes(
+                cfg, max_model_len=plan.max_model_len, block_size=a.block_size, kv_dtype_bytes=2
+            )
             need = a.num_kv_blocks * a.block_size * kv_token + a.max_num_seqs * slot
             if need > plan.trunk_cache_bytes:
-                problems.append(f"{source(rs)}: caches need {need / 2**30:.1f} GiB per trunk GPU, a {gib} GiB GPU "
-                                f"has {plan.trunk_cache_bytes / 2**30:.1f} GiB left")
+                problems.append(
+                    f"{source(rs)}: caches need {need / 2**30:.1f} GiB per trunk GPU, a {gib} GiB GPU "
+                    f"has {plan.trunk_cache_bytes / 2**30:.1f} GiB left"
+                )
     return problems
 
 
@@ -287,7 +318,7 @@ def head_problems(d: Docs) -> list[str]:
         head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]
         params = head.get("rayStartParams", {})
         if str(params.get("num-cpus")) != "0":
-            problems.append(f"{source(rs)}: head rayStartParams num-cpus must be \"0\" (no replicas on the head)")
+            problems.append(f'{source(rs)}: head rayStartParams num-cpus must be "0" (no replicas on the head)')
         if str(params.get("num-gpus", "0")) != "0" or "GPU" in head.get("resources", {}):
             problems.append(f"{source(rs)}: head must advertise no GPUs")
         if any(has_gpu(c) for c in head["template"]["spec"]["containers"]):
@@ -343,8 +374,12 @@ def _pod_specs(d: Docs) -> Iterator[tuple[str, dict[str, Any], list[dict[str, An
             spec = template["spec"]
             extra = []
             if where == "head" and cluster.get("enableInTreeAutoscaling"):
-                extra = [{"name": "autoscaler", **{k: v for k, v in cluster.get("autoscalerOptions", {}).items()
-                                                  if k == "securityContext"}}]
+                extra = [
+                    {
+                        "name": "autoscaler",
+                        **{k: v for k, v in cluster.get("autoscalerOptions", {}).items() if k == "securityContext"},
+                    }
+                ]
             yield f"{source(rs)} {where}", spec, spec["containers"] + spec.get("initContainers", []) + extra
     for job in d.get("Job", []):
         spec = job["spec"]["template"]["spec"]
@@ -368,7 +403,7 @@ def security_problems(d: Docs) -> list[str]:
             problems.append(f"{where}: the pod's seccompProfile must be RuntimeDefault")
         for c in containers:
             sc, tag = c.get("securityContext", {}), f"{where} container {c['name']}"
-            if not (sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True):
+            if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
                 problems.append(f"{tag}: runAsNonRoot not true")
             if sc.get("runAsUser") == 0:
                 problems.append(f"{tag}: runAsUser 0")
@@ -431,8 +466,9 @@ def probe_problems(d: Docs) -> list[str]:
         a, where = app_args(rs), source(rs)
         timeout = rs["metadata"].get("annotations", {}).get("ray.io/initializing-timeout")
         if timeout is None or duration_s(str(timeout)) < a.load_timeout_s:
-            problems.append(f"{where}: ray.io/initializing-timeout ({timeout}) must cover load_timeout_s "
-                            f"({a.load_timeout_s} s)")
+            problems.append(
+                f"{where}: ray.io/initializing-timeout ({timeout}) must cover load_timeout_s ({a.load_timeout_s} s)"
+            )
         for group_where, _, template in pod_templates(rs):
             c, tag = ray_container(template), f"{where} {group_where}"
             for kind in ("readinessProbe", "livenessProbe"):
@@ -465,6 +501,8 @@ def shutdown_problems(d: Docs) -> list[str]:
         for where, _, template in pod_templates(rs):
             grace = float(template["spec"].get("terminationGracePeriodSeconds", 30))
             if drain >= grace:
-                problems.append(f"{source(rs)} {where}: graceful_shutdown_timeout_s + {INGRESS_SHUTDOWN_MARGIN_S:g} s "
-                                f"= {drain:g} s is not below terminationGracePeriodSeconds {grace:g}")
+                problems.append(
+                    f"{source(rs)} {where}: graceful_shutdown_timeout_s + {INGRESS_SHUTDOWN_MARGIN_S:g} s "
+                    f"= {drain:g} s is not below terminationGracePeriodSeconds {grace:g}"
+                )
     return problems

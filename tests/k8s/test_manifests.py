@@ -20,17 +20,23 @@ import pytest
 import yaml
 
 from tests.k8s.manifests import (
-    Docs,
     GPU,
     NODE_TYPE,
     RAYSERVICE_CRD,
     UPGRADE_TYPES,
+    Docs,
     app_args,
     crd_schema,
     docs,
     ray_container,
     serve_config,
     source,
+)
+from tests.k8s.rules_artifacts import (
+    dockerfile_inputs,
+    dockerfile_problems,
+    image_problems,
+    job_problems,
 )
 from tests.k8s.rules_cluster import (
     accelerator_problems,
@@ -50,12 +56,6 @@ from tests.k8s.rules_cluster import (
 from tests.k8s.rules_network import (
     exposure_problems,
     netpol_problems,
-)
-from tests.k8s.rules_artifacts import (
-    dockerfile_inputs,
-    dockerfile_problems,
-    image_problems,
-    job_problems,
 )
 
 
@@ -203,19 +203,37 @@ BREAKAGES: list[tuple[str, Callable[[Docs], Any], Callable[[Docs], list[str]]]] 
     ("misspelt numOfHosts", lambda d: _gpu_group(d).update(numOfHost=_gpu_group(d).pop("numOfHosts")), crd_problems),
     ("replicas as text", lambda d: _gpu_group(d).update(replicas="two"), crd_problems),
     ("unknown top-level spec field", lambda d: _rs(d, False)["spec"].update(serveConfig="x"), crd_problems),
-    ("bad authOptions mode", lambda d: _rs(d, True)["spec"]["rayClusterConfig"]["authOptions"].update(mode="on"),
-     crd_problems),
-    ("typo in upgrade type", lambda d: _rs(d, True)["spec"]["upgradeStrategy"].update(type="NewClusters"),
-     upgrade_problems),
+    (
+        "bad authOptions mode",
+        lambda d: _rs(d, True)["spec"]["rayClusterConfig"]["authOptions"].update(mode="on"),
+        crd_problems,
+    ),
+    (
+        "typo in upgrade type",
+        lambda d: _rs(d, True)["spec"]["upgradeStrategy"].update(type="NewClusters"),
+        upgrade_problems,
+    ),
     ("no upgrade strategy", lambda d: _rs(d, False)["spec"].pop("upgradeStrategy"), upgrade_problems),
-    ("deprecated threshold", lambda d: _rs(d, True)["spec"].update(serviceUnhealthySecondThreshold=900),
-     kuberay_rule_problems),
-    ("token auth on old Ray", lambda d: _rs(d, True)["spec"]["rayClusterConfig"].update(rayVersion="2.50.0"),
-     kuberay_rule_problems),
-    ("restartPolicy with autoscaler v2", lambda d: _gpu_group(d)["template"]["spec"].update(restartPolicy="Always"),
-     kuberay_rule_problems),
-    ("bad initializing-timeout", lambda d: _rs(d, True)["metadata"]["annotations"].update(
-        {"ray.io/initializing-timeout": "two hours"}), kuberay_rule_problems),
+    (
+        "deprecated threshold",
+        lambda d: _rs(d, True)["spec"].update(serviceUnhealthySecondThreshold=900),
+        kuberay_rule_problems,
+    ),
+    (
+        "token auth on old Ray",
+        lambda d: _rs(d, True)["spec"]["rayClusterConfig"].update(rayVersion="2.50.0"),
+        kuberay_rule_problems,
+    ),
+    (
+        "restartPolicy with autoscaler v2",
+        lambda d: _gpu_group(d)["template"]["spec"].update(restartPolicy="Always"),
+        kuberay_rule_problems,
+    ),
+    (
+        "bad initializing-timeout",
+        lambda d: _rs(d, True)["metadata"]["annotations"].update({"ray.io/initializing-timeout": "two hours"}),
+        kuberay_rule_problems,
+    ),
     ("unknown AppArgs field", lambda d: _set_args(d, True, trunk_rank=8), serve_problems),
     ("serve config typo", lambda d: _set_serve(d, "grpc_option", {}), serve_problems),
     ("gRPC servicer missing", lambda d: _set_serve(d, "grpc_options", {"port": 9000}), serve_problems),
@@ -225,76 +243,176 @@ BREAKAGES: list[tuple[str, Callable[[Docs], Any], Callable[[Docs], list[str]]]] 
     ("tiny app asks for GPUs", lambda d: _set_args(d, False, gpus=True), placement_problems),
     ("KV cache too big for an H100", lambda d: _set_args(d, True, num_kv_blocks=200000), memory_problems),
     ("head schedules replicas", lambda d: _head(d)["rayStartParams"].pop("num-cpus"), head_problems),
-    ("head with a GPU", lambda d: ray_container(_head(d)["template"])["resources"]["limits"].update({GPU: "1"}),
-     head_problems),
-    ("GPU worker without RDMA", lambda d: [r.pop("rdma/ib") for r in _gpu_worker(d)["resources"].values()],
-     accelerator_problems),
-    ("GPU worker adds SYS_ADMIN", lambda d: _gpu_worker(d)["securityContext"]["capabilities"].update(
-        add=["IPC_LOCK", "SYS_ADMIN"]), accelerator_problems),
-    ("no NCCL_IB_HCA", lambda d: _gpu_worker(d).update(
-        env=[e for e in _gpu_worker(d)["env"] if e["name"] != "NCCL_IB_HCA"]), accelerator_problems),
-    ("drain past the pod's grace period", lambda d: _set_args(d, False, graceful_shutdown_timeout_s=60),
-     shutdown_problems),
-    ("watchdog below the collective deadline", lambda d: _set_args(d, True, collective_deadline_s=300),
-     accelerator_problems),
-    ("tiny worker with a GPU", lambda d: ray_container(_rs(d, False)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
-                                                       ["template"])["resources"]["limits"].update({GPU: "1"}),
-     accelerator_problems),
-    ("root pod", lambda d: _head(d, False)["template"]["spec"]["securityContext"].update(runAsNonRoot=False),
-     security_problems),
+    (
+        "head with a GPU",
+        lambda d: ray_container(_head(d)["template"])["resources"]["limits"].update({GPU: "1"}),
+        head_problems,
+    ),
+    (
+        "GPU worker without RDMA",
+        lambda d: [r.pop("rdma/ib") for r in _gpu_worker(d)["resources"].values()],
+        accelerator_problems,
+    ),
+    (
+        "GPU worker adds SYS_ADMIN",
+        lambda d: _gpu_worker(d)["securityContext"]["capabilities"].update(add=["IPC_LOCK", "SYS_ADMIN"]),
+        accelerator_problems,
+    ),
+    (
+        "no NCCL_IB_HCA",
+        lambda d: _gpu_worker(d).update(env=[e for e in _gpu_worker(d)["env"] if e["name"] != "NCCL_IB_HCA"]),
+        accelerator_problems,
+    ),
+    (
+        "drain past the pod's grace period",
+        lambda d: _set_args(d, False, graceful_shutdown_timeout_s=60),
+        shutdown_problems,
+    ),
+    (
+        "watchdog below the collective deadline",
+        lambda d: _set_args(d, True, collective_deadline_s=300),
+        accelerator_problems,
+    ),
+    (
+        "tiny worker with a GPU",
+        lambda d: ray_container(_rs(d, False)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"])[
+            "resources"
+        ]["limits"].update({GPU: "1"}),
+        accelerator_problems,
+    ),
+    (
+        "root pod",
+        lambda d: _head(d, False)["template"]["spec"]["securityContext"].update(runAsNonRoot=False),
+        security_problems,
+    ),
     ("capabilities kept", lambda d: _gpu_worker(d)["securityContext"]["capabilities"].pop("drop"), security_problems),
-    ("privilege escalation in the Job", lambda d: _inspect_container(d)["securityContext"].update(
-        allowPrivilegeEscalation=True), security_problems),
-    ("autoscaler sidecar as root", lambda d: _rs(d, True)["spec"]["rayClusterConfig"]["autoscalerOptions"]
-     ["securityContext"].update(runAsNonRoot=False), security_problems),
-    ("/dev/shm on disk", lambda d: [v["emptyDir"].pop("medium") for v in _gpu_group(d)["template"]["spec"]["volumes"]
-                                    if v["name"] == "dshm"], shm_problems),
+    (
+        "privilege escalation in the Job",
+        lambda d: _inspect_container(d)["securityContext"].update(allowPrivilegeEscalation=True),
+        security_problems,
+    ),
+    (
+        "autoscaler sidecar as root",
+        lambda d: _rs(d, True)["spec"]["rayClusterConfig"]["autoscalerOptions"]["securityContext"].update(
+            runAsNonRoot=False
+        ),
+        security_problems,
+    ),
+    (
+        "/dev/shm on disk",
+        lambda d: [
+            v["emptyDir"].pop("medium") for v in _gpu_group(d)["template"]["spec"]["volumes"] if v["name"] == "dshm"
+        ],
+        shm_problems,
+    ),
     ("no token auth", lambda d: _rs(d, False)["spec"]["rayClusterConfig"].pop("authOptions"), auth_problems),
-    ("API key in the manifest", lambda d: _gpu_worker(d).update(env=[
-        {"name": "EPSERVE_API_KEY", "value": "secret"} if e["name"] == "EPSERVE_API_KEY" else e
-        for e in _gpu_worker(d)["env"]]), auth_problems),
-    ("liveness on the Serve proxy", lambda d: _gpu_worker(d)["livenessProbe"].update(
-        httpGet={"path": "/-/healthz", "port": 8000}), probe_problems),
+    (
+        "API key in the manifest",
+        lambda d: _gpu_worker(d).update(
+            env=[
+                {"name": "EPSERVE_API_KEY", "value": "secret"} if e["name"] == "EPSERVE_API_KEY" else e
+                for e in _gpu_worker(d)["env"]
+            ]
+        ),
+        auth_problems,
+    ),
+    (
+        "liveness on the Serve proxy",
+        lambda d: _gpu_worker(d)["livenessProbe"].update(httpGet={"path": "/-/healthz", "port": 8000}),
+        probe_problems,
+    ),
     ("no readiness probe", lambda d: ray_container(_head(d, False)["template"]).pop("readinessProbe"), probe_problems),
-    ("start-up budget below the load timeout", lambda d: _rs(d, True)["metadata"]["annotations"].update(
-        {"ray.io/initializing-timeout": "30m"}), probe_problems),
-    ("GPU worker restarts fast", lambda d: _gpu_worker(d)["livenessProbe"].update(failureThreshold=3),
-     probe_problems),
+    (
+        "start-up budget below the load timeout",
+        lambda d: _rs(d, True)["metadata"]["annotations"].update({"ray.io/initializing-timeout": "30m"}),
+        probe_problems,
+    ),
+    ("GPU worker restarts fast", lambda d: _gpu_worker(d)["livenessProbe"].update(failureThreshold=3), probe_problems),
     ("head Service as LoadBalancer", lambda d: _head(d).update(serviceType="LoadBalancer"), exposure_problems),
-    ("dashboard on the serve Service", lambda d: _rs(d, True)["spec"]["serveService"]["spec"]["ports"].append(
-        {"name": "dash", "port": 8265}), exposure_problems),
-    ("NodePort to the GCS", lambda d: d.setdefault("Service", []).append(
-        {"kind": "Service", "metadata": {"name": "gcs", "annotations": {}},
-         "spec": {"type": "NodePort", "ports": [{"port": 6379}]}}), exposure_problems),
+    (
+        "dashboard on the serve Service",
+        lambda d: _rs(d, True)["spec"]["serveService"]["spec"]["ports"].append({"name": "dash", "port": 8265}),
+        exposure_problems,
+    ),
+    (
+        "NodePort to the GCS",
+        lambda d: d.setdefault("Service", []).append(
+            {
+                "kind": "Service",
+                "metadata": {"name": "gcs", "annotations": {}},
+                "spec": {"type": "NodePort", "ports": [{"port": 6379}]},
+            }
+        ),
+        exposure_problems,
+    ),
     ("no default deny", lambda d: d["NetworkPolicy"].remove(_policy(d, "default-deny-all")), netpol_problems),
-    ("dashboard open to all", lambda d: _policy(d, "qwen35-397b-fp8-serve-ports")["spec"]["ingress"][0]["ports"]
-     .append({"port": 8265, "protocol": "TCP"}), netpol_problems),
-    ("operator into a worker", lambda d: _policy(d, "epserve-tiny-head-control-plane")["spec"]["podSelector"]
-     ["matchLabels"].pop(NODE_TYPE), netpol_problems),
-    ("no intra-cluster rule", lambda d: d["NetworkPolicy"].remove(_policy(d, "qwen35-397b-fp8-intra-cluster")),
-     netpol_problems),
-    ("workers egress anywhere", lambda d: _rs(d, True)["spec"]["rayClusterConfig"]["networkPolicy"]["worker"]
-     ["egressRules"].append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}), netpol_problems),
-    ("GCS open in the managed policy", lambda d: _rs(d, False)["spec"]["rayClusterConfig"]["networkPolicy"]["head"]
-     ["ingressRules"][1]["ports"].append({"port": 6379}), netpol_problems),
+    (
+        "dashboard open to all",
+        lambda d: _policy(d, "qwen35-397b-fp8-serve-ports")["spec"]["ingress"][0]["ports"].append(
+            {"port": 8265, "protocol": "TCP"}
+        ),
+        netpol_problems,
+    ),
+    (
+        "operator into a worker",
+        lambda d: _policy(d, "epserve-tiny-head-control-plane")["spec"]["podSelector"]["matchLabels"].pop(NODE_TYPE),
+        netpol_problems,
+    ),
+    (
+        "no intra-cluster rule",
+        lambda d: d["NetworkPolicy"].remove(_policy(d, "qwen35-397b-fp8-intra-cluster")),
+        netpol_problems,
+    ),
+    (
+        "workers egress anywhere",
+        lambda d: _rs(d, True)["spec"]["rayClusterConfig"]["networkPolicy"]["worker"]["egressRules"].append(
+            {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}
+        ),
+        netpol_problems,
+    ),
+    (
+        "GCS open in the managed policy",
+        lambda d: _rs(d, False)["spec"]["rayClusterConfig"]["networkPolicy"]["head"]["ingressRules"][1]["ports"].append(
+            {"port": 6379}
+        ),
+        netpol_problems,
+    ),
     ("Job runs no inspect", lambda d: _inspect_container(d).update(args=["ls /models"]), job_problems),
-    ("inspect failure ignored", lambda d: _inspect_container(d).update(
-        args=["epserve inspect /models/$MODEL_NAME || true"]), job_problems),
-    ("Job inspects another folder", lambda d: _inspect_container(d).update(
-        env=[{"name": "MODEL_NAME", "value": "other"}, *_inspect_container(d)["env"][1:]]), job_problems),
-    ("no configurable source", lambda d: d["Job"][0]["spec"]["template"]["spec"]["initContainers"][0].update(env=[]),
-     job_problems),
-    ("PVC single-node", lambda d: d["PersistentVolumeClaim"][0]["spec"].update(accessModes=["ReadWriteOnce"]),
-     job_problems),
-    ("model mounted writable", lambda d: [m.pop("readOnly") for m in _gpu_worker(d)["volumeMounts"]
-                                          if m["name"] == "models"], job_problems),
+    (
+        "inspect failure ignored",
+        lambda d: _inspect_container(d).update(args=["epserve inspect /models/$MODEL_NAME || true"]),
+        job_problems,
+    ),
+    (
+        "Job inspects another folder",
+        lambda d: _inspect_container(d).update(
+            env=[{"name": "MODEL_NAME", "value": "other"}, *_inspect_container(d)["env"][1:]]
+        ),
+        job_problems,
+    ),
+    (
+        "no configurable source",
+        lambda d: d["Job"][0]["spec"]["template"]["spec"]["initContainers"][0].update(env=[]),
+        job_problems,
+    ),
+    (
+        "PVC single-node",
+        lambda d: d["PersistentVolumeClaim"][0]["spec"].update(accessModes=["ReadWriteOnce"]),
+        job_problems,
+    ),
+    (
+        "model mounted writable",
+        lambda d: [m.pop("readOnly") for m in _gpu_worker(d)["volumeMounts"] if m["name"] == "models"],
+        job_problems,
+    ),
     ("unpinned image", lambda d: _gpu_worker(d).update(image="registry.example.com/epserve:latest"), image_problems),
 ]
 
 
 @pytest.mark.parametrize(("what", "breaks", "rule"), BREAKAGES, ids=[b[0] for b in BREAKAGES])
-def test_rule_catches_a_broken_manifest(what: str, breaks: Callable[[Docs], Any],
-                                        rule: Callable[[Docs], list[str]]) -> None:
+def test_rule_catches_a_broken_manifest(
+    what: str, breaks: Callable[[Docs], Any], rule: Callable[[Docs], list[str]]
+) -> None:
     d = docs()
     assert rule(d) == [], f"{rule.__name__} must pass on the files before '{what}'"
     breaks(d)
@@ -306,8 +424,12 @@ DOCKERFILE_BREAKAGES = [
     ("no USER", lambda t: re.sub(r"^USER .*$", "", t, flags=re.M)),
     ("stubs not copied", lambda t: re.sub(r"^COPY replicas/.*$", "", t, flags=re.M)),
     ("epserve not installed", lambda t: t.replace("pip install -e /opt/epserve", "pip list")),
-    ("CPU torch", lambda t: t.replace('"torch==${TORCH_VERSION}"',
-                                      '--index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}"')),
+    (
+        "CPU torch",
+        lambda t: t.replace(
+            '"torch==${TORCH_VERSION}"', '--index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}"'
+        ),
+    ),
     ("other Ray", lambda t: t.replace("ARG RAY_VERSION=2.60.0", "ARG RAY_VERSION=2.59.0")),
     ("model baked in", lambda t: t + "\nCOPY models/ /models/\n"),
     ("no wget", lambda t: t.replace(" wget ", " ")),

@@ -25,7 +25,13 @@ from loadtest import datasets as ds
 from loadtest.arrivals import arrival_offsets, arrival_times
 from loadtest.fake_server import FakeServer
 from loadtest.metrics import (
-    RequestResult, meets_slos, parse_goodput, peak_concurrency, percentile, summarize, timeline,
+    RequestResult,
+    meets_slos,
+    parse_goodput,
+    peak_concurrency,
+    percentile,
+    summarize,
+    timeline,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,11 +75,13 @@ def test_percentile_matches_numpy() -> None:
     assert math.isnan(percentile([], 50))
 
 
-def _result(start: float, ttft: float, gaps: list[float], *, usage: bool = True, error: str | None = None,
-            prompt_len: int = 10) -> RequestResult:
+def _result(
+    start: float, ttft: float, gaps: list[float], *, usage: bool = True, error: str | None = None, prompt_len: int = 10
+) -> RequestResult:
     times = list(np.cumsum([start + ttft, *gaps])) if error is None else []
-    r = RequestResult(prompt_len, len(gaps) + 1, start=start, chunk_times=times, chunk_tokens=[1] * len(times),
-                      error=error)
+    r = RequestResult(
+        prompt_len, len(gaps) + 1, start=start, chunk_times=times, chunk_tokens=[1] * len(times), error=error
+    )
     r.end = (times[-1] if times else start) + 0.001
     if usage and error is None:
         r.usage_prompt_tokens, r.usage_completion_tokens = prompt_len, len(times)
@@ -82,10 +90,15 @@ def _result(start: float, ttft: float, gaps: list[float], *, usage: bool = True,
 
 def test_summary_aggregates_like_numpy() -> None:
     rng = np.random.default_rng(1)
-    ok = [_result(float(i), float(rng.uniform(0.05, 0.3)), list(rng.uniform(0.01, 0.05, size=int(rng.integers(1, 9)))))
-          for i in range(50)]
-    bad = [_result(60.0, 0, [], error="http_429"), _result(61.0, 0, [], error="http_429"),
-           _result(62.0, 0, [], error="stream_error")]
+    ok = [
+        _result(float(i), float(rng.uniform(0.05, 0.3)), list(rng.uniform(0.01, 0.05, size=int(rng.integers(1, 9)))))
+        for i in range(50)
+    ]
+    bad = [
+        _result(60.0, 0, [], error="http_429"),
+        _result(61.0, 0, [], error="http_429"),
+        _result(62.0, 0, [], error="stream_error"),
+    ]
     s = summarize(ok + bad, duration_s=100.0)
     assert (s["completed"], s["failed"], s["errors"]) == (50, 3, {"http_429": 2, "stream_error": 1})
     ttft = [r.ttft for r in ok]
@@ -106,11 +119,11 @@ def test_summary_aggregates_like_numpy() -> None:
 def test_goodput_counts_requests_meeting_every_slo() -> None:
     slos = parse_goodput(["ttft:500", "tpot:50", "e2e:2000"])
     assert slos == {"ttft": 0.5, "tpot": 0.05, "e2el": 2.0}
-    good = _result(0, 0.4, [0.04] * 9)               # ttft 400 ms, tpot 40 ms, e2e ~0.76 s
-    slow_first = _result(0, 0.6, [0.04] * 9)         # ttft over
-    slow_tokens = _result(0, 0.1, [0.06] * 9)        # tpot over
-    long = _result(0, 0.45, [0.049] * 40)            # e2e ~2.41 s over
-    one_token = _result(0, 0.2, [])                  # no tpot: meets it
+    good = _result(0, 0.4, [0.04] * 9)  # ttft 400 ms, tpot 40 ms, e2e ~0.76 s
+    slow_first = _result(0, 0.6, [0.04] * 9)  # ttft over
+    slow_tokens = _result(0, 0.1, [0.06] * 9)  # tpot over
+    long = _result(0, 0.45, [0.049] * 40)  # e2e ~2.41 s over
+    one_token = _result(0, 0.2, [])  # no tpot: meets it
     failed = _result(0, 0, [], error="timeout")
     rs = [good, slow_first, slow_tokens, long, one_token, failed]
     assert [meets_slos(r, slos) for r in rs] == [True, False, False, False, True, False]
@@ -123,8 +136,8 @@ def test_goodput_counts_requests_meeting_every_slo() -> None:
 
 
 def test_timeline_and_peak_concurrency() -> None:
-    a = _result(0.0, 0.5, [0.5, 0.5])      # tokens at 0.5, 1.0, 1.5; ends 1.501
-    b = _result(1.2, 0.1, [1.0])           # tokens at 1.3, 2.3; ends 2.301
+    a = _result(0.0, 0.5, [0.5, 0.5])  # tokens at 0.5, 1.0, 1.5; ends 1.501
+    b = _result(1.2, 0.1, [1.0])  # tokens at 1.3, 2.3; ends 2.301
     tl = timeline([a, b])
     assert tl["t"] == [0.0, 1.0, 2.0] and tl["width"] == [1.0, 1.0, pytest.approx(0.301)]
     assert tl["output_tokens_per_s"][:2] == [1.0, 3.0]
@@ -166,8 +179,15 @@ class _WordTokenizer:
 def test_sharegpt_first_human_turn_and_filters(tmp_path: Path) -> None:
     words = lambda n: " ".join(["w"] * n)  # noqa: E731
     data = [
-        {"id": "a", "conversations": [{"from": "system", "value": "be nice"}, {"from": "human", "value": words(10)},
-                                      {"from": "gpt", "value": words(30)}, {"from": "human", "value": words(99)}]},
+        {
+            "id": "a",
+            "conversations": [
+                {"from": "system", "value": "be nice"},
+                {"from": "human", "value": words(10)},
+                {"from": "gpt", "value": words(30)},
+                {"from": "human", "value": words(99)},
+            ],
+        },
         {"id": "short", "conversations": [{"from": "human", "value": words(2)}, {"from": "gpt", "value": words(9)}]},
         {"id": "long", "conversations": [{"from": "human", "value": words(1500)}, {"from": "gpt", "value": words(9)}]},
         {"id": "no-answer", "conversations": [{"from": "human", "value": words(12)}]},
@@ -244,9 +264,26 @@ def test_errors_are_counted_by_kind(fake: FakeServer) -> None:
 @pytest.mark.timeout(120)
 def test_cli_json_plot_and_user_errors(fake: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = bench("--base-url", fake.base_url, "--prompt-token-ids", "--random-input-len", "16", "--random-output-len", "8",
-               "--num-prompts", "30", "--request-rate", "60", "--goodput", "ttft:500", "e2e:2000",
-               "--result-json", str(out), "--plot", str(png))
+    rc = bench(
+        "--base-url",
+        fake.base_url,
+        "--prompt-token-ids",
+        "--random-input-len",
+        "16",
+        "--random-output-len",
+        "8",
+        "--num-prompts",
+        "30",
+        "--request-rate",
+        "60",
+        "--goodput",
+        "ttft:500",
+        "e2e:2000",
+        "--result-json",
+        str(out),
+        "--plot",
+        str(png),
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "Serving Benchmark Result" in printed and "Mean TTFT (ms):" in printed and "Request goodput" in printed
@@ -286,8 +323,9 @@ def test_text_prompts_have_exact_token_counts(embedded_model_dir: Path, model_to
     assert [count(r.prompt) for r in reqs] == [r.prompt_len for r in reqs]
     ids_plan = ds.random_requests(60, input_len=200, output_len=8, range_ratio=0.5, seed=4, space=space)
     assert [r.prompt_len for r in reqs] == [r.prompt_len for r in ids_plan], "text keeps the drawn lengths"
-    shared = ds.shared_prefix_requests(24, groups=3, prefix_len=96, input_len=20, output_len=4, seed=1, space=space,
-                                       codec=tok)
+    shared = ds.shared_prefix_requests(
+        24, groups=3, prefix_len=96, input_len=20, output_len=4, seed=1, space=space, codec=tok
+    )
     assert {r.prompt_len for r in shared} == {116} and {count(r.prompt) for r in shared} == {116}
     prefixes = {r.prompt[:40] for r in shared}
     assert len(prefixes) == 3, "each group shares its prefix text"
@@ -300,17 +338,35 @@ def strict_server(model_tokenizer) -> FakeServer:  # noqa: ANN001
 
 
 @pytest.mark.timeout(180)
-def test_bench_drives_a_strict_openai_server(strict_server: FakeServer, embedded_model_dir: Path,
-                                             tmp_path: Path) -> None:
+def test_bench_drives_a_strict_openai_server(
+    strict_server: FakeServer, embedded_model_dir: Path, tmp_path: Path
+) -> None:
     """Defaults send only OpenAI-schema fields and text prompts of the planned token counts (the server
     counts them with the tokenizer); the non-standard options are refused by the same server (the test
     can fail), and without a tokenizer the run stops before sending anything, naming the fix."""
     s = strict_server
     out, png = tmp_path / "strict.json", tmp_path / "strict.png"
     before = len(s.prompt_tokens_seen)
-    rc = bench("--base-url", s.base_url + "/v1", "--tokenizer", str(embedded_model_dir), "--random-input-len", "48",
-               "--random-output-len", "6", "--num-prompts", "40", "--request-rate", "80", "--warmup", "2",
-               "--result-json", str(out), "--plot", str(png))
+    rc = bench(
+        "--base-url",
+        s.base_url + "/v1",
+        "--tokenizer",
+        str(embedded_model_dir),
+        "--random-input-len",
+        "48",
+        "--random-output-len",
+        "6",
+        "--num-prompts",
+        "40",
+        "--request-rate",
+        "80",
+        "--warmup",
+        "2",
+        "--result-json",
+        str(out),
+        "--plot",
+        str(png),
+    )
     r = json.loads(out.read_text())
     assert rc == 0 and r["failed"] == 0 and r["completed"] == 40, r["errors"]
     assert s.refused == 0
@@ -319,8 +375,19 @@ def test_bench_drives_a_strict_openai_server(strict_server: FakeServer, embedded
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for extra in (["--ignore-eos"], ["--prompt-token-ids"]):
         refused = s.refused
-        rc = bench("--base-url", s.base_url, "--tokenizer", str(embedded_model_dir), "--random-input-len", "8",
-                   "--random-output-len", "2", "--num-prompts", "2", *extra)
+        rc = bench(
+            "--base-url",
+            s.base_url,
+            "--tokenizer",
+            str(embedded_model_dir),
+            "--random-input-len",
+            "8",
+            "--random-output-len",
+            "2",
+            "--num-prompts",
+            "2",
+            *extra,
+        )
         assert rc == 2 and s.refused > refused, extra  # the warm-up request was refused: 422
     sent = s.requests + s.refused
     assert bench("--base-url", s.base_url, "--random-input-len", "8", "--num-prompts", "2") == 2
@@ -328,23 +395,39 @@ def test_bench_drives_a_strict_openai_server(strict_server: FakeServer, embedded
 
 
 @pytest.mark.timeout(180)
-def test_bench_plot_from_the_console_entry_point(strict_server: FakeServer, embedded_model_dir: Path,
-                                                 tmp_path: Path) -> None:
+def test_bench_plot_from_the_console_entry_point(
+    strict_server: FakeServer, embedded_model_dir: Path, tmp_path: Path
+) -> None:
     """`epserve bench --plot` as a user runs it (a new process through the CLI entry point) writes a PNG;
     where matplotlib cannot be imported it stops before the first request, naming the extra."""
     png = tmp_path / "cli.png"
-    argv = ["bench", "--no-progress", "--base-url", strict_server.base_url, "--tokenizer", str(embedded_model_dir),
-            "--random-input-len", "16", "--random-output-len", "4", "--num-prompts", "10", "--plot", str(png)]
+    argv = [
+        "bench",
+        "--no-progress",
+        "--base-url",
+        strict_server.base_url,
+        "--tokenizer",
+        str(embedded_model_dir),
+        "--random-input-len",
+        "16",
+        "--random-output-len",
+        "4",
+        "--num-prompts",
+        "10",
+        "--plot",
+        str(png),
+    ]
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "epserve.cli", *argv], capture_output=True, text=True, timeout=150,
-                          cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "epserve.cli", *argv], capture_output=True, text=True, timeout=150, cwd=tmp_path, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     sent = strict_server.requests
-    no_mpl = ("import sys; sys.modules['matplotlib'] = None; from epserve.cli import main; "
-              f"sys.exit(main({argv!r}))")
-    proc = subprocess.run([sys.executable, "-c", no_mpl], capture_output=True, text=True, timeout=150,
-                          cwd=tmp_path, env=env)
+    no_mpl = f"import sys; sys.modules['matplotlib'] = None; from epserve.cli import main; sys.exit(main({argv!r}))"
+    proc = subprocess.run(
+        [sys.executable, "-c", no_mpl], capture_output=True, text=True, timeout=150, cwd=tmp_path, env=env
+    )
     assert proc.returncode == 2 and "epserve[plot]" in proc.stderr, proc.stderr[-2000:]
     assert strict_server.requests == sent, "nothing sent when the plot cannot be drawn"
 
@@ -368,10 +451,16 @@ def test_readme_install_covers_documented_commands() -> None:
 
 
 # ------------------------------------------------------------------------------ the real app
-METRICS = ("prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_sum",
-           "time_to_first_token_seconds_count", "inter_token_latency_seconds_sum",
-           "inter_token_latency_seconds_count", "e2e_request_latency_seconds_sum",
-           "e2e_request_latency_seconds_count")
+METRICS = (
+    "prompt_tokens_total",
+    "generation_tokens_total",
+    "time_to_first_token_seconds_sum",
+    "time_to_first_token_seconds_count",
+    "inter_token_latency_seconds_sum",
+    "inter_token_latency_seconds_count",
+    "e2e_request_latency_seconds_sum",
+    "e2e_request_latency_seconds_count",
+)
 
 
 def scrape(base: str) -> dict[str, float]:
@@ -403,16 +492,23 @@ def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     from replicas.app import build_app
     from replicas.app_args import AppArgs, AutoscalingArgs
 
-    args = AppArgs(model=str(embedded_model_dir), served_model_name=MODEL, dtype="float32", num_kv_blocks=256,
-                   max_num_seqs=32, max_model_len=2048,
-                   ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
-                   engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1))
+    args = AppArgs(
+        model=str(embedded_model_dir),
+        served_model_name=MODEL,
+        dtype="float32",
+        num_kv_blocks=256,
+        max_num_seqs=32,
+        max_model_len=2048,
+        ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
+        engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
+    )
     serve.run(build_app(args), name=APP, route_prefix=PREFIX)
     http, grpc_target = serve_ports
     base = http + PREFIX
     for _ in range(2):  # warm the path (first-call costs must not land in a measured run)
-        requests.post(base + "/v1/completions", json={"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 4},
-                      timeout=120).raise_for_status()
+        requests.post(
+            base + "/v1/completions", json={"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 4}, timeout=120
+        ).raise_for_status()
     yield SimpleNamespace(base=base, grpc=grpc_target)
     serve.delete(APP)
 
@@ -420,16 +516,38 @@ def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
 def _server_vs_client(app, argv: list[str], tmp_path: Path, tag: str) -> dict:  # noqa: ANN001
     before = settled(app.base)
     out, png = tmp_path / f"{tag}.json", tmp_path / f"{tag}.png"
-    rc = bench(*argv, "--model", MODEL, "--ignore-eos", "--random-input-len", "32", "--random-output-len", "16",
-               "--random-range-ratio", "0.5", "--num-prompts", "64", "--warmup", "0",
-               "--result-json", str(out), "--plot", str(png))
+    rc = bench(
+        *argv,
+        "--model",
+        MODEL,
+        "--ignore-eos",
+        "--random-input-len",
+        "32",
+        "--random-output-len",
+        "16",
+        "--random-range-ratio",
+        "0.5",
+        "--num-prompts",
+        "64",
+        "--warmup",
+        "0",
+        "--result-json",
+        str(out),
+        "--plot",
+        str(png),
+    )
     after = settled(app.base)
     d = {k: after[k] - before[k] for k in METRICS}
     r = json.loads(out.read_text())
     cmp = {
-        "tag": tag, "requests": r["completed"], "failed": r["failed"], "rate_achieved": r["achieved_send_rate"],
-        "client_prompt_tokens": r["total_input_tokens"], "server_prompt_tokens": d["prompt_tokens_total"],
-        "client_completion_tokens": r["total_output_tokens"], "stream_tokens": r["total_stream_output_tokens"],
+        "tag": tag,
+        "requests": r["completed"],
+        "failed": r["failed"],
+        "rate_achieved": r["achieved_send_rate"],
+        "client_prompt_tokens": r["total_input_tokens"],
+        "server_prompt_tokens": d["prompt_tokens_total"],
+        "client_completion_tokens": r["total_output_tokens"],
+        "stream_tokens": r["total_stream_output_tokens"],
         "server_completion_tokens": d["generation_tokens_total"],
         "client_ttft_ms": r["mean_ttft_ms"],
         "server_ttft_ms": 1e3 * d["time_to_first_token_seconds_sum"] / d["time_to_first_token_seconds_count"],
@@ -437,8 +555,11 @@ def _server_vs_client(app, argv: list[str], tmp_path: Path, tag: str) -> dict:  
         "server_itl_ms": 1e3 * d["inter_token_latency_seconds_sum"] / d["inter_token_latency_seconds_count"],
         "client_e2e_ms": r["mean_e2el_ms"],
         "server_e2e_ms": 1e3 * d["e2e_request_latency_seconds_sum"] / d["e2e_request_latency_seconds_count"],
-        "p99_ttft_ms": r["p99_ttft_ms"], "mean_tpot_ms": r["mean_tpot_ms"], "p99_tpot_ms": r["p99_tpot_ms"],
-        "p99_itl_ms": r["p99_itl_ms"], "output_throughput": r["output_throughput"],
+        "p99_ttft_ms": r["p99_ttft_ms"],
+        "mean_tpot_ms": r["mean_tpot_ms"],
+        "p99_tpot_ms": r["p99_tpot_ms"],
+        "p99_itl_ms": r["p99_itl_ms"],
+        "output_throughput": r["output_throughput"],
     }
     cmp["ttft_ratio"] = cmp["client_ttft_ms"] / cmp["server_ttft_ms"]
     print(f"\n[{tag}] " + json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in cmp.items()}))
@@ -470,23 +591,44 @@ RESULTS: dict[str, dict] = {}
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("rate", [2.0, 5.0], ids=["2rps", "5rps"])
 def test_bench_http_matches_server_metrics(app, tmp_path: Path, rate: float) -> None:  # noqa: ANN001
-    c = _server_vs_client(app, ["--base-url", app.base, "--request-rate", str(rate), "--duration",
-                                str(BENCH_SECONDS), "--seed", str(int(rate))], tmp_path, f"http-{rate:g}rps")
+    c = _server_vs_client(
+        app,
+        [
+            "--base-url",
+            app.base,
+            "--request-rate",
+            str(rate),
+            "--duration",
+            str(BENCH_SECONDS),
+            "--seed",
+            str(int(rate)),
+        ],
+        tmp_path,
+        f"http-{rate:g}rps",
+    )
     _check_latencies(c)
     RESULTS[f"{rate:g}"] = c
 
 
 @pytest.mark.timeout(240)
 def test_bench_grpc_matches_server_metrics(app, tmp_path: Path) -> None:  # noqa: ANN001
-    c = _server_vs_client(app, ["--grpc", app.grpc, "--grpc-application", APP, "--request-rate", "3",
-                                "--duration", "6"], tmp_path, "grpc-3rps")
+    c = _server_vs_client(
+        app,
+        ["--grpc", app.grpc, "--grpc-application", APP, "--request-rate", "3", "--duration", "6"],
+        tmp_path,
+        "grpc-3rps",
+    )
     _check_latencies(c)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "the client's TTFT includes Serve's front path (proxy -> ingress -> engine handle -> first event back): "
-    "20-60 ms per request here (up to ~500 ms when the 2 shared cores are overloaded), against a server TTFT "
-    "of ~60-120 ms (about one step), so the ratio is ~1.3-1.5; the ITL means agree within 1% (printed figures)"))
+@pytest.mark.xfail(
+    strict=False,
+    reason=(
+        "the client's TTFT includes Serve's front path (proxy -> ingress -> engine handle -> first event back): "
+        "20-60 ms per request here (up to ~500 ms when the 2 shared cores are overloaded), against a server TTFT "
+        "of ~60-120 ms (about one step), so the ratio is ~1.3-1.5; the ITL means agree within 1% (printed figures)"
+    ),
+)
 def test_bench_ttft_within_20_percent() -> None:
     """The brief's bound on the HTTP runs above: client TTFT mean <= 1.2 x the server's (both rates)."""
     if not RESULTS:
@@ -499,16 +641,52 @@ def test_bench_ttft_within_20_percent() -> None:
 def test_locust_headless_10s_without_failures(app, tmp_path: Path) -> None:  # noqa: ANN001
     stats = tmp_path / "locust"
     proc = subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless", "-t", "10s",
-         "--host", app.base, "--peak-users", "4", "--max-tokens", "8", "--prompt-words", "16", "--only-summary",
-         "--json-file", str(stats), "--loglevel", "WARNING", "-s", "30"],
-        capture_output=True, text=True, timeout=100, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(ROOT / "loadtest" / "locustfile.py"),
+            "--headless",
+            "-t",
+            "10s",
+            "--host",
+            app.base,
+            "--peak-users",
+            "4",
+            "--max-tokens",
+            "8",
+            "--prompt-words",
+            "16",
+            "--only-summary",
+            "--json-file",
+            str(stats),
+            "--loglevel",
+            "WARNING",
+            "-s",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     entries = json.loads((tmp_path / "locust.json").read_text())
     by_name = {e["name"]: e for e in entries}
-    print("\n[locust] " + json.dumps({e["name"]: {"requests": e["num_requests"], "failures": e["num_failures"],
-                                                 "mean_ms": round(e["total_response_time"] / max(1, e["num_requests"]))}
-                                       for e in entries}))
+    print(
+        "\n[locust] "
+        + json.dumps(
+            {
+                e["name"]: {
+                    "requests": e["num_requests"],
+                    "failures": e["num_failures"],
+                    "mean_ms": round(e["total_response_time"] / max(1, e["num_requests"])),
+                }
+                for e in entries
+            }
+        )
+    )
     assert sum(e["num_failures"] for e in entries) == 0, entries
     streamed = sum(by_name[p]["num_requests"] for p in ("/v1/completions", "/v1/chat/completions") if p in by_name)
     assert streamed >= 3, by_name.keys()

@@ -38,6 +38,7 @@ P = "model.language_model."
 # ------------------------------------------------------------------------------ folder surgery
 def copy_checkpoint(src: Path, dst: Path) -> Path:
     """Copy a folder; safetensors files are hard-linked (fall back to a copy across filesystems)."""
+
     def link_or_copy(s: str, d: str) -> None:
         if s.endswith(".safetensors"):
             try:
@@ -143,8 +144,9 @@ def fp8_weight_stored_bf16(folder: Path) -> list[str]:
     """An FP8 config with one FP8 weight stored BF16 (its scale left in place)."""
     index = read_index(folder)
     smallest = min(set(index["weight_map"].values()), key=lambda f: (folder / f).stat().st_size)
-    name = next(n for n, f in sorted(index["weight_map"].items())
-                if f == smallest and f"{n}_scale_inv" in index["weight_map"])
+    name = next(
+        n for n, f in sorted(index["weight_map"].items()) if f == smallest and f"{n}_scale_inv" in index["weight_map"]
+    )
     edit_tensors(folder, name, lambda t: t.update({name: t[name].to(torch.bfloat16)}))
     return [name, "BF16", "F8_E4M3"]
 
@@ -161,12 +163,12 @@ def malformed_header(folder: Path) -> list[str]:
     file = sorted(set(read_index(folder)["weight_map"].values()))[0]
     data = (folder / file).read_bytes()
     (hlen,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8: 8 + hlen])
+    header = json.loads(data[8 : 8 + hlen])
     name = sorted(n for n in header if n != "__metadata__")[0]
     del header[name]["dtype"]
     raw = json.dumps(header).encode()
     (folder / file).unlink()
-    (folder / file).write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + hlen:])
+    (folder / file).write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + hlen :])
     return [file, name, "header"]
 
 
@@ -192,8 +194,10 @@ def hf_sharded(hf_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out.mkdir()
     tensors = load_file(str(hf_checkpoint / "model.safetensors"))
     names = sorted(tensors)
-    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    halves = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     for file, group in halves.items():
         save_file({n: tensors[n] for n in group}, str(out / file), metadata={"format": "pt"})
     write_index(out, {n: f for f, group in halves.items() for n in group})
@@ -205,8 +209,9 @@ def hf_sharded(hf_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def tiny_fp8_bare(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The FP8 release's layout (per-expert, e4m3 + bf16 block scales), no tokenizer files."""
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("fp8_bare") / "ckpt", fp8=True, expert_layout="per-expert",
-                                 tokenizer=False)
+    return write_tiny_checkpoint(
+        tmp_path_factory.mktemp("fp8_bare") / "ckpt", fp8=True, expert_layout="per-expert", tokenizer=False
+    )
 
 
 # ------------------------------------------------------------------------------ the test
@@ -225,8 +230,12 @@ def test_broken_checkpoint_is_refused_and_named(case: str, request: pytest.Fixtu
         "inspect": ["inspect", folder],
         "generate": ["generate", "--model", folder, "--prompt-ids", "1,2,3", "--max-tokens", "2"],
     }
-    procs = {cmd: subprocess.Popen([*CLI, *map(str, argv)], cwd=REPO, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True) for cmd, argv in commands.items()}
+    procs = {
+        cmd: subprocess.Popen(
+            [*CLI, *map(str, argv)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for cmd, argv in commands.items()
+    }
     try:
         outputs = {cmd: proc.communicate(timeout=120) for cmd, proc in procs.items()}
     finally:

@@ -51,8 +51,9 @@ def _report(got: torch.Tensor, want: torch.Tensor) -> str:
 
 
 def _assert_close(got: torch.Tensor, want: torch.Tensor, atol: float, what: str) -> None:
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0,
-                               msg=lambda _: f"{what}: {_report(got, want)} (atol {atol:g})")
+    torch.testing.assert_close(
+        got.float(), want.float(), atol=atol, rtol=0, msg=lambda _: f"{what}: {_report(got, want)} (atol {atol:g})"
+    )
 
 
 def _assert_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -102,9 +103,17 @@ def _hf_text_config():  # noqa: ANN202
     from transformers import Qwen3_5MoeTextConfig
 
     return Qwen3_5MoeTextConfig(
-        hidden_size=128, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-        rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
-                             mrope_section=[3, 3, 2], mrope_interleaved=True),
+        hidden_size=128,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        rope_parameters=dict(
+            rope_type="default",
+            rope_theta=1e7,
+            partial_rotary_factor=0.25,
+            mrope_section=[3, 3, 2],
+            mrope_interleaved=True,
+        ),
     )
 
 
@@ -171,11 +180,12 @@ def test_rope_matches_reference(positions: str) -> None:
     x = torch.randn(t, 4, cfg.head_dim, generator=torch.Generator().manual_seed(2))
     inv_freq = inv_frequencies(rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
     cos, sin = mrope_cos_sin(pos_3T, inv_freq=inv_freq, mrope_section=cfg.mrope_section, dtype=torch.float32)
-    want = mrope_reference(x, positions_3T=pos_3T, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta,
-                           mrope_section=cfg.mrope_section)
+    want = mrope_reference(
+        x, positions_3T=pos_3T, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta, mrope_section=cfg.mrope_section
+    )
     got = apply_partial_rope(x, cos=cos, sin=sin)
     _assert_close(got, want, ROPE_REF_FP32_ATOL, "rope vs reference")
-    _assert_equal(got[..., cfg.rotary_dim:], x[..., cfg.rotary_dim:], "pass-through dims")
+    _assert_equal(got[..., cfg.rotary_dim :], x[..., cfg.rotary_dim :], "pass-through dims")
 
 
 # ============================================================================== conv reference
@@ -239,8 +249,13 @@ class Seq:
     table: tuple[int, ...]
 
     def chunk(self, start: int, stop: int) -> SeqChunk:
-        return SeqChunk(token_ids=tuple(range(stop - start)), context_len=start, state_slot=self.slot,
-                        block_table=self.table, positions=self.positions_3T[:, start:stop])
+        return SeqChunk(
+            token_ids=tuple(range(stop - start)),
+            context_len=start,
+            state_slot=self.slot,
+            block_table=self.table,
+            positions=self.positions_3T[:, start:stop],
+        )
 
 
 def _make_seqs(cfg: ModelConfig, lengths: list[int], *, seed: int, slots: list[int], mrope_index: int = 2) -> list[Seq]:
@@ -252,8 +267,9 @@ def _make_seqs(cfg: ModelConfig, lengths: list[int], *, seed: int, slots: list[i
     for i, n in enumerate(lengths):
         blocks = -(-n // BLOCK)
         pos = _mrope_positions(n) if i == mrope_index else torch.arange(n).expand(3, n).clone()
-        seqs.append(Seq(torch.randn(n, cfg.hidden_size, generator=gen), pos, slots[i],
-                        tuple(perm[used:used + blocks])))
+        seqs.append(
+            Seq(torch.randn(n, cfg.hidden_size, generator=gen), pos, slots[i], tuple(perm[used : used + blocks]))
+        )
         used += blocks
     assert used <= NUM_BLOCKS
     return seqs
@@ -262,8 +278,7 @@ def _make_seqs(cfg: ModelConfig, lengths: list[int], *, seed: int, slots: list[i
 def _pools(cfg: ModelConfig, *, seed: int = 99) -> CachePools:
     """Pools full of stale garbage: NaN in DeltaNet slots (a fresh sequence must never read them),
     large finite values in KV blocks (finite: masked attention multiplies them by exactly 0)."""
-    pools = CachePools.allocate(cfg, num_blocks=NUM_BLOCKS, block_size=BLOCK, num_slots=NUM_SLOTS,
-                                dtype=torch.float32)
+    pools = CachePools.allocate(cfg, num_blocks=NUM_BLOCKS, block_size=BLOCK, num_slots=NUM_SLOTS, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     pools.conv.fill_(float("nan"))
     pools.recurrent.fill_(float("nan"))
@@ -272,8 +287,9 @@ def _pools(cfg: ModelConfig, *, seed: int = 99) -> CachePools:
     return pools
 
 
-def _run_deltanet(step: list[tuple[Seq, int, int]], *, cfg: ModelConfig, w: DeltaNetWeights,
-                  pools: CachePools) -> list[torch.Tensor]:
+def _run_deltanet(
+    step: list[tuple[Seq, int, int]], *, cfg: ModelConfig, w: DeltaNetWeights, pools: CachePools
+) -> list[torch.Tensor]:
     """One mixer step over packed sequences; returns each sequence's output rows."""
     batch = StepBatch.build([s.chunk(a, b) for s, a, b in step], block_size=BLOCK)
     x = torch.cat([s.x_TD[a:b] for s, a, b in step])
@@ -282,8 +298,9 @@ def _run_deltanet(step: list[tuple[Seq, int, int]], *, cfg: ModelConfig, w: Delt
     return list(out.split(batch.query_lens))
 
 
-def _run_attention(step: list[tuple[Seq, int, int]], *, cfg: ModelConfig, w: AttentionWeights,
-                   pools: CachePools) -> list[torch.Tensor]:
+def _run_attention(
+    step: list[tuple[Seq, int, int]], *, cfg: ModelConfig, w: AttentionWeights, pools: CachePools
+) -> list[torch.Tensor]:
     batch = StepBatch.build([s.chunk(a, b) for s, a, b in step], block_size=BLOCK)
     x = torch.cat([s.x_TD[a:b] for s, a, b in step])
     inv_freq = inv_frequencies(rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
@@ -300,8 +317,16 @@ MIXED = [(0, 150), (0, 1), (64, 86), (5, 1), (2, 5), (37, 30)]
 MIXED_SLOTS = [5, 0, 3, 7, 2, 6]  # scattered; slots 1 and 4 belong to nobody
 
 
-def _check_deltanet_states(seqs: list[Seq], ends: list[int], *, cfg: ModelConfig, w: DeltaNetWeights,
-                           pools: CachePools, outputs: list[torch.Tensor], starts: list[int]) -> None:
+def _check_deltanet_states(
+    seqs: list[Seq],
+    ends: list[int],
+    *,
+    cfg: ModelConfig,
+    w: DeltaNetWeights,
+    pools: CachePools,
+    outputs: list[torch.Tensor],
+    starts: list[int],
+) -> None:
     conv, rec = pools.state(LAYER)
     for s, start, end, got in zip(seqs, starts, ends, outputs):
         want, window, state = deltanet_reference(s.x_TD[:end], w=w, cfg=cfg)
@@ -320,8 +345,9 @@ def test_deltanet_batch_matches_per_sequence_reference() -> None:
     with_ctx = [(s, 0, c) for s, (c, _) in zip(seqs, MIXED) if c > 0]
     _run_deltanet(with_ctx, cfg=cfg, w=w, pools=pools)
     outs = _run_deltanet([(s, c, c + n) for s, (c, n) in zip(seqs, MIXED)], cfg=cfg, w=w, pools=pools)
-    _check_deltanet_states(seqs, [c + n for c, n in MIXED], cfg=cfg, w=w, pools=pools, outputs=outs,
-                           starts=[c for c, _ in MIXED])
+    _check_deltanet_states(
+        seqs, [c + n for c, n in MIXED], cfg=cfg, w=w, pools=pools, outputs=outs, starts=[c for c, _ in MIXED]
+    )
 
 
 def test_deltanet_reference_carries_window_and_state_like_one_call() -> None:
@@ -331,8 +357,9 @@ def test_deltanet_reference_carries_window_and_state_like_one_call() -> None:
     x = torch.randn(20, cfg.hidden_size, generator=torch.Generator().manual_seed(4))
     whole, window, state = deltanet_reference(x, w=w, cfg=cfg)
     first, mid_window, mid_state = deltanet_reference(x[:7], w=w, cfg=cfg)
-    rest, end_window, end_state = deltanet_reference(x[7:], w=w, cfg=cfg, conv_window_CW=mid_window,
-                                                     state_HKV=mid_state)
+    rest, end_window, end_state = deltanet_reference(
+        x[7:], w=w, cfg=cfg, conv_window_CW=mid_window, state_HKV=mid_state
+    )
     _assert_close(torch.cat([first, rest]), whole, MIXER_FP32_ATOL, "chained outputs")
     _assert_equal(end_window, window, "chained conv window")
     _assert_close(end_state, state, STATE_FP32_ATOL, "chained state")
@@ -353,9 +380,16 @@ def test_deltanet_prefill_then_decode_steps() -> None:
     for i in range(steps):
         outs = _run_deltanet([(s, n + i, n + i + 1) for s, n in zip(seqs, prompt)], cfg=cfg, w=w, pools=pools)
         for s, n, got, want in zip(seqs, prompt, outs, refs):
-            _assert_close(got, want[n + i:n + i + 1], MIXER_FP32_ATOL, f"decode step {i}, slot {s.slot}")
-    _check_deltanet_states(seqs, [n + steps for n in prompt], cfg=cfg, w=w, pools=pools, outputs=outs,
-                           starts=[n + steps - 1 for n in prompt])
+            _assert_close(got, want[n + i : n + i + 1], MIXER_FP32_ATOL, f"decode step {i}, slot {s.slot}")
+    _check_deltanet_states(
+        seqs,
+        [n + steps for n in prompt],
+        cfg=cfg,
+        w=w,
+        pools=pools,
+        outputs=outs,
+        starts=[n + steps - 1 for n in prompt],
+    )
 
 
 def test_deltanet_leaves_other_slots_untouched() -> None:
@@ -387,8 +421,7 @@ def test_deltanet_fresh_sequence_ignores_stale_slot(new_tokens: int) -> None:
     w = _deltanet_weights(cfg)
     seq = _make_seqs(cfg, [new_tokens], seed=5, slots=[3])[0]
     stale = _pools(cfg)  # NaN everywhere
-    clean = CachePools.allocate(cfg, num_blocks=NUM_BLOCKS, block_size=BLOCK, num_slots=NUM_SLOTS,
-                                dtype=torch.float32)
+    clean = CachePools.allocate(cfg, num_blocks=NUM_BLOCKS, block_size=BLOCK, num_slots=NUM_SLOTS, dtype=torch.float32)
     random_stale = _pools(cfg)
     random_stale.conv.normal_()
     random_stale.recurrent.normal_()
@@ -435,8 +468,9 @@ def test_attention_reference_with_past_kv_equals_one_call() -> None:
     s = _make_seqs(cfg, [5, 20], seed=2, slots=[0, 1])[1]
     whole, keys, values = attention_reference(s.x_TD, w=w, cfg=cfg, positions_3T=s.positions_3T)
     _, past_k, past_v = attention_reference(s.x_TD[:9], w=w, cfg=cfg, positions_3T=s.positions_3T[:, :9])
-    rest, k2, v2 = attention_reference(s.x_TD[9:], w=w, cfg=cfg, positions_3T=s.positions_3T[:, 9:],
-                                       past_k_SHD=past_k, past_v_SHD=past_v)
+    rest, k2, v2 = attention_reference(
+        s.x_TD[9:], w=w, cfg=cfg, positions_3T=s.positions_3T[:, 9:], past_k_SHD=past_k, past_v_SHD=past_v
+    )
     _assert_close(rest, whole[9:], MIXER_FP32_ATOL, "resumed reference")
     _assert_close(k2, keys, MIXER_FP32_ATOL, "keys")  # projections of 11 vs 20 rows may round differently
 
@@ -456,7 +490,7 @@ def test_attention_prefill_then_decode_steps() -> None:
     for i in range(steps):
         outs = _run_attention([(s, n + i, n + i + 1) for s, n in zip(seqs, prompt)], cfg=cfg, w=w, pools=pools)
         for n, got, want in zip(prompt, outs, refs):
-            _assert_close(got, want[n + i:n + i + 1], MIXER_FP32_ATOL, f"decode step {i}, prompt {n}")
+            _assert_close(got, want[n + i : n + i + 1], MIXER_FP32_ATOL, f"decode step {i}, prompt {n}")
 
 
 def test_attention_leaves_other_blocks_untouched_and_ignores_stale_blocks() -> None:
@@ -471,8 +505,7 @@ def test_attention_leaves_other_blocks_untouched_and_ignores_stale_blocks() -> N
         return outs + _run_attention([(s, len(s.x_TD) - 1, len(s.x_TD)) for s in seqs], cfg=cfg, w=w, pools=pools)
 
     stale = _pools(cfg)
-    clean = CachePools.allocate(cfg, num_blocks=NUM_BLOCKS, block_size=BLOCK, num_slots=NUM_SLOTS,
-                                dtype=torch.float32)
+    clean = CachePools.allocate(cfg, num_blocks=NUM_BLOCKS, block_size=BLOCK, num_slots=NUM_SLOTS, dtype=torch.float32)
     before_k, before_v = stale.k.clone(), stale.v.clone()
     for got, want in zip(prefill_then_decode(stale), prefill_then_decode(clean)):
         _assert_equal(got, want, "outputs on stale vs zeroed blocks")
@@ -491,8 +524,7 @@ def test_attention_decode_ignores_non_finite_data_in_blocks_it_does_not_own() ->
     w = _attention_weights(cfg)
     seqs = _make_seqs(cfg, [40, 17], seed=6, slots=[0, 1])
     assert all(0 not in s.table for s in seqs)  # seeded tables: block 0 belongs to neither sequence
-    pools = CachePools.allocate(cfg, num_blocks=NUM_BLOCKS, block_size=BLOCK, num_slots=NUM_SLOTS,
-                                dtype=torch.float32)
+    pools = CachePools.allocate(cfg, num_blocks=NUM_BLOCKS, block_size=BLOCK, num_slots=NUM_SLOTS, dtype=torch.float32)
     pools.k[:, 0], pools.v[:, 0] = float("nan"), float("nan")
     _run_attention([(s, 0, len(s.x_TD) - 1) for s in seqs], cfg=cfg, w=w, pools=pools)
     outs = _run_attention([(s, len(s.x_TD) - 1, len(s.x_TD)) for s in seqs], cfg=cfg, w=w, pools=pools)

@@ -65,7 +65,10 @@ def test_397b_bf16_config() -> None:
     _check_397b_dims(cfg)
     assert cfg.model_type == "qwen3_5_moe" and cfg.quant is None
     assert cfg.vision is not None and (cfg.vision.depth, cfg.vision.hidden_size, cfg.vision.out_hidden_size) == (
-        27, 1152, 4096)
+        27,
+        1152,
+        4096,
+    )
     assert (cfg.image_token_id, cfg.video_token_id) == (248056, 248057)
     assert (cfg.vision_start_token_id, cfg.vision_end_token_id) == (248053, 248054)
 
@@ -118,12 +121,27 @@ def test_transformers_text_config_round_trip() -> None:
     from transformers import Qwen3_5MoeTextConfig
 
     hf = Qwen3_5MoeTextConfig(
-        vocab_size=1024, hidden_size=128, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-        head_dim=64, linear_num_key_heads=2, linear_num_value_heads=8, linear_key_head_dim=32,
-        linear_value_head_dim=48, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
+        vocab_size=1024,
+        hidden_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_num_key_heads=2,
+        linear_num_value_heads=8,
+        linear_key_head_dim=32,
+        linear_value_head_dim=48,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=64,
         shared_expert_intermediate_size=128,
-        rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
-                             mrope_section=[3, 3, 2], mrope_interleaved=True),
+        rope_parameters=dict(
+            rope_type="default",
+            rope_theta=1e7,
+            partial_rotary_factor=0.25,
+            mrope_section=[3, 3, 2],
+            mrope_interleaved=True,
+        ),
     )
     cfg = from_hf_config(hf.to_dict())
     assert cfg.layer_types == tuple(hf.layer_types)
@@ -133,15 +151,31 @@ def test_transformers_text_config_round_trip() -> None:
 
 
 # ============================================================================== errors
-def _text(**changes: Any) -> dict[str, Any]:
+def _text(**changes: Any) -> dict[str, Any]:  # noqa: ANN401
     """A valid bare text config (tiny dims), with changes; a value of None deletes the key."""
     base: dict[str, Any] = dict(
-        model_type="qwen3_5_moe_text", vocab_size=1024, hidden_size=128, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=64, linear_num_key_heads=2,
-        linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=48, num_experts=16,
-        num_experts_per_tok=4, moe_intermediate_size=64, shared_expert_intermediate_size=128,
-        rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
-                             mrope_section=[3, 3, 2], mrope_interleaved=True),
+        model_type="qwen3_5_moe_text",
+        vocab_size=1024,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_num_key_heads=2,
+        linear_num_value_heads=8,
+        linear_key_head_dim=32,
+        linear_value_head_dim=48,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        rope_parameters=dict(
+            rope_type="default",
+            rope_theta=1e7,
+            partial_rotary_factor=0.25,
+            mrope_section=[3, 3, 2],
+            mrope_interleaved=True,
+        ),
     )
     for key, value in changes.items():
         if value is None:
@@ -151,9 +185,14 @@ def _text(**changes: Any) -> dict[str, Any]:
     return base
 
 
-def _fp8(**changes: Any) -> dict[str, Any]:
-    q = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=[128, 128],
-             modules_to_not_convert=["lm_head"])
+def _fp8(**changes: Any) -> dict[str, Any]:  # noqa: ANN401
+    q = dict(
+        quant_method="fp8",
+        fmt="e4m3",
+        activation_scheme="dynamic",
+        weight_block_size=[128, 128],
+        modules_to_not_convert=["lm_head"],
+    )
     q.update(changes)
     return {k: v for k, v in q.items() if v is not None}
 
@@ -169,30 +208,52 @@ def test_valid_base_config_builds() -> None:
         (_text(model_type="llama"), r"unknown model_type 'llama'"),
         (_text(model_type=None), r"unknown model_type None"),
         (_text(quantization_config=_fp8(quant_method="awq")), r"quantization method 'awq' is not supported"),
-        (_text(quantization_config=_fp8(weight_block_size=None)),
-         r"weight_block_size must be \[rows, cols\].*per-tensor FP8 scales are not supported"),
+        (
+            _text(quantization_config=_fp8(weight_block_size=None)),
+            r"weight_block_size must be \[rows, cols\].*per-tensor FP8 scales are not supported",
+        ),
         (_text(quantization_config=_fp8(fmt="e5m2")), r"FP8 format 'e5m2' is not supported"),
-        (_text(rope_parameters=dict(rope_theta=1e7, partial_rotary_factor=0.25, mrope_section=[3, 3, 3])),
-         r"mrope_section \[3, 3, 3\] must have 3 entries summing to rotary_dim/2 = 8"),
-        (_text(num_attention_heads=6, num_key_value_heads=4),
-         r"num_attention_heads 6 is not a multiple of num_key_value_heads 4"),
+        (
+            _text(rope_parameters=dict(rope_theta=1e7, partial_rotary_factor=0.25, mrope_section=[3, 3, 3])),
+            r"mrope_section \[3, 3, 3\] must have 3 entries summing to rotary_dim/2 = 8",
+        ),
+        (
+            _text(num_attention_heads=6, num_key_value_heads=4),
+            r"num_attention_heads 6 is not a multiple of num_key_value_heads 4",
+        ),
         (_text(linear_num_key_heads=3), r"linear_num_value_heads 8 is not a multiple of linear_num_key_heads 3"),
         (_text(hidden_size=None), r"missing the required field 'hidden_size'"),
         (_text(num_experts=None), r"missing the required field 'num_experts'"),
         ({"model_type": "qwen3_5_moe"}, r"needs a text_config"),
-        ({"model_type": "qwen3_5_moe", "text_config": _text(vocab_size=None)},
-         r"text_config is missing the required field 'vocab_size'"),
+        (
+            {"model_type": "qwen3_5_moe", "text_config": _text(vocab_size=None)},
+            r"text_config is missing the required field 'vocab_size'",
+        ),
         (_text(layer_types=["linear_attention"] * 3), r"layer_types has 3 entries but num_hidden_layers is 4"),
-        (_text(layer_types=["linear_attention"] * 3 + ["sliding_attention"]),
-         r"layer_types has unknown entries \['sliding_attention'\]"),
+        (
+            _text(layer_types=["linear_attention"] * 3 + ["sliding_attention"]),
+            r"layer_types has unknown entries \['sliding_attention'\]",
+        ),
         (_text(num_experts_per_tok=17), r"num_experts_per_tok 17 exceeds num_experts 16"),
         (_text(hidden_act="gelu"), r"hidden_act 'gelu' is not supported"),
     ],
     ids=[
-        "unknown-model-type", "missing-model-type", "awq-quant", "per-tensor-fp8", "fp8-e5m2",
-        "mrope-sum", "attention-heads-not-divisible", "linear-heads-not-divisible", "missing-hidden-size",
-        "missing-num-experts", "wrapper-without-text-config", "wrapper-missing-field", "layer-types-length",
-        "layer-types-unknown", "top-k-above-experts", "hidden-act",
+        "unknown-model-type",
+        "missing-model-type",
+        "awq-quant",
+        "per-tensor-fp8",
+        "fp8-e5m2",
+        "mrope-sum",
+        "attention-heads-not-divisible",
+        "linear-heads-not-divisible",
+        "missing-hidden-size",
+        "missing-num-experts",
+        "wrapper-without-text-config",
+        "wrapper-missing-field",
+        "layer-types-length",
+        "layer-types-unknown",
+        "top-k-above-experts",
+        "hidden-act",
     ],
 )
 def test_config_errors_name_the_field(raw: dict[str, Any], match: str) -> None:

@@ -37,8 +37,9 @@ def _report(got: torch.Tensor, want: torch.Tensor) -> str:
 
 
 def _assert_close(got: torch.Tensor, want: torch.Tensor, atol: float, what: str) -> None:
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0,
-                               msg=lambda _: f"{what}: {_report(got, want)} (atol {atol:g})")
+    torch.testing.assert_close(
+        got.float(), want.float(), atol=atol, rtol=0, msg=lambda _: f"{what}: {_report(got, want)} (atol {atol:g})"
+    )
 
 
 def _assert_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -59,8 +60,14 @@ def _inputs(b: int, t: int, *, seed: int, dtype: torch.dtype = torch.float32) ->
     )
 
 
-def _slice(inp: dict[str, torch.Tensor], *, rows: slice = slice(None), start: int = 0, stop: int | None = None,
-           state: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def _slice(
+    inp: dict[str, torch.Tensor],
+    *,
+    rows: slice = slice(None),
+    start: int = 0,
+    stop: int | None = None,
+    state: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     out = {name: x[rows, start:stop] for name, x in inp.items() if name != "state_BHKV"}
     out["state_BHKV"] = inp["state_BHKV"][rows] if state is None else state
     return out
@@ -191,8 +198,8 @@ def test_right_padded_batch_equals_each_sequence_alone(rule: str, dtype: torch.d
     batch_out, batch_state = _call(RULES[rule], inp)
     for i, n in enumerate(lens):
         alone_out, alone_state = _call(RULES[rule], _slice(inp, rows=slice(i, i + 1), stop=n))
-        _assert_equal(batch_out[i:i + 1, :n], alone_out, f"{rule} outputs of the length-{n} sequence")
-        _assert_equal(batch_state[i:i + 1], alone_state, f"{rule} final state of the length-{n} sequence")
+        _assert_equal(batch_out[i : i + 1, :n], alone_out, f"{rule} outputs of the length-{n} sequence")
+        _assert_equal(batch_state[i : i + 1], alone_state, f"{rule} final state of the length-{n} sequence")
 
 
 # ------------------------------------------------------------------------------ transformers
@@ -208,8 +215,14 @@ def test_bit_identical_to_transformers_torch_rules(rule: str, dtype: torch.dtype
     inp = _inputs(2, t, seed=20 + t, dtype=dtype)
     got_out, got_state = _call(RULES[rule], inp)
     want_out, want_state = hf_rule(
-        inp["q_BTHK"], inp["k_BTHK"], inp["v_BTHV"], g=inp["g_BTH"], beta=inp["beta_BTH"],
-        initial_state=inp["state_BHKV"], output_final_state=True, use_qk_l2norm_in_kernel=True,
+        inp["q_BTHK"],
+        inp["k_BTHK"],
+        inp["v_BTHV"],
+        g=inp["g_BTH"],
+        beta=inp["beta_BTH"],
+        initial_state=inp["state_BHKV"],
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
     )
     assert got_out.dtype == want_out.dtype == dtype
     _assert_equal(got_out, want_out, f"{rule} outputs vs transformers ({dtype})")

@@ -56,8 +56,10 @@ def test_stacked_trunk_gemms_equal_one_gemm_per_weight(dtype: str, hf_checkpoint
             stacked, parts = mixer.in_proj_qkvz, [mixer.in_proj_qkv, mixer.in_proj_z]
         else:
             stacked, parts = mixer.qkv_proj, [mixer.q_proj, mixer.k_proj, mixer.v_proj]
-        groups = [(stacked, parts), (lw.moe.router_gate_up, [lw.moe.router, lw.moe.shared_gate_proj,
-                                                             lw.moe.shared_up_proj])]
+        groups = [
+            (stacked, parts),
+            (lw.moe.router_gate_up, [lw.moe.router, lw.moe.shared_gate_proj, lw.moe.shared_up_proj]),
+        ]
         for stacked, parts in groups:
             assert stacked is not None
             assert all(p.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr() for p in parts)
@@ -83,8 +85,10 @@ def test_one_token_recurrent_step_equals_token_loop(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(2)
     b, hk, h, k, v = 3, 2, 8, 32, 48
     args = dict(
-        k_BTHK=torch.randn(b, 1, hk, k, generator=gen).to(dtype), v_BTHV=torch.randn(b, 1, h, v, generator=gen).to(dtype),
-        g_BTH=-0.1 * torch.rand(b, 1, h, generator=gen), beta_BTH=torch.rand(b, 1, h, generator=gen).to(dtype),
+        k_BTHK=torch.randn(b, 1, hk, k, generator=gen).to(dtype),
+        v_BTHV=torch.randn(b, 1, h, v, generator=gen).to(dtype),
+        g_BTH=-0.1 * torch.rand(b, 1, h, generator=gen),
+        beta_BTH=torch.rand(b, 1, h, generator=gen).to(dtype),
         state_BHKV=torch.randn(b, h, k, v, generator=gen),
     )
     q = torch.randn(b, 1, hk, k, generator=gen).to(dtype)
@@ -103,9 +107,12 @@ def _deltanet_setup(dtype: torch.dtype, num_slots: int) -> tuple:
         return (scale * torch.randn(*shape, generator=g)).to(dtype)
 
     w = DeltaNetWeights(
-        in_proj_qkv=randn(cfg.linear_conv_dim, d, scale=d**-0.5), in_proj_z=randn(hv, d, scale=d**-0.5),
-        in_proj_b=randn(h, d, scale=d**-0.5), in_proj_a=randn(h, d, scale=d**-0.5),
-        conv1d=randn(cfg.linear_conv_dim, cfg.linear_conv_kernel_dim, scale=0.5), dt_bias=randn(h, scale=0.3),
+        in_proj_qkv=randn(cfg.linear_conv_dim, d, scale=d**-0.5),
+        in_proj_z=randn(hv, d, scale=d**-0.5),
+        in_proj_b=randn(h, d, scale=d**-0.5),
+        in_proj_a=randn(h, d, scale=d**-0.5),
+        conv1d=randn(cfg.linear_conv_dim, cfg.linear_conv_kernel_dim, scale=0.5),
+        dt_bias=randn(h, scale=0.3),
         A_log=torch.log(0.01 + 1.99 * torch.rand(h, generator=g)).to(dtype),
         norm=(1 + 0.3 * torch.randn(cfg.linear_value_head_dim, generator=g)).to(dtype),
         out_proj=randn(d, hv, scale=hv**-0.5),
@@ -116,8 +123,9 @@ def _deltanet_setup(dtype: torch.dtype, num_slots: int) -> tuple:
 
 def _deltanet_step(cfg, w, pools, chunks: list[SeqChunk], x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
     conv, rec = pools.state(0)
-    return deltanet_forward(x, w=w, cfg=cfg, batch=StepBatch.build(chunks, block_size=BLOCK), conv_state=conv,
-                            recurrent_state=rec)
+    return deltanet_forward(
+        x, w=w, cfg=cfg, batch=StepBatch.build(chunks, block_size=BLOCK), conv_state=conv, recurrent_state=rec
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -133,8 +141,9 @@ def test_prefill_batched_by_chunk_count_equals_each_sequence_alone(dtype: torch.
     alone = CachePools.allocate(cfg, num_blocks=1, block_size=BLOCK, num_slots=6, dtype=dtype)
     alone.conv.copy_(pools.conv)
     alone.recurrent.copy_(pools.recurrent)
-    batch = StepBatch.build([SeqChunk(tuple(range(n)), c, i, table) for i, (n, c) in enumerate(zip(lens, ctx))],
-                            block_size=BLOCK)
+    batch = StepBatch.build(
+        [SeqChunk(tuple(range(n)), c, i, table) for i, (n, c) in enumerate(zip(lens, ctx))], block_size=BLOCK
+    )
     assert batch.chunk_groups(64) == ((0, 1, 2, 5), (3,), (4,))
     t, h = sum(lens), cfg.linear_num_value_heads
     qkv = torch.randn(t, cfg.linear_conv_dim, generator=gen).to(dtype)
@@ -144,8 +153,9 @@ def test_prefill_batched_by_chunk_count_equals_each_sequence_alone(dtype: torch.
     for groups, out, p in ((batch.chunk_groups(64), out_together, pools), ([(i,) for i in range(6)], out_alone, alone)):
         conv, rec = p.state(0)
         for group in groups:
-            _chunk_group(group, qkv, g, beta, out_THV=out, batch=batch, w=w, cfg=cfg, conv_state=conv,
-                         recurrent_state=rec)
+            _chunk_group(
+                group, qkv, g, beta, out_THV=out, batch=batch, w=w, cfg=cfg, conv_state=conv, recurrent_state=rec
+            )
     _equal(out_together, out_alone, "outputs")
     _equal(pools.conv, alone.conv, "conv windows")
     _equal(pools.recurrent, alone.recurrent, "recurrent states")
@@ -173,19 +183,32 @@ def test_decode_on_consecutive_slots_equals_scattered_slots(dtype: torch.dtype) 
 
 def test_step_batch_build_fields() -> None:
     image_pos = torch.tensor([[5, 5, 5], [5, 6, 6], [5, 5, 6]])
-    seqs = [SeqChunk((7, 8, 9), 17, 3, (4, 2), logits="all"), SeqChunk((1,), 40, 0, (0, 1, 5)),
-            SeqChunk((2, 3, 4), 2, 1, (6,), positions=image_pos, logits="none"),
-            SeqChunk((5,), 8, 2, (3,), rope_delta=-3)]
+    seqs = [
+        SeqChunk((7, 8, 9), 17, 3, (4, 2), logits="all"),
+        SeqChunk((1,), 40, 0, (0, 1, 5)),
+        SeqChunk((2, 3, 4), 2, 1, (6,), positions=image_pos, logits="none"),
+        SeqChunk((5,), 8, 2, (3,), rope_delta=-3),
+    ]
     b = StepBatch.build(seqs, block_size=16)
     assert b.token_ids_T.tolist() == [7, 8, 9, 1, 2, 3, 4, 5]
-    assert b.positions_3T.tolist() == [[17, 18, 19, 40, 5, 5, 5, 5], [17, 18, 19, 40, 5, 6, 6, 5],
-                                       [17, 18, 19, 40, 5, 5, 6, 5]]
-    assert b.slot_mapping_T.tolist() == [2 * 16 + 1, 2 * 16 + 2, 2 * 16 + 3, 5 * 16 + 8, 6 * 16 + 2, 6 * 16 + 3,
-                                         6 * 16 + 4, 3 * 16 + 8]
+    assert b.positions_3T.tolist() == [
+        [17, 18, 19, 40, 5, 5, 5, 5],
+        [17, 18, 19, 40, 5, 6, 6, 5],
+        [17, 18, 19, 40, 5, 5, 6, 5],
+    ]
+    assert b.slot_mapping_T.tolist() == [
+        2 * 16 + 1,
+        2 * 16 + 2,
+        2 * 16 + 3,
+        5 * 16 + 8,
+        6 * 16 + 2,
+        6 * 16 + 3,
+        6 * 16 + 4,
+        3 * 16 + 8,
+    ]
     assert b.block_tables_BN.tolist() == [[4, 2, 0], [0, 1, 5], [6, 0, 0], [3, 0, 0]]
     assert b.logit_rows.tolist() == [0, 1, 2, 3, 7]
     assert b.state_slots_B.tolist() == [3, 0, 1, 2]
     assert b.slot_run((1, 2, 3)) == 0 and b.slot_run((0, 1)) is None
-    text_only = StepBatch.build([SeqChunk((1, 2), 3, 0, (0,)), SeqChunk((3,), 9, 1, (1,), rope_delta=2)],
-                                block_size=16)
+    text_only = StepBatch.build([SeqChunk((1, 2), 3, 0, (0,)), SeqChunk((3,), 9, 1, (1,), rope_delta=2)], block_size=16)
     assert text_only.positions_3T.tolist() == [[3, 4, 11]] * 3

@@ -33,19 +33,46 @@ SHARED_CONFIGS = REPO.parent / "shared" / "configs"
 CLI = [sys.executable, "-c", "import sys; from epserve.cli import main; sys.exit(main())"]
 BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}
 TEXT_DIMS = (
-    "hidden_size", "vocab_size", "max_position_embeddings", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
-    "linear_conv_kernel_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
-    "shared_expert_intermediate_size", "num_hidden_layers",
+    "hidden_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+    "linear_conv_kernel_dim",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "num_hidden_layers",
 )
-VISION_DIMS = ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size", "patch_size",
-               "temporal_patch_size", "spatial_merge_size", "num_position_embeddings")
+VISION_DIMS = (
+    "depth",
+    "hidden_size",
+    "num_heads",
+    "intermediate_size",
+    "out_hidden_size",
+    "patch_size",
+    "temporal_patch_size",
+    "spatial_merge_size",
+    "num_position_embeddings",
+)
 
 
 def run_cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """`epserve ARGS` in a fresh interpreter; stdout/stderr captured as text."""
-    return subprocess.run([*CLI, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*CLI, *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def part(name: str) -> str:
@@ -74,8 +101,10 @@ def header_census(folder: Path) -> tuple[dict[str, dict[str, int]], dict[str, di
                 d = dtypes.setdefault(dtype, Counter())
                 d["tensors"] += 1
                 d["bytes"] += nbytes
-    return ({k: dict(tensors=v["tensors"], params=v["params"], bytes=v["bytes"]) for k, v in parts.items()},
-            {k: dict(tensors=v["tensors"], bytes=v["bytes"]) for k, v in dtypes.items()})
+    return (
+        {k: dict(tensors=v["tensors"], params=v["params"], bytes=v["bytes"]) for k, v in parts.items()},
+        {k: dict(tensors=v["tensors"], bytes=v["bytes"]) for k, v in dtypes.items()},
+    )
 
 
 def hf_params_by_part(model: torch.nn.Module) -> dict[str, int]:
@@ -83,7 +112,8 @@ def hf_params_by_part(model: torch.nn.Module) -> dict[str, int]:
     out = Counter()
     for name, p in model.named_parameters():
         out["vision" if name.startswith("model.visual.") else "experts" if ".mlp.experts." in name else "trunk"] += (
-            p.numel())
+            p.numel()
+        )
     return {"trunk": out["trunk"], "experts": out["experts"], "vision": out["vision"]}
 
 
@@ -171,8 +201,11 @@ def test_inspect_good_checkpoint(case: str, request: pytest.FixtureRequest, insp
     assert out["shards"]["tensor_bytes"] == tensor_bytes
     if out["shards"]["index"]:
         assert out["shards"]["index_total_size"] == tensor_bytes
-    assert out["files"] == {"tokenizer.json": tokenizer, "tokenizer_config.json": tokenizer,
-                            "generation_config.json": True}
+    assert out["files"] == {
+        "tokenizer.json": tokenizer,
+        "tokenizer_config.json": tokenizer,
+        "generation_config.json": True,
+    }
 
 
 def test_fp8_scales_are_bytes_not_params(tiny_fp8: Path, tiny_per_expert: Path, inspected: dict[Path, dict]) -> None:
@@ -189,9 +222,14 @@ def test_inspect_text_report(tiny_fp8: Path) -> None:
     r = run_cli("inspect", tiny_fp8)
     assert r.returncode == 0, r.stderr
     report = r.stdout
-    for line in ("OK, loadable", "8: 6 linear (Gated DeltaNet) + 2 full attention at [3, 7]",
-                 "experts      16 routed, top-4, width 64, shared expert width 128",
-                 "quantization fp8 e4m3, block 128x128", "experts per-expert, mtp per-expert", "F8_E4M3"):
+    for line in (
+        "OK, loadable",
+        "8: 6 linear (Gated DeltaNet) + 2 full attention at [3, 7]",
+        "experts      16 routed, top-4, width 64, shared expert width 128",
+        "quantization fp8 e4m3, block 128x128",
+        "experts per-expert, mtp per-expert",
+        "F8_E4M3",
+    ):
         assert line in report, f"{line!r} not in:\n{report}"
 
 
@@ -206,8 +244,9 @@ def test_params_equal_transformers_count_hf_saved(hf_checkpoint: Path, inspected
 
 
 @pytest.mark.parametrize("case", ["tiny-fused", "tiny-fp8-per-expert"])
-def test_params_equal_transformers_count_tiny(case: str, request: pytest.FixtureRequest,
-                                              inspected: dict[Path, dict]) -> None:
+def test_params_equal_transformers_count_tiny(
+    case: str, request: pytest.FixtureRequest, inspected: dict[Path, dict]
+) -> None:
     """The tiny config built by transformers on the meta device has our trunk/expert/vision counts."""
     from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
 
@@ -256,8 +295,12 @@ def test_per_expert_load_reads_only_requested_experts(hf_checkpoint: Path) -> No
     cfg = from_hf_config(hf_checkpoint)
     reader = CheckpointReader(hf_checkpoint)
     shard = load_experts(reader, cfg, expert_ids=EXPERT_IDS, dtype=torch.float32)
-    want = {f"{MULTIMODAL_PREFIX}layers.{i}.mlp.experts.{e}.{w}.weight"
-            for i in range(cfg.num_layers) for e in EXPERT_IDS for w in ("gate_proj", "up_proj", "down_proj")}
+    want = {
+        f"{MULTIMODAL_PREFIX}layers.{i}.mlp.experts.{e}.{w}.weight"
+        for i in range(cfg.num_layers)
+        for e in EXPERT_IDS
+        for w in ("gate_proj", "up_proj", "down_proj")
+    }
     assert sorted(reader.stats.names) == sorted(want)  # each exactly once, no other expert
     assert reader.stats.bytes == sum(reader.tensors[n].nbytes for n in want)
     with safe_open(str(hf_checkpoint / "model.safetensors"), framework="pt") as f:
@@ -270,8 +313,11 @@ def test_fused_load_reads_only_requested_rows(hf_checkpoint_fused: Path) -> None
     cfg = from_hf_config(hf_checkpoint_fused)
     reader = CheckpointReader(hf_checkpoint_fused)
     shard = load_experts(reader, cfg, expert_ids=EXPERT_IDS, dtype=torch.float32)
-    fused = [f"{MULTIMODAL_PREFIX}layers.{i}.mlp.experts.{w}" for i in range(cfg.num_layers)
-             for w in ("gate_up_proj", "down_proj")]
+    fused = [
+        f"{MULTIMODAL_PREFIX}layers.{i}.mlp.experts.{w}"
+        for i in range(cfg.num_layers)
+        for w in ("gate_up_proj", "down_proj")
+    ]
     assert sorted(reader.stats.names) == sorted(f"{n}[{len(EXPERT_IDS)} rows]" for n in fused)
     full = sum(reader.tensors[n].nbytes for n in fused)
     assert reader.stats.bytes * cfg.num_experts == full * len(EXPERT_IDS)
@@ -285,8 +331,13 @@ def test_fp8_per_expert_load_reads_requested_weights_and_their_scales(tiny_fp8: 
     reader = CheckpointReader(tiny_fp8)
     load_experts(reader, cfg, expert_ids=EXPERT_IDS, dtype=torch.bfloat16)
     bases = [f"{MULTIMODAL_PREFIX}layers.{i}.mlp." for i in range(cfg.num_layers)] + ["mtp.layers.0.mlp."]
-    want = {f"{b}experts.{e}.{w}.weight{s}" for b in bases for e in EXPERT_IDS
-            for w in ("gate_proj", "up_proj", "down_proj") for s in ("", "_scale_inv")}
+    want = {
+        f"{b}experts.{e}.{w}.weight{s}"
+        for b in bases
+        for e in EXPERT_IDS
+        for w in ("gate_proj", "up_proj", "down_proj")
+        for s in ("", "_scale_inv")
+    }
     assert sorted(reader.stats.names) == sorted(want)
 
 
@@ -298,8 +349,11 @@ def test_load_trunk_reads_no_expert_tensor(case: str, request: pytest.FixtureReq
     layout = CheckpointLayout.detect(reader, cfg)
     load_trunk(reader, cfg, dtype=torch.float32, layout=layout)
     assert not [n for n in reader.stats.names if ".mlp.experts." in n]
-    want = {n for n, s in layout.expected(cfg).items()
-            if s.part == "trunk" or (s.part == "mtp" and ".mlp.experts." not in n)}
+    want = {
+        n
+        for n, s in layout.expected(cfg).items()
+        if s.part == "trunk" or (s.part == "mtp" and ".mlp.experts." not in n)
+    }
     assert sorted(reader.stats.names) == sorted(want)  # every trunk tensor once, nothing else
 
 
@@ -308,8 +362,19 @@ def test_generate_without_tokenizer_or_mtp(hf_checkpoint: Path) -> None:
     """The HF-saved folder has no tokenizer files and no mtp.* tensors: ids work, text prompts say why not."""
     assert not (hf_checkpoint / "tokenizer.json").exists()
     assert not any(n.startswith("mtp.") for n in CheckpointReader(hf_checkpoint).tensors)
-    ok = run_cli("generate", "--model", hf_checkpoint, "--prompt-ids", "1,2,3", "--max-tokens", "2",
-                 "--temperature", "0", "--output", "json")
+    ok = run_cli(
+        "generate",
+        "--model",
+        hf_checkpoint,
+        "--prompt-ids",
+        "1,2,3",
+        "--max-tokens",
+        "2",
+        "--temperature",
+        "0",
+        "--output",
+        "json",
+    )
     assert ok.returncode == 0, ok.stderr
     result = json.loads(ok.stdout)
     assert len(result["token_ids"]) == 2 and result["text"] is None

@@ -58,7 +58,9 @@ def _hf_prefill_then_decode(ref, prompt: list[int], steps: int):  # noqa: ANN001
 
 
 @pytest.mark.parametrize("layout", ["per-expert", "fused"])
-def test_batched_prefill_and_decode_match_transformers(layout: str, hf_checkpoint: Path, hf_checkpoint_fused: Path) -> None:
+def test_batched_prefill_and_decode_match_transformers(
+    layout: str, hf_checkpoint: Path, hf_checkpoint_fused: Path
+) -> None:
     """fp32: a batch of lengths 1, 63, 64, 150 prefilled together, then 20 decode steps together."""
     folder = hf_checkpoint if layout == "per-expert" else hf_checkpoint_fused
     ref = hf_causal_lm(folder, dtype=torch.float32, experts="eager")
@@ -68,8 +70,9 @@ def test_batched_prefill_and_decode_match_transformers(layout: str, hf_checkpoin
     tables = _tables(prompts, steps + 1)
     pools = ours.allocate(num_blocks=sum(len(t) for t in tables), block_size=BLOCK, num_slots=len(prompts))
 
-    batch = StepBatch.build([SeqChunk(tuple(p), 0, i, tables[i], logits="all") for i, p in enumerate(prompts)],
-                            block_size=BLOCK)
+    batch = StepBatch.build(
+        [SeqChunk(tuple(p), 0, i, tables[i], logits="all") for i, p in enumerate(prompts)], block_size=BLOCK
+    )
     got = ours.forward(batch, pools).logits_RV
     expected = [_hf_prefill_then_decode(ref, p, steps) for p in prompts]
     want = torch.cat([e[0] for e in expected])
@@ -80,7 +83,7 @@ def test_batched_prefill_and_decode_match_transformers(layout: str, hf_checkpoin
         seqs = [SeqChunk((expected[i][1][step],), len(p) + step, i, tables[i]) for i, p in enumerate(prompts)]
         got = ours.forward(StepBatch.build(seqs, block_size=BLOCK), pools).logits_RV
         want = torch.stack([e[2][step] for e in expected])
-        torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=0, msg=lambda m: f"step {step}: {_report(got, want)}")
+        torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=0, msg=lambda m: f"step {step}: {_report(got, want)}")  # noqa: B023  # called in this iteration
         assert got.argmax(-1).tolist() == [e[1][step + 1] for e in expected]
 
 
@@ -98,12 +101,14 @@ def test_bf16_bit_identical_to_transformers_grouped_mm(length: int, hf_checkpoin
     table = _tables([prompt], steps + 1)[0]
     pools = ours.allocate(num_blocks=len(table), block_size=BLOCK, num_slots=1)
     pre, toks, dec = _hf_prefill_then_decode(ref, prompt, steps)
-    got = ours.forward(StepBatch.build([SeqChunk(tuple(prompt), 0, 0, table, logits="all")], block_size=BLOCK),
-                       pools).logits_RV
+    got = ours.forward(
+        StepBatch.build([SeqChunk(tuple(prompt), 0, 0, table, logits="all")], block_size=BLOCK), pools
+    ).logits_RV
     assert torch.equal(got, pre), _report(got, pre)
     for step in range(steps):
-        got = ours.forward(StepBatch.build([SeqChunk((toks[step],), length + step, 0, table)], block_size=BLOCK),
-                           pools).logits_RV[0]
+        got = ours.forward(
+            StepBatch.build([SeqChunk((toks[step],), length + step, 0, table)], block_size=BLOCK), pools
+        ).logits_RV[0]
         assert torch.equal(got, dec[step]), f"step {step}: {_report(got, dec[step])}"
 
 
@@ -118,7 +123,8 @@ def test_prefill_resumed_at_chunk_multiple_is_bit_identical(split: int, hf_check
     two = ours.allocate(num_blocks=len(table), block_size=BLOCK, num_slots=1)
     ours.forward(StepBatch.build([SeqChunk(tuple(prompt[:split]), 0, 0, table, logits="none")], block_size=BLOCK), two)
     rest = ours.forward(
-        StepBatch.build([SeqChunk(tuple(prompt[split:]), split, 0, table, logits="all")], block_size=BLOCK), two)
+        StepBatch.build([SeqChunk(tuple(prompt[split:]), split, 0, table, logits="all")], block_size=BLOCK), two
+    )
     assert torch.equal(rest.logits_RV, whole.logits_RV[split:]), _report(rest.logits_RV, whole.logits_RV[split:])
     assert torch.equal(two.recurrent, one.recurrent) and torch.equal(two.conv, one.conv)
 
@@ -134,7 +140,8 @@ def test_resumed_prefill_matches_transformers_cached_prefill(hf_checkpoint: Path
     pools = ours.allocate(num_blocks=len(table), block_size=BLOCK, num_slots=1)
     ours.forward(StepBatch.build([SeqChunk(tuple(prompt[:64]), 0, 0, table, logits="none")], block_size=BLOCK), pools)
     got = ours.forward(
-        StepBatch.build([SeqChunk(tuple(prompt[64:]), 64, 0, table, logits="all")], block_size=BLOCK), pools).logits_RV
+        StepBatch.build([SeqChunk(tuple(prompt[64:]), 64, 0, table, logits="all")], block_size=BLOCK), pools
+    ).logits_RV
     cache = DynamicCache(config=ref.config)
     with torch.no_grad():
         ref(torch.tensor([prompt[:64]]), cache=cache, use_cache=True)
@@ -150,14 +157,32 @@ def test_generate_cli_greedy_tokens_equal_transformers_generate(hf_checkpoint: P
 
     prompt = _prompts(seed=5, lengths=(37,))[0]
     proc = subprocess.run(
-        [sys.executable, "-m", "epserve.cli", "generate", "--model", str(hf_checkpoint), "--prompt-ids",
-         ",".join(map(str, prompt)), "--max-tokens", "24", "--temperature", "0", "--dtype", "float32",
-         "--output", "json"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "epserve.cli",
+            "generate",
+            "--model",
+            str(hf_checkpoint),
+            "--prompt-ids",
+            ",".join(map(str, prompt)),
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "0",
+            "--dtype",
+            "float32",
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)["token_ids"]
     ref = hf_causal_lm(hf_checkpoint, dtype=torch.float32)
     with torch.no_grad():
         want = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None)[0]
-    assert got == want[len(prompt):].tolist()
+    assert got == want[len(prompt) :].tolist()

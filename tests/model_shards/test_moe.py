@@ -41,8 +41,9 @@ def _report(got: torch.Tensor, want: torch.Tensor) -> str:
 
 
 def _assert_close(got: torch.Tensor, want: torch.Tensor, atol: float, what: str) -> None:
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0,
-                               msg=lambda _: f"{what}: {_report(got, want)} (atol {atol:g})")
+    torch.testing.assert_close(
+        got.float(), want.float(), atol=atol, rtol=0, msg=lambda _: f"{what}: {_report(got, want)} (atol {atol:g})"
+    )
 
 
 def _assert_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -144,10 +145,16 @@ def test_routed_experts_known_answer_weight_after_down() -> None:
     per_slot = expert_ffn_reference(rows, expert_idx_R=routing.topk_ids_Tk.reshape(-1), gate_up=gate_up, down=down)
     _assert_close(per_slot, torch.cat([1 * base, 3 * base]), 1e-5, "per-expert outputs before weighting")
     _assert_close(combine_slots(per_slot, routing=routing), want, 1e-5, "combine")
-    no_shared = SharedMoEWeights(router=router, shared_gate_proj=torch.zeros(1, 8), shared_up_proj=torch.zeros(1, 8),
-                                 shared_down_proj=torch.zeros(8, 1), shared_expert_gate=torch.zeros(1, 8))
-    _assert_close(moe_reference(x, shared=no_shared, gate_up_E2ID=gate_up, down_EDI=down, top_k=2), want, 1e-5,
-                  "moe_reference")
+    no_shared = SharedMoEWeights(
+        router=router,
+        shared_gate_proj=torch.zeros(1, 8),
+        shared_up_proj=torch.zeros(1, 8),
+        shared_down_proj=torch.zeros(8, 1),
+        shared_expert_gate=torch.zeros(1, 8),
+    )
+    _assert_close(
+        moe_reference(x, shared=no_shared, gate_up_E2ID=gate_up, down_EDI=down, top_k=2), want, 1e-5, "moe_reference"
+    )
 
 
 # ============================================================================== random weights
@@ -222,16 +229,21 @@ def test_fp8_expert_shard_equals_dequantised_dense_shard(dtype: torch.dtype) -> 
     shared, gate_up, down = _random_moe(4)
     fp8_gate_up, fp8_down = _fp8_experts(gate_up, down)
     fp8 = ExpertShard([LayerExperts(tuple(range(E)), fp8_gate_up, fp8_down)], num_experts=E)
-    dense = ExpertShard([LayerExperts(tuple(range(E)), fp8_gate_up.dequantize(dtype), fp8_down.dequantize(dtype))],
-                        num_experts=E)
+    dense = ExpertShard(
+        [LayerExperts(tuple(range(E)), fp8_gate_up.dequantize(dtype), fp8_down.dequantize(dtype))], num_experts=E
+    )
     x = torch.randn(30, D, generator=torch.Generator().manual_seed(5)).to(dtype)
     routing = route(x, router=shared.router.to(dtype), top_k=TOP_K)
     ids = routing.topk_ids_Tk.reshape(-1)
     rows = x.repeat_interleave(TOP_K, dim=0)
     _assert_equal(fp8.forward(0, rows, ids), dense.forward(0, rows, ids), "FP8 shard vs dequantised dense shard")
     tol = FP32_ATOL if dtype == torch.float32 else BF16_VS_FP32_ATOL
-    _assert_close(fp8.forward(0, rows, ids), fp8.forward_reference(0, rows.float(), ids), tol,
-                  "FP8 shard vs its fp32 per-expert reference")
+    _assert_close(
+        fp8.forward(0, rows, ids),
+        fp8.forward_reference(0, rows.float(), ids),
+        tol,
+        "FP8 shard vs its fp32 per-expert reference",
+    )
     # and the FP8 weights are a faithful copy: the block result moves by quantisation error only
     exact = moe_reference(x, shared=shared, gate_up_E2ID=gate_up, down_EDI=down, top_k=TOP_K)
     quantised = moe_reference(x, shared=shared, gate_up_E2ID=fp8_gate_up, down_EDI=fp8_down, top_k=TOP_K)
@@ -243,9 +255,14 @@ def _hf_block(dtype: torch.dtype, experts: str, seed: int = 0):  # noqa: ANN202
     from transformers import Qwen3_5MoeTextConfig
     from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeSparseMoeBlock
 
-    cfg = Qwen3_5MoeTextConfig(hidden_size=D, num_experts=E, num_experts_per_tok=TOP_K,
-                               moe_intermediate_size=I_EXPERT, shared_expert_intermediate_size=I_SHARED,
-                               experts_implementation=experts)
+    cfg = Qwen3_5MoeTextConfig(
+        hidden_size=D,
+        num_experts=E,
+        num_experts_per_tok=TOP_K,
+        moe_intermediate_size=I_EXPERT,
+        shared_expert_intermediate_size=I_SHARED,
+        experts_implementation=experts,
+    )
     torch.manual_seed(seed)
     block = Qwen3_5MoeSparseMoeBlock(cfg)
     with torch.no_grad():
@@ -276,8 +293,7 @@ def _ours_from_hf(block) -> tuple[ExpertShard, SharedMoEWeights]:  # noqa: ANN00
     ],
     ids=["fp32-eager", "fp32-grouped_mm", "bf16-grouped_mm-bitexact", "bf16-eager-1ulp"],
 )
-def test_local_routed_experts_match_transformers_sparse_moe_block(dtype: torch.dtype, experts: str,
-                                                                  tol: float) -> None:
+def test_local_routed_experts_match_transformers_sparse_moe_block(dtype: torch.dtype, experts: str, tol: float) -> None:
     """`Qwen3_5MoeSparseMoeBlock` with the same weights: route + local_routed_experts + shared expert."""
     block = _hf_block(dtype, experts)
     shard, shared = _ours_from_hf(block)

@@ -105,16 +105,21 @@ def test_mtp_logits_equal_transformers_reference(mtp_checkpoint: Path) -> None:
     routed = LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers)
     # target pass over x_0..x_{T-1}, then one MTP pass over (h_t, x_{t+1}) for every t, split in two
     # chunks so the MTP layer's own KV cache carries the first chunk's keys into the second
-    target = model.trunk.forward(StepBatch.build([SeqChunk(tuple(ids[:-1].tolist()), 0, 0, table, logits="none")],
-                                                 block_size=16), pools=pools, routed=routed)
+    target = model.trunk.forward(
+        StepBatch.build([SeqChunk(tuple(ids[:-1].tolist()), 0, 0, table, logits="none")], block_size=16),
+        pools=pools,
+        routed=routed,
+    )
     torch.testing.assert_close(target.hidden_TD, ref_hidden, rtol=1e-4, atol=1e-4)
     cut = 9
     parts = []
     for lo, hi in ((0, cut), (cut, SEQ)):
-        batch = StepBatch.build([SeqChunk(tuple(ids[lo + 1:hi + 1].tolist()), lo, 0, table, logits="all")],
-                                block_size=16)
-        parts.append(mtp_forward(model.trunk, target.hidden_TD[lo:hi], batch=batch, pools=pools,
-                                 routed=routed).logits_RV)
+        batch = StepBatch.build(
+            [SeqChunk(tuple(ids[lo + 1 : hi + 1].tolist()), lo, 0, table, logits="all")], block_size=16
+        )
+        parts.append(
+            mtp_forward(model.trunk, target.hidden_TD[lo:hi], batch=batch, pools=pools, routed=routed).logits_RV
+        )
     ours = torch.cat(parts)
     scale = ref_logits.abs().max()
     assert float((ours - ref_logits).abs().max() / scale) <= 1e-4

@@ -17,10 +17,19 @@ import pytest
 from PIL import Image
 
 from model_shards.config import from_hf_config
-from model_shards.image_processing import MediaLimits, PreprocessConfig, preprocess_image, preprocess_video
-from model_shards.image_processing import sample_frame_indices
+from model_shards.image_processing import (
+    MediaLimits,
+    PreprocessConfig,
+    preprocess_image,
+    preprocess_video,
+    sample_frame_indices,
+)
 from model_shards.preprocessor_config import (
-    IMAGE_FILE, QWEN35_IMAGE_PREPROCESSOR, QWEN35_VIDEO_PREPROCESSOR, VIDEO_FILE, load_preprocess_config,
+    IMAGE_FILE,
+    QWEN35_IMAGE_PREPROCESSOR,
+    QWEN35_VIDEO_PREPROCESSOR,
+    VIDEO_FILE,
+    load_preprocess_config,
 )
 
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -74,8 +83,15 @@ def test_changed_values_are_honoured_like_transformers(tiny_fused: Path, tmp_pat
     from transformers.video_utils import VideoMetadata
 
     image = {**QWEN35_IMAGE_PREPROCESSOR, "size": {"shortest_edge": 32 * 32 * 2, "longest_edge": 32 * 32 * 6}}
-    video = {**QWEN35_VIDEO_PREPROCESSOR, "size": {"shortest_edge": 4096, "longest_edge": 32 * 32 * 40},
-             "fps": 3.0, "min_frames": 2, "max_frames": 10, "cap_pixels_per_frame": cap, "max_video_tokens": 3}
+    video = {
+        **QWEN35_VIDEO_PREPROCESSOR,
+        "size": {"shortest_edge": 4096, "longest_edge": 32 * 32 * 40},
+        "fps": 3.0,
+        "min_frames": 2,
+        "max_frames": 10,
+        "cap_pixels_per_frame": cap,
+        "max_video_tokens": 3,
+    }
     folder = _folder(tiny_fused, tmp_path / "ckpt", image, video)
     vision = from_hf_config(folder).vision
     cfg = load_preprocess_config(folder, vision)
@@ -107,18 +123,27 @@ def test_older_min_max_pixels_keys_override_size(tiny_fused: Path, tmp_path: Pat
     assert cfg.video_max_pixels == PreprocessConfig().video_max_pixels  # no video file: defaults
 
 
-@pytest.mark.parametrize("image,video,needle", [
-    ({"do_resize": False}, None, "do_resize"),
-    ({"patch_size": 14}, None, "patch_size 14 disagrees"),
-    ({"image_std": [0.5, 0, 0.5]}, None, "image_std"),
-    ({"size": {"shortest_edge": 100, "longest_edge": 10}}, None, "min pixels"),
-    (None, {"fps": "abc"}, "fps"),
-    (None, {"num_frames": 8}, "num_frames"),
-    (None, {"min_frames": 10, "max_frames": 4}, "min_frames"),
-    ({}, {"image_mean": [0.1, 0.2, 0.3]}, "image_mean"),
-], ids=["do_resize", "patch", "std-zero", "min>max", "fps", "num_frames", "frames", "mean-differs"])
-def test_unsupported_or_malformed_values_are_refused_by_name(tiny_fused: Path, tmp_path: Path, image, video,
-                                                             needle: str) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    "image,video,needle",
+    [
+        ({"do_resize": False}, None, "do_resize"),
+        ({"patch_size": 14}, None, "patch_size 14 disagrees"),
+        ({"image_std": [0.5, 0, 0.5]}, None, "image_std"),
+        ({"size": {"shortest_edge": 100, "longest_edge": 10}}, None, "min pixels"),
+        (None, {"fps": "abc"}, "fps"),
+        (None, {"num_frames": 8}, "num_frames"),
+        (None, {"min_frames": 10, "max_frames": 4}, "min_frames"),
+        ({}, {"image_mean": [0.1, 0.2, 0.3]}, "image_mean"),
+    ],
+    ids=["do_resize", "patch", "std-zero", "min>max", "fps", "num_frames", "frames", "mean-differs"],
+)
+def test_unsupported_or_malformed_values_are_refused_by_name(
+    tiny_fused: Path,
+    tmp_path: Path,
+    image,  # noqa: ANN001
+    video,  # noqa: ANN001
+    needle: str,
+) -> None:
     folder = _folder(tiny_fused, tmp_path / "ckpt", image, video)
     with pytest.raises(ValueError, match=needle):
         load_preprocess_config(folder, from_hf_config(folder).vision)
@@ -135,16 +160,26 @@ def test_served_prompt_follows_the_checkpoint_max_pixels(tiny_fused: Path, tmp_p
     buf = io.BytesIO()
     _image(640, 480).save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}]})
+    req = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}],
+                }
+            ],
+        }
+    )
     counts = {}
     for name, longest in (("default", None), ("small", 32 * 32 * 8)):
         image = dict(QWEN35_IMAGE_PREPROCESSOR)
         if longest:
             image["size"] = {"shortest_edge": 1024, "longest_edge": longest}
         folder = _folder(tiny_fused, tmp_path / name, image, QWEN35_VIDEO_PREPROCESSOR)
-        ctx = ModelContext.load(str(folder), name="m", max_model_len=None, cache_tokens=32768,
-                                default_max_tokens=None, max_n=1)
+        ctx = ModelContext.load(
+            str(folder), name="m", max_model_len=None, cache_tokens=32768, default_max_tokens=None, max_n=1
+        )
         ids = ctx.chat_prompt(req).ids
         counts[name] = ids.count(ctx.cfg.image_token_id)
         # transformers' count for the same image and file

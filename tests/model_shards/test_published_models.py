@@ -25,10 +25,14 @@ from model_shards.published_models import PUBLISHED, lookup, published_config, p
 pytestmark = pytest.mark.timeout(120)
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = next((p / "shared" / "configs" for p in REPO.parents if (p / "shared" / "configs").is_dir()),
-               REPO.parent / "shared" / "configs")
-SHARED = {"Qwen3.5-397B-A17B": "qwen3.5-397b-a17b.config.json",
-          "Qwen3.5-397B-A17B-FP8": "qwen3.5-397b-a17b-fp8.config.json"}
+CONFIGS = next(
+    (p / "shared" / "configs" for p in REPO.parents if (p / "shared" / "configs").is_dir()),
+    REPO.parent / "shared" / "configs",
+)
+SHARED = {
+    "Qwen3.5-397B-A17B": "qwen3.5-397b-a17b.config.json",
+    "Qwen3.5-397B-A17B-FP8": "qwen3.5-397b-a17b-fp8.config.json",
+}
 
 
 def _fields_differing(a, b) -> dict:  # noqa: ANN001
@@ -72,8 +76,7 @@ def test_parameter_count_is_the_published_size(name: str) -> None:
 
 
 def test_names_and_variants() -> None:
-    assert published_names() == ["Qwen3.5-397B-A17B", "Qwen3.5-397B-A17B-FP8", "Qwen3.5-35B-A3B",
-                                 "Qwen3.5-35B-A3B-FP8"]
+    assert published_names() == ["Qwen3.5-397B-A17B", "Qwen3.5-397B-A17B-FP8", "Qwen3.5-35B-A3B", "Qwen3.5-35B-A3B-FP8"]
     assert lookup("qwen/qwen3.5-35b-a3b-fp8") == (PUBLISHED["Qwen3.5-35B-A3B"], True)
     assert lookup("Qwen3.5-122B-A10B") is None and lookup("Qwen3.5-397B") is None
     fp8, bf16 = published_config("Qwen3.5-35B-A3B-FP8"), published_config("Qwen3.5-35B-A3B")
@@ -87,10 +90,16 @@ def test_names_and_variants() -> None:
 def _plan(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     code = "from epserve.cli import main; import sys; sys.exit(main(sys.argv[1:]))"
     # Offline: no proxy reachable and the HF hub off; the name must resolve from the table alone.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HTTPS_PROXY": "http://127.0.0.1:9",
-           "HTTP_PROXY": "http://127.0.0.1:9"}
-    return subprocess.run([sys.executable, "-c", code, "plan", *argv], capture_output=True, text=True, timeout=60,
-                          cwd=cwd, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+    }
+    return subprocess.run(
+        [sys.executable, "-c", code, "plan", *argv], capture_output=True, text=True, timeout=60, cwd=cwd, env=env
+    )
 
 
 def test_cli_plans_a_published_name_offline(tmp_path: Path) -> None:
@@ -99,18 +108,41 @@ def test_cli_plans_a_published_name_offline(tmp_path: Path) -> None:
     assert "model        Qwen3.5-397B-A17B-FP8 (fp8)" in out.stdout and "fits         yes" in out.stdout
     path = CONFIGS / SHARED["Qwen3.5-397B-A17B-FP8"]
     if path.exists():
-        by_name = json.loads(_plan("--model", "Qwen3.5-397B-A17B-FP8", "--gpu-memory-gib", "140", "--nodes", "2",
-                                   "--output", "json", cwd=tmp_path).stdout)
-        by_file = json.loads(_plan("--model", str(path), "--gpu-memory-gib", "140", "--nodes", "2", "--output", "json",
-                                   cwd=tmp_path).stdout)
+        by_name = json.loads(
+            _plan(
+                "--model",
+                "Qwen3.5-397B-A17B-FP8",
+                "--gpu-memory-gib",
+                "140",
+                "--nodes",
+                "2",
+                "--output",
+                "json",
+                cwd=tmp_path,
+            ).stdout
+        )
+        by_file = json.loads(
+            _plan(
+                "--model", str(path), "--gpu-memory-gib", "140", "--nodes", "2", "--output", "json", cwd=tmp_path
+            ).stdout
+        )
         assert {k: v for k, v in by_name.items() if k != "model"} == {k: v for k, v in by_file.items() if k != "model"}
     bad = _plan("--model", "Qwen3.5-9T", "--gpu-memory-gib", "140", cwd=tmp_path)
     assert bad.returncode == 2 and "not a published model name" in bad.stderr and "Qwen3.5-35B-A3B" in bad.stderr
 
 
 def test_cli_refused_layout_prints_a_shortfall_not_negative_memory(tmp_path: Path) -> None:
-    out = _plan("--model", "Qwen3.5-397B-A17B-FP8", "--gpu-memory-gib", "140", "--nodes", "2", "--expert-ranks", "2",
-                cwd=tmp_path)
+    out = _plan(
+        "--model",
+        "Qwen3.5-397B-A17B-FP8",
+        "--gpu-memory-gib",
+        "140",
+        "--nodes",
+        "2",
+        "--expert-ranks",
+        "2",
+        cwd=tmp_path,
+    )
     assert out.returncode == 1
     assert not re.search(r"-\d+(\.\d+)? GiB", out.stdout), out.stdout
     # 256 experts x 61 MoE layers of FP8 weights + scales on one GPU, + the 8 GiB reserve, against 140 GiB
@@ -118,6 +150,15 @@ def test_cli_refused_layout_prints_a_shortfall_not_negative_memory(tmp_path: Pat
     weights = float(re.search(r"([\d.]+) GiB weights", expert_line).group(1))
     short = float(re.search(r"SHORT by ([\d.]+) GiB", expert_line).group(1))
     assert short == pytest.approx(weights + 8.0 - 140.0, abs=0.011)
-    x0 = _plan("--model", "Qwen3.5-397B-A17B", "--gpu-memory-gib", "80", "--expert-ranks", "0", "--trunk-ranks", "1",
-               cwd=tmp_path)
+    x0 = _plan(
+        "--model",
+        "Qwen3.5-397B-A17B",
+        "--gpu-memory-gib",
+        "80",
+        "--expert-ranks",
+        "0",
+        "--trunk-ranks",
+        "1",
+        cwd=tmp_path,
+    )
     assert x0.returncode == 1 and "SHORT by" in x0.stdout and not re.search(r"-\d+(\.\d+)? GiB", x0.stdout)

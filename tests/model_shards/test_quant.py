@@ -49,8 +49,11 @@ def _blocky_weight(shape: tuple[int, ...], *, seed: int) -> torch.Tensor:
 
 
 def _expanded(scale_blocks: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    return scale_blocks.float().repeat_interleave(BLOCK[0], dim=-2).repeat_interleave(BLOCK[1], dim=-1)[
-        ..., : shape[-2], : shape[-1]]
+    return (
+        scale_blocks.float()
+        .repeat_interleave(BLOCK[0], dim=-2)
+        .repeat_interleave(BLOCK[1], dim=-1)[..., : shape[-2], : shape[-1]]
+    )
 
 
 def _block_amax(w: torch.Tensor) -> torch.Tensor:
@@ -59,7 +62,7 @@ def _block_amax(w: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(*w.shape[:-2], rows, cols)
     for i in range(rows):
         for j in range(cols):
-            blk = w[..., i * BLOCK[0]:(i + 1) * BLOCK[0], j * BLOCK[1]:(j + 1) * BLOCK[1]]
+            blk = w[..., i * BLOCK[0] : (i + 1) * BLOCK[0], j * BLOCK[1] : (j + 1) * BLOCK[1]]
             out[..., i, j] = blk.abs().amax(dim=(-2, -1))
     return out
 
@@ -124,8 +127,10 @@ def test_dequantize_dtype_and_linear(dtype: torch.dtype) -> None:
 def test_concat_rows_keeps_each_parts_scale(rows: tuple[int, int], lead: tuple[int, ...]) -> None:
     """Parts quantised separately (each with its own scales), then concatenated along the output dim:
     the concatenation dequantises to exactly the concatenation of the dequantised parts."""
-    parts = [Fp8Weight(*quantize_blockwise(_blocky_weight((*lead, r, 200), seed=r + 7 * i), block=BLOCK), BLOCK)
-             for i, r in enumerate(rows)]
+    parts = [
+        Fp8Weight(*quantize_blockwise(_blocky_weight((*lead, r, 200), seed=r + 7 * i), block=BLOCK), BLOCK)
+        for i, r in enumerate(rows)
+    ]
     cat = concat_rows(parts)
     want = torch.cat([p.dequantize(torch.float32) for p in parts], dim=-2)
     got = cat.dequantize(torch.float32)

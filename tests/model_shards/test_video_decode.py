@@ -74,8 +74,11 @@ def test_video_file_equals_its_frames_sent_as_a_frame_list(tmp_path: Path) -> No
     reader = MediaReader(from_hf_config(tiny_config_dict()), limits=MediaLimits(), local_root=str(tmp_path))
     frames, rate = pyav_frames(data)
     listed = reader.video({"frames": [_png_url(f) for f in frames], "fps": rate})
-    for url in ("data:video/mp4;base64," + base64.b64encode(data).decode(), str(tmp_path / "clip.mp4"),
-                f"file://{tmp_path / 'clip.mp4'}"):
+    for url in (
+        "data:video/mp4;base64," + base64.b64encode(data).decode(),
+        str(tmp_path / "clip.mp4"),
+        f"file://{tmp_path / 'clip.mp4'}",
+    ):
         got = reader.video({"url": url})
         assert got.grid_thw == listed.grid_thw and got.timestamps == listed.timestamps
         assert torch_equal(got.pixel_values, listed.pixel_values)
@@ -99,22 +102,39 @@ def _gif() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("data,limits,needle", [
-    (lambda: make_video(), MediaLimits(max_video_bytes=1000), "max_video_bytes"),
-    (lambda: make_video(frames=20, fps=10), MediaLimits(max_video_seconds=1.5), "max_video_seconds"),
-    (lambda: make_video(frames=20), MediaLimits(max_video_decoded_frames=10), "max_video_decoded_frames"),
-    (lambda: make_video(frames=20), MediaLimits(max_video_decoded_pixels=20000), "max_video_decoded_pixels"),
-    (lambda: make_video(), MediaLimits(max_pixels=1000), "max_pixels"),
-    (lambda: make_video(), MediaLimits(max_video_decode_s=1e-9), "max_video_decode_s"),
-    (lambda: make_video(frames=60, fps=10), MediaLimits(max_frames=8), "max_frames"),
-    (lambda: make_video(codec="mpeg4"), MediaLimits(), "codec 'mpeg4' is not allowed"),
-    (lambda: make_video(codec="mpeg4", container="avi"), MediaLimits(), "container"),
-    (_gif, MediaLimits(), "container"),
-    (lambda: b"#EXTM3U\n#EXT-X-TARGETDURATION:1\nfile:///etc/passwd\n", MediaLimits(), "container"),
-    (lambda: b"ffconcat version 1.0\nfile /etc/passwd\n", MediaLimits(), "container"),
-    (lambda: make_video()[:600], MediaLimits(), "not decodable"),
-], ids=["bytes", "seconds", "decoded-frames", "decoded-pixels", "frame-pixels", "decode-time", "kept-frames",
-        "codec", "avi", "gif", "hls-playlist", "concat-list", "truncated"])
+@pytest.mark.parametrize(
+    "data,limits,needle",
+    [
+        (lambda: make_video(), MediaLimits(max_video_bytes=1000), "max_video_bytes"),
+        (lambda: make_video(frames=20, fps=10), MediaLimits(max_video_seconds=1.5), "max_video_seconds"),
+        (lambda: make_video(frames=20), MediaLimits(max_video_decoded_frames=10), "max_video_decoded_frames"),
+        (lambda: make_video(frames=20), MediaLimits(max_video_decoded_pixels=20000), "max_video_decoded_pixels"),
+        (lambda: make_video(), MediaLimits(max_pixels=1000), "max_pixels"),
+        (lambda: make_video(), MediaLimits(max_video_decode_s=1e-9), "max_video_decode_s"),
+        (lambda: make_video(frames=60, fps=10), MediaLimits(max_frames=8), "max_frames"),
+        (lambda: make_video(codec="mpeg4"), MediaLimits(), "codec 'mpeg4' is not allowed"),
+        (lambda: make_video(codec="mpeg4", container="avi"), MediaLimits(), "container"),
+        (_gif, MediaLimits(), "container"),
+        (lambda: b"#EXTM3U\n#EXT-X-TARGETDURATION:1\nfile:///etc/passwd\n", MediaLimits(), "container"),
+        (lambda: b"ffconcat version 1.0\nfile /etc/passwd\n", MediaLimits(), "container"),
+        (lambda: make_video()[:600], MediaLimits(), "not decodable"),
+    ],
+    ids=[
+        "bytes",
+        "seconds",
+        "decoded-frames",
+        "decoded-pixels",
+        "frame-pixels",
+        "decode-time",
+        "kept-frames",
+        "codec",
+        "avi",
+        "gif",
+        "hls-playlist",
+        "concat-list",
+        "truncated",
+    ],
+)
 def test_limits_and_refusals_name_the_problem(data, limits: MediaLimits, needle: str) -> None:  # noqa: ANN001
     reader = MediaReader(from_hf_config(tiny_config_dict()), limits=limits, local_root=None)
     with pytest.raises(MediaError, match=needle.replace("(", r"\(")):
@@ -136,8 +156,13 @@ def test_without_pyav_a_video_file_is_refused_naming_the_extra() -> None:
         "except MediaError as e:\n"
         "    print('REFUSED', e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], input=make_video(), capture_output=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[2])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=make_video(),
+        capture_output=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert out.returncode == 0, out.stderr.decode()
     assert "REFUSED" in out.stdout.decode() and "`video` extra" in out.stdout.decode(), out.stdout.decode()
 

@@ -28,11 +28,29 @@ from model_shards.batch import SeqChunk, StepBatch
 from model_shards.checkpoint_files import CheckpointError, CheckpointReader
 from model_shards.config import from_hf_config
 from model_shards.image_processing import (
-    MediaError, MediaLimits, PreprocessConfig, VisionInput, decode_image, frame_timestamps, patchify,
-    preprocess_image, preprocess_images, preprocess_video, sample_frame_indices, smart_resize, smart_resize_video,
+    MediaError,
+    MediaLimits,
+    PreprocessConfig,
+    VisionInput,
+    decode_image,
+    frame_timestamps,
+    patchify,
+    preprocess_image,
+    preprocess_images,
+    preprocess_video,
+    sample_frame_indices,
+    smart_resize,
+    smart_resize_video,
 )
 from model_shards.mm_positions import (
-    IMAGE, TEXT, VIDEO, VisionItem, VisionTokenIds, expand_placeholders, mrope_positions, token_types,
+    IMAGE,
+    TEXT,
+    VIDEO,
+    VisionItem,
+    VisionTokenIds,
+    expand_placeholders,
+    mrope_positions,
+    token_types,
 )
 from model_shards.model import LocalModel
 from model_shards.vision import VisionTower, load_vision, position_embedding
@@ -71,7 +89,8 @@ def hf_mm(hf_checkpoint: Path):  # noqa: ANN201  # Qwen3_5MoeForConditionalGener
     from transformers import Qwen3_5MoeForConditionalGeneration
 
     ref = Qwen3_5MoeForConditionalGeneration.from_pretrained(
-        hf_checkpoint, dtype=torch.float32, attn_implementation="eager", experts_implementation="grouped_mm").eval()
+        hf_checkpoint, dtype=torch.float32, attn_implementation="eager", experts_implementation="grouped_mm"
+    ).eval()
     assert ref.model.visual.config._attn_implementation == "eager"
     return ref
 
@@ -79,8 +98,9 @@ def hf_mm(hf_checkpoint: Path):  # noqa: ANN201  # Qwen3_5MoeForConditionalGener
 @pytest.fixture(scope="module")
 def tower(hf_checkpoint: Path) -> VisionTower:
     cfg = from_hf_config(hf_checkpoint)
-    return VisionTower(load_vision(CheckpointReader(hf_checkpoint), cfg, dtype=torch.float32), cfg.vision,
-                       dtype=torch.float32)
+    return VisionTower(
+        load_vision(CheckpointReader(hf_checkpoint), cfg, dtype=torch.float32), cfg.vision, dtype=torch.float32
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +130,8 @@ def test_tower_bit_equal_to_transformers(dtype: torch.dtype, hf_checkpoint: Path
     from transformers import Qwen3_5MoeForConditionalGeneration
 
     ref = Qwen3_5MoeForConditionalGeneration.from_pretrained(
-        hf_checkpoint, dtype=dtype, attn_implementation="eager", experts_implementation="eager").eval()
+        hf_checkpoint, dtype=dtype, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
     cfg = from_hf_config(hf_checkpoint)
     ours = VisionTower(load_vision(CheckpointReader(hf_checkpoint), cfg, dtype=dtype), cfg.vision, dtype=dtype)
     n = sum(t * h * w for t, h, w in GRIDS)
@@ -180,7 +201,10 @@ def _expand(p: Prompt) -> tuple[list[int], list[int]]:
 def _hf_kwargs(p: Prompt, ids: list[int], types: list[int]) -> dict:
     """What Qwen3VLProcessor would hand the model for this prompt."""
     kw: dict = {"input_ids": torch.tensor([ids]), "mm_token_type_ids": torch.tensor([types], dtype=torch.int32)}
-    for kind, pv, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+    for kind, pv, grid in (
+        ("image", "pixel_values", "image_grid_thw"),
+        ("video", "pixel_values_videos", "video_grid_thw"),
+    ):
         chosen = [v for v in p.inputs if v.kind == kind]
         if chosen:
             kw[pv] = torch.cat([v.pixel_values for v in chosen])
@@ -210,11 +234,19 @@ def _hf_run(ref, p: Prompt) -> HfRun:  # noqa: ANN001
     ref.model.rope_deltas = None  # HF keeps the last prompt's delta on the module
     with torch.no_grad():
         prefill = ref(**kw).logits[0].float()
-        out = ref.generate(**kw, max_new_tokens=STEPS + 1, do_sample=False, eos_token_id=None, output_logits=True,
-                           return_dict_in_generate=True)
+        out = ref.generate(
+            **kw,
+            max_new_tokens=STEPS + 1,
+            do_sample=False,
+            eos_token_id=None,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     logits = torch.cat(out.logits).float()
     torch.testing.assert_close(logits[0], prefill[-1], atol=1e-5, rtol=0)  # generate's prefill = forward's
-    return HfRun(ids, types, prefill, out.sequences[0, len(ids):].tolist(), logits[1:], int(ref.model.rope_deltas[0, 0]))
+    return HfRun(
+        ids, types, prefill, out.sequences[0, len(ids) :].tolist(), logits[1:], int(ref.model.rope_deltas[0, 0])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -226,11 +258,13 @@ def _override(seqs: list[tuple[list[int], list[VisionInput]]], tower: VisionTowe
     """(rows, embeds) for StepBatch.embeds_override: every item of the batch encoded in one call,
     image pads filled with the images in order, video pads with the videos (HF's masked_scatter)."""
     inputs = [v for _, items in seqs for v in items]
-    embeds = tower.split(tower.encode(torch.cat([v.pixel_values for v in inputs]), [v.grid_thw for v in inputs]),
-                         [v.grid_thw for v in inputs])
+    embeds = tower.split(
+        tower.encode(torch.cat([v.pixel_values for v in inputs]), [v.grid_thw for v in inputs]),
+        [v.grid_thw for v in inputs],
+    )
     rows, parts, start, k = [], [], 0, 0
     for types, items in seqs:
-        mine = embeds[k:k + len(items)]
+        mine = embeds[k : k + len(items)]
         k += len(items)
         for code, kind in ((IMAGE, "image"), (VIDEO, "video")):
             rows += [start + i for i, t in enumerate(types) if t == code]
@@ -240,7 +274,9 @@ def _override(seqs: list[tuple[list[int], list[VisionInput]]], tower: VisionTowe
 
 
 def test_prefill_and_decode_with_images_and_video_match_transformers(
-    hf_runs: dict[str, HfRun], ours: LocalModel, tower: VisionTower,
+    hf_runs: dict[str, HfRun],
+    ours: LocalModel,
+    tower: VisionTower,
 ) -> None:
     """One image / two images of different sizes / a 2-temporal-patch video / text only, prefilled
     together in one step (explicit MRoPE positions + embeds_override), then 20 decode steps together
@@ -256,8 +292,9 @@ def test_prefill_and_decode_with_images_and_video_match_transformers(
     for i, (r, p) in enumerate(zip(runs, prompts.values())):
         pos, delta = mrope_positions(r.types, p.items, merge_size=MERGE)
         deltas.append(delta)
-        chunks.append(SeqChunk(tuple(r.ids), 0, i, tables[i], positions=pos if p.inputs else None, rope_delta=delta,
-                               logits="all"))
+        chunks.append(
+            SeqChunk(tuple(r.ids), 0, i, tables[i], positions=pos if p.inputs else None, rope_delta=delta, logits="all")
+        )
     assert deltas == [r.rope_delta for r in runs] == [-3, -7, -4, 0]
     batch = StepBatch.build(chunks, block_size=BLOCK)
     override = _override([(r.types, p.inputs) for r, p in zip(runs, prompts.values())], tower)
@@ -266,16 +303,20 @@ def test_prefill_and_decode_with_images_and_video_match_transformers(
     torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=0, msg=lambda m: f"prefill: {_report(got, want)}")
 
     for step in range(STEPS):
-        seqs = [SeqChunk((r.tokens[step],), len(r.ids) + step, i, tables[i], rope_delta=deltas[i])
-                for i, r in enumerate(runs)]
+        seqs = [
+            SeqChunk((r.tokens[step],), len(r.ids) + step, i, tables[i], rope_delta=deltas[i])
+            for i, r in enumerate(runs)
+        ]
         got = ours.forward(StepBatch.build(seqs, block_size=BLOCK), pools).logits_RV
         want = torch.stack([r.decode[step] for r in runs])
-        torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=0, msg=lambda m: f"step {step}: {_report(got, want)}")
+        torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=0, msg=lambda m: f"step {step}: {_report(got, want)}")  # noqa: B023  # called in this iteration
         assert got.argmax(-1).tolist() == [r.tokens[step + 1] for r in runs]
 
 
 def test_prefill_split_inside_an_image_matches_transformers(
-    hf_runs: dict[str, HfRun], ours: LocalModel, tower: VisionTower,
+    hf_runs: dict[str, HfRun],
+    ours: LocalModel,
+    tower: VisionTower,
 ) -> None:
     """Chunked prefill whose boundary falls inside the second image: each chunk gets its slice of
     positions and of the override rows; logits equal HF's one-shot prefill."""
@@ -290,8 +331,9 @@ def test_prefill_split_inside_an_image_matches_transformers(
     for a, b in ((0, split), (split, len(r.ids))):
         keep = (rows >= a) & (rows < b)
         chunk = SeqChunk(tuple(r.ids[a:b]), a, 0, table, positions=pos[:, a:b], rope_delta=delta, logits="all")
-        batch = dataclasses.replace(StepBatch.build([chunk], block_size=BLOCK),
-                                    embeds_override=(rows[keep] - a, embeds[keep]))
+        batch = dataclasses.replace(
+            StepBatch.build([chunk], block_size=BLOCK), embeds_override=(rows[keep] - a, embeds[keep])
+        )
         got.append(ours.forward(batch, pools).logits_RV)
     got_all = torch.cat(got)
     torch.testing.assert_close(got_all, r.prefill, atol=FP32_TOL, rtol=0, msg=lambda m: _report(got_all, r.prefill))
@@ -312,8 +354,10 @@ LAYOUTS = {
     "adjacent_images": ([1, VS, IMG, VE, VS, IMG, VE, 3], [("image", (1, 2, 2)), ("image", (1, 16, 10))]),
     "wide_and_tall": ([9, VS, IMG, VE, 9, VS, IMG, VE], [("image", (1, 6, 20)), ("image", (1, 20, 6))]),
     "video_3_patches": ([1, 2, VS, VID, VE, 4], [("video", (3, 4, 6), (0.5, 1.5, 2.5))]),
-    "image_video_image": ([1, VS, IMG, VE, 2, VS, VID, VE, 3, VS, IMG, VE, 4],
-                          [("image", (1, 4, 4)), ("video", (2, 8, 4), (0.2, 1.7)), ("image", (1, 2, 8))]),
+    "image_video_image": (
+        [1, VS, IMG, VE, 2, VS, VID, VE, 3, VS, IMG, VE, 4],
+        [("image", (1, 4, 4)), ("video", (2, 8, 4), (0.2, 1.7)), ("image", (1, 2, 8))],
+    ),
     "bare_video_pad": ([1, VID, 2], [("video", (2, 2, 2), (0.0, 1.0))]),
 }
 
@@ -327,9 +371,11 @@ def test_positions_match_transformers_get_rope_index(layout: str, hf_mm) -> None
     ours, delta = mrope_positions(types, items, merge_size=MERGE)
     grids = {k: [it.grid_thw for it in items if it.kind == k] for k in ("image", "video")}
     want, want_delta = hf_mm.model.get_rope_index(
-        torch.tensor([ids]), torch.tensor([types]),
+        torch.tensor([ids]),
+        torch.tensor([types]),
         image_grid_thw=torch.tensor(grids["image"]) if grids["image"] else None,
-        video_grid_thw=torch.tensor(grids["video"]) if grids["video"] else None)
+        video_grid_thw=torch.tensor(grids["video"]) if grids["video"] else None,
+    )
     assert torch.equal(ours, want[:, 0]) and delta == int(want_delta[0, 0])
 
 
@@ -338,12 +384,15 @@ def test_video_expansion_follows_the_qwen_processor() -> None:
     wrapping start/end pair is replaced (Qwen's processor and vLLM), a bare pad is replaced alone."""
     item = VisionItem("video", (2, 4, 2), (0.25, 1.3))
     frame = [VS, VID, VID, VE]
-    wrapped = expand_placeholders([7, VS, VID, VE, 8], [item], tokens=TOK, merge_size=MERGE, encode_text=_fake_tokenizer)
+    wrapped = expand_placeholders(
+        [7, VS, VID, VE, 8], [item], tokens=TOK, merge_size=MERGE, encode_text=_fake_tokenizer
+    )
     assert wrapped == [7] + _fake_tokenizer("<0.2 seconds>") + frame + _fake_tokenizer("<1.3 seconds>") + frame + [8]
     bare = expand_placeholders([VID], [item], tokens=TOK, merge_size=MERGE, encode_text=_fake_tokenizer)
     assert bare == wrapped[1:-1]
-    image = expand_placeholders([VS, IMG, VE], [VisionItem("image", (1, 4, 6))], tokens=TOK, merge_size=MERGE,
-                                encode_text=_fake_tokenizer)
+    image = expand_placeholders(
+        [VS, IMG, VE], [VisionItem("image", (1, 4, 6))], tokens=TOK, merge_size=MERGE, encode_text=_fake_tokenizer
+    )
     assert image == [VS] + [IMG] * 6 + [VE]
 
 
@@ -368,18 +417,31 @@ def test_images_equal_transformers_pil_processor() -> None:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     cfg = PreprocessConfig(min_pixels=32 * 32 * 2, max_pixels=32 * 32 * 40)
-    hf = Qwen2VLImageProcessorPil(size={"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels},
-                                  patch_size=16, temporal_patch_size=2, merge_size=2,
-                                  image_mean=list(cfg.image_mean), image_std=list(cfg.image_std))
+    hf = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels},
+        patch_size=16,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=list(cfg.image_mean),
+        image_std=list(cfg.image_std),
+    )
     palette = _noise_image(40, 50, 5, "P")
     palette.info["transparency"] = 3
-    images = [_noise_image(100, 130, 1), _noise_image(37, 300, 2, "RGBA"), _noise_image(500, 480, 3, "L"),
-              palette, _noise_image(33, 95, 4), _noise_image(1000, 40, 6)]
+    images = [
+        _noise_image(100, 130, 1),
+        _noise_image(37, 300, 2, "RGBA"),
+        _noise_image(500, 480, 3, "L"),
+        palette,
+        _noise_image(33, 95, 4),
+        _noise_image(1000, 40, 6),
+    ]
     for im in images:
         want = hf(images=[im], return_tensors="pt")
         got = preprocess_image(im, cfg=cfg)
         assert [list(got.grid_thw)] == want["image_grid_thw"].tolist(), im.mode
-        assert torch.equal(got.pixel_values, want["pixel_values"]), f"{im.mode}: {_report(got.pixel_values, want['pixel_values'])}"
+        assert torch.equal(got.pixel_values, want["pixel_values"]), (
+            f"{im.mode}: {_report(got.pixel_values, want['pixel_values'])}"
+        )
 
 
 def test_smart_resize_known_answers_and_transformers() -> None:
@@ -394,7 +456,8 @@ def test_smart_resize_known_answers_and_transformers() -> None:
     assert smart_resize(8000, 6000, factor=32, min_pixels=lo, max_pixels=hi) == (4704, 3520)
     for h, w in [(1, 150), (33, 95), (1080, 1920), (4097, 4097), (250, 4000), (10, 2000)]:
         assert smart_resize(h, w, factor=32, min_pixels=lo, max_pixels=hi) == hf_smart_resize(
-            h, w, factor=32, min_pixels=lo, max_pixels=hi)
+            h, w, factor=32, min_pixels=lo, max_pixels=hi
+        )
     with pytest.raises(MediaError, match="aspect ratio"):
         smart_resize(10, 2500, factor=32, min_pixels=lo, max_pixels=hi)
 
@@ -405,7 +468,9 @@ def test_patch_order_known_answer() -> None:
     h, w = 64, 96  # already on the 32-pixel grid: the resize keeps the pixels
     rr, cc = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     im = Image.fromarray(np.stack([rr, cc, np.full_like(rr, 9)], -1).astype(np.uint8))
-    cfg = PreprocessConfig(min_pixels=1, max_pixels=h * w, rescale_factor=1.0, image_mean=(0, 0, 0), image_std=(1, 1, 1))
+    cfg = PreprocessConfig(
+        min_pixels=1, max_pixels=h * w, rescale_factor=1.0, image_mean=(0, 0, 0), image_std=(1, 1, 1)
+    )
     out = preprocess_image(im, cfg=cfg)
     assert out.grid_thw == (1, 4, 6)
     x = out.pixel_values.view(4 * 6, 3, 2, 16, 16)  # (row, C, T, P, P)
@@ -443,15 +508,19 @@ def test_video_geometry_matches_transformers_helpers() -> None:
         got = sample_frame_indices(total, video_fps=fps, cfg=cfg)
         assert got == want
         assert frame_timestamps(got, video_fps=fps, temporal_patch_size=2) == Qwen3VLProcessor._calculate_timestamps(
-            None, list(want), fps, 2)
+            None, list(want), fps, 2
+        )
     for t, h, w in [(4, 100, 130), (8, 20, 500), (30, 1080, 1920), (600, 720, 1280), (5, 31, 33)]:
-        assert smart_resize_video(t, h, w, factor=32, temporal_factor=2, min_pixels=cfg.video_min_pixels,
-                                  max_pixels=cfg.video_max_pixels) == hf_resize(
-            t, h, w, temporal_factor=2, factor=32, min_pixels=cfg.video_min_pixels, max_pixels=cfg.video_max_pixels)
+        assert smart_resize_video(
+            t, h, w, factor=32, temporal_factor=2, min_pixels=cfg.video_min_pixels, max_pixels=cfg.video_max_pixels
+        ) == hf_resize(
+            t, h, w, temporal_factor=2, factor=32, min_pixels=cfg.video_min_pixels, max_pixels=cfg.video_max_pixels
+        )
     frames = np.random.default_rng(0).standard_normal((4, 3, 64, 96)).astype(np.float32)
     got, grid = patchify(frames, cfg=cfg)
-    want, *want_grid = Qwen3VLVideoProcessor.patchify(None, torch.from_numpy(frames)[None], patch_size=16,
-                                                      merge_size=2, temporal_patch_size=2)
+    want, *want_grid = Qwen3VLVideoProcessor.patchify(
+        None, torch.from_numpy(frames)[None], patch_size=16, merge_size=2, temporal_patch_size=2
+    )
     assert list(grid) == want_grid and torch.equal(got, want[0])
 
 

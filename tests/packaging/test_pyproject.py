@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,5 +38,5 @@ def test_setuptools_reads_pyproject_without_deprecations(tmp_path: Path) -> None
     assert dist.metadata.license_expression == "Apache-2.0"
     # the build requirement admits only setuptools versions that understand the SPDX string (PEP 639: 77)
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
-    spec = SpecifierSet(next(r for r in requires if r.startswith("setuptools"))[len("setuptools"):])
+    spec = SpecifierSet(next(r for r in requires if r.startswith("setuptools"))[len("setuptools") :])
     assert "76.9" not in spec and "77.0" in spec and setuptools.__version__ in spec

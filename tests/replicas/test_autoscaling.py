@@ -21,8 +21,10 @@ def _replicas(app: str) -> dict[str, int]:
     status = serve.status().applications.get(app)
     if status is None:
         return {}
-    return {name: sum(n for state, n in d.replica_states.items() if state == "RUNNING")
-            for name, d in status.deployments.items()}
+    return {
+        name: sum(n for state, n in d.replica_states.items() if state == "RUNNING")
+        for name, d in status.deployments.items()
+    }
 
 
 def _wait(cond, timeout: float, what: str) -> None:  # noqa: ANN001
@@ -43,8 +45,12 @@ def test_ingress_and_engine_scale_up_and_down(serve_http: str, embedded_model_di
 
     fast = dict(upscale_delay_s=1.0, downscale_delay_s=4.0, metrics_interval_s=0.5, look_back_period_s=2.0)
     args = AppArgs(
-        model=str(embedded_model_dir), served_model_name="scale-tiny", dtype="float32", num_kv_blocks=128,
-        max_num_seqs=16, max_model_len=1024,
+        model=str(embedded_model_dir),
+        served_model_name="scale-tiny",
+        dtype="float32",
+        num_kv_blocks=128,
+        max_num_seqs=16,
+        max_model_len=1024,
         ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=3, target_ongoing_requests=2, **fast),
         engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=2, target_ongoing_requests=4, **fast),
     )
@@ -59,9 +65,16 @@ def test_ingress_and_engine_scale_up_and_down(serve_http: str, embedded_model_di
         def load(i: int) -> None:
             while not stop.is_set():
                 try:
-                    chunks = list(client.completions.create(
-                        model="scale-tiny", prompt=f"burst {i}", max_tokens=40, stream=True, temperature=0,
-                        extra_body={"ignore_eos": True}))
+                    chunks = list(
+                        client.completions.create(
+                            model="scale-tiny",
+                            prompt=f"burst {i}",
+                            max_tokens=40,
+                            stream=True,
+                            temperature=0,
+                            extra_body={"ignore_eos": True},
+                        )
+                    )
                     assert chunks[-1].choices[0].finish_reason == "length"
                     done[0] += 1
                 except Exception as exc:  # noqa: BLE001  # collected and asserted below
@@ -73,8 +86,11 @@ def test_ingress_and_engine_scale_up_and_down(serve_http: str, embedded_model_di
         _wait(lambda: _replicas(APP).get("EpserveIngress", 0) >= 2, 240, "the ingress to scale to 2+")
         _wait(lambda: _replicas(APP).get("EpserveEngine", 0) == 2, 240, "a second expert-parallel group")
         hub = ray.get_actor("epserve-metrics-scale-tiny", namespace="epserve")
-        _wait(lambda: sum(1 for v in ray.get(hub.counter_by_replica.remote("generation_tokens")).values() if v > 0) >= 2,
-              120, "both engine replicas to generate tokens")
+        _wait(
+            lambda: sum(1 for v in ray.get(hub.counter_by_replica.remote("generation_tokens")).values() if v > 0) >= 2,
+            120,
+            "both engine replicas to generate tokens",
+        )
         stop.set()
         for t in threads:
             t.join(timeout=180)

@@ -47,13 +47,20 @@ def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     from replicas.app_args import AppArgs
 
     http_base, grpc_target = serve_ports
-    args = AppArgs(model=str(embedded_model_dir), served_model_name="ctiny", dtype="float32", num_kv_blocks=1200,
-                   max_num_seqs=32, max_model_len=2048)
+    args = AppArgs(
+        model=str(embedded_model_dir),
+        served_model_name="ctiny",
+        dtype="float32",
+        num_kv_blocks=1200,
+        max_num_seqs=32,
+        max_model_len=2048,
+    )
     serve.run(build_app(args), name=APP, route_prefix="/c")
     client = EpserveClient(grpc_target, application=APP, timeout_s=120)
     host, port = http_base.removeprefix("http://").split(":")
-    yield SimpleNamespace(host=host, port=int(port), client=client,
-                          engine=serve.get_deployment_handle("EpserveEngine", app_name=APP))
+    yield SimpleNamespace(
+        host=host, port=int(port), client=client, engine=serve.get_deployment_handle("EpserveEngine", app_name=APP)
+    )
     client.close()
     serve.delete(APP)
 
@@ -62,8 +69,9 @@ def _grpc_call(app, rng: random.Random, timeout_s: float | None):  # noqa: ANN00
     sampling = dict(max_tokens=MAX_TOKENS, temperature=0.8, ignore_eos=True)
     if rng.random() < 0.5:
         return app.client.generate(text=f"story {rng.random()}", timeout_s=timeout_s, **sampling)
-    return app.client.chat([pb.ChatMessage(role="user", content=f"story {rng.random()}")], timeout_s=timeout_s,
-                           **sampling)
+    return app.client.chat(
+        [pb.ChatMessage(role="user", content=f"story {rng.random()}")], timeout_s=timeout_s, **sampling
+    )
 
 
 def _grpc_cancel(app, rng: random.Random) -> str:  # noqa: ANN001
@@ -105,8 +113,12 @@ def _http_disconnect(app, rng: random.Random) -> str:  # noqa: ANN001
         body["prompt"] = f"story {rng.random()}"
     conn = http.client.HTTPConnection(app.host, app.port, timeout=120)
     try:
-        conn.request("POST", "/c/v1/chat/completions" if chat else "/c/v1/completions", body=json.dumps(body),
-                     headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/c/v1/chat/completions" if chat else "/c/v1/completions",
+            body=json.dumps(body),
+            headers={"Content-Type": "application/json"},
+        )
         after = rng.choice([0, 0, 1, 2, 5, 10, 20, 40])
         if after == 0:
             time.sleep(rng.uniform(0, 0.3))
@@ -169,9 +181,11 @@ def test_random_cancels_leave_nothing_running(app) -> None:  # noqa: ANN001
     late = _stats(app)
     assert _idle(late, baseline), f"a request started after its client left: {late}"
     counts = {k: outcomes.count(k) for k in sorted(set(outcomes))}
-    print(f"{STREAMS} abandoned streams {counts} in {t_last - t0:.1f} s; peak running seen "
-          f"{max(busy)}; engine aborts {late['aborted'] - before['aborted']}; idle with pools at baseline "
-          f"{quiet_after:.2f} s after the last client left")
+    print(
+        f"{STREAMS} abandoned streams {counts} in {t_last - t0:.1f} s; peak running seen "
+        f"{max(busy)}; engine aborts {late['aborted'] - before['aborted']}; idle with pools at baseline "
+        f"{quiet_after:.2f} s after the last client left"
+    )
     assert max(busy) > 0, "the streams never ran concurrently in the engine"
     assert quiet_after <= QUIET_BOUND_S, f"the engine took {quiet_after:.2f} s to drop abandoned requests"
 
@@ -179,10 +193,18 @@ def test_random_cancels_leave_nothing_running(app) -> None:  # noqa: ANN001
 def _ingress_pids() -> list[int]:
     import ray
 
-    names = [e for e in ray.util.list_named_actors(all_namespaces=True)
-             if e["name"].startswith(f"SERVE_REPLICA::{APP}#EpserveIngress")]
-    return [ray.get(ray.get_actor(e["name"], namespace=e["namespace"]).__ray_call__.remote(
-        lambda _self: os.getpid()), timeout=30) for e in names]
+    names = [
+        e
+        for e in ray.util.list_named_actors(all_namespaces=True)
+        if e["name"].startswith(f"SERVE_REPLICA::{APP}#EpserveIngress")
+    ]
+    return [
+        ray.get(
+            ray.get_actor(e["name"], namespace=e["namespace"]).__ray_call__.remote(lambda _self: os.getpid()),
+            timeout=30,
+        )
+        for e in names
+    ]
 
 
 def test_killed_ingress_replica_aborts_its_engine_requests(app) -> None:  # noqa: ANN001
@@ -193,9 +215,20 @@ def test_killed_ingress_replica_aborts_its_engine_requests(app) -> None:  # noqa
     def stream(i: int) -> None:
         conn = http.client.HTTPConnection(app.host, app.port, timeout=120)
         try:
-            conn.request("POST", "/c/v1/completions", body=json.dumps({
-                "model": "ctiny", "prompt": f"victim {i}", "max_tokens": MAX_TOKENS, "stream": True,
-                "ignore_eos": True}), headers={"Content-Type": "application/json"})
+            conn.request(
+                "POST",
+                "/c/v1/completions",
+                body=json.dumps(
+                    {
+                        "model": "ctiny",
+                        "prompt": f"victim {i}",
+                        "max_tokens": MAX_TOKENS,
+                        "stream": True,
+                        "ignore_eos": True,
+                    }
+                ),
+                headers={"Content-Type": "application/json"},
+            )
             resp = conn.getresponse()
             while resp.readline():
                 pass

@@ -59,7 +59,7 @@ class _Recorder:
         self.runner = runner
         self.sizes: list[int] = []
 
-    async def step(self, reqs):  # noqa: ANN001, ANN201
+    async def step(self, reqs):  # noqa: ANN001, ANN202
         self.sizes.append(len(reqs[0].seqs))
         return await asyncio.to_thread(self.runner.step, reqs)
 
@@ -68,8 +68,13 @@ async def _generate(engine, tag: str, prompt: tuple[int, ...]) -> tuple[tuple, t
     from model_shards.sampling import SamplingParams
     from replicas.engine_types import GenerateRequest
 
-    req = GenerateRequest(request_id=tag, prompt_ids=prompt, params=SamplingParams(temperature=0.0, logprobs=0),
-                          max_tokens=MAX_TOKENS, ignore_eos=True)
+    req = GenerateRequest(
+        request_id=tag,
+        prompt_ids=prompt,
+        params=SamplingParams(temperature=0.0, logprobs=0),
+        max_tokens=MAX_TOKENS,
+        ignore_eos=True,
+    )
     tokens: list[int] = []
     logprobs: list[float] = []
     finish = None
@@ -96,9 +101,13 @@ def _run_in_process(model_dir: Path) -> SimpleNamespace:
     plan = [pick.sample(range(NUM_PROMPTS), COMPOSITIONS[r % len(COMPOSITIONS)]) for r in range(RUNS)]
 
     async def main() -> SimpleNamespace:
-        engine = Engine(runner, pools=[BlockPool(num_blocks=NUM_BLOCKS, num_slots=NUM_PROMPTS, block_size=BLOCK_SIZE)],
-                        config=SchedulerConfig(max_num_seqs=NUM_PROMPTS, max_num_batched_tokens=2048),
-                        tokenizer=None, max_waiting=NUM_PROMPTS)
+        engine = Engine(
+            runner,
+            pools=[BlockPool(num_blocks=NUM_BLOCKS, num_slots=NUM_PROMPTS, block_size=BLOCK_SIZE)],
+            config=SchedulerConfig(max_num_seqs=NUM_PROMPTS, max_num_batched_tokens=2048),
+            tokenizer=None,
+            max_waiting=NUM_PROMPTS,
+        )
         engine.start()
         try:
             refs = []
@@ -139,8 +148,9 @@ def test_greedy_tokens_identical_over_runs_and_batch_compositions(in_process: Si
     assert worst <= LOGPROB_ATOL, f"chosen-token logprobs moved by {worst:.2e} with the batch composition"
     print(f"\nbatch compositions {seen}; max |logprob(batched) - logprob(alone)| = {worst:.2e}")
     # every run returned its caches
-    assert in_process.pools == [{"free_blocks": NUM_BLOCKS, "num_blocks": NUM_BLOCKS, "free_slots": NUM_PROMPTS,
-                                 "num_slots": NUM_PROMPTS}]
+    assert in_process.pools == [
+        {"free_blocks": NUM_BLOCKS, "num_blocks": NUM_BLOCKS, "free_slots": NUM_PROMPTS, "num_slots": NUM_PROMPTS}
+    ]
 
 
 # ----------------------------------------------------------------- through the served app
@@ -153,8 +163,15 @@ def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     from replicas.grpc_client import EpserveClient
 
     args = AppArgs(
-        model=str(embedded_model_dir), served_model_name="det-tiny", dtype="float32", trunk_ranks=1, expert_ranks=1,
-        num_kv_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=NUM_PROMPTS, max_model_len=512,
+        model=str(embedded_model_dir),
+        served_model_name="det-tiny",
+        dtype="float32",
+        trunk_ranks=1,
+        expert_ranks=1,
+        num_kv_blocks=NUM_BLOCKS,
+        block_size=BLOCK_SIZE,
+        max_num_seqs=NUM_PROMPTS,
+        max_model_len=512,
         ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
         engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
     )
@@ -169,8 +186,9 @@ def _served(client, prompt: tuple[int, ...], request_id: str) -> tuple[tuple, tu
     """Greedy Generate over gRPC (token ids in, token ids and chosen-token logprobs out)."""
     from replicas.proto import epserve_pb2 as pb
 
-    req = pb.GenerateRequest(model="det-tiny", sampling=client.sampling(
-        max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=0))
+    req = pb.GenerateRequest(
+        model="det-tiny", sampling=client.sampling(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=0)
+    )
     req.token_ids.ids.extend(prompt)
     tokens: list[int] = []
     logprobs: list[float] = []

@@ -47,8 +47,11 @@ class _Payload:
 
 @pytest.fixture(scope="module")
 def server(embedded_model_dir: Path):  # noqa: ANN201
-    sp = start_serve(["--model", str(embedded_model_dir), "--trunk-ranks", "1", "--expert-ranks", "2",
-                      "--api-key", KEY], port=free_port(), grpc_port=free_port())
+    sp = start_serve(
+        ["--model", str(embedded_model_dir), "--trunk-ranks", "1", "--expert-ranks", "2", "--api-key", KEY],
+        port=free_port(),
+        grpc_port=free_port(),
+    )
     try:
         sp.wait_ready(timeout_s=300)
         yield sp
@@ -60,8 +63,9 @@ def _listening(sp: ServeProcess) -> list[tuple[str, int, psutil.Process]]:
     rows = []
     for p in sp.tree():
         try:
-            rows += [(c.laddr.ip, c.laddr.port, p) for c in p.net_connections(kind="inet")
-                     if c.status == psutil.CONN_LISTEN]
+            rows += [
+                (c.laddr.ip, c.laddr.port, p) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+            ]
         except psutil.Error:
             pass
     return rows
@@ -96,15 +100,24 @@ def test_pickled_payload_reaches_no_unpickler(server: ServeProcess, tmp_path: Pa
     marker = tmp_path / "pwned"
     payload = pickle.dumps(_Payload(marker))
     # Positive control: the payload is live.
-    subprocess.run([sys.executable, "-c", "import pickle,sys; pickle.loads(sys.stdin.buffer.read())"],
-                   input=payload, check=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "-c", "import pickle,sys; pickle.loads(sys.stdin.buffer.read())"],
+        input=payload,
+        check=True,
+        timeout=60,
+    )
     assert marker.exists()
     marker.unlink()
 
-    request = serve_pb2.ASGIRequest(pickled_request_metadata=payload, request_args=payload,
-                                    request_kwargs=payload).SerializeToString()
-    methods = ["HandleRequest", "HandleRequestStreaming", "HandleRequestWithRejection",
-               "HandleRequestWithRejectionStreaming"]
+    request = serve_pb2.ASGIRequest(
+        pickled_request_metadata=payload, request_args=payload, request_kwargs=payload
+    ).SerializeToString()
+    methods = [
+        "HandleRequest",
+        "HandleRequestStreaming",
+        "HandleRequestWithRejection",
+        "HandleRequestWithRejectionStreaming",
+    ]
     sockets = [(ip, port, p) for ip, port, p in _listening(server) if _loopback_reachable(ip)]
     assert len(sockets) >= 10, sockets
     refused_by_token = []
@@ -113,7 +126,8 @@ def test_pickled_payload_reaches_no_unpickler(server: ServeProcess, tmp_path: Pa
         with grpc.insecure_channel(target) as ch:
             for m in methods:
                 call = (ch.unary_stream if "Streaming" in m else ch.unary_unary)(
-                    f"/ray.serve.ASGIService/{m}", request_serializer=None, response_deserializer=None)
+                    f"/ray.serve.ASGIService/{m}", request_serializer=None, response_deserializer=None
+                )
                 try:
                     out = call(request, timeout=3)
                     if "Streaming" in m:
@@ -121,8 +135,11 @@ def test_pickled_payload_reaches_no_unpickler(server: ServeProcess, tmp_path: Pa
                 except grpc.RpcError as err:
                     if err.code() == grpc.StatusCode.UNAUTHENTICATED:
                         refused_by_token.append((port, _name(proc)))
-        for body in (payload, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
-                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload):
+        for body in (
+            payload,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload,
+        ):
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
                     s.sendall(body)
@@ -172,8 +189,10 @@ def test_ray_init_needs_the_clusters_token(server: ServeProcess, tmp_path: Path,
     if with_token:
         env["RAY_AUTH_MODE"] = "token"
         env["RAY_AUTH_TOKEN_PATH"] = _token_path(server)
-    code = ("import ray; ray.init(address=%r, log_to_driver=False); "
-            "print('RAN', ray.get(ray.remote(num_cpus=0)(lambda: 41 + 1).remote(), timeout=60))") % _gcs_address(server)
+    code = (
+        "import ray; ray.init(address=%r, log_to_driver=False); "
+        "print('RAN', ray.get(ray.remote(num_cpus=0)(lambda: 41 + 1).remote(), timeout=60))"
+    ) % _gcs_address(server)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if with_token:
         assert r.returncode == 0 and "RAN 42" in r.stdout, r.stderr[-2000:]
@@ -187,14 +206,22 @@ def test_sockets_beyond_the_requested_host_are_the_documented_ones(server: Serve
     print("\nlistening sockets of `epserve serve --host 127.0.0.1` and its process tree:")
     for ip, port, name in table:
         print(f"  {ip:>18}:{port:<6} {name}")
-    beyond = [(ip, port, name) for ip, port, name in table
-              if not ipaddress.ip_address(ip).is_loopback
-              and not (ipaddress.ip_address(ip).version == 6 and ipaddress.ip_address(ip).ipv4_mapped is not None
-                       and ipaddress.ip_address(ip).ipv4_mapped.is_loopback)]
+    beyond = [
+        (ip, port, name)
+        for ip, port, name in table
+        if not ipaddress.ip_address(ip).is_loopback
+        and not (
+            ipaddress.ip_address(ip).version == 6
+            and ipaddress.ip_address(ip).ipv4_mapped is not None
+            and ipaddress.ip_address(ip).ipv4_mapped.is_loopback
+        )
+    ]
     # README "Security": Ray binds these to every interface and offers no option to change it.
-    allowed = [(ip, port, name) for ip, port, name in beyond
-               if (name.startswith("ray::ProxyActor") and port == server.grpc_port)
-               or name.startswith("ray::ServeReplica")]
+    allowed = [
+        (ip, port, name)
+        for ip, port, name in beyond
+        if (name.startswith("ray::ProxyActor") and port == server.grpc_port) or name.startswith("ray::ServeReplica")
+    ]
     assert beyond == allowed, f"listening beyond 127.0.0.1: {sorted(set(beyond) - set(allowed))}"
     assert any(port == server.port and ipaddress.ip_address(ip).is_loopback for ip, port, _ in table)
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()

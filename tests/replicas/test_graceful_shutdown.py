@@ -47,9 +47,19 @@ class Outcome:
 
 def _http_stream(base: str, out: Outcome, max_tokens: int, i: int) -> None:
     try:
-        with requests.post(base + "/v1/completions", json={
-                "model": MODEL, "prompt": f"stream {i}", "max_tokens": max_tokens, "stream": True,
-                "temperature": 0, "ignore_eos": True}, stream=True, timeout=(10, 120)) as r:
+        with requests.post(
+            base + "/v1/completions",
+            json={
+                "model": MODEL,
+                "prompt": f"stream {i}",
+                "max_tokens": max_tokens,
+                "stream": True,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+            stream=True,
+            timeout=(10, 120),
+        ) as r:
             if r.status_code != 200:
                 out.transport_error = f"HTTP {r.status_code}: {r.text}"
                 return
@@ -94,13 +104,26 @@ def _start_server(tmp_path: Path, epserve_cache: Path) -> tuple[subprocess.Popen
 
     http_port, grpc_port = free_port(), free_port()
     config = tmp_path / "app.yaml"
-    config.write_text(f"graceful_shutdown_timeout_s: {GRACE_S}\ndtype: float32\nnum_kv_blocks: 1024\n"
-                      f"served_model_name: {MODEL}\n")
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115  # closed with the process
+    config.write_text(
+        f"graceful_shutdown_timeout_s: {GRACE_S}\ndtype: float32\nnum_kv_blocks: 1024\nserved_model_name: {MODEL}\n"
+    )
+    log = open(tmp_path / "serve.log", "w")  # closed with the process
     proc = subprocess.Popen(
-        [sys.executable, "-m", "epserve.cli", "serve", "--config", str(config), "--port", str(http_port),
-         "--grpc-port", str(grpc_port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "epserve.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(http_port),
+            "--grpc-port",
+            str(grpc_port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env={**os.environ, "EPSERVE_CACHE_DIR": str(epserve_cache)},
     )
     base = f"http://127.0.0.1:{http_port}"
@@ -128,12 +151,24 @@ def test_stop_under_load_ends_every_stream(how: str, tmp_path: Path, epserve_cac
     proc, base, target = _start_server(tmp_path, epserve_cache)
     client = EpserveClient(target, timeout_s=120)
     try:
-        plan = [("http", SHORT), ("http", SHORT), ("http", LONG), ("http", LONG),
-                ("grpc", SHORT), ("grpc", LONG), ("grpc", LONG)]
+        plan = [
+            ("http", SHORT),
+            ("http", SHORT),
+            ("http", LONG),
+            ("http", LONG),
+            ("grpc", SHORT),
+            ("grpc", LONG),
+            ("grpc", LONG),
+        ]
         outs = [Outcome() for _ in plan]
-        threads = [threading.Thread(target=_http_stream if kind == "http" else _grpc_stream,
-                                    args=(base if kind == "http" else client, o, n, i), daemon=True)
-                   for i, ((kind, n), o) in enumerate(zip(plan, outs))]
+        threads = [
+            threading.Thread(
+                target=_http_stream if kind == "http" else _grpc_stream,
+                args=(base if kind == "http" else client, o, n, i),
+                daemon=True,
+            )
+            for i, ((kind, n), o) in enumerate(zip(plan, outs))
+        ]
         for t in threads:
             t.start()
         for o in outs:
@@ -145,8 +180,9 @@ def test_stop_under_load_ends_every_stream(how: str, tmp_path: Path, epserve_cac
             os.kill(proc.pid, signal.SIGTERM)
         time.sleep(1.0)
         try:
-            refused = requests.post(base + "/v1/completions", json={"model": MODEL, "prompt": "late",
-                                                                    "max_tokens": 2}, timeout=30).status_code
+            refused = requests.post(
+                base + "/v1/completions", json={"model": MODEL, "prompt": "late", "max_tokens": 2}, timeout=30
+            ).status_code
         except requests.RequestException as exc:
             refused = repr(exc)
         assert refused == 503, f"a request after the stop signal got {refused}, not 503"
@@ -157,8 +193,9 @@ def test_stop_under_load_ends_every_stream(how: str, tmp_path: Path, epserve_cac
         t_exit = time.monotonic() - t_stop
         log = (tmp_path / "serve.log").read_text()[-2000:]
         for (kind, n), o in zip(plan, outs):
-            assert o.transport_error is None, f"{kind} {n}-token stream cut {o.ended_at - t_stop:.1f} s after " \
-                                              f"the signal: {o}\n{log}"
+            assert o.transport_error is None, (
+                f"{kind} {n}-token stream cut {o.ended_at - t_stop:.1f} s after the signal: {o}\n{log}"
+            )
             if kind == "http":
                 assert o.done_marker, f"HTTP stream without [DONE]: {o}"
                 assert (o.finish_reason is not None) != (o.error is not None), o
@@ -169,13 +206,16 @@ def test_stop_under_load_ends_every_stream(how: str, tmp_path: Path, epserve_cac
             if n == LONG:
                 assert o.error is not None, f"a {LONG}-token stream cannot finish within {GRACE_S} s: {o}"
                 assert o.ended_at - t_stop < GRACE_S + 15, f"ended {o.ended_at - t_stop:.1f} s after the signal"
-        finished_in_grace = [o for (_, n), o in zip(plan, outs) if n == SHORT and o.finish_reason == "length"
-                             and o.ended_at > t_stop]
+        finished_in_grace = [
+            o for (_, n), o in zip(plan, outs) if n == SHORT and o.finish_reason == "length" and o.ended_at > t_stop
+        ]
         assert finished_in_grace, f"no short stream was let finish after the signal: {outs}"
         assert rc == 0, (tmp_path / "serve.log").read_text()[-3000:]
         ends = sorted(round(o.ended_at - t_stop, 1) for o in outs)
-        print(f"{how}: streams ended {ends} s after the signal ({len(finished_in_grace)} short ones finished in "
-              f"the grace period), late request answered {refused}, process exited {t_exit:.1f} s after it")
+        print(
+            f"{how}: streams ended {ends} s after the signal ({len(finished_in_grace)} short ones finished in "
+            f"the grace period), late request answered {refused}, process exited {t_exit:.1f} s after it"
+        )
     finally:
         client.close()
         _kill(proc)

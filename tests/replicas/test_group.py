@@ -72,8 +72,9 @@ class _Scenario:
         order: list[list[int]] = [[] for _ in range(self.d)]
         for sid in active:
             s = self.seqs[sid]
-            reqs[s["rank"]].append(SeqStep(SeqChunk(tuple(s["pending"]), s["ctx"], s["slot"], s["table"]), True,
-                                           GREEDY_ALL))
+            reqs[s["rank"]].append(
+                SeqStep(SeqChunk(tuple(s["pending"]), s["ctx"], s["slot"], s["table"]), True, GREEDY_ALL)
+            )
             order[s["rank"]].append(sid)
         results = asyncio.run(self.group.step([StepRequest(tuple(r)) for r in reqs], plan=plan))
         tokens = {}
@@ -97,12 +98,20 @@ def reference(hf_checkpoint: Path) -> _Reference:
     return _Reference(hf_checkpoint)
 
 
-def _group(folder: Path, d: int, x: int, **kw):  # noqa: ANN202
+def _group(folder: Path, d: int, x: int, **kw):  # noqa: ANN003, ANN202
     from replicas.actors import CacheSizes
     from replicas.group import ExpertParallelGroup, GroupConfig
 
-    g = ExpertParallelGroup(GroupConfig(model_dir=str(folder), shape=GroupShape(d, x), dtype="float32",
-                                        deadline_s=kw.pop("deadline_s", 20.0), caches=CacheSizes(128, BLOCK, 8), **kw))
+    g = ExpertParallelGroup(
+        GroupConfig(
+            model_dir=str(folder),
+            shape=GroupShape(d, x),
+            dtype="float32",
+            deadline_s=kw.pop("deadline_s", 20.0),
+            caches=CacheSizes(128, BLOCK, 8),
+            **kw,
+        )
+    )
     g.start()
     return g
 
@@ -112,9 +121,8 @@ def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("d,x", [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (2, 4)],
-                         ids=lambda v: str(v))
-def test_group_equals_single_process(d: int, x: int, ray_cluster, hf_checkpoint: Path, reference: _Reference) -> None:
+@pytest.mark.parametrize("d,x", [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (2, 4)], ids=lambda v: str(v))
+def test_group_equals_single_process(d: int, x: int, ray_cluster, hf_checkpoint: Path, reference: _Reference) -> None:  # noqa: ANN001
     group = _group(hf_checkpoint, d, x)
     try:
         sc = _Scenario(group, reference, d)
@@ -142,8 +150,11 @@ def test_group_equals_single_process(d: int, x: int, ray_cluster, hf_checkpoint:
         group.shutdown()
 
 
-def test_refused_sequence_fails_alone_and_the_group_keeps_serving(ray_cluster, hf_checkpoint: Path,
-                                                                  reference: _Reference) -> None:
+def test_refused_sequence_fails_alone_and_the_group_keeps_serving(
+    ray_cluster,  # noqa: ANN001
+    hf_checkpoint: Path,
+    reference: _Reference,
+) -> None:
     """The rule for errors inside a step: a trunk rank refuses, before the step's first collective, sequences
     that would make it raise later (logprobs past the vocabulary, token ids outside it); they fail alone in
     `StepResult.errors`, the rank still runs the step's exchanges, the good sequence beside them gets the
@@ -161,14 +172,27 @@ def test_refused_sequence_fails_alone_and_the_group_keeps_serving(ray_cluster, h
         want = reference.logprobs(SeqChunk(prompt, 0, 15, tuple(range(100, 101))))
         assert res.token_ids[1] == int(want.argmax())
         assert group.epoch == 0
-        res = asyncio.run(group.step([StepRequest((SeqStep(SeqChunk((res.token_ids[1],), len(prompt), 0, (0,)), True,
-                                                           SamplingParams(temperature=0.0)),))]))[0]
+        res = asyncio.run(
+            group.step(
+                [
+                    StepRequest(
+                        (
+                            SeqStep(
+                                SeqChunk((res.token_ids[1],), len(prompt), 0, (0,)),
+                                True,
+                                SamplingParams(temperature=0.0),
+                            ),
+                        )
+                    )
+                ]
+            )
+        )[0]
         assert res.errors in ((), (None,)) and res.token_ids[0] is not None and group.epoch == 0
     finally:
         group.shutdown()
 
 
-def test_expert_rank_bytes_equal_safetensors_headers(ray_cluster, hf_checkpoint: Path) -> None:
+def test_expert_rank_bytes_equal_safetensors_headers(ray_cluster, hf_checkpoint: Path) -> None:  # noqa: ANN001
     """Each expert rank's parameter bytes = the sizes of its expert tensors in the safetensors headers."""
     import ray
     from safetensors import safe_open
@@ -186,8 +210,12 @@ def test_expert_rank_bytes_equal_safetensors_headers(ray_cluster, hf_checkpoint:
         total = 0
         for j, actor in enumerate(group.experts):
             held = ray.get(actor.held_experts.remote())
-            names = [n for n in sizes if ".mlp.experts." in n and int(n.split(".mlp.experts.")[1].split(".")[0]) in held[
-                int(n.split(".layers.")[1].split(".")[0])]]
+            names = [
+                n
+                for n in sizes
+                if ".mlp.experts." in n
+                and int(n.split(".mlp.experts.")[1].split(".")[0]) in held[int(n.split(".layers.")[1].split(".")[0])]
+            ]
             assert ray.get(actor.param_bytes.remote()) == sum(sizes[n] for n in names), f"expert rank {j}"
             total += sum(sizes[n] for n in names)
         assert total == sum(v for n, v in sizes.items() if ".mlp.experts." in n)
@@ -200,14 +228,18 @@ def _long_prefill(group, d: int) -> list[StepRequest]:  # noqa: ANN001
     prompts = _prompts(99, [600, 600])
     reqs = [[] for _ in range(d)]
     for i, p in enumerate(prompts):
-        reqs[0].append(SeqStep(SeqChunk(tuple(p), 0, i, tuple(range(i * 40, i * 40 + 40))), True,
-                               SamplingParams(temperature=0.0)))
+        reqs[0].append(
+            SeqStep(SeqChunk(tuple(p), 0, i, tuple(range(i * 40, i * 40 + 40))), True, SamplingParams(temperature=0.0))
+        )
     return [StepRequest(tuple(r)) for r in reqs]
 
 
 @pytest.mark.parametrize("how", ["kill", "sigstop"])
 def test_dead_or_frozen_expert_rank_fails_the_step_then_rebuild_serves(
-    how: str, ray_cluster, hf_checkpoint: Path, reference: _Reference
+    how: str,
+    ray_cluster,  # noqa: ANN001
+    hf_checkpoint: Path,
+    reference: _Reference,
 ) -> None:
     """A killed expert errors its peers at once; a frozen one at the collective deadline (5 s here).
     Either way the step raises GroupFailure naming expert rank 1 (never a hang), and rebuild() serves again."""
@@ -225,6 +257,7 @@ def test_dead_or_frozen_expert_rank_fails_the_step_then_rebuild_serves(
     victim = group.experts[1]
     pid = ray.get(victim.pid.remote())
     try:
+
         def strike() -> None:
             time.sleep(0.3)
             if how == "kill":

@@ -33,12 +33,21 @@ def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     from replicas.app_args import AppArgs
 
     http, grpc_target = serve_ports
-    args = AppArgs(model=str(embedded_model_dir), served_model_name="gtiny", dtype="float32", num_kv_blocks=160,
-                   max_num_seqs=16, max_model_len=2048, api_key=KEY)
+    args = AppArgs(
+        model=str(embedded_model_dir),
+        served_model_name="gtiny",
+        dtype="float32",
+        num_kv_blocks=160,
+        max_num_seqs=16,
+        max_model_len=2048,
+        api_key=KEY,
+    )
     serve.run(build_app(args), name=APP, route_prefix="/g")
     client = EpserveClient(grpc_target, api_key=KEY, application=APP, timeout_s=120)
     yield SimpleNamespace(
-        http=http + "/g", target=grpc_target, client=client,
+        http=http + "/g",
+        target=grpc_target,
+        client=client,
         oai=openai.OpenAI(base_url=http + "/g/v1", api_key=KEY, max_retries=0, timeout=120),
         engine=serve.get_deployment_handle("EpserveEngine", app_name=APP),
     )
@@ -65,14 +74,20 @@ def test_health_serving_and_model_info(app) -> None:  # noqa: ANN001
 
 
 def test_streaming_generate_equals_http_greedy(app) -> None:  # noqa: ANN001
-    msgs = list(app.client.generate(text="The history of the Roman empire", max_tokens=12, temperature=0,
-                                    ignore_eos=True))
+    msgs = list(
+        app.client.generate(text="The history of the Roman empire", max_tokens=12, temperature=0, ignore_eos=True)
+    )
     tokens = [m for m in msgs if not m.HasField("usage")]
     assert len(tokens) == 12 and all(len(m.token_ids) == 1 for m in tokens)
     assert tokens[-1].finish_reason == "length"
     assert msgs[-1].usage.completion_tokens == 12
-    http = app.oai.completions.create(model="gtiny", prompt="The history of the Roman empire", max_tokens=12,
-                                      temperature=0, extra_body={"ignore_eos": True})
+    http = app.oai.completions.create(
+        model="gtiny",
+        prompt="The history of the Roman empire",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert "".join(m.text for m in tokens) == http.choices[0].text
     assert msgs[-1].usage.prompt_tokens == http.usage.prompt_tokens
     by_ids = app.client.complete(token_ids=[248045, 846, 198], max_tokens=4, temperature=0, ignore_eos=True)
@@ -80,11 +95,16 @@ def test_streaming_generate_equals_http_greedy(app) -> None:  # noqa: ANN001
 
 
 def test_chat_messages_prompt(app) -> None:  # noqa: ANN001
-    out = app.client.complete(messages=[pb.ChatMessage(role="user", content="hi")], max_tokens=5, temperature=0,
-                              ignore_eos=True)
-    http = app.oai.chat.completions.create(model="gtiny", messages=[{"role": "user", "content": "hi"}],
-                                           max_tokens=5, temperature=0, extra_body={"ignore_eos": True,
-                                                                                     "skip_special_tokens": True})
+    out = app.client.complete(
+        messages=[pb.ChatMessage(role="user", content="hi")], max_tokens=5, temperature=0, ignore_eos=True
+    )
+    http = app.oai.chat.completions.create(
+        model="gtiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True, "skip_special_tokens": True},
+    )
     assert out.usage.prompt_tokens == http.usage.prompt_tokens
     assert len(out.token_ids) == 5
 
@@ -103,23 +123,28 @@ def test_cancel_mid_stream_frees_slots(app) -> None:  # noqa: ANN001
 def test_deadline_exceeded_and_slots_freed(app) -> None:  # noqa: ANN001
     baseline = app.engine.pool_state.remote().result()
     with pytest.raises(grpc.RpcError) as info:
-        for _ in app.client.generate(text="Tell a long story", max_tokens=400, temperature=0, ignore_eos=True,
-                                     timeout_s=1.0):
+        for _ in app.client.generate(
+            text="Tell a long story", max_tokens=400, temperature=0, ignore_eos=True, timeout_s=1.0
+        ):
             pass
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _wait_baseline(app, baseline)
 
 
-@pytest.mark.parametrize("kwargs,code", [
-    (dict(text="x", temperature=5.0), grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(text="x", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(token_ids=[1, 2, 999999999]), grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(token_ids=[5] * 2100), grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(text="x", max_tokens=5000), grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(text="x", n=100), grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(text="x", model="nope"), grpc.StatusCode.NOT_FOUND),
-    (dict(), grpc.StatusCode.INVALID_ARGUMENT),
-], ids=["temperature", "top_p", "vocab", "too-long", "max-tokens", "n", "unknown-model", "no-prompt"])
+@pytest.mark.parametrize(
+    "kwargs,code",
+    [
+        (dict(text="x", temperature=5.0), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(text="x", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(token_ids=[1, 2, 999999999]), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(token_ids=[5] * 2100), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(text="x", max_tokens=5000), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(text="x", n=100), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(text="x", model="nope"), grpc.StatusCode.NOT_FOUND),
+        (dict(), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+    ids=["temperature", "top_p", "vocab", "too-long", "max-tokens", "n", "unknown-model", "no-prompt"],
+)
 def test_bad_inputs_invalid_argument(app, kwargs: dict, code: grpc.StatusCode) -> None:  # noqa: ANN001
     with pytest.raises(grpc.RpcError) as info:
         list(app.client.generate(**kwargs))
@@ -159,8 +184,11 @@ def test_reflection_client_streams_generate(app) -> None:  # noqa: ANN001
         req_cls = message_factory.GetMessageClass(method.input_type)
         resp_cls = message_factory.GetMessageClass(method.output_type)
         req = req_cls(text="Reflection works", sampling={"max_tokens": 3, "temperature": 0, "ignore_eos": True})
-        call = channel.unary_stream("/epserve.v1.Epserve/Generate", request_serializer=lambda m: m.SerializeToString(),
-                                    response_deserializer=resp_cls.FromString)
+        call = channel.unary_stream(
+            "/epserve.v1.Epserve/Generate",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=resp_cls.FromString,
+        )
         msgs = list(call(req, timeout=60, metadata=[("authorization", f"Bearer {KEY}"), ("application", APP)]))
         assert sum(len(m.token_ids) for m in msgs) == 3
     finally:
@@ -175,8 +203,13 @@ def test_image_bytes_over_grpc(app) -> None:  # noqa: ANN001
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, format="PNG")
-    msg = pb.ChatMessage(role="user", parts=[pb.ContentPart(image=pb.Image(data=buf.getvalue(), mime_type="image/png")),
-                                             pb.ContentPart(text="describe")])
+    msg = pb.ChatMessage(
+        role="user",
+        parts=[
+            pb.ContentPart(image=pb.Image(data=buf.getvalue(), mime_type="image/png")),
+            pb.ContentPart(text="describe"),
+        ],
+    )
     out = app.client.complete(messages=[msg], max_tokens=3, temperature=0, ignore_eos=True)
     assert out.usage.prompt_tokens > 64 and len(out.token_ids) == 3
     bad = pb.ChatMessage(role="user", parts=[pb.ContentPart(image=pb.Image(data=b"not an image"))])

@@ -40,16 +40,28 @@ def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
 
     http, grpc_target = serve_ports
     args = AppArgs(
-        model=str(embedded_model_dir), served_model_name=MODEL, dtype="float32", num_kv_blocks=48, max_num_seqs=8,
-        max_model_len=MAX_MODEL_LEN, default_max_tokens=1, max_n=MAX_N, max_fanout=MAX_FANOUT, api_key=KEY,
+        model=str(embedded_model_dir),
+        served_model_name=MODEL,
+        dtype="float32",
+        num_kv_blocks=48,
+        max_num_seqs=8,
+        max_model_len=MAX_MODEL_LEN,
+        default_max_tokens=1,
+        max_n=MAX_N,
+        max_fanout=MAX_FANOUT,
+        api_key=KEY,
         ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
         engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
     )
     serve.run(build_app(args), name=APP, route_prefix=PREFIX)
     client = EpserveClient(grpc_target, api_key=KEY, application=APP, timeout_s=60)
     channel = grpc.insecure_channel(grpc_target)
-    yield SimpleNamespace(base=http + PREFIX, client=client, channel=channel,
-                          engine=serve.get_deployment_handle("EpserveEngine", app_name=APP))
+    yield SimpleNamespace(
+        base=http + PREFIX,
+        client=client,
+        channel=channel,
+        engine=serve.get_deployment_handle("EpserveEngine", app_name=APP),
+    )
     channel.close()
     client.close()
     serve.delete(APP)
@@ -64,8 +76,7 @@ def _openai_error(r: requests.Response, status: int = 400) -> dict:
 
 def _post(app, path: str, raw: bytes | str) -> requests.Response:  # noqa: ANN001
     data = raw.encode() if isinstance(raw, str) else raw
-    return requests.post(app.base + path, data=data, timeout=60,
-                         headers={**AUTH, "Content-Type": "application/json"})
+    return requests.post(app.base + path, data=data, timeout=60, headers={**AUTH, "Content-Type": "application/json"})
 
 
 def _deep(depth: int, leaf: str = '"x"') -> str:
@@ -80,47 +91,108 @@ CHAT = '{"model": "%s", "max_tokens": 1, "messages": [{"role": "user", "content"
 # (id, path, raw JSON body, param the 400 must name or None for any)
 HTTP_CASES = [
     ("chat-lone-surrogate", "/v1/chat/completions", CHAT % '"hi \\ud800"', "messages.0.content"),
-    ("chat-lone-low-surrogate-in-part", "/v1/chat/completions",
-     CHAT % '[{"type": "text", "text": "\\udc00"}]', "messages.0.content.0.text"),
-    ("completion-lone-surrogate", "/v1/completions",
-     '{"model": "%s", "prompt": "\\ud83d", "max_tokens": 1}' % MODEL, "prompt"),
+    (
+        "chat-lone-low-surrogate-in-part",
+        "/v1/chat/completions",
+        CHAT % '[{"type": "text", "text": "\\udc00"}]',
+        "messages.0.content.0.text",
+    ),
+    (
+        "completion-lone-surrogate",
+        "/v1/completions",
+        '{"model": "%s", "prompt": "\\ud83d", "max_tokens": 1}' % MODEL,
+        "prompt",
+    ),
     ("tokenize-lone-surrogate", "/tokenize", '{"prompt": "a\\udfffb"}', "prompt"),
     ("body-nested-100000", "/v1/completions", "[" * 100_000 + "]" * 100_000, None),
-    ("metadata-nested-100000", "/v1/completions",
-     '{"model": "%s", "prompt": "x", "metadata": %s}' % (MODEL, _deep(100_000)), None),
-    ("metadata-nested-500", "/v1/chat/completions",
-     '{"model": "%s", "messages": [{"role": "user", "content": "x"}], "metadata": %s}' % (MODEL, _deep(500)),
-     None),
-    ("json-schema-nested-3000", "/v1/chat/completions",
-     '{"model": "%s", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema",'
-     ' "json_schema": {"name": "r", "schema": %s}}}' % (MODEL, _deep(3000, '{"type": "string"}')), None),
-    ("video-fps-abc", "/v1/chat/completions", CHAT % json.dumps(
-        [{"type": "video_url", "video_url": {"frames": [_frame()], "fps": "abc"}}]), "messages"),
-    ("video-fps-nan-string", "/v1/chat/completions", CHAT % json.dumps(
-        [{"type": "video_url", "video_url": {"frames": [_frame()], "fps": "nan"}}]), "messages"),
-    ("video-fps-nan", "/v1/chat/completions", CHAT % (
-        '[{"type": "video_url", "video_url": {"frames": ["%s"], "fps": NaN}}]' % _frame()), "messages"),
-    ("tool-call-arguments-surrogate-escape", "/v1/chat/completions", json.dumps({
-        "model": MODEL, "max_tokens": 1, "messages": [
-            {"role": "user", "content": "x"},
-            {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
-                "name": "f", "arguments": '{"a": "\\ud800"}'}}]},  # JSON text the template parses
-            {"role": "tool", "tool_call_id": "c", "content": "y"}]}), "messages"),
-    ("logprobs-over-cap", "/v1/completions",
-     '{"model": "%s", "prompt": "x", "logprobs": 300000}' % MODEL, "logprobs"),
-    ("top-logprobs-over-cap", "/v1/chat/completions",
-     '{"model": "%s", "messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}'
-     % MODEL, "top_logprobs"),
-    ("temperature-string", "/v1/completions", '{"model": "%s", "prompt": "x", "temperature": "abc"}' % MODEL,
-     "temperature"),
-    ("max-tokens-string-nan", "/v1/completions", '{"model": "%s", "prompt": "x", "max_tokens": "nan"}' % MODEL,
-     "max_tokens"),
+    (
+        "metadata-nested-100000",
+        "/v1/completions",
+        '{"model": "%s", "prompt": "x", "metadata": %s}' % (MODEL, _deep(100_000)),
+        None,
+    ),
+    (
+        "metadata-nested-500",
+        "/v1/chat/completions",
+        '{"model": "%s", "messages": [{"role": "user", "content": "x"}], "metadata": %s}' % (MODEL, _deep(500)),
+        None,
+    ),
+    (
+        "json-schema-nested-3000",
+        "/v1/chat/completions",
+        '{"model": "%s", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema",'
+        ' "json_schema": {"name": "r", "schema": %s}}}' % (MODEL, _deep(3000, '{"type": "string"}')),
+        None,
+    ),
+    (
+        "video-fps-abc",
+        "/v1/chat/completions",
+        CHAT % json.dumps([{"type": "video_url", "video_url": {"frames": [_frame()], "fps": "abc"}}]),
+        "messages",
+    ),
+    (
+        "video-fps-nan-string",
+        "/v1/chat/completions",
+        CHAT % json.dumps([{"type": "video_url", "video_url": {"frames": [_frame()], "fps": "nan"}}]),
+        "messages",
+    ),
+    (
+        "video-fps-nan",
+        "/v1/chat/completions",
+        CHAT % ('[{"type": "video_url", "video_url": {"frames": ["%s"], "fps": NaN}}]' % _frame()),
+        "messages",
+    ),
+    (
+        "tool-call-arguments-surrogate-escape",
+        "/v1/chat/completions",
+        json.dumps(
+            {
+                "model": MODEL,
+                "max_tokens": 1,
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": "\\ud800"}'}}
+                        ],
+                    },  # JSON text the template parses
+                    {"role": "tool", "tool_call_id": "c", "content": "y"},
+                ],
+            }
+        ),
+        "messages",
+    ),
+    ("logprobs-over-cap", "/v1/completions", '{"model": "%s", "prompt": "x", "logprobs": 300000}' % MODEL, "logprobs"),
+    (
+        "top-logprobs-over-cap",
+        "/v1/chat/completions",
+        '{"model": "%s", "messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}' % MODEL,
+        "top_logprobs",
+    ),
+    (
+        "temperature-string",
+        "/v1/completions",
+        '{"model": "%s", "prompt": "x", "temperature": "abc"}' % MODEL,
+        "temperature",
+    ),
+    (
+        "max-tokens-string-nan",
+        "/v1/completions",
+        '{"model": "%s", "prompt": "x", "max_tokens": "nan"}' % MODEL,
+        "max_tokens",
+    ),
 ]
 
 
 @pytest.mark.parametrize("name,path,raw,param", HTTP_CASES, ids=[c[0] for c in HTTP_CASES])
-def test_http_bad_input_is_a_400_with_the_openai_body(app, name: str, path: str, raw: str,  # noqa: ANN001
-                                                      param: str | None) -> None:
+def test_http_bad_input_is_a_400_with_the_openai_body(
+    app,  # noqa: ANN001
+    name: str,
+    path: str,
+    raw: str,
+    param: str | None,
+) -> None:
     err = _openai_error(_post(app, path, raw))
     assert err["type"] == "invalid_request_error"
     if param is not None:
@@ -153,13 +225,15 @@ def test_fanout_cap_names_the_limit(app) -> None:  # noqa: ANN001
 def test_prompt_longer_than_the_context_is_refused_before_or_while_tokenizing(app) -> None:  # noqa: ANN001
     huge = "word " * 3_000_000  # 15 MB: over max_model_len x the longest token, refused by its length
     t0 = time.monotonic()
-    err = _openai_error(requests.post(app.base + "/v1/completions", json={"model": MODEL, "prompt": huge},
-                                      headers=AUTH, timeout=120))
+    err = _openai_error(
+        requests.post(app.base + "/v1/completions", json={"model": MODEL, "prompt": huge}, headers=AUTH, timeout=120)
+    )
     assert "maximum context length" in err["message"] and err["param"] == "prompt"
     print(f"\n15 MB prompt refused in {time.monotonic() - t0:.2f} s")
     mid = "a b " * 8000  # 32 KB, ~16,000 tokens: under the length bound, refused while tokenizing
-    err = _openai_error(requests.post(app.base + "/v1/completions", json={"model": MODEL, "prompt": mid},
-                                      headers=AUTH, timeout=60))
+    err = _openai_error(
+        requests.post(app.base + "/v1/completions", json={"model": MODEL, "prompt": mid}, headers=AUTH, timeout=60)
+    )
     assert "maximum context length" in err["message"]
 
 
@@ -186,8 +260,10 @@ def test_large_tokenization_does_not_stall_other_requests(app) -> None:  # noqa:
         latencies.append(time.monotonic() - t0)
         time.sleep(0.05)
     worker.join()
-    print(f"\nbig /tokenize {done['s']:.2f} s ({done['count']} tokens); small /tokenize during it: "
-          f"{len(latencies)} calls, max {max(latencies, default=0):.3f} s")
+    print(
+        f"\nbig /tokenize {done['s']:.2f} s ({done['count']} tokens); small /tokenize during it: "
+        f"{len(latencies)} calls, max {max(latencies, default=0):.3f} s"
+    )
     assert done["count"] == 900_001  # the whole text, tokenized in pieces: 10 tokens per sentence + 1
     assert done["s"] > 1.0 and len(latencies) >= 3, "the big request ended before the small ones overlapped it"
     assert max(latencies) < 1.0
@@ -200,8 +276,31 @@ def test_tokenizer_pieces_equal_the_whole_text(embedded_model_dir: Path) -> None
     from model_shards.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(embedded_model_dir)
-    words = ["hello", "world", "naïve", "café", "日本語", "Ωμέγα", "don't", "I'M", "<|im_start|>", "<think>", "\n\n",
-             "  ", "123", "e\u0301", "x\u0301y", "a  b", "...", "\t", "😀", "ß", " ", "Ǆ", "ﬁ"]
+    words = [
+        "hello",
+        "world",
+        "naïve",
+        "café",
+        "日本語",
+        "Ωμέγα",
+        "don't",
+        "I'M",
+        "<|im_start|>",
+        "<think>",
+        "\n\n",
+        "  ",
+        "123",
+        "e\u0301",
+        "x\u0301y",
+        "a  b",
+        "...",
+        "\t",
+        "😀",
+        "ß",
+        " ",
+        "Ǆ",
+        "ﬁ",
+    ]
     rng = random.Random(0)
     for trial in range(20):
         text = "".join(rng.choice(words) + rng.choice([" ", "", " ", "\n"]) for _ in range(rng.randint(50, 3000)))
@@ -230,7 +329,7 @@ def test_trunk_refusal_ends_one_request_and_the_engine_keeps_serving(embedded_mo
         def __init__(self, runner: LocalRunner) -> None:
             self.runner = runner
 
-        async def step(self, requests):  # noqa: ANN001, ANN201
+        async def step(self, requests):  # noqa: ANN001, ANN202
             return self.runner.step(requests)
 
     threads = torch.get_num_threads()
@@ -239,8 +338,13 @@ def test_trunk_refusal_ends_one_request_and_the_engine_keeps_serving(embedded_mo
     runner = Runner(LocalRunner(model, num_blocks=16, block_size=16, num_slots=4))
 
     def request(rid: str, logprobs: int | None) -> GenerateRequest:
-        return GenerateRequest(request_id=rid, prompt_ids=(9707, 11, 1879), max_tokens=4, ignore_eos=True,
-                               params=SamplingParams(temperature=0.0, logprobs=logprobs))
+        return GenerateRequest(
+            request_id=rid,
+            prompt_ids=(9707, 11, 1879),
+            max_tokens=4,
+            ignore_eos=True,
+            params=SamplingParams(temperature=0.0, logprobs=logprobs),
+        )
 
     async def collect(engine: Engine, req: GenerateRequest) -> tuple[list[int], list]:
         tokens, errors = [], []
@@ -251,13 +355,18 @@ def test_trunk_refusal_ends_one_request_and_the_engine_keeps_serving(embedded_mo
         return tokens, errors
 
     async def main():  # noqa: ANN202
-        engine = Engine(runner, pools=[BlockPool(num_blocks=16, num_slots=4, block_size=16)],
-                        config=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256), tokenizer=None)
+        engine = Engine(
+            runner,
+            pools=[BlockPool(num_blocks=16, num_slots=4, block_size=16)],
+            config=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256),
+            tokenizer=None,
+        )
         engine.start()
         try:
             alone = await collect(engine, request("alone", 2))
-            together = await asyncio.gather(collect(engine, request("good", 2)),
-                                            collect(engine, request("bad", VOCAB + 1)))
+            together = await asyncio.gather(
+                collect(engine, request("good", 2)), collect(engine, request("bad", VOCAB + 1))
+            )
             return alone, together, engine.failure, engine.pool_state()
         finally:
             await engine.stop()
@@ -312,9 +421,14 @@ def test_grpc_logprobs_over_the_cap_fail_alone(app) -> None:  # noqa: ANN001
         lambda: app.client.generate(text="x", logprobs=21, max_tokens=2),
         lambda: app.client.generate(token_ids=[9707], logprobs=VOCAB, max_tokens=2),
         lambda: app.client.generate(messages=[pb.ChatMessage(role="user", content="x")], logprobs=300000),
-        lambda: app.client.stub.Chat(pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="x")],
-                                                    sampling=pb.SamplingParams(logprobs=300000, max_tokens=1)),
-                                     metadata=app.client.metadata, timeout=60),
+        lambda: app.client.stub.Chat(
+            pb.ChatRequest(
+                messages=[pb.ChatMessage(role="user", content="x")],
+                sampling=pb.SamplingParams(logprobs=300000, max_tokens=1),
+            ),
+            metadata=app.client.metadata,
+            timeout=60,
+        ),
     ]
     for i, case in enumerate(cases):
         code, details = _grpc_code(case)
@@ -335,13 +449,20 @@ def test_engine_refuses_what_would_fail_a_step_before_dispatch(app) -> None:  # 
 
     epoch = _epoch(app)
     bad = [
-        GenerateRequest(request_id="eng-logprobs", prompt_ids=(9707,), params=SamplingParams(logprobs=VOCAB + 1),
-                        max_tokens=2),
+        GenerateRequest(
+            request_id="eng-logprobs", prompt_ids=(9707,), params=SamplingParams(logprobs=VOCAB + 1), max_tokens=2
+        ),
         GenerateRequest(request_id="eng-ids", prompt_ids=(9707, VOCAB), params=SamplingParams(), max_tokens=2),
-        GenerateRequest(request_id="eng-stop", prompt_ids=(9707,), params=SamplingParams(), max_tokens=2,
-                        stop_token_ids=(VOCAB + 5,)),
-        GenerateRequest(request_id="eng-nan", prompt_ids=(9707,), params=SamplingParams(temperature=float("nan")),
-                        max_tokens=2),
+        GenerateRequest(
+            request_id="eng-stop",
+            prompt_ids=(9707,),
+            params=SamplingParams(),
+            max_tokens=2,
+            stop_token_ids=(VOCAB + 5,),
+        ),
+        GenerateRequest(
+            request_id="eng-nan", prompt_ids=(9707,), params=SamplingParams(temperature=float("nan")), max_tokens=2
+        ),
     ]
     for req in bad:
         gen = app.engine.options(stream=True).generate.remote(req)
@@ -376,8 +497,7 @@ def test_grpc_garbage_bytes_are_invalid_argument(app, name: str, payload: bytes)
             continue  # field 3 is unknown to ModelInfoRequest: parsed (and skipped) as protobuf allows
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
         assert "not a valid" in details, details
-    code, details = _grpc_code(_raw_call(app, "/grpc.health.v1.Health/Check", b"\xff\xff", stream=False,
-                                         auth=False))
+    code, details = _grpc_code(_raw_call(app, "/grpc.health.v1.Health/Check", b"\xff\xff", stream=False, auth=False))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
     # garbage without the key is still refused for the key first (no parse error leaks to strangers)
     code, _ = _grpc_code(_raw_call(app, "Generate", payload, stream=True, auth=False))
@@ -390,20 +510,47 @@ def _chat(app, **fields) -> tuple[grpc.StatusCode, str]:  # noqa: ANN001, ANN003
     return _grpc_code(lambda: app.client.stub.Chat(req, metadata=app.client.metadata, timeout=60))
 
 
-@pytest.mark.parametrize("name,fields", [
-    ("json-schema-nested-3000", dict(response_format=pb.ResponseFormat(
-        json_schema=_deep(3000, '{"type": "string"}')))),
-    ("json-schema-nested-100000", dict(response_format=pb.ResponseFormat(json_schema="[" * 100_000 + "]" * 100_000))),
-    ("json-schema-lone-surrogate", dict(response_format=pb.ResponseFormat(
-        json_schema='{"type": "string", "enum": ["\\ud800"]}'))),
-    ("tool-call-arguments-surrogate-escape", dict(messages=[
-        pb.ChatMessage(role="user", content="x"),
-        pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(id="c", name="f", arguments='{"a": "\\ud800"}')]),
-        pb.ChatMessage(role="tool", tool_call_id="c", content="y")])),
-    ("tool-parameters-nested", dict(tools=[pb.Tool(name="f", parameters_json=_deep(5000))])),
-    ("tool-parameters-lone-surrogate", dict(tools=[pb.Tool(
-        name="f", parameters_json='{"type": "object", "properties": {"\\udc00": {"type": "string"}}}')])),
-], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "name,fields",
+    [
+        (
+            "json-schema-nested-3000",
+            dict(response_format=pb.ResponseFormat(json_schema=_deep(3000, '{"type": "string"}'))),
+        ),
+        (
+            "json-schema-nested-100000",
+            dict(response_format=pb.ResponseFormat(json_schema="[" * 100_000 + "]" * 100_000)),
+        ),
+        (
+            "json-schema-lone-surrogate",
+            dict(response_format=pb.ResponseFormat(json_schema='{"type": "string", "enum": ["\\ud800"]}')),
+        ),
+        (
+            "tool-call-arguments-surrogate-escape",
+            dict(
+                messages=[
+                    pb.ChatMessage(role="user", content="x"),
+                    pb.ChatMessage(
+                        role="assistant", tool_calls=[pb.ToolCall(id="c", name="f", arguments='{"a": "\\ud800"}')]
+                    ),
+                    pb.ChatMessage(role="tool", tool_call_id="c", content="y"),
+                ]
+            ),
+        ),
+        ("tool-parameters-nested", dict(tools=[pb.Tool(name="f", parameters_json=_deep(5000))])),
+        (
+            "tool-parameters-lone-surrogate",
+            dict(
+                tools=[
+                    pb.Tool(
+                        name="f", parameters_json='{"type": "object", "properties": {"\\udc00": {"type": "string"}}}'
+                    )
+                ]
+            ),
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
 def test_grpc_bad_json_fields_are_invalid_argument(app, name: str, fields: dict) -> None:  # noqa: ANN001
     code, details = _chat(app, **fields)
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
@@ -413,6 +560,7 @@ def test_grpc_bad_json_fields_are_invalid_argument(app, name: str, fields: dict)
 def test_group_still_serves_after_everything(app) -> None:  # noqa: ANN001
     assert app.client.health() == health_pb2.HealthCheckResponse.SERVING
     assert _epoch(app) == 0
-    r = requests.post(app.base + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1},
-                      headers=AUTH, timeout=60)
+    r = requests.post(
+        app.base + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1}, headers=AUTH, timeout=60
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1

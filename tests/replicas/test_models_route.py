@@ -22,8 +22,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def inspected_context(embedded_model_dir: Path) -> int:
-    out = subprocess.run([sys.executable, "-m", "epserve.cli", "inspect", str(embedded_model_dir), "--json"],
-                         capture_output=True, text=True, timeout=240, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "epserve.cli", "inspect", str(embedded_model_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return int(json.loads(out.stdout)["config"]["max_position_embeddings"])
 
@@ -41,13 +46,18 @@ def _models(folder: Path, **app_args: object) -> tuple[dict, str]:
     return r.json()["data"][0], r.text
 
 
-@pytest.mark.parametrize("app_args, expected", [
-    ({"num_kv_blocks": 4096, "block_size": 16}, None),                     # cache holds the whole context
-    ({"num_kv_blocks": 64, "block_size": 16}, "1024 tokens"),              # capped by the cache
-    ({"num_kv_blocks": 4096, "max_model_len": 3000}, "max_model_len 3000"),  # capped by the operator
-], ids=["model", "cache", "max_model_len"])
-def test_models_context_agrees_with_inspect_or_says_why(embedded_model_dir: Path, inspected_context: int,
-                                                        app_args: dict, expected: str | None) -> None:
+@pytest.mark.parametrize(
+    "app_args, expected",
+    [
+        ({"num_kv_blocks": 4096, "block_size": 16}, None),  # cache holds the whole context
+        ({"num_kv_blocks": 64, "block_size": 16}, "1024 tokens"),  # capped by the cache
+        ({"num_kv_blocks": 4096, "max_model_len": 3000}, "max_model_len 3000"),  # capped by the operator
+    ],
+    ids=["model", "cache", "max_model_len"],
+)
+def test_models_context_agrees_with_inspect_or_says_why(
+    embedded_model_dir: Path, inspected_context: int, app_args: dict, expected: str | None
+) -> None:
     entry, text = _models(embedded_model_dir, **app_args)
     assert entry["id"] == entry["root"] == "tiny"
     assert str(embedded_model_dir) not in text and embedded_model_dir.name not in text, "no path on disk"

@@ -68,7 +68,9 @@ def _offline_text(folder: Path, messages: list[dict]) -> str:
     model = LocalModel.load(folder, dtype="float32")
     cfg = model.cfg
     tok = Tokenizer.from_dir(folder)
-    tower = VisionTower(load_vision(CheckpointReader(folder), cfg, dtype=torch.float32), cfg.vision, dtype=torch.float32)
+    tower = VisionTower(
+        load_vision(CheckpointReader(folder), cfg, dtype=torch.float32), cfg.vision, dtype=torch.float32
+    )
     reader = MediaReader(cfg, limits=MediaLimits(), local_root=None)
     inputs = reader.read_messages(messages)
     text = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
@@ -100,14 +102,29 @@ def app(request, serve_http: str, embedded_model_dir: Path, tmp_path_factory):  
     x = request.param
     name = f"mm{x}"
     media = tmp_path_factory.mktemp(f"media{x}")
-    args = AppArgs(model=str(embedded_model_dir), served_model_name=name, dtype="float32", expert_ranks=x,
-                   num_kv_blocks=160, max_num_seqs=8, max_model_len=2048, max_images_per_request=3,
-                   max_image_pixels=2000 * 2000, allowed_local_media_path=str(media),
-                   max_video_bytes=VIDEO_BYTES, max_video_decoded_frames=VIDEO_FRAMES,
-                   max_video_seconds=VIDEO_SECONDS)
+    args = AppArgs(
+        model=str(embedded_model_dir),
+        served_model_name=name,
+        dtype="float32",
+        expert_ranks=x,
+        num_kv_blocks=160,
+        max_num_seqs=8,
+        max_model_len=2048,
+        max_images_per_request=3,
+        max_image_pixels=2000 * 2000,
+        allowed_local_media_path=str(media),
+        max_video_bytes=VIDEO_BYTES,
+        max_video_decoded_frames=VIDEO_FRAMES,
+        max_video_seconds=VIDEO_SECONDS,
+    )
     serve.run(build_app(args), name=name, route_prefix=f"/{name}")
-    yield SimpleNamespace(base=f"{serve_http}/{name}", name=name, folder=embedded_model_dir, media=media,
-                          oai=openai.OpenAI(base_url=f"{serve_http}/{name}/v1", api_key="x", max_retries=0, timeout=300))
+    yield SimpleNamespace(
+        base=f"{serve_http}/{name}",
+        name=name,
+        folder=embedded_model_dir,
+        media=media,
+        oai=openai.OpenAI(base_url=f"{serve_http}/{name}/v1", api_key="x", max_retries=0, timeout=300),
+    )
     serve.delete(name)
 
 
@@ -115,31 +132,42 @@ def app(request, serve_http: str, embedded_model_dir: Path, tmp_path_factory):  
 def test_image_chat_equals_offline_greedy(app, sizes) -> None:  # noqa: ANN001
     images = [_png(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
     messages = _messages(*images)
-    out = app.oai.chat.completions.create(model=app.name, messages=messages, max_tokens=TOKENS, temperature=0,
-                                          extra_body={"ignore_eos": True, **NO_THINK})
+    out = app.oai.chat.completions.create(
+        model=app.name, messages=messages, max_tokens=TOKENS, temperature=0, extra_body={"ignore_eos": True, **NO_THINK}
+    )
     assert out.choices[0].message.content == _offline_text(app.folder, messages)
     # the image tokens count as prompt tokens
     assert out.usage.prompt_tokens > 64 * len(sizes)
 
 
-@pytest.mark.parametrize("content,needle", [
-    (lambda: _url(_flat_png(2100, 2100)), "max_pixels"),
-    (lambda: _url(_png(64, 64)[:300]), "corrupt"),
-    (lambda: "data:image/png;base64," + base64.b64encode(b"definitely not an image").decode(), "decodable"),
-    (lambda: "data:image/png;base64,@@@not-base64@@@", "base64"),
-    (lambda: "https://example.com/cat.png", "network"),
-    (lambda: "file:///etc/passwd", "outside the allowed media folder"),
-], ids=["oversized", "truncated", "undecodable", "bad-base64", "network-url", "local-file"])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (lambda: _url(_flat_png(2100, 2100)), "max_pixels"),
+        (lambda: _url(_png(64, 64)[:300]), "corrupt"),
+        (lambda: "data:image/png;base64," + base64.b64encode(b"definitely not an image").decode(), "decodable"),
+        (lambda: "data:image/png;base64,@@@not-base64@@@", "base64"),
+        (lambda: "https://example.com/cat.png", "network"),
+        (lambda: "file:///etc/passwd", "outside the allowed media folder"),
+    ],
+    ids=["oversized", "truncated", "undecodable", "bad-base64", "network-url", "local-file"],
+)
 def test_bad_images_get_400_and_server_keeps_serving(app, content, needle: str) -> None:  # noqa: ANN001
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": content()}},
-                                             {"type": "text", "text": "hi"}]}]
-    r = requests.post(app.base + "/v1/chat/completions", json={"model": app.name, "messages": messages,
-                                                                "max_tokens": 2}, timeout=120)
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": content()}}, {"type": "text", "text": "hi"}],
+        }
+    ]
+    r = requests.post(
+        app.base + "/v1/chat/completions", json={"model": app.name, "messages": messages, "max_tokens": 2}, timeout=120
+    )
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"], r.json()
     too_many = _messages(*[_png(32, 32, seed=i) for i in range(4)])
-    r = requests.post(app.base + "/v1/chat/completions", json={"model": app.name, "messages": too_many,
-                                                                "max_tokens": 2}, timeout=120)
+    r = requests.post(
+        app.base + "/v1/chat/completions", json={"model": app.name, "messages": too_many, "max_tokens": 2}, timeout=120
+    )
     assert r.status_code == 400 and "max_images" in r.json()["error"]["message"]
     ok = app.oai.chat.completions.create(model=app.name, messages=_messages(_png(48, 48)), max_tokens=2)
     assert ok.usage.completion_tokens >= 1
@@ -147,13 +175,21 @@ def test_bad_images_get_400_and_server_keeps_serving(app, content, needle: str) 
 
 # ------------------------------------------------------------------------------ video files
 def _video_messages(spec: dict) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "video_url", "video_url": spec},
-                                         {"type": "text", "text": "What happens in the video?"}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video_url", "video_url": spec},
+                {"type": "text", "text": "What happens in the video?"},
+            ],
+        }
+    ]
 
 
 def _chat(app, messages: list[dict]):  # noqa: ANN001, ANN202
-    return app.oai.chat.completions.create(model=app.name, messages=messages, max_tokens=TOKENS, temperature=0,
-                                           extra_body={"ignore_eos": True, **NO_THINK})
+    return app.oai.chat.completions.create(
+        model=app.name, messages=messages, max_tokens=TOKENS, temperature=0, extra_body={"ignore_eos": True, **NO_THINK}
+    )
 
 
 def test_mp4_video_equals_its_decoded_frames_as_a_frame_list(app) -> None:  # noqa: ANN001
@@ -166,8 +202,10 @@ def test_mp4_video_equals_its_decoded_frames_as_a_frame_list(app) -> None:  # no
     listed = _video_messages({"frames": [_url(_png_bytes(f)) for f in frames], "fps": rate})
     want = _chat(app, listed)
     assert want.choices[0].message.content == _offline_text(app.folder, listed)
-    for spec in ({"url": "data:video/mp4;base64," + base64.b64encode(data).decode()},
-                 {"url": str(app.media / "clip.mp4")}):
+    for spec in (
+        {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()},
+        {"url": str(app.media / "clip.mp4")},
+    ):
         got = _chat(app, _video_messages(spec))
         assert got.usage.prompt_tokens == want.usage.prompt_tokens
         assert got.choices[0].message.content == want.choices[0].message.content
@@ -185,13 +223,17 @@ def _gif() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("make,needle", [
-    (lambda mv: mv(frames=40, fps=10, width=320, height=240, noise=True), "max_video_bytes"),
-    (lambda mv: mv(frames=120, fps=30, width=32, height=32), "max_video_decoded_frames"),
-    (lambda mv: mv(frames=25, fps=1, width=32, height=32), "max_video_seconds"),
-    (lambda mv: mv(codec="mpeg4"), "codec"),
-    (lambda mv: _gif(), "container"),
-], ids=["bytes", "frames", "seconds", "codec", "container"])
+@pytest.mark.parametrize(
+    "make,needle",
+    [
+        (lambda mv: mv(frames=40, fps=10, width=320, height=240, noise=True), "max_video_bytes"),
+        (lambda mv: mv(frames=120, fps=30, width=32, height=32), "max_video_decoded_frames"),
+        (lambda mv: mv(frames=25, fps=1, width=32, height=32), "max_video_seconds"),
+        (lambda mv: mv(codec="mpeg4"), "codec"),
+        (lambda mv: _gif(), "container"),
+    ],
+    ids=["bytes", "frames", "seconds", "codec", "container"],
+)
 def test_bad_videos_get_400_naming_the_limit(app, make, needle: str) -> None:  # noqa: ANN001
     pytest.importorskip("av")
     from tests.synthetic_video import make_video
@@ -200,8 +242,11 @@ def test_bad_videos_get_400_naming_the_limit(app, make, needle: str) -> None:  #
     if needle == "max_video_bytes":
         assert len(data) > VIDEO_BYTES
     url = "data:video/mp4;base64," + base64.b64encode(data).decode()
-    r = requests.post(app.base + "/v1/chat/completions", json={"model": app.name, "max_tokens": 2,
-                                                                "messages": _video_messages({"url": url})}, timeout=120)
+    r = requests.post(
+        app.base + "/v1/chat/completions",
+        json={"model": app.name, "max_tokens": 2, "messages": _video_messages({"url": url})},
+        timeout=120,
+    )
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"], r.json()
     ok = app.oai.chat.completions.create(model=app.name, messages=_messages(_png(48, 48)), max_tokens=2)

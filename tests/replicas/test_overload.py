@@ -8,8 +8,9 @@ finish_reason and [DONE]; goodput stays near capacity; no 5xx but 503. The laten
 < 100 ms p99, admitted p99 TTFT <= 2x the unloaded p99) are printed with their verdicts, as figures: on 2 shared
 cores their tails move with the machine's load (rejection p99 71-138 ms, TTFT ratio 1.5x measured). The test
 fails only past bounds that the failure modes they guard against exceed: a rejection that waits behind work
-(> 500 ms), admitted requests queued behind whole running requests (3.9x without max_queue_steps, bound 3x). Then a gRPC burst: rejections are RESOURCE_EXHAUSTED, the
-admitted calls complete. In-process (no Ray): the engine's admission policy with a stepped fake group.
+(> 500 ms), admitted requests queued behind whole running requests (3.9x without max_queue_steps, bound 3x). Then a gRPC
+burst: rejections are RESOURCE_EXHAUSTED, the admitted calls complete. In-process (no Ray): the engine's
+admission policy with a stepped fake group.
 NOTE: the ingress answers a stream's status line only with its first token (replicas/ingress.py `_start`), so
 an admitted request's time to status line is its TTFT; a rejection's is the admission round trip.
 """
@@ -77,9 +78,18 @@ def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     # TTFT p99 grows to ~4x the unloaded one (measured); with it, requests queue only for a slot about to free.
     queue_bound = {"max_queue_steps": MAX_QUEUE_STEPS}
     args = AppArgs(
-        model=str(embedded_model_dir), served_model_name="ov-tiny", dtype="float32", trunk_ranks=1, expert_ranks=0,
-        num_kv_blocks=64, block_size=16, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=256, max_model_len=256,
-        max_waiting_requests=MAX_WAITING, **queue_bound,
+        model=str(embedded_model_dir),
+        served_model_name="ov-tiny",
+        dtype="float32",
+        trunk_ranks=1,
+        expert_ranks=0,
+        num_kv_blocks=64,
+        block_size=16,
+        max_num_seqs=MAX_NUM_SEQS,
+        max_num_batched_tokens=256,
+        max_model_len=256,
+        max_waiting_requests=MAX_WAITING,
+        **queue_bound,
         ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
         engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
     )
@@ -91,8 +101,14 @@ def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     serve.delete(APP)
 
 
-BODY = {"model": "ov-tiny", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
-        "ignore_eos": True}
+BODY = {
+    "model": "ov-tiny",
+    "prompt": PROMPT,
+    "max_tokens": MAX_TOKENS,
+    "temperature": 0,
+    "stream": True,
+    "ignore_eos": True,
+}
 
 
 async def _request(session, url: str) -> Outcome:  # noqa: ANN001  # aiohttp.ClientSession
@@ -144,8 +160,7 @@ async def _closed_loop(url: str, concurrency: int, duration: float) -> tuple[lis
     import aiohttp
 
     outcomes: list[Outcome] = []
-    async with aiohttp.ClientSession(connector=_connector(),
-                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
+    async with aiohttp.ClientSession(connector=_connector(), timeout=aiohttp.ClientTimeout(total=120)) as session:
         loop = asyncio.get_running_loop()
         end = loop.time() + duration
 
@@ -167,8 +182,7 @@ async def _open_loop(url: str, rate: float, duration: float, seed: int = 7) -> l
 
     rng = random.Random(seed)
     tasks: list[asyncio.Task] = []
-    async with aiohttp.ClientSession(connector=_connector(),
-                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
+    async with aiohttp.ClientSession(connector=_connector(), timeout=aiohttp.ClientTimeout(total=120)) as session:
         loop = asyncio.get_running_loop()
         start = loop.time()
         t = start
@@ -189,8 +203,11 @@ async def _engine_means() -> dict[str, tuple[float, int]]:
 
     hub = ray.get_actor("epserve-metrics-ov-tiny", namespace="epserve")
     snap = await hub.merged.remote()
-    return {name: (h.total, h.n) for (name, _), h in snap.histograms.items()
-            if name in ("step_time_seconds", "request_queue_time_seconds")}
+    return {
+        name: (h.total, h.n)
+        for (name, _), h in snap.histograms.items()
+        if name in ("step_time_seconds", "request_queue_time_seconds")
+    }
 
 
 def _mean_s(before: dict, after: dict, name: str) -> float:
@@ -226,11 +243,16 @@ def test_twice_capacity_sheds_fast_and_keeps_admitted_latency(app) -> None:  # n
         overloaded = await _open_loop(app.url, OVERLOAD_FACTOR * capacity, OVERLOAD_S)
         await asyncio.sleep(1.5)
         stats.append(await _engine_means())
-        engine = {phase: (_mean_s(stats[i], stats[i + 1], "step_time_seconds"),
-                          _mean_s(stats[i], stats[i + 1], "request_queue_time_seconds"))
-                  for i, phase in enumerate(("unloaded", "saturated", "overloaded"))}
-        return SimpleNamespace(unloaded=unloaded, saturated=saturated, capacity=capacity, overloaded=overloaded,
-                               engine=engine)
+        engine = {
+            phase: (
+                _mean_s(stats[i], stats[i + 1], "step_time_seconds"),
+                _mean_s(stats[i], stats[i + 1], "request_queue_time_seconds"),
+            )
+            for i, phase in enumerate(("unloaded", "saturated", "overloaded"))
+        }
+        return SimpleNamespace(
+            unloaded=unloaded, saturated=saturated, capacity=capacity, overloaded=overloaded, engine=engine
+        )
 
     try:
         r = asyncio.run(phases())
@@ -246,16 +268,18 @@ def test_twice_capacity_sheds_fast_and_keeps_admitted_latency(app) -> None:  # n
     admitted_p99 = _p99([o.t_first for o in admitted if o.t_first is not None])
     reject_p99 = _p99([o.t_status for o in rejected])
     offered = len(ov) / OVERLOAD_S
-    print(f"\nadmission: max_waiting {MAX_WAITING}, {app.queue_bound or 'no time bound'}\n"
-          f"capacity {r.capacity:.1f} req/s ({MAX_NUM_SEQS + MAX_WAITING} closed-loop clients)\n"
-          f"unloaded ({UNLOADED_CONCURRENCY} clients): TTFT p50 {_ms(statistics.median(o.t_first for o in base))} "
-          f"p99 {_ms(unloaded_p99)}\n"
-          f"overload: offered {offered:.1f} req/s for {OVERLOAD_S:.0f} s, codes {dict(codes)}, admitted "
-          f"{len(admitted) / OVERLOAD_S:.1f} req/s; admitted TTFT p50 "
-          f"{_ms(statistics.median(o.t_first for o in admitted if o.t_first is not None))} p99 {_ms(admitted_p99)}; "
-          f"rejection status line p50 {_ms(statistics.median(o.t_status for o in rejected)) if rejected else '-'} "
-          f"p99 {_ms(reject_p99)}\n"
-          "engine mean step / queue time: " + ", ".join(f"{k} {_ms(v[0])} / {_ms(v[1])}" for k, v in r.engine.items()))
+    print(
+        f"\nadmission: max_waiting {MAX_WAITING}, {app.queue_bound or 'no time bound'}\n"
+        f"capacity {r.capacity:.1f} req/s ({MAX_NUM_SEQS + MAX_WAITING} closed-loop clients)\n"
+        f"unloaded ({UNLOADED_CONCURRENCY} clients): TTFT p50 {_ms(statistics.median(o.t_first for o in base))} "
+        f"p99 {_ms(unloaded_p99)}\n"
+        f"overload: offered {offered:.1f} req/s for {OVERLOAD_S:.0f} s, codes {dict(codes)}, admitted "
+        f"{len(admitted) / OVERLOAD_S:.1f} req/s; admitted TTFT p50 "
+        f"{_ms(statistics.median(o.t_first for o in admitted if o.t_first is not None))} p99 {_ms(admitted_p99)}; "
+        f"rejection status line p50 {_ms(statistics.median(o.t_status for o in rejected)) if rejected else '-'} "
+        f"p99 {_ms(reject_p99)}\n"
+        "engine mean step / queue time: " + ", ".join(f"{k} {_ms(v[0])} / {_ms(v[1])}" for k, v in r.engine.items())
+    )
 
     assert not [o.exception for o in ov if o.exception], [o.exception for o in ov if o.exception][:3]
     assert set(codes) <= {200, 429, 503}, codes
@@ -265,14 +289,17 @@ def test_twice_capacity_sheds_fast_and_keeps_admitted_latency(app) -> None:  # n
         assert o.error is not None and set(o.error) >= {"message", "type", "param", "code"} and o.error["message"], o
     for o in admitted:
         assert o.error is None and o.done and o.finish_reason == "length", o
-    print(f"targets: rejection status line p99 {_ms(reject_p99)} (target < {_ms(REJECT_P99_S)}: "
-          f"{'met' if reject_p99 < REJECT_P99_S else 'MISSED'}); admitted TTFT p99 / unloaded p99 = "
-          f"{admitted_p99 / unloaded_p99:.2f}x (target <= {TTFT_RATIO}x: "
-          f"{'met' if admitted_p99 <= TTFT_RATIO * unloaded_p99 else 'MISSED'})")
+    print(
+        f"targets: rejection status line p99 {_ms(reject_p99)} (target < {_ms(REJECT_P99_S)}: "
+        f"{'met' if reject_p99 < REJECT_P99_S else 'MISSED'}); admitted TTFT p99 / unloaded p99 = "
+        f"{admitted_p99 / unloaded_p99:.2f}x (target <= {TTFT_RATIO}x: "
+        f"{'met' if admitted_p99 <= TTFT_RATIO * unloaded_p99 else 'MISSED'})"
+    )
     assert reject_p99 < REJECT_P99_BOUND_S, f"rejections took {reject_p99 * 1e3:.0f} ms p99: they wait behind work"
     assert admitted_p99 <= TTFT_RATIO_BOUND * unloaded_p99, (
         f"admitted TTFT p99 {admitted_p99 * 1e3:.0f} ms > {TTFT_RATIO_BOUND}x unloaded {unloaded_p99 * 1e3:.0f} ms: "
-        "admitted requests queue behind whole running requests")
+        "admitted requests queue behind whole running requests"
+    )
     # goodput under overload stays near capacity (shedding must not collapse throughput)
     assert len(admitted) / OVERLOAD_S >= 0.7 * r.capacity, (len(admitted) / OVERLOAD_S, r.capacity)
 
@@ -291,13 +318,15 @@ def test_grpc_burst_rejections_are_resource_exhausted(app) -> None:  # noqa: ANN
         t0 = time.monotonic()
         finish = ""
         try:
-            req = pb.GenerateRequest(model="ov-tiny", sampling=app.grpc.sampling(
-                max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+            req = pb.GenerateRequest(
+                model="ov-tiny", sampling=app.grpc.sampling(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+            )
             req.token_ids.ids.extend(PROMPT)
             # NOTE: an explicit request id each: without one, Serve's context gives none and the API uses "" for
             # every call, so concurrent calls collide ("request id  is already running", INVALID_ARGUMENT).
-            for msg in app.grpc.stub.Generate(req, timeout=120,
-                                              metadata=[*app.grpc.metadata, ("request_id", f"burst-{i}")]):
+            for msg in app.grpc.stub.Generate(
+                req, timeout=120, metadata=[*app.grpc.metadata, ("request_id", f"burst-{i}")]
+            ):
                 finish = msg.finish_reason or finish
             results[i] = ("OK", finish, time.monotonic() - t0)
         except grpc.RpcError as exc:
@@ -309,8 +338,10 @@ def test_grpc_burst_rejections_are_resource_exhausted(app) -> None:  # noqa: ANN
     for t in threads:
         t.join(timeout=120)
     codes = Counter(code for code, _, _ in results)
-    print(f"\ngRPC burst of {burst}: {dict(codes)}; rejection p99 "
-          f"{_p99([s for c, _, s in results if c == 'RESOURCE_EXHAUSTED']) * 1e3:.0f} ms")
+    print(
+        f"\ngRPC burst of {burst}: {dict(codes)}; rejection p99 "
+        f"{_p99([s for c, _, s in results if c == 'RESOURCE_EXHAUSTED']) * 1e3:.0f} ms"
+    )
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, results
     assert codes["RESOURCE_EXHAUSTED"] >= 1 and codes["OK"] >= MAX_NUM_SEQS, codes
     assert all(finish == "length" for code, finish, _ in results if code == "OK"), results
@@ -324,7 +355,7 @@ class _SteppedRunner:
         self.release: asyncio.Queue[None] = asyncio.Queue()
         self.calls = 0
 
-    async def step(self, reqs):  # noqa: ANN001, ANN201
+    async def step(self, reqs):  # noqa: ANN001, ANN202
         from replicas.step_types import StepResult
 
         self.calls += 1
@@ -333,15 +364,25 @@ class _SteppedRunner:
         return [StepResult(tuple(7 if s.sample else None for s in seqs), tuple(None for _ in seqs))]
 
 
-def _engine(runner: _SteppedRunner, *, slots: int, max_waiting: int,  # noqa: ANN202  # replicas.engine.Engine
-            max_queue_steps: int | None = None):
+def _engine(  # noqa: ANN202  # -> replicas.engine.Engine
+    runner: _SteppedRunner,
+    *,
+    slots: int,
+    max_waiting: int,
+    max_queue_steps: int | None = None,
+):
     from replicas.block_pool import BlockPool
     from replicas.engine import Engine
     from replicas.scheduler import SchedulerConfig
 
-    return Engine(runner, pools=[BlockPool(num_blocks=64, num_slots=slots, block_size=16)],
-                  config=SchedulerConfig(max_num_seqs=slots, max_num_batched_tokens=256), tokenizer=None,
-                  max_waiting=max_waiting, max_queue_steps=max_queue_steps)
+    return Engine(
+        runner,
+        pools=[BlockPool(num_blocks=64, num_slots=slots, block_size=16)],
+        config=SchedulerConfig(max_num_seqs=slots, max_num_batched_tokens=256),
+        tokenizer=None,
+        max_waiting=max_waiting,
+        max_queue_steps=max_queue_steps,
+    )
 
 
 async def _outcome(engine, rid: str, max_tokens: int) -> str:  # noqa: ANN001
@@ -349,8 +390,13 @@ async def _outcome(engine, rid: str, max_tokens: int) -> str:  # noqa: ANN001
     from replicas.engine import EngineOverloaded
     from replicas.engine_types import GenerateRequest
 
-    req = GenerateRequest(request_id=rid, prompt_ids=(5, 6, 7), params=SamplingParams(temperature=0.0),
-                          max_tokens=max_tokens, ignore_eos=True)
+    req = GenerateRequest(
+        request_id=rid,
+        prompt_ids=(5, 6, 7),
+        params=SamplingParams(temperature=0.0),
+        max_tokens=max_tokens,
+        ignore_eos=True,
+    )
     finish = None
     try:
         async for ev in engine.generate(req):
@@ -370,6 +416,7 @@ async def _until(cond, what: str) -> None:  # noqa: ANN001
 
 def test_burst_into_idle_engine_fills_running_slots_then_queue_bound() -> None:
     """An idle engine hit by a burst admits its free running slots plus max_waiting, rejects the rest."""
+
     async def main() -> list[str]:
         runner = _SteppedRunner()
         engine = _engine(runner, slots=4, max_waiting=1)
@@ -388,6 +435,7 @@ def test_burst_into_idle_engine_fills_running_slots_then_queue_bound() -> None:
 
 def test_max_queue_steps_admits_a_waiter_only_for_a_slot_about_to_free() -> None:
     """With max_queue_steps=1 a request queues only when a running sequence ends with the step in flight."""
+
     async def main() -> tuple[str, str, list[str]]:
         runner = _SteppedRunner()
         engine = _engine(runner, slots=2, max_waiting=4, max_queue_steps=1)

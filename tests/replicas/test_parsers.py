@@ -223,7 +223,7 @@ def calls_of(tool_calls: list[dict[str, Any]]) -> list[Call]:
     return out
 
 
-def stream_tools(pieces: Sequence[str], tools: Any) -> tuple[str, list[dict[str, Any]]]:
+def stream_tools(pieces: Sequence[str], tools: Any) -> tuple[str, list[dict[str, Any]]]:  # noqa: ANN401
     """Feed pieces, check each delta's OpenAI shape, and join the deltas into (content, tool_calls)."""
     stream = ToolCallStream(tools)
     deltas = [delta for piece in pieces for delta in stream.feed(piece)] + stream.finish()
@@ -250,7 +250,7 @@ def stream_tools(pieces: Sequence[str], tools: Any) -> tuple[str, list[dict[str,
     return "".join(content), calls
 
 
-def check_tools(text: str, tools: Any, content: str, calls: list[Call]) -> None:
+def check_tools(text: str, tools: Any, content: str, calls: list[Call]) -> None:  # noqa: ANN401
     parsed = parse_tool_calls(text, tools)
     assert parsed.content == content
     assert calls_of(parsed.tool_calls) == calls
@@ -348,7 +348,7 @@ def test_strings_that_look_like_other_types_stay_strings() -> None:
 
 
 def test_quotes_backslashes_and_unicode_in_strings() -> None:
-    raw = "He said \"hi\" and 'bye' \\n not a newline, tab\there, é 漢字 \u2028 {\"a\": 1}"
+    raw = 'He said "hi" and \'bye\' \\n not a newline, tab\there, é 漢字 \u2028 {"a": 1}'
     text = xml_call("write_file", ("path", "/tmp/q.txt"), ("content", raw))
     parsed = parse_tool_calls(text, TOOLS)
     assert '"He said \\"hi\\" and' in parsed.tool_calls[0]["function"]["arguments"]
@@ -643,8 +643,7 @@ PIPELINE_CASES = [
     ),
     (
         "call-inside-thinking",
-        "Hm.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n"
-        "</tool_call>",
+        "Hm.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call>",
         True,
         "Hm.",
         "",
@@ -684,7 +683,7 @@ ROUND_TRIP_ARGUMENTS: list[tuple[str, dict[str, Any]]] = [
     (
         "typed",
         {
-            "s": "line one\n  <b>two</b> </parameter> \"q\"\n",
+            "s": 'line one\n  <b>two</b> </parameter> "q"\n',
             "i": 0,
             "n": -1.25,
             "b": False,

@@ -48,9 +48,19 @@ class Stream:
 
 def _stream(base: str, st: Stream, max_tokens: int, prompt: str) -> None:
     try:
-        with requests.post(base + "/v1/completions", json={
-                "model": "rtiny", "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,
-                "ignore_eos": True}, stream=True, timeout=(10, 120)) as r:
+        with requests.post(
+            base + "/v1/completions",
+            json={
+                "model": "rtiny",
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "stream": True,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+            stream=True,
+            timeout=(10, 120),
+        ) as r:
             if r.status_code != 200:
                 st.error = {"status": r.status_code, "body": r.text}
                 return
@@ -78,8 +88,10 @@ def _stream(base: str, st: Stream, max_tokens: int, prompt: str) -> None:
 
 def _start_streams(base: str, n: int, max_tokens: int = 150) -> tuple[list[Stream], list[threading.Thread]]:
     streams = [Stream() for _ in range(n)]
-    threads = [threading.Thread(target=_stream, args=(base, s, max_tokens, f"stream {i}"), daemon=True)
-               for i, s in enumerate(streams)]
+    threads = [
+        threading.Thread(target=_stream, args=(base, s, max_tokens, f"stream {i}"), daemon=True)
+        for i, s in enumerate(streams)
+    ]
     for t in threads:
         t.start()
     for s in streams:
@@ -121,8 +133,11 @@ def _group_actors() -> dict[str, dict[str, int]]:
 def _ingress_pids() -> list[int]:
     import ray
 
-    return [_pid_of(e["name"], e["namespace"]) for e in ray.util.list_named_actors(all_namespaces=True)
-            if e["name"].startswith(f"SERVE_REPLICA::{APP}#EpserveIngress")]
+    return [
+        _pid_of(e["name"], e["namespace"])
+        for e in ray.util.list_named_actors(all_namespaces=True)
+        if e["name"].startswith(f"SERVE_REPLICA::{APP}#EpserveIngress")
+    ]
 
 
 def _check_outcomes(streams: list[Stream], *, t_fault: float, allow_transport: bool = False) -> dict[str, int]:
@@ -131,7 +146,9 @@ def _check_outcomes(streams: list[Stream], *, t_fault: float, allow_transport: b
         counts[s.outcome] = counts.get(s.outcome, 0) + 1
         assert s.outcome != "lost", f"a stream ended without finish_reason or error: {s}"
         if s.outcome == "error":
-            assert s.error.get("type") == "service_unavailable_error" and s.error.get("code") == "service_unavailable", s.error
+            assert (
+                s.error.get("type") == "service_unavailable_error" and s.error.get("code") == "service_unavailable"
+            ), s.error
             assert s.ended_at - t_fault < 10.0, f"error {s.ended_at - t_fault:.1f} s after the fault"
             assert s.done_marker, "an errored stream must still end cleanly with [DONE]"
         if s.outcome == "transport":
@@ -141,8 +158,9 @@ def _check_outcomes(streams: list[Stream], *, t_fault: float, allow_transport: b
 
 def _canary(base: str, n: int = 4) -> None:
     for i in range(n):
-        r = requests.post(base + "/v1/completions", json={"model": "rtiny", "prompt": f"canary {i}", "max_tokens": 3},
-                          timeout=120)
+        r = requests.post(
+            base + "/v1/completions", json={"model": "rtiny", "prompt": f"canary {i}", "max_tokens": 3}, timeout=120
+        )
         assert r.status_code == 200, r.text
 
 
@@ -184,8 +202,14 @@ def app(serve_http: str, embedded_model_dir: Path):  # noqa: ANN201
 
     # NOTE: no collective_deadline_s: the CPU default must end a frozen rank's streams within 10 s
     args = AppArgs(
-        model=str(embedded_model_dir), served_model_name="rtiny", dtype="float32", trunk_ranks=1, expert_ranks=2,
-        num_kv_blocks=128, max_num_seqs=12, max_model_len=1024,
+        model=str(embedded_model_dir),
+        served_model_name="rtiny",
+        dtype="float32",
+        trunk_ranks=1,
+        expert_ranks=2,
+        num_kv_blocks=128,
+        max_num_seqs=12,
+        max_model_len=1024,
         ingress_autoscaling=AutoscalingArgs(min_replicas=2, max_replicas=2),
         engine_autoscaling=AutoscalingArgs(min_replicas=2, max_replicas=2),
     )
@@ -194,8 +218,11 @@ def app(serve_http: str, embedded_model_dir: Path):  # noqa: ANN201
     serve.delete(APP)
 
 
-@pytest.mark.parametrize("victim,how", [("expert1", "kill"), ("expert1", "stop"), ("trunk0", "kill")],
-                         ids=["expert-killed", "expert-frozen", "trunk-killed"])
+@pytest.mark.parametrize(
+    "victim,how",
+    [("expert1", "kill"), ("expert1", "stop"), ("trunk0", "kill")],
+    ids=["expert-killed", "expert-frozen", "trunk-killed"],
+)
 def test_rank_fault_ends_streams_retriably_and_group_returns(app, victim: str, how: str) -> None:  # noqa: ANN001
     groups = _group_actors()
     assert len(groups) == 2, groups
@@ -213,8 +240,10 @@ def test_rank_fault_ends_streams_retriably_and_group_returns(app, victim: str, h
         errored = [s.ended_at - t_fault for s in streams if s.outcome == "error"]
         took = _both_groups_serve(app)
         assert time.monotonic() - t_fault < 90
-        print(f"{victim} {how}: outcomes {counts}, errors {min(errored):.1f}-{max(errored):.1f} s after the fault, "
-              f"both groups serving {took:.1f} s after recovery traffic began")
+        print(
+            f"{victim} {how}: outcomes {counts}, errors {min(errored):.1f}-{max(errored):.1f} s after the fault, "
+            f"both groups serving {took:.1f} s after recovery traffic began"
+        )
     finally:
         if how == "stop":
             try:

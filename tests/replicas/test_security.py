@@ -45,8 +45,14 @@ def sec_app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
 
     http, grpc_target = serve_ports
     args = AppArgs(
-        model=str(embedded_model_dir), served_model_name=MODEL, dtype="float32", num_kv_blocks=32, max_num_seqs=4,
-        max_model_len=256, default_max_tokens=1, api_key=KEY,
+        model=str(embedded_model_dir),
+        served_model_name=MODEL,
+        dtype="float32",
+        num_kv_blocks=32,
+        max_num_seqs=4,
+        max_model_len=256,
+        default_max_tokens=1,
+        api_key=KEY,
         ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
         engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
     )
@@ -74,8 +80,12 @@ def _is_openai_401(r: requests.Response) -> bool:
     if r.request.method == "HEAD":
         return True
     err = r.json()["error"]
-    return (set(err) == {"message", "type", "param", "code"} and err["type"] == "authentication_error"
-            and err["code"] == "invalid_api_key" and err["message"])
+    return (
+        set(err) == {"message", "type", "param", "code"}
+        and err["type"] == "authentication_error"
+        and err["code"] == "invalid_api_key"
+        and err["message"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------- S2: HTTP
@@ -84,8 +94,16 @@ def _is_openai_401(r: requests.Response) -> bool:
 def test_route_table_is_what_we_audit() -> None:
     """A change of the route table shows up here first: review its auth before updating this list."""
     paths = {p for _, p in _route_calls()}
-    assert paths == {"/openapi.json", "/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize",
-                     "/detokenize", "/health", "/metrics"}
+    assert paths == {
+        "/openapi.json",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/tokenize",
+        "/detokenize",
+        "/health",
+        "/metrics",
+    }
     assert not {"/docs", "/redoc", "/docs/oauth2-redirect"} & paths
 
 
@@ -94,8 +112,13 @@ def test_every_http_route_needs_the_key(sec_app) -> None:  # noqa: ANN001
     for method, path in _route_calls():
         url = sec_app.base + path
         body = BODIES.get(path, {}) if method == "POST" else None
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
-                        {"Authorization": f"Basic {KEY}"}, {"X-Api-Key": KEY}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": KEY},
+            {"Authorization": f"Basic {KEY}"},
+            {"X-Api-Key": KEY},
+        ):
             r = requests.request(method, url, json=body, headers=headers, timeout=60)
             if path in OPEN_PATHS:
                 if r.status_code == 401:
@@ -130,9 +153,12 @@ def _rpc(channel: grpc.Channel, service: str, method) -> tuple[object, object]: 
     request_cls = message_factory.GetMessageClass(method.input_type)
     response_cls = message_factory.GetMessageClass(method.output_type)
     path = f"/{service}/{method.name}"
-    kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
-            (True, False): channel.stream_unary, (True, True): channel.stream_stream}[
-        (method.client_streaming, method.server_streaming)]
+    kind = {
+        (False, False): channel.unary_unary,
+        (False, True): channel.unary_stream,
+        (True, False): channel.stream_unary,
+        (True, True): channel.stream_stream,
+    }[(method.client_streaming, method.server_streaming)]
     call = kind(path, request_serializer=lambda m: m.SerializeToString(), response_deserializer=response_cls.FromString)
     return call, request_cls()
 
@@ -168,8 +194,10 @@ def test_every_rpc_needs_the_key(sec_app) -> None:  # noqa: ANN001
 def test_grpc_health_is_open(sec_app) -> None:  # noqa: ANN001
     stub = health_pb2_grpc.HealthStub(sec_app.channel)
     meta = [("application", APP)]
-    assert stub.Check(health_pb2.HealthCheckRequest(), timeout=30, metadata=meta).status == \
-        health_pb2.HealthCheckResponse.SERVING
+    assert (
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=30, metadata=meta).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
     watch = stub.Watch(health_pb2.HealthCheckRequest(service="epserve.v1.Epserve"), timeout=30, metadata=meta)
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     watch.cancel()
@@ -179,16 +207,34 @@ def test_grpc_health_is_open(sec_app) -> None:  # noqa: ANN001
 
 SCANNED = ("model_shards", "cluster", "replicas", "epserve", "loadtest")
 BANNED_CALLS = {
-    "pickle.load": "unpickling", "pickle.loads": "unpickling", "pickle.Unpickler": "unpickling",
-    "_pickle.loads": "unpickling", "cloudpickle.load": "unpickling", "cloudpickle.loads": "unpickling",
-    "dill.load": "unpickling", "dill.loads": "unpickling", "marshal.load": "unmarshalling",
-    "marshal.loads": "unmarshalling", "shelve.open": "unpickling", "jsonpickle.decode": "unpickling",
-    "torch.load": "pickle-based weights", "torch.jit.load": "pickle-based weights",
-    "torch.serialization.load": "pickle-based weights", "eval": "eval", "exec": "exec",
-    "builtins.eval": "eval", "builtins.exec": "exec", "yaml.unsafe_load": "unsafe yaml",
-    "yaml.unsafe_load_all": "unsafe yaml", "yaml.full_load": "unsafe yaml", "yaml.full_load_all": "unsafe yaml",
-    "os.system": "shell", "os.popen": "shell", "asyncio.create_subprocess_shell": "shell",
-    "jinja2.Environment": "unsandboxed jinja", "jinja2.Template": "unsandboxed jinja",
+    "pickle.load": "unpickling",
+    "pickle.loads": "unpickling",
+    "pickle.Unpickler": "unpickling",
+    "_pickle.loads": "unpickling",
+    "cloudpickle.load": "unpickling",
+    "cloudpickle.loads": "unpickling",
+    "dill.load": "unpickling",
+    "dill.loads": "unpickling",
+    "marshal.load": "unmarshalling",
+    "marshal.loads": "unmarshalling",
+    "shelve.open": "unpickling",
+    "jsonpickle.decode": "unpickling",
+    "torch.load": "pickle-based weights",
+    "torch.jit.load": "pickle-based weights",
+    "torch.serialization.load": "pickle-based weights",
+    "eval": "eval",
+    "exec": "exec",
+    "builtins.eval": "eval",
+    "builtins.exec": "exec",
+    "yaml.unsafe_load": "unsafe yaml",
+    "yaml.unsafe_load_all": "unsafe yaml",
+    "yaml.full_load": "unsafe yaml",
+    "yaml.full_load_all": "unsafe yaml",
+    "os.system": "shell",
+    "os.popen": "shell",
+    "asyncio.create_subprocess_shell": "shell",
+    "jinja2.Environment": "unsandboxed jinja",
+    "jinja2.Template": "unsandboxed jinja",
 }
 SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader", "BaseLoader"}
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npy", ".npz")
@@ -273,9 +319,20 @@ AutoModel.from_pretrained("x", trust_remote_code=True); np.load("a", allow_pickl
 open("pytorch_model.bin"); {"trust_remote_code": True}
 """
     found = unsafe_calls(bad)
-    for what in ("pickle.loads", "cloudpickle.load", "torch.load", ": eval", ": exec", "yaml.load without",
-                 "shell=True", "recv_pyobj", "trust_remote_code", "allow_pickle", "weight file name",
-                 "'trust_remote_code' key"):
+    for what in (
+        "pickle.loads",
+        "cloudpickle.load",
+        "torch.load",
+        ": eval",
+        ": exec",
+        "yaml.load without",
+        "shell=True",
+        "recv_pyobj",
+        "trust_remote_code",
+        "allow_pickle",
+        "weight file name",
+        "'trust_remote_code' key",
+    ):
         assert any(what in f for f in found), (what, found)
     assert len([f for f in found if "pickle.loads" in f]) == 2  # the alias `L` resolves too
     assert len([f for f in found if "yaml.load without" in f]) == 2
@@ -303,8 +360,13 @@ def test_checkpoints_are_read_through_safetensors_only(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"\x80\x04K\x01.")  # pickle of the int 1
     with pytest.raises(CheckpointError, match="safetensors"):
         CheckpointReader(tmp_path)
-    readers = {p.relative_to(ROOT).as_posix() for d in SCANNED if (ROOT / d).is_dir()
-               for p in (ROOT / d).rglob("*.py") if "safe_open(" in p.read_text() or "load_file(" in p.read_text()}
+    readers = {
+        p.relative_to(ROOT).as_posix()
+        for d in SCANNED
+        if (ROOT / d).is_dir()
+        for p in (ROOT / d).rglob("*.py")
+        if "safe_open(" in p.read_text() or "load_file(" in p.read_text()
+    }
     assert readers == {"model_shards/checkpoint_files.py"}, readers
 
 
@@ -323,8 +385,13 @@ ESCAPES = [
     "{{ messages[0].update({'role': 'system'}) }}",
 ]
 # Bare reads of an unsafe attribute render as jinja's Undefined (empty), revealing nothing.
-BARE_READS = ["{{ messages.__class__ }}", "{{ raise_exception.__globals__ }}", "{{ lipsum.__globals__ }}",
-              "{{ messages|attr('__class__')|attr('__mro__') }}", "{{ '{0.__class__}'.format(messages) }}"]
+BARE_READS = [
+    "{{ messages.__class__ }}",
+    "{{ raise_exception.__globals__ }}",
+    "{{ lipsum.__globals__ }}",
+    "{{ messages|attr('__class__')|attr('__mro__') }}",
+    "{{ '{0.__class__}'.format(messages) }}",
+]
 
 
 @pytest.mark.parametrize("source", ESCAPES)

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import requests
 import openai
 import pytest
+import requests
 import torch
 
 pytestmark = pytest.mark.timeout(900)
@@ -33,22 +33,32 @@ def app(serve_http: str, embedded_model_dir: Path):  # noqa: ANN201
     from replicas.app_args import AppArgs, AutoscalingArgs
 
     args = AppArgs(
-        model=str(embedded_model_dir), served_model_name="tiny", dtype="float32", trunk_ranks=1, expert_ranks=1,
-        num_kv_blocks=160, block_size=16, max_num_seqs=24, max_model_len=2048, collective_deadline_s=30,
+        model=str(embedded_model_dir),
+        served_model_name="tiny",
+        dtype="float32",
+        trunk_ranks=1,
+        expert_ranks=1,
+        num_kv_blocks=160,
+        block_size=16,
+        max_num_seqs=24,
+        max_model_len=2048,
+        collective_deadline_s=30,
         ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
         engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
     )
     serve.run(build_app(args), name=APP, route_prefix=PREFIX)
     base = serve_http + PREFIX
     yield SimpleNamespace(
-        base=base, model="tiny", folder=embedded_model_dir,
+        base=base,
+        model="tiny",
+        folder=embedded_model_dir,
         client=openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120),
         engine=serve.get_deployment_handle("EpserveEngine", app_name=APP),
     )
     serve.delete(APP)
 
 
-def _chat(app, content: str = "Tell me about expert parallelism.", **kw):  # noqa: ANN001, ANN202
+def _chat(app, content: str = "Tell me about expert parallelism.", **kw):  # noqa: ANN001, ANN003, ANN202
     """Thinking off: the random weights never close <think>, so with it on every output is reasoning."""
     kw["extra_body"] = {"chat_template_kwargs": {"enable_thinking": False}, **kw.get("extra_body", {})}
     return app.client.chat.completions.create(model=app.model, messages=[{"role": "user", "content": content}], **kw)
@@ -70,12 +80,24 @@ def test_chat_stream_equals_non_stream_and_usage_is_exact(app) -> None:  # noqa:
     full = _chat(app, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
     assert full.choices[0].finish_reason == "length"
     assert full.usage.completion_tokens == 12
-    prompt_len = requests.post(app.base + "/tokenize", json={
-        "messages": [{"role": "user", "content": "Tell me about expert parallelism."}],
-        "chat_template_kwargs": {"enable_thinking": False}}).json()["count"]
+    prompt_len = requests.post(
+        app.base + "/tokenize",
+        json={
+            "messages": [{"role": "user", "content": "Tell me about expert parallelism."}],
+            "chat_template_kwargs": {"enable_thinking": False},
+        },
+    ).json()["count"]
     assert full.usage.prompt_tokens == prompt_len
-    chunks = list(_chat(app, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True},
-                        extra_body={"ignore_eos": True}))
+    chunks = list(
+        _chat(
+            app,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     token_chunks = [c for c in chunks if c.choices]
     assert len(token_chunks) == 12, "one SSE event per token"
     assert "".join(c.choices[0].delta.content or "" for c in token_chunks) == full.choices[0].message.content
@@ -84,10 +106,19 @@ def test_chat_stream_equals_non_stream_and_usage_is_exact(app) -> None:  # noqa:
 
 
 def test_completions_stream_and_not(app) -> None:  # noqa: ANN001
-    full = app.client.completions.create(model=app.model, prompt="The capital of France is", max_tokens=8,
-                                         temperature=0, extra_body={"ignore_eos": True})
-    parts = list(app.client.completions.create(model=app.model, prompt="The capital of France is", max_tokens=8,
-                                               temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    full = app.client.completions.create(
+        model=app.model, prompt="The capital of France is", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    parts = list(
+        app.client.completions.create(
+            model=app.model,
+            prompt="The capital of France is",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(p.choices[0].text for p in parts) == full.choices[0].text
     assert len(parts) == 8 and full.usage.completion_tokens == 8
 
@@ -95,15 +126,34 @@ def test_completions_stream_and_not(app) -> None:  # noqa: ANN001
 def test_greedy_equals_epserve_generate(app, epserve_cache: Path) -> None:  # noqa: ANN001
     prompt = "Write one sentence about the sea."
     proc = subprocess.run(
-        [sys.executable, "-m", "epserve.cli", "generate", "--model", str(app.folder), "--prompt", prompt,
-         "--max-tokens", "16", "--temperature", "0", "--dtype", "float32", "--output", "json"],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                            "EPSERVE_CACHE_DIR": str(epserve_cache)},
+        [
+            sys.executable,
+            "-m",
+            "epserve.cli",
+            "generate",
+            "--model",
+            str(app.folder),
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "0",
+            "--dtype",
+            "float32",
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "EPSERVE_CACHE_DIR": str(epserve_cache)},
     )
     assert proc.returncode == 0, proc.stderr
     want = json.loads(proc.stdout)
-    got = app.client.completions.create(model=app.model, prompt=prompt, max_tokens=16, temperature=0,
-                                        extra_body={"skip_special_tokens": False})
+    got = app.client.completions.create(
+        model=app.model, prompt=prompt, max_tokens=16, temperature=0, extra_body={"skip_special_tokens": False}
+    )
     assert got.choices[0].text == want["text"]
     assert got.usage.completion_tokens == len(want["token_ids"])
 
@@ -116,17 +166,39 @@ def test_n_choices(app) -> None:  # noqa: ANN001
 
 
 def test_stop_string(app) -> None:  # noqa: ANN001
-    base = app.client.completions.create(model=app.model, prompt="Once upon a time", max_tokens=24, temperature=0,
-                                         extra_body={"ignore_eos": True}).choices[0].text
-    stop = next(base[i:i + 3] for i in range(6, len(base) - 3) if base[i:i + 3].strip() and base.find(base[i:i + 3]) == i)
-    cut = app.client.completions.create(model=app.model, prompt="Once upon a time", max_tokens=24, temperature=0,
-                                        stop=[stop], extra_body={"ignore_eos": True})
-    assert cut.choices[0].text == base[:base.index(stop)]
+    base = (
+        app.client.completions.create(
+            model=app.model, prompt="Once upon a time", max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
+    stop = next(
+        base[i : i + 3] for i in range(6, len(base) - 3) if base[i : i + 3].strip() and base.find(base[i : i + 3]) == i
+    )
+    cut = app.client.completions.create(
+        model=app.model,
+        prompt="Once upon a time",
+        max_tokens=24,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
+    assert cut.choices[0].text == base[: base.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in app.client.completions.create(
-        model=app.model, prompt="Once upon a time", max_tokens=24, temperature=0, stop=[stop], stream=True,
-        extra_body={"ignore_eos": True}))
-    assert streamed == base[:base.index(stop)]
+    streamed = "".join(
+        c.choices[0].text
+        for c in app.client.completions.create(
+            model=app.model,
+            prompt="Once upon a time",
+            max_tokens=24,
+            temperature=0,
+            stop=[stop],
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert streamed == base[: base.index(stop)]
 
 
 def test_logprobs_equal_model_log_softmax(app) -> None:  # noqa: ANN001
@@ -135,14 +207,17 @@ def test_logprobs_equal_model_log_softmax(app) -> None:  # noqa: ANN001
     from model_shards.tokenizer import Tokenizer
 
     prompt = [248045, 846, 198, 9419, 248046, 198]
-    out = app.client.completions.create(model=app.model, prompt=prompt, max_tokens=5, temperature=0, logprobs=3,
-                                        extra_body={"ignore_eos": True})
+    out = app.client.completions.create(
+        model=app.model, prompt=prompt, max_tokens=5, temperature=0, logprobs=3, extra_body={"ignore_eos": True}
+    )
     lp = out.choices[0].logprobs
     model = LocalModel.load(app.folder, dtype="float32")
     tok = Tokenizer.from_dir(app.folder)
     ids = list(prompt)
     pools = model.allocate(num_blocks=4, block_size=16, num_slots=1)
-    logits = model.forward(StepBatch.build([SeqChunk(tuple(ids), 0, 0, (0, 1, 2, 3))], block_size=16), pools).logits_RV[0]
+    logits = model.forward(StepBatch.build([SeqChunk(tuple(ids), 0, 0, (0, 1, 2, 3))], block_size=16), pools).logits_RV[
+        0
+    ]
     for step in range(5):
         ref = torch.log_softmax(logits, dim=-1)
         chosen = int(ref.argmax())
@@ -151,14 +226,18 @@ def test_logprobs_equal_model_log_softmax(app) -> None:  # noqa: ANN001
         top = sorted(lp.top_logprobs[step].values(), reverse=True)
         torch.testing.assert_close(torch.tensor(top), ref.topk(3).values, atol=1e-4, rtol=0)
         ids.append(chosen)
-        logits = model.forward(StepBatch.build([SeqChunk((chosen,), len(ids) - 1, 0, (0, 1, 2, 3))], block_size=16),
-                               pools).logits_RV[0]
+        logits = model.forward(
+            StepBatch.build([SeqChunk((chosen,), len(ids) - 1, 0, (0, 1, 2, 3))], block_size=16), pools
+        ).logits_RV[0]
 
 
 def test_seed_reproducibility(app) -> None:  # noqa: ANN001
     def draw(seed: int) -> str:
-        return _chat(app, max_tokens=10, temperature=1.0, top_p=0.9, seed=seed,
-                     extra_body={"ignore_eos": True}).choices[0].message.content
+        return (
+            _chat(app, max_tokens=10, temperature=1.0, top_p=0.9, seed=seed, extra_body={"ignore_eos": True})
+            .choices[0]
+            .message.content
+        )
 
     a, b, c = draw(123), draw(123), draw(124)
     assert a == b
@@ -169,11 +248,25 @@ def test_twenty_concurrent_streams(app) -> None:  # noqa: ANN001
     results: dict[int, tuple[int, int, int, str | None]] = {}
 
     def run(i: int) -> None:
-        chunks = list(_chat(app, f"Stream number {i}: say something.", max_tokens=10, temperature=0.7, seed=i,
-                            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+        chunks = list(
+            _chat(
+                app,
+                f"Stream number {i}: say something.",
+                max_tokens=10,
+                temperature=0.7,
+                seed=i,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+        )
         token_chunks = [c for c in chunks if c.choices]
-        results[i] = (len(token_chunks), chunks[-1].usage.completion_tokens, chunks[-1].usage.prompt_tokens,
-                      token_chunks[-1].choices[0].finish_reason)
+        results[i] = (
+            len(token_chunks),
+            chunks[-1].usage.completion_tokens,
+            chunks[-1].usage.prompt_tokens,
+            token_chunks[-1].choices[0].finish_reason,
+        )
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(20)]
     for t in threads:
@@ -182,17 +275,24 @@ def test_twenty_concurrent_streams(app) -> None:  # noqa: ANN001
         t.join(timeout=300)
     assert len(results) == 20
     for i, (n_chunks, completion, prompt_tokens, finish) in results.items():
-        expect_prompt = requests.post(app.base + "/tokenize", json={
-            "messages": [{"role": "user", "content": f"Stream number {i}: say something."}],
-            "chat_template_kwargs": {"enable_thinking": False}}).json()["count"]
+        expect_prompt = requests.post(
+            app.base + "/tokenize",
+            json={
+                "messages": [{"role": "user", "content": f"Stream number {i}: say something."}],
+                "chat_template_kwargs": {"enable_thinking": False},
+            },
+        ).json()["count"]
         assert (n_chunks, completion, prompt_tokens, finish) == (10, 10, expect_prompt, "length"), i
 
 
 def test_disconnect_returns_blocks_and_slot(app) -> None:  # noqa: ANN001
     baseline = app.engine.pool_state.remote().result()
-    with requests.post(app.base + "/v1/completions", json={
-            "model": app.model, "prompt": "A long story:", "max_tokens": 400, "stream": True, "ignore_eos": True},
-            stream=True, timeout=60) as r:
+    with requests.post(
+        app.base + "/v1/completions",
+        json={"model": app.model, "prompt": "A long story:", "max_tokens": 400, "stream": True, "ignore_eos": True},
+        stream=True,
+        timeout=60,
+    ) as r:
         assert r.status_code == 200
         seen = 0
         for line in r.iter_lines():
@@ -215,22 +315,38 @@ BAD = [
     ("not-an-object", "/v1/chat/completions", [1, 2], 400),
     ("missing-messages", "/v1/chat/completions", {"model": "tiny"}, 400),
     ("empty-messages", "/v1/chat/completions", {"model": "tiny", "messages": []}, 400),
-    ("temperature-wrong-type", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                                        "temperature": "hot"}, 400),
-    ("negative-max-tokens", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                                     "max_tokens": -5}, 400),
+    (
+        "temperature-wrong-type",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+        400,
+    ),
+    (
+        "negative-max-tokens",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5},
+        400,
+    ),
     ("n-zero", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 0}, 400),
     ("n-too-large", "/v1/completions", {"model": "tiny", "prompt": "x", "n": 100}, 400),
-    ("top-p-above-1", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                               "top_p": 1.5}, 400),
+    (
+        "top-p-above-1",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_p": 1.5},
+        400,
+    ),
     ("negative-temperature", "/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}, 400),
     ("unknown-model", "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404),
     ("prompt-too-long", "/v1/completions", {"model": "tiny", "prompt": [5] * 2100}, 400),
     ("max-tokens-beyond-context", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 5000}, 400),
     ("unknown-field", "/v1/completions", {"model": "tiny", "prompt": "x", "frobnicate": 1}, 400),
     ("too-many-stops", "/v1/completions", {"model": "tiny", "prompt": "x", "stop": [f"s{i}" for i in range(17)]}, 400),
-    ("top-logprobs-without-logprobs", "/v1/chat/completions", {"model": "tiny", "messages": [
-        {"role": "user", "content": "x"}], "top_logprobs": 2}, 400),
+    (
+        "top-logprobs-without-logprobs",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        400,
+    ),
     ("logprobs-too-many", "/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 30}, 400),
     ("token-id-outside-vocab", "/v1/completions", {"model": "tiny", "prompt": [1, 2, 999999999]}, 400),
     ("bad-role", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400),
@@ -259,9 +375,18 @@ def test_metrics_are_prometheus_text(app) -> None:  # noqa: ANN001
     _chat(app, max_tokens=3, temperature=0)
     time.sleep(2.5)  # replicas push every second
     text = requests.get(app.base + "/metrics").text
-    for name in ("epserve:time_to_first_token_seconds_bucket", "epserve:inter_token_latency_seconds_count",
-                 "epserve:e2e_request_latency_seconds_sum", "epserve:request_queue_time_seconds_count",
-                 "epserve:num_requests_running", "epserve:num_requests_waiting", "epserve:kv_cache_usage_perc",
-                 "epserve:state_slot_usage_perc", "epserve:prompt_tokens_total", "epserve:generation_tokens_total",
-                 "epserve:request_success_total", "epserve:expert_load_imbalance"):
+    for name in (
+        "epserve:time_to_first_token_seconds_bucket",
+        "epserve:inter_token_latency_seconds_count",
+        "epserve:e2e_request_latency_seconds_sum",
+        "epserve:request_queue_time_seconds_count",
+        "epserve:num_requests_running",
+        "epserve:num_requests_waiting",
+        "epserve:kv_cache_usage_perc",
+        "epserve:state_slot_usage_perc",
+        "epserve:prompt_tokens_total",
+        "epserve:generation_tokens_total",
+        "epserve:request_success_total",
+        "epserve:expert_load_imbalance",
+    ):
         assert name in text, name

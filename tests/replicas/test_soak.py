@@ -46,10 +46,19 @@ def _soak(serve_http: str, embedded_model_dir: Path, seconds: float) -> None:
     from replicas.app import build_app
     from replicas.app_args import AppArgs, AutoscalingArgs
 
-    args = AppArgs(model=str(embedded_model_dir), served_model_name="soaktiny", dtype="float32", trunk_ranks=2,
-                   expert_ranks=4, collective_deadline_s=20, num_kv_blocks=128, max_num_seqs=12, max_model_len=1024,
-                   ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
-                   engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1))
+    args = AppArgs(
+        model=str(embedded_model_dir),
+        served_model_name="soaktiny",
+        dtype="float32",
+        trunk_ranks=2,
+        expert_ranks=4,
+        collective_deadline_s=20,
+        num_kv_blocks=128,
+        max_num_seqs=12,
+        max_model_len=1024,
+        ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
+        engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
+    )
     serve.run(build_app(args), name=APP, route_prefix="/soak")
     base = serve_http + "/soak"
     outcomes = {"finished": 0, "error": 0, "lost": 0}
@@ -62,10 +71,20 @@ def _soak(serve_http: str, embedded_model_dir: Path, seconds: float) -> None:
             n += 1
             finish, error = None, None
             try:
-                with requests.post(base + "/v1/completions", json={
-                        "model": "soaktiny", "prompt": f"soak {i} {n}", "max_tokens": 24 + (n % 3) * 8,
-                        "stream": True, "temperature": 0.7, "seed": n, "ignore_eos": True},
-                        stream=True, timeout=(10, 120)) as r:
+                with requests.post(
+                    base + "/v1/completions",
+                    json={
+                        "model": "soaktiny",
+                        "prompt": f"soak {i} {n}",
+                        "max_tokens": 24 + (n % 3) * 8,
+                        "stream": True,
+                        "temperature": 0.7,
+                        "seed": n,
+                        "ignore_eos": True,
+                    },
+                    stream=True,
+                    timeout=(10, 120),
+                ) as r:
                     for line in r.iter_lines():
                         if line.startswith(b"data: ") and line != b"data: [DONE]":
                             obj = json.loads(line[6:])

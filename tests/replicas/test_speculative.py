@@ -39,12 +39,15 @@ def _rows(argmaxes: list[int], vocab: int = 10) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.parametrize("drafts,target,accepted,token", [
-    ([3, 4, 5], [3, 4, 5, 6], 3, 6),  # all right: the bonus token
-    ([3, 4, 5], [3, 7, 5, 6], 1, 7),  # second wrong: the target's token replaces it
-    ([2, 4, 5], [3, 4, 5, 6], 0, 3),  # first wrong
-    ([3], [3, 9], 1, 9),
-])
+@pytest.mark.parametrize(
+    "drafts,target,accepted,token",
+    [
+        ([3, 4, 5], [3, 4, 5, 6], 3, 6),  # all right: the bonus token
+        ([3, 4, 5], [3, 7, 5, 6], 1, 7),  # second wrong: the target's token replaces it
+        ([2, 4, 5], [3, 4, 5, 6], 0, 3),  # first wrong
+        ([3], [3, 9], 1, 9),
+    ],
+)
 def test_greedy_verification_known_answers(drafts: list[int], target: list[int], accepted: int, token: int) -> None:
     a, t = verify(_rows(target), drafts, GREEDY, position=0, q=[None] * len(drafts))
     assert (a, t) == (accepted, token)
@@ -140,8 +143,9 @@ def test_known_drafts_accepted_and_rolled_back_at_every_depth(peaked_model) -> N
 
     k, n = 3, 30
     prompt = list(_prompts(1, (37,))[0])
-    plain = generate_one(LocalRunner(peaked_model, num_blocks=8), prompt, params=GREEDY, max_tokens=n + k + 1,
-                         eos_token_ids=()).token_ids
+    plain = generate_one(
+        LocalRunner(peaked_model, num_blocks=8), prompt, params=GREEDY, max_tokens=n + k + 1, eos_token_ids=()
+    ).token_ids
     runner = LocalRunner(peaked_model, num_blocks=8, spec_tokens=k)
     table = tuple(range(8))
     out: list[int] = []
@@ -149,21 +153,26 @@ def test_known_drafts_accepted_and_rolled_back_at_every_depth(peaked_model) -> N
     drafts: tuple[int, ...] = ()
     seen = set()
     while len(out) < n:
-        seq = SeqStep(SeqChunk((*new, *drafts), context, 0, table, logits="all" if drafts else "last",
-                               verify=bool(drafts)), True, GREEDY, output_index=len(out), drafts=drafts)
+        seq = SeqStep(
+            SeqChunk((*new, *drafts), context, 0, table, logits="all" if drafts else "last", verify=bool(drafts)),
+            True,
+            GREEDY,
+            output_index=len(out),
+            drafts=drafts,
+        )
         res = runner.step([StepRequest((seq,))])[0]
         accepted = res.accepted[0]
         if drafts:
-            right = next((j for j, (d, t) in enumerate(zip(drafts, plain[len(out):])) if d != t), len(drafts))
-            assert len(accepted) == right, (drafts, plain[len(out):len(out) + k + 1])
+            right = next((j for j, (d, t) in enumerate(zip(drafts, plain[len(out) :])) if d != t), len(drafts))
+            assert len(accepted) == right, (drafts, plain[len(out) : len(out) + k + 1])
             seen.add(right)
         context += len(new) + len(accepted)
         out += [*accepted, res.token_ids[0]]
-        assert tuple(out) == plain[:len(out)], f"diverged at {len(out)}"
+        assert tuple(out) == plain[: len(out)], f"diverged at {len(out)}"
         new = [res.token_ids[0]]
         # next drafts: `depth` right tokens, then a wrong one (cycling depth 0..k)
         depth = (depth + 1) % (k + 1)
-        nxt = list(plain[len(out):len(out) + k])
+        nxt = list(plain[len(out) : len(out) + k])
         if len(nxt) == k:
             if depth < k:
                 nxt[depth] = (nxt[depth] + 1) % 1000
@@ -178,28 +187,42 @@ class _Async:
     def __init__(self, runner) -> None:  # noqa: ANN001
         self.runner = runner
 
-    async def step(self, reqs):  # noqa: ANN001, ANN201
+    async def step(self, reqs):  # noqa: ANN001, ANN202
         return await asyncio.to_thread(self.runner.step, reqs)
 
 
-def _run_engine(runner, prompts, *, k: int, num_blocks: int, slots: int, params: SamplingParams,  # noqa: ANN001
-                max_tokens: int, trunk_ranks: int = 1) -> tuple[list[tuple[int, ...]], dict[str, float]]:
+def _run_engine(
+    runner,  # noqa: ANN001
+    prompts,  # noqa: ANN001
+    *,
+    k: int,
+    num_blocks: int,
+    slots: int,
+    params: SamplingParams,
+    max_tokens: int,
+    trunk_ranks: int = 1,
+) -> tuple[list[tuple[int, ...]], dict[str, float]]:
     from replicas.block_pool import BlockPool
     from replicas.engine import Engine
     from replicas.engine_types import GenerateRequest
     from replicas.scheduler import SchedulerConfig
 
     async def main():  # noqa: ANN202
-        engine = Engine(runner, pools=[BlockPool(num_blocks=num_blocks, num_slots=slots, block_size=BLOCK)
-                                       for _ in range(trunk_ranks)],
-                        config=SchedulerConfig(max_num_seqs=slots, max_num_batched_tokens=128, lookahead=2 * k),
-                        tokenizer=None, max_waiting=len(prompts), spec_tokens=k)
+        engine = Engine(
+            runner,
+            pools=[BlockPool(num_blocks=num_blocks, num_slots=slots, block_size=BLOCK) for _ in range(trunk_ranks)],
+            config=SchedulerConfig(max_num_seqs=slots, max_num_batched_tokens=128, lookahead=2 * k),
+            tokenizer=None,
+            max_waiting=len(prompts),
+            spec_tokens=k,
+        )
         engine.start()
 
         async def one(i: int, p: tuple[int, ...]) -> tuple[int, ...]:
             toks: list[int] = []
-            req = GenerateRequest(request_id=f"r{i}", prompt_ids=p, params=params, max_tokens=max_tokens,
-                                  ignore_eos=True)
+            req = GenerateRequest(
+                request_id=f"r{i}", prompt_ids=p, params=params, max_tokens=max_tokens, ignore_eos=True
+            )
             async for ev in engine.generate(req):
                 assert ev.error is None, ev.error
                 toks += ev.token_ids
@@ -211,10 +234,18 @@ def _run_engine(runner, prompts, *, k: int, num_blocks: int, slots: int, params:
             except TimeoutError:
                 s = engine.scheduler
                 raise AssertionError(
-                    "engine stalled: waiting " + str([(q.num_tokens, q.num_computed) for q in s.waiting])
-                    + " running " + str([[(q.num_tokens, q.num_computed, len(q.addr.blocks), len(q.drafts))
-                                          for q in run] for run in s.running])
-                    + " free blocks " + str([p.free_blocks for p in s.pools])) from None
+                    "engine stalled: waiting "
+                    + str([(q.num_tokens, q.num_computed) for q in s.waiting])
+                    + " running "
+                    + str(
+                        [
+                            [(q.num_tokens, q.num_computed, len(q.addr.blocks), len(q.drafts)) for q in run]
+                            for run in s.running
+                        ]
+                    )
+                    + " free blocks "
+                    + str([p.free_blocks for p in s.pools])
+                ) from None
             for pool in engine.pool_state():  # everything returned
                 assert pool["free_blocks"] == pool["num_blocks"] and pool["free_slots"] == slots
             engine._record_gauges()
@@ -242,23 +273,40 @@ SMALL_POOL = 20
 @pytest.fixture(scope="module")
 def plain_outputs(peaked_model) -> list[tuple[int, ...]]:  # noqa: ANN001
     """Reference: no speculation, a pool large enough that nothing is preempted."""
-    outs, counters = _run_engine(_local(peaked_model, k=0, num_blocks=128, slots=6), PROMPTS, k=0, num_blocks=128,
-                                 slots=6, params=GREEDY, max_tokens=MAX_TOKENS)
+    outs, counters = _run_engine(
+        _local(peaked_model, k=0, num_blocks=128, slots=6),
+        PROMPTS,
+        k=0,
+        num_blocks=128,
+        slots=6,
+        params=GREEDY,
+        max_tokens=MAX_TOKENS,
+    )
     assert counters.get("num_preemptions", 0) == 0
     return outs
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_greedy_speculation_equals_plain_single_process(k: int, peaked_model, plain_outputs) -> None:  # noqa: ANN001
-    outs, c = _run_engine(_local(peaked_model, k=k, num_blocks=SMALL_POOL, slots=6), PROMPTS, k=k,
-                          num_blocks=SMALL_POOL, slots=6, params=GREEDY, max_tokens=MAX_TOKENS)
+    outs, c = _run_engine(
+        _local(peaked_model, k=k, num_blocks=SMALL_POOL, slots=6),
+        PROMPTS,
+        k=k,
+        num_blocks=SMALL_POOL,
+        slots=6,
+        params=GREEDY,
+        max_tokens=MAX_TOKENS,
+    )
     for i, (got, want) in enumerate(zip(outs, plain_outputs)):
-        assert got == want, f"k={k}, prompt {i}: first difference at {next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)}"
+        assert got == want, (
+            f"k={k}, prompt {i}: first difference at {next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)}"
+        )
     drafted, accepted = c.get("spec_decode_num_draft_tokens", 0), c.get("spec_decode_num_accepted_tokens", 0)
     assert c.get("num_preemptions", 0) > 0, "the small pool was meant to preempt"
     assert drafted > 0 and 0 < accepted < drafted, (drafted, accepted)
-    print(f"\nk={k}: acceptance {accepted / drafted:.2f} ({accepted}/{drafted}), "
-          f"preemptions {int(c['num_preemptions'])}")
+    print(
+        f"\nk={k}: acceptance {accepted / drafted:.2f} ({accepted}/{drafted}), preemptions {int(c['num_preemptions'])}"
+    )
 
 
 def test_sampled_speculation_is_seeded_and_completes(peaked_model) -> None:  # noqa: ANN001
@@ -270,10 +318,24 @@ def test_sampled_speculation_is_seeded_and_completes(peaked_model) -> None:  # n
     seeded output across different preemption histories has the same distribution, not the same tokens.
     """
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=5)
-    a, c = _run_engine(_local(peaked_model, k=2, num_blocks=SMALL_POOL, slots=6), PROMPTS, k=2,
-                       num_blocks=SMALL_POOL, slots=6, params=params, max_tokens=MAX_TOKENS)
-    b, _ = _run_engine(_local(peaked_model, k=2, num_blocks=SMALL_POOL, slots=6), PROMPTS, k=2,
-                       num_blocks=SMALL_POOL, slots=6, params=params, max_tokens=MAX_TOKENS)
+    a, c = _run_engine(
+        _local(peaked_model, k=2, num_blocks=SMALL_POOL, slots=6),
+        PROMPTS,
+        k=2,
+        num_blocks=SMALL_POOL,
+        slots=6,
+        params=params,
+        max_tokens=MAX_TOKENS,
+    )
+    b, _ = _run_engine(
+        _local(peaked_model, k=2, num_blocks=SMALL_POOL, slots=6),
+        PROMPTS,
+        k=2,
+        num_blocks=SMALL_POOL,
+        slots=6,
+        params=params,
+        max_tokens=MAX_TOKENS,
+    )
     assert a == b
     assert all(len(t) == MAX_TOKENS for t in a)
     assert c["spec_decode_num_accepted_tokens"] > 0
@@ -284,27 +346,45 @@ class _GroupRunner:
     def __init__(self, group) -> None:  # noqa: ANN001
         self.group = group
 
-    async def step(self, reqs):  # noqa: ANN001, ANN201
+    async def step(self, reqs):  # noqa: ANN001, ANN202
         return await self.group.step(reqs)
 
 
 @pytest.mark.parametrize("d,x", [(1, 2), (2, 2)], ids=lambda v: str(v))
-def test_greedy_speculation_equals_plain_expert_parallel(d: int, x: int, ray_cluster, peaked_checkpoint: Path,  # noqa: ANN001
-                                                         plain_outputs) -> None:
+def test_greedy_speculation_equals_plain_expert_parallel(
+    d: int,
+    x: int,
+    ray_cluster,  # noqa: ANN001
+    peaked_checkpoint: Path,
+    plain_outputs,  # noqa: ANN001
+) -> None:
     from cluster.topology import GroupShape
     from replicas.actors import CacheSizes
     from replicas.group import ExpertParallelGroup, GroupConfig
 
     k = 2
     pool = SMALL_POOL if d == 1 else 12  # per trunk rank: the longest sequence (11 blocks) still fits
-    group = ExpertParallelGroup(GroupConfig(model_dir=str(peaked_checkpoint), shape=GroupShape(d, x), dtype="float32",
-                                            deadline_s=60.0,
-                                            caches=CacheSizes(num_blocks=pool, block_size=BLOCK, num_slots=6,
-                                                              spec_tokens=k)))
+    group = ExpertParallelGroup(
+        GroupConfig(
+            model_dir=str(peaked_checkpoint),
+            shape=GroupShape(d, x),
+            dtype="float32",
+            deadline_s=60.0,
+            caches=CacheSizes(num_blocks=pool, block_size=BLOCK, num_slots=6, spec_tokens=k),
+        )
+    )
     group.start()
     try:
-        outs, c = _run_engine(_GroupRunner(group), PROMPTS, k=k, num_blocks=pool, slots=6, params=GREEDY,
-                              max_tokens=MAX_TOKENS, trunk_ranks=d)
+        outs, c = _run_engine(
+            _GroupRunner(group),
+            PROMPTS,
+            k=k,
+            num_blocks=pool,
+            slots=6,
+            params=GREEDY,
+            max_tokens=MAX_TOKENS,
+            trunk_ranks=d,
+        )
     finally:
         group.shutdown()
     assert outs == plain_outputs
@@ -314,12 +394,16 @@ def test_greedy_speculation_equals_plain_expert_parallel(d: int, x: int, ray_clu
 # ---------------------------------------------------------------------------- served
 def _counter(metrics_text: str, name: str) -> float:
     """Sum of a Prometheus counter's samples (every label set)."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
-               if line.startswith(f"epserve:{name}_total"))
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines() if line.startswith(f"epserve:{name}_total")
+    )
 
 
-def test_served_speculation_equals_plain_and_counts(serve_ports, peaked_checkpoint: Path,  # noqa: ANN001
-                                                    plain_outputs) -> None:
+def test_served_speculation_equals_plain_and_counts(
+    serve_ports,  # noqa: ANN001
+    peaked_checkpoint: Path,
+    plain_outputs,  # noqa: ANN001
+) -> None:
     """The real app with `speculative_tokens` 2 (gRPC ingress, token ids in and out): greedy tokens equal
     decoding without speculation, and the acceptance counters reach /metrics."""
     import time
@@ -331,11 +415,21 @@ def test_served_speculation_equals_plain_and_counts(serve_ports, peaked_checkpoi
     from replicas.app_args import AppArgs, AutoscalingArgs
     from replicas.grpc_client import EpserveClient
 
-    args = AppArgs(model=str(peaked_checkpoint), served_model_name="spec-peaked", dtype="float32", trunk_ranks=1,
-                   expert_ranks=0, num_kv_blocks=64, block_size=BLOCK, max_num_seqs=4, max_num_batched_tokens=256,
-                   max_model_len=256, speculative_tokens=2,
-                   ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
-                   engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1))
+    args = AppArgs(
+        model=str(peaked_checkpoint),
+        served_model_name="spec-peaked",
+        dtype="float32",
+        trunk_ranks=1,
+        expert_ranks=0,
+        num_kv_blocks=64,
+        block_size=BLOCK,
+        max_num_seqs=4,
+        max_num_batched_tokens=256,
+        max_model_len=256,
+        speculative_tokens=2,
+        ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
+        engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
+    )
     serve.run(build_app(args), name="spec", route_prefix="/spec")
     http, grpc_target = serve_ports
     try:

@@ -35,13 +35,32 @@ def _env() -> dict[str, str]:
 
 
 def _epserve(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "epserve.cli", *args], env=_env(), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "epserve.cli", *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_generate_on_more_ranks_than_cores_matches_single_process(embedded_model_dir: Path) -> None:
-    common = ["generate", "--model", str(embedded_model_dir), "--prompt", "The capital of France is",
-              "--max-tokens", "6", "--temperature", "0", "--dtype", "float32", "--output", "json"]
+    common = [
+        "generate",
+        "--model",
+        str(embedded_model_dir),
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--dtype",
+        "float32",
+        "--output",
+        "json",
+    ]
     single = _epserve(*common, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     group = _epserve(*common, "--trunk-ranks", "1", "--expert-ranks", "2", timeout=400)
@@ -54,8 +73,22 @@ def test_gpu_layout_without_gpus_fails_fast_naming_them(embedded_model_dir: Path
     config = tmp_path / "app.yaml"
     config.write_text("gpus: true\n")
     t0 = time.monotonic()
-    r = _epserve("serve", "--model", str(embedded_model_dir), "--config", str(config), "--trunk-ranks", "1",
-                 "--expert-ranks", "2", "--port", str(free_port()), "--grpc-port", str(free_port()), timeout=120)
+    r = _epserve(
+        "serve",
+        "--model",
+        str(embedded_model_dir),
+        "--config",
+        str(config),
+        "--trunk-ranks",
+        "1",
+        "--expert-ranks",
+        "2",
+        "--port",
+        str(free_port()),
+        "--grpc-port",
+        str(free_port()),
+        timeout=120,
+    )
     elapsed = time.monotonic() - t0
     assert r.returncode != 0
     assert "GPU 3" in r.stderr and "the cluster has 0" in r.stderr, r.stderr[-3000:]
@@ -84,8 +117,18 @@ def test_replica_start_up_error_is_the_commands_error(embedded_model_dir: Path, 
     with the replica's own message, not Serve's wrapper or a hang."""
     config = tmp_path / "app.yaml"
     config.write_text("max_model_len: 10000000\n")
-    r = _epserve("serve", "--model", str(embedded_model_dir), "--config", str(config), "--port", str(free_port()),
-                 "--grpc-port", str(free_port()), timeout=400)
+    r = _epserve(
+        "serve",
+        "--model",
+        str(embedded_model_dir),
+        "--config",
+        str(config),
+        "--port",
+        str(free_port()),
+        "--grpc-port",
+        str(free_port()),
+        timeout=400,
+    )
     assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
     last = r.stderr.strip().splitlines()[-1]
     assert "failed to start" in last and "max_model_len 10000000 exceeds" in last, r.stderr[-3000:]
@@ -93,8 +136,11 @@ def test_replica_start_up_error_is_the_commands_error(embedded_model_dir: Path, 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_during_startup_leaves_no_ray_process(embedded_model_dir: Path, sig: int) -> None:
-    sp = start_serve(["--model", str(embedded_model_dir), "--trunk-ranks", "1", "--expert-ranks", "2"],
-                     port=free_port(), grpc_port=free_port())
+    sp = start_serve(
+        ["--model", str(embedded_model_dir), "--trunk-ranks", "1", "--expert-ranks", "2"],
+        port=free_port(),
+        grpc_port=free_port(),
+    )
     seen: dict[int, psutil.Process] = {}
     deadline = time.monotonic() + 180
     # Interrupt once the cluster is up and the app is deploying (replicas loading weights).

@@ -42,22 +42,49 @@ THINK_END = 248069
 SNIPPETS = ['"', "}", "]", ")", ",", "\n</parameter>\n", "</function>\n", "0", "7", "true", "null", " "]
 
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
-        "type": "object", "properties": {
-            "city": {"type": "string", "description": "City name"},
-            "days": {"type": "integer", "minimum": 1, "maximum": 14},
-            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            "detailed": {"type": "boolean"}},
-        "required": ["city"]}}},
-    {"type": "function", "function": {"name": "search_db", "parameters": {
-        "type": "object", "properties": {
-            "query": {"type": "string", "maxLength": 40},
-            "filters": {"$ref": "#/$defs/filters"},
-            "code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"}},
-        "required": ["query", "filters"],
-        "$defs": {"filters": {"type": "object", "properties": {
-            "year": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
-            "required": ["year"], "additionalProperties": False}}}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "description": "City name"},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 14},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                    "detailed": {"type": "boolean"},
+                },
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "search_db",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "query": {"type": "string", "maxLength": 40},
+                    "filters": {"$ref": "#/$defs/filters"},
+                    "code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"},
+                },
+                "required": ["query", "filters"],
+                "$defs": {
+                    "filters": {
+                        "type": "object",
+                        "properties": {
+                            "year": {"type": "integer"},
+                            "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+                        },
+                        "required": ["year"],
+                        "additionalProperties": False,
+                    }
+                },
+            },
+        },
+    },
     {"type": "function", "function": {"name": "ping"}},
 ]
 
@@ -68,19 +95,41 @@ PERSON = {
         "age": {"type": "integer", "minimum": 0, "maximum": 150},
         "email": {"type": "string"},
         "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
-        "address": {"type": "object", "properties": {"street": {"type": "string"},
-                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                    "required": ["zip"], "additionalProperties": False},
+        "address": {
+            "type": "object",
+            "properties": {"street": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "required": ["zip"],
+            "additionalProperties": False,
+        },
     },
     "required": ["name", "age", "address"],
     "additionalProperties": False,
 }
-SHAPE = {"anyOf": [{"type": "integer"}, {"type": "object", "properties": {
-    "kind": {"const": "point"}, "x": {"type": "number"}, "y": {"type": "number"}},
-    "required": ["kind", "x", "y"], "additionalProperties": False}]}
-LINKED = {"$defs": {"node": {"type": "object", "properties": {
-    "value": {"type": "integer"}, "next": {"anyOf": [{"$ref": "#/$defs/node"}, {"type": "null"}]}},
-    "required": ["value", "next"], "additionalProperties": False}}, "$ref": "#/$defs/node"}
+SHAPE = {
+    "anyOf": [
+        {"type": "integer"},
+        {
+            "type": "object",
+            "properties": {"kind": {"const": "point"}, "x": {"type": "number"}, "y": {"type": "number"}},
+            "required": ["kind", "x", "y"],
+            "additionalProperties": False,
+        },
+    ]
+}
+LINKED = {
+    "$defs": {
+        "node": {
+            "type": "object",
+            "properties": {
+                "value": {"type": "integer"},
+                "next": {"anyOf": [{"$ref": "#/$defs/node"}, {"type": "null"}]},
+            },
+            "required": ["value", "next"],
+            "additionalProperties": False,
+        }
+    },
+    "$ref": "#/$defs/node",
+}
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +162,9 @@ class RandomSampler:
         self.tokenizer = tokenizer
         self.snippets = [tokenizer.encode(s) for s in SNIPPETS]
 
-    def generate(self, grammar: CompiledGrammar, *, seed: int, eos_ids: tuple[int, ...] = EOS,
-                 max_tokens: int = 600) -> tuple[str, list[int], GrammarMatcher]:
+    def generate(
+        self, grammar: CompiledGrammar, *, seed: int, eos_ids: tuple[int, ...] = EOS, max_tokens: int = 600
+    ) -> tuple[str, list[int], GrammarMatcher]:
         gen = torch.Generator().manual_seed(seed)
         matcher = GrammarMatcher(grammar, eos_ids=eos_ids)
         ids: list[int] = []
@@ -131,8 +181,9 @@ class RandomSampler:
         assert len(text_ids) == len(ids) or (len(text_ids) == len(ids) - 1 and ids[-1] in eos_ids)
         return self.tokenizer.decode(text_ids), ids, matcher
 
-    def _pick(self, allowed: np.ndarray, matcher: GrammarMatcher, plan: list[int],
-              gen: torch.Generator) -> tuple[int, list[int]]:
+    def _pick(
+        self, allowed: np.ndarray, matcher: GrammarMatcher, plan: list[int], gen: torch.Generator
+    ) -> tuple[int, list[int]]:
         def coin(p: float) -> bool:
             return torch.rand((), generator=gen).item() < p
 
@@ -205,8 +256,17 @@ def test_json_object_outputs_are_objects(cache: GrammarCache, sampler: RandomSam
         assert isinstance(json.loads(text), dict), text
 
 
-@pytest.mark.parametrize("regex", [r"\d{3}-[a-z]{2,4}", r"(yes|no|maybe)!?", r"[A-Z][a-z]+( [A-Z][a-z]+){0,2}",
-                                   r"-?(0|[1-9][0-9]{0,5})(\.[0-9]{1,3})?", r"héllo|wörld ☃", r"a/b"])
+@pytest.mark.parametrize(
+    "regex",
+    [
+        r"\d{3}-[a-z]{2,4}",
+        r"(yes|no|maybe)!?",
+        r"[A-Z][a-z]+( [A-Z][a-z]+){0,2}",
+        r"-?(0|[1-9][0-9]{0,5})(\.[0-9]{1,3})?",
+        r"héllo|wörld ☃",
+        r"a/b",
+    ],
+)
 def test_regex_outputs_fullmatch(regex: str, cache: GrammarCache, sampler: RandomSampler) -> None:
     grammar = cache.get(GrammarSpec.from_structured_outputs({"regex": regex}))
     for seed in range(3):
@@ -237,7 +297,7 @@ def test_reasoning_then_json(cache: GrammarCache, sampler: RandomSampler) -> Non
     for seed in range(2):
         _, ids, _ = sampler.generate(grammar, seed=seed)
         assert ids.count(THINK_END) == 1
-        answer = sampler.tokenizer.decode([t for t in ids[ids.index(THINK_END) + 1:] if t not in EOS])
+        answer = sampler.tokenizer.decode([t for t in ids[ids.index(THINK_END) + 1 :] if t not in EOS])
         assert answer.startswith("\n\n")
         jsonschema.validate(json.loads(answer), SHAPE)
 
@@ -259,17 +319,29 @@ def test_named_tool_call_is_one_call_of_it(cache: GrammarCache, sampler: RandomS
     grammar = cache.get(spec)
     for seed in range(4):
         text, _, _ = sampler.generate(grammar, seed=seed, max_tokens=1500)
-        (name, raw), = parse_tool_calls(text)
+        ((name, raw),) = parse_tool_calls(text)
         assert name == "search_db"
         jsonschema.validate(typed_arguments(raw, tool_parameters(name)), tool_parameters(name))
 
 
 def test_tool_calls_rendered_by_the_chat_template_are_accepted(tokenizer: Tokenizer, cache: GrammarCache) -> None:
-    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": {
-                 "city": "São Paulo\nBrazil", "days": 3, "unit": "celsius"}}},
-             {"type": "function", "function": {"name": "search_db", "arguments": {
-                 "query": "rain", "filters": {"year": 2024, "tags": ["a", "b"]}, "code": "AB12"}}},
-             {"type": "function", "function": {"name": "ping", "arguments": {}}}]
+    calls = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "arguments": {"city": "São Paulo\nBrazil", "days": 3, "unit": "celsius"},
+            },
+        },
+        {
+            "type": "function",
+            "function": {
+                "name": "search_db",
+                "arguments": {"query": "rain", "filters": {"year": 2024, "tags": ["a", "b"]}, "code": "AB12"},
+            },
+        },
+        {"type": "function", "function": {"name": "ping", "arguments": {}}},
+    ]
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": calls}]
     prompt = tokenizer.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=False)
     rendered = prompt.split("</think>\n\n")[-1].removesuffix("<|im_end|>\n")
@@ -292,53 +364,108 @@ def test_single_call_when_parallel_tool_calls_is_false(tokenizer: Tokenizer, cac
 # --------------------------------------------------------------------------- validation and bounds
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: GrammarSpec.for_json_schema({"type": "foo"}), "Invalid type"),
-    (lambda: GrammarSpec.for_json_schema({"properties": 5}), "properties must be an object"),
-    (lambda: GrammarSpec.for_json_schema({"type": "string", "format": "weird"}), "Unknown format"),
-    (lambda: GrammarSpec.for_regex("(a"), "unclosed group"),
-    (lambda: GrammarSpec.for_regex("a(?=b)"), "look-around"),
-    (lambda: GrammarSpec.for_grammar("start: foo"), "unknown name"),
-    (lambda: GrammarSpec.from_tool_choice("required", [{"type": "function", "function": {
-        "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer", "minimum": "a"}}}}}]),
-     "invalid tool_call"),
-], ids=["schema_type", "schema_properties", "schema_format", "regex_group", "regex_lookaround", "lark_name",
-        "tool_schema"])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: GrammarSpec.for_json_schema({"type": "foo"}), "Invalid type"),
+        (lambda: GrammarSpec.for_json_schema({"properties": 5}), "properties must be an object"),
+        (lambda: GrammarSpec.for_json_schema({"type": "string", "format": "weird"}), "Unknown format"),
+        (lambda: GrammarSpec.for_regex("(a"), "unclosed group"),
+        (lambda: GrammarSpec.for_regex("a(?=b)"), "look-around"),
+        (lambda: GrammarSpec.for_grammar("start: foo"), "unknown name"),
+        (
+            lambda: GrammarSpec.from_tool_choice(
+                "required",
+                [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {"type": "object", "properties": {"x": {"type": "integer", "minimum": "a"}}},
+                        },
+                    }
+                ],
+            ),
+            "invalid tool_call",
+        ),
+    ],
+    ids=[
+        "schema_type",
+        "schema_properties",
+        "schema_format",
+        "regex_group",
+        "regex_lookaround",
+        "lark_name",
+        "tool_schema",
+    ],
+)
 def test_compile_errors_are_value_errors(make, message: str, cache: GrammarCache) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match=message):
         cache.get(make())
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: GrammarSpec.for_json_schema("{not json"), "not valid JSON"),
-    (lambda: GrammarSpec.for_json_schema(5), "must be a JSON object"),
-    (lambda: GrammarSpec.for_json_schema(False), "must be a JSON object or true"),
-    (lambda: GrammarSpec("json_schema", "[1]"), "must be a JSON object or true"),
-    (lambda: GrammarSpec.for_json_schema({"enum": ["x" * 1000] * 70}), f"limit of {MAX_SCHEMA_BYTES}"),
-    (lambda: GrammarSpec.for_regex("a" * (MAX_REGEX_BYTES + 1)), f"limit of {MAX_REGEX_BYTES}"),
-    (lambda: GrammarSpec.for_choice([]), "non-empty"),
-    (lambda: GrammarSpec.for_choice(["x"] * (MAX_CHOICES + 1)), f"limit of {MAX_CHOICES}"),
-    (lambda: GrammarSpec.for_choice(["a", 1]), "must be strings"),
-    (lambda: GrammarSpec.for_grammar("start: X\n" + "// pad\n" * 10000), "over the limit"),
-    (lambda: GrammarSpec.for_grammar("start: X\nX: " + " & ".join(["/a/"] * 12)), "regex operators"),
-    (lambda: GrammarSpec("xml", "x"), "kind must be one of"),
-    (lambda: GrammarSpec.from_response_format({"type": "xml"}), "response_format.type"),
-    (lambda: GrammarSpec.from_response_format({"type": "json_schema", "json_schema": {"name": "x"}}),
-     "json_schema.schema"),
-    (lambda: GrammarSpec.from_structured_outputs({"json": {}, "regex": "a"}), "exactly one"),
-    (lambda: GrammarSpec.from_structured_outputs({"structural_tag": "x"}), "unsupported"),
-    (lambda: GrammarSpec.from_tool_choice("required", None), "non-empty tools"),
-    (lambda: GrammarSpec.from_tool_choice({"type": "function", "function": {"name": "nope"}}, TOOLS),
-     "not among the tools"),
-    (lambda: GrammarSpec.from_tool_choice("required", [{"type": "function", "function": {
-        "name": "f", "parameters": {"type": "object", "properties": {}, "required": ["x"]}}}]),
-     "not in parameters.properties"),
-    (lambda: GrammarSpec.from_tool_choice("required", [{"type": "function", "function": {
-        "name": "f", "parameters": {"type": "object", "properties": {"a>b": {}}}}}]), "parameter name"),
-    (lambda: GrammarSpec.from_tool_choice("required", [{"type": "function", "function": {"name": "a b"}}]),
-     "function.name"),
-    (lambda: GrammarSpec.from_tool_choice("sometimes", TOOLS), "tool_choice must be"),
-], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: GrammarSpec.for_json_schema("{not json"), "not valid JSON"),
+        (lambda: GrammarSpec.for_json_schema(5), "must be a JSON object"),
+        (lambda: GrammarSpec.for_json_schema(False), "must be a JSON object or true"),
+        (lambda: GrammarSpec("json_schema", "[1]"), "must be a JSON object or true"),
+        (lambda: GrammarSpec.for_json_schema({"enum": ["x" * 1000] * 70}), f"limit of {MAX_SCHEMA_BYTES}"),
+        (lambda: GrammarSpec.for_regex("a" * (MAX_REGEX_BYTES + 1)), f"limit of {MAX_REGEX_BYTES}"),
+        (lambda: GrammarSpec.for_choice([]), "non-empty"),
+        (lambda: GrammarSpec.for_choice(["x"] * (MAX_CHOICES + 1)), f"limit of {MAX_CHOICES}"),
+        (lambda: GrammarSpec.for_choice(["a", 1]), "must be strings"),
+        (lambda: GrammarSpec.for_grammar("start: X\n" + "// pad\n" * 10000), "over the limit"),
+        (lambda: GrammarSpec.for_grammar("start: X\nX: " + " & ".join(["/a/"] * 12)), "regex operators"),
+        (lambda: GrammarSpec("xml", "x"), "kind must be one of"),
+        (lambda: GrammarSpec.from_response_format({"type": "xml"}), "response_format.type"),
+        (
+            lambda: GrammarSpec.from_response_format({"type": "json_schema", "json_schema": {"name": "x"}}),
+            "json_schema.schema",
+        ),
+        (lambda: GrammarSpec.from_structured_outputs({"json": {}, "regex": "a"}), "exactly one"),
+        (lambda: GrammarSpec.from_structured_outputs({"structural_tag": "x"}), "unsupported"),
+        (lambda: GrammarSpec.from_tool_choice("required", None), "non-empty tools"),
+        (
+            lambda: GrammarSpec.from_tool_choice({"type": "function", "function": {"name": "nope"}}, TOOLS),
+            "not among the tools",
+        ),
+        (
+            lambda: GrammarSpec.from_tool_choice(
+                "required",
+                [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {"type": "object", "properties": {}, "required": ["x"]},
+                        },
+                    }
+                ],
+            ),
+            "not in parameters.properties",
+        ),
+        (
+            lambda: GrammarSpec.from_tool_choice(
+                "required",
+                [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "object", "properties": {"a>b": {}}}},
+                    }
+                ],
+            ),
+            "parameter name",
+        ),
+        (
+            lambda: GrammarSpec.from_tool_choice("required", [{"type": "function", "function": {"name": "a b"}}]),
+            "function.name",
+        ),
+        (lambda: GrammarSpec.from_tool_choice("sometimes", TOOLS), "tool_choice must be"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
 def test_bad_specs_raise_value_error(make, message: str) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match=message):
         make()
@@ -374,7 +501,8 @@ def test_cache_compiles_each_spec_once(gtok: GuidanceTokenizer) -> None:
     cache = GrammarCache(gtok)
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     from_openai = GrammarSpec.from_response_format(
-        {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    )
     from_vllm = GrammarSpec.from_structured_outputs({"json": json.dumps(schema)})
     assert from_openai == from_vllm and hash(from_openai) == hash(from_vllm)
     first = cache.get(from_openai)

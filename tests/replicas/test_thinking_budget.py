@@ -53,9 +53,14 @@ def _run(model, reqs: list[GenerateRequest], *, k: int = 0, slots: int = 4):  # 
 
     async def main():  # noqa: ANN202
         runner = _Async(LocalRunner(model, num_blocks=64, block_size=BLOCK, num_slots=slots, spec_tokens=k))
-        engine = Engine(runner, pools=[BlockPool(num_blocks=64, num_slots=slots, block_size=BLOCK)],
-                        config=SchedulerConfig(max_num_seqs=slots, max_num_batched_tokens=256, lookahead=2 * k),
-                        tokenizer=None, max_waiting=len(reqs), spec_tokens=k)
+        engine = Engine(
+            runner,
+            pools=[BlockPool(num_blocks=64, num_slots=slots, block_size=BLOCK)],
+            config=SchedulerConfig(max_num_seqs=slots, max_num_batched_tokens=256, lookahead=2 * k),
+            tokenizer=None,
+            max_waiting=len(reqs),
+            spec_tokens=k,
+        )
         engine.start()
 
         async def one(req: GenerateRequest) -> tuple[list[int], int]:
@@ -76,11 +81,25 @@ def _run(model, reqs: list[GenerateRequest], *, k: int = 0, slots: int = 4):  # 
     return asyncio.run(main())
 
 
-def _req(rid: str, prompt: tuple[int, ...], max_tokens: int, budget: int | None, *,
-         params: SamplingParams = GREEDY, exits: tuple[int, ...] = (THINK_CLOSE,)) -> GenerateRequest:
-    return GenerateRequest(request_id=rid, prompt_ids=prompt, params=params, max_tokens=max_tokens, ignore_eos=True,
-                           max_thinking_tokens=budget, thinking_end_ids=END if budget is not None else (),
-                           thinking_exit_ids=exits if budget is not None else ())
+def _req(
+    rid: str,
+    prompt: tuple[int, ...],
+    max_tokens: int,
+    budget: int | None,
+    *,
+    params: SamplingParams = GREEDY,
+    exits: tuple[int, ...] = (THINK_CLOSE,),
+) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=rid,
+        prompt_ids=prompt,
+        params=params,
+        max_tokens=max_tokens,
+        ignore_eos=True,
+        max_thinking_tokens=budget,
+        thinking_end_ids=END if budget is not None else (),
+        thinking_exit_ids=exits if budget is not None else (),
+    )
 
 
 @pytest.mark.parametrize("token", [0, 31, 32, 63, THINK_CLOSE, 248319])
@@ -96,7 +115,7 @@ def test_one_token_mask_allows_only_that_token(token: int) -> None:
 
 def test_think_close_forced_exactly_at_the_budget(tiny_model, thinking_prompt) -> None:  # noqa: ANN001
     n = 14
-    (plain, _), = _run(tiny_model, [_req("plain", thinking_prompt, n, None)])[0]
+    ((plain, _),) = _run(tiny_model, [_req("plain", thinking_prompt, n, None)])[0]
     assert THINK_CLOSE not in plain, "random weights were expected never to close <think> by themselves"
     budgets = [0, 1, 5, 9]
     outs, _ = _run(tiny_model, [_req(f"b{b}", thinking_prompt, n, b) for b in budgets])
@@ -105,17 +124,16 @@ def test_think_close_forced_exactly_at_the_budget(tiny_model, thinking_prompt) -
         reasoning = out.index(THINK_CLOSE)
         assert reasoning == b, f"budget {b}: </think> after {reasoning} reasoning tokens"
         assert out[:b] == plain[:b], "the reasoning before the budget is the unbudgeted output"
-        assert out[b:b + 2] == list(END) and out.count(THINK_CLOSE) == 1
+        assert out[b : b + 2] == list(END) and out.count(THINK_CLOSE) == 1
     # after the forced text the model continues as it would from a prompt that holds that text
     b, (out, _) = 5, outs[2]
-    (cont, _), = _run(tiny_model, [_req("oracle", thinking_prompt + tuple(out[:b + 2]), n - b - 2, None)])[0]
-    assert out[b + 2:] == cont
+    ((cont, _),) = _run(tiny_model, [_req("oracle", thinking_prompt + tuple(out[: b + 2]), n - b - 2, None)])[0]
+    assert out[b + 2 :] == cont
 
 
 def test_budget_with_sampling_and_a_larger_budget_than_max_tokens(tiny_model, thinking_prompt) -> None:  # noqa: ANN001
     sampled = SamplingParams(temperature=0.6, top_k=20, top_p=0.95, seed=11)
-    outs, _ = _run(tiny_model, [_req("s", thinking_prompt, 12, 6, params=sampled),
-                                _req("big", thinking_prompt, 8, 50)])
+    outs, _ = _run(tiny_model, [_req("s", thinking_prompt, 12, 6, params=sampled), _req("big", thinking_prompt, 8, 50)])
     (s, _), (big, _) = outs
     assert s.index(THINK_CLOSE) == 6 and s[6:8] == list(END)
     assert THINK_CLOSE not in big and len(big) == 8  # max_tokens ends it first, all reasoning
@@ -123,12 +141,12 @@ def test_budget_with_sampling_and_a_larger_budget_than_max_tokens(tiny_model, th
 
 def test_model_ending_its_reasoning_stops_the_budget(tiny_model, thinking_prompt) -> None:  # noqa: ANN001
     """A token in thinking_exit_ids ends reasoning (as `</think>` written by the model does): nothing is forced."""
-    (plain, _), = _run(tiny_model, [_req("plain", thinking_prompt, 10, None)])[0]
-    (out, _), = _run(tiny_model, [_req("exit", thinking_prompt, 10, 4, exits=(plain[2],))])[0]
+    ((plain, _),) = _run(tiny_model, [_req("plain", thinking_prompt, 10, None)])[0]
+    ((out, _),) = _run(tiny_model, [_req("exit", thinking_prompt, 10, 4, exits=(plain[2],))])[0]
     assert out == plain
 
 
-def test_drafts_never_skip_the_forced_token(peaked_model, thinking_prompt) -> None:  # noqa: ANN001
+def test_drafts_never_skip_the_forced_token(peaked_model, thinking_prompt) -> None:  # noqa: ANN001, F811  # fixture imported above
     """Speculating k = 2: drafts stop short of the budget, so the output equals the budgeted run without drafts."""
     budgets = [1, 2, 3, 4, 5, 6, 7, 8]
     reqs = [_req(f"b{b}", thinking_prompt[: 10 + b], 16, b) for b in budgets]  # distinct prompts
@@ -137,7 +155,7 @@ def test_drafts_never_skip_the_forced_token(peaked_model, thinking_prompt) -> No
     assert counters.get("spec_decode_num_draft_tokens", 0) > 0
     for b, (want, _), (got, usage) in zip(budgets, plain, spec):
         assert got == want, f"budget {b}"
-        assert got.index(THINK_CLOSE) == b and got[b:b + 2] == list(END) and usage == 16
+        assert got.index(THINK_CLOSE) == b and got[b : b + 2] == list(END) and usage == 16
 
 
 # ---------------------------------------------------------------------------- where the budget comes from
@@ -146,12 +164,20 @@ def test_budget_resolution_request_then_server_then_checkpoint(embedded_model_di
     from replicas.request_builder import ModelContext
 
     def ctx(server: int | None) -> ModelContext:
-        return ModelContext.load(str(embedded_model_dir), name="t", max_model_len=512, cache_tokens=4096,
-                                 default_max_tokens=None, max_n=1, max_thinking_tokens=server)
+        return ModelContext.load(
+            str(embedded_model_dir),
+            name="t",
+            max_model_len=512,
+            cache_tokens=4096,
+            default_max_tokens=None,
+            max_n=1,
+            max_thinking_tokens=server,
+        )
 
     def built(c: ModelContext, body: dict, *, thinking: bool = True, grammar: object = None) -> GenerateRequest:
-        req = ChatCompletionRequest.model_validate({"model": "t", "messages": [{"role": "user", "content": "hi"}],
-                                                    "max_tokens": 8, **body})
+        req = ChatCompletionRequest.model_validate(
+            {"model": "t", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **body}
+        )
         return c.build(req, [1, 2, 3], request_id="r", thinking=thinking, grammar=grammar)
 
     checkpoint, server = ctx(None), ctx(3)

@@ -51,9 +51,16 @@ def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
 
     http, grpc_target = serve_ports
     args = AppArgs(
-        model=str(embedded_model_dir), served_model_name=MODEL, dtype="float32", num_kv_blocks=32, max_num_seqs=4,
-        max_model_len=256, default_max_tokens=1, api_key=KEY,
-        ingress_max_ongoing_requests=8, ingress_max_queued_requests=8,
+        model=str(embedded_model_dir),
+        served_model_name=MODEL,
+        dtype="float32",
+        num_kv_blocks=32,
+        max_num_seqs=4,
+        max_model_len=256,
+        default_max_tokens=1,
+        api_key=KEY,
+        ingress_max_ongoing_requests=8,
+        ingress_max_queued_requests=8,
         ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
         engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
     )
@@ -67,8 +74,13 @@ def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
 
 def _listeners(port: int, what: str) -> dict[str, int]:
     """The processes listening on a loopback port: Serve's proxies (one per node, sharing it by SO_REUSEPORT)."""
-    pids = sorted({c.pid for c in psutil.net_connections(kind="tcp")
-                   if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid})
+    pids = sorted(
+        {
+            c.pid
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid
+        }
+    )
     assert pids, f"nothing listens on port {port}"
     return {f"{what} {pid}": pid for pid in pids}
 
@@ -76,8 +88,7 @@ def _listeners(port: int, what: str) -> dict[str, int]:
 def _ingress_pid() -> int:
     """The ingress replica's process, by the title Ray gives an actor's worker (`ray::ServeReplica:APP:NAME`)."""
     title = f"ServeReplica:{APP}:EpserveIngress"
-    pids = [p.pid for p in psutil.process_iter(["cmdline"])
-            if any(title in part for part in (p.info["cmdline"] or []))]
+    pids = [p.pid for p in psutil.process_iter(["cmdline"]) if any(title in part for part in (p.info["cmdline"] or []))]
     assert len(pids) == 1, pids
     return pids[0]
 
@@ -113,8 +124,12 @@ class PeakRss:
 
 def _completion(base: str, timeout: float = 60) -> tuple[int, float]:
     t0 = time.monotonic()
-    r = requests.post(base + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1},
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=timeout)
+    r = requests.post(
+        base + "/v1/completions",
+        json={"model": MODEL, "prompt": "hi", "max_tokens": 1},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=timeout,
+    )
     return r.status_code, time.monotonic() - t0
 
 
@@ -131,8 +146,10 @@ def test_health_watch_streams_hold_no_ingress_slot(app) -> None:  # noqa: ANN001
         meta = (("application", APP),)
         async with grpc.aio.insecure_channel(app.grpc) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            calls = [stub.Watch(health_pb2.HealthCheckRequest(service="epserve.v1.Epserve"), metadata=meta)
-                     for _ in range(WATCHERS)]
+            calls = [
+                stub.Watch(health_pb2.HealthCheckRequest(service="epserve.v1.Epserve"), metadata=meta)
+                for _ in range(WATCHERS)
+            ]
 
             async def first(call) -> str:  # noqa: ANN001
                 try:
@@ -149,7 +166,9 @@ def test_health_watch_streams_hold_no_ingress_slot(app) -> None:  # noqa: ANN001
             t1 = time.monotonic()
             gen = epserve_pb2_grpc.EpserveStub(channel).Generate(
                 pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=1)),
-                metadata=meta + (("authorization", f"Bearer {KEY}"),), timeout=60)
+                metadata=meta + (("authorization", f"Bearer {KEY}"),),
+                timeout=60,
+            )
             grpc_replies = [m async for m in gen]
             grpc_s = time.monotonic() - t1
             health = await asyncio.to_thread(requests.get, app.base + "/health", timeout=30)
@@ -164,13 +183,23 @@ def test_health_watch_streams_hold_no_ingress_slot(app) -> None:  # noqa: ANN001
                 if again == "SERVING":
                     break
                 await asyncio.sleep(0.5)
-        return {"outcomes": outcomes, "opened_s": opened_s, "http": status, "http_s": http_s,
-                "grpc_replies": len(grpc_replies), "grpc_s": grpc_s, "health": health.status_code, "again": again}
+        return {
+            "outcomes": outcomes,
+            "opened_s": opened_s,
+            "http": status,
+            "http_s": http_s,
+            "grpc_replies": len(grpc_replies),
+            "grpc_s": grpc_s,
+            "health": health.status_code,
+            "again": again,
+        }
 
     r = asyncio.run(run())
     counts = {k: r["outcomes"].count(k) for k in set(r["outcomes"])}
-    print(f"\n{WATCHERS} Watch streams opened in {r['opened_s']:.1f} s: {counts}; with them open: HTTP completion "
-          f"{r['http']} in {r['http_s']:.2f} s, gRPC Generate {r['grpc_replies']} messages in {r['grpc_s']:.2f} s")
+    print(
+        f"\n{WATCHERS} Watch streams opened in {r['opened_s']:.1f} s: {counts}; with them open: HTTP completion "
+        f"{r['http']} in {r['http_s']:.2f} s, gRPC Generate {r['grpc_replies']} messages in {r['grpc_s']:.2f} s"
+    )
     assert r["http"] == 200 and r["http_s"] < 15
     assert r["grpc_replies"] >= 2 and r["grpc_s"] < 15
     assert r["health"] == 200
@@ -191,16 +220,23 @@ def test_grpc_message_over_cap_is_refused_before_buffering(app) -> None:  # noqa
     big = pb.GenerateRequest(text="x" * (64 * MiB), sampling=pb.SamplingParams(max_tokens=1))
     with grpc.insecure_channel(app.grpc, options=[("grpc.max_send_message_length", -1)]) as channel:
         stub = epserve_pb2_grpc.EpserveStub(channel)
-        list(stub.Generate(pb.GenerateRequest(text="hi"), metadata=[("application", APP), (
-            "authorization", f"Bearer {KEY}")], timeout=60))  # warm: the proxy and ingress are past start-up
+        list(
+            stub.Generate(
+                pb.GenerateRequest(text="hi"),
+                metadata=[("application", APP), ("authorization", f"Bearer {KEY}")],
+                timeout=60,
+            )
+        )  # warm: the proxy and ingress are past start-up
         with PeakRss({**_listeners(port, "grpc proxy"), "ingress": _ingress_pid()}) as rss:
             t0 = time.monotonic()
             with pytest.raises(grpc.RpcError) as info:
                 list(stub.Generate(big, metadata=[("application", APP)], timeout=60))
             took = time.monotonic() - t0
     growth = rss.growth_mib()
-    print(f"\n64 MiB gRPC message, no key: {info.value.code().name} in {took:.2f} s "
-          f"({info.value.details()[:80]}); RSS growth MiB {growth}")
+    print(
+        f"\n64 MiB gRPC message, no key: {info.value.code().name} in {took:.2f} s "
+        f"({info.value.details()[:80]}); RSS growth MiB {growth}"
+    )
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert all(g < 2 * CAP / MiB for g in growth.values()), growth
 
@@ -213,17 +249,24 @@ def test_http_body_over_cap_gets_413_without_buffering(app) -> None:  # noqa: AN
     results = {}
     with PeakRss({**_listeners(port, "http proxy"), "ingress": _ingress_pid()}) as rss:
         for name, headers, body in (
-                ("no key, Content-Length", {}, payload),
-                ("key, Content-Length", {"Authorization": f"Bearer {KEY}"}, payload),
-                # chunked: no length to judge by; refused once the cap is passed
-                ("key, chunked", {"Authorization": f"Bearer {KEY}"},
-                 (payload[i:i + MiB] for i in range(0, len(payload), MiB)))):
+            ("no key, Content-Length", {}, payload),
+            ("key, Content-Length", {"Authorization": f"Bearer {KEY}"}, payload),
+            # chunked: no length to judge by; refused once the cap is passed
+            (
+                "key, chunked",
+                {"Authorization": f"Bearer {KEY}"},
+                (payload[i : i + MiB] for i in range(0, len(payload), MiB)),
+            ),
+        ):
             t0 = time.monotonic()
             r = requests.post(url, data=body, headers={"Content-Type": "application/json", **headers}, timeout=120)
             results[name] = (r, time.monotonic() - t0)
     growth = rss.growth_mib()
-    print("\n64 MiB HTTP bodies: " + "; ".join(f"{k}: {r.status_code} in {s:.2f} s" for k, (r, s) in results.items())
-          + f"; RSS growth MiB {growth}")
+    print(
+        "\n64 MiB HTTP bodies: "
+        + "; ".join(f"{k}: {r.status_code} in {s:.2f} s" for k, (r, s) in results.items())
+        + f"; RSS growth MiB {growth}"
+    )
     for name, (r, _) in results.items():
         assert _is_openai_error(r, 413), (name, r.status_code, r.text[:200])
     assert all(g < 2 * CAP / MiB for g in growth.values()), growth
@@ -239,8 +282,10 @@ def test_unfinished_bodies_time_out_and_hold_no_slot(app) -> None:  # noqa: ANN0
     """40 authenticated requests that never finish their body (more than the ingress's 8 slots + 8 queued)."""
     host, port = app.http.removeprefix("http://").split(":")
     body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1}).encode()
-    head = (f"POST {PREFIX}/v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST {PREFIX}/v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     socks = []
     t0 = time.monotonic()
     for _ in range(40):
@@ -263,8 +308,10 @@ def test_unfinished_bodies_time_out_and_hold_no_slot(app) -> None:  # noqa: ANN0
         s.close()
     statuses = [a.split(b" ", 2)[1] if a else b"" for a, _ in answers]
     last = max(t for _, t in answers)
-    print(f"unfinished bodies answered {set(statuses)} within {last:.1f} s of sending "
-          f"(body_read_timeout_s {DEFAULTS.body_read_timeout_s})")
+    print(
+        f"unfinished bodies answered {set(statuses)} within {last:.1f} s of sending "
+        f"(body_read_timeout_s {DEFAULTS.body_read_timeout_s})"
+    )
     assert statuses == [b"408"] * 40
     err = json.loads(answers[0][0].split(b"\r\n\r\n", 1)[1])["error"]
     assert set(err) == {"message", "type", "param", "code"} and "body_read_timeout_s" in err["message"]
@@ -283,8 +330,9 @@ class _Uvicorn:
         from cluster.process_groups import free_port
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="off"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:
