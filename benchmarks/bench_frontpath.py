@@ -61,6 +61,8 @@ sys.path.insert(0, str(ROOT))
 
 EPSERVE, TRANSFORMERS = "epserve", "transformers"
 TARGET_TOKS, TARGET_TTFT = 1.0, 1.2
+NOTES = "## Notes"  # from this heading on, the results file is kept as it is on a rerun
+IDLE: dict[str, dict[str, float]] = {}  # server -> process class -> cores used while idle
 NICE: dict[str, dict[str, int]] = {}  # server -> process class -> niceness, filled after warm-up
 DEPS_DIR = Path.home() / ".cache" / "epserve" / "bench-deps"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -238,7 +240,9 @@ def make_servers(model: str, logs: Path, deps_dir: Path, tf_threads: int | None)
     if extra:
         tf_env["PYTHONPATH"] = extra
     if tf_threads:
-        tf_env["OMP_NUM_THREADS"] = str(tf_threads)  # torch's intra-op pool (epserve's trunk rank uses 1)
+        # torch's intra-op pool; epserve's trunk rank runs 1 thread. With one per core on a loaded 2-core machine
+        # generate() stalls in OpenMP barriers (40-110 s instead of 3 s for 64 tokens, measured 2026-12-05).
+        tf_env["OMP_NUM_THREADS"] = str(tf_threads)
     tf_port = free_port()
     tf = Server(TRANSFORMERS, [sys.executable, str(ROOT / "benchmarks" / "tf_serve_textonly.py"), model,
                                "--host", "127.0.0.1", "--port", str(tf_port), "--device", "cpu",
@@ -346,6 +350,10 @@ class Run:
     def cpu_per_req_s(self) -> float:
         return sum(self.cpu.values()) / len(self.reqs)
 
+    def busy_cpu(self, idle: dict[str, float]) -> dict[str, float]:
+        """CPU seconds per class beyond what the server burns idle over the same wall time."""
+        return {c: v - idle.get(c, 0.0) * self.wall_s for c, v in self.cpu.items()}
+
 
 async def run_requests(server: Server, other: Server, model: str, prompts: list[str], max_tokens: int,
                        timeout_s: float, round_: int) -> Run:
@@ -397,16 +405,19 @@ def check_counts(runs: list[Run], prompt_len: int, max_tokens: int) -> list[str]
     return problems
 
 
-def same_text_fraction(runs: list[Run]) -> tuple[int, int]:
+def same_text_fraction(runs: list[Run]) -> tuple[int, int, float]:
+    """(identical texts, pairs, mean common-prefix length in characters) of the two servers' greedy outputs."""
     by = {(r.server, r.round): r for r in runs}
     same = total = 0
+    prefix: list[int] = []
     for (srv, rnd), run in by.items():
         if srv != EPSERVE or (TRANSFORMERS, rnd) not in by:
             continue
         for a, b in zip(run.reqs, by[(TRANSFORMERS, rnd)].reqs):
             total += 1
             same += a.text == b.text
-    return same, total
+            prefix.append(len(os.path.commonprefix([a.text, b.text])))
+    return same, total, statistics.mean(prefix) if prefix else float("nan")
 
 
 def summarize(runs: list[Run]) -> dict:
@@ -414,13 +425,19 @@ def summarize(runs: list[Run]) -> dict:
     for srv in (EPSERVE, TRANSFORMERS):
         rs = [r for r in runs if r.server == srv]
         classes: dict[str, list[float]] = {}
+        busy: dict[str, list[float]] = {}
         for r in rs:
             for cls, cpu in r.cpu.items():
                 classes.setdefault(cls, []).append(cpu / len(r.reqs))
+            for cls, cpu in r.busy_cpu(IDLE.get(srv, {})).items():
+                busy.setdefault(cls, []).append(cpu / len(r.reqs))
         out[srv] = {
             "ttft_p50_ms": med([r.ttft_p50_ms for r in rs]), "itl_p50_ms": med([r.itl_p50_ms for r in rs]),
             "tok_s": med([r.tok_s for r in rs]), "cpu_ms_per_req": med([r.cpu_per_req_s for r in rs]) * 1e3,
             "cpu_ms_per_req_by_class": {c: med(v) * 1e3 for c, v in classes.items()},
+            "busy_cpu_ms_per_req_by_class": {c: med(v) * 1e3 for c, v in busy.items()},
+            "busy_cpu_ms_per_req": med([sum(r.busy_cpu(IDLE.get(srv, {})).values()) / len(r.reqs) for r in rs]) * 1e3,
+            "idle_cores": sum(IDLE.get(srv, {}).values()),
             "other_idle_cores": med([r.other_cpu_s / r.wall_s for r in rs]),
             "client_cpu_ms_per_req": med([r.client_cpu_s / len(r.reqs) for r in rs]) * 1e3,
             "per_run": [{"round": r.round, "ttft_p50_ms": r.ttft_p50_ms, "itl_p50_ms": r.itl_p50_ms,
@@ -449,7 +466,7 @@ def machine_info() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
 
 
-def report_text(s: dict, args: argparse.Namespace, info: dict, problems: list[str], same: tuple[int, int],
+def report_text(s: dict, args: argparse.Namespace, info: dict, problems: list[str], same: tuple[int, int, float],
                 load: tuple[tuple[float, ...], tuple[float, ...]]) -> str:
     ep, tf = s[EPSERVE], s[TRANSFORMERS]
     lines = [
@@ -466,7 +483,8 @@ def report_text(s: dict, args: argparse.Namespace, info: dict, problems: list[st
         f"- epserve / transformers output tok/s: **{s['ratio_tok_s']:.2f}x** (target >= {TARGET_TOKS}: {ok_t})",
         f"- epserve / transformers TTFT p50: **{s['ratio_ttft']:.2f}x** (target <= {TARGET_TTFT}: {ok_f})",
         f"- output tokens: {'all requests ' + str(args.max_tokens) + ' on both servers' if not problems else 'MISMATCH: ' + '; '.join(problems[:5])}",
-        f"- identical greedy text on both servers: {same[0]}/{same[1]} requests",
+        f"- identical greedy text on both servers: {same[0]}/{same[1]} requests (mean common prefix {same[2]:.0f} "
+        "characters: same weights, but the two bf16 implementations round differently, so greedy paths may part)",
         "",
         "Per run (round: TTFT p50 ms / ITL p50 ms / tok/s / CPU ms per request):",
         "",
@@ -479,17 +497,25 @@ def report_text(s: dict, args: argparse.Namespace, info: dict, problems: list[st
     for name, d in ((EPSERVE, ep), (TRANSFORMERS, tf)):
         parts = sorted(d["cpu_ms_per_req_by_class"].items(), key=lambda kv: -kv[1])
         lines.append(f"- {name}: " + ", ".join(f"{c} {v:.0f}" for c, v in parts if abs(v) >= 0.5))
+    if IDLE:
+        lines += ["", f"Idle background ({args.idle_s:g} s, both servers idle): epserve {ep['idle_cores']:.3f} cores, "
+                  f"transformers {tf['idle_cores']:.3f} cores. Request-attributable CPU ms per request (run CPU minus "
+                  f"idle rate x run wall time): epserve {ep['busy_cpu_ms_per_req']:.0f}, transformers "
+                  f"{tf['busy_cpu_ms_per_req']:.0f}; by process:", ""]
+        for name, d in ((EPSERVE, ep), (TRANSFORMERS, tf)):
+            parts = sorted(d["busy_cpu_ms_per_req_by_class"].items(), key=lambda kv: -kv[1])
+            lines.append(f"- {name}: " + ", ".join(f"{c} {v:.0f}" for c, v in parts if abs(v) >= 0.5))
     lines += [
         "",
         f"Client (this benchmark process) CPU per request: epserve runs {ep['client_cpu_ms_per_req']:.0f} ms, "
         f"transformers runs {tf['client_cpu_ms_per_req']:.0f} ms.",
         "",
         f"Machine: {info['cores']} cores ({info['cpu']}), shared and noisy (other jobs running); load average "
-        f"{load[0][0]:.1f} before, {load[1][0]:.1f} after. torch {info['torch']} ({info['torch_threads']} threads), "
+        f"{load[0][0]:.1f} before, {load[1][0]:.1f} after. torch {info['torch']}, "
         f"transformers {info['transformers']}, Python {info['python']}.",
         "Niceness (Ray runs its workers at 15): " + "; ".join(
             f"{srv}: " + ", ".join(f"{c} {n}" for c, n in sorted(d.items())) for srv, d in NICE.items()) + ".",
-        f"transformers serve threads: {args.tf_threads or 'torch default'}; epserve trunk rank: 1 torch thread.",
+        f"Torch threads: transformers serve {args.tf_threads or 'torch default (= cores)'}, epserve trunk rank 1.",
         f"Settings: {args.rounds} rounds ABAB..., {args.requests} sequential requests per run after {args.warmup} "
         f"warm-up requests per server, prompt {args.prompt_len} tokens, max_tokens {args.max_tokens}, greedy.",
     ]
@@ -506,6 +532,12 @@ async def bench(args: argparse.Namespace, servers: dict[str, Server], model: str
         warm.append(await run_requests(srv, other, model, warm_prompts, args.max_tokens, args.request_timeout, -1))
         NICE[srv.name] = niceness(srv)
         print(f"[{srv.name}] warm-up done ({args.warmup} requests, {warm[-1].wall_s:.1f} s)", flush=True)
+    if args.idle_s > 0:  # both servers idle: their background CPU (Ray's GCS, controller, agents, polling)
+        before = {n: cpu_snapshot(s) for n, s in servers.items()}
+        await asyncio.sleep(args.idle_s)
+        for n, s in servers.items():
+            IDLE[n] = {c: v / args.idle_s for c, v in cpu_delta(before[n], cpu_snapshot(s)).items()}
+        print("idle CPU (cores): " + "; ".join(f"{n} {sum(d.values()):.3f}" for n, d in IDLE.items()), flush=True)
     runs = []
     for rnd in range(args.rounds):
         prompts = make_prompts(model, args.requests, args.prompt_len, seed=rnd)
@@ -526,11 +558,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one run per server each)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--idle-s", type=float, default=10.0, help="idle window measuring background CPU (0 = skip)")
     ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for both servers to be ready")
     ap.add_argument("--request-timeout", type=float, default=120.0, help="seconds for one whole request")
     ap.add_argument("--deps-dir", type=Path, default=DEPS_DIR, help="private folder for accelerate (transformers only)")
-    ap.add_argument("--tf-threads", type=int, help="OMP_NUM_THREADS of transformers serve (default: torch's, "
-                    "= cores; epserve's trunk rank runs 1 thread)")
+    ap.add_argument("--tf-threads", type=int, default=1,
+                    help="OMP_NUM_THREADS of transformers serve (default 1, as epserve's trunk rank; 0 = torch's "
+                         "default, one per core, which stalls badly on a loaded machine)")
     ap.add_argument("--results", type=Path, help="write the markdown report here (e.g. benchmarks/RESULTS-frontpath.md)")
     ap.add_argument("--json", type=Path, help="write all figures as JSON here")
     args = ap.parse_args()
@@ -561,9 +595,11 @@ def main() -> int:
     print("\n" + text, flush=True)
     if args.results:
         cmd = "python benchmarks/bench_frontpath.py " + " ".join(sys.argv[1:])
+        old = args.results.read_text() if args.results.exists() else ""
+        notes = old[old.index(NOTES):] if NOTES in old else ""  # hand-written analysis survives a rerun
         args.results.write_text(f"# Front path at concurrency 1: epserve serve vs transformers serve\n\n"
                                 f"Command: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
-                                f"{text}\n")
+                                f"{text}\n" + (f"\n{notes}" if notes else ""))
         print(f"wrote {args.results}")
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "problems": problems, "same_text": same,
