@@ -570,6 +570,8 @@ def main() -> int:
     args = ap.parse_args()
     for k, v in OFFLINE_ENV.items():
         os.environ[k] = v  # this process reads the tokenizer too
+    # SIGTERM ends the benchmark like Ctrl-C does: through `finally`, which stops both servers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     from model_shards.tiny_checkpoint import resolve_model_dir
 
