@@ -94,8 +94,15 @@ class Server:
 
     def start(self) -> None:
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         print(f"[{self.name}] started pid {self.proc.pid}: {' '.join(self.argv)} (log {self.log_path})", flush=True)
 
@@ -105,8 +112,10 @@ class Server:
             while time.monotonic() < deadline:
                 assert self.proc is not None
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before it was ready; "
-                                       f"log tail:\n{self.log_tail()}")
+                    raise RuntimeError(
+                        f"{self.name} exited with {self.proc.returncode} before it was ready; "
+                        f"log tail:\n{self.log_tail()}"
+                    )
                 try:
                     async with s.get(self.base + self.ready_path) as r:
                         if r.status == 200:
@@ -222,8 +231,11 @@ def ensure_accelerate(deps_dir: Path) -> str | None:
         return None
     if not (deps_dir / "accelerate").is_dir():
         print(f"installing accelerate (no deps) into {deps_dir} for transformers serve only", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(deps_dir),
-                        "accelerate"], check=True, timeout=300)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(deps_dir), "accelerate"],
+            check=True,
+            timeout=300,
+        )
     return str(deps_dir)
 
 
@@ -232,9 +244,27 @@ def make_servers(model: str, logs: Path, deps_dir: Path, tf_threads: int | None)
     base_env.pop("PYTHONPATH", None)
     ep_env = {**base_env, "PYTHONPATH": str(ROOT)}
     ep_port, grpc_port = free_port(), free_port()
-    ep = Server(EPSERVE, [sys.executable, "-m", "epserve.cli", "serve", "--model", model, "--port", str(ep_port),
-                          "--grpc-port", str(grpc_port), "--served-model-name", model],
-                ep_env, ep_port, "/v1/models", logs / "epserve.log")
+    ep = Server(
+        EPSERVE,
+        [
+            sys.executable,
+            "-m",
+            "epserve.cli",
+            "serve",
+            "--model",
+            model,
+            "--port",
+            str(ep_port),
+            "--grpc-port",
+            str(grpc_port),
+            "--served-model-name",
+            model,
+        ],
+        ep_env,
+        ep_port,
+        "/v1/models",
+        logs / "epserve.log",
+    )
     tf_env = dict(base_env)
     extra = ensure_accelerate(deps_dir)
     if extra:
@@ -244,10 +274,28 @@ def make_servers(model: str, logs: Path, deps_dir: Path, tf_threads: int | None)
         # generate() stalls in OpenMP barriers (40-110 s instead of 3 s for 64 tokens, measured 2026-12-05).
         tf_env["OMP_NUM_THREADS"] = str(tf_threads)
     tf_port = free_port()
-    tf = Server(TRANSFORMERS, [sys.executable, str(ROOT / "benchmarks" / "tf_serve_textonly.py"), model,
-                               "--host", "127.0.0.1", "--port", str(tf_port), "--device", "cpu",
-                               "--dtype", "bfloat16", "--log-level", "warning"],
-                tf_env, tf_port, "/health", logs / "transformers.log")
+    tf = Server(
+        TRANSFORMERS,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "tf_serve_textonly.py"),
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(tf_port),
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            "--log-level",
+            "warning",
+        ],
+        tf_env,
+        tf_port,
+        "/health",
+        logs / "transformers.log",
+    )
     return {EPSERVE: ep, TRANSFORMERS: tf}
 
 
@@ -270,8 +318,16 @@ class Req:
 
 
 def request_body(model: str, prompt: str, max_tokens: int) -> bytes:
-    return json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                       "stream": True, "stream_options": {"include_usage": True}}).encode()
+    return json.dumps(
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
 
 
 async def stream_one(session: aiohttp.ClientSession, url: str, body: bytes) -> Req:
@@ -287,7 +343,7 @@ async def stream_one(session: aiohttp.ClientSession, url: str, body: bytes) -> R
                 t = time.perf_counter()
                 buf += data.replace(b"\r\n", b"\n")
                 while (cut := buf.find(b"\n\n")) >= 0:
-                    event, buf = buf[:cut], buf[cut + 2:]
+                    event, buf = buf[:cut], buf[cut + 2 :]
                     for line in event.split(b"\n"):
                         if line.startswith(b"data:"):
                             _on_event(line[5:].strip(), r, t)
@@ -355,8 +411,9 @@ class Run:
         return {c: v - idle.get(c, 0.0) * self.wall_s for c, v in self.cpu.items()}
 
 
-async def run_requests(server: Server, other: Server, model: str, prompts: list[str], max_tokens: int,
-                       timeout_s: float, round_: int) -> Run:
+async def run_requests(
+    server: Server, other: Server, model: str, prompts: list[str], max_tokens: int, timeout_s: float, round_: int
+) -> Run:
     url = server.base + "/v1/completions"
     me = psutil.Process()
     before, other_before, client_before = cpu_snapshot(server), cpu_snapshot(other), me.cpu_times()
@@ -369,9 +426,15 @@ async def run_requests(server: Server, other: Server, model: str, prompts: list[
                 raise RuntimeError(f"{server.name}: request failed: {reqs[-1].error}")
     wall = time.perf_counter() - t0
     after, other_after, client_after = cpu_snapshot(server), cpu_snapshot(other), me.cpu_times()
-    return Run(server.name, round_, reqs, wall, cpu_delta(before, after),
-               sum(cpu_delta(other_before, other_after).values()),
-               (client_after.user + client_after.system) - (client_before.user + client_before.system))
+    return Run(
+        server.name,
+        round_,
+        reqs,
+        wall,
+        cpu_delta(before, after),
+        sum(cpu_delta(other_before, other_after).values()),
+        (client_after.user + client_after.system) - (client_before.user + client_before.system),
+    )
 
 
 def make_prompts(model: str, n: int, prompt_len: int, seed: int) -> list[str]:
@@ -379,8 +442,9 @@ def make_prompts(model: str, n: int, prompt_len: int, seed: int) -> list[str]:
     from model_shards.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(model)
-    reqs = random_requests(n, input_len=prompt_len, output_len=1, seed=seed,
-                           space=TokenSpace.from_tokenizer_dir(model, tok), codec=tok)
+    reqs = random_requests(
+        n, input_len=prompt_len, output_len=1, seed=seed, space=TokenSpace.from_tokenizer_dir(model, tok), codec=tok
+    )
     bad = [r.prompt_len for r in reqs if r.prompt_len != prompt_len]
     if bad:
         raise RuntimeError(f"could not build {prompt_len}-token text prompts (got lengths {bad})")
@@ -397,11 +461,13 @@ def check_counts(runs: list[Run], prompt_len: int, max_tokens: int) -> list[str]
     for run in runs:
         for i, r in enumerate(run.reqs):
             if r.completion_tokens != max_tokens:
-                problems.append(f"{run.server} round {run.round} req {i}: {r.completion_tokens} output tokens "
-                                f"(wanted {max_tokens})")
+                problems.append(
+                    f"{run.server} round {run.round} req {i}: {r.completion_tokens} output tokens (wanted {max_tokens})"
+                )
             if r.prompt_tokens != prompt_len:
-                problems.append(f"{run.server} round {run.round} req {i}: {r.prompt_tokens} prompt tokens "
-                                f"(wanted {prompt_len})")
+                problems.append(
+                    f"{run.server} round {run.round} req {i}: {r.prompt_tokens} prompt tokens (wanted {prompt_len})"
+                )
     return problems
 
 
@@ -432,17 +498,28 @@ def summarize(runs: list[Run]) -> dict:
             for cls, cpu in r.busy_cpu(IDLE.get(srv, {})).items():
                 busy.setdefault(cls, []).append(cpu / len(r.reqs))
         out[srv] = {
-            "ttft_p50_ms": med([r.ttft_p50_ms for r in rs]), "itl_p50_ms": med([r.itl_p50_ms for r in rs]),
-            "tok_s": med([r.tok_s for r in rs]), "cpu_ms_per_req": med([r.cpu_per_req_s for r in rs]) * 1e3,
+            "ttft_p50_ms": med([r.ttft_p50_ms for r in rs]),
+            "itl_p50_ms": med([r.itl_p50_ms for r in rs]),
+            "tok_s": med([r.tok_s for r in rs]),
+            "cpu_ms_per_req": med([r.cpu_per_req_s for r in rs]) * 1e3,
             "cpu_ms_per_req_by_class": {c: med(v) * 1e3 for c, v in classes.items()},
             "busy_cpu_ms_per_req_by_class": {c: med(v) * 1e3 for c, v in busy.items()},
             "busy_cpu_ms_per_req": med([sum(r.busy_cpu(IDLE.get(srv, {})).values()) / len(r.reqs) for r in rs]) * 1e3,
             "idle_cores": sum(IDLE.get(srv, {}).values()),
             "other_idle_cores": med([r.other_cpu_s / r.wall_s for r in rs]),
             "client_cpu_ms_per_req": med([r.client_cpu_s / len(r.reqs) for r in rs]) * 1e3,
-            "per_run": [{"round": r.round, "ttft_p50_ms": r.ttft_p50_ms, "itl_p50_ms": r.itl_p50_ms,
-                         "tok_s": r.tok_s, "tokens": r.tokens, "wall_s": r.wall_s,
-                         "cpu_ms_per_req": r.cpu_per_req_s * 1e3} for r in rs],
+            "per_run": [
+                {
+                    "round": r.round,
+                    "ttft_p50_ms": r.ttft_p50_ms,
+                    "itl_p50_ms": r.itl_p50_ms,
+                    "tok_s": r.tok_s,
+                    "tokens": r.tokens,
+                    "wall_s": r.wall_s,
+                    "cpu_ms_per_req": r.cpu_per_req_s * 1e3,
+                }
+                for r in rs
+            ],
         }
     ep, tf = out[EPSERVE], out[TRANSFORMERS]
     out["ratio_tok_s"] = ep["tok_s"] / tf["tok_s"]
@@ -462,27 +539,46 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    return {"cores": os.cpu_count(), "cpu": cpu_model, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu_model,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
-def report_text(s: dict, args: argparse.Namespace, info: dict, problems: list[str], same: tuple[int, int, float],
-                load: tuple[tuple[float, ...], tuple[float, ...]]) -> str:
+def report_text(
+    s: dict,
+    args: argparse.Namespace,
+    info: dict,
+    problems: list[str],
+    same: tuple[int, int, float],
+    load: tuple[tuple[float, ...], tuple[float, ...]],
+) -> str:
     ep, tf = s[EPSERVE], s[TRANSFORMERS]
     lines = [
-        f"| | TTFT p50 ms | ITL p50 ms | output tok/s | server CPU ms / request | idle other server, cores |",
+        "| | TTFT p50 ms | ITL p50 ms | output tok/s | server CPU ms / request | idle other server, cores |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, d in ((EPSERVE, ep), (TRANSFORMERS, tf)):
-        lines.append(f"| {name} | {d['ttft_p50_ms']:.1f} | {d['itl_p50_ms']:.2f} | {d['tok_s']:.1f} | "
-                     f"{d['cpu_ms_per_req']:.0f} | {d['other_idle_cores']:.2f} |")
+        lines.append(
+            f"| {name} | {d['ttft_p50_ms']:.1f} | {d['itl_p50_ms']:.2f} | {d['tok_s']:.1f} | "
+            f"{d['cpu_ms_per_req']:.0f} | {d['other_idle_cores']:.2f} |"
+        )
     ok_t = "meets" if s["ratio_tok_s"] >= TARGET_TOKS else "MISSES"
     ok_f = "meets" if s["ratio_ttft"] <= TARGET_TTFT else "MISSES"
     lines += [
         "",
         f"- epserve / transformers output tok/s: **{s['ratio_tok_s']:.2f}x** (target >= {TARGET_TOKS}: {ok_t})",
         f"- epserve / transformers TTFT p50: **{s['ratio_ttft']:.2f}x** (target <= {TARGET_TTFT}: {ok_f})",
-        f"- output tokens: {'all requests ' + str(args.max_tokens) + ' on both servers' if not problems else 'MISMATCH: ' + '; '.join(problems[:5])}",
+        "- output tokens: "
+        + (
+            f"all requests {args.max_tokens} on both servers"
+            if not problems
+            else "MISMATCH: " + "; ".join(problems[:5])
+        ),
         f"- identical greedy text on both servers: {same[0]}/{same[1]} requests (mean common prefix {same[2]:.0f} "
         "characters: same weights, but the two bf16 implementations round differently, so greedy paths may part)",
         "",
@@ -490,18 +586,25 @@ def report_text(s: dict, args: argparse.Namespace, info: dict, problems: list[st
         "",
     ]
     for name, d in ((EPSERVE, ep), (TRANSFORMERS, tf)):
-        runs = ", ".join(f"r{r['round']}: {r['ttft_p50_ms']:.1f} / {r['itl_p50_ms']:.2f} / {r['tok_s']:.1f} / "
-                         f"{r['cpu_ms_per_req']:.0f}" for r in d["per_run"])
+        runs = ", ".join(
+            f"r{r['round']}: {r['ttft_p50_ms']:.1f} / {r['itl_p50_ms']:.2f} / {r['tok_s']:.1f} / "
+            f"{r['cpu_ms_per_req']:.0f}"
+            for r in d["per_run"]
+        )
         lines.append(f"- {name}: {runs}")
     lines += ["", "Server CPU ms per request by process (median over runs):", ""]
     for name, d in ((EPSERVE, ep), (TRANSFORMERS, tf)):
         parts = sorted(d["cpu_ms_per_req_by_class"].items(), key=lambda kv: -kv[1])
         lines.append(f"- {name}: " + ", ".join(f"{c} {v:.0f}" for c, v in parts if abs(v) >= 0.5))
     if IDLE:
-        lines += ["", f"Idle background ({args.idle_s:g} s, both servers idle): epserve {ep['idle_cores']:.3f} cores, "
-                  f"transformers {tf['idle_cores']:.3f} cores. Request-attributable CPU ms per request (run CPU minus "
-                  f"idle rate x run wall time): epserve {ep['busy_cpu_ms_per_req']:.0f}, transformers "
-                  f"{tf['busy_cpu_ms_per_req']:.0f}; by process:", ""]
+        lines += [
+            "",
+            f"Idle background ({args.idle_s:g} s, both servers idle): epserve {ep['idle_cores']:.3f} cores, "
+            f"transformers {tf['idle_cores']:.3f} cores. Request-attributable CPU ms per request (run CPU minus "
+            f"idle rate x run wall time): epserve {ep['busy_cpu_ms_per_req']:.0f}, transformers "
+            f"{tf['busy_cpu_ms_per_req']:.0f}; by process:",
+            "",
+        ]
         for name, d in ((EPSERVE, ep), (TRANSFORMERS, tf)):
             parts = sorted(d["busy_cpu_ms_per_req_by_class"].items(), key=lambda kv: -kv[1])
             lines.append(f"- {name}: " + ", ".join(f"{c} {v:.0f}" for c, v in parts if abs(v) >= 0.5))
@@ -513,8 +616,9 @@ def report_text(s: dict, args: argparse.Namespace, info: dict, problems: list[st
         f"Machine: {info['cores']} cores ({info['cpu']}), shared and noisy (other jobs running); load average "
         f"{load[0][0]:.1f} before, {load[1][0]:.1f} after. torch {info['torch']}, "
         f"transformers {info['transformers']}, Python {info['python']}.",
-        "Niceness (Ray runs its workers at 15): " + "; ".join(
-            f"{srv}: " + ", ".join(f"{c} {n}" for c, n in sorted(d.items())) for srv, d in NICE.items()) + ".",
+        "Niceness (Ray runs its workers at 15): "
+        + "; ".join(f"{srv}: " + ", ".join(f"{c} {n}" for c, n in sorted(d.items())) for srv, d in NICE.items())
+        + ".",
         f"Torch threads: transformers serve {args.tf_threads or 'torch default (= cores)'}, epserve trunk rank 1.",
         f"Settings: {args.rounds} rounds ABAB..., {args.requests} sequential requests per run after {args.warmup} "
         f"warm-up requests per server, prompt {args.prompt_len} tokens, max_tokens {args.max_tokens}, greedy.",
@@ -544,9 +648,12 @@ async def bench(args: argparse.Namespace, servers: dict[str, Server], model: str
         for srv, other in ((ep, tf), (tf, ep)):
             run = await run_requests(srv, other, model, prompts, args.max_tokens, args.request_timeout, rnd)
             runs.append(run)
-            print(f"[{srv.name}] round {rnd}: TTFT p50 {run.ttft_p50_ms:.1f} ms, ITL p50 {run.itl_p50_ms:.2f} ms, "
-                  f"{run.tok_s:.1f} tok/s ({run.tokens} tokens in {run.wall_s:.1f} s), "
-                  f"server CPU {run.cpu_per_req_s * 1e3:.0f} ms/request", flush=True)
+            print(
+                f"[{srv.name}] round {rnd}: TTFT p50 {run.ttft_p50_ms:.1f} ms, ITL p50 {run.itl_p50_ms:.2f} ms, "
+                f"{run.tok_s:.1f} tok/s ({run.tokens} tokens in {run.wall_s:.1f} s), "
+                f"server CPU {run.cpu_per_req_s * 1e3:.0f} ms/request",
+                flush=True,
+            )
     return warm, runs
 
 
@@ -562,10 +669,16 @@ def main() -> int:
     ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for both servers to be ready")
     ap.add_argument("--request-timeout", type=float, default=120.0, help="seconds for one whole request")
     ap.add_argument("--deps-dir", type=Path, default=DEPS_DIR, help="private folder for accelerate (transformers only)")
-    ap.add_argument("--tf-threads", type=int, default=1,
-                    help="OMP_NUM_THREADS of transformers serve (default 1, as epserve's trunk rank; 0 = torch's "
-                         "default, one per core, which stalls badly on a loaded machine)")
-    ap.add_argument("--results", type=Path, help="write the markdown report here (e.g. benchmarks/RESULTS-frontpath.md)")
+    ap.add_argument(
+        "--tf-threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of transformers serve (default 1, as epserve's trunk rank; 0 = torch's "
+        "default, one per core, which stalls badly on a loaded machine)",
+    )
+    ap.add_argument(
+        "--results", type=Path, help="write the markdown report here (e.g. benchmarks/RESULTS-frontpath.md)"
+    )
     ap.add_argument("--json", type=Path, help="write all figures as JSON here")
     args = ap.parse_args()
     for k, v in OFFLINE_ENV.items():
@@ -598,14 +711,20 @@ def main() -> int:
     if args.results:
         cmd = "python benchmarks/bench_frontpath.py " + " ".join(sys.argv[1:])
         old = args.results.read_text() if args.results.exists() else ""
-        notes = old[old.index(NOTES):] if NOTES in old else ""  # hand-written analysis survives a rerun
-        args.results.write_text(f"# Front path at concurrency 1: epserve serve vs transformers serve\n\n"
-                                f"Command: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
-                                f"{text}\n" + (f"\n{notes}" if notes else ""))
+        notes = old[old.index(NOTES) :] if NOTES in old else ""  # hand-written analysis survives a rerun
+        args.results.write_text(
+            f"# Front path at concurrency 1: epserve serve vs transformers serve\n\n"
+            f"Command: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
+            f"{text}\n" + (f"\n{notes}" if notes else "")
+        )
         print(f"wrote {args.results}")
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "problems": problems, "same_text": same,
-                                         "machine": info, "load": [load0, load1]}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"summary": summary, "problems": problems, "same_text": same, "machine": info, "load": [load0, load1]},
+                indent=1,
+            )
+        )
     return 0 if not problems else 1
 
 

@@ -22,17 +22,20 @@ def _patch_processor_fallback() -> None:
 
     original = model_manager.ModelManager._load_processor
 
-    def load_processor(self, model_id_and_revision: str, gguf_file: str | None = None):  # noqa: ANN202
+    def load_processor(self, model_id_and_revision: str, gguf_file: str | None = None):  # noqa: ANN001, ANN202  # transformers own class
         try:
             return original(self, model_id_and_revision, gguf_file=gguf_file)
         except (ImportError, ValueError) as exc:
             if "torchvision" not in str(exc).lower():
                 raise
             model_id, revision = model_manager.split_revision(model_id_and_revision)
-            print(f"[tf_serve_textonly] AutoProcessor needs torchvision ({type(exc).__name__}); "
-                  f"serving text with the tokenizer of {model_id}", file=sys.stderr, flush=True)
-            return AutoTokenizer.from_pretrained(model_id, revision=revision,
-                                                 trust_remote_code=self.trust_remote_code)
+            print(
+                f"[tf_serve_textonly] AutoProcessor needs torchvision ({type(exc).__name__}); "
+                f"serving text with the tokenizer of {model_id}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return AutoTokenizer.from_pretrained(model_id, revision=revision, trust_remote_code=self.trust_remote_code)
 
     model_manager.ModelManager._load_processor = load_processor
 
