@@ -589,7 +589,7 @@ RESULTS: dict[str, dict] = {}
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("rate", [2.0, 5.0], ids=["2rps", "5rps"])
+@pytest.mark.parametrize("rate", [2.0, pytest.param(5.0, marks=pytest.mark.slow)], ids=["2rps", "5rps"])
 def test_bench_http_matches_server_metrics(app, tmp_path: Path, rate: float) -> None:  # noqa: ANN001
     c = _server_vs_client(
         app,

@@ -129,7 +129,7 @@ def test_pickled_payload_reaches_no_unpickler(server: ServeProcess, tmp_path: Pa
                     f"/ray.serve.ASGIService/{m}", request_serializer=None, response_deserializer=None
                 )
                 try:
-                    out = call(request, timeout=3)
+                    out = call(request, timeout=1)
                     if "Streaming" in m:
                         list(out)
                 except grpc.RpcError as err:
@@ -141,9 +141,9 @@ def test_pickled_payload_reaches_no_unpickler(server: ServeProcess, tmp_path: Pa
             b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload,
         ):
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                     s.sendall(body)
-                    s.settimeout(1)
+                    s.settimeout(0.3)
                     try:
                         s.recv(4096)
                     except OSError:

@@ -350,7 +350,7 @@ class _GroupRunner:
         return await self.group.step(reqs)
 
 
-@pytest.mark.parametrize("d,x", [(1, 2), (2, 2)], ids=lambda v: str(v))
+@pytest.mark.parametrize("d,x", [(1, 2), pytest.param(2, 2, marks=pytest.mark.slow)], ids=lambda v: str(v))
 def test_greedy_speculation_equals_plain_expert_parallel(
     d: int,
     x: int,
