@@ -97,7 +97,11 @@ class TrunkRank:
 
     def _refusal(self, s: SeqStep) -> str | None:
         """Why this sequence could make the step raise after its first collective (ids past the vocabulary,
-        more logprobs than tokens, cache addresses past the pools), or None."""
+        more logprobs than tokens, cache addresses past the pools), or None.
+
+        Runs every step for every sequence, so it looks only at what this step brings: the whole prompt and
+        output (sent along for penalties) are not rescanned per step; the engine checks the prompt once at
+        admission (replicas/step_guard.py) and outputs are sampled from the vocabulary."""
         vocab = self.trunk.cfg.vocab_size
         if s.params.logprobs is not None and not 0 <= s.params.logprobs <= vocab:
             return f"logprobs {s.params.logprobs} is outside [0, {vocab}]"
@@ -105,8 +109,6 @@ class TrunkRank:
             ("token ids", s.chunk.token_ids),
             ("drafts", s.drafts),
             ("suppressed ids", s.suppress_ids),
-            ("prompt ids", s.prompt_ids),
-            ("output ids", s.output_ids),
         ):
             if any(not 0 <= t < vocab for t in ids):
                 return f"{name} outside the vocabulary [0, {vocab})"
