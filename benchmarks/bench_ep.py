@@ -59,7 +59,7 @@ from cluster.placement import ExpertMap, plan_placement  # noqa: E402  # after t
 from cluster.process_groups import GroupSpec, free_port, join_group  # noqa: E402
 from cluster.topology import GroupShape, Topology  # noqa: E402
 from model_shards.moe import Routing  # noqa: E402
-from replicas.a2a_protocol import FIXED, StepPlan, fixed_capacity  # noqa: E402
+from replicas.ep.a2a_protocol import FIXED, StepPlan, fixed_capacity  # noqa: E402
 
 NUM_EXPERTS, TOP_K = 16, 4  # tests/hf_oracle.py TEXT
 LAYERS = 8  # MoE layers per step (the tiny config's 8 decoder layers)
@@ -123,8 +123,8 @@ class ExchangeBench:
         return ray.get_runtime_context().get_node_id()[:8]
 
     def join(self, spec: GroupSpec, rank: int, d: int, x: int, hidden: int) -> None:
-        from replicas.dispatch import AllToAllDispatcher
-        from replicas.expert_rank import ExpertRank
+        from replicas.ep.dispatch import AllToAllDispatcher
+        from replicas.ep.expert_rank import ExpertRank
 
         self.group = join_group(spec, rank)
         self.shape = GroupShape(d, x)
@@ -358,11 +358,11 @@ def bench_decode(hiddens: list[int], tmp: Path) -> list[dict]:
     from model_shards.batch import SeqChunk
     from model_shards.model import LocalModel
     from model_shards.sampling import SamplingParams
-    from replicas.actors import CacheSizes
-    from replicas.dispatch import LocalDispatcher
-    from replicas.group import ExpertParallelGroup, GroupConfig
-    from replicas.step_types import SeqStep, StepRequest
-    from replicas.trunk_rank import TrunkRank
+    from replicas.engine.step_types import SeqStep, StepRequest
+    from replicas.ep.actors import CacheSizes
+    from replicas.ep.dispatch import LocalDispatcher
+    from replicas.ep.group import ExpertParallelGroup, GroupConfig
+    from replicas.ep.trunk_rank import TrunkRank
     from tests.hf_oracle import save_random_hf_checkpoint
 
     rows = []

@@ -201,7 +201,7 @@ class Workload:
         return b
 
     def engine_request(self, i: int):  # noqa: ANN201  # GenerateRequest
-        from replicas.openai_protocol import CompletionRequest
+        from replicas.api.openai_protocol import CompletionRequest
 
         body = self.body(i)
         self._n += 1
@@ -279,14 +279,14 @@ class Bench:
         from cluster.topology import GroupShape
         from model_shards.tiny_checkpoint import embedded_model
         from model_shards.tokenizer import Tokenizer
-        from replicas.actors import CacheSizes
-        from replicas.app import build_app
-        from replicas.app_args import AppArgs, AutoscalingArgs
-        from replicas.block_pool import BlockPool
-        from replicas.engine import Engine
-        from replicas.group import ExpertParallelGroup, GroupConfig
-        from replicas.request_builder import ModelContext
-        from replicas.scheduler import SchedulerConfig
+        from replicas.api.request_builder import ModelContext
+        from replicas.engine.block_pool import BlockPool
+        from replicas.engine.engine import Engine
+        from replicas.engine.scheduler import SchedulerConfig
+        from replicas.ep.actors import CacheSizes
+        from replicas.ep.group import ExpertParallelGroup, GroupConfig
+        from replicas.serving.app import build_app
+        from replicas.serving.app_args import AppArgs, AutoscalingArgs
 
         a = self.args
         t0 = time.monotonic()
@@ -403,7 +403,9 @@ class Bench:
         expect = self.args.max_tokens
         counter = iter(range(10**9))
         if path == HTTP:
-            from replicas.engine_deployment import METRICS_PUSH_S as push_s  # replicas push their metrics this often
+            from replicas.serving.engine_deployment import (
+                METRICS_PUSH_S as push_s,  # replicas push their metrics this often
+            )
 
             await asyncio.sleep(push_s * 1.5)
             steps0 = await self._hub_steps()
@@ -525,9 +527,9 @@ class Bench:
         from model_shards.detokenizer import IncrementalDetokenizer
         from model_shards.model import resolve_dtype
         from model_shards.sampling import SamplingParams, sample
-        from replicas.engine_types import GenerateOutput
-        from replicas.ingress import _sse
-        from replicas.openai_responses import completion_chunk
+        from replicas.api.ingress import _sse
+        from replicas.api.openai_responses import completion_chunk
+        from replicas.engine.engine_types import GenerateOutput
 
         torch.set_num_threads(1)
         cfg = from_hf_config(self.folder)

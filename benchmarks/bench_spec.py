@@ -4,7 +4,7 @@ Needs a checkpoint whose MTP head was trained with its model, so drafts mean som
 with `python scripts/train_mtp.py --out DIR --minutes 8` (a byte-level model on the standard
 library's source). Prompts are windows of the held-out files (every 10th, as train_mtp holds out).
 
-For each k in --ks (0 = plain) every prompt is decoded with `replicas.offline.generate_one` on an
+For each k in --ks (0 = plain) every prompt is decoded with `replicas.ep.offline.generate_one` on an
 in-process `LocalRunner` (the same TrunkRank step the served engine runs), repetitions interleaved
 (k=0, k=1, ..., k=0, ...) so machine noise hits every k alike. Figures per k:
 - acceptance rate = accepted drafts / drafted tokens (vLLM's spec_decode draft_acceptance_rate);
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from model_shards.model import LocalModel  # noqa: E402
 from model_shards.sampling import SamplingParams  # noqa: E402
-from replicas.offline import Generation, LocalRunner, generate_one, runner_blocks  # noqa: E402
+from replicas.ep.offline import Generation, LocalRunner, generate_one, runner_blocks  # noqa: E402
 
 HELDOUT_EVERY = 10
 

@@ -136,7 +136,7 @@ def cluster_cpus(demand: float, nodes: int = 1) -> int:
 
     Ray's CPUs are scheduling slots, not cores: a node advertises at least the machine's cores, and
     more where the layout asks for more slots than the machine has cores (the ranks then share
-    cores, with BLAS threads sized to their fraction: replicas/actors.py)."""
+    cores, with BLAS threads sized to their fraction: replicas/ep/actors.py)."""
     import math
 
     cores = os.cpu_count() or 1

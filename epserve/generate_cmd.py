@@ -16,7 +16,7 @@ from epserve.cli import UserError
 from model_shards.config import from_hf_config
 from model_shards.generation_config import GenerationDefaults
 from model_shards.sampling import SamplingParams
-from replicas.speculative import MAX_SPECULATIVE_TOKENS
+from replicas.ep.speculative import MAX_SPECULATIVE_TOKENS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args, folder, prompt, params, defaults):  # noqa: ANN001, ANN202  # thin glue
-    from replicas.offline import LocalRunner, generate_one, runner_blocks
+    from replicas.ep.offline import LocalRunner, generate_one, runner_blocks
 
     if args.expert_ranks == 0 and args.trunk_ranks == 1 and args.nodes is None and args.address is None:
         from model_shards.model import LocalModel

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from model_shards.generation_config import GenerationDefaults
 from model_shards.sampling import SamplingParams
-from replicas.offline import Generation
+from replicas.ep.offline import Generation
 
 
 class _SyncGroupRunner:
@@ -47,9 +47,9 @@ def run_on_group(
     import ray
 
     from cluster.topology import GroupShape
-    from replicas.actors import CacheSizes
-    from replicas.group import ExpertParallelGroup, GroupConfig
-    from replicas.offline import generate_one, runner_blocks
+    from replicas.ep.actors import CacheSizes
+    from replicas.ep.group import ExpertParallelGroup, GroupConfig
+    from replicas.ep.offline import generate_one, runner_blocks
 
     if local is None:
         ray.init(address=args.address, log_to_driver=False, logging_level=logging.WARNING)

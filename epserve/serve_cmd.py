@@ -53,7 +53,7 @@ def load_args(args: argparse.Namespace):  # noqa: ANN201  # -> AppArgs
     import yaml
     from pydantic import ValidationError
 
-    from replicas.app_args import AppArgs
+    from replicas.serving.app_args import AppArgs
 
     raw: dict = {}
     if args.config:
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
     try:
-        from replicas.app import build_app, resource_demand
+        from replicas.serving.app import build_app, resource_demand
 
         if args.address is None:
             from cluster.local_cluster import cluster_cpus, local_gpus, start_local_cluster
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, _interrupt)
         check_resources(resource_demand(app_args, at_max=False), ray.cluster_resources(), local=local is not None)
         grpc_port = args.grpc_port or args.port + 1000
-        from replicas.proxy_options import serve_start_options
+        from replicas.api.proxy_options import serve_start_options
 
         serve.start(
             http_options={"host": args.host, "port": args.port},
@@ -367,9 +367,9 @@ def _until_all_report_zero(method, *args, replicas: int, deadline: float, stop: 
 
 
 def _grpc_options(port: int) -> dict | None:
-    """gRPC ingress options when the gRPC service is built in (see replicas/grpc_service.py)."""
+    """gRPC ingress options when the gRPC service is built in (see replicas/api/grpc_service.py)."""
     try:
-        from replicas.grpc_service import grpc_options
+        from replicas.api.grpc_service import grpc_options
     except ImportError:
         return None
     return grpc_options(port)

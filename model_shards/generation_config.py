@@ -25,7 +25,7 @@ class GenerationDefaults:
     frequency_penalty: float = 0.0
     eos_token_ids: tuple[int, ...] = ()
     max_new_tokens: int | None = None
-    # Not a transformers key: our checkpoints' default thinking budget (replicas/request_builder.py); None: unbounded.
+    # Not a transformers key: our default thinking budget (replicas/api/request_builder.py); None: unbounded.
     max_thinking_tokens: int | None = None
 
     @staticmethod

@@ -9,7 +9,7 @@ with that demuxer only (FFmpeg never probes, so playlists, concat lists or image
 name other files cannot be opened), from memory (no protocol, no file access; mp4 external data
 references off), and only the listed codecs are decoded.
 PyAV is optional (the `video` extra): without it, a MediaError says the server lacks it.
-Must not: resize or normalise (model_shards/image_processing.py), fetch bytes (replicas/media.py).
+Must not: resize or normalise (model_shards/image_processing.py), fetch bytes (replicas/api/media.py).
 Tests: tests/replicas/test_multimodal.py (served), tests/model_shards/test_video_decode.py.
 """
 

@@ -66,9 +66,9 @@ def serve_ports(ray_cluster):  # noqa: ANN001, ANN201  # -> (http base URL, grpc
     from ray import serve
 
     from cluster.process_groups import free_port
-    from replicas.app_args import AppArgs
-    from replicas.grpc_service import grpc_options
-    from replicas.proxy_options import serve_start_options
+    from replicas.api.grpc_service import grpc_options
+    from replicas.api.proxy_options import serve_start_options
+    from replicas.serving.app_args import AppArgs
 
     http, grpc_port = free_port(), free_port()
     # the proxies' limits at AppArgs' defaults (16 MiB bodies and messages, 10 s body reads), as `epserve serve`

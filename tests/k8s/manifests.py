@@ -191,7 +191,7 @@ def serve_config(rs: dict[str, Any]) -> dict[str, Any]:
 
 
 def app_args(rs: dict[str, Any]):  # noqa: ANN201  # -> AppArgs
-    from replicas.app_args import AppArgs
+    from replicas.serving.app_args import AppArgs
 
     (app,) = serve_config(rs)["applications"]
     return AppArgs.model_validate(app.get("args") or {})

@@ -118,7 +118,7 @@ def kuberay_rule_problems(d: Docs) -> list[str]:
 
 def serve_problems(d: Docs) -> list[str]:
     """serveConfigV2 through Ray's ServeDeploySchema (and no key it ignores), each app's import_path imports,
-    its args pass AppArgs, and the gRPC options are the ones replicas/grpc_service.py builds."""
+    its args pass AppArgs, and the gRPC options are the ones replicas/api/grpc_service.py builds."""
     from pydantic import ValidationError
     from ray.serve.schema import (
         HTTPOptionsSchema,
@@ -127,9 +127,9 @@ def serve_problems(d: Docs) -> list[str]:
         gRPCOptionsSchema,
     )
 
-    from replicas.app_args import AppArgs
-    from replicas.grpc_service import grpc_options
-    from replicas.proxy_options import proxy_env
+    from replicas.api.grpc_service import grpc_options
+    from replicas.api.proxy_options import proxy_env
+    from replicas.serving.app_args import AppArgs
 
     problems = []
     for rs in d.get("RayService", []):
@@ -159,7 +159,9 @@ def serve_problems(d: Docs) -> list[str]:
         grpc = cfg.get("grpc_options") or {}
         want = grpc_options(9000, request_timeout_s=grpc.get("request_timeout_s"))
         if grpc != {k: v for k, v in want.items() if v is not None}:
-            problems.append(f"{where}: grpc_options {grpc} differ from replicas.grpc_service.grpc_options(9000) {want}")
+            problems.append(
+                f"{where}: grpc_options {grpc} differ from replicas.api.grpc_service.grpc_options(9000) {want}"
+            )
         for function in grpc.get("grpc_servicer_functions", []):
             module, _, attr = function.rpartition(".")
             try:
@@ -176,14 +178,14 @@ def serve_problems(d: Docs) -> list[str]:
                 assert callable(builder)
             except (ImportError, AttributeError, AssertionError) as exc:
                 problems.append(f"{where}: import_path {app['import_path']} does not import: {exc}")
-            if app["import_path"] != "replicas.app:build_app":
-                problems.append(f"{where}: import_path must be replicas.app:build_app")
+            if app["import_path"] != "replicas.serving.app:build_app":
+                problems.append(f"{where}: import_path must be replicas.serving.app:build_app")
             try:
                 args = AppArgs.model_validate(app.get("args") or {})
             except ValidationError as exc:
                 problems.append(f"{where}: args rejected by AppArgs: {exc}")
                 continue
-            # Serve's proxies read the request limits from their environment (replicas/proxy_options.py)
+            # Serve's proxies read the request limits from their environment (replicas/api/proxy_options.py)
             want_env = proxy_env(args)
             for group_where, _, template in pod_templates(rs):
                 env = {e["name"]: e.get("value") for e in ray_container(template).get("env", [])}
@@ -200,7 +202,7 @@ def placement_problems(d: Docs) -> list[str]:
     max_replicas may not exceed what the group can scale to. A CPU app must not ask for GPUs."""
     from cluster.placement import plan_placement
     from cluster.topology import GroupShape, Topology
-    from replicas.app import ENGINE_REPLICA_BUNDLE
+    from replicas.serving.app import ENGINE_REPLICA_BUNDLE
 
     problems = []
     for rs in d.get("RayService", []):
@@ -493,7 +495,7 @@ def shutdown_problems(d: Docs) -> list[str]:
     """A stopping replica's drain (`graceful_shutdown_timeout_s`, the ingress's margin more) ends before the
     kubelet kills its pod (terminationGracePeriodSeconds, 30 s when unset), so streams end with an error event
     instead of being cut."""
-    from replicas.app import INGRESS_SHUTDOWN_MARGIN_S
+    from replicas.serving.app import INGRESS_SHUTDOWN_MARGIN_S
 
     problems = []
     for rs in d.get("RayService", []):

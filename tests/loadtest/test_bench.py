@@ -489,8 +489,8 @@ def settled(base: str, *, quiet_s: float = 1.5, timeout_s: float = 30.0) -> dict
 def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AppArgs, AutoscalingArgs
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs, AutoscalingArgs
 
     args = AppArgs(
         model=str(embedded_model_dir),

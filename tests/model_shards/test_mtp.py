@@ -89,7 +89,7 @@ def _reference(folder: Path, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def test_mtp_logits_equal_transformers_reference(mtp_checkpoint: Path) -> None:
     from model_shards.model import LocalModel
-    from replicas.dispatch import LocalDispatcher
+    from replicas.ep.dispatch import LocalDispatcher
 
     ids = torch.randint(0, 1000, (SEQ + 1,), generator=torch.Generator().manual_seed(5))
     ref_logits, ref_hidden, tensors = _reference(mtp_checkpoint, ids)
@@ -131,7 +131,7 @@ def test_mtp_embedding_goes_first(mtp_checkpoint: Path) -> None:
     ids = torch.randint(0, 1000, (SEQ + 1,), generator=torch.Generator().manual_seed(5))
     ref_logits, hidden, tensors = _reference(mtp_checkpoint, ids)
     from model_shards.model import LocalModel
-    from replicas.dispatch import LocalDispatcher
+    from replicas.ep.dispatch import LocalDispatcher
 
     shard = mtp_checkpoint / "model.safetensors"
     save_file({**load_file(str(shard)), **tensors}, str(shard), metadata={"format": "pt"})

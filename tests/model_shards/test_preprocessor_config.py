@@ -154,8 +154,8 @@ def test_served_prompt_follows_the_checkpoint_max_pixels(tiny_fused: Path, tmp_p
     import base64
     import io
 
-    from replicas.openai_protocol import ChatCompletionRequest
-    from replicas.request_builder import ModelContext
+    from replicas.api.openai_protocol import ChatCompletionRequest
+    from replicas.api.request_builder import ModelContext
 
     buf = io.BytesIO()
     _image(640, 480).save(buf, format="PNG")

@@ -25,7 +25,7 @@ av = pytest.importorskip("av")  # the `video` extra; the test extra installs it
 
 from model_shards.config import from_hf_config  # noqa: E402
 from model_shards.video_decode import decode_video  # noqa: E402
-from replicas.media import MediaReader  # noqa: E402
+from replicas.api.media import MediaReader  # noqa: E402
 from tests.synthetic_video import make_video, pyav_frames  # noqa: E402
 
 CFG = PreprocessConfig()
@@ -149,7 +149,7 @@ def test_without_pyav_a_video_file_is_refused_naming_the_extra() -> None:
         "from model_shards.config import from_hf_config\n"
         "from model_shards.tiny_checkpoint import tiny_config_dict\n"
         "from model_shards.image_processing import MediaError, MediaLimits\n"
-        "from replicas.media import MediaReader\n"
+        "from replicas.api.media import MediaReader\n"
         "r = MediaReader(from_hf_config(tiny_config_dict()), limits=MediaLimits(), local_root=None)\n"
         "try:\n"
         "    r.video({'url': 'data:video/mp4;base64,' + base64.b64encode(sys.stdin.buffer.read()).decode()})\n"

@@ -40,8 +40,8 @@ def test_ingress_and_engine_scale_up_and_down(serve_http: str, embedded_model_di
     import ray
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AppArgs, AutoscalingArgs
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs, AutoscalingArgs
 
     fast = dict(upscale_delay_s=1.0, downscale_delay_s=4.0, metrics_interval_s=0.5, look_back_period_s=2.0)
     args = AppArgs(

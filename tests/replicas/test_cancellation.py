@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from replicas.grpc_client import EpserveClient
+from replicas.api.grpc_client import EpserveClient
 from replicas.proto import epserve_pb2 as pb
 
 pytestmark = pytest.mark.timeout(600)
@@ -43,8 +43,8 @@ QUIET_BOUND_S = 2.0
 def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AppArgs
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs
 
     http_base, grpc_target = serve_ports
     args = AppArgs(

@@ -15,7 +15,7 @@ import jsonschema
 import openai
 import pytest
 
-from replicas.grpc_client import EpserveClient
+from replicas.api.grpc_client import EpserveClient
 from replicas.proto import epserve_pb2 as pb
 
 pytestmark = pytest.mark.timeout(900)
@@ -65,8 +65,8 @@ NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AppArgs
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs
 
     http, grpc_target = serve_ports
     args = AppArgs(

@@ -55,7 +55,7 @@ def one_thread():  # noqa: ANN201
 class _Recorder:
     """The engine's runner: LocalRunner in a worker thread, remembering how many sequences each step held."""
 
-    def __init__(self, runner) -> None:  # noqa: ANN001  # replicas.offline.LocalRunner
+    def __init__(self, runner) -> None:  # noqa: ANN001  # replicas.ep.offline.LocalRunner
         self.runner = runner
         self.sizes: list[int] = []
 
@@ -66,7 +66,7 @@ class _Recorder:
 
 async def _generate(engine, tag: str, prompt: tuple[int, ...]) -> tuple[tuple, tuple, str | None]:  # noqa: ANN001
     from model_shards.sampling import SamplingParams
-    from replicas.engine_types import GenerateRequest
+    from replicas.engine.engine_types import GenerateRequest
 
     req = GenerateRequest(
         request_id=tag,
@@ -89,10 +89,10 @@ async def _generate(engine, tag: str, prompt: tuple[int, ...]) -> tuple[tuple, t
 def _run_in_process(model_dir: Path) -> SimpleNamespace:
     """Solo references for every prompt, then RUNS co-batched runs on the same engine (caches reused)."""
     from model_shards.model import LocalModel
-    from replicas.block_pool import BlockPool
-    from replicas.engine import Engine
-    from replicas.offline import LocalRunner
-    from replicas.scheduler import SchedulerConfig
+    from replicas.engine.block_pool import BlockPool
+    from replicas.engine.engine import Engine
+    from replicas.engine.scheduler import SchedulerConfig
+    from replicas.ep.offline import LocalRunner
 
     model = LocalModel.load(model_dir, dtype="float32", with_mtp=False)
     runner = _Recorder(LocalRunner(model, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, num_slots=NUM_PROMPTS))
@@ -158,9 +158,9 @@ def test_greedy_tokens_identical_over_runs_and_batch_compositions(in_process: Si
 def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AppArgs, AutoscalingArgs
-    from replicas.grpc_client import EpserveClient
+    from replicas.api.grpc_client import EpserveClient
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs, AutoscalingArgs
 
     args = AppArgs(
         model=str(embedded_model_dir),

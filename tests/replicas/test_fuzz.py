@@ -39,8 +39,8 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from replicas.grpc_client import EpserveClient  # noqa: E402
-from replicas.ingress import build_api  # noqa: E402
+from replicas.api.grpc_client import EpserveClient  # noqa: E402
+from replicas.api.ingress import build_api  # noqa: E402
 from replicas.proto import epserve_pb2 as pb  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
@@ -84,8 +84,8 @@ REJECTED: dict[tuple[str, str], collections.Counter] = collections.defaultdict(c
 def fuzz_app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AppArgs, AutoscalingArgs
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs, AutoscalingArgs
 
     http, grpc_target = serve_ports
     args = AppArgs(
@@ -203,7 +203,7 @@ VOCAB = 248320  # the embedded model's
 def _valid_message(message: Any) -> bool:  # noqa: ANN401  # a generated JSON value
     from pydantic import ValidationError
 
-    from replicas.openai_protocol import ChatMessage
+    from replicas.api.openai_protocol import ChatMessage
 
     try:
         ChatMessage.model_validate(message)
@@ -868,7 +868,7 @@ def raw_messages(draw: st.DrawFn, valid: bytes) -> bytes:
 
 @pytest.mark.parametrize("rpc,valid", [("Generate", VALID_GENERATE), ("Chat", VALID_CHAT)])
 def test_grpc_raw_bytes_fuzz(fuzz_app, rpc: str, valid: Any) -> None:  # noqa: ANN001, ANN401
-    """Raw garbage on the wire: INVALID_ARGUMENT (the proxy's parse error, replicas/grpc_decode.py) or, when
+    """Raw garbage on the wire: INVALID_ARGUMENT (the proxy's parse error, replicas/api/grpc_decode.py) or, when
     the bytes still parse, whatever the request deserves; never UNKNOWN / INTERNAL."""
     call = fuzz_app.client.channel.unary_stream(
         f"/epserve.v1.Epserve/{rpc}", request_serializer=lambda b: b, response_deserializer=lambda b: b

@@ -24,7 +24,7 @@ import grpc
 import pytest
 import requests
 
-from replicas.grpc_client import EpserveClient
+from replicas.api.grpc_client import EpserveClient
 
 pytestmark = pytest.mark.timeout(600)
 

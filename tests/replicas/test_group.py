@@ -19,8 +19,8 @@ from cluster.topology import GroupShape
 from model_shards.batch import SeqChunk, StepBatch
 from model_shards.model import LocalModel
 from model_shards.sampling import SamplingParams
-from replicas.a2a_protocol import FIXED, StepPlan
-from replicas.step_types import SeqStep, StepRequest, StepResult
+from replicas.engine.step_types import SeqStep, StepRequest, StepResult
+from replicas.ep.a2a_protocol import FIXED, StepPlan
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -99,8 +99,8 @@ def reference(hf_checkpoint: Path) -> _Reference:
 
 
 def _group(folder: Path, d: int, x: int, **kw):  # noqa: ANN003, ANN202
-    from replicas.actors import CacheSizes
-    from replicas.group import ExpertParallelGroup, GroupConfig
+    from replicas.ep.actors import CacheSizes
+    from replicas.ep.group import ExpertParallelGroup, GroupConfig
 
     g = ExpertParallelGroup(
         GroupConfig(
@@ -250,7 +250,7 @@ def test_dead_or_frozen_expert_rank_fails_the_step_then_rebuild_serves(
 
     import ray
 
-    from replicas.group import GroupFailure
+    from replicas.ep.group import GroupFailure
 
     deadline = 5.0
     group = _group(hf_checkpoint, 1, 2, deadline_s=deadline)

@@ -16,7 +16,7 @@ import pytest
 import requests
 from grpc_health.v1 import health_pb2
 
-from replicas.grpc_client import EpserveClient
+from replicas.api.grpc_client import EpserveClient
 from replicas.proto import epserve_pb2 as pb
 
 pytestmark = pytest.mark.timeout(900)
@@ -29,8 +29,8 @@ KEY = "s3cret-key"
 def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AppArgs
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs
 
     http, grpc_target = serve_ports
     args = AppArgs(

@@ -20,7 +20,7 @@ import pytest
 import requests
 from grpc_health.v1 import health_pb2
 
-from replicas.grpc_client import EpserveClient
+from replicas.api.grpc_client import EpserveClient
 from replicas.proto import epserve_pb2 as pb
 
 pytestmark = pytest.mark.timeout(600)
@@ -35,8 +35,8 @@ VOCAB = 248320
 def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AppArgs, AutoscalingArgs
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs, AutoscalingArgs
 
     http, grpc_target = serve_ports
     args = AppArgs(
@@ -319,11 +319,11 @@ def test_trunk_refusal_ends_one_request_and_the_engine_keeps_serving(embedded_mo
 
     from model_shards.model import LocalModel
     from model_shards.sampling import SamplingParams
-    from replicas.block_pool import BlockPool
-    from replicas.engine import Engine
-    from replicas.engine_types import GenerateRequest
-    from replicas.offline import LocalRunner
-    from replicas.scheduler import SchedulerConfig
+    from replicas.engine.block_pool import BlockPool
+    from replicas.engine.engine import Engine
+    from replicas.engine.engine_types import GenerateRequest
+    from replicas.engine.scheduler import SchedulerConfig
+    from replicas.ep.offline import LocalRunner
 
     class Runner:  # the engine awaits its runner; LocalRunner is synchronous
         def __init__(self, runner: LocalRunner) -> None:
@@ -445,7 +445,7 @@ def test_engine_refuses_what_would_fail_a_step_before_dispatch(app) -> None:  # 
     """A request that skipped the ingress's checks (built by another path) is refused by the engine alone
     (RequestRejected), not by a failed step: the epoch stays."""
     from model_shards.sampling import SamplingParams
-    from replicas.engine_types import GenerateRequest
+    from replicas.engine.engine_types import GenerateRequest
 
     epoch = _epoch(app)
     bad = [

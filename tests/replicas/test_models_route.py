@@ -36,8 +36,8 @@ def inspected_context(embedded_model_dir: Path) -> int:
 def _models(folder: Path, **app_args: object) -> tuple[dict, str]:
     from fastapi.testclient import TestClient
 
-    from replicas.app_args import AppArgs
-    from replicas.ingress import Ingress, build_api
+    from replicas.api.ingress import Ingress, build_api
+    from replicas.serving.app_args import AppArgs
 
     ing = Ingress(None, AppArgs(model=str(folder), served_model_name="tiny", **app_args).model_dump())
     with TestClient(build_api(ing)) as client:

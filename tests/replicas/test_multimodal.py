@@ -63,7 +63,7 @@ def _offline_text(folder: Path, messages: list[dict]) -> str:
     from model_shards.model import LocalModel
     from model_shards.tokenizer import Tokenizer
     from model_shards.vision import VisionTower, load_vision
-    from replicas.media import MediaReader
+    from replicas.api.media import MediaReader
 
     model = LocalModel.load(folder, dtype="float32")
     cfg = model.cfg
@@ -96,8 +96,8 @@ def _offline_text(folder: Path, messages: list[dict]) -> str:
 def app(request, serve_http: str, embedded_model_dir: Path, tmp_path_factory):  # noqa: ANN001, ANN201
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AppArgs
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs
 
     x = request.param
     name = f"mm{x}"

@@ -11,7 +11,7 @@ fails only past bounds that the failure modes they guard against exceed: a rejec
 (> 500 ms), admitted requests queued behind whole running requests (3.9x without max_queue_steps, bound 3x). Then a gRPC
 burst: rejections are RESOURCE_EXHAUSTED, the admitted calls complete. In-process (no Ray): the engine's
 admission policy with a stepped fake group.
-NOTE: the ingress answers a stream's status line only with its first token (replicas/ingress.py `_start`), so
+NOTE: the ingress answers a stream's status line only with its first token (replicas/api/ingress.py `_start`), so
 an admitted request's time to status line is its TTFT; a rejection's is the admission round trip.
 """
 
@@ -70,9 +70,9 @@ class Outcome:
 def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AppArgs, AutoscalingArgs
-    from replicas.grpc_client import EpserveClient
+    from replicas.api.grpc_client import EpserveClient
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs, AutoscalingArgs
 
     # Without the time bound a queued request waits for a whole running request to end, and the admitted
     # TTFT p99 grows to ~4x the unloaded one (measured); with it, requests queue only for a slot about to free.
@@ -356,7 +356,7 @@ class _SteppedRunner:
         self.calls = 0
 
     async def step(self, reqs):  # noqa: ANN001, ANN202
-        from replicas.step_types import StepResult
+        from replicas.engine.step_types import StepResult
 
         self.calls += 1
         await self.release.get()
@@ -364,16 +364,16 @@ class _SteppedRunner:
         return [StepResult(tuple(7 if s.sample else None for s in seqs), tuple(None for _ in seqs))]
 
 
-def _engine(  # noqa: ANN202  # -> replicas.engine.Engine
+def _engine(  # noqa: ANN202  # -> replicas.engine.engine.Engine
     runner: _SteppedRunner,
     *,
     slots: int,
     max_waiting: int,
     max_queue_steps: int | None = None,
 ):
-    from replicas.block_pool import BlockPool
-    from replicas.engine import Engine
-    from replicas.scheduler import SchedulerConfig
+    from replicas.engine.block_pool import BlockPool
+    from replicas.engine.engine import Engine
+    from replicas.engine.scheduler import SchedulerConfig
 
     return Engine(
         runner,
@@ -387,8 +387,8 @@ def _engine(  # noqa: ANN202  # -> replicas.engine.Engine
 
 async def _outcome(engine, rid: str, max_tokens: int) -> str:  # noqa: ANN001
     from model_shards.sampling import SamplingParams
-    from replicas.engine import EngineOverloaded
-    from replicas.engine_types import GenerateRequest
+    from replicas.engine.engine import EngineOverloaded
+    from replicas.engine.engine_types import GenerateRequest
 
     req = GenerateRequest(
         request_id=rid,

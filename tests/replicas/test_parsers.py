@@ -1,4 +1,4 @@
-"""Known-answer tests for replicas/reasoning_parser.py and replicas/tool_parser.py.
+"""Known-answer tests for replicas/api/reasoning_parser.py and replicas/api/tool_parser.py.
 
 Every expected result below is written by hand. Each case is also streamed cut at every position (short
 texts: every single cut, every pair of cuts, one character at a time; long texts: random cuts with a fixed
@@ -19,8 +19,8 @@ import pytest
 
 from model_shards.chat_template import ChatTemplate
 from model_shards.tokenizer_files import chat_template_text
-from replicas.reasoning_parser import ReasoningSplit, ReasoningStream, split_reasoning
-from replicas.tool_parser import (
+from replicas.api.reasoning_parser import ReasoningSplit, ReasoningStream, split_reasoning
+from replicas.api.tool_parser import (
     ToolCallStream,
     convert_value,
     make_tool_call_id,

@@ -197,8 +197,8 @@ def _replica_count() -> int:
 def app(serve_http: str, embedded_model_dir: Path):  # noqa: ANN201
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AppArgs, AutoscalingArgs
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs, AutoscalingArgs
 
     # NOTE: no collective_deadline_s: the CPU default must end a frozen rank's streams within 10 s
     args = AppArgs(

@@ -40,8 +40,8 @@ BODIES = {  # plausible bodies; a POST route missing here gets {} (a 400 with th
 def sec_app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AppArgs, AutoscalingArgs
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs, AutoscalingArgs
 
     http, grpc_target = serve_ports
     args = AppArgs(
@@ -65,7 +65,7 @@ def sec_app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
 
 def _route_calls() -> list[tuple[str, str]]:
     """(method, path) of every route the ingress serves, from its route table."""
-    from replicas.ingress import build_api
+    from replicas.api.ingress import build_api
 
     calls = []
     for route in build_api().routes:

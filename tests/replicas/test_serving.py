@@ -29,8 +29,8 @@ PREFIX = "/main"
 def app(serve_http: str, embedded_model_dir: Path):  # noqa: ANN201
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AppArgs, AutoscalingArgs
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs, AutoscalingArgs
 
     args = AppArgs(
         model=str(embedded_model_dir),

@@ -43,8 +43,8 @@ def _rss(pids: dict[str, int]) -> dict[str, int]:
 def _soak(serve_http: str, embedded_model_dir: Path, seconds: float) -> None:
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AppArgs, AutoscalingArgs
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs, AutoscalingArgs
 
     args = AppArgs(
         model=str(embedded_model_dir),

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from model_shards.batch import SeqChunk
 from model_shards.sampling import SamplingParams
-from replicas.speculative import Distribution, draft, verify
-from replicas.step_types import SeqStep, StepRequest
+from replicas.engine.step_types import SeqStep, StepRequest
+from replicas.ep.speculative import Distribution, draft, verify
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -139,7 +139,7 @@ def test_known_drafts_accepted_and_rolled_back_at_every_depth(peaked_model) -> N
     """Drafts taken from the plain run's own continuation with a wrong token after j right ones:
     the trunk must accept exactly j, emit the plain run's token, and continue exactly (DeltaNet
     conv and recurrent states rolled back to the accepted position)."""
-    from replicas.offline import LocalRunner, generate_one
+    from replicas.ep.offline import LocalRunner, generate_one
 
     k, n = 3, 30
     prompt = list(_prompts(1, (37,))[0])
@@ -202,10 +202,10 @@ def _run_engine(
     max_tokens: int,
     trunk_ranks: int = 1,
 ) -> tuple[list[tuple[int, ...]], dict[str, float]]:
-    from replicas.block_pool import BlockPool
-    from replicas.engine import Engine
-    from replicas.engine_types import GenerateRequest
-    from replicas.scheduler import SchedulerConfig
+    from replicas.engine.block_pool import BlockPool
+    from replicas.engine.engine import Engine
+    from replicas.engine.engine_types import GenerateRequest
+    from replicas.engine.scheduler import SchedulerConfig
 
     async def main():  # noqa: ANN202
         engine = Engine(
@@ -258,7 +258,7 @@ def _run_engine(
 
 
 def _local(model, *, k: int, num_blocks: int, slots: int) -> _Async:  # noqa: ANN001
-    from replicas.offline import LocalRunner
+    from replicas.ep.offline import LocalRunner
 
     return _Async(LocalRunner(model, num_blocks=num_blocks, block_size=BLOCK, num_slots=slots, spec_tokens=k))
 
@@ -359,8 +359,8 @@ def test_greedy_speculation_equals_plain_expert_parallel(
     plain_outputs,  # noqa: ANN001
 ) -> None:
     from cluster.topology import GroupShape
-    from replicas.actors import CacheSizes
-    from replicas.group import ExpertParallelGroup, GroupConfig
+    from replicas.ep.actors import CacheSizes
+    from replicas.ep.group import ExpertParallelGroup, GroupConfig
 
     k = 2
     pool = SMALL_POOL if d == 1 else 12  # per trunk rank: the longest sequence (11 blocks) still fits
@@ -411,9 +411,9 @@ def test_served_speculation_equals_plain_and_counts(
     import requests
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AppArgs, AutoscalingArgs
-    from replicas.grpc_client import EpserveClient
+    from replicas.api.grpc_client import EpserveClient
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs, AutoscalingArgs
 
     args = AppArgs(
         model=str(peaked_checkpoint),

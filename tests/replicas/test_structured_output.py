@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from model_shards.tokenizer import Tokenizer
-from replicas.structured_output import (
+from replicas.engine.structured_output import (
     MAX_CHOICES,
     MAX_REGEX_BYTES,
     MAX_SCHEMA_BYTES,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from model_shards.sampling import SamplingParams
-from replicas.engine_types import GenerateRequest
+from replicas.engine.engine_types import GenerateRequest
 from tests.replicas.test_speculative import BLOCK, GREEDY, _Async, peaked_checkpoint, peaked_model  # noqa: F401
 
 pytestmark = pytest.mark.timeout(600)
@@ -46,10 +46,10 @@ def thinking_prompt(embedded_model_dir: Path) -> tuple[int, ...]:
 
 def _run(model, reqs: list[GenerateRequest], *, k: int = 0, slots: int = 4):  # noqa: ANN001, ANN202
     """Run requests on an in-process engine; returns each one's tokens and final completion_tokens, and counters."""
-    from replicas.block_pool import BlockPool
-    from replicas.engine import Engine
-    from replicas.offline import LocalRunner
-    from replicas.scheduler import SchedulerConfig
+    from replicas.engine.block_pool import BlockPool
+    from replicas.engine.engine import Engine
+    from replicas.engine.scheduler import SchedulerConfig
+    from replicas.ep.offline import LocalRunner
 
     async def main():  # noqa: ANN202
         runner = _Async(LocalRunner(model, num_blocks=64, block_size=BLOCK, num_slots=slots, spec_tokens=k))
@@ -107,7 +107,7 @@ def test_one_token_mask_allows_only_that_token(token: int) -> None:
     import torch
 
     from model_shards.sampling import apply_bitmask
-    from replicas.engine import only_token_mask
+    from replicas.engine.engine import only_token_mask
 
     logits = apply_bitmask(torch.zeros(248320), only_token_mask(token))
     assert torch.isfinite(logits).nonzero().flatten().tolist() == [token]
@@ -160,8 +160,8 @@ def test_drafts_never_skip_the_forced_token(peaked_model, thinking_prompt) -> No
 
 # ---------------------------------------------------------------------------- where the budget comes from
 def test_budget_resolution_request_then_server_then_checkpoint(embedded_model_dir: Path) -> None:
-    from replicas.openai_protocol import ChatCompletionRequest
-    from replicas.request_builder import ModelContext
+    from replicas.api.openai_protocol import ChatCompletionRequest
+    from replicas.api.request_builder import ModelContext
 
     def ctx(server: int | None) -> ModelContext:
         return ModelContext.load(

@@ -29,9 +29,9 @@ import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from replicas.app_args import AppArgs
 from replicas.proto import epserve_pb2 as pb
 from replicas.proto import epserve_pb2_grpc
+from replicas.serving.app_args import AppArgs
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -46,8 +46,8 @@ MiB = 2**20
 def app(serve_ports, embedded_model_dir: Path):  # noqa: ANN001, ANN201
     from ray import serve
 
-    from replicas.app import build_app
-    from replicas.app_args import AutoscalingArgs
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AutoscalingArgs
 
     http, grpc_target = serve_ports
     args = AppArgs(
@@ -357,8 +357,8 @@ def _unfinished(url: str, declared: int) -> socket.socket:
 async def _echo_size(request) -> object:  # noqa: ANN001  # a starlette Request
     from starlette.responses import JSONResponse
 
-    from replicas.body_limits import read_body
-    from replicas.openai_protocol import ApiError
+    from replicas.api.body_limits import read_body
+    from replicas.api.openai_protocol import ApiError
 
     try:
         return JSONResponse({"size": len(await read_body(request, 1000, 1.0))})
@@ -389,7 +389,7 @@ def test_ingress_read_body_enforces_cap_and_deadline_without_the_proxy_hook() ->
 def test_proxy_middleware_bounds_the_bytes_it_holds() -> None:
     """ProxyBodyLimits with a 1,500 B budget: while one unfinished 1,000 B body holds its share, a second
     gets 503 + Retry-After at once; once the first has timed out (408), the budget is back."""
-    from replicas.body_limits import ProxyBodyLimits
+    from replicas.api.body_limits import ProxyBodyLimits
 
     app = ProxyBodyLimits(_echo_app(), max_bytes=1000, read_timeout_s=2.0, budget_bytes=1500)
     with _Uvicorn(app) as url:

@@ -1,0 +1,574 @@
+"""The engine: continuous batching of many requests on one expert-parallel group.
+
+`step() = schedule -> execute -> update` (vLLM), run as one asyncio task: the scheduler picks
+each trunk rank's tokens, the group runs them (one Ray call per rank), and sampled tokens
+become stream events of their requests. Requests join and leave between steps; aborts free
+their caches before the next step. A failed group ends every request it holds with a
+retriable error, is rebuilt, and the loop resumes. Must not: hold model math or HTTP.
+Tests: tests/replicas/test_engine.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from model_shards.batch import SeqChunk
+from model_shards.tokenizer import Tokenizer
+from replicas.engine.block_pool import BlockPool
+from replicas.engine.engine_types import EngineFailure, GenerateOutput, GenerateRequest
+from replicas.engine.scheduler import Scheduled, Scheduler, SchedulerConfig, SchedulerOutput
+from replicas.engine.sequence import Sequence, Status
+from replicas.engine.step_guard import request_problem
+from replicas.engine.step_types import SeqStep, StepRequest, StepResult, TokenLogprobs
+from replicas.serving.metrics import MetricsRegistry
+
+if TYPE_CHECKING:  # annotations only: llguidance loads with the first constrained request
+    from replicas.engine.structured_output import GrammarMatcher
+
+log = logging.getLogger("ray.serve.epserve.engine")
+
+
+class AsyncRunner(Protocol):
+    """The group as the engine drives it (replicas/ep/group.py, or an in-process adapter)."""
+
+    async def step(self, requests: list[StepRequest]) -> list[StepResult]: ...
+
+
+class EngineOverloaded(RuntimeError):
+    """The bounded waiting queue is full: the caller answers 429/503 with Retry-After."""
+
+
+class RequestRejected(ValueError):
+    """The request can never run on this engine (e.g. longer than a trunk rank's KV pool)."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The group is failed and not (yet) rebuilt: retriable."""
+
+
+class Engine:
+    """Schedules and runs requests on one group.
+
+    Args:
+        runner: executes steps (the group driver).
+        pools: one BlockPool per trunk rank, sized like the ranks' cache tensors.
+        config: scheduler limits per trunk rank.
+        tokenizer: detokenization and stop strings (None: token ids only).
+        max_waiting: bound of the waiting queue (sequences); beyond it `EngineOverloaded`.
+        recover: called (in a thread) after a group failure to rebuild it; None = stay failed.
+        metrics: where to record serving metrics.
+        grammars: returns the GrammarCache for structured output (built on first use; None = unsupported).
+        spec_tokens: k > 0 drafts k tokens per step with the MTP head (the runner's pools must hold the
+            per-token states: spec_tokens >= k, and config.lookahead >= 2k).
+        max_queue_steps: a request that must wait for a running slot is admitted only if one frees within
+            this many steps, by the running sequences' max_tokens (1: at the end of the step now running);
+            beyond it `EngineOverloaded`, so admitted requests keep their TTFT. None: `max_waiting` only.
+        vocab_size: rows of the LM head; token ids and logprobs beyond it are refused at admission
+            (replicas/engine/step_guard.py). None: unchecked.
+    """
+
+    def __init__(
+        self,
+        runner: AsyncRunner,
+        *,
+        pools: list[BlockPool],
+        config: SchedulerConfig,
+        tokenizer: Tokenizer | None,
+        max_waiting: int = 256,
+        recover: Callable[[], None] | None = None,
+        metrics: MetricsRegistry | None = None,
+        grammars: Callable[[], Any] | None = None,
+        spec_tokens: int = 0,
+        max_queue_steps: int | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
+        self.runner = runner
+        self.vocab_size = vocab_size
+        self.scheduler = Scheduler(config, pools)
+        self.tokenizer = tokenizer
+        self.max_waiting = max_waiting
+        self.recover = recover
+        self.metrics = metrics or MetricsRegistry()
+        self._grammars = grammars
+        self.spec_tokens = spec_tokens
+        if max_queue_steps is not None and max_queue_steps < 1:
+            raise ValueError(f"max_queue_steps must be >= 1 or None, got {max_queue_steps}")
+        self.max_queue_steps = max_queue_steps
+        if spec_tokens and config.lookahead < 2 * spec_tokens:
+            raise ValueError(f"speculating {spec_tokens} tokens needs SchedulerConfig.lookahead >= {2 * spec_tokens}")
+        self._streams: dict[str, tuple[list[Sequence], asyncio.Queue[GenerateOutput]]] = {}
+        self._aborted: list[Sequence] = []
+        self._ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.failure: str | None = None  # set while the group is down
+        self.draining = False  # stopping: admits nothing new
+        self.steps = 0
+        self.last_step_time = 0.0
+        self._canary: asyncio.Future | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="epserve-engine")
+
+    async def stop(self) -> None:
+        """End every request with a retriable error and stop the loop."""
+        self._fail_all("the engine is shutting down", retriable=True)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001  # the loop's own end
+                pass
+            self._task = None
+
+    async def drain(self, grace_s: float) -> None:
+        """Admit nothing new; let open requests run for `grace_s`, then end the rest with a retriable error."""
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self._streams):
+            self.end(rid, "the server is shutting down; retry")
+
+    def end(self, request_id: str, message: str) -> None:
+        """End a request now with a retriable error event (its stream closes); caches freed between steps."""
+        entry = self._streams.get(request_id)
+        if entry is None:
+            return
+        seqs, queue = entry
+        failure = EngineFailure(message, retriable=True)
+        for s in seqs:
+            if s.status is not Status.FINISHED and not s.aborted:
+                queue.put_nowait(
+                    GenerateOutput(
+                        request_id=request_id,
+                        index=s.index,
+                        error=failure,
+                        prompt_tokens=len(s.prompt_ids),
+                        completion_tokens=len(s.output_ids),
+                    )
+                )
+        self.abort(request_id)
+
+    # ----------------------------------------------------------------- requests
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """Stream events of all n choices of `req` until each has finished or failed.
+
+        Raises (before the first event):
+            EngineOverloaded, RequestRejected, EngineUnavailable.
+        """
+        self.admit_check(req)
+        compiled = await self._compile(req) if req.grammar is not None else None
+        seqs = [Sequence(req, i, self.tokenizer, next(self._ids)) for i in range(req.n)]
+        for s in seqs:
+            # Verification is exact for plain sampling; penalties, grammars and min_tokens change the
+            # distribution from token to token, so those requests decode without drafts.
+            s.speculate = (
+                bool(self.spec_tokens) and req.grammar is None and not s.params.has_penalties and req.min_tokens == 0
+            )
+        if compiled is not None:
+            from replicas.engine.structured_output import GrammarMatcher
+
+            for s in seqs:
+                s.matcher = GrammarMatcher(compiled, eos_ids=() if req.ignore_eos else req.eos_token_ids)
+        queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
+        self._streams[req.request_id] = (seqs, queue)
+        for s in seqs:
+            self.scheduler.add(s)
+        self._wake.set()
+        done = 0
+        try:
+            while done < req.n:
+                event = await queue.get()
+                if event.finished:
+                    done += 1
+                yield event
+        finally:
+            if done < req.n:
+                self.abort(req.request_id)
+            self._streams.pop(req.request_id, None)
+
+    async def _compile(self, req: GenerateRequest) -> Any:  # noqa: ANN401  # CompiledGrammar
+        """Compile (or fetch from the bounded cache) the request's grammar, off the event loop."""
+        from replicas.engine.structured_output import GrammarCompileBusy
+
+        if self._grammars is None:
+            raise RequestRejected("structured output is not available on this engine")
+        try:
+            cache = await asyncio.to_thread(self._grammars)
+            return await asyncio.to_thread(cache.get, req.grammar)
+        except GrammarCompileBusy as exc:
+            raise EngineOverloaded(str(exc)) from None
+        except ValueError as exc:
+            raise RequestRejected(f"invalid structured output constraint: {exc}") from None
+
+    def admit_check(self, req: GenerateRequest) -> None:
+        if self.draining:
+            raise EngineUnavailable("the server is shutting down; retry")
+        if self.failure is not None:
+            raise EngineUnavailable(f"the expert-parallel group is unavailable ({self.failure}); retry")
+        if req.request_id in self._streams:
+            raise RequestRejected(f"request id {req.request_id} is already running")
+        problem = request_problem(req, vocab_size=self.vocab_size)
+        if problem is not None:  # refused alone, before any step: it cannot fail the group
+            raise RequestRejected(problem)
+        if not self.scheduler.fits_ever(len(req.prompt_ids) + req.max_tokens):
+            raise RequestRejected(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) do not fit in one trunk "
+                "rank's KV cache on this server"
+            )
+        queued = len(self.scheduler.waiting) + req.n - self._free_seq_slots()
+        if queued > self.max_waiting:
+            raise EngineOverloaded(
+                f"{len(self.scheduler.waiting)} sequences are waiting for a running slot (limit {self.max_waiting})"
+            )
+        if queued > 0 and self.max_queue_steps is not None:
+            steps = self._steps_until_freed(queued)
+            if steps > self.max_queue_steps:
+                raise EngineOverloaded(f"no running slot frees within {self.max_queue_steps} steps")
+
+    def _steps_until_freed(self, k: int) -> float:
+        """Steps until k running sequences have ended, if each runs to its max_tokens.
+
+        NOTE: an upper bound (eos, a stop string or accepted drafts end sequences sooner), so the
+        bound errs towards rejecting; a sequence still prefilling counts its prefill as one step.
+        """
+        ends = sorted(seq.req.max_tokens - len(seq.output_ids) for run in self.scheduler.running for seq in run)
+        return ends[k - 1] if k <= len(ends) else float("inf")
+
+    def _free_seq_slots(self) -> int:
+        """Running slots the next step can fill: sequences taking them do not queue behind running ones.
+
+        NOTE: a burst into an idle engine arrives faster than the loop moves it from `waiting` to running,
+        so counting every waiting sequence as queued would reject requests that start at the next step.
+        """
+        s = self.scheduler
+        return sum(
+            max(0, min(s.config.max_num_seqs - len(run), pool.free_slots)) for run, pool in zip(s.running, s.pools)
+        )
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its caches are freed before the next step."""
+        entry = self._streams.get(request_id)
+        if entry is None:
+            return
+        log.info("request %s: aborted", request_id)
+        self.metrics.inc("requests_aborted")
+        for s in entry[0]:
+            if s.status is not Status.FINISHED:
+                s.aborted = True
+                self._aborted.append(s)
+        self._wake.set()
+
+    # ----------------------------------------------------------------- the loop
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._reap()
+            out = self.scheduler.schedule()
+            if out.empty:
+                if self._canary is not None and not self.scheduler.num_running:
+                    await self._run_canary()
+                elif not self.scheduler.waiting and not self.scheduler.num_running:
+                    self._wake.clear()
+                else:
+                    await asyncio.sleep(0.005)  # waiting on an abort or a free block
+                self._record_gauges()
+                continue
+            t0 = time.monotonic()
+            try:
+                results = await self.runner.step(self._requests(out))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001  # any group failure ends its requests, retriably
+                await self._on_failure(exc)
+                continue
+            self.steps += 1
+            self.last_step_time = time.monotonic()
+            self.metrics.observe("step_time_seconds", self.last_step_time - t0)
+            self._update(out, results)
+            self._record_gauges()
+
+    def _requests(self, out: SchedulerOutput) -> list[StepRequest]:
+        reqs = []
+        for trunk in out.per_trunk:
+            steps = []
+            for sch in trunk:
+                steps.append(self._seq_step(sch))
+                if sch.seq.t_scheduled is None:
+                    sch.seq.t_scheduled = time.monotonic()
+                    self.metrics.observe("request_queue_time_seconds", sch.seq.t_scheduled - sch.seq.t_arrival)
+            reqs.append(StepRequest(tuple(steps), mtp_steps=self.spec_tokens))
+        return reqs
+
+    @staticmethod
+    def _seq_step(sch: Scheduled) -> SeqStep:
+        seq = sch.seq
+        assert seq.addr is not None
+        drafts = tuple(seq.drafts) if (sch.sample and sch.n > 1 and sch.start + 1 == seq.num_tokens) else ()
+        own = sch.n - len(drafts)
+        ids = (*seq.all_ids[sch.start : sch.start + own], *drafts)
+        positions, vision_rows, vision_first = seq.chunk_vision(sch.start, sch.n)
+        chunk = SeqChunk(
+            ids,
+            sch.start,
+            seq.addr.slot,
+            tuple(seq.addr.blocks),
+            positions=positions,
+            rope_delta=seq.rope_delta,
+            logits="all" if drafts else "last" if sch.sample else "none",
+            vision_rows=vision_rows,
+            vision_first=vision_first,
+            verify=bool(drafts),
+        )
+        nxt = seq.all_ids[sch.start + sch.n] if not sch.sample and sch.start + sch.n < seq.num_tokens else None
+        penalties = seq.params.has_penalties
+        # A spent thinking budget forces `</think>` (then its blank line) through a one-token mask, so sampling,
+        # logprobs and the MTP drafts that follow all see the forced token; _update keeps drafts out of these steps.
+        forced = seq.forced_token() if sch.sample else None
+        mask: torch.Tensor | None
+        if forced is not None:
+            assert not drafts, "drafts never reach a forced token"
+            mask = only_token_mask(forced)
+        else:
+            mask = seq.matcher.bitmask() if (seq.matcher is not None and sch.sample) else None
+        return SeqStep(
+            chunk=chunk,
+            sample=sch.sample,
+            params=seq.params,
+            output_index=len(seq.output_ids),
+            prompt_ids=tuple(seq.prompt_ids) if penalties else (),
+            output_ids=tuple(seq.output_ids) if penalties else (),
+            suppress_ids=seq.suppressed_ids() if sch.sample and forced is None else (),
+            allowed_mask=mask,
+            vision=seq.mm.inputs if (seq.mm is not None and sch.start == 0) else None,
+            drafts=drafts,
+            mtp=seq.speculate,
+            mtp_next=nxt,
+        )
+
+    def _update(self, out: SchedulerOutput, results: list[StepResult]) -> None:
+        for trunk, res in zip(out.per_trunk, results):
+            for i, sch in enumerate(trunk):
+                seq = sch.seq
+                error = res.errors[i] if res.errors else None
+                if error is not None:
+                    self._refuse(seq, error)  # failed alone, before the step's collectives
+                    continue
+                accepted = res.accepted[i] if res.accepted else ()
+                # the same test as _seq_step's: a decode that carried drafts
+                verified = bool(seq.drafts) and sch.sample and sch.n > 1 and sch.start + 1 == seq.num_tokens
+                if verified:  # the new token and the accepted drafts are in the caches now
+                    self.metrics.inc("spec_decode_num_draft_tokens", len(seq.drafts))
+                    self.metrics.inc("spec_decode_num_accepted_tokens", len(accepted))
+                    seq.num_computed = sch.start + 1 + len(accepted)
+                else:
+                    seq.num_computed = sch.start + sch.n
+                seq.drafts = list(res.drafts[i]) if res.drafts and seq.speculate else []
+                if not sch.sample or seq.aborted:
+                    continue
+                token = res.token_ids[i]
+                assert token is not None
+                forced = seq.forced_token()
+                if forced is not None and token != forced:  # only NaN logits get past a one-token mask
+                    log.warning("request %s: sampled %d where %d was forced", seq.req.request_id, token, forced)
+                    token, seq.drafts = forced, []
+                lps = (*(res.accepted_logprobs[i] if accepted else ()), res.logprobs[i])
+                for t, lp in zip((*accepted, token), lps):
+                    if self._emit(seq, t, lp):
+                        break
+                room = seq.free_tokens()
+                if room is not None and len(seq.drafts) >= room:
+                    # k drafts emit up to k + 1 tokens: none of them may take the place of a forced token
+                    seq.drafts = []
+
+    def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> bool:
+        """Record one generated token; True when it ended the choice."""
+        prev = seq.t_last_token
+        event = seq.append(token, logprobs)
+        if seq.matcher is not None and not event.finished:
+            event = self._advance_grammar(seq, seq.matcher, token, event)
+        self.metrics.inc("generation_tokens")
+        if prev is None:
+            self.metrics.observe("time_to_first_token_seconds", seq.t_first_token - seq.t_arrival)  # type: ignore[operator]  # set by append
+        else:
+            self.metrics.observe("inter_token_latency_seconds", seq.t_last_token - prev)  # type: ignore[operator]  # set by append
+        self._deliver(seq, event)
+        if event.finished:
+            seq.drafts = []
+            self._finish(seq, event.finish_reason or "error")
+        return event.finished
+
+    def _advance_grammar(
+        self, seq: Sequence, matcher: GrammarMatcher, token: int, event: GenerateOutput
+    ) -> GenerateOutput:
+        """Feed the sampled token to the sequence's grammar; a complete grammar ends the choice."""
+        from replicas.engine.structured_output import GrammarViolation
+
+        try:
+            matcher.accept(token)
+        except GrammarViolation as exc:
+            return replace(
+                event,
+                finish_reason=None,
+                error=EngineFailure(f"structured output failed: {exc}", retriable=False, code=500),
+            )
+        if matcher.is_terminated():
+            return seq.close("stop", event)
+        return event
+
+    def _refuse(self, seq: Sequence, why: str) -> None:
+        """A trunk rank refused this sequence before the step's first collective: it ends alone, with a
+        non-retriable 400 (its own input), and the group keeps serving."""
+        if seq.status is Status.FINISHED or seq.aborted:
+            return
+        log.warning("request %s: refused by its trunk rank: %s", seq.req.request_id, why)
+        self._deliver(
+            seq,
+            GenerateOutput(
+                request_id=seq.req.request_id,
+                index=seq.index,
+                error=EngineFailure(f"refused: {why}", retriable=False, code=400),
+                prompt_tokens=len(seq.prompt_ids),
+                completion_tokens=len(seq.output_ids),
+            ),
+        )
+        self.scheduler.release(seq)
+        self.metrics.inc("request_errors", kind="refused")
+
+    def _deliver(self, seq: Sequence, event: GenerateOutput) -> None:
+        entry = self._streams.get(seq.req.request_id)
+        if entry is not None:
+            entry[1].put_nowait(event)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.release(seq)
+        self.metrics.inc("request_success", finished_reason=reason)
+        if seq.index == 0:
+            self.metrics.inc("prompt_tokens", len(seq.prompt_ids))
+        self.metrics.observe("e2e_request_latency_seconds", time.monotonic() - seq.t_arrival)
+
+    def _reap(self) -> None:
+        """Release aborted sequences (between steps, never during one)."""
+        aborted, self._aborted = self._aborted, []
+        for s in aborted:
+            if s.status is not Status.FINISHED:
+                self.scheduler.release(s)
+                self.metrics.inc("request_success", finished_reason="abort")
+
+    # ----------------------------------------------------------------- readiness
+    async def probe(self, *, max_age_s: float = 5.0, timeout_s: float = 60.0) -> bool:
+        """Whether the data path works: a step through every rank succeeded in the last `max_age_s`,
+        or an idle step (all exchanges, no tokens) run now through the loop succeeds."""
+        if self.failure is not None:
+            return False
+        if self.steps and time.monotonic() - self.last_step_time < max_age_s:
+            return True
+        if self._canary is None:
+            self._canary = asyncio.get_running_loop().create_future()
+            self._wake.set()
+        try:
+            return bool(await asyncio.wait_for(asyncio.shield(self._canary), timeout_s))
+        except asyncio.TimeoutError:
+            return False
+
+    async def _run_canary(self) -> None:
+        """Idle step (no sequences) through the group, between real steps, so lock-step is never broken."""
+        waiter, self._canary = self._canary, None
+        assert waiter is not None
+        try:
+            await self.runner.step([StepRequest() for _ in self.scheduler.pools])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001  # the group failed: same path as a failed real step
+            waiter.set_result(False)
+            await self._on_failure(exc)
+            return
+        self.steps += 1
+        self.last_step_time = time.monotonic()
+        waiter.set_result(True)
+
+    # ----------------------------------------------------------------- failures
+    def _fail_all(self, message: str, *, retriable: bool) -> None:
+        failure = EngineFailure(message=message, retriable=retriable)
+        for rid, (seqs, queue) in list(self._streams.items()):
+            for s in seqs:
+                if s.status is Status.FINISHED:
+                    continue
+                self.scheduler.release(s)
+                queue.put_nowait(
+                    GenerateOutput(
+                        request_id=rid,
+                        index=s.index,
+                        error=failure,
+                        prompt_tokens=len(s.prompt_ids),
+                        completion_tokens=len(s.output_ids),
+                    )
+                )
+                self.metrics.inc("request_errors", kind="group_failure" if retriable else "error")
+
+    async def _on_failure(self, exc: Exception) -> None:
+        self.failure = str(exc)
+        log.error("group step failed: %s", exc)
+        self._fail_all(f"the expert-parallel group failed and is being rebuilt ({exc})", retriable=True)
+        if self.recover is None:
+            return
+        try:
+            await asyncio.to_thread(self.recover)
+        except Exception as rebuild_exc:  # noqa: BLE001  # stays unavailable; health reports it
+            log.error("group rebuild failed: %s", rebuild_exc)
+            self.failure = f"rebuild failed: {rebuild_exc}"
+            return
+        self.failure = None
+        log.info("group rebuilt; serving again")
+
+    # ----------------------------------------------------------------- state
+    def _record_gauges(self) -> None:
+        m, pools = self.metrics, self.scheduler.pools
+        m.set("num_requests_running", self.scheduler.num_running)
+        m.set("num_requests_waiting", len(self.scheduler.waiting))
+        m.set("kv_blocks_used", sum(p.num_blocks - p.free_blocks for p in pools))
+        m.set("kv_blocks_total", sum(p.num_blocks for p in pools))
+        m.set("state_slots_used", sum(p.num_slots - p.free_slots for p in pools))
+        m.set("state_slots_total", sum(p.num_slots for p in pools))
+        m.counters[("num_preemptions", ())] = float(self.scheduler.num_preemptions)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts read by tests and operators now (the /metrics gauges lag by the push period)."""
+        return {
+            "running": self.scheduler.num_running,
+            "waiting": len(self.scheduler.waiting),
+            "streams": len(self._streams),
+            "aborted": int(self.metrics.counters.get(("requests_aborted", ()), 0)),
+            "pools": self.pool_state(),
+        }
+
+    def pool_state(self) -> list[dict[str, int]]:
+        """Free blocks and slots per trunk rank (tests check aborts return everything)."""
+        return [
+            {
+                "free_blocks": p.free_blocks,
+                "num_blocks": p.num_blocks,
+                "free_slots": p.free_slots,
+                "num_slots": p.num_slots,
+            }
+            for p in self.scheduler.pools
+        ]
+
+
+def only_token_mask(token_id: int) -> torch.Tensor:
+    """An allowed-token bitmask (the GrammarMatcher layout, shortened: ids past it are disallowed) of one token."""
+    word, bit = divmod(token_id, 32)
+    mask = torch.zeros(word + 1, dtype=torch.int32)
+    mask[word] = (1 << bit) - (1 << 32 if bit == 31 else 0)  # bit 31 is the int32 sign bit
+    return mask

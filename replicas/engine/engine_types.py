@@ -1,0 +1,99 @@
+"""Messages between the ingress and the engine: a validated generation request and its stream events.
+
+Plain frozen dataclasses (picklable across Serve handles, never dicts). Validation against
+the model (context length, vocabulary) happens in the ingress before a request is built;
+the engine re-checks at admission what could fail a group step (replicas/engine/step_guard.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from model_shards.sampling import SamplingParams
+from replicas.engine.step_types import TokenLogprobs
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One completion request (n choices) with sampling already resolved against the defaults.
+
+    Attributes:
+        params: sampling; `params.seed` is the base seed (choice i uses seed + i).
+        max_tokens: tokens to generate at most per choice (already capped by the context).
+        min_tokens: eos and stop_token_ids cannot be sampled before this many tokens.
+        stop: stop strings (not included in the output text unless include_stop_str_in_output).
+        stop_token_ids: extra token ids that end a choice (the token is kept in token_ids).
+        eos_token_ids: the checkpoint's eos ids; ignored with ignore_eos.
+        max_thinking_tokens: the prompt opened a reasoning block and its output may hold at most this many
+            reasoning tokens; then `thinking_end_ids` are forced (None: no budget). Reasoning tokens count toward
+            max_tokens.
+        thinking_end_ids: what closes reasoning when the budget is spent (`</think>` and the blank line after it).
+        thinking_exit_ids: tokens with which the model itself ends its reasoning (`</think>`; also `<tool_call>`
+            where no grammar asks for `</think>` first): after one, nothing is forced.
+    """
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    max_tokens: int
+    n: int = 1
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    arrival_time: float = 0.0
+    grammar: Any = None  # replicas.engine.structured_output.GrammarSpec: structured output / forced tool calls
+    mm: Any = None  # replicas.api.media.MultimodalPrompt for prompts with images or videos
+    max_thinking_tokens: int | None = None
+    thinking_end_ids: tuple[int, ...] = ()
+    thinking_exit_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineFailure:
+    """An error ending a choice: retriable (the group failed or is restarting) or not (code 400: the request's
+    own input was refused before its step ran; the group kept serving)."""
+
+    message: str
+    retriable: bool = True
+    code: int = 503
+
+    @property
+    def status(self) -> int:
+        """The HTTP status to answer: `code` (503 retriable, 4xx the request's own input), 500 for other
+        non-retriable failures. Only a retriable failure is ever retried."""
+        return self.code if self.retriable or 400 <= self.code < 500 else 500
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    """One stream event of one choice: usually one new token, or the final event.
+
+    Attributes:
+        index: choice index (0..n-1).
+        token_ids: tokens added by this event (one per token in streaming).
+        text: text delta (may be empty while a character or a possible stop string is held back).
+        finish_reason: "stop", "length", "abort" or None while running.
+        stop_reason: the stop string or stop token id that ended it, if any.
+        error: set when the choice ended in an error instead of a finish reason.
+    """
+
+    request_id: str
+    index: int
+    token_ids: tuple[int, ...] = ()
+    text: str = ""
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: EngineFailure | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None

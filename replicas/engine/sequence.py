@@ -1,0 +1,238 @@
+"""One generated sequence (a choice of a request): its tokens, cache addresses and output text.
+
+Owns: the scheduler's invariant (`num_computed` of `len(all_ids)` tokens are in the caches),
+the cache addresses the engine assigned (trunk rank, state slot, KV blocks), and turning
+sampled tokens into stream events: incremental detokenization, stop tokens / strings with
+the text that might start a stop string held back, max_tokens. Must not: schedule.
+Tests: tests/replicas/test_engine.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from model_shards.detokenizer import IncrementalDetokenizer
+from model_shards.sampling import SamplingParams
+from model_shards.tokenizer import Tokenizer
+from replicas.engine.engine_types import GenerateOutput, GenerateRequest
+from replicas.engine.step_types import TokenLogprobs
+
+if TYPE_CHECKING:  # annotations only: torch and llguidance load where they are used
+    import torch
+
+    from replicas.engine.structured_output import GrammarMatcher
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class CacheAddress:
+    """Where a running sequence's state lives: a trunk rank, its DeltaNet slot, its KV blocks."""
+
+    trunk: int
+    slot: int
+    blocks: list[int] = field(default_factory=list)
+
+
+class Sequence:
+    """A choice being generated.
+
+    Args:
+        req: the request it belongs to. index: its choice index.
+        tokenizer: for detokenization (None: token ids only, no stop strings).
+    """
+
+    def __init__(self, req: GenerateRequest, index: int, tokenizer: Tokenizer | None, seq_id: int) -> None:
+        self.req = req
+        self.index = index
+        self.seq_id = seq_id
+        self.params: SamplingParams = _with_seed(req.params, index)
+        self.prompt_ids = list(req.prompt_ids)
+        self.output_ids: list[int] = []
+        self.num_computed = 0
+        self.status = Status.WAITING
+        self.addr: CacheAddress | None = None
+        self.aborted = False
+        self.num_preemptions = 0
+        self.mm = req.mm  # replicas.api.media.MultimodalPrompt or None
+        self.rope_delta = req.mm.rope_delta if req.mm is not None else 0
+        self.matcher: GrammarMatcher | None = None  # set when the request is constrained
+        self.drafts: list[int] = []  # MTP drafts to verify in the next step
+        self.speculate = False  # set by the engine: this sequence drafts with the MTP head
+        # Thinking budget: reasoning tokens so far, whether the budget still counts, and the tokens to force next.
+        self.reasoning_tokens = 0
+        budget = req.max_thinking_tokens
+        self._thinking = budget is not None and budget > 0 and bool(req.thinking_end_ids)
+        self._forced: list[int] = list(req.thinking_end_ids) if budget == 0 else []
+        self._detok = (
+            IncrementalDetokenizer(tokenizer, skip_special_tokens=req.skip_special_tokens) if tokenizer else None
+        )
+        self._text = ""  # detokenized output so far
+        self._emitted = 0  # characters of _text already sent
+        self._hold = max((len(s) for s in req.stop), default=1) - 1
+        self.t_arrival = req.arrival_time or time.monotonic()
+        self.t_scheduled: float | None = None
+        self.t_first_token: float | None = None
+        self.t_last_token: float | None = None
+
+    # ----------------------------------------------------------------- scheduler view
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to be computed before the next sample."""
+        return self.num_tokens - self.num_computed
+
+    def chunk_vision(self, start: int, n: int) -> tuple[torch.Tensor | None, tuple[int, ...], int]:
+        """For tokens [start, start + n): their [3, n] MRoPE positions (None for plain text), the rows that
+        take vision embeddings, and the index of the first such embedding."""
+        if self.mm is None:
+            return None, (), 0
+        prompt = len(self.prompt_ids)
+        import torch
+
+        text = torch.arange(start, start + n, dtype=torch.long) + self.rope_delta
+        positions = text.expand(3, n).clone()
+        end = min(start + n, prompt)
+        if start < end:
+            positions[:, : end - start] = self.mm.positions[:, start:end]
+        pads = set(self.mm.pad_ids)
+        rows = tuple(i for i, t in enumerate(self.prompt_ids[start:end]) if t in pads)
+        first = sum(1 for t in self.prompt_ids[:start] if t in pads)
+        return positions, rows, first
+
+    def suppressed_ids(self) -> tuple[int, ...]:
+        """Tokens that may not be sampled yet (min_tokens keeps eos and stop tokens out)."""
+        if len(self.output_ids) >= self.req.min_tokens:
+            return ()
+        eos = () if self.req.ignore_eos else self.req.eos_token_ids
+        return tuple(eos) + tuple(self.req.stop_token_ids)
+
+    def forced_token(self) -> int | None:
+        """The token the next sample must be (the thinking budget is spent and `</think>` is not yet out), or None."""
+        return self._forced[0] if self._forced else None
+
+    def free_tokens(self) -> int | None:
+        """Tokens that may still be sampled before a forced one (None: no bound). A step that verifies k drafts
+        emits up to k + 1 tokens, so it may carry at most free_tokens() - 1 drafts."""
+        if self._forced:
+            return 0
+        if not self._thinking:
+            return None
+        assert self.req.max_thinking_tokens is not None
+        return self.req.max_thinking_tokens - self.reasoning_tokens
+
+    def _count_thinking(self, token: int) -> None:
+        """Advance the thinking budget by one output token (forced tokens are taken off the queue)."""
+        if self._forced:
+            if token == self._forced[0]:
+                self._forced.pop(0)
+            return
+        if not self._thinking:
+            return
+        if token in self.req.thinking_exit_ids:
+            self._thinking = False
+            return
+        self.reasoning_tokens += 1
+        if self.reasoning_tokens >= (self.req.max_thinking_tokens or 0):
+            self._thinking = False
+            self._forced = list(self.req.thinking_end_ids)
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: caches are gone; prompt + outputs so far are recomputed when readmitted."""
+        self.num_computed = 0
+        self.addr = None
+        self.status = Status.WAITING
+        self.num_preemptions += 1
+        self.drafts = []
+
+    # ----------------------------------------------------------------- outputs
+    def append(self, token: int, logprobs: TokenLogprobs | None) -> GenerateOutput:
+        """Record a sampled token and return the stream event it produces (final if it ends the choice)."""
+        now = time.monotonic()
+        if self.t_first_token is None:
+            self.t_first_token = now
+        self.t_last_token = now
+        self.output_ids.append(token)
+        self._count_thinking(token)
+        finish: str | None = None
+        stop_reason: int | str | None = None
+        text = ""
+        if self._detok is not None:
+            self._text += self._detok.feed(token)
+        if len(self.output_ids) >= self.req.min_tokens:
+            if not self.req.ignore_eos and token in self.req.eos_token_ids:
+                finish, stop_reason = "stop", None
+            elif token in self.req.stop_token_ids:
+                finish, stop_reason = "stop", token
+            elif self.req.stop and self._detok is not None:
+                hit = self._find_stop()
+                if hit is not None:
+                    cut, stop_str = hit
+                    self._text = self._text[:cut]
+                    finish, stop_reason = "stop", stop_str
+        if finish is None and len(self.output_ids) >= self.req.max_tokens:
+            finish = "length"
+        if finish is not None and self._detok is not None and not isinstance(stop_reason, str):
+            self._text += self._detok.finish()  # flush a held-back partial character
+        if finish is not None:
+            text = self._text[self._emitted :]
+            self._emitted = len(self._text)
+        else:
+            safe = max(self._emitted, len(self._text) - self._hold)
+            text = self._text[self._emitted : safe]
+            self._emitted = safe
+        return GenerateOutput(
+            request_id=self.req.request_id,
+            index=self.index,
+            token_ids=(token,),
+            text=text,
+            logprobs=(logprobs,) if logprobs is not None else (),
+            finish_reason=finish,
+            stop_reason=stop_reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
+        )
+
+    def close(self, finish_reason: str, last: GenerateOutput) -> GenerateOutput:
+        """End the choice now (its grammar is complete): the last event becomes final, text flushed."""
+        if self._detok is not None:
+            self._text += self._detok.finish()
+        text = last.text + self._text[self._emitted :]
+        self._emitted = len(self._text)
+        return replace(last, text=text, finish_reason=finish_reason)
+
+    def _find_stop(self) -> tuple[int, str] | None:
+        """Earliest stop string in the not-yet-final tail of the text: (cut position, the string)."""
+        start = max(0, self._emitted - self._hold)
+        best: tuple[int, str] | None = None
+        for s in self.req.stop:
+            pos = self._text.find(s, start)
+            if pos >= 0 and (best is None or pos < best[0]):
+                best = (pos, s)
+        if best is None:
+            return None
+        pos, s = best
+        return (pos + len(s) if self.req.include_stop_str_in_output else pos), s
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+
+def _with_seed(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice i draws with seed + i, so n > 1 choices differ yet each is reproducible."""
+    return params if index == 0 else replace(params, seed=params.seed + index)

@@ -1,0 +1,398 @@
+"""The dispatch/combine seam of a trunk rank: local (the reference) and all-to-all.
+
+Both are `RoutedExperts` callables `(moe_layer, x_TD, routing) -> y_TD` that the trunk calls
+once per MoE layer, and both keep expert-load statistics (tokens per expert per MoE layer).
+- `LocalDispatcher`: every expert in-process (`--expert-ranks 0`); the oracle.
+- `AllToAllDispatcher`: rows go to the expert ranks owning their experts over
+  torch.distributed (wire format in replicas/ep/a2a_protocol.py) and come back weighted and
+  slot-summed here, exactly as the local path combines them.
+Legend: T tokens, k top-k, R = T * k routed rows, X expert ranks, D trunk ranks.
+Tests: tests/replicas/test_dispatch.py (all-to-all vs local on the same inputs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from cluster.placement import ExpertMap
+from cluster.process_groups import GroupHandle
+from cluster.topology import GroupShape
+from model_shards.experts import ExpertShard, local_routed_experts
+from model_shards.moe import Routing, combine_slots
+from replicas.ep.a2a_protocol import (
+    FIXED,
+    ID_BYTES,
+    StepPlan,
+    exchange,
+    exchange_counts,
+    pack_rows,
+    row_bytes,
+    write_headers,
+)
+
+
+class ExpertLoad:
+    """Tokens routed to each expert of each MoE layer since the last reset.
+
+    `add` only keeps a reference to the layer's routing ids; `flush` (run by the all-to-all dispatcher at
+    the end of each step, off the per-layer exchange path, and by every read) counts them all with one
+    bincount.
+    """
+
+    def __init__(self, num_moe_layers: int, num_experts: int) -> None:
+        self._counts = torch.zeros(num_moe_layers, num_experts, dtype=torch.int64)
+        self._pending: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, layer: int, topk_ids_Tk: torch.Tensor) -> None:
+        if not 0 <= layer < self._counts.shape[0]:
+            raise IndexError(f"MoE layer {layer} outside the {self._counts.shape[0]} counted layers")
+        self._pending.append((layer, topk_ids_Tk))
+        if len(self._pending) >= 4096:  # a caller that never flushes still holds a bounded list
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        num_layers, num_experts = self._counts.shape
+        keys = torch.cat([ids.reshape(-1).cpu() + layer * num_experts for layer, ids in self._pending])
+        self._pending = []
+        self._counts += torch.bincount(keys, minlength=num_layers * num_experts).view(num_layers, num_experts)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        self.flush()
+        return self._counts
+
+    def take(self) -> torch.Tensor:
+        self.flush()
+        out, self._counts = self._counts, torch.zeros_like(self._counts)
+        return out
+
+
+class Dispatcher(Protocol):
+    """What a trunk rank needs of its seam: the per-layer call, step framing, and load counters."""
+
+    load: ExpertLoad
+
+    def __call__(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor: ...
+
+    def begin(self, plan: StepPlan) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def run_idle(self) -> None: ...
+
+
+class LocalDispatcher:
+    """All experts in this process: repeat rows per slot, expert FFN, weight and slot-sum.
+
+    It has no peers, so step framing only settles the expert-load counters.
+    """
+
+    def __init__(self, shard: ExpertShard, *, num_moe_layers: int) -> None:
+        self.shard = shard
+        self.load = ExpertLoad(num_moe_layers, shard.num_experts)
+
+    def begin(self, plan: StepPlan) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.load.flush()
+
+    def run_idle(self) -> None:
+        pass
+
+    def __call__(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        self.load.add(layer, routing.topk_ids_Tk)
+        return local_routed_experts(self.shard, layer, x_TD, routing)
+
+
+@dataclass(frozen=True)
+class DispatchHandle:
+    """What `dispatch` sent, so `combine` can bring the rows back into slot order.
+
+    Attributes:
+        routing: the layer's routing (weights are applied at combine).
+        order_R: send order -> slot row (row t*k + j is token t, slot j); None on the fixed fast path.
+        counts_X: rows sent to each expert rank (all of them, capacity or not).
+        sent_X: rows that went in the main exchange (min(count, C) in fixed mode).
+        src_R: fixed mode, when this rank exceeded C nowhere: slot row -> its row in the [X * (C + 1)]
+            exchange buffer (the combine answer comes back in the dispatch layout, so combine is one
+            gather); None otherwise.
+    """
+
+    routing: Routing
+    order_R: torch.Tensor | None
+    counts_X: tuple[int, ...]
+    sent_X: tuple[int, ...]
+    mode: str
+    capacity: int
+    src_R: torch.Tensor | None = None
+
+
+class _FixedBuffers:
+    """A trunk rank's fixed-mode exchange buffers for one capacity C, made once and reused every layer.
+
+    send: [X * (C + 1), in_bytes] (a header row, then C row slots, per expert rank); recv: [X * (C + 1),
+    out_bytes] (the combine answer, same layout). Padding slots keep stale bytes from earlier layers:
+    receivers read only the header and the counted rows. `rows`, `ids`, `counts`, `flags` are typed views
+    into `send` (None where the row width does not allow a typed view); `answers` into `recv`.
+    """
+
+    def __init__(
+        self,
+        shape: GroupShape,
+        cap: int,
+        *,
+        hidden: int,
+        dtype: torch.dtype,
+        in_bytes: int,
+        out_bytes: int,
+        device: torch.device,
+    ) -> None:
+        d, x = shape.trunk_ranks, shape.expert_ranks
+        n = x * (cap + 1)
+        self.send = torch.zeros(n, in_bytes, dtype=torch.uint8, device=device)
+        self.recv = torch.zeros(n, out_bytes, dtype=torch.uint8, device=device)
+        self.send_splits = [0] * d + [cap + 1] * x
+        self.recv_splits = [0] * d + [cap + 1] * x
+        header = self.send.view(x, cap + 1, in_bytes)[:, 0]
+        self.counts, self.flags = header[:, :8], header[:, 8]
+        self.answer_flags = self.recv.view(x, cap + 1, out_bytes)[:, 0, 0]
+        self.answers = self.recv.view(dtype)  # [n, hidden]
+        self.owed = self.send[:0]  # the fast path's payload: no rows left for an overflow exchange
+        self.block = torch.arange(x) * (cap + 1)  # first row (the header) of each expert rank's block
+        nb = in_bytes - ID_BYTES
+        try:
+            self.rows: torch.Tensor | None = self.send[:, :nb].view(dtype)  # [n, hidden], row stride in_bytes
+            self.ids: torch.Tensor | None = self.send[:, nb:].view(torch.int32)  # [n, 1]
+        except RuntimeError:  # a row width the typed views cannot stride over (e.g. odd hidden in bf16)
+            self.rows = self.ids = None
+        self.flag = False  # what `flags` holds now
+
+
+class AllToAllDispatcher:
+    """Trunk side of the expert all-to-all.
+
+    Args:
+        group: this rank's process-group handle.
+        shape: D and X of the group.
+        expert_map: which expert rank owns which expert, per MoE layer.
+        hidden: model width; dtype: compute dtype of the rows on the wire.
+    """
+
+    def __init__(
+        self,
+        group: GroupHandle,
+        shape: GroupShape,
+        expert_map: ExpertMap,
+        *,
+        hidden: int,
+        dtype: torch.dtype,
+        num_experts: int,
+    ) -> None:
+        self.group, self.shape, self.map = group, shape, expert_map
+        self.hidden, self.dtype = hidden, dtype
+        self.load = ExpertLoad(expert_map.num_moe_layers, num_experts)
+        self._tables = [expert_map.route_table(layer) for layer in range(expert_map.num_moe_layers)]
+        # without redundant copies an expert's rank depends on the expert alone: one lookup per layer
+        self._direct = [table[:, 0].clone() if bool((copies == 1).all()) else None for table, copies in self._tables]
+        self._fixed: dict[int, _FixedBuffers] = {}
+        self._no_splits = [0] * shape.world_size
+        self._plan: StepPlan | None = None
+        self._cursor = 0
+        self.in_bytes = row_bytes(hidden, dtype) + ID_BYTES
+        self.out_bytes = row_bytes(hidden, dtype)
+        self._nothing_out = torch.empty(0, self.out_bytes, dtype=torch.uint8, device=group.device)
+        # Always-on timing (two perf_counter calls per MoE layer): seconds inside dispatch + combine
+        # (waiting for the expert ranks included) and the number of MoE layer calls, since `take_timings`.
+        self.timings: dict[str, float] = {"exchange_s": 0.0, "layers": 0}
+
+    def take_timings(self) -> dict[str, float]:
+        """Accumulated dispatch + combine seconds and MoE layer calls since the last call; resets them."""
+        out, self.timings = self.timings, {"exchange_s": 0.0, "layers": 0}
+        return out
+
+    # ----------------------------------------------------------------- step framing
+    def begin(self, plan: StepPlan) -> None:
+        self._plan, self._cursor = plan, 0
+
+    def finish(self) -> None:
+        plan = self._plan
+        assert plan is not None
+        if self._cursor != len(plan.moe_layers):
+            raise RuntimeError(f"step ran {self._cursor} MoE layers, the plan has {len(plan.moe_layers)}")
+        self._plan = None
+        self.load.flush()
+
+    def run_idle(self) -> None:
+        """A trunk rank with no tokens still takes part in every exchange of the plan, with empty rows."""
+        plan = self._plan
+        assert plan is not None
+        dev = self.group.device
+        empty = Routing(
+            torch.empty(0, 1, dtype=torch.long, device=dev), torch.empty(0, 1, dtype=self.dtype, device=dev)
+        )
+        while self._cursor < len(plan.moe_layers):
+            self(plan.moe_layers[self._cursor], torch.empty(0, self.hidden, dtype=self.dtype, device=dev), empty)
+
+    # ----------------------------------------------------------------- the seam
+    def __call__(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        plan = self._plan
+        if plan is None or self._cursor >= len(plan.moe_layers) or plan.moe_layers[self._cursor] != layer:
+            raise RuntimeError(f"MoE layer {layer} called out of the step plan's order (lock-step broken)")
+        self._cursor += 1
+        if routing.num_tokens:
+            self.load.add(layer, routing.topk_ids_Tk)
+        t0 = time.perf_counter()
+        handle, payload = self.dispatch(layer, x_TD, routing, plan)
+        y = self.combine(handle, payload)
+        self.timings["exchange_s"] += time.perf_counter() - t0
+        self.timings["layers"] += 1
+        return y
+
+    def _destinations(self, layer: int, routing: Routing) -> torch.Tensor:
+        """Expert rank of every slot row; a redundant expert's copies share tokens by token index."""
+        table, copies = self._tables[layer]
+        ids = routing.topk_ids_Tk.reshape(-1).cpu()
+        direct = self._direct[layer]
+        if direct is not None:
+            return direct[ids]
+        token = torch.arange(ids.shape[0]) // routing.top_k
+        return table[ids, token % copies[ids]]
+
+    def _fixed_buffers(self, cap: int) -> _FixedBuffers:
+        bufs = self._fixed.get(cap)
+        if bufs is None:
+            bufs = _FixedBuffers(
+                self.shape,
+                cap,
+                hidden=self.hidden,
+                dtype=self.dtype,
+                in_bytes=self.in_bytes,
+                out_bytes=self.out_bytes,
+                device=self.group.device,
+            )
+            self._fixed[cap] = bufs
+        return bufs
+
+    def dispatch(
+        self, layer: int, x_TD: torch.Tensor, routing: Routing, plan: StepPlan
+    ) -> tuple[DispatchHandle, torch.Tensor]:
+        """Send every (token, slot) row to its expert rank.
+
+        Returns the handle and the packed rows (send order) that may still have to go in the fixed mode's
+        overflow exchange; on the fixed fast path (this rank within C everywhere) nothing is owed and
+        the payload is empty.
+        """
+        x = self.shape.expert_ranks
+        dest = self._destinations(layer, routing)
+        counts_t = torch.bincount(dest, minlength=x) if dest.numel() else torch.zeros(x, dtype=torch.int64)
+        counts = counts_t.tolist()
+        if plan.mode == FIXED and max(counts) <= plan.capacity:
+            bufs = self._fixed_buffers(plan.capacity)
+            if bufs.rows is not None:
+                return self._dispatch_fixed_fast(x_TD, routing, dest, counts_t, counts, plan.capacity, bufs)
+        order = torch.argsort(dest, stable=True)
+        k = max(routing.top_k, 1)
+        order = order.to(x_TD.device)
+        payload = pack_rows(x_TD[order // k], routing.topk_ids_Tk.reshape(-1)[order])
+        if plan.mode == FIXED:
+            sent = [min(c, plan.capacity) for c in counts]
+            self._send_fixed(payload, counts, sent, plan.capacity)
+        else:
+            sent = counts
+            exchange_counts(self.group, [0] * self.shape.trunk_ranks + counts)
+            exchange(
+                self.group, payload, send_splits=[0] * self.shape.trunk_ranks + counts, recv_splits=self._no_splits
+            )
+        handle = DispatchHandle(routing, order, tuple(counts), tuple(sent), plan.mode, plan.capacity)
+        return handle, payload
+
+    def _dispatch_fixed_fast(
+        self,
+        x_TD: torch.Tensor,
+        routing: Routing,
+        dest: torch.Tensor,
+        counts_t: torch.Tensor,
+        counts: list[int],
+        cap: int,
+        bufs: _FixedBuffers,
+    ) -> tuple[DispatchHandle, torch.Tensor]:
+        """Fixed mode, every count within C: rows go straight from the tokens into their buffer slots
+        (no sort, no packed copy). Same bytes in the header and counted rows as `_send_fixed`."""
+        x = self.shape.expert_ranks
+        # slot row r goes to row dest[r] * (C + 1) + (1-based running count of dest[r] up to r): its
+        # expert rank's block, after the header, in slot order (= the stable sort order of `dispatch`)
+        src = (torch.nn.functional.one_hot(dest, x).cumsum(0) + bufs.block).gather(1, dest.unsqueeze(1)).squeeze(1)
+        if src.device != bufs.send.device:
+            src = src.to(bufs.send.device)
+        assert bufs.rows is not None and bufs.ids is not None
+        bufs.rows.index_copy_(0, src, x_TD.repeat_interleave(max(routing.top_k, 1), dim=0))
+        bufs.ids.index_copy_(0, src, routing.topk_ids_Tk.reshape(-1, 1).to(torch.int32))
+        bufs.counts.copy_(counts_t.view(torch.uint8).view(x, 8))
+        if bufs.flag:
+            bufs.flags.zero_()
+            bufs.flag = False
+        exchange(self.group, bufs.send, send_splits=bufs.send_splits, recv_splits=self._no_splits)
+        handle = DispatchHandle(routing, None, tuple(counts), tuple(counts), FIXED, cap, src)
+        return handle, bufs.owed
+
+    def _send_fixed(self, payload: torch.Tensor, counts: list[int], sent: list[int], cap: int) -> None:
+        x = self.shape.expert_ranks
+        bufs = self._fixed_buffers(cap)
+        buf = bufs.send.view(x, cap + 1, self.in_bytes)
+        overflowed = any(c > cap for c in counts)
+        write_headers(buf[:, 0], counts=torch.tensor(counts, dtype=torch.int64), flag=overflowed)
+        bufs.flag = overflowed
+        start = 0
+        for j in range(x):
+            buf[j, 1 : 1 + sent[j]] = payload[start : start + sent[j]]
+            start += counts[j]
+        exchange(self.group, bufs.send, send_splits=bufs.send_splits, recv_splits=self._no_splits)
+
+    def combine(self, handle: DispatchHandle, payload: torch.Tensor) -> torch.Tensor:
+        """Receive the expert outputs, restore slot order, weight and sum each token's slots."""
+        d, x = self.shape.trunk_ranks, self.shape.expert_ranks
+        r = handle.routing.topk_ids_Tk.numel()
+        nothing = self._nothing_out
+        if handle.mode == FIXED:
+            cap = handle.capacity
+            bufs = self._fixed_buffers(cap)
+            exchange(self.group, nothing, send_splits=self._no_splits, recv_splits=bufs.recv_splits, out=bufs.recv)
+            overflow = any(bufs.answer_flags.tolist())
+            if handle.src_R is not None:
+                if overflow:  # another trunk rank overflowed: take part in its extra exchanges, owing nothing
+                    zeros = [0] * self.shape.world_size
+                    exchange(self.group, payload, send_splits=zeros, recv_splits=zeros)
+                    exchange(self.group, nothing, send_splits=zeros, recv_splits=zeros)
+                if r == 0:
+                    return bufs.answers.new_zeros((handle.routing.num_tokens, self.hidden))
+                # one gather: the answers sit in the dispatch layout, src_R maps slot rows to buffer rows
+                return combine_slots(bufs.answers.index_select(0, handle.src_R), routing=handle.routing)
+            recv = bufs.recv.view(x, cap + 1, self.out_bytes)
+            parts = [recv[j, 1 : 1 + handle.sent_X[j]] for j in range(x)]
+            if overflow:
+                extra = [c - s for c, s in zip(handle.counts_X, handle.sent_X)]
+                starts = [sum(handle.counts_X[:j]) + handle.sent_X[j] for j in range(x)]
+                rest = torch.cat([payload[starts[j] : starts[j] + extra[j]] for j in range(x)])
+                exchange(self.group, rest, send_splits=[0] * d + extra, recv_splits=self._no_splits)
+                back = exchange(self.group, nothing, send_splits=self._no_splits, recv_splits=[0] * d + extra)
+                offs = [sum(extra[:j]) for j in range(x)]
+                parts = [torch.cat([parts[j], back[offs[j] : offs[j] + extra[j]]]) for j in range(x)]
+            out_bytes = torch.cat(parts) if parts else nothing
+        else:
+            out_bytes = exchange(
+                self.group, nothing, send_splits=self._no_splits, recv_splits=[0] * d + list(handle.counts_X)
+            )
+        y_sorted = out_bytes.reshape(-1).view(self.dtype).view(r, self.hidden)
+        if r == 0:
+            return y_sorted.new_zeros((handle.routing.num_tokens, self.hidden))
+        assert handle.order_R is not None
+        y_slots = torch.empty_like(y_sorted)
+        y_slots[handle.order_R] = y_sorted
+        return combine_slots(y_slots, routing=handle.routing)

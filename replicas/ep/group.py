@@ -1,0 +1,332 @@
+"""The driver of one expert-parallel group: D trunk-rank actors + X expert-rank actors.
+
+Owns: creating the rank actors in a placement group (the caller's, e.g. a Serve replica's
+own with bundle 0 = the replica, or one it creates), forming their process group at trunk
+rank 0's node on a free port, and `step()`: one Ray call per rank per step (nothing per
+layer), returning each trunk rank's sampled tokens. Any rank error or timeout fails the
+step with `GroupFailure` (epoch, dead ranks, timed-out ranks); `rebuild()` replaces the
+failed ranks, re-forms the process group and checks the data path with an idle step.
+Tests: tests/replicas/test_group.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.placement import ExpertMap, GroupPlacement, plan_placement
+from cluster.process_groups import GroupSpec, choose_backend
+from cluster.topology import GroupShape, Topology
+from model_shards.config import ModelConfig, from_hf_config
+from model_shards.tiny_checkpoint import resolve_model_dir
+from replicas.engine.step_types import StepRequest, StepResult
+from replicas.ep.a2a_protocol import FIXED, VARIABLE, StepPlan, fixed_capacity
+from replicas.ep.actors import CacheSizes, ExpertRankActor, RankSpec, TrunkRankActor
+
+ERROR_GRACE_S = 2.0
+
+TrunkActor = ray.remote(max_restarts=0, max_concurrency=1)(TrunkRankActor)  # type: ignore[call-overload]  # Ray's overloads lack it
+ExpertActor = ray.remote(max_restarts=0, max_concurrency=1)(ExpertRankActor)  # type: ignore[call-overload]  # (max_concurrency)
+
+
+class GroupFailure(RuntimeError):
+    """A step of the group failed: some ranks died, hung past the deadline, or raised.
+
+    Attributes:
+        epoch: the group's epoch when it failed (bumped by each rebuild).
+        dead: global ranks whose actor died. timed_out: ranks that did not answer in time.
+        errors: global rank -> error text, for ranks that raised (often collateral of the above).
+    """
+
+    def __init__(
+        self,
+        epoch: int,
+        *,
+        dead: tuple[int, ...],
+        timed_out: tuple[int, ...],
+        errors: dict[int, str],
+        names: dict[int, str],
+    ) -> None:
+        self.epoch, self.dead, self.timed_out, self.errors = epoch, dead, timed_out, errors
+        parts = []
+        if dead:
+            parts.append("dead: " + ", ".join(names[r] for r in dead))
+        if timed_out:
+            parts.append("timed out: " + ", ".join(names[r] for r in timed_out))
+        culprits = [r for r in errors if r not in dead and r not in timed_out]
+        if culprits and not dead and not timed_out:
+            parts.append("raised: " + "; ".join(f"{names[r]}: {errors[r][:200]}" for r in culprits))
+        super().__init__(f"expert-parallel group epoch {epoch} failed ({'; '.join(parts) or 'unknown'})")
+
+    @property
+    def failed_ranks(self) -> tuple[int, ...]:
+        """Ranks to replace: the dead and the hung; if none, those that raised on their own."""
+        culprits = set(self.dead) | set(self.timed_out)
+        return tuple(sorted(culprits or set(self.errors)))
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """How to build a group.
+
+    Attributes:
+        deadline_s: bound on every collective (seconds in CI, tens of seconds on GPUs).
+        capacity_factor: decode exchange capacity C = factor x mean rows per (trunk, expert) pair.
+        cpus_per_rank: CPU slots per rank bundle (and BLAS threads per rank).
+    """
+
+    model_dir: str | None  # None: the embedded tiny model, resolved by each process
+    shape: GroupShape
+    dtype: str = "auto"
+    deadline_s: float = 30.0
+    caches: CacheSizes = field(default_factory=lambda: CacheSizes(num_blocks=256, block_size=16, num_slots=16))
+    expert_map: ExpertMap | None = None
+    capacity_factor: float = 2.0
+    cpus_per_rank: float = 1.0
+    gpus: bool = False
+    strategy: str | None = None
+    load_timeout_s: float = 600.0
+
+
+class ExpertParallelGroup:
+    """D trunk ranks + X expert ranks in one process group.
+
+    Args:
+        config: see `GroupConfig`.
+        placement: the caller's placement group (e.g. the Serve replica's), or None to create one.
+        first_bundle: index of trunk rank 0's bundle in `placement` (1 inside a Serve replica).
+    """
+
+    def __init__(self, config: GroupConfig, *, placement: PlacementGroup | None = None, first_bundle: int = 0) -> None:
+        self.config = config
+        self.shape = config.shape
+        self.cfg: ModelConfig = from_hf_config(resolve_model_dir(config.model_dir))
+        self.expert_map = config.expert_map or (
+            ExpertMap.contiguous(
+                num_experts=self.cfg.num_experts,
+                num_moe_layers=self.cfg.num_moe_layers,
+                expert_ranks=self.shape.expert_ranks,
+            )
+            if self.shape.expert_ranks
+            else None
+        )
+        self._own_pg = placement is None
+        self._layout: GroupPlacement = plan_placement(
+            self.shape,
+            Topology(
+                nodes=1,
+                gpus_per_node=self.shape.world_size if config.gpus else 0,
+                gpu_memory_gib=1.0 if config.gpus else 0.0,
+            ),
+            cpus_per_rank=config.cpus_per_rank,
+            strategy=config.strategy,
+        )
+        self._pg = placement
+        self._first_bundle = first_bundle
+        self.epoch = 0
+        self.group_id = uuid.uuid4().hex[:8]  # names this group's actors (epserve-<id>-trunk0-...), for operators
+        self._created = 0
+        self.trunks: list = []
+        self.experts: list = []
+        self._broken: GroupFailure | None = None
+        self.names = {self.shape.trunk_rank(i): f"trunk rank {i}" for i in range(self.shape.trunk_ranks)}
+        self.names.update({self.shape.expert_rank(j): f"expert rank {j}" for j in range(self.shape.expert_ranks)})
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Create the placement group if needed, the actors (loading weights), and the process group."""
+        if self._pg is None:
+            self._pg = placement_group(list(self._layout.bundles), strategy=self._layout.strategy)
+            ray.get(self._pg.ready(), timeout=self.config.load_timeout_s)
+        self.trunks = [self._new_actor(self.shape.trunk_rank(i)) for i in range(self.shape.trunk_ranks)]
+        self.experts = [self._new_actor(self.shape.expert_rank(j)) for j in range(self.shape.expert_ranks)]
+        ray.get([a.pid.remote() for a in self.trunks + self.experts], timeout=self.config.load_timeout_s)
+        self._form_group()
+        self.canary()
+
+    def _new_actor(self, global_rank: int):  # noqa: ANN202  # a Ray actor handle
+        is_trunk = global_rank < self.shape.trunk_ranks
+        index = global_rank if is_trunk else global_rank - self.shape.trunk_ranks
+        spec = RankSpec(
+            model_dir=self.config.model_dir,
+            dtype=self.config.dtype,
+            shape=self.shape,
+            expert_map=self.expert_map,
+            index=index,
+            caches=self.config.caches if is_trunk else None,
+            threads=int(self.config.cpus_per_rank),
+        )
+        self._created += 1
+        role = f"trunk{index}" if is_trunk else f"expert{index}"
+        opts = dict(
+            num_cpus=self.config.cpus_per_rank,
+            num_gpus=1 if self.config.gpus else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self._pg,  # type: ignore[arg-type]  # placed by start() before any actor
+                placement_group_bundle_index=self._first_bundle + global_rank,
+            ),
+            name=f"epserve-{self.group_id}-{role}-{self._created}",
+        )
+        return (TrunkActor if is_trunk else ExpertActor).options(**opts).remote(spec)
+
+    def _form_group(self) -> None:
+        if self.shape.expert_ranks == 0:
+            return
+        addr, port = ray.get(self.trunks[0].rendezvous.remote(), timeout=60)
+        spec = GroupSpec(
+            master_addr=addr,
+            master_port=port,
+            world_size=self.shape.world_size,
+            backend=choose_backend(every_rank_has_gpu=self.config.gpus),
+            deadline_s=self.config.deadline_s,
+            epoch=self.epoch,
+        )
+        ray.get([a.join.remote(spec) for a in self.trunks + self.experts], timeout=self.config.deadline_s + 60)
+
+    def rebuild(self) -> None:
+        """Replace failed ranks with fresh actors (weights reloaded), re-form the process group on a
+        new port under a new epoch, and run one idle step through every rank."""
+        failed = set(self._broken.failed_ranks) if self._broken else set()
+        actors = self.trunks + self.experts
+        survivors = [r for r in range(len(actors)) if r not in failed]
+        try:
+            ray.get([actors[r].leave.remote() for r in survivors], timeout=self.config.deadline_s + 10)
+        except Exception:  # noqa: BLE001  # a survivor that cannot even leave is replaced too
+            failed = set(range(len(actors)))
+        for r in sorted(failed):
+            ray.kill(actors[r], no_restart=True)
+            actors[r] = self._new_actor(r)
+        self.trunks = actors[: self.shape.trunk_ranks]
+        self.experts = actors[self.shape.trunk_ranks :]
+        ray.get([actors[r].pid.remote() for r in failed], timeout=self.config.load_timeout_s)
+        self.epoch += 1
+        self._broken = None
+        self._form_group()
+        self.canary()
+
+    def canary(self) -> float:
+        """An idle step through every rank (all exchanges, no tokens): proves the data path; returns seconds."""
+        t0 = time.monotonic()
+        plan = StepPlan(tuple(range(self.cfg.num_layers)), VARIABLE) if self.shape.expert_ranks else None
+        refs = [t.step.remote(StepRequest(), plan) for t in self.trunks]
+        refs += [e.serve.remote(plan) for e in self.experts] if plan is not None else []
+        ray.get(refs, timeout=self.config.deadline_s * 4 + 10)
+        return time.monotonic() - t0
+
+    def shutdown(self) -> None:
+        for a in self.trunks + self.experts:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001  # already gone
+                pass
+        self.trunks, self.experts = [], []
+        if self._own_pg and self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+    # ----------------------------------------------------------------- steps
+    def plan_for(self, requests: list[StepRequest]) -> StepPlan:
+        """FIXED (no counts exchange) when every sequence decodes (one token, or a verified draft run),
+        else VARIABLE. With speculation every rank also makes the MTP layer's MoE calls: one pass and
+        k - 1 recursive draft steps."""
+        mtp = max((r.mtp_steps for r in requests), default=0)
+        layers = tuple(range(self.cfg.num_layers)) + (self.cfg.num_layers,) * mtp
+        tokens = [sum(len(s.chunk.token_ids) for s in r.seqs) for r in requests]
+        decode = all(len(s.chunk.token_ids) == 1 or s.chunk.verify for r in requests for s in r.seqs)
+        if decode and self.shape.expert_ranks:
+            cap = fixed_capacity(
+                max(tokens),
+                top_k=self.cfg.num_experts_per_tok,
+                expert_ranks=self.shape.expert_ranks,
+                factor=self.config.capacity_factor,
+            )
+            return StepPlan(layers, FIXED, cap)
+        return StepPlan(layers, VARIABLE)
+
+    async def step(self, requests: list[StepRequest], plan: StepPlan | None = None) -> list[StepResult]:
+        """Run one step: `requests[i]` for trunk rank i (may be empty). Returns each trunk rank's result.
+
+        Raises:
+            GroupFailure: any rank died, raised or did not answer in time; the group stays failed
+                until `rebuild()`.
+        """
+        if self._broken is not None:
+            raise self._broken
+        if len(requests) != self.shape.trunk_ranks:
+            raise ValueError(f"{len(requests)} requests for {self.shape.trunk_ranks} trunk ranks")
+        if self.shape.expert_ranks == 0:
+            plan = None
+        else:
+            plan = plan or self.plan_for(requests)
+        refs = [t.step.remote(r, plan) for t, r in zip(self.trunks, requests)]
+        if plan is not None:
+            refs += [e.serve.remote(plan) for e in self.experts]
+        results = await self._gather(refs, plan)
+        return results[: self.shape.trunk_ranks]
+
+    async def _gather(self, refs: list, plan: StepPlan | None) -> list:
+        """Await every rank; once one finished or failed, the rest get one deadline to follow."""
+        deadline = self.config.deadline_s
+        futs = {asyncio.wrap_future(ref.future()): i for i, ref in enumerate(refs)}
+        pending = set(futs)
+        n_collectives = 3 * len(plan.moe_layers) + 1 if plan is not None else 1
+        overall = time.monotonic() + deadline * n_collectives + deadline
+        first_done: float | None = None
+        first_error: float | None = None
+        while pending:
+            limit = overall if first_done is None else min(overall, first_done + deadline + 5.0)
+            if first_error is not None:
+                # Peers of a failed rank error within moments; whoever is still silent is hung.
+                limit = min(limit, first_error + ERROR_GRACE_S)
+            timeout = max(0.0, limit - time.monotonic())
+            done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+            if first_done is None:
+                first_done = time.monotonic()
+            if first_error is None and any(f.exception() is not None for f in done):
+                first_error = time.monotonic()
+        dead, errors, out = [], {}, [None] * len(refs)
+        for fut, i in futs.items():
+            if fut in pending:
+                fut.cancel()
+                continue
+            exc = fut.exception()
+            if exc is None:
+                out[i] = fut.result()
+            elif isinstance(
+                exc, (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError)
+            ):
+                dead.append(i)
+            else:
+                errors[i] = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        timed_out = sorted(futs[f] for f in pending)
+        if dead or timed_out or errors:
+            self._broken = GroupFailure(
+                self.epoch, dead=tuple(sorted(dead)), timed_out=tuple(timed_out), errors=errors, names=self.names
+            )
+            raise self._broken
+        return out
+
+    # ----------------------------------------------------------------- statistics
+    def expert_load(self) -> dict[str, torch.Tensor]:
+        """Tokens per expert per MoE layer since the last call, summed over trunk ranks, and per
+        expert rank per layer (a redundant expert's tokens counted on each of its copies' share)."""
+        per_expert = sum(ray.get([t.take_load.remote() for t in self.trunks]))
+        assert isinstance(per_expert, torch.Tensor)
+        out = {"tokens_per_expert": per_expert}
+        if self.expert_map is not None:
+            per_rank = torch.zeros(per_expert.shape[0], self.shape.expert_ranks, dtype=torch.float64)
+            for layer in range(min(per_expert.shape[0], self.expert_map.num_moe_layers)):
+                for e, ranks in enumerate(self.expert_map.owners[layer]):
+                    for r in ranks:
+                        per_rank[layer, r] += per_expert[layer, e].item() / len(ranks)
+            out["tokens_per_rank"] = per_rank
+        return out

@@ -1,0 +1,240 @@
+"""The engine deployment: one Serve replica = one expert-parallel group + its engine.
+
+Owns: building the group inside the replica's own placement group (bundle 0 is this replica,
+the ranks' bundles follow, so replicas scale in whole groups), the engine's step loop, readiness
+(weights loaded and a step run), Serve's health hook (a group that cannot be rebuilt fails the
+replica so Serve replaces it), draining on stop (epserve/serve_cmd.py), and pushing metrics to the
+app's hub. `serve.deployment` is applied in replicas/serving/app.py. Tests: tests/replicas/test_serving.py,
+tests/replicas/test_graceful_shutdown.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from cluster.topology import GroupShape
+from model_shards.config import from_hf_config
+from model_shards.tokenizer import Tokenizer
+from replicas.engine.block_pool import BlockPool
+from replicas.engine.engine import Engine
+from replicas.engine.engine_types import GenerateOutput, GenerateRequest
+from replicas.engine.scheduler import SchedulerConfig
+from replicas.ep.actors import CacheSizes
+from replicas.ep.group import ExpertParallelGroup, GroupConfig
+from replicas.serving.app_args import AppArgs
+from replicas.serving.metrics import MetricsRegistry
+
+if TYPE_CHECKING:  # annotations only: llguidance loads with the first grammar
+    from replicas.engine.structured_output import GrammarCache
+
+log = logging.getLogger("ray.serve.epserve.engine")
+
+METRICS_PUSH_S = 1.0
+CALLER_CHECK_S = 1.0  # how often the callers (ingress replicas) of open requests are checked for life
+
+
+class EngineServer:
+    """Hosts one group and its engine.
+
+    Args:
+        args: the app's `AppArgs` as a dict.
+        metrics_hub: handle of the app's MetricsHub actor, or None.
+    """
+
+    def __init__(self, args: dict[str, Any], metrics_hub: Any = None) -> None:  # noqa: ANN401  # Ray handle
+        from model_shards.tiny_checkpoint import resolve_model_dir
+
+        a = AppArgs.model_validate(args)
+        self.args = a
+        folder = resolve_model_dir(a.model)
+        self.cfg = from_hf_config(folder)
+        self.tokenizer = Tokenizer.from_dir(folder)
+        k = a.speculative_tokens
+        if k and not self.cfg.has_mtp:
+            raise ValueError(f"speculative_tokens {k} needs an MTP head: {folder}'s config has mtp_num_hidden_layers 0")
+        caches = CacheSizes(
+            num_blocks=a.num_kv_blocks, block_size=a.block_size, num_slots=a.max_num_seqs, spec_tokens=k
+        )
+        placement = ray.util.get_current_placement_group()
+        self.group = ExpertParallelGroup(
+            GroupConfig(
+                model_dir=a.model,
+                shape=GroupShape(a.trunk_ranks, a.expert_ranks),
+                dtype=a.dtype,
+                deadline_s=a.collective_deadline_s,  # type: ignore[arg-type]  # set by AppArgs' validator
+                caches=caches,
+                capacity_factor=a.capacity_factor,
+                cpus_per_rank=a.cpus_per_rank,
+                gpus=a.gpus,
+                load_timeout_s=a.load_timeout_s,
+            ),
+            placement=placement,
+            first_bundle=1 if placement is not None else 0,
+        )
+        t0 = time.monotonic()
+        self.group.start()  # loads every rank's weights and runs one idle step through all of them
+        log.info(
+            "group of %d trunk + %d expert ranks ready in %.1f s", a.trunk_ranks, a.expert_ranks, time.monotonic() - t0
+        )
+        self.metrics = MetricsRegistry()
+        pools = [
+            BlockPool(num_blocks=a.num_kv_blocks, num_slots=a.max_num_seqs, block_size=a.block_size)
+            for _ in range(a.trunk_ranks)
+        ]
+        self.engine = Engine(
+            self.group,
+            pools=pools,
+            config=SchedulerConfig(
+                max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, lookahead=2 * k
+            ),
+            tokenizer=self.tokenizer,
+            max_waiting=a.max_waiting_requests,
+            recover=self.group.rebuild,
+            metrics=self.metrics,
+            grammars=self._grammar_cache,
+            spec_tokens=k,
+            max_queue_steps=a.max_queue_steps,
+            vocab_size=self.cfg.vocab_size,
+        )
+        self._folder = folder
+        self._grammars: GrammarCache | None = None
+        self._grammar_lock = threading.Lock()
+        self.hub = metrics_hub
+        self.replica_id = uuid.uuid4().hex[:12]
+        self._push_task: asyncio.Task | None = None
+        self._drain_task: asyncio.Task | None = None
+        self._callers: dict[str, str] = {}  # request id -> name of the replica actor that called
+        self._watch_task: asyncio.Task | None = None
+
+    def _grammar_cache(self) -> GrammarCache:  # built on first use
+        """The bounded cache of compiled grammars (its tokenizer costs ~200 MB and seconds: only when needed)."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                from model_shards.generation_config import GenerationDefaults
+                from replicas.engine.structured_output import GrammarCache, build_guidance_tokenizer
+
+                eos = GenerationDefaults.load(self._folder, self.cfg).eos_token_ids
+                self._grammars = GrammarCache(build_guidance_tokenizer(self._folder, eos_ids=eos))
+            return self._grammars
+
+    def _ensure_started(self) -> None:
+        self.engine.start()
+        if self._watch_task is None:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch_callers())
+        if self._push_task is None and self.hub is not None:
+            self._push_task = asyncio.get_running_loop().create_task(self._push_metrics())
+
+    async def _push_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_PUSH_S)
+            await asyncio.to_thread(self._record_expert_load)
+            try:
+                self.hub.push.remote(self.replica_id, self.metrics.snapshot())
+            except Exception as exc:  # noqa: BLE001  # metrics must never take serving down
+                log.warning("metrics push failed: %s", exc)
+
+    def _record_expert_load(self) -> None:
+        """Expert-load imbalance since the last push: max / mean tokens per expert rank, mean over layers."""
+        if self.group.expert_map is None or self.engine.failure is not None:
+            return
+        try:
+            per_rank = self.group.expert_load()["tokens_per_rank"]
+        except Exception:  # noqa: BLE001  # a failing group reports no load
+            return
+        totals = per_rank.sum(dim=1)
+        used = totals > 0
+        if bool(used.any()):
+            ratio = per_rank[used].max(dim=1).values / per_rank[used].mean(dim=1)
+            self.metrics.set("expert_load_imbalance_sum", float(ratio.mean()))
+            self.metrics.set("expert_load_imbalance_count", 1.0)
+
+    # ----------------------------------------------------------------- called through handles
+    async def generate(self, req: GenerateRequest, caller: str | None = None) -> AsyncIterator[GenerateOutput]:
+        """Stream the request's events; a cancelled call (client gone) aborts it, and so does the death of
+        `caller` (the calling replica's actor name): Ray does not cancel a dead caller's stream."""
+        self._ensure_started()
+        log.info(
+            "request %s: admitted, %d prompt tokens, max_tokens %d", req.request_id, len(req.prompt_ids), req.max_tokens
+        )
+        if caller is not None:
+            self._callers[req.request_id] = caller
+        try:
+            async for event in self.engine.generate(req):
+                yield event
+        finally:
+            self._callers.pop(req.request_id, None)
+
+    async def _watch_callers(self) -> None:
+        while True:
+            await asyncio.sleep(CALLER_CHECK_S)
+            for name in set(self._callers.values()):
+                if not await asyncio.to_thread(_actor_alive, name):
+                    for rid in [r for r, c in self._callers.items() if c == name]:
+                        log.warning("request %s: its caller %s is gone; aborting", rid, name)
+                        self.engine.end(rid, "the ingress replica serving this request is gone")
+
+    async def ready(self) -> bool:
+        """Readiness: the group's data path works (a recent step, or an idle canary step now)."""
+        self._ensure_started()
+        if self.engine.draining:
+            return False
+        return await self.engine.probe(max_age_s=5.0, timeout_s=4 * self.args.collective_deadline_s + 10)  # type: ignore[operator]  # set by AppArgs' validator
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Read by the engine request router (replicas/serving/engine_router.py): avoid a group that is down."""
+        return {"available": self.engine.failure is None and not self.engine.draining}
+
+    async def pool_state(self) -> list[dict[str, int]]:
+        return self.engine.pool_state()
+
+    async def group_epoch(self) -> int:
+        """The group's epoch, bumped by every rebuild (tests check that bad input never fails the group)."""
+        return self.group.epoch
+
+    async def stats(self) -> dict[str, Any]:
+        """Running and waiting sequences, open streams, aborts and the pools, as of now."""
+        return self.engine.stats()
+
+    async def drain(self, grace_s: float) -> tuple[str, int]:
+        """Stop admitting (new requests get a retriable 503); open requests may run `grace_s` more, then end
+        with a retriable error. Idempotent. Returns this replica's id and its open requests, so the caller
+        (epserve/serve_cmd.py) can reach every replica and see when they are done."""
+        self._ensure_started()
+        if self._drain_task is None:
+            log.info("draining: %d open requests get %.1f s", self.engine.stats()["streams"], grace_s)
+            self._drain_task = asyncio.get_running_loop().create_task(self.engine.drain(grace_s))
+        return self.replica_id, self.engine.stats()["streams"]
+
+    async def check_health(self) -> None:
+        """Serve's health hook: unhealthy only when the group is down and could not be rebuilt."""
+        self._ensure_started()
+        failure = self.engine.failure
+        if failure is not None and failure.startswith("rebuild failed"):
+            raise RuntimeError(f"expert-parallel group is down: {failure}")
+
+    async def __del__(self) -> None:
+        try:
+            await self.engine.stop()
+        finally:
+            self.group.shutdown()
+
+
+def _actor_alive(name: str) -> bool:
+    """Whether the named Serve actor is alive (a dead one's name is released)."""
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(name, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    except Exception:  # noqa: BLE001  # the GCS unreachable for a moment: assume alive, look again later
+        return True
+    return True
