@@ -5,7 +5,7 @@ block's scale (so per-block scales are really per block), exact grid values surv
 the scale dtype asked for is the one stored, odd shapes (not multiples of the block) work,
 and `concat_rows` of parts whose row counts are not block multiples (gate and up of 64 rows
 with 128-row blocks) keeps every row's own scale. Dequantisation and `linear` are checked against
-`_plain_dequant`, model_spec §5.3's definition written here block by block
+`dequant_per_spec` (tests/fp8_spec.py), model_spec §5.3's definition written block by block
 (W[i, j] = W_fp8[i, j] * scale_inv[i // br, j // bc]), never against the code's own dequantize.
 """
 
@@ -26,6 +26,7 @@ from model_shards.quant import (
     quantize_blockwise,
     stack,
 )
+from tests.fp8_spec import dequant_per_spec
 
 BLOCK = (128, 128)
 # e4m3 keeps 3 mantissa bits: rounding to nearest moves a normal value by at most half an ulp,
@@ -49,18 +50,6 @@ def _blocky_weight(shape: tuple[int, ...], *, seed: int) -> torch.Tensor:
     mag = 10.0 ** torch.randint(-3, 4, (*shape[:-2], rows, cols), generator=gen).float()
     full = mag.repeat_interleave(BLOCK[0], dim=-2).repeat_interleave(BLOCK[1], dim=-1)
     return w * full[..., : shape[-2], : shape[-1]]
-
-
-def _plain_dequant(data: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """model_spec §5.3: W[..., i, j] = float(W_fp8[..., i, j]) * scale_inv[..., i // br, j // bc], one block at a
-    time, in fp32 as the spec's `.float()` says."""
-    br, bc = block
-    out = torch.empty(data.shape, dtype=torch.float32)
-    for i in range(-(-data.shape[-2] // br)):
-        for j in range(-(-data.shape[-1] // bc)):
-            rows, cols = slice(i * br, (i + 1) * br), slice(j * bc, (j + 1) * bc)
-            out[..., rows, cols] = data[..., rows, cols].float() * scale_inv[..., i, j, None, None].float()
-    return out
 
 
 def _expanded(scale_blocks: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -101,7 +90,7 @@ def test_round_trip_within_e4m3_bound(shape: tuple[int, ...], scale_dtype: torch
     torch.testing.assert_close(scale.float(), want_scale, rtol=rel, atol=0)
 
     deq = dequantize_blockwise(data, scale, block=BLOCK, dtype=torch.float32)
-    assert torch.equal(deq, _plain_dequant(data, scale, BLOCK)), "dequantize differs from model_spec §5.3"
+    assert torch.equal(deq, dequant_per_spec(data, scale, BLOCK)), "dequantize differs from model_spec §5.3"
     bound = E4M3_REL * w.abs() + E4M3_SUBNORMAL_HALF_STEP * _expanded(scale, w.shape)
     err = (deq - w).abs()
     worst = (err / bound).max().item()
@@ -126,7 +115,7 @@ def test_exact_grid_values_survive_and_scale_is_block_amax_over_448() -> None:
 def test_dequantize_dtype_and_linear_against_the_spec(dtype: torch.dtype) -> None:
     w = _blocky_weight((192, 160), seed=1)
     fp8 = Fp8Weight(*quantize_blockwise(w, block=BLOCK), BLOCK)
-    want = _plain_dequant(fp8.data, fp8.scale_inv, BLOCK).to(dtype)
+    want = dequant_per_spec(fp8.data, fp8.scale_inv, BLOCK).to(dtype)
     deq = fp8.dequantize(dtype)
     assert deq.dtype == dtype and torch.equal(deq, want)
     assert torch.equal(dense(fp8, dtype), want)
@@ -157,8 +146,8 @@ def test_concat_rows_keeps_each_parts_scale(rows: tuple[int, int], lead: tuple[i
         for i, r in enumerate(rows)
     ]
     cat = concat_rows(parts)
-    want = torch.cat([_plain_dequant(p.data, p.scale_inv, p.block) for p in parts], dim=-2)
-    got = _plain_dequant(cat.data, cat.scale_inv, cat.block)
+    want = torch.cat([dequant_per_spec(p.data, p.scale_inv, p.block) for p in parts], dim=-2)
+    got = dequant_per_spec(cat.data, cat.scale_inv, cat.block)
     assert cat.data.shape == (*lead, sum(rows), 200)
     assert torch.equal(got, want), f"dequant(concat) != concat(dequant): {_report(got, want)}"
     if rows == (64, 64):
@@ -171,6 +160,6 @@ def test_stack_and_select_keep_scales() -> None:
     stacked = stack(parts)
     assert stacked.data.shape == (3, 130, 70) and stacked.scale_inv.shape == (3, 2, 1)
     picked = stacked.select(torch.tensor([2, 0]))
-    got = _plain_dequant(picked.data, picked.scale_inv, picked.block)
-    assert torch.equal(got[0], _plain_dequant(parts[2].data, parts[2].scale_inv, BLOCK))
-    assert torch.equal(got[1], _plain_dequant(parts[0].data, parts[0].scale_inv, BLOCK))
+    got = dequant_per_spec(picked.data, picked.scale_inv, picked.block)
+    assert torch.equal(got[0], dequant_per_spec(parts[2].data, parts[2].scale_inv, BLOCK))
+    assert torch.equal(got[1], dequant_per_spec(parts[0].data, parts[0].scale_inv, BLOCK))
