@@ -4,7 +4,8 @@ Owns: locating shards (single file or index + shards), parsing each shard's head
 dtypes, shapes, offsets) without touching tensor data, integrity of index vs shards
 (unknown shard, tensor missing from its shard, truncated file), and reads through mmap /
 `get_slice` with a count of what was read (tests assert on it). Must not: know model names.
-Tests: tests/model_shards/test_weights.py.
+Tests: tests/model_shards/test_inspect.py (reads counted),
+tests/model_shards/test_bad_checkpoints.py (index / shard integrity, truncated files, bad headers).
 """
 
 from __future__ import annotations

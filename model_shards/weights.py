@@ -9,7 +9,9 @@ per-expert `mlp.experts.N.{gate,up,down}_proj.weight`, which are concatenated (g
 and stacked here. FP8 weights stay FP8 (`Fp8Weight`). Plain trunk weights that multiply the
 same input are stacked at load for one GEMM each (in_proj_qkv | in_proj_z; q | k | v proj;
 router | shared gate | shared up), the per-tensor fields becoming row views of the stack (no
-extra memory). Tests: tests/model_shards/test_weights.py.
+extra memory). Tests: tests/model_shards/test_model_parity.py (loaded models equal transformers),
+tests/model_shards/test_inspect.py (loaders read only what a rank needs), tests/model_shards/test_bad_checkpoints.py
+(validation names the tensor).
 """
 
 from __future__ import annotations

@@ -69,6 +69,8 @@ def row_bytes(hidden: int, dtype: torch.dtype) -> int:
 
 def pack_rows(x_RD: torch.Tensor, ids_R: torch.Tensor) -> torch.Tensor:
     """[R, D] hidden rows + [R] expert ids -> [R, D * es + 4] uint8."""
+    if x_RD.dim() != 2 or ids_R.dim() != 1 or x_RD.shape[0] != ids_R.shape[0]:
+        raise ValueError(f"pack_rows needs [R, D] rows and [R] ids, got {tuple(x_RD.shape)} and {tuple(ids_R.shape)}")
     return torch.cat(
         [x_RD.contiguous().view(torch.uint8), ids_R.to(torch.int32).view(torch.uint8).view(-1, ID_BYTES)], dim=1
     )
@@ -77,10 +79,21 @@ def pack_rows(x_RD: torch.Tensor, ids_R: torch.Tensor) -> torch.Tensor:
 def unpack_rows(buf: torch.Tensor, *, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of `pack_rows`: ([R, D] in dtype, [R] int64 ids)."""
     nb = row_bytes(hidden, dtype)
+    if buf.dtype != torch.uint8 or buf.dim() != 2 or buf.shape[1] != nb + ID_BYTES:
+        raise ValueError(
+            f"packed rows must be [R, {nb + ID_BYTES}] uint8 ({hidden} x {dtype} + a 4-byte expert id), "
+            f"got {tuple(buf.shape)} {buf.dtype}"
+        )
     # reshape(-1) (not .contiguous()): a one-row slice counts as contiguous but keeps its row stride
-    x = buf[:, :nb].reshape(-1).view(dtype).view(buf.shape[0], hidden)
-    ids = buf[:, nb : nb + ID_BYTES].reshape(-1).view(torch.int32).to(torch.long)
-    return x, ids
+    x = _aligned(buf[:, :nb].reshape(-1), torch.empty((), dtype=dtype).element_size())
+    ids = _aligned(buf[:, nb : nb + ID_BYTES].reshape(-1), ID_BYTES)
+    return x.view(dtype).view(buf.shape[0], hidden), ids.view(torch.int32).to(torch.long)
+
+
+def _aligned(raw: torch.Tensor, size: int) -> torch.Tensor:
+    """`raw` (uint8), copied when it starts off a `size`-byte boundary: a one-row slice keeps its offset
+    into the buffer (e.g. the id after 3 bf16 values starts at byte 6), and a typed view needs alignment."""
+    return raw.clone() if raw.storage_offset() % size else raw
 
 
 def write_header(row: torch.Tensor, *, count: int, flag: bool) -> None:
@@ -97,6 +110,8 @@ def write_headers(rows: torch.Tensor, *, counts: torch.Tensor, flag: bool) -> No
 
 def read_headers(rows: torch.Tensor) -> tuple[list[int], list[bool]]:
     """[P, B] header rows -> counts, flags (one host copy of the P x 9 header bytes, decoded in Python)."""
+    if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.shape[1] < HEADER_MIN_BYTES:
+        raise ValueError(f"header rows must be [P, >= {HEADER_MIN_BYTES}] uint8, got {tuple(rows.shape)} {rows.dtype}")
     raw = rows[:, :HEADER_MIN_BYTES].tolist()
     counts = [int.from_bytes(bytes(h[:8]), sys.byteorder, signed=True) for h in raw]
     return counts, [h[8] != 0 for h in raw]

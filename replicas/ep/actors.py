@@ -2,9 +2,11 @@
 
 Owns: loading each rank's own part of the checkpoint (a trunk rank reads no routed expert, an
 expert rank only its experts), joining / leaving the group's process group, and exposing one
-method per step. `ray.remote` is applied in replicas/ep/group.py, so these classes are plain and
-constructible in tests. A rank whose collective failed leaves its group and re-raises: it never
-lingers in a broken communicator.
+method per step. Both classes are declared Ray actors here (one call at a time; never restarted by
+Ray, since the group replaces a failed rank itself); what depends on the placement (CPUs, GPU,
+bundle, name) is given per actor in replicas/ep/group.py through `.options()`. A rank whose
+collective failed leaves its group and re-raises: it never lingers in a broken communicator.
+Tests: tests/replicas/test_group.py.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+import ray
 import torch
 
 from cluster.placement import ExpertMap
@@ -68,8 +71,6 @@ class _RankBase:
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free port for the group's store (asked of global rank 0)."""
-        import ray
-
         ip = ray.util.get_node_ip_address() or socket.gethostbyname(socket.gethostname())
         return ip, free_port(ip)
 
@@ -82,6 +83,7 @@ class _RankBase:
         self.group = None
 
 
+@ray.remote(max_restarts=0, max_concurrency=1)  # type: ignore[call-overload]  # Ray's overloads lack max_concurrency
 class TrunkRankActor(_RankBase):
     """Holds the trunk and the caches of its sequences; with X = 0 also every expert."""
 
@@ -161,6 +163,7 @@ class TrunkRankActor(_RankBase):
         }
 
 
+@ray.remote(max_restarts=0, max_concurrency=1)  # type: ignore[call-overload]  # Ray's overloads lack max_concurrency
 class ExpertRankActor(_RankBase):
     """Holds the routed experts the map gives this rank, for every MoE layer."""
 

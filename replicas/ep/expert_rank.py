@@ -4,7 +4,7 @@ Plain Python (no Ray; the actor in replicas/ep/actors.py wraps it). Per step it 
 MoE layers in order, receives the rows the trunk ranks send (replicas/ep/a2a_protocol.py), runs
 its experts, and sends the outputs back; a step in which no row arrives still takes part in
 every exchange. Must not hold model math (that is model_shards.experts.ExpertShard).
-Tests: tests/replicas/test_dispatch.py.
+Tests: tests/replicas/test_dispatch.py (every exchange mode against local experts), tests/replicas/test_group.py.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import ray
 import torch
@@ -30,10 +31,10 @@ from replicas.engine.step_types import StepRequest, StepResult
 from replicas.ep.a2a_protocol import FIXED, VARIABLE, StepPlan, fixed_capacity
 from replicas.ep.actors import CacheSizes, ExpertRankActor, RankSpec, TrunkRankActor
 
-ERROR_GRACE_S = 2.0
+if TYPE_CHECKING:
+    from ray.actor import ActorClass
 
-TrunkActor = ray.remote(max_restarts=0, max_concurrency=1)(TrunkRankActor)  # type: ignore[call-overload]  # Ray's overloads lack it
-ExpertActor = ray.remote(max_restarts=0, max_concurrency=1)(ExpertRankActor)  # type: ignore[call-overload]  # (max_concurrency)
+ERROR_GRACE_S = 2.0
 
 
 class GroupFailure(RuntimeError):
@@ -174,7 +175,9 @@ class ExpertParallelGroup:
             ),
             name=f"epserve-{self.group_id}-{role}-{self._created}",
         )
-        return (TrunkActor if is_trunk else ExpertActor).options(**opts).remote(spec)
+        # ray.remote in actors.py makes these names Ray actor classes; mypy keeps a decorated class's own type
+        actor_class = cast("ActorClass[Any]", TrunkRankActor if is_trunk else ExpertRankActor)
+        return actor_class.options(**opts).remote(spec)
 
     def _form_group(self) -> None:
         if self.shape.expert_ranks == 0:

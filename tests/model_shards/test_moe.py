@@ -20,6 +20,7 @@ from model_shards.experts import ExpertShard, LayerExperts, local_routed_experts
 from model_shards.moe import SharedMoEWeights, combine_slots, expert_ffn, expert_ffn_reference, route, shared_expert
 from model_shards.quant import Fp8Weight, concat_rows, quantize_blockwise, stack
 from model_shards.reference import moe_reference, route_reference
+from tests.fp8_spec import dequant_per_spec
 
 # fp32: the same SwiGLU sums in a different order (grouped GEMM vs matrix-vector, or rows of an
 # expert group in another order: HF sorts expert ids unstably, we stably, and CPU fp32 grouped_mm
@@ -222,15 +223,20 @@ def _fp8_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[Fp8Weight, 
     return stack(gate_ups), stack(downs)
 
 
+def _per_spec(w: Fp8Weight) -> torch.Tensor:
+    return dequant_per_spec(w.data, w.scale_inv, w.block)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fp8_expert_shard_equals_dequantised_dense_shard(dtype: torch.dtype) -> None:
     """FP8 experts (dequantised per hit expert inside `expert_ffn`) give the same bits as a shard holding
-    the dequantised weights densely; `forward_reference` (per-expert loop) agrees within rounding."""
+    the weights dequantised densely by model_spec §5.3 (tests/fp8_spec.py, not the code's own dequantize);
+    `forward_reference` (per-expert loop) agrees within rounding."""
     shared, gate_up, down = _random_moe(4)
     fp8_gate_up, fp8_down = _fp8_experts(gate_up, down)
     fp8 = ExpertShard([LayerExperts(tuple(range(E)), fp8_gate_up, fp8_down)], num_experts=E)
     dense = ExpertShard(
-        [LayerExperts(tuple(range(E)), fp8_gate_up.dequantize(dtype), fp8_down.dequantize(dtype))], num_experts=E
+        [LayerExperts(tuple(range(E)), *(_per_spec(w).to(dtype) for w in (fp8_gate_up, fp8_down)))], num_experts=E
     )
     x = torch.randn(30, D, generator=torch.Generator().manual_seed(5)).to(dtype)
     routing = route(x, router=shared.router.to(dtype), top_k=TOP_K)

@@ -4,13 +4,16 @@ Proves: a round trip stays within the e4m3 rounding bound of every element under
 block's scale (so per-block scales are really per block), exact grid values survive exactly,
 the scale dtype asked for is the one stored, odd shapes (not multiples of the block) work,
 and `concat_rows` of parts whose row counts are not block multiples (gate and up of 64 rows
-with 128-row blocks) keeps every row's own scale: dequant(concat) == concat(dequant).
+with 128-row blocks) keeps every row's own scale. Dequantisation and `linear` are checked against
+`dequant_per_spec` (tests/fp8_spec.py), model_spec §5.3's definition written block by block
+(W[i, j] = W_fp8[i, j] * scale_inv[i // br, j // bc]), never against the code's own dequantize.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model_shards.quant import (
     FP8_DTYPE,
@@ -23,6 +26,7 @@ from model_shards.quant import (
     quantize_blockwise,
     stack,
 )
+from tests.fp8_spec import dequant_per_spec
 
 BLOCK = (128, 128)
 # e4m3 keeps 3 mantissa bits: rounding to nearest moves a normal value by at most half an ulp,
@@ -86,6 +90,7 @@ def test_round_trip_within_e4m3_bound(shape: tuple[int, ...], scale_dtype: torch
     torch.testing.assert_close(scale.float(), want_scale, rtol=rel, atol=0)
 
     deq = dequantize_blockwise(data, scale, block=BLOCK, dtype=torch.float32)
+    assert torch.equal(deq, dequant_per_spec(data, scale, BLOCK)), "dequantize differs from model_spec §5.3"
     bound = E4M3_REL * w.abs() + E4M3_SUBNORMAL_HALF_STEP * _expanded(scale, w.shape)
     err = (deq - w).abs()
     worst = (err / bound).max().item()
@@ -107,15 +112,24 @@ def test_exact_grid_values_survive_and_scale_is_block_amax_over_448() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_dequantize_dtype_and_linear(dtype: torch.dtype) -> None:
+def test_dequantize_dtype_and_linear_against_the_spec(dtype: torch.dtype) -> None:
     w = _blocky_weight((192, 160), seed=1)
     fp8 = Fp8Weight(*quantize_blockwise(w, block=BLOCK), BLOCK)
+    want = dequant_per_spec(fp8.data, fp8.scale_inv, BLOCK).to(dtype)
     deq = fp8.dequantize(dtype)
-    assert deq.dtype == dtype and deq.shape == w.shape
-    assert torch.equal(dense(fp8, dtype), deq)
+    assert deq.dtype == dtype and torch.equal(deq, want)
+    assert torch.equal(dense(fp8, dtype), want)
     x = torch.randn(4, 160).to(dtype)
-    assert torch.equal(linear(x, fp8), x @ deq.T)
+    # y = x W^T with W the spec's dequantised weight in x's dtype (the same torch matmul on both sides)
+    assert torch.equal(linear(x, fp8), F.linear(x, want))
+    torch.testing.assert_close(linear(x, fp8).double(), x.double() @ want.double().T, **_tol(dtype))
+    plain = w.to(dtype)
+    assert torch.equal(linear(x, plain), F.linear(x, plain))
     assert fp8.nbytes == 192 * 160 * 1 + 2 * 2 * 2  # fp8 data + 2 x 2 bf16 scales
+
+
+def _tol(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-5, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1.0}
 
 
 @pytest.mark.parametrize(
@@ -132,8 +146,8 @@ def test_concat_rows_keeps_each_parts_scale(rows: tuple[int, int], lead: tuple[i
         for i, r in enumerate(rows)
     ]
     cat = concat_rows(parts)
-    want = torch.cat([p.dequantize(torch.float32) for p in parts], dim=-2)
-    got = cat.dequantize(torch.float32)
+    want = torch.cat([dequant_per_spec(p.data, p.scale_inv, p.block) for p in parts], dim=-2)
+    got = dequant_per_spec(cat.data, cat.scale_inv, cat.block)
     assert cat.data.shape == (*lead, sum(rows), 200)
     assert torch.equal(got, want), f"dequant(concat) != concat(dequant): {_report(got, want)}"
     if rows == (64, 64):
@@ -146,5 +160,6 @@ def test_stack_and_select_keep_scales() -> None:
     stacked = stack(parts)
     assert stacked.data.shape == (3, 130, 70) and stacked.scale_inv.shape == (3, 2, 1)
     picked = stacked.select(torch.tensor([2, 0]))
-    assert torch.equal(picked.dequantize(torch.float32)[0], parts[2].dequantize(torch.float32))
-    assert torch.equal(picked.dequantize(torch.float32)[1], parts[0].dequantize(torch.float32))
+    got = dequant_per_spec(picked.data, picked.scale_inv, picked.block)
+    assert torch.equal(got[0], dequant_per_spec(parts[2].data, parts[2].scale_inv, BLOCK))
+    assert torch.equal(got[1], dequant_per_spec(parts[0].data, parts[0].scale_inv, BLOCK))

@@ -1,5 +1,6 @@
-"""Sampling: support of the filters against the whole-vocabulary reference, draws against the target
-distribution, seeds, penalties, masks and logprobs (known answers and oracles, small vocabularies)."""
+"""Sampling: filters and repetition penalty against transformers' logits processors (the oracle, applied in
+our order: temperature, min_p, top_k, top_p), draws against the target distribution, seeds, penalties,
+masks and logprobs (known answers and oracles, small vocabularies)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,14 @@ import math
 
 import pytest
 import torch
+from transformers import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from model_shards.sampling import SamplingParams, apply_bitmask, apply_penalties, candidates, filter_logits, sample
 
@@ -19,23 +28,39 @@ PARAMS = [
 ]
 
 
+def _hf_filtered(x: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """transformers' warpers in our order over one row of logits: filtered-out tokens are -inf."""
+    procs = LogitsProcessorList([TemperatureLogitsWarper(p.temperature)])
+    if p.min_p > 0.0:
+        procs.append(MinPLogitsWarper(p.min_p))
+    if p.top_k > 0:
+        procs.append(TopKLogitsWarper(p.top_k))
+    if p.top_p < 1.0:
+        procs.append(TopPLogitsWarper(p.top_p))
+    return procs(torch.zeros(1, 0, dtype=torch.long), x[None].clone())[0]
+
+
 @pytest.mark.parametrize("p", PARAMS, ids=["defaults", "top_p", "min_p", "all", "plain"])
-def test_candidates_have_the_reference_support(p: SamplingParams) -> None:
+def test_candidates_and_filter_match_transformers_warpers(p: SamplingParams) -> None:
     torch.manual_seed(0)
     for _ in range(5):
         x = torch.randn(5000) * 3
+        ref = _hf_filtered(x, p)
+        support = set(torch.nonzero(torch.isfinite(ref)).flatten().tolist())
         ids, vals = candidates(x, params=p)
-        ref = filter_logits(x, params=p)
-        assert set(ids.tolist()) == set(torch.nonzero(torch.isfinite(ref)).flatten().tolist())
+        assert set(ids.tolist()) == support
         torch.testing.assert_close(vals, ref[ids])
         assert bool((vals[:-1] >= vals[1:]).all()), "candidates come in descending order"
+        mine = filter_logits(x, params=p)  # the readable whole-vocabulary version
+        assert set(torch.nonzero(torch.isfinite(mine)).flatten().tolist()) == support
+        torch.testing.assert_close(mine[sorted(support)], ref[sorted(support)])
 
 
 def test_draws_follow_the_filtered_distribution() -> None:
     """10,000 seeded draws from a 6-token vocabulary match softmax of the filtered logits (chi-square)."""
     x = torch.tensor([2.0, 1.5, 1.0, 0.5, -1.0, -3.0])
     p = SamplingParams(temperature=0.8, top_k=4, top_p=0.95)
-    target = torch.softmax(filter_logits(x, params=p), dim=-1)
+    target = torch.softmax(_hf_filtered(x, p), dim=-1)
     n = 10_000
     params = [SamplingParams(temperature=0.8, top_k=4, top_p=0.95, seed=s) for s in range(n)]
     drawn = sample(x.expand(n, -1).clone(), params, positions=[0] * n).token_ids
@@ -67,6 +92,18 @@ def test_greedy_is_argmax_and_logprobs_are_raw_log_softmax() -> None:
     ref = torch.log_softmax(x, dim=-1)
     torch.testing.assert_close(out.logprob, ref.gather(1, out.token_ids[:, None])[:, 0])
     torch.testing.assert_close(out.top_logprobs, ref.topk(3).values)
+
+
+def test_repetition_penalty_matches_transformers() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(300, generator=gen) * 4
+    prompt, output = torch.randint(0, 300, (40,), generator=gen), torch.randint(0, 300, (25,), generator=gen)
+    for penalty in (1.3, 0.7):
+        got = apply_penalties(
+            x, params=SamplingParams(repetition_penalty=penalty), prompt_ids=prompt, output_ids=output
+        )
+        hf = RepetitionPenaltyLogitsProcessor(penalty)(torch.cat([prompt, output])[None], x[None].clone())[0]
+        torch.testing.assert_close(got, hf, rtol=0, atol=0)
 
 
 def test_penalties_known_answers() -> None:

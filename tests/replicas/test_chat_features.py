@@ -241,7 +241,11 @@ def test_reasoning_split_and_thinking_switch(app) -> None:  # noqa: ANN001
     assert off.choices[0].message.content and not getattr(off.choices[0].message, "reasoning_content", None)
 
 
-def test_tool_results_fed_back(app) -> None:  # noqa: ANN001
+def test_tool_results_fed_back(app, embedded_model_dir: Path) -> None:  # noqa: ANN001
+    """A conversation with a tool call and its result: the prompt is exactly what transformers renders from
+    the same conversation with the checkpoint's template (the call's arguments as the object it expects)."""
+    from transformers import AutoTokenizer
+
     messages = [
         {"role": "user", "content": "Weather in Oslo for 2 days?"},
         {
@@ -260,7 +264,16 @@ def test_tool_results_fed_back(app) -> None:  # noqa: ANN001
     out = app.oai.chat.completions.create(
         model="ctiny", messages=messages, tools=TOOLS, max_tokens=4, temperature=0, extra_body=NO_THINK
     )
-    assert out.usage.prompt_tokens > 40 and out.choices[0].finish_reason in ("length", "stop")
+    hf_messages = json.loads(json.dumps(messages))
+    call = hf_messages[1]["tool_calls"][0]["function"]
+    call["arguments"] = json.loads(call["arguments"])
+    hf = AutoTokenizer.from_pretrained(str(embedded_model_dir))
+    text = hf.apply_chat_template(
+        hf_messages, tools=TOOLS, add_generation_prompt=True, enable_thinking=False, tokenize=False
+    )
+    assert "<tool_response>\nsunny, 12C\n</tool_response>" in text, text
+    assert out.usage.prompt_tokens == len(hf.encode(text, add_special_tokens=False))
+    assert out.choices[0].finish_reason in ("length", "stop")
 
 
 def test_grpc_chat_named_tool_and_json(app) -> None:  # noqa: ANN001

@@ -367,8 +367,20 @@ def test_bad_inputs_get_openai_errors(app, name: str, path: str, body, status: i
 
 
 def test_server_still_serves_after_bad_inputs(app) -> None:  # noqa: ANN001
-    out = _chat(app, max_tokens=3, temperature=0)
-    assert out.choices[0].message.content is not None and out.usage.completion_tokens >= 1
+    """The same greedy request answers the same before and after refused ones (and the full length)."""
+
+    def greedy() -> tuple[str | None, int, str | None]:
+        out = _chat(app, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+        return out.choices[0].message.content, out.usage.completion_tokens, out.choices[0].finish_reason
+
+    before = greedy()
+    assert before[1:] == (6, "length")
+    for name, path, body, status in BAD:
+        if name in ("invalid-json", "prompt-too-long", "token-id-outside-vocab", "max-tokens-beyond-context"):
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = requests.post(app.base + path, data=content, headers={"content-type": "application/json"}, timeout=60)
+            assert r.status_code == status, r.text
+    assert greedy() == before
 
 
 def test_metrics_are_prometheus_text(app) -> None:  # noqa: ANN001

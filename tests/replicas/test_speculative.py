@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -101,7 +102,10 @@ def test_filtered_distributions_match_the_sampler() -> None:
     logits = torch.tensor([0.0, 3.0, 1.0, 2.5, -1.0])
     dist = Distribution.of(logits, SamplingParams(temperature=1.0, top_k=2))
     assert sorted(dist.ids.tolist()) == [1, 3]
-    assert abs(float(dist.probs.sum()) - 1.0) < 1e-6
+    # renormalised over the two: e^3 / (e^3 + e^2.5) and e^2.5 / (e^3 + e^2.5)
+    probs = dict(zip(dist.ids.tolist(), dist.probs.tolist()))
+    want = (1 / (1 + math.exp(-0.5)), 1 / (1 + math.exp(0.5)))
+    assert abs(probs[1] - want[0]) < 1e-6 and abs(probs[3] - want[1]) < 1e-6, probs
 
 
 # ---------------------------------------------------------------------------- checkpoints
