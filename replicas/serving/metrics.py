@@ -312,6 +312,10 @@ class MetricsHub:
     def merged(self) -> Snapshot:
         return merge(list(self.snapshots.values()))
 
+    def departed(self) -> list[str]:
+        """Replicas that retired (stopped cleanly): their counts stay in the totals, their gauges do not."""
+        return sorted(self.retired)
+
     def exposition(self) -> str:
         """/metrics: the cluster totals as Prometheus text."""
         return generate_latest(self.registry).decode()

@@ -119,5 +119,7 @@ def test_ingress_and_engine_scale_up_and_down(serve_http: str, embedded_model_di
         # cluster totals keep the departed replicas' counts: every token the clients received, exactly
         want = {"tokens": done[0] * 40 + out.usage.completion_tokens, "http": done[0] + 1}
         _wait(lambda: _totals(serve_http + "/scale/metrics") == want, 30, f"/metrics to count {want}")
+        # the engine replica that went away retired from the hub as it stopped (its gauges left at once)
+        _wait(lambda: len(ray.get(hub.departed.remote())) >= 1, 30, "the stopped engine replica to retire")
     finally:
         serve.delete(APP)
