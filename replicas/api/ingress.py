@@ -24,6 +24,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -52,12 +53,13 @@ from replicas.api.openai_responses import (
 from replicas.api.request_builder import ModelContext
 from replicas.engine.engine_types import EngineFailure, GenerateOutput, GenerateRequest
 from replicas.serving.app_args import AppArgs
-from replicas.serving.metrics import MetricsRegistry, render
+from replicas.serving.metrics import MetricsRegistry, push_forever
 
 log = logging.getLogger("ray.serve.epserve.ingress")
 
 MAX_BODY_BYTES = 16 * 2**20
 PUBLIC_PATHS = ("/health",)
+METRICS_PUSH_S = 1.0
 REQUEST_ID_HEADER = "X-Request-Id"
 # Before the one retry: longer than the engine replicas' routing-stats period (1 s, replicas/serving/app.py), so the
 # router already knows the failed group is down and picks another.
@@ -148,6 +150,7 @@ class Ingress:
         self.engine = engine
         self.hub = metrics_hub
         self.metrics = MetricsRegistry()
+        self._push_task: asyncio.Task | None = None
         self._ready_cache: tuple[float, bool] = (0.0, False)
         self.open_streams = 0  # streaming responses not yet ended (a stopping server waits for them)
         from replicas.api.grpc_service import GrpcApi
@@ -471,10 +474,17 @@ class Ingress:
     async def prometheus(self) -> Response:
         if self.hub is None:
             raise ApiError(503, "metrics are not available in this deployment")
-        snapshot = await self.hub.merged.remote()
-        return PlainTextResponse(
-            render(snapshot, model_name=self.ctx.name), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        text = await self.hub.exposition.remote()
+        return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
+
+    def count_http(self, route: str, status: int) -> None:
+        """One HTTP request answered; starts this replica's pushes to the hub on the first."""
+        self.metrics.inc("http_requests", route=route, status=str(status))
+        if self._push_task is None and self.hub is not None:
+            replica_id = f"ingress-{uuid.uuid4().hex[:12]}"
+            self._push_task = asyncio.get_running_loop().create_task(
+                push_forever(self.hub, replica_id, self.metrics, METRICS_PUSH_S)
+            )
 
     # ----------------------------------------------------------------- gRPC (method names = RPC names)
     async def Generate(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: ANN401
@@ -694,6 +704,8 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
 
         return serve.get_replica_context().servable_object  # type: ignore[return-value]  # Serve types it Callable
 
+    route_paths: set[str] = set()  # filled once the routes below are declared
+
     @api.middleware("http")
     async def request_id_and_auth(request: Request, call_next):  # noqa: ANN001, ANN202  # Starlette signature
         rid = request.headers.get(REQUEST_ID_HEADER, "")
@@ -712,11 +724,22 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
             err = ApiError(
                 401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.", type="authentication_error"
             )
+            ing().count_http(route_of(path), 401)
             return JSONResponse(err.body(), status_code=401)
         request.state.body_limits = (ing().args.max_request_body_bytes(), ing().args.body_read_timeout_s)
         # Serve's proxy assigns X-Request-Id (reusing the client's) and returns it on every response;
         # handlers put the same id in bodies and logs.
-        return await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:
+            ing().count_http(route_of(path), 500)
+            raise
+        ing().count_http(route_of(path), response.status_code)
+        return response
+
+    def route_of(path: str) -> str:
+        """The route's path, or "other" (unknown paths would make a label value per URL a client tries)."""
+        return path if path in route_paths else "other"
 
     @api.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -863,4 +886,5 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
     async def metrics() -> Response:
         return await ing().prometheus()
 
+    route_paths.update(r.path for r in api.routes if hasattr(r, "path"))
     return api

@@ -56,17 +56,17 @@ INGRESS_SHUTDOWN_MARGIN_S = 5.0
 SHUTDOWN_WAIT_LOOP_S = 0.5  # how often a stopping replica looks whether its requests are done
 
 
-def metrics_hub(app_name: str) -> Any:  # noqa: ANN401  # a Ray actor handle
-    """The app's hub (created on first use; detached so it outlives any one replica)."""
+def metrics_hub(model_name: str) -> Any:  # noqa: ANN401  # a Ray actor handle
+    """The hub of the app serving `model_name` (created on first use; detached so it outlives any one replica)."""
     return (
         ray.remote(num_cpus=0)(MetricsHub)
         .options(
-            name=f"epserve-metrics-{app_name}",
+            name=f"epserve-metrics-{model_name}",
             get_if_exists=True,
             lifetime="detached",
             namespace="epserve",
         )
-        .remote()
+        .remote(model_name)
     )
 
 

@@ -30,7 +30,7 @@ from replicas.engine.scheduler import SchedulerConfig
 from replicas.ep.actors import CacheSizes
 from replicas.ep.group import ExpertParallelGroup, GroupConfig
 from replicas.serving.app_args import AppArgs
-from replicas.serving.metrics import MetricsRegistry
+from replicas.serving.metrics import MetricsRegistry, push_forever, retire_from_hub
 
 if TYPE_CHECKING:  # annotations only: llguidance loads with the first grammar
     from replicas.engine.structured_output import GrammarCache
@@ -130,16 +130,9 @@ class EngineServer:
         if self._watch_task is None:
             self._watch_task = asyncio.get_running_loop().create_task(self._watch_callers())
         if self._push_task is None and self.hub is not None:
-            self._push_task = asyncio.get_running_loop().create_task(self._push_metrics())
-
-    async def _push_metrics(self) -> None:
-        while True:
-            await asyncio.sleep(METRICS_PUSH_S)
-            await asyncio.to_thread(self._record_expert_load)
-            try:
-                self.hub.push.remote(self.replica_id, self.metrics.snapshot())
-            except Exception as exc:  # noqa: BLE001  # metrics must never take serving down
-                log.warning("metrics push failed: %s", exc)
+            self._push_task = asyncio.get_running_loop().create_task(
+                push_forever(self.hub, self.replica_id, self.metrics, METRICS_PUSH_S, before=self._record_expert_load)
+            )
 
     def _record_expert_load(self) -> None:
         """Expert-load imbalance since the last push: max / mean tokens per expert rank, mean over layers."""
@@ -225,6 +218,8 @@ class EngineServer:
             await self.engine.stop()
         finally:
             self.group.shutdown()
+            if self.hub is not None:
+                retire_from_hub(self.hub, self.replica_id, self.metrics)
 
 
 def _actor_alive(name: str) -> bool:

@@ -1,5 +1,6 @@
 """Autoscaling seen happening: a burst scales the ingress from 1 to 2+ replicas and the engine from
-1 to 2 expert-parallel groups (both serve), and both return to 1 after the load (bounds set low)."""
+1 to 2 expert-parallel groups (both serve), and both return to 1 after the load (bounds set low); /metrics
+still counts every token and request the departed replicas served (the clients' counts are the oracle)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,22 @@ def _wait(cond, timeout: float, what: str) -> None:  # noqa: ANN001
             return
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; replicas now {_replicas(APP)}")
+
+
+def _totals(url: str) -> dict[str, float]:
+    """Generated tokens and answered completions in /metrics (read by prometheus_client's parser)."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [s for f in text_string_to_metric_families(requests.get(url, timeout=30).text) for s in f.samples]
+    return {
+        "tokens": sum(s.value for s in samples if s.name == "epserve:generation_tokens_total"),
+        "http": sum(
+            s.value
+            for s in samples
+            if s.name == "epserve:http_requests_total" and s.labels.get("route") == "/v1/completions"
+        ),
+    }
 
 
 def test_ingress_and_engine_scale_up_and_down(serve_http: str, embedded_model_dir: Path) -> None:
@@ -101,5 +118,10 @@ def test_ingress_and_engine_scale_up_and_down(serve_http: str, embedded_model_di
             model="scale-tiny", prompt="after", max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
         )
         assert (out.usage.completion_tokens, out.choices[0].finish_reason) == (3, "length")
+        # cluster totals keep the departed replicas' counts: every token the clients received, exactly
+        want = {"tokens": done[0] * 40 + out.usage.completion_tokens, "http": done[0] + 1}
+        _wait(lambda: _totals(serve_http + "/scale/metrics") == want, 30, f"/metrics to count {want}")
+        # the engine replica that went away retired from the hub as it stopped (its gauges left at once)
+        _wait(lambda: len(ray.get(hub.departed.remote())) >= 1, 30, "the stopped engine replica to retire")
     finally:
         serve.delete(APP)

@@ -384,21 +384,60 @@ def test_server_still_serves_after_bad_inputs(app) -> None:  # noqa: ANN001
 
 
 def test_metrics_are_prometheus_text(app) -> None:  # noqa: ANN001
-    _chat(app, max_tokens=3, temperature=0)
-    time.sleep(2.5)  # replicas push every second
-    text = requests.get(app.base + "/metrics").text
-    for name in (
-        "epserve:time_to_first_token_seconds_bucket",
-        "epserve:inter_token_latency_seconds_count",
-        "epserve:e2e_request_latency_seconds_sum",
-        "epserve:request_queue_time_seconds_count",
-        "epserve:num_requests_running",
-        "epserve:num_requests_waiting",
-        "epserve:kv_cache_usage_perc",
-        "epserve:state_slot_usage_perc",
-        "epserve:prompt_tokens_total",
-        "epserve:generation_tokens_total",
-        "epserve:request_success_total",
-        "epserve:expert_load_imbalance",
+    """/metrics parses as Prometheus text (prometheus_client's parser) with vLLM's names and types, and its
+    counters grow by exactly what one request's usage says (the client's count is the oracle)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> list:
+        fams = list(text_string_to_metric_families(requests.get(app.base + "/metrics", timeout=30).text))
+        for fam in fams:
+            assert all(s.labels.get("model_name") == "tiny" for s in fam.samples), fam.name
+        return fams
+
+    def total(fams: list, sample: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for f in fams
+            for s in f.samples
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    def grown(after: list, before: list) -> dict[str, float]:
+        chat_ok = {"route": "/v1/chat/completions", "status": "200"}
+        return {
+            name: total(after, sample, **labels) - total(before, sample, **labels)
+            for name, sample, labels in (
+                ("generation", "epserve:generation_tokens_total", {}),
+                ("prompt", "epserve:prompt_tokens_total", {}),
+                ("http", "epserve:http_requests_total", chat_ok),
+            )
+        }
+
+    time.sleep(2.5)  # earlier tests' last pushes (replicas push every second)
+    before = scrape()
+    out = _chat(app, max_tokens=3, temperature=0)
+    want = {"generation": out.usage.completion_tokens, "prompt": out.usage.prompt_tokens, "http": 1}
+    deadline = time.monotonic() + 15
+    while True:
+        time.sleep(1.0)
+        after = scrape()
+        if grown(after, before) == want or time.monotonic() > deadline:
+            break
+    assert grown(after, before) == want
+    types = {f.name: f.type for f in after}
+    for family, kind in (
+        ("epserve:time_to_first_token_seconds", "histogram"),
+        ("epserve:inter_token_latency_seconds", "histogram"),
+        ("epserve:e2e_request_latency_seconds", "histogram"),
+        ("epserve:request_queue_time_seconds", "histogram"),
+        ("epserve:num_requests_running", "gauge"),
+        ("epserve:num_requests_waiting", "gauge"),
+        ("epserve:kv_cache_usage_perc", "gauge"),
+        ("epserve:state_slot_usage_perc", "gauge"),
+        ("epserve:prompt_tokens", "counter"),
+        ("epserve:generation_tokens", "counter"),
+        ("epserve:request_success", "counter"),
+        ("epserve:http_requests", "counter"),
+        ("epserve:expert_load_imbalance", "gauge"),
     ):
-        assert name in text, name
+        assert types.get(family) == kind, family
