@@ -212,7 +212,6 @@ def _run_engine(
             runner,
             pools=[BlockPool(num_blocks=num_blocks, num_slots=slots, block_size=BLOCK) for _ in range(trunk_ranks)],
             config=SchedulerConfig(max_num_seqs=slots, max_num_batched_tokens=128, lookahead=2 * k),
-            tokenizer=None,
             max_waiting=len(prompts),
             spec_tokens=k,
         )
@@ -223,9 +222,10 @@ def _run_engine(
             req = GenerateRequest(
                 request_id=f"r{i}", prompt_ids=p, params=params, max_tokens=max_tokens, ignore_eos=True
             )
-            async for ev in engine.generate(req):
-                assert ev.error is None, ev.error
-                toks += ev.token_ids
+            async for item in engine.generate(req):
+                for ev in item.outputs:
+                    assert ev.error is None, ev.error
+                    toks += ev.token_ids
             return tuple(toks)
 
         try:
