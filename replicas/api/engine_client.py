@@ -4,8 +4,9 @@ Owns: starting a request (waiting for its first item so errors before any token 
 one retry of a retriable failure before the first token, which the engine router sends to another
 group), turning the engine's token-id items (one per request per step) into per-choice text deltas
 (replicas/api/choice_text.py: detokenization, stop strings), telling the engine to stop a choice
-that a stop string ended (`EngineServer.finish_choice`, routed to the replica running it; the last
-open choice just closes the stream), a broken engine stream ending the open choices with a
+that a stop string ended (`EngineServer.finish_choice`, routed to the replica running it; after
+the last one the stream is drained in the background, so the engine counts a stop, not an abort),
+a broken engine stream ending the open choices with a
 retriable error (never a silent truncation), cancelling the engine request when the caller leaves,
 and readiness. Must not: know HTTP or gRPC (replicas/api/ingress.py, replicas/api/grpc_service.py).
 Tests: tests/replicas/test_serving.py, tests/replicas/test_choice_text.py.
@@ -31,6 +32,9 @@ log = logging.getLogger("ray.serve.epserve.ingress")
 # router already knows the failed group is down and picks another.
 RETRY_DELAY_S = 1.5
 FINISH_CHOICE_TIMEOUT_S = 30.0
+# After the front end stopped a request's last choice: how long its engine stream may take to close on its own (the
+# engine answers finish_choice between steps) before it is cancelled (an abort).
+DRAIN_S = 5.0
 
 
 def engine_error(exc: BaseException) -> ApiError:
@@ -65,9 +69,12 @@ class EngineStream:
     gen: Any  # DeploymentResponseGenerator
     first: RequestOutput
     req: GenerateRequest
+    draining: bool = False  # the front end ended every choice; the engine closes the stream (EngineClient._drain)
 
     def cancel(self) -> None:
-        self.gen.cancel()  # a no-op for a stream already cancelled or finished
+        """Abort the engine request (a no-op for a stream already cancelled, finished or draining)."""
+        if not self.draining:
+            self.gen.cancel()
 
 
 class EngineClient:
@@ -84,7 +91,7 @@ class EngineClient:
         self.tokenizer = tokenizer
         self._caller = caller or (lambda: None)
         self._ready_cache: tuple[float, bool] = (0.0, False)
-        self._pending: set[asyncio.Task] = set()  # finish_choice calls in flight
+        self._pending: set[asyncio.Task] = set()  # finish_choice calls and drains in flight
 
     async def start(self, greq: GenerateRequest) -> EngineStream:
         """Start the engine stream and wait for its first item, so errors before any token become a status
@@ -151,11 +158,12 @@ class EngineClient:
                     delta = text.feed(out)
                     if delta.finished:
                         open_choices -= 1
-                        if isinstance(delta.stop_reason, str) and open_choices:  # a stop string found here
+                        if isinstance(delta.stop_reason, str):  # a stop string found here: the engine runs it still
                             self._finish_choice(item.engine_id, req.request_id, out.index)
+                            stream.draining = not open_choices
                     yield delta
                 if not open_choices:
-                    return  # the last open choice ended here: the engine request is cancelled on the way out
+                    return
                 try:
                     item = await stream.gen.__anext__()
                 except StopAsyncIteration:
@@ -172,7 +180,10 @@ class EngineClient:
                     text.finished = True
                     yield ChoiceDelta(index=index, error=failure)
         finally:
-            stream.cancel()  # caller gone or stream done: make sure the engine request is aborted
+            if stream.draining:
+                self._spawn(self._drain(stream))
+            else:
+                stream.cancel()  # caller gone or stream done: make sure the engine request is aborted
 
     def _finish_choice(self, engine_id: str, request_id: str, index: int) -> None:
         """Tell the engine running the request to stop a choice (fire and forget: until it arrives, the choice's
@@ -186,7 +197,24 @@ class EngineClient:
             except Exception as exc:  # noqa: BLE001  # the choice runs on to its own end; only compute is lost
                 log.warning("request %s: finish_choice(%d) failed: %r", request_id, index, exc)
 
-        task = asyncio.get_running_loop().create_task(call())
+        self._spawn(call())
+
+    async def _drain(self, stream: EngineStream) -> None:
+        """Read the rest of a stream whose choices the front end all ended, until the engine closes it; cancel it
+        if that takes longer than DRAIN_S."""
+
+        async def read_all() -> None:
+            async for _ in stream.gen:
+                pass
+
+        try:
+            await asyncio.wait_for(read_all(), DRAIN_S)
+        except Exception:  # noqa: BLE001  # timeout or a broken stream: nothing more to read
+            stream.draining = False
+            stream.cancel()
+
+    def _spawn(self, coro: Any) -> None:  # noqa: ANN401  # a coroutine
+        task = asyncio.get_running_loop().create_task(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 

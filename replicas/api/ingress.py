@@ -426,7 +426,7 @@ def _sse_response(ing: Ingress, body: AsyncIterator[str], streams: list[EngineSt
     handler's return and the response, or Starlette seeing the disconnect first) means the body never
     runs, so its `finally` never cancels the engine streams: cancel them when the body is dropped.
     """
-    weakref.finalize(body, _cancel_all, [s.gen for s in streams])
+    weakref.finalize(body, _cancel_all, streams)
     return StreamingResponse(_counted(ing, body), media_type="text/event-stream")
 
 
@@ -439,9 +439,9 @@ async def _counted(ing: Ingress, body: AsyncIterator[Any]) -> AsyncIterator[Any]
         ing.open_streams -= 1
 
 
-def _cancel_all(gens: list[Any]) -> None:  # DeploymentResponseGenerators
-    for gen in gens:
-        gen.cancel()  # a no-op for a stream already cancelled or finished
+def _cancel_all(streams: list[EngineStream]) -> None:
+    for s in streams:
+        s.cancel()
 
 
 def _stream_error(ev: ChoiceDelta) -> dict[str, Any]:

@@ -219,8 +219,8 @@ def _greedy_ids(folder: Path, prompt: list[int], n: int) -> list[int]:
 
 def test_stop_string_counts_no_token_past_it(app) -> None:  # noqa: ANN001
     """The token that completes a stop string is the choice's last: text, logprobs and usage stop there, for every
-    choice (n=2: the first to stop is ended by `finish_choice`, the last by closing the stream), streamed or not,
-    and the caches come back. Oracle: the single-process greedy tokens and `decode` of their prefixes."""
+    choice (n=2), streamed or not; the engine stops the choices (`finish_choice`, no abort) and frees their caches.
+    Oracle: the single-process greedy tokens and `decode` of their prefixes."""
     from model_shards.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(app.folder)
@@ -239,6 +239,7 @@ def test_stop_string_counts_no_token_past_it(app) -> None:  # noqa: ANN001
     k = next(k for k in range(1, 25) if stop in text(k))
     want = text(k)[: text(k).index(stop)]
     baseline = app.engine.pool_state.remote().result()
+    aborted = app.engine.stats.remote().result()["aborted"]
     kw = dict(model=app.model, prompt=prompt, max_tokens=24, temperature=0, stop=[stop], logprobs=1)
     out = app.client.completions.create(n=2, extra_body={"ignore_eos": True}, **kw)
     assert out.usage.completion_tokens == 2 * k
@@ -257,6 +258,7 @@ def test_stop_string_counts_no_token_past_it(app) -> None:  # noqa: ANN001
     while time.monotonic() < deadline and app.engine.pool_state.remote().result() != baseline:
         time.sleep(0.1)
     assert app.engine.pool_state.remote().result() == baseline
+    assert app.engine.stats.remote().result()["aborted"] == aborted, "a stop string is a stop, not an abort"
 
 
 def test_logprobs_equal_model_log_softmax(app) -> None:  # noqa: ANN001
