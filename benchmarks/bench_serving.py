@@ -229,11 +229,13 @@ async def http_request(session, url: str, body: dict, expect: int, run: Run) -> 
 async def inproc_request(engine, req, expect: int, run: Run) -> None:  # noqa: ANN001
     t0 = time.perf_counter()
     stamps, tokens = [], 0
-    async for ev in engine.generate(req):
-        if ev.error is not None:
-            raise RuntimeError(f"engine error: {ev.error.message}")
-        stamps.append(time.perf_counter())
-        tokens += len(ev.token_ids)
+    async for item in engine.generate(req):  # one item per engine step
+        now = time.perf_counter()
+        for ev in item.outputs:
+            if ev.error is not None:
+                raise RuntimeError(f"engine error: {ev.error.message}")
+            stamps += [now] * len(ev.token_ids)
+            tokens += len(ev.token_ids)
     if tokens != expect or len(stamps) != expect:
         raise RuntimeError(f"expected {expect} token events, got {len(stamps)} events / {tokens} tokens")
     _account(run, t0, stamps)
@@ -338,7 +340,6 @@ class Bench:
                 for _ in range(s.trunk_ranks)
             ],
             config=SchedulerConfig(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens),
-            tokenizer=self.tokenizer,
             max_waiting=s.max_waiting_requests,
             recover=self.group.rebuild,
         )
@@ -524,9 +525,9 @@ class Bench:
         import torch
 
         from model_shards.config import from_hf_config
-        from model_shards.detokenizer import IncrementalDetokenizer
         from model_shards.model import resolve_dtype
         from model_shards.sampling import SamplingParams, sample
+        from replicas.api.choice_text import ChoiceDelta, ChoiceText
         from replicas.api.ingress import _sse
         from replicas.api.openai_responses import completion_chunk
         from replicas.engine.engine_types import GenerateOutput
@@ -578,12 +579,12 @@ class Bench:
         ids = self.work.prompts[0] * 2
 
         def detok() -> None:
-            dt = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
-            for t in ids[:64]:
-                dt.feed(t)
+            dt = ChoiceText(self.tokenizer, skip_special_tokens=True)
+            for i, t in enumerate(ids[:64]):
+                dt.feed(GenerateOutput(index=0, token_ids=(t,), completion_tokens=i + 1))
 
         out["incremental detokenization, per token"] = timeit(detok) / 64
-        ev = GenerateOutput(request_id="x", index=0, token_ids=(1234,), text=" token", completion_tokens=5)
+        ev = ChoiceDelta(index=0, token_ids=(1234,), text=" token", completion_tokens=5)
         out["SSE completion chunk format + json, per token"] = (
             timeit(
                 lambda: [

@@ -4,7 +4,7 @@ Owns: loading tokenizer.json (with `tokenizers`) and tokenizer_config.json (spec
 template, or a chat_template.jinja file that overrides it), encode/decode without BOS or padding,
 and chat rendering through model_shards/chat_template.py.
 Must not: import transformers (serving needs only `tokenizers` and jinja2); write tokenizer files
-(that is model_shards/tokenizer_files.py). Streaming text: model_shards/detokenizer.py.
+(that is model_shards/tokenizer_files.py). Streaming text: replicas/api/choice_text.py.
 Tests: tests/model_shards/test_tokenizer.py (oracles: transformers' AutoTokenizer, tiktoken).
 """
 
@@ -178,6 +178,11 @@ class Tokenizer:
             The text.
         """
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def backend(self) -> BackendTokenizer:
+        """The `tokenizers.Tokenizer` (what `tokenizers.decoders.DecodeStream` steps with)."""
+        return self._backend
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a token's text (byte-level form for ordinary tokens), or None."""

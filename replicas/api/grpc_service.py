@@ -4,8 +4,9 @@ Owns: turning proto requests into the same engine requests the HTTP API builds (
 for limits and defaults: replicas/api/request_builder.py), streaming results as proto messages,
 API-key checks on metadata, the standard grpc.health.v1 service, and status codes
 (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, UNAUTHENTICATED; the client's
-cancellation or deadline aborts the engine request). The Serve ingress class exposes these as
-methods named after the RPCs (replicas/api/ingress.py). Tests: tests/replicas/test_grpc.py.
+cancellation or deadline aborts the engine request). Requests go through the engine client the
+HTTP API uses too (replicas/api/engine_client.py); the Serve ingress class exposes these as methods
+named after the RPCs (replicas/api/ingress.py, which this module does not know). Tests: tests/replicas/test_grpc.py.
 """
 
 from __future__ import annotations
@@ -14,21 +15,21 @@ import asyncio
 import hmac
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, ValidationError
 
 from replicas.api.chat_stream import ChatChoiceStream
+from replicas.api.choice_text import ChoiceDelta
+from replicas.api.engine_client import EngineClient
 from replicas.api.grpc_decode import UndecodableRequest
 from replicas.api.json_input import parse_json
 from replicas.api.openai_protocol import ApiError, ChatCompletionRequest, CompletionRequest, validation_error
-from replicas.engine.engine_types import GenerateOutput
+from replicas.api.request_builder import ModelContext
 from replicas.proto import epserve_pb2 as pb
-
-if TYPE_CHECKING:
-    from replicas.api.ingress import Ingress
+from replicas.serving.app_args import AppArgs
 
 SERVICE = "epserve.v1.Epserve"
 # The generated registrations, with parsers that turn bad bytes into INVALID_ARGUMENT (replicas/api/grpc_decode.py).
@@ -102,7 +103,7 @@ def sampling_fields(s: pb.SamplingParams, *, chat: bool) -> dict[str, Any]:
     return out
 
 
-def logprobs_pb(ev: GenerateOutput) -> list[pb.TokenLogprob]:
+def logprobs_pb(ev: ChoiceDelta) -> list[pb.TokenLogprob]:
     return [
         pb.TokenLogprob(token_id=t, logprob=lp.logprob, top=[pb.TopLogprob(token_id=i, logprob=v) for i, v in lp.top])
         for t, lp in zip(ev.token_ids, ev.logprobs)
@@ -136,13 +137,20 @@ def chat_message_dict(m: pb.ChatMessage) -> dict[str, Any]:
 
 
 class GrpcApi:
-    """RPC implementations over an `Ingress` (its model context, engine handle and readiness)."""
+    """RPC implementations.
 
-    def __init__(self, ingress: Ingress) -> None:
-        self.ing = ingress
+    Args:
+        engine: the engine client (shared with the HTTP API). ctx: the model context. args: the app's arguments.
+    """
+
+    def __init__(self, engine: EngineClient, ctx: ModelContext, args: AppArgs) -> None:
+        self.engine = engine
+        self.ctx = ctx
+        self.args = args
+        self.api_key = args.resolved_api_key()
 
     def check_auth(self, ctx: Any) -> None:  # noqa: ANN401
-        key = self.ing.api_key
+        key = self.api_key
         if not key:
             return
         given = dict(ctx.invocation_metadata()).get("authorization", "")
@@ -166,7 +174,7 @@ class GrpcApi:
         self.check_decoded(request, ctx)
         rid = ctx.request_id() or uuid.uuid4().hex  # unique when the client sends none
         try:
-            ctxm = self.ing.ctx
+            ctxm = self.ctx
             kind = request.WhichOneof("prompt")
             if kind is None:
                 raise ApiError(400, "give a prompt: token_ids, text or messages", param="prompt")
@@ -190,11 +198,11 @@ class GrpcApi:
                 prompt, mm = (await asyncio.to_thread(ctxm.completion_prompts, req))[0], None
             ctxm.check_ids(prompt, "prompt")
             greq = ctxm.build(req, prompt, request_id=rid, mm=mm)
-            stream = await self.ing._start(greq)
+            stream = await self.engine.start(greq)
         except ApiError as err:
             raise fail(ctx, err) from None
         completion: dict[int, int] = {}
-        async for ev in self.ing._events(*stream):
+        async for ev in self.engine.deltas(stream):
             if ev.error is not None:
                 raise fail(ctx, ApiError(ev.error.status, ev.error.message))
             completion[ev.index] = ev.completion_tokens
@@ -217,7 +225,7 @@ class GrpcApi:
         self.check_decoded(request, ctx)
         rid = ctx.request_id() or uuid.uuid4().hex  # unique when the client sends none
         try:
-            ctxm = self.ing.ctx
+            ctxm = self.ctx
             req = self._validate(ChatCompletionRequest, chat_fields(request, default_model=ctxm.name))
             ctxm.check_model(req.model)
             chat = await asyncio.to_thread(ctxm.chat_prompt, req)
@@ -229,12 +237,12 @@ class GrpcApi:
                 mm=chat.mm,
                 thinking=chat.thinking,
             )
-            stream = await self.ing._start(greq)
+            stream = await self.engine.start(greq)
         except ApiError as err:
             raise fail(ctx, err) from None
         parsers: dict[int, ChatChoiceStream] = {}
         completion: dict[int, int] = {}
-        async for ev in self.ing._events(*stream):
+        async for ev in self.engine.deltas(stream):
             if ev.error is not None:
                 raise fail(ctx, ApiError(ev.error.status, ev.error.message))
             parser = parsers.setdefault(ev.index, ChatChoiceStream(thinking=chat.thinking, tools=chat.tools))
@@ -259,8 +267,8 @@ class GrpcApi:
     async def model_info(self, request: pb.ModelInfoRequest, ctx: Any) -> pb.ModelInfoResponse:  # noqa: ANN401
         self.check_auth(ctx)
         self.check_decoded(request, ctx)
-        c = self.ing.ctx
-        a = self.ing.args
+        c = self.ctx
+        a = self.args
         return pb.ModelInfoResponse(
             model=c.name,
             max_model_len=c.max_model_len,
@@ -277,7 +285,7 @@ class GrpcApi:
         self.check_decoded(request, ctx)
         if request.service not in ("", SERVICE):
             raise fail(ctx, ApiError(404, f"unknown service {request.service!r}"))
-        ready = await self.ing.ready()
+        ready = await self.engine.ready()
         return health_pb2.HealthCheckResponse(
             status=health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         )

@@ -3,7 +3,9 @@
 Owns: the route table (`api`), API-key checking for every route but /health, request ids
 (X-Request-Id header in and out, in the body id and in every log line), body size limits,
 turning bad input into OpenAI error bodies (400/401/404/413/429/503 with Retry-After), and
-streaming engine events as SSE (one event per token, usage chunk, in-band error + [DONE]).
+streaming as SSE (one chunk per choice per engine step, usage chunk, in-band error + [DONE]).
+The engine client (replicas/api/engine_client.py) starts requests and turns the engine's token
+ids into text; the gRPC service (replicas/api/grpc_service.py) shares it.
 `serve.ingress(build_api)` and the deployment options are applied in replicas/serving/app.py. Must not: run the model.
 A client that leaves cancels its engine requests (tests/replicas/test_cancellation.py); open streams are
 counted so a stopping server waits for them (tests/replicas/test_graceful_shutdown.py).
@@ -31,6 +33,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model_shards.image_processing import MediaLimits
 from replicas.api.body_limits import read_body
 from replicas.api.chat_stream import ChatChoiceStream
+from replicas.api.choice_text import ChoiceDelta
+from replicas.api.engine_client import EngineClient, EngineStream
+from replicas.api.grpc_service import GrpcApi
 from replicas.api.json_input import parse_json
 from replicas.api.openai_protocol import (
     ApiError,
@@ -51,7 +56,7 @@ from replicas.api.openai_responses import (
     usage_chunk,
 )
 from replicas.api.request_builder import ModelContext
-from replicas.engine.engine_types import EngineFailure, GenerateOutput, GenerateRequest
+from replicas.engine.engine_types import EngineFailure
 from replicas.serving.app_args import AppArgs
 from replicas.serving.metrics import MetricsRegistry, push_forever
 
@@ -61,9 +66,6 @@ MAX_BODY_BYTES = 16 * 2**20
 PUBLIC_PATHS = ("/health",)
 METRICS_PUSH_S = 1.0
 REQUEST_ID_HEADER = "X-Request-Id"
-# Before the one retry: longer than the engine replicas' routing-stats period (1 s, replicas/serving/app.py), so the
-# router already knows the failed group is down and picks another.
-RETRY_DELAY_S = 1.5
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> Any:  # noqa: ANN401  # returns an instance of `model`
@@ -76,31 +78,6 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:  # noqa: ANN4
         return model.model_validate(obj)
     except ValidationError as exc:
         raise validation_error(exc) from None
-
-
-def _engine_error(exc: BaseException) -> ApiError:
-    """Map engine-side exceptions (re-raised through the Serve handle) to HTTP errors."""
-    from replicas.engine.engine import EngineOverloaded, EngineUnavailable, RequestRejected
-
-    exc = getattr(exc, "cause", None) or exc  # Ray wraps the replica's exception; report the original message
-
-    if isinstance(exc, EngineOverloaded):
-        return ApiError(429, f"The server is at capacity: {exc}. Retry later.", type="rate_limit_error", retry_after=1)
-    if isinstance(exc, RequestRejected):
-        return bad_request(str(exc))
-    if isinstance(exc, EngineUnavailable):
-        return ApiError(503, str(exc), type="service_unavailable_error", retry_after=2)
-    from ray.serve.exceptions import BackPressureError
-
-    if isinstance(exc, BackPressureError):
-        return ApiError(503, "The server is at capacity. Retry later.", type="service_unavailable_error", retry_after=1)
-    log.error("engine call failed: %r", exc)
-    return ApiError(
-        503,
-        f"The engine is unavailable ({type(exc).__name__}). Retry later.",
-        type="service_unavailable_error",
-        retry_after=2,
-    )
 
 
 def _sse(obj: Any) -> str:  # noqa: ANN401  # any JSON value
@@ -147,82 +124,20 @@ class Ingress:
             max_thinking_tokens=a.max_thinking_tokens,
         )
         self.api_key = self.args.resolved_api_key()
-        self.engine = engine
+        self.engine = EngineClient(engine, self.ctx.tokenizer, caller=_replica_name)
         self.hub = metrics_hub
         self.metrics = MetricsRegistry()
         self._push_task: asyncio.Task | None = None
-        self._ready_cache: tuple[float, bool] = (0.0, False)
         self.open_streams = 0  # streaming responses not yet ended (a stopping server waits for them)
-        from replicas.api.grpc_service import GrpcApi
-
-        self.grpc = GrpcApi(self)
+        self.grpc = GrpcApi(self.engine, self.ctx, self.args)
 
     # ----------------------------------------------------------------- generation
-    async def _start(self, greq: GenerateRequest) -> tuple[Any, GenerateOutput, int]:
-        """Start the engine stream and wait for its first event, so errors before any token become a proper
-        HTTP status instead of a 200 stream. A request that failed retriably before producing a token is
-        retried once; the engine router sends the retry to another group (replicas/serving/engine_router.py)."""
-        for attempt in (1, 2):
-            gen = self.engine.options(stream=True).generate.remote(greq, _replica_name())
-            try:
-                first = await gen.__anext__()
-            except StopAsyncIteration:
-                raise ApiError(503, "the engine ended the request without output", retry_after=1) from None
-            except asyncio.CancelledError:
-                gen.cancel()
-                raise
-            except Exception as exc:  # noqa: BLE001  # mapped to an HTTP status
-                err = _engine_error(exc)
-                if attempt == 1 and err.status == 503:
-                    log.warning("request %s: %s; retrying once", greq.request_id, err.message)
-                    await asyncio.sleep(RETRY_DELAY_S)
-                    continue
-                raise err from None
-            if first.error is not None and not first.error.retriable and first.error.status < 500:
-                gen.cancel()  # refused on its own input before any token: a 4xx, never retried
-                raise ApiError(first.error.status, first.error.message)
-            if first.error is not None and first.error.retriable and not first.token_ids and attempt == 1:
-                gen.cancel()
-                log.warning(
-                    "request %s: failed before its first token (%s); retrying once",
-                    greq.request_id,
-                    first.error.message,
-                )
-                await asyncio.sleep(RETRY_DELAY_S)
-                continue
-            return gen, first, greq.n
-        raise AssertionError("unreachable")
-
-    async def _events(self, gen: Any, first: GenerateOutput, n: int = 1) -> AsyncIterator[GenerateOutput]:  # noqa: ANN401
-        """The engine stream of a request with `n` choices; if the engine replica dies mid-stream, every choice
-        not yet finished ends with a retriable error event (never a silent truncation)."""
-        finished: set[int] = set()
-        try:
-            for ev in (first,):
-                finished |= {ev.index} if ev.finished else set()
-                yield ev
-            async for ev in gen:
-                finished |= {ev.index} if ev.finished else set()
-                yield ev
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as exc:  # noqa: BLE001  # the engine replica or its group is gone
-            log.error("request %s: engine stream broke: %r", first.request_id, exc)
-            failure = EngineFailure(
-                f"the engine serving this request failed ({type(exc).__name__}); retry", retriable=True
-            )
-            for index in range(n):
-                if index not in finished:
-                    yield GenerateOutput(request_id=first.request_id, index=index, error=failure)
-        finally:
-            gen.cancel()  # client gone or stream done: make sure the engine request is aborted
-
-    async def _collect(self, streams: list[tuple[Any, GenerateOutput, int]], offsets: list[int]) -> list[ChoiceState]:
+    async def _collect(self, streams: list[EngineStream], offsets: list[int]) -> list[ChoiceState]:
         """Run every stream to the end (non-streaming responses)."""
 
-        async def one(stream: tuple[Any, GenerateOutput, int], offset: int) -> list[ChoiceState]:
+        async def one(stream: EngineStream, offset: int) -> list[ChoiceState]:
             states: dict[int, ChoiceState] = {}
-            async for ev in self._events(*stream):
+            async for ev in self.engine.deltas(stream):
                 if ev.error is not None:
                     raise ApiError(
                         ev.error.status,
@@ -258,7 +173,7 @@ class Ingress:
             thinking=chat.thinking,
         )
         log.info("request %s: chat, %d prompt tokens, n=%d, stream=%s", rid, len(prompt), req.n, req.stream)
-        stream = await self._start(greq)
+        stream = await self.engine.start(greq)
         body_id = f"chatcmpl-{rid}"
         if not req.stream:
             choices = await self._collect([stream], [0])
@@ -284,7 +199,7 @@ class Ingress:
             created = int(time.time())
             parsers: dict[int, ChatChoiceStream] = {}
             completion: dict[int, int] = {}
-            async for ev in self._events(*stream):
+            async for ev in self.engine.deltas(stream):
                 if ev.error is not None:
                     yield _sse(_stream_error(ev))
                     break
@@ -340,10 +255,10 @@ class Ingress:
         streams = []
         try:
             for g in greqs:
-                streams.append(await self._start(g))
+                streams.append(await self.engine.start(g))
         except BaseException:
-            for gen, *_ in streams:
-                gen.cancel()
+            for s in streams:
+                s.cancel()
             raise
         offsets = [i * req.n for i in range(len(prompts))]
         n_prompt = sum(len(p) for p in prompts)
@@ -373,7 +288,7 @@ class Ingress:
             created = int(time.time())
             completion: dict[int, int] = {}
             text_len: dict[int, int] = {}
-            merged = _merge([self._events(*s) for s in streams], offsets)
+            merged = _merge([self.engine.deltas(s) for s in streams], offsets)
             async for index, ev in merged:
                 if ev.error is not None:
                     yield _sse(_stream_error(ev))
@@ -455,15 +370,7 @@ class Ingress:
 
     async def ready(self) -> bool:
         """Weights loaded and a step has run on some engine replica (cached for 2 s)."""
-        stamp, value = self._ready_cache
-        if time.monotonic() - stamp < 2.0:
-            return value
-        try:
-            value = bool(await asyncio.wait_for(self.engine.ready.remote(), timeout=10))
-        except Exception:  # noqa: BLE001  # unreachable engine = not ready
-            value = False
-        self._ready_cache = (time.monotonic(), value)
-        return value
+        return await self.engine.ready()
 
     async def stream_count(self) -> tuple[str, int]:
         """This replica's id and its open streams (epserve/serve_cmd.py waits for 0 before stopping Serve)."""
@@ -522,17 +429,14 @@ def default_model_name(model: str | None) -> str:
     return Path(model).name if model else "qwen3.5-moe-tiny"
 
 
-def _sse_response(
-    ing: Ingress, body: AsyncIterator[str], streams: list[tuple[Any, GenerateOutput, int]]
-) -> StreamingResponse:
+def _sse_response(ing: Ingress, body: AsyncIterator[str], streams: list[EngineStream]) -> StreamingResponse:
     """The SSE response of `body`, which reads the engine `streams`, counted in `ing.open_streams`.
 
     NOTE: a client that leaves before the body's first iteration (the request cancelled between the
     handler's return and the response, or Starlette seeing the disconnect first) means the body never
     runs, so its `finally` never cancels the engine streams: cancel them when the body is dropped.
     """
-    gens = [s[0] for s in streams]
-    weakref.finalize(body, _cancel_all, gens)
+    weakref.finalize(body, _cancel_all, streams)
     return StreamingResponse(_counted(ing, body), media_type="text/event-stream")
 
 
@@ -545,12 +449,12 @@ async def _counted(ing: Ingress, body: AsyncIterator[Any]) -> AsyncIterator[Any]
         ing.open_streams -= 1
 
 
-def _cancel_all(gens: list[Any]) -> None:  # DeploymentResponseGenerators
-    for gen in gens:
-        gen.cancel()  # a no-op for a stream already cancelled or finished
+def _cancel_all(streams: list[EngineStream]) -> None:
+    for s in streams:
+        s.cancel()
 
 
-def _stream_error(ev: GenerateOutput) -> dict[str, Any]:
+def _stream_error(ev: ChoiceDelta) -> dict[str, Any]:
     assert ev.error is not None
     return ApiError(ev.error.status, ev.error.message, type=_error_type(ev.error)).body()
 
@@ -561,10 +465,8 @@ def _error_type(err: EngineFailure) -> str:
     return "invalid_request_error" if err.status < 500 else "internal_error"
 
 
-async def _merge(
-    gens: list[AsyncIterator[GenerateOutput]], offsets: list[int]
-) -> AsyncIterator[tuple[int, GenerateOutput]]:
-    """Interleave several engine streams as events arrive; yields (choice index, event)."""
+async def _merge(gens: list[AsyncIterator[ChoiceDelta]], offsets: list[int]) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+    """Interleave several engine streams as deltas arrive; yields (choice index, delta)."""
     if len(gens) == 1:
         async for ev in gens[0]:
             yield offsets[0] + ev.index, ev

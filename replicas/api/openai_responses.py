@@ -1,6 +1,6 @@
-"""Engine events -> OpenAI JSON: chat and completion responses, stream chunks, logprobs, usage.
+"""Choice deltas -> OpenAI JSON: chat and completion responses, stream chunks, logprobs, usage.
 
-Pure functions over `GenerateOutput`s; the ingress decides when to send what.
+Pure functions over `ChoiceDelta`s (replicas/api/choice_text.py); the ingress decides when to send what.
 Tests: tests/replicas/test_serving.py (through the openai client).
 """
 
@@ -12,13 +12,13 @@ from typing import Any
 
 from model_shards.tokenizer import Tokenizer
 from replicas.api.chat_stream import ChatDelta
-from replicas.engine.engine_types import GenerateOutput
+from replicas.api.choice_text import ChoiceDelta
 from replicas.engine.step_types import TokenLogprobs
 
 
 @dataclass
 class ChoiceState:
-    """What has been produced for one choice (built up from its events)."""
+    """What has been produced for one choice (built up from its deltas)."""
 
     index: int
     text: str = ""
@@ -85,7 +85,7 @@ def chat_chunk(
     rid: str,
     model: str,
     created: int,
-    ev: GenerateOutput,
+    ev: ChoiceDelta,
     delta: ChatDelta,
     *,
     first: bool,
@@ -93,7 +93,7 @@ def chat_chunk(
     tok: Tokenizer | None,
     want_logprobs: bool,
 ) -> dict[str, Any]:
-    """One streamed chat event: the choice's delta (content, reasoning_content, tool_calls) for one token."""
+    """One streamed chat chunk: the choice's delta (content, reasoning_content, tool_calls) of one engine step."""
     out: dict[str, Any] = {"role": "assistant"} if first else {}
     if delta.reasoning:
         out["reasoning_content"] = delta.reasoning
@@ -115,7 +115,7 @@ def completion_chunk(
     rid: str,
     model: str,
     created: int,
-    ev: GenerateOutput,
+    ev: ChoiceDelta,
     *,
     index: int,
     tok: Tokenizer | None,

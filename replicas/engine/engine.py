@@ -2,9 +2,11 @@
 
 `step() = schedule -> execute -> update` (vLLM), run as one asyncio task: the scheduler picks
 each trunk rank's tokens, the group runs them (one Ray call per rank), and sampled tokens
-become stream events of their requests. Requests join and leave between steps; aborts free
-their caches before the next step. A failed group ends every request it holds with a
-retriable error, is rebuilt, and the loop resumes. Must not: hold model math or HTTP.
+become stream items of their requests: token ids, at most one item per request per step
+(engine_types.RequestOutput). Requests join and leave between steps; aborts and choices the
+front end ended (a stop string: `finish_choice`) free their caches before the next step. A
+failed group ends every request it holds with a retriable error, is rebuilt, and the loop
+resumes. Must not: hold model math, HTTP or text (the front end detokenizes).
 Tests: tests/replicas/test_engine.py.
 """
 
@@ -15,15 +17,14 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from model_shards.batch import SeqChunk
-from model_shards.tokenizer import Tokenizer
 from replicas.engine.block_pool import BlockPool
-from replicas.engine.engine_types import EngineFailure, GenerateOutput, GenerateRequest
+from replicas.engine.engine_types import EngineFailure, GenerateOutput, GenerateRequest, RequestOutput
 from replicas.engine.scheduler import Scheduled, Scheduler, SchedulerConfig, SchedulerOutput
 from replicas.engine.sequence import Sequence, Status
 from replicas.engine.step_guard import request_problem
@@ -54,6 +55,18 @@ class EngineUnavailable(RuntimeError):
     """The group is failed and not (yet) rebuilt: retriable."""
 
 
+@dataclass(slots=True)
+class _Delta:
+    """A choice's news of the step being delivered (becomes one GenerateOutput)."""
+
+    seq: Sequence
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | None = None
+    error: EngineFailure | None = None
+
+
 class Engine:
     """Schedules and runs requests on one group.
 
@@ -61,7 +74,6 @@ class Engine:
         runner: executes steps (the group driver).
         pools: one BlockPool per trunk rank, sized like the ranks' cache tensors.
         config: scheduler limits per trunk rank.
-        tokenizer: detokenization and stop strings (None: token ids only).
         max_waiting: bound of the waiting queue (sequences); beyond it `EngineOverloaded`.
         recover: called (in a thread) after a group failure to rebuild it; None = stay failed.
         metrics: where to record serving metrics.
@@ -73,6 +85,7 @@ class Engine:
             beyond it `EngineOverloaded`, so admitted requests keep their TTFT. None: `max_waiting` only.
         vocab_size: rows of the LM head; token ids and logprobs beyond it are refused at admission
             (replicas/engine/step_guard.py). None: unchecked.
+        engine_id: stamped on every stream item (RequestOutput.engine_id): the Serve replica running this engine.
     """
 
     def __init__(
@@ -81,7 +94,6 @@ class Engine:
         *,
         pools: list[BlockPool],
         config: SchedulerConfig,
-        tokenizer: Tokenizer | None,
         max_waiting: int = 256,
         recover: Callable[[], None] | None = None,
         metrics: MetricsRegistry | None = None,
@@ -89,11 +101,12 @@ class Engine:
         spec_tokens: int = 0,
         max_queue_steps: int | None = None,
         vocab_size: int | None = None,
+        engine_id: str = "",
     ) -> None:
         self.runner = runner
         self.vocab_size = vocab_size
         self.scheduler = Scheduler(config, pools)
-        self.tokenizer = tokenizer
+        self.engine_id = engine_id
         self.max_waiting = max_waiting
         self.recover = recover
         self.metrics = metrics or MetricsRegistry()
@@ -104,7 +117,8 @@ class Engine:
         self.max_queue_steps = max_queue_steps
         if spec_tokens and config.lookahead < 2 * spec_tokens:
             raise ValueError(f"speculating {spec_tokens} tokens needs SchedulerConfig.lookahead >= {2 * spec_tokens}")
-        self._streams: dict[str, tuple[list[Sequence], asyncio.Queue[GenerateOutput]]] = {}
+        self._streams: dict[str, tuple[list[Sequence], asyncio.Queue[RequestOutput]]] = {}
+        self._outbox: dict[str, dict[int, _Delta]] = {}  # this step's news, per request and choice
         self._aborted: list[Sequence] = []
         self._ids = itertools.count()
         self._wake = asyncio.Event()
@@ -141,35 +155,32 @@ class Engine:
             self.end(rid, "the server is shutting down; retry")
 
     def end(self, request_id: str, message: str) -> None:
-        """End a request now with a retriable error event (its stream closes); caches freed between steps."""
+        """End a request now with a retriable error item (its stream closes); caches freed between steps."""
         entry = self._streams.get(request_id)
         if entry is None:
             return
         seqs, queue = entry
         failure = EngineFailure(message, retriable=True)
-        for s in seqs:
-            if s.status is not Status.FINISHED and not s.aborted:
-                queue.put_nowait(
-                    GenerateOutput(
-                        request_id=request_id,
-                        index=s.index,
-                        error=failure,
-                        prompt_tokens=len(s.prompt_ids),
-                        completion_tokens=len(s.output_ids),
-                    )
-                )
+        outputs = tuple(
+            GenerateOutput(index=s.index, error=failure, completion_tokens=len(s.output_ids))
+            for s in seqs
+            if s.status is not Status.FINISHED and not s.aborted
+        )
+        if outputs:
+            queue.put_nowait(RequestOutput(request_id, self.steps, outputs, self.engine_id))
         self.abort(request_id)
 
     # ----------------------------------------------------------------- requests
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        """Stream events of all n choices of `req` until each has finished or failed.
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """Stream the news of all n choices of `req`, at most one item per engine step, until each choice has
+        finished or failed.
 
         Raises (before the first event):
             EngineOverloaded, RequestRejected, EngineUnavailable.
         """
         self.admit_check(req)
         compiled = await self._compile(req) if req.grammar is not None else None
-        seqs = [Sequence(req, i, self.tokenizer, next(self._ids)) for i in range(req.n)]
+        seqs = [Sequence(req, i, next(self._ids)) for i in range(req.n)]
         for s in seqs:
             # Verification is exact for plain sampling; penalties, grammars and min_tokens change the
             # distribution from token to token, so those requests decode without drafts.
@@ -181,7 +192,7 @@ class Engine:
 
             for s in seqs:
                 s.matcher = GrammarMatcher(compiled, eos_ids=() if req.ignore_eos else req.eos_token_ids)
-        queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[req.request_id] = (seqs, queue)
         for s in seqs:
             self.scheduler.add(s)
@@ -189,10 +200,9 @@ class Engine:
         done = 0
         try:
             while done < req.n:
-                event = await queue.get()
-                if event.finished:
-                    done += 1
-                yield event
+                item = await queue.get()
+                done += sum(1 for o in item.outputs if o.finished)
+                yield item
         finally:
             if done < req.n:
                 self.abort(req.request_id)
@@ -262,12 +272,32 @@ class Engine:
         entry = self._streams.get(request_id)
         if entry is None:
             return
+        running = [s for s in entry[0] if s.status is not Status.FINISHED and not s.aborted]
+        if not running:
+            return
         log.info("request %s: aborted", request_id)
         self.metrics.inc("requests_aborted")
-        for s in entry[0]:
-            if s.status is not Status.FINISHED:
-                s.aborted = True
-                self._aborted.append(s)
+        for s in running:
+            s.aborted = True
+            self._aborted.append(s)
+        self._wake.set()
+
+    def finish_choice(self, request_id: str, index: int) -> None:
+        """The front end ended choice `index` (it found a stop string): stop generating it; its caches are freed
+        before the next step. Its stream gets one last item for it (finish_reason "stop", no tokens) and then
+        nothing more; the front end, which counts tokens up to its stop string only, ignores it."""
+        entry = self._streams.get(request_id)
+        if entry is None or not 0 <= index < len(entry[0]):
+            return
+        seqs, queue = entry
+        s = seqs[index]
+        if s.status is Status.FINISHED or s.aborted:
+            return
+        s.aborted, s.end_reason = True, "stop"
+        self._aborted.append(s)
+        self._outbox.get(request_id, {}).pop(index, None)  # not reached between steps; for safety
+        out = GenerateOutput(index=index, finish_reason="stop", completion_tokens=len(s.output_ids))
+        queue.put_nowait(RequestOutput(request_id, self.steps, (out,), self.engine_id))
         self._wake.set()
 
     # ----------------------------------------------------------------- the loop
@@ -391,41 +421,42 @@ class Engine:
                 if room is not None and len(seq.drafts) >= room:
                     # k drafts emit up to k + 1 tokens: none of them may take the place of a forced token
                     seq.drafts = []
+        self._flush()
 
     def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> bool:
-        """Record one generated token; True when it ended the choice."""
+        """Record one generated token in its choice's news of this step; True when it ended the choice."""
         prev = seq.t_last_token
-        event = seq.append(token, logprobs)
-        if seq.matcher is not None and not event.finished:
-            event = self._advance_grammar(seq, seq.matcher, token, event)
+        finish, stop_reason = seq.append(token)
+        error = None
+        if seq.matcher is not None and finish is None:
+            finish, error = self._advance_grammar(seq.matcher, token)
         self.metrics.inc("generation_tokens")
         if prev is None:
             self.metrics.observe("time_to_first_token_seconds", seq.t_first_token - seq.t_arrival)  # type: ignore[operator]  # set by append
         else:
             self.metrics.observe("inter_token_latency_seconds", seq.t_last_token - prev)  # type: ignore[operator]  # set by append
-        self._deliver(seq, event)
-        if event.finished:
-            seq.drafts = []
-            self._finish(seq, event.finish_reason or "error")
-        return event.finished
+        d = self._delta(seq)
+        d.token_ids.append(token)
+        if logprobs is not None:
+            d.logprobs.append(logprobs)
+        if finish is None and error is None:
+            return False
+        d.finish_reason, d.stop_reason, d.error = finish, stop_reason, error
+        seq.drafts = []
+        self._finish(seq, finish or "error")
+        return True
 
-    def _advance_grammar(
-        self, seq: Sequence, matcher: GrammarMatcher, token: int, event: GenerateOutput
-    ) -> GenerateOutput:
-        """Feed the sampled token to the sequence's grammar; a complete grammar ends the choice."""
+    @staticmethod
+    def _advance_grammar(matcher: GrammarMatcher, token: int) -> tuple[str | None, EngineFailure | None]:
+        """Feed the sampled token to the sequence's grammar: ("stop", None) when it is complete, (None, error) when
+        the token broke it, (None, None) while it runs on."""
         from replicas.engine.structured_output import GrammarViolation
 
         try:
             matcher.accept(token)
         except GrammarViolation as exc:
-            return replace(
-                event,
-                finish_reason=None,
-                error=EngineFailure(f"structured output failed: {exc}", retriable=False, code=500),
-            )
-        if matcher.is_terminated():
-            return seq.close("stop", event)
-        return event
+            return None, EngineFailure(f"structured output failed: {exc}", retriable=False, code=500)
+        return ("stop", None) if matcher.is_terminated() else (None, None)
 
     def _refuse(self, seq: Sequence, why: str) -> None:
         """A trunk rank refused this sequence before the step's first collective: it ends alone, with a
@@ -433,23 +464,38 @@ class Engine:
         if seq.status is Status.FINISHED or seq.aborted:
             return
         log.warning("request %s: refused by its trunk rank: %s", seq.req.request_id, why)
-        self._deliver(
-            seq,
-            GenerateOutput(
-                request_id=seq.req.request_id,
-                index=seq.index,
-                error=EngineFailure(f"refused: {why}", retriable=False, code=400),
-                prompt_tokens=len(seq.prompt_ids),
-                completion_tokens=len(seq.output_ids),
-            ),
-        )
+        self._delta(seq).error = EngineFailure(f"refused: {why}", retriable=False, code=400)
         self.scheduler.release(seq)
         self.metrics.inc("request_errors", kind="refused")
 
-    def _deliver(self, seq: Sequence, event: GenerateOutput) -> None:
-        entry = self._streams.get(seq.req.request_id)
-        if entry is not None:
-            entry[1].put_nowait(event)
+    def _delta(self, seq: Sequence) -> _Delta:
+        """The choice's news of the step being delivered (created on first use)."""
+        per_req = self._outbox.setdefault(seq.req.request_id, {})
+        d = per_req.get(seq.index)
+        if d is None:
+            d = per_req[seq.index] = _Delta(seq)
+        return d
+
+    def _flush(self) -> None:
+        """Deliver the step's news: one item per request with any, holding all its choices' deltas."""
+        outbox, self._outbox = self._outbox, {}
+        for rid, deltas in outbox.items():
+            entry = self._streams.get(rid)
+            if entry is None:
+                continue
+            outputs = tuple(
+                GenerateOutput(
+                    index=i,
+                    token_ids=tuple(d.token_ids),
+                    logprobs=tuple(d.logprobs),
+                    finish_reason=d.finish_reason,
+                    stop_reason=d.stop_reason,
+                    completion_tokens=len(d.seq.output_ids),
+                    error=d.error,
+                )
+                for i, d in sorted(deltas.items())
+            )
+            entry[1].put_nowait(RequestOutput(rid, self.steps, outputs, self.engine_id))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.release(seq)
@@ -464,7 +510,7 @@ class Engine:
         for s in aborted:
             if s.status is not Status.FINISHED:
                 self.scheduler.release(s)
-                self.metrics.inc("request_success", finished_reason="abort")
+                self.metrics.inc("request_success", finished_reason=s.end_reason)
 
     # ----------------------------------------------------------------- readiness
     async def probe(self, *, max_age_s: float = 5.0, timeout_s: float = 60.0) -> bool:
@@ -502,20 +548,17 @@ class Engine:
     def _fail_all(self, message: str, *, retriable: bool) -> None:
         failure = EngineFailure(message=message, retriable=retriable)
         for rid, (seqs, queue) in list(self._streams.items()):
+            outputs = []
             for s in seqs:
                 if s.status is Status.FINISHED:
                     continue
                 self.scheduler.release(s)
-                queue.put_nowait(
-                    GenerateOutput(
-                        request_id=rid,
-                        index=s.index,
-                        error=failure,
-                        prompt_tokens=len(s.prompt_ids),
-                        completion_tokens=len(s.output_ids),
-                    )
-                )
+                if s.aborted:  # already ended (aborted, or stopped by the front end)
+                    continue
+                outputs.append(GenerateOutput(index=s.index, error=failure, completion_tokens=len(s.output_ids)))
                 self.metrics.inc("request_errors", kind="group_failure" if retriable else "error")
+            if outputs:
+                queue.put_nowait(RequestOutput(rid, self.steps, tuple(outputs), self.engine_id))
 
     async def _on_failure(self, exc: Exception) -> None:
         self.failure = str(exc)

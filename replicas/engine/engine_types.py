@@ -1,13 +1,14 @@
-"""Messages between the ingress and the engine: a validated generation request and its stream events.
+"""Messages between the front end and the engine: a validated generation request and its stream items.
 
 Plain frozen dataclasses (picklable across Serve handles, never dicts). Validation against
 the model (context length, vocabulary) happens in the ingress before a request is built;
 the engine re-checks at admission what could fail a group step (replicas/engine/step_guard.py).
+Tests: tests/replicas/test_engine.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from model_shards.sampling import SamplingParams
@@ -22,7 +23,8 @@ class GenerateRequest:
         params: sampling; `params.seed` is the base seed (choice i uses seed + i).
         max_tokens: tokens to generate at most per choice (already capped by the context).
         min_tokens: eos and stop_token_ids cannot be sampled before this many tokens.
-        stop: stop strings (not included in the output text unless include_stop_str_in_output).
+        stop: stop strings (not included in the output text unless include_stop_str_in_output); the front end
+            checks them on its decoded text and ends the choice (`Engine.finish_choice`); the engine never sees text.
         stop_token_ids: extra token ids that end a choice (the token is kept in token_ids).
         eos_token_ids: the checkpoint's eos ids; ignored with ignore_eos.
         max_thinking_tokens: the prompt opened a reasoning block and its output may hold at most this many
@@ -43,8 +45,8 @@ class GenerateRequest:
     stop_token_ids: tuple[int, ...] = ()
     eos_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # read by the front end's decoder only
+    include_stop_str_in_output: bool = False  # read by the front end only
     arrival_time: float = 0.0
     grammar: Any = None  # replicas.engine.structured_output.GrammarSpec: structured output / forced tool calls
     mm: Any = None  # replicas.api.media.MultimodalPrompt for prompts with images or videos
@@ -71,29 +73,52 @@ class EngineFailure:
 
 @dataclass(frozen=True)
 class GenerateOutput:
-    """One stream event of one choice: usually one new token, or the final event.
+    """What one engine step added to one choice: token ids, not text (the front end decodes, checks stop strings
+    and parses; replicas/api/engine_client.py).
 
     Attributes:
         index: choice index (0..n-1).
-        token_ids: tokens added by this event (one per token in streaming).
-        text: text delta (may be empty while a character or a possible stop string is held back).
-        finish_reason: "stop", "length", "abort" or None while running.
-        stop_reason: the stop string or stop token id that ended it, if any.
+        token_ids: the tokens this step added: usually one; several when speculative drafts were accepted; none
+            in a final output that only ends the choice (an error, or the acknowledgement of `finish_choice`).
+        logprobs: one per token of `token_ids` when the request asked for logprobs, else empty.
+        finish_reason: "stop" (eos, a stop token, a complete grammar, or the front end's stop string) or "length";
+            None while running.
+        stop_reason: the stop token id that ended it (None for eos, max_tokens or a grammar).
+        completion_tokens: tokens generated for this choice so far, this step's included.
         error: set when the choice ended in an error instead of a finish reason.
     """
 
-    request_id: str
     index: int
     token_ids: tuple[int, ...] = ()
-    text: str = ""
     logprobs: tuple[TokenLogprobs, ...] = ()
     finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    prompt_tokens: int = 0
+    stop_reason: int | None = None
     completion_tokens: int = 0
     error: EngineFailure | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None or self.error is not None
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One item of a request's stream: the news of all its choices from one engine step.
+
+    A request's stream gets at most one item per engine step (none in steps that only prefill it), so a Serve
+    stream carries one message per request per step however many tokens and choices it holds. Items outside a
+    step: the errors that end a request (group failure, shutdown, a gone caller) and `finish_choice`
+    acknowledgements.
+
+    Attributes:
+        request_id: the request.
+        step: the engine's step counter when the item was made (`Engine.steps`).
+        outputs: one `GenerateOutput` per choice with news, by index.
+        engine_id: the engine that runs the request (its Serve replica): the front end addresses
+            `finish_choice` to it (replicas/serving/engine_router.py). "" outside Serve.
+    """
+
+    request_id: str
+    step: int
+    outputs: tuple[GenerateOutput, ...]
+    engine_id: str = ""

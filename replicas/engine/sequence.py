@@ -1,9 +1,9 @@
-"""One generated sequence (a choice of a request): its tokens, cache addresses and output text.
+"""One generated sequence (a choice of a request): its tokens and cache addresses.
 
 Owns: the scheduler's invariant (`num_computed` of `len(all_ids)` tokens are in the caches),
-the cache addresses the engine assigned (trunk rank, state slot, KV blocks), and turning
-sampled tokens into stream events: incremental detokenization, stop tokens / strings with
-the text that might start a stop string held back, max_tokens. Must not: schedule.
+the cache addresses the engine assigned (trunk rank, state slot, KV blocks), and what ends a
+choice on token ids: eos, stop token ids, max_tokens, min_tokens, the thinking budget.
+Must not: schedule; know text (the front end decodes and checks stop strings).
 Tests: tests/replicas/test_engine.py.
 """
 
@@ -14,11 +14,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from model_shards.detokenizer import IncrementalDetokenizer
 from model_shards.sampling import SamplingParams
-from model_shards.tokenizer import Tokenizer
-from replicas.engine.engine_types import GenerateOutput, GenerateRequest
-from replicas.engine.step_types import TokenLogprobs
+from replicas.engine.engine_types import GenerateRequest
 
 if TYPE_CHECKING:  # annotations only: torch and llguidance load where they are used
     import torch
@@ -45,11 +42,10 @@ class Sequence:
     """A choice being generated.
 
     Args:
-        req: the request it belongs to. index: its choice index.
-        tokenizer: for detokenization (None: token ids only, no stop strings).
+        req: the request it belongs to. index: its choice index. seq_id: unique within the engine.
     """
 
-    def __init__(self, req: GenerateRequest, index: int, tokenizer: Tokenizer | None, seq_id: int) -> None:
+    def __init__(self, req: GenerateRequest, index: int, seq_id: int) -> None:
         self.req = req
         self.index = index
         self.seq_id = seq_id
@@ -60,6 +56,7 @@ class Sequence:
         self.status = Status.WAITING
         self.addr: CacheAddress | None = None
         self.aborted = False
+        self.end_reason = "abort"  # what ended an aborted sequence: "abort", or "stop" (the front end's stop string)
         self.num_preemptions = 0
         self.mm = req.mm  # replicas.api.media.MultimodalPrompt or None
         self.rope_delta = req.mm.rope_delta if req.mm is not None else 0
@@ -71,12 +68,6 @@ class Sequence:
         budget = req.max_thinking_tokens
         self._thinking = budget is not None and budget > 0 and bool(req.thinking_end_ids)
         self._forced: list[int] = list(req.thinking_end_ids) if budget == 0 else []
-        self._detok = (
-            IncrementalDetokenizer(tokenizer, skip_special_tokens=req.skip_special_tokens) if tokenizer else None
-        )
-        self._text = ""  # detokenized output so far
-        self._emitted = 0  # characters of _text already sent
-        self._hold = max((len(s) for s in req.stop), default=1) - 1
         self.t_arrival = req.arrival_time or time.monotonic()
         self.t_scheduled: float | None = None
         self.t_first_token: float | None = None
@@ -160,77 +151,24 @@ class Sequence:
         self.drafts = []
 
     # ----------------------------------------------------------------- outputs
-    def append(self, token: int, logprobs: TokenLogprobs | None) -> GenerateOutput:
-        """Record a sampled token and return the stream event it produces (final if it ends the choice)."""
+    def append(self, token: int) -> tuple[str | None, int | None]:
+        """Record a generated token; returns (finish_reason, stop_reason): ("stop", None) for eos, ("stop", token)
+        for a stop token id, ("length", None) at max_tokens, (None, None) while it runs on."""
         now = time.monotonic()
         if self.t_first_token is None:
             self.t_first_token = now
         self.t_last_token = now
         self.output_ids.append(token)
         self._count_thinking(token)
-        finish: str | None = None
-        stop_reason: int | str | None = None
-        text = ""
-        if self._detok is not None:
-            self._text += self._detok.feed(token)
-        if len(self.output_ids) >= self.req.min_tokens:
+        n = len(self.output_ids)
+        if n >= self.req.min_tokens:
             if not self.req.ignore_eos and token in self.req.eos_token_ids:
-                finish, stop_reason = "stop", None
-            elif token in self.req.stop_token_ids:
-                finish, stop_reason = "stop", token
-            elif self.req.stop and self._detok is not None:
-                hit = self._find_stop()
-                if hit is not None:
-                    cut, stop_str = hit
-                    self._text = self._text[:cut]
-                    finish, stop_reason = "stop", stop_str
-        if finish is None and len(self.output_ids) >= self.req.max_tokens:
-            finish = "length"
-        if finish is not None and self._detok is not None and not isinstance(stop_reason, str):
-            self._text += self._detok.finish()  # flush a held-back partial character
-        if finish is not None:
-            text = self._text[self._emitted :]
-            self._emitted = len(self._text)
-        else:
-            safe = max(self._emitted, len(self._text) - self._hold)
-            text = self._text[self._emitted : safe]
-            self._emitted = safe
-        return GenerateOutput(
-            request_id=self.req.request_id,
-            index=self.index,
-            token_ids=(token,),
-            text=text,
-            logprobs=(logprobs,) if logprobs is not None else (),
-            finish_reason=finish,
-            stop_reason=stop_reason,
-            prompt_tokens=len(self.prompt_ids),
-            completion_tokens=len(self.output_ids),
-        )
-
-    def close(self, finish_reason: str, last: GenerateOutput) -> GenerateOutput:
-        """End the choice now (its grammar is complete): the last event becomes final, text flushed."""
-        if self._detok is not None:
-            self._text += self._detok.finish()
-        text = last.text + self._text[self._emitted :]
-        self._emitted = len(self._text)
-        return replace(last, text=text, finish_reason=finish_reason)
-
-    def _find_stop(self) -> tuple[int, str] | None:
-        """Earliest stop string in the not-yet-final tail of the text: (cut position, the string)."""
-        start = max(0, self._emitted - self._hold)
-        best: tuple[int, str] | None = None
-        for s in self.req.stop:
-            pos = self._text.find(s, start)
-            if pos >= 0 and (best is None or pos < best[0]):
-                best = (pos, s)
-        if best is None:
-            return None
-        pos, s = best
-        return (pos + len(s) if self.req.include_stop_str_in_output else pos), s
-
-    @property
-    def text(self) -> str:
-        return self._text
+                return "stop", None
+            if token in self.req.stop_token_ids:
+                return "stop", token
+        if n >= self.req.max_tokens:
+            return "length", None
+        return None, None
 
 
 def _with_seed(params: SamplingParams, index: int) -> SamplingParams:

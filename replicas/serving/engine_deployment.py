@@ -22,10 +22,9 @@ import ray
 
 from cluster.topology import GroupShape
 from model_shards.config import from_hf_config
-from model_shards.tokenizer import Tokenizer
 from replicas.engine.block_pool import BlockPool
 from replicas.engine.engine import Engine
-from replicas.engine.engine_types import GenerateOutput, GenerateRequest
+from replicas.engine.engine_types import GenerateRequest, RequestOutput
 from replicas.engine.scheduler import SchedulerConfig
 from replicas.ep.actors import CacheSizes
 from replicas.ep.group import ExpertParallelGroup, GroupConfig
@@ -56,7 +55,6 @@ class EngineServer:
         self.args = a
         folder = resolve_model_dir(a.model)
         self.cfg = from_hf_config(folder)
-        self.tokenizer = Tokenizer.from_dir(folder)
         k = a.speculative_tokens
         if k and not self.cfg.has_mtp:
             raise ValueError(f"speculative_tokens {k} needs an MTP head: {folder}'s config has mtp_num_hidden_layers 0")
@@ -95,7 +93,6 @@ class EngineServer:
             config=SchedulerConfig(
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, lookahead=2 * k
             ),
-            tokenizer=self.tokenizer,
             max_waiting=a.max_waiting_requests,
             recover=self.group.rebuild,
             metrics=self.metrics,
@@ -103,6 +100,7 @@ class EngineServer:
             spec_tokens=k,
             max_queue_steps=a.max_queue_steps,
             vocab_size=self.cfg.vocab_size,
+            engine_id=_serve_replica_id(),
         )
         self._folder = folder
         self._grammars: GrammarCache | None = None
@@ -150,9 +148,10 @@ class EngineServer:
             self.metrics.set("expert_load_imbalance_count", 1.0)
 
     # ----------------------------------------------------------------- called through handles
-    async def generate(self, req: GenerateRequest, caller: str | None = None) -> AsyncIterator[GenerateOutput]:
-        """Stream the request's events; a cancelled call (client gone) aborts it, and so does the death of
-        `caller` (the calling replica's actor name): Ray does not cancel a dead caller's stream."""
+    async def generate(self, req: GenerateRequest, caller: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream the engine's items as they are (token ids, one item per request per step at most); a cancelled
+        call (client gone) aborts it, and so does the death of `caller` (the calling replica's actor name): Ray
+        does not cancel a dead caller's stream."""
         self._ensure_started()
         log.info(
             "request %s: admitted, %d prompt tokens, max_tokens %d", req.request_id, len(req.prompt_ids), req.max_tokens
@@ -160,10 +159,17 @@ class EngineServer:
         if caller is not None:
             self._callers[req.request_id] = caller
         try:
-            async for event in self.engine.generate(req):
-                yield event
+            async for item in self.engine.generate(req):
+                yield item
         finally:
             self._callers.pop(req.request_id, None)
+
+    async def finish_choice(self, engine_id: str, request_id: str, index: int) -> None:
+        """The front end found a stop string in choice `index`: stop generating it (caches freed between steps).
+        `engine_id` (RequestOutput.engine_id) is read by the request router, which sends this call to the replica
+        running the request (replicas/serving/engine_router.py); elsewhere the request is unknown and this is a
+        no-op."""
+        self.engine.finish_choice(request_id, index)
 
     async def _watch_callers(self) -> None:
         while True:
@@ -220,6 +226,17 @@ class EngineServer:
             self.group.shutdown()
             if self.hub is not None:
                 retire_from_hub(self.hub, self.replica_id, self.metrics)
+
+
+def _serve_replica_id() -> str:
+    """This Serve replica's unique id (what the request router sees as `replica_id.unique_id`), or "" outside
+    Serve."""
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001  # no replica context (tests that build the server directly)
+        return ""
 
 
 def _actor_alive(name: str) -> bool:

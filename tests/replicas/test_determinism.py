@@ -78,11 +78,12 @@ async def _generate(engine, tag: str, prompt: tuple[int, ...]) -> tuple[tuple, t
     tokens: list[int] = []
     logprobs: list[float] = []
     finish = None
-    async for ev in engine.generate(req):
-        assert ev.error is None, ev.error
-        tokens += ev.token_ids
-        logprobs += [lp.logprob for lp in ev.logprobs]
-        finish = ev.finish_reason or finish
+    async for item in engine.generate(req):
+        for ev in item.outputs:
+            assert ev.error is None, ev.error
+            tokens += ev.token_ids
+            logprobs += [lp.logprob for lp in ev.logprobs]
+            finish = ev.finish_reason or finish
     return tuple(tokens), tuple(logprobs), finish
 
 
@@ -105,7 +106,6 @@ def _run_in_process(model_dir: Path) -> SimpleNamespace:
             runner,
             pools=[BlockPool(num_blocks=NUM_BLOCKS, num_slots=NUM_PROMPTS, block_size=BLOCK_SIZE)],
             config=SchedulerConfig(max_num_seqs=NUM_PROMPTS, max_num_batched_tokens=2048),
-            tokenizer=None,
             max_waiting=NUM_PROMPTS,
         )
         engine.start()

@@ -348,10 +348,11 @@ def test_trunk_refusal_ends_one_request_and_the_engine_keeps_serving(embedded_mo
 
     async def collect(engine: Engine, req: GenerateRequest) -> tuple[list[int], list]:
         tokens, errors = [], []
-        async for ev in engine.generate(req):
-            tokens += ev.token_ids
-            if ev.error is not None:
-                errors.append(ev.error)
+        async for item in engine.generate(req):
+            for ev in item.outputs:
+                tokens += ev.token_ids
+                if ev.error is not None:
+                    errors.append(ev.error)
         return tokens, errors
 
     async def main():  # noqa: ANN202
@@ -359,7 +360,6 @@ def test_trunk_refusal_ends_one_request_and_the_engine_keeps_serving(embedded_mo
             runner,
             pools=[BlockPool(num_blocks=16, num_slots=4, block_size=16)],
             config=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256),
-            tokenizer=None,
         )
         engine.start()
         try:

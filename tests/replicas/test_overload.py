@@ -379,7 +379,6 @@ def _engine(  # noqa: ANN202  # -> replicas.engine.engine.Engine
         runner,
         pools=[BlockPool(num_blocks=64, num_slots=slots, block_size=16)],
         config=SchedulerConfig(max_num_seqs=slots, max_num_batched_tokens=256),
-        tokenizer=None,
         max_waiting=max_waiting,
         max_queue_steps=max_queue_steps,
     )
@@ -399,8 +398,9 @@ async def _outcome(engine, rid: str, max_tokens: int) -> str:  # noqa: ANN001
     )
     finish = None
     try:
-        async for ev in engine.generate(req):
-            finish = ev.finish_reason or finish
+        async for item in engine.generate(req):
+            for ev in item.outputs:
+                finish = ev.finish_reason or finish
     except EngineOverloaded:
         return "overloaded"
     return finish or "none"

@@ -201,6 +201,66 @@ def test_stop_string(app) -> None:  # noqa: ANN001
     assert streamed == base[: base.index(stop)]
 
 
+def _greedy_ids(folder: Path, prompt: list[int], n: int) -> list[int]:
+    """The single-process model's greedy continuation of `prompt` (n tokens, eos ignored)."""
+    from model_shards.batch import SeqChunk, StepBatch
+    from model_shards.model import LocalModel
+
+    model = LocalModel.load(folder, dtype="float32")
+    ids = list(prompt)
+    table = tuple(range(8))
+    pools = model.allocate(num_blocks=len(table), block_size=16, num_slots=1)
+    batch = StepBatch.build([SeqChunk(tuple(ids), 0, 0, table)], block_size=16)
+    for _ in range(n):
+        ids.append(int(model.forward(batch, pools).logits_RV[0].argmax()))
+        batch = StepBatch.build([SeqChunk((ids[-1],), len(ids) - 1, 0, table)], block_size=16)
+    return ids[len(prompt) :]
+
+
+def test_stop_string_counts_no_token_past_it(app) -> None:  # noqa: ANN001
+    """The token that completes a stop string is the choice's last: text, logprobs and usage stop there, for every
+    choice (n=2), streamed or not; the engine stops the choices (`finish_choice`, no abort) and frees their caches.
+    Oracle: the single-process greedy tokens and `decode` of their prefixes."""
+    from model_shards.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(app.folder)
+    prompt = [248045, 846, 198, 9419, 248046, 198]
+    ids = _greedy_ids(app.folder, prompt, 24)
+
+    def text(k: int) -> str:
+        return tok.decode(ids[:k], skip_special_tokens=True)
+
+    # A stop string ending one character before the end of its token's text, so that token's last character is cut.
+    stop = next(
+        t[-3:-1]
+        for k in range(4, 20)
+        if len(t := text(k)) >= 3 and "\ufffd" not in t and t[-3:-1].strip() and t[-3:-1] not in text(k - 1)
+    )
+    k = next(k for k in range(1, 25) if stop in text(k))
+    want = text(k)[: text(k).index(stop)]
+    baseline = app.engine.pool_state.remote().result()
+    aborted = app.engine.stats.remote().result()["aborted"]
+    kw = dict(model=app.model, prompt=prompt, max_tokens=24, temperature=0, stop=[stop], logprobs=1)
+    out = app.client.completions.create(n=2, extra_body={"ignore_eos": True}, **kw)
+    assert out.usage.completion_tokens == 2 * k
+    for c in out.choices:
+        assert (c.text, c.finish_reason) == (want, "stop")
+        assert c.logprobs.tokens == [tok.decode([t]) for t in ids[:k]]
+    chunks = list(
+        app.client.completions.create(
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **kw
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert sum(len(c.choices[0].logprobs.tokens) for c in chunks if c.choices and c.choices[0].logprobs) == k
+    assert chunks[-1].usage.completion_tokens == k
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and app.engine.pool_state.remote().result() != baseline:
+        time.sleep(0.1)
+    assert app.engine.pool_state.remote().result() == baseline
+    assert app.engine.stats.remote().result()["aborted"] == aborted, "a stop string is a stop, not an abort"
+
+
 def test_logprobs_equal_model_log_softmax(app) -> None:  # noqa: ANN001
     from model_shards.batch import SeqChunk, StepBatch
     from model_shards.model import LocalModel

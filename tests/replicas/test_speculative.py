@@ -216,20 +216,27 @@ def _run_engine(
             runner,
             pools=[BlockPool(num_blocks=num_blocks, num_slots=slots, block_size=BLOCK) for _ in range(trunk_ranks)],
             config=SchedulerConfig(max_num_seqs=slots, max_num_batched_tokens=128, lookahead=2 * k),
-            tokenizer=None,
             max_waiting=len(prompts),
             spec_tokens=k,
         )
         engine.start()
+        several = 0  # stream items holding several tokens of a choice (accepted drafts)
 
         async def one(i: int, p: tuple[int, ...]) -> tuple[int, ...]:
+            nonlocal several
             toks: list[int] = []
             req = GenerateRequest(
                 request_id=f"r{i}", prompt_ids=p, params=params, max_tokens=max_tokens, ignore_eos=True
             )
-            async for ev in engine.generate(req):
-                assert ev.error is None, ev.error
-                toks += ev.token_ids
+            steps: list[int] = []
+            async for item in engine.generate(req):
+                # at most one item per request per engine step, made by the step that just ran
+                assert item.step == engine.steps and (not steps or item.step > steps[-1]), (steps, item.step)
+                steps.append(item.step)
+                for ev in item.outputs:
+                    assert ev.error is None, ev.error
+                    toks += ev.token_ids
+                    several += len(ev.token_ids) > 1
             return tuple(toks)
 
         try:
@@ -254,6 +261,7 @@ def _run_engine(
                 assert pool["free_blocks"] == pool["num_blocks"] and pool["free_slots"] == slots
             engine._record_gauges()
             counters = {name: v for (name, _), v in engine.metrics.snapshot().counters.items()}
+            counters["items_with_several_tokens"] = several
             return list(outs), counters
         finally:
             await engine.stop()
@@ -308,6 +316,7 @@ def test_greedy_speculation_equals_plain_single_process(k: int, peaked_model, pl
     drafted, accepted = c.get("spec_decode_num_draft_tokens", 0), c.get("spec_decode_num_accepted_tokens", 0)
     assert c.get("num_preemptions", 0) > 0, "the small pool was meant to preempt"
     assert drafted > 0 and 0 < accepted < drafted, (drafted, accepted)
+    assert c["items_with_several_tokens"] > 0, "a step's accepted drafts and its token come in one stream item"
     print(
         f"\nk={k}: acceptance {accepted / drafted:.2f} ({accepted}/{drafted}), preemptions {int(c['num_preemptions'])}"
     )

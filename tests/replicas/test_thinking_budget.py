@@ -57,7 +57,6 @@ def _run(model, reqs: list[GenerateRequest], *, k: int = 0, slots: int = 4):  # 
             runner,
             pools=[BlockPool(num_blocks=64, num_slots=slots, block_size=BLOCK)],
             config=SchedulerConfig(max_num_seqs=slots, max_num_batched_tokens=256, lookahead=2 * k),
-            tokenizer=None,
             max_waiting=len(reqs),
             spec_tokens=k,
         )
@@ -65,10 +64,11 @@ def _run(model, reqs: list[GenerateRequest], *, k: int = 0, slots: int = 4):  # 
 
         async def one(req: GenerateRequest) -> tuple[list[int], int]:
             toks, usage = [], 0
-            async for ev in engine.generate(req):
-                assert ev.error is None, ev.error
-                toks += ev.token_ids
-                usage = ev.completion_tokens
+            async for item in engine.generate(req):
+                for ev in item.outputs:
+                    assert ev.error is None, ev.error
+                    toks += ev.token_ids
+                    usage = ev.completion_tokens
             return toks, usage
 
         try:

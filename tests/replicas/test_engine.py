@@ -1,0 +1,135 @@
+"""The engine's output stream: token ids, at most one item per request per engine step (n choices share it), and
+choices the front end stops (`finish_choice`).
+
+Drives the Engine in process with LocalRunner (replicas/ep/offline.py). Oracles: the engine's step counter (items
+per request against steps run) and the same request run alone without stopping (the tokens must be those). With
+speculation (several tokens of a choice in one item): tests/replicas/test_speculative.py checks every engine run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from model_shards.sampling import SamplingParams
+from replicas.engine.engine_types import GenerateRequest, RequestOutput
+from tests.replicas.test_speculative import BLOCK, GREEDY, _Async, _prompts
+
+pytestmark = pytest.mark.timeout(600)
+
+PROMPTS = _prompts(3, (20, 35, 9), seed=3)
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_model(embedded_model_dir):  # noqa: ANN001, ANN201  # LocalModel
+    from model_shards.model import LocalModel
+
+    return LocalModel.load(embedded_model_dir, dtype="float32")
+
+
+def _engine(model, *, k: int, slots: int = 8):  # noqa: ANN001, ANN202
+    from replicas.engine.block_pool import BlockPool
+    from replicas.engine.engine import Engine
+    from replicas.engine.scheduler import SchedulerConfig
+    from replicas.ep.offline import LocalRunner
+
+    runner = _Async(LocalRunner(model, num_blocks=64, block_size=BLOCK, num_slots=slots, spec_tokens=k))
+    return Engine(
+        runner,
+        pools=[BlockPool(num_blocks=64, num_slots=slots, block_size=BLOCK)],
+        config=SchedulerConfig(max_num_seqs=slots, max_num_batched_tokens=256, lookahead=2 * k),
+        max_waiting=16,
+        spec_tokens=k,
+    )
+
+
+def _req(i: int, prompt: tuple[int, ...], *, n: int = 1, params: SamplingParams = GREEDY) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=f"r{i}", prompt_ids=prompt, params=params, max_tokens=MAX_TOKENS, n=n, ignore_eos=True
+    )
+
+
+def _run(model, reqs: list[GenerateRequest], *, k: int, on_item=None):  # noqa: ANN001, ANN202
+    """Each request's items, with the engine's step counter when each arrived; and the steps run in all."""
+
+    async def main():  # noqa: ANN202
+        engine = _engine(model, k=k)
+        engine.start()
+
+        async def one(req: GenerateRequest) -> list[tuple[RequestOutput, int]]:
+            items = []
+            async for item in engine.generate(req):
+                items.append((item, engine.steps))
+                if on_item is not None:
+                    on_item(engine, req, items)
+            return items
+
+        try:
+            outs = await asyncio.wait_for(asyncio.gather(*(one(r) for r in reqs)), 300)
+            for pool in engine.pool_state():  # every choice's caches returned
+                assert pool["free_blocks"] == pool["num_blocks"] and pool["free_slots"] == pool["num_slots"]
+            return outs, engine.steps
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+def _tokens(items: list[tuple[RequestOutput, int]], index: int = 0) -> list[int]:
+    return [t for item, _ in items for o in item.outputs if o.index == index for t in o.token_ids]
+
+
+def _check_one_item_per_step(items: list[tuple[RequestOutput, int]], total_steps: int) -> None:
+    steps = [item.step for item, _ in items]
+    assert all(a < b for a, b in zip(steps, steps[1:])), f"two items in one step: {steps}"
+    assert all(item.step == seen for item, seen in items), "an item is made by the step that just ran"
+    assert len(items) <= total_steps
+    for item, _ in items:
+        indices = [o.index for o in item.outputs]
+        assert len(indices) == len(set(indices)), "a choice appears once per item"
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model) -> list[list[int]]:  # noqa: ANN001
+    """Reference tokens: each prompt alone, greedy."""
+    outs = []
+    for i, p in enumerate(PROMPTS):
+        ((items,), steps) = _run(tiny_model, [_req(i, p)], k=0)
+        _check_one_item_per_step(items, steps)
+        assert len(items) == MAX_TOKENS, "one token per step, one item per step"
+        outs.append(_tokens(items))
+    return outs
+
+
+def test_concurrent_requests_get_one_item_per_step(tiny_model, plain) -> None:  # noqa: ANN001
+    outs, steps = _run(tiny_model, [_req(i, p) for i, p in enumerate(PROMPTS)], k=0)
+    for i, items in enumerate(outs):
+        _check_one_item_per_step(items, steps)
+        assert _tokens(items) == plain[i], f"prompt {i}"
+        last = items[-1][0].outputs[-1]
+        assert last.finish_reason == "length" and last.completion_tokens == MAX_TOKENS
+
+
+def test_n_choices_share_one_item_per_step(tiny_model) -> None:  # noqa: ANN001
+    params = SamplingParams(temperature=1.0, seed=5)
+    ((items,), steps) = _run(tiny_model, [_req(0, PROMPTS[0], n=3, params=params)], k=0)
+    _check_one_item_per_step(items, steps)
+    assert len(items) == MAX_TOKENS and all(len(item.outputs) == 3 for item, _ in items)
+    assert len({tuple(_tokens(items, i)) for i in range(3)}) > 1, "choices sampled independently"
+
+
+def test_finish_choice_stops_one_choice_and_frees_it(tiny_model, plain) -> None:  # noqa: ANN001
+    stop_after = 3
+
+    def stop_choice_0(engine, req, items) -> None:  # noqa: ANN001
+        if len(items) == stop_after:
+            engine.finish_choice(req.request_id, 0)
+
+    ((items,), steps) = _run(tiny_model, [_req(0, PROMPTS[0], n=2)], k=0, on_item=stop_choice_0)
+    _check_one_item_per_step(items[:stop_after], steps)
+    after = [o for item, _ in items[stop_after:] for o in item.outputs if o.index == 0]
+    assert len(after) == 1 and after[0].finish_reason == "stop" and after[0].token_ids == (), after
+    assert len(_tokens(items, 0)) == stop_after
+    assert _tokens(items, 1) == plain[0], "the other choice runs on to max_tokens unchanged"
