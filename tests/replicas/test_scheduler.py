@@ -31,7 +31,7 @@ def _seq(seq_id: int, prompt_len: int) -> Sequence:
         params=SamplingParams(temperature=0.0),
         max_tokens=1000,
     )
-    return Sequence(req, 0, None, seq_id)
+    return Sequence(req, 0, seq_id)
 
 
 def _pools(*num_blocks: int, slots: int = 8) -> list[BlockPool]:
@@ -48,7 +48,7 @@ def _complete(out: SchedulerOutput) -> None:
         for s in trunk:
             s.seq.num_computed = s.start + s.n
             if s.sample:
-                s.seq.append(TOKEN, None)
+                s.seq.append(TOKEN)
 
 
 def test_config_bounds() -> None:
