@@ -2,7 +2,9 @@
 
 Unset sampling flags take the checkpoint's generation_config.json defaults (as requests to
 `serve` do); `--temperature 0` is greedy. Without tokenizer files, `--prompt-ids` works and
-text features refuse with a message naming the missing tokenizer.
+text features refuse with a message naming the missing tokenizer. The prompt runs on the serving
+Engine over an in-process runner (replicas/ep/offline_generate.py); text is decoded here from its token ids.
+Tests: tests/replicas/test_offline_generate.py, tests/model_shards/test_model_parity.py, tests/replicas/test_startup.py.
 """
 
 from __future__ import annotations

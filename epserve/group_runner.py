@@ -1,5 +1,7 @@
 """`epserve generate` on an expert-parallel group: start or join Ray, build the group, run the Engine on it,
-tear down. The group is the engine's runner, as in serving (replicas/ep/offline_generate.py)."""
+tear down. The group is the engine's runner, as in serving (replicas/ep/offline_generate.py).
+Tests: tests/replicas/test_startup.py.
+"""
 
 from __future__ import annotations
 
