@@ -18,8 +18,8 @@ so that the noise of a shared machine hits both sides alike; figures are medians
    the median over the repetitions; "ovf" = layers whose random routing exceeds C somewhere (they
    take the overflow path: two more exchanges). Target: ours <= 1.5 x bare.
 2. Decode step, D = 1, X in {1, 2, 4} (`ExpertParallelGroup`, real experts) vs the single-process
-   model (`LocalModel` loaded in this driver process, stepped through `TrunkRank` with the local
-   dispatcher: the same step code a rank runs), batch B in {1, 8, 32} after a 16-token prefill,
+   model (`LocalModel` loaded in this driver process, stepped through `LocalRunner`: a `TrunkRank` with the
+   local dispatcher, the same step code a rank runs), batch B in {1, 8, 32} after a 16-token prefill,
    median over 10 steps. Columns: driver wall time of `await group.step()` (Ray call included),
    the trunk actor's own forward time, and dispatch + combine per layer from the dispatcher's
    always-on timers (this one includes waiting for the expert FFNs).
@@ -360,9 +360,8 @@ def bench_decode(hiddens: list[int], tmp: Path) -> list[dict]:
     from model_shards.sampling import SamplingParams
     from replicas.engine.step_types import SeqStep, StepRequest
     from replicas.ep.actors import CacheSizes
-    from replicas.ep.dispatch import LocalDispatcher
     from replicas.ep.group import ExpertParallelGroup, GroupConfig
-    from replicas.ep.trunk_rank import TrunkRank
+    from replicas.ep.local_runner import LocalRunner
     from tests.hf_oracle import save_random_hf_checkpoint
 
     rows = []
@@ -374,8 +373,7 @@ def bench_decode(hiddens: list[int], tmp: Path) -> list[dict]:
     for hidden in hiddens:
         folder = save_random_hf_checkpoint(tmp / f"ckpt{hidden}", text_overrides={"hidden_size": hidden})
         model = LocalModel.load(folder, dtype="float32")
-        pools = model.allocate(num_blocks=caches.num_blocks, block_size=BLOCK, num_slots=caches.num_slots)
-        local = TrunkRank(model.trunk, pools, LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers))
+        local = LocalRunner(model, caches)  # the in-process runner `epserve generate` uses
         groups = {}
         for x in (1, 2, 4):
             groups[x] = ExpertParallelGroup(
@@ -415,7 +413,7 @@ def bench_decode(hiddens: list[int], tmp: Path) -> list[dict]:
                         )
                         t0 = time.perf_counter()
                         if name == "local":
-                            res = local.step(req)
+                            res = local.run_step([req])[0]
                             wall = time.perf_counter() - t0
                             exch = {}
                         else:

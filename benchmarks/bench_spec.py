@@ -4,8 +4,9 @@ Needs a checkpoint whose MTP head was trained with its model, so drafts mean som
 with `python scripts/train_mtp.py --out DIR --minutes 8` (a byte-level model on the standard
 library's source). Prompts are windows of the held-out files (every 10th, as train_mtp holds out).
 
-For each k in --ks (0 = plain) every prompt is decoded with `replicas.ep.offline.generate_one` on an
-in-process `LocalRunner` (the same TrunkRank step the served engine runs), repetitions interleaved
+For each k in --ks (0 = plain) every prompt is decoded, one after another, by the serving Engine over an
+in-process `LocalRunner` (replicas/ep/offline_generate.py: the same scheduler, update, verification and
+rollback the served engine runs), repetitions interleaved
 (k=0, k=1, ..., k=0, ...) so machine noise hits every k alike. Figures per k:
 - acceptance rate = accepted drafts / drafted tokens (vLLM's spec_decode draft_acceptance_rate);
 - tokens per target forward (1 + mean accepted drafts per verify step);
@@ -32,7 +33,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from model_shards.model import LocalModel  # noqa: E402
 from model_shards.sampling import SamplingParams  # noqa: E402
-from replicas.ep.offline import Generation, LocalRunner, generate_one, runner_blocks  # noqa: E402
+from replicas.engine.engine_types import GenerateRequest  # noqa: E402
+from replicas.ep.local_runner import LocalRunner  # noqa: E402
+from replicas.ep.offline_generate import Completion, cache_sizes, generate_each  # noqa: E402
 
 HELDOUT_EVERY = 10
 
@@ -47,16 +50,23 @@ def heldout_prompts(n: int, length: int) -> list[list[int]]:
 
 def run_set(
     model: LocalModel, prompts: list[list[int]], k: int, args: argparse.Namespace, eos: tuple[int, ...]
-) -> tuple[list[Generation], float]:
-    blocks = runner_blocks(args.prompt_len, args.max_tokens + 2 * k, 16)
-    runner = LocalRunner(model, num_blocks=blocks + 1, spec_tokens=k)
-    outs, decode_s = [], 0.0
-    for i, p in enumerate(prompts):
-        params = SamplingParams(temperature=args.temperature, seed=1000 + i if args.temperature > 0 else None)
-        g = generate_one(runner, p, params=params, max_tokens=args.max_tokens, eos_token_ids=eos, spec_tokens=k)
-        outs.append(g)
-        decode_s += g.decode_s
-    return outs, decode_s
+) -> tuple[list[Completion], float]:
+    runner = LocalRunner(model, cache_sizes(args.prompt_len, args.max_tokens, spec_tokens=k))
+    reqs = [
+        GenerateRequest(
+            request_id=f"p{i}",
+            prompt_ids=tuple(p),
+            params=SamplingParams(temperature=args.temperature, seed=1000 + i if args.temperature > 0 else None),
+            max_tokens=args.max_tokens,
+            eos_token_ids=eos,
+        )
+        for i, p in enumerate(prompts)
+    ]
+    try:
+        outs = generate_each(runner, reqs, spec_tokens=k, vocab_size=model.cfg.vocab_size)
+    finally:
+        runner.close()
+    return outs, sum(g.decode_s for g in outs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         run_set(model, prompts[:1], max(ks), args, eos)  # warm-up
         times: dict[int, list[float]] = {k: [] for k in ks}
-        gens: dict[int, list[Generation]] = {}
+        gens: dict[int, list[Completion]] = {}
         for _ in range(args.repeats):
             for k in ks:
                 gens[k], t = run_set(model, prompts, k, args, eos)

@@ -2,7 +2,9 @@
 
 Unset sampling flags take the checkpoint's generation_config.json defaults (as requests to
 `serve` do); `--temperature 0` is greedy. Without tokenizer files, `--prompt-ids` works and
-text features refuse with a message naming the missing tokenizer.
+text features refuse with a message naming the missing tokenizer. The prompt runs on the serving
+Engine over an in-process runner (replicas/ep/offline_generate.py); text is decoded here from its token ids.
+Tests: tests/replicas/test_offline_generate.py, tests/model_shards/test_model_parity.py, tests/replicas/test_startup.py.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             f"prompt ({len(prompt)}) + max tokens ({args.max_tokens}) exceed the model's context "
             f"{cfg.max_position_embeddings}"
         )
-    gen = _generate(args, folder, prompt, params, defaults)
+    gen = _generate(args, folder, prompt, params, defaults, cfg)
     text = tokenizer.decode(list(gen.token_ids)) if tokenizer is not None else None
     if args.output == "json":
         print(
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
                     "prompt_token_ids": prompt,
                     "finish_reason": gen.finish_reason,
                     "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(gen.token_ids)},
-                    "timings": {"prefill_s": round(gen.prefill_s, 4), "decode_s": round(gen.decode_s, 4)},
+                    "timings": {"prefill_s": round(gen.ttft_s, 4), "decode_s": round(gen.decode_s, 4)},
                     "speculative": {
                         "steps": gen.steps,
                         "draft_tokens": gen.draft_tokens,
@@ -151,28 +153,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args, folder, prompt, params, defaults):  # noqa: ANN001, ANN202  # thin glue
-    from replicas.ep.offline import LocalRunner, generate_one, runner_blocks
+def _request(args: argparse.Namespace, prompt: list[int], params: SamplingParams, defaults: GenerationDefaults):  # noqa: ANN202  # GenerateRequest
+    from replicas.engine.engine_types import GenerateRequest
 
-    if args.expert_ranks == 0 and args.trunk_ranks == 1 and args.nodes is None and args.address is None:
-        from model_shards.model import LocalModel
+    return GenerateRequest(
+        request_id="epserve-generate",
+        prompt_ids=tuple(prompt),
+        params=params,
+        max_tokens=args.max_tokens,
+        eos_token_ids=defaults.eos_token_ids,
+    )
 
-        model = LocalModel.load(folder, dtype=args.dtype)
-        k = args.speculative_tokens
-        runner = LocalRunner(
-            model,
-            num_blocks=runner_blocks(len(prompt), args.max_tokens + 2 * k, args.block_size),
-            block_size=args.block_size,
-            spec_tokens=k,
-        )
-        return generate_one(
-            runner,
-            prompt,
-            params=params,
-            max_tokens=args.max_tokens,
-            eos_token_ids=defaults.eos_token_ids,
-            spec_tokens=k,
-        )
-    from epserve.group_runner import run_on_group
 
-    return run_on_group(args, folder, prompt, params, defaults)
+def _generate(args, folder, prompt, params, defaults, cfg):  # noqa: ANN001, ANN202  # thin glue -> Completion
+    """The serving Engine over an in-process runner: the model in this process, or an expert-parallel group."""
+    from replicas.engine.engine import RequestRejected
+    from replicas.ep.offline_generate import GenerationFailed, cache_sizes, offline_generate
+
+    req = _request(args, prompt, params, defaults)
+    k = args.speculative_tokens
+    caches = cache_sizes(len(prompt), args.max_tokens, spec_tokens=k, block_size=args.block_size)
+    try:
+        if args.expert_ranks == 0 and args.trunk_ranks == 1 and args.nodes is None and args.address is None:
+            from model_shards.model import LocalModel
+            from replicas.ep.local_runner import LocalRunner
+
+            runner = LocalRunner(LocalModel.load(folder, dtype=args.dtype), caches)
+            try:
+                return offline_generate(runner, req, spec_tokens=k, vocab_size=cfg.vocab_size)
+            finally:
+                runner.close()
+        from epserve.group_runner import run_on_group
+
+        return run_on_group(args, folder, req, caches, vocab_size=cfg.vocab_size)
+    except (RequestRejected, GenerationFailed) as exc:
+        raise UserError(f"generation failed: {exc}") from None

@@ -140,6 +140,15 @@ class ExpertParallelGroup:
         self.names = {self.shape.trunk_rank(i): f"trunk rank {i}" for i in range(self.shape.trunk_ranks)}
         self.names.update({self.shape.expert_rank(j): f"expert rank {j}" for j in range(self.shape.expert_ranks)})
 
+    @property
+    def caches(self) -> CacheSizes:
+        """Each trunk rank's caches: the engine's block pools match them."""
+        return self.config.caches
+
+    @property
+    def num_trunk_ranks(self) -> int:
+        return self.shape.trunk_ranks
+
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
         """Create the placement group if needed, the actors (loading weights), and the process group."""

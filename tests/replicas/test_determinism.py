@@ -53,15 +53,15 @@ def one_thread():  # noqa: ANN201
 
 
 class _Recorder:
-    """The engine's runner: LocalRunner in a worker thread, remembering how many sequences each step held."""
+    """The engine's runner: LocalRunner, remembering how many sequences each step held."""
 
-    def __init__(self, runner) -> None:  # noqa: ANN001  # replicas.ep.offline.LocalRunner
+    def __init__(self, runner) -> None:  # noqa: ANN001  # replicas.ep.local_runner.LocalRunner
         self.runner = runner
         self.sizes: list[int] = []
 
     async def step(self, reqs):  # noqa: ANN001, ANN202
         self.sizes.append(len(reqs[0].seqs))
-        return await asyncio.to_thread(self.runner.step, reqs)
+        return await self.runner.step(reqs)
 
 
 async def _generate(engine, tag: str, prompt: tuple[int, ...]) -> tuple[tuple, tuple, str | None]:  # noqa: ANN001
@@ -93,10 +93,13 @@ def _run_in_process(model_dir: Path) -> SimpleNamespace:
     from replicas.engine.block_pool import BlockPool
     from replicas.engine.engine import Engine
     from replicas.engine.scheduler import SchedulerConfig
-    from replicas.ep.offline import LocalRunner
+    from replicas.ep.actors import CacheSizes
+    from replicas.ep.local_runner import LocalRunner
 
     model = LocalModel.load(model_dir, dtype="float32", with_mtp=False)
-    runner = _Recorder(LocalRunner(model, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, num_slots=NUM_PROMPTS))
+    runner = _Recorder(
+        LocalRunner(model, CacheSizes(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, num_slots=NUM_PROMPTS))
+    )
     prompts = _prompts()
     pick = random.Random(99)
     plan = [pick.sample(range(NUM_PROMPTS), COMPOSITIONS[r % len(COMPOSITIONS)]) for r in range(RUNS)]

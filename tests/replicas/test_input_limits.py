@@ -323,19 +323,13 @@ def test_trunk_refusal_ends_one_request_and_the_engine_keeps_serving(embedded_mo
     from replicas.engine.engine import Engine
     from replicas.engine.engine_types import GenerateRequest
     from replicas.engine.scheduler import SchedulerConfig
-    from replicas.ep.offline import LocalRunner
-
-    class Runner:  # the engine awaits its runner; LocalRunner is synchronous
-        def __init__(self, runner: LocalRunner) -> None:
-            self.runner = runner
-
-        async def step(self, requests):  # noqa: ANN001, ANN202
-            return self.runner.step(requests)
+    from replicas.ep.actors import CacheSizes
+    from replicas.ep.local_runner import LocalRunner
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = LocalModel.load(embedded_model_dir, dtype="float32", with_mtp=False)
-    runner = Runner(LocalRunner(model, num_blocks=16, block_size=16, num_slots=4))
+    runner = LocalRunner(model, CacheSizes(num_blocks=16, block_size=16, num_slots=4))
 
     def request(rid: str, logprobs: int | None) -> GenerateRequest:
         return GenerateRequest(

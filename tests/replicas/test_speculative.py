@@ -143,14 +143,18 @@ def test_known_drafts_accepted_and_rolled_back_at_every_depth(peaked_model) -> N
     """Drafts taken from the plain run's own continuation with a wrong token after j right ones:
     the trunk must accept exactly j, emit the plain run's token, and continue exactly (DeltaNet
     conv and recurrent states rolled back to the accepted position)."""
-    from replicas.ep.offline import LocalRunner, generate_one
+    from replicas.engine.engine_types import GenerateRequest
+    from replicas.ep.actors import CacheSizes
+    from replicas.ep.local_runner import LocalRunner
+    from replicas.ep.offline_generate import offline_generate
 
     k, n = 3, 30
     prompt = list(_prompts(1, (37,))[0])
-    plain = generate_one(
-        LocalRunner(peaked_model, num_blocks=8), prompt, params=GREEDY, max_tokens=n + k + 1, eos_token_ids=()
+    plain = offline_generate(
+        LocalRunner(peaked_model, CacheSizes(num_blocks=8, block_size=BLOCK, num_slots=1)),
+        GenerateRequest("plain", tuple(prompt), GREEDY, max_tokens=n + k + 1, ignore_eos=True),
     ).token_ids
-    runner = LocalRunner(peaked_model, num_blocks=8, spec_tokens=k)
+    runner = LocalRunner(peaked_model, CacheSizes(num_blocks=8, block_size=BLOCK, num_slots=1, spec_tokens=k))
     table = tuple(range(8))
     out: list[int] = []
     new, context, depth = prompt, 0, 0
@@ -164,7 +168,7 @@ def test_known_drafts_accepted_and_rolled_back_at_every_depth(peaked_model) -> N
             output_index=len(out),
             drafts=drafts,
         )
-        res = runner.step([StepRequest((seq,))])[0]
+        res = runner.run_step([StepRequest((seq,))])[0]
         accepted = res.accepted[0]
         if drafts:
             right = next((j for j, (d, t) in enumerate(zip(drafts, plain[len(out) :])) if d != t), len(drafts))
@@ -187,14 +191,6 @@ def test_known_drafts_accepted_and_rolled_back_at_every_depth(peaked_model) -> N
 
 
 # ---------------------------------------------------------------------------- the engine
-class _Async:
-    def __init__(self, runner) -> None:  # noqa: ANN001
-        self.runner = runner
-
-    async def step(self, reqs):  # noqa: ANN001, ANN202
-        return await asyncio.to_thread(self.runner.step, reqs)
-
-
 def _run_engine(
     runner,  # noqa: ANN001
     prompts,  # noqa: ANN001
@@ -269,10 +265,11 @@ def _run_engine(
     return asyncio.run(main())
 
 
-def _local(model, *, k: int, num_blocks: int, slots: int) -> _Async:  # noqa: ANN001
-    from replicas.ep.offline import LocalRunner
+def _local(model, *, k: int, num_blocks: int, slots: int):  # noqa: ANN001, ANN202  # LocalRunner
+    from replicas.ep.actors import CacheSizes
+    from replicas.ep.local_runner import LocalRunner
 
-    return _Async(LocalRunner(model, num_blocks=num_blocks, block_size=BLOCK, num_slots=slots, spec_tokens=k))
+    return LocalRunner(model, CacheSizes(num_blocks=num_blocks, block_size=BLOCK, num_slots=slots, spec_tokens=k))
 
 
 # Prompts longer than the 64-token step budget: prefill is chunked. Blocks for about half the
@@ -355,14 +352,6 @@ def test_sampled_speculation_is_seeded_and_completes(peaked_model) -> None:  # n
 
 
 # ---------------------------------------------------------------------------- expert parallel
-class _GroupRunner:
-    def __init__(self, group) -> None:  # noqa: ANN001
-        self.group = group
-
-    async def step(self, reqs):  # noqa: ANN001, ANN202
-        return await self.group.step(reqs)
-
-
 @pytest.mark.parametrize("d,x", [(1, 2), pytest.param(2, 2, marks=pytest.mark.slow)], ids=lambda v: str(v))
 def test_greedy_speculation_equals_plain_expert_parallel(
     d: int,
@@ -389,7 +378,7 @@ def test_greedy_speculation_equals_plain_expert_parallel(
     group.start()
     try:
         outs, c = _run_engine(
-            _GroupRunner(group),
+            group,  # the group is the engine's runner, as in serving
             PROMPTS,
             k=k,
             num_blocks=pool,

@@ -2,7 +2,7 @@
 
 Real commands as subprocesses (their own local clusters), each bounded by a timeout:
 - `epserve generate` with D = 1, X = 2 (more ranks than this machine's 2 cores) finishes, with the
-  single-process tokens (the oracle);
+  single-process tokens, and both are transformers' greedy `generate` tokens (the oracle);
 - a layout that asks for GPUs the cluster lacks fails within 30 s naming them;
 - a broken model folder fails within 10 s, before any Ray process starts, with the missing files named;
 - Ctrl-C during start-up exits within 15 s and leaves none of the Ray processes it started.
@@ -67,6 +67,16 @@ def test_generate_on_more_ranks_than_cores_matches_single_process(embedded_model
     assert group.returncode == 0, group.stderr[-3000:]
     want, got = json.loads(single.stdout), json.loads(group.stdout)
     assert got["token_ids"] == want["token_ids"] and len(want["token_ids"]) == 6
+    import torch
+
+    from tests.hf_oracle import hf_causal_lm
+
+    prompt = want["prompt_token_ids"]
+    with torch.no_grad():
+        hf = hf_causal_lm(embedded_model_dir).generate(
+            torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None
+        )[0]
+    assert want["token_ids"] == hf[len(prompt) :].tolist()
 
 
 def test_gpu_layout_without_gpus_fails_fast_naming_them(embedded_model_dir: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from model_shards.sampling import SamplingParams
 from replicas.engine.engine_types import GenerateRequest
-from tests.replicas.test_speculative import BLOCK, GREEDY, _Async, peaked_checkpoint, peaked_model  # noqa: F401
+from tests.replicas.test_speculative import BLOCK, GREEDY, peaked_checkpoint, peaked_model  # noqa: F401
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -49,10 +49,11 @@ def _run(model, reqs: list[GenerateRequest], *, k: int = 0, slots: int = 4):  # 
     from replicas.engine.block_pool import BlockPool
     from replicas.engine.engine import Engine
     from replicas.engine.scheduler import SchedulerConfig
-    from replicas.ep.offline import LocalRunner
+    from replicas.ep.actors import CacheSizes
+    from replicas.ep.local_runner import LocalRunner
 
     async def main():  # noqa: ANN202
-        runner = _Async(LocalRunner(model, num_blocks=64, block_size=BLOCK, num_slots=slots, spec_tokens=k))
+        runner = LocalRunner(model, CacheSizes(num_blocks=64, block_size=BLOCK, num_slots=slots, spec_tokens=k))
         engine = Engine(
             runner,
             pools=[BlockPool(num_blocks=64, num_slots=slots, block_size=BLOCK)],

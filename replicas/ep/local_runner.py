@@ -1,0 +1,66 @@
+"""The in-process runner: the single-process model (one trunk rank, every expert local) as the engine drives it.
+
+`LocalRunner` implements the engine's `AsyncRunner` protocol (replicas/engine/engine.py), as the
+expert-parallel group (replicas/ep/group.py) does, so `epserve generate`, the benchmarks and the tests
+run the same Engine (schedule -> execute -> update, speculation included) as serving. It is the seam of
+the GPU path: a device runner (weights and caches on the accelerator, CUDA graphs for decode batch
+sizes) replaces the CPU `TrunkRank` behind `run_step`, and the engine above it does not change.
+Steps run on one dedicated worker thread, so the event loop keeps serving while the model computes and
+thread-bound state (a device's current stream, captured graphs) always sees the same thread.
+Tests: tests/replicas/test_offline_generate.py, tests/replicas/test_speculative.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from model_shards.cache import CachePools
+from model_shards.model import LocalModel
+from replicas.engine.step_types import StepRequest, StepResult
+from replicas.ep.actors import CacheSizes
+from replicas.ep.dispatch import LocalDispatcher
+from replicas.ep.trunk_rank import TrunkRank
+
+
+class LocalRunner:
+    """One trunk rank with every expert in-process (`--expert-ranks 0`).
+
+    Args:
+        model: the loaded model (trunk and all experts).
+        caches: the KV blocks and state slots to allocate; the engine's BlockPool must match them
+            (replicas/ep/offline_generate.py `engine_pools`).
+    """
+
+    num_trunk_ranks = 1
+
+    def __init__(self, model: LocalModel, caches: CacheSizes) -> None:
+        self.caches = caches
+        self.vocab_size = model.cfg.vocab_size
+        pools = model.allocate(
+            num_blocks=caches.num_blocks,
+            block_size=caches.block_size,
+            num_slots=caches.num_slots,
+            spec_tokens=caches.spec_tokens,
+        )
+        self.rank = TrunkRank(
+            model.trunk, pools, LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers)
+        )
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epserve-local-runner")
+
+    @property
+    def pools(self) -> CachePools:
+        return self.rank.pools
+
+    def run_step(self, requests: list[StepRequest]) -> list[StepResult]:
+        """One step now, on the calling thread (tests that drive the rank by hand)."""
+        if len(requests) != 1:
+            raise ValueError(f"a LocalRunner has one trunk rank; got {len(requests)} step requests")
+        return [self.rank.step(requests[0])]
+
+    async def step(self, requests: list[StepRequest]) -> list[StepResult]:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self.run_step, requests)
+
+    def close(self) -> None:
+        """Stop the worker thread (it also ends when the runner is garbage collected)."""
+        self._thread.shutdown(wait=True)
