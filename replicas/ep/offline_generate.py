@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from replicas.engine.block_pool import BlockPool
 from replicas.engine.engine import AsyncRunner, Engine
-from replicas.engine.engine_types import GenerateRequest
+from replicas.engine.engine_types import GenerateOutput, GenerateRequest, RequestOutput
 from replicas.engine.scheduler import CHUNK_ALIGN, SchedulerConfig
 from replicas.engine.step_types import TokenLogprobs
 from replicas.ep.actors import CacheSizes
@@ -94,7 +94,6 @@ def offline_engine(
         runner,
         pools=engine_pools(caches, runner.num_trunk_ranks),
         config=SchedulerConfig(max_num_seqs=caches.num_slots, max_num_batched_tokens=budget, lookahead=2 * spec_tokens),
-        tokenizer=None,  # token ids only: callers detokenize what they collect
         max_waiting=caches.num_slots * runner.num_trunk_ranks,
         metrics=metrics,
         spec_tokens=spec_tokens,
@@ -102,12 +101,9 @@ def offline_engine(
     )
 
 
-def deltas(item: Any) -> Iterator[Any]:  # noqa: ANN401  # a stream item: one choice's delta, or several
+def deltas(item: RequestOutput) -> Iterator[GenerateOutput]:
     """The per-choice deltas in one stream item (each with token_ids, logprobs, finish_reason, error)."""
-    if isinstance(item, tuple | list):
-        yield from item
-    else:
-        yield item
+    yield from item.outputs
 
 
 async def run_to_completion(engine: Engine, req: GenerateRequest) -> Completion:
