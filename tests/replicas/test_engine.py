@@ -1,7 +1,7 @@
 """The engine's output stream: token ids, at most one item per request per engine step (n choices share it), and
 choices the front end stops (`finish_choice`).
 
-Drives the Engine in process with LocalRunner (replicas/ep/offline.py). Oracles: the engine's step counter (items
+Drives the Engine in process with LocalRunner (replicas/ep/local_runner.py). Oracles: the engine's step counter (items
 per request against steps run) and the same request run alone without stopping (the tokens must be those). With
 speculation (several tokens of a choice in one item): tests/replicas/test_speculative.py checks every engine run.
 """
@@ -14,7 +14,7 @@ import pytest
 
 from model_shards.sampling import SamplingParams
 from replicas.engine.engine_types import GenerateRequest, RequestOutput
-from tests.replicas.test_speculative import BLOCK, GREEDY, _Async, _prompts
+from tests.replicas.test_speculative import BLOCK, GREEDY, _local, _prompts
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -33,9 +33,8 @@ def _engine(model, *, k: int, slots: int = 8):  # noqa: ANN001, ANN202
     from replicas.engine.block_pool import BlockPool
     from replicas.engine.engine import Engine
     from replicas.engine.scheduler import SchedulerConfig
-    from replicas.ep.offline import LocalRunner
 
-    runner = _Async(LocalRunner(model, num_blocks=64, block_size=BLOCK, num_slots=slots, spec_tokens=k))
+    runner = _local(model, k=k, num_blocks=64, slots=slots)
     return Engine(
         runner,
         pools=[BlockPool(num_blocks=64, num_slots=slots, block_size=BLOCK)],
