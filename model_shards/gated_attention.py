@@ -5,9 +5,13 @@ hd head dim, S keys of a sequence, N blocks x block_size.
 q_proj gives per head [query (hd) | gate (hd)]; q/k get zero-centred RMSNorm over hd, then
 partial RoPE; new K/V are written to the pool at the step's slot mapping; each query
 attends causally to its sequence's cached + new keys; softmax in fp32, cast back before
-PV; output * sigmoid(gate); o_proj. Mirrors HF `Qwen3_5MoeAttention` with the *eager*
-attention back-end (`eager_attention_forward`), bit for bit; q/k/v come from one stacked GEMM when
-the loader provides it. Tests: tests/model_shards/test_blocks.py, test_fast_paths.py.
+PV; output * sigmoid(gate); o_proj. q/k/v come from one stacked GEMM when the loader provides it.
+
+Two attention back-ends (`ATTENTION_IMPLS`): "paged" (default, the serving path) reads the paged
+pool tile by tile with an online softmax and never builds a score matrix (model_shards/paged_attention.py);
+"eager" materialises the fp32 scores and mirrors HF `Qwen3_5MoeAttention` with the eager back-end
+(`eager_attention_forward`) bit for bit: the oracle the HF bit-parity tests name.
+Tests: tests/model_shards/test_blocks.py, test_fast_paths.py, test_paged_attention.py.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ import torch
 from model_shards.batch import StepBatch
 from model_shards.config import ModelConfig
 from model_shards.norms import rms_norm_zc_scaled, zc_scale
+from model_shards.paged_attention import decode_attention, decode_plan, prefill_attention
 from model_shards.quant import Weight, linear
 from model_shards.rope import apply_partial_rope
+
+ATTENTION_IMPLS = ("paged", "eager")
 
 
 @dataclass
@@ -56,6 +63,7 @@ def attention_forward(
     sin: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
+    impl: str = "paged",
 ) -> torch.Tensor:
     """One attention mixer over all sequences of a step; writes this step's K/V into the pool.
 
@@ -63,6 +71,7 @@ def attention_forward(
         x_TD: [T, D] normed hidden states.
         cos, sin: [T, rotary_dim] from `rope.mrope_cos_sin`.
         k_pool, v_pool: [num_blocks, block_size, Hkv, hd] this layer's pool.
+        impl: "paged" (tiled online softmax over the pool) or "eager" (HF's eager math, the oracle).
     Returns:
         [T, D].
     """
@@ -85,14 +94,23 @@ def attention_forward(
 
     out_THD = torch.empty_like(q)
     scale = hd**-0.5
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+    eager = impl == "eager"
     if batch.decode_rows:  # one query per row over its cached context, batched (decode and verification)
         rows = batch.decode_row_ids
-        out_THD[rows] = _decode_attention(q[rows], batch=batch, k_pool=k_pool, v_pool=v_pool, scale=scale)
+        if eager:
+            out_THD[rows] = _decode_attention(q[rows], batch=batch, k_pool=k_pool, v_pool=v_pool, scale=scale)
+        else:
+            bs = k_pool.shape[1]
+            plan = batch.memo(("decode_plan", bs), lambda: _decode_plan(batch, bs))
+            out_THD[rows] = decode_attention(q[rows], plan=plan, k_pool=k_pool, v_pool=v_pool, scale=scale)
+    prefill = _prefill_attention if eager else prefill_attention
     for i in batch.chunk_seqs:
         start, n, ctx = batch.starts[i], batch.query_lens[i], batch.context_lens[i]
-        out_THD[start : start + n] = _prefill_attention(
+        out_THD[start : start + n] = prefill(
             q[start : start + n],
-            table=batch.block_tables_BN[i],
+            table_N=batch.block_tables_BN[i],
             context_len=ctx,
             k_pool=k_pool,
             v_pool=v_pool,
@@ -105,7 +123,7 @@ def attention_forward(
 def _prefill_attention(
     q_THD: torch.Tensor,
     *,
-    table: torch.Tensor,
+    table_N: torch.Tensor,
     context_len: int,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
@@ -116,7 +134,7 @@ def _prefill_attention(
     hkv = k_pool.shape[2]
     s = context_len + n
     bs = k_pool.shape[1]
-    blocks = table[: -(-s // bs)]
+    blocks = table_N[: -(-s // bs)]
     k = k_pool.index_select(0, blocks).reshape(-1, hkv, hd)[:s]  # [S, Hkv, hd]
     v = v_pool.index_select(0, blocks).reshape(-1, hkv, hd)[:s]
     g = h // hkv
@@ -166,3 +184,9 @@ def _decode_keys(batch: StepBatch, bs: int) -> tuple[torch.Tensor, torch.Tensor]
     tables = batch.block_tables_BN[batch.index_of(seqs), :nblk]
     lens_t = torch.tensor(lens, device=tables.device)
     return tables.reshape(-1), torch.arange(nblk * bs, device=tables.device)[None, :] >= lens_t[:, None]
+
+
+def _decode_plan(batch: StepBatch, bs: int):  # noqa: ANN202  # paged_attention.decode_plan's result
+    """`decode_plan` for the step's decode rows (built once per step, shared by every attention layer)."""
+    seqs = tuple(i for i, _ in batch.decode_rows)
+    return decode_plan(batch.block_tables_BN[batch.index_of(seqs)], [n for _, n in batch.decode_rows], block_size=bs)

@@ -48,8 +48,9 @@ class LocalModel:
         self.dtype = trunk.dtype
 
     @staticmethod
-    def load(folder: str | Path, *, dtype: str = "auto", with_mtp: bool = True) -> LocalModel:
-        """Validate the checkpoint (headers only), then load trunk and all experts."""
+    def load(folder: str | Path, *, dtype: str = "auto", with_mtp: bool = True, attention: str = "paged") -> LocalModel:
+        """Validate the checkpoint (headers only), then load trunk and all experts. `attention`:
+        "paged" (serving) or "eager" (HF's eager attention bit for bit, the parity oracle)."""
         cfg = from_hf_config(folder)
         reader = CheckpointReader(folder)
         layout = validate(reader, cfg)
@@ -59,7 +60,7 @@ class LocalModel:
             reader, cfg, expert_ids=range(cfg.num_experts), dtype=torch_dtype, with_mtp=with_mtp, layout=layout
         )
         reader.close()
-        return LocalModel(Trunk(trunk_w, cfg, dtype=torch_dtype), experts)
+        return LocalModel(Trunk(trunk_w, cfg, dtype=torch_dtype, attention=attention), experts)
 
     def routed(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         return local_routed_experts(self.experts, layer, x_TD, routing)

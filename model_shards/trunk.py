@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from model_shards.batch import StepBatch
 from model_shards.cache import CachePools
 from model_shards.config import FULL_ATTENTION, ModelConfig
-from model_shards.gated_attention import AttentionWeights, attention_forward
+from model_shards.gated_attention import ATTENTION_IMPLS, AttentionWeights, attention_forward
 from model_shards.gated_deltanet import DeltaNetWeights, deltanet_forward
 from model_shards.moe import Routing, SharedMoEWeights, route_and_shared
 from model_shards.norms import rms_norm_zc_scaled, zc_scale
@@ -84,12 +84,21 @@ class TrunkOutput:
 
 
 class Trunk:
-    """Holds trunk weights and runs steps against cache pools and a routed-experts callable."""
+    """Holds trunk weights and runs steps against cache pools and a routed-experts callable.
 
-    def __init__(self, weights: TrunkWeights, cfg: ModelConfig, *, dtype: torch.dtype) -> None:
+    `attention` picks the attention back-end (gated_attention.ATTENTION_IMPLS): "paged" serves,
+    "eager" is HF's eager math bit for bit (the oracle HF bit-parity tests name).
+    """
+
+    def __init__(
+        self, weights: TrunkWeights, cfg: ModelConfig, *, dtype: torch.dtype, attention: str = "paged"
+    ) -> None:
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION_IMPLS)}")
         self.w = weights
         self.cfg = cfg
         self.dtype = dtype
+        self.attention = attention
         self.inv_freq = inv_frequencies(rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
 
     def forward(self, batch: StepBatch, *, pools: CachePools, routed: RoutedExperts) -> TrunkOutput:
@@ -128,7 +137,15 @@ class Trunk:
         if isinstance(lw.mixer, AttentionWeights):
             k_pool, v_pool = pools.kv(layer)
             mixed = attention_forward(
-                h_in, w=lw.mixer, cfg=cfg, batch=batch, cos=cos, sin=sin, k_pool=k_pool, v_pool=v_pool
+                h_in,
+                w=lw.mixer,
+                cfg=cfg,
+                batch=batch,
+                cos=cos,
+                sin=sin,
+                k_pool=k_pool,
+                v_pool=v_pool,
+                impl=self.attention,
             )
         else:
             conv, rec = pools.state(layer)

@@ -476,8 +476,8 @@ def test_attention_reference_with_past_kv_equals_one_call() -> None:
 
 
 def test_attention_prefill_then_decode_steps() -> None:
-    """Prefill 3 sequences of different lengths, then 6 batched decode steps (contexts padded to the
-    longest and masked): every step follows the one-shot reference."""
+    """Prefill 3 sequences of different lengths, then 6 batched decode steps (rows of different
+    context lengths in one step): every step follows the one-shot reference."""
     cfg = tiny()
     w = _attention_weights(cfg, seed=3)
     prompt, steps = [150, 7, 33], 6
