@@ -15,11 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from model_shards.batch import SeqChunk
 from model_shards.cache import CachePools
 from model_shards.model import LocalModel
 from model_shards.sampling import SamplingParams
-from replicas.engine.step_types import SeqStep, StepRequest, StepResult, TokenLogprobs
+from replicas.engine.step_types import SeqStart, SeqStep, StepRequest, StepResult, TokenLogprobs
 from replicas.ep.dispatch import LocalDispatcher
 from replicas.ep.trunk_rank import TrunkRank
 
@@ -92,16 +91,9 @@ def generate_one(
     t0 = time.perf_counter()
     t_first = t0
     while len(out) < max_tokens and finish == "length":
-        seq = SeqStep(
-            chunk=SeqChunk((*new, *drafts), context, 0, table, logits="all" if drafts else "last", verify=bool(drafts)),
-            sample=True,
-            params=params,
-            output_index=len(out),
-            prompt_ids=tuple(prompt_ids) if params.has_penalties else (),
-            output_ids=tuple(out) if params.has_penalties else (),
-            drafts=drafts,
-            mtp=spec_tokens > 0,
-        )
+        # the incremental step message (replicas/engine/step_types.py): the first step starts sequence 0
+        first = SeqStart(0, params, len(prompt_ids), mtp=spec_tokens > 0) if context == 0 else None
+        seq = SeqStep(0, context, tuple(new), table if context == 0 else (), True, len(out), first, drafts=drafts)
         res = runner.step([StepRequest((seq,), mtp_steps=spec_tokens), *idle])[0]
         steps += 1
         token = res.token_ids[0]
