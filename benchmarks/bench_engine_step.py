@@ -7,10 +7,13 @@ prompts (4096 tokens by default) are prefilled in a first phase that is not time
 steps are timed with `time.process_time` (the whole process: the engine loop and the consumers reading the
 streams). `--pickle` also pickles every step's messages in the runner, as Ray does when it sends them to the
 trunk ranks (the engine process pays for it); the message bytes per step are printed either way.
-`--profile N` prints cProfile's top N functions of the timed steps at the largest size.
+`--profile N` prints cProfile's top N functions of the timed steps at the largest size. `--breakdown` splits
+the time per step into scheduling, building the step messages, the update (sampled tokens into sequences) and,
+within it, `_emit` (recording a token and delivering its stream event), the rest being the event loop and the
+consumers (a separate run: the timers add a little).
 
 Usage: python benchmarks/bench_engine_step.py [--sizes 64,256,512] [--context 4096] [--steps 50] [--pickle]
-       [--profile 25]
+       [--profile 25] [--breakdown] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import asyncio
 import cProfile
 import pickle
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -92,6 +96,15 @@ async def run_size(size: int, args: argparse.Namespace, profile: cProfile.Profil
     config = SchedulerConfig(max_num_seqs=size, max_num_batched_tokens=budget)
     runner = InstantRunner(size, args.steps, pickle_messages=args.pickle, profile=profile)
     engine = Engine(runner, pools=pools, config=config, tokenizer=None, max_waiting=size)
+    parts: dict[str, float] = {}
+    if args.breakdown:
+        for owner, name in (
+            (engine.scheduler, "schedule"),
+            (engine, "_requests"),
+            (engine, "_update"),
+            (engine, "_emit"),
+        ):
+            setattr(owner, name, _timed(getattr(owner, name), name, parts, runner))
     engine.start()
 
     async def consume(i: int) -> None:
@@ -107,7 +120,24 @@ async def run_size(size: int, args: argparse.Namespace, profile: cProfile.Profil
     await asyncio.gather(*tasks, return_exceptions=True)
     await engine.stop()
     per_step_ms = (runner.t1 - runner.t0) / args.steps * 1e3
+    if parts:
+        print(f"  {size}: " + ", ".join(f"{k} {v / args.steps * 1e3:.2f} ms" for k, v in parts.items()))
     return per_step_ms, sum(runner.bytes) / max(1, len(runner.bytes))
+
+
+def _timed(fn, name: str, parts: dict[str, float], runner: InstantRunner):  # noqa: ANN001, ANN202
+    """`fn` adding its CPU time during the timed steps to parts[name]."""
+    parts[name] = 0.0
+
+    def wrapper(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        t = time.process_time()
+        try:
+            return fn(*a, **kw)
+        finally:
+            if WARMUP <= runner.decode_steps < WARMUP + runner.steps:
+                parts[name] += time.process_time() - t
+
+    return wrapper
 
 
 def main() -> None:
@@ -117,6 +147,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--pickle", action="store_true", help="pickle each step's messages (as Ray sends them)")
     ap.add_argument("--profile", type=int, default=0, help="print cProfile's top N functions at the largest size")
+    ap.add_argument("--breakdown", action="store_true", help="CPU time per step by part of the engine")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per size; the median is printed")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"context {args.context} tokens, {args.steps} timed decode steps, pickle={args.pickle}")
@@ -124,8 +156,11 @@ def main() -> None:
     print("|---:|---:|---:|")
     for size in sizes:
         profile = cProfile.Profile() if args.profile and size == max(sizes) else None
-        ms, nbytes = asyncio.run(run_size(size, args, profile))
-        print(f"| {size} | {ms:.2f} | {nbytes / 1024:.1f} |", flush=True)
+        runs = [asyncio.run(run_size(size, args, profile if r == 0 else None)) for r in range(args.repeats)]
+        ms = statistics.median(r[0] for r in runs)
+        nbytes = runs[0][1]
+        spread = f" (runs: {', '.join(f'{r[0]:.2f}' for r in runs)})" if len(runs) > 1 else ""
+        print(f"| {size} | {ms:.2f}{spread} | {nbytes / 1024:.1f} |", flush=True)
         if profile is not None:
             pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile)
 

@@ -302,8 +302,13 @@ class Engine:
         for t, trunk in enumerate(out.per_trunk):
             steps = []
             for sch in trunk:
-                steps.append(self._seq_step(sch))
-                seq = sch.seq
+                seq, addr = sch.seq, sch.seq.addr
+                if seq.plain and sch.n == 1 and sch.sample and addr.started and addr.blocks_sent == len(addr.blocks):  # type: ignore[union-attr]  # scheduled: addr set
+                    # the common decode: its token and output index, nothing else (what _seq_step gives it)
+                    ids = seq.token_ids
+                    steps.append(SeqStep(seq.seq_id, sch.start, (ids[sch.start],), (), True, len(ids) - seq.prompt_len))
+                else:
+                    steps.append(self._seq_step(sch))
                 if seq.t_scheduled is None:
                     seq.t_scheduled = time.monotonic()
                     self.metrics.observe("request_queue_time_seconds", seq.t_scheduled - seq.t_arrival)
@@ -370,6 +375,13 @@ class Engine:
                 error = res.errors[i] if res.errors else None
                 if error is not None:
                     self._refuse(seq, error)  # failed alone, before the step's collectives
+                    continue
+                if seq.plain and not seq.speculate:  # no drafts, forced tokens or grammar: the hot path
+                    seq.num_computed = sch.start + sch.n
+                    if sch.sample and not seq.aborted:
+                        token = res.token_ids[i]
+                        assert token is not None
+                        self._emit(seq, token, res.logprobs[i])
                     continue
                 accepted = res.accepted[i] if res.accepted else ()
                 # the same test as _seq_step's: a decode that carried drafts

@@ -161,22 +161,24 @@ class Scheduler:
         planned: list[Scheduled] = []
         prefills: list[Sequence] = []
         lookahead = self.config.lookahead
+        block_size = self.pools[t].block_size
         for seq in list(self.running[t].values()):  # decodes, oldest first
-            if seq.addr is None:  # preempted by an older one's growth
+            addr = seq.addr
+            if addr is None:  # preempted by an older one's growth
                 break
             computed = seq.num_computed
-            remaining = len(seq.token_ids) - computed
-            if remaining != 1 or computed == 0:
+            if len(seq.token_ids) - computed != 1 or computed == 0:
                 prefills.append(seq)
                 continue
             n = 1 + len(seq.drafts)  # the new token, and drafts to verify after it
             if budget < n:
                 continue
-            while not self._grow(seq, computed + 1 + lookahead):
-                if self._preempt(t, out) is seq:
+            if computed + 1 + lookahead > len(addr.blocks) * block_size:  # it needs a new block
+                while not self._grow(seq, computed + 1 + lookahead):
+                    if self._preempt(t, out) is seq:
+                        break
+                if seq.addr is None:  # it preempted itself (and every newer one before it)
                     break
-            if seq.addr is None:  # it preempted itself (and every newer one before it)
-                break
             planned.append(Scheduled(seq, computed, n, True))
             budget -= n
         for seq in prefills:  # prefills (fresh or resumed), oldest first

@@ -70,6 +70,8 @@ class Sequence:
         self.num_preemptions = 0
         self.mm = req.mm  # replicas.api.media.MultimodalPrompt or None
         self.rope_delta = req.mm.rope_delta if req.mm is not None else 0
+        # No grammar, thinking budget or min_tokens: a decode step carries nothing but its token (the hot path).
+        self.plain = req.grammar is None and req.max_thinking_tokens is None and req.min_tokens == 0
         self._vision_rows: tuple[int, ...] | None = None
         self.matcher: GrammarMatcher | None = None  # set when the request is constrained
         self.drafts: list[int] = []  # MTP drafts to verify in the next step
