@@ -12,6 +12,7 @@ Tests: tests/replicas/test_step_protocol.py.
 from __future__ import annotations
 
 import time
+from array import array
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -62,7 +63,9 @@ class Sequence:
         self.seq_id = seq_id
         self.params: SamplingParams = _with_seed(req.params, index)
         self.prompt_len = len(req.prompt_ids)
-        self.token_ids: list[int] = list(req.prompt_ids)  # prompt, then output: appended in place
+        # prompt, then output, appended in place; an array, not a list: the garbage collector does not walk
+        # hundreds of 4k-token histories (a full collection at 512 running took milliseconds)
+        self.token_ids: array[int] = array("q", req.prompt_ids)
         self.num_computed = 0
         self.status = Status.WAITING
         self.addr: CacheAddress | None = None
