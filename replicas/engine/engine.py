@@ -119,6 +119,8 @@ class Engine:
         if self._task is None:
             # What lives before the first request (modules, torch, the tokenizer: ~200k objects) moves out of the
             # collector's reach: a full collection walked it all, ~100 ms every few dozen steps at 512 running.
+            # Collect first, so garbage in cycles now (e.g. an earlier engine's) is not frozen with it.
+            gc.collect()
             gc.freeze()
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="epserve-engine")
 
