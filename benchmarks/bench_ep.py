@@ -355,10 +355,9 @@ def bench_exchange(hiddens: list[int], reps: int, steps: int, profile: bool) -> 
 def bench_decode(hiddens: list[int], tmp: Path) -> list[dict]:
     import ray
 
-    from model_shards.batch import SeqChunk
     from model_shards.model import LocalModel
     from model_shards.sampling import SamplingParams
-    from replicas.engine.step_types import SeqStep, StepRequest
+    from replicas.engine.step_types import SeqStart, SeqStep, StepRequest
     from replicas.ep.actors import CacheSizes
     from replicas.ep.group import ExpertParallelGroup, GroupConfig
     from replicas.ep.local_runner import LocalRunner
@@ -398,15 +397,14 @@ def bench_decode(hiddens: list[int], tmp: Path) -> list[dict]:
                         st = state[name]
                         req = StepRequest(
                             tuple(
-                                SeqStep(
-                                    SeqChunk(
-                                        tuple(st[s]["pending"]),
-                                        st[s]["ctx"],
-                                        s,
-                                        tuple(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)),
-                                    ),
-                                    True,
-                                    greedy,
+                                SeqStep(  # the first step starts each sequence on its rank with its whole table
+                                    s,
+                                    st[s]["ctx"],
+                                    tuple(st[s]["pending"]),
+                                    tuple(range(s * blocks_per_seq, (s + 1) * blocks_per_seq))
+                                    if not st[s]["ctx"]
+                                    else (),
+                                    start=SeqStart(s, greedy, PREFILL) if not st[s]["ctx"] else None,
                                 )
                                 for s in sids
                             )

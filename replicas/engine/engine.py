@@ -1,18 +1,20 @@
 """The engine: continuous batching of many requests on one expert-parallel group.
 
 `step() = schedule -> execute -> update` (vLLM), run as one asyncio task: the scheduler picks
-each trunk rank's tokens, the group runs them (one Ray call per rank), and sampled tokens
-become stream items of their requests: token ids, at most one item per request per step
-(engine_types.RequestOutput). Requests join and leave between steps; aborts and choices the
-front end ended (a stop string: `finish_choice`) free their caches before the next step. A
-failed group ends every request it holds with a retriable error, is rebuilt, and the loop
-resumes. Must not: hold model math, HTTP or text (the front end detokenizes).
-Tests: tests/replicas/test_engine.py.
+each trunk rank's tokens, the group runs them (one Ray call per rank, one incremental step message
+each: replicas/engine/step_types.py), and sampled tokens become stream items of their requests:
+token ids, at most one item per request per step (engine_types.RequestOutput). Requests join and
+leave between steps; aborts and choices the front end ended (a stop string: `finish_choice`) free
+their caches before the next step. A failed group ends every request it holds with a retriable
+error, is rebuilt, and the loop resumes. Must not: hold model math, HTTP or text (the front end
+detokenizes).
+Tests: tests/replicas/test_engine.py, tests/replicas/test_step_protocol.py, tests/replicas/test_determinism.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import time
@@ -20,15 +22,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
-from model_shards.batch import SeqChunk
 from replicas.engine.block_pool import BlockPool
 from replicas.engine.engine_types import EngineFailure, GenerateOutput, GenerateRequest, RequestOutput
 from replicas.engine.scheduler import Scheduled, Scheduler, SchedulerConfig, SchedulerOutput
 from replicas.engine.sequence import Sequence, Status
 from replicas.engine.step_guard import request_problem
-from replicas.engine.step_types import SeqStep, StepRequest, StepResult, TokenLogprobs
+from replicas.engine.step_types import SeqStart, SeqStep, StepRequest, StepResult, TokenLogprobs
 from replicas.serving.metrics import MetricsRegistry
 
 if TYPE_CHECKING:  # annotations only: llguidance loads with the first constrained request
@@ -132,6 +131,11 @@ class Engine:
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
         if self._task is None:
+            # What lives before the first request (modules, torch, the tokenizer: ~200k objects) moves out of the
+            # collector's reach: a full collection walked it all, ~100 ms every few dozen steps at 512 running.
+            # Collect first, so garbage in cycles now (e.g. an earlier engine's) is not frozen with it.
+            gc.collect()
+            gc.freeze()
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="epserve-engine")
 
     async def stop(self) -> None:
@@ -162,7 +166,7 @@ class Engine:
         seqs, queue = entry
         failure = EngineFailure(message, retriable=True)
         outputs = tuple(
-            GenerateOutput(index=s.index, error=failure, completion_tokens=len(s.output_ids))
+            GenerateOutput(index=s.index, error=failure, completion_tokens=s.num_output)
             for s in seqs
             if s.status is not Status.FINISHED and not s.aborted
         )
@@ -253,7 +257,7 @@ class Engine:
         NOTE: an upper bound (eos, a stop string or accepted drafts end sequences sooner), so the
         bound errs towards rejecting; a sequence still prefilling counts its prefill as one step.
         """
-        ends = sorted(seq.req.max_tokens - len(seq.output_ids) for run in self.scheduler.running for seq in run)
+        ends = sorted(seq.req.max_tokens - seq.num_output for run in self.scheduler.running for seq in run.values())
         return ends[k - 1] if k <= len(ends) else float("inf")
 
     def _free_seq_slots(self) -> int:
@@ -296,7 +300,7 @@ class Engine:
         s.aborted, s.end_reason = True, "stop"
         self._aborted.append(s)
         self._outbox.get(request_id, {}).pop(index, None)  # not reached between steps; for safety
-        out = GenerateOutput(index=index, finish_reason="stop", completion_tokens=len(s.output_ids))
+        out = GenerateOutput(index=index, finish_reason="stop", completion_tokens=s.num_output)
         queue.put_nowait(RequestOutput(request_id, self.steps, (out,), self.engine_id))
         self._wake.set()
 
@@ -331,60 +335,73 @@ class Engine:
 
     def _requests(self, out: SchedulerOutput) -> list[StepRequest]:
         reqs = []
-        for trunk in out.per_trunk:
+        for t, trunk in enumerate(out.per_trunk):
             steps = []
             for sch in trunk:
-                steps.append(self._seq_step(sch))
-                if sch.seq.t_scheduled is None:
-                    sch.seq.t_scheduled = time.monotonic()
-                    self.metrics.observe("request_queue_time_seconds", sch.seq.t_scheduled - sch.seq.t_arrival)
-            reqs.append(StepRequest(tuple(steps), mtp_steps=self.spec_tokens))
+                seq, addr = sch.seq, sch.seq.addr
+                if seq.plain and sch.n == 1 and sch.sample and addr.started and addr.blocks_sent == len(addr.blocks):  # type: ignore[union-attr]  # scheduled: addr set
+                    # the common decode: its token and output index, nothing else (what _seq_step gives it)
+                    ids = seq.token_ids
+                    steps.append(SeqStep(seq.seq_id, sch.start, (ids[sch.start],), (), True, len(ids) - seq.prompt_len))
+                else:
+                    steps.append(self._seq_step(sch))
+                if seq.t_scheduled is None:
+                    seq.t_scheduled = time.monotonic()
+                    self.metrics.observe("request_queue_time_seconds", seq.t_scheduled - seq.t_arrival)
+            reqs.append(StepRequest(tuple(steps), released=self.scheduler.take_released(t), mtp_steps=self.spec_tokens))
         return reqs
 
     @staticmethod
     def _seq_step(sch: Scheduled) -> SeqStep:
-        seq = sch.seq
-        assert seq.addr is not None
-        drafts = tuple(seq.drafts) if (sch.sample and sch.n > 1 and sch.start + 1 == seq.num_tokens) else ()
-        own = sch.n - len(drafts)
-        ids = (*seq.all_ids[sch.start : sch.start + own], *drafts)
-        positions, vision_rows, vision_first = seq.chunk_vision(sch.start, sch.n)
-        chunk = SeqChunk(
-            ids,
-            sch.start,
-            seq.addr.slot,
-            tuple(seq.addr.blocks),
-            positions=positions,
-            rope_delta=seq.rope_delta,
-            logits="all" if drafts else "last" if sch.sample else "none",
-            vision_rows=vision_rows,
-            vision_first=vision_first,
-            verify=bool(drafts),
-        )
-        nxt = seq.all_ids[sch.start + sch.n] if not sch.sample and sch.start + sch.n < seq.num_tokens else None
-        penalties = seq.params.has_penalties
+        """A sequence's part of the step message: O(new tokens), whatever its context (step_types.py)."""
+        seq, start, n = sch.seq, sch.start, sch.n
+        addr = seq.addr
+        assert addr is not None
+        ids = seq.token_ids
+        first: SeqStart | None = None
+        if not addr.started:  # its first step on this rank (fresh, or recomputed after a preemption)
+            addr.started = True
+            mm = seq.mm
+            first = SeqStart(
+                addr.slot,
+                seq.params,
+                seq.prompt_len,
+                rope_delta=seq.rope_delta,
+                mm_positions=mm.positions if mm is not None else None,
+                vision_rows=seq.vision_rows() if mm is not None else (),
+                vision=mm.inputs if mm is not None else None,
+                mtp=seq.speculate,
+            )
+        new_blocks: tuple[int, ...] = ()
+        if addr.blocks_sent != len(addr.blocks):
+            new_blocks = tuple(addr.blocks[addr.blocks_sent :])
+            addr.blocks_sent = len(addr.blocks)
+        if not sch.sample:  # a prefill chunk that is not the prompt's last
+            nxt = ids[start + n] if seq.speculate and start + n < len(ids) else None
+            return SeqStep(seq.seq_id, start, tuple(ids[start : start + n]), new_blocks, False, 0, first, mtp_next=nxt)
+        drafts = tuple(seq.drafts) if (seq.drafts and n > 1 and start + 1 == len(ids)) else ()
+        own = tuple(ids[start : start + n - len(drafts)]) if n > 1 else (ids[start],)
         # A spent thinking budget forces `</think>` (then its blank line) through a one-token mask, so sampling,
         # logprobs and the MTP drafts that follow all see the forced token; _update keeps drafts out of these steps.
-        forced = seq.forced_token() if sch.sample else None
-        mask: torch.Tensor | None
+        forced = seq.forced_token()
         if forced is not None:
             assert not drafts, "drafts never reach a forced token"
-            mask = only_token_mask(forced)
-        else:
-            mask = seq.matcher.bitmask() if (seq.matcher is not None and sch.sample) else None
+            return SeqStep(seq.seq_id, start, own, new_blocks, True, seq.num_output, first, forced_token=forced)
+        mask = seq.matcher.bitmask() if seq.matcher is not None else None
+        suppress = seq.suppressed_ids()
+        if mask is None and not suppress and not drafts:  # the common decode: nothing but the token
+            return SeqStep(seq.seq_id, start, own, new_blocks, True, seq.num_output, first)
         return SeqStep(
-            chunk=chunk,
-            sample=sch.sample,
-            params=seq.params,
-            output_index=len(seq.output_ids),
-            prompt_ids=tuple(seq.prompt_ids) if penalties else (),
-            output_ids=tuple(seq.output_ids) if penalties else (),
-            suppress_ids=seq.suppressed_ids() if sch.sample and forced is None else (),
-            allowed_mask=mask,
-            vision=seq.mm.inputs if (seq.mm is not None and sch.start == 0) else None,
+            seq.seq_id,
+            start,
+            own,
+            new_blocks,
+            True,
+            seq.num_output,
+            first,
             drafts=drafts,
-            mtp=seq.speculate,
-            mtp_next=nxt,
+            suppress_ids=suppress,
+            allowed_mask=mask,
         )
 
     def _update(self, out: SchedulerOutput, results: list[StepResult]) -> None:
@@ -394,6 +411,13 @@ class Engine:
                 error = res.errors[i] if res.errors else None
                 if error is not None:
                     self._refuse(seq, error)  # failed alone, before the step's collectives
+                    continue
+                if seq.plain and not seq.speculate:  # no drafts, forced tokens or grammar: the hot path
+                    seq.num_computed = sch.start + sch.n
+                    if sch.sample and not seq.aborted:
+                        token = res.token_ids[i]
+                        assert token is not None
+                        self._emit(seq, token, res.logprobs[i])
                     continue
                 accepted = res.accepted[i] if res.accepted else ()
                 # the same test as _seq_step's: a decode that carried drafts
@@ -490,7 +514,7 @@ class Engine:
                     logprobs=tuple(d.logprobs),
                     finish_reason=d.finish_reason,
                     stop_reason=d.stop_reason,
-                    completion_tokens=len(d.seq.output_ids),
+                    completion_tokens=d.seq.num_output,
                     error=d.error,
                 )
                 for i, d in sorted(deltas.items())
@@ -501,7 +525,7 @@ class Engine:
         self.scheduler.release(seq)
         self.metrics.inc("request_success", finished_reason=reason)
         if seq.index == 0:
-            self.metrics.inc("prompt_tokens", len(seq.prompt_ids))
+            self.metrics.inc("prompt_tokens", seq.prompt_len)
         self.metrics.observe("e2e_request_latency_seconds", time.monotonic() - seq.t_arrival)
 
     def _reap(self) -> None:
@@ -555,7 +579,7 @@ class Engine:
                 self.scheduler.release(s)
                 if s.aborted:  # already ended (aborted, or stopped by the front end)
                     continue
-                outputs.append(GenerateOutput(index=s.index, error=failure, completion_tokens=len(s.output_ids)))
+                outputs.append(GenerateOutput(index=s.index, error=failure, completion_tokens=s.num_output))
                 self.metrics.inc("request_errors", kind="group_failure" if retriable else "error")
             if outputs:
                 queue.put_nowait(RequestOutput(rid, self.steps, tuple(outputs), self.engine_id))
@@ -607,11 +631,3 @@ class Engine:
             }
             for p in self.scheduler.pools
         ]
-
-
-def only_token_mask(token_id: int) -> torch.Tensor:
-    """An allowed-token bitmask (the GrammarMatcher layout, shortened: ids past it are disallowed) of one token."""
-    word, bit = divmod(token_id, 32)
-    mask = torch.zeros(word + 1, dtype=torch.int32)
-    mask[word] = (1 << bit) - (1 << 32 if bit == 31 else 0)  # bit 31 is the int32 sign bit
-    return mask

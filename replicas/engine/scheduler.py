@@ -7,13 +7,17 @@ the most free blocks. Prefill chunks that are not a sequence's last are multiple
 tokens, so every resumed prefill starts at a multiple of 64 and stays bit-exact
 (model_spec §8). The only per-sequence invariant is num_computed vs num_tokens (vLLM's).
 Preempted sequences free their caches and are recomputed from scratch when readmitted.
-Tests: tests/replicas/test_scheduler.py (driven with fake step results).
+Per step the work is O(running sequences) in all: the queues are insertion-ordered dicts keyed by
+sequence id (release and preemption O(1), no list scans per sequence), and sequences that leave a
+trunk rank are listed for the next step's header (`take_released`: the rank drops their state).
+Tests: tests/replicas/test_step_protocol.py.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from replicas.engine.block_pool import BlockPool
 from replicas.engine.sequence import CacheAddress, Sequence, Status
@@ -38,8 +42,7 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs must be >= 1")
 
 
-@dataclass(frozen=True)
-class Scheduled:
+class Scheduled(NamedTuple):
     """A sequence's part of a step: tokens [start, start + n) of its ids; sample after them or not."""
 
     seq: Sequence
@@ -80,13 +83,32 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, pools: list[BlockPool]) -> None:
         self.config = config
         self.pools = pools
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[list[Sequence]] = [[] for _ in pools]
+        self.waiting: OrderedDict[int, Sequence] = OrderedDict()  # seq_id -> sequence, FIFO
+        self.running: list[dict[int, Sequence]] = [{} for _ in pools]  # per trunk rank, oldest admitted first
+        self.released: list[list[int]] = [[] for _ in pools]  # per trunk rank: ids it holds state of that left
         self.num_preemptions = 0
 
     # ----------------------------------------------------------------- bookkeeping
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.waiting[seq.seq_id] = seq
+
+    def take_released(self, trunk: int) -> tuple[int, ...]:
+        """Sequences that left `trunk` since the last call (for the next step's header)."""
+        out = self.released[trunk]
+        if not out:
+            return ()
+        self.released[trunk] = []
+        return tuple(out)
+
+    def _free(self, seq: Sequence) -> None:
+        """Return a running sequence's caches to its pool and take it off its rank."""
+        addr = seq.addr
+        assert addr is not None
+        self.pools[addr.trunk].release(slot=addr.slot, blocks=addr.blocks)
+        del self.running[addr.trunk][seq.seq_id]
+        if addr.started:
+            self.released[addr.trunk].append(seq.seq_id)
+        seq.addr = None
 
     def fits_ever(self, total_tokens: int) -> bool:
         """Whether a sequence of this many tokens can be held by one trunk rank at all."""
@@ -99,19 +121,17 @@ class Scheduler:
     def release(self, seq: Sequence) -> None:
         """Return a finished or aborted sequence's caches and drop it from the queues."""
         if seq.addr is not None:
-            self.pools[seq.addr.trunk].release(slot=seq.addr.slot, blocks=seq.addr.blocks)
-            self.running[seq.addr.trunk].remove(seq)
-            seq.addr = None
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+            self._free(seq)
+        else:
+            self.waiting.pop(seq.seq_id, None)
         seq.status = Status.FINISHED
 
     def _preempt(self, trunk: int, out: SchedulerOutput) -> Sequence:
-        victim = self.running[trunk][-1]  # newest admitted: least progress lost
-        self.pools[trunk].release(slot=victim.addr.slot, blocks=victim.addr.blocks)  # type: ignore[union-attr]  # running: addr set
-        self.running[trunk].pop()
+        victim = next(reversed(self.running[trunk].values()))  # newest admitted: least progress lost
+        self._free(victim)
         victim.reset_for_recompute()
-        self.waiting.appendleft(victim)
+        self.waiting[victim.seq_id] = victim
+        self.waiting.move_to_end(victim.seq_id, last=False)
         out.preempted.append(victim)
         self.num_preemptions += 1
         return victim
@@ -139,28 +159,33 @@ class Scheduler:
 
     def _schedule_running(self, t: int, budget: int, out: SchedulerOutput) -> int:
         planned: list[Scheduled] = []
-        i = 0
-        while i < len(self.running[t]):  # decodes, oldest first
-            seq = self.running[t][i]
-            n = 1 + len(seq.drafts)  # the new token, and drafts to verify after it
-            if seq.remaining != 1 or seq.num_computed == 0 or budget < n:
-                i += 1
-                continue
-            while not self._grow(seq, seq.num_tokens + self.config.lookahead):
-                if self._preempt(t, out) is seq:
-                    break
-            if seq.addr is None:  # it preempted itself
+        prefills: list[Sequence] = []
+        lookahead = self.config.lookahead
+        block_size = self.pools[t].block_size
+        for seq in list(self.running[t].values()):  # decodes, oldest first
+            addr = seq.addr
+            if addr is None:  # preempted by an older one's growth
                 break
-            planned.append(Scheduled(seq, seq.num_computed, n, True))
+            computed = seq.num_computed
+            if len(seq.token_ids) - computed != 1 or computed == 0:
+                prefills.append(seq)
+                continue
+            n = 1 + len(seq.drafts)  # the new token, and drafts to verify after it
+            if budget < n:
+                continue
+            if computed + 1 + lookahead > len(addr.blocks) * block_size:  # it needs a new block
+                while not self._grow(seq, computed + 1 + lookahead):
+                    if self._preempt(t, out) is seq:
+                        break
+                if seq.addr is None:  # it preempted itself (and every newer one before it)
+                    break
+            planned.append(Scheduled(seq, computed, n, True))
             budget -= n
-            i += 1
-        for seq in list(self.running[t]):  # prefills (fresh or resumed)
-            if seq.remaining == 1 and seq.num_computed > 0:
+        for seq in prefills:  # prefills (fresh or resumed), oldest first
+            if seq.addr is None:
                 continue
             n = chunk_len(seq.remaining, budget)
-            while n > 0 and not self._grow(
-                seq, seq.num_computed + n + (self.config.lookahead if n == seq.remaining else 0)
-            ):
+            while n > 0 and not self._grow(seq, seq.num_computed + n + (lookahead if n == seq.remaining else 0)):
                 n = ((n - 1) // CHUNK_ALIGN) * CHUNK_ALIGN  # a shorter aligned chunk that fits
             if n <= 0:
                 continue
@@ -172,9 +197,9 @@ class Scheduler:
 
     def _admit(self, budgets: list[int], out: SchedulerOutput) -> None:
         while self.waiting:
-            seq = self.waiting[0]
+            seq = next(iter(self.waiting.values()))
             if seq.aborted:
-                self.waiting.popleft()
+                self.waiting.popitem(last=False)
                 seq.status = Status.FINISHED
                 continue
             best, best_free = None, -1
@@ -189,10 +214,10 @@ class Scheduler:
                 return  # FIFO: nobody overtakes the head of the queue
             pool = self.pools[best]
             n = chunk_len(seq.remaining, budgets[best])
-            self.waiting.popleft()
+            self.waiting.popitem(last=False)
             need = pool.blocks_for(n + (self.config.lookahead if n == seq.remaining else 0))
             seq.addr = CacheAddress(trunk=best, slot=pool.take_slot(), blocks=pool.take_blocks(need))
             seq.status = Status.RUNNING
-            self.running[best].append(seq)
+            self.running[best][seq.seq_id] = seq
             out.per_trunk[best].append(Scheduled(seq, 0, n, n == seq.remaining))
             budgets[best] -= n

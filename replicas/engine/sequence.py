@@ -1,15 +1,18 @@
 """One generated sequence (a choice of a request): its tokens and cache addresses.
 
-Owns: the scheduler's invariant (`num_computed` of `len(all_ids)` tokens are in the caches),
-the cache addresses the engine assigned (trunk rank, state slot, KV blocks), and what ends a
-choice on token ids: eos, stop token ids, max_tokens, min_tokens, the thinking budget.
+Owns: its token ids, prompt then output, in one list appended in place (a step reads its chunk in
+O(new tokens)); the scheduler's invariant (`num_computed` of `num_tokens` tokens are in the caches),
+the cache addresses the engine assigned (trunk rank, state slot, KV blocks, and how much of them the
+rank already knows: replicas/engine/step_types.py), and what ends a choice on token ids: eos, stop
+token ids, max_tokens, min_tokens, the thinking budget.
 Must not: schedule; know text (the front end decodes and checks stop strings).
-Tests: tests/replicas/test_engine.py.
+Tests: tests/replicas/test_step_protocol.py, tests/replicas/test_engine.py, tests/replicas/test_scheduler.py.
 """
 
 from __future__ import annotations
 
 import time
+from array import array
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -17,9 +20,7 @@ from typing import TYPE_CHECKING
 from model_shards.sampling import SamplingParams
 from replicas.engine.engine_types import GenerateRequest
 
-if TYPE_CHECKING:  # annotations only: torch and llguidance load where they are used
-    import torch
-
+if TYPE_CHECKING:  # annotations only: llguidance loads where it is used
     from replicas.engine.structured_output import GrammarMatcher
 
 
@@ -31,11 +32,18 @@ class Status(Enum):
 
 @dataclass
 class CacheAddress:
-    """Where a running sequence's state lives: a trunk rank, its DeltaNet slot, its KV blocks."""
+    """Where a running sequence's state lives: a trunk rank, its DeltaNet slot, its KV blocks.
+
+    Attributes:
+        started: the rank was sent the sequence's start (it holds state to release when the sequence leaves).
+        blocks_sent: how many of `blocks` the rank was sent (later ones go with the next step).
+    """
 
     trunk: int
     slot: int
     blocks: list[int] = field(default_factory=list)
+    started: bool = False
+    blocks_sent: int = 0
 
 
 class Sequence:
@@ -50,8 +58,10 @@ class Sequence:
         self.index = index
         self.seq_id = seq_id
         self.params: SamplingParams = _with_seed(req.params, index)
-        self.prompt_ids = list(req.prompt_ids)
-        self.output_ids: list[int] = []
+        self.prompt_len = len(req.prompt_ids)
+        # prompt, then output, appended in place; an array, not a list: the garbage collector does not walk
+        # hundreds of 4k-token histories (a full collection at 512 running took milliseconds)
+        self.token_ids: array[int] = array("q", req.prompt_ids)
         self.num_computed = 0
         self.status = Status.WAITING
         self.addr: CacheAddress | None = None
@@ -60,6 +70,9 @@ class Sequence:
         self.num_preemptions = 0
         self.mm = req.mm  # replicas.api.media.MultimodalPrompt or None
         self.rope_delta = req.mm.rope_delta if req.mm is not None else 0
+        # No grammar, thinking budget or min_tokens: a decode step carries nothing but its token (the hot path).
+        self.plain = req.grammar is None and req.max_thinking_tokens is None and req.min_tokens == 0
+        self._vision_rows: tuple[int, ...] | None = None
         self.matcher: GrammarMatcher | None = None  # set when the request is constrained
         self.drafts: list[int] = []  # MTP drafts to verify in the next step
         self.speculate = False  # set by the engine: this sequence drafts with the MTP head
@@ -75,39 +88,37 @@ class Sequence:
 
     # ----------------------------------------------------------------- scheduler view
     @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.req.prompt_ids
+
+    @property
+    def output_ids(self) -> tuple[int, ...]:
+        """A copy (O(output)): the hot path reads `token_ids` and `num_output`."""
+        return tuple(self.token_ids[self.prompt_len :])
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.token_ids)
 
     @property
     def remaining(self) -> int:
         """Tokens still to be computed before the next sample."""
-        return self.num_tokens - self.num_computed
+        return len(self.token_ids) - self.num_computed
 
-    def chunk_vision(self, start: int, n: int) -> tuple[torch.Tensor | None, tuple[int, ...], int]:
-        """For tokens [start, start + n): their [3, n] MRoPE positions (None for plain text), the rows that
-        take vision embeddings, and the index of the first such embedding."""
-        if self.mm is None:
-            return None, (), 0
-        prompt = len(self.prompt_ids)
-        import torch
-
-        text = torch.arange(start, start + n, dtype=torch.long) + self.rope_delta
-        positions = text.expand(3, n).clone()
-        end = min(start + n, prompt)
-        if start < end:
-            positions[:, : end - start] = self.mm.positions[:, start:end]
-        pads = set(self.mm.pad_ids)
-        rows = tuple(i for i, t in enumerate(self.prompt_ids[start:end]) if t in pads)
-        first = sum(1 for t in self.prompt_ids[:start] if t in pads)
-        return positions, rows, first
+    def vision_rows(self) -> tuple[int, ...]:
+        """Prompt indices that take vision embeddings (its image / video pad tokens), found once."""
+        if self._vision_rows is None:
+            pads = set(self.mm.pad_ids) if self.mm is not None else set()
+            self._vision_rows = tuple(i for i, t in enumerate(self.req.prompt_ids) if t in pads)
+        return self._vision_rows
 
     def suppressed_ids(self) -> tuple[int, ...]:
         """Tokens that may not be sampled yet (min_tokens keeps eos and stop tokens out)."""
-        if len(self.output_ids) >= self.req.min_tokens:
+        if self.num_output >= self.req.min_tokens:
             return ()
         eos = () if self.req.ignore_eos else self.req.eos_token_ids
         return tuple(eos) + tuple(self.req.stop_token_ids)
@@ -158,9 +169,9 @@ class Sequence:
         if self.t_first_token is None:
             self.t_first_token = now
         self.t_last_token = now
-        self.output_ids.append(token)
+        self.token_ids.append(token)
         self._count_thinking(token)
-        n = len(self.output_ids)
+        n = self.num_output
         if n >= self.req.min_tokens:
             if not self.req.ignore_eos and token in self.req.eos_token_ids:
                 return "stop", None

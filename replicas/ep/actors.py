@@ -134,6 +134,12 @@ class TrunkRankActor(_RankBase):
         )
         self.rank = TrunkRank(self.trunk, self.pools, dispatcher, self.vision)
 
+    def leave(self) -> None:
+        """Leave the process group for a rebuild; the engine failed every sequence, so their state goes too."""
+        super().leave()
+        if self.rank is not None:
+            self.rank.reset()
+
     def step(self, req: StepRequest, plan: StepPlan | None) -> StepResult:
         assert self.rank is not None, "trunk rank has not joined its group"
         try:

@@ -250,8 +250,8 @@ class ExpertParallelGroup:
         k - 1 recursive draft steps."""
         mtp = max((r.mtp_steps for r in requests), default=0)
         layers = tuple(range(self.cfg.num_layers)) + (self.cfg.num_layers,) * mtp
-        tokens = [sum(len(s.chunk.token_ids) for s in r.seqs) for r in requests]
-        decode = all(len(s.chunk.token_ids) == 1 or s.chunk.verify for r in requests for s in r.seqs)
+        tokens = [sum(len(s.token_ids) + len(s.drafts) for s in r.seqs) for r in requests]
+        decode = all(len(s.token_ids) == 1 for r in requests for s in r.seqs)  # one token, drafts or not
         if decode and self.shape.expert_ranks:
             cap = fixed_capacity(
                 max(tokens),

@@ -16,8 +16,8 @@ from model_shards.batch import SeqChunk, StepBatch
 from model_shards.cache import CachePools
 from model_shards.mtp import mtp_forward
 from model_shards.trunk import Trunk
-from replicas.engine.step_types import StepRequest
 from replicas.ep.dispatch import Dispatcher
+from replicas.ep.rank_seqs import LiveSeq
 from replicas.ep.speculative import Distribution, draft
 
 
@@ -28,12 +28,12 @@ class MtpDrafter:
         self.trunk, self.pools, self.routed = trunk, pools, routed
         self.pending_q: dict[int, list[Distribution | None]] = {}  # state slot -> q of its drafts
 
-    def draft(self, req: StepRequest, batch: StepBatch, hidden_TD: torch.Tensor, res: object, *, steps: int) -> None:
+    def draft(self, seqs: list[LiveSeq], batch: StepBatch, hidden_TD: torch.Tensor, res: object, *, steps: int) -> None:
         """Run the MTP pass and the recursive steps; writes `res.drafts` (res is trunk_rank._Results)."""
         if self.trunk.w.mtp is None:
             raise ValueError("speculative decoding needs an MTP head: the checkpoint has no mtp.* tensors")
         chunks, rows, samplers = [], [], []
-        for i, s in enumerate(req.seqs):
+        for i, s in enumerate(seqs):
             if s.chunk.context_len == 0:
                 self.pending_q.pop(s.chunk.state_slot, None)
             if not s.mtp:
@@ -68,12 +68,12 @@ class MtpDrafter:
         drafts: dict[int, list[int]] = {i: [] for i, _ in samplers}
         qs: dict[int, list[Distribution | None]] = {i: [] for i, _ in samplers}
         logits, hidden = out.logits_RV, out.hidden_TD[mtp_batch.logit_rows]
-        greedy = [req.seqs[i].params.greedy for i, _ in samplers]
+        greedy = [seqs[i].params.greedy for i, _ in samplers]
         for step in range(steps):
             # one host sync per step for every greedy row, not one per sequence
             argmax = logits.argmax(dim=-1).tolist() if any(greedy) else []
             for j, (i, _) in enumerate(samplers):
-                s = req.seqs[i]
+                s = seqs[i]
                 if greedy[j]:
                     drafts[i].append(argmax[j])
                     qs[i].append(None)
@@ -89,9 +89,9 @@ class MtpDrafter:
                 SeqChunk(
                     (drafts[i][-1],),
                     end + step,
-                    req.seqs[i].chunk.state_slot,
-                    req.seqs[i].chunk.block_table,
-                    rope_delta=req.seqs[i].chunk.rope_delta,
+                    seqs[i].chunk.state_slot,
+                    seqs[i].chunk.block_table,
+                    rope_delta=seqs[i].chunk.rope_delta,
                 )
                 for i, end in samplers
             ]
@@ -106,5 +106,5 @@ class MtpDrafter:
             logits, hidden = out.logits_RV, out.hidden_TD
         for i, _ in samplers:
             res.drafts[i] = tuple(drafts[i])  # type: ignore[attr-defined]  # res: trunk_rank._Results
-            if not req.seqs[i].params.greedy:
-                self.pending_q[req.seqs[i].chunk.state_slot] = qs[i]
+            if not seqs[i].params.greedy:
+                self.pending_q[seqs[i].chunk.state_slot] = qs[i]

@@ -1,9 +1,10 @@
-"""A trunk rank's core: owns the trunk weights and cache pools, runs a step, samples.
+"""A trunk rank's core: owns the trunk weights, cache pools and its sequences' state; runs a step, samples.
 
 Plain Python (no Ray): the Ray actor in replicas/ep/actors.py wraps it, and the single-process
 layout (`--expert-ranks 0`) uses it directly with the local experts. The routed-experts seam is
-injected (`routed`), so the same class runs in-process or over an all-to-all.
-Tests: tests/replicas/test_trunk_rank.py.
+injected (`routed`), so the same class runs in-process or over an all-to-all. Steps are incremental
+(replicas/engine/step_types.py): the rank keeps each sequence's state (replicas/ep/rank_seqs.py).
+Tests: tests/replicas/test_step_protocol.py, tests/replicas/test_group.py.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from model_shards.cache import CachePools
 from model_shards.sampling import sample
 from model_shards.trunk import Trunk
 from model_shards.vision import VisionTower
-from replicas.engine.step_types import SeqStep, StepRequest, StepResult, TokenLogprobs
+from replicas.engine.step_types import StepRequest, StepResult, TokenLogprobs
 from replicas.ep.a2a_protocol import StepPlan
 from replicas.ep.dispatch import Dispatcher
 from replicas.ep.mtp_drafter import MtpDrafter
+from replicas.ep.rank_seqs import LiveSeq, SeqTable
 from replicas.ep.speculative import verify
 
 
@@ -39,8 +41,18 @@ class TrunkRank:
         self.pools = pools
         self.routed = routed
         self.vision = vision
-        self.vision_cache: dict[int, torch.Tensor] = {}  # state slot -> its sequence's vision embeddings
+        self.seqs = SeqTable(
+            vocab_size=trunk.cfg.vocab_size,
+            num_slots=pools.num_slots,
+            num_blocks=pools.num_blocks,
+            block_size=pools.block_size,
+        )
         self.drafter = MtpDrafter(trunk, pools, routed)
+
+    def reset(self) -> None:
+        """Forget every sequence (the group is being rebuilt: the engine ended them all)."""
+        self.seqs.seqs.clear()
+        self.drafter.pending_q.clear()
 
     @torch.inference_mode()
     def step(self, req: StepRequest, plan: StepPlan | None = None) -> StepResult:
@@ -51,97 +63,81 @@ class TrunkRank:
         The rule for errors inside a step: what fails before the forward (the step's first collective) fails
         only its sequences, reported in `StepResult.errors`, and the rank still takes part in every exchange,
         so the group keeps serving; an error after that is a group failure (the caller sees the rank raise).
+        Sequence state: `req.released` is dropped first; a refused sequence's state is dropped too (the engine
+        ends it).
         """
         t0 = time.perf_counter()
         if plan is not None:
             self.routed.begin(plan)
-        refused = {i: why for i, s in enumerate(req.seqs) if (why := self._refusal(s)) is not None}
-        if refused:
-            keep = [i for i in range(len(req.seqs)) if i not in refused]
-            res = self._run(replace(req, seqs=tuple(req.seqs[i] for i in keep)), t0)
-            return _spread(res, keep, refused, len(req.seqs))
-        return self._run(req, t0)
+        self.seqs.release(req.released)
+        refused = {i: why for i, s in enumerate(req.seqs) if (why := self.seqs.refusal(s)) is not None}
+        if not refused:
+            return self._run([self.seqs.resolve(s) for s in req.seqs], req.mtp_steps, t0)
+        keep = [i for i in range(len(req.seqs)) if i not in refused]
+        kept_ids = {req.seqs[i].seq_id for i in keep}
+        self.seqs.release(tuple(req.seqs[i].seq_id for i in refused if req.seqs[i].seq_id not in kept_ids))
+        res = self._run([self.seqs.resolve(req.seqs[i]) for i in keep], req.mtp_steps, t0)
+        return _spread(res, keep, refused, len(req.seqs))
 
-    def _run(self, req: StepRequest, t0: float) -> StepResult:
-        if not req.seqs:
+    def _run(self, live: list[LiveSeq], mtp_steps: int, t0: float) -> StepResult:
+        if not live:
             self.routed.run_idle()
             self.routed.finish()
             return StepResult(timings={"forward_s": time.perf_counter() - t0})
         try:  # before the first collective: a failure here is these sequences', not the group's
-            batch = StepBatch.build([s.chunk for s in req.seqs], block_size=self.pools.block_size)
-            override = self._vision_rows(req, batch)
+            batch = StepBatch.build([s.chunk for s in live], block_size=self.pools.block_size)
+            override = self._vision_rows(live, batch)
         except Exception as exc:  # noqa: BLE001  # reported per sequence; the rank still runs the plan idle
             self.routed.run_idle()
             self.routed.finish()
+            for s in live:
+                self.seqs.release((s.step.seq_id,))
             why = f"the step could not start for this request ({type(exc).__name__}: {str(exc)[:200]})"
             return StepResult(
-                token_ids=(None,) * len(req.seqs),
-                logprobs=(None,) * len(req.seqs),
-                errors=(why,) * len(req.seqs),
+                token_ids=(None,) * len(live),
+                logprobs=(None,) * len(live),
+                errors=(why,) * len(live),
                 timings={"forward_s": time.perf_counter() - t0},
             )
         if override is not None:
             batch = replace(batch, embeds_override=override)
         out = self.trunk.forward(batch, pools=self.pools, routed=self.routed)
         t1 = time.perf_counter()
-        res = _Results(len(req.seqs))
-        rows = _logit_rows(req)
-        self._sample(req, out.logits_RV, rows, res)
-        self._verify(req, out.logits_RV, rows, res)
+        res = _Results(len(live))
+        rows = _logit_rows(live)
+        self._sample(live, out.logits_RV, rows, res)
+        self._verify(live, out.logits_RV, rows, res)
+        for i, s in enumerate(live):
+            self.seqs.advance(s, res.accepted[i])
         t2 = time.perf_counter()
-        if req.mtp_steps:
-            self.drafter.draft(req, batch, out.hidden_TD, res, steps=req.mtp_steps)
+        if mtp_steps:
+            self.drafter.draft(live, batch, out.hidden_TD, res, steps=mtp_steps)
         self.routed.run_idle()  # MTP exchanges this rank had no rows for, in plan order
         self.routed.finish()
         return res.result(timings={"forward_s": t1 - t0, "sample_s": t2 - t1, "draft_s": time.perf_counter() - t2})
 
-    def _refusal(self, s: SeqStep) -> str | None:
-        """Why this sequence could make the step raise after its first collective (ids past the vocabulary,
-        more logprobs than tokens, cache addresses past the pools), or None.
-
-        Runs every step for every sequence, so it looks only at what this step brings: the whole prompt and
-        output (sent along for penalties) are not rescanned per step; the engine checks the prompt once at
-        admission (replicas/engine/step_guard.py) and outputs are sampled from the vocabulary."""
-        vocab = self.trunk.cfg.vocab_size
-        if s.params.logprobs is not None and not 0 <= s.params.logprobs <= vocab:
-            return f"logprobs {s.params.logprobs} is outside [0, {vocab}]"
-        for name, ids in (
-            ("token ids", s.chunk.token_ids),
-            ("drafts", s.drafts),
-            ("suppressed ids", s.suppress_ids),
-        ):
-            if any(not 0 <= t < vocab for t in ids):
-                return f"{name} outside the vocabulary [0, {vocab})"
-        if not 0 <= s.chunk.state_slot < self.pools.num_slots or any(
-            not 0 <= b < self.pools.num_blocks for b in s.chunk.block_table
-        ):
-            return "cache addresses outside this rank's pools"
-        mask = s.allowed_mask
-        if mask is not None and (mask.dtype != torch.int32 or mask.dim() != 1):
-            return "the structured-output mask is not an int32 vector"
-        return None
-
     def _sample(
-        self, req: StepRequest, logits_RV: torch.Tensor, rows: dict[int, tuple[int, int]], res: _Results
+        self, live: list[LiveSeq], logits_RV: torch.Tensor, rows: dict[int, tuple[int, int]], res: _Results
     ) -> None:
         """One token per sampling sequence that brings no drafts."""
-        sampling = [i for i, s in enumerate(req.seqs) if s.sample and not s.drafts]
+        sampling = [i for i, s in enumerate(live) if s.sample and not s.drafts]
         if not sampling:
             return
-        seqs = [req.seqs[i] for i in sampling]
+        seqs = [live[i] for i in sampling]
+        history = [_history(s) for s in seqs] if any(s.params.has_penalties for s in seqs) else None
         out = sample(
             logits_RV[[rows[i][0] + rows[i][1] - 1 for i in sampling]],
             [s.params for s in seqs],
-            prompt_ids=[torch.tensor(s.prompt_ids, dtype=torch.long) for s in seqs],
-            output_ids=[torch.tensor(s.output_ids, dtype=torch.long) for s in seqs],
+            prompt_ids=[h[0] for h in history] if history is not None else None,
+            output_ids=[h[1] for h in history] if history is not None else None,
             positions=[s.output_index for s in seqs],
-            banned=[s.suppress_ids for s in seqs],
-            allowed=[s.allowed_mask for s in seqs],
+            banned=[s.step.suppress_ids for s in seqs],
+            allowed=[s.allowed for s in seqs],
         )
         ids = out.token_ids.tolist()
         for j, i in enumerate(sampling):
             res.tokens[i] = ids[j]
-            n = req.seqs[i].params.logprobs
+            n = live[i].params.logprobs
             if n is not None and out.logprob is not None:
                 top: tuple[tuple[int, float], ...] = ()
                 if n > 0 and out.top_ids is not None and out.top_logprobs is not None:
@@ -149,11 +145,11 @@ class TrunkRank:
                 res.logprobs[i] = TokenLogprobs(float(out.logprob[j]), top)
 
     def _verify(
-        self, req: StepRequest, logits_RV: torch.Tensor, rows: dict[int, tuple[int, int]], res: _Results
+        self, live: list[LiveSeq], logits_RV: torch.Tensor, rows: dict[int, tuple[int, int]], res: _Results
     ) -> None:
         """Sequences that bring drafts: accept a prefix, add the target's token, roll the DeltaNet states
         back to the last accepted token."""
-        for i, s in enumerate(req.seqs):
+        for i, s in enumerate(live):
             if not s.drafts:
                 continue
             first, count = rows[i]
@@ -170,23 +166,22 @@ class TrunkRank:
                 lps = _token_logprobs(logits[: a + 1], [*s.drafts[:a], token], s.params.logprobs)
                 res.accepted_logprobs[i], res.logprobs[i] = tuple(lps[:-1]), lps[-1]
 
-    def _vision_rows(self, req: StepRequest, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Vision embeddings for this step's image/video rows. A sequence's first chunk brings its inputs,
-        encoded once here and kept with its state slot for its later chunks (and dropped when the slot
-        starts another sequence)."""
+    def _vision_rows(self, live: list[LiveSeq], batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Vision embeddings for this step's image/video rows. A sequence's start brings its inputs, encoded
+        once, with its first chunk, and kept in its state for its later chunks."""
         rows: list[int] = []
         parts: list[torch.Tensor] = []
-        for i, s in enumerate(req.seqs):
-            slot = s.chunk.state_slot
-            if s.chunk.context_len == 0:
-                self.vision_cache.pop(slot, None)
-                if s.vision:
-                    if self.vision is None:
-                        raise ValueError("this trunk rank has no vision tower (checkpoint without model.visual.*)")
-                    pixels = torch.cat([v.pixel_values for v in s.vision])
-                    self.vision_cache[slot] = self.vision.encode(pixels, [v.grid_thw for v in s.vision])
+        for i, s in enumerate(live):
+            vision = s.state.start.vision
+            if s.chunk.context_len == 0 and vision:
+                if self.vision is None:
+                    raise ValueError("this trunk rank has no vision tower (checkpoint without model.visual.*)")
+                pixels = torch.cat([v.pixel_values for v in vision])
+                s.state.embeds = self.vision.encode(pixels, [v.grid_thw for v in vision])
             if s.chunk.vision_rows:
-                table = self.vision_cache[slot]
+                table = s.state.embeds
+                if table is None:
+                    raise ValueError("vision rows without the sequence's images")
                 first, n = s.chunk.vision_first, len(s.chunk.vision_rows)
                 parts.append(table[first : first + n])
                 rows.extend(batch.starts[i] + r for r in s.chunk.vision_rows)
@@ -195,12 +190,12 @@ class TrunkRank:
         return torch.tensor(rows, dtype=torch.long), torch.cat(parts)
 
 
-def _logit_rows(req: StepRequest) -> dict[int, tuple[int, int]]:
+def _logit_rows(live: list[LiveSeq]) -> dict[int, tuple[int, int]]:
     """(first row, row count) of each sequence's logits: its last token ("last"), or all of its tokens
     when it verifies drafts ("all"); non-final prefill chunks ask for none (no lm_head work).
     """
     rows, r = {}, 0
-    for i, s in enumerate(req.seqs):
+    for i, s in enumerate(live):
         if s.sample != (s.chunk.logits != "none"):
             raise ValueError("a sequence samples exactly when its chunk asks for logits")
         if s.drafts and s.chunk.logits != "all":
@@ -244,6 +239,15 @@ def _spread(res: StepResult, keep: list[int], refused: dict[int, str], n: int) -
         drafts=out(res.drafts, ()),
         errors=tuple(refused.get(i, e) for i, e in enumerate(errors)),
     )
+
+
+_EMPTY = torch.empty(0, dtype=torch.long)
+
+
+def _history(s: LiveSeq) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt and output ids for penalties (the rank keeps them only for sequences with a penalty)."""
+    prompt, output = s.state.prompt_ids(), s.state.output_ids()
+    return (prompt if prompt is not None else _EMPTY, output if output is not None else _EMPTY)
 
 
 class _Results:

@@ -19,7 +19,7 @@ from cluster.topology import GroupShape
 from model_shards.batch import SeqChunk, StepBatch
 from model_shards.model import LocalModel
 from model_shards.sampling import SamplingParams
-from replicas.engine.step_types import SeqStep, StepRequest, StepResult
+from replicas.engine.step_types import SeqStart, SeqStep, StepRequest, StepResult
 from replicas.ep.a2a_protocol import FIXED, StepPlan
 
 pytestmark = pytest.mark.timeout(600)
@@ -72,8 +72,15 @@ class _Scenario:
         order: list[list[int]] = [[] for _ in range(self.d)]
         for sid in active:
             s = self.seqs[sid]
+            first = s["ctx"] == 0  # the sequence's first step on its rank starts it there, with its whole table
             reqs[s["rank"]].append(
-                SeqStep(SeqChunk(tuple(s["pending"]), s["ctx"], s["slot"], s["table"]), True, GREEDY_ALL)
+                SeqStep(
+                    sid,
+                    s["ctx"],
+                    tuple(s["pending"]),
+                    s["table"] if first else (),
+                    start=SeqStart(s["slot"], GREEDY_ALL, len(s["pending"])) if first else None,
+                )
             )
             order[s["rank"]].append(sid)
         results = asyncio.run(self.group.step([StepRequest(tuple(r)) for r in reqs], plan=plan))
@@ -162,9 +169,9 @@ def test_refused_sequence_fails_alone_and_the_group_keeps_serving(
     group = _group(hf_checkpoint, 1, 1)
     try:
         prompt = tuple(_prompts(7, [12])[0])
-        good = SeqStep(SeqChunk(prompt, 0, 0, (0,)), True, SamplingParams(temperature=0.0, logprobs=2))
-        bad_lp = SeqStep(SeqChunk((5, 6), 0, 1, (1,)), True, SamplingParams(temperature=0.0, logprobs=VOCAB + 1))
-        bad_id = SeqStep(SeqChunk((5, VOCAB + 3), 0, 2, (2,)), True, SamplingParams(temperature=0.0))
+        good = SeqStep(1, 0, prompt, (0,), start=SeqStart(0, SamplingParams(temperature=0.0, logprobs=2), len(prompt)))
+        bad_lp = SeqStep(2, 0, (5, 6), (1,), start=SeqStart(1, SamplingParams(temperature=0.0, logprobs=VOCAB + 1), 2))
+        bad_id = SeqStep(3, 0, (5, VOCAB + 3), (2,), start=SeqStart(2, SamplingParams(temperature=0.0), 2))
         res = asyncio.run(group.step([StepRequest((bad_lp, good, bad_id))]))[0]
         assert res.errors[1] is None
         assert "logprobs" in res.errors[0] and "vocabulary" in res.errors[2], res.errors
@@ -172,22 +179,14 @@ def test_refused_sequence_fails_alone_and_the_group_keeps_serving(
         want = reference.logprobs(SeqChunk(prompt, 0, 15, tuple(range(100, 101))))
         assert res.token_ids[1] == int(want.argmax())
         assert group.epoch == 0
+        # the next step continues the good sequence; sequence 2 was refused (its state dropped) and 9 never started
+        nxt = res.token_ids[1]
+        assert nxt is not None
         res = asyncio.run(
-            group.step(
-                [
-                    StepRequest(
-                        (
-                            SeqStep(
-                                SeqChunk((res.token_ids[1],), len(prompt), 0, (0,)),
-                                True,
-                                SamplingParams(temperature=0.0),
-                            ),
-                        )
-                    )
-                ]
-            )
+            group.step([StepRequest((SeqStep(2, 2, (7,)), SeqStep(1, len(prompt), (nxt,)), SeqStep(9, 3, (7,))))])
         )[0]
-        assert res.errors in ((), (None,)) and res.token_ids[0] is not None and group.epoch == 0
+        assert res.errors[1] is None and res.token_ids[1] is not None and group.epoch == 0
+        assert "not held" in (res.errors[0] or "") and "not held" in (res.errors[2] or ""), res.errors
     finally:
         group.shutdown()
 
@@ -229,7 +228,13 @@ def _long_prefill(group, d: int) -> list[StepRequest]:  # noqa: ANN001
     reqs = [[] for _ in range(d)]
     for i, p in enumerate(prompts):
         reqs[0].append(
-            SeqStep(SeqChunk(tuple(p), 0, i, tuple(range(i * 40, i * 40 + 40))), True, SamplingParams(temperature=0.0))
+            SeqStep(
+                i,
+                0,
+                tuple(p),
+                tuple(range(i * 40, i * 40 + 40)),
+                start=SeqStart(i, SamplingParams(temperature=0.0), len(p)),
+            )
         )
     return [StepRequest(tuple(r)) for r in reqs]
 

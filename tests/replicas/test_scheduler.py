@@ -139,7 +139,7 @@ def test_preemption_takes_the_newest_first_and_recomputes_from_scratch() -> None
     # needs a 2nd block, none is free, and the newest running sequence is b itself: preempted too.
     assert [s.req.request_id for s in out.preempted] == ["r2", "r1"]
     assert _plan(out) == [[("r0", 32, 1, True)]]
-    assert [s.req.request_id for s in sch.waiting] == ["r1", "r2"]  # back at the head, in arrival order
+    assert [s.req.request_id for s in sch.waiting.values()] == ["r1", "r2"]  # back at the head, in arrival order
     assert pools[0].free_blocks == 1  # a holds 3 of 4
     assert sch.num_preemptions == 2
     _complete(out)

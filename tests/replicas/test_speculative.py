@@ -21,9 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_shards.batch import SeqChunk
 from model_shards.sampling import SamplingParams
-from replicas.engine.step_types import SeqStep, StepRequest
+from replicas.engine.step_types import SeqStart, SeqStep, StepRequest
 from replicas.ep.speculative import Distribution, draft, verify
 
 pytestmark = pytest.mark.timeout(900)
@@ -161,11 +160,14 @@ def test_known_drafts_accepted_and_rolled_back_at_every_depth(peaked_model) -> N
     drafts: tuple[int, ...] = ()
     seen = set()
     while len(out) < n:
+        first = context == 0
         seq = SeqStep(
-            SeqChunk((*new, *drafts), context, 0, table, logits="all" if drafts else "last", verify=bool(drafts)),
-            True,
-            GREEDY,
+            0,
+            context,
+            tuple(new),
+            table if first else (),
             output_index=len(out),
+            start=SeqStart(0, GREEDY, len(prompt)) if first else None,
             drafts=drafts,
         )
         res = runner.run_step([StepRequest((seq,))])[0]
@@ -242,12 +244,12 @@ def _run_engine(
                 s = engine.scheduler
                 raise AssertionError(
                     "engine stalled: waiting "
-                    + str([(q.num_tokens, q.num_computed) for q in s.waiting])
+                    + str([(q.num_tokens, q.num_computed) for q in s.waiting.values()])
                     + " running "
                     + str(
                         [
                             [(q.num_tokens, q.num_computed, len(q.addr.blocks), len(q.drafts)) for q in run]
-                            for run in s.running
+                            for run in (r.values() for r in s.running)
                         ]
                     )
                     + " free blocks "

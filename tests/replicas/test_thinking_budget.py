@@ -108,7 +108,7 @@ def test_one_token_mask_allows_only_that_token(token: int) -> None:
     import torch
 
     from model_shards.sampling import apply_bitmask
-    from replicas.engine.engine import only_token_mask
+    from replicas.engine.step_types import only_token_mask
 
     logits = apply_bitmask(torch.zeros(248320), only_token_mask(token))
     assert torch.isfinite(logits).nonzero().flatten().tolist() == [token]

@@ -1,0 +1,206 @@
+"""A trunk rank's table of its sequences: the state the incremental step message leaves on the rank.
+
+Owns: per sequence id, what a `SeqStart` brought (slot, sampling, prompt length, MRoPE and vision inputs),
+the block table grown by each step's `new_blocks`, the tokens in its caches (`num_computed`), the penalty
+history (the tokens it was fed, when a penalty reads them) and its vision embeddings; turning one `SeqStep`
+into the `SeqChunk` the model computes (`LiveSeq`); refusing a step that could fail after the first
+collective (ids outside the vocabulary or the pools, a sequence it does not hold, a context it does not have)
+by looking only at what the step brings. Must not: run the model or sample.
+Tests: tests/replicas/test_step_protocol.py.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+
+import torch
+
+from model_shards.batch import SeqChunk
+from model_shards.sampling import SamplingParams
+from replicas.engine.step_types import SeqStart, SeqStep, only_token_mask
+
+
+@dataclass
+class RankSeq:
+    """One sequence's state on the rank."""
+
+    start: SeqStart
+    blocks: tuple[int, ...] = ()
+    num_computed: int = 0  # tokens in the caches
+    history: torch.Tensor | None = None  # int64 buffer of the tokens fed (penalties only); grows by doubling
+    history_len: int = 0
+    embeds: torch.Tensor | None = None  # vision embeddings, encoded with the first chunk
+
+    def feed(self, tokens: tuple[int, ...]) -> None:
+        """Append tokens now in the caches to the penalty history (kept only when a penalty reads it)."""
+        if self.history is None or not tokens:
+            return
+        end = self.history_len + len(tokens)
+        if end > self.history.shape[0]:
+            grown = torch.empty(max(end, 2 * self.history.shape[0]), dtype=torch.long)
+            grown[: self.history_len] = self.history[: self.history_len]
+            self.history = grown
+        self.history[self.history_len : end] = torch.tensor(tokens, dtype=torch.long)
+        self.history_len = end
+
+    def prompt_ids(self) -> torch.Tensor | None:
+        return self.history[: min(self.start.prompt_len, self.history_len)] if self.history is not None else None
+
+    def output_ids(self) -> torch.Tensor | None:
+        if self.history is None:
+            return None
+        return self.history[min(self.start.prompt_len, self.history_len) : self.history_len]
+
+
+class LiveSeq:
+    """A sequence's part of the step being run: its `SeqStep` resolved against its state on the rank."""
+
+    __slots__ = ("step", "state", "chunk", "allowed")
+
+    def __init__(self, step: SeqStep, state: RankSeq, chunk: SeqChunk, allowed: torch.Tensor | None) -> None:
+        self.step, self.state, self.chunk, self.allowed = step, state, chunk, allowed
+
+    @property
+    def sample(self) -> bool:
+        return self.step.sample
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.state.start.params
+
+    @property
+    def drafts(self) -> tuple[int, ...]:
+        return self.step.drafts
+
+    @property
+    def output_index(self) -> int:
+        return self.step.output_index
+
+    @property
+    def mtp(self) -> bool:
+        return self.state.start.mtp
+
+    @property
+    def mtp_next(self) -> int | None:
+        return self.step.mtp_next
+
+
+class SeqTable:
+    """The sequences a trunk rank holds, keyed by sequence id.
+
+    Args:
+        vocab_size: rows of the LM head (ids at or past it are refused).
+        num_slots, num_blocks, block_size: the rank's cache pools.
+    """
+
+    def __init__(self, *, vocab_size: int, num_slots: int, num_blocks: int, block_size: int) -> None:
+        self.vocab_size, self.num_slots = vocab_size, num_slots
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.seqs: dict[int, RankSeq] = {}
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def release(self, seq_ids: tuple[int, ...]) -> None:
+        for i in seq_ids:
+            self.seqs.pop(i, None)
+
+    def refusal(self, s: SeqStep) -> str | None:
+        """Why this step of this sequence must not run (it could make the rank raise after the step's first
+        collective, or the rank does not hold the context it continues), or None. Looks only at what the step
+        brings (the prompt was checked once at admission, outputs are sampled from the vocabulary)."""
+        vocab = self.vocab_size
+        if s.start is not None:
+            why = self._start_refusal(s)
+            if why is not None:
+                return why
+            blocks = len(s.new_blocks)
+        else:
+            state = self.seqs.get(s.seq_id)
+            if state is None:
+                return f"sequence {s.seq_id} is not held by this trunk rank (its state was lost: restarted rank?)"
+            if s.context_len != state.num_computed:
+                return f"sequence {s.seq_id} continues at {s.context_len} tokens, this rank holds {state.num_computed}"
+            blocks = len(state.blocks) + len(s.new_blocks)
+        if not s.token_ids:
+            return "a step needs at least one new token"
+        for name, ids in (("token ids", s.token_ids), ("drafts", s.drafts), ("suppressed ids", s.suppress_ids)):
+            if any(not 0 <= t < vocab for t in ids):
+                return f"{name} outside the vocabulary [0, {vocab})"
+        for name, one in (("forced token", s.forced_token), ("mtp_next", s.mtp_next)):
+            if one is not None and not 0 <= one < vocab:
+                return f"{name} {one} outside the vocabulary [0, {vocab})"
+        if any(not 0 <= b < self.num_blocks for b in s.new_blocks):
+            return "cache addresses outside this rank's pools"
+        if blocks * self.block_size < s.context_len + len(s.token_ids) + len(s.drafts):
+            return f"{blocks} KV blocks cannot hold {s.context_len + len(s.token_ids) + len(s.drafts)} tokens"
+        mask = s.allowed_mask
+        if mask is not None and (mask.dtype != torch.int32 or mask.dim() != 1):
+            return "the structured-output mask is not an int32 vector"
+        if (s.drafts or s.allowed_mask is not None or s.forced_token is not None) and not s.sample:
+            return "drafts and sampling constraints need a sampling step"
+        return None
+
+    def _start_refusal(self, s: SeqStep) -> str | None:
+        st = s.start
+        assert st is not None
+        if s.context_len != 0:
+            return "a sequence starts on a trunk rank at context 0"
+        if not 0 <= st.slot < self.num_slots:
+            return "cache addresses outside this rank's pools"
+        n = st.params.logprobs
+        if n is not None and not 0 <= n <= self.vocab_size:
+            return f"logprobs {n} is outside [0, {self.vocab_size}]"
+        if st.mm_positions is not None and tuple(st.mm_positions.shape) != (3, st.prompt_len):
+            return f"MRoPE positions must be [3, {st.prompt_len}], got {tuple(st.mm_positions.shape)}"
+        if any(not 0 <= r < st.prompt_len for r in st.vision_rows):
+            return "vision rows outside the prompt"
+        return None
+
+    def resolve(self, s: SeqStep) -> LiveSeq:
+        """Apply an accepted step to the sequence's state (a start replaces any state of that id) and build its
+        chunk: the new tokens then the drafts, at its context, with its slot and block table."""
+        if s.start is not None:
+            st = s.start
+            state = RankSeq(st, history=torch.empty(0, dtype=torch.long) if st.params.has_penalties else None)
+            self.seqs[s.seq_id] = state
+        else:
+            state = self.seqs[s.seq_id]
+        if s.new_blocks:
+            state.blocks = (*state.blocks, *s.new_blocks)
+        state.feed(s.token_ids)
+        st = state.start
+        n = len(s.token_ids) + len(s.drafts)
+        positions, rows, first = self._vision(st, s.context_len, n)
+        chunk = SeqChunk(
+            (*s.token_ids, *s.drafts) if s.drafts else s.token_ids,
+            s.context_len,
+            st.slot,
+            state.blocks,
+            positions=positions,
+            rope_delta=st.rope_delta,
+            logits="all" if s.drafts else "last" if s.sample else "none",
+            vision_rows=rows,
+            vision_first=first,
+            verify=bool(s.drafts),
+        )
+        allowed = only_token_mask(s.forced_token) if s.forced_token is not None else s.allowed_mask
+        return LiveSeq(s, state, chunk, allowed)
+
+    @staticmethod
+    def _vision(st: SeqStart, start: int, n: int) -> tuple[torch.Tensor | None, tuple[int, ...], int]:
+        """For tokens [start, start + n): their [3, n] MRoPE positions (None: text positions), the chunk rows
+        that take vision embeddings, and the index of the first such embedding."""
+        if st.mm_positions is None or start >= st.prompt_len:
+            return None, (), 0
+        end = min(start + n, st.prompt_len)
+        positions = (torch.arange(start, start + n, dtype=torch.long) + st.rope_delta).expand(3, n).clone()
+        positions[:, : end - start] = st.mm_positions[:, start:end]
+        lo, hi = bisect_left(st.vision_rows, start), bisect_left(st.vision_rows, end)
+        return positions, tuple(r - start for r in st.vision_rows[lo:hi]), lo
+
+    def advance(self, live: LiveSeq, accepted: tuple[int, ...]) -> None:
+        """After the forward: the chunk's own tokens and the accepted drafts are in the caches."""
+        live.state.num_computed = live.step.context_len + len(live.step.token_ids) + len(accepted)
+        live.state.feed(accepted)
