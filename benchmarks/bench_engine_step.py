@@ -95,7 +95,7 @@ async def run_size(size: int, args: argparse.Namespace, profile: cProfile.Profil
     pools = [BlockPool(num_blocks=size * per_seq, num_slots=size, block_size=BLOCK)]
     config = SchedulerConfig(max_num_seqs=size, max_num_batched_tokens=budget)
     runner = InstantRunner(size, args.steps, pickle_messages=args.pickle, profile=profile)
-    engine = Engine(runner, pools=pools, config=config, tokenizer=None, max_waiting=size)
+    engine = Engine(runner, pools=pools, config=config, max_waiting=size)
     parts: dict[str, float] = {}
     if args.breakdown:
         for owner, name in (

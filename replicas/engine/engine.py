@@ -18,6 +18,7 @@ import gc
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -52,6 +53,31 @@ class RequestRejected(ValueError):
 
 class EngineUnavailable(RuntimeError):
     """The group is failed and not (yet) rebuilt: retriable."""
+
+
+class _Stream:
+    """A request's stream buffer: items appended by the engine loop, one waiter woken per put. Lighter than
+    asyncio.Queue (no getter deque, no put-side future machinery): one is fed per request per step."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: deque[RequestOutput] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: RequestOutput) -> None:
+        self.items.append(item)
+        w = self.waiter
+        if w is not None:
+            self.waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    async def get(self) -> RequestOutput:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        return self.items.popleft()
 
 
 @dataclass(slots=True)
@@ -116,8 +142,12 @@ class Engine:
         self.max_queue_steps = max_queue_steps
         if spec_tokens and config.lookahead < 2 * spec_tokens:
             raise ValueError(f"speculating {spec_tokens} tokens needs SchedulerConfig.lookahead >= {2 * spec_tokens}")
-        self._streams: dict[str, tuple[list[Sequence], asyncio.Queue[RequestOutput]]] = {}
-        self._outbox: dict[str, dict[int, _Delta]] = {}  # this step's news, per request and choice
+        self._streams: dict[str, tuple[list[Sequence], _Stream]] = {}
+        self._touched: list[Sequence] = []  # sequences with news this step (their `delta`)
+        self._step_tokens = 0  # tokens generated this step (one counter update per step)
+        self._now = 0.0  # the clock of the step being recorded (one reading per step, not per token)
+        self._ttft = self.metrics.histogram("time_to_first_token_seconds")
+        self._itl = self.metrics.histogram("inter_token_latency_seconds")
         self._aborted: list[Sequence] = []
         self._ids = itertools.count()
         self._wake = asyncio.Event()
@@ -196,7 +226,7 @@ class Engine:
 
             for s in seqs:
                 s.matcher = GrammarMatcher(compiled, eos_ids=() if req.ignore_eos else req.eos_token_ids)
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        queue = _Stream()
         self._streams[req.request_id] = (seqs, queue)
         for s in seqs:
             self.scheduler.add(s)
@@ -205,7 +235,9 @@ class Engine:
         try:
             while done < req.n:
                 item = await queue.get()
-                done += sum(1 for o in item.outputs if o.finished)
+                for o in item.outputs:
+                    if o.finish_reason is not None or o.error is not None:
+                        done += 1
                 yield item
         finally:
             if done < req.n:
@@ -299,7 +331,7 @@ class Engine:
             return
         s.aborted, s.end_reason = True, "stop"
         self._aborted.append(s)
-        self._outbox.get(request_id, {}).pop(index, None)  # not reached between steps; for safety
+        s.delta = None  # not reached between steps; for safety
         out = GenerateOutput(index=index, finish_reason="stop", completion_tokens=s.num_output)
         queue.put_nowait(RequestOutput(request_id, self.steps, (out,), self.engine_id))
         self._wake.set()
@@ -328,7 +360,7 @@ class Engine:
                 await self._on_failure(exc)
                 continue
             self.steps += 1
-            self.last_step_time = time.monotonic()
+            self.last_step_time = self._now = time.monotonic()
             self.metrics.observe("step_time_seconds", self.last_step_time - t0)
             self._update(out, results)
             self._record_gauges()
@@ -450,16 +482,20 @@ class Engine:
     def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> bool:
         """Record one generated token in its choice's news of this step; True when it ended the choice."""
         prev = seq.t_last_token
-        finish, stop_reason = seq.append(token)
+        now = self._now
+        finish, stop_reason = seq.append(token, now)
         error = None
         if seq.matcher is not None and finish is None:
             finish, error = self._advance_grammar(seq.matcher, token)
-        self.metrics.inc("generation_tokens")
+        self._step_tokens += 1
         if prev is None:
-            self.metrics.observe("time_to_first_token_seconds", seq.t_first_token - seq.t_arrival)  # type: ignore[operator]  # set by append
+            self._ttft.observe(now - seq.t_arrival)
         else:
-            self.metrics.observe("inter_token_latency_seconds", seq.t_last_token - prev)  # type: ignore[operator]  # set by append
-        d = self._delta(seq)
+            self._itl.observe(now - prev)
+        d = seq.delta
+        if d is None:
+            d = seq.delta = _Delta(seq)
+            self._touched.append(seq)
         d.token_ids.append(token)
         if logprobs is not None:
             d.logprobs.append(logprobs)
@@ -494,32 +530,39 @@ class Engine:
 
     def _delta(self, seq: Sequence) -> _Delta:
         """The choice's news of the step being delivered (created on first use)."""
-        per_req = self._outbox.setdefault(seq.req.request_id, {})
-        d = per_req.get(seq.index)
+        d = seq.delta
         if d is None:
-            d = per_req[seq.index] = _Delta(seq)
+            d = seq.delta = _Delta(seq)
+            self._touched.append(seq)
         return d
 
     def _flush(self) -> None:
         """Deliver the step's news: one item per request with any, holding all its choices' deltas."""
-        outbox, self._outbox = self._outbox, {}
-        for rid, deltas in outbox.items():
-            entry = self._streams.get(rid)
-            if entry is None:
-                continue
-            outputs = tuple(
-                GenerateOutput(
-                    index=i,
-                    token_ids=tuple(d.token_ids),
-                    logprobs=tuple(d.logprobs),
-                    finish_reason=d.finish_reason,
-                    stop_reason=d.stop_reason,
-                    completion_tokens=d.seq.num_output,
-                    error=d.error,
-                )
-                for i, d in sorted(deltas.items())
-            )
-            entry[1].put_nowait(RequestOutput(rid, self.steps, outputs, self.engine_id))
+        touched, self._touched = self._touched, []
+        if self._step_tokens:
+            self.metrics.inc("generation_tokens", self._step_tokens)
+            self._step_tokens = 0
+        step, engine_id, streams = self.steps, self.engine_id, self._streams
+        grouped: dict[str, list[Sequence]] = {}
+        for seq in touched:
+            rid = seq.req.request_id
+            if seq.req.n == 1:  # the common case: the item is this choice's delta alone
+                d = seq.delta
+                seq.delta = None
+                entry = streams.get(rid)
+                if entry is not None and d is not None:
+                    entry[1].put_nowait(RequestOutput(rid, step, (_output(d),), engine_id))
+            else:
+                grouped.setdefault(rid, []).append(seq)
+        for rid, seqs in grouped.items():
+            deltas = []
+            for seq in sorted(seqs, key=lambda q: q.index):
+                if seq.delta is not None:
+                    deltas.append(_output(seq.delta))
+                    seq.delta = None
+            entry = streams.get(rid)
+            if entry is not None and deltas:
+                entry[1].put_nowait(RequestOutput(rid, step, tuple(deltas), engine_id))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.release(seq)
@@ -631,3 +674,9 @@ class Engine:
             }
             for p in self.scheduler.pools
         ]
+
+
+def _output(d: _Delta) -> GenerateOutput:
+    return GenerateOutput(
+        d.seq.index, tuple(d.token_ids), tuple(d.logprobs), d.finish_reason, d.stop_reason, d.seq.num_output, d.error
+    )

@@ -15,7 +15,7 @@ import time
 from array import array
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from model_shards.sampling import SamplingParams
 from replicas.engine.engine_types import GenerateRequest
@@ -76,6 +76,7 @@ class Sequence:
         self.matcher: GrammarMatcher | None = None  # set when the request is constrained
         self.drafts: list[int] = []  # MTP drafts to verify in the next step
         self.speculate = False  # set by the engine: this sequence drafts with the MTP head
+        self.delta: Any = None  # the engine's news of this choice in the step being recorded (engine._Delta)
         # Thinking budget: reasoning tokens so far, whether the budget still counts, and the tokens to force next.
         self.reasoning_tokens = 0
         budget = req.max_thinking_tokens
@@ -162,10 +163,12 @@ class Sequence:
         self.drafts = []
 
     # ----------------------------------------------------------------- outputs
-    def append(self, token: int) -> tuple[str | None, int | None]:
-        """Record a generated token; returns (finish_reason, stop_reason): ("stop", None) for eos, ("stop", token)
-        for a stop token id, ("length", None) at max_tokens, (None, None) while it runs on."""
-        now = time.monotonic()
+    def append(self, token: int, now: float | None = None) -> tuple[str | None, int | None]:
+        """Record a generated token at `now` (the step's clock; read here when None); returns (finish_reason,
+        stop_reason): ("stop", None) for eos, ("stop", token) for a stop token id, ("length", None) at max_tokens,
+        (None, None) while it runs on."""
+        if now is None:
+            now = time.monotonic()
         if self.t_first_token is None:
             self.t_first_token = now
         self.t_last_token = now

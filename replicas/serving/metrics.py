@@ -176,11 +176,15 @@ class MetricsRegistry:
         self.gauges[_key(name, labels)] = value
 
     def observe(self, name: str, value: float, **labels: str) -> None:
+        self.histogram(name, **labels).observe(value)
+
+    def histogram(self, name: str, **labels: str) -> Histogram:
+        """The histogram itself, for a hot path that observes it once per token (no key lookup per value)."""
         key = _key(name, labels)
         hist = self.histograms.get(key)
         if hist is None:
             hist = self.histograms[key] = Histogram(BUCKETS.get(name, LATENCY_BUCKETS))
-        hist.observe(value)
+        return hist
 
     def snapshot(self) -> Snapshot:
         counters = {}
