@@ -167,7 +167,7 @@ def _request(args: argparse.Namespace, prompt: list[int], params: SamplingParams
 
 def _generate(args, folder, prompt, params, defaults, cfg):  # noqa: ANN001, ANN202  # thin glue -> Completion
     """The serving Engine over an in-process runner: the model in this process, or an expert-parallel group."""
-    from replicas.engine.engine import RequestRejected
+    from replicas.engine.errors import RequestRejected
     from replicas.ep.offline_generate import GenerationFailed, cache_sizes, offline_generate
 
     req = _request(args, prompt, params, defaults)

@@ -39,7 +39,7 @@ DRAIN_S = 5.0
 
 def engine_error(exc: BaseException) -> ApiError:
     """Map engine-side exceptions (re-raised through the Serve handle) to API errors."""
-    from replicas.engine.engine import EngineOverloaded, EngineUnavailable, RequestRejected
+    from replicas.engine.errors import EngineOverloaded, EngineUnavailable, RequestRejected
 
     exc = getattr(exc, "cause", None) or exc  # Ray wraps the replica's exception; report the original message
 

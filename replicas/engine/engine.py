@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from replicas.engine.block_pool import BlockPool
 from replicas.engine.engine_types import EngineFailure, GenerateOutput, GenerateRequest, RequestOutput
+from replicas.engine.errors import EngineOverloaded, EngineUnavailable, RequestRejected
 from replicas.engine.scheduler import Scheduled, Scheduler, SchedulerConfig, SchedulerOutput
 from replicas.engine.sequence import Sequence, Status
 from replicas.engine.step_guard import request_problem
@@ -41,18 +42,6 @@ class AsyncRunner(Protocol):
     """The group as the engine drives it (replicas/ep/group.py, or an in-process adapter)."""
 
     async def step(self, requests: list[StepRequest]) -> list[StepResult]: ...
-
-
-class EngineOverloaded(RuntimeError):
-    """The bounded waiting queue is full: the caller answers 429/503 with Retry-After."""
-
-
-class RequestRejected(ValueError):
-    """The request can never run on this engine (e.g. longer than a trunk rank's KV pool)."""
-
-
-class EngineUnavailable(RuntimeError):
-    """The group is failed and not (yet) rebuilt: retriable."""
 
 
 class _Stream:

@@ -386,8 +386,8 @@ def _engine(  # noqa: ANN202  # -> replicas.engine.engine.Engine
 
 async def _outcome(engine, rid: str, max_tokens: int) -> str:  # noqa: ANN001
     from model_shards.sampling import SamplingParams
-    from replicas.engine.engine import EngineOverloaded
     from replicas.engine.engine_types import GenerateRequest
+    from replicas.engine.errors import EngineOverloaded
 
     req = GenerateRequest(
         request_id=rid,
