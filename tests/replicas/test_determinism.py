@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(600)
 
 NUM_PROMPTS = 16
 MAX_TOKENS = 8
-RUNS = 20
+RUNS = 10  # co-batched compositions cycle every few runs; 10 still mix every prompt with others
 COMPOSITIONS = (1, 4, 16)
 LOGPROB_ATOL = 1e-4
 BLOCK_SIZE = 16
