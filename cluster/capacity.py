@@ -44,7 +44,9 @@ class CapacityPlan:
 
     Attributes:
         trunk_ranks, expert_ranks: D and X; `layout_rule` says how they were chosen.
-        experts_per_rank: routed experts each expert rank holds in every MoE layer (contiguous map).
+        experts_per_rank: expert slots each expert rank holds in every MoE layer (contiguous map; with
+            `redundant_experts` R, (E + R) / X slots each: the balancer's copies of hot experts).
+        redundant_experts: R extra expert copies per MoE layer (cluster/expert_balance.py places them).
         weight_bytes: one copy of the model by group (TRUNK_GROUPS + EXPERT_GROUPS).
         bytes_per_expert: one routed expert over every MoE layer (MTP layer included).
         trunk_gpu_weight_bytes / expert_gpu_weight_bytes: weights on one trunk GPU / the fullest expert GPU.
@@ -67,6 +69,7 @@ class CapacityPlan:
     num_experts: int
     num_moe_layers: int
     experts_per_rank: tuple[int, ...]
+    redundant_experts: int
     weight_bytes: dict[str, int]
     bytes_per_expert: int
     trunk_gpu_weight_bytes: int
@@ -181,9 +184,14 @@ def _experts_per_rank(num_experts: int, expert_ranks: int) -> tuple[int, ...]:
     return tuple(counts[j] for j in range(expert_ranks))
 
 
-def smallest_expert_ranks(*, num_experts: int, bytes_per_expert: int, budget_bytes: int) -> int | None:
-    """The smallest X whose fullest shard (ceil(E/X) experts) fits `budget_bytes`; None if none does."""
+def smallest_expert_ranks(
+    *, num_experts: int, bytes_per_expert: int, budget_bytes: int, divides: bool = False
+) -> int | None:
+    """The smallest X whose fullest shard (ceil(E/X) experts, or slots) fits `budget_bytes` (and, with `divides`,
+    divides them evenly); None if none does."""
     for x in range(1, num_experts + 1):
+        if divides and num_experts % x:
+            continue
         if -(-num_experts // x) * bytes_per_expert <= budget_bytes:
             return x
     return None
@@ -261,6 +269,7 @@ def plan_capacity(
     kv_dtype_bytes: int = 2,
     activation_reserve_gib: float = DEFAULT_ACTIVATION_RESERVE_GIB,
     hbm_tbps: float | None = None,
+    redundant_experts: int = 0,
 ) -> CapacityPlan:
     """Plan one expert-parallel group on a GPU cluster: D trunk GPUs and X expert GPUs, disjoint pools.
 
@@ -295,6 +304,8 @@ def plan_capacity(
         block_size: tokens per KV block; kv_dtype_bytes: 2 (bf16) or 1 (fp8 KV).
         activation_reserve_gib: kept free on every GPU for activations, buffers and the CUDA context.
         hbm_tbps: HBM bandwidth per GPU in TB/s (4.8 for H200) for the decode floor; None skips it.
+        redundant_experts: R extra copies per MoE layer for load balancing: every expert rank holds (E + R) / X
+            expert slots (so X must divide E + R; the automatic X is the smallest that fits and divides).
     Returns:
         The `CapacityPlan`; `fits` False with `reason` when it cannot run.
     Raises:
@@ -311,6 +322,7 @@ def plan_capacity(
         kv_dtype_bytes=kv_dtype_bytes,
         activation_reserve_gib=activation_reserve_gib,
         hbm_tbps=hbm_tbps,
+        redundant_experts=redundant_experts,
     )
     served, assumptions = planning_config(cfg, weight_format)
     groups = weight_bytes_by_group(served)
@@ -321,11 +333,24 @@ def plan_capacity(
     per_expert = expert_total // e
     gpu_bytes = int(topology.gpu_memory_gib * GIB)
     reserve = int(activation_reserve_gib * GIB)
-    x_min = smallest_expert_ranks(num_experts=e, bytes_per_expert=per_expert, budget_bytes=gpu_bytes - reserve)
+    slots = e + redundant_experts
+    x_min = smallest_expert_ranks(
+        num_experts=slots, bytes_per_expert=per_expert, budget_bytes=gpu_bytes - reserve, divides=redundant_experts > 0
+    )
     d, x, rule, reasons = _choose_shape(
         total_gpus=topology.total_gpus, num_experts=e, trunk_ranks=trunk_ranks, expert_ranks=expert_ranks, x_min=x_min
     )
-    per_rank = _experts_per_rank(e, x)
+    if redundant_experts and x and slots % x:
+        reasons.append(
+            f"X = {x} expert ranks do not divide the {e} experts + {redundant_experts} redundant copies "
+            f"({slots} slots) evenly; the balancer gives every expert rank the same number of slots"
+        )
+    per_rank = _experts_per_rank(slots, x) if x else ()
+    if redundant_experts and x:
+        assumptions.append(
+            f"{redundant_experts} redundant expert copies per MoE layer: each expert rank holds {slots // x} slots "
+            "(one more expert's weights per extra slot); decode streams every slot of the fullest rank"
+        )
 
     trunk_weights = sum(groups[g] for g in TRUNK_GROUPS) + (expert_total if x == 0 else 0)
     expert_weights = max(per_rank, default=0) * per_expert
@@ -376,6 +401,7 @@ def plan_capacity(
         num_experts=e,
         num_moe_layers=cfg.num_moe_layers,
         experts_per_rank=per_rank,
+        redundant_experts=redundant_experts,
         weight_bytes=groups,
         bytes_per_expert=per_expert,
         trunk_gpu_weight_bytes=trunk_weights,
@@ -465,7 +491,12 @@ def _validate(
     kv_dtype_bytes: int,
     activation_reserve_gib: float,
     hbm_tbps: float | None,
+    redundant_experts: int = 0,
 ) -> None:
+    if redundant_experts < 0:
+        raise ValueError(f"redundant_experts must be >= 0, got {redundant_experts}")
+    if redundant_experts and expert_ranks == 0:
+        raise ValueError("redundant_experts needs expert ranks (X >= 1): with X = 0 every expert is in the trunk")
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
     if not topology.has_gpus:

@@ -51,6 +51,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--expert-ranks", type=int, help="expert ranks X (default: the smallest X whose expert shard fits a GPU)"
     )
     p.add_argument("--max-model-len", type=int, help="tokens per sequence (default: max_position_embeddings)")
+    p.add_argument(
+        "--redundant-experts",
+        type=int,
+        default=0,
+        help="R extra expert copies per MoE layer for load balancing (each expert rank holds (E + R) / X slots)",
+    )
     p.add_argument("--hbm-tbps", type=float, help="HBM bandwidth per GPU in TB/s for the decode floor (H200: 4.8)")
     p.add_argument("--output", choices=["text", "json"], default="text")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help=argparse.SUPPRESS)
@@ -90,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             block_size=args.block_size,
             activation_reserve_gib=args.activation_reserve_gib,
             hbm_tbps=args.hbm_tbps,
+            redundant_experts=args.redundant_experts,
         )
     except ValueError as exc:  # out-of-range flags: the message names the value
         raise UserError(str(exc)) from None
@@ -136,7 +143,9 @@ def render(plan: CapacityPlan, *, model: str) -> str:
     ]
     if plan.expert_ranks:
         lines.append(
-            f"experts      {plan.num_experts} per MoE layer; per expert rank: {_counts(plan.experts_per_rank)}"
+            f"experts      {plan.num_experts} per MoE layer"
+            + (f" + {plan.redundant_experts} redundant copies" if plan.redundant_experts else "")
+            + f"; per expert rank: {_counts(plan.experts_per_rank)}"
         )
         lines.append(
             f"expert GPU   {_gib(plan.expert_gpu_weight_bytes)} weights (fullest rank) + "

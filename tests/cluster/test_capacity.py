@@ -259,6 +259,24 @@ def test_smallest_expert_ranks() -> None:
     assert smallest_expert_ranks(num_experts=16, bytes_per_expert=10, budget_bytes=9) is None
 
 
+def test_redundant_experts_take_slots_on_every_expert_rank() -> None:
+    # 512 + 32 = 544 slots; X = 6 and 7 do not divide 544 (X = 6 would hold 91 slots = 130 GiB + 8 > 140),
+    # X = 8 does: 68 slots of 1.43 GiB each per expert GPU
+    plan = _plan(config_397b(), nodes=2, redundant_experts=32)
+    assert (plan.trunk_ranks, plan.expert_ranks, plan.experts_per_rank) == (8, 8, (68,) * 8)
+    assert plan.expert_gpu_weight_bytes == 68 * plan.bytes_per_expert
+    assert plan.fits and any("32 redundant expert copies" in a for a in plan.assumptions)
+    assert smallest_expert_ranks(num_experts=544, bytes_per_expert=1, budget_bytes=544, divides=True) == 1
+    assert smallest_expert_ranks(num_experts=544, bytes_per_expert=1, budget_bytes=80, divides=True) == 8  # 7 fits, no
+
+
+def test_redundant_experts_that_do_not_divide_are_refused() -> None:
+    plan = _plan(config_397b(), nodes=2, expert_ranks=6, redundant_experts=32)
+    assert not plan.fits and "do not divide" in plan.reason and "544 slots" in plan.reason
+    with pytest.raises(ValueError, match="redundant_experts must be >= 0"):
+        _plan(config_397b(), nodes=2, redundant_experts=-1)
+
+
 def test_x0_keeps_every_expert_in_the_trunk() -> None:
     cfg = tiny()
     plan = plan_capacity(
