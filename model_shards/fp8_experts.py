@@ -56,13 +56,15 @@ def _expert(w: Weight, e: int) -> Weight:
 
 def _dequantised_swiglu(x_nD: torch.Tensor, gate_up: Weight, down: Weight) -> torch.Tensor:
     """One expert: dequantise its weights, then the same one-group grouped GEMMs `expert_ffn` runs."""
-    gate_up_w = dense(gate_up, x_nD.dtype)
-    down_w = dense(down, x_nD.dtype)
     offs = torch.tensor([x_nD.shape[0]], dtype=torch.int32, device=x_nD.device)
+    gate_up_w = dense(gate_up, x_nD.dtype)
     gu = F.grouped_mm(x_nD.to(gate_up_w.dtype), gate_up_w[None].transpose(-2, -1), offs=offs)
-    del gate_up_w  # drop before down's GEMM: at most one expert's weights are alive
+    del gate_up_w  # dropped before down is dequantised: one weight matrix alive at a time
     gate, up = gu.chunk(2, dim=-1)
-    return F.grouped_mm(F.silu(gate) * up, down_w[None].transpose(-2, -1), offs=offs)
+    hidden = F.silu(gate) * up
+    del gu, gate, up
+    down_w = dense(down, x_nD.dtype)
+    return F.grouped_mm(hidden, down_w[None].transpose(-2, -1), offs=offs)
 
 
 def _scaled_mm_applies(x: torch.Tensor, gate_up: Weight, down: Weight) -> bool:

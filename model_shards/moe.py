@@ -3,7 +3,8 @@
 Trunk side: `route` (fp32 softmax over all experts, top-k on probabilities, renormalise, cast
 to the model dtype) and the sigmoid-gated shared expert (`route_and_shared` runs both off one
 stacked router | gate | up GEMM when the loader provides it). Expert side: `expert_ffn` on routed
-rows (SwiGLU per expert, grouped GEMM for plain weights, one expert at a time for FP8) with `expert_ffn_reference` (per-expert loop) beside it.
+rows (SwiGLU per expert, grouped GEMM for plain weights, one expert at a time for FP8 in
+fp8_experts.py) with `expert_ffn_reference` (per-expert loop) beside it.
 Combine: weight each routed row after down_proj (model dtype), then sum the k slots of a
 token in fp32 with one rounding: HF's `grouped_mm` experts back-end (transformers' default),
 not the `eager` index_add order (they differ by 1 bf16 ulp, model_spec §2.5).

@@ -2,9 +2,10 @@
 
 `LiveBytes` is a TorchDispatchMode: every op's output storages are recorded (once per storage) with a
 weak reference, and after each op the bytes of the storages still alive are summed; `peak` is the
-largest such sum. Outputs that alias an input's storage (views) count nothing. Tensors created before the mode is entered (weights, inputs) are not counted, so
-`peak` is the extra memory the code needed, its output included. It sees what aten ops return, not
-scratch a kernel allocates inside itself. Used by tests/model_shards/test_fp8_experts.py and
+largest such sum. Outputs that alias an input's storage (views) count nothing. Tensors created
+before the mode is entered (weights, inputs) are not counted, so `peak` is the extra memory the
+code needed, its output included. It sees what aten ops return, not scratch a kernel allocates
+inside itself. Used by tests/model_shards/test_fp8_experts.py and
 benchmarks/bench_fp8_experts.py.
 """
 
