@@ -4,11 +4,14 @@ Owns: `fp8_expert_ffn`, the FP8 branch of `moe.expert_ffn`. Temporaries stay bou
 expert: on CPU (and on CUDA where no block-scaled GEMM applies) each hit expert's gate_up and down
 are dequantised, used and dropped before the next expert's, never the whole expert set at once;
 on CUDA with 128 x 128 weight blocks and torch's `F.scaled_mm` (torch >= 2.10) the weights are
-multiplied as FP8 without any dequantised copy. Must not: hold weights or know about routing.
+multiplied as FP8 without any dequantised copy (falling back, with a warning, to the
+dequantising path if that GEMM raises). Must not: hold weights or know about routing.
 Tests: tests/model_shards/test_fp8_experts.py.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +41,17 @@ def fp8_expert_ffn(x_RD: torch.Tensor, *, counts_E: torch.Tensor, gate_up: Weigh
             continue
         x = x_RD[start : start + n]
         gate_up_e, down_e = _expert(gate_up, e), _expert(down, e)
+        y = None
         if block_scaled:
             assert isinstance(gate_up_e, Fp8Weight) and isinstance(down_e, Fp8Weight)  # checked by _scaled_mm_applies
-            gate, up = scaled_mm_linear(x, gate_up_e).chunk(2, dim=-1)
-            y = scaled_mm_linear(F.silu(gate) * up, down_e)
-        else:
+            try:
+                gate, up = scaled_mm_linear(x, gate_up_e).chunk(2, dim=-1)
+                y = scaled_mm_linear(F.silu(gate) * up, down_e)
+            except (RuntimeError, NotImplementedError) as err:
+                # Unverified on this project's hardware: a GPU/torch that rejects the layout falls back, loudly.
+                warnings.warn(f"F.scaled_mm block-FP8 path failed ({err}); dequantising per expert", stacklevel=2)
+                block_scaled = False
+        if y is None:
             y = _dequantised_swiglu(x, gate_up_e, down_e)
         out[start : start + n] = y.to(x_RD.dtype)
         start += n
