@@ -3,7 +3,8 @@
 Trunk side: `route` (fp32 softmax over all experts, top-k on probabilities, renormalise, cast
 to the model dtype) and the sigmoid-gated shared expert (`route_and_shared` runs both off one
 stacked router | gate | up GEMM when the loader provides it). Expert side: `expert_ffn` on routed
-rows (SwiGLU per expert, grouped GEMM) with `expert_ffn_reference` (per-expert loop) beside it.
+rows (SwiGLU per expert, grouped GEMM for plain weights, one expert at a time for FP8 in
+fp8_experts.py) with `expert_ffn_reference` (per-expert loop) beside it.
 Combine: weight each routed row after down_proj (model dtype), then sum the k slots of a
 token in fp32 with one rounding: HF's `grouped_mm` experts back-end (transformers' default),
 not the `eager` index_add order (they differ by 1 bf16 ulp, model_spec §2.5).
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model_shards.fp8_experts import fp8_expert_ffn
 from model_shards.quant import Fp8Weight, Weight, linear
 
 
@@ -105,20 +107,14 @@ def expert_ffn(x_RD: torch.Tensor, *, counts_E: torch.Tensor, gate_up: Weight, d
     """
     if x_RD.shape[0] == 0:
         return x_RD.new_zeros((0, x_RD.shape[1]))
-    if isinstance(gate_up, Fp8Weight):
-        # Dequantise only the experts that received rows.
-        hit = torch.nonzero(counts_E, as_tuple=True)[0]
-        counts_E = counts_E[hit]
-        gate_up_w = gate_up.select(hit).dequantize(x_RD.dtype)
-        down_w = down.select(hit).dequantize(x_RD.dtype) if isinstance(down, Fp8Weight) else down[hit]
-    else:
-        gate_up_w = gate_up
-        down_w = down.dequantize(x_RD.dtype) if isinstance(down, Fp8Weight) else down
+    if isinstance(gate_up, Fp8Weight) or isinstance(down, Fp8Weight):
+        # One expert's weights at a time, never a dequantised copy of the expert set (fp8_experts.py).
+        return fp8_expert_ffn(x_RD, counts_E=counts_E, gate_up=gate_up, down=down)
     offs = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-    gu = F.grouped_mm(x_RD.to(gate_up_w.dtype), gate_up_w.transpose(-2, -1), offs=offs)
+    gu = F.grouped_mm(x_RD.to(gate_up.dtype), gate_up.transpose(-2, -1), offs=offs)
     gate, up = gu.chunk(2, dim=-1)
     hidden = F.silu(gate) * up
-    return F.grouped_mm(hidden, down_w.transpose(-2, -1), offs=offs).to(x_RD.dtype)
+    return F.grouped_mm(hidden, down.transpose(-2, -1), offs=offs).to(x_RD.dtype)
 
 
 def expert_ffn_reference(

@@ -45,6 +45,10 @@ class Fp8Weight:
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_blockwise(self.data, self.scale_inv, block=self.block, dtype=dtype)
 
+    def expert(self, e: int) -> Fp8Weight:
+        """Expert e of a stacked weight: views of its data and scales (no copy), still FP8."""
+        return Fp8Weight(self.data[e], self.scale_inv[e], self.block)
+
     def select(self, index: torch.Tensor) -> Fp8Weight:
         """Rows of the leading (expert) dim, still FP8."""
         return Fp8Weight(self.data[index], self.scale_inv[index], self.block)
@@ -66,6 +70,12 @@ def dequantize_blockwise(
     """
     out_dim, in_dim = data.shape[-2:]
     br, bc = block
+    if out_dim % br == 0 and in_dim % bc == 0:
+        # Whole blocks: scale in place through a blocked view, so the only full-size temporary is
+        # the fp32 copy itself (same products as the expanded-scale form below, so the same bits).
+        w = data.float()
+        w.view(*data.shape[:-2], out_dim // br, br, in_dim // bc, bc).mul_(scale_inv.float()[..., :, None, :, None])
+        return w.to(dtype)
     scale = scale_inv.float().repeat_interleave(br, dim=-2).repeat_interleave(bc, dim=-1)
     return (data.float() * scale[..., :out_dim, :in_dim]).to(dtype)
 

@@ -128,6 +128,18 @@ def test_dequantize_dtype_and_linear_against_the_spec(dtype: torch.dtype) -> Non
     assert fp8.nbytes == 192 * 160 * 1 + 2 * 2 * 2  # fp8 data + 2 x 2 bf16 scales
 
 
+@pytest.mark.parametrize("shape", [(256, 128), (3, 256, 384)], ids=["2d", "stacked-experts"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dequantize_whole_blocks_against_the_spec(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Shapes that are whole blocks take the in-place blocked-view path: still the spec's bits."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * torch.logspace(-3, 1, shape[-1])
+    fp8 = Fp8Weight(*quantize_blockwise(w, block=BLOCK, scale_dtype=torch.float32), BLOCK)
+    want = dequant_per_spec(fp8.data, fp8.scale_inv, BLOCK).to(dtype)
+    assert torch.equal(fp8.dequantize(dtype), want), _report(fp8.dequantize(dtype), want)
+    if len(shape) == 3:
+        assert torch.equal(fp8.expert(1).dequantize(dtype), want[1])
+
+
 def _tol(dtype: torch.dtype) -> dict[str, float]:
     return {"rtol": 1e-5, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1.0}
 

@@ -1,0 +1,126 @@
+"""Routed-expert SwiGLU over block-FP8 weights, one expert at a time.
+
+Owns: `fp8_expert_ffn`, the FP8 branch of `moe.expert_ffn`. Temporaries stay bounded by one
+expert: on CPU (and on CUDA where no block-scaled GEMM applies) each hit expert's gate_up and down
+are dequantised, used and dropped before the next expert's, never the whole expert set at once;
+on CUDA with 128 x 128 weight blocks and torch's `F.scaled_mm` (torch >= 2.10) the weights are
+multiplied as FP8 without any dequantised copy (falling back, with a warning, to the
+dequantising path if that GEMM raises). Must not: hold weights or know about routing.
+Tests: tests/model_shards/test_fp8_experts.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from model_shards.quant import FP8_DTYPE, FP8_MAX, Fp8Weight, Weight, dense
+
+SCALED_MM_BLOCK = 128  # the block `F.scaled_mm`'s BlockWise1x128 / BlockWise128x128 recipes use
+
+
+def fp8_expert_ffn(x_RD: torch.Tensor, *, counts_E: torch.Tensor, gate_up: Weight, down: Weight) -> torch.Tensor:
+    """SwiGLU of rows grouped by expert, FP8 weights used one expert at a time.
+
+    Args:
+        x_RD: [R, D] rows, expert e's rows contiguous, in expert order.
+        counts_E: [E] rows per expert (zeros allowed).
+        gate_up: [E, 2I, D]; down: [E, D, I]; either or both FP8.
+    Returns:
+        [R, D] in x's dtype. The CPU path gives the same bits as dequantising the hit experts and
+        running one grouped GEMM over them (same dequantise op order, same per-group GEMM).
+    """
+    out = torch.empty_like(x_RD)
+    block_scaled = _scaled_mm_applies(x_RD, gate_up, down)
+    start = 0
+    # One host sync for the row ranges; experts with no rows are skipped without touching their weights.
+    for e, n in enumerate(counts_E.tolist()):
+        if n == 0:
+            continue
+        x = x_RD[start : start + n]
+        gate_up_e, down_e = _expert(gate_up, e), _expert(down, e)
+        y = None
+        if block_scaled:
+            assert isinstance(gate_up_e, Fp8Weight) and isinstance(down_e, Fp8Weight)  # checked by _scaled_mm_applies
+            try:
+                gate, up = scaled_mm_linear(x, gate_up_e).chunk(2, dim=-1)
+                y = scaled_mm_linear(F.silu(gate) * up, down_e)
+            except (RuntimeError, NotImplementedError) as err:
+                # Unverified on this project's hardware: a GPU/torch that rejects the layout falls back, loudly.
+                warnings.warn(f"F.scaled_mm block-FP8 path failed ({err}); dequantising per expert", stacklevel=2)
+                block_scaled = False
+        if y is None:
+            y = _dequantised_swiglu(x, gate_up_e, down_e)
+        out[start : start + n] = y.to(x_RD.dtype)
+        start += n
+    return out
+
+
+def _expert(w: Weight, e: int) -> Weight:
+    """Expert e's [out, in] weight: a view, still FP8 if FP8."""
+    return w.expert(e) if isinstance(w, Fp8Weight) else w[e]
+
+
+def _dequantised_swiglu(x_nD: torch.Tensor, gate_up: Weight, down: Weight) -> torch.Tensor:
+    """One expert: dequantise its weights, then the same one-group grouped GEMMs `expert_ffn` runs."""
+    offs = torch.tensor([x_nD.shape[0]], dtype=torch.int32, device=x_nD.device)
+    gate_up_w = dense(gate_up, x_nD.dtype)
+    gu = F.grouped_mm(x_nD.to(gate_up_w.dtype), gate_up_w[None].transpose(-2, -1), offs=offs)
+    del gate_up_w  # dropped before down is dequantised: one weight matrix alive at a time
+    gate, up = gu.chunk(2, dim=-1)
+    hidden = F.silu(gate) * up
+    del gu, gate, up
+    down_w = dense(down, x_nD.dtype)
+    return F.grouped_mm(hidden, down_w[None].transpose(-2, -1), offs=offs)
+
+
+def _scaled_mm_applies(x: torch.Tensor, gate_up: Weight, down: Weight) -> bool:
+    """CUDA, bf16 activations, torch with `F.scaled_mm`, 128 x 128 blocks and every dim a multiple of 128."""
+    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or not hasattr(F, "scaled_mm"):
+        return False
+    if not (isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight)):
+        return False
+    return all(
+        w.block == (SCALED_MM_BLOCK, SCALED_MM_BLOCK) and all(d % SCALED_MM_BLOCK == 0 for d in w.shape[-2:])
+        for w in (gate_up, down)
+    )
+
+
+def scaled_mm_linear(x_nK: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
+    """y = x @ W.T on CUDA with torch's block-scaled FP8 GEMM (no dequantised weight).
+
+    The activations are quantised to e4m3 per token per 128 columns (BlockWise1x128, fp32 scales,
+    DeepSeek-V3's recipe); the weight keeps its checkpoint bits and 128 x 128 scales (BlockWise128x128).
+    Numerics therefore differ from dequantise-then-matmul by the activation quantisation (relative
+    error ~2^-4 per element before accumulation). NOT run on this project's CPU CI: written against
+    torch 2.11's `F.scaled_mm` contract (cuBLASLt on SM90+: activation scales outer-dim-major with M a
+    multiple of 4, weight column-major, weight scale K-blocks a multiple of 4) and checked only where
+    a GPU is present.
+
+    Args:
+        x_nK: [n, K] bf16 on CUDA. w: [N, K] FP8 with (128, 128) blocks, N and K multiples of 128.
+    Returns:
+        [n, N] bf16.
+    """
+    n, k = x_nK.shape
+    pad_m = -n % 4
+    xp = F.pad(x_nK, (0, 0, 0, pad_m)) if pad_m else x_nK
+    groups = xp.float().unflatten(-1, (k // SCALED_MM_BLOCK, SCALED_MM_BLOCK))  # [M, K/128, 128]
+    a_scale = (groups.abs().amax(dim=-1) / FP8_MAX).clamp(min=1e-12)  # [M, K/128]
+    a = (groups / a_scale[..., None]).clamp(-FP8_MAX, FP8_MAX).flatten(-2).to(FP8_DTYPE)
+    kb = k // SCALED_MM_BLOCK
+    w_scale = w.scale_inv.float()  # [N/128, K/128]
+    if kb % 4:
+        w_scale = F.pad(w_scale, (0, -kb % 4))
+    y = F.scaled_mm(
+        a,
+        w.data.t(),  # column-major [K, N] view, no copy
+        a_scale.t().contiguous().t(),  # outer-dim-major, as cuBLASLt wants
+        F.ScalingType.BlockWise1x128,
+        w_scale.t(),
+        F.ScalingType.BlockWise128x128,
+        output_dtype=torch.bfloat16,
+    )
+    return y[:n]
