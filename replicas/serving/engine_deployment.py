@@ -19,7 +19,9 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import ray
+import torch
 
+from cluster.expert_load import per_rank_load, rank_imbalance
 from cluster.topology import GroupShape
 from model_shards.config import from_hf_config
 from replicas.engine.block_pool import BlockPool
@@ -133,19 +135,60 @@ class EngineServer:
             )
 
     def _record_expert_load(self) -> None:
-        """Expert-load imbalance since the last push: max / mean tokens per expert rank, mean over layers."""
+        """Expert load as the expert ranks received it: imbalance since the last push (max / mean tokens per
+        expert rank, mean over layers), and over the group's moving window: tokens per step per expert rank,
+        max / mean per MoE layer (MTP layers labelled mtpJ), padding rows per step."""
         if self.group.expert_map is None or self.engine.failure is not None:
             return
         try:
-            per_rank = self.group.expert_load()["tokens_per_rank"]
+            load = self.group.expert_load()
         except Exception:  # noqa: BLE001  # a failing group reports no load
             return
+        per_rank = load.get("received_per_rank", load["tokens_per_rank"]).to(torch.float64)
         totals = per_rank.sum(dim=1)
         used = totals > 0
         if bool(used.any()):
             ratio = per_rank[used].max(dim=1).values / per_rank[used].mean(dim=1)
             self.metrics.set("expert_load_imbalance_sum", float(ratio.mean()))
             self.metrics.set("expert_load_imbalance_count", 1.0)
+        window = load.get("window_per_expert")
+        if window is None:
+            return
+        win_rank = per_rank_load(window, self.group.expert_map.owners, self.group.shape.expert_ranks)
+        rid = self.replica_id
+        for j, v in enumerate(win_rank.sum(dim=0).tolist()):
+            self.metrics.set("expert_rank_tokens_per_step", v, replica=rid, rank=str(j))
+        n_dec = self.cfg.num_layers
+        for layer, v in enumerate(rank_imbalance(win_rank).tolist()):
+            name = str(layer) if layer < n_dec else f"mtp{layer - n_dec}"
+            self.metrics.set("expert_layer_imbalance", v, replica=rid, layer=name)
+        pad = self.group.load_window.mean_padding()
+        if pad is not None:
+            self.metrics.set("expert_padding_rows_per_step", float(pad.sum()), replica=rid)
+
+    async def rebalance(self, redundant: int = 0, skip: list[str] | None = None) -> dict[str, Any]:
+        """Admin (epserve rebalance; no HTTP route): re-place this replica's experts by the measured load with
+        `redundant` extra copies per layer, moving weights while serving. Returns the report with this
+        replica's id; a replica named in `skip` (already done) only returns its id."""
+        self._ensure_started()
+        if skip and self.replica_id in skip:
+            return {"replica": self.replica_id, "skipped": True}
+        try:
+            report = await self.group.rebalance(redundant)
+        except (RuntimeError, ValueError) as e:
+            return {"replica": self.replica_id, "error": str(e)}
+        log.info(
+            "expert rebalance v%d: max/mean %.3f -> %.3f, %d slots moved",
+            report["version"],
+            report["max_imbalance_before"],
+            report["max_imbalance_after"],
+            report["moved_slots"],
+        )
+        return {"replica": self.replica_id, **report}
+
+    async def save_expert_load(self, path: str) -> dict[str, Any]:
+        """Admin: write this replica's moving-average expert load (cluster/expert_load.py's file) at `path`."""
+        return await asyncio.to_thread(self.group.save_load, path)
 
     # ----------------------------------------------------------------- called through handles
     async def generate(self, req: GenerateRequest, caller: str | None = None) -> AsyncIterator[RequestOutput]:
