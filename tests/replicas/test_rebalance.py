@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cluster.expert_load import per_rank_load, read_load_file
-from tests.replicas.test_group import _group, _prompts, _Reference, _Scenario
+from tests.replicas.test_group import VOCAB, _group, _prompts, _Reference, _Scenario
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -96,3 +96,56 @@ def ray_get_held(group) -> list[list[list[int]]]:  # noqa: ANN001
     import ray
 
     return ray.get([e.held_experts.remote() for e in group.experts], timeout=30)
+
+
+def test_streams_unchanged_by_rebalances_while_they_run(ray_cluster, hf_checkpoint: Path) -> None:  # noqa: ANN001
+    """8 greedy streams on the serving Engine, once on the contiguous map and once while rebalances (R = 2,
+    then R = 4) switch the map under them: every stream finishes with the same tokens."""
+    from model_shards.sampling import SamplingParams
+    from replicas.engine.engine_types import GenerateRequest
+    from replicas.ep.offline_generate import offline_engine, run_to_completion
+
+    prompts = _prompts(3, [9, 30, 17, 50, 4, 22, 41, 12])
+    group = _group(hf_checkpoint, 1, 2)
+
+    def req(tag: str, i: int) -> GenerateRequest:
+        return GenerateRequest(
+            request_id=f"{tag}{i}",
+            prompt_ids=tuple(prompts[i]),
+            params=SamplingParams(temperature=0.0, logprobs=0),
+            max_tokens=16,
+            ignore_eos=True,
+        )
+
+    async def main() -> tuple[list, list, list]:
+        engine = offline_engine(group, max_prompt_len=64, vocab_size=VOCAB)
+        engine.start()
+        try:
+            alone = await asyncio.gather(*(run_to_completion(engine, req("a", i)) for i in range(len(prompts))))
+
+            async def rebalances() -> list:
+                reports = []
+                for r in (2, 4):
+                    start = engine.steps
+                    while engine.steps < start + 3:
+                        await asyncio.sleep(0.01)
+                    report = await group.rebalance(r)
+                    report["open_streams"] = engine.stats()["streams"]  # the switch happened under running streams
+                    reports.append(report)
+                return reports
+
+            streams = asyncio.gather(*(run_to_completion(engine, req("b", i)) for i in range(len(prompts))))
+            reports = await asyncio.wait_for(rebalances(), timeout=120)
+            return alone, await streams, reports
+        finally:
+            await engine.stop()
+
+    try:
+        alone, moved, reports = asyncio.run(main())
+    finally:
+        group.shutdown()
+    assert [r["version"] for r in reports] == [1, 2]
+    assert all(r["open_streams"] > 0 for r in reports), reports
+    assert all(r["moved_slots"] > 0 for r in reports), "a rebalance that moves nothing tests no switch"
+    assert all(len(c.token_ids) == 16 for c in moved), "a stream was cut short"
+    assert [c.token_ids for c in moved] == [c.token_ids for c in alone]
