@@ -149,3 +149,66 @@ def test_streams_unchanged_by_rebalances_while_they_run(ray_cluster, hf_checkpoi
     assert all(r["moved_slots"] > 0 for r in reports), "a rebalance that moves nothing tests no switch"
     assert all(len(c.token_ids) == 16 for c in moved), "a stream was cut short"
     assert [c.token_ids for c in moved] == [c.token_ids for c in alone]
+
+
+@pytest.mark.slow  # ~50 s: an app of its own (the group-level tests above cover the switch itself)
+def test_epserve_rebalance_on_a_running_server(ray_cluster, serve_http: str, embedded_model_dir: Path) -> None:  # noqa: ANN001
+    """The admin command against a served app (D = 1 x X = 2): it reports before/after imbalance and /metrics
+    shows the per-layer load; a wrong app name is a clear error with a non-zero exit."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import openai
+    import requests
+    from ray import serve
+
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs, AutoscalingArgs
+
+    app, prefix = "eplb", "/eplb"
+    args = AppArgs(
+        model=str(embedded_model_dir),
+        served_model_name="eplb-tiny",
+        dtype="float32",
+        trunk_ranks=1,
+        expert_ranks=2,
+        num_kv_blocks=64,
+        block_size=16,
+        max_num_seqs=4,
+        max_model_len=256,
+        ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
+        engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
+    )
+    serve.run(build_app(args), name=app, route_prefix=prefix)
+    try:
+        client = openai.OpenAI(base_url=serve_http + prefix + "/v1", api_key="unused", max_retries=0, timeout=120)
+        for i in range(3):
+            client.completions.create(model="eplb-tiny", prompt=f"count {i}: one two", max_tokens=8, temperature=0)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+        def cli(*argv: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "epserve.cli", "rebalance", "--address", ray_cluster.address, *argv],
+                capture_output=True,
+                text=True,
+                timeout=180,
+                env=env,
+            )
+
+        done = cli("--app", app, "--redundant-experts", "2")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "map v1, max/mean rank load" in done.stdout and "slots moved" in done.stdout, done.stdout
+        wrong = cli("--app", "nope")
+        assert wrong.returncode != 0 and "no Serve application 'nope'" in wrong.stderr, wrong.stderr
+        # the map switched under a serving engine: it still answers
+        client.completions.create(model="eplb-tiny", prompt="after", max_tokens=4, temperature=0)
+        deadline = time.monotonic() + 30
+        text = ""
+        while time.monotonic() < deadline and "epserve:expert_layer_imbalance{" not in text:
+            time.sleep(1.0)
+            text = requests.get(serve_http + prefix + "/metrics", timeout=30).text
+        assert "epserve:expert_layer_imbalance{" in text and "epserve:expert_rank_tokens_per_step{" in text
+    finally:
+        serve.delete(app)
