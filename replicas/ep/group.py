@@ -404,6 +404,8 @@ class ExpertParallelGroup:
             old = self.expert_map
             x = self.shape.expert_ranks
             layers = load[: old.num_moe_layers].tolist()
+            # MoE layers no rank measured (MTP layers of a checkpoint without MTP weights): even load, kept in place
+            layers += [[1.0] * len(layers[0])] * (old.num_moe_layers - len(layers))
             new = rebalance(layers, num_ranks=x, redundant=redundant, current=old, tolerance=tolerance)
             before = rank_imbalance(per_rank_load(layers, old.owners, x))
             after = rank_imbalance(per_rank_load(layers, new.owners, x))

@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING, Any
 import ray
 import torch
 
-from cluster.expert_load import per_rank_load, rank_imbalance
+from cluster.expert_balance import rebalance
+from cluster.expert_load import per_rank_load, rank_imbalance, read_load_file
+from cluster.placement import ExpertMap
 from cluster.topology import GroupShape
-from model_shards.config import from_hf_config
+from model_shards.config import ModelConfig, from_hf_config
 from replicas.engine.block_pool import BlockPool
 from replicas.engine.engine import Engine
 from replicas.engine.engine_types import GenerateRequest, RequestOutput
@@ -75,6 +77,7 @@ class EngineServer:
                 cpus_per_rank=a.cpus_per_rank,
                 gpus=a.gpus,
                 load_timeout_s=a.load_timeout_s,
+                expert_map=_initial_map(a, self.cfg),
             ),
             placement=placement,
             first_bundle=1 if placement is not None else 0,
@@ -269,6 +272,21 @@ class EngineServer:
             self.group.shutdown()
             if self.hub is not None:
                 retire_from_hub(self.hub, self.replica_id, self.metrics)
+
+
+def _initial_map(a: AppArgs, cfg: ModelConfig) -> ExpertMap | None:
+    """The expert map placed by a saved load file, or None (contiguous ranges)."""
+    if a.expert_load_file is None:
+        if a.redundant_experts:
+            raise ValueError("redundant_experts needs expert_load_file (copies are placed by measured load)")
+        return None
+    if a.expert_ranks == 0:
+        raise ValueError("expert_load_file needs expert_ranks >= 1")
+    loads = read_load_file(a.expert_load_file, num_experts=cfg.num_experts)
+    if not 0 < len(loads) <= cfg.num_moe_layers:
+        raise ValueError(f"{a.expert_load_file}: {len(loads)} MoE layers, the model has {cfg.num_moe_layers}")
+    loads += [[1.0] * cfg.num_experts] * (cfg.num_moe_layers - len(loads))  # unmeasured (MTP) layers: even
+    return rebalance(loads, num_ranks=a.expert_ranks, redundant=a.redundant_experts)
 
 
 def _serve_replica_id() -> str:

@@ -212,3 +212,26 @@ def test_epserve_rebalance_on_a_running_server(ray_cluster, serve_http: str, emb
         assert "epserve:expert_layer_imbalance{" in text and "epserve:expert_rank_tokens_per_step{" in text
     finally:
         serve.delete(app)
+
+
+def test_initial_placement_from_a_load_file(hf_checkpoint: Path, tmp_path: Path) -> None:
+    """AppArgs.expert_load_file + redundant_experts: the hottest experts get the copies; bad settings are named."""
+    from cluster.expert_load import write_load_file
+    from model_shards.config import from_hf_config
+    from replicas.serving.app_args import AppArgs
+    from replicas.serving.engine_deployment import _initial_map
+
+    cfg = from_hf_config(hf_checkpoint)
+    loads = torch.ones(cfg.num_moe_layers, cfg.num_experts)
+    loads[:, 3] = 40.0  # expert 3 is hot in every layer, expert 9 warm
+    loads[:, 9] = 20.0
+    path = tmp_path / "load.json"
+    write_load_file(path, loads, steps=10)
+    m = _initial_map(AppArgs(expert_ranks=2, expert_load_file=str(path), redundant_experts=2), cfg)
+    assert m is not None
+    for layer in m.owners:
+        assert len(layer[3]) == 2 and len(layer[9]) == 2  # the two copies go to the two loaded experts
+    with pytest.raises(ValueError, match="needs expert_load_file"):
+        _initial_map(AppArgs(expert_ranks=2, redundant_experts=2), cfg)
+    with pytest.raises(ValueError, match="divide|slots"):
+        _initial_map(AppArgs(expert_ranks=2, expert_load_file=str(path), redundant_experts=1), cfg)
