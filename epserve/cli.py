@@ -17,6 +17,7 @@ COMMANDS = {
     "plan": "epserve.plan_cmd",
     "serve": "epserve.serve_cmd",
     "bench": "epserve.bench_cmd",
+    "rebalance": "epserve.rebalance_cmd",
 }
 
 

@@ -37,11 +37,14 @@ class StepPlan:
         moe_layers: MoE layer ids in call order (decoder layers, then MTP layers if drafting).
         mode: VARIABLE (counts exchange) or FIXED (capacity rows per pair, no counts exchange).
         capacity: C, rows per (trunk rank, expert rank) pair in FIXED mode.
+        map_version: the expert map this step runs under; a rank that holds a staged map of this version
+            switches to it before the step (so every rank switches at the same step boundary).
     """
 
     moe_layers: tuple[int, ...]
     mode: str = VARIABLE
     capacity: int = 0
+    map_version: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in (VARIABLE, FIXED):

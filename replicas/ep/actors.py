@@ -24,6 +24,7 @@ from cluster.topology import GroupShape
 from model_shards.cache import CachePools
 from model_shards.checkpoint_files import CheckpointReader
 from model_shards.config import from_hf_config
+from model_shards.experts import ExpertShard
 from model_shards.model import resolve_dtype
 from model_shards.tiny_checkpoint import resolve_model_dir
 from model_shards.trunk import Trunk
@@ -55,6 +56,7 @@ class RankSpec:
     index: int  # trunk index i or expert index j
     caches: CacheSizes | None = None  # trunk ranks only
     threads: int = 1
+    map_version: int = 0  # the version of `expert_map` (a rank replaced after a rebalance loads the current map)
 
 
 def _set_threads(n: int) -> None:
@@ -113,6 +115,9 @@ class TrunkRankActor(_RankBase):
         if cfg.vision is not None and self.layout.has_vision:
             self.vision = VisionTower(load_vision(reader, cfg, dtype=self.dtype), cfg.vision, dtype=self.dtype)
         self.rank: TrunkRank | None = None
+        self._dispatcher: AllToAllDispatcher | None = None
+        self._map_version = spec.map_version
+        self._staged: tuple[int, ExpertMap] | None = None
         if spec.shape.expert_ranks == 0:
             shard = load_experts(reader, cfg, expert_ids=range(cfg.num_experts), dtype=self.dtype, layout=self.layout)
             self.rank = TrunkRank(
@@ -133,6 +138,24 @@ class TrunkRankActor(_RankBase):
             num_experts=self.cfg.num_experts,
         )
         self.rank = TrunkRank(self.trunk, self.pools, dispatcher, self.vision)
+        self._dispatcher = dispatcher
+
+    def stage_map(self, expert_map: ExpertMap, version: int) -> int:
+        """Hold `expert_map` until a step's plan names `version`; nothing changes before that."""
+        self._staged = (version, expert_map)
+        return version
+
+    def drop_staged(self, version: int) -> None:
+        if self._staged is not None and self._staged[0] == version:
+            self._staged = None
+
+    def _switch_map(self, plan: StepPlan | None) -> None:
+        if plan is None or plan.map_version == self._map_version or self._dispatcher is None:
+            return
+        if self._staged is None or self._staged[0] != plan.map_version:
+            raise RuntimeError(f"step runs expert map v{plan.map_version}; this trunk rank has v{self._map_version}")
+        self._dispatcher.set_map(self._staged[1])
+        self._map_version, self._staged = plan.map_version, None
 
     def leave(self) -> None:
         """Leave the process group for a rebuild; the engine failed every sequence, so their state goes too."""
@@ -143,6 +166,7 @@ class TrunkRankActor(_RankBase):
     def step(self, req: StepRequest, plan: StepPlan | None) -> StepResult:
         assert self.rank is not None, "trunk rank has not joined its group"
         try:
+            self._switch_map(plan)
             return self.rank.step(req, plan)
         except Exception:
             if self.group is not None:
@@ -182,22 +206,69 @@ class ExpertRankActor(_RankBase):
         cfg = from_hf_config(folder)
         self.cfg = cfg
         self.dtype = resolve_dtype(cfg, spec.dtype)
+        self._folder = folder
         reader = CheckpointReader(folder)
         layout = CheckpointLayout.detect(reader, cfg)
+        self._layout = layout
+        self._has_mtp = layout.mtp_layout is not None
+        self._num_moe = cfg.num_layers + (cfg.mtp_num_hidden_layers if self._has_mtp else 0)
         ids = spec.expert_map.experts_of(spec.index)
-        has_mtp = layout.mtp_layout is not None
         self.shard = load_experts(
-            reader,
-            cfg,
-            expert_ids=ids[: cfg.num_layers + (cfg.mtp_num_hidden_layers if has_mtp else 0)],
-            dtype=self.dtype,
-            with_mtp=has_mtp,
-            layout=layout,
+            reader, cfg, expert_ids=ids[: self._num_moe], dtype=self.dtype, with_mtp=self._has_mtp, layout=layout
         )
         self.read_names = list(reader.stats.names)
         self.read_bytes = reader.stats.bytes
         reader.close()
         self.rank: ExpertRank | None = None
+        self._map_version = spec.map_version
+        self._staged: tuple[int, ExpertShard] | None = None
+
+    def stage_map(self, expert_map: ExpertMap, version: int) -> dict[str, int]:
+        """Load the experts `expert_map` gives this rank into a new shard beside the serving one (make before
+        break): layers whose experts do not change share the serving tensors; the others are read from the
+        checkpoint. The serving shard is untouched, so no step sees a half-written slot; the new one serves from
+        the first step whose plan names `version`. Returns the experts loaded and their bytes (the acknowledgement).
+        """
+        want = [sorted(ids) for ids in expert_map.experts_of(self.spec.index)[: self._num_moe]]
+        held = [sorted(lay.expert_ids) for lay in self.shard.layers]
+        changed = [w != h for w, h in zip(want, held)]
+        reader = CheckpointReader(self._folder)
+        try:
+            fresh = load_experts(
+                reader,
+                self.cfg,
+                expert_ids=[w if c else [] for w, c in zip(want, changed)],
+                dtype=self.dtype,
+                with_mtp=self._has_mtp,
+                layout=self._layout,
+            )
+            loaded_bytes = reader.stats.bytes
+        finally:
+            reader.close()
+        layers = [new if c else old for new, old, c in zip(fresh.layers, self.shard.layers, changed)]
+        self._staged = (version, ExpertShard(layers, num_experts=self.cfg.num_experts))
+        loaded = sum(len(set(w) - set(h)) for w, h in zip(want, held))
+        return {"version": version, "experts_loaded": loaded, "bytes": loaded_bytes}
+
+    def drop_staged(self, version: int) -> None:
+        """Forget a staged map (the move failed on some rank): the serving shard stays."""
+        if self._staged is not None and self._staged[0] == version:
+            self._staged = None
+
+    def _switch_map(self, plan: StepPlan) -> None:
+        if plan.map_version == self._map_version:
+            return
+        if self._staged is None or self._staged[0] != plan.map_version or self.rank is None:
+            raise RuntimeError(f"step runs expert map v{plan.map_version}; this expert rank has v{self._map_version}")
+        # the old shard goes with this assignment: slots only the old map used are freed here
+        self.shard = self._staged[1]
+        self.rank.set_shard(self.shard)
+        self._map_version, self._staged = plan.map_version, None
+
+    def take_received(self) -> dict[str, torch.Tensor | int]:
+        """Rows this rank received per expert per MoE layer, padding slots, steps, since the last call."""
+        assert self.rank is not None
+        return self.rank.take_received()
 
     def join(self, spec: GroupSpec) -> None:
         self.group = join_group(spec, self.spec.shape.expert_rank(self.spec.index))
@@ -206,6 +277,7 @@ class ExpertRankActor(_RankBase):
     def serve(self, plan: StepPlan) -> ExpertStepStats:
         assert self.rank is not None, "expert rank has not joined its group"
         try:
+            self._switch_map(plan)
             return self.rank.serve(plan)
         except Exception:
             self._failed()

@@ -198,9 +198,7 @@ class AllToAllDispatcher:
         self.group, self.shape, self.map = group, shape, expert_map
         self.hidden, self.dtype = hidden, dtype
         self.load = ExpertLoad(expert_map.num_moe_layers, num_experts)
-        self._tables = [expert_map.route_table(layer) for layer in range(expert_map.num_moe_layers)]
-        # without redundant copies an expert's rank depends on the expert alone: one lookup per layer
-        self._direct = [table[:, 0].clone() if bool((copies == 1).all()) else None for table, copies in self._tables]
+        self.set_map(expert_map)
         self._fixed: dict[int, _FixedBuffers] = {}
         self._no_splits = [0] * shape.world_size
         self._plan: StepPlan | None = None
@@ -211,6 +209,17 @@ class AllToAllDispatcher:
         # Always-on timing (two perf_counter calls per MoE layer): seconds inside dispatch + combine
         # (waiting for the expert ranks included) and the number of MoE layer calls, since `take_timings`.
         self.timings: dict[str, float] = {"exchange_s": 0.0, "layers": 0}
+
+    def set_map(self, expert_map: ExpertMap) -> None:
+        """Route by `expert_map` from the next MoE layer call on (called between steps only)."""
+        if expert_map.num_expert_ranks != self.shape.expert_ranks:
+            raise ValueError(
+                f"map for {expert_map.num_expert_ranks} expert ranks, the group has {self.shape.expert_ranks}"
+            )
+        self.map = expert_map
+        self._tables = [expert_map.route_table(layer) for layer in range(expert_map.num_moe_layers)]
+        # without redundant copies an expert's rank depends on the expert alone: one lookup per layer
+        self._direct = [table[:, 0].clone() if bool((copies == 1).all()) else None for table, copies in self._tables]
 
     def take_timings(self) -> dict[str, float]:
         """Accumulated dispatch + combine seconds and MoE layer calls since the last call; resets them."""

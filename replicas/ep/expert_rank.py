@@ -84,6 +84,11 @@ class ExpertRank:
         self.in_bytes = row_bytes(hidden, dtype) + ID_BYTES
         self.out_bytes = row_bytes(hidden, dtype)
         self._rows = [0] * len(shard.layers)
+        # load statistics as received, since `take_received`: rows per global expert id per MoE layer (kept on the
+        # device: counting must not sync), unused capacity slots (padding) per layer, and steps served
+        self._received = torch.zeros(len(shard.layers), shard.num_experts, dtype=torch.int64, device=group.device)
+        self._padding = [0] * len(shard.layers)
+        self._steps = 0
         self._fixed: dict[int, _FixedBuffers] = {}
         self._no_splits = [0] * shape.world_size
         self._no_rows_in = torch.empty(0, self.in_bytes, dtype=torch.uint8, device=group.device)
@@ -93,9 +98,33 @@ class ExpertRank:
         """Routed rows computed per MoE layer since this rank started."""
         return torch.tensor(self._rows, dtype=torch.int64)
 
+    def take_received(self) -> dict[str, torch.Tensor | int]:
+        """Rows received per expert per MoE layer ([layers, E]), padding slots per layer, and steps, since the
+        last call; resets them. MTP layers are the rows after the decoder layers."""
+        out: dict[str, torch.Tensor | int] = {
+            "tokens": self._received.cpu(),
+            "padding": torch.tensor(self._padding, dtype=torch.int64),
+            "steps": self._steps,
+        }
+        self._received = torch.zeros_like(self._received)
+        self._padding = [0] * len(self._padding)
+        self._steps = 0
+        return out
+
+    def set_shard(self, shard: ExpertShard) -> None:
+        """Serve with `shard` from the next step on (the group's map switch, at a step boundary)."""
+        if len(shard.layers) != len(self.shard.layers):
+            raise ValueError(f"new shard has {len(shard.layers)} MoE layers, this rank serves {len(self.shard.layers)}")
+        self.shard = shard
+
+    def _count(self, layer: int, ids: torch.Tensor) -> None:
+        if ids.numel():
+            self._received[layer].index_add_(0, ids.to(torch.long), torch.ones_like(ids, dtype=torch.int64))
+
     @torch.inference_mode()
     def serve(self, plan: StepPlan) -> ExpertStepStats:
         t0 = time.perf_counter()
+        self._steps += 1
         rows = 0
         compute = 0.0
         for layer in plan.moe_layers:
@@ -108,6 +137,7 @@ class ExpertRank:
         t0 = time.perf_counter()
         x, ids = unpack_rows(buf, hidden=self.hidden, dtype=self.dtype)
         self._rows[layer] += x.shape[0]
+        self._count(layer, ids)
         y = self.shard.forward(layer, x, ids) if x.shape[0] else x
         return y.contiguous().reshape(-1).view(torch.uint8).view(-1, self.out_bytes), time.perf_counter() - t0
 
@@ -146,7 +176,9 @@ class ExpertRank:
             n = sent[0]
             self._rows[layer] += n
             if n:
-                y = self.shard.forward(layer, bufs.rows[1 : 1 + n].contiguous(), bufs.ids[1 : 1 + n, 0].to(torch.long))
+                ids = bufs.ids[1 : 1 + n, 0].to(torch.long)
+                self._count(layer, ids)
+                y = self.shard.forward(layer, bufs.rows[1 : 1 + n].contiguous(), ids)
                 bufs.answers[1 : 1 + n].copy_(y)
             secs = time.perf_counter() - t0
         else:
@@ -162,6 +194,7 @@ class ExpertRank:
             bufs.flag = overflow
         exchange(self.group, bufs.back, send_splits=bufs.send_splits, recv_splits=self._no_splits)
         rows = sum(sent)
+        self._padding[layer] += d * cap - rows  # capacity slots that crossed the wire empty
         if overflow:
             extra = [c - s for c, s in zip(counts, sent)]
             rest = exchange(self.group, self._no_rows_in, send_splits=self._no_splits, recv_splits=extra + [0] * x)

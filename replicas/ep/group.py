@@ -6,12 +6,13 @@ rank 0's node on a free port, and `step()`: one Ray call per rank per step (noth
 layer), returning each trunk rank's sampled tokens. Any rank error or timeout fails the
 step with `GroupFailure` (epoch, dead ranks, timed-out ranks); `rebuild()` replaces the
 failed ranks, re-forms the process group and checks the data path with an idle step.
-Tests: tests/replicas/test_group.py.
+Tests: tests/replicas/test_group.py, tests/replicas/test_rebalance.py (load statistics, rebalancing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.expert_balance import moved_slots, rebalance
+from cluster.expert_load import LoadWindow, per_rank_load, rank_imbalance, write_load_file
 from cluster.placement import ExpertMap, GroupPlacement, plan_placement
 from cluster.process_groups import GroupSpec, choose_backend
 from cluster.topology import GroupShape, Topology
@@ -94,6 +97,7 @@ class GroupConfig:
     gpus: bool = False
     strategy: str | None = None
     load_timeout_s: float = 600.0
+    load_window_steps: int = 256  # expert-load moving average: the last this many steps
 
 
 class ExpertParallelGroup:
@@ -118,6 +122,9 @@ class ExpertParallelGroup:
             if self.shape.expert_ranks
             else None
         )
+        self.map_version = 0  # bumped by each rebalance; every step's plan carries it
+        self.load_window = LoadWindow(config.load_window_steps)
+        self._rebalancing = False
         self._own_pg = placement is None
         self._layout: GroupPlacement = plan_placement(
             self.shape,
@@ -169,6 +176,7 @@ class ExpertParallelGroup:
             dtype=self.config.dtype,
             shape=self.shape,
             expert_map=self.expert_map,
+            map_version=self.map_version,
             index=index,
             caches=self.config.caches if is_trunk else None,
             threads=int(self.config.cpus_per_rank),
@@ -226,7 +234,11 @@ class ExpertParallelGroup:
     def canary(self) -> float:
         """An idle step through every rank (all exchanges, no tokens): proves the data path; returns seconds."""
         t0 = time.monotonic()
-        plan = StepPlan(tuple(range(self.cfg.num_layers)), VARIABLE) if self.shape.expert_ranks else None
+        plan = (
+            StepPlan(tuple(range(self.cfg.num_layers)), VARIABLE, map_version=self.map_version)
+            if self.shape.expert_ranks
+            else None
+        )
         refs = [t.step.remote(StepRequest(), plan) for t in self.trunks]
         refs += [e.serve.remote(plan) for e in self.experts] if plan is not None else []
         ray.get(refs, timeout=self.config.deadline_s * 4 + 10)
@@ -276,7 +288,8 @@ class ExpertParallelGroup:
         if self.shape.expert_ranks == 0:
             plan = None
         else:
-            plan = plan or self.plan_for(requests)
+            # the map version is read once, here: a step runs wholly under the old map or wholly under the new
+            plan = dataclasses.replace(plan or self.plan_for(requests), map_version=self.map_version)
         refs = [t.step.remote(r, plan) for t, r in zip(self.trunks, requests)]
         if plan is not None:
             refs += [e.serve.remote(plan) for e in self.experts]
@@ -329,16 +342,99 @@ class ExpertParallelGroup:
 
     # ----------------------------------------------------------------- statistics
     def expert_load(self) -> dict[str, torch.Tensor]:
-        """Tokens per expert per MoE layer since the last call, summed over trunk ranks, and per
-        expert rank per layer (a redundant expert's tokens counted on each of its copies' share)."""
+        """Expert load since the last call, and its moving average.
+
+        Keys: tokens_per_expert [layers, E] routed by the trunk ranks (summed); tokens_per_rank [layers, X] that
+        routing split over the map's copies; received_per_expert [layers, E] and received_per_rank [layers, X]:
+        rows the expert ranks actually received; padding_rows [layers]: empty capacity slots (counted apart);
+        window_per_expert [layers, E]: per-step mean of received rows over the last `load_window_steps` steps;
+        window_steps. Layers are the decoder MoE layers, then the MTP layers (the draft passes).
+        """
         per_expert = sum(ray.get([t.take_load.remote() for t in self.trunks]))
         assert isinstance(per_expert, torch.Tensor)
         out = {"tokens_per_expert": per_expert}
         if self.expert_map is not None:
-            per_rank = torch.zeros(per_expert.shape[0], self.shape.expert_ranks, dtype=torch.float64)
-            for layer in range(min(per_expert.shape[0], self.expert_map.num_moe_layers)):
-                for e, ranks in enumerate(self.expert_map.owners[layer]):
-                    for r in ranks:
-                        per_rank[layer, r] += per_expert[layer, e].item() / len(ranks)
-            out["tokens_per_rank"] = per_rank
+            out["tokens_per_rank"] = per_rank_load(per_expert, self.expert_map.owners, self.shape.expert_ranks)
+            got = ray.get([e.take_received.remote() for e in self.experts], timeout=self.config.deadline_s + 60)
+            out["received_per_expert"] = sum(g["tokens"] for g in got)
+            out["received_per_rank"] = torch.stack([g["tokens"].sum(dim=1) for g in got], dim=1)
+            out["padding_rows"] = sum(g["padding"] for g in got)
+            steps = int(got[0]["steps"]) if got else 0
+            self.load_window.add(steps, out["received_per_expert"], out["padding_rows"])
+            mean = self.load_window.mean_tokens()
+            if mean is not None:
+                out["window_per_expert"] = mean
+            out["window_steps"] = torch.tensor(self.load_window.steps)
         return out
+
+    def save_load(self, path: str) -> dict[str, Any]:
+        """Write the moving-average load (cluster/expert_load.py's file format); returns what was written."""
+        self.expert_load()
+        mean, pad = self.load_window.mean_tokens(), self.load_window.mean_padding()
+        if mean is None:
+            raise RuntimeError("no expert load measured yet: serve some steps first")
+        write_load_file(path, mean, steps=self.load_window.steps, padding=pad)
+        return {"path": path, "steps": self.load_window.steps, "layers": int(mean.shape[0])}
+
+    # ----------------------------------------------------------------- rebalancing
+    async def rebalance(self, redundant: int = 0, *, tolerance: float = 0.02) -> dict[str, Any]:
+        """Re-place the experts by the measured load (moving average), moving weights while serving.
+
+        Make before break: every expert rank loads its new experts beside the serving ones and acknowledges;
+        only then does the group bump `map_version`, which the next step's plan carries, and every rank
+        switches at that step (the old slots are freed there). A failure while loading drops what was staged
+        and keeps the old map serving. Returns the report: before/after max/mean per layer (by the window's
+        load), moved slots, version.
+
+        Raises:
+            RuntimeError: no load measured yet, another rebalance running, or the move failed (old map kept).
+        """
+        if self.expert_map is None:
+            raise RuntimeError("no expert ranks: nothing to rebalance")
+        if self._broken is not None:
+            raise RuntimeError(f"the group is down: {self._broken}")
+        if self._rebalancing:
+            raise RuntimeError("a rebalance is already running")
+        self._rebalancing = True
+        try:
+            await asyncio.to_thread(self.expert_load)
+            load = self.load_window.mean_tokens()
+            if load is None or float(load.sum()) == 0.0:
+                raise RuntimeError("no expert load measured yet: serve some steps first")
+            old = self.expert_map
+            x = self.shape.expert_ranks
+            layers = load[: old.num_moe_layers].tolist()
+            # MoE layers no rank measured (MTP layers of a checkpoint without MTP weights): even load, kept in place
+            layers += [[1.0] * len(layers[0])] * (old.num_moe_layers - len(layers))
+            new = rebalance(layers, num_ranks=x, redundant=redundant, current=old, tolerance=tolerance)
+            before = rank_imbalance(per_rank_load(layers, old.owners, x))
+            after = rank_imbalance(per_rank_load(layers, new.owners, x))
+            version = self.map_version + 1
+            t0 = time.monotonic()
+            refs = [e.stage_map.remote(new, version) for e in self.experts]
+            refs += [t.stage_map.remote(new, version) for t in self.trunks]
+            try:
+                acks = await asyncio.wait_for(asyncio.gather(*refs), timeout=self.config.load_timeout_s)
+            except BaseException as e:
+                for a in self.experts + self.trunks:
+                    a.drop_staged.remote(version)
+                raise RuntimeError(
+                    f"expert weight move failed, the old map (v{self.map_version}) keeps serving: {e}"
+                ) from e
+            # every rank holds the new map: from the next step on the plan names it (steps already sent run the old)
+            self.expert_map, self.map_version = new, version
+            return {
+                "version": version,
+                "redundant": redundant,
+                "moved_slots": moved_slots(old, new),
+                "total_slots": sum(len(r) for layer in new.owners for r in layer),
+                "experts_loaded": sum(int(a["experts_loaded"]) for a in acks[:x]),
+                "load_s": round(time.monotonic() - t0, 3),
+                "window_steps": self.load_window.steps,
+                "imbalance_before": [round(v, 4) for v in before.tolist()],
+                "imbalance_after": [round(v, 4) for v in after.tolist()],
+                "max_imbalance_before": round(float(before.max()), 4),
+                "max_imbalance_after": round(float(after.max()), 4),
+            }
+        finally:
+            self._rebalancing = False

@@ -68,6 +68,14 @@ class AppArgs(BaseModel):
         "Unset: 5 s with CPU ranks (gloo), 30 s with GPUs (NCCL).",
     )
     capacity_factor: float = Field(2.0, gt=0, description="Decode exchange capacity over the mean rows per pair.")
+    expert_load_file: str | None = Field(
+        None,
+        description="Initial expert placement from a saved load file (`epserve rebalance --save-load`); "
+        "unset: contiguous ranges.",
+    )
+    redundant_experts: int = Field(
+        0, ge=0, description="Extra expert copies per MoE layer in the initial placement (needs expert_load_file)."
+    )
     block_size: int = Field(16, ge=1, le=1024)
     num_kv_blocks: int = Field(1024, ge=1, description="KV blocks per trunk rank.")
     max_num_seqs: int = Field(32, ge=1, description="Running sequences (= DeltaNet state slots) per trunk rank.")

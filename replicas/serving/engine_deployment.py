@@ -19,9 +19,13 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import ray
+import torch
 
+from cluster.expert_balance import rebalance
+from cluster.expert_load import per_rank_load, rank_imbalance, read_load_file
+from cluster.placement import ExpertMap
 from cluster.topology import GroupShape
-from model_shards.config import from_hf_config
+from model_shards.config import ModelConfig, from_hf_config
 from replicas.engine.block_pool import BlockPool
 from replicas.engine.engine import Engine
 from replicas.engine.engine_types import GenerateRequest, RequestOutput
@@ -73,6 +77,7 @@ class EngineServer:
                 cpus_per_rank=a.cpus_per_rank,
                 gpus=a.gpus,
                 load_timeout_s=a.load_timeout_s,
+                expert_map=_initial_map(a, self.cfg),
             ),
             placement=placement,
             first_bundle=1 if placement is not None else 0,
@@ -133,19 +138,60 @@ class EngineServer:
             )
 
     def _record_expert_load(self) -> None:
-        """Expert-load imbalance since the last push: max / mean tokens per expert rank, mean over layers."""
+        """Expert load as the expert ranks received it: imbalance since the last push (max / mean tokens per
+        expert rank, mean over layers), and over the group's moving window: tokens per step per expert rank,
+        max / mean per MoE layer (MTP layers labelled mtpJ), padding rows per step."""
         if self.group.expert_map is None or self.engine.failure is not None:
             return
         try:
-            per_rank = self.group.expert_load()["tokens_per_rank"]
+            load = self.group.expert_load()
         except Exception:  # noqa: BLE001  # a failing group reports no load
             return
+        per_rank = load.get("received_per_rank", load["tokens_per_rank"]).to(torch.float64)
         totals = per_rank.sum(dim=1)
         used = totals > 0
         if bool(used.any()):
             ratio = per_rank[used].max(dim=1).values / per_rank[used].mean(dim=1)
             self.metrics.set("expert_load_imbalance_sum", float(ratio.mean()))
             self.metrics.set("expert_load_imbalance_count", 1.0)
+        window = load.get("window_per_expert")
+        if window is None:
+            return
+        win_rank = per_rank_load(window, self.group.expert_map.owners, self.group.shape.expert_ranks)
+        rid = self.replica_id
+        for j, v in enumerate(win_rank.sum(dim=0).tolist()):
+            self.metrics.set("expert_rank_tokens_per_step", v, replica=rid, rank=str(j))
+        n_dec = self.cfg.num_layers
+        for layer, v in enumerate(rank_imbalance(win_rank).tolist()):
+            name = str(layer) if layer < n_dec else f"mtp{layer - n_dec}"
+            self.metrics.set("expert_layer_imbalance", v, replica=rid, layer=name)
+        pad = self.group.load_window.mean_padding()
+        if pad is not None:
+            self.metrics.set("expert_padding_rows_per_step", float(pad.sum()), replica=rid)
+
+    async def rebalance(self, redundant: int = 0, skip: list[str] | None = None) -> dict[str, Any]:
+        """Admin (epserve rebalance; no HTTP route): re-place this replica's experts by the measured load with
+        `redundant` extra copies per layer, moving weights while serving. Returns the report with this
+        replica's id; a replica named in `skip` (already done) only returns its id."""
+        self._ensure_started()
+        if skip and self.replica_id in skip:
+            return {"replica": self.replica_id, "skipped": True}
+        try:
+            report = await self.group.rebalance(redundant)
+        except (RuntimeError, ValueError) as e:
+            return {"replica": self.replica_id, "error": str(e)}
+        log.info(
+            "expert rebalance v%d: max/mean %.3f -> %.3f, %d slots moved",
+            report["version"],
+            report["max_imbalance_before"],
+            report["max_imbalance_after"],
+            report["moved_slots"],
+        )
+        return {"replica": self.replica_id, **report}
+
+    async def save_expert_load(self, path: str) -> dict[str, Any]:
+        """Admin: write this replica's moving-average expert load (cluster/expert_load.py's file) at `path`."""
+        return await asyncio.to_thread(self.group.save_load, path)
 
     # ----------------------------------------------------------------- called through handles
     async def generate(self, req: GenerateRequest, caller: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -226,6 +272,21 @@ class EngineServer:
             self.group.shutdown()
             if self.hub is not None:
                 retire_from_hub(self.hub, self.replica_id, self.metrics)
+
+
+def _initial_map(a: AppArgs, cfg: ModelConfig) -> ExpertMap | None:
+    """The expert map placed by a saved load file, or None (contiguous ranges)."""
+    if a.expert_load_file is None:
+        if a.redundant_experts:
+            raise ValueError("redundant_experts needs expert_load_file (copies are placed by measured load)")
+        return None
+    if a.expert_ranks == 0:
+        raise ValueError("expert_load_file needs expert_ranks >= 1")
+    loads = read_load_file(a.expert_load_file, num_experts=cfg.num_experts)
+    if not 0 < len(loads) <= cfg.num_moe_layers:
+        raise ValueError(f"{a.expert_load_file}: {len(loads)} MoE layers, the model has {cfg.num_moe_layers}")
+    loads += [[1.0] * cfg.num_experts] * (cfg.num_moe_layers - len(loads))  # unmeasured (MTP) layers: even
+    return rebalance(loads, num_ranks=a.expert_ranks, redundant=a.redundant_experts)
 
 
 def _serve_replica_id() -> str:

@@ -20,6 +20,7 @@ REQUIRED = {
     "plan": ["--model", "m", "--gpu-memory-gib", "80"],
     "serve": [],
     "bench": ["--base-url", "http://h"],
+    "rebalance": ["--address", "h:1"],
 }
 
 
