@@ -206,7 +206,7 @@ class Workload:
         body = self.body(i)
         self._n += 1
         return self.ctx.build(
-            CompletionRequest.model_validate(body), list(body["prompt"]), request_id=f"inproc-{self._n}", logprobs=None
+            CompletionRequest.model_validate(body), list(body["prompt"]), request_id=f"inproc-{self._n}"
         )
 
 
