@@ -260,7 +260,7 @@ class TimedRunner:
         results = await self.group.step(requests)
         self.step_s += time.perf_counter() - t0
         self.steps += 1
-        self.batch_tokens += sum(len(s.chunk.token_ids) for r in requests for s in r.seqs)
+        self.batch_tokens += sum(len(s.token_ids) + len(s.drafts) for r in requests for s in r.seqs)
         for r in results:
             self.forward_s += r.timings.get("forward_s", 0.0)
             self.sample_s += r.timings.get("sample_s", 0.0)
