@@ -237,7 +237,9 @@ def _run(role: str, index: int, column: int, shape: GroupShape, spec: GroupSpec,
 def test_all_to_all_equals_local_in_every_mode(columns: tuple[int, ...]) -> None:
     shape = GroupShape(trunk_ranks=len(columns), expert_ranks=2)
     spec = GroupSpec("127.0.0.1", free_port(), world_size=shape.world_size, backend="gloo", deadline_s=30.0, epoch=0)
-    ctx = mp.get_context("fork")  # the ranks share this process's imports: no second torch start-up
+    # spawn, not fork: after the rest of the suite this process has torch's OpenMP pool and Ray's threads running,
+    # and a forked child can hang in its first parallel region (one rank stuck, its peers time out in gloo)
+    ctx = mp.get_context("spawn")
     results = ctx.Queue()
     roles = [("trunk", i) for i in range(shape.trunk_ranks)] + [("expert", j) for j in range(shape.expert_ranks)]
     procs = [

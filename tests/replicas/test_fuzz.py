@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -47,10 +48,10 @@ pytestmark = pytest.mark.timeout(900)
 
 APP, PREFIX, KEY, MODEL = "fuzz", "/fuzz", "fuzz-key", "fuzz-tiny"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-HTTP_CASES = 300  # Hypothesis examples per operation and generation mode
+HTTP_CASES = int(os.environ.get("EPSERVE_FUZZ_CASES", "150"))  # Hypothesis examples per operation and mode
 HTTP_CASES_NO_INPUT = 20  # positive cases of an operation without inputs: the same request each time
-GRPC_CASES = 300  # per RPC
-HOSTILE_CASES = 200  # hostile HTTP shapes; raw gRPC bytes per RPC
+GRPC_CASES = HTTP_CASES  # per RPC
+HOSTILE_CASES = 2 * HTTP_CASES // 3  # hostile HTTP shapes; raw gRPC bytes per RPC
 CANARY_EVERY = 100
 MAX_MODEL_LEN = 256
 HTTP_CHECKS = [

@@ -101,6 +101,7 @@ def _cli_json(capsys: pytest.CaptureFixture, *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow  # the CLI path is also checked against transformers in test_startup.py
 def test_generate_command_speculation_equals_plain(peaked_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811  # the imported fixture
     common = ["--model", str(peaked_checkpoint), "--prompt-ids", ",".join(map(str, PROMPTS[1]))]
     common += ["--max-tokens", "20", "--temperature", "0", "--dtype", "float32"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -351,6 +352,9 @@ def test_no_unsafe_calls_in_project_sources() -> None:
     assert findings == []
 
 
+SAFETENSORS_CALL = re.compile(r"\b(safe_open|load_file)\(")  # whole names: read_load_file( is not one
+
+
 def test_checkpoints_are_read_through_safetensors_only(tmp_path: Path) -> None:
     """A folder with pickle-format weights only is refused, never loaded through a fallback."""
     from model_shards.checkpoint_files import CheckpointError, CheckpointReader
@@ -365,7 +369,7 @@ def test_checkpoints_are_read_through_safetensors_only(tmp_path: Path) -> None:
         for d in SCANNED
         if (ROOT / d).is_dir()
         for p in (ROOT / d).rglob("*.py")
-        if "safe_open(" in p.read_text() or "load_file(" in p.read_text()
+        if SAFETENSORS_CALL.search(p.read_text())
     }
     assert readers == {"model_shards/checkpoint_files.py"}, readers
 
