@@ -481,10 +481,7 @@ class Engine:
             self._ttft.observe(now - seq.t_arrival)
         else:
             self._itl.observe(now - prev)
-        d = seq.delta
-        if d is None:
-            d = seq.delta = _Delta(seq)
-            self._touched.append(seq)
+        d = self._delta(seq)
         d.token_ids.append(token)
         if logprobs is not None:
             d.logprobs.append(logprobs)

@@ -13,13 +13,13 @@ Tests: tests/replicas/test_offline_generate.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from replicas.engine.block_pool import BlockPool
 from replicas.engine.engine import AsyncRunner, Engine
-from replicas.engine.engine_types import GenerateOutput, GenerateRequest, RequestOutput
+from replicas.engine.engine_types import GenerateRequest
 from replicas.engine.scheduler import CHUNK_ALIGN, SchedulerConfig
 from replicas.engine.step_types import TokenLogprobs
 from replicas.ep.actors import CacheSizes
@@ -101,11 +101,6 @@ def offline_engine(
     )
 
 
-def deltas(item: RequestOutput) -> Iterator[GenerateOutput]:
-    """The per-choice deltas in one stream item (each with token_ids, logprobs, finish_reason, error)."""
-    yield from item.outputs
-
-
 async def run_to_completion(engine: Engine, req: GenerateRequest) -> Completion:
     """Stream `req` (one choice) through a started engine and collect it; raises GenerationFailed on an error."""
     if req.n != 1:
@@ -115,7 +110,7 @@ async def run_to_completion(engine: Engine, req: GenerateRequest) -> Completion:
     logprobs: list[TokenLogprobs] = []
     finish: str | None = None
     async for item in engine.generate(req):
-        for d in deltas(item):
+        for d in item.outputs:
             if d.error is not None:
                 raise GenerationFailed(d.error.message)
             tokens += d.token_ids
