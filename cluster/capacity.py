@@ -3,11 +3,13 @@ KV / DeltaNet state is left for sequences.
 
 Owns: `plan_capacity`, a pure function from a `ModelConfig` and a `Topology` to a `CapacityPlan`
 (frozen): the D/X choice, experts per expert rank (the contiguous `ExpertMap`), weight bytes per
-GPU of each pool, the cache room on trunk GPUs, sequences of `max_model_len` that fit, and the
-HBM floor of a decode step. Weight bytes come from `model_shards.weights.expected_tensors` (the
-one name/shape table), cache bytes from `CachePools.bytes_per_block` / `bytes_per_slot`.
+GPU of each pool, the cache room on trunk GPUs, sequences of `max_model_len` that fit, the
+HBM floor of a decode step, the node of every rank (placed by traffic, cluster/traffic.py), the
+all-to-all bytes per step on every link, the network floor, and the decode floor (their
+maximum). Weight bytes come from `model_shards.weights.expected_tensors` (the one name/shape
+table), cache bytes from `CachePools.bytes_per_block` / `bytes_per_slot`.
 Must not: read weights, import Ray, or print (epserve/plan_cmd.py formats).
-Tests: tests/cluster/test_capacity.py (oracle: model_spec §1.4-1.5 published figures).
+Tests: tests/cluster/test_capacity.py (oracle: model_spec §1.4-1.5 published figures), tests/cluster/test_traffic.py.
 """
 
 from __future__ import annotations
@@ -15,9 +17,20 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
+from typing import TypedDict
 
 from cluster.placement import ExpertMap
 from cluster.topology import GroupShape, Topology
+from cluster.traffic import (
+    DEFAULT_NIC_GBPS,
+    DEFAULT_NVLINK_GBPS,
+    LinkSpeeds,
+    RankTraffic,
+    network_floor_s,
+    place_by_traffic,
+    rank_order_nodes,
+    step_traffic,
+)
 from model_shards.cache import CachePools
 from model_shards.config import MULTIMODAL_MODEL_TYPE, ModelConfig, QuantConfig
 from model_shards.published_models import FP8_RELEASE_BLOCK, FP8_RELEASE_NOT_CONVERTED
@@ -55,6 +68,15 @@ class CapacityPlan:
         sequences_per_trunk_gpu, sequences_total: sequences of `max_model_len` that fit (per GPU, all D).
         decode_floor_ms: HBM floor of one decode step (weights only), None without `hbm_tbps`.
         decode_floor_with_cache_ms: the same plus reading every cached sequence of a trunk GPU once.
+        nic_gbps, nvlink_gbps: link speeds per GPU, each way (cluster/traffic.py's model).
+        decode_tokens_per_trunk: decode batch per trunk rank the traffic is computed for.
+        rank_nodes: node of every global rank, placed by traffic (empty when the group does not fit the GPUs).
+        links: every rank's all-to-all bytes per decode step on NIC and NVLink, each way.
+        network_floor_ms: busiest link's time per decode step (dispatch phase + combine phase).
+        network_floor_rank_order_ms: the same with ranks in rank order filling nodes (PACK), for comparison.
+        decode_floor_overlap_ms: max(HBM floor, network floor): m = 2 micro-batches overlap compute and
+            communication (the larger of the two per micro-batch, times m); None without `hbm_tbps`.
+        decode_floor_lockstep_ms: HBM floor + network floor: m = 1, nothing overlaps.
         fits: whether the plan works; `reason` says why not (empty when it fits).
         assumptions: every modelling choice a reader should know about, one sentence each.
     """
@@ -92,6 +114,15 @@ class CapacityPlan:
     fits: bool
     reason: str
     assumptions: tuple[str, ...]
+    nic_gbps: float = DEFAULT_NIC_GBPS
+    nvlink_gbps: float = DEFAULT_NVLINK_GBPS
+    decode_tokens_per_trunk: int = 0
+    rank_nodes: tuple[int, ...] = ()
+    links: tuple[RankTraffic, ...] = ()
+    network_floor_ms: float | None = None
+    network_floor_rank_order_ms: float | None = None
+    decode_floor_overlap_ms: float | None = None
+    decode_floor_lockstep_ms: float | None = None
 
     @property
     def total_gpus(self) -> int:
@@ -109,6 +140,8 @@ class CapacityPlan:
         out: dict[str, object] = asdict(self)
         out["experts_per_rank"] = list(self.experts_per_rank)
         out["assumptions"] = list(self.assumptions)
+        out["rank_nodes"] = list(self.rank_nodes)
+        out["links"] = [asdict(t) for t in self.links]
         out.update(total_gpus=self.total_gpus, gpus_used=self.gpus_used, total_weight_bytes=self.total_weight_bytes)
         return out
 
@@ -270,6 +303,9 @@ def plan_capacity(
     activation_reserve_gib: float = DEFAULT_ACTIVATION_RESERVE_GIB,
     hbm_tbps: float | None = None,
     redundant_experts: int = 0,
+    nic_gbps: float = DEFAULT_NIC_GBPS,
+    nvlink_gbps: float = DEFAULT_NVLINK_GBPS,
+    decode_tokens_per_trunk: int | None = None,
 ) -> CapacityPlan:
     """Plan one expert-parallel group on a GPU cluster: D trunk GPUs and X expert GPUs, disjoint pools.
 
@@ -306,6 +342,12 @@ def plan_capacity(
         hbm_tbps: HBM bandwidth per GPU in TB/s (4.8 for H200) for the decode floor; None skips it.
         redundant_experts: R extra copies per MoE layer for load balancing: every expert rank holds (E + R) / X
             expert slots (so X must divide E + R; the automatic X is the smallest that fits and divides).
+        nic_gbps, nvlink_gbps: inter-node (one NIC per GPU) and intra-node bandwidth per GPU, each way, Gb/s.
+        decode_tokens_per_trunk: decode batch per trunk rank for the traffic (default: the sequences that fit).
+
+    Traffic: ranks are placed on nodes by `place_by_traffic` (the busiest link carries the least); a
+    decode step moves, per decoder MoE layer, every trunk's T x top-k rows (hidden x 2 bytes, bf16 on
+    the wire, + a 4-byte expert id) to the expert ranks and the answers back (cluster/traffic.py).
     Returns:
         The `CapacityPlan`; `fits` False with `reason` when it cannot run.
     Raises:
@@ -324,6 +366,9 @@ def plan_capacity(
         hbm_tbps=hbm_tbps,
         redundant_experts=redundant_experts,
     )
+    speeds = LinkSpeeds(nic_gbps=nic_gbps, nvlink_gbps=nvlink_gbps)  # raises on a non-positive speed
+    if decode_tokens_per_trunk is not None and decode_tokens_per_trunk < 0:
+        raise ValueError(f"decode_tokens_per_trunk must be >= 0, got {decode_tokens_per_trunk}")
     served, assumptions = planning_config(cfg, weight_format)
     groups = weight_bytes_by_group(served)
     e = cfg.num_experts
@@ -387,9 +432,13 @@ def plan_capacity(
         floor = (trunk_stream + expert_stream) / (hbm_tbps * 1e12) * 1e3
         floor_cache = floor + seqs * per_seq / (hbm_tbps * 1e12) * 1e3
         assumptions.append(
-            "decode floor: full batch touches every expert of a rank; trunk and expert pools take "
+            "HBM floor: full batch touches every expert of a rank; trunk and expert pools take "
             "turns (times add); no MTP speculation; embedding rows gathered, vision tower idle"
         )
+    tokens = seqs if decode_tokens_per_trunk is None else decode_tokens_per_trunk
+    net = _network(
+        cfg, topology, speeds, d=d, x=x, per_rank=per_rank, tokens=tokens, assumptions=assumptions, hbm_ms=floor
+    )
     return CapacityPlan(
         weight_format=weight_format,
         nodes=topology.nodes,
@@ -424,7 +473,78 @@ def plan_capacity(
         fits=not reasons,
         reason="; ".join(reasons),
         assumptions=tuple(assumptions),
+        nic_gbps=nic_gbps,
+        nvlink_gbps=nvlink_gbps,
+        decode_tokens_per_trunk=tokens,
+        **net,
     )
+
+
+class _Network(TypedDict, total=False):
+    rank_nodes: tuple[int, ...]
+    links: tuple[RankTraffic, ...]
+    network_floor_ms: float
+    network_floor_rank_order_ms: float
+    decode_floor_overlap_ms: float
+    decode_floor_lockstep_ms: float
+
+
+def _network(
+    cfg: ModelConfig,
+    topology: Topology,
+    speeds: LinkSpeeds,
+    *,
+    d: int,
+    x: int,
+    per_rank: tuple[int, ...],
+    tokens: int,
+    assumptions: list[str],
+    hbm_ms: float | None,
+) -> _Network:
+    """rank_nodes, links and the floors that need them (nothing when the group exceeds the cluster)."""
+    if d + x > topology.total_gpus:
+        return {}
+    shape = GroupShape(trunk_ranks=d, expert_ranks=x)
+    nodes = place_by_traffic(shape, nodes=topology.nodes, slots_per_node=topology.gpus_per_node, speeds=speeds)
+    if x == 0:
+        return {"rank_nodes": nodes, "network_floor_ms": 0.0, "network_floor_rank_order_ms": 0.0}
+    shares = tuple(n / sum(per_rank) for n in per_rank)  # uniform routing over expert slots
+
+    def traffic(rank_nodes: tuple[int, ...]) -> tuple[RankTraffic, ...]:
+        return step_traffic(
+            shape,
+            rank_nodes,
+            shares,
+            tokens_per_trunk=tokens,
+            top_k=cfg.num_experts_per_tok,
+            moe_layers=cfg.num_layers,
+            hidden=cfg.hidden_size,
+        )
+
+    links = traffic(nodes)
+    net_ms = network_floor_s(links, speeds) * 1e3
+    packed_ms = network_floor_s(traffic(rank_order_nodes(shape, topology.gpus_per_node)), speeds) * 1e3
+    assumptions.append(
+        f"all-to-all: {tokens} decode tokens per trunk rank, uniform routing over expert slots, top-"
+        f"{cfg.num_experts_per_tok} rows of {cfg.hidden_size} x 2 B (bf16) + 4 B id out and the answers back per "
+        f"decoder MoE layer, payload only (no capacity padding); one {speeds.nic_gbps:g} Gb/s NIC per GPU, "
+        f"NVLink {speeds.nvlink_gbps:g} Gb/s per GPU, each way; a phase lasts as long as its busiest link"
+    )
+    out: _Network = {
+        "rank_nodes": nodes,
+        "links": links,
+        "network_floor_ms": net_ms,
+        "network_floor_rank_order_ms": packed_ms,
+    }
+    if hbm_ms is not None:
+        out["decode_floor_overlap_ms"] = max(hbm_ms, net_ms)
+        out["decode_floor_lockstep_ms"] = hbm_ms + net_ms
+        assumptions.append(
+            "decode floor with overlap: m = 2 micro-batches, each as long as the larger of its compute (HBM) and "
+            "its communication, so the step is max(HBM, network); a micro-batch that re-reads every expert's "
+            "weights would pay the HBM part m times; lock-step (m = 1) adds them"
+        )
+    return out
 
 
 def sequence_bytes(

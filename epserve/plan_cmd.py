@@ -3,7 +3,9 @@
 A thin shim over cluster/capacity.py (`plan_capacity`, pure arithmetic from config.json, or from
 a published model's dimensions by name (model_shards/published_models.py); no weights read, no
 Ray, no download): prints the layout, weights per GPU of each pool, cache room, sequences
-of --max-model-len that fit and, with --hbm-tbps, the HBM floor of a decode step.
+of --max-model-len that fit, the node of every rank (placed by all-to-all traffic), the bytes
+per decode step on every link, the network floor and, with --hbm-tbps, the HBM floor and the
+decode floor (their maximum: two micro-batches overlap compute and communication).
 Exit 0: it fits. 1: it does not (reason on stderr as `epserve plan: error: ...`) or the model's
 config cannot be read. 2: a flag value out of range.
 Tests: tests/cluster/test_capacity.py (CLI exit codes and JSON keys via subprocess).
@@ -25,6 +27,7 @@ from cluster.capacity import (
     plan_capacity,
 )
 from cluster.topology import Topology
+from cluster.traffic import DEFAULT_NIC_GBPS, DEFAULT_NVLINK_GBPS, LINK_KINDS, RankTraffic
 from epserve.cli import UserError
 from model_shards.config import ModelConfig, from_hf_config
 from model_shards.published_models import published_config, published_names
@@ -58,6 +61,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="R extra expert copies per MoE layer for load balancing (each expert rank holds (E + R) / X slots)",
     )
     p.add_argument("--hbm-tbps", type=float, help="HBM bandwidth per GPU in TB/s for the decode floor (H200: 4.8)")
+    p.add_argument(
+        "--nic-gbps",
+        type=float,
+        default=DEFAULT_NIC_GBPS,
+        help=f"inter-node bandwidth per GPU, each way, Gb/s (one NIC per GPU; default {DEFAULT_NIC_GBPS:g})",
+    )
+    p.add_argument(
+        "--nvlink-gbps",
+        type=float,
+        default=DEFAULT_NVLINK_GBPS,
+        help="intra-node (NVLink) bandwidth per GPU, each way, Gb/s (default "
+        f"{DEFAULT_NVLINK_GBPS:g} = 450 GB/s: NVLink 4 on H100 SXM and H200 SXM)",
+    )
+    p.add_argument(
+        "--decode-batch",
+        type=int,
+        help="decode tokens per trunk rank for the all-to-all traffic (default: the sequences that fit a trunk GPU)",
+    )
     p.add_argument("--output", choices=["text", "json"], default="text")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help=argparse.SUPPRESS)
     p.add_argument(
@@ -97,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
             activation_reserve_gib=args.activation_reserve_gib,
             hbm_tbps=args.hbm_tbps,
             redundant_experts=args.redundant_experts,
+            nic_gbps=args.nic_gbps,
+            nvlink_gbps=args.nvlink_gbps,
+            decode_tokens_per_trunk=args.decode_batch,
         )
     except ValueError as exc:  # out-of-range flags: the message names the value
         raise UserError(str(exc)) from None
@@ -161,14 +185,66 @@ def render(plan: CapacityPlan, *, model: str) -> str:
         f"state slot {plan.state_bytes_per_slot / 2**20:.1f} MiB)",
         f"capacity     {plan.sequences_per_trunk_gpu} sequences per trunk GPU, {plan.sequences_total} in total",
     ]
+    lines += _network_lines(plan)
     if plan.decode_floor_ms is not None:
         assert plan.decode_floor_with_cache_ms is not None
         lines.append(
-            f"decode floor {plan.decode_floor_ms:.2f} ms/step at {plan.hbm_tbps:g} TB/s (trunk streams "
+            f"HBM floor    {plan.decode_floor_ms:.2f} ms/step at {plan.hbm_tbps:g} TB/s (trunk streams "
             f"{_gib(plan.decode_trunk_stream_bytes)}, fullest expert rank {_gib(plan.decode_expert_stream_bytes)}); "
             f"{plan.decode_floor_with_cache_ms:.2f} ms with every cached sequence read once"
+        )
+    if plan.decode_floor_overlap_ms is not None:
+        assert plan.network_floor_ms is not None and plan.decode_floor_lockstep_ms is not None
+        lines.append(
+            f"decode floor {plan.decode_floor_overlap_ms:.2f} ms/step = max(HBM {plan.decode_floor_ms:.2f}, network "
+            f"{plan.network_floor_ms:.2f}) with m = 2 micro-batches overlapping; lock-step (m = 1) "
+            f"{plan.decode_floor_lockstep_ms:.2f} ms"
         )
     lines.append("fits         yes" if plan.fits else f"fits         NO: {plan.reason}")
     lines.append("assumptions")
     lines += [f"  - {a}" for a in plan.assumptions]
     return "\n".join(lines)
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], ids[0]
+    for a, b in zip(ids, ids[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}-{a}" if a > start else str(a))
+            start = b if b is not None else start
+    return ", ".join(out)
+
+
+def _network_lines(plan: CapacityPlan) -> list[str]:
+    """Placement by node, MiB per decode step on every link (ranks alike grouped), the network floor."""
+    if not plan.rank_nodes:
+        return []
+    d = plan.trunk_ranks
+    nodes = []
+    for n in range(max(plan.rank_nodes) + 1):
+        trunks = [r for r in range(d) if plan.rank_nodes[r] == n]
+        experts = [r - d for r in range(d, len(plan.rank_nodes)) if plan.rank_nodes[r] == n]
+        parts = ([f"trunk {_ranges(trunks)}"] if trunks else []) + ([f"expert {_ranges(experts)}"] if experts else [])
+        nodes.append(f"node {n}: " + ", ".join(parts))
+    lines = ["placement    " + "; ".join(nodes) + " (by all-to-all traffic)"]
+    if not plan.links:
+        return lines
+    lines.append(
+        f"all-to-all   per decode step, {plan.decode_tokens_per_trunk} tokens per trunk rank, MiB on each GPU's "
+        "NIC out / NIC in / NVLink out / NVLink in:"
+    )
+    groups: dict[tuple[int, str, tuple[float, ...]], list[RankTraffic]] = {}
+    for t in plan.links:
+        key = (t.node, t.role, tuple(round(t.of(k) / 2**20, 1) for k in LINK_KINDS))
+        groups.setdefault(key, []).append(t)
+    for (node, role, mib), ranks in groups.items():
+        ids = [t.rank - (d if role == "expert" else 0) for t in ranks]
+        name = f"node {node} {role} {_ranges(ids)}"
+        lines.append(f"  {name:<24} " + " / ".join(f"{v:.1f}" for v in mib))
+    assert plan.network_floor_ms is not None and plan.network_floor_rank_order_ms is not None
+    lines.append(
+        f"network floor {plan.network_floor_ms:.2f} ms/step at NIC {plan.nic_gbps:g} Gb/s, NVLink "
+        f"{plan.nvlink_gbps:g} Gb/s per GPU each way (ranks in rank order: {plan.network_floor_rank_order_ms:.2f} ms)"
+    )
+    return lines

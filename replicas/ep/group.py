@@ -98,6 +98,9 @@ class GroupConfig:
     strategy: str | None = None
     load_timeout_s: float = 600.0
     load_window_steps: int = 256  # expert-load moving average: the last this many steps
+    # the plan node of each global rank (cluster/traffic.py place_by_traffic): one bundle per node, each rank in
+    # its node's bundle; None: one bundle per rank (the caller's placement group must then be built the same way)
+    rank_nodes: tuple[int, ...] | None = None
 
 
 class ExpertParallelGroup:
@@ -129,12 +132,13 @@ class ExpertParallelGroup:
         self._layout: GroupPlacement = plan_placement(
             self.shape,
             Topology(
-                nodes=1,
+                nodes=max(config.rank_nodes or (0,)) + 1,
                 gpus_per_node=self.shape.world_size if config.gpus else 0,
                 gpu_memory_gib=1.0 if config.gpus else 0.0,
             ),
             cpus_per_rank=config.cpus_per_rank,
             strategy=config.strategy,
+            rank_nodes=config.rank_nodes,
         )
         self._pg = placement
         self._first_bundle = first_bundle
@@ -188,7 +192,11 @@ class ExpertParallelGroup:
             num_gpus=1 if self.config.gpus else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self._pg,  # type: ignore[arg-type]  # placed by start() before any actor
-                placement_group_bundle_index=self._first_bundle + global_rank,
+                placement_group_bundle_index=(
+                    self._layout.bundle_of(global_rank)
+                    if self.config.rank_nodes is not None
+                    else self._first_bundle + global_rank
+                ),
             ),
             name=f"epserve-{self.group_id}-{role}-{self._created}",
         )
