@@ -188,21 +188,22 @@ def place_by_traffic(
     nic_rows = {(t, e): t * (x - e) + e * (d - t) for t, e in types}
     big = 1 << 62
     bound: int | None = None
-    for _ in range(2):  # pass 1: least largest node cost; pass 2: least NIC rows within that bound
-        best: dict[tuple[int, int], tuple[int, int]] = {(0, 0): (0, 0)}  # (placed D, placed X) -> (max cost, NIC rows)
+    # pass 1: least largest node cost; pass 2, within that bound: least NIC rows, then experts spread widest
+    for _ in range(2):
+        # (placed D, placed X) -> (max node cost, NIC rows, most experts on one node)
+        best: dict[tuple[int, int], tuple[int, int, int]] = {(0, 0): (0, 0, 0)}
         choice: list[dict[tuple[int, int], tuple[int, int]]] = []
         for _n in range(nodes):
-            nxt: dict[tuple[int, int], tuple[int, int]] = {}
+            nxt: dict[tuple[int, int], tuple[int, int, int]] = {}
             pick: dict[tuple[int, int], tuple[int, int]] = {}
-            for (dt, dx), (mx, tot) in best.items():
+            for (dt, dx), (mx, tot, most) in best.items():
                 for t, e in types:
                     c = cost[(t, e)]
                     if dt + t > d or dx + e > x or (bound is not None and c > bound):
                         continue
-                    key, val = (dt + t, dx + e), (max(mx, c), tot + nic_rows[(t, e)])
-                    rank = val if bound is None else (val[1], 0)
-                    have = nxt.get(key, (big, big))
-                    if rank < (have if bound is None else (have[1], 0)):
+                    key, val = (dt + t, dx + e), (max(mx, c), tot + nic_rows[(t, e)], max(most, e))
+                    have = nxt.get(key, (big, big, big))
+                    if (val if bound is None else val[1:]) < (have if bound is None else have[1:]):
                         nxt[key], pick[key] = val, (t, e)
             best = nxt
             choice.append(pick)
