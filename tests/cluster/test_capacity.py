@@ -447,3 +447,84 @@ def test_cli_bad_value_exit_2(model_dir: Path) -> None:
     assert out.stderr.strip() == (
         "epserve plan: error: max_model_len must be in [1, 262144] (the model's max_position_embeddings), got 0"
     )
+
+
+# Invocations `epserve plan` accepted (exit 0) before placement by traffic (checked against commit 648b3d9): the new
+# flags have defaults, so each must still be accepted, and now prints the placement and the network floor.
+PREVIOUSLY_ACCEPTED = [
+    ["--model", "Qwen3.5-397B-A17B", "--gpu-memory-gib", "140"],
+    ["--model", "Qwen3.5-397B-A17B", "--gpu-memory-gib", "140", "--nodes", "4", "--hbm-tbps", "4.8"],
+    [
+        "--model",
+        "Qwen3.5-397B-A17B",
+        "--gpu-memory-gib",
+        "140",
+        "--nodes",
+        "2",
+        "--weight-format",
+        "bf16",
+        "--max-model-len",
+        "32768",
+    ],  # fmt: skip
+    [
+        "--model",
+        "Qwen3.5-397B-A17B",
+        "--gpu-memory-gib",
+        "140",
+        "--nodes",
+        "4",
+        "--trunk-ranks",
+        "16",
+        "--expert-ranks",
+        "16",
+        "--weight-format",
+        "fp8",
+        "--hbm-tbps",
+        "4.8",
+    ],  # fmt: skip
+    [
+        "--model",
+        "Qwen3.5-397B-A17B",
+        "--gpu-memory-gib",
+        "140",
+        "--nodes",
+        "2",
+        "--redundant-experts",
+        "16",
+        "--output",
+        "json",
+    ],  # fmt: skip
+    ["--model", "Qwen3.5-397B-A17B", "--gpu-memory-gib", "140", "--nodes", "2", "--trunk-ranks", "4"],
+    ["--model", "Qwen3.5-397B-A17B", "--gpu-memory-gib", "140", "--gpus-per-node", "4", "--nodes", "3"],
+    ["--model", "Qwen3.5-35B-A3B-FP8", "--gpu-memory-gib", "140", "--expert-ranks", "0"],
+    ["--model", "Qwen3.5-35B-A3B-FP8", "--gpu-memory-gib", "80", "--nodes", "2", "--hbm-tbps", "3.35"],
+]
+
+
+@pytest.mark.parametrize("argv", PREVIOUSLY_ACCEPTED, ids=lambda a: " ".join(a[1:]))
+def test_cli_still_accepts_what_it_accepted(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from epserve.cli import main
+
+    assert main(["plan", *argv]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    if "--output" in argv:
+        data = json.loads(out)
+        assert data["network_floor_ms"] > 0 and len(data["rank_nodes"]) == data["gpus_used"]
+    elif "--expert-ranks" in argv and argv[argv.index("--expert-ranks") + 1] == "0":
+        assert "placement    node 0: trunk 0" in out and "network floor" not in out  # no exchange at X = 0
+    else:
+        assert "placement    node 0:" in out and "network floor" in out
+        assert ("decode floor" in out) == ("--hbm-tbps" in argv)
+
+
+def test_cli_link_flags(model_dir: Path) -> None:
+    base = ["--model", str(model_dir), "--nodes", "2", "--gpu-memory-gib", "140", "--max-model-len", "32768"]
+    slow = json.loads(_cli(*base, "--output", "json", "--nic-gbps", "200", "--decode-batch", "10").stdout)
+    fast = json.loads(_cli(*base, "--output", "json", "--nic-gbps", "400", "--decode-batch", "20").stdout)
+    assert slow["network_floor_ms"] == pytest.approx(fast["network_floor_ms"])  # half the bytes at half the speed
+    assert (slow["nic_gbps"], slow["decode_tokens_per_trunk"]) == (200.0, 10)
+    bad = _cli(*base, "--nvlink-gbps", "0")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "epserve plan: error: nvlink_gbps must be > 0, got 0.0"
+    neg = _cli(*base, "--decode-batch", "-1")
+    assert neg.returncode == 2 and "decode_tokens_per_trunk must be >= 0, got -1" in neg.stderr
