@@ -226,3 +226,9 @@ def place_by_traffic(
             out[d + next_expert] = node
             next_expert += 1
     return tuple(out)
+
+
+def spread_by_traffic(shape: GroupShape, nodes: int, speeds: LinkSpeeds | None = None) -> tuple[int, ...]:
+    """`place_by_traffic` over `nodes` nodes of ceil((D + X) / nodes) ranks each: a group spread evenly over
+    the nodes it is given (the Serve app's `group_nodes`)."""
+    return place_by_traffic(shape, nodes=nodes, slots_per_node=-(-shape.world_size // nodes), speeds=speeds)

@@ -30,9 +30,14 @@ def _engine_bundles(a: AppArgs) -> Any:  # noqa: ANN401  # cluster.placement.Gro
     shape = GroupShape(a.trunk_ranks, a.expert_ranks)
     return plan_placement(
         shape,
-        Topology(nodes=1, gpus_per_node=shape.world_size if a.gpus else 0, gpu_memory_gib=1.0 if a.gpus else 0),
+        Topology(
+            nodes=a.group_nodes or 1,
+            gpus_per_node=shape.world_size if a.gpus else 0,
+            gpu_memory_gib=1.0 if a.gpus else 0,
+        ),
         replica_bundle=ENGINE_REPLICA_BUNDLE,
         cpus_per_rank=a.cpus_per_rank,
+        rank_nodes=a.group_rank_nodes(),
     )
 
 

@@ -61,6 +61,13 @@ class AppArgs(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gpus: bool = Field(False, description="Give every rank one GPU (NCCL); else CPU ranks (gloo).")
     cpus_per_rank: float = Field(1.0, gt=0)
+    group_nodes: int | None = Field(
+        None,
+        ge=1,
+        description="Nodes each group's ranks span, placed by all-to-all traffic (cluster/traffic.py): at most "
+        "ceil((D + X) / N) ranks per node, one placement bundle per node (STRICT_SPREAD). Unset: one bundle per "
+        "rank (PACK with GPUs, SPREAD with CPU ranks).",
+    )
     collective_deadline_s: float | None = Field(
         None,
         gt=0,
@@ -178,6 +185,11 @@ class AppArgs(BaseModel):
     def _layout(self) -> AppArgs:
         if self.expert_ranks == 0 and self.trunk_ranks > 1:
             raise ValueError("expert_ranks 0 keeps the experts inside one trunk rank: use trunk_ranks 1, or X >= 1")
+        if self.group_nodes is not None and self.group_nodes > self.trunk_ranks + self.expert_ranks:
+            raise ValueError(
+                f"group_nodes {self.group_nodes} exceeds the group's {self.trunk_ranks + self.expert_ranks} ranks "
+                "(trunk_ranks + expert_ranks): a node would hold none"
+            )
         if self.api_key is not None and self.api_key_env is not None:
             raise ValueError("give api_key or api_key_env, not both")
         if self.collective_deadline_s is None:
@@ -199,3 +211,14 @@ class AppArgs(BaseModel):
                 raise ValueError(f"api_key_env names {self.api_key_env}, which is unset or empty")
             return value
         return None
+
+    def group_rank_nodes(self) -> tuple[int, ...] | None:
+        """The node of each rank of a group when `group_nodes` is set: the Serve replica's placement group
+        and the group's actors both follow it."""
+        if self.group_nodes is None:
+            return None
+        # imported here: cluster.placement loads torch, and AppArgs stays a light pydantic module
+        from cluster.topology import GroupShape
+        from cluster.traffic import spread_by_traffic
+
+        return spread_by_traffic(GroupShape(self.trunk_ranks, self.expert_ranks), self.group_nodes)

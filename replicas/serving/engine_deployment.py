@@ -78,6 +78,7 @@ class EngineServer:
                 gpus=a.gpus,
                 load_timeout_s=a.load_timeout_s,
                 expert_map=_initial_map(a, self.cfg),
+                rank_nodes=a.group_rank_nodes(),
             ),
             placement=placement,
             first_bundle=1 if placement is not None else 0,

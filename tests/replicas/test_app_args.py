@@ -55,3 +55,21 @@ def test_api_key_direct_or_from_the_environment(monkeypatch: pytest.MonkeyPatch)
 
 def test_body_limit_in_bytes() -> None:
     assert AppArgs(max_request_body_mb=1.5).max_request_body_bytes() == 1572864
+
+
+def test_group_nodes_place_ranks_by_traffic_in_node_bundles() -> None:
+    """D = 2, X = 2 over 2 nodes: a trunk and an expert on each node (each expert hears one remote trunk, not
+    two); the replica's CPU joins node 0's bundle; bundles go on distinct nodes."""
+    from replicas.serving.app import _engine_bundles, resource_demand
+
+    a = AppArgs(trunk_ranks=2, expert_ranks=2, gpus=True, group_nodes=2)
+    nodes = a.group_rank_nodes()
+    assert nodes is not None and sorted((nodes[:2].count(n), nodes[2:].count(n)) for n in (0, 1)) == [(1, 1), (1, 1)]
+    layout = _engine_bundles(a)
+    assert layout.bundles == ({"GPU": 2.0, "CPU": 3.0}, {"GPU": 2.0, "CPU": 2.0})
+    assert layout.strategy == "STRICT_SPREAD"
+    assert [layout.bundle_of(r) for r in range(4)] == list(nodes)
+    assert resource_demand(a, at_max=False)["GPU"] == 4.0
+    assert AppArgs(trunk_ranks=2, expert_ranks=2).group_rank_nodes() is None  # unset: one bundle per rank
+    with pytest.raises(ValidationError, match="group_nodes 5 exceeds the group's 4 ranks"):
+        AppArgs(trunk_ranks=2, expert_ranks=2, group_nodes=5)
