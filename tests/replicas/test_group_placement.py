@@ -84,3 +84,49 @@ def test_group_ranks_land_on_the_planned_nodes(ray_cluster, hf_checkpoint: Path)
         _same_partition(plan, nodes)
     finally:
         group.shutdown()
+
+
+@pytest.mark.slow  # a Serve app start (~1 min on CI's cores); the AppArgs/bundle test in test_app_args.py is fast
+def test_serve_replica_places_its_ranks_by_plan(serve_http: str, embedded_model_dir: Path) -> None:
+    """`group_nodes` 2 with D = 1, X = 1: the trunk in the replica's bundle (node 0), the expert on another node;
+    the app answers a chat request through both."""
+    import openai
+    from ray import serve
+    from ray._private.state import actors as actor_table
+
+    from replicas.serving.app import build_app
+    from replicas.serving.app_args import AppArgs, AutoscalingArgs
+
+    args = AppArgs(
+        model=str(embedded_model_dir),
+        served_model_name="placed",
+        dtype="float32",
+        trunk_ranks=1,
+        expert_ranks=1,
+        group_nodes=2,
+        cpus_per_rank=0.5,
+        num_kv_blocks=64,
+        max_num_seqs=4,
+        max_model_len=512,
+        ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
+        engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
+    )
+    assert args.group_rank_nodes() == (0, 1)
+    serve.run(build_app(args), name="placed", route_prefix="/placed")
+    try:
+        client = openai.OpenAI(base_url=serve_http + "/placed/v1", api_key="unused", max_retries=0, timeout=120)
+        out = client.chat.completions.create(
+            model="placed", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+        )
+        assert out.choices[0].message.content is not None
+        alive = [a for a in actor_table().values() if a["State"] == "ALIVE"]
+
+        def node_of(part: str) -> str:
+            (hit,) = [a["Address"]["NodeID"] for a in alive if part in (a.get("Name") or "")]
+            return hit
+
+        replica, trunk, expert = node_of("placed#EpserveEngine"), node_of("-trunk0-"), node_of("-expert0-")
+        assert trunk == replica  # node 0's bundle holds the replica and the trunk rank
+        assert expert != trunk  # node 1: another Ray node
+    finally:
+        serve.delete("placed")
