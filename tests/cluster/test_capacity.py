@@ -517,14 +517,22 @@ def test_cli_still_accepts_what_it_accepted(argv: list[str], capsys: pytest.Capt
         assert ("decode floor" in out) == ("--hbm-tbps" in argv)
 
 
-def test_cli_link_flags(model_dir: Path) -> None:
-    base = ["--model", str(model_dir), "--nodes", "2", "--gpu-memory-gib", "140", "--max-model-len", "32768"]
-    slow = json.loads(_cli(*base, "--output", "json", "--nic-gbps", "200", "--decode-batch", "10").stdout)
-    fast = json.loads(_cli(*base, "--output", "json", "--nic-gbps", "400", "--decode-batch", "20").stdout)
+def test_cli_link_flags(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """In-process (`main`), as the subprocess tests above already prove the entry point."""
+    from epserve.cli import main
+
+    base = ["plan", "--model", str(model_dir), "--nodes", "2", "--gpu-memory-gib", "140", "--max-model-len", "32768"]
+
+    def run(*extra: str) -> tuple[int, str, str]:
+        rc = main([*base, *extra])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    slow = json.loads(run("--output", "json", "--nic-gbps", "200", "--decode-batch", "10")[1])
+    fast = json.loads(run("--output", "json", "--nic-gbps", "400", "--decode-batch", "20")[1])
     assert slow["network_floor_ms"] == pytest.approx(fast["network_floor_ms"])  # half the bytes at half the speed
     assert (slow["nic_gbps"], slow["decode_tokens_per_trunk"]) == (200.0, 10)
-    bad = _cli(*base, "--nvlink-gbps", "0")
-    assert bad.returncode == 2
-    assert bad.stderr.strip() == "epserve plan: error: nvlink_gbps must be > 0, got 0.0"
-    neg = _cli(*base, "--decode-batch", "-1")
-    assert neg.returncode == 2 and "decode_tokens_per_trunk must be >= 0, got -1" in neg.stderr
+    rc, _, err = run("--nvlink-gbps", "0")
+    assert rc == 2 and err.strip() == "epserve plan: error: nvlink_gbps must be > 0, got 0.0"
+    rc, _, err = run("--decode-batch", "-1")
+    assert rc == 2 and "decode_tokens_per_trunk must be >= 0, got -1" in err
