@@ -8,7 +8,8 @@ With `rank_nodes` (a node per rank, e.g. from cluster/traffic.py's `place_by_tra
 gets one bundle per node holding that node's ranks (the replica's resources join node 0's bundle),
 under STRICT_SPREAD: each bundle on its own Ray node, each rank in its node's bundle.
 An explicit map may list several ranks for an expert (redundant copies): tokens are spread
-over the copies by token index. Tests: tests/cluster/test_placement.py.
+over the copies by token index. Tests: tests/cluster/test_placement.py, tests/cluster/test_traffic.py
+(node bundles), tests/replicas/test_group_placement.py (on a Ray cluster).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Owns: `LinkSpeeds` (NIC and NVLink bandwidth per GPU, per direction), `step_traffic` (dispatch +
 combine bytes of one decode step on every GPU's four directional links, from the expert map's
 share of rows per expert rank), `network_floor_s`, and `place_by_traffic` (which node each
-global rank goes on so the busiest link carries the least). Pure arithmetic: no Ray, no torch.
+global rank goes on so the busiest link carries the least). Pure arithmetic, no Ray (capacity
+planning and the Serve app's placement group both call it).
 
 Link model, stated once: every GPU has its own NIC (inter-node, `nic_gbps` each way; no forwarding
 through a peer GPU's NIC) and an NVLink port (intra-node, `nvlink_gbps` each way); trunk and expert
@@ -33,7 +34,8 @@ DEFAULT_NIC_GBPS = 400.0  # one 400 Gb/s NIC per GPU (ConnectX-7 / InfiniBand ND
 # NVLink 4 on H100 SXM and H200 SXM: 18 links x 25 GB/s = 450 GB/s each way (900 GB/s bidirectional).
 NVLINK_GBPS = {"H100": 3600.0, "H200": 3600.0}
 DEFAULT_NVLINK_GBPS = NVLINK_GBPS["H200"]
-ID_BYTES = 4  # the int32 expert id appended to every dispatched row (replicas/ep/a2a_protocol.py)
+# the int32 expert id on every dispatched row (replicas/ep/a2a_protocol.py; not imported: cluster/ sits below replicas/)
+ID_BYTES = 4
 LINK_KINDS = ("nic_out", "nic_in", "nvlink_out", "nvlink_in")
 
 
