@@ -214,10 +214,13 @@ def conv_silu_last(x_BCL: torch.Tensor, weight_CK: torch.Tensor, out_dtype: torc
 
 
 # ------------------------------------------------------------------------------ expert grouped GEMM
+_GROUPED_MM_REJECTED: set[tuple[str, torch.dtype]] = set()  # (device type, dtype) this torch's grouped_mm refused
+
+
 def grouped_mm_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `F.grouped_mm` takes these operands: the installed torch has it (2.9+), and on CUDA the
-    operands are bf16 (its CUDA kernels take nothing else; CPU takes any float dtype)."""
-    if not hasattr(F, "grouped_mm"):
+    """Whether `F.grouped_mm` takes these operands: the installed torch has it, on CUDA the operands
+    are bf16 (its CUDA kernels take nothing else), and it has not refused this device and dtype before."""
+    if not hasattr(F, "grouped_mm") or (a.device.type, a.dtype) in _GROUPED_MM_REJECTED:
         return False
     if a.device.type == "cuda":
         return a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16
@@ -226,10 +229,14 @@ def grouped_mm_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def grouped_mm(a_RK: torch.Tensor, b_EKN: torch.Tensor, *, offs: torch.Tensor) -> torch.Tensor:
     """`F.grouped_mm(a, b, offs=offs)`: rows offs[e-1]:offs[e] of a times b[e]. Where it does not apply
-    (older torch; fp32 on CUDA, as the fp32 parity checks run) one `mm` per group, which reads the
-    offsets on the host (one sync)."""
+    (older torch; fp32 on CUDA, as the fp32 parity checks run; a torch whose CPU grouped_mm refuses the
+    dtype) one `mm` per group, which reads the offsets on the host (one sync)."""
     if grouped_mm_applies(a_RK, b_EKN):
-        return F.grouped_mm(a_RK, b_EKN, offs=offs)
+        try:
+            return F.grouped_mm(a_RK, b_EKN, offs=offs)
+        except (RuntimeError, NotImplementedError):
+            # e.g. a CPU or dtype this torch's grouped_mm lacks: remembered, so it is tried once per process
+            _GROUPED_MM_REJECTED.add((a_RK.device.type, a_RK.dtype))
     out = a_RK.new_empty(a_RK.shape[0], b_EKN.shape[-1])
     start = 0
     for e, end in enumerate(offs.tolist()):
