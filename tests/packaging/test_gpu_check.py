@@ -9,8 +9,8 @@ parity stage's figures are checked against its stated tolerances (the oracle the
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,12 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _dry_run(out: Path, stages: str, timeout: int) -> dict:
+    """scripts/gpu_check.sh (install step off: CI's environment is the project's own) with --device cpu."""
     proc = subprocess.run(
-        [sys.executable, "scripts/gpu_check.py", str(out), "--device", "cpu", "--stages", stages],
+        ["bash", "scripts/gpu_check.sh", str(out), "--device", "cpu", "--stages", stages],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, "EPSERVE_GPU_CHECK_NO_INSTALL": "1", "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((out / "gpu_check.json").read_text())
@@ -62,3 +64,26 @@ def test_dry_run_parity_and_bench(tmp_path: Path) -> None:
         assert f"## {name}" in md
         metrics = [r["metric"] for r in cell["rows"]]
         assert any(m.startswith("prefill") for m in metrics) and "decode B=2 (ms/step)" in metrics
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_nccl_check_dry_run_on_gloo(tmp_path: Path) -> None:
+    """scripts/nccl_check.sh --device cpu: the EP group D=1 x X=1 on gloo gives the single process's greedy
+    tokens (the oracle), and the 2-process exchange reports a row per size."""
+    out = tmp_path / "nccl"
+    proc = subprocess.run(
+        ["bash", "scripts/nccl_check.sh", str(out), "--device", "cpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=880,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "nccl_check.json").read_text())
+    group = doc["stages"]["group_vs_local"]
+    assert group["status"] == "passed" and group["backend"] == "gloo" and group["group"] == group["local"]
+    rows = doc["stages"]["exchange"]["rows"]
+    assert [r["tokens"] for r in rows] == [1, 8, 32, 128] and all(r["ms"] > 0 for r in rows)
+    assert "| group_vs_local | passed |" in (out / "nccl_check.md").read_text()
