@@ -175,7 +175,10 @@ class Ours:
     def reset(self, num_seqs: int, tokens: int) -> None:
         per = -(-tokens // self.block)
         self.tables = [tuple(range(i * per, (i + 1) * per)) for i in range(num_seqs)]
-        self.pools = self.model.allocate(num_blocks=per * num_seqs, block_size=self.block, num_slots=num_seqs)
+        on_device = _supported(self.model.allocate, device=self.device)
+        self.pools = self.model.allocate(
+            num_blocks=per * num_seqs, block_size=self.block, num_slots=num_seqs, **on_device
+        )
         self.lens = [0] * num_seqs
 
     def _forward(self, chunks: list) -> torch.Tensor:
