@@ -16,6 +16,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from model_shards.kernels import grouped_mm
 from model_shards.quant import FP8_DTYPE, FP8_MAX, Fp8Weight, Weight, dense
 
 SCALED_MM_BLOCK = 128  # the block `F.scaled_mm`'s BlockWise1x128 / BlockWise128x128 recipes use
@@ -67,13 +68,13 @@ def _dequantised_swiglu(x_nD: torch.Tensor, gate_up: Weight, down: Weight) -> to
     """One expert: dequantise its weights, then the same one-group grouped GEMMs `expert_ffn` runs."""
     offs = torch.tensor([x_nD.shape[0]], dtype=torch.int32, device=x_nD.device)
     gate_up_w = dense(gate_up, x_nD.dtype)
-    gu = F.grouped_mm(x_nD.to(gate_up_w.dtype), gate_up_w[None].transpose(-2, -1), offs=offs)
+    gu = grouped_mm(x_nD.to(gate_up_w.dtype), gate_up_w[None].transpose(-2, -1), offs=offs)
     del gate_up_w  # dropped before down is dequantised: one weight matrix alive at a time
     gate, up = gu.chunk(2, dim=-1)
     hidden = F.silu(gate) * up
     del gu, gate, up
     down_w = dense(down, x_nD.dtype)
-    return F.grouped_mm(hidden, down_w[None].transpose(-2, -1), offs=offs)
+    return grouped_mm(hidden, down_w[None].transpose(-2, -1), offs=offs)
 
 
 def _scaled_mm_applies(x: torch.Tensor, gate_up: Weight, down: Weight) -> bool:

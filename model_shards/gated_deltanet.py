@@ -11,6 +11,7 @@ rules, bit for bit. Decode steps of all sequences run together (the conv's newes
 as multiply-adds, states read and written in place when the slots are consecutive); prefill
 sequences whose lengths round up to the same number of 64-token chunks run as one zero-padded
 batch (the rule pads each sequence that way anyway). Reference: model_shards/reference.py.
+On CUDA the rule and the conv run library kernels where installed (model_shards/kernels.py).
 Tests: tests/model_shards/test_blocks.py, test_fast_paths.py.
 """
 
@@ -23,9 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from model_shards import kernels
 from model_shards.batch import StepBatch
 from model_shards.config import ModelConfig
-from model_shards.delta_rule import CHUNK, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from model_shards.delta_rule import CHUNK
 from model_shards.norms import rms_norm_gated
 from model_shards.quant import Weight, linear
 
@@ -167,9 +169,12 @@ def _recurrent_step(
     else:
         conv_old, rec_old = conv_state.index_select(0, slots), recurrent_state.index_select(0, slots)
     window = torch.cat([conv_old, qkv_BC.unsqueeze(-1)], dim=-1)  # [B, C, W + 1] (a copy)
-    mixed = _conv_silu_last(window, w.conv_taps, w.conv1d.dtype, qkv_BC.dtype)  # [B, C]
+    if kernels.conv_backend(window) != kernels.TORCH:
+        mixed = kernels.conv_silu_last(window, w.conv1d, qkv_BC.dtype)
+    else:
+        mixed = _conv_silu_last(window, w.conv_taps, w.conv1d.dtype, qkv_BC.dtype)  # [B, C]
     q, k, v = _split_heads(mixed.unsqueeze(1), cfg)
-    out, state = recurrent_gated_delta_rule(
+    out, state = kernels.recurrent_gated_delta_rule(
         q,
         k_BTHK=k,
         v_BTHV=v,
@@ -213,7 +218,7 @@ def _verify_steps(
         ]
     )  # [n, C], each exactly the decode step's conv
     q, k, v = _split_heads(mixed.unsqueeze(0), cfg)
-    out, states = recurrent_gated_delta_rule(
+    out, states = kernels.recurrent_gated_delta_rule(
         q,
         k_BTHK=k,
         v_BTHV=v,
@@ -267,12 +272,15 @@ def _chunk_group(
         window[j, :, nw : nw + n] = qkv_TC[start : start + n].T
         g[j, :n], beta[j, :n] = g_TH[start : start + n], beta_TH[start : start + n]
         conv_state[slot] = window[j, :, n : n + nw]
-    mixed = _conv_silu(window, w.conv1d, qkv_TC.dtype)  # [G, C, tpad]
+    if kernels.conv_backend(window) != kernels.TORCH:
+        mixed = kernels.conv_silu(window, w.conv1d, qkv_TC.dtype)
+    else:
+        mixed = _conv_silu(window, w.conv1d, qkv_TC.dtype)  # [G, C, tpad]
     for j, n in enumerate(lens):
         if n < tpad:
             mixed[j, :, n:] = 0
     q, k, v = _split_heads(mixed.transpose(1, 2), cfg)
-    out, state = chunk_gated_delta_rule(q, k_BTHK=k, v_BTHV=v, g_BTH=g, beta_BTH=beta, state_BHKV=init)
+    out, state = kernels.chunk_gated_delta_rule(q, k_BTHK=k, v_BTHV=v, g_BTH=g, beta_BTH=beta, state_BHKV=init)
     for j, (i, n, slot) in enumerate(zip(group, lens, slots)):
         recurrent_state[slot] = state[j]
         out_THV[batch.starts[i] : batch.starts[i] + n] = out[j, :n]

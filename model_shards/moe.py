@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from model_shards.fp8_experts import fp8_expert_ffn
+from model_shards.kernels import grouped_mm
 from model_shards.quant import Fp8Weight, Weight, linear
 
 
@@ -111,10 +112,10 @@ def expert_ffn(x_RD: torch.Tensor, *, counts_E: torch.Tensor, gate_up: Weight, d
         # One expert's weights at a time, never a dequantised copy of the expert set (fp8_experts.py).
         return fp8_expert_ffn(x_RD, counts_E=counts_E, gate_up=gate_up, down=down)
     offs = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-    gu = F.grouped_mm(x_RD.to(gate_up.dtype), gate_up.transpose(-2, -1), offs=offs)
+    gu = grouped_mm(x_RD.to(gate_up.dtype), gate_up.transpose(-2, -1), offs=offs)
     gate, up = gu.chunk(2, dim=-1)
     hidden = F.silu(gate) * up
-    return F.grouped_mm(hidden, down.transpose(-2, -1), offs=offs).to(x_RD.dtype)
+    return grouped_mm(hidden, down.transpose(-2, -1), offs=offs).to(x_RD.dtype)
 
 
 def expert_ffn_reference(

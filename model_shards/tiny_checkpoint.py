@@ -13,8 +13,10 @@ Tests: tests/model_shards/test_tiny_checkpoint.py (transformers loads it, zero m
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -48,17 +50,48 @@ FP8_NOT_CONVERTED = [
 ]
 
 
-def tiny_config_dict(*, fp8: bool = False) -> dict:
-    """config.json of the embedded model: real vocabulary and special ids, small dims."""
-    layers = [LINEAR_ATTENTION if (i + 1) % 4 else FULL_ATTENTION for i in range(8)]
+REAL_VOCAB = 248320  # the Qwen3.5 tokenizer's rows: a smaller vocabulary would cut off its (and the special) ids
+
+
+@dataclass(frozen=True)
+class CheckpointSizes:
+    """The dims `epserve tiny-checkpoint` lets a user grow (defaults: the embedded model). Attention
+    and DeltaNet head shapes stay fixed; every third linear layer is followed by a full-attention one."""
+
+    layers: int = 8
+    hidden_size: int = 128
+    num_experts: int = 16
+    moe_intermediate_size: int = 64
+    shared_expert_intermediate_size: int = 128
+    vocab_size: int = REAL_VOCAB
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "hidden_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_experts < TOP_K:
+            raise ValueError(f"num_experts must be >= the top-k ({TOP_K}), got {self.num_experts}")
+        if self.vocab_size < REAL_VOCAB:
+            raise ValueError(f"vocab_size must be >= {REAL_VOCAB} (the tokenizer's ids), got {self.vocab_size}")
+
+
+TOP_K = 4
+# What `--target-gib` grows from when no dim is given: experts are added until the size is reached.
+LARGE = CheckpointSizes(hidden_size=1024, moe_intermediate_size=512, shared_expert_intermediate_size=1024)
+
+
+def tiny_config_dict(*, fp8: bool = False, sizes: CheckpointSizes | None = None) -> dict:
+    """config.json of the embedded model: real vocabulary and special ids, small dims (or `sizes`)."""
+    z = sizes or CheckpointSizes()
+    layers = [LINEAR_ATTENTION if (i + 1) % 4 else FULL_ATTENTION for i in range(z.layers)]
     cfg: dict = {
         "architectures": ["Qwen3_5MoeForConditionalGeneration"],
         "model_type": "qwen3_5_moe",
         "text_config": {
             "model_type": "qwen3_5_moe_text",
-            "vocab_size": 248320,
-            "hidden_size": 128,
-            "num_hidden_layers": 8,
+            "vocab_size": z.vocab_size,
+            "hidden_size": z.hidden_size,
+            "num_hidden_layers": z.layers,
             "layer_types": layers,
             "full_attention_interval": 4,
             "num_attention_heads": 8,
@@ -72,10 +105,10 @@ def tiny_config_dict(*, fp8: bool = False) -> dict:
             "linear_key_head_dim": 32,
             "linear_value_head_dim": 32,
             "linear_conv_kernel_dim": 4,
-            "num_experts": 16,
-            "num_experts_per_tok": 4,
-            "moe_intermediate_size": 64,
-            "shared_expert_intermediate_size": 128,
+            "num_experts": z.num_experts,
+            "num_experts_per_tok": TOP_K,
+            "moe_intermediate_size": z.moe_intermediate_size,
+            "shared_expert_intermediate_size": z.shared_expert_intermediate_size,
             "hidden_act": "silu",
             "rms_norm_eps": 1e-6,
             "max_position_embeddings": 32768,
@@ -109,7 +142,7 @@ def tiny_config_dict(*, fp8: bool = False) -> dict:
             "spatial_merge_size": 2,
             "in_channels": 3,
             "num_position_embeddings": 64,
-            "out_hidden_size": 128,
+            "out_hidden_size": z.hidden_size,
             "deepstack_visual_indexes": [],
             "initializer_range": 0.02,
         },
@@ -168,6 +201,27 @@ def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tens
     return normal(0.02)
 
 
+def checkpoint_bytes(sizes: CheckpointSizes, *, fp8: bool = False) -> int:
+    """Bytes of the tensors `write_tiny_checkpoint` writes for these sizes (headers and tokenizer aside)."""
+    cfg = from_hf_config(tiny_config_dict(fp8=fp8, sizes=sizes))
+    total = 0
+    for name, spec in expected_tensors(
+        cfg, prefix=MULTIMODAL_PREFIX, layout="fused", mtp_layout="fused", vision=True
+    ).items():
+        n = math.prod(spec.shape)
+        total += n * (4 if name.endswith("A_log") else 1 if spec.fp8 else 2)  # scales: bf16, listed as their own names
+    return total
+
+
+def sizes_for_target(target_gib: float, base: CheckpointSizes = LARGE, *, fp8: bool = False) -> CheckpointSizes:
+    """`base` with the fewest experts (a multiple of 8, so expert ranks divide them) whose checkpoint
+    holds at least `target_gib` GiB (bytes grow linearly in the expert count)."""
+    one, two = (checkpoint_bytes(replace(base, num_experts=e), fp8=fp8) for e in (TOP_K, TOP_K + 1))
+    per_expert = two - one
+    need = max(TOP_K, TOP_K + math.ceil((target_gib * 2**30 - one) / per_expert))
+    return replace(base, num_experts=-(-need // 8) * 8)
+
+
 def write_tiny_checkpoint(
     out_dir: str | Path,
     *,
@@ -176,6 +230,7 @@ def write_tiny_checkpoint(
     fp8: bool = False,
     tokenizer: bool = True,
     cache_dir: str | Path | None = None,
+    sizes: CheckpointSizes | None = None,
 ) -> Path:
     """Write the checkpoint folder and return its path.
 
@@ -184,28 +239,31 @@ def write_tiny_checkpoint(
         fp8: quantise linears (block 128 x 128, e4m3, bf16 scales) except `FP8_NOT_CONVERTED`.
         tokenizer: also write tokenizer.json / tokenizer_config.json (Qwen3.5 vocabulary).
         cache_dir: where the built tokenizer.json is cached (see model_shards/tokenizer_files.py).
+        sizes: larger dims (default: the embedded model's). Shards are written as they fill, so memory
+            stays near one shard whatever the total.
     """
     if expert_layout not in ("fused", "per-expert"):
         raise ValueError(f"expert layout must be 'fused' or 'per-expert', got {expert_layout!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    raw = tiny_config_dict(fp8=fp8)
+    raw = tiny_config_dict(fp8=fp8, sizes=sizes)
     cfg = from_hf_config(raw)
     specs = expected_tensors(cfg, prefix=MULTIMODAL_PREFIX, layout=expert_layout, mtp_layout=expert_layout, vision=True)
     gen = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
+    writer = _ShardWriter(out)
     for name, spec in specs.items():
         if name.endswith(SCALE_SUFFIX):
             continue
         value = _init(name, spec.shape, gen)
         if name.endswith("A_log"):
-            tensors[name] = value.float()  # the release stores A_log in F32
+            writer.add(name, value.float())  # the release stores A_log in F32
         elif spec.fp8:
             data, scale = quantize_blockwise(value, block=(128, 128))
-            tensors[name], tensors[name + SCALE_SUFFIX] = data, scale
+            writer.add(name, data)
+            writer.add(name + SCALE_SUFFIX, scale)
         else:
-            tensors[name] = value.to(torch.bfloat16)
-    _write_shards(out, tensors)
+            writer.add(name, value.to(torch.bfloat16))
+    writer.close()
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
     (out / IMAGE_FILE).write_text(json.dumps(QWEN35_IMAGE_PREPROCESSOR, indent=2) + "\n")
@@ -219,27 +277,49 @@ def write_tiny_checkpoint(
 
 def _write_shards(out: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Shards of about SHARD_BYTES in name order, plus model.safetensors.index.json."""
-    for old in out.glob("model*.safetensors*"):
-        old.unlink()
-    groups: list[list[str]] = [[]]
-    size = 0
+    writer = _ShardWriter(out)
     for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if groups[-1] and size + nbytes > SHARD_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    weight_map = {}
-    total = 0
-    for i, names in enumerate(groups):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file({n: tensors[n].contiguous() for n in names}, str(out / fname), metadata={"format": "pt"})
-        for n in names:
-            weight_map[n] = fname
-            total += tensors[n].numel() * tensors[n].element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        writer.add(name, tensors[name])
+    writer.close()
+
+
+class _ShardWriter:
+    """Writes tensors into shards of about SHARD_BYTES as they come (one shard in memory at a time), then
+    names the shards `model-0000i-of-0000n` and writes model.safetensors.index.json."""
+
+    def __init__(self, out: Path) -> None:
+        for old in out.glob("model*.safetensors*"):
+            old.unlink()
+        self.out = out
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + nbytes > SHARD_BYTES:
+            self._flush()
+        self.pending[name] = t.contiguous()
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        path = self.out / f".shard-{len(self.shards):05d}.safetensors.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.shards:
+            self._flush()
+        weight_map = {}
+        for i, (path, names) in enumerate(self.shards):
+            fname = f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            path.rename(self.out / fname)
+            weight_map.update(dict.fromkeys(names, fname))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def cache_root(explicit: str | Path | None = None) -> Path:

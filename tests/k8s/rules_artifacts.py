@@ -124,6 +124,8 @@ def dockerfile_problems(text: str, ignore: str, ray_versions: set[str]) -> list[
         problems.append(f"Dockerfile: the final USER must be a non-root user (got {user or 'none'})")
     if not re.search(r"pip install[^\n]*(-e\s+\S*epserve|\s\.(\s|$))", runs):
         problems.append("Dockerfile: epserve is not pip-installed")
+    if not re.search(r"pip install[^\n]*epserve\[[^\]]*\bgpu\b", runs):
+        problems.append("Dockerfile: epserve's `gpu` extra (the CUDA kernels) is not installed")
     if not re.search(r"^COPY\s+replicas/", code, re.M):
         problems.append("Dockerfile: replicas/ (with the gRPC stubs in replicas/proto) is not copied")
     if "replicas.proto.epserve_pb2_grpc" not in runs:

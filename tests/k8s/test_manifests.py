@@ -423,7 +423,8 @@ DOCKERFILE_BREAKAGES = [
     ("runs as root", lambda t: t.replace("USER ${EPSERVE_UID}:${EPSERVE_UID}", "USER root")),
     ("no USER", lambda t: re.sub(r"^USER .*$", "", t, flags=re.M)),
     ("stubs not copied", lambda t: re.sub(r"^COPY replicas/.*$", "", t, flags=re.M)),
-    ("epserve not installed", lambda t: t.replace("pip install -e /opt/epserve", "pip list")),
+    ("epserve not installed", lambda t: t.replace('pip install -e "/opt/epserve[gpu]"', "pip list")),
+    ("no gpu extra", lambda t: t.replace('"/opt/epserve[gpu]"', "/opt/epserve")),
     (
         "CPU torch",
         lambda t: t.replace(

@@ -7,6 +7,7 @@ code), and the unquantised checkpoint of the same seed for the size of the quant
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -149,3 +150,84 @@ def test_fp8_matches_dequantised_reference(tmp_path: Path, epserve_cache: Path) 
     base = _ours(plain)
     cos = torch.nn.functional.cosine_similarity(got.flatten(), base.flatten(), dim=0).item()
     assert not torch.equal(got, base) and cos > 0.9, f"cosine(fp8 logits, unquantised logits) = {cos:.3f}"
+
+
+@pytest.mark.slow
+def test_transformers_loads_a_sized_checkpoint(tmp_path: Path, epserve_cache: Path) -> None:
+    """A sized checkpoint is still the real layout: transformers (the oracle) loads it with zero
+    missing keys, and its config carries the dims."""
+    from transformers import Qwen3_5MoeForConditionalGeneration
+
+    from model_shards.tiny_checkpoint import CheckpointSizes, write_tiny_checkpoint
+
+    sizes = CheckpointSizes(layers=5, hidden_size=192, num_experts=8, moe_intermediate_size=32)
+    out = write_tiny_checkpoint(tmp_path / "sized", sizes=sizes, cache_dir=epserve_cache)
+    model, info = Qwen3_5MoeForConditionalGeneration.from_pretrained(
+        out, dtype=torch.bfloat16, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not [k for k in info["unexpected_keys"] if not k.startswith("mtp.")]
+    text = model.config.text_config
+    assert (text.num_hidden_layers, text.hidden_size, text.num_experts) == (5, 192, 8)
+
+
+def test_size_flags_reach_the_config_and_the_shards(
+    tmp_path: Path, epserve_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--layers / --hidden-size / --experts / widths` through the CLI: the config carries the dims (every
+    4th layer full attention), the expert tensors have them, and `checkpoint_bytes` equals the bytes
+    safetensors reads back from the shards."""
+    from epserve.cli import main
+    from model_shards.tiny_checkpoint import CheckpointSizes, checkpoint_bytes
+
+    out = tmp_path / "sized"
+    flags = ["--layers", "5", "--hidden-size", "32", "--experts", "8"]
+    flags += ["--moe-intermediate-size", "16", "--shared-intermediate-size", "48"]
+    monkeypatch.setenv("EPSERVE_CACHE_DIR", str(epserve_cache))
+    assert main(["tiny-checkpoint", str(out), *flags]) == 0
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    assert (text["num_hidden_layers"], text["hidden_size"], text["num_experts"]) == (5, 32, 8)
+    assert (text["moe_intermediate_size"], text["shared_expert_intermediate_size"]) == (16, 48)
+    assert text["layer_types"].count("full_attention") == 1
+    read, shapes = 0, {}
+    for shard in out.glob("model-*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():  # safe_open is not a mapping
+                t = f.get_tensor(name)
+                read += t.numel() * t.element_size()
+                shapes[name] = tuple(t.shape)
+    assert shapes["model.language_model.layers.4.mlp.experts.gate_up_proj"] == (8, 32, 32)
+    sizes = CheckpointSizes(
+        layers=5, hidden_size=32, num_experts=8, moe_intermediate_size=16, shared_expert_intermediate_size=48
+    )
+    assert checkpoint_bytes(sizes) == read
+
+
+def test_target_gib_picks_the_fewest_experts_reaching_it() -> None:
+    from model_shards.tiny_checkpoint import checkpoint_bytes, sizes_for_target
+
+    for target, fp8 in ((4.0, False), (4.0, True), (0.5, False)):
+        sizes = sizes_for_target(target, fp8=fp8)
+        assert sizes.num_experts % 8 == 0
+        assert checkpoint_bytes(sizes, fp8=fp8) >= target * 2**30
+        if sizes.num_experts > 8:
+            fewer = dataclasses.replace(sizes, num_experts=sizes.num_experts - 8)
+            assert checkpoint_bytes(fewer, fp8=fp8) < target * 2**30
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--experts", "2"], "num_experts"),
+        (["--vocab-size", "1000"], "vocab_size"),
+        (["--target-gib", "1", "--experts", "8"], "--target-gib"),
+        (["--layers", "0"], "layers"),
+    ],
+)
+def test_bad_size_flags_exit_2_naming_the_problem(
+    tmp_path: Path, flags: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from epserve.cli import main
+
+    assert main(["tiny-checkpoint", str(tmp_path / "x"), *flags]) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -40,3 +40,18 @@ def test_setuptools_reads_pyproject_without_deprecations(tmp_path: Path) -> None
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
     spec = SpecifierSet(next(r for r in requires if r.startswith("setuptools"))[len("setuptools") :])
     assert "76.9" not in spec and "77.0" in spec and setuptools.__version__ in spec
+
+
+def test_gpu_extra_and_torch_floor() -> None:
+    """The `gpu` extra carries the CUDA kernels' library; torch's floor is the GPU machines' 2.11 (both
+    F.grouped_mm and F.scaled_mm exist there) and admits the torch this suite runs on."""
+    import torch
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(r.replace(" ", "").startswith("fla-core>=") for r in project["optional-dependencies"]["gpu"])
+    torch_req = next(r for r in project["dependencies"] if r.startswith("torch"))
+    spec = SpecifierSet(torch_req[len("torch") :])
+    assert "2.11.0" in spec and "2.10.2" not in spec
+    assert Version(torch.__version__.split("+")[0]) in spec
