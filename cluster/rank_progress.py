@@ -74,7 +74,6 @@ class RankProgress:
         self.steps += 1
         self.step_collectives = 0
         self.busy = True
-        self.check("start")
 
     def end_step(self) -> None:
         self.busy = False

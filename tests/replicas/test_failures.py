@@ -64,9 +64,9 @@ def _arm(actor, fault: Fault) -> None:  # noqa: ANN001
 def _serves_like_reference(group, reference: _Reference, seed: int) -> None:  # noqa: ANN001
     sc = _Scenario(group, reference, 1)
     for sid, p in enumerate(_prompts(seed, [23, 9])):
-        sc.add(100 + sid, rank=0, prompt=p, slot=sid)
-    sc.step([100, 101])
-    sc.step([100, 101])
+        sc.add(5 + sid, rank=0, prompt=p, slot=sid)  # the reference's blocks: sid x 16 of its 128
+    sc.step([5, 6])
+    sc.step([5, 6])
 
 
 def _failed_step(group, reference: _Reference, victim: int, fault: Fault):  # noqa: ANN001, ANN202
@@ -126,7 +126,7 @@ def test_oom_before_first_collective_fails_only_its_request(group, reference: _R
     tokens = [t for item in second for o in item.outputs for t in o.token_ids]
     want, ctx, pending = [], 0, list(prompts[1])
     for _ in range(4):  # the reference's greedy continuation, its own cache slot
-        lp = reference.logprobs(SeqChunk(tuple(pending), ctx, 13, tuple(range(13 * 16, 13 * 16 + 3))))
+        lp = reference.logprobs(SeqChunk(tuple(pending), ctx, 7, tuple(range(7 * 16, 7 * 16 + 2))))
         ctx += len(pending)
         pending = [int(lp.argmax())]
         want.append(pending[0])
