@@ -287,6 +287,8 @@ class ExpertParallelGroup:
         stuck, self._stuck = self._stuck, {}
         for r in sorted(failed):  # first: a gloo peer waiting on a killed rank returns at once
             ray.kill(actors[r], no_restart=True)
+        # the replacements load their weights while the survivors get out of the failed step
+        fresh = {r: self._new_actor(r) for r in sorted(failed)}
         survivors = [r for r in range(len(actors)) if r not in failed]
         # NCCL peers keep waiting on a dead rank until their communicator is aborted (on their control thread)
         ray.wait([actors[r].abort_group.remote() for r in survivors], num_returns=len(survivors), timeout=ABORT_WAIT_S)
@@ -305,8 +307,10 @@ class ExpertParallelGroup:
                 log.warning("rebuild: %s could not leave its group (%s); replacing it", self.names[r], exc)
                 ray.kill(actors[r], no_restart=True)
                 failed.add(r)
-        for r in sorted(failed):
-            actors[r] = self._new_actor(r)
+                fresh[r] = self._new_actor(r)
+        t_left = time.monotonic()
+        for r, actor in fresh.items():
+            actors[r] = actor
         self.trunks = actors[: self.shape.trunk_ranks]
         self.experts = actors[self.shape.trunk_ranks :]
         ray.get([actors[r].pid.remote() for r in failed], timeout=self.config.load_timeout_s)
@@ -319,7 +323,8 @@ class ExpertParallelGroup:
             "replaced": sorted(failed),
             "kept": [r for r in range(len(actors)) if r not in failed],
             "detect_s": broken.detect_s if broken else 0.0,
-            "load_s": round(t_loaded - t0, 3),
+            "survivors_left_s": round(t_left - t0, 3),
+            "loaded_s": round(t_loaded - t0, 3),
             "rebuild_s": round(time.monotonic() - t0, 3),
         }
         log.info(
