@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ray.serve.epserve.group")
 
 POLL_S = 0.5  # a step running longer than this gets its ranks' progress polled, every this many seconds
+FINAL_POLL_S = 2.0  # after a rank failed, a running rank that cannot report its progress this fast is frozen
 ABORT_WAIT_S = 10.0
 DEAD_ERRORS = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError)
 
@@ -104,6 +105,8 @@ class _HangWatch:
     def __init__(self, n: int, hang_s: float) -> None:
         now = time.monotonic()
         self.hang_s = hang_s
+        # a rank's control thread answers in milliseconds even mid-step: silence means a frozen process
+        self.silent_s = hang_s / 2
         self.snap: list[tuple[int, int, bool, bool] | None] = [None] * n
         self.changed = [now] * n  # when the snapshot last changed (or the step began)
         self.answered = [now] * n  # when the rank last answered a poll
@@ -115,11 +118,11 @@ class _HangWatch:
         self.answered[i] = now
 
     def hung(self, pending: set[int], now: float) -> list[int]:
-        """Pending ranks that stopped: not answering for hang_s, or busy outside a collective and unchanged for
-        hang_s while some peer waits (finished, or inside a collective)."""
+        """Pending ranks that stopped: not answering for hang_s / 2, or busy outside a collective and unchanged
+        for hang_s while some peer waits (finished, or inside a collective)."""
         out = []
         for i in sorted(pending):
-            if now - self.answered[i] > self.hang_s:
+            if now - self.answered[i] > self.silent_s:
                 out.append(i)
                 continue
             s = self.snap[i]
@@ -448,6 +451,11 @@ class ExpertParallelGroup:
         if not (dead or raised or hung or collateral or pending):
             return out
         left = sorted(futs[f] for f in pending)
+        if (dead or raised) and left:  # the ranks still running: waiting on the failed one, or failed too?
+            more_dead, frozen = await self._ask_pending(actors, left)
+            dead += more_dead
+            hung += frozen
+            left = [i for i in left if i not in more_dead]
         if not (dead or raised or hung) and left:  # the deadline passed with no one blamed: who never finished?
             hung = [i for i in left if not (watch and watch.in_collective(i))] or left
         for i in left:
@@ -464,6 +472,16 @@ class ExpertParallelGroup:
             detect_s=round(time.monotonic() - t_start, 3),
         )
         raise self._broken
+
+    async def _ask_pending(self, actors: list, ranks: list[int]) -> tuple[list[int], list[int]]:
+        """After a rank failed, ask the ranks still running for their progress once: a dead one (its death not
+        yet reported through its step call: several ranks of a lost node) is failed, one that cannot answer in
+        FINAL_POLL_S is frozen (failed, hung), the others are waiting on the failed one (collateral)."""
+        polls = {asyncio.wrap_future(actors[i].report_progress.remote().future()): i for i in ranks}
+        done, _ = await asyncio.wait(polls, timeout=FINAL_POLL_S)
+        dead = sorted(polls[f] for f in done if isinstance(f.exception(), DEAD_ERRORS))
+        frozen = sorted(i for f, i in polls.items() if f not in done)
+        return dead, frozen
 
     async def _poll(self, actors: list, ranks: set[int], watch: _HangWatch) -> None:
         """Ask `ranks` for their progress (one outstanding poll per rank); wait up to POLL_S for the answers."""

@@ -99,17 +99,19 @@ class TrunkRank:
             self.routed.finish()
             return StepResult(timings={"forward_s": time.perf_counter() - t0})
         collectives_before = self.progress.step_collectives
+        in_forward = False  # before: the step's input did not fit (its requests' fault); after: the server's
         try:
             self.progress.check("start")  # test-only fault hook: where this rank's own work starts
             batch = StepBatch.build([s.chunk for s in live], block_size=self.pools.block_size)
             override = self._vision_rows(live, batch)
             if override is not None:
                 batch = replace(batch, embeds_override=override)
+            in_forward = True
             out = self.trunk.forward(batch, pools=self.pools, routed=self.routed)
         except Exception as exc:
             if self.progress.step_collectives != collectives_before:
                 raise  # past the first collective: the peers saw a part of this step, so the group failed
-            return self._failed_alone(live, exc, t0)
+            return self._failed_alone(live, exc, t0, server=in_forward)
         t1 = time.perf_counter()
         res = _Results(len(live))
         rows = _logit_rows(live)
@@ -124,7 +126,7 @@ class TrunkRank:
         self.routed.finish()
         return res.result(timings={"forward_s": t1 - t0, "sample_s": t2 - t1, "draft_s": time.perf_counter() - t2})
 
-    def _failed_alone(self, live: list[LiveSeq], exc: Exception, t0: float) -> StepResult:
+    def _failed_alone(self, live: list[LiveSeq], exc: Exception, t0: float, *, server: bool) -> StepResult:
         """The step failed before its first collective: its sequences end (their caches may be half-written, so
         their state goes) and the rank runs the plan's exchanges idle from the start, as its peers expect."""
         if self._plan is not None:
@@ -136,6 +138,8 @@ class TrunkRank:
         detail = f"{type(exc).__name__}: {str(exc)[:200]}"
         if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
             why = f"{SERVER_ERROR}out of memory for this step ({detail})"
+        elif server:
+            why = f"{SERVER_ERROR}the step failed before its first collective ({detail})"
         else:
             why = f"the step could not start for this request ({detail})"
         return StepResult(
