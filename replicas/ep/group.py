@@ -10,7 +10,8 @@ the actors' control thread, so within seconds rather than at the collective dead
 the collateral ones (waiting in a collective, silent under NCCL, erroring under gloo);
 `rebuild()` replaces only the failed ranks, while the collateral ones keep their weights, abort
 their communicator and join the new process group (a new epoch); an idle step checks the data path.
-Tests: tests/replicas/test_group.py, tests/replicas/test_rebalance.py (load statistics, rebalancing).
+Tests: tests/replicas/test_group.py, tests/replicas/test_failures.py (failure classification, recovery),
+tests/replicas/test_rebalance.py (load statistics, rebalancing).
 """
 
 from __future__ import annotations
