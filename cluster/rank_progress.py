@@ -101,5 +101,7 @@ class RankProgress:
             self.in_collective = False
 
     def snapshot(self) -> tuple[int, int, bool, bool]:
-        """(steps, collectives, in_collective, busy): what the driver compares between polls."""
-        return self.steps, self.collectives, self.in_collective, self.busy
+        """(steps, collectives entered in this step, in_collective, busy): what the driver compares between polls
+        and across ranks (every rank runs the same collectives of a step, so a rank behind the others is the one
+        they wait for, also under NCCL, where a collective returns once enqueued and `in_collective` is brief)."""
+        return self.steps, self.step_collectives, self.in_collective, self.busy

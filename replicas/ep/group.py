@@ -120,7 +120,7 @@ class _HangWatch:
 
     def hung(self, pending: set[int], now: float) -> list[int]:
         """Pending ranks that stopped: not answering for hang_s / 2, or busy outside a collective and unchanged
-        for hang_s while some peer waits (finished, or inside a collective)."""
+        for hang_s while some peer waits (finished, inside a collective, or past this rank's collectives)."""
         out = []
         for i in sorted(pending):
             if now - self.answered[i] > self.silent_s:
@@ -129,10 +129,14 @@ class _HangWatch:
             s = self.snap[i]
             if s is None or not s[3] or s[2] or now - self.changed[i] <= self.hang_s:
                 continue
-            waiting = [j for j in range(len(self.snap)) if j != i and (j not in pending or self.in_collective(j))]
-            if waiting:
+            if any(j != i and (j not in pending or self._waits_for(j, s)) for j in range(len(self.snap))):
                 out.append(i)
         return out
+
+    def _waits_for(self, j: int, behind: tuple[int, int, bool, bool]) -> bool:
+        """Rank j waits: inside a collective, or past the collectives the rank `behind` has entered this step."""
+        s = self.snap[j]
+        return s is not None and (s[2] or (s[3] and s[1] > behind[1]))
 
     def in_collective(self, j: int) -> bool:
         s = self.snap[j]

@@ -242,6 +242,13 @@ def test_hang_watch_names_the_rank_its_peers_wait_for() -> None:
     w.record(2, (5, 10, True, True), t + 2.5)
     w.record(1, (5, 9, False, True), t + 2.5)
     assert w.hung({0, 1, 2}, t + 2.5) == [1]
+    # NCCL: a collective returns once enqueued, so the peers wait outside it; they are past the stuck rank's count
+    w3 = _HangWatch(2, hang_s=2.0)
+    w3.record(0, (5, 4, False, True), t)
+    w3.record(1, (5, 3, False, True), t)
+    w3.record(0, (5, 4, False, True), t + 2.5)
+    w3.record(1, (5, 3, False, True), t + 2.5)
+    assert w3.hung({0, 1}, t + 2.5) == [1]
     # a rank that stops answering the poll at all (a frozen process) is hung too; one computing alone is not
     w2 = _HangWatch(2, hang_s=2.0)
     w2.record(0, (1, 0, False, True), t)
