@@ -173,7 +173,6 @@ def test_hung_expert_is_named_within_10_s(group, reference: _Reference) -> None:
     _serves_like_reference(group, reference, seed=45)
 
 
-@pytest.mark.slow  # suite time; the raise and hang cases above cover the classification in the default run
 def test_every_expert_rank_dying_at_once_replaces_them_and_keeps_the_trunk(group, reference: _Reference) -> None:  # noqa: ANN001
     """What the group sees of a lost node holding all expert ranks: each process exits in the step's first
     collective. Both are failed (dead) and replaced; the trunk rank is collateral and keeps its process and weights.
