@@ -10,11 +10,39 @@ deadline, never a hang. Tests: tests/cluster/test_process_groups.py.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from cluster.rank_progress import RankProgress
+
+# ProcessGroupNCCL reads these when a group is created (torch docs: "ProcessGroupNCCL Environment Variables").
+# An operator's own value in the rank's environment wins.
+NCCL_SETTINGS = {
+    # 2 = abort the communicator only: the ranks waiting in a collective get an error and the process lives on
+    # (torch's default 3 tears the process down, which would reload a collateral rank's weights).
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",
+    # non-blocking wait (the default, said explicitly): a collective returns once enqueued; a blocking wait would
+    # sync the host on every collective of the decode step.
+    "TORCH_NCCL_BLOCKING_WAIT": "0",
+    # destroy_process_group aborts rather than destroys: ncclCommDestroy can block while a peer is dead.
+    "TORCH_NCCL_ABORT_IN_DESTROY_PG": "1",
+    # a watchdog that is itself stuck (a CUDA call that hangs) ends the process after this many seconds.
+    "TORCH_NCCL_ENABLE_MONITORING": "1",
+    "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "120",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "0",
+}
+
+
+def apply_nccl_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Set `NCCL_SETTINGS` in `environ` (default: this process) where not already set; returns what is in force."""
+    env = os.environ if environ is None else environ
+    for k, v in NCCL_SETTINGS.items():
+        env.setdefault(k, v)
+    return {k: env[k] for k in NCCL_SETTINGS}
 
 
 @dataclass(frozen=True)
@@ -40,6 +68,7 @@ class GroupHandle:
     group: dist.ProcessGroup
     rank: int
     spec: GroupSpec
+    progress: RankProgress = field(default_factory=RankProgress)  # updated by every collective
 
     @property
     def world_size(self) -> int:
@@ -62,7 +91,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def join_group(spec: GroupSpec, rank: int) -> GroupHandle:
+def join_group(spec: GroupSpec, rank: int, progress: RankProgress | None = None) -> GroupHandle:
     """Join the group (blocks until all ranks joined or the deadline passes).
 
     NOTE: torch keeps one default group per process; each rank actor belongs to exactly one
@@ -70,6 +99,8 @@ def join_group(spec: GroupSpec, rank: int) -> GroupHandle:
     """
     if dist.is_initialized():
         leave_group()
+    if spec.backend == "nccl":
+        apply_nccl_settings()
     timeout = datetime.timedelta(seconds=spec.deadline_s)
     dist.init_process_group(
         backend=spec.backend,
@@ -80,7 +111,7 @@ def join_group(spec: GroupSpec, rank: int) -> GroupHandle:
     )
     group = dist.group.WORLD
     assert group is not None
-    return GroupHandle(group=group, rank=rank, spec=spec)
+    return GroupHandle(group=group, rank=rank, spec=spec, progress=progress or RankProgress())
 
 
 def _rendezvous_store(spec: GroupSpec, rank: int, timeout: datetime.timedelta) -> dist.TCPStore:
@@ -117,4 +148,15 @@ def leave_group() -> None:
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001  # a broken group cannot always be destroyed cleanly; drop it anyway
+            pass
+
+
+def abort_group() -> None:
+    """Abort this process's group from another thread, so a collective waiting on a failed peer returns with an
+    error (NCCL: its communicators are aborted). gloo has no abort: its waiters return once the failed peer's
+    process is gone (the driver kills it first)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except Exception:  # noqa: BLE001  # already aborted or destroyed
             pass

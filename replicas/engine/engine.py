@@ -29,7 +29,7 @@ from replicas.engine.errors import EngineOverloaded, EngineUnavailable, RequestR
 from replicas.engine.scheduler import Scheduled, Scheduler, SchedulerConfig, SchedulerOutput
 from replicas.engine.sequence import Sequence, Status
 from replicas.engine.step_guard import request_problem
-from replicas.engine.step_types import SeqStart, SeqStep, StepRequest, StepResult, TokenLogprobs
+from replicas.engine.step_types import SERVER_ERROR, SeqStart, SeqStep, StepRequest, StepResult, TokenLogprobs
 from replicas.serving.metrics import MetricsRegistry
 
 if TYPE_CHECKING:  # annotations only: llguidance loads with the first constrained request
@@ -506,11 +506,16 @@ class Engine:
 
     def _refuse(self, seq: Sequence, why: str) -> None:
         """A trunk rank refused this sequence before the step's first collective: it ends alone, with a
-        non-retriable 400 (its own input), and the group keeps serving."""
+        non-retriable 400 (its own input) or 500 (the server's: out of memory for the step), never retried on
+        another group, and the group keeps serving."""
         if seq.status is Status.FINISHED or seq.aborted:
             return
         log.warning("request %s: refused by its trunk rank: %s", seq.req.request_id, why)
-        self._delta(seq).error = EngineFailure(f"refused: {why}", retriable=False, code=400)
+        if why.startswith(SERVER_ERROR):
+            failure = EngineFailure(f"the step failed: {why[len(SERVER_ERROR) :]}", retriable=False, code=500)
+        else:
+            failure = EngineFailure(f"refused: {why}", retriable=False, code=400)
+        self._delta(seq).error = failure
         self.scheduler.release(seq)
         self.metrics.inc("request_errors", kind="refused")
 

@@ -147,6 +147,11 @@ class StepResult:
     errors: tuple[str | None, ...] = ()  # per sequence: refused before the step's first collective (why), or None
 
 
+# A StepResult error starting with this is the server's (out of memory for the step), not the request's input:
+# the request fails alone with a 500 that is not retried elsewhere, and the group keeps serving.
+SERVER_ERROR = "server error: "
+
+
 def only_token_mask(token_id: int) -> torch.Tensor:
     """An allowed-token bitmask (the GrammarMatcher layout, shortened: ids past it are disallowed) of one token:
     how a trunk rank applies `SeqStep.forced_token`."""

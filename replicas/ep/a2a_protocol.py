@@ -140,7 +140,10 @@ def exchange(
     """
     if out is None:
         out = send.new_empty((sum(recv_splits), *send.shape[1:]))
-    dist.all_to_all_single(out, send, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group.group)
+    with group.progress.collective():  # counted for the driver's hang watch; its failure is a CollectiveError
+        dist.all_to_all_single(
+            out, send, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group.group
+        )
     return out
 
 
@@ -148,5 +151,6 @@ def exchange_counts(group: GroupHandle, send_counts: list[int]) -> list[int]:
     """The variable mode's counts exchange: each rank learns how many rows every peer sends it."""
     send = torch.tensor(send_counts, dtype=torch.int64, device=group.device)
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group.group)
-    return recv.tolist()
+    with group.progress.collective():
+        dist.all_to_all_single(recv, send, group=group.group)
+        return recv.tolist()

@@ -4,9 +4,13 @@ Owns: loading each rank's own part of the checkpoint (a trunk rank reads no rout
 expert rank only its experts), joining / leaving the group's process group, and exposing one
 method per step. Both classes are declared Ray actors here (one call at a time; never restarted by
 Ray, since the group replaces a failed rank itself); what depends on the placement (CPUs, GPU,
-bundle, name) is given per actor in replicas/ep/group.py through `.options()`. A rank whose
-collective failed leaves its group and re-raises: it never lingers in a broken communicator.
-Tests: tests/replicas/test_group.py.
+bundle, name) is given per actor in replicas/ep/group.py through `.options()`. A rank whose step
+failed re-raises and stays in its group until the driver decides (NCCL semantics: leaving would not
+wake peers waiting in a collective anyway): a failed rank is killed, a collateral one aborts its
+communicator (`abort_group`) and leaves (`leave`), keeping its weights. Control methods (progress,
+abort, the test-only fault hook, the weight-load counter) run on their own thread ("control"
+concurrency group), so the driver reads them while a step runs.
+Tests: tests/replicas/test_group.py, tests/replicas/test_failures.py.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import ray
 import torch
 
 from cluster.placement import ExpertMap
-from cluster.process_groups import GroupHandle, GroupSpec, free_port, join_group, leave_group
+from cluster.process_groups import GroupHandle, GroupSpec, abort_group, free_port, join_group, leave_group
+from cluster.rank_progress import Fault, RankProgress
 from cluster.topology import GroupShape
 from model_shards.cache import CachePools
 from model_shards.checkpoint_files import CheckpointReader
@@ -64,12 +69,36 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
 
 
+CONTROL = {"control": 2}  # the concurrency group of the methods the driver calls while a step runs
+
+
 class _RankBase:
     def __init__(self) -> None:
         self.group: GroupHandle | None = None
+        self.progress = RankProgress()
+        self.loads = 0  # checkpoint loads (construction, each staged map): a collateral rank's never grows
 
     def pid(self) -> int:
         return os.getpid()
+
+    @ray.method(concurrency_group="control")
+    def report_progress(self) -> tuple[int, int, bool, bool]:
+        """(steps, collectives, in_collective, busy), read while a step runs (the driver's hang watch)."""
+        return self.progress.snapshot()
+
+    @ray.method(concurrency_group="control")
+    def arm_fault(self, fault: Fault | None) -> None:
+        """Test-only: make the next step raise, run out of memory, exit or hang at `fault.point`."""
+        self.progress.fault = fault
+
+    @ray.method(concurrency_group="control")
+    def abort_group(self) -> None:
+        """Abort this rank's communicator, so a collective waiting on a failed peer returns (NCCL)."""
+        abort_group()
+
+    @ray.method(concurrency_group="control")
+    def weight_loads(self) -> int:
+        return self.loads
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free port for the group's store (asked of global rank 0)."""
@@ -80,12 +109,8 @@ class _RankBase:
         leave_group()
         self.group = None
 
-    def _failed(self) -> None:
-        leave_group()
-        self.group = None
 
-
-@ray.remote(max_restarts=0, max_concurrency=1)  # type: ignore[call-overload]  # Ray's overloads lack max_concurrency
+@ray.remote(max_restarts=0, max_concurrency=1, concurrency_groups=CONTROL)  # type: ignore[call-overload]  # Ray's overloads lack max_concurrency
 class TrunkRankActor(_RankBase):
     """Holds the trunk and the caches of its sequences; with X = 0 also every expert."""
 
@@ -121,14 +146,19 @@ class TrunkRankActor(_RankBase):
         if spec.shape.expert_ranks == 0:
             shard = load_experts(reader, cfg, expert_ids=range(cfg.num_experts), dtype=self.dtype, layout=self.layout)
             self.rank = TrunkRank(
-                self.trunk, self.pools, LocalDispatcher(shard, num_moe_layers=cfg.num_moe_layers), self.vision
+                self.trunk,
+                self.pools,
+                LocalDispatcher(shard, num_moe_layers=cfg.num_moe_layers),
+                self.vision,
+                progress=self.progress,
             )
         self.read_bytes = reader.stats.bytes
+        self.loads = 1
         reader.close()
 
     def join(self, spec: GroupSpec) -> None:
         assert self.spec.expert_map is not None
-        self.group = join_group(spec, self.spec.shape.trunk_rank(self.spec.index))
+        self.group = join_group(spec, self.spec.shape.trunk_rank(self.spec.index), self.progress)
         dispatcher = AllToAllDispatcher(
             self.group,
             self.spec.shape,
@@ -137,7 +167,7 @@ class TrunkRankActor(_RankBase):
             dtype=self.dtype,
             num_experts=self.cfg.num_experts,
         )
-        self.rank = TrunkRank(self.trunk, self.pools, dispatcher, self.vision)
+        self.rank = TrunkRank(self.trunk, self.pools, dispatcher, self.vision, progress=self.progress)
         self._dispatcher = dispatcher
 
     def stage_map(self, expert_map: ExpertMap, version: int) -> int:
@@ -164,14 +194,15 @@ class TrunkRankActor(_RankBase):
             self.rank.reset()
 
     def step(self, req: StepRequest, plan: StepPlan | None) -> StepResult:
+        """Run one step. An error raises as it is (this rank failed) or as a CollectiveError (it was waiting on a
+        peer that failed); either way the rank stays in its group until the driver's rebuild."""
         assert self.rank is not None, "trunk rank has not joined its group"
+        self.progress.begin_step()
         try:
             self._switch_map(plan)
             return self.rank.step(req, plan)
-        except Exception:
-            if self.group is not None:
-                self._failed()
-            raise
+        finally:
+            self.progress.end_step()
 
     def take_load(self) -> torch.Tensor:
         """Tokens routed to each expert of each MoE layer since the last call."""
@@ -193,7 +224,7 @@ class TrunkRankActor(_RankBase):
         }
 
 
-@ray.remote(max_restarts=0, max_concurrency=1)  # type: ignore[call-overload]  # Ray's overloads lack max_concurrency
+@ray.remote(max_restarts=0, max_concurrency=1, concurrency_groups=CONTROL)  # type: ignore[call-overload]  # Ray's overloads lack max_concurrency
 class ExpertRankActor(_RankBase):
     """Holds the routed experts the map gives this rank, for every MoE layer."""
 
@@ -218,6 +249,7 @@ class ExpertRankActor(_RankBase):
         )
         self.read_names = list(reader.stats.names)
         self.read_bytes = reader.stats.bytes
+        self.loads = 1
         reader.close()
         self.rank: ExpertRank | None = None
         self._map_version = spec.map_version
@@ -247,6 +279,7 @@ class ExpertRankActor(_RankBase):
             reader.close()
         layers = [new if c else old for new, old, c in zip(fresh.layers, self.shard.layers, changed)]
         self._staged = (version, ExpertShard(layers, num_experts=self.cfg.num_experts))
+        self.loads += 1
         loaded = sum(len(set(w) - set(h)) for w, h in zip(want, held))
         return {"version": version, "experts_loaded": loaded, "bytes": loaded_bytes}
 
@@ -271,17 +304,19 @@ class ExpertRankActor(_RankBase):
         return self.rank.take_received()
 
     def join(self, spec: GroupSpec) -> None:
-        self.group = join_group(spec, self.spec.shape.expert_rank(self.spec.index))
+        self.group = join_group(spec, self.spec.shape.expert_rank(self.spec.index), self.progress)
         self.rank = ExpertRank(self.shard, self.group, self.spec.shape, hidden=self.cfg.hidden_size, dtype=self.dtype)
 
     def serve(self, plan: StepPlan) -> ExpertStepStats:
+        """Serve one step's exchanges; errors raise as TrunkRankActor.step's do (the rank stays in its group)."""
         assert self.rank is not None, "expert rank has not joined its group"
+        self.progress.begin_step()
         try:
+            self.progress.check("start")
             self._switch_map(plan)
             return self.rank.serve(plan)
-        except Exception:
-            self._failed()
-            raise
+        finally:
+            self.progress.end_step()
 
     def param_bytes(self) -> int:
         return self.shard.nbytes

@@ -3,16 +3,22 @@
 Owns: creating the rank actors in a placement group (the caller's, e.g. a Serve replica's
 own with bundle 0 = the replica, or one it creates), forming their process group at trunk
 rank 0's node on a free port, and `step()`: one Ray call per rank per step (nothing per
-layer), returning each trunk rank's sampled tokens. Any rank error or timeout fails the
-step with `GroupFailure` (epoch, dead ranks, timed-out ranks); `rebuild()` replaces the
-failed ranks, re-forms the process group and checks the data path with an idle step.
-Tests: tests/replicas/test_group.py, tests/replicas/test_rebalance.py (load statistics, rebalancing).
+layer), returning each trunk rank's sampled tokens. A failed step raises `GroupFailure`, which
+names the failed ranks (the one whose call raised on its own, whose process died, or that hung:
+alive, busy outside any collective while its peers wait, read from per-rank progress polled on
+the actors' control thread, so within seconds rather than at the collective deadline) apart from
+the collateral ones (waiting in a collective, silent under NCCL, erroring under gloo);
+`rebuild()` replaces only the failed ranks, while the collateral ones keep their weights, abort
+their communicator and join the new process group (a new epoch); an idle step checks the data path.
+Tests: tests/replicas/test_group.py, tests/replicas/test_failures.py (failure classification, recovery),
+tests/replicas/test_rebalance.py (load statistics, rebalancing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +33,7 @@ from cluster.expert_balance import moved_slots, rebalance
 from cluster.expert_load import LoadWindow, per_rank_load, rank_imbalance, write_load_file
 from cluster.placement import ExpertMap, GroupPlacement, plan_placement
 from cluster.process_groups import GroupSpec, choose_backend
+from cluster.rank_progress import CollectiveError
 from cluster.topology import GroupShape, Topology
 from model_shards.config import ModelConfig, from_hf_config
 from model_shards.tiny_checkpoint import resolve_model_dir
@@ -37,43 +44,103 @@ from replicas.ep.actors import CacheSizes, ExpertRankActor, RankSpec, TrunkRankA
 if TYPE_CHECKING:
     from ray.actor import ActorClass
 
-ERROR_GRACE_S = 2.0
+log = logging.getLogger("ray.serve.epserve.group")
+
+POLL_S = 0.5  # a step running longer than this gets its ranks' progress polled, every this many seconds
+FINAL_POLL_S = 2.0  # after a rank failed, a running rank that cannot report its progress this fast is frozen
+ABORT_WAIT_S = 10.0
+DEAD_ERRORS = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError)
 
 
 class GroupFailure(RuntimeError):
-    """A step of the group failed: some ranks died, hung past the deadline, or raised.
+    """A step of the group failed. Failed ranks (replaced by `rebuild`) are apart from collateral ones (kept).
 
     Attributes:
         epoch: the group's epoch when it failed (bumped by each rebuild).
-        dead: global ranks whose actor died. timed_out: ranks that did not answer in time.
-        errors: global rank -> error text, for ranks that raised (often collateral of the above).
+        dead: global ranks whose process died. hung: ranks alive but not progressing (busy outside any
+            collective while peers waited, or not answering the progress poll) for `hang_s`.
+        raised: global rank -> error text, for ranks whose call raised on their own (not in a collective).
+        collateral: ranks that were waiting in a collective (silent, or erroring because of the failed ones).
+        detect_s: seconds from the step's start until the failure was classified.
     """
 
     def __init__(
         self,
         epoch: int,
         *,
-        dead: tuple[int, ...],
-        timed_out: tuple[int, ...],
-        errors: dict[int, str],
+        dead: tuple[int, ...] = (),
+        hung: tuple[int, ...] = (),
+        raised: dict[int, str] | None = None,
+        collateral: tuple[int, ...] = (),
         names: dict[int, str],
+        detect_s: float = 0.0,
     ) -> None:
-        self.epoch, self.dead, self.timed_out, self.errors = epoch, dead, timed_out, errors
+        self.epoch, self.dead, self.hung, self.raised = epoch, dead, hung, dict(raised or {})
+        self.collateral, self.detect_s = collateral, detect_s
         parts = []
         if dead:
             parts.append("dead: " + ", ".join(names[r] for r in dead))
-        if timed_out:
-            parts.append("timed out: " + ", ".join(names[r] for r in timed_out))
-        culprits = [r for r in errors if r not in dead and r not in timed_out]
-        if culprits and not dead and not timed_out:
-            parts.append("raised: " + "; ".join(f"{names[r]}: {errors[r][:200]}" for r in culprits))
+        if hung:
+            parts.append("hung: " + ", ".join(names[r] for r in hung))
+        if self.raised:
+            parts.append("raised: " + "; ".join(f"{names[r]}: {t[:200]}" for r, t in sorted(self.raised.items())))
+        if collateral:
+            parts.append("collateral: " + ", ".join(names[r] for r in collateral))
         super().__init__(f"expert-parallel group epoch {epoch} failed ({'; '.join(parts) or 'unknown'})")
 
     @property
+    def timed_out(self) -> tuple[int, ...]:
+        return self.hung
+
+    @property
     def failed_ranks(self) -> tuple[int, ...]:
-        """Ranks to replace: the dead and the hung; if none, those that raised on their own."""
-        culprits = set(self.dead) | set(self.timed_out)
-        return tuple(sorted(culprits or set(self.errors)))
+        """Ranks to replace: the dead, the hung and those that raised on their own; if no rank can be blamed
+        (every one erred in a collective), all of them."""
+        culprits = set(self.dead) | set(self.hung) | set(self.raised)
+        return tuple(sorted(culprits or set(self.collateral)))
+
+
+class _HangWatch:
+    """The driver's view of each rank's progress during one step (RankProgress snapshots, polled)."""
+
+    def __init__(self, n: int, hang_s: float) -> None:
+        now = time.monotonic()
+        self.hang_s = hang_s
+        # a rank's control thread answers in milliseconds even mid-step: silence means a frozen process
+        self.silent_s = hang_s / 2
+        self.snap: list[tuple[int, int, bool, bool] | None] = [None] * n
+        self.changed = [now] * n  # when the snapshot last changed (or the step began)
+        self.answered = [now] * n  # when the rank last answered a poll
+        self.polls: dict[int, Any] = {}  # rank -> outstanding poll future
+
+    def record(self, i: int, snap: tuple[int, int, bool, bool], now: float) -> None:
+        if snap != self.snap[i]:
+            self.snap[i], self.changed[i] = snap, now
+        self.answered[i] = now
+
+    def hung(self, pending: set[int], now: float) -> list[int]:
+        """Pending ranks that stopped: not answering for hang_s / 2, or busy outside a collective and unchanged
+        for hang_s while some peer waits (finished, inside a collective, or past this rank's collectives)."""
+        out = []
+        for i in sorted(pending):
+            if now - self.answered[i] > self.silent_s:
+                out.append(i)
+                continue
+            s = self.snap[i]
+            if s is None or not s[3] or s[2] or now - self.changed[i] <= self.hang_s:
+                continue
+            if any(j != i and (j not in pending or self._waits_for(j, s)) for j in range(len(self.snap))):
+                out.append(i)
+        return out
+
+    def _waits_for(self, j: int, behind: tuple[int, int, bool, bool]) -> bool:
+        """Rank j waits: inside a collective, or past the collectives the rank `behind` has entered this step."""
+        s = self.snap[j]
+        return s is not None and (s[2] or (s[3] and s[1] > behind[1]))
+
+    def in_collective(self, j: int) -> bool:
+        s = self.snap[j]
+        return s is not None and s[2]
 
 
 @dataclass(frozen=True)
@@ -81,7 +148,8 @@ class GroupConfig:
     """How to build a group.
 
     Attributes:
-        deadline_s: bound on every collective (seconds in CI, tens of seconds on GPUs).
+        deadline_s: bound on every collective (seconds in CI, tens of seconds on GPUs): the last resort; failed
+            and hung ranks are named from the ranks' own reports first (`hang_s`).
         capacity_factor: decode exchange capacity C = factor x mean rows per (trunk, expert) pair.
         cpus_per_rank: CPU slots per rank bundle (and BLAS threads per rank).
     """
@@ -101,6 +169,7 @@ class GroupConfig:
     # the plan node of each global rank (cluster/traffic.py place_by_traffic): one bundle per node, each rank in
     # its node's bundle; None: one bundle per rank (the caller's placement group must then be built the same way)
     rank_nodes: tuple[int, ...] | None = None
+    hang_s: float = 5.0  # a rank busy outside any collective this long while its peers wait is hung
 
 
 class ExpertParallelGroup:
@@ -148,6 +217,9 @@ class ExpertParallelGroup:
         self.trunks: list = []
         self.experts: list = []
         self._broken: GroupFailure | None = None
+        self._stuck: dict[int, Any] = {}  # global rank -> its call of the failed step, still running
+        self.actors_created = [0] * self.shape.world_size  # per global rank: weight loads (a replacement adds one)
+        self.last_recovery: dict[str, Any] = {}  # what the last rebuild replaced and kept, and its seconds
         self.names = {self.shape.trunk_rank(i): f"trunk rank {i}" for i in range(self.shape.trunk_ranks)}
         self.names.update({self.shape.expert_rank(j): f"expert rank {j}" for j in range(self.shape.expert_ranks)})
 
@@ -186,6 +258,7 @@ class ExpertParallelGroup:
             threads=int(self.config.cpus_per_rank),
         )
         self._created += 1
+        self.actors_created[global_rank] += 1
         role = f"trunk{index}" if is_trunk else f"expert{index}"
         opts = dict(
             num_cpus=self.config.cpus_per_rank,
@@ -219,25 +292,64 @@ class ExpertParallelGroup:
         ray.get([a.join.remote(spec) for a in self.trunks + self.experts], timeout=self.config.deadline_s + 60)
 
     def rebuild(self) -> None:
-        """Replace failed ranks with fresh actors (weights reloaded), re-form the process group on a
-        new port under a new epoch, and run one idle step through every rank."""
-        failed = set(self._broken.failed_ranks) if self._broken else set()
+        """Replace the failed ranks with fresh actors (their weights loaded); the collateral ones keep theirs:
+        their communicator is aborted, their call of the failed step returns, and they leave the old process
+        group. Then the group re-forms on a new port under a new epoch and one idle step runs through every
+        rank. A collateral rank that cannot leave in time (its process or node gone) is replaced too."""
+        t0 = time.monotonic()
+        broken = self._broken
         actors = self.trunks + self.experts
-        survivors = [r for r in range(len(actors)) if r not in failed]
-        try:
-            ray.get([actors[r].leave.remote() for r in survivors], timeout=self.config.deadline_s + 10)
-        except Exception:  # noqa: BLE001  # a survivor that cannot even leave is replaced too
-            failed = set(range(len(actors)))
-        for r in sorted(failed):
+        failed = set(broken.failed_ranks) if broken else set()
+        stuck, self._stuck = self._stuck, {}
+        for r in sorted(failed):  # first: a gloo peer waiting on a killed rank returns at once
             ray.kill(actors[r], no_restart=True)
-            actors[r] = self._new_actor(r)
+        # the replacements load their weights while the survivors get out of the failed step
+        fresh = {r: self._new_actor(r) for r in sorted(failed)}
+        survivors = [r for r in range(len(actors)) if r not in failed]
+        # NCCL peers keep waiting on a dead rank until their communicator is aborted (on their control thread)
+        ray.wait([actors[r].abort_group.remote() for r in survivors], num_returns=len(survivors), timeout=ABORT_WAIT_S)
+        bound = self.config.deadline_s + 10
+        waiting = [stuck[r] for r in survivors if r in stuck]
+        if waiting:  # the failed step's calls on the survivors end (in error) before they can leave
+            ray.wait(waiting, num_returns=len(waiting), timeout=bound)
+        leaves = {r: actors[r].leave.remote() for r in survivors}
+        ready, _ = ray.wait(list(leaves.values()), num_returns=len(leaves), timeout=bound)
+        for r, ref in leaves.items():
+            try:
+                if ref not in ready:
+                    raise TimeoutError("did not leave in time")
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001  # a survivor that cannot even leave is replaced too
+                log.warning("rebuild: %s could not leave its group (%s); replacing it", self.names[r], exc)
+                ray.kill(actors[r], no_restart=True)
+                failed.add(r)
+                fresh[r] = self._new_actor(r)
+        t_left = time.monotonic()
+        for r, actor in fresh.items():
+            actors[r] = actor
         self.trunks = actors[: self.shape.trunk_ranks]
         self.experts = actors[self.shape.trunk_ranks :]
         ray.get([actors[r].pid.remote() for r in failed], timeout=self.config.load_timeout_s)
+        t_loaded = time.monotonic()
         self.epoch += 1
         self._broken = None
         self._form_group()
         self.canary()
+        self.last_recovery = {
+            "replaced": sorted(failed),
+            "kept": [r for r in range(len(actors)) if r not in failed],
+            "detect_s": broken.detect_s if broken else 0.0,
+            "survivors_left_s": round(t_left - t0, 3),
+            "loaded_s": round(t_loaded - t0, 3),
+            "rebuild_s": round(time.monotonic() - t0, 3),
+        }
+        log.info(
+            "group rebuilt (epoch %d): replaced %s, kept %s, %.1f s",
+            self.epoch,
+            [self.names[r] for r in sorted(failed)] or "none",
+            [self.names[r] for r in self.last_recovery["kept"]] or "none",
+            self.last_recovery["rebuild_s"],
+        )
 
     def canary(self) -> float:
         """An idle step through every rank (all exchanges, no tokens): proves the data path; returns seconds."""
@@ -305,48 +417,100 @@ class ExpertParallelGroup:
         return results[: self.shape.trunk_ranks]
 
     async def _gather(self, refs: list, plan: StepPlan | None) -> list:
-        """Await every rank; once one finished or failed, the rest get one deadline to follow."""
-        deadline = self.config.deadline_s
+        """Await every rank's call of the step. A step running past POLL_S gets its ranks' progress polled;
+        the step fails as soon as one rank raised on its own, died or hung, and the ranks still waiting are
+        collateral (NCCL leaves them silent in the collective; they are not waited for). The collective
+        deadline (x the step's collectives) bounds the rest."""
+        t_start = time.monotonic()
+        actors = (self.trunks + self.experts)[: len(refs)]
         futs = {asyncio.wrap_future(ref.future()): i for i, ref in enumerate(refs)}
         pending = set(futs)
         n_collectives = 3 * len(plan.moe_layers) + 1 if plan is not None else 1
-        overall = time.monotonic() + deadline * n_collectives + deadline
-        first_done: float | None = None
-        first_error: float | None = None
+        overall = t_start + self.config.deadline_s * (n_collectives + 1)
+        watch: _HangWatch | None = None
+        out: list = [None] * len(refs)
+        dead: list[int] = []
+        raised: dict[int, str] = {}
+        collateral: list[int] = []
+        hung: list[int] = []
+        next_poll = t_start + POLL_S
         while pending:
-            limit = overall if first_done is None else min(overall, first_done + deadline + 5.0)
-            if first_error is not None:
-                # Peers of a failed rank error within moments; whoever is still silent is hung.
-                limit = min(limit, first_error + ERROR_GRACE_S)
-            timeout = max(0.0, limit - time.monotonic())
+            timeout = max(0.0, min(next_poll, overall) - time.monotonic())
             done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if not done:
+            for fut in done:
+                i = futs[fut]
+                exc = fut.exception()
+                if exc is None:
+                    out[i] = fut.result()
+                elif isinstance(exc, CollectiveError):
+                    collateral.append(i)  # it was waiting on a peer
+                elif isinstance(exc, DEAD_ERRORS):
+                    dead.append(i)
+                else:
+                    raised[i] = _error_text(exc)
+            if dead or raised or not pending:
                 break
-            if first_done is None:
-                first_done = time.monotonic()
-            if first_error is None and any(f.exception() is not None for f in done):
-                first_error = time.monotonic()
-        dead, errors, out = [], {}, [None] * len(refs)
-        for fut, i in futs.items():
-            if fut in pending:
-                fut.cancel()
-                continue
-            exc = fut.exception()
-            if exc is None:
-                out[i] = fut.result()
-            elif isinstance(
-                exc, (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError)
-            ):
-                dead.append(i)
-            else:
-                errors[i] = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        timed_out = sorted(futs[f] for f in pending)
-        if dead or timed_out or errors:
-            self._broken = GroupFailure(
-                self.epoch, dead=tuple(sorted(dead)), timed_out=tuple(timed_out), errors=errors, names=self.names
-            )
-            raise self._broken
-        return out
+            now = time.monotonic()
+            if now >= overall:
+                break
+            if now >= next_poll:
+                watch = watch or _HangWatch(len(refs), self.config.hang_s)
+                running = {futs[f] for f in pending}
+                await self._poll(actors, running, watch)
+                hung = watch.hung(running, time.monotonic())
+                if hung:
+                    break
+                next_poll = time.monotonic() + POLL_S
+        if not (dead or raised or hung or collateral or pending):
+            return out
+        left = sorted(futs[f] for f in pending)
+        if (dead or raised) and left:  # the ranks still running: waiting on the failed one, or failed too?
+            more_dead, frozen = await self._ask_pending(actors, left)
+            dead += more_dead
+            hung += frozen
+            left = [i for i in left if i not in more_dead]
+        if not (dead or raised or hung) and left:  # the deadline passed with no one blamed: who never finished?
+            hung = [i for i in left if not (watch and watch.in_collective(i))] or left
+        for i in left:
+            if i not in hung:
+                collateral.append(i)
+                self._stuck[i] = refs[i]
+        self._broken = GroupFailure(
+            self.epoch,
+            dead=tuple(sorted(dead)),
+            hung=tuple(sorted(hung)),
+            raised=raised,
+            collateral=tuple(sorted(collateral)),
+            names=self.names,
+            detect_s=round(time.monotonic() - t_start, 3),
+        )
+        raise self._broken
+
+    async def _ask_pending(self, actors: list, ranks: list[int]) -> tuple[list[int], list[int]]:
+        """After a rank failed, ask the ranks still running for their progress once: a dead one (its death not
+        yet reported through its step call: several ranks of a lost node) is failed, one that cannot answer in
+        FINAL_POLL_S is frozen (failed, hung), the others are waiting on the failed one (collateral)."""
+        polls = {asyncio.wrap_future(actors[i].report_progress.remote().future()): i for i in ranks}
+        done, _ = await asyncio.wait(polls, timeout=FINAL_POLL_S)
+        dead = sorted(polls[f] for f in done if isinstance(f.exception(), DEAD_ERRORS))
+        frozen = sorted(i for f, i in polls.items() if f not in done)
+        return dead, frozen
+
+    async def _poll(self, actors: list, ranks: set[int], watch: _HangWatch) -> None:
+        """Ask `ranks` for their progress (one outstanding poll per rank); wait up to POLL_S for the answers."""
+        for i in ranks:
+            if i not in watch.polls:
+                watch.polls[i] = asyncio.wrap_future(actors[i].report_progress.remote().future())
+        polls = {f: i for i, f in watch.polls.items() if i in ranks}
+        if not polls:
+            return
+        done, _ = await asyncio.wait(polls, timeout=POLL_S)
+        now = time.monotonic()
+        for f in done:
+            i = polls[f]
+            del watch.polls[i]
+            if f.exception() is None:
+                watch.record(i, f.result(), now)
 
     # ----------------------------------------------------------------- statistics
     def expert_load(self) -> dict[str, torch.Tensor]:
@@ -446,3 +610,9 @@ class ExpertParallelGroup:
             }
         finally:
             self._rebalancing = False
+
+
+def _error_text(exc: BaseException) -> str:
+    """The last line of a rank's error (Ray wraps it in a traceback)."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__

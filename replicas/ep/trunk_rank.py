@@ -14,12 +14,13 @@ from dataclasses import replace
 
 import torch
 
+from cluster.rank_progress import RankProgress
 from model_shards.batch import StepBatch
 from model_shards.cache import CachePools
 from model_shards.sampling import sample
 from model_shards.trunk import Trunk
 from model_shards.vision import VisionTower
-from replicas.engine.step_types import StepRequest, StepResult, TokenLogprobs
+from replicas.engine.step_types import SERVER_ERROR, StepRequest, StepResult, TokenLogprobs
 from replicas.ep.a2a_protocol import StepPlan
 from replicas.ep.dispatch import Dispatcher
 from replicas.ep.mtp_drafter import MtpDrafter
@@ -36,8 +37,18 @@ class TrunkRank:
         routed: the dispatch/combine seam (local experts or the all-to-all).
     """
 
-    def __init__(self, trunk: Trunk, pools: CachePools, routed: Dispatcher, vision: VisionTower | None = None) -> None:
+    def __init__(
+        self,
+        trunk: Trunk,
+        pools: CachePools,
+        routed: Dispatcher,
+        vision: VisionTower | None = None,
+        *,
+        progress: RankProgress | None = None,
+    ) -> None:
         self.trunk = trunk
+        self.progress = progress or RankProgress()  # the collectives this step entered (the group's handle's)
+        self._plan: StepPlan | None = None
         self.pools = pools
         self.routed = routed
         self.vision = vision
@@ -60,13 +71,16 @@ class TrunkRank:
         With a plan (expert ranks elsewhere), the routed seam is framed by it and a rank with no sequences
         still runs every exchange of the plan.
 
-        The rule for errors inside a step: what fails before the forward (the step's first collective) fails
-        only its sequences, reported in `StepResult.errors`, and the rank still takes part in every exchange,
-        so the group keeps serving; an error after that is a group failure (the caller sees the rank raise).
+        The rule for errors inside a step: what fails before the step's first collective (bad input, the batch or
+        layer 0 running out of memory) fails only its sequences, reported in `StepResult.errors`, and the rank
+        still takes part in every exchange, so the group keeps serving; an error after that is a group failure
+        (the caller sees the rank raise). Which side of the line an error fell on is read from the collectives
+        this step entered (`RankProgress.step_collectives`), not guessed from where it was raised.
         Sequence state: `req.released` is dropped first; a refused sequence's state is dropped too (the engine
         ends it).
         """
         t0 = time.perf_counter()
+        self._plan = plan
         if plan is not None:
             self.routed.begin(plan)
         self.seqs.release(req.released)
@@ -84,24 +98,20 @@ class TrunkRank:
             self.routed.run_idle()
             self.routed.finish()
             return StepResult(timings={"forward_s": time.perf_counter() - t0})
-        try:  # before the first collective: a failure here is these sequences', not the group's
+        collectives_before = self.progress.step_collectives
+        in_forward = False  # before: the step's input did not fit (its requests' fault); after: the server's
+        try:
+            self.progress.check("start")  # test-only fault hook: where this rank's own work starts
             batch = StepBatch.build([s.chunk for s in live], block_size=self.pools.block_size)
             override = self._vision_rows(live, batch)
-        except Exception as exc:  # noqa: BLE001  # reported per sequence; the rank still runs the plan idle
-            self.routed.run_idle()
-            self.routed.finish()
-            for s in live:
-                self.seqs.release((s.step.seq_id,))
-            why = f"the step could not start for this request ({type(exc).__name__}: {str(exc)[:200]})"
-            return StepResult(
-                token_ids=(None,) * len(live),
-                logprobs=(None,) * len(live),
-                errors=(why,) * len(live),
-                timings={"forward_s": time.perf_counter() - t0},
-            )
-        if override is not None:
-            batch = replace(batch, embeds_override=override)
-        out = self.trunk.forward(batch, pools=self.pools, routed=self.routed)
+            if override is not None:
+                batch = replace(batch, embeds_override=override)
+            in_forward = True
+            out = self.trunk.forward(batch, pools=self.pools, routed=self.routed)
+        except Exception as exc:
+            if self.progress.step_collectives != collectives_before:
+                raise  # past the first collective: the peers saw a part of this step, so the group failed
+            return self._failed_alone(live, exc, t0, server=in_forward)
         t1 = time.perf_counter()
         res = _Results(len(live))
         rows = _logit_rows(live)
@@ -115,6 +125,29 @@ class TrunkRank:
         self.routed.run_idle()  # MTP exchanges this rank had no rows for, in plan order
         self.routed.finish()
         return res.result(timings={"forward_s": t1 - t0, "sample_s": t2 - t1, "draft_s": time.perf_counter() - t2})
+
+    def _failed_alone(self, live: list[LiveSeq], exc: Exception, t0: float, *, server: bool) -> StepResult:
+        """The step failed before its first collective: its sequences end (their caches may be half-written, so
+        their state goes) and the rank runs the plan's exchanges idle from the start, as its peers expect."""
+        if self._plan is not None:
+            self.routed.begin(self._plan)  # no exchange ran yet: frame the step again, from its first layer
+        self.routed.run_idle()
+        self.routed.finish()
+        for s in live:
+            self.seqs.release((s.step.seq_id,))
+        detail = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+            why = f"{SERVER_ERROR}out of memory for this step ({detail})"
+        elif server:
+            why = f"{SERVER_ERROR}the step failed before its first collective ({detail})"
+        else:
+            why = f"the step could not start for this request ({detail})"
+        return StepResult(
+            token_ids=(None,) * len(live),
+            logprobs=(None,) * len(live),
+            errors=(why,) * len(live),
+            timings={"forward_s": time.perf_counter() - t0},
+        )
 
     def _sample(
         self, live: list[LiveSeq], logits_RV: torch.Tensor, rows: dict[int, tuple[int, int]], res: _Results
