@@ -6,7 +6,7 @@
 #    the project with --no-deps (its serving dependencies, Ray included, are not needed here), then every
 #    wheel of the folder, each resolved against the folder and what is installed. Fill the folder on a
 #    machine with network, for the GPU machine's Python (see README "GPU check"):
-#      pip download --dest wheels --only-binary=:all: --no-deps --python-version 3.11 \
+#      pip download --dest wheels --only-binary=:all: --no-deps --python-version 3.12 \
 #        --platform manylinux2014_x86_64 fla-core einops pytest pytest-timeout pluggy iniconfig
 #    (a few MB). An install that fails (e.g. setuptools older than the build needs) falls back to running
 #    from the source tree (PYTHONPATH), which is all the check needs.
