@@ -90,26 +90,23 @@ class SampleOutput:
 
 
 # ---------------------------------------------------------------------------- counter-based random numbers
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x * c mod 2**32 for int64 x in [0, 2**32), without signed overflow (c split in 16-bit halves)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+# lowbias32 (Chris Wellons' hash-prospector): a bijection on [0, 2**32) with low avalanche bias, whose
+# multipliers are below 2**31, so x * c of a 32-bit x fits int64 without overflow.
+_MIX = (0x21F0AAAD, 0x735A2D97)
+_GOLDEN = 0x61C88647  # 2**32 / phi, below 2**31: ids * _GOLDEN fits int64 for any id < 2**32
 
 
-def _fmix32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finaliser: a bijection on [0, 2**32) with full avalanche."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 of int64 x in [0, 2**32), in place (x must be a fresh tensor)."""
+    x.bitwise_xor_(x >> 16).mul_(_MIX[0]).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15).mul_(_MIX[1]).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 15)
 
 
-def _fmix32_int(x: int) -> int:
-    x ^= x >> 16
-    x = (x * 0x85EBCA6B) & _M32
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) & _M32
-    return x ^ (x >> 16)
+def _mix32_int(x: int) -> int:
+    x = ((x ^ (x >> 16)) * _MIX[0]) & _M32
+    x = ((x ^ (x >> 15)) * _MIX[1]) & _M32
+    return x ^ (x >> 15)
 
 
 def row_keys(seeds: torch.Tensor, positions: torch.Tensor, stream: int = 0) -> torch.Tensor:
@@ -119,18 +116,19 @@ def row_keys(seeds: torch.Tensor, positions: torch.Tensor, stream: int = 0) -> t
         seeds: int64 [R] in [0, 2**63); positions: int64 [R] (>= 0); stream: separates independent draws at
             one position (speculative decoding's draft / accept / residual draws).
     """
-    salt = _fmix32_int((stream * 0x9E3779B9 + 0x7F4A7C15) & _M32)
+    salt = _mix32_int((stream * _GOLDEN + 0x7F4A7C15) & _M32)
     lo, hi = seeds & _M32, (seeds >> 32) & _M32
-    t = _fmix32((positions & _M32) ^ salt)
-    k0 = _fmix32(lo ^ t)
-    k1 = _fmix32(hi ^ _fmix32((k0 + 0x632BE5AB) & _M32))
+    t = _mix32((positions & _M32) ^ salt)
+    k0 = _mix32(lo ^ t)
+    k1 = _mix32(hi ^ _mix32((k0 + 0x632BE5AB) & _M32))
     return torch.stack([k0, k1], dim=-1)
 
 
 def _hash(keys_R2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """32 random bits per (row key, id): int64 [R, N] in [0, 2**32) (two keyed rounds of `_fmix32`)."""
+    """32 random bits per (row key, id): int64 [R, N] in [0, 2**32) (two keyed rounds of lowbias32)."""
     k0, k1 = (k.unsqueeze(1) for k in keys_R2.unbind(1))
-    return _fmix32(_fmix32((k0 + ((ids * 0x9E3779B9) & _M32)) & _M32) ^ k1)
+    h = _mix32((ids * _GOLDEN + k0).bitwise_and_(_M32))
+    return _mix32(h.bitwise_xor_(k1))
 
 
 def uniforms(keys_R2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -139,19 +137,19 @@ def uniforms(keys_R2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     Args:
         keys_R2: `row_keys`. ids: int64 [R, N] or [1, N] vocabulary ids (< 2**31).
     """
-    return (_hash(keys_R2, ids).to(torch.float32) + 0.5) * 2.0**-32
+    return _hash(keys_R2, ids).to(torch.float32).add_(0.5).mul_(2.0**-32)
 
 
 def exponentials(keys_R2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Standard exponential variates, one per (row key, id): float32 [R, N]. E = -log(1 - U) keeps full
     relative precision for small E (the race's winners); the clamp keeps E finite where float32 rounds U to 1."""
-    return -torch.log1p(-uniforms(keys_R2, ids).clamp_(max=1.0 - 2.0**-24))
+    return uniforms(keys_R2, ids).clamp_(max=1.0 - 2.0**-24).neg_().log1p_().neg_()
 
 
 def race(x_RN: torch.Tensor, keys_R2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Index (into N) of a draw from softmax(x) per row: argmax(x - log E), E exponential per (key, id).
-    -inf entries are never drawn; a row needs at least one finite entry."""
-    return (x_RN - torch.log(exponentials(keys_R2, ids))).argmax(dim=-1)
+    -inf entries are never drawn (a row with nothing finite gets its first entry)."""
+    return exponentials(keys_R2, ids).log_().neg_().add_(x_RN).argmax(dim=-1)
 
 
 # ---------------------------------------------------------------------------- logits processing
@@ -165,23 +163,31 @@ def apply_penalties(
     output_RL: torch.Tensor,
 ) -> torch.Tensor:
     """Repetition penalty over prompt + output tokens (divide positive logits, multiply negative), frequency
-    (x count) and presence (once) penalties over output tokens only (OpenAI/vLLM), batched. A row with neutral
-    settings (1, 0, 0) comes back bit-identical.
+    (x count) and presence (once) penalties over output tokens only (OpenAI/vLLM), batched, in place: only the
+    logits of the tokens in the history are read and written (cost O(history), plus a count table).
 
     Args:
-        logits_RV: float [R, V]. repetition, frequency, presence: float [R].
+        logits_RV: float [R, V], changed in place and returned. repetition, frequency, presence: float [R].
         prompt_RL, output_RL: int64 [R, L] token ids, padded with V (any id >= V is ignored).
     """
     r, vocab = logits_RV.shape
-    seen = torch.zeros(r, vocab + 1, dtype=torch.bool, device=logits_RV.device)
-    seen.scatter_(1, prompt_RL.clamp(max=vocab), True).scatter_(1, output_RL.clamp(max=vocab), True)
+    ids = torch.cat([prompt_RL, output_RL], dim=1)
+    if ids.shape[1] == 0:
+        return logits_RV
+    valid = ids < vocab
+    # padding points at the row's smallest history id, so it writes the same value as that token's own entry
+    # (a row with no history points at token 0 and writes its logit back unchanged)
+    first = torch.where(valid, ids, vocab).amin(dim=1, keepdim=True)
+    seen = first < vocab
+    at = torch.where(valid, ids, first.clamp(max=vocab - 1))
     counts = torch.zeros(r, vocab + 1, dtype=logits_RV.dtype, device=logits_RV.device)
     counts.scatter_add_(1, output_RL.clamp(max=vocab), torch.ones_like(output_RL, dtype=logits_RV.dtype))
-    counts = counts.narrow(1, 0, vocab)
+    n = counts.gather(1, at)
+    x = logits_RV.gather(1, at)
     rep = repetition.unsqueeze(1)
-    penalised = torch.where(logits_RV > 0, logits_RV / rep, logits_RV * rep)
-    out = torch.where(seen.narrow(1, 0, vocab), penalised, logits_RV)
-    return out - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0).to(out.dtype)
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    x = x - frequency.unsqueeze(1) * n - presence.unsqueeze(1) * (n > 0).to(x.dtype)
+    return logits_RV.scatter_(1, at, x)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
@@ -220,16 +226,10 @@ def _apply_bitmask_rows(logits_RV: torch.Tensor, bitmask_RW: torch.Tensor) -> No
 
 def _finite_support(x_RN: torch.Tensor) -> torch.Tensor:
     """Rows an extreme temperature or penalty overflowed: the +inf tokens tie (0, the rest -inf); NaN never
-    wins; a row with nothing finite keeps its best-ranked entry (the first, in sorted candidates), so no draw
-    is ever empty."""
+    wins. (A row with nothing finite left draws its first entry: the best-ranked one in sorted candidates.)"""
     posinf = torch.isposinf(x_RN)
-    zero = torch.zeros((), dtype=x_RN.dtype, device=x_RN.device)
-    neg = torch.full((), _NEG_INF, dtype=x_RN.dtype, device=x_RN.device)
-    out = torch.where(posinf.any(dim=-1, keepdim=True), torch.where(posinf, zero, neg), x_RN)
-    out = torch.where(torch.isnan(out), neg, out)
-    empty = torch.isfinite(out).any(dim=-1, keepdim=True).logical_not()
-    best = torch.arange(x_RN.shape[-1], device=x_RN.device) == x_RN.argmax(dim=-1, keepdim=True)
-    return torch.where(empty & best, zero, out)
+    out = torch.nan_to_num(x_RN, nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
+    return out.masked_fill_(posinf.any(dim=-1, keepdim=True), _NEG_INF).masked_fill_(posinf, 0.0)
 
 
 def _top_p(sorted_RN: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

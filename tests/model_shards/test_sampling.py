@@ -270,7 +270,7 @@ def test_batched_penalties_equal_the_per_row_oracle_and_transformers() -> None:
     outputs = [torch.randint(0, v, (int(n),), generator=gen) for n in (25, 60, 9, 0, 4)]
     t = torch.tensor(settings)
     got = apply_penalties(
-        x,
+        x.clone(),
         repetition=t[:, 0],
         frequency=t[:, 1],
         presence=t[:, 2],
