@@ -345,6 +345,21 @@ def sample(
     return _with_logprobs(logits_BV, tokens, params)
 
 
+# On the CPU a data-dependent width costs nothing (there is no device to wait for), and dropping entries that
+# are -inf leaves every draw unchanged (the race is hashed by vocabulary id): the group races over fewer entries.
+def _cpu_prefix(x_RN: torch.Tensor, ids_RN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted candidates cut after the last finite entry of any row."""
+    last = (torch.isfinite(x_RN) * torch.arange(1, x_RN.shape[1] + 1)).amax(dim=1)
+    width = max(int(last.max()), 1)
+    return x_RN.narrow(1, 0, width), ids_RN.narrow(1, 0, width)
+
+
+def _cpu_shortlist(x_RV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The finite entries of each row (min_p leaves few), as the widest row's top entries with their ids."""
+    width = max(int(torch.isfinite(x_RV).sum(dim=1).max()), 1)
+    return torch.topk(x_RV, width, dim=-1)
+
+
 class _Rows:
     """One step's rows that need more than an argmax of the raw logits, grouped on the host by what they need
     (processed greedy, top-k, top-p only, plain draw); each group is a constant number of batched ops."""
@@ -424,7 +439,11 @@ class _Rows:
             temp, min_p = self.temp.index_select(0, idx), self.min_p.index_select(0, idx)
             if name == "plain":  # no top-k / top-p: race over the whole vocabulary, no sort
                 x = _min_p(_finite_support(rows / temp.unsqueeze(1)), min_p)
-                chosen = race(x, keys, torch.arange(self.vocab, device=self.dev).unsqueeze(0))
+                if self.dev.type == "cpu" and all(self.ps[j].min_p > 0.0 for j in group):
+                    x, ids = _cpu_shortlist(x)
+                    chosen = ids.gather(1, race(x, keys, ids).unsqueeze(1)).squeeze(1)
+                else:
+                    chosen = race(x, keys, torch.arange(self.vocab, device=self.dev).unsqueeze(0))
             else:
                 if name == "top_k":  # the k largest, sorted, for the group's widest k
                     vals, ids = torch.topk(rows, max(self.ps[j].top_k for j in group), dim=-1)
@@ -432,6 +451,8 @@ class _Rows:
                     vals, ids = torch.sort(rows, dim=-1, descending=True)
                 top_k, top_p = self.top_k.index_select(0, idx), self.top_p.index_select(0, idx)
                 x = _filter_sorted(vals, temp, min_p, top_k, top_p)
+                if self.dev.type == "cpu":
+                    x, ids = _cpu_prefix(x, ids)
                 # hashed by vocabulary id, not rank: the draw does not depend on the group's k
                 chosen = ids.gather(1, race(x, keys, ids).unsqueeze(1)).squeeze(1)
             tokens.index_copy_(0, self.sel_t.index_select(0, idx), chosen)

@@ -416,3 +416,22 @@ def test_no_host_sync_on_a_fake_cuda_device() -> None:
         out = sample(logits, params, rows=[0, 1, 2, 4, 5, 7], **kw)  # type: ignore[arg-type]
         outs = [out.token_ids, out.logprob, out.top_ids, out.top_logprobs]
         assert all(t is not None and t.device.type == "cuda" for t in outs)
+
+
+def test_cpu_shortlists_draw_what_the_full_race_draws() -> None:
+    """The CPU-only width cuts (model_shards.sampling._cpu_prefix / _cpu_shortlist) drop only -inf entries, so
+    the race (hashed by vocabulary id) picks the same token as over the whole row, as the device path does."""
+    from model_shards.sampling import _cpu_prefix, _cpu_shortlist, race
+
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(64, 3000, generator=gen) * 3
+    x = x.masked_fill(x < x.amax(dim=1, keepdim=True) - torch.rand(64, 1, generator=gen) * 8, float("-inf"))
+    keys = row_keys(torch.arange(64) * 7919, torch.arange(64))
+    full = race(x, keys, torch.arange(3000)[None])
+    short, ids = _cpu_shortlist(x)
+    assert short.shape[1] < 3000
+    assert torch.equal(ids.gather(1, race(short, keys, ids)[:, None])[:, 0], full)
+    vals, order = torch.sort(x, dim=1, descending=True)
+    cut, cut_ids = _cpu_prefix(vals, order)
+    assert cut.shape[1] < 3000
+    assert torch.equal(cut_ids.gather(1, race(cut, keys, cut_ids)[:, None])[:, 0], full)
