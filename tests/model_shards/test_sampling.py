@@ -435,3 +435,22 @@ def test_cpu_shortlists_draw_what_the_full_race_draws() -> None:
     cut, cut_ids = _cpu_prefix(vals, order)
     assert cut.shape[1] < 3000
     assert torch.equal(cut_ids.gather(1, race(cut, keys, cut_ids)[:, None])[:, 0], full)
+
+
+@pytest.mark.slow  # llguidance's helper is torch.compile'd: ~10 s to compile on a CPU
+def test_llguidance_bitmask_helper_equals_ours() -> None:
+    """The helper the sampler uses on a real GPU (llguidance.torch.apply_token_bitmask_inplace) against our
+    pure-torch apply on CPU: a batch with unmasked rows (all bits set), random masks and a vocabulary that is
+    not a multiple of 32."""
+    from llguidance.torch import apply_token_bitmask_inplace
+
+    gen = torch.Generator().manual_seed(10)
+    v = 1000
+    x = torch.randn(6, v, generator=gen)
+    masks = torch.randint(-(2**31), 2**31 - 1, (6, (v + 31) // 32), generator=gen, dtype=torch.int32)
+    masks[[1, 4]] = -1  # rows without a grammar
+    ours = apply_bitmask(x.clone(), masks)
+    theirs = x.clone()
+    apply_token_bitmask_inplace(theirs, masks)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours[[1, 4]], x[[1, 4]])
