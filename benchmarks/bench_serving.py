@@ -19,8 +19,8 @@ medians come from per-event arrival times (client side for HTTP). The driver (cl
 engine) is reniced to the Ray workers' niceness so neither path is favoured by the scheduler.
 Alongside: engine steps and mean batch (tokens per step) of each path, the CPU seconds every
 process of this cluster spent per 1000 output tokens (/proc, the process tree of this driver), and
-micro-benchmarks of the per-token pieces (lm_head + sampling over the vocabulary, a top_k-first
-sampling sketch with the same draws, incremental detokenization, SSE chunk formatting).
+micro-benchmarks of the per-token pieces (lm_head + sampling over the vocabulary, incremental
+detokenization, SSE chunk formatting).
 `--py-spy SECONDS` also samples the Serve processes and the trunk rank during an extra HTTP run at
 the highest concurrency; `--serve-env KEY=VALUE` tries Ray Serve knobs.
 
@@ -567,15 +567,6 @@ class Bench:
                 timeit(lambda lg=logits, b=b: sample(lg, [params] * b, positions=list(range(b))))
             )
             out[f"sample {b} rows, greedy"] = timeit(lambda lg=logits, b=b: sample(lg, [greedy] * b))
-            if params.top_k > 0 and params.min_p == 0.0 and not params.greedy:
-                out[f"sketch: sample {b} rows, top_k candidates first (same draws)"] = timeit(
-                    lambda lg=logits, b=b: sample_top_k_first(lg, [params] * b, list(range(b)))
-                )
-        if params.top_k > 0 and params.min_p == 0.0 and not params.greedy:  # the sketch draws what sample() draws
-            lg = torch.randn(64, vocab) * 3
-            ref = sample(lg, [params] * 64, positions=list(range(64))).token_ids.tolist()
-            same = sum(a == b for a, b in zip(ref, sample_top_k_first(lg, [params] * 64, list(range(64)))))
-            out["sketch draws equal to sample() on 64 random rows (count)"] = float(same)
         ids = self.work.prompts[0] * 2
 
         def detok() -> None:
@@ -599,30 +590,6 @@ class Bench:
             / 100
         )
         return out
-
-
-def sample_top_k_first(logits_BV, params, positions: list[int]) -> list[int]:  # noqa: ANN001
-    """A sketch of `model_shards.sampling.sample` for top_k > 0 (no penalties, min_p 0) that sorts only
-    the top_k candidates for top_p instead of the whole vocabulary; same Gumbel noise, same seeds."""
-    import torch
-
-    from model_shards.sampling import _step_seed
-
-    tokens = []
-    for i, p in enumerate(params):
-        x = logits_BV[i] / p.temperature
-        kth = torch.topk(x, p.top_k).values[-1]
-        cand = (x >= kth).nonzero().squeeze(1)  # ascending ids; ties at the k-th value kept, as filter_logits does
-        xc = x[cand]
-        if p.top_p < 1.0:
-            sx, order = torch.sort(xc, descending=True)
-            probs = torch.softmax(sx, dim=-1)
-            drop = probs.cumsum(dim=-1) - probs >= p.top_p
-            xc = xc.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-        gen = torch.Generator().manual_seed(_step_seed(p.seed, positions[i]))
-        u = torch.rand(x.shape, generator=gen, dtype=torch.float32).clamp_(1e-20, 1.0)[cand]
-        tokens.append(int(cand[(xc - torch.log(-torch.log(u))).argmax()]))
-    return tokens
 
 
 def summarize_py_spy(path: Path, top: int = 12) -> str:

@@ -1,19 +1,27 @@
-"""Token sampling from fp32 logits, per sequence parameters, reproducible by seed.
+"""Token sampling from fp32 logits, batched on the logits' device, per sequence parameters, reproducible by seed.
 
-Order (vLLM's): repetition / frequency / presence penalties -> greedy if temperature == 0,
-else temperature -> min_p -> top_k -> top_p -> draw. Returned logprobs are those of the raw
-model distribution (log_softmax of the logits before any processing), as vLLM returns by
-default. A seeded draw depends only on (seed, position of the token in the output), so
-results do not change with batch composition, preemption or which rank samples.
+Order (vLLM's): min_tokens bans and grammar masks -> repetition / frequency / presence penalties -> greedy if
+temperature == 0, else temperature -> min_p -> top_k -> top_p -> draw. Returned logprobs are those of the raw
+model distribution (log_softmax of the logits before any processing), as vLLM returns by default.
+
+Batched: every step is a constant number of tensor ops over groups of rows chosen on the host from the rows'
+parameters (simple greedy, processed greedy, top-k, top-p only, plain), never a loop over rows of torch ops.
+The draw is an exponential race, argmax(x_v - log E_v), E_v = -log(1 - U_v), which picks v with probability
+softmax(x)_v; U_v comes from a counter-based hash of (request seed, output position, stream, vocabulary id)
+computed with integer tensor ops, so a draw depends only on its sequence's own seed, position and filtered
+distribution: not on batch composition, row order, preemption or which rank samples, and with no random
+generator per row. Host syncs: none until `SampleOutput.to_host`, the step's one device-to-host transfer.
 Tests: tests/model_shards/test_sampling.py.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+
+_M32 = 0xFFFFFFFF
+_NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -47,179 +55,143 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class HostSample:
+    """A step's sampled tokens on the host: token ids; chosen-token logprobs and top-n (ids, logprobs) per row
+    (None where no row asked)."""
+
+    token_ids: list[int]
+    logprob: list[float] | None
+    top_ids: list[list[int]] | None
+    top_logprobs: list[list[float]] | None
+
+
+@dataclass(frozen=True)
 class SampleOutput:
-    """token_ids [B]; logprob [B] of the chosen tokens; top_ids / top_logprobs [B, n] (n = max asked)."""
+    """token_ids [B]; logprob [B] of the chosen tokens; top_ids / top_logprobs [B, n] (n = max asked), all on
+    the logits' device. Rows that asked for no logprobs hold NaN / zeros there."""
 
     token_ids: torch.Tensor
     logprob: torch.Tensor | None
     top_ids: torch.Tensor | None
     top_logprobs: torch.Tensor | None
 
-
-def _step_seed(seed: int, index: int) -> int:
-    # splitmix64-style mix: distinct, well-spread seeds per (request seed, output position).
-    z = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
-
-
-def apply_penalties(
-    logits_V: torch.Tensor, *, params: SamplingParams, prompt_ids: torch.Tensor, output_ids: torch.Tensor
-) -> torch.Tensor:
-    """Repetition penalty over prompt + output tokens (divide positive logits, multiply negative),
-    frequency (x count) and presence (once) penalties over output tokens only (OpenAI/vLLM)."""
-    vocab = logits_V.shape[-1]
-    out = logits_V.clone()
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(vocab, dtype=torch.bool, device=out.device)
-        seen[prompt_ids] = True
-        seen[output_ids] = True
-        penalised = torch.where(out > 0, out / params.repetition_penalty, out * params.repetition_penalty)
-        out = torch.where(seen, penalised, out)
-    if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
-        counts = torch.bincount(output_ids, minlength=vocab)[:vocab].to(out.dtype)
-        out = out - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(out.dtype)
-    return out
+    def to_host(self) -> HostSample:
+        """The sampler's one device-to-host transfer (and its one host sync): every output in one go."""
+        parts = [t for t in (self.token_ids, self.logprob, self.top_ids, self.top_logprobs) if t is not None]
+        if self.token_ids.device.type == "cuda":
+            parts = [t.to("cpu", non_blocking=True) for t in parts]  # pinned staging; the sync below covers all
+            torch.cuda.current_stream(self.token_ids.device).synchronize()
+        lists = [t.tolist() for t in parts]
+        tokens = lists.pop(0)
+        logprob = lists.pop(0) if self.logprob is not None else None
+        top_ids = lists.pop(0) if self.top_ids is not None else None
+        top_logprobs = lists.pop(0) if self.top_logprobs is not None else None
+        return HostSample(tokens, logprob, top_ids, top_logprobs)
 
 
-def candidates(logits_V: torch.Tensor, *, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens a non-greedy draw may pick and their tempered logits (descending), without a full sort
-    when top_k is set (the common case: the checkpoint's defaults have top_k 20).
-
-    Same support as `filter_logits`: min_p keeps x_i >= x_max + log(min_p) (softmax-free: the ratio to
-    the top probability), top_k the k largest, top_p the smallest prefix of the renormalised rest
-    reaching top_p.
-
-    Returns:
-        ids [C] int64, logits [C] float.
-    """
-    x = logits_V / params.temperature
-    if 0 < params.top_k < x.shape[-1]:
-        vals, ids = torch.topk(x, params.top_k)
-    elif params.min_p > 0.0:  # sort only what min_p keeps
-        ids = torch.nonzero(x >= x.max() + math.log(params.min_p)).flatten()
-        vals, order = torch.sort(x[ids], descending=True)
-        ids = ids[order]
-    else:
-        vals, ids = torch.sort(x, descending=True)
-    if bool(torch.isposinf(vals).any()):  # overflow (an extreme temperature or penalty): the +inf tokens tie
-        top = torch.isposinf(vals)
-        return ids[top], torch.zeros(int(top.sum()), dtype=vals.dtype, device=vals.device)
-    keep = torch.isfinite(vals)
-    if not bool(keep.any()):  # nothing finite (NaN or fully masked): the best-ranked token, never an empty draw
-        return ids[:1], torch.zeros(1, dtype=vals.dtype, device=vals.device)
-    if params.min_p > 0.0:
-        keep &= vals >= vals[0] + math.log(params.min_p)
-    vals, ids = vals[keep], ids[keep]
-    if params.top_p < 1.0:
-        probs = torch.softmax(vals, dim=-1)
-        n = int(((probs.cumsum(dim=-1) - probs) < params.top_p).sum())  # smallest prefix reaching top_p
-        vals, ids = vals[: max(n, 1)], ids[: max(n, 1)]
-    return ids, vals
+# ---------------------------------------------------------------------------- counter-based random numbers
+# lowbias32 (Chris Wellons' hash-prospector): a bijection on [0, 2**32) with low avalanche bias, whose
+# multipliers are below 2**31, so x * c of a 32-bit x fits int64 without overflow.
+_MIX = (0x21F0AAAD, 0x735A2D97)
+_GOLDEN = 0x61C88647  # 2**32 / phi, below 2**31: ids * _GOLDEN fits int64 for any id < 2**32
 
 
-def filter_logits(logits_V: torch.Tensor, *, params: SamplingParams) -> torch.Tensor:
-    """Readable reference of `candidates`: temperature, min_p, top_k and top_p as -inf masks over the
-    whole vocabulary (masked entries become -inf)."""
-    x = logits_V / params.temperature
-    if params.min_p > 0.0:
-        probs = torch.softmax(x, dim=-1)
-        x = x.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
-    if params.top_k > 0 and params.top_k < x.shape[-1]:
-        kth = torch.topk(x, params.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        cum = torch.softmax(sorted_x, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_x, dim=-1) >= params.top_p  # keep the smallest prefix reaching top_p
-        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return x
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 of int64 x in [0, 2**32), in place (x must be a fresh tensor)."""
+    x.bitwise_xor_(x >> 16).mul_(_MIX[0]).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15).mul_(_MIX[1]).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 15)
 
 
-def sample(
-    logits_BV: torch.Tensor,
-    params: list[SamplingParams],
-    *,
-    prompt_ids: list[torch.Tensor] | None = None,
-    output_ids: list[torch.Tensor] | None = None,
-    positions: list[int] | None = None,
-    banned: list[tuple[int, ...]] | None = None,
-    allowed: list[torch.Tensor | None] | None = None,
-) -> SampleOutput:
-    """Choose one token per row.
+def _mix32_int(x: int) -> int:
+    x = ((x ^ (x >> 16)) * _MIX[0]) & _M32
+    x = ((x ^ (x >> 15)) * _MIX[1]) & _M32
+    return x ^ (x >> 15)
+
+
+def row_keys(seeds: torch.Tensor, positions: torch.Tensor, stream: int = 0) -> torch.Tensor:
+    """Two 32-bit keys per row from (seed, output position, stream): int64 [R, 2].
 
     Args:
-        logits_BV: [B, V] fp32 logits.
-        params: one `SamplingParams` per row.
-        prompt_ids, output_ids: per-row int64 token tensors (only read when a penalty is set).
-        positions: per-row index of the token being sampled in its output (seeds the draw).
-        banned: per-row token ids that may not be drawn (min_tokens); logprobs stay those of
-            the raw logits.
-        allowed: per-row int32 bitmask of the tokens a grammar allows (structured output), or None.
+        seeds: int64 [R] in [0, 2**63); positions: int64 [R] (>= 0); stream: separates independent draws at
+            one position (speculative decoding's draft / accept / residual draws).
     """
-    b = logits_BV.shape[0]
-    if len(params) != b:
-        raise ValueError(f"{len(params)} sampling params for {b} rows")
-    tokens = torch.empty(b, dtype=torch.long, device=logits_BV.device)
-
-    def simple(i: int) -> bool:
-        return (
-            params[i].greedy
-            and not params[i].has_penalties
-            and not (banned and banned[i])
-            and not (allowed and allowed[i] is not None)
-        )
-
-    greedy_rows = [i for i in range(b) if simple(i)]
-    if greedy_rows:
-        idx = torch.tensor(greedy_rows, device=logits_BV.device)
-        tokens[idx] = logits_BV[idx].argmax(dim=-1)
-    for i, p in enumerate(params):
-        if simple(i):
-            continue
-        row = logits_BV[i]
-        mask = allowed[i] if allowed else None
-        if (banned and banned[i]) or mask is not None:
-            row = row.clone()
-            if banned and banned[i]:
-                row[list(banned[i])] = float("-inf")
-            if mask is not None:
-                apply_bitmask(row, mask)
-        if p.has_penalties:
-            empty = torch.empty(0, dtype=torch.long, device=row.device)
-            row = apply_penalties(
-                row,
-                params=p,
-                prompt_ids=prompt_ids[i] if prompt_ids is not None else empty,
-                output_ids=output_ids[i] if output_ids is not None else empty,
-            )
-        if p.greedy:
-            tokens[i] = row.argmax()
-            continue
-        ids, x = candidates(row, params=p)
-        gen = torch.Generator(device=row.device).manual_seed(_step_seed(p.seed, positions[i] if positions else 0))
-        # Gumbel-max: argmax(x + G) is a draw from softmax(x); one uniform per candidate.
-        u = torch.rand(x.shape, generator=gen, device=row.device, dtype=torch.float32).clamp_(1e-20, 1.0)
-        tokens[i] = ids[(x - torch.log(-torch.log(u))).argmax()]
-    return _with_logprobs(logits_BV, tokens, params)
+    salt = _mix32_int((stream * _GOLDEN + 0x7F4A7C15) & _M32)
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    t = _mix32((positions & _M32) ^ salt)
+    k0 = _mix32(lo ^ t)
+    k1 = _mix32(hi ^ _mix32((k0 + 0x632BE5AB) & _M32))
+    return torch.stack([k0, k1], dim=-1)
 
 
-def _with_logprobs(logits_BV: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> SampleOutput:
-    want = [p.logprobs for p in params if p.logprobs is not None]
-    if not want:
-        return SampleOutput(tokens, None, None, None)
-    logp = torch.log_softmax(logits_BV, dim=-1)
-    chosen = logp.gather(1, tokens[:, None])[:, 0]
-    n = max(want)
-    if n == 0:
-        return SampleOutput(tokens, chosen, None, None)
-    top = torch.topk(logp, n, dim=-1)
-    return SampleOutput(tokens, chosen, top.indices, top.values)
+def _hash(keys_R2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """32 random bits per (row key, id): int64 [R, N] in [0, 2**32) (two keyed rounds of lowbias32)."""
+    k0, k1 = (k.unsqueeze(1) for k in keys_R2.unbind(1))
+    h = _mix32((ids * _GOLDEN + k0).bitwise_and_(_M32))
+    return _mix32(h.bitwise_xor_(k1))
+
+
+def uniforms(keys_R2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Uniform variates in (0, 1) at 2**-32 resolution near 0, one per (row key, id): float32 [R, N].
+
+    Args:
+        keys_R2: `row_keys`. ids: int64 [R, N] or [1, N] vocabulary ids (< 2**31).
+    """
+    return _hash(keys_R2, ids).to(torch.float32).add_(0.5).mul_(2.0**-32)
+
+
+def exponentials(keys_R2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Standard exponential variates, one per (row key, id): float32 [R, N]. E = -log(1 - U) keeps full
+    relative precision for small E (the race's winners); the clamp keeps E finite where float32 rounds U to 1."""
+    return uniforms(keys_R2, ids).clamp_(max=1.0 - 2.0**-24).neg_().log1p_().neg_()
+
+
+def race(x_RN: torch.Tensor, keys_R2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Index (into N) of a draw from softmax(x) per row: argmax(x - log E), E exponential per (key, id).
+    -inf entries are never drawn (a row with nothing finite gets its first entry)."""
+    return exponentials(keys_R2, ids).log_().neg_().add_(x_RN).argmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------- logits processing
+def apply_penalties(
+    logits_RV: torch.Tensor,
+    *,
+    repetition: torch.Tensor,
+    frequency: torch.Tensor,
+    presence: torch.Tensor,
+    prompt_RL: torch.Tensor,
+    output_RL: torch.Tensor,
+) -> torch.Tensor:
+    """Repetition penalty over prompt + output tokens (divide positive logits, multiply negative), frequency
+    (x count) and presence (once) penalties over output tokens only (OpenAI/vLLM), batched, in place: only the
+    logits of the tokens in the history are read and written (cost O(history), plus a count table).
+
+    Args:
+        logits_RV: float [R, V], changed in place and returned. repetition, frequency, presence: float [R].
+        prompt_RL, output_RL: int64 [R, L] token ids, padded with V (any id >= V is ignored).
+    """
+    r, vocab = logits_RV.shape
+    ids = torch.cat([prompt_RL, output_RL], dim=1)
+    if ids.shape[1] == 0:
+        return logits_RV
+    valid = ids < vocab
+    # padding points at the row's smallest history id, so it writes the same value as that token's own entry
+    # (a row with no history points at token 0 and writes its logit back unchanged)
+    first = torch.where(valid, ids, vocab).amin(dim=1, keepdim=True)
+    seen = first < vocab
+    at = torch.where(valid, ids, first.clamp(max=vocab - 1))
+    counts = torch.zeros(r, vocab + 1, dtype=logits_RV.dtype, device=logits_RV.device)
+    counts.scatter_add_(1, output_RL.clamp(max=vocab), torch.ones_like(output_RL, dtype=logits_RV.dtype))
+    n = counts.gather(1, at)
+    x = logits_RV.gather(1, at)
+    rep = repetition.unsqueeze(1)
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    x = x - frequency.unsqueeze(1) * n - presence.unsqueeze(1) * (n > 0).to(x.dtype)
+    return logits_RV.scatter_(1, at, x)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Set the logits of disallowed tokens to -inf, in place (pure torch, any device).
+    """Set the logits of disallowed tokens to -inf, in place (pure torch, any device, one op chain per batch).
 
     Args:
         logits: float [V] or [B, V].
@@ -238,4 +210,301 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     allowed = ((bitmask.to(logits.device).unsqueeze(-1) >> shifts) & 1).flatten(-2).bool()  # [..., 32 * W]
     if allowed.shape[-1] < vocab:
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[-1]), value=False)
-    return logits.masked_fill_(~allowed[..., :vocab], float("-inf"))
+    return logits.masked_fill_(allowed.narrow(-1, 0, vocab).logical_not(), _NEG_INF)
+
+
+def _apply_bitmask_rows(logits_RV: torch.Tensor, bitmask_RW: torch.Tensor) -> None:
+    """`apply_bitmask` for a batch, in place: llguidance's compiled helper on a real GPU (its torch.compile
+    costs seconds on first use, worth it there), ours elsewhere (CPU, fake tensors)."""
+    if logits_RV.device.type == "cuda" and torch.cuda.is_available():
+        from llguidance.torch import apply_token_bitmask_inplace
+
+        apply_token_bitmask_inplace(logits_RV, bitmask_RW)
+    else:
+        apply_bitmask(logits_RV, bitmask_RW)
+
+
+def _finite_support(x_RN: torch.Tensor) -> torch.Tensor:
+    """Rows an extreme temperature or penalty overflowed: the +inf tokens tie (0, the rest -inf); NaN never
+    wins. (A row with nothing finite left draws its first entry: the best-ranked one in sorted candidates.)"""
+    posinf = torch.isposinf(x_RN)
+    out = torch.nan_to_num(x_RN, nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
+    return out.masked_fill_(posinf.any(dim=-1, keepdim=True), _NEG_INF).masked_fill_(posinf, 0.0)
+
+
+def _top_p(sorted_RN: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest prefix of the (descending) candidates whose renormalised mass reaches top_p."""
+    probs = torch.softmax(sorted_RN, dim=-1)
+    drop = (probs.cumsum(dim=-1) - probs >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    drop &= torch.arange(sorted_RN.shape[1], device=sorted_RN.device) > 0  # the top candidate always stays
+    return sorted_RN.masked_fill(drop, _NEG_INF)
+
+
+def _min_p(x_RN: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens below min_p times the top probability: x < x_max + log(min_p), softmax-free (0: -inf, off)."""
+    return x_RN.masked_fill(x_RN < x_RN.amax(dim=-1, keepdim=True) + torch.log(min_p).unsqueeze(1), _NEG_INF)
+
+
+def _filter_sorted(
+    vals_RK: torch.Tensor, temp: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Temperature, min_p, top_k and top_p over each row's largest raw logits in descending order (the top-k
+    set, or the whole sorted row); filtered-out entries become -inf.
+
+    Args:
+        vals_RK: raw logits, descending. temp, min_p, top_p: float [R]; top_k: int64 [R] (K or more: off).
+    """
+    x = _min_p(_finite_support(vals_RK / temp.unsqueeze(1)), min_p)
+    x = x.masked_fill(torch.arange(x.shape[1], device=x.device) >= top_k.unsqueeze(1), _NEG_INF)
+    return _top_p(x, top_p)
+
+
+def candidates(logits_V: torch.Tensor, *, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens a non-greedy draw may pick and their tempered logits (descending), for one row: what
+    speculative decoding keeps as a draft distribution. Same filters, order and support as `sample`.
+
+    Returns:
+        ids [C] int64, logits [C] float.
+    """
+    x = logits_V[None]
+    k = params.top_k if 0 < params.top_k < x.shape[-1] else x.shape[-1]
+    vals, ids = torch.topk(x, k, dim=-1) if k < x.shape[-1] else torch.sort(x, dim=-1, descending=True)
+    one = torch.ones(1, dtype=torch.float32, device=x.device)
+    vals = _filter_sorted(
+        vals, one * params.temperature, one * params.min_p, torch.full_like(one, k).long(), one * params.top_p
+    )[0]
+    keep = torch.isfinite(vals)  # a data-dependent shape: fine off the common path (one row, speculative)
+    return ids[0][keep], vals[keep]
+
+
+# ---------------------------------------------------------------------------- the batched sampler
+def _real_cuda(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Step inputs in: host values to the sampling device without a host sync (pinned, non-blocking on CUDA).
+    Without a CUDA runtime but a non-CPU device (FakeTensorMode on a CPU-only build) only a factory call can
+    make the tensor there."""
+    if _real_cuda(device):
+        return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _upload_rows(
+    rows: list[torch.Tensor | None], fill: int, dtype: torch.dtype, device: torch.device, width: int = 0
+) -> torch.Tensor:
+    """Host rows of different lengths (None: empty) as one [R, max(longest, width)] tensor on the device, padded
+    with `fill`."""
+    full = [r for r in rows if r is not None and r.numel()]
+    n = max([width, *(r.numel() for r in full)])
+    if device.type == "cpu" or _real_cuda(device):
+        host = torch.full((len(rows), n), fill, dtype=dtype)
+        for i, r in enumerate(rows):  # host copies only: the step's input rows into one staging tensor
+            if r is not None and r.numel():
+                host[i, : r.numel()] = r
+        return host.pin_memory().to(device, non_blocking=True) if _real_cuda(device) else host
+    values = [(r.tolist() if r is not None else []) for r in rows]
+    return torch.tensor([v + [fill] * (n - len(v)) for v in values], dtype=dtype, device=device)
+
+
+def sample(
+    logits_BV: torch.Tensor,
+    params: list[SamplingParams],
+    *,
+    prompt_ids: list[torch.Tensor] | None = None,
+    output_ids: list[torch.Tensor] | None = None,
+    positions: list[int] | None = None,
+    banned: list[tuple[int, ...]] | None = None,
+    allowed: list[torch.Tensor | None] | None = None,
+    rows: list[int] | None = None,
+) -> SampleOutput:
+    """Choose one token per row, batched on the logits' device.
+
+    Args:
+        logits_BV: [B, V] fp32 logits (or [T, V] with `rows`).
+        params: one `SamplingParams` per row.
+        rows: the rows of `logits_BV` to sample from, one per params (default: all, in order).
+        prompt_ids, output_ids: per-row int64 host token tensors (only read for rows with a penalty).
+        positions: per-row index of the token being sampled in its output (seeds the draw).
+        banned: per-row token ids that may not be drawn (min_tokens); logprobs stay those of the raw logits.
+        allowed: per-row int32 bitmask of the tokens a grammar allows (structured output), or None.
+    """
+    if rows is not None and rows != list(range(logits_BV.shape[0])):
+        logits_BV = logits_BV.index_select(0, _upload(rows, torch.long, logits_BV.device))
+    b = logits_BV.shape[0]
+    if len(params) != b:
+        raise ValueError(f"{len(params)} sampling params for {b} rows")
+    tokens = logits_BV.argmax(dim=-1)  # exact greedy for every simple row (the others are overwritten)
+    if (
+        any(not p.greedy or p.has_penalties for p in params)
+        or any(banned or ())
+        or any(m is not None for m in allowed or ())
+    ):
+        _Rows(logits_BV, params, prompt_ids, output_ids, positions, banned, allowed).sample_into(tokens)
+    return _with_logprobs(logits_BV, tokens, params)
+
+
+# On the CPU a data-dependent width costs nothing (there is no device to wait for), and dropping entries that
+# are -inf leaves every draw unchanged (the race is hashed by vocabulary id): the group races over fewer entries.
+def _cpu_prefix(x_RN: torch.Tensor, ids_RN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted candidates cut after the last finite entry of any row."""
+    last = (torch.isfinite(x_RN) * torch.arange(1, x_RN.shape[1] + 1)).amax(dim=1)
+    width = max(int(last.max()), 1)
+    return x_RN.narrow(1, 0, width), ids_RN.narrow(1, 0, width)
+
+
+def _cpu_shortlist(x_RV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The finite entries of each row (min_p leaves few), as the widest row's top entries with their ids."""
+    width = max(int(torch.isfinite(x_RV).sum(dim=1).max()), 1)
+    return torch.topk(x_RV, width, dim=-1)
+
+
+class _Rows:
+    """One step's rows that need more than an argmax of the raw logits, grouped on the host by what they need
+    (processed greedy, top-k, top-p only, plain draw); each group is a constant number of batched ops."""
+
+    def __init__(
+        self,
+        logits_BV: torch.Tensor,
+        params: list[SamplingParams],
+        prompt_ids: list[torch.Tensor] | None,
+        output_ids: list[torch.Tensor] | None,
+        positions: list[int] | None,
+        banned: list[tuple[int, ...]] | None,
+        allowed: list[torch.Tensor | None] | None,
+    ) -> None:
+        b, vocab = logits_BV.shape
+        self.logits, self.dev, self.vocab = logits_BV, logits_BV.device, vocab
+        self.banned = banned if banned is not None else [()] * b
+        self.allowed = allowed if allowed is not None else [None] * b
+        self.prompt_ids, self.output_ids = prompt_ids, output_ids
+        bans = [i for i in range(b) if self.banned[i]]
+        masked = [i for i in range(b) if self.allowed[i] is not None]
+        pen = [i for i, p in enumerate(params) if p.has_penalties]
+        special = set(bans) | set(masked) | set(pen)
+        # rows processed (bans, masks, penalties) are copied into a work tensor; without any, work is the logits
+        sel = [i for i, p in enumerate(params) if not p.greedy or i in special] if special else list(range(b))
+        self.copy = bool(special)
+        self.sel, self.bans, self.masked, self.pen = sel, bans, masked, pen
+        self.ps = [params[i] for i in sel]
+        self.local = local = {row: j for j, row in enumerate(sel)}
+        ps = self.ps
+        in_k = [not p.greedy and 0 < p.top_k < vocab for p in ps]
+        self.groups = {
+            "greedy": [j for j, p in enumerate(ps) if p.greedy and sel[j] in special],
+            "top_k": [j for j, p in enumerate(ps) if in_k[j]],
+            "top_p": [j for j, p in enumerate(ps) if not p.greedy and not in_k[j] and p.top_p < 1.0],
+            "plain": [j for j, p in enumerate(ps) if not p.greedy and not in_k[j] and p.top_p >= 1.0],
+        }
+        lists = [
+            sel,
+            *self.groups.values(),
+            [local[i] for i in masked],
+            [local[i] for i in pen],
+            [local[i] for i in bans for _ in self.banned[i]],
+            [t for i in bans for t in self.banned[i]],
+            [p.seed % 2**63 for p in ps],
+            [positions[i] if positions else 0 for i in sel],
+            [p.top_k if 0 < p.top_k < vocab else vocab for p in ps],
+        ]
+        # step inputs in: every index list and integer parameter in one transfer, the floats in another
+        flat = _upload([x for g in lists for x in g], torch.long, self.dev)
+        parts = flat.split([len(g) for g in lists])
+        self.sel_t = parts[0]
+        self.group_t = dict(zip(self.groups, parts[1:5]))
+        self.mask_t, self.pen_t, self.ban_r, self.ban_c, self.seeds, self.pos, self.top_k = parts[5:]
+        f = _upload(
+            [
+                [p.temperature or 1.0, p.top_p, p.min_p, p.repetition_penalty, p.frequency_penalty, p.presence_penalty]
+                for p in ps
+            ],
+            torch.float32,
+            self.dev,
+        ).reshape(-1, 6)
+        self.temp, self.top_p, self.min_p, self.rep, self.freq, self.pres = f.unbind(1)
+
+    def sample_into(self, tokens: torch.Tensor) -> None:
+        """Write the rows' tokens into `tokens` [B]."""
+        work = self._processed()
+        for name, group in self.groups.items():
+            if not group:
+                continue
+            idx = self.group_t[name]
+            rows = work if len(group) == work.shape[0] else work.index_select(0, idx)
+            if name == "greedy":
+                tokens.index_copy_(0, self.sel_t.index_select(0, idx), rows.argmax(dim=-1))
+                continue
+            keys = row_keys(self.seeds.index_select(0, idx), self.pos.index_select(0, idx))
+            temp, min_p = self.temp.index_select(0, idx), self.min_p.index_select(0, idx)
+            if name == "plain":  # no top-k / top-p: race over the whole vocabulary, no sort
+                x = _min_p(_finite_support(rows / temp.unsqueeze(1)), min_p)
+                if self.dev.type == "cpu" and all(self.ps[j].min_p > 0.0 for j in group):
+                    x, ids = _cpu_shortlist(x)
+                    chosen = ids.gather(1, race(x, keys, ids).unsqueeze(1)).squeeze(1)
+                else:
+                    chosen = race(x, keys, torch.arange(self.vocab, device=self.dev).unsqueeze(0))
+            else:
+                if name == "top_k":  # the k largest, sorted, for the group's widest k
+                    vals, ids = torch.topk(rows, max(self.ps[j].top_k for j in group), dim=-1)
+                else:
+                    vals, ids = torch.sort(rows, dim=-1, descending=True)
+                top_k, top_p = self.top_k.index_select(0, idx), self.top_p.index_select(0, idx)
+                x = _filter_sorted(vals, temp, min_p, top_k, top_p)
+                if self.dev.type == "cpu":
+                    x, ids = _cpu_prefix(x, ids)
+                # hashed by vocabulary id, not rank: the draw does not depend on the group's k
+                chosen = ids.gather(1, race(x, keys, ids).unsqueeze(1)).squeeze(1)
+            tokens.index_copy_(0, self.sel_t.index_select(0, idx), chosen)
+
+    def _processed(self) -> torch.Tensor:
+        """The selected rows after min_tokens bans, grammar masks and penalties ([R, V]; the logits themselves
+        when no row needs any)."""
+        if not self.copy:
+            return self.logits
+        dev, vocab = self.dev, self.vocab
+        work = self.logits.index_select(0, self.sel_t)
+        if self.bans:
+            work.index_put_((self.ban_r, self.ban_c), torch.full((), _NEG_INF, device=dev))
+        if self.masked:
+            width = (vocab + 31) // 32  # short masks are padded with 0: the tokens past them are disallowed
+            masks = _upload_rows([self.allowed[i] for i in self.masked], 0, torch.int32, dev, width).narrow(1, 0, width)
+            rows = work.index_select(0, self.mask_t)
+            _apply_bitmask_rows(rows, masks.contiguous())
+            work.index_copy_(0, self.mask_t, rows)
+        if self.pen:
+            n = len(self.pen)
+            prompts = [self.prompt_ids[i] if self.prompt_ids is not None else None for i in self.pen]
+            outputs = [self.output_ids[i] if self.output_ids is not None else None for i in self.pen]
+            hist = _upload_rows([*prompts, *outputs], vocab, torch.long, dev)  # padded with V: ignored
+            loc = self.pen_t
+            rows = apply_penalties(
+                work.index_select(0, loc),
+                repetition=self.rep.index_select(0, loc),
+                frequency=self.freq.index_select(0, loc),
+                presence=self.pres.index_select(0, loc),
+                prompt_RL=hist.narrow(0, 0, n),
+                output_RL=hist.narrow(0, n, n),
+            )
+            work.index_copy_(0, loc, rows)
+        return work
+
+
+def _with_logprobs(logits_BV: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> SampleOutput:
+    """Raw-model logprobs (log_softmax of the unprocessed logits) for the rows that asked, batched."""
+    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not want:
+        return SampleOutput(tokens, None, None, None)
+    b, dev = logits_BV.shape[0], logits_BV.device
+    idx = _upload(want, torch.long, dev)
+    logp = torch.log_softmax(logits_BV.index_select(0, idx).float(), dim=-1)
+    chosen = torch.full((b,), float("nan"), device=dev).index_copy_(
+        0, idx, logp.gather(1, tokens.index_select(0, idx).unsqueeze(1)).squeeze(1)
+    )
+    n = max(params[i].logprobs or 0 for i in want)
+    if n == 0:
+        return SampleOutput(tokens, chosen, None, None)
+    top = torch.topk(logp, n, dim=-1)
+    top_ids = torch.zeros(b, n, dtype=torch.long, device=dev).index_copy_(0, idx, top.indices)
+    top_lp = torch.full((b, n), float("nan"), device=dev).index_copy_(0, idx, top.values)
+    return SampleOutput(tokens, chosen, top_ids, top_lp)

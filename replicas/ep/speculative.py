@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model_shards.sampling import SamplingParams, _step_seed, candidates
+from model_shards.sampling import SamplingParams, candidates, race, row_keys, uniforms
 
 # A one-layer MTP head chained beyond a few steps is rarely right; the bound also caps the per-token
 # DeltaNet states each slot keeps.
@@ -50,14 +50,15 @@ class Distribution:
         return out
 
 
-def _gen(seed: int, position: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_step_seed(seed + stream, position))
+def _keys(seed: int, position: int, stream: int) -> torch.Tensor:
+    """The counter-based random keys of one (seed, position, stream): model_shards.sampling's hash, so the
+    draws are reproducible without a random generator."""
+    return row_keys(torch.tensor([seed % 2**63]), torch.tensor([position]), stream)
 
 
-def _draw(probs: torch.Tensor, gen: torch.Generator) -> int:
-    """Gumbel-max draw from a probability vector (zeros are never drawn)."""
-    u = torch.rand(probs.shape, generator=gen).clamp_(1e-20, 1.0)
-    return int((probs.log() - torch.log(-torch.log(u))).argmax())
+def _draw(probs: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor) -> int:
+    """Exponential-race draw of one of `ids` with probabilities `probs` (zeros are never drawn)."""
+    return int(ids[race(probs.log()[None], keys, ids[None])[0]])
 
 
 def draft(logits_V: torch.Tensor, params: SamplingParams, *, position: int) -> tuple[int, Distribution | None]:
@@ -65,7 +66,7 @@ def draft(logits_V: torch.Tensor, params: SamplingParams, *, position: int) -> t
     if params.greedy:
         return int(logits_V.argmax()), None
     q = Distribution.of(logits_V, params)
-    return int(q.ids[_draw(q.probs, _gen(params.seed, position, DRAFT_STREAM))]), q
+    return _draw(q.probs, q.ids, _keys(params.seed, position, DRAFT_STREAM)), q
 
 
 def verify(
@@ -97,14 +98,14 @@ def verify(
         qj = q[j]
         assert qj is not None, "a sampled draft needs its draft distribution"
         ratio = p.prob(d) / max(qj.prob(d), 1e-30)
-        r = float(torch.rand((), generator=_gen(params.seed, position + j, ACCEPT_STREAM)))
+        r = float(uniforms(_keys(params.seed, position + j, ACCEPT_STREAM), torch.zeros(1, 1, dtype=torch.long)))
         if r < min(1.0, ratio):
             continue
         residual = (p.dense(vocab) - qj.dense(vocab)).clamp_(min=0)
         total = float(residual.sum())
         if total <= 0:  # p == q up to rounding: any draw from p is exact
             residual = p.dense(vocab)
-        return j, _draw(residual, _gen(params.seed, position + j, RESIDUAL_STREAM))
+        return j, _draw(residual, torch.arange(vocab), _keys(params.seed, position + j, RESIDUAL_STREAM))
     p = Distribution.of(logits_JV[len(drafts)], params)
-    bonus = int(p.ids[_draw(p.probs, _gen(params.seed, position + len(drafts), RESIDUAL_STREAM))])
+    bonus = _draw(p.probs, p.ids, _keys(params.seed, position + len(drafts), RESIDUAL_STREAM))
     return len(drafts), bonus

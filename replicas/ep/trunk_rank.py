@@ -159,23 +159,24 @@ class TrunkRank:
         seqs = [live[i] for i in sampling]
         history = [_history(s) for s in seqs] if any(s.params.has_penalties for s in seqs) else None
         out = sample(
-            logits_RV[[rows[i][0] + rows[i][1] - 1 for i in sampling]],
+            logits_RV,
             [s.params for s in seqs],
+            rows=[rows[i][0] + rows[i][1] - 1 for i in sampling],
             prompt_ids=[h[0] for h in history] if history is not None else None,
             output_ids=[h[1] for h in history] if history is not None else None,
             positions=[s.output_index for s in seqs],
             banned=[s.step.suppress_ids for s in seqs],
             allowed=[s.allowed for s in seqs],
         )
-        ids = out.token_ids.tolist()
+        host = out.to_host()  # sampled ids and logprobs out: the sampler's one device-to-host transfer
         for j, i in enumerate(sampling):
-            res.tokens[i] = ids[j]
+            res.tokens[i] = host.token_ids[j]
             n = live[i].params.logprobs
-            if n is not None and out.logprob is not None:
+            if n is not None and host.logprob is not None:
                 top: tuple[tuple[int, float], ...] = ()
-                if n > 0 and out.top_ids is not None and out.top_logprobs is not None:
-                    top = tuple(zip(out.top_ids[j, :n].tolist(), out.top_logprobs[j, :n].tolist()))
-                res.logprobs[i] = TokenLogprobs(float(out.logprob[j]), top)
+                if n > 0 and host.top_ids is not None and host.top_logprobs is not None:
+                    top = tuple(zip(host.top_ids[j][:n], host.top_logprobs[j][:n]))
+                res.logprobs[i] = TokenLogprobs(host.logprob[j], top)
 
     def _verify(
         self, live: list[LiveSeq], logits_RV: torch.Tensor, rows: dict[int, tuple[int, int]], res: _Results

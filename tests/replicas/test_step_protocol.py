@@ -90,7 +90,7 @@ def model(embedded_model_dir: Path):  # noqa: ANN201  # LocalModel
 def _oracle(model, prompt: tuple[int, ...], params: SamplingParams, max_tokens: int) -> tuple[int, ...]:  # noqa: ANN001
     """Greedy decoding in one process, one sequence, no engine: forward, the penalty function, argmax."""
     from model_shards.batch import SeqChunk, StepBatch
-    from model_shards.sampling import apply_penalties
+    from tests.sampling_reference import penalties
 
     blocks = -(-(len(prompt) + max_tokens) // BLOCK)
     pools = model.allocate(num_blocks=blocks, block_size=BLOCK, num_slots=1)
@@ -101,11 +101,8 @@ def _oracle(model, prompt: tuple[int, ...], params: SamplingParams, max_tokens: 
         batch = StepBatch.build([SeqChunk(tuple(new), context, 0, table)], block_size=BLOCK)
         logits = model.forward(batch, pools).logits_RV[-1].float()
         if params.has_penalties:
-            logits = apply_penalties(
-                logits,
-                params=params,
-                prompt_ids=torch.tensor(prompt, dtype=torch.long),
-                output_ids=torch.tensor(out, dtype=torch.long),
+            logits = penalties(
+                logits, params, torch.tensor(prompt, dtype=torch.long), torch.tensor(out, dtype=torch.long)
             )
         context += len(new)
         out.append(int(logits.argmax()))
