@@ -377,7 +377,7 @@ class ExpertParallelGroup:
         return {"path": path, "steps": self.load_window.steps, "layers": int(mean.shape[0])}
 
     # ----------------------------------------------------------------- rebalancing
-    async def rebalance(self, redundant: int = 0, *, tolerance: float = 0.02) -> dict[str, Any]:
+    async def rebalance(self, redundant: int = 0, *, tolerance: float = 0.05) -> dict[str, Any]:
         """Re-place the experts by the measured load (moving average), moving weights while serving.
 
         Make before break: every expert rank loads its new experts beside the serving ones and acknowledges;
