@@ -385,6 +385,20 @@ class ExpertParallelGroup:
         return {"path": path, "steps": self.load_window.steps, "layers": int(mean.shape[0])}
 
     # ----------------------------------------------------------------- rebalancing
+    @property
+    def rebalancing(self) -> bool:
+        return self._rebalancing
+
+    def window_imbalance(self) -> float | None:
+        """The worst MoE layer's max/mean rows per expert rank under the current map, by the load window's
+        mean (None before any load was measured)."""
+        mean = self.load_window.mean_tokens()
+        if self.expert_map is None or mean is None or float(mean.sum()) == 0.0:
+            return None
+        n = min(int(mean.shape[0]), self.expert_map.num_moe_layers)
+        per_rank = per_rank_load(mean[:n], self.expert_map.owners[:n], self.shape.expert_ranks)
+        return float(rank_imbalance(per_rank).max())
+
     async def rebalance(
         self,
         redundant: int = 0,
@@ -424,7 +438,10 @@ class ExpertParallelGroup:
             layers = load[: old.num_moe_layers].tolist()
             # MoE layers no rank measured (MTP layers of a checkpoint without MTP weights): even load, kept in place
             layers += [[1.0] * len(layers[0])] * (old.num_moe_layers - len(layers))
-            new = rebalance(layers, num_ranks=x, redundant=redundant, current=old, tolerance=tolerance)
+            # the search takes a while on a large model: off the event loop, which keeps serving steps
+            new = await asyncio.to_thread(
+                rebalance, layers, num_ranks=x, redundant=redundant, current=old, tolerance=tolerance
+            )
             before = rank_imbalance(per_rank_load(layers, old.owners, x))
             after = rank_imbalance(per_rank_load(layers, new.owners, x))
             version = self.map_version + 1
@@ -442,6 +459,8 @@ class ExpertParallelGroup:
             except BaseException as e:
                 for a in self.experts + self.trunks:
                     a.drop_staged.remote(version)
+                if isinstance(e, asyncio.CancelledError):
+                    raise  # the caller went away (e.g. the engine stopping): the old map simply stays
                 raise RuntimeError(
                     f"expert weight move failed, the old map (v{self.map_version}) keeps serving: {e}"
                 ) from e

@@ -242,3 +242,58 @@ def test_initial_placement_from_a_load_file(hf_checkpoint: Path, tmp_path: Path)
         _initial_map(AppArgs(expert_ranks=2, redundant_experts=2), cfg)
     with pytest.raises(ValueError, match="divide|slots"):
         _initial_map(AppArgs(expert_ranks=2, expert_load_file=str(path), redundant_experts=1), cfg)
+
+
+@pytest.mark.slow  # 60-280 s on 2 cores (6 rank actors) (the fast variant: test_streams_unchanged_by_rebalances...)
+@pytest.mark.timeout(400)
+def test_sixteen_streams_unchanged_by_rebalances_every_few_steps(ray_cluster, hf_checkpoint: Path) -> None:  # noqa: ANN001
+    """D = 2 x X = 4, 16 greedy streams: once with the contiguous map, once with the engine deployment's trigger
+    (replicas/serving/rebalance_trigger.py) rebalancing every 3 steps with R = 4, moving 4 copies per expert rank
+    between steps: every stream finishes with the same tokens, none lost."""
+    from model_shards.sampling import SamplingParams
+    from replicas.engine.engine_types import GenerateRequest
+    from replicas.ep.offline_generate import offline_engine, run_to_completion
+    from replicas.serving.rebalance_trigger import RebalanceTrigger, auto_rebalance
+
+    n = 16
+    prompts = _prompts(5, [7 + (11 * i) % 50 for i in range(n)])
+    group = _group(hf_checkpoint, 2, 4, move_experts_per_step=4)
+
+    def req(tag: str, i: int) -> GenerateRequest:
+        return GenerateRequest(
+            request_id=f"{tag}{i}",
+            prompt_ids=tuple(prompts[i]),
+            params=SamplingParams(temperature=0.0, logprobs=0),
+            max_tokens=32,
+            ignore_eos=True,
+        )
+
+    async def main() -> tuple[list, list, list]:
+        engine = offline_engine(group, max_prompt_len=64, vocab_size=VOCAB)
+        engine.start()
+        try:
+            alone = await asyncio.gather(*(run_to_completion(engine, req("a", i)) for i in range(n)))
+            reports: list[dict] = []
+            trigger = RebalanceTrigger(interval_steps=3, threshold=None)
+            trigger.fired(engine.steps)
+            task = asyncio.get_running_loop().create_task(
+                auto_rebalance(trigger, engine, group, redundant=4, poll_s=0.01, reports=reports)
+            )
+            try:
+                moved = await asyncio.gather(*(run_to_completion(engine, req("b", i)) for i in range(n)))
+            finally:
+                task.cancel()
+            return alone, moved, reports
+        finally:
+            await engine.stop()
+
+    try:
+        alone, moved, reports = asyncio.run(main())
+    finally:
+        group.shutdown()
+    assert len(reports) >= 2, reports
+    assert [r["version"] for r in reports] == list(range(1, len(reports) + 1))
+    assert sum(r["moved_slots"] for r in reports) > 0 and any(r["pieces"] >= 2 for r in reports), reports
+    assert any(r["open_streams"] > 0 for r in reports), reports
+    assert all(len(c.token_ids) == 32 for c in moved), "a stream was cut short"
+    assert [c.token_ids for c in moved] == [c.token_ids for c in alone]
