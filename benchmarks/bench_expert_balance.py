@@ -131,18 +131,29 @@ def shares(cap: Capture, layers: int) -> torch.Tensor:
 
 
 def calibrate(model: LocalModel, targets: torch.Tensor, rounds: int, log: list) -> None:
-    """Fit each router row's dim-0 weight so measured slot shares match `targets` (per layer)."""
+    """Fit each router row's dim-0 weight so measured slot shares match `targets` (per layer): each round runs
+    the model once on calibration prompts, then fits the routers on the captured router inputs (top-k of
+    x @ W^T, as `model_shards.moe.route`) with a shrinking step; the next round's forward sees the new routing
+    (later layers' inputs shift with it) and records the fit still left (total variation, worst layer)."""
     cap = Capture(model)
-    for r in range(rounds):
+    for r in range(rounds + 1):
         cap.reset()
-        run_prompts(model, cap, seed=1000 + r, n_seqs=16, length=64)
+        run_prompts(model, cap, seed=1000 + r, n_seqs=32, length=64)
         got = shares(cap, model.cfg.num_layers)
-        err = float(((got - targets).abs().sum(dim=1) / 2).max())  # total variation, worst layer
-        log.append(round(err, 4))
+        log.append(round(float(((got - targets).abs().sum(dim=1) / 2).max()), 4))
+        if r == rounds:
+            break
         for layer in range(model.cfg.num_layers):
-            x0 = float(torch.cat(cap.x[layer])[:, 0].mean())
-            step = 0.7 * (torch.log(targets[layer] + 1e-4) - torch.log(got[layer] + 1e-4)) / x0
-            model.trunk.w.layers[layer].moe.router[:, 0] += step.to(model.dtype)
+            x = torch.cat(cap.x[layer])
+            x0 = float(x[:, 0].mean())
+            router = model.trunk.w.layers[layer].moe.router
+            for i in range(80):
+                ids = torch.topk(x @ router.T, TOP_K, dim=-1).indices.reshape(-1)
+                share = torch.bincount(ids, minlength=E).to(torch.float64) / ids.numel()
+                eta = 0.5 / (1 + i / 10)
+                router[:, 0] += (eta * (torch.log(targets[layer] + 1e-4) - torch.log(share + 1e-4)) / x0).to(
+                    router.dtype
+                )
     model.routed = cap.inner  # type: ignore[method-assign]  # unhook
 
 
@@ -223,8 +234,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="checkpoint folder (default: a temporary one)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--calibration-rounds", type=int, default=30)
-    ap.add_argument("--steps", type=int, default=8, help="held-out steps measured")
+    ap.add_argument("--calibration-rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=6, help="held-out steps measured")
+    ap.add_argument("--window-seqs", type=int, default=48, help="prompts of the load window the rebalance reads")
     ap.add_argument("--seqs-per-step", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5, help="timing repeats per (step, rank, layer): the best")
@@ -254,7 +266,7 @@ def main() -> None:
     model = LocalModel.load(folder, dtype="float32", with_mtp=False)
     cap = Capture(model)
     # the load window (what a rebalance reads) and held-out steps are different prompts
-    run_prompts(model, cap, seed=7, n_seqs=64, length=args.prompt_len)
+    run_prompts(model, cap, seed=7, n_seqs=args.window_seqs, length=args.prompt_len)
     window = shares(cap, layers)
     steps = []
     for s in range(args.steps):

@@ -118,6 +118,7 @@ class TrunkRankActor(_RankBase):
         self.rank: TrunkRank | None = None
         self._dispatcher: AllToAllDispatcher | None = None
         self._map_version = spec.map_version
+        self._map = spec.expert_map
         self._staged: tuple[int, ExpertMap] | None = None
         if spec.shape.expert_ranks == 0:
             shard = load_experts(reader, cfg, expert_ids=range(cfg.num_experts), dtype=self.dtype, layout=self.layout)
@@ -128,12 +129,12 @@ class TrunkRankActor(_RankBase):
         reader.close()
 
     def join(self, spec: GroupSpec) -> None:
-        assert self.spec.expert_map is not None
+        assert self._map is not None
         self.group = join_group(spec, self.spec.shape.trunk_rank(self.spec.index))
         dispatcher = AllToAllDispatcher(
             self.group,
             self.spec.shape,
-            self.spec.expert_map,
+            self._map,  # the map this rank serves now: a rebuild after a rebalance keeps it
             hidden=self.cfg.hidden_size,
             dtype=self.dtype,
             num_experts=self.cfg.num_experts,
@@ -156,7 +157,7 @@ class TrunkRankActor(_RankBase):
         if self._staged is None or self._staged[0] != plan.map_version:
             raise RuntimeError(f"step runs expert map v{plan.map_version}; this trunk rank has v{self._map_version}")
         self._dispatcher.set_map(self._staged[1])
-        self._map_version, self._staged = plan.map_version, None
+        self._map, self._map_version, self._staged = self._staged[1], plan.map_version, None
 
     def leave(self) -> None:
         """Leave the process group for a rebuild; the engine failed every sequence, so their state goes too."""

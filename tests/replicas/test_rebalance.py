@@ -94,6 +94,25 @@ def test_load_statistics_and_rebalance_while_serving(
         for _ in range(3):
             sc.step([0, 1, 2, 3])  # the peer-copied weights give the oracle's outputs
         assert group.epoch == 0
+
+        # a rank replaced after the rebalances loads the current map (v2, redundant copies), not the initial one
+        import ray
+
+        from replicas.engine.step_types import StepRequest
+        from replicas.ep.group import GroupFailure
+
+        ray.kill(group.experts[1], no_restart=True)
+        with pytest.raises(GroupFailure):
+            asyncio.run(group.step([StepRequest()]))
+        group.rebuild()
+        assert group.epoch == 1 and group.map_version == 2
+        held = ray_get_held(group)
+        for j in range(2):
+            assert held[j] == group.expert_map.experts_of(j)[: len(held[j])]
+        fresh = _Scenario(group, reference, 1)
+        fresh.add(5, rank=0, prompt=_prompts(9, [30])[0], slot=4)
+        for _ in range(3):
+            fresh.step([5])
     finally:
         group.shutdown()
 
