@@ -409,11 +409,10 @@ class ExpertParallelGroup:
     ) -> dict[str, Any]:
         """Re-place the experts by the measured load (moving average), moving weights while serving.
 
-        Make before break: every expert rank loads its new experts beside the serving ones and acknowledges;
-        the copies travel in pieces of at most `experts_per_step` per rank (default the config's; 0: all at
-        once), one piece between two serving steps, from a rank that holds them (`peer_copy`) or else the
-        checkpoint;
-        only then does the group bump `map_version`, which the next step's plan carries, and every rank
+        Make before break: every expert rank loads its new experts beside the serving ones (in pieces of at most
+        `experts_per_step` copies per rank, default the config's, 0 = all at once, one piece between two serving
+        steps; each copy from a rank that holds it when `peer_copy`, else or on failure from the checkpoint) and
+        acknowledges; only then does the group bump `map_version`, which the next step's plan carries, and every rank
         switches at that step (the old slots are freed there). A failure while loading drops what was staged
         and keeps the old map serving. Returns the report: before/after max/mean per layer (by the window's
         load), moved slots, version.
