@@ -263,7 +263,7 @@ def test_initial_placement_from_a_load_file(hf_checkpoint: Path, tmp_path: Path)
         _initial_map(AppArgs(expert_ranks=2, expert_load_file=str(path), redundant_experts=1), cfg)
 
 
-@pytest.mark.slow  # 60-280 s on 2 cores (6 rank actors) (the fast variant: test_streams_unchanged_by_rebalances...)
+@pytest.mark.slow  # 30-280 s on 2 cores by load (6 rank actors); fast variant: test_streams_unchanged_by_rebalances...
 @pytest.mark.timeout(400)
 def test_sixteen_streams_unchanged_by_rebalances_every_few_steps(ray_cluster, hf_checkpoint: Path) -> None:  # noqa: ANN001
     """D = 2 x X = 4, 16 greedy streams: once with the contiguous map, once with the engine deployment's trigger
