@@ -94,10 +94,14 @@ def balance_layer(
     free_max = max(rank_loads(free, load, num_ranks))
     best = free
     if current is not None:
+        target = free_max * (1 + tolerance)
         best = _relabel(free, current, num_ranks)  # ranks are interchangeable: keep what lines up
-        sticky = _repair(load, counts, current, num_ranks, slots, target=free_max * (1 + tolerance))
-        if sticky is not None and _moves(sticky, current) < _moves(best, current):
-            best = sticky
+        _restore(best, load, current, num_ranks, target=max(target, max(rank_loads(best, load, num_ranks))))
+        sticky = _repair(load, counts, current, num_ranks, slots, target=target)
+        if sticky is not None:
+            _restore(sticky, load, current, num_ranks, target=target)
+            if _moves(sticky, current) < _moves(best, current):
+                best = sticky
     owners = tuple(tuple(sorted(best[e])) for e in range(num_experts))
     return LayerPlacement(owners=owners, rank_load=tuple(rank_loads(owners, load, num_ranks)))
 
@@ -284,6 +288,43 @@ def _repair(
         total[top] -= d
         total[other] += d
     return owners if max(rank_loads(owners, load, num_ranks)) <= target + 1e-9 else None
+
+
+def _restore(
+    owners: list[list[int]], load: Sequence[float], current: Sequence[Sequence[int]], num_ranks: int, *, target: float
+) -> None:
+    """Fewer moves at no cost in balance: swap a moved copy back to a rank that held its expert with another
+    moved copy there, while both ranks stay within `target` (each swap saves one or two weight loads)."""
+    weight = [float(load[e]) / len(owners[e]) for e in range(len(owners))]
+    total = rank_loads(owners, load, num_ranks)
+    home = [set(r for r in current[e] if 0 <= r < num_ranks) for e in range(len(owners))]
+    for _ in range(4 * len(owners)):
+        on = [[e for e in range(len(owners)) if r in owners[e]] for r in range(num_ranks)]
+        found: tuple[int, int, int, int, int] | None = None  # (-saved, a, from rank, b, to rank)
+        for a in range(len(owners)):
+            for p in owners[a]:
+                if p in home[a]:
+                    continue
+                for h in home[a]:
+                    if h in owners[a]:
+                        continue
+                    for b in on[h]:
+                        if h in home[b] or p in owners[b]:
+                            continue
+                        d = weight[a] - weight[b]
+                        if total[p] - d > target + 1e-9 or total[h] + d > target + 1e-9:
+                            continue
+                        saved = 1 + (p in home[b])
+                        if found is None or -saved < found[0]:
+                            found = (-saved, a, p, b, h)
+        if found is None:
+            return
+        _, a, p, b, h = found
+        owners[a][owners[a].index(p)] = h
+        owners[b][owners[b].index(h)] = p
+        d = weight[a] - weight[b]
+        total[p] -= d
+        total[h] += d
 
 
 def _moves(owners: Sequence[Sequence[int]], current: Sequence[Sequence[int]]) -> int:

@@ -70,6 +70,7 @@ def _line(r: dict) -> str:
         return f"replica {r['replica']}: rebalance failed: {r['error']}"
     return (
         f"replica {r['replica']}: map v{r['version']}, max/mean rank load {r['max_imbalance_before']:.3f} -> "
-        f"{r['max_imbalance_after']:.3f} (worst layer), {r['moved_slots']} of {r['total_slots']} slots moved, "
+        f"{r['max_imbalance_after']:.3f} (worst layer), {r['moved_slots']} of {r['total_slots']} slots moved "
+        f"({r.get('from_peer', 0)} copied from peers, in {r.get('pieces', 1)} pieces between steps), "
         f"{r['load_s']:.2f} s"
     )

@@ -46,6 +46,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="default thinking budget of chat requests: </think> is written after N reasoning tokens "
         "(default: the checkpoint's generation_config.json, 16 for the embedded model; else none)",
     )
+    p.add_argument(
+        "--rebalance-interval-steps",
+        type=int,
+        metavar="N",
+        help="rebalance the experts by measured load every N engine steps (default off; needs --expert-ranks)",
+    )
+    p.add_argument(
+        "--rebalance-imbalance-threshold",
+        type=float,
+        metavar="T",
+        help="rebalance when the measured max/mean rows per expert rank exceeds T (> 1; default off)",
+    )
+    p.add_argument(
+        "--redundant-experts",
+        type=int,
+        metavar="R",
+        help="extra expert copies per MoE layer that rebalances place on the hottest experts (default 0)",
+    )
     p.set_defaults(run=run)
 
 
@@ -74,6 +92,9 @@ def load_args(args: argparse.Namespace):  # noqa: ANN201  # -> AppArgs
         "served_model_name": args.served_model_name,
         "speculative_tokens": args.speculative_tokens,
         "max_thinking_tokens": args.max_thinking_tokens,
+        "rebalance_interval_steps": args.rebalance_interval_steps,
+        "rebalance_imbalance_threshold": args.rebalance_imbalance_threshold,
+        "redundant_experts": args.redundant_experts,
     }
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:

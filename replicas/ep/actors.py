@@ -29,7 +29,7 @@ from cluster.topology import GroupShape
 from model_shards.cache import CachePools
 from model_shards.checkpoint_files import CheckpointReader
 from model_shards.config import from_hf_config
-from model_shards.experts import ExpertShard
+from model_shards.experts import ExpertShard, LayerExperts
 from model_shards.model import resolve_dtype
 from model_shards.tiny_checkpoint import resolve_model_dir
 from model_shards.trunk import Trunk
@@ -38,6 +38,7 @@ from model_shards.weights import CheckpointLayout, load_experts, load_trunk
 from replicas.engine.step_types import StepRequest, StepResult
 from replicas.ep.a2a_protocol import StepPlan
 from replicas.ep.dispatch import AllToAllDispatcher, LocalDispatcher
+from replicas.ep.expert_moves import Item, ShardBuilder, export_experts
 from replicas.ep.expert_rank import ExpertRank, ExpertStepStats
 from replicas.ep.trunk_rank import TrunkRank
 
@@ -142,6 +143,7 @@ class TrunkRankActor(_RankBase):
         self.rank: TrunkRank | None = None
         self._dispatcher: AllToAllDispatcher | None = None
         self._map_version = spec.map_version
+        self._map = spec.expert_map
         self._staged: tuple[int, ExpertMap] | None = None
         if spec.shape.expert_ranks == 0:
             shard = load_experts(reader, cfg, expert_ids=range(cfg.num_experts), dtype=self.dtype, layout=self.layout)
@@ -157,12 +159,12 @@ class TrunkRankActor(_RankBase):
         reader.close()
 
     def join(self, spec: GroupSpec) -> None:
-        assert self.spec.expert_map is not None
+        assert self._map is not None
         self.group = join_group(spec, self.spec.shape.trunk_rank(self.spec.index), self.progress)
         dispatcher = AllToAllDispatcher(
             self.group,
             self.spec.shape,
-            self.spec.expert_map,
+            self._map,  # the map this rank serves now: a rebuild after a rebalance keeps it
             hidden=self.cfg.hidden_size,
             dtype=self.dtype,
             num_experts=self.cfg.num_experts,
@@ -185,7 +187,7 @@ class TrunkRankActor(_RankBase):
         if self._staged is None or self._staged[0] != plan.map_version:
             raise RuntimeError(f"step runs expert map v{plan.map_version}; this trunk rank has v{self._map_version}")
         self._dispatcher.set_map(self._staged[1])
-        self._map_version, self._staged = plan.map_version, None
+        self._map, self._map_version, self._staged = self._staged[1], plan.map_version, None
 
     def leave(self) -> None:
         """Leave the process group for a rebuild; the engine failed every sequence, so their state goes too."""
@@ -254,39 +256,60 @@ class ExpertRankActor(_RankBase):
         self.rank: ExpertRank | None = None
         self._map_version = spec.map_version
         self._staged: tuple[int, ExpertShard] | None = None
+        self._building: tuple[int, ShardBuilder] | None = None
 
-    def stage_map(self, expert_map: ExpertMap, version: int) -> dict[str, int]:
-        """Load the experts `expert_map` gives this rank into a new shard beside the serving one (make before
-        break): layers whose experts do not change share the serving tensors; the others are read from the
-        checkpoint. The serving shard is untouched, so no step sees a half-written slot; the new one serves from
-        the first step whose plan names `version`. Returns the experts loaded and their bytes (the acknowledgement).
+    def begin_stage(self, expert_map: ExpertMap, version: int) -> list[Item]:
+        """Start building the shard `expert_map` gives this rank beside the serving one (make before break).
+        Returns the (layer, expert) copies it lacks: the group sends them in pieces (`stage_piece`)."""
+        want = expert_map.experts_of(self.spec.index)[: self._num_moe]
+        builder = ShardBuilder(self.shard, want)
+        self._building, self._staged = (version, builder), None
+        return builder.needed
+
+    def stage_piece(self, version: int, from_checkpoint: list[Item], *exports: dict[int, LayerExperts]) -> dict:
+        """Take one piece of the move: copies a peer exported (`export_experts`, travelling as Ray objects) and
+        `from_checkpoint`, read here. Runs between two steps (one call at a time); the serving shard is untouched.
         """
-        want = [sorted(ids) for ids in expert_map.experts_of(self.spec.index)[: self._num_moe]]
-        held = [sorted(lay.expert_ids) for lay in self.shard.layers]
-        changed = [w != h for w, h in zip(want, held)]
-        reader = CheckpointReader(self._folder)
-        try:
-            fresh = load_experts(
-                reader,
-                self.cfg,
-                expert_ids=[w if c else [] for w, c in zip(want, changed)],
-                dtype=self.dtype,
-                with_mtp=self._has_mtp,
-                layout=self._layout,
-            )
-            loaded_bytes = reader.stats.bytes
-        finally:
-            reader.close()
-        layers = [new if c else old for new, old, c in zip(fresh.layers, self.shard.layers, changed)]
-        self._staged = (version, ExpertShard(layers, num_experts=self.cfg.num_experts))
-        self.loads += 1
-        loaded = sum(len(set(w) - set(h)) for w, h in zip(want, held))
-        return {"version": version, "experts_loaded": loaded, "bytes": loaded_bytes}
+        builder = self._builder(version)
+        peer = sum(builder.add(layer, lay) for exp in exports for layer, lay in exp.items())
+        ckpt = 0
+        if from_checkpoint:
+            ids: list[list[int]] = [[] for _ in builder.want]
+            for layer, e in from_checkpoint:
+                ids[layer].append(e)
+            reader = CheckpointReader(self._folder)
+            try:
+                fresh = load_experts(
+                    reader, self.cfg, expert_ids=ids, dtype=self.dtype, with_mtp=self._has_mtp, layout=self._layout
+                )
+            finally:
+                reader.close()
+            ckpt = sum(builder.add(layer, lay) for layer, lay in enumerate(fresh.layers) if lay.expert_ids)
+            self.loads += 1  # a checkpoint read (the weight-load counter failure tests watch)
+        return {"peer": peer, "checkpoint": ckpt}
+
+    def finish_stage(self, version: int) -> dict[str, int]:
+        """Build the new shard from the pieces (the acknowledgement); it serves from the first step whose plan
+        names `version`. Layers whose experts do not change share the serving tensors."""
+        builder = self._builder(version)
+        self._staged, self._building = (version, builder.build()), None
+        return {"version": version, "experts_loaded": len(builder.needed), "bytes": builder.bytes}
+
+    def _builder(self, version: int) -> ShardBuilder:
+        if self._building is None or self._building[0] != version:
+            raise RuntimeError(f"no expert map v{version} being staged on this rank")
+        return self._building[1]
+
+    def export_experts(self, items: list[Item]) -> dict[int, LayerExperts]:
+        """CPU copies of held experts for a peer's move (a rank that lacks them loads them from here)."""
+        return export_experts(self.shard, items)
 
     def drop_staged(self, version: int) -> None:
         """Forget a staged map (the move failed on some rank): the serving shard stays."""
         if self._staged is not None and self._staged[0] == version:
             self._staged = None
+        if self._building is not None and self._building[0] == version:
+            self._building = None
 
     def _switch_map(self, plan: StepPlan) -> None:
         if plan.map_version == self._map_version:

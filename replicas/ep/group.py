@@ -170,6 +170,7 @@ class GroupConfig:
     # its node's bundle; None: one bundle per rank (the caller's placement group must then be built the same way)
     rank_nodes: tuple[int, ...] | None = None
     hang_s: float = 5.0  # a rank busy outside any collective this long while its peers wait is hung
+    move_experts_per_step: int = 8  # a rebalance's weight moves: expert copies per expert rank between two steps
 
 
 class ExpertParallelGroup:
@@ -197,6 +198,8 @@ class ExpertParallelGroup:
         self.map_version = 0  # bumped by each rebalance; every step's plan carries it
         self.load_window = LoadWindow(config.load_window_steps)
         self._rebalancing = False
+        self._steps_in_flight = 0
+        self._steps_done = 0
         self._own_pg = placement is None
         self._layout: GroupPlacement = plan_placement(
             self.shape,
@@ -413,7 +416,12 @@ class ExpertParallelGroup:
         refs = [t.step.remote(r, plan) for t, r in zip(self.trunks, requests)]
         if plan is not None:
             refs += [e.serve.remote(plan) for e in self.experts]
-        results = await self._gather(refs, plan)
+        self._steps_in_flight += 1
+        try:
+            results = await self._gather(refs, plan)
+        finally:  # a rebalance moves its next piece of weights between steps (_step_boundary)
+            self._steps_in_flight -= 1
+            self._steps_done += 1
         return results[: self.shape.trunk_ranks]
 
     async def _gather(self, refs: list, plan: StepPlan | None) -> list:
@@ -549,11 +557,34 @@ class ExpertParallelGroup:
         return {"path": path, "steps": self.load_window.steps, "layers": int(mean.shape[0])}
 
     # ----------------------------------------------------------------- rebalancing
-    async def rebalance(self, redundant: int = 0, *, tolerance: float = 0.02) -> dict[str, Any]:
+    @property
+    def rebalancing(self) -> bool:
+        return self._rebalancing
+
+    def window_imbalance(self) -> float | None:
+        """The worst MoE layer's max/mean rows per expert rank under the current map, by the load window's
+        mean (None before any load was measured)."""
+        mean = self.load_window.mean_tokens()
+        if self.expert_map is None or mean is None or float(mean.sum()) == 0.0:
+            return None
+        n = min(int(mean.shape[0]), self.expert_map.num_moe_layers)
+        per_rank = per_rank_load(mean[:n], self.expert_map.owners[:n], self.shape.expert_ranks)
+        return float(rank_imbalance(per_rank).max())
+
+    async def rebalance(
+        self,
+        redundant: int = 0,
+        *,
+        tolerance: float = 0.05,
+        experts_per_step: int | None = None,
+        peer_copy: bool = True,
+    ) -> dict[str, Any]:
         """Re-place the experts by the measured load (moving average), moving weights while serving.
 
-        Make before break: every expert rank loads its new experts beside the serving ones and acknowledges;
-        only then does the group bump `map_version`, which the next step's plan carries, and every rank
+        Make before break: every expert rank loads its new experts beside the serving ones (in pieces of at most
+        `experts_per_step` copies per rank, default the config's, 0 = all at once, one piece between two serving
+        steps; each copy from a rank that holds it when `peer_copy`, else or on failure from the checkpoint) and
+        acknowledges; only then does the group bump `map_version`, which the next step's plan carries, and every rank
         switches at that step (the old slots are freed there). A failure while loading drops what was staged
         and keeps the old map serving. Returns the report: before/after max/mean per layer (by the window's
         load), moved slots, version.
@@ -578,18 +609,29 @@ class ExpertParallelGroup:
             layers = load[: old.num_moe_layers].tolist()
             # MoE layers no rank measured (MTP layers of a checkpoint without MTP weights): even load, kept in place
             layers += [[1.0] * len(layers[0])] * (old.num_moe_layers - len(layers))
-            new = rebalance(layers, num_ranks=x, redundant=redundant, current=old, tolerance=tolerance)
+            # the search takes a while on a large model: off the event loop, which keeps serving steps
+            new = await asyncio.to_thread(
+                rebalance, layers, num_ranks=x, redundant=redundant, current=old, tolerance=tolerance
+            )
             before = rank_imbalance(per_rank_load(layers, old.owners, x))
             after = rank_imbalance(per_rank_load(layers, new.owners, x))
             version = self.map_version + 1
             t0 = time.monotonic()
-            refs = [e.stage_map.remote(new, version) for e in self.experts]
-            refs += [t.stage_map.remote(new, version) for t in self.trunks]
+            per_step = self.config.move_experts_per_step if experts_per_step is None else experts_per_step
             try:
-                acks = await asyncio.wait_for(asyncio.gather(*refs), timeout=self.config.load_timeout_s)
+                refs = [e.begin_stage.remote(new, version) for e in self.experts]
+                refs += [t.stage_map.remote(new, version) for t in self.trunks]
+                needed = (await asyncio.wait_for(asyncio.gather(*refs), timeout=self.config.load_timeout_s))[:x]
+                moved = await asyncio.wait_for(
+                    self._move_weights(needed, old, version, per_step, peer_copy), timeout=self.config.load_timeout_s
+                )
+                finish = [e.finish_stage.remote(version) for e in self.experts]
+                acks = await asyncio.wait_for(asyncio.gather(*finish), timeout=self.config.load_timeout_s)
             except BaseException as e:
                 for a in self.experts + self.trunks:
                     a.drop_staged.remote(version)
+                if isinstance(e, asyncio.CancelledError):
+                    raise  # the caller went away (e.g. the engine stopping): the old map simply stays
                 raise RuntimeError(
                     f"expert weight move failed, the old map (v{self.map_version}) keeps serving: {e}"
                 ) from e
@@ -600,7 +642,10 @@ class ExpertParallelGroup:
                 "redundant": redundant,
                 "moved_slots": moved_slots(old, new),
                 "total_slots": sum(len(r) for layer in new.owners for r in layer),
-                "experts_loaded": sum(int(a["experts_loaded"]) for a in acks[:x]),
+                "experts_loaded": sum(int(a["experts_loaded"]) for a in acks),
+                "from_peer": moved["peer"],
+                "from_checkpoint": moved["checkpoint"],
+                "pieces": moved["pieces"],
                 "load_s": round(time.monotonic() - t0, 3),
                 "window_steps": self.load_window.steps,
                 "imbalance_before": [round(v, 4) for v in before.tolist()],
@@ -610,6 +655,56 @@ class ExpertParallelGroup:
             }
         finally:
             self._rebalancing = False
+
+    async def _move_weights(
+        self, needed: list[list], old: ExpertMap, version: int, per_step: int, peer_copy: bool
+    ) -> dict[str, int]:
+        """Send every expert rank the copies it lacks, `per_step` per rank per piece with a serving step between
+        pieces (bounded work per step keeps step latency). A copy comes from a rank that holds it under the old
+        map (its export travels as a Ray object), spreading the exports over the holders; an export that fails
+        falls back to the checkpoint. Raises whatever a rank's load raised."""
+        left = [[(int(layer), int(e)) for layer, e in items] for items in needed]
+        counts = {"peer": 0, "checkpoint": 0, "pieces": 0}
+        while any(left):
+            if counts["pieces"]:
+                await self._step_boundary()
+            exports: list[tuple[int, list, Any]] = []  # (target rank, items, export ref)
+            from_ckpt: list[list] = [[] for _ in left]
+            for j, items in enumerate(left):
+                piece, left[j] = (items[:per_step], items[per_step:]) if per_step > 0 else (items, [])
+                by_peer: dict[int, list] = {}
+                for layer, e in piece:
+                    holders = [r for r in old.owners[layer][e] if r != j] if peer_copy else []
+                    if holders:
+                        by_peer.setdefault(min(holders, key=lambda r: (len(by_peer.get(r, ())), r)), []).append(
+                            (layer, e)
+                        )
+                    else:
+                        from_ckpt[j].append((layer, e))
+                exports += [(j, its, self.experts[k].export_experts.remote(its)) for k, its in by_peer.items()]
+            got = await asyncio.gather(*(ref for _, _, ref in exports), return_exceptions=True)
+            refs_for: list[list] = [[] for _ in left]
+            for (j, its, ref), value in zip(exports, got):
+                if isinstance(value, BaseException):
+                    from_ckpt[j] += its  # the peer could not export: the checkpoint has them
+                else:
+                    refs_for[j].append(ref)
+            stage = [
+                self.experts[j].stage_piece.remote(version, from_ckpt[j], *refs_for[j])
+                for j in range(len(left))
+                if from_ckpt[j] or refs_for[j]
+            ]
+            for done in await asyncio.gather(*stage):
+                counts["peer"] += int(done["peer"])
+                counts["checkpoint"] += int(done["checkpoint"])
+            counts["pieces"] += 1
+        return counts
+
+    async def _step_boundary(self, poll_s: float = 0.002) -> None:
+        """Return once the step in flight (if any) has finished: the next piece of a move runs between steps."""
+        done = self._steps_done
+        while self._steps_in_flight and self._steps_done == done:
+            await asyncio.sleep(poll_s)
 
 
 def _error_text(exc: BaseException) -> str:

@@ -81,7 +81,25 @@ class AppArgs(BaseModel):
         "unset: contiguous ranges.",
     )
     redundant_experts: int = Field(
-        0, ge=0, description="Extra expert copies per MoE layer in the initial placement (needs expert_load_file)."
+        0,
+        ge=0,
+        description="Extra expert copies per MoE layer: in the initial placement (needs expert_load_file) and in "
+        "automatic rebalances (rebalance_interval_steps / rebalance_imbalance_threshold).",
+    )
+    rebalance_interval_steps: int | None = Field(
+        None, ge=1, description="Rebalance the experts by measured load every this many engine steps (unset: never)."
+    )
+    rebalance_imbalance_threshold: float | None = Field(
+        None,
+        gt=1.0,
+        description="Rebalance when the measured max/mean rows per expert rank (worst MoE layer, load window) "
+        "exceeds this; checked every 32 steps, at most once per 256 steps (unset: never).",
+    )
+    rebalance_experts_per_step: int = Field(
+        8,
+        ge=0,
+        description="A rebalance's weight moves: expert copies each expert rank loads between two serving steps "
+        "(0: all at once, one longer pause).",
     )
     block_size: int = Field(16, ge=1, le=1024)
     num_kv_blocks: int = Field(1024, ge=1, description="KV blocks per trunk rank.")
@@ -190,6 +208,9 @@ class AppArgs(BaseModel):
                 f"group_nodes {self.group_nodes} exceeds the group's {self.trunk_ranks + self.expert_ranks} ranks "
                 "(trunk_ranks + expert_ranks): a node would hold none"
             )
+        auto = self.rebalance_interval_steps is not None or self.rebalance_imbalance_threshold is not None
+        if auto and self.expert_ranks == 0:
+            raise ValueError("rebalance_interval_steps / rebalance_imbalance_threshold need expert_ranks >= 1")
         if self.api_key is not None and self.api_key_env is not None:
             raise ValueError("give api_key or api_key_env, not both")
         if self.collective_deadline_s is None:

@@ -34,6 +34,7 @@ from replicas.ep.actors import CacheSizes
 from replicas.ep.group import ExpertParallelGroup, GroupConfig
 from replicas.serving.app_args import AppArgs
 from replicas.serving.metrics import MetricsRegistry, push_forever, retire_from_hub
+from replicas.serving.rebalance_trigger import RebalanceTrigger, auto_rebalance
 
 if TYPE_CHECKING:  # annotations only: llguidance loads with the first grammar
     from replicas.engine.structured_output import GrammarCache
@@ -79,6 +80,7 @@ class EngineServer:
                 load_timeout_s=a.load_timeout_s,
                 expert_map=_initial_map(a, self.cfg),
                 rank_nodes=a.group_rank_nodes(),
+                move_experts_per_step=a.rebalance_experts_per_step,
             ),
             placement=placement,
             first_bundle=1 if placement is not None else 0,
@@ -117,6 +119,12 @@ class EngineServer:
         self._drain_task: asyncio.Task | None = None
         self._callers: dict[str, str] = {}  # request id -> name of the replica actor that called
         self._watch_task: asyncio.Task | None = None
+        self._trigger = RebalanceTrigger(
+            interval_steps=a.rebalance_interval_steps,
+            threshold=a.rebalance_imbalance_threshold,
+            cooldown_steps=self.group.config.load_window_steps,
+        )
+        self._rebalance_task: asyncio.Task | None = None
 
     def _grammar_cache(self) -> GrammarCache:  # built on first use
         """The bounded cache of compiled grammars (its tokenizer costs ~200 MB and seconds: only when needed)."""
@@ -133,6 +141,12 @@ class EngineServer:
         self.engine.start()
         if self._watch_task is None:
             self._watch_task = asyncio.get_running_loop().create_task(self._watch_callers())
+        if self._rebalance_task is None and self._trigger.enabled:
+            self._rebalance_task = asyncio.get_running_loop().create_task(
+                auto_rebalance(
+                    self._trigger, self.engine, self.group, redundant=self.args.redundant_experts, metrics=self.metrics
+                )
+            )
         if self._push_task is None and self.hub is not None:
             self._push_task = asyncio.get_running_loop().create_task(
                 push_forever(self.hub, self.replica_id, self.metrics, METRICS_PUSH_S, before=self._record_expert_load)
@@ -278,9 +292,12 @@ class EngineServer:
 def _initial_map(a: AppArgs, cfg: ModelConfig) -> ExpertMap | None:
     """The expert map placed by a saved load file, or None (contiguous ranges)."""
     if a.expert_load_file is None:
-        if a.redundant_experts:
-            raise ValueError("redundant_experts needs expert_load_file (copies are placed by measured load)")
-        return None
+        auto = a.rebalance_interval_steps is not None or a.rebalance_imbalance_threshold is not None
+        if a.redundant_experts and not auto:
+            raise ValueError(
+                "redundant_experts needs expert_load_file or a rebalance trigger (copies are placed by measured load)"
+            )
+        return None  # contiguous; an automatic rebalance places the copies once load is measured
     if a.expert_ranks == 0:
         raise ValueError("expert_load_file needs expert_ranks >= 1")
     loads = read_load_file(a.expert_load_file, num_experts=cfg.num_experts)

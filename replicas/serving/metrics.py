@@ -77,6 +77,7 @@ HELP = {
     "expert_load_imbalance": "Max over mean tokens per expert rank, mean over MoE layers and replicas (1 = balanced).",
     "expert_rank_tokens_per_step": "Routed rows an expert rank receives per step (moving window), by replica and rank.",
     "expert_layer_imbalance": "Max over mean rows per expert rank in one MoE layer (moving window), by replica, layer.",
+    "expert_rebalances": "Count of automatic expert rebalances (AppArgs triggers), by result (ok, failed).",
     "expert_padding_rows_per_step": "Empty capacity slots sent to expert ranks per step (moving window), by replica.",
     "spec_decode_num_draft_tokens": "Number of draft tokens proposed by MTP.",
     "spec_decode_num_accepted_tokens": "Number of draft tokens accepted.",

@@ -105,8 +105,9 @@ def test_zipf_skew_is_balanced_and_a_second_pass_moves_nothing() -> None:
     for i in range(layers):
         _check_valid(new.owners[i], ranks, (experts + redundant) // ranks)
         assert max(rank_loads(new.owners[i], loads[i], ranks)) * ranks / sum(loads[i]) <= 1.10
-    # relabelling and repairing keep most copies where they are (a fresh packing moves ~2/3 of them)
-    assert moved_slots(static, new) <= 0.4 * layers * (experts + redundant)
+    # relabelling, repairing and swapping copies back home keep most copies where they are (a fresh packing
+    # moves ~2/3 of them; the 8 new copies per layer are 11% of the slots)
+    assert moved_slots(static, new) <= 0.25 * layers * (experts + redundant)
     again = rebalance(loads, num_ranks=ranks, redundant=redundant, current=new, tolerance=0.05)
     assert moved_slots(new, again) == 0
 
@@ -117,3 +118,30 @@ def test_a_copy_whose_rank_is_fine_stays() -> None:
     got = balance_layer([5, 5, 1, 1], num_ranks=2, current=current)
     assert max(got.rank_load) == 6.0
     assert sum(len(set(n) - set(o)) for n, o in zip(got.owners, current)) == 2  # one swap
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_zipf_rebalance_moves_at_most_a_quarter_of_the_slots(seed: int) -> None:
+    """From the contiguous map and from a placement balanced for another skew (the traffic changed): max/mean
+    within 1.10 of the layer's mean while at most 25% of the slots take new weights."""
+    experts, ranks, redundant, layers = 64, 8, 8, 3
+    slots = layers * (experts + redundant)
+    static = ExpertMap.contiguous(num_experts=experts, num_moe_layers=layers, expert_ranks=ranks)
+    first_loads, loads = _zipf_loads(100 + seed, experts, layers), _zipf_loads(200 + seed, experts, layers)
+    first = rebalance(first_loads, num_ranks=ranks, redundant=redundant, current=static, tolerance=0.05)
+    for current in (static, first):
+        new = rebalance(loads, num_ranks=ranks, redundant=redundant, current=current, tolerance=0.05)
+        for i in range(layers):
+            _check_valid(new.owners[i], ranks, (experts + redundant) // ranks)
+            assert max(rank_loads(new.owners[i], loads[i], ranks)) * ranks / sum(loads[i]) <= 1.10
+        assert moved_slots(current, new) <= 0.25 * slots, (seed, moved_slots(current, new))
+
+
+def test_moves_only_what_balance_needs() -> None:
+    """Counted by hand: rank 0 holds {9, 1, 0}, rank 1 {1, 1, 0}. The best busiest load is 9 ({9, 0, 0} and
+    {1, 1, 1}), reached only by swapping the 1 on rank 0 with the 0 on rank 1: two copies move, no more."""
+    current = [(0,), (0,), (1,), (1,), (0,), (1,)]
+    load = [9.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    got = balance_layer(load, num_ranks=2, current=current, tolerance=0.0)
+    assert max(got.rank_load) == 9.0  # the 9 alone with the zero-load copies; the three 1s together
+    assert sum(len(set(n) - set(o)) for n, o in zip(got.owners, current)) == 2  # the 1 on rank 0 swaps a 0

@@ -76,18 +76,43 @@ def test_load_statistics_and_rebalance_while_serving(
         for j in range(2):
             assert held[j] == group.expert_map.experts_of(j)[: len(held[j])]
 
-        # a failed move: the checkpoint is unreadable while the ranks load; the old map keeps serving
+        # the checkpoint is unreadable while the ranks load: copies read from it fail, and the old map keeps
+        # serving; copies from the ranks that hold them (peer copy, one expert per rank per piece) still work
         moved = tmp_path / "gone"
         folder.rename(moved)
         try:
             with pytest.raises(RuntimeError, match="old map"):
-                asyncio.run(group.rebalance(4))
+                asyncio.run(group.rebalance(4, peer_copy=False))
+            assert group.map_version == 1
+            for _ in range(2):
+                sc.step([0, 1, 2, 3])
+            report = asyncio.run(group.rebalance(4, experts_per_step=1))
         finally:
             moved.rename(folder)
-        assert group.map_version == 1
+        assert group.map_version == 2 and report["from_checkpoint"] == 0
+        assert report["from_peer"] == report["experts_loaded"] > 1 and report["pieces"] >= report["experts_loaded"] // 2
         for _ in range(3):
-            sc.step([0, 1, 2, 3])
+            sc.step([0, 1, 2, 3])  # the peer-copied weights give the oracle's outputs
         assert group.epoch == 0
+
+        # a rank replaced after the rebalances loads the current map (v2, redundant copies), not the initial one
+        import ray
+
+        from replicas.engine.step_types import StepRequest
+        from replicas.ep.group import GroupFailure
+
+        ray.kill(group.experts[1], no_restart=True)
+        with pytest.raises(GroupFailure):
+            asyncio.run(group.step([StepRequest()]))
+        group.rebuild()
+        assert group.epoch == 1 and group.map_version == 2
+        held = ray_get_held(group)
+        for j in range(2):
+            assert held[j] == group.expert_map.experts_of(j)[: len(held[j])]
+        fresh = _Scenario(group, reference, 1)
+        fresh.add(5, rank=0, prompt=_prompts(9, [30])[0], slot=4)
+        for _ in range(3):
+            fresh.step([5])
     finally:
         group.shutdown()
 
@@ -113,7 +138,7 @@ def test_streams_unchanged_by_rebalances_while_they_run(ray_cluster, hf_checkpoi
             request_id=f"{tag}{i}",
             prompt_ids=tuple(prompts[i]),
             params=SamplingParams(temperature=0.0, logprobs=0),
-            max_tokens=16,
+            max_tokens=24,
             ignore_eos=True,
         )
 
@@ -127,9 +152,9 @@ def test_streams_unchanged_by_rebalances_while_they_run(ray_cluster, hf_checkpoi
                 reports = []
                 for r in (2, 4):
                     start = engine.steps
-                    while engine.steps < start + 3:
+                    while engine.steps < start + 2:
                         await asyncio.sleep(0.01)
-                    report = await group.rebalance(r)
+                    report = await group.rebalance(r)  # weights move in pieces between steps
                     report["open_streams"] = engine.stats()["streams"]  # the switch happened under running streams
                     reports.append(report)
                 return reports
@@ -147,15 +172,18 @@ def test_streams_unchanged_by_rebalances_while_they_run(ray_cluster, hf_checkpoi
     assert [r["version"] for r in reports] == [1, 2]
     assert all(r["open_streams"] > 0 for r in reports), reports
     assert all(r["moved_slots"] > 0 for r in reports), "a rebalance that moves nothing tests no switch"
-    assert all(len(c.token_ids) == 16 for c in moved), "a stream was cut short"
+    assert all(r["pieces"] >= 2 for r in reports), reports  # the moves were spread over several steps
+    assert all(len(c.token_ids) == 24 for c in moved), "a stream was cut short"
     assert [c.token_ids for c in moved] == [c.token_ids for c in alone]
 
 
 @pytest.mark.slow  # ~50 s: an app of its own (the group-level tests above cover the switch itself)
 def test_epserve_rebalance_on_a_running_server(ray_cluster, serve_http: str, embedded_model_dir: Path) -> None:  # noqa: ANN001
-    """The admin command against a served app (D = 1 x X = 2): it reports before/after imbalance and /metrics
-    shows the per-layer load; a wrong app name is a clear error with a non-zero exit."""
+    """The admin command against a served app (D = 1 x X = 2) that also rebalances by itself every 5 steps: the
+    automatic rebalances are counted in /metrics, the admin one reports before/after imbalance, /metrics shows
+    the per-layer load; a wrong app name is a clear error with a non-zero exit."""
     import os
+    import re
     import subprocess
     import sys
     import time
@@ -180,6 +208,8 @@ def test_epserve_rebalance_on_a_running_server(ray_cluster, serve_http: str, emb
         max_model_len=256,
         ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
         engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
+        rebalance_interval_steps=5,  # the automatic trigger too: every 5 engine steps, 2 redundant copies
+        redundant_experts=2,
     )
     serve.run(build_app(args), name=app, route_prefix=prefix)
     try:
@@ -187,6 +217,15 @@ def test_epserve_rebalance_on_a_running_server(ray_cluster, serve_http: str, emb
         for i in range(3):
             client.completions.create(model="eplb-tiny", prompt=f"count {i}: one two", max_tokens=8, temperature=0)
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        # 24 tokens served: the trigger rebalanced on its own (counted in /metrics) while they streamed
+        deadline = time.monotonic() + 30
+        text = ""
+        while time.monotonic() < deadline and "expert_rebalances_total{" not in text:
+            time.sleep(1.0)
+            text = requests.get(serve_http + prefix + "/metrics", timeout=30).text
+        auto = [ln for ln in text.splitlines() if ln.startswith("epserve:expert_rebalances_total{")]
+        assert auto and all('result="ok"' in ln for ln in auto), auto
+        time.sleep(1.0)  # an automatic move in flight finishes before the admin one (one rebalance at a time)
 
         def cli(*argv: str) -> subprocess.CompletedProcess:
             return subprocess.run(
@@ -199,7 +238,7 @@ def test_epserve_rebalance_on_a_running_server(ray_cluster, serve_http: str, emb
 
         done = cli("--app", app, "--redundant-experts", "2")
         assert done.returncode == 0, done.stdout + done.stderr
-        assert "map v1, max/mean rank load" in done.stdout and "slots moved" in done.stdout, done.stdout
+        assert re.search(r"map v\d+, max/mean rank load", done.stdout) and "slots moved" in done.stdout, done.stdout
         wrong = cli("--app", "nope")
         assert wrong.returncode != 0 and "no Serve application 'nope'" in wrong.stderr, wrong.stderr
         # the map switched under a serving engine: it still answers
@@ -235,3 +274,58 @@ def test_initial_placement_from_a_load_file(hf_checkpoint: Path, tmp_path: Path)
         _initial_map(AppArgs(expert_ranks=2, redundant_experts=2), cfg)
     with pytest.raises(ValueError, match="divide|slots"):
         _initial_map(AppArgs(expert_ranks=2, expert_load_file=str(path), redundant_experts=1), cfg)
+
+
+@pytest.mark.slow  # 30-280 s on 2 cores by load (6 rank actors); fast variant: test_streams_unchanged_by_rebalances...
+@pytest.mark.timeout(400)
+def test_sixteen_streams_unchanged_by_rebalances_every_few_steps(ray_cluster, hf_checkpoint: Path) -> None:  # noqa: ANN001
+    """D = 2 x X = 4, 16 greedy streams: once with the contiguous map, once with the engine deployment's trigger
+    (replicas/serving/rebalance_trigger.py) rebalancing every 3 steps with R = 4, moving 4 copies per expert rank
+    between steps: every stream finishes with the same tokens, none lost."""
+    from model_shards.sampling import SamplingParams
+    from replicas.engine.engine_types import GenerateRequest
+    from replicas.ep.offline_generate import offline_engine, run_to_completion
+    from replicas.serving.rebalance_trigger import RebalanceTrigger, auto_rebalance
+
+    n = 16
+    prompts = _prompts(5, [7 + (11 * i) % 50 for i in range(n)])
+    group = _group(hf_checkpoint, 2, 4, move_experts_per_step=4)
+
+    def req(tag: str, i: int) -> GenerateRequest:
+        return GenerateRequest(
+            request_id=f"{tag}{i}",
+            prompt_ids=tuple(prompts[i]),
+            params=SamplingParams(temperature=0.0, logprobs=0),
+            max_tokens=32,
+            ignore_eos=True,
+        )
+
+    async def main() -> tuple[list, list, list]:
+        engine = offline_engine(group, max_prompt_len=64, vocab_size=VOCAB)
+        engine.start()
+        try:
+            alone = await asyncio.gather(*(run_to_completion(engine, req("a", i)) for i in range(n)))
+            reports: list[dict] = []
+            trigger = RebalanceTrigger(interval_steps=3, threshold=None)
+            trigger.fired(engine.steps)
+            task = asyncio.get_running_loop().create_task(
+                auto_rebalance(trigger, engine, group, redundant=4, poll_s=0.01, reports=reports)
+            )
+            try:
+                moved = await asyncio.gather(*(run_to_completion(engine, req("b", i)) for i in range(n)))
+            finally:
+                task.cancel()
+            return alone, moved, reports
+        finally:
+            await engine.stop()
+
+    try:
+        alone, moved, reports = asyncio.run(main())
+    finally:
+        group.shutdown()
+    assert len(reports) >= 2, reports
+    assert [r["version"] for r in reports] == list(range(1, len(reports) + 1))
+    assert sum(r["moved_slots"] for r in reports) > 0 and any(r["pieces"] >= 2 for r in reports), reports
+    assert any(r["open_streams"] > 0 for r in reports), reports
+    assert all(len(c.token_ids) == 32 for c in moved), "a stream was cut short"
+    assert [c.token_ids for c in moved] == [c.token_ids for c in alone]
