@@ -240,11 +240,20 @@ class AllToAllDispatcher:
             )
         self.map = expert_map
         dev = self.group.device
-        tables = [expert_map.route_table(layer) for layer in range(expert_map.num_moe_layers)]
-        # without redundant copies an expert's rank depends on the expert alone: one lookup per layer
-        # (decided here, between steps, from the host tables; the lookups run on the routing's device)
-        self._direct = [table[:, 0].to(dev) if bool((copies == 1).all()) else None for table, copies in tables]
-        self._tables = [(table.to(dev), copies.to(dev)) for table, copies in tables]
+        # built on the routing's device straight from the map's host lists (no copy, no read back); without
+        # redundant copies an expert's rank depends on the expert alone: one lookup per layer
+        self._direct = [
+            torch.tensor([owners[0] for owners in layer], dtype=torch.long, device=dev)
+            if all(len(owners) == 1 for owners in layer)
+            else None
+            for layer in expert_map.owners
+        ]
+        self._tables = []
+        for layer in expert_map.owners:
+            width = max(len(owners) for owners in layer)
+            rows = [list(owners) + [owners[0]] * (width - len(owners)) for owners in layer]  # as ExpertMap.route_table
+            copies = [len(owners) for owners in layer]
+            self._tables.append((torch.tensor(rows, device=dev), torch.tensor(copies, device=dev)))
 
     def take_timings(self) -> dict[str, float]:
         """Accumulated dispatch + combine seconds and MoE layer calls since the last call; resets them."""

@@ -11,6 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cluster.placement import ExpertMap
+from cluster.process_groups import GroupHandle, GroupSpec
+from cluster.topology import GroupShape
 from model_shards.batch import SeqChunk, StepBatch
 from model_shards.cache import CachePools
 from model_shards.config import ModelConfig, tiny
@@ -19,7 +22,9 @@ from model_shards.gated_attention import AttentionWeights, attention_forward
 from model_shards.gated_deltanet import DeltaNetWeights, deltanet_forward
 from model_shards.moe import SharedMoEWeights, route_and_shared
 from model_shards.quant import FP8_DTYPE, Fp8Weight
-from replicas.ep.dispatch import LocalDispatcher
+from replicas.ep import dispatch as dispatch_module
+from replicas.ep.a2a_protocol import FIXED, StepPlan, fixed_capacity
+from replicas.ep.dispatch import AllToAllDispatcher, LocalDispatcher
 from tests.device_ops import HostSyncError, HostSyncRecorder, fake_cuda
 
 
@@ -186,3 +191,44 @@ def test_moe_block_on_device_makes_no_host_sync(fp8: bool, held: str, tokens: in
             with pytest.raises(HostSyncError, match="take"):
                 dispatcher.load.take()
         assert [e.kind for e in rec.events] == ["d2h"]
+
+
+class _CudaGroup(GroupHandle):
+    """The transport's boundary, replaced: a group whose device is "cuda" (no process group behind it)."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(DEV)
+
+
+def _loopback(group: GroupHandle, send: torch.Tensor, *, send_splits: list[int], recv_splits: list[int], out=None):  # noqa: ANN001, ANN202  # a2a_protocol.exchange's signature
+    """`a2a_protocol.exchange` replaced at its boundary: no peers, the receive buffer comes back as is."""
+    return out if out is not None else send.new_empty((sum(recv_splits), *send.shape[1:]))
+
+
+@pytest.mark.parametrize("tokens", [3, 64])
+def test_fixed_capacity_dispatch_on_device_reads_only_the_overflow_flag(
+    tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trunk side of the decode exchange (fixed capacity, D = 1, X = 2): destinations, counts, buffer
+    slots and the combine gather stay on the device; the one host read per MoE layer is the combine
+    header's overflow flag (`read_overflow`, answered "no overflow" here since fake tensors hold no values)."""
+    cfg = tiny()
+    monkeypatch.setattr(dispatch_module, "exchange", _loopback)
+    spec = GroupSpec("127.0.0.1", 1, world_size=3, backend="gloo", deadline_s=1.0, epoch=0)
+    shape = GroupShape(trunk_ranks=1, expert_ranks=2)
+    emap = ExpertMap.contiguous(num_experts=cfg.num_experts, num_moe_layers=2, expert_ranks=2)
+    with fake_cuda():
+        group = _CudaGroup(None, 0, spec)  # type: ignore[arg-type]  # no process group: the transport is replaced
+        d = AllToAllDispatcher(group, shape, emap, hidden=cfg.hidden_size, dtype=DT, num_experts=cfg.num_experts)
+        shared, _ = _moe(cfg, fp8=False, held=(0,))
+        x = _rand(tokens, cfg.hidden_size)
+        plan = StepPlan((0, 1), mode=FIXED, capacity=fixed_capacity(tokens, top_k=4, expert_ranks=2, factor=2.0))
+        with HostSyncRecorder(named={"read_overflow": False}) as rec:
+            d.begin(plan)
+            for layer in plan.moe_layers:
+                routing, y_shared = route_and_shared(x, w=shared, top_k=cfg.num_experts_per_tok)
+                y = d(layer, x, routing) + y_shared
+            d.finish()
+        assert y.device.type == DEV and y.shape == x.shape
+        assert [e.kind for e in rec.of_kind("sync", "named", "d2h")] == ["named"] * len(plan.moe_layers)
