@@ -21,6 +21,8 @@ indexing of a fake cuda tensor fail before dispatch with "not linked with suppor
 still a failure, without the recorder's source line.) The recorder names the op and the first frame
 outside torch and this file, and by default raises `HostSyncError` at the first forbidden event.
 Enter the recorder after (inside) the FakeTensorMode so it sees each op first.
+Dispatch modes see nothing inside `torch.inference_mode` (checked with torch 2.13, real and fake
+tensors): call the undecorated function (`f.__wrapped__`) or run under `torch.no_grad` instead.
 On a CPU-only torch, Python indexing (`t[0]`, `t[a:b]`, `t[idx] = v`) of a fake cuda tensor also fails
 (the indexing entry point takes a CUDA device guard): `fake_cuda()` is FakeTensorMode plus
 `FakeCudaIndexing`, a TorchFunctionMode that runs `Tensor.__getitem__` / `__setitem__` as the aten ops
@@ -103,7 +105,8 @@ class HostSyncRecorder(TorchDispatchMode):
             set records everything and raises nothing (to list what a path does on real tensors).
         named: function name -> value: the host reads the code names as its allowed syncs; a scalar read
             (`bool(t)`, `.item()`, `.tolist()` element) inside such a function is recorded as "named" and,
-            on a fake tensor, answers the given value instead of raising.
+            on a fake tensor, answers the given value instead of raising (a callable value is called with the
+            number of scalars read under that name so far, e.g. to spell out header bytes).
     Attributes:
         events: every recorded event, in order.
     """
@@ -112,6 +115,7 @@ class HostSyncRecorder(TorchDispatchMode):
         super().__init__()
         self.forbid = frozenset(forbid)
         self.named = dict(named or {})
+        self._reads: dict[str, int] = {}
         self.events: list[HostSync] = []
 
     def of_kind(self, *kinds: str) -> list[HostSync]:
@@ -137,7 +141,13 @@ class HostSyncRecorder(TorchDispatchMode):
         for kind in self._classify(func, args, kwargs):
             event = self._record(kind, func)
             if event.kind == "named" and isinstance(args[0], FakeTensor):
-                return self.named[event.where.rsplit("(", 1)[1][:-1]]
+                name = event.where.rsplit("(", 1)[1][:-1]
+                value = self.named[name]
+                if callable(value):  # called with how many scalars this name has read before
+                    count = self._reads.get(name, 0)
+                    self._reads[name] = count + 1
+                    return value(count)
+                return value
         return func(*args, **kwargs)
 
     @staticmethod

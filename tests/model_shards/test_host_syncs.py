@@ -23,8 +23,10 @@ from model_shards.gated_deltanet import DeltaNetWeights, deltanet_forward
 from model_shards.moe import SharedMoEWeights, route_and_shared
 from model_shards.quant import FP8_DTYPE, Fp8Weight
 from replicas.ep import dispatch as dispatch_module
+from replicas.ep import expert_rank as expert_rank_module
 from replicas.ep.a2a_protocol import FIXED, StepPlan, fixed_capacity
 from replicas.ep.dispatch import AllToAllDispatcher, LocalDispatcher
+from replicas.ep.expert_rank import ExpertRank
 from tests.device_ops import HostSyncError, HostSyncRecorder, fake_cuda
 
 
@@ -232,3 +234,29 @@ def test_fixed_capacity_dispatch_on_device_reads_only_the_overflow_flag(
             d.finish()
         assert y.device.type == DEV and y.shape == x.shape
         assert [e.kind for e in rec.of_kind("sync", "named", "d2h")] == ["named"] * len(plan.moe_layers)
+
+
+@pytest.mark.parametrize("trunks", [1, 2])
+def test_expert_rank_decode_layer_on_device_reads_only_its_headers(
+    trunks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An expert rank's fixed-capacity layer (the decode exchange): receive, run its experts, answer. The one
+    host read per MoE layer is the dispatch headers (`read_headers`: each trunk's row count and overflow
+    flag, which slice the rows and decide whether an extra exchange follows); here every trunk sends
+    `rows` rows and no overflow."""
+    cfg = tiny()
+    monkeypatch.setattr(expert_rank_module, "exchange", _loopback)
+    spec = GroupSpec("127.0.0.1", 1, world_size=trunks + 1, backend="gloo", deadline_s=1.0, epoch=0)
+    shape = GroupShape(trunk_ranks=trunks, expert_ranks=1)
+    cap, rows = 8, 5
+    header = (rows, 0, 0, 0, 0, 0, 0, 0, 0)  # int64 little-endian count, then the flag byte
+    for fp8 in (False, True):
+        with fake_cuda():
+            _, shard = _moe(cfg, fp8=fp8, held=tuple(range(cfg.num_experts)))
+            group = _CudaGroup(None, trunks, spec)  # type: ignore[arg-type]  # the transport is replaced
+            rank = ExpertRank(shard, group, shape, hidden=cfg.hidden_size, dtype=DT)
+            with HostSyncRecorder(named={"read_headers": lambda k: header[k % 9]}) as rec:
+                # the undecorated body: ops inside torch.inference_mode are invisible to dispatch modes
+                stats = ExpertRank.serve.__wrapped__(rank, StepPlan((0,), mode=FIXED, capacity=cap))  # type: ignore[attr-defined]  # set by inference_mode's decorator
+            assert stats.rows == trunks * rows
+            assert {e.where.rsplit("(", 1)[1] for e in rec.of_kind("named")} == {"read_headers)"}
