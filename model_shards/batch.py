@@ -75,6 +75,9 @@ class StepBatch:
     logit_rows: torch.Tensor  # [R] rows of T whose logits are returned
     embeds_override: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows [M], embeds [M, D])
     verify: tuple[bool, ...] = ()  # per sequence: token-by-token verification (SeqChunk.verify)
+    # state slot of each sequence on the host (what `state_slots_B` holds): layers index by these ints, never
+    # by reading the device tensor back (a host sync per layer on a GPU)
+    state_slots: tuple[int, ...] = ()
     _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @staticmethod
@@ -116,10 +119,14 @@ class StepBatch:
             elif s.logits == "all":
                 logit_rows.extend(range(start, start + n))
             tables.append((*table, *(0,) * (max_blocks - len(table))))
-        positions = torch.cat(pos_parts, dim=1) if explicit else torch.tensor([text_pos] * 3, dtype=torch.long)
+        positions = (
+            torch.cat(pos_parts, dim=1).to(device)
+            if explicit
+            else torch.tensor([text_pos] * 3, dtype=torch.long, device=device)
+        )
         return StepBatch(
             token_ids_T=torch.tensor(ids, dtype=torch.long, device=device),
-            positions_3T=positions.to(device),
+            positions_3T=positions,
             query_lens=tuple(len(s.token_ids) for s in seqs),
             context_lens=tuple(s.context_len for s in seqs),
             state_slots_B=torch.tensor([s.state_slot for s in seqs], dtype=torch.long, device=device),
@@ -128,6 +135,7 @@ class StepBatch:
             block_size=block_size,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
             verify=tuple(s.verify for s in seqs),
+            state_slots=tuple(s.state_slot for s in seqs),
         )
 
     # ----------------------------------------------------------------- derived indices
@@ -209,8 +217,7 @@ class StepBatch:
         else None: their DeltaNet states are then one block of the pool, read and written in place."""
 
         def make() -> int | None:
-            every = self.state_slots_B.tolist()
-            slots = [every[i] for i in seqs]
+            slots = [self.state_slots[i] for i in seqs]
             return slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
 
         return self.memo(("slot_run", seqs), make)

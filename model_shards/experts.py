@@ -46,8 +46,11 @@ class ExpertShard:
         self._local_index = []
         self._holds_all = []  # local index == global id: no translation, nothing to check
         for lay in layers:
-            index = torch.full((num_experts,), -1, dtype=torch.long)
-            index[list(lay.expert_ids)] = torch.arange(len(lay.expert_ids))
+            # on the weights' device: routing ids index it there, with no copy and no sync
+            dev = lay.gate_up.data.device if isinstance(lay.gate_up, Fp8Weight) else lay.gate_up.device
+            index = torch.full((num_experts,), -1, dtype=torch.long, device=dev)
+            held = torch.tensor(lay.expert_ids, dtype=torch.long, device=dev)
+            index.index_copy_(0, held, torch.arange(len(lay.expert_ids), device=dev))
             self._local_index.append(index)
             self._holds_all.append(tuple(lay.expert_ids) == tuple(range(num_experts)))
 
@@ -86,12 +89,16 @@ class ExpertShard:
         if self._holds_all[layer]:
             local = expert_ids_R
         else:
-            local = self._local_index[layer][expert_ids_R]
-            if bool((local < 0).any()):
-                missing = sorted(set(expert_ids_R[local < 0].tolist()))
-                raise ValueError(f"layer {layer}: experts {missing} are not held by this shard")
+            local = self._local_index[layer].index_select(0, expert_ids_R)
+            if local.device.type == "cpu":
+                if bool((local < 0).any()):
+                    missing = sorted(set(expert_ids_R[local < 0].tolist()))
+                    raise ValueError(f"layer {layer}: experts {missing} are not held by this shard")
+            else:  # checked on the device, asynchronously: reading the flag back would stall every MoE layer
+                torch._assert_async((local >= 0).all(), f"layer {layer}: routed to an expert this shard does not hold")
         order = torch.argsort(local, stable=True)
-        counts = torch.bincount(local, minlength=len(lay.expert_ids))
+        # counts by index_add (not bincount, whose output size needs max(local) on the host: a sync on a GPU)
+        counts = local.new_zeros(len(lay.expert_ids)).index_add_(0, local, torch.ones_like(local))
         src = order if fan_out == 1 else torch.div(order, fan_out, rounding_mode="floor")
         y_sorted = expert_ffn(x.index_select(0, src), counts_E=counts, gate_up=lay.gate_up, down=lay.down)
         return torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)

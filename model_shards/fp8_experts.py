@@ -1,11 +1,17 @@
-"""Routed-expert SwiGLU over block-FP8 weights, one expert at a time.
+"""Routed-expert SwiGLU over block-FP8 weights, one expert (or a small chunk of experts) at a time.
 
 Owns: `fp8_expert_ffn`, the FP8 branch of `moe.expert_ffn`. Temporaries stay bounded by one
-expert: on CPU (and on CUDA where no block-scaled GEMM applies) each hit expert's gate_up and down
-are dequantised, used and dropped before the next expert's, never the whole expert set at once;
-on CUDA with 128 x 128 weight blocks and torch's `F.scaled_mm` (torch >= 2.10) the weights are
-multiplied as FP8 without any dequantised copy (falling back, with a warning, to the
-dequantising path if that GEMM raises). Must not: hold weights or know about routing.
+expert: on CPU each hit expert's gate_up and down are dequantised, used and dropped before the next
+expert's, never the whole expert set at once (the rows per expert are read on the host once per call:
+on CPU that is no device sync).
+On a device (GPU) the host never reads the counts for calls of up to `SYNC_FREE_ROWS` rows (every
+decode step): the experts are walked in chunks of `DEVICE_EXPERT_CHUNK`, each chunk dequantised
+(temporaries bounded by the chunk, never the whole set), its rows brought to the front by a device-side
+rotation of the rows and multiplied by one grouped GEMM with device offsets; rows of other experts are
+masked out. Larger calls (prefill) read the counts once (the one named host sync of the call) and take
+the per-expert path, where on CUDA with 128 x 128 weight blocks and torch's `F.scaled_mm`
+(torch >= 2.10) the weights are multiplied as FP8 without any dequantised copy (falling back, with a
+warning, to the dequantising path if that GEMM raises). Must not: hold weights or know about routing.
 Tests: tests/model_shards/test_fp8_experts.py.
 """
 
@@ -20,6 +26,8 @@ from model_shards.kernels import grouped_mm
 from model_shards.quant import FP8_DTYPE, FP8_MAX, Fp8Weight, Weight, dense
 
 SCALED_MM_BLOCK = 128  # the block `F.scaled_mm`'s BlockWise1x128 / BlockWise128x128 recipes use
+SYNC_FREE_ROWS = 8192  # on a device, calls of at most this many rows (decode) never read counts on the host
+DEVICE_EXPERT_CHUNK = 8  # experts dequantised together by the sync-free path (bounds its temporaries)
 
 
 def fp8_expert_ffn(x_RD: torch.Tensor, *, counts_E: torch.Tensor, gate_up: Weight, down: Weight) -> torch.Tensor:
@@ -33,10 +41,13 @@ def fp8_expert_ffn(x_RD: torch.Tensor, *, counts_E: torch.Tensor, gate_up: Weigh
         [R, D] in x's dtype. The CPU path gives the same bits as dequantising the hit experts and
         running one grouped GEMM over them (same dequantise op order, same per-group GEMM).
     """
+    if x_RD.device.type != "cpu" and x_RD.shape[0] <= SYNC_FREE_ROWS:
+        return sync_free_expert_ffn(x_RD, counts_E=counts_E, gate_up=gate_up, down=down)
     out = torch.empty_like(x_RD)
     block_scaled = _scaled_mm_applies(x_RD, gate_up, down)
     start = 0
-    # One host sync for the row ranges; experts with no rows are skipped without touching their weights.
+    # The named host read of this path (no sync on CPU; on a device only for calls above SYNC_FREE_ROWS):
+    # the row ranges. Experts with no rows are skipped without touching their weights.
     for e, n in enumerate(counts_E.tolist()):
         if n == 0:
             continue
@@ -57,6 +68,46 @@ def fp8_expert_ffn(x_RD: torch.Tensor, *, counts_E: torch.Tensor, gate_up: Weigh
         out[start : start + n] = y.to(x_RD.dtype)
         start += n
     return out
+
+
+def sync_free_expert_ffn(
+    x_RD: torch.Tensor, *, counts_E: torch.Tensor, gate_up: Weight, down: Weight, chunk: int = DEVICE_EXPERT_CHUNK
+) -> torch.Tensor:
+    """`fp8_expert_ffn` without reading `counts_E` on the host (the device path; also runs on CPU).
+
+    For each chunk of `chunk` experts (all of them, hit or not): rotate the rows on the device so the
+    chunk's rows come first, dequantise the chunk's weights, one grouped GEMM pair with the chunk's
+    counts as device offsets (rows past them are not multiplied), and write back only the chunk's rows.
+    Costs per chunk one [R, D] gather and scatter; temporaries bounded by `chunk` experts' weights.
+    """
+    r = x_RD.shape[0]
+    num_experts = counts_E.shape[0]
+    counts = counts_E.to(torch.long)
+    starts = torch.cumsum(counts, 0) - counts
+    ar = torch.arange(r, device=x_RD.device)
+    out = torch.zeros_like(x_RD)
+    for e0 in range(0, num_experts, chunk):
+        e1 = min(e0 + chunk, num_experts)
+        n = counts[e0:e1]
+        idx = (ar + starts[e0]) % r  # the chunk's rows first (contiguous, in expert order), then the rest
+        mine = (ar < n.sum())[:, None]
+        offs = torch.cumsum(n, 0).to(torch.int32)
+        gate_up_w = _dense_experts(gate_up, e0, e1, x_RD.dtype)
+        gu = F.grouped_mm(x_RD.index_select(0, idx).to(gate_up_w.dtype), gate_up_w.transpose(-2, -1), offs=offs)
+        del gate_up_w
+        gate, up = gu.chunk(2, dim=-1)
+        hidden = F.silu(gate) * up
+        del gu, gate, up
+        down_w = _dense_experts(down, e0, e1, x_RD.dtype)
+        y = F.grouped_mm(hidden, down_w.transpose(-2, -1), offs=offs).to(x_RD.dtype)
+        del hidden, down_w
+        out.index_copy_(0, idx, torch.where(mine, y, out.index_select(0, idx)))  # rows past the offsets: garbage
+    return out
+
+
+def _dense_experts(w: Weight, e0: int, e1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Experts e0..e1-1 of a stacked weight, dequantised if FP8: [e1 - e0, out, in]."""
+    return dense(Fp8Weight(w.data[e0:e1], w.scale_inv[e0:e1], w.block) if isinstance(w, Fp8Weight) else w[e0:e1], dtype)
 
 
 def _expert(w: Weight, e: int) -> Weight:

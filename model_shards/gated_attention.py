@@ -100,11 +100,15 @@ def attention_forward(
     if batch.decode_rows:  # one query per row over its cached context, batched (decode and verification)
         rows = batch.decode_row_ids
         if eager:
-            out_THD[rows] = _decode_attention(q[rows], batch=batch, k_pool=k_pool, v_pool=v_pool, scale=scale)
+            q_rows = q.index_select(0, rows)  # index_select / index_copy_: the same values as q[rows] / out[rows] = ...
+            out_THD.index_copy_(
+                0, rows, _decode_attention(q_rows, batch=batch, k_pool=k_pool, v_pool=v_pool, scale=scale)
+            )
         else:
             bs = k_pool.shape[1]
             plan = batch.memo(("decode_plan", bs), lambda: _decode_plan(batch, bs))
-            out_THD[rows] = decode_attention(q[rows], plan=plan, k_pool=k_pool, v_pool=v_pool, scale=scale)
+            q_rows = q.index_select(0, rows)
+            out_THD.index_copy_(0, rows, decode_attention(q_rows, plan=plan, k_pool=k_pool, v_pool=v_pool, scale=scale))
     prefill = _prefill_attention if eager else prefill_attention
     for i in batch.chunk_seqs:
         start, n, ctx = batch.starts[i], batch.query_lens[i], batch.context_lens[i]

@@ -127,14 +127,15 @@ def deltanet_forward(
         if batch.recurrent_seqs:
             seqs = batch.recurrent_seqs
             rows = batch.seq_rows(seqs)
-            core_THV[rows] = _recurrent_step(
-                qkv_TC[rows],
-                g_TH[rows],
-                beta_TH[rows],
-                slots=batch.state_slots_B[batch.index_of(seqs)],
+            recurrent = _recurrent_step(
+                qkv_TC.index_select(0, rows),
+                g_TH.index_select(0, rows),
+                beta_TH.index_select(0, rows),
+                slots=batch.state_slots_B.index_select(0, batch.index_of(seqs)),
                 first_slot=batch.slot_run(seqs),
                 **step,
             )
+            core_THV.index_copy_(0, rows, recurrent)
         for group in batch.chunk_groups(CHUNK):
             _chunk_group(group, qkv_TC, g_TH, beta_TH, out_THV=core_THV, batch=batch, **step)
         for i in batch.verify_seqs:
@@ -208,7 +209,7 @@ def _verify_steps(
     """A verifying sequence's n tokens as n consecutive recurrent steps (the same arithmetic as n decode
     steps), keeping the conv window and recurrent state after each token in `spec_state`; the slot is
     left at the last token's states (rolled back by CachePools.rollback when drafts are rejected)."""
-    start, n, slot = batch.starts[i], batch.query_lens[i], int(batch.state_slots_B[i])
+    start, n, slot = batch.starts[i], batch.query_lens[i], batch.state_slots[i]
     nw = conv_state.shape[-1]
     window = torch.cat([conv_state[slot], qkv_TC[start : start + n].T.to(conv_state.dtype)], dim=-1)  # [C, W + n]
     mixed = torch.stack(
@@ -263,7 +264,7 @@ def _chunk_group(
     g = g_TH.new_zeros(len(group), tpad, g_TH.shape[1])
     beta = beta_TH.new_zeros(len(group), tpad, beta_TH.shape[1])
     init = recurrent_state.new_zeros(len(group), *recurrent_state.shape[1:])
-    slots = [int(batch.state_slots_B[i]) for i in group]
+    slots = [batch.state_slots[i] for i in group]
     for j, (i, n, slot) in enumerate(zip(group, lens, slots)):
         start = batch.starts[i]
         if batch.context_lens[i] > 0:

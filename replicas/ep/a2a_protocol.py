@@ -120,6 +120,13 @@ def read_headers(rows: torch.Tensor) -> tuple[list[int], list[bool]]:
     return counts, [h[8] != 0 for h in raw]
 
 
+def read_overflow(flags: torch.Tensor) -> bool:
+    """The fixed mode's one host read per MoE layer: whether any (trunk, expert rank) pair overflowed C,
+    from the combine headers' flag bytes ([P] uint8). Every rank must agree on whether the extra exchange
+    follows, so this value must reach the host; on a GPU it is the decode step's one sync per MoE layer."""
+    return bool(flags.any())
+
+
 def combine_flags(rows: torch.Tensor) -> list[bool]:
     """Combine header rows (uint8): byte 0 is the group-wide overflow flag."""
     return (rows[:, 0] != 0).tolist()

@@ -7,6 +7,13 @@ once per MoE layer, and both keep expert-load statistics (tokens per expert per 
   torch.distributed (wire format in replicas/ep/a2a_protocol.py) and come back weighted and
   slot-summed here, exactly as the local path combines them.
 Legend: T tokens, k top-k, R = T * k routed rows, X expert ranks, D trunk ranks.
+
+Host reads (device values the host must see): the routing, destinations, counts and the fixed mode's rows
+stay on the device. What remains, per MoE layer: the variable mode (prefill) reads the X row counts
+(`all_to_all_single` takes its split sizes as host ints); the fixed mode (decode) reads only the combine
+header's group-wide overflow flag (`a2a_protocol.read_overflow`: whether an extra exchange follows is a
+host decision every rank must agree on), and only when it is set, this rank's counts. Expert-load counters
+are read every N steps (`ExpertLoad.take`).
 Tests: tests/replicas/test_dispatch.py (all-to-all vs local on the same inputs).
 """
 
@@ -30,6 +37,7 @@ from replicas.ep.a2a_protocol import (
     exchange,
     exchange_counts,
     pack_rows,
+    read_overflow,
     row_bytes,
     write_headers,
 )
@@ -38,18 +46,20 @@ from replicas.ep.a2a_protocol import (
 class ExpertLoad:
     """Tokens routed to each expert of each MoE layer since the last reset.
 
-    `add` only keeps a reference to the layer's routing ids; `flush` (run by the all-to-all dispatcher at
-    the end of each step, off the per-layer exchange path, and by every read) counts them all with one
-    bincount.
+    `add` only keeps a reference to the layer's routing ids; `flush` (run by the dispatchers at the end of
+    each step, off the per-layer exchange path, and by every read) counts them all with one index_add into
+    a counter kept on the ids' device: counting never reads device data back. `counts` and `take` are the
+    named host reads (the rank reads them every N steps for load statistics).
     """
 
     def __init__(self, num_moe_layers: int, num_experts: int) -> None:
-        self._counts = torch.zeros(num_moe_layers, num_experts, dtype=torch.int64)
+        self._shape = (num_moe_layers, num_experts)
+        self._counts = torch.zeros(num_moe_layers * num_experts, dtype=torch.int64)  # moves to the ids' device
         self._pending: list[tuple[int, torch.Tensor]] = []
 
     def add(self, layer: int, topk_ids_Tk: torch.Tensor) -> None:
-        if not 0 <= layer < self._counts.shape[0]:
-            raise IndexError(f"MoE layer {layer} outside the {self._counts.shape[0]} counted layers")
+        if not 0 <= layer < self._shape[0]:
+            raise IndexError(f"MoE layer {layer} outside the {self._shape[0]} counted layers")
         self._pending.append((layer, topk_ids_Tk))
         if len(self._pending) >= 4096:  # a caller that never flushes still holds a bounded list
             self.flush()
@@ -57,20 +67,24 @@ class ExpertLoad:
     def flush(self) -> None:
         if not self._pending:
             return
-        num_layers, num_experts = self._counts.shape
-        keys = torch.cat([ids.reshape(-1).cpu() + layer * num_experts for layer, ids in self._pending])
+        num_experts = self._shape[1]
+        keys = torch.cat([ids.reshape(-1) + layer * num_experts for layer, ids in self._pending])
         self._pending = []
-        self._counts += torch.bincount(keys, minlength=num_layers * num_experts).view(num_layers, num_experts)
+        if self._counts.device != keys.device:
+            self._counts = self._counts.to(keys.device)
+        self._counts.index_add_(0, keys, torch.ones_like(keys))
 
     @property
     def counts(self) -> torch.Tensor:
+        """[layers, experts] int64 on the host (a named host read)."""
         self.flush()
-        return self._counts
+        return self._counts.view(self._shape).cpu()
 
     def take(self) -> torch.Tensor:
+        """`counts`, then reset them."""
         self.flush()
         out, self._counts = self._counts, torch.zeros_like(self._counts)
-        return out
+        return out.view(self._shape).cpu()
 
 
 class Dispatcher(Protocol):
@@ -120,9 +134,12 @@ class DispatchHandle:
         order_R: send order -> slot row (row t*k + j is token t, slot j); None on the fixed fast path.
         counts_X: rows sent to each expert rank (all of them, capacity or not).
         sent_X: rows that went in the main exchange (min(count, C) in fixed mode).
-        src_R: fixed mode, when this rank exceeded C nowhere: slot row -> its row in the [X * (C + 1)]
-            exchange buffer (the combine answer comes back in the dispatch layout, so combine is one
-            gather); None otherwise.
+        src_R: fixed mode with typed buffer views: slot row -> its row in the [X * (C + 1)] exchange buffer
+            (the combine answer comes back in the dispatch layout, so combine is one gather); rows past C
+            point at the sink row after the buffer. None otherwise.
+        counts_t, rows_TD, dest_R: on the src_R path, the device counts, the layer's tokens and each slot
+            row's expert rank, read only if some pair overflowed C (to send this rank's rows past C in the
+            extra exchange).
     """
 
     routing: Routing
@@ -132,12 +149,16 @@ class DispatchHandle:
     mode: str
     capacity: int
     src_R: torch.Tensor | None = None
+    counts_t: torch.Tensor | None = None
+    rows_TD: torch.Tensor | None = None
+    dest_R: torch.Tensor | None = None
 
 
 class _FixedBuffers:
     """A trunk rank's fixed-mode exchange buffers for one capacity C, made once and reused every layer.
 
-    send: [X * (C + 1), in_bytes] (a header row, then C row slots, per expert rank); recv: [X * (C + 1),
+    send: [X * (C + 1), in_bytes] (a header row, then C row slots, per expert rank; one more sink row after
+    it takes the rows past C, never sent); recv: [X * (C + 1),
     out_bytes] (the combine answer, same layout). Padding slots keep stale bytes from earlier layers:
     receivers read only the header and the counted rows. `rows`, `ids`, `counts`, `flags` are typed views
     into `send` (None where the row width does not allow a typed view); `answers` into `recv`.
@@ -156,7 +177,9 @@ class _FixedBuffers:
     ) -> None:
         d, x = shape.trunk_ranks, shape.expert_ranks
         n = x * (cap + 1)
-        self.send = torch.zeros(n, in_bytes, dtype=torch.uint8, device=device)
+        self.sink = n
+        with_sink = torch.zeros(n + 1, in_bytes, dtype=torch.uint8, device=device)
+        self.send = with_sink[:n]
         self.recv = torch.zeros(n, out_bytes, dtype=torch.uint8, device=device)
         self.send_splits = [0] * d + [cap + 1] * x
         self.recv_splits = [0] * d + [cap + 1] * x
@@ -165,14 +188,13 @@ class _FixedBuffers:
         self.answer_flags = self.recv.view(x, cap + 1, out_bytes)[:, 0, 0]
         self.answers = self.recv.view(dtype)  # [n, hidden]
         self.owed = self.send[:0]  # the fast path's payload: no rows left for an overflow exchange
-        self.block = torch.arange(x) * (cap + 1)  # first row (the header) of each expert rank's block
+        self.block = torch.arange(x, device=device) * (cap + 1)  # first row (the header) of each expert rank's block
         nb = in_bytes - ID_BYTES
         try:
-            self.rows: torch.Tensor | None = self.send[:, :nb].view(dtype)  # [n, hidden], row stride in_bytes
-            self.ids: torch.Tensor | None = self.send[:, nb:].view(torch.int32)  # [n, 1]
+            self.rows: torch.Tensor | None = with_sink[:, :nb].view(dtype)  # [n + 1, hidden], row stride in_bytes
+            self.ids: torch.Tensor | None = with_sink[:, nb:].view(torch.int32)  # [n + 1, 1]
         except RuntimeError:  # a row width the typed views cannot stride over (e.g. odd hidden in bf16)
             self.rows = self.ids = None
-        self.flag = False  # what `flags` holds now
 
 
 class AllToAllDispatcher:
@@ -217,9 +239,21 @@ class AllToAllDispatcher:
                 f"map for {expert_map.num_expert_ranks} expert ranks, the group has {self.shape.expert_ranks}"
             )
         self.map = expert_map
-        self._tables = [expert_map.route_table(layer) for layer in range(expert_map.num_moe_layers)]
-        # without redundant copies an expert's rank depends on the expert alone: one lookup per layer
-        self._direct = [table[:, 0].clone() if bool((copies == 1).all()) else None for table, copies in self._tables]
+        dev = self.group.device
+        # built on the routing's device straight from the map's host lists (no copy, no read back); without
+        # redundant copies an expert's rank depends on the expert alone: one lookup per layer
+        self._direct = [
+            torch.tensor([owners[0] for owners in layer], dtype=torch.long, device=dev)
+            if all(len(owners) == 1 for owners in layer)
+            else None
+            for layer in expert_map.owners
+        ]
+        self._tables = []
+        for layer in expert_map.owners:
+            width = max(len(owners) for owners in layer)
+            rows = [list(owners) + [owners[0]] * (width - len(owners)) for owners in layer]  # as ExpertMap.route_table
+            copies = [len(owners) for owners in layer]
+            self._tables.append((torch.tensor(rows, device=dev), torch.tensor(copies, device=dev)))
 
     def take_timings(self) -> dict[str, float]:
         """Accumulated dispatch + combine seconds and MoE layer calls since the last call; resets them."""
@@ -267,12 +301,12 @@ class AllToAllDispatcher:
     def _destinations(self, layer: int, routing: Routing) -> torch.Tensor:
         """Expert rank of every slot row; a redundant expert's copies share tokens by token index."""
         table, copies = self._tables[layer]
-        ids = routing.topk_ids_Tk.reshape(-1).cpu()
+        ids = routing.topk_ids_Tk.reshape(-1)
         direct = self._direct[layer]
         if direct is not None:
-            return direct[ids]
-        token = torch.arange(ids.shape[0]) // routing.top_k
-        return table[ids, token % copies[ids]]
+            return direct.index_select(0, ids)
+        token = torch.arange(ids.shape[0], device=ids.device) // routing.top_k
+        return table.index_select(0, ids).gather(1, (token % copies.index_select(0, ids)).unsqueeze(1)).squeeze(1)
 
     def _fixed_buffers(self, cap: int) -> _FixedBuffers:
         bufs = self._fixed.get(cap)
@@ -300,12 +334,13 @@ class AllToAllDispatcher:
         """
         x = self.shape.expert_ranks
         dest = self._destinations(layer, routing)
-        counts_t = torch.bincount(dest, minlength=x) if dest.numel() else torch.zeros(x, dtype=torch.int64)
-        counts = counts_t.tolist()
-        if plan.mode == FIXED and max(counts) <= plan.capacity:
+        # counted on the device (bincount's output size would need max(dest) on the host)
+        counts_t = dest.new_zeros(x).index_add_(0, dest, torch.ones_like(dest))
+        if plan.mode == FIXED:
             bufs = self._fixed_buffers(plan.capacity)
             if bufs.rows is not None:
-                return self._dispatch_fixed_fast(x_TD, routing, dest, counts_t, counts, plan.capacity, bufs)
+                return self._dispatch_fixed_fast(x_TD, routing, dest, counts_t, plan.capacity, bufs)
+        counts = counts_t.tolist()  # the variable mode's host read: all_to_all_single's split sizes
         order = torch.argsort(dest, stable=True)
         k = max(routing.top_k, 1)
         order = order.to(x_TD.device)
@@ -328,27 +363,24 @@ class AllToAllDispatcher:
         routing: Routing,
         dest: torch.Tensor,
         counts_t: torch.Tensor,
-        counts: list[int],
         cap: int,
         bufs: _FixedBuffers,
     ) -> tuple[DispatchHandle, torch.Tensor]:
-        """Fixed mode, every count within C: rows go straight from the tokens into their buffer slots
-        (no sort, no packed copy). Same bytes in the header and counted rows as `_send_fixed`."""
+        """Fixed mode: rows go straight from the tokens into their buffer slots (no sort, no packed copy,
+        no host read). Same bytes in the header and counted rows as `_send_fixed`; rows past C go to the
+        sink row and wait for the extra exchange (`combine`)."""
         x = self.shape.expert_ranks
         # slot row r goes to row dest[r] * (C + 1) + (1-based running count of dest[r] up to r): its
         # expert rank's block, after the header, in slot order (= the stable sort order of `dispatch`)
-        src = (torch.nn.functional.one_hot(dest, x).cumsum(0) + bufs.block).gather(1, dest.unsqueeze(1)).squeeze(1)
-        if src.device != bufs.send.device:
-            src = src.to(bufs.send.device)
+        running = torch.nn.functional.one_hot(dest, x).cumsum(0).gather(1, dest.unsqueeze(1)).squeeze(1)
+        src = torch.where(running <= cap, bufs.block[dest] + running, bufs.sink)
         assert bufs.rows is not None and bufs.ids is not None
         bufs.rows.index_copy_(0, src, x_TD.repeat_interleave(max(routing.top_k, 1), dim=0))
         bufs.ids.index_copy_(0, src, routing.topk_ids_Tk.reshape(-1, 1).to(torch.int32))
         bufs.counts.copy_(counts_t.view(torch.uint8).view(x, 8))
-        if bufs.flag:
-            bufs.flags.zero_()
-            bufs.flag = False
+        bufs.flags.copy_((counts_t > cap).any().to(torch.uint8).expand(x))  # this rank overflowed somewhere
         exchange(self.group, bufs.send, send_splits=bufs.send_splits, recv_splits=self._no_splits)
-        handle = DispatchHandle(routing, None, tuple(counts), tuple(counts), FIXED, cap, src)
+        handle = DispatchHandle(routing, None, (), (), FIXED, cap, src, counts_t, x_TD, dest)
         return handle, bufs.owed
 
     def _send_fixed(self, payload: torch.Tensor, counts: list[int], sent: list[int], cap: int) -> None:
@@ -357,7 +389,6 @@ class AllToAllDispatcher:
         buf = bufs.send.view(x, cap + 1, self.in_bytes)
         overflowed = any(c > cap for c in counts)
         write_headers(buf[:, 0], counts=torch.tensor(counts, dtype=torch.int64), flag=overflowed)
-        bufs.flag = overflowed
         start = 0
         for j in range(x):
             buf[j, 1 : 1 + sent[j]] = payload[start : start + sent[j]]
@@ -373,12 +404,10 @@ class AllToAllDispatcher:
             cap = handle.capacity
             bufs = self._fixed_buffers(cap)
             exchange(self.group, nothing, send_splits=self._no_splits, recv_splits=bufs.recv_splits, out=bufs.recv)
-            overflow = any(bufs.answer_flags.tolist())
+            overflow = read_overflow(bufs.answer_flags)  # the decode step's one host read per MoE layer
             if handle.src_R is not None:
-                if overflow:  # another trunk rank overflowed: take part in its extra exchanges, owing nothing
-                    zeros = [0] * self.shape.world_size
-                    exchange(self.group, payload, send_splits=zeros, recv_splits=zeros)
-                    exchange(self.group, nothing, send_splits=zeros, recv_splits=zeros)
+                if overflow:
+                    return self._combine_overflow(handle, bufs)
                 if r == 0:
                     return bufs.answers.new_zeros((handle.routing.num_tokens, self.hidden))
                 # one gather: the answers sit in the dispatch layout, src_R maps slot rows to buffer rows
@@ -405,3 +434,37 @@ class AllToAllDispatcher:
         y_slots = torch.empty_like(y_sorted)
         y_slots[handle.order_R] = y_sorted
         return combine_slots(y_slots, routing=handle.routing)
+
+    def _combine_overflow(self, handle: DispatchHandle, bufs: _FixedBuffers) -> torch.Tensor:
+        """Fixed mode after a dispatch with typed views, when some pair of the group overflowed C: now (and
+        only now) this rank's counts are read on the host. A rank within C everywhere takes part in the
+        extra exchanges owing nothing; one past C sends its rows past C (slot order per expert rank, as
+        `_send_fixed` leaves them) and takes their answers back."""
+        d, x = self.shape.trunk_ranks, self.shape.expert_ranks
+        cap, routing, nothing = handle.capacity, handle.routing, self._nothing_out
+        assert handle.counts_t is not None and handle.rows_TD is not None and handle.src_R is not None
+        counts = handle.counts_t.tolist()
+        if max(counts, default=0) <= cap:
+            zeros = [0] * self.shape.world_size
+            exchange(self.group, bufs.owed, send_splits=zeros, recv_splits=zeros)
+            exchange(self.group, nothing, send_splits=zeros, recv_splits=zeros)
+            if routing.topk_ids_Tk.numel() == 0:
+                return bufs.answers.new_zeros((routing.num_tokens, self.hidden))
+            return combine_slots(bufs.answers.index_select(0, handle.src_R), routing=routing)
+        assert handle.dest_R is not None
+        sent = [min(c, cap) for c in counts]
+        extra = [c - n for c, n in zip(counts, sent)]
+        order = torch.argsort(handle.dest_R, stable=True)  # by expert rank, slot order within (as `dispatch`)
+        k = max(routing.top_k, 1)
+        payload = pack_rows(handle.rows_TD[order // k], routing.topk_ids_Tk.reshape(-1)[order])
+        starts = [sum(counts[:j]) + sent[j] for j in range(x)]
+        rest = torch.cat([payload[starts[j] : starts[j] + extra[j]] for j in range(x)])
+        exchange(self.group, rest, send_splits=[0] * d + extra, recv_splits=self._no_splits)
+        back = exchange(self.group, nothing, send_splits=self._no_splits, recv_splits=[0] * d + extra)
+        recv = bufs.recv.view(x, cap + 1, self.out_bytes)
+        offs = [sum(extra[:j]) for j in range(x)]
+        parts = [torch.cat([recv[j, 1 : 1 + sent[j]], back[offs[j] : offs[j] + extra[j]]]) for j in range(x)]
+        y_sorted = torch.cat(parts).reshape(-1).view(self.dtype).view(-1, self.hidden)
+        y_slots = torch.empty_like(y_sorted)
+        y_slots[order] = y_sorted
+        return combine_slots(y_slots, routing=routing)
