@@ -18,7 +18,7 @@ import gc
 import itertools
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -61,12 +61,6 @@ class _Stream:
             self.waiter = None
             if not w.done():
                 w.set_result(None)
-
-    async def get(self) -> RequestOutput:
-        while not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
-            await self.waiter
-        return self.items.popleft()
 
 
 @dataclass(slots=True)
@@ -137,6 +131,7 @@ class Engine:
         self._now = 0.0  # the clock of the step being recorded (one reading per step, not per token)
         self._ttft = self.metrics.histogram("time_to_first_token_seconds")
         self._itl = self.metrics.histogram("inter_token_latency_seconds")
+        self._prev_times: list[float] = []  # the step's tokens' previous token times (ITL, observed per step)
         self._aborted: list[Sequence] = []
         self._ids = itertools.count()
         self._wake = asyncio.Event()
@@ -218,12 +213,19 @@ class Engine:
         queue = _Stream()
         self._streams[req.request_id] = (seqs, queue)
         for s in seqs:
+            s.stream = queue
+            s.fast = s.plain and not s.speculate and req.n == 1
             self.scheduler.add(s)
         self._wake.set()
         done = 0
+        items, loop = queue.items, asyncio.get_running_loop()
         try:
             while done < req.n:
-                item = await queue.get()
+                if not items:  # waits here, not in a helper coroutine: one frame less per item (one per step)
+                    queue.waiter = waiter = loop.create_future()
+                    await waiter
+                    continue
+                item = items.popleft()
                 for o in item.outputs:
                     if o.finish_reason is not None or o.error is not None:
                         done += 1
@@ -426,14 +428,46 @@ class Engine:
         )
 
     def _update(self, out: SchedulerOutput, results: list[StepResult]) -> None:
+        now, step, engine_id, prevs = self._now, self.steps, self.engine_id, self._prev_times
+        tokens = 0
         for trunk, res in zip(out.per_trunk, results):
+            token_ids, logprobs, errors = res.token_ids, res.logprobs, res.errors
             for i, sch in enumerate(trunk):
                 seq = sch.seq
-                error = res.errors[i] if res.errors else None
-                if error is not None:
-                    self._refuse(seq, error)  # failed alone, before the step's collectives
+                if errors and errors[i] is not None:
+                    self._refuse(seq, errors[i])  # failed alone, before the step's collectives
                     continue
-                if seq.plain and not seq.speculate:  # no drafts, forced tokens or grammar: the hot path
+                if seq.fast:  # plain, n = 1, no drafts: what _emit and _flush do, inlined (the hot path)
+                    seq.num_computed = sch.start + sch.n
+                    if not sch.sample or seq.aborted:
+                        continue
+                    token = token_ids[i]
+                    ids = seq.token_ids
+                    ids.append(token)  # (a None token fails here: the rank must sample every sampling sequence)
+                    prev, seq.t_last_token = seq.t_last_token, now
+                    if prev is None:
+                        seq.t_first_token = now
+                        self._ttft.observe(now - seq.t_arrival)
+                    else:
+                        prevs.append(prev)
+                    tokens += 1
+                    n = len(ids) - seq.prompt_len
+                    finish = stop_reason = None
+                    if token in seq.end_ids or n >= seq.max_tokens:
+                        finish, stop_reason = seq.ends(token)
+                        if finish is not None:
+                            self._finish(seq, finish)
+                    lp = logprobs[i]
+                    o = GenerateOutput(seq.index, (token,), () if lp is None else (lp,), finish, stop_reason, n)
+                    stream = seq.stream
+                    stream.items.append(RequestOutput(seq.req.request_id, step, (o,), engine_id))
+                    w = stream.waiter  # _Stream.put_nowait, inlined
+                    if w is not None:
+                        stream.waiter = None
+                        if not w.done():
+                            w.set_result(None)
+                    continue
+                if seq.plain and not seq.speculate:  # no drafts, forced tokens or grammar
                     seq.num_computed = sch.start + sch.n
                     if sch.sample and not seq.aborted:
                         token = res.token_ids[i]
@@ -466,6 +500,7 @@ class Engine:
                 if room is not None and len(seq.drafts) >= room:
                     # k drafts emit up to k + 1 tokens: none of them may take the place of a forced token
                     seq.drafts = []
+        self._step_tokens += tokens
         self._flush()
 
     def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> bool:
@@ -480,7 +515,7 @@ class Engine:
         if prev is None:
             self._ttft.observe(now - seq.t_arrival)
         else:
-            self._itl.observe(now - prev)
+            self._prev_times.append(prev)
         d = self._delta(seq)
         d.token_ids.append(token)
         if logprobs is not None:
@@ -528,6 +563,11 @@ class Engine:
         if self._step_tokens:
             self.metrics.inc("generation_tokens", self._step_tokens)
             self._step_tokens = 0
+        if self._prev_times:  # one histogram update per distinct previous time: most decoded in the last step
+            now, observe = self._now, self._itl.observe_many
+            for prev, k in Counter(self._prev_times).items():
+                observe(now - prev, k)
+            self._prev_times = []
         step, engine_id, streams = self.steps, self.engine_id, self._streams
         grouped: dict[str, list[Sequence]] = {}
         for seq in touched:
