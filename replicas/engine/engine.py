@@ -36,6 +36,10 @@ if TYPE_CHECKING:  # annotations only: llguidance loads with the first constrain
     from replicas.engine.structured_output import GrammarMatcher
 
 log = logging.getLogger("ray.serve.epserve.engine")
+# SeqStep's fields after output_index at their defaults (a plain decode's message entry)
+_DECODE_DEFAULTS = (None, (), (), None, None, None)
+assert SeqStep._fields[6:] == ("start", "drafts", "suppress_ids", "allowed_mask", "forced_token", "mtp_next")
+assert _DECODE_DEFAULTS == tuple(SeqStep._field_defaults[f] for f in SeqStep._fields[6:])
 
 
 class AsyncRunner(Protocol):
@@ -45,14 +49,18 @@ class AsyncRunner(Protocol):
 
 
 class _Stream:
-    """A request's stream buffer: items appended by the engine loop, one waiter woken per put. Lighter than
-    asyncio.Queue (no getter deque, no put-side future machinery): one is fed per request per step."""
+    """A request's stream buffer: items appended by the engine loop, its reader woken per put. Lighter than
+    asyncio.Queue (no getter deque, no put-side future machinery): one is fed per request per step.
 
-    __slots__ = ("items", "waiter")
+    A reader waits on its own `waiter`, or, while its choice decodes (news comes with every step), on the engine's
+    one future of the next step's delivery (`shared`): one future set per step instead of one per request."""
+
+    __slots__ = ("items", "waiter", "shared")
 
     def __init__(self) -> None:
         self.items: deque[RequestOutput] = deque()
         self.waiter: asyncio.Future[None] | None = None
+        self.shared = False
 
     def put_nowait(self, item: RequestOutput) -> None:
         self.items.append(item)
@@ -131,6 +139,8 @@ class Engine:
         self._now = 0.0  # the clock of the step being recorded (one reading per step, not per token)
         self._ttft = self.metrics.histogram("time_to_first_token_seconds")
         self._itl = self.metrics.histogram("inter_token_latency_seconds")
+        self._delivery: asyncio.Future[None] | None = None  # what decoding streams' readers wait on (_next_delivery)
+        self._deliver_pending = False  # an item put between steps waits for _deliver at the loop's next turn
         self._prev_times: list[float] = []  # the step's tokens' previous token times (ITL, observed per step)
         self._aborted: list[Sequence] = []
         self._ids = itertools.count()
@@ -185,7 +195,7 @@ class Engine:
             if s.status is not Status.FINISHED and not s.aborted
         )
         if outputs:
-            queue.put_nowait(RequestOutput(request_id, self.steps, outputs, self.engine_id))
+            self._put_outside_step(queue, RequestOutput(request_id, self.steps, outputs, self.engine_id))
         self.abort(request_id)
 
     # ----------------------------------------------------------------- requests
@@ -218,12 +228,15 @@ class Engine:
             self.scheduler.add(s)
         self._wake.set()
         done = 0
-        items, loop = queue.items, asyncio.get_running_loop()
+        items, loop, seq = queue.items, asyncio.get_running_loop(), seqs[0]
         try:
             while done < req.n:
                 if not items:  # waits here, not in a helper coroutine: one frame less per item (one per step)
-                    queue.waiter = waiter = loop.create_future()
-                    await waiter
+                    if seq.fast and seq.status is Status.RUNNING and seq.num_computed == len(seq.token_ids) - 1:
+                        await self._next_delivery(queue)  # decoding: its news comes with the next step
+                    else:
+                        queue.waiter = waiter = loop.create_future()
+                        await waiter
                     continue
                 item = items.popleft()
                 for o in item.outputs:
@@ -234,6 +247,37 @@ class Engine:
             if done < req.n:
                 self.abort(req.request_id)
             self._streams.pop(req.request_id, None)
+
+    async def _next_delivery(self, stream: _Stream) -> None:
+        """Wait for the end of the next step's delivery (or an item put outside a step), on the future shared by
+        every decoding stream's reader."""
+        f = self._delivery
+        if f is None or f.done():
+            f = self._delivery = asyncio.get_running_loop().create_future()
+        stream.shared = True
+        try:
+            await f
+        except asyncio.CancelledError:
+            # Cancelling a reader cancels the future it awaits, the shared one: the other readers see that
+            # CancelledError too and go on (only a task being cancelled itself has cancelling() > 0).
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+        finally:
+            stream.shared = False
+
+    def _deliver(self) -> None:
+        """Wake the readers waiting on the shared delivery future (their items are in their streams)."""
+        self._deliver_pending = False
+        f, self._delivery = self._delivery, None
+        if f is not None and not f.done():
+            f.set_result(None)
+
+    def _put_outside_step(self, stream: _Stream, item: RequestOutput) -> None:
+        """An item between steps (an error, an acknowledgement): its reader may wait on the shared future."""
+        stream.put_nowait(item)
+        if stream.shared:
+            self._deliver()
 
     async def _compile(self, req: GenerateRequest) -> Any:  # noqa: ANN401  # CompiledGrammar
         """Compile (or fetch from the bounded cache) the request's grammar, off the event loop."""
@@ -325,12 +369,17 @@ class Engine:
         s.delta = None  # not reached between steps; for safety
         out = GenerateOutput(index=index, finish_reason="stop", completion_tokens=s.num_output)
         queue.put_nowait(RequestOutput(request_id, self.steps, (out,), self.engine_id))
+        # A reader on the shared future wakes at the loop's next turn (one wake of all decoding readers per turn,
+        # not one per stopped choice): the front end ignores this item, and the loop turns now (or ends a step).
+        self._deliver_pending |= queue.shared
         self._wake.set()
 
     # ----------------------------------------------------------------- the loop
     async def _loop(self) -> None:
         while True:
             await self._wake.wait()
+            if self._deliver_pending:
+                self._deliver()
             self._reap()
             out = self.scheduler.schedule()
             if out.empty:
@@ -358,16 +407,20 @@ class Engine:
 
     def _requests(self, out: SchedulerOutput) -> list[StepRequest]:
         reqs = []
+        new = tuple.__new__  # a NamedTuple's own __new__ is a Python function: this builds it in C
         for t, trunk in enumerate(out.per_trunk):
             steps = []
+            append = steps.append
             for sch in trunk:
-                seq, addr = sch.seq, sch.seq.addr
-                if seq.plain and sch.n == 1 and sch.sample and addr.started and addr.blocks_sent == len(addr.blocks):  # type: ignore[union-attr]  # scheduled: addr set
-                    # the common decode: its token and output index, nothing else (what _seq_step gives it)
-                    ids = seq.token_ids
-                    steps.append(SeqStep(seq.seq_id, sch.start, (ids[sch.start],), (), True, len(ids) - seq.prompt_len))
-                else:
-                    steps.append(self._seq_step(sch))
+                seq, start, n, sample = sch
+                addr = seq.addr
+                if seq.plain and n == 1 and sample and addr.started and addr.blocks_sent == len(addr.blocks):  # type: ignore[union-attr]  # scheduled: addr set
+                    # the common decode: its token and output index, nothing else (what _seq_step gives it); the
+                    # fields in SeqStep's order, its defaults after the output index
+                    oi = start + 1 - seq.prompt_len
+                    append(new(SeqStep, (seq.seq_id, start, (seq.token_ids[start],), (), True, oi, *_DECODE_DEFAULTS)))
+                    continue
+                append(self._seq_step(sch))
                 if seq.t_scheduled is None:
                     seq.t_scheduled = time.monotonic()
                     self.metrics.observe("request_queue_time_seconds", seq.t_scheduled - seq.t_arrival)
@@ -434,16 +487,17 @@ class Engine:
             token_ids, logprobs, errors = res.token_ids, res.logprobs, res.errors
             for i, sch in enumerate(trunk):
                 seq = sch.seq
-                if errors and errors[i] is not None:
-                    self._refuse(seq, errors[i])  # failed alone, before the step's collectives
+                if errors and (error := errors[i]) is not None:
+                    self._refuse(seq, error)  # failed alone, before the step's collectives
                     continue
                 if seq.fast:  # plain, n = 1, no drafts: what _emit and _flush do, inlined (the hot path)
                     seq.num_computed = sch.start + sch.n
                     if not sch.sample or seq.aborted:
                         continue
                     token = token_ids[i]
+                    assert token is not None  # the rank samples every sampling sequence
                     ids = seq.token_ids
-                    ids.append(token)  # (a None token fails here: the rank must sample every sampling sequence)
+                    ids.append(token)
                     prev, seq.t_last_token = seq.t_last_token, now
                     if prev is None:
                         seq.t_first_token = now
@@ -502,6 +556,7 @@ class Engine:
                     seq.drafts = []
         self._step_tokens += tokens
         self._flush()
+        self._deliver()
 
     def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> bool:
         """Record one generated token in its choice's news of this step; True when it ended the choice."""
@@ -651,7 +706,7 @@ class Engine:
                 outputs.append(GenerateOutput(index=s.index, error=failure, completion_tokens=s.num_output))
                 self.metrics.inc("request_errors", kind="group_failure" if retriable else "error")
             if outputs:
-                queue.put_nowait(RequestOutput(rid, self.steps, tuple(outputs), self.engine_id))
+                self._put_outside_step(queue, RequestOutput(rid, self.steps, tuple(outputs), self.engine_id))
 
     async def _on_failure(self, exc: Exception) -> None:
         self.failure = str(exc)

@@ -23,6 +23,7 @@ from replicas.engine.block_pool import BlockPool
 from replicas.engine.sequence import CacheAddress, Sequence, Status
 
 CHUNK_ALIGN = 64
+_new = tuple.__new__
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class Scheduler:
                         break
                 if seq.addr is None:  # it preempted itself (and every newer one before it)
                     break
-            planned.append(Scheduled(seq, computed, n, True))
+            planned.append(_new(Scheduled, (seq, computed, n, True)))  # C-built (a NamedTuple's __new__ is Python)
             budget -= n
         for seq in prefills:  # prefills (fresh or resumed), oldest first
             if seq.addr is None:
