@@ -71,6 +71,19 @@ class _Stream:
                 w.set_result(None)
 
 
+class _Delivery(asyncio.Future[None]):
+    """The next step's delivery, awaited by every decoding stream's reader (Engine._next_delivery).
+
+    Cancelling a task cancels the future it awaits: cancelling one reader must not cancel this one for all. It
+    refuses (the task then raises CancelledError as soon as it runs) and completes now, so that the cancelled reader
+    runs at once; the others wake once, find no item and wait for the next delivery."""
+
+    def cancel(self, msg: object = None) -> bool:
+        if not self.done():
+            self.set_result(None)
+        return False
+
+
 @dataclass(slots=True)
 class _Delta:
     """A choice's news of the step being delivered (becomes one GenerateOutput)."""
@@ -253,16 +266,10 @@ class Engine:
         every decoding stream's reader."""
         f = self._delivery
         if f is None or f.done():
-            f = self._delivery = asyncio.get_running_loop().create_future()
+            f = self._delivery = _Delivery(loop=asyncio.get_running_loop())
         stream.shared = True
         try:
             await f
-        except asyncio.CancelledError:
-            # Cancelling a reader cancels the future it awaits, the shared one: the other readers see that
-            # CancelledError too and go on (only a task being cancelled itself has cancelling() > 0).
-            task = asyncio.current_task()
-            if task is None or task.cancelling():
-                raise
         finally:
             stream.shared = False
 
@@ -409,7 +416,7 @@ class Engine:
         reqs = []
         new = tuple.__new__  # a NamedTuple's own __new__ is a Python function: this builds it in C
         for t, trunk in enumerate(out.per_trunk):
-            steps = []
+            steps: list[SeqStep] = []
             append = steps.append
             for sch in trunk:
                 seq, start, n, sample = sch
