@@ -493,13 +493,13 @@ class Engine:
         for trunk, res in zip(out.per_trunk, results):
             token_ids, logprobs, errors = res.token_ids, res.logprobs, res.errors
             for i, sch in enumerate(trunk):
-                seq = sch.seq
+                seq, start, count, sample = sch
                 if errors and (error := errors[i]) is not None:
                     self._refuse(seq, error)  # failed alone, before the step's collectives
                     continue
                 if seq.fast:  # plain, n = 1, no drafts: what _emit and _flush do, inlined (the hot path)
-                    seq.num_computed = sch.start + sch.n
-                    if not sch.sample or seq.aborted:
+                    seq.num_computed = start + count
+                    if not sample or seq.aborted:
                         continue
                     token = token_ids[i]
                     assert token is not None  # the rank samples every sampling sequence
@@ -521,7 +521,7 @@ class Engine:
                     lp = logprobs[i]
                     o = GenerateOutput(seq.index, (token,), () if lp is None else (lp,), finish, stop_reason, n)
                     stream = seq.stream
-                    stream.items.append(RequestOutput(seq.req.request_id, step, (o,), engine_id))
+                    stream.items.append(RequestOutput(seq.request_id, step, (o,), engine_id))
                     w = stream.waiter  # _Stream.put_nowait, inlined
                     if w is not None:
                         stream.waiter = None

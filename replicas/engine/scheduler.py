@@ -163,6 +163,7 @@ class Scheduler:
         prefills: list[Sequence] = []
         lookahead = self.config.lookahead
         block_size = self.pools[t].block_size
+        preempted = len(out.preempted)
         for seq in list(self.running[t].values()):  # decodes, oldest first
             addr = seq.addr
             if addr is None:  # preempted by an older one's growth
@@ -193,7 +194,7 @@ class Scheduler:
             planned.append(Scheduled(seq, seq.num_computed, n, n == seq.remaining))
             budget -= n
         # a preemption may have removed a sequence already planned: keep only live ones
-        out.per_trunk[t] = [p for p in planned if p.seq.addr is not None]
+        out.per_trunk[t] = [p for p in planned if p.seq.addr is not None] if len(out.preempted) > preempted else planned
         return budget
 
     def _admit(self, budgets: list[int], out: SchedulerOutput) -> None:

@@ -55,6 +55,7 @@ class Sequence:
 
     def __init__(self, req: GenerateRequest, index: int, seq_id: int) -> None:
         self.req = req
+        self.request_id = req.request_id
         self.index = index
         self.seq_id = seq_id
         self.params: SamplingParams = _with_seed(req.params, index)
