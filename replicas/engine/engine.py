@@ -72,7 +72,7 @@ class _Stream:
 
 
 class _Delivery(asyncio.Future[None]):
-    """The next step's delivery, awaited by every decoding stream's reader (Engine._next_delivery).
+    """The next step's delivery, awaited by every decoding stream's reader (Engine.generate).
 
     Cancelling a task cancels the future it awaits: cancelling one reader must not cancel this one for all. It
     refuses (the task then raises CancelledError as soon as it runs) and completes now, so that the cancelled reader
@@ -152,7 +152,7 @@ class Engine:
         self._now = 0.0  # the clock of the step being recorded (one reading per step, not per token)
         self._ttft = self.metrics.histogram("time_to_first_token_seconds")
         self._itl = self.metrics.histogram("inter_token_latency_seconds")
-        self._delivery: asyncio.Future[None] | None = None  # what decoding streams' readers wait on (_next_delivery)
+        self._delivery: asyncio.Future[None] | None = None  # what decoding streams' readers wait on (generate)
         self._deliver_pending = False  # an item put between steps waits for _deliver at the loop's next turn
         self._prev_times: list[float] = []  # the step's tokens' previous token times (ITL, observed per step)
         self._aborted: list[Sequence] = []
@@ -240,13 +240,19 @@ class Engine:
             s.fast = s.plain and not s.speculate and req.n == 1
             self.scheduler.add(s)
         self._wake.set()
-        done = 0
+        done, n = 0, req.n
         items, loop, seq = queue.items, asyncio.get_running_loop(), seqs[0]
         try:
-            while done < req.n:
+            while done < n:
                 if not items:  # waits here, not in a helper coroutine: one frame less per item (one per step)
                     if seq.fast and seq.status is Status.RUNNING and seq.num_computed == len(seq.token_ids) - 1:
-                        await self._next_delivery(queue)  # decoding: its news comes with the next step
+                        # decoding: its news comes with the next step; wait on the future every decoding reader shares
+                        f = self._delivery
+                        if f is None or f.done():
+                            f = self._delivery = _Delivery(loop=loop)
+                        queue.shared = True  # (left set if cancelled: the stream is dropped below)
+                        await f
+                        queue.shared = False
                     else:
                         queue.waiter = waiter = loop.create_future()
                         await waiter
@@ -257,21 +263,9 @@ class Engine:
                         done += 1
                 yield item
         finally:
-            if done < req.n:
+            if done < n:
                 self.abort(req.request_id)
             self._streams.pop(req.request_id, None)
-
-    async def _next_delivery(self, stream: _Stream) -> None:
-        """Wait for the end of the next step's delivery (or an item put outside a step), on the future shared by
-        every decoding stream's reader."""
-        f = self._delivery
-        if f is None or f.done():
-            f = self._delivery = _Delivery(loop=asyncio.get_running_loop())
-        stream.shared = True
-        try:
-            await f
-        finally:
-            stream.shared = False
 
     def _deliver(self) -> None:
         """Wake the readers waiting on the shared delivery future (their items are in their streams)."""
