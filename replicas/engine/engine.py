@@ -14,6 +14,7 @@ Tests: tests/replicas/test_engine.py, tests/replicas/test_step_protocol.py, test
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import itertools
 import logging
@@ -74,13 +75,49 @@ class _Stream:
 class _Delivery(asyncio.Future[None]):
     """The next step's delivery, awaited by every decoding stream's reader (Engine.generate).
 
-    Cancelling a task cancels the future it awaits: cancelling one reader must not cancel this one for all. It
-    refuses (the task then raises CancelledError as soon as it runs) and completes now, so that the cancelled reader
-    runs at once; the others wake once, find no item and wait for the next delivery."""
+    Its readers (the tasks awaiting it) are woken by one loop callback, not one each as a Future's done callbacks
+    are: at 512 decoding requests that is 512 handles less per step. Cancelling a task cancels the future it
+    awaits: cancelling one reader must not cancel this one for all, so it refuses (the task then raises
+    CancelledError as soon as it runs) and delivers now, so that the cancelled reader runs at once; the others wake
+    once, find no item and wait for the next delivery."""
+
+    def __init__(self, *, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._readers: list[tuple[Callable[[_Delivery], object], contextvars.Context | None]] = []
+
+    def add_done_callback(
+        self, fn: Callable[[_Delivery], object], /, *, context: contextvars.Context | None = None
+    ) -> None:
+        if self.done():
+            super().add_done_callback(fn, context=context)
+        else:
+            self._readers.append((fn, context))
+
+    def remove_done_callback(self, fn: Callable[[_Delivery], object], /) -> int:
+        kept = [r for r in self._readers if r[0] != fn]
+        removed, self._readers = len(self._readers) - len(kept), kept
+        return removed + super().remove_done_callback(fn)
+
+    def deliver(self) -> None:
+        if self.done():
+            return
+        self.set_result(None)
+        if self._readers:
+            self.get_loop().call_soon(self._wake_readers)
+
+    def _wake_readers(self) -> None:
+        readers, self._readers = self._readers, []
+        for fn, context in readers:
+            try:
+                if context is None:
+                    fn(self)
+                else:
+                    context.run(fn, self)
+            except Exception as exc:  # noqa: BLE001  # as the loop treats a failing callback: report, go on
+                self.get_loop().call_exception_handler({"message": "delivery callback failed", "exception": exc})
 
     def cancel(self, msg: object = None) -> bool:
-        if not self.done():
-            self.set_result(None)
+        self.deliver()
         return False
 
 
@@ -152,7 +189,7 @@ class Engine:
         self._now = 0.0  # the clock of the step being recorded (one reading per step, not per token)
         self._ttft = self.metrics.histogram("time_to_first_token_seconds")
         self._itl = self.metrics.histogram("inter_token_latency_seconds")
-        self._delivery: asyncio.Future[None] | None = None  # what decoding streams' readers wait on (generate)
+        self._delivery: _Delivery | None = None  # what decoding streams' readers wait on (generate)
         self._deliver_pending = False  # an item put between steps waits for _deliver at the loop's next turn
         self._prev_times: list[float] = []  # the step's tokens' previous token times (ITL, observed per step)
         self._aborted: list[Sequence] = []
@@ -271,8 +308,8 @@ class Engine:
         """Wake the readers waiting on the shared delivery future (their items are in their streams)."""
         self._deliver_pending = False
         f, self._delivery = self._delivery, None
-        if f is not None and not f.done():
-            f.set_result(None)
+        if f is not None:
+            f.deliver()
 
     def _put_outside_step(self, stream: _Stream, item: RequestOutput) -> None:
         """An item between steps (an error, an acknowledgement): its reader may wait on the shared future."""
