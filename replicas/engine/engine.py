@@ -14,11 +14,12 @@ Tests: tests/replicas/test_engine.py, tests/replicas/test_step_protocol.py, test
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import itertools
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,6 +37,10 @@ if TYPE_CHECKING:  # annotations only: llguidance loads with the first constrain
     from replicas.engine.structured_output import GrammarMatcher
 
 log = logging.getLogger("ray.serve.epserve.engine")
+# SeqStep's fields after output_index at their defaults (a plain decode's message entry)
+_DECODE_DEFAULTS = (None, (), (), None, None, None)
+assert SeqStep._fields[6:] == ("start", "drafts", "suppress_ids", "allowed_mask", "forced_token", "mtp_next")
+assert _DECODE_DEFAULTS == tuple(SeqStep._field_defaults[f] for f in SeqStep._fields[6:])
 
 
 class AsyncRunner(Protocol):
@@ -45,14 +50,18 @@ class AsyncRunner(Protocol):
 
 
 class _Stream:
-    """A request's stream buffer: items appended by the engine loop, one waiter woken per put. Lighter than
-    asyncio.Queue (no getter deque, no put-side future machinery): one is fed per request per step."""
+    """A request's stream buffer: items appended by the engine loop, its reader woken per put. Lighter than
+    asyncio.Queue (no getter deque, no put-side future machinery): one is fed per request per step.
 
-    __slots__ = ("items", "waiter")
+    A reader waits on its own `waiter`, or, while its choice decodes (news comes with every step), on the engine's
+    one future of the next step's delivery (`shared`): one future set per step instead of one per request."""
+
+    __slots__ = ("items", "waiter", "shared")
 
     def __init__(self) -> None:
         self.items: deque[RequestOutput] = deque()
         self.waiter: asyncio.Future[None] | None = None
+        self.shared = False
 
     def put_nowait(self, item: RequestOutput) -> None:
         self.items.append(item)
@@ -62,11 +71,54 @@ class _Stream:
             if not w.done():
                 w.set_result(None)
 
-    async def get(self) -> RequestOutput:
-        while not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
-            await self.waiter
-        return self.items.popleft()
+
+class _Delivery(asyncio.Future[None]):
+    """The next step's delivery, awaited by every decoding stream's reader (Engine.generate).
+
+    Its readers (the tasks awaiting it) are woken by one loop callback, not one each as a Future's done callbacks
+    are: at 512 decoding requests that is 512 handles less per step. Cancelling a task cancels the future it
+    awaits: cancelling one reader must not cancel this one for all, so it refuses (the task then raises
+    CancelledError as soon as it runs) and delivers now, so that the cancelled reader runs at once; the others wake
+    once, find no item and wait for the next delivery."""
+
+    def __init__(self, *, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._readers: list[tuple[Callable[[_Delivery], object], contextvars.Context | None]] = []
+
+    def add_done_callback(
+        self, fn: Callable[[_Delivery], object], /, *, context: contextvars.Context | None = None
+    ) -> None:
+        if self.done():
+            super().add_done_callback(fn, context=context)
+        else:
+            self._readers.append((fn, context))
+
+    def remove_done_callback(self, fn: Callable[[_Delivery], object], /) -> int:
+        kept = [r for r in self._readers if r[0] != fn]
+        removed, self._readers = len(self._readers) - len(kept), kept
+        return removed + super().remove_done_callback(fn)
+
+    def deliver(self) -> None:
+        if self.done():
+            return
+        self.set_result(None)
+        if self._readers:
+            self.get_loop().call_soon(self._wake_readers)
+
+    def _wake_readers(self) -> None:
+        readers, self._readers = self._readers, []
+        for fn, context in readers:
+            try:
+                if context is None:
+                    fn(self)
+                else:
+                    context.run(fn, self)
+            except Exception as exc:  # noqa: BLE001  # as the loop treats a failing callback: report, go on
+                self.get_loop().call_exception_handler({"message": "delivery callback failed", "exception": exc})
+
+    def cancel(self, msg: object = None) -> bool:
+        self.deliver()
+        return False
 
 
 @dataclass(slots=True)
@@ -137,6 +189,9 @@ class Engine:
         self._now = 0.0  # the clock of the step being recorded (one reading per step, not per token)
         self._ttft = self.metrics.histogram("time_to_first_token_seconds")
         self._itl = self.metrics.histogram("inter_token_latency_seconds")
+        self._delivery: _Delivery | None = None  # what decoding streams' readers wait on (generate)
+        self._deliver_pending = False  # an item put between steps waits for _deliver at the loop's next turn
+        self._prev_times: list[float] = []  # the step's tokens' previous token times (ITL, observed per step)
         self._aborted: list[Sequence] = []
         self._ids = itertools.count()
         self._wake = asyncio.Event()
@@ -190,7 +245,7 @@ class Engine:
             if s.status is not Status.FINISHED and not s.aborted
         )
         if outputs:
-            queue.put_nowait(RequestOutput(request_id, self.steps, outputs, self.engine_id))
+            self._put_outside_step(queue, RequestOutput(request_id, self.steps, outputs, self.engine_id))
         self.abort(request_id)
 
     # ----------------------------------------------------------------- requests
@@ -218,20 +273,49 @@ class Engine:
         queue = _Stream()
         self._streams[req.request_id] = (seqs, queue)
         for s in seqs:
+            s.stream = queue
+            s.fast = s.plain and not s.speculate and req.n == 1
             self.scheduler.add(s)
         self._wake.set()
-        done = 0
+        done, n = 0, req.n
+        items, loop, seq = queue.items, asyncio.get_running_loop(), seqs[0]
         try:
-            while done < req.n:
-                item = await queue.get()
+            while done < n:
+                if not items:  # waits here, not in a helper coroutine: one frame less per item (one per step)
+                    if seq.fast and seq.status is Status.RUNNING and seq.num_computed == len(seq.token_ids) - 1:
+                        # decoding: its news comes with the next step; wait on the future every decoding reader shares
+                        f = self._delivery
+                        if f is None or f.done():
+                            f = self._delivery = _Delivery(loop=loop)
+                        queue.shared = True  # (left set if cancelled: the stream is dropped below)
+                        await f
+                        queue.shared = False
+                    else:
+                        queue.waiter = waiter = loop.create_future()
+                        await waiter
+                    continue
+                item = items.popleft()
                 for o in item.outputs:
                     if o.finish_reason is not None or o.error is not None:
                         done += 1
                 yield item
         finally:
-            if done < req.n:
+            if done < n:
                 self.abort(req.request_id)
             self._streams.pop(req.request_id, None)
+
+    def _deliver(self) -> None:
+        """Wake the readers waiting on the shared delivery future (their items are in their streams)."""
+        self._deliver_pending = False
+        f, self._delivery = self._delivery, None
+        if f is not None:
+            f.deliver()
+
+    def _put_outside_step(self, stream: _Stream, item: RequestOutput) -> None:
+        """An item between steps (an error, an acknowledgement): its reader may wait on the shared future."""
+        stream.put_nowait(item)
+        if stream.shared:
+            self._deliver()
 
     async def _compile(self, req: GenerateRequest) -> Any:  # noqa: ANN401  # CompiledGrammar
         """Compile (or fetch from the bounded cache) the request's grammar, off the event loop."""
@@ -323,12 +407,17 @@ class Engine:
         s.delta = None  # not reached between steps; for safety
         out = GenerateOutput(index=index, finish_reason="stop", completion_tokens=s.num_output)
         queue.put_nowait(RequestOutput(request_id, self.steps, (out,), self.engine_id))
+        # A reader on the shared future wakes at the loop's next turn (one wake of all decoding readers per turn,
+        # not one per stopped choice): the front end ignores this item, and the loop turns now (or ends a step).
+        self._deliver_pending |= queue.shared
         self._wake.set()
 
     # ----------------------------------------------------------------- the loop
     async def _loop(self) -> None:
         while True:
             await self._wake.wait()
+            if self._deliver_pending:
+                self._deliver()
             self._reap()
             out = self.scheduler.schedule()
             if out.empty:
@@ -356,16 +445,20 @@ class Engine:
 
     def _requests(self, out: SchedulerOutput) -> list[StepRequest]:
         reqs = []
+        new = tuple.__new__  # a NamedTuple's own __new__ is a Python function: this builds it in C
         for t, trunk in enumerate(out.per_trunk):
-            steps = []
+            steps: list[SeqStep] = []
+            append = steps.append
             for sch in trunk:
-                seq, addr = sch.seq, sch.seq.addr
-                if seq.plain and sch.n == 1 and sch.sample and addr.started and addr.blocks_sent == len(addr.blocks):  # type: ignore[union-attr]  # scheduled: addr set
-                    # the common decode: its token and output index, nothing else (what _seq_step gives it)
-                    ids = seq.token_ids
-                    steps.append(SeqStep(seq.seq_id, sch.start, (ids[sch.start],), (), True, len(ids) - seq.prompt_len))
-                else:
-                    steps.append(self._seq_step(sch))
+                seq, start, n, sample = sch
+                addr = seq.addr
+                if seq.plain and n == 1 and sample and addr.started and addr.blocks_sent == len(addr.blocks):  # type: ignore[union-attr]  # scheduled: addr set
+                    # the common decode: its token and output index, nothing else (what _seq_step gives it); the
+                    # fields in SeqStep's order, its defaults after the output index
+                    oi = start + 1 - seq.prompt_len
+                    append(new(SeqStep, (seq.seq_id, start, (seq.token_ids[start],), (), True, oi, *_DECODE_DEFAULTS)))
+                    continue
+                append(self._seq_step(sch))
                 if seq.t_scheduled is None:
                     seq.t_scheduled = time.monotonic()
                     self.metrics.observe("request_queue_time_seconds", seq.t_scheduled - seq.t_arrival)
@@ -426,14 +519,47 @@ class Engine:
         )
 
     def _update(self, out: SchedulerOutput, results: list[StepResult]) -> None:
+        now, step, engine_id, prevs = self._now, self.steps, self.engine_id, self._prev_times
+        tokens = 0
         for trunk, res in zip(out.per_trunk, results):
+            token_ids, logprobs, errors = res.token_ids, res.logprobs, res.errors
             for i, sch in enumerate(trunk):
-                seq = sch.seq
-                error = res.errors[i] if res.errors else None
-                if error is not None:
+                seq, start, count, sample = sch
+                if errors and (error := errors[i]) is not None:
                     self._refuse(seq, error)  # failed alone, before the step's collectives
                     continue
-                if seq.plain and not seq.speculate:  # no drafts, forced tokens or grammar: the hot path
+                if seq.fast:  # plain, n = 1, no drafts: what _emit and _flush do, inlined (the hot path)
+                    seq.num_computed = start + count
+                    if not sample or seq.aborted:
+                        continue
+                    token = token_ids[i]
+                    assert token is not None  # the rank samples every sampling sequence
+                    ids = seq.token_ids
+                    ids.append(token)
+                    prev, seq.t_last_token = seq.t_last_token, now
+                    if prev is None:
+                        seq.t_first_token = now
+                        self._ttft.observe(now - seq.t_arrival)
+                    else:
+                        prevs.append(prev)
+                    tokens += 1
+                    n = len(ids) - seq.prompt_len
+                    finish = stop_reason = None
+                    if token in seq.end_ids or n >= seq.max_tokens:
+                        finish, stop_reason = seq.ends(token)
+                        if finish is not None:
+                            self._finish(seq, finish)
+                    lp = logprobs[i]
+                    o = GenerateOutput(seq.index, (token,), () if lp is None else (lp,), finish, stop_reason, n)
+                    stream = seq.stream
+                    stream.items.append(RequestOutput(seq.request_id, step, (o,), engine_id))
+                    w = stream.waiter  # _Stream.put_nowait, inlined
+                    if w is not None:
+                        stream.waiter = None
+                        if not w.done():
+                            w.set_result(None)
+                    continue
+                if seq.plain and not seq.speculate:  # no drafts, forced tokens or grammar
                     seq.num_computed = sch.start + sch.n
                     if sch.sample and not seq.aborted:
                         token = res.token_ids[i]
@@ -466,7 +592,9 @@ class Engine:
                 if room is not None and len(seq.drafts) >= room:
                     # k drafts emit up to k + 1 tokens: none of them may take the place of a forced token
                     seq.drafts = []
+        self._step_tokens += tokens
         self._flush()
+        self._deliver()
 
     def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> bool:
         """Record one generated token in its choice's news of this step; True when it ended the choice."""
@@ -480,7 +608,7 @@ class Engine:
         if prev is None:
             self._ttft.observe(now - seq.t_arrival)
         else:
-            self._itl.observe(now - prev)
+            self._prev_times.append(prev)
         d = self._delta(seq)
         d.token_ids.append(token)
         if logprobs is not None:
@@ -533,6 +661,11 @@ class Engine:
         if self._step_tokens:
             self.metrics.inc("generation_tokens", self._step_tokens)
             self._step_tokens = 0
+        if self._prev_times:  # one histogram update per distinct previous time: most decoded in the last step
+            now, observe = self._now, self._itl.observe_many
+            for prev, k in Counter(self._prev_times).items():
+                observe(now - prev, k)
+            self._prev_times = []
         step, engine_id, streams = self.steps, self.engine_id, self._streams
         grouped: dict[str, list[Sequence]] = {}
         for seq in touched:
@@ -616,7 +749,7 @@ class Engine:
                 outputs.append(GenerateOutput(index=s.index, error=failure, completion_tokens=s.num_output))
                 self.metrics.inc("request_errors", kind="group_failure" if retriable else "error")
             if outputs:
-                queue.put_nowait(RequestOutput(rid, self.steps, tuple(outputs), self.engine_id))
+                self._put_outside_step(queue, RequestOutput(rid, self.steps, tuple(outputs), self.engine_id))
 
     async def _on_failure(self, exc: Exception) -> None:
         self.failure = str(exc)

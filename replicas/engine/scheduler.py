@@ -23,6 +23,7 @@ from replicas.engine.block_pool import BlockPool
 from replicas.engine.sequence import CacheAddress, Sequence, Status
 
 CHUNK_ALIGN = 64
+_new = tuple.__new__
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ class Scheduler:
         prefills: list[Sequence] = []
         lookahead = self.config.lookahead
         block_size = self.pools[t].block_size
+        preempted = len(out.preempted)
         for seq in list(self.running[t].values()):  # decodes, oldest first
             addr = seq.addr
             if addr is None:  # preempted by an older one's growth
@@ -179,7 +181,7 @@ class Scheduler:
                         break
                 if seq.addr is None:  # it preempted itself (and every newer one before it)
                     break
-            planned.append(Scheduled(seq, computed, n, True))
+            planned.append(_new(Scheduled, (seq, computed, n, True)))  # C-built (a NamedTuple's __new__ is Python)
             budget -= n
         for seq in prefills:  # prefills (fresh or resumed), oldest first
             if seq.addr is None:
@@ -192,7 +194,7 @@ class Scheduler:
             planned.append(Scheduled(seq, seq.num_computed, n, n == seq.remaining))
             budget -= n
         # a preemption may have removed a sequence already planned: keep only live ones
-        out.per_trunk[t] = [p for p in planned if p.seq.addr is not None]
+        out.per_trunk[t] = [p for p in planned if p.seq.addr is not None] if len(out.preempted) > preempted else planned
         return budget
 
     def _admit(self, budgets: list[int], out: SchedulerOutput) -> None:

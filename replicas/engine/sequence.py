@@ -55,6 +55,7 @@ class Sequence:
 
     def __init__(self, req: GenerateRequest, index: int, seq_id: int) -> None:
         self.req = req
+        self.request_id = req.request_id
         self.index = index
         self.seq_id = seq_id
         self.params: SamplingParams = _with_seed(req.params, index)
@@ -72,6 +73,12 @@ class Sequence:
         self.rope_delta = req.mm.rope_delta if req.mm is not None else 0
         # No grammar, thinking budget or min_tokens: a decode step carries nothing but its token (the hot path).
         self.plain = req.grammar is None and req.max_thinking_tokens is None and req.min_tokens == 0
+        # Set by the engine: plain, no speculation, the request's only choice (its update needs no per-step news
+        # object: engine.Engine._update). `end_ids`: the tokens that may end it (a hot-path test; `ends` decides).
+        self.fast = False
+        self.end_ids = frozenset(req.stop_token_ids) | frozenset(() if req.ignore_eos else req.eos_token_ids)
+        self.max_tokens = req.max_tokens
+        self.stream: Any = None  # the request's stream buffer (engine._Stream), set by the engine
         self._vision_rows: tuple[int, ...] | None = None
         self.matcher: GrammarMatcher | None = None  # set when the request is constrained
         self.drafts: list[int] = []  # MTP drafts to verify in the next step
@@ -174,6 +181,10 @@ class Sequence:
         self.t_last_token = now
         self.token_ids.append(token)
         self._count_thinking(token)
+        return self.ends(token)
+
+    def ends(self, token: int) -> tuple[str | None, int | None]:
+        """Whether the token just appended, `token`, ends the choice: (finish_reason, stop_reason) as `append`."""
         n = self.num_output
         if n >= self.req.min_tokens:
             if not self.req.ignore_eos and token in self.req.eos_token_ids:

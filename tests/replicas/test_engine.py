@@ -67,13 +67,22 @@ def _run(model, reqs: list[GenerateRequest], *, k: int, on_item=None):  # noqa: 
 
         try:
             outs = await asyncio.wait_for(asyncio.gather(*(one(r) for r in reqs)), 300)
-            for pool in engine.pool_state():  # every choice's caches returned
-                assert pool["free_blocks"] == pool["num_blocks"] and pool["free_slots"] == pool["num_slots"]
+            await _assert_all_freed(engine)
             return outs, engine.steps
         finally:
             await engine.stop()
 
     return asyncio.run(main())
+
+
+async def _assert_all_freed(engine) -> None:  # noqa: ANN001
+    """Every choice's caches are returned (a stopped or aborted one's before the step after the one in flight)."""
+    for _ in range(1000):
+        if engine.stats()["running"] == 0 and not engine.stats()["waiting"]:
+            break
+        await asyncio.sleep(0.01)
+    for pool in engine.pool_state():
+        assert pool["free_blocks"] == pool["num_blocks"] and pool["free_slots"] == pool["num_slots"]
 
 
 def _tokens(items: list[tuple[RequestOutput, int]], index: int = 0) -> list[int]:
@@ -132,3 +141,64 @@ def test_finish_choice_stops_one_choice_and_frees_it(tiny_model, plain) -> None:
     assert len(after) == 1 and after[0].finish_reason == "stop" and after[0].token_ids == (), after
     assert len(_tokens(items, 0)) == stop_after
     assert _tokens(items, 1) == plain[0], "the other choice runs on to max_tokens unchanged"
+
+
+def test_finish_choice_reaches_a_reader_waiting_on_the_shared_delivery(tiny_model, plain) -> None:  # noqa: ANN001
+    """n = 1: while a choice decodes its reader waits on the engine's one future of the next delivery, not its own;
+    a `finish_choice` from elsewhere (the call below runs once that reader waits) must still end its stream with
+    the acknowledgement, alone and beside a request that runs on."""
+    stop_after = 3
+
+    def stop_r0_later(engine, req, items) -> None:  # noqa: ANN001
+        if req.request_id == "r0" and len(items) == stop_after:
+            asyncio.get_running_loop().call_soon(engine.finish_choice, "r0", 0)
+
+    def stop_r0_from_r1(engine, req, items) -> None:  # noqa: ANN001
+        if req.request_id == "r1" and len(items) == stop_after:
+            engine.finish_choice("r0", 0)
+
+    for reqs, on_item in (
+        ([_req(0, PROMPTS[0])], stop_r0_later),
+        ([_req(0, PROMPTS[0]), _req(1, PROMPTS[1])], stop_r0_from_r1),
+    ):
+        outs, _ = _run(tiny_model, reqs, k=0, on_item=on_item)
+        last = outs[0][-1][0].outputs[-1]
+        assert last.finish_reason == "stop" and last.token_ids == (), outs[0]
+        assert stop_after <= len(_tokens(outs[0])) < MAX_TOKENS
+        assert _tokens(outs[0]) == plain[0][: len(_tokens(outs[0]))]
+        if len(reqs) == 2:
+            assert _tokens(outs[1]) == plain[1], "the other request runs on to max_tokens unchanged"
+
+
+def test_cancelled_reader_leaves_the_other_streams_running(tiny_model, plain) -> None:  # noqa: ANN001
+    """Cancelling one decoding request's reader cancels the future it awaits, shared by every decoding reader: the
+    others must run on to their own (reference) tokens, and the cancelled request's caches are freed."""
+
+    async def main():  # noqa: ANN202
+        engine = _engine(tiny_model, k=0)
+        engine.start()
+        got: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
+        third = asyncio.Event()
+
+        async def one(i: int) -> None:
+            async for item in engine.generate(_req(i, PROMPTS[i])):
+                got[i].extend(t for o in item.outputs for t in o.token_ids)
+                if i == 0 and len(got[0]) == 3:
+                    third.set()
+
+        try:
+            tasks = [asyncio.create_task(one(i)) for i in range(len(PROMPTS))]
+            await asyncio.wait_for(third.wait(), 300)
+            await asyncio.sleep(0)  # the readers are back waiting for the next step
+            tasks[0].cancel()
+            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 300)
+            assert isinstance(results[0], asyncio.CancelledError) and results[1:] == [None] * (len(PROMPTS) - 1)
+            await _assert_all_freed(engine)
+            return got
+        finally:
+            await engine.stop()
+
+    got = asyncio.run(main())
+    assert got[0] == plain[0][: len(got[0])] and len(got[0]) < MAX_TOKENS
+    for i in range(1, len(PROMPTS)):
+        assert got[i] == plain[i], f"prompt {i}"
