@@ -46,8 +46,9 @@ class ExpertShard:
         self._local_index = []
         self._holds_all = []  # local index == global id: no translation, nothing to check
         for lay in layers:
-            index = torch.full((num_experts,), -1, dtype=torch.long)
-            index[list(lay.expert_ids)] = torch.arange(len(lay.expert_ids))
+            dev = lay.gate_up.data.device if isinstance(lay.gate_up, Fp8Weight) else lay.gate_up.device
+            index = torch.full((num_experts,), -1, dtype=torch.long, device=dev)  # on the weights' device
+            index[list(lay.expert_ids)] = torch.arange(len(lay.expert_ids), device=dev)
             self._local_index.append(index)
             self._holds_all.append(tuple(lay.expert_ids) == tuple(range(num_experts)))
 

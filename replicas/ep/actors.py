@@ -34,7 +34,7 @@ from replicas.engine.step_types import StepRequest, StepResult
 from replicas.ep.a2a_protocol import StepPlan
 from replicas.ep.dispatch import AllToAllDispatcher, LocalDispatcher
 from replicas.ep.expert_rank import ExpertRank, ExpertStepStats
-from replicas.ep.trunk_rank import TrunkRank
+from replicas.ep.trunk_rank import CANARY_RESERVE, TrunkRank
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,12 @@ class RankSpec:
     caches: CacheSizes | None = None  # trunk ranks only
     threads: int = 1
     map_version: int = 0  # the version of `expert_map` (a rank replaced after a rebalance loads the current map)
+
+
+def rank_device() -> torch.device:
+    """This actor's device: cuda where Ray gave it a GPU (Ray narrows CUDA_VISIBLE_DEVICES to it, so cuda:0),
+    else cpu. Everything the rank builds is made there."""
+    return torch.device("cuda", 0) if ray.get_gpu_ids() else torch.device("cpu")
 
 
 def _set_threads(n: int) -> None:
@@ -97,29 +103,40 @@ class TrunkRankActor(_RankBase):
         cfg = from_hf_config(folder)
         self.cfg = cfg
         self.dtype = resolve_dtype(cfg, spec.dtype)
+        self.device = rank_device()
         reader = CheckpointReader(folder)
         self.layout = CheckpointLayout.detect(reader, cfg)
-        weights = load_trunk(reader, cfg, dtype=self.dtype, layout=self.layout)
+        weights = load_trunk(reader, cfg, dtype=self.dtype, layout=self.layout, device=self.device)
         self.trunk = Trunk(weights, cfg, dtype=self.dtype)
         assert spec.caches is not None
-        self.pools = CachePools.allocate(
+        self.pools = CachePools.allocate(  # the canary's block and slot beyond the engine's (trunk_rank.py)
             cfg,
-            num_blocks=spec.caches.num_blocks,
+            num_blocks=spec.caches.num_blocks + CANARY_RESERVE,
             block_size=spec.caches.block_size,
-            num_slots=spec.caches.num_slots,
+            num_slots=spec.caches.num_slots + CANARY_RESERVE,
             dtype=self.dtype,
+            device=self.device,
             with_mtp=weights.mtp is not None,
             spec_tokens=spec.caches.spec_tokens,
         )
         self.vision = None
         if cfg.vision is not None and self.layout.has_vision:
-            self.vision = VisionTower(load_vision(reader, cfg, dtype=self.dtype), cfg.vision, dtype=self.dtype)
+            self.vision = VisionTower(
+                load_vision(reader, cfg, dtype=self.dtype, device=self.device), cfg.vision, dtype=self.dtype
+            )
         self.rank: TrunkRank | None = None
         self._dispatcher: AllToAllDispatcher | None = None
         self._map_version = spec.map_version
         self._staged: tuple[int, ExpertMap] | None = None
         if spec.shape.expert_ranks == 0:
-            shard = load_experts(reader, cfg, expert_ids=range(cfg.num_experts), dtype=self.dtype, layout=self.layout)
+            shard = load_experts(
+                reader,
+                cfg,
+                expert_ids=range(cfg.num_experts),
+                dtype=self.dtype,
+                layout=self.layout,
+                device=self.device,
+            )
             self.rank = TrunkRank(
                 self.trunk, self.pools, LocalDispatcher(shard, num_moe_layers=cfg.num_moe_layers), self.vision
             )
@@ -185,9 +202,9 @@ class TrunkRankActor(_RankBase):
         return routed.take_timings() if isinstance(routed, AllToAllDispatcher) else {}
 
     def cache_info(self) -> dict[str, int]:
-        return {
-            "num_blocks": self.pools.num_blocks,
-            "num_slots": self.pools.num_slots,
+        return {  # what the engine may hand out (the canary's reserve apart)
+            "num_blocks": self.pools.num_blocks - CANARY_RESERVE,
+            "num_slots": self.pools.num_slots - CANARY_RESERVE,
             "block_size": self.pools.block_size,
             "read_bytes": self.read_bytes,
         }
@@ -206,6 +223,7 @@ class ExpertRankActor(_RankBase):
         cfg = from_hf_config(folder)
         self.cfg = cfg
         self.dtype = resolve_dtype(cfg, spec.dtype)
+        self.device = rank_device()
         self._folder = folder
         reader = CheckpointReader(folder)
         layout = CheckpointLayout.detect(reader, cfg)
@@ -214,7 +232,13 @@ class ExpertRankActor(_RankBase):
         self._num_moe = cfg.num_layers + (cfg.mtp_num_hidden_layers if self._has_mtp else 0)
         ids = spec.expert_map.experts_of(spec.index)
         self.shard = load_experts(
-            reader, cfg, expert_ids=ids[: self._num_moe], dtype=self.dtype, with_mtp=self._has_mtp, layout=layout
+            reader,
+            cfg,
+            expert_ids=ids[: self._num_moe],
+            dtype=self.dtype,
+            with_mtp=self._has_mtp,
+            layout=layout,
+            device=self.device,
         )
         self.read_names = list(reader.stats.names)
         self.read_bytes = reader.stats.bytes
@@ -241,6 +265,7 @@ class ExpertRankActor(_RankBase):
                 dtype=self.dtype,
                 with_mtp=self._has_mtp,
                 layout=self._layout,
+                device=self.device,
             )
             loaded_bytes = reader.stats.bytes
         finally:

@@ -13,6 +13,8 @@ Tests: tests/replicas/test_dispatch.py (all-to-all vs local on the same inputs).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,14 +42,27 @@ class ExpertLoad:
 
     `add` only keeps a reference to the layer's routing ids; `flush` (run by the all-to-all dispatcher at
     the end of each step, off the per-layer exchange path, and by every read) counts them all with one
-    bincount.
+    scatter-add on the ids' device (no host sync); the counts leave the device only when read (`counts`,
+    `take`: the group reads them every N steps). Inside `paused()` nothing is counted (the readiness canary).
     """
 
     def __init__(self, num_moe_layers: int, num_experts: int) -> None:
         self._counts = torch.zeros(num_moe_layers, num_experts, dtype=torch.int64)
         self._pending: list[tuple[int, torch.Tensor]] = []
+        self._paused = False
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Count nothing while inside (the canary's forward)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def add(self, layer: int, topk_ids_Tk: torch.Tensor) -> None:
+        if self._paused:
+            return
         if not 0 <= layer < self._counts.shape[0]:
             raise IndexError(f"MoE layer {layer} outside the {self._counts.shape[0]} counted layers")
         self._pending.append((layer, topk_ids_Tk))
@@ -58,19 +73,23 @@ class ExpertLoad:
         if not self._pending:
             return
         num_layers, num_experts = self._counts.shape
-        keys = torch.cat([ids.reshape(-1).cpu() + layer * num_experts for layer, ids in self._pending])
+        dev = self._pending[0][1].device
+        if self._counts.device != dev:  # the counts follow the routing ids' device (set once)
+            self._counts = self._counts.to(dev)
+        keys = torch.cat([ids.reshape(-1).to(torch.int64) + layer * num_experts for layer, ids in self._pending])
         self._pending = []
-        self._counts += torch.bincount(keys, minlength=num_layers * num_experts).view(num_layers, num_experts)
+        # index_add_, not bincount: bincount's output size depends on the data (a host sync on a GPU)
+        self._counts.view(-1).index_add_(0, keys, torch.ones_like(keys))
 
     @property
     def counts(self) -> torch.Tensor:
         self.flush()
-        return self._counts
+        return self._counts.cpu()  # transfer point: expert-load counters out, when read
 
     def take(self) -> torch.Tensor:
         self.flush()
         out, self._counts = self._counts, torch.zeros_like(self._counts)
-        return out
+        return out.cpu()  # transfer point: expert-load counters out, when read
 
 
 class Dispatcher(Protocol):

@@ -232,14 +232,12 @@ class ExpertParallelGroup:
         self.canary()
 
     def canary(self) -> float:
-        """An idle step through every rank (all exchanges, no tokens): proves the data path; returns seconds."""
+        """Readiness: every trunk rank runs one token through trunk -> experts -> trunk on its reserved block and
+        slot (every exchange of the decoder layers; not counted in the expert load), so a device, layout or
+        weight mistake fails here rather than at the first request. Returns seconds."""
         t0 = time.monotonic()
-        plan = (
-            StepPlan(tuple(range(self.cfg.num_layers)), VARIABLE, map_version=self.map_version)
-            if self.shape.expert_ranks
-            else None
-        )
-        refs = [t.step.remote(StepRequest(), plan) for t in self.trunks]
+        plan = self._canary_plan() if self.shape.expert_ranks else None
+        refs = [t.step.remote(StepRequest(canary=True), plan) for t in self.trunks]
         refs += [e.serve.remote(plan) for e in self.experts] if plan is not None else []
         ray.get(refs, timeout=self.config.deadline_s * 4 + 10)
         return time.monotonic() - t0
@@ -256,10 +254,15 @@ class ExpertParallelGroup:
             self._pg = None
 
     # ----------------------------------------------------------------- steps
+    def _canary_plan(self) -> StepPlan:
+        return StepPlan(tuple(range(self.cfg.num_layers)), VARIABLE, map_version=self.map_version, canary=True)
+
     def plan_for(self, requests: list[StepRequest]) -> StepPlan:
         """FIXED (no counts exchange) when every sequence decodes (one token, or a verified draft run),
         else VARIABLE. With speculation every rank also makes the MTP layer's MoE calls: one pass and
-        k - 1 recursive draft steps."""
+        k - 1 recursive draft steps. The canary's step: the decoder layers, VARIABLE, counted by no rank."""
+        if any(r.canary for r in requests):
+            return self._canary_plan()
         mtp = max((r.mtp_steps for r in requests), default=0)
         layers = tuple(range(self.cfg.num_layers)) + (self.cfg.num_layers,) * mtp
         tokens = [sum(len(s.token_ids) + len(s.drafts) for s in r.seqs) for r in requests]

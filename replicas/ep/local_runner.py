@@ -20,7 +20,7 @@ from model_shards.model import LocalModel
 from replicas.engine.step_types import StepRequest, StepResult
 from replicas.ep.actors import CacheSizes
 from replicas.ep.dispatch import LocalDispatcher
-from replicas.ep.trunk_rank import TrunkRank
+from replicas.ep.trunk_rank import CANARY_RESERVE, TrunkRank
 
 
 class LocalRunner:
@@ -37,15 +37,17 @@ class LocalRunner:
     def __init__(self, model: LocalModel, caches: CacheSizes) -> None:
         self.caches = caches
         self.vocab_size = model.cfg.vocab_size
-        pools = model.allocate(
-            num_blocks=caches.num_blocks,
+        self.device = model.device  # the runner's one device: the model's weights, its pools and batches
+        pools = model.allocate(  # plus the canary's reserved block and slot (trunk_rank.py)
+            num_blocks=caches.num_blocks + CANARY_RESERVE,
             block_size=caches.block_size,
-            num_slots=caches.num_slots,
+            num_slots=caches.num_slots + CANARY_RESERVE,
             spec_tokens=caches.spec_tokens,
         )
         self.rank = TrunkRank(
             model.trunk, pools, LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers)
         )
+        self.rank.canary()  # a device, layout or weight mistake fails here, not at the first request
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epserve-local-runner")
 
     @property
