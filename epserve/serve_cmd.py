@@ -46,6 +46,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="default thinking budget of chat requests: </think> is written after N reasoning tokens "
         "(default: the checkpoint's generation_config.json, 16 for the embedded model; else none)",
     )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        metavar="F",
+        help="with gpus: fraction of each trunk rank's GPU memory to use; its KV blocks (and at most max_num_seqs "
+        "state slots) fill what the weights leave (default 0.9; CPU ranks keep num_kv_blocks)",
+    )
     p.set_defaults(run=run)
 
 
@@ -74,6 +81,7 @@ def load_args(args: argparse.Namespace):  # noqa: ANN201  # -> AppArgs
         "served_model_name": args.served_model_name,
         "speculative_tokens": args.speculative_tokens,
         "max_thinking_tokens": args.max_thinking_tokens,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
     }
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 import torch
@@ -22,6 +22,7 @@ from cluster.placement import ExpertMap
 from cluster.process_groups import GroupHandle, GroupSpec, free_port, join_group, leave_group
 from cluster.topology import GroupShape
 from model_shards.cache import CachePools
+from model_shards.cache_sizing import pool_counts_on_device
 from model_shards.checkpoint_files import CheckpointReader
 from model_shards.config import from_hf_config
 from model_shards.experts import ExpertShard
@@ -57,6 +58,7 @@ class RankSpec:
     caches: CacheSizes | None = None  # trunk ranks only
     threads: int = 1
     map_version: int = 0  # the version of `expert_map` (a rank replaced after a rebalance loads the current map)
+    gpu_memory_utilization: float = 0.9  # a trunk rank on cuda sizes its pools from free memory (caches: the cap)
 
 
 def rank_device() -> torch.device:
@@ -109,15 +111,29 @@ class TrunkRankActor(_RankBase):
         weights = load_trunk(reader, cfg, dtype=self.dtype, layout=self.layout, device=self.device)
         self.trunk = Trunk(weights, cfg, dtype=self.dtype)
         assert spec.caches is not None
+        caches = spec.caches
+        if self.device.type == "cuda":  # after the weights (vision's below is small): what they leave is the pools'
+            counts = pool_counts_on_device(
+                cfg,
+                device=self.device,
+                dtype=self.dtype,
+                block_size=caches.block_size,
+                max_slots=caches.num_slots,
+                utilization=spec.gpu_memory_utilization,
+                spec_tokens=caches.spec_tokens,
+                with_mtp=weights.mtp is not None,
+                reserved=CANARY_RESERVE,
+            )
+            caches = replace(caches, num_blocks=counts.num_blocks, num_slots=counts.num_slots)
         self.pools = CachePools.allocate(  # the canary's block and slot beyond the engine's (trunk_rank.py)
             cfg,
-            num_blocks=spec.caches.num_blocks + CANARY_RESERVE,
-            block_size=spec.caches.block_size,
-            num_slots=spec.caches.num_slots + CANARY_RESERVE,
+            num_blocks=caches.num_blocks + CANARY_RESERVE,
+            block_size=caches.block_size,
+            num_slots=caches.num_slots + CANARY_RESERVE,
             dtype=self.dtype,
             device=self.device,
             with_mtp=weights.mtp is not None,
-            spec_tokens=spec.caches.spec_tokens,
+            spec_tokens=caches.spec_tokens,
         )
         self.vision = None
         if cfg.vision is not None and self.layout.has_vision:

@@ -95,6 +95,7 @@ class GroupConfig:
     capacity_factor: float = 2.0
     cpus_per_rank: float = 1.0
     gpus: bool = False
+    gpu_memory_utilization: float = 0.9  # with gpus: trunk ranks size their pools from free GPU memory
     strategy: str | None = None
     load_timeout_s: float = 600.0
     load_window_steps: int = 256  # expert-load moving average: the last this many steps
@@ -137,6 +138,7 @@ class ExpertParallelGroup:
             strategy=config.strategy,
         )
         self._pg = placement
+        self._caches = config.caches  # what every trunk rank holds; on GPUs known after start()
         self._first_bundle = first_bundle
         self.epoch = 0
         self.group_id = uuid.uuid4().hex[:8]  # names this group's actors (epserve-<id>-trunk0-...), for operators
@@ -149,8 +151,9 @@ class ExpertParallelGroup:
 
     @property
     def caches(self) -> CacheSizes:
-        """Each trunk rank's caches: the engine's block pools match them."""
-        return self.config.caches
+        """Each trunk rank's caches: the engine's block pools match them (on GPUs, after `start`: the
+        smallest counts any trunk rank sized from its free memory)."""
+        return self._caches
 
     @property
     def num_trunk_ranks(self) -> int:
@@ -165,6 +168,13 @@ class ExpertParallelGroup:
         self.trunks = [self._new_actor(self.shape.trunk_rank(i)) for i in range(self.shape.trunk_ranks)]
         self.experts = [self._new_actor(self.shape.expert_rank(j)) for j in range(self.shape.expert_ranks)]
         ray.get([a.pid.remote() for a in self.trunks + self.experts], timeout=self.config.load_timeout_s)
+        if self.config.gpus:
+            infos = ray.get([t.cache_info.remote() for t in self.trunks], timeout=self.config.load_timeout_s)
+            self._caches = dataclasses.replace(
+                self.config.caches,
+                num_blocks=min(int(i["num_blocks"]) for i in infos),
+                num_slots=min(int(i["num_slots"]) for i in infos),
+            )
         self._form_group()
         self.canary()
 
@@ -180,6 +190,7 @@ class ExpertParallelGroup:
             index=index,
             caches=self.config.caches if is_trunk else None,
             threads=int(self.config.cpus_per_rank),
+            gpu_memory_utilization=self.config.gpu_memory_utilization,
         )
         self._created += 1
         role = f"trunk{index}" if is_trunk else f"expert{index}"
