@@ -75,6 +75,7 @@ class StepBatch:
     logit_rows: torch.Tensor  # [R] rows of T whose logits are returned
     embeds_override: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows [M], embeds [M, D])
     verify: tuple[bool, ...] = ()  # per sequence: token-by-token verification (SeqChunk.verify)
+    slots: tuple[int, ...] = ()  # host copy of state_slots_B: index decisions never read the device tensor back
     _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @staticmethod
@@ -128,6 +129,7 @@ class StepBatch:
             block_size=block_size,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
             verify=tuple(s.verify for s in seqs),
+            slots=tuple(s.state_slot for s in seqs),
         )
 
     # ----------------------------------------------------------------- derived indices
@@ -209,7 +211,7 @@ class StepBatch:
         else None: their DeltaNet states are then one block of the pool, read and written in place."""
 
         def make() -> int | None:
-            every = self.state_slots_B.tolist()
+            every = self.slots or self.state_slots_B.tolist()  # the host copy: no device read-back
             slots = [every[i] for i in seqs]
             return slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
 

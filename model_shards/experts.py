@@ -48,7 +48,9 @@ class ExpertShard:
         for lay in layers:
             dev = lay.gate_up.data.device if isinstance(lay.gate_up, Fp8Weight) else lay.gate_up.device
             index = torch.full((num_experts,), -1, dtype=torch.long, device=dev)  # on the weights' device
-            index[list(lay.expert_ids)] = torch.arange(len(lay.expert_ids), device=dev)
+            index[torch.tensor(lay.expert_ids, dtype=torch.long, device=dev)] = torch.arange(
+                len(lay.expert_ids), device=dev
+            )
             self._local_index.append(index)
             self._holds_all.append(tuple(lay.expert_ids) == tuple(range(num_experts)))
 

@@ -251,15 +251,17 @@ def _logit_rows(live: list[LiveSeq]) -> dict[int, tuple[int, int]]:
 
 
 def _token_logprobs(logits_JV: torch.Tensor, tokens: list[int], n: int) -> list[TokenLogprobs]:
-    """Raw-model logprobs of each emitted token and its top-n alternatives."""
+    """Raw-model logprobs of each emitted token and its top-n alternatives (one transfer out for all rows)."""
     logp = torch.log_softmax(logits_JV.float(), dim=-1)
+    ids = torch.tensor(tokens, dtype=torch.long).to(logp.device, non_blocking=True)
+    chosen = logp.gather(1, ids[:, None])[:, 0]
+    top_vals, top_ids = logp.topk(n, dim=-1) if n > 0 else (None, None)
+    chosen_h, ids_h, vals_h = _to_host(chosen, top_ids, top_vals)
+    assert chosen_h is not None
     out = []
-    for j, t in enumerate(tokens):
-        top: tuple[tuple[int, float], ...] = ()
-        if n > 0:
-            v, ids = logp[j].topk(n)
-            top = tuple(zip(ids.tolist(), v.tolist()))
-        out.append(TokenLogprobs(float(logp[j, t]), top))
+    for j in range(len(tokens)):
+        top = tuple(zip(ids_h[j], vals_h[j])) if ids_h is not None and vals_h is not None else ()
+        out.append(TokenLogprobs(float(chosen_h[j]), top))
     return out
 
 
