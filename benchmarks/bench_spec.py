@@ -15,7 +15,7 @@ Greedy runs also check that every k gives exactly the k=0 tokens (speculation mu
 --temperature > 0 runs seeded sampling instead (same distribution, not the same tokens).
 
 Usage: python benchmarks/bench_spec.py --model DIR [--ks 0,1,2,3] [--prompts 8] [--prompt-len 128]
-       [--max-tokens 128] [--repeats 3] [--temperature 0] [--threads 2] [--dtype float32]
+       [--max-tokens 128] [--repeats 3] [--temperature 0] [--threads 2] [--dtype float32] [--device auto|cpu|cuda[:N]]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from model_shards.device import resolve_device  # noqa: E402
 from model_shards.model import LocalModel  # noqa: E402
 from model_shards.sampling import SamplingParams  # noqa: E402
 from replicas.engine.engine_types import GenerateRequest  # noqa: E402
@@ -80,19 +81,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="auto", help="auto (cuda:0 when torch sees a GPU, else cpu), cpu, cuda[:N]")
     args = ap.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
     if 0 not in ks:
         ks = [0, *ks]
     torch.set_num_threads(args.threads)
 
-    model = LocalModel.load(args.model, dtype=args.dtype)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    model = LocalModel.load(args.model, dtype=args.dtype, device=device)
     if model.trunk.w.mtp is None:
         raise SystemExit(f"{args.model} has no MTP weights: speculative decoding needs them")
     prompts = heldout_prompts(args.prompts, args.prompt_len)
     eos = ()  # fixed-length decoding: every k decodes the same number of tokens
     print(
-        f"model {args.model} ({args.dtype}), {len(prompts)} held-out prompts x {args.prompt_len} tokens, "
+        f"model {args.model} ({args.dtype} on {device}), {len(prompts)} held-out prompts x {args.prompt_len} tokens, "
         f"{args.max_tokens} new tokens each, temperature {args.temperature}, threads {args.threads}, "
         f"{args.repeats} interleaved repeats"
     )

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from epserve.cli import UserError
+from model_shards.cache_sizing import DEFAULT_GPU_MEMORY_UTILIZATION
 from model_shards.config import from_hf_config
 from model_shards.generation_config import GenerationDefaults
 from model_shards.sampling import SamplingParams
@@ -38,6 +39,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="auto",
         choices=["auto", "float32", "bfloat16"],
         help="compute dtype (auto = the checkpoint's)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="single process: auto (cuda:0 when torch sees a GPU, else cpu), cpu, cuda or cuda:N; "
+        "ranks of a group take cuda where Ray gives them a GPU",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=DEFAULT_GPU_MEMORY_UTILIZATION,
+        help="on cuda: fraction of the GPU's memory the model may use; KV blocks fill what the weights leave "
+        "(default 0.9; ignored on cpu)",
     )
     p.add_argument("--output", choices=["text", "json"], default="text")
     p.add_argument("--trunk-ranks", type=int, default=1, help="trunk ranks D (>= 1)")
@@ -165,6 +179,17 @@ def _request(args: argparse.Namespace, prompt: list[int], params: SamplingParams
     )
 
 
+def _device(args: argparse.Namespace):  # noqa: ANN202  # torch.device (torch is imported late)
+    from model_shards.device import resolve_device
+
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise UserError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    try:
+        return resolve_device(args.device)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def _generate(args, folder, prompt, params, defaults, cfg):  # noqa: ANN001, ANN202  # thin glue -> Completion
     """The serving Engine over an in-process runner: the model in this process, or an expert-parallel group."""
     from replicas.engine.errors import RequestRejected
@@ -178,11 +203,20 @@ def _generate(args, folder, prompt, params, defaults, cfg):  # noqa: ANN001, ANN
             from model_shards.model import LocalModel
             from replicas.ep.local_runner import LocalRunner
 
-            runner = LocalRunner(LocalModel.load(folder, dtype=args.dtype), caches)
+            runner = LocalRunner(
+                LocalModel.load(folder, dtype=args.dtype, device=_device(args)),
+                caches,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+            )
             try:
                 return offline_generate(runner, req, spec_tokens=k, vocab_size=cfg.vocab_size)
             finally:
                 runner.close()
+        if args.device != "auto":
+            raise UserError(
+                f"--device {args.device} applies to the single-process run; the ranks of an expert-parallel group "
+                "take cuda where Ray gives them a GPU"
+            )
         from epserve.group_runner import run_on_group
 
         return run_on_group(args, folder, req, caches, vocab_size=cfg.vocab_size)

@@ -64,6 +64,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="R",
         help="extra expert copies per MoE layer that rebalances place on the hottest experts (default 0)",
     )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        metavar="F",
+        help="with gpus: fraction of each trunk rank's GPU memory to use; its KV blocks (and at most max_num_seqs "
+        "state slots) fill what the weights leave (default 0.9; CPU ranks keep num_kv_blocks)",
+    )
     p.set_defaults(run=run)
 
 
@@ -95,6 +102,7 @@ def load_args(args: argparse.Namespace):  # noqa: ANN201  # -> AppArgs
         "rebalance_interval_steps": args.rebalance_interval_steps,
         "rebalance_imbalance_threshold": args.rebalance_imbalance_threshold,
         "redundant_experts": args.redundant_experts,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
     }
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:

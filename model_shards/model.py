@@ -46,18 +46,32 @@ class LocalModel:
         self.experts = experts
         self.cfg = trunk.cfg
         self.dtype = trunk.dtype
+        self.device = trunk.w.embed.device  # where the weights are: caches and batches are made there too
 
     @staticmethod
-    def load(folder: str | Path, *, dtype: str = "auto", with_mtp: bool = True, attention: str = "paged") -> LocalModel:
-        """Validate the checkpoint (headers only), then load trunk and all experts. `attention`:
+    def load(
+        folder: str | Path,
+        *,
+        dtype: str = "auto",
+        with_mtp: bool = True,
+        attention: str = "paged",
+        device: torch.device | str = "cpu",
+    ) -> LocalModel:
+        """Validate the checkpoint (headers only), then load trunk and all experts onto `device`. `attention`:
         "paged" (serving) or "eager" (HF's eager attention bit for bit, the parity oracle)."""
         cfg = from_hf_config(folder)
         reader = CheckpointReader(folder)
         layout = validate(reader, cfg)
         torch_dtype = resolve_dtype(cfg, dtype)
-        trunk_w = load_trunk(reader, cfg, dtype=torch_dtype, with_mtp=with_mtp, layout=layout)
+        trunk_w = load_trunk(reader, cfg, dtype=torch_dtype, with_mtp=with_mtp, layout=layout, device=device)
         experts = load_experts(
-            reader, cfg, expert_ids=range(cfg.num_experts), dtype=torch_dtype, with_mtp=with_mtp, layout=layout
+            reader,
+            cfg,
+            expert_ids=range(cfg.num_experts),
+            dtype=torch_dtype,
+            with_mtp=with_mtp,
+            layout=layout,
+            device=device,
         )
         reader.close()
         return LocalModel(Trunk(trunk_w, cfg, dtype=torch_dtype, attention=attention), experts)
@@ -72,6 +86,7 @@ class LocalModel:
             block_size=block_size,
             num_slots=num_slots,
             dtype=self.dtype,
+            device=self.device,
             with_mtp=self.trunk.w.mtp is not None,
             spec_tokens=spec_tokens,
         )

@@ -99,7 +99,8 @@ class Trunk:
         self.cfg = cfg
         self.dtype = dtype
         self.attention = attention
-        self.inv_freq = inv_frequencies(rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
+        # on the weights' device, so a step's rope tables are built there (no per-step copy)
+        self.inv_freq = inv_frequencies(rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta).to(weights.embed.device)
 
     def forward(self, batch: StepBatch, *, pools: CachePools, routed: RoutedExperts) -> TrunkOutput:
         """Run every layer for the step's tokens; update caches in place; logits for logit rows."""

@@ -65,13 +65,16 @@ class VisionWeights:
 
 
 # ------------------------------------------------------------------------------ loading
-def load_vision(reader: CheckpointReader, cfg: ModelConfig, *, dtype: torch.dtype) -> VisionWeights:
+def load_vision(
+    reader: CheckpointReader, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> VisionWeights:
     """Read every `model.visual.*` tensor, check its shape against the table, cast to `dtype`.
 
     Args:
         reader: the checkpoint folder.
         cfg: a config with a `vision` part.
         dtype: compute dtype (HF casts the tower to the load dtype too).
+        device: where every tensor is placed as it is read.
     Raises:
         ValueError: the config has no vision tower. NotImplementedError: unsupported activation.
         CheckpointError: a tensor is missing, has the wrong shape or is not a float tensor.
@@ -95,7 +98,7 @@ def load_vision(reader: CheckpointReader, cfg: ModelConfig, *, dtype: torch.dtyp
         want = specs[name][0]
         if tuple(t.shape) != want:
             raise CheckpointError(f"tensor {name} has shape {list(t.shape)}, expected {list(want)}")
-        return t.to(dtype)
+        return t.to(device=device, dtype=dtype)
 
     blocks = []
     for b in range(cfg.vision.depth):

@@ -321,9 +321,15 @@ class _Loader:
     """Reads named tensors, checks their shapes against the table, casts to the compute dtype."""
 
     def __init__(
-        self, reader: CheckpointReader, cfg: ModelConfig, layout: CheckpointLayout, dtype: torch.dtype
+        self,
+        reader: CheckpointReader,
+        cfg: ModelConfig,
+        layout: CheckpointLayout,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.reader, self.cfg, self.dtype = reader, cfg, dtype
+        self.device = torch.device(device)
         self.specs = layout.expected(cfg)
         self.layout = layout
 
@@ -340,7 +346,7 @@ class _Loader:
         spec = self._spec(name)
         t = self.reader.read(name)
         self._check(name, t, spec.shape)
-        return t.to(self.dtype)
+        return t.to(device=self.device, dtype=self.dtype)  # one tensor at a time: no host copy of the whole model
 
     def weight(self, name: str, rows: Sequence[int] | None = None) -> Weight:
         """A linear weight (or rows of a stacked one), FP8 kept as `Fp8Weight`."""
@@ -350,14 +356,16 @@ class _Loader:
         shape = spec.shape if rows is None else (len(rows), *spec.shape[1:])
         self._check(name, data, shape)
         if not spec.fp8:
-            return data.to(self.dtype)
+            return data.to(device=self.device, dtype=self.dtype)
         if data.dtype != FP8_DTYPE:
             raise CheckpointError(f"tensor {name} is {data.dtype}, expected float8_e4m3fn (the config declares FP8)")
         scale = read(name + SCALE_SUFFIX)
         sshape = self.specs[name + SCALE_SUFFIX].shape
         self._check(name + SCALE_SUFFIX, scale, sshape if rows is None else (len(rows), *sshape[1:]))
         assert self.cfg.quant is not None
-        return Fp8Weight(data, scale, (self.cfg.quant.block_rows, self.cfg.quant.block_cols))
+        return Fp8Weight(
+            data.to(self.device), scale.to(self.device), (self.cfg.quant.block_rows, self.cfg.quant.block_cols)
+        )
 
 
 def _stack_rows(weights: list[Weight]) -> tuple[torch.Tensor | None, list[Weight]]:
@@ -436,11 +444,13 @@ def load_trunk(
     dtype: torch.dtype,
     with_mtp: bool = True,
     layout: CheckpointLayout | None = None,
+    device: torch.device | str = "cpu",
 ) -> TrunkWeights:
     """Everything a trunk rank holds: embeddings, mixers, routers, shared experts, norms, lm_head,
-    and the MTP head's non-expert tensors when present and asked for. Reads no routed expert."""
+    and the MTP head's non-expert tensors when present and asked for. Reads no routed expert.
+    Every tensor is placed on `device` as it is read."""
     layout = layout or CheckpointLayout.detect(reader, cfg)
-    ld = _Loader(reader, cfg, layout, dtype)
+    ld = _Loader(reader, cfg, layout, dtype, device)
     p = layout.prefix
     embed = ld.tensor(f"{p}embed_tokens.weight")
     layers = [
@@ -478,15 +488,17 @@ def load_experts(
     dtype: torch.dtype,
     with_mtp: bool = True,
     layout: CheckpointLayout | None = None,
+    device: torch.device | str = "cpu",
 ) -> ExpertShard:
     """The routed experts an expert rank holds, for every MoE layer (MTP layers after the decoder layers).
 
     Args:
         expert_ids: global expert ids, either one list for every layer or one list per MoE layer.
-    Reads only those experts: per-expert tensors by name, fused tensors by `get_slice` rows.
+    Reads only those experts: per-expert tensors by name, fused tensors by `get_slice` rows; each is placed
+    on `device` as it is read.
     """
     layout = layout or CheckpointLayout.detect(reader, cfg)
-    ld = _Loader(reader, cfg, layout, dtype)
+    ld = _Loader(reader, cfg, layout, dtype, device)
     prefixes = moe_layer_prefixes(cfg, layout, with_mtp=with_mtp)
     ids_list: list[Any] = list(expert_ids)  # one list of ids or one per layer, told apart here
     flat = not ids_list or isinstance(ids_list[0], int)
@@ -507,7 +519,11 @@ def _layer_experts(ld: _Loader, mlp: str, kind: str, ids: list[int]) -> LayerExp
     x = f"{mlp}experts."
     if not ids:
         d, i = ld.cfg.hidden_size, ld.cfg.moe_intermediate_size
-        return LayerExperts((), torch.zeros(0, 2 * i, d, dtype=ld.dtype), torch.zeros(0, d, i, dtype=ld.dtype))
+        return LayerExperts(
+            (),
+            torch.zeros(0, 2 * i, d, dtype=ld.dtype, device=ld.device),
+            torch.zeros(0, d, i, dtype=ld.dtype, device=ld.device),
+        )
     if kind == "fused":
         return LayerExperts(tuple(ids), ld.weight(f"{x}gate_up_proj", rows=ids), ld.weight(f"{x}down_proj", rows=ids))
     gate_up, down = [], []

@@ -706,7 +706,7 @@ class Engine:
     # ----------------------------------------------------------------- readiness
     async def probe(self, *, max_age_s: float = 5.0, timeout_s: float = 60.0) -> bool:
         """Whether the data path works: a step through every rank succeeded in the last `max_age_s`,
-        or an idle step (all exchanges, no tokens) run now through the loop succeeds."""
+        or the canary step (one token through every rank, on reserved caches) run now through the loop succeeds."""
         if self.failure is not None:
             return False
         if self.steps and time.monotonic() - self.last_step_time < max_age_s:
@@ -720,11 +720,12 @@ class Engine:
             return False
 
     async def _run_canary(self) -> None:
-        """Idle step (no sequences) through the group, between real steps, so lock-step is never broken."""
+        """The canary step (one token on each trunk rank's reserved block and slot, through every expert
+        exchange; replicas/ep/trunk_rank.py) between real steps, so lock-step is never broken."""
         waiter, self._canary = self._canary, None
         assert waiter is not None
         try:
-            await self.runner.step([StepRequest() for _ in self.scheduler.pools])
+            await self.runner.step([StepRequest(canary=True) for _ in self.scheduler.pools])
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001  # the group failed: same path as a failed real step

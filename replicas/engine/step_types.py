@@ -8,6 +8,8 @@ each sequence placed on it, keyed by sequence id, and each step says only what c
                                      refused, preempted); unknown ids are ignored
       seqs: (SeqStep, ...)           the sequences taking part in this step
       mtp_steps: k                   the group speculates: k MTP draft steps after the target forward
+      canary                         readiness: one token through the whole model on the rank's reserved
+                                     block and slot (no sequences; not counted in the expert load)
     SeqStep                          one sequence's part of one step
       seq_id, context_len            which sequence; tokens already in its caches (a check: the rank refuses
                                      a sequence whose context it does not hold)
@@ -114,11 +116,13 @@ class StepRequest:
         released: sequences whose state the rank drops before this step (ids it does not hold are ignored).
         mtp_steps: k > 0 when the group speculates: after the target forward every rank runs one MTP pass
             and k - 1 recursive draft steps (each an MoE call of the MTP layer, in lock-step).
+        canary: run the readiness canary instead of sequences (replicas/ep/trunk_rank.py `TrunkRank.canary`).
     """
 
     seqs: tuple[SeqStep, ...] = ()
     released: tuple[int, ...] = ()
     mtp_steps: int = 0
+    canary: bool = False
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,14 @@ class StepPlan:
         capacity: C, rows per (trunk rank, expert rank) pair in FIXED mode.
         map_version: the expert map this step runs under; a rank that holds a staged map of this version
             switches to it before the step (so every rank switches at the same step boundary).
+        canary: the readiness canary's step: expert ranks serve it but count nothing (load, rows, steps).
     """
 
     moe_layers: tuple[int, ...]
     mode: str = VARIABLE
     capacity: int = 0
     map_version: int = 0
+    canary: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in (VARIABLE, FIXED):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 import torch
@@ -27,6 +27,7 @@ from cluster.process_groups import GroupHandle, GroupSpec, abort_group, free_por
 from cluster.rank_progress import Fault, RankProgress
 from cluster.topology import GroupShape
 from model_shards.cache import CachePools
+from model_shards.cache_sizing import pool_counts_on_device
 from model_shards.checkpoint_files import CheckpointReader
 from model_shards.config import from_hf_config
 from model_shards.experts import ExpertShard, LayerExperts
@@ -40,7 +41,7 @@ from replicas.ep.a2a_protocol import StepPlan
 from replicas.ep.dispatch import AllToAllDispatcher, LocalDispatcher
 from replicas.ep.expert_moves import Item, ShardBuilder, export_experts
 from replicas.ep.expert_rank import ExpertRank, ExpertStepStats
-from replicas.ep.trunk_rank import TrunkRank
+from replicas.ep.trunk_rank import CANARY_RESERVE, TrunkRank
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,13 @@ class RankSpec:
     caches: CacheSizes | None = None  # trunk ranks only
     threads: int = 1
     map_version: int = 0  # the version of `expert_map` (a rank replaced after a rebalance loads the current map)
+    gpu_memory_utilization: float = 0.9  # a trunk rank on cuda sizes its pools from free memory (caches: the cap)
+
+
+def rank_device() -> torch.device:
+    """This actor's device: cuda where Ray gave it a GPU (Ray narrows CUDA_VISIBLE_DEVICES to it, so cuda:0),
+    else cpu. Everything the rank builds is made there."""
+    return torch.device("cuda", 0) if ray.get_gpu_ids() else torch.device("cpu")
 
 
 def _set_threads(n: int) -> None:
@@ -123,30 +131,55 @@ class TrunkRankActor(_RankBase):
         cfg = from_hf_config(folder)
         self.cfg = cfg
         self.dtype = resolve_dtype(cfg, spec.dtype)
+        self.device = rank_device()
         reader = CheckpointReader(folder)
         self.layout = CheckpointLayout.detect(reader, cfg)
-        weights = load_trunk(reader, cfg, dtype=self.dtype, layout=self.layout)
+        weights = load_trunk(reader, cfg, dtype=self.dtype, layout=self.layout, device=self.device)
         self.trunk = Trunk(weights, cfg, dtype=self.dtype)
         assert spec.caches is not None
-        self.pools = CachePools.allocate(
+        caches = spec.caches
+        if self.device.type == "cuda":  # after the weights (vision's below is small): what they leave is the pools'
+            counts = pool_counts_on_device(
+                cfg,
+                device=self.device,
+                dtype=self.dtype,
+                block_size=caches.block_size,
+                max_slots=caches.num_slots,
+                utilization=spec.gpu_memory_utilization,
+                spec_tokens=caches.spec_tokens,
+                with_mtp=weights.mtp is not None,
+                reserved=CANARY_RESERVE,
+            )
+            caches = replace(caches, num_blocks=counts.num_blocks, num_slots=counts.num_slots)
+        self.pools = CachePools.allocate(  # the canary's block and slot beyond the engine's (trunk_rank.py)
             cfg,
-            num_blocks=spec.caches.num_blocks,
-            block_size=spec.caches.block_size,
-            num_slots=spec.caches.num_slots,
+            num_blocks=caches.num_blocks + CANARY_RESERVE,
+            block_size=caches.block_size,
+            num_slots=caches.num_slots + CANARY_RESERVE,
             dtype=self.dtype,
+            device=self.device,
             with_mtp=weights.mtp is not None,
-            spec_tokens=spec.caches.spec_tokens,
+            spec_tokens=caches.spec_tokens,
         )
         self.vision = None
         if cfg.vision is not None and self.layout.has_vision:
-            self.vision = VisionTower(load_vision(reader, cfg, dtype=self.dtype), cfg.vision, dtype=self.dtype)
+            self.vision = VisionTower(
+                load_vision(reader, cfg, dtype=self.dtype, device=self.device), cfg.vision, dtype=self.dtype
+            )
         self.rank: TrunkRank | None = None
         self._dispatcher: AllToAllDispatcher | None = None
         self._map_version = spec.map_version
         self._map = spec.expert_map
         self._staged: tuple[int, ExpertMap] | None = None
         if spec.shape.expert_ranks == 0:
-            shard = load_experts(reader, cfg, expert_ids=range(cfg.num_experts), dtype=self.dtype, layout=self.layout)
+            shard = load_experts(
+                reader,
+                cfg,
+                expert_ids=range(cfg.num_experts),
+                dtype=self.dtype,
+                layout=self.layout,
+                device=self.device,
+            )
             self.rank = TrunkRank(
                 self.trunk,
                 self.pools,
@@ -218,9 +251,9 @@ class TrunkRankActor(_RankBase):
         return routed.take_timings() if isinstance(routed, AllToAllDispatcher) else {}
 
     def cache_info(self) -> dict[str, int]:
-        return {
-            "num_blocks": self.pools.num_blocks,
-            "num_slots": self.pools.num_slots,
+        return {  # what the engine may hand out (the canary's reserve apart)
+            "num_blocks": self.pools.num_blocks - CANARY_RESERVE,
+            "num_slots": self.pools.num_slots - CANARY_RESERVE,
             "block_size": self.pools.block_size,
             "read_bytes": self.read_bytes,
         }
@@ -239,6 +272,7 @@ class ExpertRankActor(_RankBase):
         cfg = from_hf_config(folder)
         self.cfg = cfg
         self.dtype = resolve_dtype(cfg, spec.dtype)
+        self.device = rank_device()
         self._folder = folder
         reader = CheckpointReader(folder)
         layout = CheckpointLayout.detect(reader, cfg)
@@ -247,7 +281,13 @@ class ExpertRankActor(_RankBase):
         self._num_moe = cfg.num_layers + (cfg.mtp_num_hidden_layers if self._has_mtp else 0)
         ids = spec.expert_map.experts_of(spec.index)
         self.shard = load_experts(
-            reader, cfg, expert_ids=ids[: self._num_moe], dtype=self.dtype, with_mtp=self._has_mtp, layout=layout
+            reader,
+            cfg,
+            expert_ids=ids[: self._num_moe],
+            dtype=self.dtype,
+            with_mtp=self._has_mtp,
+            layout=layout,
+            device=self.device,
         )
         self.read_names = list(reader.stats.names)
         self.read_bytes = reader.stats.bytes
@@ -280,7 +320,13 @@ class ExpertRankActor(_RankBase):
             reader = CheckpointReader(self._folder)
             try:
                 fresh = load_experts(
-                    reader, self.cfg, expert_ids=ids, dtype=self.dtype, with_mtp=self._has_mtp, layout=self._layout
+                    reader,
+                    self.cfg,
+                    expert_ids=ids,
+                    dtype=self.dtype,
+                    with_mtp=self._has_mtp,
+                    layout=self._layout,
+                    device=self.device,
                 )
             finally:
                 reader.close()

@@ -20,6 +20,8 @@ Tests: tests/replicas/test_dispatch.py (all-to-all vs local on the same inputs).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,15 +51,28 @@ class ExpertLoad:
     `add` only keeps a reference to the layer's routing ids; `flush` (run by the dispatchers at the end of
     each step, off the per-layer exchange path, and by every read) counts them all with one index_add into
     a counter kept on the ids' device: counting never reads device data back. `counts` and `take` are the
-    named host reads (the rank reads them every N steps for load statistics).
+    named host reads (the rank reads them every N steps for load statistics). Inside `paused()` nothing is
+    counted (the readiness canary).
     """
 
     def __init__(self, num_moe_layers: int, num_experts: int) -> None:
         self._shape = (num_moe_layers, num_experts)
         self._counts = torch.zeros(num_moe_layers * num_experts, dtype=torch.int64)  # moves to the ids' device
         self._pending: list[tuple[int, torch.Tensor]] = []
+        self._paused = False
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Count nothing while inside (the canary's forward)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def add(self, layer: int, topk_ids_Tk: torch.Tensor) -> None:
+        if self._paused:
+            return
         if not 0 <= layer < self._shape[0]:
             raise IndexError(f"MoE layer {layer} outside the {self._shape[0]} counted layers")
         self._pending.append((layer, topk_ids_Tk))
@@ -78,13 +93,13 @@ class ExpertLoad:
     def counts(self) -> torch.Tensor:
         """[layers, experts] int64 on the host (a named host read)."""
         self.flush()
-        return self._counts.view(self._shape).cpu()
+        return self._counts.view(self._shape).cpu()  # transfer point: expert-load counters out, when read
 
     def take(self) -> torch.Tensor:
         """`counts`, then reset them."""
         self.flush()
         out, self._counts = self._counts, torch.zeros_like(self._counts)
-        return out.view(self._shape).cpu()
+        return out.view(self._shape).cpu()  # transfer point: expert-load counters out, when read
 
 
 class Dispatcher(Protocol):

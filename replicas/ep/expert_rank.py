@@ -89,6 +89,7 @@ class ExpertRank:
         self._received = torch.zeros(len(shard.layers), shard.num_experts, dtype=torch.int64, device=group.device)
         self._padding = [0] * len(shard.layers)
         self._steps = 0
+        self._counting = True  # False while serving the readiness canary (it is not load)
         self._fixed: dict[int, _FixedBuffers] = {}
         self._no_splits = [0] * shape.world_size
         self._no_rows_in = torch.empty(0, self.in_bytes, dtype=torch.uint8, device=group.device)
@@ -118,19 +119,26 @@ class ExpertRank:
         self.shard = shard
 
     def _count(self, layer: int, ids: torch.Tensor) -> None:
-        if ids.numel():
+        if self._counting and ids.numel():
             self._received[layer].index_add_(0, ids.to(torch.long), torch.ones_like(ids, dtype=torch.int64))
 
     @torch.inference_mode()
     def serve(self, plan: StepPlan) -> ExpertStepStats:
         t0 = time.perf_counter()
-        self._steps += 1
+        self._counting = not plan.canary
+        self._steps += self._counting
         rows = 0
         compute = 0.0
-        for layer in plan.moe_layers:
-            n, c = self._fixed_layer(layer, plan.capacity) if plan.mode == FIXED else self._variable_layer(layer)
-            rows += n
-            compute += c
+        rows_before, padding_before = list(self._rows), list(self._padding)
+        try:
+            for layer in plan.moe_layers:
+                n, c = self._fixed_layer(layer, plan.capacity) if plan.mode == FIXED else self._variable_layer(layer)
+                rows += n
+                compute += c
+        finally:
+            if not self._counting:  # the canary's rows are not load
+                self._rows, self._padding = rows_before, padding_before
+            self._counting = True
         return ExpertStepStats(rows=rows, compute_s=compute, total_s=time.perf_counter() - t0)
 
     def _compute(self, layer: int, buf: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -163,6 +163,7 @@ class GroupConfig:
     capacity_factor: float = 2.0
     cpus_per_rank: float = 1.0
     gpus: bool = False
+    gpu_memory_utilization: float = 0.9  # with gpus: trunk ranks size their pools from free GPU memory
     strategy: str | None = None
     load_timeout_s: float = 600.0
     load_window_steps: int = 256  # expert-load moving average: the last this many steps
@@ -213,6 +214,7 @@ class ExpertParallelGroup:
             rank_nodes=config.rank_nodes,
         )
         self._pg = placement
+        self._caches = config.caches  # what every trunk rank holds; on GPUs known after start()
         self._first_bundle = first_bundle
         self.epoch = 0
         self.group_id = uuid.uuid4().hex[:8]  # names this group's actors (epserve-<id>-trunk0-...), for operators
@@ -228,8 +230,9 @@ class ExpertParallelGroup:
 
     @property
     def caches(self) -> CacheSizes:
-        """Each trunk rank's caches: the engine's block pools match them."""
-        return self.config.caches
+        """Each trunk rank's caches: the engine's block pools match them (on GPUs, after `start`: the
+        smallest counts any trunk rank sized from its free memory)."""
+        return self._caches
 
     @property
     def num_trunk_ranks(self) -> int:
@@ -244,6 +247,13 @@ class ExpertParallelGroup:
         self.trunks = [self._new_actor(self.shape.trunk_rank(i)) for i in range(self.shape.trunk_ranks)]
         self.experts = [self._new_actor(self.shape.expert_rank(j)) for j in range(self.shape.expert_ranks)]
         ray.get([a.pid.remote() for a in self.trunks + self.experts], timeout=self.config.load_timeout_s)
+        if self.config.gpus:
+            infos = ray.get([t.cache_info.remote() for t in self.trunks], timeout=self.config.load_timeout_s)
+            self._caches = dataclasses.replace(
+                self.config.caches,
+                num_blocks=min(int(i["num_blocks"]) for i in infos),
+                num_slots=min(int(i["num_slots"]) for i in infos),
+            )
         self._form_group()
         self.canary()
 
@@ -259,6 +269,7 @@ class ExpertParallelGroup:
             index=index,
             caches=self.config.caches if is_trunk else None,
             threads=int(self.config.cpus_per_rank),
+            gpu_memory_utilization=self.config.gpu_memory_utilization,
         )
         self._created += 1
         self.actors_created[global_rank] += 1
@@ -355,14 +366,12 @@ class ExpertParallelGroup:
         )
 
     def canary(self) -> float:
-        """An idle step through every rank (all exchanges, no tokens): proves the data path; returns seconds."""
+        """Readiness: every trunk rank runs one token through trunk -> experts -> trunk on its reserved block and
+        slot (every exchange of the decoder layers; not counted in the expert load), so a device, layout or
+        weight mistake fails here rather than at the first request. Returns seconds."""
         t0 = time.monotonic()
-        plan = (
-            StepPlan(tuple(range(self.cfg.num_layers)), VARIABLE, map_version=self.map_version)
-            if self.shape.expert_ranks
-            else None
-        )
-        refs = [t.step.remote(StepRequest(), plan) for t in self.trunks]
+        plan = self._canary_plan() if self.shape.expert_ranks else None
+        refs = [t.step.remote(StepRequest(canary=True), plan) for t in self.trunks]
         refs += [e.serve.remote(plan) for e in self.experts] if plan is not None else []
         ray.get(refs, timeout=self.config.deadline_s * 4 + 10)
         return time.monotonic() - t0
@@ -379,10 +388,15 @@ class ExpertParallelGroup:
             self._pg = None
 
     # ----------------------------------------------------------------- steps
+    def _canary_plan(self) -> StepPlan:
+        return StepPlan(tuple(range(self.cfg.num_layers)), VARIABLE, map_version=self.map_version, canary=True)
+
     def plan_for(self, requests: list[StepRequest]) -> StepPlan:
         """FIXED (no counts exchange) when every sequence decodes (one token, or a verified draft run),
         else VARIABLE. With speculation every rank also makes the MTP layer's MoE calls: one pass and
-        k - 1 recursive draft steps."""
+        k - 1 recursive draft steps. The canary's step: the decoder layers, VARIABLE, counted by no rank."""
+        if any(r.canary for r in requests):
+            return self._canary_plan()
         mtp = max((r.mtp_steps for r in requests), default=0)
         layers = tuple(range(self.cfg.num_layers)) + (self.cfg.num_layers,) * mtp
         tokens = [sum(len(s.token_ids) + len(s.drafts) for s in r.seqs) for r in requests]

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from model_shards.cache import CachePools
+from model_shards.cache_sizing import pool_counts_on_device
 from model_shards.model import LocalModel
 from replicas.engine.step_types import StepRequest, StepResult
 from replicas.ep.actors import CacheSizes
 from replicas.ep.dispatch import LocalDispatcher
-from replicas.ep.trunk_rank import TrunkRank
+from replicas.ep.trunk_rank import CANARY_RESERVE, TrunkRank
 
 
 class LocalRunner:
@@ -29,23 +31,40 @@ class LocalRunner:
     Args:
         model: the loaded model (trunk and all experts).
         caches: the KV blocks and state slots to allocate; the engine's BlockPool must match them
-            (replicas/ep/offline_generate.py `engine_pools`).
+            (replicas/ep/offline_generate.py `engine_pools`, which reads `self.caches`).
+        gpu_memory_utilization: on cuda, size the blocks (and at most `caches.num_slots` slots) from the free
+            device memory after the weights loaded (model_shards/cache_sizing.py); None, or on cpu: the fixed counts.
     """
 
     num_trunk_ranks = 1
 
-    def __init__(self, model: LocalModel, caches: CacheSizes) -> None:
-        self.caches = caches
+    def __init__(self, model: LocalModel, caches: CacheSizes, *, gpu_memory_utilization: float | None = None) -> None:
         self.vocab_size = model.cfg.vocab_size
-        pools = model.allocate(
-            num_blocks=caches.num_blocks,
+        self.device = model.device  # the runner's one device: the model's weights, its pools and batches
+        if gpu_memory_utilization is not None and self.device.type == "cuda":
+            counts = pool_counts_on_device(
+                model.cfg,
+                device=self.device,
+                dtype=model.dtype,
+                block_size=caches.block_size,
+                max_slots=caches.num_slots,
+                utilization=gpu_memory_utilization,
+                spec_tokens=caches.spec_tokens,
+                with_mtp=model.trunk.w.mtp is not None,
+                reserved=CANARY_RESERVE,
+            )
+            caches = replace(caches, num_blocks=counts.num_blocks, num_slots=counts.num_slots)
+        self.caches = caches
+        pools = model.allocate(  # plus the canary's reserved block and slot (trunk_rank.py)
+            num_blocks=caches.num_blocks + CANARY_RESERVE,
             block_size=caches.block_size,
-            num_slots=caches.num_slots,
+            num_slots=caches.num_slots + CANARY_RESERVE,
             spec_tokens=caches.spec_tokens,
         )
         self.rank = TrunkRank(
             model.trunk, pools, LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers)
         )
+        self.rank.canary()  # a device, layout or weight mistake fails here, not at the first request
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epserve-local-runner")
 
     @property

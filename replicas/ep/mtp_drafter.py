@@ -59,9 +59,15 @@ class MtpDrafter:
                 samplers.append((i, c.context_len + valid))
         if not chunks:
             return
-        mtp_batch = StepBatch.build(chunks, block_size=self.pools.block_size)
+        dev = hidden_TD.device  # the rank's device: batches and row indices are made there
+        mtp_batch = StepBatch.build(chunks, block_size=self.pools.block_size, device=dev)
         out = mtp_forward(
-            self.trunk, hidden_TD[torch.cat(rows)], batch=mtp_batch, pools=self.pools, routed=self.routed, step=0
+            self.trunk,
+            hidden_TD[torch.cat(rows).to(dev)],
+            batch=mtp_batch,
+            pools=self.pools,
+            routed=self.routed,
+            step=0,
         )
         if not samplers:
             return
@@ -70,7 +76,7 @@ class MtpDrafter:
         logits, hidden = out.logits_RV, out.hidden_TD[mtp_batch.logit_rows]
         greedy = [seqs[i].params.greedy for i, _ in samplers]
         for step in range(steps):
-            # one host sync per step for every greedy row, not one per sequence
+            # transfer point (drafts out): one host sync per step for every greedy row, not one per sequence
             argmax = logits.argmax(dim=-1).tolist() if any(greedy) else []
             for j, (i, _) in enumerate(samplers):
                 s = seqs[i]
@@ -98,7 +104,7 @@ class MtpDrafter:
             out = mtp_forward(
                 self.trunk,
                 hidden,
-                batch=StepBatch.build(rec, block_size=self.pools.block_size),
+                batch=StepBatch.build(rec, block_size=self.pools.block_size, device=dev),
                 pools=self.pools,
                 routed=self.routed,
                 step=step + 1,

@@ -4,7 +4,14 @@ Plain Python (no Ray): the Ray actor in replicas/ep/actors.py wraps it, and the 
 layout (`--expert-ranks 0`) uses it directly with the local experts. The routed-experts seam is
 injected (`routed`), so the same class runs in-process or over an all-to-all. Steps are incremental
 (replicas/engine/step_types.py): the rank keeps each sequence's state (replicas/ep/rank_seqs.py).
-Tests: tests/replicas/test_step_protocol.py, tests/replicas/test_group.py.
+The rank owns one device (its pools'): batches, index tables and sampling inputs are made there. Host <->
+device transfers happen at named points only: step inputs in (`StepBatch.build` from the step's Python lists,
+the penalty history and grammar masks in `_sample`), sampled token ids and logprobs out
+(`SampleOutput.to_host` in `_sample`, `_to_host` in `_verify`), and the canary's one verdict; the
+expert-load counters leave the device only when read (replicas/ep/dispatch.py).
+The readiness canary (`canary`) runs one token through the whole model on a KV block and state slot reserved
+for it: the last of each pool, never offered to sequences, never cached, not counted in the expert load.
+Tests: tests/replicas/test_step_protocol.py, tests/replicas/test_group.py, tests/replicas/test_device_path.py.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from dataclasses import replace
 import torch
 
 from cluster.rank_progress import RankProgress
-from model_shards.batch import StepBatch
+from model_shards.batch import SeqChunk, StepBatch
 from model_shards.cache import CachePools
 from model_shards.sampling import sample
 from model_shards.trunk import Trunk
@@ -33,7 +40,8 @@ class TrunkRank:
 
     Args:
         trunk: trunk weights and math.
-        pools: this rank's KV blocks and DeltaNet state slots.
+        pools: this rank's KV blocks and DeltaNet state slots, plus one block and one slot (the last of each)
+            reserved for the canary (allocate them with `CANARY_RESERVE` more than the engine hands out).
         routed: the dispatch/combine seam (local experts or the all-to-all).
     """
 
@@ -52,10 +60,14 @@ class TrunkRank:
         self.pools = pools
         self.routed = routed
         self.vision = vision
-        self.seqs = SeqTable(
+        self.device = pools.k.device  # the rank's one device (weights and pools live there)
+        if pools.num_blocks < 2 or pools.num_slots < 2:
+            raise ValueError("a trunk rank's pools need one KV block and one state slot beyond the canary's")
+        self.canary_block, self.canary_slot = pools.num_blocks - 1, pools.num_slots - 1
+        self.seqs = SeqTable(  # the canary's block and slot are outside what sequences may address
             vocab_size=trunk.cfg.vocab_size,
-            num_slots=pools.num_slots,
-            num_blocks=pools.num_blocks,
+            num_slots=pools.num_slots - CANARY_RESERVE,
+            num_blocks=pools.num_blocks - CANARY_RESERVE,
             block_size=pools.block_size,
         )
         self.drafter = MtpDrafter(trunk, pools, routed)
@@ -84,6 +96,13 @@ class TrunkRank:
         if plan is not None:
             self.routed.begin(plan)
         self.seqs.release(req.released)
+        if req.canary:
+            if req.seqs:
+                raise ValueError("a canary step carries no sequences")
+            self.canary()
+            self.routed.run_idle()
+            self.routed.finish()
+            return StepResult(timings={"forward_s": time.perf_counter() - t0})
         refused = {i: why for i, s in enumerate(req.seqs) if (why := self.seqs.refusal(s)) is not None}
         if not refused:
             return self._run([self.seqs.resolve(s) for s in req.seqs], req.mtp_steps, t0)
@@ -92,6 +111,27 @@ class TrunkRank:
         self.seqs.release(tuple(req.seqs[i].seq_id for i in refused if req.seqs[i].seq_id not in kept_ids))
         res = self._run([self.seqs.resolve(req.seqs[i]) for i in keep], req.mtp_steps, t0)
         return _spread(res, keep, refused, len(req.seqs))
+
+    def canary(self) -> None:
+        """One token through trunk -> experts -> trunk on the reserved block and slot (a fresh sequence: its state
+        starts from zeros, nothing earlier is read); the routed seam does not count it in the expert load.
+
+        Raises:
+            RuntimeError: the logits are not finite or not [1, vocab] (a device, layout or weight mistake).
+        """
+        chunk = SeqChunk((0,), 0, self.canary_slot, (self.canary_block,))
+        batch = StepBatch.build([chunk], block_size=self.pools.block_size, device=self.device)
+        with self.routed.load.paused():
+            out = self.trunk.forward(batch, pools=self.pools, routed=self.routed)
+        logits = out.logits_RV
+        vocab = self.trunk.cfg.vocab_size
+        if tuple(logits.shape) != (1, vocab):
+            raise RuntimeError(f"canary: logits of shape {tuple(logits.shape)}, expected [1, {vocab}]")
+        if logits.device != self.device:
+            raise RuntimeError(f"canary: logits on {logits.device}, this rank runs on {self.device}")
+        # transfer point: the canary's verdict (one bool)
+        if not bool(torch.isfinite(logits).all()):
+            raise RuntimeError("canary: the one-token forward gave non-finite logits (corrupt or misplaced weights?)")
 
     def _run(self, live: list[LiveSeq], mtp_steps: int, t0: float) -> StepResult:
         if not live:
@@ -102,7 +142,8 @@ class TrunkRank:
         in_forward = False  # before: the step's input did not fit (its requests' fault); after: the server's
         try:
             self.progress.check("start")  # test-only fault hook: where this rank's own work starts
-            batch = StepBatch.build([s.chunk for s in live], block_size=self.pools.block_size)
+            # transfer point (step inputs in): the step's index lists become device tensors here
+            batch = StepBatch.build([s.chunk for s in live], block_size=self.pools.block_size, device=self.device)
             override = self._vision_rows(live, batch)
             if override is not None:
                 batch = replace(batch, embeds_override=override)
@@ -157,7 +198,9 @@ class TrunkRank:
         if not sampling:
             return
         seqs = [live[i] for i in sampling]
-        history = [_history(s) for s in seqs] if any(s.params.has_penalties for s in seqs) else None
+        dev = self.device
+        # transfer point (step inputs in): penalty histories and grammar masks go to the rank's device
+        history = [_history(s, dev) for s in seqs] if any(s.params.has_penalties for s in seqs) else None
         out = sample(
             logits_RV,
             [s.params for s in seqs],
@@ -166,7 +209,7 @@ class TrunkRank:
             output_ids=[h[1] for h in history] if history is not None else None,
             positions=[s.output_index for s in seqs],
             banned=[s.step.suppress_ids for s in seqs],
-            allowed=[s.allowed for s in seqs],
+            allowed=[s.allowed.to(dev, non_blocking=True) if s.allowed is not None else None for s in seqs],
         )
         host = out.to_host()  # sampled ids and logprobs out: the sampler's one device-to-host transfer
         for j, i in enumerate(sampling):
@@ -221,7 +264,7 @@ class TrunkRank:
                 rows.extend(batch.starts[i] + r for r in s.chunk.vision_rows)
         if not rows:
             return None
-        return torch.tensor(rows, dtype=torch.long), torch.cat(parts)
+        return torch.tensor(rows, dtype=torch.long, device=self.device), torch.cat(parts).to(self.device)
 
 
 def _logit_rows(live: list[LiveSeq]) -> dict[int, tuple[int, int]]:
@@ -242,15 +285,17 @@ def _logit_rows(live: list[LiveSeq]) -> dict[int, tuple[int, int]]:
 
 
 def _token_logprobs(logits_JV: torch.Tensor, tokens: list[int], n: int) -> list[TokenLogprobs]:
-    """Raw-model logprobs of each emitted token and its top-n alternatives."""
+    """Raw-model logprobs of each emitted token and its top-n alternatives (one transfer out for all rows)."""
     logp = torch.log_softmax(logits_JV.float(), dim=-1)
+    ids = torch.tensor(tokens, dtype=torch.long).to(logp.device, non_blocking=True)
+    chosen = logp.gather(1, ids[:, None])[:, 0]
+    top_vals, top_ids = logp.topk(n, dim=-1) if n > 0 else (None, None)
+    chosen_h, ids_h, vals_h = _to_host(chosen, top_ids, top_vals)
+    assert chosen_h is not None
     out = []
-    for j, t in enumerate(tokens):
-        top: tuple[tuple[int, float], ...] = ()
-        if n > 0:
-            v, ids = logp[j].topk(n)
-            top = tuple(zip(ids.tolist(), v.tolist()))
-        out.append(TokenLogprobs(float(logp[j, t]), top))
+    for j in range(len(tokens)):
+        top = tuple(zip(ids_h[j], vals_h[j])) if ids_h is not None and vals_h is not None else ()
+        out.append(TokenLogprobs(float(chosen_h[j]), top))
     return out
 
 
@@ -275,13 +320,22 @@ def _spread(res: StepResult, keep: list[int], refused: dict[int, str], n: int) -
     )
 
 
-_EMPTY = torch.empty(0, dtype=torch.long)
+CANARY_RESERVE = 1  # KV blocks and state slots each trunk rank holds beyond the engine's, for the canary
 
 
-def _history(s: LiveSeq) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt and output ids for penalties (the rank keeps them only for sequences with a penalty)."""
+def _history(s: LiveSeq, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt and output ids for penalties (the rank keeps them only for sequences with a penalty), on `device`."""
     prompt, output = s.state.prompt_ids(), s.state.output_ids()
-    return (prompt if prompt is not None else _EMPTY, output if output is not None else _EMPTY)
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    return (
+        prompt.to(device, non_blocking=True) if prompt is not None else empty,
+        output.to(device, non_blocking=True) if output is not None else empty,
+    )
+
+
+def _to_host(*tensors: torch.Tensor | None) -> list[list | None]:
+    """Transfer point (results out): the sampled ids and logprobs leave the device here, one copy per tensor."""
+    return [t.cpu().tolist() if t is not None else None for t in tensors]
 
 
 class _Results:

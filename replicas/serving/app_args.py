@@ -102,7 +102,14 @@ class AppArgs(BaseModel):
         "(0: all at once, one longer pause).",
     )
     block_size: int = Field(16, ge=1, le=1024)
-    num_kv_blocks: int = Field(1024, ge=1, description="KV blocks per trunk rank.")
+    num_kv_blocks: int = Field(1024, ge=1, description="KV blocks per trunk rank (CPU ranks).")
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="With gpus: fraction of each trunk rank's GPU memory it uses; KV blocks (and at most "
+        "max_num_seqs state slots) are sized from what the weights leave, not num_kv_blocks (vLLM's name).",
+    )
     max_num_seqs: int = Field(32, ge=1, description="Running sequences (= DeltaNet state slots) per trunk rank.")
     max_num_batched_tokens: int = Field(2048, ge=64, description="New tokens per trunk rank per step.")
     max_model_len: int | None = Field(

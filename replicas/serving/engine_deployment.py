@@ -77,6 +77,7 @@ class EngineServer:
                 capacity_factor=a.capacity_factor,
                 cpus_per_rank=a.cpus_per_rank,
                 gpus=a.gpus,
+                gpu_memory_utilization=a.gpu_memory_utilization,
                 load_timeout_s=a.load_timeout_s,
                 expert_map=_initial_map(a, self.cfg),
                 rank_nodes=a.group_rank_nodes(),
@@ -91,8 +92,9 @@ class EngineServer:
             "group of %d trunk + %d expert ranks ready in %.1f s", a.trunk_ranks, a.expert_ranks, time.monotonic() - t0
         )
         self.metrics = MetricsRegistry()
+        sized = self.group.caches  # on GPUs sized by the ranks from free memory; else num_kv_blocks / max_num_seqs
         pools = [
-            BlockPool(num_blocks=a.num_kv_blocks, num_slots=a.max_num_seqs, block_size=a.block_size)
+            BlockPool(num_blocks=sized.num_blocks, num_slots=sized.num_slots, block_size=sized.block_size)
             for _ in range(a.trunk_ranks)
         ]
         self.engine = Engine(

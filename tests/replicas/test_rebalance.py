@@ -41,7 +41,7 @@ def test_load_statistics_and_rebalance_while_serving(
         lengths = [5, 37, 64, 20]
         for sid, p in enumerate(_prompts(7, lengths)):
             sc.add(sid, rank=0, prompt=p, slot=sid)
-        group.expert_load()  # start counting from here (the canary's idle step counted nothing)
+        group.expert_load()  # start counting from here (the start's canary step counts nothing)
         sc.step([0, 1, 2, 3])  # prefill: variable-size exchange
         for _ in range(3):
             sc.step([0, 1, 2, 3])  # decode: fixed capacity, padding slots
@@ -56,13 +56,15 @@ def test_load_statistics_and_rebalance_while_serving(
             load["received_per_rank"].to(torch.float64), per_rank_load(routed, group.expert_map.owners, 2)
         )
         assert int(load["padding_rows"].sum()) > 0  # decode steps padded their capacity
-        assert int(load["window_steps"]) == 5  # the start's idle canary step, then these 4
+        assert int(load["window_steps"]) == 4  # these 4 (the start's canary step is not load)
 
         save = tmp_path / "load.json"
         group.save_load(str(save))
 
         saved = read_load_file(save, num_experts=cfg.num_experts)
-        assert torch.allclose(torch.tensor(saved, dtype=torch.float64), routed.to(torch.float64) / 5)
+        assert torch.allclose(
+            torch.tensor(saved, dtype=torch.float64), routed.to(torch.float64) / 4
+        )  # mean over the 4 counted steps
 
         report = asyncio.run(group.rebalance(2))
         assert report["version"] == 1 and group.map_version == 1
