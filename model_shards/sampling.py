@@ -80,7 +80,8 @@ class SampleOutput:
         parts = [t for t in (self.token_ids, self.logprob, self.top_ids, self.top_logprobs) if t is not None]
         if self.token_ids.device.type == "cuda":
             parts = [t.to("cpu", non_blocking=True) for t in parts]  # pinned staging; the sync below covers all
-            torch.cuda.current_stream(self.token_ids.device).synchronize()
+            if torch.cuda.is_available():  # a fake device (the device-path tests) has no stream to wait on
+                torch.cuda.current_stream(self.token_ids.device).synchronize()
         lists = [t.tolist() for t in parts]
         tokens = lists.pop(0)
         logprob = lists.pop(0) if self.logprob is not None else None

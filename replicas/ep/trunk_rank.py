@@ -198,9 +198,8 @@ class TrunkRank:
         if not sampling:
             return
         seqs = [live[i] for i in sampling]
-        dev = self.device
-        # transfer point (step inputs in): penalty histories and grammar masks go to the rank's device
-        history = [_history(s, dev) for s in seqs] if any(s.params.has_penalties for s in seqs) else None
+        # transfer point (step inputs in): the sampler uploads penalty histories and grammar masks in one go each
+        history = [_history(s) for s in seqs] if any(s.params.has_penalties for s in seqs) else None
         out = sample(
             logits_RV,
             [s.params for s in seqs],
@@ -209,7 +208,7 @@ class TrunkRank:
             output_ids=[h[1] for h in history] if history is not None else None,
             positions=[s.output_index for s in seqs],
             banned=[s.step.suppress_ids for s in seqs],
-            allowed=[s.allowed.to(dev, non_blocking=True) if s.allowed is not None else None for s in seqs],
+            allowed=[s.allowed for s in seqs],
         )
         host = out.to_host()  # sampled ids and logprobs out: the sampler's one device-to-host transfer
         for j, i in enumerate(sampling):
@@ -323,14 +322,12 @@ def _spread(res: StepResult, keep: list[int], refused: dict[int, str], n: int) -
 CANARY_RESERVE = 1  # KV blocks and state slots each trunk rank holds beyond the engine's, for the canary
 
 
-def _history(s: LiveSeq, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt and output ids for penalties (the rank keeps them only for sequences with a penalty), on `device`."""
+def _history(s: LiveSeq) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt and output ids for penalties (the rank keeps them only for sequences with a penalty), on the host:
+    the sampler packs every row into one staging tensor and uploads it once (its input transfer point)."""
     prompt, output = s.state.prompt_ids(), s.state.output_ids()
-    empty = torch.empty(0, dtype=torch.long, device=device)
-    return (
-        prompt.to(device, non_blocking=True) if prompt is not None else empty,
-        output.to(device, non_blocking=True) if output is not None else empty,
-    )
+    empty = torch.empty(0, dtype=torch.long)
+    return (prompt if prompt is not None else empty, output if output is not None else empty)
 
 
 def _to_host(*tensors: torch.Tensor | None) -> list[list | None]:

@@ -18,10 +18,10 @@ faked either: they are recorded and answered with an empty device tensor of the 
 Scenarios (the embedded tiny model's shapes, bf16, weights made by the loader from the expected-tensor table
 straight on the device): the LocalRunner's construction (its canary); a prefill resumed at a 64-token boundary
 with MTP drafting; decode with a repetition penalty, a grammar mask and logprobs; an MTP verify step; seeded
-sampling (xfail: per-row CUDA generators); an expert rank's compute over a subset of experts.
-Asserted: no CPU tensor inside a step; outside the decoder layers, host transfers only at the named points
-(`NAMED_POINTS`, with why); inside the decode step's decoder layers no host sync — marked xfail(strict=False)
-where engineer "syncs"' files (gated_deltanet, experts, moe, attention, dispatch) still sync, naming the ops.
+sampling (the batched sampler's counter-based draws, no CUDA generator); an expert rank's compute over a
+subset of experts. Asserted: no CPU tensor inside a step; outside the decoder layers, host transfers only at
+the named points (`NAMED_POINTS`, with why); inside the prefill and decode steps' decoder layers and the
+expert rank's compute, no host sync at all. Layer-level checks: tests/model_shards/test_host_syncs.py.
 """
 
 from __future__ import annotations
@@ -62,14 +62,13 @@ PROMPT = tuple(range(1, 97))  # 96 tokens: a 64-token chunk, then the rest resum
 # Where a rank may move data to the host, outside its decoder layers (file, function) -> why.
 NAMED_POINTS = {
     ("trunk_rank.py", "_to_host"): "results out: sampled token ids and logprobs",
+    ("sampling.py", "to_host"): "results out: the sampler's ids and logprobs, one transfer",
     ("trunk_rank.py", "canary"): "readiness: the canary's one verdict",
     ("mtp_drafter.py", "draft"): "drafts out: the greedy MTP drafts' ids",
     ("speculative.py", "verify"): "results out: the target's ids checked against the drafts",
     ("dispatch.py", "take"): "expert-load counters out, when the group reads them",
 }
-# Host syncs in the sampler's per-row path (model_shards/sampling.py): engineer "sampling" batches it.
-SAMPLING_FILE = "sampling.py"
-# Files engineer "syncs" is making sync-free inside the layer stack.
+# The layer-stack files (made sync-free inside the layers; whatever sync remains must be in them).
 SYNCS_FILES = ("gated_deltanet.py", "delta_rule.py", "experts.py", "moe.py", "paged_attention.py",
                "gated_attention.py", "fp8_experts.py", "dispatch.py")  # fmt: skip
 
@@ -395,17 +394,15 @@ def _outside(events: list[Event]) -> list[Event]:
 
 
 def test_host_transfers_outside_the_layers_are_the_named_points(fake_run: FakeRun) -> None:
-    """Outside the decoder layers a step moves data to the host only at NAMED_POINTS (printed with why); the
-    per-row sampler's syncs (sampling.py) are listed apart: engineer "sampling" batches them on the device."""
+    """Outside the decoder layers a step moves data to the host only at NAMED_POINTS (printed with why)."""
     seen: dict[tuple[str, str], list[str]] = {}
     unnamed = []
     for name, (_, evs) in fake_run.steps.items():
         for e in _outside(evs):
-            files = [f for f, _, _ in e.frames]
             point = next(((f, fn) for f, fn, _ in reversed(e.frames) if (f, fn) in NAMED_POINTS), None)
             if point is not None:
                 seen.setdefault(point, []).append(name)
-            elif SAMPLING_FILE not in files:
+            else:
                 unnamed.append(f"{name}: {e}")
     for point, names in sorted(seen.items()):
         print(f"transfer point {point[0]}:{point[1]} ({NAMED_POINTS[point]}): {len(names)} in {sorted(set(names))}")
@@ -417,21 +414,11 @@ def _layer_syncs(events: list[Event]) -> list[Event]:
     return [e for e in events if e.in_layers and e.kind in ("sync", "d2h")]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="host syncs left in engineer 'syncs' files: gated_deltanet.py _chunk_group int(state_slots_B[i]) "
-    "(prefill chunks) and experts.py _run aten.bincount (expert row counts), both per layer",
-)
 def test_prefill_layer_stack_makes_no_host_sync(fake_run: FakeRun) -> None:
     syncs = [e for name in ("prefill 0-64", "prefill resumed at 64") for e in _layer_syncs(fake_run.steps[name][1])]
     assert not syncs, "\n".join(map(str, syncs))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="host syncs left in engineer 'syncs' files: experts.py _run aten.bincount (expert row counts) per MoE "
-    "layer; gated_deltanet.py _verify_steps int(...) (the verify step's per-token DeltaNet path)",
-)
 def test_decode_layer_stack_makes_no_host_sync(fake_run: FakeRun) -> None:
     syncs = [
         e
@@ -442,26 +429,16 @@ def test_decode_layer_stack_makes_no_host_sync(fake_run: FakeRun) -> None:
 
 
 def test_layer_syncs_are_only_in_the_layer_files(fake_run: FakeRun) -> None:
-    """Whatever host syncs remain inside the layers are in the files engineer "syncs" owns (none of ours)."""
+    """Whatever host syncs could appear inside the layers would be in the layer files, not the rank's."""
     evs = [e for _, evs in fake_run.steps.values() for e in _layer_syncs(evs)] + _layer_syncs(fake_run.expert_events)
     assert all(e.site[0] in SYNCS_FILES for e in evs), "\n".join(str(e) for e in evs if e.site[0] not in SYNCS_FILES)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="host syncs left in engineer 'syncs' files: experts.py _run bool((local < 0).any()) (held-expert "
-    "check) and aten.bincount (row counts)",
-)
 def test_expert_rank_compute_makes_no_host_sync(fake_run: FakeRun) -> None:
     syncs = _layer_syncs(fake_run.expert_events)
     assert not syncs, "\n".join(map(str, syncs))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="model_shards/sampling.py draws with one torch.Generator per row on the logits' device; CPU-only "
-    "torch cannot make a CUDA generator (engineer 'sampling' replaces the per-row generators)",
-)
 def test_seeded_sampling_runs_on_the_device(fake_run: FakeRun) -> None:
     res, evs = fake_run.steps["seeded sampling"]
     assert res is not None, evs[0].op if evs else "no result"
