@@ -19,7 +19,11 @@ Scenarios (the embedded tiny model's shapes, bf16, weights made by the loader fr
 straight on the device): the LocalRunner's construction (its canary); a prefill resumed at a 64-token boundary
 with MTP drafting; decode with a repetition penalty, a grammar mask and logprobs; an MTP verify step; seeded
 sampling (the batched sampler's counter-based draws, no CUDA generator); an expert rank's compute over a
-subset of experts. Asserted: no CPU tensor inside a step; outside the decoder layers, host transfers only at
+subset of experts; a TrunkRank over the AllToAllDispatcher (1 trunk, 2 expert ranks) with only
+`a2a_protocol`'s `dist.all_to_all_single` replaced (it echoes: the receive buffer stands for the expert ranks'
+answer), a prefill (VARIABLE mode) and a decode (FIXED mode) step, whose layers may read back only the seam's
+named reads (`A2A_LAYER_READS`: the count exchange on prefill, `read_overflow` per MoE layer on decode).
+Asserted: no CPU tensor inside a step; outside the decoder layers, host transfers only at
 the named points (`NAMED_POINTS`, with why); inside the prefill and decode steps' decoder layers and the
 expert rank's compute, no host sync at all. Layer-level checks: tests/model_shards/test_host_syncs.py.
 """
@@ -43,6 +47,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from cluster.placement import ExpertMap
+from cluster.process_groups import GroupHandle, GroupSpec
+from cluster.topology import GroupShape
+from model_shards.cache import CachePools
 from model_shards.config import ModelConfig, from_hf_config
 from model_shards.device import resolve_device
 from model_shards.model import LocalModel
@@ -50,8 +58,12 @@ from model_shards.sampling import SamplingParams
 from model_shards.trunk import Trunk
 from model_shards.weights import CheckpointLayout, TensorSpec, load_experts, load_trunk
 from replicas.engine.step_types import SeqStart, SeqStep, StepRequest, StepResult
+from replicas.ep import a2a_protocol
+from replicas.ep.a2a_protocol import FIXED, VARIABLE, StepPlan, fixed_capacity
 from replicas.ep.actors import CacheSizes
+from replicas.ep.dispatch import AllToAllDispatcher
 from replicas.ep.local_runner import LocalRunner
+from replicas.ep.trunk_rank import TrunkRank
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -95,18 +107,38 @@ class Recorder:
     events: list[Event] = field(default_factory=list)
     in_layers: bool = False
     bool_answer: bool = True  # what a synced bool reads as (True: "all finite", "any left"; the steps go on)
+    # (file, function) of the innermost frame of ours -> the value a scalar read there gives (a callable is called
+    # with how many scalars that site read before): fake tensors hold no values, the host decisions need some
+    answers: dict[tuple[str, str], Any] = field(default_factory=dict)
+    _reads: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def add(self, kind: str, op: str) -> None:
-        frames = tuple(
-            (Path(f.filename).name, f.name, f.lineno or 0)
-            for f in traceback.extract_stack()
-            if ("/model_shards/" in f.filename or "/replicas/" in f.filename) and "/tests/" not in f.filename
-        )
-        self.events.append(Event(kind, op, frames, self.in_layers))
+        self.events.append(Event(kind, op, _our_frames(), self.in_layers))
+
+    def answer(self, t: torch.Tensor) -> Any:  # noqa: ANN401  # a bool, int or float, as the read's dtype
+        """The stand-in value a scalar read of `t` gives."""
+        frames = _our_frames()
+        site = frames[-1][:2] if frames else ("?", "?")
+        if site in self.answers:
+            value = self.answers[site]
+            if callable(value):
+                n = self._reads.get(site, 0)
+                self._reads[site] = n + 1
+                return value(n)
+            return value
+        return self.bool_answer if t.dtype == torch.bool else 0.0 if t.dtype.is_floating_point else 0
 
     def take(self) -> list[Event]:
         out, self.events = self.events, []
         return out
+
+
+def _our_frames() -> tuple[tuple[str, str, int], ...]:
+    return tuple(
+        (Path(f.filename).name, f.name, f.lineno or 0)
+        for f in traceback.extract_stack()
+        if ("/model_shards/" in f.filename or "/replicas/" in f.filename) and "/tests/" not in f.filename
+    )
 
 
 _SCALAR_OPS = {
@@ -152,7 +184,7 @@ class _Ops(TorchDispatchMode):
             t = args[0]
             if t.device.type == "cuda":
                 self.rec.add("sync", str(func))
-            return self.rec.bool_answer if t.dtype == torch.bool else 0.0 if t.dtype.is_floating_point else 0
+            return self.rec.answer(t)
         dst = _to_target(func, args, kwargs)
         if dst is not None and dst.type == "cuda" and args[0].device.type == "cpu":
             self.rec.add("h2d", str(func))
@@ -451,3 +483,138 @@ def test_the_canary_runs_on_the_device(fake_run: FakeRun) -> None:
     assert [e.site for e in _outside(canary)] and all(
         ("trunk_rank.py", "canary") in [(f, fn) for f, fn, _ in e.frames] for e in _outside(canary)
     )
+
+
+# ============================================================ a trunk step over the all-to-all seam
+A2A_SHAPE = GroupShape(trunk_ranks=1, expert_ranks=2)
+A2A_PROMPT = 40  # prefill tokens (VARIABLE mode), then one decode token (FIXED mode)
+# The host reads the all-to-all seam makes inside the decoder layers, per MoE layer (file, function) -> why.
+A2A_LAYER_READS = {
+    "prefill": {
+        ("dispatch.py", "dispatch"): "the X row counts: all_to_all_single takes its split sizes as host ints",
+        ("a2a_protocol.py", "exchange_counts"): "the counts every peer sends this rank (the count exchange)",
+    },
+    "decode": {
+        ("a2a_protocol.py", "read_overflow"): "the combine headers' overflow flag: every rank must agree on "
+        "whether an extra exchange follows, a host decision",
+    },
+}
+
+
+class _CudaGroup(GroupHandle):
+    """A group handle whose device is "cuda" and has no process group behind it (the transport is replaced)."""
+
+    @property
+    def device(self) -> torch.device:
+        return CUDA
+
+
+class _Transport:
+    """`torch.distributed` as replicas/ep/a2a_protocol.py sees it, replaced at the collective only: every
+    `all_to_all_single` is recorded (shapes and devices: NCCL takes device tensors only) and echoes, i.e. the
+    receive buffer the protocol made stands for the peers' answer (fake tensors hold no values anyway)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[torch.device, torch.device]] = []
+
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, **_: Any) -> None:  # noqa: A002, ANN401  # torch.distributed's names
+        self.calls.append((output.device, input.device))
+
+
+@dataclass
+class A2aRun:
+    cfg: ModelConfig
+    rank: TrunkRank
+    steps: dict[str, tuple[StepResult, list[Event], int, StepPlan]]  # result, events, collectives, plan
+
+
+@pytest.fixture(scope="module")
+def a2a_run(tiny_fused: Path) -> A2aRun:
+    """A TrunkRank with the AllToAllDispatcher (1 trunk rank, 2 expert ranks), everything real down to
+    `a2a_protocol`'s `dist.all_to_all_single`: a prefill (VARIABLE mode: count exchange, packed rows) and a
+    decode step (FIXED mode: capacity buffers, the overflow flag)."""
+    cfg = from_hf_config(tiny_fused)
+    layout = CheckpointLayout(prefix="model.language_model.", layout="fused", mtp_layout=None, has_vision=False)
+    x, k = A2A_SHAPE.expert_ranks, cfg.num_experts_per_tok
+    rec = Recorder()
+    # stand-in values for the seam's host reads: the prefill's X counts sum to its T * k rows (all to expert
+    # rank 0, which the echo then answers); the decode's overflow flag reads "none" (the fast path)
+    rec.answers[("dispatch.py", "dispatch")] = lambda n: A2A_PROMPT * k if n % x == 0 else 0
+    rec.answers[("a2a_protocol.py", "read_overflow")] = False
+    transport = _Transport()
+    steps: dict[str, tuple[StepResult, list[Event], int, StepPlan]] = {}
+    spec = GroupSpec("127.0.0.1", 1, world_size=A2A_SHAPE.world_size, backend="gloo", deadline_s=1.0, epoch=0)
+    emap = ExpertMap.contiguous(num_experts=cfg.num_experts, num_moe_layers=cfg.num_moe_layers, expert_ranks=x)
+    layers = tuple(range(cfg.num_layers))
+    with pytest.MonkeyPatch.context() as mp, FakeTensorMode(), _Ops(rec), _Placement(rec):
+        mp.setattr(a2a_protocol, "dist", transport)
+        reader = _SpecReader(layout.expected(cfg))
+        trunk_w = load_trunk(reader, cfg, dtype=torch.bfloat16, layout=layout, device=CUDA)  # type: ignore[arg-type]  # the reader's boundary, see _SpecReader
+        trunk = Trunk(trunk_w, cfg, dtype=torch.bfloat16)
+        _watch_layers(trunk, rec)
+        group = _CudaGroup(None, 0, spec)  # type: ignore[arg-type]  # no process group: the transport is replaced
+        routed = AllToAllDispatcher(
+            group, A2A_SHAPE, emap, hidden=cfg.hidden_size, dtype=torch.bfloat16, num_experts=cfg.num_experts
+        )
+        pools = CachePools.allocate(cfg, num_blocks=8, block_size=16, num_slots=2, dtype=torch.bfloat16, device=CUDA)
+        rank = TrunkRank(trunk, pools, routed, progress=group.progress)
+        rec.take()
+        greedy = SamplingParams(temperature=0.0)
+        start = SeqStart(slot=0, params=greedy, prompt_len=A2A_PROMPT)
+        plans = {
+            "prefill": (
+                StepRequest(seqs=(SeqStep(1, 0, tuple(range(1, A2A_PROMPT + 1)), (0, 1, 2), start=start),)),
+                StepPlan(layers, VARIABLE),
+            ),
+            "decode": (
+                StepRequest(seqs=(SeqStep(1, A2A_PROMPT, (5,), output_index=1),)),
+                StepPlan(layers, FIXED, fixed_capacity(1, top_k=k, expert_ranks=x, factor=2.0)),
+            ),
+        }
+        for name, (req, plan) in plans.items():
+            before = len(transport.calls)
+            res = rank.step(req, plan)
+            assert not any(res.errors), f"{name}: the step refused or failed its sequences: {res.errors}"
+            bad = [(o, i) for o, i in transport.calls[before:] if o != CUDA or i != CUDA]
+            assert not bad, f"{name}: a collective was handed host tensors: {bad}"
+            steps[name] = (res, rec.take(), len(transport.calls) - before, plan)
+    return A2aRun(cfg, rank, steps)
+
+
+def test_a2a_trunk_step_keeps_every_tensor_on_the_device(a2a_run: A2aRun) -> None:
+    """Both modes ran to a sampled token with every collective on device tensors (checked in the fixture),
+    the expected number of collectives per MoE layer, and no op mixing a CPU tensor in."""
+    per_layer = {"prefill": 3, "decode": 2}  # counts + rows + answers; rows + answers (the counts ride in headers)
+    for name, (res, evs, collectives, plan) in a2a_run.steps.items():
+        assert res.token_ids[0] is not None, name
+        assert collectives == per_layer[name] * len(plan.moe_layers), name
+        bad = [str(e) for e in evs if e.kind == "cpu-tensor"]
+        assert not bad, f"{name}:\n" + "\n".join(bad)
+    assert all(t.device == CUDA for t in _all_tensors(a2a_run.rank.routed))
+
+
+@pytest.mark.parametrize("step", ["prefill", "decode"])
+def test_a2a_layer_syncs_are_only_the_named_reads(a2a_run: A2aRun, step: str) -> None:
+    """Inside the decoder layers the seam reads back only A2A_LAYER_READS (printed with why), each once per
+    MoE layer: decode the combine header's overflow flag; prefill the count exchange."""
+    _, evs, _, plan = a2a_run.steps[step]
+    syncs = _layer_syncs(evs)
+    named = A2A_LAYER_READS[step]
+    unnamed = [str(e) for e in syncs if e.site not in named]
+    assert not unnamed, "host syncs in the layers beyond the named reads:\n" + "\n".join(unnamed)
+    for site, why in named.items():
+        # one call per MoE layer, each the same number of recorded reads (a list read counts per element)
+        calls = [e for e in syncs if e.site == site]
+        print(f"{step}: {site[0]}:{site[1]} ({why}): {len(calls)} reads over {len(plan.moe_layers)} MoE layers")
+        assert calls and len(calls) % len(plan.moe_layers) == 0, (site, len(calls))
+    assert not [e for e in evs if e.in_layers and e.kind == "d2h"]
+
+
+def test_a2a_host_transfers_outside_the_layers_are_the_named_points(a2a_run: A2aRun) -> None:
+    unnamed = [
+        f"{name}: {e}"
+        for name, (_, evs, _, _) in a2a_run.steps.items()
+        for e in _outside(evs)
+        if not any((f, fn) in NAMED_POINTS for f, fn, _ in e.frames)
+    ]
+    assert not unnamed, "host transfers outside the named points:\n" + "\n".join(unnamed)
