@@ -16,8 +16,11 @@ Peak memory (wide config): loading 1/8 of the experts (`load_experts`, one of 8 
 vs the whole model (`LocalModel.load`), each in a fresh subprocess (peak RSS minus the RSS
 after imports).
 
+`--device` (auto | cpu | cuda[:N], model_shards/device.py): both models, their caches and inputs live there;
+on cuda every timing ends with `torch.cuda.synchronize` (the peak-memory figures stay host RSS of CPU loads).
+
 Usage: python benchmarks/bench_model.py [--configs tiny,wide] [--dtypes float32,bfloat16]
-       [--repeats 5] [--threads 2] [--json out.json]
+       [--repeats 5] [--threads 2] [--device auto|cpu|cuda[:N]] [--json out.json]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model_shards.batch import SeqChunk, StepBatch  # noqa: E402  # after the sys.path line above
+from model_shards.device import DEVICE_CHOICES, resolve_device  # noqa: E402
 from model_shards.model import LocalModel  # noqa: E402
 
 ROPE = dict(
@@ -136,17 +140,25 @@ def save_checkpoint(name: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def load_hf(folder: Path, dtype: torch.dtype):  # noqa: ANN201  # transformers model
+def load_hf(folder: Path, dtype: torch.dtype, device: torch.device):  # noqa: ANN201  # transformers model
     from transformers import Qwen3_5MoeForCausalLM
 
     model = Qwen3_5MoeForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    return model
+    return model.to(device)
 
 
 # ------------------------------------------------------------------------------ timing
-def _timed(fn: Callable[[], object]) -> float:
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a CUDA call returns before its kernels finish)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
     start = time.perf_counter()
     fn()
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -158,13 +170,14 @@ def _tables(num_seqs: int, tokens: int) -> list[tuple[int, ...]]:
 class Side:
     """One model behind the same three calls: fresh state, prefill, decode step."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, device: torch.device) -> None:
         self.name = name
+        self.device = device
 
 
 class Ours(Side):
     def __init__(self, model: LocalModel) -> None:
-        super().__init__("ours")
+        super().__init__("ours", model.device)
         self.model = model
 
     def reset(self, num_seqs: int, tokens: int) -> None:
@@ -177,7 +190,9 @@ class Ours(Side):
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         rows = ids.tolist()
         batch = StepBatch.build(
-            [SeqChunk(tuple(r), 0, i, self.tables[i]) for i, r in enumerate(rows)], block_size=BLOCK
+            [SeqChunk(tuple(r), 0, i, self.tables[i]) for i, r in enumerate(rows)],
+            block_size=BLOCK,
+            device=self.device,
         )
         out = self.model.forward(batch, self.pools).logits_RV
         self.lens = [len(r) for r in rows]
@@ -185,7 +200,9 @@ class Ours(Side):
 
     def step(self, ids: list[int]) -> torch.Tensor:
         batch = StepBatch.build(
-            [SeqChunk((t,), self.lens[i], i, self.tables[i]) for i, t in enumerate(ids)], block_size=BLOCK
+            [SeqChunk((t,), self.lens[i], i, self.tables[i]) for i, t in enumerate(ids)],
+            block_size=BLOCK,
+            device=self.device,
         )
         out = self.model.forward(batch, self.pools).logits_RV
         self.lens = [n + 1 for n in self.lens]
@@ -194,7 +211,7 @@ class Ours(Side):
 
 class Theirs(Side):
     def __init__(self, model) -> None:  # noqa: ANN001  # transformers model
-        super().__init__("transformers")
+        super().__init__("transformers", model.device)
         self.model = model
 
     def reset(self, num_seqs: int, tokens: int) -> None:
@@ -204,11 +221,16 @@ class Theirs(Side):
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model(ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            return (
+                self.model(ids.to(self.device), cache=self.cache, use_cache=True, logits_to_keep=1)
+                .logits[:, -1]
+                .float()
+            )
 
     def step(self, ids: list[int]) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model(torch.tensor(ids)[:, None], cache=self.cache, use_cache=True).logits[:, -1].float()
+            ids_B1 = torch.tensor(ids, device=self.device)[:, None]
+            return self.model(ids_B1, cache=self.cache, use_cache=True).logits[:, -1].float()
 
 
 def bench_prefill(sides: list[Side], vocab: int, repeats: int) -> dict[str, float]:
@@ -218,7 +240,7 @@ def bench_prefill(sides: list[Side], vocab: int, repeats: int) -> dict[str, floa
     for r in range(repeats + 1):  # repeat 0 is the warm-up
         for s in sides if r % 2 == 0 else sides[::-1]:
             s.reset(PREFILL_B, PREFILL_T)
-            t = _timed(lambda: s.prefill(ids))  # noqa: B023  # called within this iteration
+            t = _timed(lambda: s.prefill(ids), s.device)  # noqa: B023  # called within this iteration
             if r:
                 times[s.name].append(t)
     return {name: PREFILL_B * PREFILL_T / statistics.median(ts) for name, ts in times.items()}
@@ -238,7 +260,7 @@ def bench_decode(sides: list[Side], vocab: int, batch: int, repeats: int) -> dic
             s.step(tokens[0])  # first step after a prefill: not timed
         for step in tokens[1 : DECODE_STEPS + 1]:
             for s in order:
-                t = _timed(lambda: s.step(step))  # noqa: B023  # called within this iteration
+                t = _timed(lambda: s.step(step), s.device)  # noqa: B023  # called within this iteration
                 if r:
                     times[s.name].append(t)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
@@ -315,14 +337,14 @@ def measure_load_memory(folder: Path, dtype: str) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------ main
-def run_config(name: str, dtypes: list[str], repeats: int, tmp: Path, results: dict) -> None:
+def run_config(name: str, dtypes: list[str], repeats: int, tmp: Path, results: dict, device: torch.device) -> None:
     t0 = time.perf_counter()
     folder = save_checkpoint(name, tmp / name)
     vocab = CONFIGS[name]["vocab_size"]
     print(f"[{name}] checkpoint saved in {time.perf_counter() - t0:.1f}s", flush=True)
     for dt in dtypes:
-        theirs = Theirs(load_hf(folder, DTYPES[dt]))
-        ours = Ours(LocalModel.load(folder, dtype=dt))
+        theirs = Theirs(load_hf(folder, DTYPES[dt], device))
+        ours = Ours(LocalModel.load(folder, dtype=dt, device=device))
         cfg = theirs.model.config
         backends = f"attn={cfg._attn_implementation}, experts={getattr(cfg, '_experts_implementation', '?')}"
         diff = check_same_logits(ours, theirs, vocab)
@@ -401,8 +423,13 @@ def main() -> None:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of: " + ", ".join(DTYPES))
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per cell (after one warm-up)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both sides")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (auto: cuda:0 when torch sees a GPU)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
     configs = [c for c in args.configs.split(",") if c]
     dtypes = [d for d in args.dtypes.split(",") if d]
     for c in configs:
@@ -419,13 +446,13 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-        f"repeats {args.repeats}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
+        f"repeats {args.repeats}, device {device}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench_model_") as tmp:
         for c in configs:
-            run_config(c, dtypes, args.repeats, Path(tmp), results)
+            run_config(c, dtypes, args.repeats, Path(tmp), results, device)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     print_table(results)
     if args.json:
