@@ -7,6 +7,8 @@ whose kernel equals its stride and its input), the learned position grid resampl
 bidirectional attention inside each frame, then the 2x2 merger. Mirrors transformers'
 `Qwen3_5MoeVisionModel` with eager attention. Must not: know token ids or text positions
 (model_shards/mm_positions.py) or decode pixels (model_shards/image_processing.py).
+The position rows and rotary tables of each frame shape are made on the weights' device and kept there
+(`VisionTower._frame_tables`, up to FRAME_TABLES_KEPT shapes): an encode copies only its pixels in.
 Legend: N patches, D vision hidden, H heads, K head dim, M merged tokens (N / merge^2), E text hidden.
 Tests: tests/model_shards/test_vision.py (against transformers; the position grid against F.interpolate).
 """
@@ -28,6 +30,7 @@ ATTENTION_IMPLS = ("eager", "sdpa")
 SUPPORTED_ACTS = ("gelu_pytorch_tanh",)
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches
+FRAME_TABLES_KEPT = 64  # frame shapes whose position / rotary tables a tower keeps on its device
 
 
 @dataclass
@@ -151,13 +154,15 @@ def merged_tokens(grid: Grid, *, merge: int) -> int:
     return t * (h // merge) * (w // merge)
 
 
-def block_order_rows_cols(h: int, w: int, *, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_order_rows_cols(
+    h: int, w: int, *, merge: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, col) [h * w] of each patch of one frame, in merge-block order
     (block_row, block_col, in_row, in_col): every merge^2 consecutive patches form one block."""
-    bh = torch.arange(h // merge).view(-1, 1, 1, 1)
-    bw = torch.arange(w // merge).view(1, -1, 1, 1)
-    ih = torch.arange(merge).view(1, 1, -1, 1)
-    iw = torch.arange(merge).view(1, 1, 1, -1)
+    bh = torch.arange(h // merge, device=device).view(-1, 1, 1, 1)
+    bw = torch.arange(w // merge, device=device).view(1, -1, 1, 1)
+    ih = torch.arange(merge, device=device).view(1, 1, -1, 1)
+    iw = torch.arange(merge, device=device).view(1, 1, 1, -1)
     shape = (h // merge, w // merge, merge, merge)
     return (bh * merge + ih).expand(shape).flatten(), (bw * merge + iw).expand(shape).flatten()
 
@@ -167,7 +172,7 @@ def _axis_taps(index: torch.Tensor, *, size: int, side: int) -> tuple[torch.Tens
     align_corners=True (0 -> 0, size-1 -> side-1), and their hat-kernel weights 1 - |src - tap|."""
     src = index.float() * (side - 1) / max(size - 1, 1)
     floor = src.floor()
-    offsets = torch.arange(2)
+    offsets = torch.arange(2, device=index.device)
     taps = (floor.long()[:, None] + offsets).clamp(0, side - 1)
     weights = (1 - (src[:, None] - floor[:, None] - offsets).abs()).clamp(min=0)
     return taps, weights
@@ -180,36 +185,45 @@ def position_embedding(pos_embed: torch.Tensor, *, grids: Sequence[Grid], merge:
     computed as 4 weighted taps per patch (what HF does) in fp32.
     Returns: [N, D] fp32.
     """
+    return torch.cat([frame_position_embedding(pos_embed, h=h, w=w, merge=merge).repeat(t, 1) for t, h, w in grids])
+
+
+def frame_position_embedding(pos_embed: torch.Tensor, *, h: int, w: int, merge: int) -> torch.Tensor:
+    """`position_embedding` of one h x w frame: [h * w, D] fp32, built on the grid's device."""
     side = int(round(pos_embed.shape[0] ** 0.5))
-    out = []
-    for t, h, w in grids:
-        rows, cols = block_order_rows_cols(h, w, merge=merge)
-        row_taps, row_w = _axis_taps(rows, size=h, side=side)
-        col_taps, col_w = _axis_taps(cols, size=w, side=side)
-        idx = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)  # [hw, 4]
-        wts = (row_w[:, :, None] * col_w[:, None, :]).reshape(-1, 4)
-        idx, wts = idx.to(pos_embed.device), wts.to(pos_embed.device)
-        frame = (pos_embed[idx] * wts[:, :, None]).sum(1)  # [hw, D]
-        out.append(frame.repeat(t, 1))
-    return torch.cat(out)
+    rows, cols = block_order_rows_cols(h, w, merge=merge, device=pos_embed.device)
+    row_taps, row_w = _axis_taps(rows, size=h, side=side)
+    col_taps, col_w = _axis_taps(cols, size=w, side=side)
+    idx = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)  # [hw, 4]
+    wts = (row_w[:, :, None] * col_w[:, None, :]).reshape(-1, 4)
+    return (pos_embed[idx] * wts[:, :, None]).sum(1)  # [hw, D]
 
 
 def rotary_cos_sin(
-    grids: Sequence[Grid], *, head_dim: int, theta: float, merge: int
+    grids: Sequence[Grid], *, head_dim: int, theta: float, merge: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D rotary tables: angles [row * f | col * f] over f = theta^(-2i / (K/2)), i < K/4, duplicated to K.
 
-    Returns: cos, sin [N, K] fp32 (applied with full-width rotate_half, in fp32).
+    Returns: cos, sin [N, K] fp32 on `device` (applied with full-width rotate_half, in fp32).
     """
+    frames = [frame_rotary(h, w, head_dim=head_dim, theta=theta, merge=merge, device=device) for _, h, w in grids]
+    return (
+        torch.cat([c.repeat(t, 1) for (t, _, _), (c, _) in zip(grids, frames)]),
+        torch.cat([s.repeat(t, 1) for (t, _, _), (_, s) in zip(grids, frames)]),
+    )
+
+
+def frame_rotary(
+    h: int, w: int, *, head_dim: int, theta: float, merge: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_cos_sin` of one h x w frame: cos, sin [h * w, K] fp32 (elementwise per patch, so a frame's
+    rows are the same numbers wherever the frame sits in the batch)."""
     spatial = head_dim // 2
-    inv_freq = 1.0 / (theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial))
-    parts = []
-    for t, h, w in grids:
-        rows, cols = block_order_rows_cols(h, w, merge=merge)
-        parts.append(torch.stack([rows, cols], dim=-1).repeat(t, 1))
-    freqs = torch.cat(parts)[..., None].float() * inv_freq  # [N, 2, K/4]
-    angles = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)  # [N, K/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [N, K]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, spatial, 2, dtype=torch.float, device=device) / spatial))
+    rows, cols = block_order_rows_cols(h, w, merge=merge, device=device)
+    freqs = torch.stack([rows, cols], dim=-1)[..., None].float() * inv_freq  # [hw, 2, K/4]
+    angles = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)  # [hw, K/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [hw, K]
     return angles.cos(), angles.sin()
 
 
@@ -301,6 +315,22 @@ class VisionTower:
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"vision attention {attention!r} is not one of {ATTENTION_IMPLS}")
         self.w, self.cfg, self.dtype, self.attention = weights, cfg, dtype, attention
+        # per frame shape (h, w): (position rows [hw, D] fp32, cos, sin [hw, K] fp32), made on the weights'
+        # device once and reused (no host tables copied in per encode); bounded, oldest shape dropped first
+        self._frames: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _frame_tables(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tables = self._frames.get((h, w))
+        if tables is None:
+            v, merge = self.cfg, self.cfg.spatial_merge_size
+            pos = frame_position_embedding(self.w.pos_embed, h=h, w=w, merge=merge)
+            cos, sin = frame_rotary(
+                h, w, head_dim=v.head_dim, theta=v.rope_theta, merge=merge, device=self.w.pos_embed.device
+            )
+            if len(self._frames) >= FRAME_TABLES_KEPT:
+                self._frames.pop(next(iter(self._frames)))
+            tables = self._frames[(h, w)] = (pos, cos, sin)
+        return tables
 
     @torch.inference_mode()
     def encode(self, pixel_values_NP: torch.Tensor, grid_thw: Sequence[Grid] | torch.Tensor) -> torch.Tensor:
@@ -326,9 +356,10 @@ class VisionTower:
         )
         # Conv3d with kernel = stride = the whole input: one output vector per patch (HF's op, same rounding).
         x = F.conv3d(x, self.w.patch_embed_w, self.w.patch_embed_b, stride=self.w.patch_embed_w.shape[2:]).view(n, -1)
-        x = x + position_embedding(self.w.pos_embed, grids=grids, merge=merge).to(x.dtype)
-        cos, sin = rotary_cos_sin(grids, head_dim=v.head_dim, theta=v.rope_theta, merge=merge)
-        cos, sin = cos.to(dev), sin.to(dev)
+        frames = [(t, self._frame_tables(h, w)) for t, h, w in grids]
+        x = x + torch.cat([pos.repeat(t, 1) for t, (pos, _, _) in frames]).to(x.dtype)
+        cos = torch.cat([c.repeat(t, 1) for t, (_, c, _) in frames])
+        sin = torch.cat([s.repeat(t, 1) for t, (_, _, s) in frames])
         lengths = frame_lengths(grids)
         for blk in self.w.blocks:
             x = vision_block(x, blk, num_heads=v.num_heads, cos=cos, sin=sin, lengths=lengths, impl=self.attention)
