@@ -143,10 +143,11 @@ def absent_shard(folder: Path) -> list[str]:
 def fp8_weight_stored_bf16(folder: Path) -> list[str]:
     """An FP8 config with one FP8 weight stored BF16 (its scale left in place)."""
     index = read_index(folder)
-    smallest = min(set(index["weight_map"].values()), key=lambda f: (folder / f).stat().st_size)
-    name = next(
-        n for n, f in sorted(index["weight_map"].items()) if f == smallest and f"{n}_scale_inv" in index["weight_map"]
-    )
+    wm = index["weight_map"]
+    # the smallest shard holding an FP8 weight (one with a scale): the edit rewrites that whole shard
+    with_fp8 = {f for n, f in wm.items() if f"{n}_scale_inv" in wm}
+    smallest = min(with_fp8, key=lambda f: (folder / f).stat().st_size)
+    name = next(n for n, f in sorted(wm.items()) if f == smallest and f"{n}_scale_inv" in wm)
     edit_tensors(folder, name, lambda t: t.update({name: t[name].to(torch.bfloat16)}))
     return [name, "BF16", "F8_E4M3"]
 
