@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model_shards import sampling as new  # noqa: E402
+from model_shards.device import DEVICE_CHOICES, resolve_device  # noqa: E402
 
 BASELINE = "648b3d9"  # the last revision with the per-row sampler (a torch.Generator per row)
 
@@ -87,13 +88,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=248320)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (auto: cuda:0 when torch sees a GPU)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (a rank actor runs 1)")
     ap.add_argument("--baseline", default=BASELINE, help="git revision of the per-row sampler to compare with")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
+    try:
+        dev = resolve_device(args.device)
+    except ValueError as exc:
+        ap.error(str(exc))
     gen = torch.Generator().manual_seed(0)
     logits = (torch.randn(args.batch, args.vocab, generator=gen) * 3).to(dev)
     old = _load_baseline(args.baseline)
