@@ -38,8 +38,16 @@ if TYPE_CHECKING:  # annotations only: llguidance loads with the first constrain
 
 log = logging.getLogger("ray.serve.epserve.engine")
 # SeqStep's fields after output_index at their defaults (a plain decode's message entry)
-_DECODE_DEFAULTS = (None, (), (), None, None, None)
-assert SeqStep._fields[6:] == ("start", "drafts", "suppress_ids", "allowed_mask", "forced_token", "mtp_next")
+_DECODE_DEFAULTS = (None, (), (), None, None, None, None)
+assert SeqStep._fields[6:] == (
+    "start",
+    "drafts",
+    "suppress_ids",
+    "allowed_mask",
+    "forced_token",
+    "mtp_next",
+    "save_state",
+)
 assert _DECODE_DEFAULTS == tuple(SeqStep._field_defaults[f] for f in SeqStep._fields[6:])
 
 

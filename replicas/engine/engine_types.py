@@ -33,6 +33,10 @@ class GenerateRequest:
         thinking_end_ids: what closes reasoning when the budget is spent (`</think>` and the blank line after it).
         thinking_exit_ids: tokens with which the model itself ends its reasoning (`</think>`; also `<tool_call>`
             where no grammar asks for `</think>` first): after one, nothing is forced.
+        cache_salt: the prefix cache keeps this request's prefixes apart from other salts' (vLLM's field; None
+            and "" are the shared namespace).
+        cache_hints: prompt indices where a saved DeltaNet state is worth keeping (the end of the system/tools
+            preamble, the start of the last assistant header of a chat prompt); the engine rounds them down to 64.
     """
 
     request_id: str
@@ -53,6 +57,8 @@ class GenerateRequest:
     max_thinking_tokens: int | None = None
     thinking_end_ids: tuple[int, ...] = ()
     thinking_exit_ids: tuple[int, ...] = ()
+    cache_salt: str | None = None
+    cache_hints: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,9 +124,12 @@ class RequestOutput:
         outputs: one `GenerateOutput` per choice with news, by index.
         engine_id: the engine that runs the request (its Serve replica): the front end addresses
             `finish_choice` to it (replicas/serving/engine_router.py). "" outside Serve.
+        cached_tokens: prompt tokens the prefix cache saved the request (its first choice's prefill), for
+            `usage.prompt_tokens_details.cached_tokens`; known from the first item on.
     """
 
     request_id: str
     step: int
     outputs: tuple[GenerateOutput, ...]
     engine_id: str = ""
+    cached_tokens: int = 0

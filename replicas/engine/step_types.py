@@ -27,6 +27,11 @@ each sequence placed on it, keyed by sequence id, and each step says only what c
       rope_delta, mm_positions,      MRoPE offset after images; [3, prompt_len] positions of the prompt
       vision_rows, vision            prompt indices that take vision embeddings; the preprocessed images
       mtp                            the sequence drafts with the MTP head
+      restore                        a prefix-cache hit: state checkpoint copied into `slot` before the first
+                                     chunk, whose context_len (the cached length, on the 64-token grid) of KV
+                                     is in the first blocks of `new_blocks` (shared, never written)
+    SeqStep.save_state               after the chunk, copy the sequence's DeltaNet state into this state
+                                     checkpoint (the chunk ends on the 64-token grid; the prefix cache keeps it)
 
 The rank derives the rest: the block table (every `new_blocks` in order), the penalty history (prompt and
 output ids are exactly the tokens it was fed, plus the drafts it accepted), MRoPE positions and vision rows of
@@ -63,6 +68,9 @@ class SeqStart:
         vision_rows: prompt indices, ascending, whose embeddings come from the vision tower.
         vision: the preprocessed images / videos (the rank encodes them once, with the first chunk).
         mtp: the sequence takes part in MTP drafting (its MTP cache is kept up to date).
+        restore: a prefix-cache hit: the state checkpoint (an index into the rank's checkpoint pool) copied into
+            `slot` before the first chunk; that chunk's context_len is the cached length (a multiple of 64) and
+            the blocks holding it come first in its `new_blocks`, shared with the cache (read-only). None: fresh.
     """
 
     slot: int
@@ -73,6 +81,7 @@ class SeqStart:
     vision_rows: tuple[int, ...] = ()
     vision: tuple[Any, ...] | None = None
     mtp: bool = False
+    restore: int | None = None
 
 
 class SeqStep(NamedTuple):
@@ -91,6 +100,9 @@ class SeqStep(NamedTuple):
         allowed_mask: int32 bitmask of the tokens a grammar allows now (structured output), or None.
         forced_token: the token this sample must be (a spent thinking budget forces `</think>`), or None.
         mtp_next: for a prefill chunk that does not sample, the token after it (the MTP's input).
+        save_state: after this chunk (which ends on the 64-token grid), copy the sequence's DeltaNet state into
+            this state checkpoint of the rank's checkpoint pool (the prefix cache keeps it; it is never written
+            again while the cache holds it). None: nothing saved.
     """
 
     seq_id: int
@@ -105,6 +117,7 @@ class SeqStep(NamedTuple):
     allowed_mask: torch.Tensor | None = None
     forced_token: int | None = None
     mtp_next: int | None = None
+    save_state: int | None = None
 
 
 @dataclass(frozen=True)
