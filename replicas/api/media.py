@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +49,38 @@ class MultimodalPrompt:
         positions: [3, P] MRoPE positions of the whole prompt.
         rope_delta: decode position offset (position of token c = c + rope_delta).
         pad_ids: the image and video pad token ids (rows that take vision embeddings).
+        content_keys: per item, in prompt order: (a 62-bit hash of its pixels, grid, kind and timestamps; the
+            number of pad rows it takes). The prefix cache keys a prompt by its token ids with each pad row
+            replaced by a value derived from its item's hash, so two prompts share a cached prefix only where
+            their images are the same. Empty: the prompt is not cached.
     """
 
     inputs: tuple[VisionInput, ...]
     positions: torch.Tensor
     rope_delta: int
     pad_ids: tuple[int, int]
+    content_keys: tuple[tuple[int, int], ...] = ()
+
+    def cache_key(self, prompt_ids: tuple[int, ...] | list[int]) -> tuple[int, ...] | None:
+        """The prompt as the prefix cache sees it: token ids, each pad row a negative value of (item hash, offset
+        in the item) (never a token id), or None when the items carry no content keys."""
+        if not self.content_keys:
+            return None
+        pads = set(self.pad_ids)
+        keys: list[int] = []
+        item, offset = 0, 0
+        for t in prompt_ids:
+            if t not in pads:
+                keys.append(t)
+                continue
+            if item >= len(self.content_keys):
+                return None  # more pad rows than the items take: not a prompt this reader built
+            digest, rows = self.content_keys[item]
+            keys.append(-1 - ((digest + offset * 0x9E3779B97F4A7C15) & ((1 << 62) - 1)))
+            offset += 1
+            if offset == rows:
+                item, offset = item + 1, 0
+        return tuple(keys)
 
 
 class MediaReader:
@@ -172,7 +199,16 @@ class MediaReader:
         except ValueError as exc:
             raise MediaError(str(exc)) from None
         positions, delta = mrope_positions(token_types(ids, tokens=self.tokens), items, merge_size=merge)
-        return ids, MultimodalPrompt(tuple(inputs), positions, delta, (self.tokens.image, self.tokens.video))
+        keys = tuple((_content_hash(i), math.prod(i.grid_thw) // (merge * merge)) for i in inputs)
+        return ids, MultimodalPrompt(tuple(inputs), positions, delta, (self.tokens.image, self.tokens.video), keys)
+
+
+def _content_hash(item: VisionInput) -> int:
+    """62 bits of blake2b over what the vision tower sees of one item (pixels, grid, kind, frame times)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{item.kind}|{item.grid_thw}|{item.timestamps}|{item.pixel_values.dtype}".encode())
+    h.update(item.pixel_values.detach().contiguous().cpu().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") & ((1 << 62) - 1)
 
 
 def _kind(part: Any) -> str | None:  # noqa: ANN401
