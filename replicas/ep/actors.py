@@ -1,16 +1,19 @@
 """The Ray actors of an expert-parallel group: thin shells over TrunkRank and ExpertRank.
 
-Owns: loading each rank's own part of the checkpoint (a trunk rank reads no routed expert, an
-expert rank only its experts), joining / leaving the group's process group, and exposing one
-method per step. Both classes are declared Ray actors here (one call at a time; never restarted by
-Ray, since the group replaces a failed rank itself); what depends on the placement (CPUs, GPU,
-bundle, name) is given per actor in replicas/ep/group.py through `.options()`. A rank whose step
-failed re-raises and stays in its group until the driver decides (NCCL semantics: leaving would not
-wake peers waiting in a collective anyway): a failed rank is killed, a collateral one aborts its
-communicator (`abort_group`) and leaves (`leave`), keeping its weights. Control methods (progress,
-abort, the test-only fault hook, the weight-load counter) run on their own thread ("control"
-concurrency group), so the driver reads them while a step runs.
-Tests: tests/replicas/test_group.py, tests/replicas/test_failures.py.
+Owns: loading each rank's own part of the checkpoint (a trunk rank reads no routed expert, an expert rank only
+its experts), joining / leaving the group's process group, and the step: a trunk rank's `step` call per step
+(trunk rank 0 first sends the step header to the expert ranks), an expert rank's `run_loop` (one call per
+epoch, serving every step the header announces; `serve` is the per-step call of the earlier path,
+`GroupConfig.expert_loop = False`). Both classes are declared Ray actors here (one step call at a time; never
+restarted by Ray, since the group replaces a failed rank itself); what depends on the placement (CPUs, GPU,
+bundle, name) is given per actor in replicas/ep/group.py through `.options()`. A rank whose step failed
+re-raises and stays in its group until the driver decides (NCCL semantics: leaving would not wake peers
+waiting in a collective anyway): a failed rank is killed, a collateral one aborts its communicator
+(`abort_group`) and leaves (`leave`), keeping its weights. Control methods (progress, abort, the test-only
+fault hook, the weight-load counter, pid, stopping the loop) run on their own thread ("control" concurrency
+group), so the driver reads them while a step runs; an expert rank's statistics and weight moves run on an
+"admin" thread beside its loop.
+Tests: tests/replicas/test_group.py, tests/replicas/test_failures.py, tests/replicas/test_step_channel.py.
 """
 
 from __future__ import annotations
