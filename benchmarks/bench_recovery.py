@@ -86,7 +86,8 @@ def _child(out_path: str) -> None:
 
                     setattr(rank, name, wrapped)
 
-            ray.get(actor.__ray_call__.remote(patch), timeout=30)
+            # on the control thread: the default one may be the expert rank's step loop
+            ray.get(actor.__ray_call__.options(concurrency_group="control").remote(patch), timeout=30)
 
         # the reference: one expert rank's weight load, on its own (no placement group)
         g = new_group()
@@ -94,7 +95,10 @@ def _child(out_path: str) -> None:
         loads = []
         for _ in range(3):
             t0 = time.monotonic()
-            a = spec_actor.remote(ray.get(g.experts[1].__ray_call__.remote(lambda self: self.spec)))
+            spec = ray.get(
+                g.experts[1].__ray_call__.options(concurrency_group="control").remote(lambda self: self.spec)
+            )
+            a = spec_actor.remote(spec)
             ray.get(a.pid.remote(), timeout=300)
             loads.append(time.monotonic() - t0)
             ray.kill(a, no_restart=True)

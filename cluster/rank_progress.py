@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,14 +70,18 @@ class RankProgress:
         self.in_collective = False
         self.busy = False  # inside a step call
         self.fault: Fault | None = None
+        self._began = 0.0
+        self.step_seconds: deque[float] = deque(maxlen=4096)  # the latest steps' durations (control-cost benchmark)
 
     def begin_step(self) -> None:
         self.steps += 1
         self.step_collectives = 0
         self.busy = True
+        self._began = time.perf_counter()
 
     def end_step(self) -> None:
         self.busy = False
+        self.step_seconds.append(time.perf_counter() - self._began)
 
     def check(self, point: str) -> None:
         """Fire the armed fault if it is for `point` (test-only; one attribute read otherwise)."""

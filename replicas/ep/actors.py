@@ -1,22 +1,27 @@
 """The Ray actors of an expert-parallel group: thin shells over TrunkRank and ExpertRank.
 
-Owns: loading each rank's own part of the checkpoint (a trunk rank reads no routed expert, an
-expert rank only its experts), joining / leaving the group's process group, and exposing one
-method per step. Both classes are declared Ray actors here (one call at a time; never restarted by
-Ray, since the group replaces a failed rank itself); what depends on the placement (CPUs, GPU,
-bundle, name) is given per actor in replicas/ep/group.py through `.options()`. A rank whose step
-failed re-raises and stays in its group until the driver decides (NCCL semantics: leaving would not
-wake peers waiting in a collective anyway): a failed rank is killed, a collateral one aborts its
-communicator (`abort_group`) and leaves (`leave`), keeping its weights. Control methods (progress,
-abort, the test-only fault hook, the weight-load counter) run on their own thread ("control"
-concurrency group), so the driver reads them while a step runs.
-Tests: tests/replicas/test_group.py, tests/replicas/test_failures.py.
+Owns: loading each rank's own part of the checkpoint (a trunk rank reads no routed expert, an expert rank only
+its experts), joining / leaving the group's process group, and the step: a trunk rank's `step` call per step
+(trunk rank 0 first sends the step header to the expert ranks), an expert rank's `run_loop` (one call per
+epoch, serving every step the header announces; `serve` is the per-step call of the earlier path,
+`GroupConfig.expert_loop = False`). Both classes are declared Ray actors here (one step call at a time; never
+restarted by Ray, since the group replaces a failed rank itself); what depends on the placement (CPUs, GPU,
+bundle, name) is given per actor in replicas/ep/group.py through `.options()`. A rank whose step failed
+re-raises and stays in its group until the driver decides (NCCL semantics: leaving would not wake peers
+waiting in a collective anyway): a failed rank is killed, a collateral one aborts its communicator
+(`abort_group`) and leaves (`leave`), keeping its weights. Control methods (progress, abort, the test-only
+fault hook, the weight-load counter, pid, stopping the loop) run on their own thread ("control" concurrency
+group), so the driver reads them while a step runs; an expert rank's statistics and weight moves run on an
+"admin" thread beside its loop.
+Tests: tests/replicas/test_group.py, tests/replicas/test_failures.py, tests/replicas/test_step_channel.py.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass, replace
 
 import ray
@@ -41,6 +46,7 @@ from replicas.ep.a2a_protocol import StepPlan
 from replicas.ep.dispatch import AllToAllDispatcher, LocalDispatcher
 from replicas.ep.expert_moves import Item, ShardBuilder, export_experts
 from replicas.ep.expert_rank import ExpertRank, ExpertStepStats
+from replicas.ep.step_channel import STOP, HeaderReceiver, HeaderSender
 from replicas.ep.trunk_rank import CANARY_RESERVE, TrunkRank
 
 
@@ -65,6 +71,9 @@ class RankSpec:
     threads: int = 1
     map_version: int = 0  # the version of `expert_map` (a rank replaced after a rebalance loads the current map)
     gpu_memory_utilization: float = 0.9  # a trunk rank on cuda sizes its pools from free memory (caches: the cap)
+    # expert ranks loop on the step header trunk rank 0 sends (replicas/ep/step_channel.py): no Ray call per step
+    expert_loop: bool = True
+    step_sleep_s: float = 0.0  # benchmark only: emulated device compute, slept at the start of every step
 
 
 def rank_device() -> torch.device:
@@ -79,6 +88,9 @@ def _set_threads(n: int) -> None:
 
 
 CONTROL = {"control": 2}  # the concurrency group of the methods the driver calls while a step runs
+# an expert rank's loop holds its default thread for as long as it serves: statistics and weight moves run on this
+# one (they touch nothing a step uses without the rank's step lock, or stage beside the serving shard)
+EXPERT_GROUPS = {"control": 2, "admin": 1}
 
 
 class _RankBase:
@@ -87,6 +99,7 @@ class _RankBase:
         self.progress = RankProgress()
         self.loads = 0  # checkpoint loads (construction, each staged map): a collateral rank's never grows
 
+    @ray.method(concurrency_group="control")
     def pid(self) -> int:
         return os.getpid()
 
@@ -108,6 +121,14 @@ class _RankBase:
     @ray.method(concurrency_group="control")
     def weight_loads(self) -> int:
         return self.loads
+
+    @ray.method(concurrency_group="control")
+    def take_step_seconds(self) -> list[float]:
+        """Durations of the steps since the last call (at most the latest 4096): the control-cost benchmark's
+        per-rank compute."""
+        out = list(self.progress.step_seconds)
+        self.progress.step_seconds.clear()
+        return out
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free port for the group's store (asked of global rank 0)."""
@@ -171,6 +192,7 @@ class TrunkRankActor(_RankBase):
         self._map_version = spec.map_version
         self._map = spec.expert_map
         self._staged: tuple[int, ExpertMap] | None = None
+        self._header: HeaderSender | None = None  # trunk rank 0 with the expert loop: the step header's sender
         if spec.shape.expert_ranks == 0:
             shard = load_experts(
                 reader,
@@ -191,9 +213,19 @@ class TrunkRankActor(_RankBase):
         self.loads = 1
         reader.close()
 
+    def open_header_channel(self) -> tuple[str, int]:
+        """Trunk rank 0: listen for the expert ranks' step header streams; returns the address they connect to."""
+        if self._header is not None:
+            self._header.close()
+        ip = ray.util.get_node_ip_address() or socket.gethostbyname(socket.gethostname())
+        self._header = HeaderSender(ip)
+        return self._header.address
+
     def join(self, spec: GroupSpec) -> None:
         assert self._map is not None
         self.group = join_group(spec, self.spec.shape.trunk_rank(self.spec.index), self.progress)
+        if self._header is not None:  # every expert rank connects once it has joined too
+            self._header.accept(self.spec.shape.expert_ranks, spec.epoch, timeout_s=spec.deadline_s + 30)
         dispatcher = AllToAllDispatcher(
             self.group,
             self.spec.shape,
@@ -224,6 +256,10 @@ class TrunkRankActor(_RankBase):
 
     def leave(self) -> None:
         """Leave the process group for a rebuild; the engine failed every sequence, so their state goes too."""
+        if self._header is not None:  # the expert ranks' loops end (those still listening)
+            self._header.stop()
+            self._header.close()
+            self._header = None
         super().leave()
         if self.rank is not None:
             self.rank.reset()
@@ -234,6 +270,10 @@ class TrunkRankActor(_RankBase):
         assert self.rank is not None, "trunk rank has not joined its group"
         self.progress.begin_step()
         try:
+            if self._header is not None and plan is not None:
+                self._header.send(plan)  # the expert ranks start this step on it: the step's first message
+            if self.spec.step_sleep_s:
+                time.sleep(self.spec.step_sleep_s)
             self._switch_map(plan)
             return self.rank.step(req, plan)
         finally:
@@ -259,7 +299,7 @@ class TrunkRankActor(_RankBase):
         }
 
 
-@ray.remote(max_restarts=0, max_concurrency=1, concurrency_groups=CONTROL)  # type: ignore[call-overload]  # Ray's overloads lack max_concurrency
+@ray.remote(max_restarts=0, max_concurrency=1, concurrency_groups=EXPERT_GROUPS)  # type: ignore[call-overload]  # Ray's overloads lack max_concurrency
 class ExpertRankActor(_RankBase):
     """Holds the routed experts the map gives this rank, for every MoE layer."""
 
@@ -297,7 +337,11 @@ class ExpertRankActor(_RankBase):
         self._map_version = spec.map_version
         self._staged: tuple[int, ExpertShard] | None = None
         self._building: tuple[int, ShardBuilder] | None = None
+        self._header: HeaderReceiver | None = None
+        self._stop = False  # set on the control thread: the loop ends at its next look (HeaderReceiver.POLL_S)
+        self._step_lock = threading.Lock()  # a step against the statistics' readers on the admin thread
 
+    @ray.method(concurrency_group="admin")
     def begin_stage(self, expert_map: ExpertMap, version: int) -> list[Item]:
         """Start building the shard `expert_map` gives this rank beside the serving one (make before break).
         Returns the (layer, expert) copies it lacks: the group sends them in pieces (`stage_piece`)."""
@@ -306,6 +350,7 @@ class ExpertRankActor(_RankBase):
         self._building, self._staged = (version, builder), None
         return builder.needed
 
+    @ray.method(concurrency_group="admin")
     def stage_piece(self, version: int, from_checkpoint: list[Item], *exports: dict[int, LayerExperts]) -> dict:
         """Take one piece of the move: copies a peer exported (`export_experts`, travelling as Ray objects) and
         `from_checkpoint`, read here. Runs between two steps (one call at a time); the serving shard is untouched.
@@ -334,6 +379,7 @@ class ExpertRankActor(_RankBase):
             self.loads += 1  # a checkpoint read (the weight-load counter failure tests watch)
         return {"peer": peer, "checkpoint": ckpt}
 
+    @ray.method(concurrency_group="admin")
     def finish_stage(self, version: int) -> dict[str, int]:
         """Build the new shard from the pieces (the acknowledgement); it serves from the first step whose plan
         names `version`. Layers whose experts do not change share the serving tensors."""
@@ -346,10 +392,12 @@ class ExpertRankActor(_RankBase):
             raise RuntimeError(f"no expert map v{version} being staged on this rank")
         return self._building[1]
 
+    @ray.method(concurrency_group="admin")
     def export_experts(self, items: list[Item]) -> dict[int, LayerExperts]:
         """CPU copies of held experts for a peer's move (a rank that lacks them loads them from here)."""
         return export_experts(self.shard, items)
 
+    @ray.method(concurrency_group="admin")
     def drop_staged(self, version: int) -> None:
         """Forget a staged map (the move failed on some rank): the serving shard stays."""
         if self._staged is not None and self._staged[0] == version:
@@ -367,14 +415,49 @@ class ExpertRankActor(_RankBase):
         self.rank.set_shard(self.shard)
         self._map_version, self._staged = plan.map_version, None
 
+    @ray.method(concurrency_group="admin")
     def take_received(self) -> dict[str, torch.Tensor | int]:
         """Rows this rank received per expert per MoE layer, padding slots, steps, since the last call."""
         assert self.rank is not None
-        return self.rank.take_received()
+        with self._step_lock:
+            return self.rank.take_received()
 
-    def join(self, spec: GroupSpec) -> None:
+    def join(self, spec: GroupSpec, header: tuple[str, int] | None = None) -> None:
+        """Join the group's process group; with `header` (trunk rank 0's address) also its step header stream."""
         self.group = join_group(spec, self.spec.shape.expert_rank(self.spec.index), self.progress)
         self.rank = ExpertRank(self.shard, self.group, self.spec.shape, hidden=self.cfg.hidden_size, dtype=self.dtype)
+        self._stop = False
+        if header is not None:
+            self._header = HeaderReceiver(header, index=self.spec.index, epoch=spec.epoch, timeout_s=spec.deadline_s)
+
+    def leave(self) -> None:
+        if self._header is not None:
+            self._header.close()
+            self._header = None
+        super().leave()
+
+    @ray.method(concurrency_group="control")
+    def stop_loop(self) -> None:
+        """End `run_loop` at its next look at the flag (a rebuild: trunk rank 0 may be gone or busy)."""
+        self._stop = True
+
+    def run_loop(self) -> int:
+        """Serve every step trunk rank 0 announces on the header stream, until a STOP header or `stop_loop`;
+        returns the steps served. Started once per epoch by the driver (it holds this call's result as the
+        rank's health: an error raises as `serve`'s do, a closed stream as a CollectiveError)."""
+        assert self._header is not None, "expert rank joined without a step header stream"
+        served = 0
+        while True:
+            hdr = self._header.receive(lambda: self._stop)
+            if hdr is None or hdr.kind == STOP:
+                return served
+            if hdr.epoch != self._header.epoch or hdr.step != served + 1 or hdr.plan is None:
+                raise RuntimeError(
+                    f"step header out of order: epoch {hdr.epoch} step {hdr.step}, this rank expected epoch "
+                    f"{self._header.epoch} step {served + 1}"
+                )
+            self.serve(hdr.plan)
+            served += 1
 
     def serve(self, plan: StepPlan) -> ExpertStepStats:
         """Serve one step's exchanges; errors raise as TrunkRankActor.step's do (the rank stays in its group)."""
@@ -382,17 +465,23 @@ class ExpertRankActor(_RankBase):
         self.progress.begin_step()
         try:
             self.progress.check("start")
-            self._switch_map(plan)
-            return self.rank.serve(plan)
+            if self.spec.step_sleep_s:
+                time.sleep(self.spec.step_sleep_s)
+            with self._step_lock:
+                self._switch_map(plan)
+                return self.rank.serve(plan)
         finally:
             self.progress.end_step()
 
+    @ray.method(concurrency_group="admin")
     def param_bytes(self) -> int:
         return self.shard.nbytes
 
+    @ray.method(concurrency_group="admin")
     def held_experts(self) -> list[list[int]]:
         return [list(layer.expert_ids) for layer in self.shard.layers]
 
+    @ray.method(concurrency_group="admin")
     def rows_per_layer(self) -> list[int]:
         assert self.rank is not None
         return self.rank.rows_per_layer.tolist()

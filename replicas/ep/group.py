@@ -2,8 +2,11 @@
 
 Owns: creating the rank actors in a placement group (the caller's, e.g. a Serve replica's
 own with bundle 0 = the replica, or one it creates), forming their process group at trunk
-rank 0's node on a free port, and `step()`: one Ray call per rank per step (nothing per
-layer), returning each trunk rank's sampled tokens. A failed step raises `GroupFailure`, which
+rank 0's node on a free port, and `step()`: one Ray call per trunk rank per step (nothing per
+layer), returning each trunk rank's sampled tokens. Expert ranks get no Ray call per step: each runs a
+loop (`run_loop`, started once per epoch) on the step header trunk rank 0 sends as the step's first
+message (replicas/ep/step_channel.py); the driver holds each loop's call as that rank's health, and Ray
+keeps placement, lifecycle, statistics, weight moves and rebuilds. A failed step raises `GroupFailure`, which
 names the failed ranks (the one whose call raised on its own, whose process died, or that hung:
 alive, busy outside any collective while its peers wait, read from per-rank progress polled on
 the actors' control thread, so within seconds rather than at the collective deadline) apart from
@@ -142,6 +145,11 @@ class _HangWatch:
         s = self.snap[j]
         return s is not None and s[2]
 
+    def idle(self, j: int) -> bool:
+        """Rank j is between steps (an expert loop waiting for the next step header)."""
+        s = self.snap[j]
+        return s is not None and not s[3]
+
 
 @dataclass(frozen=True)
 class GroupConfig:
@@ -172,6 +180,10 @@ class GroupConfig:
     rank_nodes: tuple[int, ...] | None = None
     hang_s: float = 5.0  # a rank busy outside any collective this long while its peers wait is hung
     move_experts_per_step: int = 8  # a rebalance's weight moves: expert copies per expert rank between two steps
+    # expert ranks loop on trunk rank 0's step header (no Ray call per step); False: one `serve` call per expert
+    # rank per step (the earlier path, kept for the control-cost benchmark's comparison)
+    expert_loop: bool = True
+    step_sleep_s: float = 0.0  # benchmark only: every rank sleeps this long per step (emulated device compute)
 
 
 class ExpertParallelGroup:
@@ -223,6 +235,9 @@ class ExpertParallelGroup:
         self.experts: list = []
         self._broken: GroupFailure | None = None
         self._stuck: dict[int, Any] = {}  # global rank -> its call of the failed step, still running
+        self._loops: dict[int, Any] = {}  # expert global rank -> its `run_loop` call (expert_loop)
+        self._loop_cfs: dict[int, Any] = {}  # ... and that call's concurrent future, made once per loop
+        self._loop_async: tuple[asyncio.AbstractEventLoop, dict[asyncio.Future, int]] | None = None
         self.actors_created = [0] * self.shape.world_size  # per global rank: weight loads (a replacement adds one)
         self.last_recovery: dict[str, Any] = {}  # what the last rebuild replaced and kept, and its seconds
         self.names = {self.shape.trunk_rank(i): f"trunk rank {i}" for i in range(self.shape.trunk_ranks)}
@@ -270,6 +285,8 @@ class ExpertParallelGroup:
             caches=self.config.caches if is_trunk else None,
             threads=int(self.config.cpus_per_rank),
             gpu_memory_utilization=self.config.gpu_memory_utilization,
+            expert_loop=self.config.expert_loop,
+            step_sleep_s=self.config.step_sleep_s,
         )
         self._created += 1
         self.actors_created[global_rank] += 1
@@ -303,7 +320,42 @@ class ExpertParallelGroup:
             deadline_s=self.config.deadline_s,
             epoch=self.epoch,
         )
-        ray.get([a.join.remote(spec) for a in self.trunks + self.experts], timeout=self.config.deadline_s + 60)
+        timeout = self.config.deadline_s + 60
+        if not self.config.expert_loop:
+            ray.get([a.join.remote(spec) for a in self.trunks + self.experts], timeout=timeout)
+            return
+        header = ray.get(self.trunks[0].open_header_channel.remote(), timeout=60)
+        ray.get(
+            [t.join.remote(spec) for t in self.trunks] + [e.join.remote(spec, header) for e in self.experts],
+            timeout=timeout,
+        )
+        self._loops = {self.shape.expert_rank(j): e.run_loop.remote() for j, e in enumerate(self.experts)}
+        self._loop_cfs = {r: ref.future() for r, ref in self._loops.items()}
+        self._loop_async = None
+
+    def _loop_watch(self) -> dict[asyncio.Future, int]:
+        """The expert loops' calls as futures of the running event loop (made once per event loop and epoch: a
+        new future per step would leave a callback on every loop call per step)."""
+        loop = asyncio.get_running_loop()
+        if self._loop_async is None or self._loop_async[0] is not loop:
+            self._loop_async = (loop, {asyncio.wrap_future(cf): r for r, cf in self._loop_cfs.items()})
+        return self._loop_async[1]
+
+    def _get_steps(self, refs: list, timeout: float) -> list:
+        """ray.get of the steps' calls, failing as soon as an expert rank's loop ended (its error raised)."""
+        loops = list(self._loops.values())
+        left, t_end = list(refs), time.monotonic() + timeout
+        while left:
+            ready, _ = ray.wait(left + loops, num_returns=1, timeout=max(0.0, t_end - time.monotonic()))
+            if not ready:
+                raise ray.exceptions.GetTimeoutError(f"the group's step did not finish in {timeout:.0f} s")
+            for ref in ready:
+                if ref in left:
+                    left.remove(ref)
+                else:
+                    ray.get(ref)
+                    raise RuntimeError("an expert rank's step loop ended during the step")
+        return ray.get(list(refs))
 
     def rebuild(self) -> None:
         """Replace the failed ranks with fresh actors (their weights loaded); the collateral ones keep theirs:
@@ -320,10 +372,15 @@ class ExpertParallelGroup:
         # the replacements load their weights while the survivors get out of the failed step
         fresh = {r: self._new_actor(r) for r in sorted(failed)}
         survivors = [r for r in range(len(actors)) if r not in failed]
-        # NCCL peers keep waiting on a dead rank until their communicator is aborted (on their control thread)
-        ray.wait([actors[r].abort_group.remote() for r in survivors], num_returns=len(survivors), timeout=ABORT_WAIT_S)
+        # NCCL peers keep waiting on a dead rank until their communicator is aborted (on their control thread);
+        # a surviving expert rank's loop ends (it may wait for a header that trunk rank 0 will never send)
+        control = [actors[r].abort_group.remote() for r in survivors]
+        control += [actors[r].stop_loop.remote() for r in survivors if r in self._loops]
+        ray.wait(control, num_returns=len(control), timeout=ABORT_WAIT_S)
         bound = self.config.deadline_s + 10
         waiting = [stuck[r] for r in survivors if r in stuck]
+        waiting += [self._loops[r] for r in survivors if r in self._loops and self._loops[r] not in waiting]
+        self._loops, self._loop_cfs, self._loop_async = {}, {}, None
         if waiting:  # the failed step's calls on the survivors end (in error) before they can leave
             ray.wait(waiting, num_returns=len(waiting), timeout=bound)
         leaves = {r: actors[r].leave.remote() for r in survivors}
@@ -372,8 +429,9 @@ class ExpertParallelGroup:
         t0 = time.monotonic()
         plan = self._canary_plan() if self.shape.expert_ranks else None
         refs = [t.step.remote(StepRequest(canary=True), plan) for t in self.trunks]
-        refs += [e.serve.remote(plan) for e in self.experts] if plan is not None else []
-        ray.get(refs, timeout=self.config.deadline_s * 4 + 10)
+        if plan is not None and not self.config.expert_loop:
+            refs += [e.serve.remote(plan) for e in self.experts]
+        self._get_steps(refs, self.config.deadline_s * 4 + 10)
         return time.monotonic() - t0
 
     def shutdown(self) -> None:
@@ -383,6 +441,7 @@ class ExpertParallelGroup:
             except Exception:  # noqa: BLE001  # already gone
                 pass
         self.trunks, self.experts = [], []
+        self._loops, self._loop_cfs, self._loop_async = {}, {}, None
         if self._own_pg and self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None
@@ -428,7 +487,7 @@ class ExpertParallelGroup:
             # the map version is read once, here: a step runs wholly under the old map or wholly under the new
             plan = dataclasses.replace(plan or self.plan_for(requests), map_version=self.map_version)
         refs = [t.step.remote(r, plan) for t, r in zip(self.trunks, requests)]
-        if plan is not None:
+        if plan is not None and not self.config.expert_loop:
             refs += [e.serve.remote(plan) for e in self.experts]
         self._steps_in_flight += 1
         try:
@@ -442,27 +501,35 @@ class ExpertParallelGroup:
         """Await every rank's call of the step. A step running past POLL_S gets its ranks' progress polled;
         the step fails as soon as one rank raised on its own, died or hung, and the ranks still waiting are
         collateral (NCCL leaves them silent in the collective; they are not waited for). The collective
-        deadline (x the step's collectives) bounds the rest."""
+        deadline (x the step's collectives) bounds the rest. `refs[i]` is global rank i's call; the expert
+        loops' calls are watched beside them (one ending fails the step) but not waited for."""
         t_start = time.monotonic()
-        actors = (self.trunks + self.experts)[: len(refs)]
+        actors = self.trunks + self.experts
+        ref_of = dict(enumerate(refs))
         futs = {asyncio.wrap_future(ref.future()): i for i, ref in enumerate(refs)}
+        loops = self._loop_watch() if self._loops else {}
+        ref_of.update(self._loops)
+        futs.update(loops)
         pending = set(futs)
+        required = set(futs) - set(loops)
         n_collectives = 3 * len(plan.moe_layers) + 1 if plan is not None else 1
         overall = t_start + self.config.deadline_s * (n_collectives + 1)
         watch: _HangWatch | None = None
-        out: list = [None] * len(refs)
+        out: list = [None] * len(actors)
         dead: list[int] = []
         raised: dict[int, str] = {}
         collateral: list[int] = []
         hung: list[int] = []
         next_poll = t_start + POLL_S
-        while pending:
+        while required & pending:
             timeout = max(0.0, min(next_poll, overall) - time.monotonic())
             done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for fut in done:
                 i = futs[fut]
                 exc = fut.exception()
-                if exc is None:
+                if exc is None and fut in loops:
+                    raised[i] = "its step loop ended outside a rebuild"
+                elif exc is None:
                     out[i] = fut.result()
                 elif isinstance(exc, CollectiveError):
                     collateral.append(i)  # it was waiting on a peer
@@ -470,21 +537,21 @@ class ExpertParallelGroup:
                     dead.append(i)
                 else:
                     raised[i] = _error_text(exc)
-            if dead or raised or not pending:
+            if dead or raised or not required & pending:
                 break
             now = time.monotonic()
             if now >= overall:
                 break
             if now >= next_poll:
-                watch = watch or _HangWatch(len(refs), self.config.hang_s)
+                watch = watch or _HangWatch(len(actors), self.config.hang_s)
                 running = {futs[f] for f in pending}
                 await self._poll(actors, running, watch)
                 hung = watch.hung(running, time.monotonic())
                 if hung:
                     break
                 next_poll = time.monotonic() + POLL_S
-        if not (dead or raised or hung or collateral or pending):
-            return out
+        if not (dead or raised or hung or collateral or required & pending):
+            return out[: len(refs)]
         left = sorted(futs[f] for f in pending)
         if (dead or raised) and left:  # the ranks still running: waiting on the failed one, or failed too?
             more_dead, frozen = await self._ask_pending(actors, left)
@@ -492,11 +559,15 @@ class ExpertParallelGroup:
             hung += frozen
             left = [i for i in left if i not in more_dead]
         if not (dead or raised or hung) and left:  # the deadline passed with no one blamed: who never finished?
-            hung = [i for i in left if not (watch and watch.in_collective(i))] or left
+            # (an expert loop between two steps, waiting for the next header, is not the one)
+            hung = [
+                i for i in left if not (watch and (watch.in_collective(i) or (i in loops.values() and watch.idle(i))))
+            ]
+            hung = hung or left
         for i in left:
             if i not in hung:
                 collateral.append(i)
-                self._stuck[i] = refs[i]
+                self._stuck[i] = ref_of[i]
         self._broken = GroupFailure(
             self.epoch,
             dead=tuple(sorted(dead)),

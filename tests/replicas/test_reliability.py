@@ -109,7 +109,10 @@ def _join(threads: list[threading.Thread], timeout: float) -> None:
 def _pid_of(name: str, namespace: str) -> int:
     import ray
 
-    return ray.get(ray.get_actor(name, namespace=namespace).__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
+    handle = ray.get_actor(name, namespace=namespace)
+    if name.startswith("epserve-"):  # a rank actor: its default thread may be an expert rank's step loop
+        return ray.get(handle.pid.remote(), timeout=30)
+    return ray.get(handle.__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
 
 
 def _group_actors() -> dict[str, dict[str, int]]:

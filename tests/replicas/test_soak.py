@@ -21,6 +21,10 @@ APP = "soak"
 WARMUP_S = 40.0
 
 
+def _pid(_self: object) -> int:
+    return os.getpid()
+
+
 def _app_pids() -> dict[str, int]:
     import ray
 
@@ -30,7 +34,9 @@ def _app_pids() -> dict[str, int]:
         if name.startswith("epserve-") or name.startswith(f"SERVE_REPLICA::{APP}#"):
             try:
                 handle = ray.get_actor(name, namespace=e["namespace"])
-                out[name] = ray.get(handle.__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
+                # a rank actor answers `pid` on its control thread (an expert rank's default one runs its step loop)
+                call = handle.pid.remote() if name.startswith("epserve-") else handle.__ray_call__.remote(_pid)
+                out[name] = ray.get(call, timeout=30)
             except Exception:  # noqa: BLE001  # actors of other apps being torn down
                 continue
     return out
