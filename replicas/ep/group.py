@@ -404,7 +404,7 @@ class ExpertParallelGroup:
         layers = tuple(range(self.cfg.num_layers)) + (self.cfg.num_layers,) * mtp
         # ping-pong over the decoder layers (the MTP passes run as one); C is sized for the largest micro-batch
         m = self.config.micro_batches
-        split = {"micro_batches": m, "split_layers": self.cfg.num_layers} if m > 1 else {}
+        split = self.cfg.num_layers if m > 1 else 0
         tokens = [max_micro_batch_tokens([len(s.token_ids) + len(s.drafts) for s in r.seqs], m) for r in requests]
         decode = all(len(s.token_ids) == 1 for r in requests for s in r.seqs)  # one token, drafts or not
         if decode and self.shape.expert_ranks:
@@ -414,8 +414,8 @@ class ExpertParallelGroup:
                 expert_ranks=self.shape.expert_ranks,
                 factor=self.config.capacity_factor,
             )
-            return StepPlan(layers, FIXED, cap, **split)
-        return StepPlan(layers, VARIABLE, **split)
+            return StepPlan(layers, FIXED, cap, micro_batches=m, split_layers=split)
+        return StepPlan(layers, VARIABLE, micro_batches=m, split_layers=split)
 
     async def step(self, requests: list[StepRequest], plan: StepPlan | None = None) -> list[StepResult]:
         """Run one step: `requests[i]` for trunk rank i (may be empty). Returns each trunk rank's result.
