@@ -5,7 +5,11 @@ once per MoE layer, and both keep expert-load statistics (tokens per expert per 
 - `LocalDispatcher`: every expert in-process (`--expert-ranks 0`); the oracle.
 - `AllToAllDispatcher`: rows go to the expert ranks owning their experts over
   torch.distributed (wire format in replicas/ep/a2a_protocol.py) and come back weighted and
-  slot-summed here, exactly as the local path combines them.
+  slot-summed here, exactly as the local path combines them. Its collectives are issued asynchronously:
+  `start` sends a layer's rows and posts the combine's receive, returning an exchange unit; `wait()` on it waits
+  only when the result is needed. With ping-pong micro-batches (StepPlan.micro_batches = m) up to m units are in
+  flight, each with its own fixed-mode buffers, so the trunk computes micro-batch i + 1 while the expert ranks
+  compute micro-batch i (Trunk.forward_split); `__call__` is `start(...).wait()`.
 Legend: T tokens, k top-k, R = T * k routed rows, X expert ranks, D trunk ranks.
 
 Host reads (device values the host must see): the routing, destinations, counts and the fixed mode's rows
@@ -146,7 +150,9 @@ class LocalDispatcher:
         return local_routed_experts(self.shard, layer, x_TD, routing)
 
     def start(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> PendingRouted:
-        """No peers to overlap with: computed now."""
+        """No peers to overlap with: computed now (an empty micro-batch routes nothing)."""
+        if not routing.num_tokens:
+            return _Done(x_TD.new_zeros(x_TD.shape))
         return _Done(self(layer, x_TD, routing))
 
 

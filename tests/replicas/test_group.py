@@ -148,16 +148,18 @@ def test_group_equals_single_process(d: int, x: int, ray_cluster, hf_checkpoint:
 
 # Ping-pong micro-batches (m = 2): the same oracle, so the tokens equal m = 1's (which equal it too) and the logprobs
 # are within 2e-5 of the single process (the issue asks 1e-4 of m = 1). Prefill splits [1, 37, 64 | 150] on D = 1;
-# the one-sequence step leaves a micro-batch empty; the C = 1 step overflows in both micro-batches.
+# the one-sequence step leaves a micro-batch empty; the C = 1 step overflows in both micro-batches. Only (2, 1) runs
+# by default (D = 2 with an idle rank every 4th step): the exchange in micro-batches for D, X = 1, 2 and m = 2, 3
+# runs in seconds in test_dispatch.py.
 @pytest.mark.parametrize(
     "d,x",
     [
         pytest.param(1, 1, marks=pytest.mark.slow),
         pytest.param(1, 2, marks=pytest.mark.slow),
         pytest.param(1, 4, marks=pytest.mark.slow),
-        pytest.param(2, 1, marks=pytest.mark.slow),
+        (2, 1),
         pytest.param(2, 2, marks=pytest.mark.slow),
-        (2, 4),
+        pytest.param(2, 4, marks=pytest.mark.slow),
     ],
     ids=lambda v: str(v),
 )

@@ -6,9 +6,15 @@ tests/replicas/test_dispatch.py; the whole model with m = 2 against the single p
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+import torch
+
+from model_shards.batch import SeqChunk, StepBatch
+from model_shards.model import LocalModel
 from replicas.ep.a2a_protocol import FIXED, StepPlan
+from replicas.ep.dispatch import LocalDispatcher
 from replicas.ep.micro_batches import max_micro_batch_tokens, split_sequences
 
 
@@ -48,3 +54,34 @@ def test_plan_units_split_layers_then_unsplit() -> None:
         StepPlan((0,), micro_batches=0)
     with pytest.raises(ValueError, match="split_layers 3 outside 0..2"):
         StepPlan((0, 1), micro_batches=2, split_layers=3)
+
+
+def test_forward_split_equals_forward(hf_checkpoint: Path) -> None:
+    """The trunk's ping-pong layer loop (micro-batch j's routed call started, waited on one micro-batch later) gives
+    `forward`'s logits and hidden states, with an empty micro-batch included; caches written alike (a decode step
+    after the split prefill agrees too). Oracle: the same model's one-batch `forward` on its own pools."""
+    model = LocalModel.load(hf_checkpoint, dtype="float32")
+    dispatcher = LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers)
+    g = torch.Generator().manual_seed(3)
+    lengths = [5, 1, 19]
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    outs = []
+    for split in (False, True):
+        pools = model.allocate(num_blocks=16, block_size=16, num_slots=4)
+        for step in range(2):
+            chunks = [
+                SeqChunk(tuple(p) if step == 0 else (p[0],), 0 if step == 0 else len(p), i, (2 * i, 2 * i + 1))
+                for i, p in enumerate(prompts)
+            ]
+            batch = StepBatch.build(chunks, block_size=16)
+            if not split:
+                out = model.trunk.forward(batch, pools=pools, routed=model.routed)
+            else:
+                groups = [*split_sequences(lengths, 2), (3, 3)]  # [5, 1 | 19] and an empty third
+                parts = [StepBatch.build(chunks[a:b], block_size=16) if b > a else None for a, b in groups]
+                out = model.trunk.forward_split(batch, parts, pools=pools, routed=dispatcher)
+            outs.append(out)
+    for plain, split_out in zip(outs[:2], outs[2:]):
+        assert torch.allclose(split_out.logits_RV, plain.logits_RV, atol=1e-5, rtol=0)
+        assert torch.allclose(split_out.hidden_TD, plain.hidden_TD, atol=1e-5, rtol=0)
+        assert torch.equal(split_out.logits_RV.argmax(-1), plain.logits_RV.argmax(-1))
