@@ -105,6 +105,18 @@ class RankProgress:
         finally:
             self.in_collective = False
 
+    @contextmanager
+    def awaiting(self) -> Iterator[None]:
+        """Frame the wait for an asynchronous collective already counted by `collective` (ping-pong
+        micro-batches): inside a collective for the hang watch, not counted again; a failure is a `CollectiveError`."""
+        self.in_collective = True
+        try:
+            yield
+        except Exception as exc:
+            raise CollectiveError(f"an asynchronous collective of the step failed: {exc}") from exc
+        finally:
+            self.in_collective = False
+
     def snapshot(self) -> tuple[int, int, bool, bool]:
         """(steps, collectives entered in this step, in_collective, busy): what the driver compares between polls
         and across ranks (every rank runs the same collectives of a step, so a rank behind the others is the one

@@ -71,6 +71,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with gpus: fraction of each trunk rank's GPU memory to use; its KV blocks (and at most max_num_seqs "
         "state slots) fill what the weights leave (default 0.9; CPU ranks keep num_kv_blocks)",
     )
+    p.add_argument(
+        "--micro-batches",
+        type=int,
+        metavar="M",
+        help="ping-pong micro-batches per trunk rank: trunk ranks compute one while the expert ranks run another's "
+        "FFN (default 2 with GPUs, 1 with CPU ranks; 1 = off)",
+    )
     p.set_defaults(run=run)
 
 
@@ -103,6 +110,7 @@ def load_args(args: argparse.Namespace):  # noqa: ANN201  # -> AppArgs
         "rebalance_imbalance_threshold": args.rebalance_imbalance_threshold,
         "redundant_experts": args.redundant_experts,
         "gpu_memory_utilization": args.gpu_memory_utilization,
+        "micro_batches": args.micro_batches,
     }
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:

@@ -9,9 +9,10 @@ Tests: tests/model_shards/test_model_parity.py (against transformers).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,19 @@ from model_shards.rope import inv_frequencies, mrope_cos_sin
 
 # (moe_layer, x_TD, routing) -> routed output [T, D] (weighted, slot-summed; shared expert excluded)
 RoutedExperts = Callable[[int, torch.Tensor, Routing], torch.Tensor]
+
+
+class PendingRouted(Protocol):
+    """A routed-experts call in flight: `wait()` gives its output [T, D]."""
+
+    def wait(self) -> torch.Tensor: ...
+
+
+class SplitRouted(Protocol):
+    """The routed seam for ping-pong micro-batches: `start` issues a layer's routed experts for some tokens and
+    returns at once, so the trunk can compute another micro-batch while they run elsewhere."""
+
+    def start(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> PendingRouted: ...
 
 
 @dataclass
@@ -104,6 +118,48 @@ class Trunk:
 
     def forward(self, batch: StepBatch, *, pools: CachePools, routed: RoutedExperts) -> TrunkOutput:
         """Run every layer for the step's tokens; update caches in place; logits for logit rows."""
+        x, cos, sin = self._embed(batch)
+        for i, lw in enumerate(self.w.layers):
+            x = self.decoder_layer(x, lw, layer=i, batch=batch, pools=pools, routed=routed, cos=cos, sin=sin)
+        return self._head(x, batch)
+
+    def forward_split(
+        self, batch: StepBatch, parts: Sequence[StepBatch | None], *, pools: CachePools, routed: SplitRouted
+    ) -> TrunkOutput:
+        """`forward` in ping-pong micro-batches: `parts` are the batch's sequences in consecutive groups (their
+        rows back to back in `batch`; None: an empty micro-batch, which still makes its routed calls with no
+        rows). Per layer, micro-batch i's routed experts run (elsewhere) while micro-batch i + 1's mixer runs
+        here; the result is `forward`'s, per token (each sequence's math is its own)."""
+        x, cos, sin = self._embed(batch)
+        bounds = [0]
+        for part in parts:
+            bounds.append(bounds[-1] + (int(part.token_ids_T.shape[0]) if part is not None else 0))
+        if bounds[-1] != x.shape[0]:
+            raise ValueError(f"micro-batches hold {bounds[-1]} tokens, the step has {x.shape[0]}")
+        xs = [x[a:b] for a, b in zip(bounds, bounds[1:])]
+        trig = [(cos[a:b], sin[a:b]) for a, b in zip(bounds, bounds[1:])]
+        pending: list[tuple[torch.Tensor, torch.Tensor, PendingRouted] | None] = [None] * len(parts)
+        for i, lw in enumerate(self.w.layers):
+            for j, part in enumerate(parts):
+                held = pending[j]
+                if held is not None:  # micro-batch j's previous layer: its routed output, waited on only now
+                    xs[j] = held[0] + (held[2].wait() + held[1])  # as `moe`: h + (routed + shared)
+                if part is None:
+                    pending[j] = (xs[j], xs[j], routed.start(i, xs[j], self._no_routing(xs[j])))
+                    continue
+                h, m_in = self._mixer(xs[j], lw, layer=i, batch=part, pools=pools, cos=trig[j][0], sin=trig[j][1])
+                routing, shared = route_and_shared(m_in, w=lw.moe, top_k=self.cfg.num_experts_per_tok)
+                pending[j] = (h, shared, routed.start(i, m_in, routing))
+        for j, held in enumerate(pending):
+            if held is not None:
+                xs[j] = held[0] + (held[2].wait() + held[1])  # as `moe`: h + (routed + shared)
+        return self._head(torch.cat(xs), batch)
+
+    def _no_routing(self, x_TD: torch.Tensor) -> Routing:
+        k = self.cfg.num_experts_per_tok
+        return Routing(torch.empty(0, k, dtype=torch.long, device=x_TD.device), x_TD.new_empty(0, k))
+
+    def _embed(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = F.embedding(batch.token_ids_T, self.w.embed)
         if batch.embeds_override is not None:
             rows, embeds = batch.embeds_override
@@ -111,8 +167,9 @@ class Trunk:
         cos, sin = mrope_cos_sin(
             batch.positions_3T, inv_freq=self.inv_freq, mrope_section=self.cfg.mrope_section, dtype=x.dtype
         )
-        for i, lw in enumerate(self.w.layers):
-            x = self.decoder_layer(x, lw, layer=i, batch=batch, pools=pools, routed=routed, cos=cos, sin=sin)
+        return x, cos, sin
+
+    def _head(self, x: torch.Tensor, batch: StepBatch) -> TrunkOutput:
         hidden = rms_norm_zc_scaled(x, scale=self.w.final_scale, eps=self.cfg.rms_norm_eps)
         return TrunkOutput(hidden_TD=hidden, logits_RV=self.logits(hidden[batch.logit_rows]))
 
@@ -133,6 +190,21 @@ class Trunk:
     ) -> torch.Tensor:
         """One pre-norm decoder layer. `layer` indexes caches and experts (MTP layers follow the
         decoder layers)."""
+        h, m_in = self._mixer(x, lw, layer=layer, batch=batch, pools=pools, cos=cos, sin=sin)
+        return h + self.moe(m_in, lw.moe, layer=layer, routed=routed)
+
+    def _mixer(
+        self,
+        x: torch.Tensor,
+        lw: LayerWeights,
+        *,
+        layer: int,
+        batch: StepBatch,
+        pools: CachePools,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer up to its MoE: (h = x + mixer(norm(x)), the MoE's input norm(h))."""
         cfg = self.cfg
         h_in = rms_norm_zc_scaled(x, scale=lw.input_scale, eps=cfg.rms_norm_eps)
         if isinstance(lw.mixer, AttentionWeights):
@@ -160,8 +232,7 @@ class Trunk:
                 spec_state=pools.spec_state(layer),
             )
         h = x + mixed
-        m_in = rms_norm_zc_scaled(h, scale=lw.post_scale, eps=cfg.rms_norm_eps)
-        return h + self.moe(m_in, lw.moe, layer=layer, routed=routed)
+        return h, rms_norm_zc_scaled(h, scale=lw.post_scale, eps=cfg.rms_norm_eps)
 
     def moe(self, x_TD: torch.Tensor, w: SharedMoEWeights, *, layer: int, routed: RoutedExperts) -> torch.Tensor:
         routing, shared = route_and_shared(x_TD, w=w, top_k=self.cfg.num_experts_per_tok)

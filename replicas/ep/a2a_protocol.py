@@ -9,6 +9,11 @@ exchange modes and their split sizes:
   whether the sender overflowed C anywhere; the combine header carries the group-wide overflow
   flag. When any pair overflowed, one extra exchange with sizes both sides already know
   carries the rest: no token is dropped.
+Ping-pong micro-batches (`StepPlan.micro_batches` = m > 1): each of the first `split_layers` MoE layers is m
+exchange units (micro-batch 0..m-1 of the layer, layer-major), the rest one unit each (`StepPlan.units`). A trunk
+keeps up to m units in flight (async collectives), so the overflow exchange of split unit u runs at one place
+both sides agree on: after the main exchanges of unit u + m - 1, before those of unit u + m (at the end of the
+split units, the outstanding ones in order).
 Global ranks: 0..D-1 trunks, D..D+X-1 experts (cluster/topology.py). Tests:
 tests/replicas/test_dispatch.py.
 """
@@ -40,6 +45,9 @@ class StepPlan:
         map_version: the expert map this step runs under; a rank that holds a staged map of this version
             switches to it before the step (so every rank switches at the same step boundary).
         canary: the readiness canary's step: expert ranks serve it but count nothing (load, rows, steps).
+        micro_batches: m, how many micro-batches each trunk rank splits its tokens into for the first
+            `split_layers` MoE layers (the decoder layers; MTP layers run as one): 1 turns ping-pong off.
+        split_layers: how many leading entries of `moe_layers` run once per micro-batch.
     """
 
     moe_layers: tuple[int, ...]
@@ -47,12 +55,32 @@ class StepPlan:
     capacity: int = 0
     map_version: int = 0
     canary: bool = False
+    micro_batches: int = 1
+    split_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in (VARIABLE, FIXED):
             raise ValueError(f"mode must be {VARIABLE!r} or {FIXED!r}, got {self.mode!r}")
         if self.mode == FIXED and self.capacity < 1:
             raise ValueError("FIXED mode needs capacity >= 1")
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if not 0 <= self.split_layers <= len(self.moe_layers):
+            raise ValueError(f"split_layers {self.split_layers} outside 0..{len(self.moe_layers)}")
+
+    @property
+    def split(self) -> bool:
+        """Whether this step runs ping-pong micro-batches."""
+        return self.micro_batches > 1 and self.split_layers > 0
+
+    def units(self) -> tuple[tuple[int, int], ...]:
+        """Every exchange unit of the step in issue order: (MoE layer, units in flight), where units in flight is
+        m for the split layers' units and 1 for the rest (so unit u's overflow exchange follows unit u + m - 1's
+        main exchanges)."""
+        m = self.micro_batches if self.split else 1
+        n = self.split_layers if self.split else 0
+        head = tuple((layer, m) for layer in self.moe_layers[:n] for _ in range(m))
+        return head + tuple((layer, 1) for layer in self.moe_layers[n:])
 
 
 def _pow2_at_least(n: int) -> int:
@@ -154,6 +182,33 @@ def exchange(
             out, send, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group.group
         )
     return out
+
+
+def exchange_start(
+    group: GroupHandle,
+    send: torch.Tensor,
+    *,
+    send_splits: list[int],
+    recv_splits: list[int],
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dist.Work]:
+    """`exchange`, issued asynchronously: (the receive buffer, its work handle); the buffer (and `send`) may be
+    touched only after `wait_exchange` on the handle."""
+    if out is None:
+        out = send.new_empty((sum(recv_splits), *send.shape[1:]))
+    with group.progress.collective():
+        work = dist.all_to_all_single(
+            out, send, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group.group, async_op=True
+        )
+    assert work is not None  # async_op=True always returns a handle
+    return out, work
+
+
+def wait_exchange(group: GroupHandle, work: dist.Work) -> None:
+    """Wait for an exchange issued by `exchange_start` (the time counts as inside a collective for the hang watch;
+    a failure is a `CollectiveError`)."""
+    with group.progress.awaiting():
+        work.wait()
 
 
 def exchange_counts(group: GroupHandle, send_counts: list[int]) -> list[int]:

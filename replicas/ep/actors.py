@@ -213,13 +213,14 @@ class TrunkRankActor(_RankBase):
         self.loads = 1
         reader.close()
 
-    def open_header_channel(self) -> tuple[str, int]:
-        """Trunk rank 0: listen for the expert ranks' step header streams; returns the address they connect to."""
+    def open_header_channel(self) -> tuple[str, int, bytes]:
+        """Trunk rank 0: listen for the expert ranks' step header streams; returns the address they connect to and
+        the token their hello must carry (it travels only through Ray calls)."""
         if self._header is not None:
             self._header.close()
         ip = ray.util.get_node_ip_address() or socket.gethostbyname(socket.gethostname())
         self._header = HeaderSender(ip)
-        return self._header.address
+        return (*self._header.address, self._header.token)
 
     def join(self, spec: GroupSpec) -> None:
         assert self._map is not None
@@ -422,13 +423,17 @@ class ExpertRankActor(_RankBase):
         with self._step_lock:
             return self.rank.take_received()
 
-    def join(self, spec: GroupSpec, header: tuple[str, int] | None = None) -> None:
-        """Join the group's process group; with `header` (trunk rank 0's address) also its step header stream."""
+    def join(self, spec: GroupSpec, header: tuple[str, int, bytes] | None = None) -> None:
+        """Join the group's process group; with `header` (trunk rank 0's address and the channel's token) also its
+        step header stream."""
         self.group = join_group(spec, self.spec.shape.expert_rank(self.spec.index), self.progress)
         self.rank = ExpertRank(self.shard, self.group, self.spec.shape, hidden=self.cfg.hidden_size, dtype=self.dtype)
         self._stop = False
         if header is not None:
-            self._header = HeaderReceiver(header, index=self.spec.index, epoch=spec.epoch, timeout_s=spec.deadline_s)
+            host, port, token = header
+            self._header = HeaderReceiver(
+                (host, port), token=token, index=self.spec.index, epoch=spec.epoch, timeout_s=spec.deadline_s
+            )
 
     def leave(self) -> None:
         if self._header is not None:

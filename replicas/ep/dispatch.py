@@ -5,7 +5,11 @@ once per MoE layer, and both keep expert-load statistics (tokens per expert per 
 - `LocalDispatcher`: every expert in-process (`--expert-ranks 0`); the oracle.
 - `AllToAllDispatcher`: rows go to the expert ranks owning their experts over
   torch.distributed (wire format in replicas/ep/a2a_protocol.py) and come back weighted and
-  slot-summed here, exactly as the local path combines them.
+  slot-summed here, exactly as the local path combines them. Its collectives are issued asynchronously:
+  `start` sends a layer's rows and posts the combine's receive, returning an exchange unit; `wait()` on it waits
+  only when the result is needed. With ping-pong micro-batches (StepPlan.micro_batches = m) up to m units are in
+  flight, each with its own fixed-mode buffers, so the trunk computes micro-batch i + 1 while the expert ranks
+  compute micro-batch i (Trunk.forward_split); `__call__` is `start(...).wait()`.
 Legend: T tokens, k top-k, R = T * k routed rows, X expert ranks, D trunk ranks.
 
 Host reads (device values the host must see): the routing, destinations, counts and the fixed mode's rows
@@ -20,27 +24,31 @@ Tests: tests/replicas/test_dispatch.py (all-to-all vs local on the same inputs).
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 
 from cluster.placement import ExpertMap
 from cluster.process_groups import GroupHandle
 from cluster.topology import GroupShape
 from model_shards.experts import ExpertShard, local_routed_experts
 from model_shards.moe import Routing, combine_slots
+from model_shards.trunk import PendingRouted
 from replicas.ep.a2a_protocol import (
     FIXED,
     ID_BYTES,
     StepPlan,
     exchange,
-    exchange_counts,
+    exchange_start,
     pack_rows,
     read_overflow,
     row_bytes,
+    wait_exchange,
     write_headers,
 )
 
@@ -109,6 +117,8 @@ class Dispatcher(Protocol):
 
     def __call__(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor: ...
 
+    def start(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> PendingRouted: ...
+
     def begin(self, plan: StepPlan) -> None: ...
 
     def finish(self) -> None: ...
@@ -139,6 +149,20 @@ class LocalDispatcher:
         self.load.add(layer, routing.topk_ids_Tk)
         return local_routed_experts(self.shard, layer, x_TD, routing)
 
+    def start(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> PendingRouted:
+        """No peers to overlap with: computed now (an empty micro-batch routes nothing)."""
+        if not routing.num_tokens:
+            return _Done(x_TD.new_zeros(x_TD.shape))
+        return _Done(self(layer, x_TD, routing))
+
+
+@dataclass(frozen=True)
+class _Done:
+    y: torch.Tensor
+
+    def wait(self) -> torch.Tensor:
+        return self.y
+
 
 @dataclass(frozen=True)
 class DispatchHandle:
@@ -167,6 +191,25 @@ class DispatchHandle:
     counts_t: torch.Tensor | None = None
     rows_TD: torch.Tensor | None = None
     dest_R: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
+class _Unit:
+    """One exchange unit in flight (a MoE layer's dispatch + combine for one micro-batch): `wait()` gives the
+    routed output once the combine arrived (and any overflow exchange ran at its agreed place)."""
+
+    owner: AllToAllDispatcher
+    index: int  # in the step's unit order (StepPlan.units)
+    lag: int  # units in flight for this unit (m for split layers, else 1)
+    slot: int  # which fixed-mode buffers it uses
+    handle: DispatchHandle
+    payload: torch.Tensor
+    works: list[dist.Work]
+    recv: torch.Tensor
+    y: torch.Tensor | None = None
+
+    def wait(self) -> torch.Tensor:
+        return self.owner._wait(self)
 
 
 class _FixedBuffers:
@@ -236,10 +279,13 @@ class AllToAllDispatcher:
         self.hidden, self.dtype = hidden, dtype
         self.load = ExpertLoad(expert_map.num_moe_layers, num_experts)
         self.set_map(expert_map)
-        self._fixed: dict[int, _FixedBuffers] = {}
+        self._fixed: dict[tuple[int, int], _FixedBuffers] = {}
         self._no_splits = [0] * shape.world_size
         self._plan: StepPlan | None = None
         self._cursor = 0
+        self._units: tuple[tuple[int, int], ...] = ()
+        self._split_units = 0
+        self._open: deque[_Unit] = deque()  # units issued, not yet finished, in issue order
         self.in_bytes = row_bytes(hidden, dtype) + ID_BYTES
         self.out_bytes = row_bytes(hidden, dtype)
         self._nothing_out = torch.empty(0, self.out_bytes, dtype=torch.uint8, device=group.device)
@@ -278,40 +324,83 @@ class AllToAllDispatcher:
     # ----------------------------------------------------------------- step framing
     def begin(self, plan: StepPlan) -> None:
         self._plan, self._cursor = plan, 0
+        self._units = plan.units()
+        self._split_units = sum(1 for _, lag in self._units if lag > 1)
+        self._open = deque()
 
     def finish(self) -> None:
         plan = self._plan
         assert plan is not None
-        if self._cursor != len(plan.moe_layers):
-            raise RuntimeError(f"step ran {self._cursor} MoE layers, the plan has {len(plan.moe_layers)}")
+        if self._cursor != len(self._units):
+            raise RuntimeError(f"step ran {self._cursor} MoE layers, the plan has {len(self._units)}")
+        self._settle(len(self._units))
         self._plan = None
         self.load.flush()
 
     def run_idle(self) -> None:
-        """A trunk rank with no tokens still takes part in every exchange of the plan, with empty rows."""
+        """A trunk rank with no tokens still takes part in every exchange of the plan, with empty rows (issued
+        ahead as the plan allows; `finish` waits for the last ones)."""
         plan = self._plan
         assert plan is not None
         dev = self.group.device
         empty = Routing(
             torch.empty(0, 1, dtype=torch.long, device=dev), torch.empty(0, 1, dtype=self.dtype, device=dev)
         )
-        while self._cursor < len(plan.moe_layers):
-            self(plan.moe_layers[self._cursor], torch.empty(0, self.hidden, dtype=self.dtype, device=dev), empty)
+        x = torch.empty(0, self.hidden, dtype=self.dtype, device=dev)
+        while self._cursor < len(self._units):
+            self.start(self._units[self._cursor][0], x, empty)
 
     # ----------------------------------------------------------------- the seam
     def __call__(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        return self.start(layer, x_TD, routing).wait()
+
+    def start(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> _Unit:
+        """Issue one exchange unit (dispatch, and the combine's receive) without waiting for it; `wait()` on the
+        result gives the routed output. Units of the split layers stay in flight up to m at a time."""
         plan = self._plan
-        if plan is None or self._cursor >= len(plan.moe_layers) or plan.moe_layers[self._cursor] != layer:
+        if plan is None or self._cursor >= len(self._units) or self._units[self._cursor][0] != layer:
             raise RuntimeError(f"MoE layer {layer} called out of the step plan's order (lock-step broken)")
+        u, lag = self._cursor, self._units[self._cursor][1]
+        # the agreed place of an overflow exchange (a2a_protocol): unit u - lag's, before unit u's main exchanges
+        self._settle(u - lag + 1 if lag > 1 else u)
         self._cursor += 1
         if routing.num_tokens:
             self.load.add(layer, routing.topk_ids_Tk)
         t0 = time.perf_counter()
-        handle, payload = self.dispatch(layer, x_TD, routing, plan)
-        y = self.combine(handle, payload)
+        slot = u % lag
+        handle, payload, works = self.dispatch(layer, x_TD, routing, plan, slot=slot)
+        recv, work = self._combine_start(handle, slot)
+        unit = _Unit(self, u, lag, slot, handle, payload, [*works, work], recv)
+        self._open.append(unit)
         self.timings["exchange_s"] += time.perf_counter() - t0
         self.timings["layers"] += 1
-        return y
+        return unit
+
+    def _settle(self, before: int) -> None:
+        """Finish (wait, then any overflow exchange) every unit in flight whose index is below `before`, in order."""
+        while self._open and self._open[0].index < before:
+            self._finalize(self._open.popleft())
+
+    def _wait(self, unit: _Unit) -> torch.Tensor:
+        if unit.y is None:
+            # its overflow exchange may run only once unit index + lag - 1 is issued (or no split unit is left)
+            if unit.lag > 1 and self._cursor < min(unit.index + unit.lag, self._split_units):
+                raise RuntimeError(
+                    f"exchange unit {unit.index} waited on before unit {unit.index + unit.lag - 1} was issued "
+                    "(ping-pong order broken)"
+                )
+            self._settle(unit.index + 1)
+        assert unit.y is not None
+        return unit.y
+
+    def _finalize(self, unit: _Unit) -> None:
+        t0 = time.perf_counter()
+        for work in unit.works:
+            wait_exchange(self.group, work)
+        unit.y = self.combine(unit.handle, unit.payload, unit.recv, slot=unit.slot)
+        unit.payload = unit.recv = self._nothing_out  # the buffers may be reused from here on
+        unit.works = []
+        self.timings["exchange_s"] += time.perf_counter() - t0
 
     def _destinations(self, layer: int, routing: Routing) -> torch.Tensor:
         """Expert rank of every slot row; a redundant expert's copies share tokens by token index."""
@@ -323,8 +412,9 @@ class AllToAllDispatcher:
         token = torch.arange(ids.shape[0], device=ids.device) // routing.top_k
         return table.index_select(0, ids).gather(1, (token % copies.index_select(0, ids)).unsqueeze(1)).squeeze(1)
 
-    def _fixed_buffers(self, cap: int) -> _FixedBuffers:
-        bufs = self._fixed.get(cap)
+    def _fixed_buffers(self, cap: int, slot: int) -> _FixedBuffers:
+        """The buffers of capacity `cap` for the `slot`-th unit in flight (ping-pong keeps up to m in flight)."""
+        bufs = self._fixed.get((cap, slot))
         if bufs is None:
             bufs = _FixedBuffers(
                 self.shape,
@@ -335,24 +425,25 @@ class AllToAllDispatcher:
                 out_bytes=self.out_bytes,
                 device=self.group.device,
             )
-            self._fixed[cap] = bufs
+            self._fixed[cap, slot] = bufs
         return bufs
 
     def dispatch(
-        self, layer: int, x_TD: torch.Tensor, routing: Routing, plan: StepPlan
-    ) -> tuple[DispatchHandle, torch.Tensor]:
-        """Send every (token, slot) row to its expert rank.
+        self, layer: int, x_TD: torch.Tensor, routing: Routing, plan: StepPlan, *, slot: int = 0
+    ) -> tuple[DispatchHandle, torch.Tensor, list[dist.Work]]:
+        """Send every (token, slot) row to its expert rank, asynchronously.
 
-        Returns the handle and the packed rows (send order) that may still have to go in the fixed mode's
-        overflow exchange; on the fixed fast path (this rank within C everywhere) nothing is owed and
-        the payload is empty.
+        Returns the handle, the packed rows (send order) that may still have to go in the fixed mode's
+        overflow exchange (on the fixed fast path, where this rank is within C everywhere, nothing is owed and
+        the payload is empty), and the work handles of the sends (their buffers stay untouched until waited on).
+        `slot`: which of the units in flight (its own fixed-mode buffers).
         """
         x = self.shape.expert_ranks
         dest = self._destinations(layer, routing)
         # counted on the device (bincount's output size would need max(dest) on the host)
         counts_t = dest.new_zeros(x).index_add_(0, dest, torch.ones_like(dest))
         if plan.mode == FIXED:
-            bufs = self._fixed_buffers(plan.capacity)
+            bufs = self._fixed_buffers(plan.capacity, slot)
             if bufs.rows is not None:
                 return self._dispatch_fixed_fast(x_TD, routing, dest, counts_t, plan.capacity, bufs)
         counts = counts_t.tolist()  # the variable mode's host read: all_to_all_single's split sizes
@@ -362,15 +453,19 @@ class AllToAllDispatcher:
         payload = pack_rows(x_TD[order // k], routing.topk_ids_Tk.reshape(-1)[order])
         if plan.mode == FIXED:
             sent = [min(c, plan.capacity) for c in counts]
-            self._send_fixed(payload, counts, sent, plan.capacity)
+            works = [self._send_fixed(payload, counts, sent, plan.capacity, slot)]
         else:
             sent = counts
-            exchange_counts(self.group, [0] * self.shape.trunk_ranks + counts)
-            exchange(
+            w = self.shape.world_size
+            # the counts exchange, issued without waiting: this rank needs nothing from it (it only sends)
+            sizes = torch.tensor([0] * self.shape.trunk_ranks + counts, dtype=torch.int64, device=self.group.device)
+            _, counts_work = exchange_start(self.group, sizes, send_splits=[1] * w, recv_splits=[1] * w)
+            _, rows_work = exchange_start(
                 self.group, payload, send_splits=[0] * self.shape.trunk_ranks + counts, recv_splits=self._no_splits
             )
+            works = [counts_work, rows_work]
         handle = DispatchHandle(routing, order, tuple(counts), tuple(sent), plan.mode, plan.capacity)
-        return handle, payload
+        return handle, payload, works
 
     def _dispatch_fixed_fast(
         self,
@@ -380,7 +475,7 @@ class AllToAllDispatcher:
         counts_t: torch.Tensor,
         cap: int,
         bufs: _FixedBuffers,
-    ) -> tuple[DispatchHandle, torch.Tensor]:
+    ) -> tuple[DispatchHandle, torch.Tensor, list[dist.Work]]:
         """Fixed mode: rows go straight from the tokens into their buffer slots (no sort, no packed copy,
         no host read). Same bytes in the header and counted rows as `_send_fixed`; rows past C go to the
         sink row and wait for the extra exchange (`combine`)."""
@@ -394,13 +489,13 @@ class AllToAllDispatcher:
         bufs.ids.index_copy_(0, src, routing.topk_ids_Tk.reshape(-1, 1).to(torch.int32))
         bufs.counts.copy_(counts_t.view(torch.uint8).view(x, 8))
         bufs.flags.copy_((counts_t > cap).any().to(torch.uint8).expand(x))  # this rank overflowed somewhere
-        exchange(self.group, bufs.send, send_splits=bufs.send_splits, recv_splits=self._no_splits)
+        _, work = exchange_start(self.group, bufs.send, send_splits=bufs.send_splits, recv_splits=self._no_splits)
         handle = DispatchHandle(routing, None, (), (), FIXED, cap, src, counts_t, x_TD, dest)
-        return handle, bufs.owed
+        return handle, bufs.owed, [work]
 
-    def _send_fixed(self, payload: torch.Tensor, counts: list[int], sent: list[int], cap: int) -> None:
+    def _send_fixed(self, payload: torch.Tensor, counts: list[int], sent: list[int], cap: int, slot: int) -> dist.Work:
         x = self.shape.expert_ranks
-        bufs = self._fixed_buffers(cap)
+        bufs = self._fixed_buffers(cap, slot)
         buf = bufs.send.view(x, cap + 1, self.in_bytes)
         overflowed = any(c > cap for c in counts)
         write_headers(buf[:, 0], counts=torch.tensor(counts, dtype=torch.int64), flag=overflowed)
@@ -408,17 +503,30 @@ class AllToAllDispatcher:
         for j in range(x):
             buf[j, 1 : 1 + sent[j]] = payload[start : start + sent[j]]
             start += counts[j]
-        exchange(self.group, bufs.send, send_splits=bufs.send_splits, recv_splits=self._no_splits)
+        _, work = exchange_start(self.group, bufs.send, send_splits=bufs.send_splits, recv_splits=self._no_splits)
+        return work
 
-    def combine(self, handle: DispatchHandle, payload: torch.Tensor) -> torch.Tensor:
-        """Receive the expert outputs, restore slot order, weight and sum each token's slots."""
+    def _combine_start(self, handle: DispatchHandle, slot: int) -> tuple[torch.Tensor, dist.Work]:
+        """Issue the combine's main receive: the fixed buffers' answer rows, or the variable mode's counted rows."""
+        if handle.mode == FIXED:
+            bufs = self._fixed_buffers(handle.capacity, slot)
+            return exchange_start(
+                self.group, self._nothing_out, send_splits=self._no_splits, recv_splits=bufs.recv_splits, out=bufs.recv
+            )
+        d = self.shape.trunk_ranks
+        return exchange_start(
+            self.group, self._nothing_out, send_splits=self._no_splits, recv_splits=[0] * d + list(handle.counts_X)
+        )
+
+    def combine(self, handle: DispatchHandle, payload: torch.Tensor, recv: torch.Tensor, *, slot: int) -> torch.Tensor:
+        """After the main receive (`_combine_start`, waited on): the overflow exchange if any pair needs it,
+        then restore slot order, weight and sum each token's slots."""
         d, x = self.shape.trunk_ranks, self.shape.expert_ranks
         r = handle.routing.topk_ids_Tk.numel()
         nothing = self._nothing_out
         if handle.mode == FIXED:
             cap = handle.capacity
-            bufs = self._fixed_buffers(cap)
-            exchange(self.group, nothing, send_splits=self._no_splits, recv_splits=bufs.recv_splits, out=bufs.recv)
+            bufs = self._fixed_buffers(cap, slot)
             overflow = read_overflow(bufs.answer_flags)  # the decode step's one host read per MoE layer
             if handle.src_R is not None:
                 if overflow:
@@ -439,9 +547,7 @@ class AllToAllDispatcher:
                 parts = [torch.cat([parts[j], back[offs[j] : offs[j] + extra[j]]]) for j in range(x)]
             out_bytes = torch.cat(parts) if parts else nothing
         else:
-            out_bytes = exchange(
-                self.group, nothing, send_splits=self._no_splits, recv_splits=[0] * d + list(handle.counts_X)
-            )
+            out_bytes = recv
         y_sorted = out_bytes.reshape(-1).view(self.dtype).view(r, self.hidden)
         if r == 0:
             return y_sorted.new_zeros((handle.routing.num_tokens, self.hidden))

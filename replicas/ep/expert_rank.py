@@ -1,7 +1,8 @@
 """An expert rank's core: holds its expert shard and serves the MoE exchanges of each step.
 
 Plain Python (no Ray; the actor in replicas/ep/actors.py wraps it). Per step it walks the plan's
-MoE layers in order, receives the rows the trunk ranks send (replicas/ep/a2a_protocol.py), runs
+exchange units in order (`StepPlan.units`: with ping-pong micro-batches, each split layer once per
+micro-batch), receives the rows the trunk ranks send (replicas/ep/a2a_protocol.py), runs
 its experts, and sends the outputs back; a step in which no row arrives still takes part in
 every exchange. Must not hold model math (that is model_shards.experts.ExpertShard).
 Tests: tests/replicas/test_dispatch.py (every exchange mode against local experts), tests/replicas/test_group.py.
@@ -10,6 +11,7 @@ Tests: tests/replicas/test_dispatch.py (every exchange mode against local expert
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -130,16 +132,34 @@ class ExpertRank:
         rows = 0
         compute = 0.0
         rows_before, padding_before = list(self._rows), list(self._padding)
+        # overflow exchanges owed, in unit order: split unit u's runs after unit u + m - 1's main exchanges
+        # (a2a_protocol: the trunks keep m units in flight and learn of an overflow only when they wait)
+        owed: deque[tuple[int, int, list[int], list[int]]] = deque()
         try:
-            for layer in plan.moe_layers:
-                n, c = self._fixed_layer(layer, plan.capacity) if plan.mode == FIXED else self._variable_layer(layer)
-                rows += n
-                compute += c
+            for u, (layer, lag) in enumerate(plan.units()):
+                if lag == 1:
+                    while owed:
+                        rows, compute = self._add(self._overflow(*owed.popleft()[1:]), rows, compute)
+                if plan.mode == FIXED:
+                    n, c, extra = self._fixed_layer(layer, plan.capacity)
+                    if extra is not None:
+                        owed.append((u, layer, *extra))
+                else:
+                    n, c = self._variable_layer(layer)
+                rows, compute = rows + n, compute + c
+                while owed and owed[0][0] <= u - lag + 1:
+                    rows, compute = self._add(self._overflow(*owed.popleft()[1:]), rows, compute)
+            while owed:
+                rows, compute = self._add(self._overflow(*owed.popleft()[1:]), rows, compute)
         finally:
             if not self._counting:  # the canary's rows are not load
                 self._rows, self._padding = rows_before, padding_before
             self._counting = True
         return ExpertStepStats(rows=rows, compute_s=compute, total_s=time.perf_counter() - t0)
+
+    @staticmethod
+    def _add(done: tuple[int, float], rows: int, compute: float) -> tuple[int, float]:
+        return rows + done[0], compute + done[1]
 
     def _compute(self, layer: int, buf: torch.Tensor) -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
@@ -171,8 +191,10 @@ class ExpertRank:
             self._fixed[cap] = bufs
         return bufs
 
-    def _fixed_layer(self, layer: int, cap: int) -> tuple[int, float]:
-        d, x = self.shape.trunk_ranks, self.shape.expert_ranks
+    def _fixed_layer(self, layer: int, cap: int) -> tuple[int, float, tuple[list[int], list[int]] | None]:
+        """One fixed-mode unit's main exchanges; returns rows, compute seconds, and (counts, sent) when the group
+        overflowed C, for the overflow exchange (`_overflow`, run at its agreed place)."""
+        d = self.shape.trunk_ranks
         bufs = self._fixed_buffers(cap)
         exchange(self.group, self._no_rows_in, send_splits=self._no_splits, recv_splits=bufs.recv_splits, out=bufs.recv)
         counts, flags = read_headers(bufs.headers)
@@ -203,11 +225,13 @@ class ExpertRank:
         exchange(self.group, bufs.back, send_splits=bufs.send_splits, recv_splits=self._no_splits)
         rows = sum(sent)
         self._padding[layer] += d * cap - rows  # capacity slots that crossed the wire empty
-        if overflow:
-            extra = [c - s for c, s in zip(counts, sent)]
-            rest = exchange(self.group, self._no_rows_in, send_splits=self._no_splits, recv_splits=extra + [0] * x)
-            out2, secs2 = self._compute(layer, rest)
-            exchange(self.group, out2, send_splits=extra + [0] * x, recv_splits=self._no_splits)
-            rows += rest.shape[0]
-            secs += secs2
-        return rows, secs
+        return rows, secs, (counts, sent) if overflow else None
+
+    def _overflow(self, layer: int, counts: list[int], sent: list[int]) -> tuple[int, float]:
+        """The extra exchange of a unit where some pair overflowed C: each trunk's rows past C, and back."""
+        x = self.shape.expert_ranks
+        extra = [c - s for c, s in zip(counts, sent)]
+        rest = exchange(self.group, self._no_rows_in, send_splits=self._no_splits, recv_splits=extra + [0] * x)
+        out, secs = self._compute(layer, rest)
+        exchange(self.group, out, send_splits=extra + [0] * x, recv_splits=self._no_splits)
+        return rest.shape[0], secs

@@ -43,6 +43,7 @@ from model_shards.tiny_checkpoint import resolve_model_dir
 from replicas.engine.step_types import StepRequest, StepResult
 from replicas.ep.a2a_protocol import FIXED, VARIABLE, StepPlan, fixed_capacity
 from replicas.ep.actors import CacheSizes, ExpertRankActor, RankSpec, TrunkRankActor
+from replicas.ep.micro_batches import max_micro_batch_tokens
 
 if TYPE_CHECKING:
     from ray.actor import ActorClass
@@ -184,6 +185,8 @@ class GroupConfig:
     # rank per step (the earlier path, kept for the control-cost benchmark's comparison)
     expert_loop: bool = True
     step_sleep_s: float = 0.0  # benchmark only: every rank sleeps this long per step (emulated device compute)
+    # ping-pong micro-batches per trunk rank in the decoder layers' exchanges (replicas/ep/micro_batches.py); 1: off
+    micro_batches: int = 1
 
 
 class ExpertParallelGroup:
@@ -458,7 +461,10 @@ class ExpertParallelGroup:
             return self._canary_plan()
         mtp = max((r.mtp_steps for r in requests), default=0)
         layers = tuple(range(self.cfg.num_layers)) + (self.cfg.num_layers,) * mtp
-        tokens = [sum(len(s.token_ids) + len(s.drafts) for s in r.seqs) for r in requests]
+        # ping-pong over the decoder layers (the MTP passes run as one); C is sized for the largest micro-batch
+        m = self.config.micro_batches
+        split = self.cfg.num_layers if m > 1 else 0
+        tokens = [max_micro_batch_tokens([len(s.token_ids) + len(s.drafts) for s in r.seqs], m) for r in requests]
         decode = all(len(s.token_ids) == 1 for r in requests for s in r.seqs)  # one token, drafts or not
         if decode and self.shape.expert_ranks:
             cap = fixed_capacity(
@@ -467,8 +473,8 @@ class ExpertParallelGroup:
                 expert_ranks=self.shape.expert_ranks,
                 factor=self.config.capacity_factor,
             )
-            return StepPlan(layers, FIXED, cap)
-        return StepPlan(layers, VARIABLE)
+            return StepPlan(layers, FIXED, cap, micro_batches=m, split_layers=split)
+        return StepPlan(layers, VARIABLE, micro_batches=m, split_layers=split)
 
     async def step(self, requests: list[StepRequest], plan: StepPlan | None = None) -> list[StepResult]:
         """Run one step: `requests[i]` for trunk rank i (may be empty). Returns each trunk rank's result.

@@ -14,9 +14,12 @@ Tests: tests/replicas/test_step_channel.py (wire format, stop, a vanished sender
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,9 +28,12 @@ from replicas.ep.a2a_protocol import FIXED, VARIABLE, StepPlan
 
 STEP, STOP = 0, 1
 _MAGIC = 0x45504844  # "EPHD"
-_FIXED_FIELDS = struct.Struct("<9q")  # magic, kind, epoch, step, map_version, mode, capacity, canary, layers
+# magic, kind, epoch, step, map_version, mode, capacity, canary, micro_batches, split_layers, layers
+_FIXED_FIELDS = struct.Struct("<11q")
 _LEN = struct.Struct("<I")
-_HELLO = struct.Struct("<2q")  # expert index, epoch
+_HELLO = struct.Struct("<2q16s")  # expert index, epoch, the channel's token (proves the peer got it through Ray)
+TOKEN_BYTES = 16
+HELLO_TIMEOUT_S = 5.0  # how long a connection may take to say who it is
 POLL_S = 0.25  # how often a waiting receiver looks at its stop flag
 
 
@@ -52,6 +58,8 @@ class StepHeader:
             int(p is not None and p.mode == FIXED),
             p.capacity if p is not None else 0,
             int(p is not None and p.canary),
+            p.micro_batches if p is not None else 1,
+            p.split_layers if p is not None else 0,
             len(layers),
         ) + struct.pack(f"<{len(layers)}i", *layers)
         return _LEN.pack(len(body)) + body
@@ -60,20 +68,35 @@ class StepHeader:
     def decode(cls, body: bytes) -> StepHeader:
         if len(body) < _FIXED_FIELDS.size:
             raise ValueError(f"step header of {len(body)} bytes, at least {_FIXED_FIELDS.size} expected")
-        magic, kind, epoch, step, version, fixed, cap, canary, n = _FIXED_FIELDS.unpack_from(body)
+        magic, kind, epoch, step, version, fixed, cap, canary, m, split, n = _FIXED_FIELDS.unpack_from(body)
         if magic != _MAGIC or kind not in (STEP, STOP) or len(body) != _FIXED_FIELDS.size + 4 * n:
             raise ValueError(f"malformed step header (magic {magic:#x}, kind {kind}, {n} layers, {len(body)} bytes)")
         if kind == STOP:
             return cls(STOP, epoch, step)
         layers = struct.unpack_from(f"<{n}i", body, _FIXED_FIELDS.size)
-        plan = StepPlan(tuple(layers), FIXED if fixed else VARIABLE, cap, map_version=version, canary=bool(canary))
+        plan = StepPlan(
+            tuple(layers),
+            FIXED if fixed else VARIABLE,
+            cap,
+            map_version=version,
+            canary=bool(canary),
+            micro_batches=m,
+            split_layers=split,
+        )
         return cls(STEP, epoch, step, plan)
 
 
 class HeaderSender:
-    """Trunk rank 0's end: listens (`address`), then `accept`s one stream per expert rank at join time."""
+    """Trunk rank 0's end: listens (`address`), then `accept`s one stream per expert rank at join time.
+
+    The port is reachable by anything on the network, so a stream counts only when its hello carries `token` (a
+    fresh random secret the expert ranks get through Ray's authenticated calls): a stranger's connection, or one
+    that sends garbage or nothing, is closed and the wait goes on, so it can neither take an expert rank's place
+    nor stall the join.
+    """
 
     def __init__(self, host: str) -> None:
+        self.token = secrets.token_bytes(TOKEN_BYTES)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.bind((host, 0))
@@ -85,17 +108,26 @@ class HeaderSender:
 
     def accept(self, expert_ranks: int, epoch: int, timeout_s: float) -> None:
         """Take every expert rank's stream (ordered by expert index); they connect after joining the group."""
-        self._listener.settimeout(timeout_s)
+        deadline = time.monotonic() + timeout_s
         got: dict[int, socket.socket] = {}
         while len(got) < expert_ranks:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"step header: {len(got)} of {expert_ranks} expert ranks connected in {timeout_s} s")
+            self._listener.settimeout(left)
             conn, _ = self._listener.accept()
-            conn.settimeout(timeout_s)
-            hello = _recv_exact(conn, _HELLO.size, lambda: False)
-            assert hello is not None  # never stopped
-            index, their_epoch = _HELLO.unpack(hello)
-            if their_epoch != epoch:
+            try:
+                conn.settimeout(min(left, HELLO_TIMEOUT_S))  # a silent stranger may hold the accept loop this long
+                hello = _recv_exact(conn, _HELLO.size, lambda: False)
+                assert hello is not None  # never stopped
+                index, their_epoch, token = _HELLO.unpack(hello)
+            except (OSError, EOFError):
                 conn.close()
                 continue
+            if not hmac.compare_digest(token, self.token) or their_epoch != epoch or not 0 <= index < expert_ranks:
+                conn.close()
+                continue
+            conn.settimeout(timeout_s)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             got[index] = conn
         self._peers = [got[j] for j in sorted(got)]
@@ -134,10 +166,10 @@ class HeaderSender:
 class HeaderReceiver:
     """An expert rank's end: connects to trunk rank 0's `address` after joining the group."""
 
-    def __init__(self, address: tuple[str, int], *, index: int, epoch: int, timeout_s: float) -> None:
+    def __init__(self, address: tuple[str, int], *, token: bytes, index: int, epoch: int, timeout_s: float) -> None:
         self._sock = socket.create_connection(address, timeout=timeout_s)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock.sendall(_HELLO.pack(index, epoch))
+        self._sock.sendall(_HELLO.pack(index, epoch, token))
         self._sock.setblocking(True)
         self.epoch = epoch
 

@@ -25,11 +25,12 @@ from cluster.rank_progress import RankProgress
 from model_shards.batch import SeqChunk, StepBatch
 from model_shards.cache import CachePools
 from model_shards.sampling import sample
-from model_shards.trunk import Trunk
+from model_shards.trunk import Trunk, TrunkOutput
 from model_shards.vision import VisionTower
 from replicas.engine.step_types import SERVER_ERROR, StepRequest, StepResult, TokenLogprobs
 from replicas.ep.a2a_protocol import StepPlan
 from replicas.ep.dispatch import Dispatcher
+from replicas.ep.micro_batches import split_sequences
 from replicas.ep.mtp_drafter import MtpDrafter
 from replicas.ep.rank_seqs import LiveSeq, SeqTable
 from replicas.ep.speculative import verify
@@ -148,7 +149,7 @@ class TrunkRank:
             if override is not None:
                 batch = replace(batch, embeds_override=override)
             in_forward = True
-            out = self.trunk.forward(batch, pools=self.pools, routed=self.routed)
+            out = self._forward(live, batch)
         except Exception as exc:
             if self.progress.step_collectives != collectives_before:
                 raise  # past the first collective: the peers saw a part of this step, so the group failed
@@ -166,6 +167,19 @@ class TrunkRank:
         self.routed.run_idle()  # MTP exchanges this rank had no rows for, in plan order
         self.routed.finish()
         return res.result(timings={"forward_s": t1 - t0, "sample_s": t2 - t1, "draft_s": time.perf_counter() - t2})
+
+    def _forward(self, live: list[LiveSeq], batch: StepBatch) -> TrunkOutput:
+        """The trunk forward, in the plan's ping-pong micro-batches when it has them (replicas/ep/micro_batches.py)."""
+        plan = self._plan
+        if plan is None or not plan.split:
+            return self.trunk.forward(batch, pools=self.pools, routed=self.routed)
+        groups = split_sequences([len(s.chunk.token_ids) for s in live], plan.micro_batches)
+        bs, dev = self.pools.block_size, self.device
+        parts = [
+            StepBatch.build([s.chunk for s in live[a:b]], block_size=bs, device=dev) if b > a else None
+            for a, b in groups
+        ]
+        return self.trunk.forward_split(batch, parts, pools=self.pools, routed=self.routed)
 
     def _failed_alone(self, live: list[LiveSeq], exc: Exception, t0: float, *, server: bool) -> StepResult:
         """The step failed before its first collective: its sequences end (their caches may be half-written, so

@@ -75,6 +75,13 @@ class AppArgs(BaseModel):
         "Unset: 5 s with CPU ranks (gloo), 30 s with GPUs (NCCL).",
     )
     capacity_factor: float = Field(2.0, gt=0, description="Decode exchange capacity over the mean rows per pair.")
+    micro_batches: int | None = Field(
+        None,
+        ge=1,
+        description="Ping-pong micro-batches per trunk rank (replicas/ep/micro_batches.py): a rank's attention of "
+        "one runs while the expert ranks compute another's FFN; 1 turns it off. Unset: 2 with GPUs, 1 with CPU "
+        "ranks. Needs expert_ranks >= 1 to matter.",
+    )
     expert_load_file: str | None = Field(
         None,
         description="Initial expert placement from a saved load file (`epserve rebalance --save-load`); "
@@ -224,6 +231,10 @@ class AppArgs(BaseModel):
             # CPU steps of the served models take well under a second, so 5 s finds a hung (SIGSTOPped) rank
             # within reliability.md's target; NCCL kernels and first-step warm-ups need longer.
             self.collective_deadline_s = CPU_COLLECTIVE_DEADLINE_S if not self.gpus else GPU_COLLECTIVE_DEADLINE_S
+        if self.micro_batches is None:
+            # on GPUs the trunk and the expert ranks are separate devices that idle in lock-step; one CPU rank's
+            # compute already competes for the machine's cores
+            self.micro_batches = 2 if self.gpus else 1
         return self
 
     def max_request_body_bytes(self) -> int:

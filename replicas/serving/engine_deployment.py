@@ -75,6 +75,7 @@ class EngineServer:
                 deadline_s=a.collective_deadline_s,  # type: ignore[arg-type]  # set by AppArgs' validator
                 caches=caches,
                 capacity_factor=a.capacity_factor,
+                micro_batches=a.micro_batches or 1,  # set by AppArgs' validator
                 cpus_per_rank=a.cpus_per_rank,
                 gpus=a.gpus,
                 gpu_memory_utilization=a.gpu_memory_utilization,

@@ -39,6 +39,21 @@ def test_collective_deadline_defaults_by_device() -> None:
     assert AppArgs(gpus=True, collective_deadline_s=7.5).collective_deadline_s == 7.5
 
 
+def test_micro_batches_defaults_by_device_and_bounds() -> None:
+    assert AppArgs().micro_batches == 1  # CPU ranks: off
+    assert AppArgs(gpus=True).micro_batches == 2  # GPUs: ping-pong
+    assert AppArgs(gpus=True, micro_batches=1).micro_batches == 1
+    with pytest.raises(ValidationError, match="micro_batches"):
+        AppArgs(micro_batches=0)
+
+
+def test_serve_micro_batches_flag_reaches_app_args(capsys: pytest.CaptureFixture) -> None:
+    from epserve.cli import main
+
+    assert main(["serve", "--micro-batches", "0"]) == 2  # refused by AppArgs before anything starts
+    assert "micro_batches" in capsys.readouterr().err
+
+
 def test_api_key_direct_or_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValidationError, match="not both"):
         AppArgs(api_key="k", api_key_env="EPSERVE_TEST_KEY")

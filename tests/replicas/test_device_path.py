@@ -22,7 +22,7 @@ sampling (the batched sampler's counter-based draws, no CUDA generator); an expe
 subset of experts; a TrunkRank over the AllToAllDispatcher (1 trunk, 2 expert ranks) with only
 `a2a_protocol`'s `dist.all_to_all_single` replaced (it echoes: the receive buffer stands for the expert ranks'
 answer), a prefill (VARIABLE mode) and a decode (FIXED mode) step, whose layers may read back only the seam's
-named reads (`A2A_LAYER_READS`: the count exchange on prefill, `read_overflow` per MoE layer on decode).
+named reads (`A2A_LAYER_READS`: the row counts on prefill, `read_overflow` per MoE layer on decode).
 Asserted: no CPU tensor inside a step; outside the decoder layers, host transfers only at
 the named points (`NAMED_POINTS`, with why); inside the prefill and decode steps' decoder layers and the
 expert rank's compute, no host sync at all. Layer-level checks: tests/model_shards/test_host_syncs.py.
@@ -491,8 +491,8 @@ A2A_PROMPT = 40  # prefill tokens (VARIABLE mode), then one decode token (FIXED 
 # The host reads the all-to-all seam makes inside the decoder layers, per MoE layer (file, function) -> why.
 A2A_LAYER_READS = {
     "prefill": {
+        # (the count exchange is issued without a wait and its answer never read: a trunk receives no rows)
         ("dispatch.py", "dispatch"): "the X row counts: all_to_all_single takes its split sizes as host ints",
-        ("a2a_protocol.py", "exchange_counts"): "the counts every peer sends this rank (the count exchange)",
     },
     "decode": {
         ("a2a_protocol.py", "read_overflow"): "the combine headers' overflow flag: every rank must agree on "
@@ -517,8 +517,23 @@ class _Transport:
     def __init__(self) -> None:
         self.calls: list[tuple[torch.device, torch.device]] = []
 
-    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, **_: Any) -> None:  # noqa: A002, ANN401  # torch.distributed's names
+    def all_to_all_single(  # torch.distributed's names
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,  # noqa: A002
+        *,
+        async_op: bool = False,
+        **_: Any,  # noqa: ANN401  # the split sizes and group, unused by the echo
+    ) -> _Echoed | None:
         self.calls.append((output.device, input.device))
+        return _Echoed() if async_op else None  # the dispatcher's collectives are issued asynchronously
+
+
+class _Echoed:
+    """The work handle of an asynchronous echo: already done."""
+
+    def wait(self) -> bool:
+        return True
 
 
 @dataclass
@@ -596,7 +611,7 @@ def test_a2a_trunk_step_keeps_every_tensor_on_the_device(a2a_run: A2aRun) -> Non
 @pytest.mark.parametrize("step", ["prefill", "decode"])
 def test_a2a_layer_syncs_are_only_the_named_reads(a2a_run: A2aRun, step: str) -> None:
     """Inside the decoder layers the seam reads back only A2A_LAYER_READS (printed with why), each once per
-    MoE layer: decode the combine header's overflow flag; prefill the count exchange."""
+    MoE layer: decode the combine header's overflow flag; prefill the row counts sent (split sizes)."""
     _, evs, _, plan = a2a_run.steps[step]
     syncs = _layer_syncs(evs)
     named = A2A_LAYER_READS[step]

@@ -6,7 +6,9 @@
 - The exchange itself: D = 2 (and D = 1) trunk ranks and X = 2 expert ranks, each a forked process in
   a real gloo group (cluster/process_groups.join_group), run the variable mode, the fixed mode within
   capacity, the fixed mode with a pair over capacity (the overflow exchange), and steps where one
-  trunk rank has no tokens. Oracle: `local_routed_experts` (every expert in-process) on the same
+  trunk rank has no tokens; and ping-pong micro-batches (m = 2, 3 units in flight, overflow exchanges at their
+  agreed place, empty micro-batches, an unsplit unit after the split ones).
+  Oracle: `local_routed_experts` (every expert in-process) on the same
   inputs in the trunk process, and expert-rank row counts counted here from the routing.
 """
 
@@ -41,6 +43,7 @@ from replicas.ep.a2a_protocol import (
 )
 from replicas.ep.dispatch import AllToAllDispatcher, ExpertLoad
 from replicas.ep.expert_rank import ExpertRank
+from replicas.ep.micro_batches import split_sequences
 
 # ----------------------------------------------------------------------------- wire format
 
@@ -167,6 +170,20 @@ STEPS: list[tuple[StepPlan, list[list[list[int]] | None]]] = [
     # trunk 0 idle while trunk 1 overflows C = 1 on both expert ranks
     (StepPlan(LAYER_IDS, FIXED, capacity=1), [None, [[0, 3], [1, 4], [2, 5]]]),
     (StepPlan(LAYER_IDS), [[[4, 5]], None]),
+    # ping-pong micro-batches (the trunks keep m exchange units in flight): variable mode, m = 2
+    (StepPlan(LAYER_IDS, micro_batches=2, split_layers=2), [[[0, 3], [1, 2], [5, 4]], [[2, 4], [0, 1]]]),
+    # fixed, m = 2, then one unsplit unit (as an MTP pass): micro-batch 0 of both trunks overflows C = 1, so its
+    # overflow exchange runs after micro-batch 1's main exchange; micro-batch 1 of trunk 0 overflows too
+    (
+        StepPlan((0, 1, 1), FIXED, capacity=1, micro_batches=2, split_layers=2),
+        [[[0, 3], [1, 4], [0, 1], [2, 5]], [[0, 3], [1, 2], [0, 5]]],
+    ),
+    # m = 3 with fewer sequences than micro-batches (empty ones still exchange), the other trunk idle
+    (StepPlan(LAYER_IDS, FIXED, capacity=4, micro_batches=3, split_layers=2), [[[0, 3]], None]),
+    (
+        StepPlan((0, 1, 1), FIXED, capacity=1, micro_batches=3, split_layers=2),
+        [[[0, 1], [3, 4], [2, 0]], [[1, 2], [4, 5], [0, 3], [1, 5]]],
+    ),
 ]
 
 
@@ -201,6 +218,8 @@ def _trunk(index: int, column: int, shape: GroupShape, spec: GroupSpec) -> dict[
             disp.begin(plan)
             if ids is None:
                 disp.run_idle()
+            elif plan.split:
+                diffs += _ping_pong(disp, local, plan, step, index, ids)
             else:
                 for layer in plan.moe_layers:
                     x, w = _tokens(step, index, layer, len(ids))
@@ -211,6 +230,39 @@ def _trunk(index: int, column: int, shape: GroupShape, spec: GroupSpec) -> dict[
         return {"diffs": diffs, "load": disp.load.take().tolist()}
     finally:
         leave_group()
+
+
+def _ping_pong(
+    disp: AllToAllDispatcher, local: ExpertShard, plan: StepPlan, step: int, index: int, ids: list[list[int]]
+) -> list[float]:
+    """The trunk's ping-pong order: per layer, micro-batch j's previous unit is waited on only right before its
+    next one is issued (as Trunk.forward_split); then the plan's unsplit units one at a time."""
+    diffs: list[float] = []
+
+    def check(layer: int, x: torch.Tensor, routing: Routing, y: torch.Tensor) -> None:
+        assert y.shape == x.shape
+        if x.shape[0]:
+            diffs.append((y - local_routed_experts(local, layer, x, routing)).abs().max().item())
+        else:
+            diffs.append(0.0)
+
+    groups = split_sequences([1] * len(ids), plan.micro_batches)
+    pending: list[Any] = [None] * len(groups)
+    for layer in plan.moe_layers[: plan.split_layers]:
+        x, w = _tokens(step, index, layer, len(ids))
+        topk = torch.tensor(ids)
+        for j, (a, b) in enumerate(groups):
+            if pending[j] is not None:
+                check(*pending[j][:3], pending[j][3].wait())
+            routing = Routing(topk[a:b], w[a:b])
+            pending[j] = (layer, x[a:b], routing, disp.start(layer, x[a:b], routing))
+    for item in pending:
+        check(*item[:3], item[3].wait())
+    for layer in plan.moe_layers[plan.split_layers :]:
+        x, w = _tokens(step, index, layer, len(ids))
+        routing = Routing(torch.tensor(ids), w)
+        check(layer, x, routing, disp(layer, x, routing))
+    return diffs
 
 
 def _expert(index: int, column: int, shape: GroupShape, spec: GroupSpec) -> dict[str, Any]:
@@ -262,22 +314,27 @@ def test_all_to_all_equals_local_in_every_mode(columns: tuple[int, ...]) -> None
             if p.is_alive():
                 p.kill()
     # every token's output equals the in-process experts' (same fp32 arithmetic, other row groupings)
+    # (ping-pong steps: one output per micro-batch of each split layer)
     for i, col in enumerate(columns):
-        assert len(got["trunk", i]["diffs"]) == LAYERS * sum(1 for _, t in STEPS if t[col] is not None)
+        units = [len(p.units()) for p, t in STEPS if t[col] is not None]
+        assert len(got["trunk", i]["diffs"]) == sum(units)
         assert max(got["trunk", i]["diffs"]) < 1e-5
-    # rows each expert rank computed, counted from the routing by hand: expert e lives on rank e // 3
+    # rows each expert rank computed, counted from the routing by hand: expert e lives on rank e // 3; a layer the
+    # plan names twice (the unsplit MTP-like pass) counts twice
     for j in range(shape.expert_ranks):
-        want = [
-            LAYERS * sum(1 for c in columns for row in per_trunk[c] or [] for e in row if e // 3 == j)
-            for _, per_trunk in STEPS
+        rows = [
+            sum(1 for c in columns for row in per_trunk[c] or [] for e in row if e // 3 == j) for _, per_trunk in STEPS
         ]
-        assert got["expert", j]["rows"] == want
-        assert got["expert", j]["rows_per_layer"] == [sum(want) // LAYERS] * LAYERS
+        assert got["expert", j]["rows"] == [len(p.moe_layers) * n for (p, _), n in zip(STEPS, rows)]
+        assert got["expert", j]["rows_per_layer"] == [
+            sum(p.moe_layers.count(layer) * n for (p, _), n in zip(STEPS, rows)) for layer in LAYER_IDS
+        ]
     # the trunks' expert-load counters: tokens per expert per layer over all steps
     for i, col in enumerate(columns):
-        counts = [0] * EXPERTS
-        for _, per_trunk in STEPS:
+        counts = [[0] * EXPERTS for _ in LAYER_IDS]
+        for plan, per_trunk in STEPS:
             for row in per_trunk[col] or []:
                 for e in row:
-                    counts[e] += 1
-        assert got["trunk", i]["load"] == [counts] * LAYERS
+                    for layer in plan.moe_layers:
+                        counts[layer][e] += 1
+        assert got["trunk", i]["load"] == counts

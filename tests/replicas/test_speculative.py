@@ -354,10 +354,16 @@ def test_sampled_speculation_is_seeded_and_completes(peaked_model) -> None:  # n
 
 
 # ---------------------------------------------------------------------------- expert parallel
-@pytest.mark.parametrize("d,x", [(1, 2), pytest.param(2, 2, marks=pytest.mark.slow)], ids=lambda v: str(v))
+# m = 2: ping-pong micro-batches in the target forward (the verify rows split by sequence), MTP passes unsplit
+@pytest.mark.parametrize(
+    "d,x,m",
+    [(1, 2, 1), pytest.param(2, 2, 1, marks=pytest.mark.slow), pytest.param(1, 2, 2, marks=pytest.mark.slow)],
+    ids=lambda v: str(v),
+)
 def test_greedy_speculation_equals_plain_expert_parallel(
     d: int,
     x: int,
+    m: int,
     ray_cluster,  # noqa: ANN001
     peaked_checkpoint: Path,
     plain_outputs,  # noqa: ANN001
@@ -375,6 +381,7 @@ def test_greedy_speculation_equals_plain_expert_parallel(
             dtype="float32",
             deadline_s=60.0,
             caches=CacheSizes(num_blocks=pool, block_size=BLOCK, num_slots=6, spec_tokens=k),
+            micro_batches=m,
         )
     )
     group.start()

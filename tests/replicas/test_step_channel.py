@@ -4,6 +4,7 @@ and a sender that vanishes is a CollectiveError (the expert rank was only waitin
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -19,6 +20,7 @@ PLANS = [
     StepPlan((0, 1, 2, 3), FIXED, 8, map_version=3),
     StepPlan((0, 1, 2, 3, 4, 4, 4), VARIABLE),
     StepPlan((0, 1), VARIABLE, map_version=1, canary=True),
+    StepPlan((0, 1, 2, 5), FIXED, 4, micro_batches=2, split_layers=3),  # ping-pong: the expert loop must know m
 ]
 
 
@@ -29,7 +31,7 @@ def _pair(experts: int = 2, epoch: int = 5) -> tuple[HeaderSender, list[HeaderRe
     t.start()
     # connect in reverse order: the sender orders its streams by expert index, not arrival
     for j in reversed(range(experts)):
-        got.insert(0, HeaderReceiver(sender.address, index=j, epoch=epoch, timeout_s=10.0))
+        got.insert(0, HeaderReceiver(sender.address, token=sender.token, index=j, epoch=epoch, timeout_s=10.0))
     t.join(10)
     return sender, got
 
@@ -40,7 +42,7 @@ def test_header_round_trip_names_every_plan_field() -> None:
         assert StepHeader.decode(frame[4:]) == StepHeader(STEP, 7, i + 1, plan)
     assert StepHeader.decode(StepHeader(STOP, 7, 9).encode()[4:]) == StepHeader(STOP, 7, 9)
     with pytest.raises(ValueError, match="malformed step header"):
-        StepHeader.decode(b"\0" * 72)
+        StepHeader.decode(b"\0" * 88)
     with pytest.raises(ValueError, match="at least"):
         StepHeader.decode(b"\0" * 8)
 
@@ -79,8 +81,8 @@ def test_a_stale_epochs_expert_is_not_taken() -> None:
     sender = HeaderSender("127.0.0.1")
     t = threading.Thread(target=sender.accept, args=(1, 2, 10.0))
     t.start()
-    stale = HeaderReceiver(sender.address, index=0, epoch=1, timeout_s=10.0)
-    fresh = HeaderReceiver(sender.address, index=0, epoch=2, timeout_s=10.0)
+    stale = HeaderReceiver(sender.address, token=sender.token, index=0, epoch=1, timeout_s=10.0)
+    fresh = HeaderReceiver(sender.address, token=sender.token, index=0, epoch=2, timeout_s=10.0)
     t.join(10)
     try:
         sender.send(PLANS[0])
@@ -91,3 +93,27 @@ def test_a_stale_epochs_expert_is_not_taken() -> None:
         sender.close()
         stale.close()
         fresh.close()
+
+
+def test_strangers_neither_take_a_place_nor_stall_the_join() -> None:
+    """The port is open to the network: a connection without the token (a wrong one, garbage, or silence) is
+    closed and the join still takes the real expert rank."""
+    sender = HeaderSender("127.0.0.1")
+    t = threading.Thread(target=sender.accept, args=(1, 3, 20.0))
+    t.start()
+    wrong = HeaderReceiver(sender.address, token=b"x" * 16, index=0, epoch=3, timeout_s=10.0)
+    garbage = socket.create_connection(sender.address, timeout=10.0)
+    garbage.sendall(b"GET / HTTP/1.1\r\n\r\n" + b"-" * 64)
+    real = HeaderReceiver(sender.address, token=sender.token, index=0, epoch=3, timeout_s=10.0)
+    t.join(20)
+    try:
+        assert not t.is_alive()
+        sender.send(PLANS[3])
+        assert real.receive(lambda: False) == StepHeader(STEP, 3, 1, PLANS[3])
+        with pytest.raises(CollectiveError):
+            wrong.receive(lambda: False)  # closed by the sender
+    finally:
+        sender.close()
+        for r in (wrong, real):
+            r.close()
+        garbage.close()

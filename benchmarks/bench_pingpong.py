@@ -1,0 +1,146 @@
+"""Benchmark: ping-pong micro-batches (issue 15 item 1), decode step with m = 2 vs m = 1.
+
+D = 1 trunk rank, X = 1 expert rank, the `wide` random checkpoint of benchmarks/bench_model.py (hidden 1024, 64
+experts, top-8, 8 layers), fp32, batch B (default 32) after a 16-token prefill, on a 2-node local Ray cluster
+(CPU ranks, gloo; one {CPU: 1} bundle and 1 torch thread per rank, so the trunk and the expert rank each have a
+core when the machine has them free). Two groups are up at once, m = 1 and m = 2 (`GroupConfig.micro_batches`);
+their steps are interleaved (A, B, B, A, ...) so the noise of a shared machine hits both alike. Per layout: the
+median driver wall time of `await group.step()` and of the trunk rank's own forward; the ratio m = 1 / m = 2 of the
+wall medians (target >= 1.3x). Greedy tokens of the two layouts are compared every step (they must be equal).
+
+Usage: python benchmarks/bench_pingpong.py [--batch 32] [--steps 30] [--config wide] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+PREFILL, WARM, BLOCK = 16, 3, 16
+
+
+def bench(config: str, batch: int, steps: int, tmp: Path) -> dict:
+    from benchmarks.bench_model import save_checkpoint
+    from cluster.topology import GroupShape
+    from model_shards.sampling import SamplingParams
+    from replicas.engine.step_types import SeqStart, SeqStep, StepRequest
+    from replicas.ep.actors import CacheSizes
+    from replicas.ep.group import ExpertParallelGroup, GroupConfig
+
+    folder = save_checkpoint(config, tmp / config)
+    blocks_per_seq = -(-(PREFILL + WARM + steps + 2) // BLOCK)
+    caches = CacheSizes(num_blocks=batch * blocks_per_seq, block_size=BLOCK, num_slots=batch)
+    groups = {
+        m: ExpertParallelGroup(
+            GroupConfig(
+                model_dir=str(folder),
+                shape=GroupShape(1, 1),
+                dtype="float32",
+                deadline_s=120.0,
+                caches=caches,
+                micro_batches=m,
+            )
+        )
+        for m in (1, 2)
+    }
+    for g in groups.values():
+        g.start()
+    greedy = SamplingParams(temperature=0.0)
+    vocab = groups[1].cfg.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, vocab, (PREFILL,), generator=gen).tolist() for _ in range(batch)]
+    state = {m: [dict(pending=list(p), ctx=0) for p in prompts] for m in groups}
+    samples: dict[int, list[tuple[float, float]]] = {m: [] for m in groups}
+    mismatched = 0
+    loop = asyncio.new_event_loop()
+    try:
+        for step in range(1 + WARM + steps):
+            order = (1, 2) if step % 2 == 0 else (2, 1)
+            toks = {}
+            for m in order:
+                st = state[m]
+                req = StepRequest(
+                    tuple(
+                        SeqStep(
+                            s,
+                            st[s]["ctx"],
+                            tuple(st[s]["pending"]),
+                            tuple(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) if not st[s]["ctx"] else (),
+                            start=SeqStart(s, greedy, PREFILL) if not st[s]["ctx"] else None,
+                        )
+                        for s in range(batch)
+                    )
+                )
+                t0 = time.perf_counter()
+                res = loop.run_until_complete(groups[m].step([req]))[0]
+                wall = time.perf_counter() - t0
+                for s, tok in enumerate(res.token_ids):
+                    st[s]["ctx"] += len(st[s]["pending"])
+                    st[s]["pending"] = [tok]
+                toks[m] = res.token_ids
+                if step > WARM:  # step 0 is the prefill
+                    samples[m].append((wall, res.timings.get("forward_s", 0.0)))
+            mismatched += toks[1] != toks[2]
+    finally:
+        loop.close()
+        for g in groups.values():
+            g.shutdown()
+    out = {"config": config, "batch": batch, "steps": steps, "steps_with_different_tokens": mismatched}
+    for m in groups:
+        out[f"m{m}_wall_ms"] = statistics.median(w for w, _ in samples[m]) * 1e3
+        out[f"m{m}_forward_ms"] = statistics.median(f for _, f in samples[m]) * 1e3
+    out["speedup"] = out["m1_wall_ms"] / out["m2_wall_ms"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="wide", help="a config of benchmarks/bench_model.py (default wide)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=30, help="timed decode steps per layout (after 3 warm-up steps)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from cluster.local_cluster import start_local_cluster
+
+    torch.set_num_threads(1)
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
+        f"load average at start {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    t_start = time.time()
+    cluster = start_local_cluster(2, cpus_per_node=4)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = bench(args.config, args.batch, args.steps, Path(tmp))
+    finally:
+        cluster.shutdown()
+    print(f"## decode step, D = 1, X = 1, {r['config']} model, fp32, batch {r['batch']}, median of {r['steps']} steps")
+    print("| layout | wall ms | trunk forward ms |")
+    print("|--------|---------|------------------|")
+    for m in (1, 2):
+        print(f"| m = {m}  | {r[f'm{m}_wall_ms']:7.1f} | {r[f'm{m}_forward_ms']:16.1f} |")
+    target = "met" if r["speedup"] >= 1.3 else "MISS"
+    print(f"speedup m = 1 / m = 2 (wall medians): {r['speedup']:.2f}x (target >= 1.3x: {target})")
+    print(f"steps whose greedy tokens differ between m = 1 and m = 2: {r['steps_with_different_tokens']}")
+    print(f"total {time.time() - t_start:.0f} s, load average at end {os.getloadavg()[0]:.1f} (1 min)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1))
+
+
+if __name__ == "__main__":
+    main()
