@@ -10,10 +10,11 @@ from __future__ import annotations
 class BlockPool:
     """Free lists of KV blocks and DeltaNet state slots of one trunk rank."""
 
-    def __init__(self, *, num_blocks: int, num_slots: int, block_size: int) -> None:
+    def __init__(self, *, num_blocks: int, num_slots: int, block_size: int, num_checkpoints: int = 0) -> None:
         if num_blocks < 1 or num_slots < 1 or block_size < 1:
             raise ValueError("a trunk rank needs at least one KV block and one state slot")
         self.num_blocks, self.num_slots, self.block_size = num_blocks, num_slots, block_size
+        self.num_checkpoints = num_checkpoints  # the rank's prefix-cache state checkpoints
         self._free_blocks = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._free_slots = list(range(num_slots - 1, -1, -1))
 
