@@ -361,3 +361,59 @@ def test_cached_state_and_shared_blocks_are_never_written(model) -> None:  # noq
             assert torch.equal(b, a)
 
     _serve(model, body, cache=PrefixCacheConfig(probe_interval=64))
+
+
+def test_speculative_decoding_with_hits_equals_plain(model) -> None:  # noqa: ANN001
+    reqs = [_req(f"r{i}", PROMPTS[i]) for i in (0, 1, 2, 5)]
+    want = _uncached(model, reqs)
+    got = _serve(
+        model,
+        lambda engine, _: _in_turn(engine, reqs),
+        cache=PrefixCacheConfig(probe_interval=64),
+        spec_tokens=2,
+    )
+    _assert_same(got, want)
+    assert [o[0].cached for o in got] == [0, 128, 128, 128]
+
+
+def _chat(model, tokenizer, *, cache: PrefixCacheConfig | None, turns: int) -> list[tuple[list[int], Out]]:  # noqa: ANN001
+    """A conversation rendered with the real chat template, each turn's reply (decoded) fed into the next turn;
+    the cache hints as the front end computes them: the end of the system preamble, the last assistant header."""
+    from model_shards.chat_template import ChatTemplate
+    from model_shards.tokenizer_files import chat_template_text
+
+    template = ChatTemplate(chat_template_text())
+    im_start = tokenizer.token_to_id("<|im_start|>")
+    system = " ".join(f"Rule {i}: answer briefly and cite source {i * 7}." for i in range(24))
+
+    async def body(engine, _runner) -> list[tuple[list[int], Out]]:  # noqa: ANN001
+        messages: list[dict[str, str]] = [{"role": "system", "content": system}]
+        out = []
+        for t in range(turns):
+            messages.append({"role": "user", "content": f"Question {t}: what does rule {t * 3} say about sources?"})
+            ids = tokenizer.encode(template.render(messages))
+            heads = [i for i, x in enumerate(ids) if x == im_start]
+            req = GenerateRequest(f"t{t}", tuple(ids), GREEDY, max_tokens=8, cache_hints=(heads[1], heads[-1]))
+            res = (await _one(engine, req))[0]
+            out.append((ids, res))
+            messages.append({"role": "assistant", "content": tokenizer.decode(res.tokens, skip_special_tokens=True)})
+        return out
+
+    return _serve(model, body, cache=cache)
+
+
+def test_multi_turn_chat_resumes_at_the_previous_assistant_header(model, embedded_model_dir: Path) -> None:  # noqa: ANN001
+    from model_shards.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(embedded_model_dir)
+    want = _chat(model, tokenizer, cache=None, turns=4)
+    got = _chat(model, tokenizer, cache=PrefixCacheConfig(), turns=4)
+    im_start = tokenizer.token_to_id("<|im_start|>")
+    assert len(want[0][0]) > 300  # a system preamble of several chunks
+    for t, ((ids, g), (want_ids, w)) in enumerate(zip(got, want)):
+        assert ids == want_ids and g.tokens == w.tokens
+        torch.testing.assert_close(list(g.logprobs), list(w.logprobs), atol=1e-4, rtol=0)
+        if t:
+            prev = got[t - 1][0]
+            header = max(i for i, x in enumerate(prev) if x == im_start)
+            assert g.cached >= header // GRID * GRID > 0
