@@ -123,6 +123,7 @@ def test_a_block_a_sequence_uses_is_never_freed_and_leaves_go_first() -> None:
     assert freed == 8  # the leaves past 128 (chunks ending at 192 and 256); the used ones stay
     assert cache.num_blocks == 8 and all(pool.refs(x) == 2 for x in hb.blocks)
     assert cache.match(a, NS).length == 128  # states deeper than the evicted KV went with it
+    assert cache._leaves == {n for n in cache._nodes() if not n.children}  # the eviction candidates kept up to date
     pool.release_refs(hb.blocks)
     assert cache.evict_blocks(100) == 8 and pool.free_blocks == 64 and cache.num_states == 0
 
@@ -417,3 +418,55 @@ def test_multi_turn_chat_resumes_at_the_previous_assistant_header(model, embedde
             prev = got[t - 1][0]
             header = max(i for i, x in enumerate(prev) if x == im_start)
             assert g.cached >= header // GRID * GRID > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_expert_parallel_group_d2_x2_cached_equals_uncached(ray_cluster, hf_checkpoint: Path) -> None:  # noqa: ANN001
+    """D = 2 trunk ranks x X = 2 expert ranks: the engine places each sequence on the trunk rank holding its longest
+    cached prefix (the other rank's tree is empty of it, so any hit proves the placement); tokens and logprobs equal
+    the same group's engine with the cache off."""
+    from cluster.topology import GroupShape
+    from replicas.engine.engine import Engine
+    from replicas.engine.scheduler import SchedulerConfig
+    from replicas.ep.actors import CacheSizes
+    from replicas.ep.group import ExpertParallelGroup, GroupConfig
+    from replicas.ep.offline_generate import engine_pools
+
+    r = random.Random(7)
+    system = [r.randrange(0, 1024) for _ in range(150)]
+    prompts = [system + [r.randrange(0, 1024) for _ in range(20 + 5 * i)] for i in range(4)]
+    prompts.append(system[:100] + [r.randrange(0, 1024) for _ in range(30)])
+    reqs = [_req(f"r{i}", p) for i, p in enumerate(prompts)]
+    sizes = CacheSizes(num_blocks=128, block_size=BLOCK, num_slots=8, state_checkpoints=8)
+    group = ExpertParallelGroup(
+        GroupConfig(
+            model_dir=str(hf_checkpoint), shape=GroupShape(2, 2), dtype="float32", deadline_s=20.0, caches=sizes
+        )
+    )
+    group.start()
+
+    async def run(cache: PrefixCacheConfig | None) -> tuple[list[list[Out]], list[list[Out]]]:
+        engine = Engine(
+            group,
+            pools=engine_pools(group.caches, 2),
+            config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512),
+            max_waiting=64,
+            prefix_cache=cache,
+        )
+        engine.start()
+        try:
+            return await _in_turn(engine, reqs), await _at_once(engine, reqs)
+        finally:
+            await engine.stop()
+
+    try:
+        want, want_at_once = asyncio.run(run(None))
+        got, got_at_once = asyncio.run(run(PrefixCacheConfig(probe_interval=64)))
+    finally:
+        group.shutdown()
+    _assert_same(want_at_once, want)
+    _assert_same(got, want)
+    _assert_same(got_at_once, want)
+    assert [o[0].cached for o in got] == [0, 128, 128, 128, 64]
+    assert all(o[0].cached > 0 for o in got_at_once)  # all on the rank that holds the system prompt (room for all)
