@@ -257,14 +257,15 @@ class PrefixCache:
             stack.extend(node.children.values())
         return out
 
-    def evict_state(self) -> int | None:
+    def evict_state(self, *, provisional_only: bool = False) -> int | None:
         """Drop the least valuable unpinned state and return its checkpoint id (already back in the pool's free
-        list), or None when every state is pinned (or there is none)."""
+        list), or None when every state is pinned (or there is none). `provisional_only`: for a probe, which may
+        take the place of another probe but never of a state a branch or hint claimed."""
         best: _Node | None = None
         best_key: tuple[bool, float] | None = None
         now = next(self._tick)
         for node in self._states:
-            if node.pins:
+            if node.pins or (provisional_only and not node.provisional):
                 continue
             # provisional first; then recency x tokens of prefill it saves (every state costs the same bytes)
             k = (not node.provisional, node.end / (1 + now - node.last_used))

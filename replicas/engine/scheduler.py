@@ -198,7 +198,7 @@ class Scheduler:
             assert self.caches is not None and seq.addr is not None
             pool = self.pools[seq.addr.trunk]
             ckpt = pool.take_checkpoint()
-            if ckpt is None and self.caches[seq.addr.trunk].evict_state() is not None:
+            if ckpt is None and self.caches[seq.addr.trunk].evict_state(provisional_only=cap.provisional) is not None:
                 ckpt = pool.take_checkpoint()
             if ckpt is not None:
                 seq.saving = (cap.pos, ckpt, cap.provisional)

@@ -129,7 +129,7 @@ def test_a_block_a_sequence_uses_is_never_freed_and_leaves_go_first() -> None:
 
 
 def test_state_eviction_probes_first_pinned_never() -> None:
-    cache = _cache(probe_interval=128, states_per_path=4)
+    cache = _cache(blocks=128, probe_interval=128, states_per_path=4)
     a = list(range(600))
     plan = cache.plan_captures(a, NS, (320,), 0)
     assert plan == [Capture(128, True), Capture(256, True), Capture(320, False), Capture(384, True)]
@@ -142,6 +142,10 @@ def test_state_eviction_probes_first_pinned_never() -> None:
     cache.unpin(a, NS, hit.length)
     assert cache.evict_state() is not None and cache.num_states == 0
     assert cache.pool.free_checkpoints == 8
+    # a probe may replace a probe, never a state a hint or branch claimed
+    _prefill(cache, a, [plan[2]])
+    assert cache.evict_state(provisional_only=True) is None and cache.num_states == 1
+    assert cache.evict_state() is not None
 
 
 def test_reset_drops_what_no_sequence_uses() -> None:
