@@ -8,7 +8,8 @@ leave between steps; aborts and choices the front end ended (a stop string: `fin
 their caches before the next step. A failed group ends every request it holds with a retriable
 error, is rebuilt, and the loop resumes. Must not: hold model math, HTTP or text (the front end
 detokenizes).
-Tests: tests/replicas/test_engine.py, tests/replicas/test_step_protocol.py, tests/replicas/test_determinism.py.
+Tests: tests/replicas/test_engine.py, tests/replicas/test_step_protocol.py, tests/replicas/test_determinism.py,
+tests/replicas/test_prefix_cache.py.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ computed (captured states, prompt blocks).
 Per step the work is O(running sequences) in all: the queues are insertion-ordered dicts keyed by
 sequence id (release and preemption O(1), no list scans per sequence), and sequences that leave a
 trunk rank are listed for the next step's header (`take_released`: the rank drops their state).
-Tests: tests/replicas/test_step_protocol.py.
+Tests: tests/replicas/test_step_protocol.py, tests/replicas/test_prefix_cache.py.
 """
 
 from __future__ import annotations
@@ -334,7 +334,7 @@ class Scheduler:
         lookahead = self.config.lookahead
         candidates: list[tuple[int, int, int, Hit]] = []
         for t, pool in enumerate(self.pools):
-            if pool.free_slots == 0 or len(self.running[t]) >= self.config.max_num_seqs or budgets[t] < 1:
+            if pool.free_slots == 0 or len(self.running[t]) >= self.config.max_num_seqs:
                 continue
             hit = caches[t].match(key, ns, count=False)
             candidates.append((hit.length, pool.free_blocks, t, hit))
@@ -342,6 +342,10 @@ class Scheduler:
         for _, _, t, hit in candidates:
             pool, cache = self.pools[t], caches[t]
             p = hit.length
+            if budgets[t] < CHUNK_ALIGN and budgets[t] < len(seq.token_ids) - p:
+                if p:  # the rank holding its prefix has no tokens left this step: it waits a step, not loses the hit
+                    return False
+                continue
             seq.num_computed = p
             seq.captures = cache.plan_captures(key, ns, seq.req.cache_hints, p)
             n = self._chunk(seq, budgets[t])
