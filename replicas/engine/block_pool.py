@@ -27,6 +27,10 @@ class BlockPool:
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._free_checkpoints = list(range(num_checkpoints - 1, -1, -1))
         self._refs = [0] * num_blocks  # holders of each block: its sequences and the prefix cache
+        # Blocks the prefix cache holds, and how many of them it alone holds: those are evicted on demand, so they
+        # count as free in the usage figures (vLLM's view: a cached block nobody uses is free).
+        self._cached = bytearray(num_blocks)
+        self.cached_idle = 0
 
     @property
     def free_blocks(self) -> int:
@@ -52,22 +56,39 @@ class BlockPool:
         return out
 
     def share(self, blocks: list[int] | tuple[int, ...]) -> None:
-        """One more holder of each block (a sequence hitting the prefix cache, or the cache adopting them)."""
-        refs = self._refs
+        """One more holder of each block (a sequence hitting the prefix cache)."""
+        refs, cached = self._refs, self._cached
         for b in blocks:
-            assert refs[b] > 0, f"sharing free KV block {b}"
+            r = refs[b]
+            assert r > 0, f"sharing free KV block {b}"
+            refs[b] = r + 1
+            if r == 1 and cached[b]:
+                self.cached_idle -= 1
+
+    def adopt(self, blocks: list[int] | tuple[int, ...]) -> None:
+        """The prefix cache becomes a holder of these blocks (a sequence using them holds them too)."""
+        refs, cached = self._refs, self._cached
+        for b in blocks:
+            assert refs[b] > 0 and not cached[b], f"adopting free or cached KV block {b}"
             refs[b] += 1
+            cached[b] = 1
 
     def refs(self, block: int) -> int:
         return self._refs[block]
 
     def release_refs(self, blocks: list[int] | tuple[int, ...]) -> None:
         """One holder less of each block; a block nobody holds is free again."""
-        refs, free = self._refs, self._free_blocks
+        refs, free, cached = self._refs, self._free_blocks, self._cached
         for b in reversed(blocks):
             r = refs[b] - 1
             assert r >= 0, f"releasing free KV block {b}"
             refs[b] = r
+            if cached[b] and r <= 1:
+                if r == 1:  # its last sequence left: only the cache holds it
+                    self.cached_idle += 1
+                else:  # the cache let it go (it held it alone)
+                    self.cached_idle -= 1
+                    cached[b] = 0
             if r == 0:
                 free.append(b)
 
@@ -89,8 +110,13 @@ class BlockPool:
         self._free_checkpoints.append(checkpoint)
 
     @property
+    def available_blocks(self) -> int:
+        """Free blocks plus those only the prefix cache holds (it gives them up on demand)."""
+        return len(self._free_blocks) + self.cached_idle
+
+    @property
     def kv_usage(self) -> float:
-        return 1.0 - len(self._free_blocks) / self.num_blocks
+        return 1.0 - self.available_blocks / self.num_blocks
 
     @property
     def slot_usage(self) -> float:

@@ -826,7 +826,7 @@ class Engine:
         m, pools = self.metrics, self.scheduler.pools
         m.set("num_requests_running", self.scheduler.num_running)
         m.set("num_requests_waiting", len(self.scheduler.waiting))
-        m.set("kv_blocks_used", sum(p.num_blocks - p.free_blocks for p in pools))
+        m.set("kv_blocks_used", sum(p.num_blocks - p.available_blocks for p in pools))  # cache-only blocks: free
         m.set("kv_blocks_total", sum(p.num_blocks for p in pools))
         m.set("state_slots_used", sum(p.num_slots - p.free_slots for p in pools))
         m.set("state_slots_total", sum(p.num_slots for p in pools))
@@ -873,10 +873,11 @@ class Engine:
         return True
 
     def pool_state(self) -> list[dict[str, int]]:
-        """Free blocks and slots per trunk rank (tests check aborts return everything)."""
+        """Free blocks and slots per trunk rank (tests check aborts return everything); blocks only the prefix cache
+        holds count as free (it evicts them on demand)."""
         return [
             {
-                "free_blocks": p.free_blocks,
+                "free_blocks": p.available_blocks,
                 "num_blocks": p.num_blocks,
                 "free_slots": p.free_slots,
                 "num_slots": p.num_slots,

@@ -203,7 +203,7 @@ class PrefixCache:
                 own = list(blocks[b0 : b0 + self.per_chunk])
                 if len(own) < self.per_chunk:
                     return  # the sequence does not hold these blocks (never the case for a computed prefix)
-                self.pool.share(own)
+                self.pool.adopt(own)
                 child = node.children[chunk] = _Node(chunk, node, start + GRID, own)
                 self.num_blocks += len(own)
                 self._leaves.discard(node)

@@ -109,6 +109,7 @@ def test_a_block_a_sequence_uses_is_never_freed_and_leaves_go_first() -> None:
     a = list(range(320))
     _prefill(cache, a, cache.plan_captures(a, NS, (), 0))  # 5 nodes x 4 blocks, states at 64..256
     assert cache.num_blocks == 16 and pool.free_blocks == 64 - 16  # the path to 256 (< len - 1 = 319)
+    assert pool.available_blocks == 64  # held by the cache alone: free for new work (evicted on demand)
     hit = cache.match(a, NS)
     pool.share(hit.blocks)  # a running sequence on the first 256 tokens
     cache.pin(hit, NS, a)
@@ -121,6 +122,7 @@ def test_a_block_a_sequence_uses_is_never_freed_and_leaves_go_first() -> None:
     pool.share(hb.blocks)
     freed = cache.evict_blocks(100)
     assert freed == 8  # the leaves past 128 (chunks ending at 192 and 256); the used ones stay
+    assert pool.available_blocks == 64 - 8  # the 8 blocks the sequence uses
     assert cache.num_blocks == 8 and all(pool.refs(x) == 2 for x in hb.blocks)
     assert cache.match(a, NS).length == 128  # states deeper than the evicted KV went with it
     assert cache._leaves == {n for n in cache._nodes() if not n.children}  # the eviction candidates kept up to date
@@ -311,7 +313,8 @@ def test_shared_system_prompt_branches_and_short_prompts_equal_uncached(model) -
         assert all(o[0].cached > 0 for o, p in zip(again, PROMPTS) if len(p) > 64)
         two = await _one(engine, _req("n2", PROMPTS[2], n=2))
         assert two[0].tokens == two[1].tokens == want[2][0].tokens and two[0].cached == 128
-        # nothing leaks: after a reset only the pool's own blocks and checkpoints are left
+        # nothing leaks: the blocks only the cache holds count as free; after a reset the pool has them all back
+        assert engine.pool_state()[0]["free_blocks"] == 160 and engine.stats()["prefix_cache_blocks"] > 0
         assert engine.reset_prefix_cache()
         pool = engine.scheduler.pools[0]
         assert engine.stats()["prefix_cache_blocks"] == 0 and pool.free_blocks == pool.num_blocks
