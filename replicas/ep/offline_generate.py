@@ -61,12 +61,23 @@ class Completion:
 
 
 def cache_sizes(
-    prompt_len: int, max_tokens: int, *, spec_tokens: int = 0, block_size: int = 16, num_slots: int = 1
+    prompt_len: int,
+    max_tokens: int,
+    *,
+    spec_tokens: int = 0,
+    block_size: int = 16,
+    num_slots: int = 1,
+    state_checkpoints: int = 0,
 ) -> CacheSizes:
-    """Caches for `num_slots` sequences of this length at once, with the 2k positions speculation writes ahead."""
+    """Caches for `num_slots` sequences of this length at once, with the 2k positions speculation writes ahead,
+    and `state_checkpoints` saved states for the prefix cache."""
     per_seq = -(-(prompt_len + max_tokens + 2 * spec_tokens) // block_size)
     return CacheSizes(
-        num_blocks=per_seq * num_slots, block_size=block_size, num_slots=num_slots, spec_tokens=spec_tokens
+        num_blocks=per_seq * num_slots,
+        block_size=block_size,
+        num_slots=num_slots,
+        spec_tokens=spec_tokens,
+        state_checkpoints=state_checkpoints,
     )
 
 
