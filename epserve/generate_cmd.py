@@ -200,7 +200,7 @@ def _generate(args, folder, prompt, params, defaults, cfg):  # noqa: ANN001, ANN
 
     req = _request(args, prompt, params, defaults)
     k = args.speculative_tokens
-    _, checkpoints = prefix_cache_from_args(args, num_slots=1)
+    prefix_cache, checkpoints = prefix_cache_from_args(args, num_slots=1)
     caches = cache_sizes(
         len(prompt), args.max_tokens, spec_tokens=k, block_size=args.block_size, state_checkpoints=checkpoints
     )
@@ -215,7 +215,9 @@ def _generate(args, folder, prompt, params, defaults, cfg):  # noqa: ANN001, ANN
                 gpu_memory_utilization=args.gpu_memory_utilization,
             )
             try:
-                return offline_generate(runner, req, spec_tokens=k, vocab_size=cfg.vocab_size)
+                return offline_generate(
+                    runner, req, spec_tokens=k, vocab_size=cfg.vocab_size, prefix_cache=prefix_cache
+                )
             finally:
                 runner.close()
         if args.device != "auto":
@@ -225,6 +227,6 @@ def _generate(args, folder, prompt, params, defaults, cfg):  # noqa: ANN001, ANN
             )
         from epserve.group_runner import run_on_group
 
-        return run_on_group(args, folder, req, caches, vocab_size=cfg.vocab_size)
+        return run_on_group(args, folder, req, caches, vocab_size=cfg.vocab_size, prefix_cache=prefix_cache)
     except (RequestRejected, GenerationFailed) as exc:
         raise UserError(f"generation failed: {exc}") from None

@@ -117,6 +117,7 @@ class EngineServer:
             metrics=self.metrics,
             grammars=self._grammar_cache,
             spec_tokens=k,
+            prefix_cache=a.prefix_cache_config(),
             max_queue_steps=a.max_queue_steps,
             vocab_size=self.cfg.vocab_size,
             engine_id=_serve_replica_id(),
