@@ -6,6 +6,9 @@ Driven by hand with step messages on a LocalRunner (fp32 embedded model):
   equal a one-shot prefill of its whole prompt (the oracle: LocalModel forward on fresh pools, no rank, no cache).
 - Neither the checkpoint nor the shared blocks change while the second sequence runs (bit-identical).
 - With MTP, the drafts of a restored sequence equal those of the same prompt prefilled from 0 on a fresh rank.
+- A vision prompt resuming at 128, inside an image's pad rows: its first chunk on the rank encodes the images and
+  takes the right rows (oracle: the same prompt prefilled from 0 on a fresh rank, itself checked against
+  transformers in tests/model_shards/test_vision.py).
 - Bad restores and saves are refused for that sequence alone, naming the problem.
 """
 
