@@ -337,7 +337,7 @@ class Scheduler:
             if pool.free_slots == 0 or len(self.running[t]) >= self.config.max_num_seqs:
                 continue
             hit = caches[t].match(key, ns, count=False)
-            candidates.append((hit.length, pool.free_blocks, t, hit))
+            candidates.append((hit.length, pool.available_blocks, t, hit))
         candidates.sort(key=lambda c: (-c[0], -c[1]))
         for _, _, t, hit in candidates:
             pool, cache = self.pools[t], caches[t]

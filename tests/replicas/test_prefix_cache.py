@@ -1,5 +1,16 @@
-"""The prefix cache: the tree of one trunk rank (admission positions, eviction order, reference counts, salts,
-reset), and end-to-end parity of cached vs uncached generation with the single-process engine.
+"""The prefix cache (replicas/engine/prefix_cache.py, its use in the scheduler and engine).
+
+Unit tests of one rank's tree against known answers: admission positions (probes on a new path, the branch point,
+hints rounded down to 64, the per-path cap, hits at most prompt_len - 1), eviction order (KV-only leaves first,
+states deeper than evicted KV go, probes before claimed states), reference counts (a block a sequence uses is never
+freed), salts and the mtp flag as namespaces, reset.
+End to end with the Engine over the single-process LocalRunner (fp32 embedded model): the oracle is the same engine
+with the cache off (every prompt prefilled from token 0, itself equal to transformers: test_offline_generate.py):
+greedy tokens equal and logprobs within 1e-4 for shared system prompts, branches, prompts shorter than 64, requests
+at once, n = 2, speculative decoding, multi-turn chat rendered with the real template (cached tokens >= the previous
+turn's last assistant header, rounded down to 64), salts (no cross-salt hit), a tiny cache budget (evictions and
+preemptions); the saved states and shared KV blocks are bit-identical before and after sequences that hit them
+ran. A D = 2 x X = 2 expert-parallel group (slow): cached equals uncached, hits on the rank holding the prefix.
 """
 
 from __future__ import annotations
