@@ -147,16 +147,16 @@ class PrefixCache:
     def plan_captures(self, key: Seq[int], ns: Namespace, hints: Seq[int], hit_len: int) -> list[Capture]:
         """Positions (ascending, on the grid, hit_len < c < len(key)) where the sequence should save its state.
 
-        The branch point (where the prompt leaves an existing longer path), the hints, then provisional states every
-        `probe_interval` on the path's new part; kept states on the path count against `states_per_path`. A ready
+        The branch point (where the prompt leaves the existing tree), the hints, then provisional states every
+        `probe_interval` on the path's new part while the path's kept states stay within `states_per_path`. A ready
         provisional state at the branch point or a hint is claimed instead (and the provisional ones before it are
         trimmed)."""
         n = len(key)
         path = self._walk(key, ns, n - 1)
         matched = len(path) * GRID
         kept: list[int] = []
-        if path and path[-1].children and hit_len <= matched < n:
-            kept.append(matched)  # the prompt leaves (or stops within) a longer existing path here
+        if path and hit_len <= matched < n:
+            kept.append(matched)  # the prompt leaves (or extends, or repeats) an existing path here
         for h in sorted({(h // GRID) * GRID for h in hints}, reverse=True):
             if hit_len <= h < n and h > 0 and h not in kept:
                 kept.append(h)
@@ -175,8 +175,9 @@ class PrefixCache:
         for node in path:
             if node.checkpoint is not None and not node.provisional and node.end < n:
                 existing_kept += 1
-        room = max(0, self.config.states_per_path - existing_kept)
-        planned = planned[:room]
+        # claimed states always go in (`captured` makes room on the path); probes only within the cap
+        planned = planned[: self.config.states_per_path]
+        room = max(0, self.config.states_per_path - existing_kept - len(planned)) + len(planned)
         probe = self.config.probe_interval
         if probe and room > len(planned):
             first_new = max(matched, hit_len)
@@ -227,7 +228,26 @@ class PrefixCache:
         self.states_stored += 1
         if not provisional:
             self._trim_probes(node)
+            self._cap_path(node)
         return True
+
+    def _cap_path(self, node: _Node) -> None:
+        """At most `states_per_path` kept states from the root to `node`: drop the ones nearest above it that no
+        other path branches from (a later turn of a chat resumes at the newest; the shallow ones, e.g. the end of
+        a system prompt, serve other conversations), never a pinned one."""
+        above: list[_Node] = []
+        up = node.parent
+        while up is not None:
+            if up.checkpoint is not None and not up.provisional:
+                above.append(up)  # deepest first
+            up = up.parent
+        excess = 1 + len(above) - self.config.states_per_path
+        for a in above:
+            if excess <= 0:
+                break
+            if not a.pins and len(a.children) <= 1:
+                self._drop_state(a)
+                excess -= 1
 
     def _trim_probes(self, node: _Node) -> None:
         """A branch or hint state exists at `node`: the unclaimed probes before it on its path are superseded."""

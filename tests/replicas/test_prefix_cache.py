@@ -98,6 +98,19 @@ def test_hit_is_at_most_prompt_len_minus_one() -> None:
     assert cache.match(a + [7], NS).length == 192  # 256 has no state
 
 
+def test_a_chat_path_keeps_its_newest_states_within_the_cap() -> None:
+    cache = _cache(blocks=128, probe_interval=0, states_per_path=2)
+    convo = list(range(1000))
+    starts = []
+    for turn_end in (300, 500, 700, 900):  # each turn's prompt extends the last; the hint: its last header
+        key = convo[:turn_end]
+        hit = cache.match(key, NS)
+        starts.append(hit.length)
+        _prefill(cache, key, cache.plan_captures(key, NS, (turn_end - 10,), hit.length))
+        assert cache.num_states <= 2
+    assert starts == [0, 256, 448, 640]  # each turn resumes at the previous turn's header (rounded down to 64)
+
+
 def test_states_per_path_caps_the_plan() -> None:
     cache = _cache(probe_interval=64, states_per_path=2)
     plan = cache.plan_captures(list(range(1000)), NS, (300,), 0)
@@ -313,7 +326,9 @@ def test_shared_system_prompt_branches_and_short_prompts_equal_uncached(model) -
         got = await _in_turn(engine, reqs)
         _assert_same(got, want)
         cached = [o[0].cached for o in got]
-        assert cached == [0, 128, 128, 0, 64, 128, 64]
+        # r1 claims the probe at 128 (where it leaves r0's path; the probe at 64 goes), r4 branches at 64 from
+        # scratch and saves it, r6 resumes there
+        assert cached == [0, 128, 128, 0, 0, 128, 64]
         stats = engine.stats()
         assert stats["prefix_cache_hits"] == sum(cached)
         assert stats["prefix_cache_queries"] == sum(len(p) for p in PROMPTS)
@@ -346,9 +361,8 @@ def test_salts_are_apart(model) -> None:  # noqa: ANN001
 def test_eviction_under_a_tiny_budget_never_changes_tokens(model) -> None:  # noqa: ANN001
     # 30 blocks of 16 = 480 tokens for 3 slots, 2 checkpoints: blocks and states are evicted all the time,
     # concurrently running sequences preempt each other
-    reqs = [_req(f"r{i}", p) for i, p in enumerate(PROMPTS + PROMPTS[::-1])]
-    want = _uncached(model, reqs[: len(PROMPTS)])
-    want = want + want[::-1]
+    reqs = [_req(f"r{i}", p) for i, p in enumerate(PROMPTS)]
+    want = _uncached(model, reqs)
 
     async def body(engine, runner) -> None:  # noqa: ANN001
         _assert_same(await _in_turn(engine, reqs), want)
@@ -486,5 +500,5 @@ def test_expert_parallel_group_d2_x2_cached_equals_uncached(ray_cluster, hf_chec
     _assert_same(want_at_once, want)
     _assert_same(got, want)
     _assert_same(got_at_once, want)
-    assert [o[0].cached for o in got] == [0, 128, 128, 128, 64]
+    assert [o[0].cached for o in got] == [0, 128, 128, 128, 0]  # r4 branches at 64 (the probe there went)
     assert all(o[0].cached > 0 for o in got_at_once)  # all on the rank that holds the system prompt (room for all)
