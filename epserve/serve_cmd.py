@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 from epserve.cli import UserError
+from epserve.prefix_flags import add_prefix_cache_flags
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -78,6 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="ping-pong micro-batches per trunk rank: trunk ranks compute one while the expert ranks run another's "
         "FFN (default 2 with GPUs, 1 with CPU ranks; 1 = off)",
     )
+    add_prefix_cache_flags(p)
     p.set_defaults(run=run)
 
 
@@ -111,6 +113,10 @@ def load_args(args: argparse.Namespace):  # noqa: ANN201  # -> AppArgs
         "redundant_experts": args.redundant_experts,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "micro_batches": args.micro_batches,
+        "prefix_cache": args.prefix_cache,
+        "prefix_state_slots": args.prefix_state_slots,
+        "prefix_states_per_path": args.prefix_states_per_path,
+        "prefix_probe_interval": args.prefix_probe_interval,
     }
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:

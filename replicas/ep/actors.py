@@ -56,6 +56,7 @@ class CacheSizes:
     block_size: int
     num_slots: int
     spec_tokens: int = 0  # k > 0: per-token DeltaNet states for verifying k drafts
+    state_checkpoints: int = 0  # prefix-cache saved DeltaNet states (each the size of a slot); 0: no prefix cache
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,14 @@ class TrunkRankActor(_RankBase):
                 spec_tokens=caches.spec_tokens,
                 with_mtp=weights.mtp is not None,
                 reserved=CANARY_RESERVE,
+                max_checkpoints=caches.state_checkpoints,
             )
-            caches = replace(caches, num_blocks=counts.num_blocks, num_slots=counts.num_slots)
+            caches = replace(
+                caches,
+                num_blocks=counts.num_blocks,
+                num_slots=counts.num_slots,
+                state_checkpoints=counts.num_checkpoints,
+            )
         self.pools = CachePools.allocate(  # the canary's block and slot beyond the engine's (trunk_rank.py)
             cfg,
             num_blocks=caches.num_blocks + CANARY_RESERVE,
@@ -181,6 +188,7 @@ class TrunkRankActor(_RankBase):
             device=self.device,
             with_mtp=weights.mtp is not None,
             spec_tokens=caches.spec_tokens,
+            num_checkpoints=caches.state_checkpoints,
         )
         self.vision = None
         if cfg.vision is not None and self.layout.has_vision:
@@ -296,6 +304,7 @@ class TrunkRankActor(_RankBase):
             "num_blocks": self.pools.num_blocks - CANARY_RESERVE,
             "num_slots": self.pools.num_slots - CANARY_RESERVE,
             "block_size": self.pools.block_size,
+            "num_checkpoints": self.pools.num_checkpoints,
             "read_bytes": self.read_bytes,
         }
 

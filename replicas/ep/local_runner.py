@@ -52,14 +52,21 @@ class LocalRunner:
                 spec_tokens=caches.spec_tokens,
                 with_mtp=model.trunk.w.mtp is not None,
                 reserved=CANARY_RESERVE,
+                max_checkpoints=caches.state_checkpoints,
             )
-            caches = replace(caches, num_blocks=counts.num_blocks, num_slots=counts.num_slots)
+            caches = replace(
+                caches,
+                num_blocks=counts.num_blocks,
+                num_slots=counts.num_slots,
+                state_checkpoints=counts.num_checkpoints,
+            )
         self.caches = caches
         pools = model.allocate(  # plus the canary's reserved block and slot (trunk_rank.py)
             num_blocks=caches.num_blocks + CANARY_RESERVE,
             block_size=caches.block_size,
             num_slots=caches.num_slots + CANARY_RESERVE,
             spec_tokens=caches.spec_tokens,
+            num_checkpoints=caches.state_checkpoints,
         )
         self.rank = TrunkRank(
             model.trunk, pools, LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers)
