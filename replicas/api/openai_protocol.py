@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_STOP = 16
 MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs / logprobs alternatives (HTTP and gRPC alike)
 MAX_STOP_LEN = 256
+MAX_CACHE_SALT_LEN = 256  # a tenant name or token, not a payload
 # Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): logits / 1e-40 overflow to inf in fp32.
 SAMPLING_EPS = 1e-5
 
@@ -85,6 +86,8 @@ class _Sampling(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's prefix-cache namespace: prompts with different salts never share cached prefixes (tenant isolation)
+    cache_salt: str | None = None
     # accepted and ignored: they do not change generation here
     user: str | None = None
     store: bool | None = None
@@ -107,6 +110,13 @@ class _Sampling(BaseModel):
         if any(not s or len(s) > MAX_STOP_LEN for s in stops):
             raise ValueError(f"stop sequences must be 1..{MAX_STOP_LEN} characters")
         return stops
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _cache_salt(cls, v: str | None) -> str | None:
+        if v is not None and not 0 < len(v) <= MAX_CACHE_SALT_LEN:
+            raise ValueError(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_LEN} characters")
+        return v
 
     @field_validator("stop_token_ids")
     @classmethod
@@ -244,6 +254,12 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None
     tokens: list[int]
+
+
+class ResetPrefixCacheRequest(BaseModel):
+    """POST /reset_prefix_cache (admin): no options; an empty body counts as `{}` (vLLM's clients send none)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def validation_error(exc: Exception) -> ApiError:

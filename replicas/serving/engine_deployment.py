@@ -33,7 +33,7 @@ from replicas.engine.scheduler import SchedulerConfig
 from replicas.ep.actors import CacheSizes
 from replicas.ep.group import ExpertParallelGroup, GroupConfig
 from replicas.serving.app_args import AppArgs
-from replicas.serving.metrics import MetricsRegistry, push_forever, retire_from_hub
+from replicas.serving.metrics import MetricsRegistry, push_forever, record_prefix_cache, retire_from_hub
 from replicas.serving.rebalance_trigger import RebalanceTrigger, auto_rebalance
 
 if TYPE_CHECKING:  # annotations only: llguidance loads with the first grammar
@@ -151,7 +151,14 @@ class EngineServer:
             )
         if self._push_task is None and self.hub is not None:
             self._push_task = asyncio.get_running_loop().create_task(
-                push_forever(self.hub, self.replica_id, self.metrics, METRICS_PUSH_S, before=self._record_expert_load)
+                push_forever(
+                    self.hub,
+                    self.replica_id,
+                    self.metrics,
+                    METRICS_PUSH_S,
+                    before=self._record_expert_load,
+                    on_loop=lambda: record_prefix_cache(self.metrics, self.engine.stats()),
+                )
             )
 
     def _record_expert_load(self) -> None:
@@ -205,6 +212,20 @@ class EngineServer:
             report["moved_slots"],
         )
         return {"replica": self.replica_id, **report}
+
+    async def reset_prefix_cache(self, skip: list[str] | None = None) -> dict[str, Any]:
+        """Admin (POST /reset_prefix_cache, `epserve reset-prefix-cache`): drop this replica's prefix cache.
+        Returns what the engine dropped (`Engine.reset_prefix_cache()`) with this replica's id; a replica named in
+        `skip` (already done: calls are routed, so the ingress repeats them) only returns its id."""
+        if skip and self.replica_id in skip:
+            return {"replica": self.replica_id, "skipped": True}
+        self._ensure_started()
+        reset = getattr(self.engine, "reset_prefix_cache", None)  # an engine built without the prefix cache lacks it
+        if reset is None:
+            return {"replica": self.replica_id, "error": "this engine has no prefix cache"}
+        dropped = reset()
+        log.info("prefix cache reset: %s", dropped)
+        return {"replica": self.replica_id, **dropped}
 
     async def save_expert_load(self, path: str) -> dict[str, Any]:
         """Admin: write this replica's moving-average expert load (cluster/expert_load.py's file) at `path`."""
