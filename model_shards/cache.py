@@ -26,6 +26,9 @@ class CachePools:
         recurrent: [L_lin, num_slots, Hv, Kd, Vd] fp32 delta-rule state.
         spec_conv, spec_recurrent: with speculation, the states after each of up to k + 1 verified
             tokens ([L_lin, num_slots, k + 1, ...]), so a slot rolls back to its last accepted token.
+        ckpt_conv, ckpt_recurrent: the prefix cache's state checkpoints ([L_lin, num_checkpoints, ...], same
+            dtypes as conv / recurrent): a slot's DeltaNet state saved at a 64-aligned prompt position, copied
+            back into a new sequence's slot on a cache hit. Empty (0 rows) without a prefix cache.
     """
 
     k: torch.Tensor
@@ -37,6 +40,8 @@ class CachePools:
     linear_layer_rows: dict[int, int]
     spec_conv: torch.Tensor | None = None
     spec_recurrent: torch.Tensor | None = None
+    ckpt_conv: torch.Tensor | None = None
+    ckpt_recurrent: torch.Tensor | None = None
 
     @staticmethod
     def allocate(
@@ -49,14 +54,20 @@ class CachePools:
         device: torch.device | str = "cpu",
         with_mtp: bool = False,
         spec_tokens: int = 0,
+        num_checkpoints: int = 0,
     ) -> CachePools:
         """Zero-filled pools (zeros keep masked-out attention reads finite); `spec_tokens` = k > 0 adds
-        the per-token state buffers verification needs."""
+        the per-token state buffers verification needs; `num_checkpoints` rows of saved DeltaNet states for the
+        prefix cache (each the size of one slot, `bytes_per_slot`)."""
+        if num_checkpoints < 0:
+            raise ValueError(f"num_checkpoints must be >= 0, got {num_checkpoints}")
         attn_layers = list(cfg.attention_layers)
         if with_mtp:
             attn_layers += [cfg.num_layers + i for i in range(cfg.mtp_num_hidden_layers)]
         lin_layers = list(cfg.linear_layers)
         kv_shape = (len(attn_layers), num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        conv_shape = (cfg.linear_conv_dim, cfg.linear_conv_kernel_dim - 1)
+        rec_shape = (cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
         return CachePools(
             k=torch.zeros(kv_shape, dtype=dtype, device=device),
             v=torch.zeros(kv_shape, dtype=dtype, device=device),
@@ -100,6 +111,10 @@ class CachePools:
             )
             if spec_tokens
             else None,
+            ckpt_conv=torch.zeros((len(lin_layers), num_checkpoints, *conv_shape), dtype=dtype, device=device),
+            ckpt_recurrent=torch.zeros(
+                (len(lin_layers), num_checkpoints, *rec_shape), dtype=torch.float32, device=device
+            ),
         )
 
     @property
@@ -109,6 +124,10 @@ class CachePools:
     @property
     def num_slots(self) -> int:
         return int(self.conv.shape[1])
+
+    @property
+    def num_checkpoints(self) -> int:
+        return 0 if self.ckpt_conv is None else int(self.ckpt_conv.shape[1])
 
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         row = self.attn_layer_rows[layer]
@@ -136,6 +155,23 @@ class CachePools:
         """Duplicate a sequence's DeltaNet state (n > 1 sampling forks a prompt's state)."""
         self.conv[:, dst] = self.conv[:, src]
         self.recurrent[:, dst] = self.recurrent[:, src]
+
+    def _check_ckpt(self, ckpt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ckpt_conv is None or self.ckpt_recurrent is None or not 0 <= ckpt < self.num_checkpoints:
+            raise ValueError(f"state checkpoint {ckpt} out of range (the pool holds {self.num_checkpoints})")
+        return self.ckpt_conv, self.ckpt_recurrent
+
+    def save_state(self, slot: int, ckpt: int) -> None:
+        """Copy a slot's DeltaNet state into a checkpoint (device copies, no host sync)."""
+        ckpt_conv, ckpt_recurrent = self._check_ckpt(ckpt)
+        ckpt_conv[:, ckpt] = self.conv[:, slot]
+        ckpt_recurrent[:, ckpt] = self.recurrent[:, slot]
+
+    def restore_state(self, ckpt: int, slot: int) -> None:
+        """Copy a checkpoint into a slot: the slot then holds the state after the checkpoint's prefix."""
+        ckpt_conv, ckpt_recurrent = self._check_ckpt(ckpt)
+        self.conv[:, slot] = ckpt_conv[:, ckpt]
+        self.recurrent[:, slot] = ckpt_recurrent[:, ckpt]
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, *, block_size: int, dtype_bytes: int, with_mtp: bool = False) -> int:

@@ -79,7 +79,9 @@ class LocalModel:
     def routed(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         return local_routed_experts(self.experts, layer, x_TD, routing)
 
-    def allocate(self, *, num_blocks: int, block_size: int, num_slots: int, spec_tokens: int = 0) -> CachePools:
+    def allocate(
+        self, *, num_blocks: int, block_size: int, num_slots: int, spec_tokens: int = 0, num_checkpoints: int = 0
+    ) -> CachePools:
         return CachePools.allocate(
             self.cfg,
             num_blocks=num_blocks,
@@ -89,6 +91,7 @@ class LocalModel:
             device=self.device,
             with_mtp=self.trunk.w.mtp is not None,
             spec_tokens=spec_tokens,
+            num_checkpoints=num_checkpoints,
         )
 
     @torch.inference_mode()

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from replicas.engine.block_pool import BlockPool
 from replicas.engine.engine_types import EngineFailure, GenerateOutput, GenerateRequest, RequestOutput
 from replicas.engine.errors import EngineOverloaded, EngineUnavailable, RequestRejected
+from replicas.engine.prefix_cache import GRID, PrefixCache
+from replicas.engine.prefix_config import PrefixCacheConfig
 from replicas.engine.scheduler import Scheduled, Scheduler, SchedulerConfig, SchedulerOutput
 from replicas.engine.sequence import Sequence, Status
 from replicas.engine.step_guard import request_problem
@@ -160,6 +162,9 @@ class Engine:
         vocab_size: rows of the LM head; token ids and logprobs beyond it are refused at admission
             (replicas/engine/step_guard.py). None: unchecked.
         engine_id: stamped on every stream item (RequestOutput.engine_id): the Serve replica running this engine.
+        prefix_cache: how the prefix cache behaves (replicas/engine/prefix_cache.py, one per trunk rank over its
+            pool's state checkpoints); None or enabled=False: every prompt prefills from token 0. A pool without
+            checkpoints, or a KV block size that does not divide 64, turns it off (logged).
     """
 
     def __init__(
@@ -176,10 +181,21 @@ class Engine:
         max_queue_steps: int | None = None,
         vocab_size: int | None = None,
         engine_id: str = "",
+        prefix_cache: PrefixCacheConfig | None = None,
     ) -> None:
         self.runner = runner
         self.vocab_size = vocab_size
-        self.scheduler = Scheduler(config, pools)
+        caches: list[PrefixCache] | None = None
+        if prefix_cache is not None and prefix_cache.enabled:
+            if any(p.num_checkpoints == 0 or GRID % p.block_size for p in pools):
+                log.warning(
+                    "prefix cache off: it needs state checkpoints on every trunk rank and a KV block size dividing %d",
+                    GRID,
+                )
+            else:
+                caches = [PrefixCache(p, prefix_cache) for p in pools]
+        self.prefix_caches = caches
+        self.scheduler = Scheduler(config, pools, caches)
         self.engine_id = engine_id
         self.max_waiting = max_waiting
         self.recover = recover
@@ -278,6 +294,10 @@ class Engine:
 
             for s in seqs:
                 s.matcher = GrammarMatcher(compiled, eos_ids=() if req.ignore_eos else req.eos_token_ids)
+        if self.prefix_caches is not None:
+            key = req.mm.cache_key(req.prompt_ids) if req.mm is not None else tuple(req.prompt_ids)
+            for s in seqs:  # None: not cached (an image prompt without content keys)
+                s.cache_key, s.cache_ns = key, (req.cache_salt or "", s.speculate)
         queue = _Stream()
         self._streams[req.request_id] = (seqs, queue)
         for s in seqs:
@@ -493,6 +513,7 @@ class Engine:
                 vision_rows=seq.vision_rows() if mm is not None else (),
                 vision=mm.inputs if mm is not None else None,
                 mtp=seq.speculate,
+                restore=addr.restore,
             )
         new_blocks: tuple[int, ...] = ()
         if addr.blocks_sent != len(addr.blocks):
@@ -500,7 +521,18 @@ class Engine:
             addr.blocks_sent = len(addr.blocks)
         if not sch.sample:  # a prefill chunk that is not the prompt's last
             nxt = ids[start + n] if seq.speculate and start + n < len(ids) else None
-            return SeqStep(seq.seq_id, start, tuple(ids[start : start + n]), new_blocks, False, 0, first, mtp_next=nxt)
+            save = seq.saving[1] if seq.saving is not None and seq.saving[0] == start + n else None
+            return SeqStep(
+                seq.seq_id,
+                start,
+                tuple(ids[start : start + n]),
+                new_blocks,
+                False,
+                0,
+                first,
+                mtp_next=nxt,
+                save_state=save,
+            )
         drafts = tuple(seq.drafts) if (seq.drafts and n > 1 and start + 1 == len(ids)) else ()
         own = tuple(ids[start : start + n - len(drafts)]) if n > 1 else (ids[start],)
         # A spent thinking budget forces `</think>` (then its blank line) through a one-token mask, so sampling,
@@ -529,6 +561,15 @@ class Engine:
     def _update(self, out: SchedulerOutput, results: list[StepResult]) -> None:
         now, step, engine_id, prevs = self._now, self.steps, self.engine_id, self._prev_times
         tokens = 0
+        if out.prefilled:  # prefix cache: before the updates below release sequences that finished in this step
+            refused = {
+                sch.seq.seq_id
+                for trunk, res in zip(out.per_trunk, results)
+                if res.errors
+                for sch, e in zip(trunk, res.errors)
+                if e is not None
+            }
+            self.scheduler.after_step(out, refused)
         for trunk, res in zip(out.per_trunk, results):
             token_ids, logprobs, errors = res.token_ids, res.logprobs, res.errors
             for i, sch in enumerate(trunk):
@@ -560,7 +601,7 @@ class Engine:
                     lp = logprobs[i]
                     o = GenerateOutput(seq.index, (token,), () if lp is None else (lp,), finish, stop_reason, n)
                     stream = seq.stream
-                    stream.items.append(RequestOutput(seq.request_id, step, (o,), engine_id))
+                    stream.items.append(RequestOutput(seq.request_id, step, (o,), engine_id, seq.cached_tokens))
                     w = stream.waiter  # _Stream.put_nowait, inlined
                     if w is not None:
                         stream.waiter = None
@@ -683,7 +724,7 @@ class Engine:
                 seq.delta = None
                 entry = streams.get(rid)
                 if entry is not None and d is not None:
-                    entry[1].put_nowait(RequestOutput(rid, step, (_output(d),), engine_id))
+                    entry[1].put_nowait(RequestOutput(rid, step, (_output(d),), engine_id, seq.cached_tokens))
             else:
                 grouped.setdefault(rid, []).append(seq)
         for rid, seqs in grouped.items():
@@ -694,7 +735,8 @@ class Engine:
                     seq.delta = None
             entry = streams.get(rid)
             if entry is not None and deltas:
-                entry[1].put_nowait(RequestOutput(rid, step, tuple(deltas), engine_id))
+                cached = entry[0][0].cached_tokens  # the first choice's
+                entry[1].put_nowait(RequestOutput(rid, step, tuple(deltas), engine_id, cached))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.release(seq)
@@ -764,6 +806,8 @@ class Engine:
         self.failure = str(exc)
         log.error("group step failed: %s", exc)
         self._fail_all(f"the expert-parallel group failed and is being rebuilt ({exc})", retriable=True)
+        for cache in self.prefix_caches or ():  # a rebuilt group's caches start empty: nothing the tree says holds
+            cache.reset()
         if self.recover is None:
             return
         try:
@@ -794,7 +838,37 @@ class Engine:
             "streams": len(self._streams),
             "aborted": int(self.metrics.counters.get(("requests_aborted", ()), 0)),
             "pools": self.pool_state(),
+            **self.prefix_cache_stats(),
         }
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """The prefix cache's counters summed over trunk ranks (zeros without one): queries and hits in prompt
+        tokens (vLLM's prefix_cache_queries / prefix_cache_hits), states stored and evicted, states and KV blocks
+        held now."""
+        out = dict.fromkeys(
+            (
+                "prefix_cache_queries",
+                "prefix_cache_hits",
+                "prefix_cache_states_stored",
+                "prefix_cache_states_evicted",
+                "prefix_cache_states",
+                "prefix_cache_blocks",
+            ),
+            0,
+        )
+        for cache in self.prefix_caches or ():
+            for k, v in cache.stats().items():
+                out[k] += v
+        return out
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix no running sequence uses (safe while serving: what a running sequence holds
+        stays until it leaves). False when this engine has no prefix cache."""
+        if self.prefix_caches is None:
+            return False
+        for cache in self.prefix_caches:
+            cache.reset()
+        return True
 
     def pool_state(self) -> list[dict[str, int]]:
         """Free blocks and slots per trunk rank (tests check aborts return everything)."""

@@ -7,6 +7,11 @@ the most free blocks. Prefill chunks that are not a sequence's last are multiple
 tokens, so every resumed prefill starts at a multiple of 64 and stays bit-exact
 (model_spec §8). The only per-sequence invariant is num_computed vs num_tokens (vLLM's).
 Preempted sequences free their caches and are recomputed from scratch when readmitted.
+With a prefix cache (one `PrefixCache` per trunk rank), admission places a sequence on the rank holding its
+longest cached prefix (free blocks break ties), shares that prefix's KV blocks, restores its saved state and
+starts it there; prefill chunks end exactly where the sequence saves a state for the cache; a pool short of
+blocks asks its cache to evict before a running sequence is preempted. `after_step` hands the cache what a step
+computed (captured states, prompt blocks).
 Per step the work is O(running sequences) in all: the queues are insertion-ordered dicts keyed by
 sequence id (release and preemption O(1), no list scans per sequence), and sequences that leave a
 trunk rank are listed for the next step's header (`take_released`: the rank drops their state).
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from replicas.engine.block_pool import BlockPool
+from replicas.engine.prefix_cache import GRID, Hit, PrefixCache
 from replicas.engine.sequence import CacheAddress, Sequence, Status
 
 CHUNK_ALIGN = 64
@@ -56,6 +62,8 @@ class Scheduled(NamedTuple):
 class SchedulerOutput:
     per_trunk: list[list[Scheduled]]
     preempted: list[Sequence] = field(default_factory=list)
+    # prefix cache: sequences whose chunk this step computes prompt KV the cache may adopt (and maybe saves a state)
+    prefilled: list[Scheduled] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -79,11 +87,15 @@ class Scheduler:
     Args:
         config: per-rank limits.
         pools: one `BlockPool` per trunk rank (indices into that rank's caches).
+        caches: one `PrefixCache` per trunk rank (over the same pools), or None: no prefix caching.
     """
 
-    def __init__(self, config: SchedulerConfig, pools: list[BlockPool]) -> None:
+    def __init__(
+        self, config: SchedulerConfig, pools: list[BlockPool], caches: list[PrefixCache] | None = None
+    ) -> None:
         self.config = config
         self.pools = pools
+        self.caches = caches
         self.waiting: OrderedDict[int, Sequence] = OrderedDict()  # seq_id -> sequence, FIFO
         self.running: list[dict[int, Sequence]] = [{} for _ in pools]  # per trunk rank, oldest admitted first
         self.released: list[list[int]] = [[] for _ in pools]  # per trunk rank: ids it holds state of that left
@@ -105,7 +117,13 @@ class Scheduler:
         """Return a running sequence's caches to its pool and take it off its rank."""
         addr = seq.addr
         assert addr is not None
-        self.pools[addr.trunk].release(slot=addr.slot, blocks=addr.blocks)
+        pool = self.pools[addr.trunk]
+        if seq.saving is not None:  # a state its chunk was to save: never marked ready
+            pool.release_checkpoint(seq.saving[1])
+            seq.saving = None
+        if seq.pinned:
+            self._unpin(seq)
+        pool.release(slot=addr.slot, blocks=addr.blocks)
         del self.running[addr.trunk][seq.seq_id]
         if addr.started:
             self.released[addr.trunk].append(seq.seq_id)
@@ -144,10 +162,69 @@ class Scheduler:
         need = pool.blocks_for(tokens) - len(seq.addr.blocks)
         if need <= 0:
             return True
+        if need > pool.free_blocks and self.caches is not None:  # the cache's unused blocks go before any sequence
+            self.caches[seq.addr.trunk].evict_blocks(need - pool.free_blocks)
         if need > pool.free_blocks:
             return False
         seq.addr.blocks.extend(pool.take_blocks(need))
         return True
+
+    # ----------------------------------------------------------------- prefix cache
+    def _unpin(self, seq: Sequence) -> None:
+        assert self.caches is not None and seq.addr is not None and seq.cache_key is not None
+        self.caches[seq.addr.trunk].unpin(seq.cache_key, seq.cache_ns, seq.pinned)
+        seq.pinned = 0
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """The prefill chunk: as `chunk_len`, ended at the sequence's next capture position."""
+        n = chunk_len(seq.remaining, budget)
+        caps = seq.captures
+        if caps:
+            while caps and caps[0].pos <= seq.num_computed:
+                caps.pop(0)
+            if caps and seq.num_computed + n > caps[0].pos:
+                n = caps[0].pos - seq.num_computed
+        return n
+
+    def _plan_save(self, sch: Scheduled, out: SchedulerOutput) -> None:
+        """The chunk is scheduled: if it ends at a capture position, give it a state checkpoint (evicting the
+        least valuable state if none is free; no capture if every state is pinned); list it for `after_step`."""
+        seq = sch.seq
+        if seq.cache_key is None or sch.start >= seq.prompt_len:
+            return
+        caps = seq.captures
+        if caps and caps[0].pos == sch.start + sch.n:
+            cap = caps.pop(0)
+            assert self.caches is not None and seq.addr is not None
+            pool = self.pools[seq.addr.trunk]
+            ckpt = pool.take_checkpoint()
+            if ckpt is None and self.caches[seq.addr.trunk].evict_state() is not None:
+                ckpt = pool.take_checkpoint()
+            if ckpt is not None:
+                seq.saving = (cap.pos, ckpt, cap.provisional)
+        out.prefilled.append(sch)
+
+    def after_step(self, out: SchedulerOutput, refused: set[int]) -> None:
+        """The step ran: restored states are free to go, saved states become ready, computed prompt chunks join
+        the tree. Sequences the ranks refused (`refused`: seq ids) computed nothing: their saves are dropped."""
+        caches = self.caches
+        if caches is None:
+            return
+        for sch in out.prefilled:
+            seq = sch.seq
+            addr = seq.addr
+            if addr is None or seq.seq_id in refused or seq.cache_key is None:
+                continue  # released (its checkpoint went back with it) or refused (released by the engine next)
+            cache = caches[addr.trunk]
+            if seq.pinned:
+                self._unpin(seq)
+            key, ns = seq.cache_key, seq.cache_ns
+            upto = min(sch.start + sch.n, ((seq.prompt_len - 1) // GRID) * GRID)
+            if seq.saving is not None:
+                pos, ckpt, provisional = seq.saving
+                seq.saving = None
+                cache.captured(key, ns, addr.blocks, pos, ckpt, provisional=provisional)
+            cache.insert(key, ns, addr.blocks, upto)
 
     # ----------------------------------------------------------------- the decision
     def schedule(self) -> SchedulerOutput:
@@ -186,12 +263,15 @@ class Scheduler:
         for seq in prefills:  # prefills (fresh or resumed), oldest first
             if seq.addr is None:
                 continue
-            n = chunk_len(seq.remaining, budget)
+            n = self._chunk(seq, budget)
             while n > 0 and not self._grow(seq, seq.num_computed + n + (lookahead if n == seq.remaining else 0)):
                 n = ((n - 1) // CHUNK_ALIGN) * CHUNK_ALIGN  # a shorter aligned chunk that fits
             if n <= 0:
                 continue
-            planned.append(Scheduled(seq, seq.num_computed, n, n == seq.remaining))
+            sch = Scheduled(seq, seq.num_computed, n, n == seq.remaining)
+            planned.append(sch)
+            if self.caches is not None:
+                self._plan_save(sch, out)
             budget -= n
         # a preemption may have removed a sequence already planned: keep only live ones
         out.per_trunk[t] = [p for p in planned if p.seq.addr is not None] if len(out.preempted) > preempted else planned
@@ -204,6 +284,10 @@ class Scheduler:
                 self.waiting.popitem(last=False)
                 seq.status = Status.FINISHED
                 continue
+            if self.caches is not None and seq.cache_key is not None:
+                if not self._admit_cached(seq, budgets, out):
+                    return
+                continue
             best, best_free = None, -1
             for t, pool in enumerate(self.pools):
                 if pool.free_slots == 0 or len(self.running[t]) >= self.config.max_num_seqs or budgets[t] < 1:
@@ -213,6 +297,8 @@ class Scheduler:
                 if n > 0 and need <= pool.free_blocks and pool.free_blocks > best_free:
                     best, best_free = t, pool.free_blocks
             if best is None:
+                if self.caches is not None and self._evict_for(seq, budgets):
+                    continue
                 return  # FIFO: nobody overtakes the head of the queue
             pool = self.pools[best]
             n = chunk_len(seq.remaining, budgets[best])
@@ -223,3 +309,68 @@ class Scheduler:
             self.running[best][seq.seq_id] = seq
             out.per_trunk[best].append(Scheduled(seq, 0, n, n == seq.remaining))
             budgets[best] -= n
+
+    def _evict_for(self, seq: Sequence, budgets: list[int]) -> bool:
+        """An uncached sequence fits no rank's free blocks: evict cache blocks on the rank with the most free
+        blocks that has room otherwise; True if that made it fit."""
+        assert self.caches is not None
+        for t in sorted(range(len(self.pools)), key=lambda t: -self.pools[t].free_blocks):
+            pool = self.pools[t]
+            if pool.free_slots == 0 or len(self.running[t]) >= self.config.max_num_seqs or budgets[t] < 1:
+                continue
+            n = chunk_len(seq.remaining, budgets[t])
+            need = pool.blocks_for(n + (self.config.lookahead if n == seq.remaining else 0))
+            if n > 0 and need > pool.free_blocks:
+                self.caches[t].evict_blocks(need - pool.free_blocks)
+                return need <= pool.free_blocks
+        return False
+
+    def _admit_cached(self, seq: Sequence, budgets: list[int], out: SchedulerOutput) -> bool:
+        """Admit the head of the queue on the rank with its longest cached prefix (free blocks break ties), with
+        that prefix's blocks shared and its state restored; False if no rank can take it now."""
+        caches = self.caches
+        key, ns = seq.cache_key, seq.cache_ns
+        assert caches is not None and key is not None
+        lookahead = self.config.lookahead
+        candidates: list[tuple[int, int, int, Hit]] = []
+        for t, pool in enumerate(self.pools):
+            if pool.free_slots == 0 or len(self.running[t]) >= self.config.max_num_seqs or budgets[t] < 1:
+                continue
+            hit = caches[t].match(key, ns, count=False)
+            candidates.append((hit.length, pool.free_blocks, t, hit))
+        candidates.sort(key=lambda c: (-c[0], -c[1]))
+        for _, _, t, hit in candidates:
+            pool, cache = self.pools[t], caches[t]
+            p = hit.length
+            seq.num_computed = p
+            seq.captures = cache.plan_captures(key, ns, seq.req.cache_hints, p)
+            n = self._chunk(seq, budgets[t])
+            if n <= 0:
+                seq.num_computed, seq.captures = 0, []
+                continue
+            pool.share(hit.blocks)  # held before evicting, so the hit itself is never evicted
+            need = pool.blocks_for(p + n + (lookahead if n == seq.remaining else 0)) - len(hit.blocks)
+            if need > pool.free_blocks:
+                cache.evict_blocks(need - pool.free_blocks)
+            if need > pool.free_blocks:
+                pool.release_refs(hit.blocks)
+                seq.num_computed, seq.captures = 0, []
+                continue
+            self.waiting.popitem(last=False)
+            cache.queries += len(key)
+            cache.hits += p
+            seq.cached_tokens = p
+            seq.addr = CacheAddress(
+                trunk=t, slot=pool.take_slot(), blocks=[*hit.blocks, *pool.take_blocks(need)], restore=hit.checkpoint
+            )
+            if p:
+                cache.pin(hit, ns, key)
+                seq.pinned = p
+            seq.status = Status.RUNNING
+            self.running[t][seq.seq_id] = seq
+            sch = Scheduled(seq, p, n, n == seq.remaining)
+            out.per_trunk[t].append(sch)
+            self._plan_save(sch, out)
+            budgets[t] -= n
+            return True
+        return False

@@ -37,6 +37,8 @@ class CacheAddress:
     Attributes:
         started: the rank was sent the sequence's start (it holds state to release when the sequence leaves).
         blocks_sent: how many of `blocks` the rank was sent (later ones go with the next step).
+        restore: a prefix-cache hit: the state checkpoint the rank copies into `slot` before the first chunk (the
+            first blocks are the cache's, shared); None: a fresh start.
     """
 
     trunk: int
@@ -44,6 +46,7 @@ class CacheAddress:
     blocks: list[int] = field(default_factory=list)
     started: bool = False
     blocks_sent: int = 0
+    restore: int | None = None  # a prefix-cache hit: the state checkpoint its first step copies into `slot`
 
 
 class Sequence:
@@ -90,6 +93,16 @@ class Sequence:
         self._thinking = budget is not None and budget > 0 and bool(req.thinking_end_ids)
         self._forced: list[int] = list(req.thinking_end_ids) if budget == 0 else []
         self.t_arrival = req.arrival_time or time.monotonic()
+        # Prefix cache (set by the engine when it caches this sequence: replicas/engine/prefix_cache.py): the tree
+        # key and namespace; prompt tokens the last admission found cached; the positions where it saves its state
+        # (Capture), the one its current chunk saves (pos, checkpoint, provisional), and the hit it restores (pinned
+        # until its first step ran).
+        self.cache_key: tuple[int, ...] | None = None
+        self.cache_ns: tuple[str, bool] = ("", False)
+        self.cached_tokens = 0
+        self.captures: list[Any] = []
+        self.saving: tuple[int, int, bool] | None = None
+        self.pinned = 0
         self.t_scheduled: float | None = None
         self.t_first_token: float | None = None
         self.t_last_token: float | None = None

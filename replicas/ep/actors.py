@@ -50,6 +50,7 @@ class CacheSizes:
     block_size: int
     num_slots: int
     spec_tokens: int = 0  # k > 0: per-token DeltaNet states for verifying k drafts
+    state_checkpoints: int = 0  # prefix-cache saved DeltaNet states (each the size of a slot); 0: no prefix cache
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class TrunkRankActor(_RankBase):
             device=self.device,
             with_mtp=weights.mtp is not None,
             spec_tokens=caches.spec_tokens,
+            num_checkpoints=caches.state_checkpoints,
         )
         self.vision = None
         if cfg.vision is not None and self.layout.has_vision:

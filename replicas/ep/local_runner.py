@@ -60,6 +60,7 @@ class LocalRunner:
             block_size=caches.block_size,
             num_slots=caches.num_slots + CANARY_RESERVE,
             spec_tokens=caches.spec_tokens,
+            num_checkpoints=caches.state_checkpoints,
         )
         self.rank = TrunkRank(
             model.trunk, pools, LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers)

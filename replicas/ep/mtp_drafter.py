@@ -34,7 +34,7 @@ class MtpDrafter:
             raise ValueError("speculative decoding needs an MTP head: the checkpoint has no mtp.* tensors")
         chunks, rows, samplers = [], [], []
         for i, s in enumerate(seqs):
-            if s.chunk.context_len == 0:
+            if s.step.start is not None:  # a new sequence in this slot (at p > 0 on a prefix-cache hit)
                 self.pending_q.pop(s.chunk.state_slot, None)
             if not s.mtp:
                 continue

@@ -73,7 +73,12 @@ def cache_sizes(
 def engine_pools(caches: CacheSizes, trunk_ranks: int) -> list[BlockPool]:
     """The engine's view of each trunk rank's caches (indices into them)."""
     return [
-        BlockPool(num_blocks=caches.num_blocks, num_slots=caches.num_slots, block_size=caches.block_size)
+        BlockPool(
+            num_blocks=caches.num_blocks,
+            num_slots=caches.num_slots,
+            block_size=caches.block_size,
+            num_checkpoints=caches.state_checkpoints,
+        )
         for _ in range(trunk_ranks)
     ]
 

@@ -5,7 +5,10 @@ the block table grown by each step's `new_blocks`, the tokens in its caches (`nu
 history (the tokens it was fed, when a penalty reads them) and its vision embeddings; turning one `SeqStep`
 into the `SeqChunk` the model computes (`LiveSeq`); refusing a step that could fail after the first
 collective (ids outside the vocabulary or the pools, a sequence it does not hold, a context it does not have)
-by looking only at what the step brings. Must not: run the model or sample.
+by looking only at what the step brings. A prefix-cache hit (`SeqStart.restore`) starts a sequence at the cached
+length p > 0 on the 64-token grid: its first blocks hold that KV, the rank copies the state checkpoint into its
+slot (replicas/ep/trunk_rank.py), and its penalty history starts with p placeholder ids (>= vocab, which the
+penalties ignore) so prompt and output stay apart. Must not: run the model or sample.
 Tests: tests/replicas/test_step_protocol.py.
 """
 
@@ -19,6 +22,8 @@ import torch
 from model_shards.batch import SeqChunk
 from model_shards.sampling import SamplingParams
 from replicas.engine.step_types import SeqStart, SeqStep, only_token_mask
+
+PREFIX_GRID = 64  # the prefix cache's token grid: restores resume and saved states sit on multiples of it
 
 
 @dataclass
@@ -92,11 +97,15 @@ class SeqTable:
     Args:
         vocab_size: rows of the LM head (ids at or past it are refused).
         num_slots, num_blocks, block_size: the rank's cache pools.
+        num_checkpoints: the rank's prefix-cache state checkpoints (0: no prefix cache on this rank).
     """
 
-    def __init__(self, *, vocab_size: int, num_slots: int, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self, *, vocab_size: int, num_slots: int, num_blocks: int, block_size: int, num_checkpoints: int = 0
+    ) -> None:
         self.vocab_size, self.num_slots = vocab_size, num_slots
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_checkpoints = num_checkpoints
         self.seqs: dict[int, RankSeq] = {}
 
     def __len__(self) -> int:
@@ -140,13 +149,31 @@ class SeqTable:
             return "the structured-output mask is not an int32 vector"
         if (s.drafts or s.allowed_mask is not None or s.forced_token is not None) and not s.sample:
             return "drafts and sampling constraints need a sampling step"
+        if s.save_state is not None:
+            return self._save_refusal(s)
+        return None
+
+    def _save_refusal(self, s: SeqStep) -> str | None:
+        ckpt, end = s.save_state, s.context_len + len(s.token_ids)
+        if ckpt is None:
+            return None
+        if not 0 <= ckpt < self.num_checkpoints:
+            return f"save_state {ckpt} outside this rank's state checkpoints [0, {self.num_checkpoints})"
+        if s.drafts:
+            return "save_state on a step that verifies drafts (the saved state must sit at a known position)"
+        if end % PREFIX_GRID:
+            return f"save_state after a chunk ending at {end}, not on the {PREFIX_GRID}-token grid"
         return None
 
     def _start_refusal(self, s: SeqStep) -> str | None:
         st = s.start
         assert st is not None
-        if s.context_len != 0:
-            return "a sequence starts on a trunk rank at context 0"
+        if st.restore is not None:
+            why = self._restore_refusal(s, st)
+            if why is not None:
+                return why
+        elif s.context_len != 0:
+            return "a sequence starts on a trunk rank at context 0 (or at a cached length with `restore`)"
         if not 0 <= st.slot < self.num_slots:
             return "cache addresses outside this rank's pools"
         n = st.params.logprobs
@@ -158,12 +185,30 @@ class SeqTable:
             return "vision rows outside the prompt"
         return None
 
+    def _restore_refusal(self, s: SeqStep, st: SeqStart) -> str | None:
+        p, ckpt = s.context_len, st.restore
+        assert ckpt is not None
+        if not 0 <= ckpt < self.num_checkpoints:
+            return f"restore {ckpt} outside this rank's state checkpoints [0, {self.num_checkpoints})"
+        if p <= 0 or p % PREFIX_GRID:
+            return f"a restored sequence resumes at a cached length > 0 on the {PREFIX_GRID}-token grid, got {p}"
+        if p >= st.prompt_len:
+            return f"a restored sequence resumes inside its prompt: cached length {p} >= prompt length {st.prompt_len}"
+        if len(s.new_blocks) * self.block_size < p:
+            return f"{len(s.new_blocks)} KV blocks cannot hold the {p} cached tokens of a restored sequence"
+        if st.params.repetition_penalty != 1.0:
+            # the repetition penalty reads the whole prompt, and the rank never sees the cached part of it
+            return "a restored sequence cannot use repetition_penalty (the cached prompt tokens are not sent)"
+        return None
+
     def resolve(self, s: SeqStep) -> LiveSeq:
         """Apply an accepted step to the sequence's state (a start replaces any state of that id) and build its
         chunk: the new tokens then the drafts, at its context, with its slot and block table."""
         if s.start is not None:
             st = s.start
             state = RankSeq(st, history=torch.empty(0, dtype=torch.long) if st.params.has_penalties else None)
+            if state.history is not None and s.context_len:  # a restore: the cached prompt, as ignored ids
+                state.feed((self.vocab_size,) * s.context_len)
             self.seqs[s.seq_id] = state
         else:
             state = self.seqs[s.seq_id]

@@ -11,6 +11,8 @@ the penalty history and grammar masks in `_sample`), sampled token ids and logpr
 expert-load counters leave the device only when read (replicas/ep/dispatch.py).
 The readiness canary (`canary`) runs one token through the whole model on a KV block and state slot reserved
 for it: the last of each pool, never offered to sequences, never cached, not counted in the expert load.
+Prefix cache: a start with `restore` gets the state checkpoint copied into its slot before the forward; a step
+with `save_state` has its slot's state copied into that checkpoint after it (device copies, in stream order).
 Tests: tests/replicas/test_step_protocol.py, tests/replicas/test_group.py, tests/replicas/test_device_path.py.
 """
 
@@ -69,6 +71,7 @@ class TrunkRank:
             num_slots=pools.num_slots - CANARY_RESERVE,
             num_blocks=pools.num_blocks - CANARY_RESERVE,
             block_size=pools.block_size,
+            num_checkpoints=pools.num_checkpoints,
         )
         self.drafter = MtpDrafter(trunk, pools, routed)
 
@@ -142,6 +145,9 @@ class TrunkRank:
         in_forward = False  # before: the step's input did not fit (its requests' fault); after: the server's
         try:
             self.progress.check("start")  # test-only fault hook: where this rank's own work starts
+            for s in live:  # prefix-cache hits: the saved state first (the KV is already in the shared blocks)
+                if s.step.start is not None and s.step.start.restore is not None:
+                    self.pools.restore_state(s.step.start.restore, s.chunk.state_slot)
             # transfer point (step inputs in): the step's index lists become device tensors here
             batch = StepBatch.build([s.chunk for s in live], block_size=self.pools.block_size, device=self.device)
             override = self._vision_rows(live, batch)
@@ -160,6 +166,8 @@ class TrunkRank:
         self._verify(live, out.logits_RV, rows, res)
         for i, s in enumerate(live):
             self.seqs.advance(s, res.accepted[i])
+            if s.step.save_state is not None:  # a non-verifying chunk: the slot holds the state at its end
+                self.pools.save_state(s.chunk.state_slot, s.step.save_state)
         t2 = time.perf_counter()
         if mtp_steps:
             self.drafter.draft(live, batch, out.hidden_TD, res, steps=mtp_steps)
@@ -244,12 +252,15 @@ class TrunkRank:
 
     def _vision_rows(self, live: list[LiveSeq], batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Vision embeddings for this step's image/video rows. A sequence's start brings its inputs, encoded
-        once, with its first chunk, and kept in its state for its later chunks."""
+        once, with its first chunk on this rank (which starts past 0 on a prefix-cache hit: then only if a vision
+        row lies past the cached part), and kept in its state for its later chunks."""
         rows: list[int] = []
         parts: list[torch.Tensor] = []
         for i, s in enumerate(live):
-            vision = s.state.start.vision
-            if s.chunk.context_len == 0 and vision:
+            st = s.state.start
+            vision = st.vision
+            first_here = s.step.start is not None and (not st.vision_rows or st.vision_rows[-1] >= s.chunk.context_len)
+            if first_here and vision:
                 if self.vision is None:
                     raise ValueError("this trunk rank has no vision tower (checkpoint without model.visual.*)")
                 pixels = torch.cat([v.pixel_values for v in vision])
