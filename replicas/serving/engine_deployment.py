@@ -215,16 +215,18 @@ class EngineServer:
 
     async def reset_prefix_cache(self, skip: list[str] | None = None) -> dict[str, Any]:
         """Admin (POST /reset_prefix_cache, `epserve reset-prefix-cache`): drop this replica's prefix cache.
-        Returns what the engine dropped (`Engine.reset_prefix_cache()`) with this replica's id; a replica named in
-        `skip` (already done: calls are routed, so the ingress repeats them) only returns its id."""
+        Returns this replica's id with the states and KV blocks the reset dropped (what running sequences still use
+        stays), or an error when the engine has no prefix cache; a replica named in `skip` (already done: calls are
+        routed, so the ingress repeats them) only returns its id."""
         if skip and self.replica_id in skip:
             return {"replica": self.replica_id, "skipped": True}
         self._ensure_started()
-        reset = getattr(self.engine, "reset_prefix_cache", None)  # an engine built without the prefix cache lacks it
-        if reset is None:
+        before = self.engine.prefix_cache_stats()
+        if not self.engine.reset_prefix_cache():
             return {"replica": self.replica_id, "error": "this engine has no prefix cache"}
-        dropped = reset()
-        log.info("prefix cache reset: %s", dropped)
+        after = self.engine.prefix_cache_stats()
+        dropped = {k: before[f"prefix_cache_{k}"] - after[f"prefix_cache_{k}"] for k in ("states", "blocks")}
+        log.info("prefix cache reset: dropped %d states and %d KV blocks", dropped["states"], dropped["blocks"])
         return {"replica": self.replica_id, **dropped}
 
     async def save_expert_load(self, path: str) -> dict[str, Any]:

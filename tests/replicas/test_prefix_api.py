@@ -287,3 +287,69 @@ def test_reset_prefix_cache_cli_names_an_unreachable_server(capsys: pytest.Captu
     assert err.startswith("epserve reset-prefix-cache: error: cannot reach ") and url in err
     assert main(["reset-prefix-cache", "--url", "127.0.0.1:8000"]) == 2
     assert "--url must start with http://" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- hints -> hits
+
+
+def test_chat_hints_make_the_next_turn_hit_in_the_engine(ctx, embedded_model_dir: Path) -> None:  # noqa: ANN001
+    """The requests the front end builds, run by the in-process engine with its prefix cache: turn 2 of a chat hits
+    at least at turn 1's last hint rounded down to 64 (the state kept at the assistant header), a repeated prompt
+    hits in its own salt only, and RequestOutput.cached_tokens is what the front end reads (EngineStream)."""
+    import asyncio
+
+    from model_shards.model import LocalModel
+    from replicas.api.engine_client import EngineStream
+    from replicas.engine.block_pool import BlockPool
+    from replicas.engine.engine import Engine
+    from replicas.engine.prefix_config import PrefixCacheConfig
+    from replicas.engine.scheduler import SchedulerConfig
+    from replicas.ep.actors import CacheSizes
+    from replicas.ep.local_runner import LocalRunner
+
+    model = LocalModel.load(embedded_model_dir, dtype="float32")
+    sizes = CacheSizes(num_blocks=200, block_size=16, num_slots=4, state_checkpoints=8)
+    engine = Engine(
+        LocalRunner(model, sizes),
+        pools=[BlockPool(num_blocks=200, num_slots=4, block_size=16, num_checkpoints=8)],
+        config=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256),
+        max_waiting=8,
+        prefix_cache=PrefixCacheConfig(),
+    )
+    assert engine.prefix_caches is not None
+
+    def request(messages: list[dict], salt: str | None, rid: str) -> Any:  # noqa: ANN401  # GenerateRequest
+        req = _chat(messages, max_tokens=2, temperature=0, cache_salt=salt, ignore_eos=True)
+        chat = ctx.chat_prompt(req)
+        return chat, ctx.build(req, chat.ids, request_id=rid, cache_hints=chat.cache_hints)
+
+    async def run(greq: Any) -> int:  # noqa: ANN401
+        gen = engine.generate(greq)
+        stream = EngineStream(gen, await gen.__anext__(), greq)
+        async for item in gen:
+            stream.cached_tokens = max(stream.cached_tokens, item.cached_tokens)
+        return stream.cached_tokens
+
+    async def main() -> None:
+        engine.start()
+        try:
+            turn1 = [SYSTEM, {"role": "user", "content": "Explain expert parallelism. " * 6}]
+            chat1, g1 = request(turn1, "a", "t1")
+            assert await run(g1) == 0
+            turn2 = [
+                *turn1,
+                {"role": "assistant", "content": "It splits experts."},
+                {"role": "user", "content": "Why?"},
+            ]
+            chat2, g2 = request(turn2, "a", "t2")
+            hit = await run(g2)
+            assert chat2.ids[: chat1.cache_hints[-1]] == chat1.ids[: chat1.cache_hints[-1]]
+            assert hit % 64 == 0 and chat1.cache_hints[-1] // 64 * 64 <= hit < len(chat2.ids), (hit, chat1.cache_hints)
+            _, g3 = request(turn2, "b", "t3")
+            assert await run(g3) == 0  # another salt: nothing shared
+            _, g4 = request(turn2, "a", "t4")
+            assert await run(g4) >= hit
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
