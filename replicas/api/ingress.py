@@ -480,7 +480,8 @@ def _running_engine_replicas() -> int:
     try:
         app = serve.get_replica_context().app_name
         states = serve.status().applications[app].deployments[ENGINE_DEPLOYMENT].replica_states
-    except Exception:  # noqa: BLE001  # no replica context or no such app (tests that build an Ingress directly)
+    except Exception as exc:  # noqa: BLE001  # no replica context or no such app (tests that build an Ingress directly)
+        log.warning("could not count the engine replicas (%r): assuming 1", exc)
         return 1
     return max(1, sum(n for state, n in states.items() if state == "RUNNING"))
 

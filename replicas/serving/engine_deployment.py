@@ -157,7 +157,7 @@ class EngineServer:
                     self.metrics,
                     METRICS_PUSH_S,
                     before=self._record_expert_load,
-                    on_loop=lambda: record_prefix_cache(self.metrics, self.engine.stats()),
+                    on_loop=lambda: record_prefix_cache(self.metrics, self.engine.prefix_cache_stats()),
                 )
             )
 

@@ -231,9 +231,9 @@ class MetricsRegistry:
 
 
 def record_prefix_cache(registry: MetricsRegistry, stats: dict[str, Any]) -> None:
-    """Copy the prefix cache's figures from `Engine.stats()` into `registry`: its cumulative counts as counters (set,
-    not added: the registry carries a count that restarts, so the exported counter never goes down) and its levels as
-    gauges. A key the engine does not report counts 0."""
+    """Copy the prefix cache's figures (`Engine.prefix_cache_stats()`, also in `Engine.stats()`) into `registry`:
+    its cumulative counts as counters (set, not added: the registry carries a count that restarts, so the exported
+    counter never goes down) and its levels as gauges. A key the engine does not report counts 0."""
     for name in PREFIX_CACHE_COUNTERS:
         registry.counters[(name, ())] = float(stats.get(name, 0))
     for name in PREFIX_CACHE_GAUGES:
