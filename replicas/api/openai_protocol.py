@@ -87,7 +87,7 @@ class _Sampling(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # vLLM's prefix-cache namespace: prompts with different salts never share cached prefixes (tenant isolation)
-    cache_salt: str | None = None
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_LEN)
     # accepted and ignored: they do not change generation here
     user: str | None = None
     store: bool | None = None
@@ -110,13 +110,6 @@ class _Sampling(BaseModel):
         if any(not s or len(s) > MAX_STOP_LEN for s in stops):
             raise ValueError(f"stop sequences must be 1..{MAX_STOP_LEN} characters")
         return stops
-
-    @field_validator("cache_salt")
-    @classmethod
-    def _cache_salt(cls, v: str | None) -> str | None:
-        if v is not None and not 0 < len(v) <= MAX_CACHE_SALT_LEN:
-            raise ValueError(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_LEN} characters")
-        return v
 
     @field_validator("stop_token_ids")
     @classmethod
