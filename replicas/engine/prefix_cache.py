@@ -82,6 +82,9 @@ class PrefixCache:
         self.config = config
         self.per_chunk = GRID // pool.block_size  # KV blocks per node
         self._roots: dict[Namespace, _Node] = {}
+        # eviction candidates, kept as the tree changes (a scan of the whole tree per eviction would cost O(nodes))
+        self._leaves: set[_Node] = set()
+        self._states: set[_Node] = set()
         self._tick = itertools.count(1)
         self.num_states = 0
         self.num_blocks = 0
@@ -203,6 +206,8 @@ class PrefixCache:
                 self.pool.share(own)
                 child = node.children[chunk] = _Node(chunk, node, start + GRID, own)
                 self.num_blocks += len(own)
+                self._leaves.discard(node)
+                self._leaves.add(child)
             child.last_used = tick
             node = child
 
@@ -217,6 +222,7 @@ class PrefixCache:
             self.pool.release_checkpoint(checkpoint)
             return False
         node.checkpoint, node.provisional = checkpoint, provisional
+        self._states.add(node)
         self.num_states += 1
         self.states_stored += 1
         if not provisional:
@@ -236,6 +242,7 @@ class PrefixCache:
         ckpt = node.checkpoint
         assert ckpt is not None
         node.checkpoint, node.provisional = None, False
+        self._states.discard(node)
         self.num_states -= 1
         self.states_evicted += 1
         self.pool.release_checkpoint(ckpt)
@@ -256,8 +263,8 @@ class PrefixCache:
         best: _Node | None = None
         best_key: tuple[bool, float] | None = None
         now = next(self._tick)
-        for node in self._nodes():
-            if node.checkpoint is None or node.pins:
+        for node in self._states:
+            if node.pins:
                 continue
             # provisional first; then recency x tokens of prefill it saves (every state costs the same bytes)
             k = (not node.provisional, node.end / (1 + now - node.last_used))
@@ -276,8 +283,11 @@ class PrefixCache:
         if n <= 0:
             return 0
         order = itertools.count()
-        heap = [((node.checkpoint is not None, node.last_used), next(order), node) for node in self._nodes()]
-        heap = [h for h in heap if self._evictable(h[2])]
+        heap = [
+            ((node.checkpoint is not None, node.last_used), next(order), node)
+            for node in self._leaves
+            if self._evictable(node)
+        ]
         heapq.heapify(heap)
         freed = 0
         while heap and freed < n:
@@ -297,6 +307,9 @@ class PrefixCache:
         parent = node.parent
         assert parent is not None and not node.children
         del parent.children[node.key]
+        self._leaves.discard(node)
+        if not parent.children and parent.parent is not None:
+            self._leaves.add(parent)
         self.pool.release_refs(node.blocks)
         self.num_blocks -= len(node.blocks)
         if parent.parent is None and not parent.children:
@@ -307,8 +320,8 @@ class PrefixCache:
 
     def reset(self) -> None:
         """Drop everything no sequence uses (safe while serving: pinned states and shared blocks stay)."""
-        for node in self._nodes():
-            if node.checkpoint is not None and not node.pins:
+        for node in list(self._states):
+            if not node.pins:
                 self._drop_state(node)
         self.evict_blocks(self.num_blocks)
 

@@ -4,11 +4,21 @@ reset), and end-to-end parity of cached vs uncached generation with the single-p
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import random
+from pathlib import Path
+from typing import NamedTuple
 
+import pytest
+import torch
+
+from model_shards.sampling import SamplingParams
 from replicas.engine.block_pool import BlockPool
+from replicas.engine.engine_types import GenerateRequest
 from replicas.engine.prefix_cache import GRID, Capture, PrefixCache
 from replicas.engine.prefix_config import PrefixCacheConfig
+
+pytestmark = pytest.mark.timeout(300)
 
 NS = ("", False)
 
@@ -113,6 +123,7 @@ def test_a_block_a_sequence_uses_is_never_freed_and_leaves_go_first() -> None:
     assert freed == 8  # the leaves past 128 (chunks ending at 192 and 256); the used ones stay
     assert cache.num_blocks == 8 and all(pool.refs(x) == 2 for x in hb.blocks)
     assert cache.match(a, NS).length == 128  # states deeper than the evicted KV went with it
+    assert cache._leaves == {n for n in cache._nodes() if not n.children}  # the eviction candidates kept up to date
     pool.release_refs(hb.blocks)
     assert cache.evict_blocks(100) == 8 and pool.free_blocks == 64 and cache.num_states == 0
 
@@ -146,3 +157,316 @@ def test_reset_drops_what_no_sequence_uses() -> None:
     pool.release_refs(hit.blocks[:4])
     cache.reset()
     assert cache.num_blocks == 0 and pool.free_blocks == 64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end: the Engine over the single-process LocalRunner (fp32 embedded model), cached vs uncached. The oracle
+# is the same engine with the prefix cache off (every prompt prefilled from token 0), whose tokens and logprobs
+# equal transformers' (tests/replicas/test_offline_generate.py).
+
+BLOCK = 16
+MAX_TOKENS = 5
+GREEDY = SamplingParams(temperature=0.0, logprobs=0)
+
+
+def _ids(seed: int, n: int) -> list[int]:
+    r = random.Random(seed)
+    return [r.randrange(1000, 150_000) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model(embedded_model_dir: Path):  # noqa: ANN201  # LocalModel
+    from model_shards.model import LocalModel
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield LocalModel.load(embedded_model_dir, dtype="float32", with_mtp=True)
+    torch.set_num_threads(before)
+
+
+class Out(NamedTuple):
+    tokens: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    cached: int
+
+
+def _serve(  # noqa: ANN202  # whatever body returns
+    model,  # noqa: ANN001  # LocalModel
+    body,  # noqa: ANN001  # async (Engine, LocalRunner) -> T
+    *,
+    cache: PrefixCacheConfig | None,
+    blocks: int = 160,
+    slots: int = 4,
+    checkpoints: int = 8,
+    budget: int = 512,
+    spec_tokens: int = 0,
+):
+    """Run `await body(engine, runner)` on a started Engine over a fresh LocalRunner (built in the loop that runs
+    it, as the engine's events belong to that loop); returns what body returns."""
+    from replicas.engine.engine import Engine
+    from replicas.engine.scheduler import SchedulerConfig
+    from replicas.ep.actors import CacheSizes
+    from replicas.ep.local_runner import LocalRunner
+    from replicas.ep.offline_generate import engine_pools
+
+    sizes = CacheSizes(
+        num_blocks=blocks,
+        block_size=BLOCK,
+        num_slots=slots,
+        spec_tokens=spec_tokens,
+        state_checkpoints=checkpoints if cache is not None else 0,
+    )
+    runner = LocalRunner(model, sizes)
+
+    async def main():  # noqa: ANN202
+        engine = Engine(
+            runner,
+            pools=engine_pools(sizes, 1),
+            config=SchedulerConfig(max_num_seqs=slots, max_num_batched_tokens=budget, lookahead=2 * spec_tokens),
+            max_waiting=256,
+            spec_tokens=spec_tokens,
+            vocab_size=model.cfg.vocab_size,
+            prefix_cache=cache,
+        )
+        engine.start()
+        try:
+            return await body(engine, runner)
+        finally:
+            await engine.stop()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        runner.close()
+
+
+async def _one(engine, req: GenerateRequest) -> list[Out]:  # noqa: ANN001
+    tokens: dict[int, list[int]] = {}
+    lps: dict[int, list[float]] = {}
+    cached = 0
+    async for item in engine.generate(req):
+        cached = item.cached_tokens
+        for o in item.outputs:
+            assert o.error is None, o.error
+            tokens.setdefault(o.index, []).extend(o.token_ids)
+            lps.setdefault(o.index, []).extend(lp.logprob for lp in o.logprobs)
+    return [Out(tuple(tokens[i]), tuple(lps[i]), cached) for i in sorted(tokens)]
+
+
+async def _in_turn(engine, reqs: list[GenerateRequest]) -> list[list[Out]]:  # noqa: ANN001
+    return [await _one(engine, r) for r in reqs]
+
+
+async def _at_once(engine, reqs: list[GenerateRequest]) -> list[list[Out]]:  # noqa: ANN001
+    return list(await asyncio.gather(*(_one(engine, r) for r in reqs)))
+
+
+def _req(rid: str, prompt: list[int], **kw: object) -> GenerateRequest:
+    return GenerateRequest(rid, tuple(prompt), GREEDY, max_tokens=MAX_TOKENS, **kw)  # type: ignore[arg-type]  # test kwargs
+
+
+def _assert_same(got: list[list[Out]], want: list[list[Out]]) -> None:
+    for g, w in zip(got, want, strict=True):
+        for gc, wc in zip(g, w, strict=True):
+            assert gc.tokens == wc.tokens
+            torch.testing.assert_close(list(gc.logprobs), list(wc.logprobs), atol=1e-4, rtol=0)
+
+
+def _uncached(model, reqs: list[GenerateRequest]) -> list[list[Out]]:  # noqa: ANN001
+    return _serve(model, lambda engine, _: _in_turn(engine, reqs), cache=None)
+
+
+SYSTEM = _ids(0, 150)
+PROMPTS = [
+    SYSTEM + _ids(1, 30),  # a new path: probes at 64 and 128
+    SYSTEM + _ids(2, 40),  # leaves it at 128 (the chunk [128, 192) differs): hits the probe at 128
+    SYSTEM + _ids(3, 25),
+    _ids(4, 40),  # shorter than one chunk: never cached
+    SYSTEM[:100] + _ids(5, 60),  # branches inside the system prompt: hits 64, saves the branch point
+    SYSTEM + _ids(1, 30),  # a repeat of the first
+    SYSTEM[:100] + _ids(6, 30),  # resumes at the branch point
+]
+
+
+def test_shared_system_prompt_branches_and_short_prompts_equal_uncached(model) -> None:  # noqa: ANN001
+    reqs = [_req(f"r{i}", p) for i, p in enumerate(PROMPTS)]
+    want = _uncached(model, reqs)
+
+    async def body(engine, runner) -> None:  # noqa: ANN001
+        got = await _in_turn(engine, reqs)
+        _assert_same(got, want)
+        cached = [o[0].cached for o in got]
+        assert cached == [0, 128, 128, 0, 64, 128, 64]
+        stats = engine.stats()
+        assert stats["prefix_cache_hits"] == sum(cached)
+        assert stats["prefix_cache_queries"] == sum(len(p) for p in PROMPTS)
+        assert stats["prefix_cache_states"] >= 2 and stats["prefix_cache_states_stored"] >= 3
+        # again, all at once (captures and hits within the same steps), then n = 2
+        again = await _at_once(engine, reqs)
+        _assert_same(again, want)
+        assert all(o[0].cached > 0 for o, p in zip(again, PROMPTS) if len(p) > 64)
+        two = await _one(engine, _req("n2", PROMPTS[2], n=2))
+        assert two[0].tokens == two[1].tokens == want[2][0].tokens and two[0].cached == 128
+        # nothing leaks: after a reset only the pool's own blocks and checkpoints are left
+        assert engine.reset_prefix_cache()
+        pool = engine.scheduler.pools[0]
+        assert engine.stats()["prefix_cache_blocks"] == 0 and pool.free_blocks == pool.num_blocks
+        assert pool.free_checkpoints == pool.num_checkpoints
+
+    _serve(model, body, cache=PrefixCacheConfig(probe_interval=64))
+
+
+def test_salts_are_apart(model) -> None:  # noqa: ANN001
+    p = PROMPTS[0]
+    reqs = [_req("a1", p, cache_salt="a"), _req("b1", p, cache_salt="b"), _req("a2", p, cache_salt="a"), _req("n", p)]
+    want = _uncached(model, reqs)
+    got = _serve(model, lambda engine, _: _in_turn(engine, reqs), cache=PrefixCacheConfig(probe_interval=64))
+    _assert_same(got, want)
+    assert [o[0].cached for o in got] == [0, 0, 128, 0]
+
+
+def test_eviction_under_a_tiny_budget_never_changes_tokens(model) -> None:  # noqa: ANN001
+    # 30 blocks of 16 = 480 tokens for 3 slots, 2 checkpoints: blocks and states are evicted all the time,
+    # concurrently running sequences preempt each other
+    reqs = [_req(f"r{i}", p) for i, p in enumerate(PROMPTS + PROMPTS[::-1])]
+    want = _uncached(model, reqs[: len(PROMPTS)])
+    want = want + want[::-1]
+
+    async def body(engine, runner) -> None:  # noqa: ANN001
+        _assert_same(await _in_turn(engine, reqs), want)
+        _assert_same(await _at_once(engine, reqs), want)
+        stats = engine.stats()
+        assert stats["prefix_cache_states_evicted"] > 0 and stats["prefix_cache_hits"] > 0
+        pool = engine.scheduler.pools[0]
+        engine.reset_prefix_cache()
+        assert pool.free_blocks == pool.num_blocks and pool.free_checkpoints == pool.num_checkpoints
+
+    _serve(model, body, cache=PrefixCacheConfig(probe_interval=64), blocks=30, slots=3, checkpoints=2)
+
+
+def test_cached_state_and_shared_blocks_are_never_written(model) -> None:  # noqa: ANN001
+    async def body(engine, runner) -> None:  # noqa: ANN001
+        cache = engine.prefix_caches[0]
+        first = await _one(engine, _req("a", PROMPTS[0]))
+        nodes = cache._nodes()
+        ckpts = sorted(n.checkpoint for n in nodes if n.checkpoint is not None)
+        blocks = sorted(b for n in nodes for b in n.blocks)
+        pools = runner.pools
+        assert ckpts and blocks
+        before = [t.clone() for t in (pools.ckpt_conv[:, ckpts], pools.ckpt_recurrent[:, ckpts])]
+        before += [t.clone() for t in (pools.k[:, blocks], pools.v[:, blocks])]
+        rest = await _in_turn(engine, [_req("b", PROMPTS[1]), _req("c", PROMPTS[5])])
+        assert [o[0].cached for o in [first, *rest]] == [0, 128, 128]
+        after = [pools.ckpt_conv[:, ckpts], pools.ckpt_recurrent[:, ckpts], pools.k[:, blocks], pools.v[:, blocks]]
+        for b, a in zip(before, after):
+            assert torch.equal(b, a)
+
+    _serve(model, body, cache=PrefixCacheConfig(probe_interval=64))
+
+
+def test_speculative_decoding_with_hits_equals_plain(model) -> None:  # noqa: ANN001
+    reqs = [_req(f"r{i}", PROMPTS[i]) for i in (0, 1, 2, 5)]
+    want = _uncached(model, reqs)
+    got = _serve(
+        model,
+        lambda engine, _: _in_turn(engine, reqs),
+        cache=PrefixCacheConfig(probe_interval=64),
+        spec_tokens=2,
+    )
+    _assert_same(got, want)
+    assert [o[0].cached for o in got] == [0, 128, 128, 128]
+
+
+def _chat(model, tokenizer, *, cache: PrefixCacheConfig | None, turns: int) -> list[tuple[list[int], Out]]:  # noqa: ANN001
+    """A conversation rendered with the real chat template, each turn's reply (decoded) fed into the next turn;
+    the cache hints as the front end computes them: the end of the system preamble, the last assistant header."""
+    from model_shards.chat_template import ChatTemplate
+    from model_shards.tokenizer_files import chat_template_text
+
+    template = ChatTemplate(chat_template_text())
+    im_start = tokenizer.token_to_id("<|im_start|>")
+    system = " ".join(f"Rule {i}: answer briefly and cite source {i * 7}." for i in range(24))
+
+    async def body(engine, _runner) -> list[tuple[list[int], Out]]:  # noqa: ANN001
+        messages: list[dict[str, str]] = [{"role": "system", "content": system}]
+        out = []
+        for t in range(turns):
+            messages.append({"role": "user", "content": f"Question {t}: what does rule {t * 3} say about sources?"})
+            ids = tokenizer.encode(template.render(messages))
+            heads = [i for i, x in enumerate(ids) if x == im_start]
+            req = GenerateRequest(f"t{t}", tuple(ids), GREEDY, max_tokens=8, cache_hints=(heads[1], heads[-1]))
+            res = (await _one(engine, req))[0]
+            out.append((ids, res))
+            messages.append({"role": "assistant", "content": tokenizer.decode(res.tokens, skip_special_tokens=True)})
+        return out
+
+    return _serve(model, body, cache=cache)
+
+
+def test_multi_turn_chat_resumes_at_the_previous_assistant_header(model, embedded_model_dir: Path) -> None:  # noqa: ANN001
+    from model_shards.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(embedded_model_dir)
+    want = _chat(model, tokenizer, cache=None, turns=4)
+    got = _chat(model, tokenizer, cache=PrefixCacheConfig(), turns=4)
+    im_start = tokenizer.token_to_id("<|im_start|>")
+    assert len(want[0][0]) > 300  # a system preamble of several chunks
+    for t, ((ids, g), (want_ids, w)) in enumerate(zip(got, want)):
+        assert ids == want_ids and g.tokens == w.tokens
+        torch.testing.assert_close(list(g.logprobs), list(w.logprobs), atol=1e-4, rtol=0)
+        if t:
+            prev = got[t - 1][0]
+            header = max(i for i, x in enumerate(prev) if x == im_start)
+            assert g.cached >= header // GRID * GRID > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_expert_parallel_group_d2_x2_cached_equals_uncached(ray_cluster, hf_checkpoint: Path) -> None:  # noqa: ANN001
+    """D = 2 trunk ranks x X = 2 expert ranks: the engine places each sequence on the trunk rank holding its longest
+    cached prefix (the other rank's tree is empty of it, so any hit proves the placement); tokens and logprobs equal
+    the same group's engine with the cache off."""
+    from cluster.topology import GroupShape
+    from replicas.engine.engine import Engine
+    from replicas.engine.scheduler import SchedulerConfig
+    from replicas.ep.actors import CacheSizes
+    from replicas.ep.group import ExpertParallelGroup, GroupConfig
+    from replicas.ep.offline_generate import engine_pools
+
+    r = random.Random(7)
+    system = [r.randrange(0, 1024) for _ in range(150)]
+    prompts = [system + [r.randrange(0, 1024) for _ in range(20 + 5 * i)] for i in range(4)]
+    prompts.append(system[:100] + [r.randrange(0, 1024) for _ in range(30)])
+    reqs = [_req(f"r{i}", p) for i, p in enumerate(prompts)]
+    sizes = CacheSizes(num_blocks=128, block_size=BLOCK, num_slots=8, state_checkpoints=8)
+    group = ExpertParallelGroup(
+        GroupConfig(
+            model_dir=str(hf_checkpoint), shape=GroupShape(2, 2), dtype="float32", deadline_s=20.0, caches=sizes
+        )
+    )
+    group.start()
+
+    async def run(cache: PrefixCacheConfig | None) -> tuple[list[list[Out]], list[list[Out]]]:
+        engine = Engine(
+            group,
+            pools=engine_pools(group.caches, 2),
+            config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512),
+            max_waiting=64,
+            prefix_cache=cache,
+        )
+        engine.start()
+        try:
+            return await _in_turn(engine, reqs), await _at_once(engine, reqs)
+        finally:
+            await engine.stop()
+
+    try:
+        want, want_at_once = asyncio.run(run(None))
+        got, got_at_once = asyncio.run(run(PrefixCacheConfig(probe_interval=64)))
+    finally:
+        group.shutdown()
+    _assert_same(want_at_once, want)
+    _assert_same(got, want)
+    _assert_same(got_at_once, want)
+    assert [o[0].cached for o in got] == [0, 128, 128, 128, 64]
+    assert all(o[0].cached > 0 for o in got_at_once)  # all on the rank that holds the system prompt (room for all)
