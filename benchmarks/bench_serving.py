@@ -304,6 +304,7 @@ class Bench:
             block_size=16,
             max_num_seqs=a.max_num_seqs,
             max_num_batched_tokens=a.max_num_batched_tokens,
+            prefix_cache=not a.no_prefix_cache,
             collective_deadline_s=30,
             ingress_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
             engine_autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=1),
@@ -323,7 +324,9 @@ class Bench:
                 shape=GroupShape(s.trunk_ranks, s.expert_ranks),
                 dtype=s.dtype,
                 deadline_s=s.collective_deadline_s,
-                caches=CacheSizes(s.num_kv_blocks, s.block_size, s.max_num_seqs),
+                caches=CacheSizes(
+                    s.num_kv_blocks, s.block_size, s.max_num_seqs, state_checkpoints=s.prefix_state_checkpoints()
+                ),
                 capacity_factor=s.capacity_factor,
                 cpus_per_rank=s.cpus_per_rank,
                 gpus=s.gpus,
@@ -336,12 +339,18 @@ class Bench:
         self.engine = Engine(
             self.runner,
             pools=[
-                BlockPool(num_blocks=s.num_kv_blocks, num_slots=s.max_num_seqs, block_size=s.block_size)
+                BlockPool(
+                    num_blocks=s.num_kv_blocks,
+                    num_slots=s.max_num_seqs,
+                    block_size=s.block_size,
+                    num_checkpoints=s.prefix_state_checkpoints(),
+                )
                 for _ in range(s.trunk_ranks)
             ],
             config=SchedulerConfig(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens),
             max_waiting=s.max_waiting_requests,
             recover=self.group.rebuild,
+            prefix_cache=s.prefix_cache_config(),
         )
         ctx = ModelContext.load(
             self.folder,
@@ -812,6 +821,7 @@ def main() -> None:
         help="keep this driver (client + in-process engine) at its niceness instead of Ray workers'",
     )
     p.add_argument("--no-micro", action="store_true")
+    p.add_argument("--no-prefix-cache", action="store_true", help="both paths prefill every prompt from token 0")
     p.add_argument("--results", default=None, help="write the markdown report to this file")
     p.add_argument("--json", default=None)
     args = p.parse_args()

@@ -32,6 +32,7 @@ from cluster.traffic import (
     step_traffic,
 )
 from model_shards.cache import CachePools
+from model_shards.cache_sizing import PREFIX_STATE_SHARE
 from model_shards.config import MULTIMODAL_MODEL_TYPE, ModelConfig, QuantConfig
 from model_shards.published_models import FP8_RELEASE_BLOCK, FP8_RELEASE_NOT_CONVERTED
 from model_shards.weights import MTP_PREFIX, MULTIMODAL_PREFIX, TEXT_PREFIX, expected_tensors
@@ -66,6 +67,11 @@ class CapacityPlan:
         trunk_cache_bytes: what a trunk GPU has left for KV blocks and state slots (may be negative).
         bytes_per_sequence: KV blocks of `max_model_len` tokens + one DeltaNet state slot.
         sequences_per_trunk_gpu, sequences_total: sequences of `max_model_len` that fit (per GPU, all D).
+        prefix_state_checkpoints: the most saved DeltaNet states (prefix cache) a trunk GPU carves out of its KV
+            memory beside the `sequences_per_trunk_gpu` slots (model_shards/cache_sizing.py: at most
+            `PREFIX_STATE_SHARE` of what the slots leave; the runtime takes min(this, --prefix-state-slots)).
+        prefix_state_bytes: their bytes; sequences_with_prefix_states: full-length sequences whose KV still fits
+            beside them (never a refusal: the states only take KV blocks).
         decode_floor_ms: HBM floor of one decode step (weights only), None without `hbm_tbps`.
         decode_floor_with_cache_ms: the same plus reading every cached sequence of a trunk GPU once.
         nic_gbps, nvlink_gbps: link speeds per GPU, each way (cluster/traffic.py's model).
@@ -123,6 +129,9 @@ class CapacityPlan:
     network_floor_rank_order_ms: float | None = None
     decode_floor_overlap_ms: float | None = None
     decode_floor_lockstep_ms: float | None = None
+    prefix_state_checkpoints: int = 0
+    prefix_state_bytes: int = 0
+    sequences_with_prefix_states: int = 0
 
     @property
     def total_gpus(self) -> int:
@@ -417,6 +426,8 @@ def plan_capacity(
         cfg, max_model_len=max_model_len, block_size=block_size, kv_dtype_bytes=kv_dtype_bytes
     )
     seqs = max(cache_room, 0) // per_seq
+    ckpts = int((max(cache_room, 0) - seqs * slot) * PREFIX_STATE_SHARE) // slot
+    seqs_with_ckpts = max(0, max(cache_room, 0) - ckpts * slot) // per_seq
     if cache_room >= 0 and seqs == 0:
         reasons.append(
             f"no room for even one sequence: {max_model_len} tokens need {per_seq / GIB:.2f} GiB "
@@ -476,6 +487,9 @@ def plan_capacity(
         nic_gbps=nic_gbps,
         nvlink_gbps=nvlink_gbps,
         decode_tokens_per_trunk=tokens,
+        prefix_state_checkpoints=ckpts,
+        prefix_state_bytes=ckpts * slot,
+        sequences_with_prefix_states=seqs_with_ckpts,
         **net,
     )
 

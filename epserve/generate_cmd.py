@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from epserve.cli import UserError
+from epserve.prefix_flags import add_prefix_cache_flags, prefix_cache_from_args
 from model_shards.cache_sizing import DEFAULT_GPU_MEMORY_UTILIZATION
 from model_shards.config import from_hf_config
 from model_shards.generation_config import GenerationDefaults
@@ -66,6 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="K",
         help="draft K tokens per step with the checkpoint's MTP head (0 = off; greedy output is identical either way)",
     )
+    add_prefix_cache_flags(p)
     p.set_defaults(run=run)
 
 
@@ -130,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--speculative-tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {args.speculative_tokens}")
     if args.speculative_tokens and not cfg.has_mtp:
         raise UserError(f"--speculative-tokens needs an MTP head: {folder}'s config has mtp_num_hidden_layers 0")
+    prefix_cache_from_args(args, num_slots=1)  # bad --prefix-* values fail before the model loads
     defaults = GenerationDefaults.load(folder, cfg)
     params = sampling_from_args(args, defaults)
     prompt, tokenizer = _prompt_ids(args, folder)
@@ -197,7 +200,10 @@ def _generate(args, folder, prompt, params, defaults, cfg):  # noqa: ANN001, ANN
 
     req = _request(args, prompt, params, defaults)
     k = args.speculative_tokens
-    caches = cache_sizes(len(prompt), args.max_tokens, spec_tokens=k, block_size=args.block_size)
+    prefix_cache, checkpoints = prefix_cache_from_args(args, num_slots=1)
+    caches = cache_sizes(
+        len(prompt), args.max_tokens, spec_tokens=k, block_size=args.block_size, state_checkpoints=checkpoints
+    )
     try:
         if args.expert_ranks == 0 and args.trunk_ranks == 1 and args.nodes is None and args.address is None:
             from model_shards.model import LocalModel
@@ -209,7 +215,9 @@ def _generate(args, folder, prompt, params, defaults, cfg):  # noqa: ANN001, ANN
                 gpu_memory_utilization=args.gpu_memory_utilization,
             )
             try:
-                return offline_generate(runner, req, spec_tokens=k, vocab_size=cfg.vocab_size)
+                return offline_generate(
+                    runner, req, spec_tokens=k, vocab_size=cfg.vocab_size, prefix_cache=prefix_cache
+                )
             finally:
                 runner.close()
         if args.device != "auto":
@@ -219,6 +227,6 @@ def _generate(args, folder, prompt, params, defaults, cfg):  # noqa: ANN001, ANN
             )
         from epserve.group_runner import run_on_group
 
-        return run_on_group(args, folder, req, caches, vocab_size=cfg.vocab_size)
+        return run_on_group(args, folder, req, caches, vocab_size=cfg.vocab_size, prefix_cache=prefix_cache)
     except (RequestRejected, GenerationFailed) as exc:
         raise UserError(f"generation failed: {exc}") from None

@@ -11,12 +11,19 @@ import os
 from pathlib import Path
 
 from replicas.engine.engine_types import GenerateRequest
+from replicas.engine.prefix_config import PrefixCacheConfig
 from replicas.ep.actors import CacheSizes
 from replicas.ep.offline_generate import Completion
 
 
 def run_on_group(
-    args: argparse.Namespace, folder: Path, req: GenerateRequest, caches: CacheSizes, *, vocab_size: int
+    args: argparse.Namespace,
+    folder: Path,
+    req: GenerateRequest,
+    caches: CacheSizes,
+    *,
+    vocab_size: int,
+    prefix_cache: PrefixCacheConfig | None = None,
 ) -> Completion:
     from cluster.local_cluster import start_local_cluster
 
@@ -53,7 +60,9 @@ def run_on_group(
     )
     try:
         group.start()
-        return offline_generate(group, req, spec_tokens=caches.spec_tokens, vocab_size=vocab_size)
+        return offline_generate(
+            group, req, spec_tokens=caches.spec_tokens, vocab_size=vocab_size, prefix_cache=prefix_cache
+        )
     finally:
         group.shutdown()
         if local is not None:

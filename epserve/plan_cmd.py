@@ -184,6 +184,9 @@ def render(plan: CapacityPlan, *, model: str) -> str:
         f"(KV {plan.kv_bytes_per_token} B/token in blocks of {plan.block_size}, "
         f"state slot {plan.state_bytes_per_slot / 2**20:.1f} MiB)",
         f"capacity     {plan.sequences_per_trunk_gpu} sequences per trunk GPU, {plan.sequences_total} in total",
+        f"prefix cache up to {plan.prefix_state_checkpoints} saved states per trunk GPU "
+        f"({_gib(plan.prefix_state_bytes)}, carved out of the KV blocks; {plan.sequences_with_prefix_states} "
+        "sequences per trunk GPU with all of them kept; --prefix-state-slots caps them, --no-prefix-cache: none)",
     ]
     lines += _network_lines(plan)
     if plan.decode_floor_ms is not None:

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 from epserve.cli import UserError
+from epserve.prefix_flags import add_prefix_cache_flags
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,6 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with gpus: fraction of each trunk rank's GPU memory to use; its KV blocks (and at most max_num_seqs "
         "state slots) fill what the weights leave (default 0.9; CPU ranks keep num_kv_blocks)",
     )
+    add_prefix_cache_flags(p)
     p.set_defaults(run=run)
 
 
@@ -103,6 +105,10 @@ def load_args(args: argparse.Namespace):  # noqa: ANN201  # -> AppArgs
         "rebalance_imbalance_threshold": args.rebalance_imbalance_threshold,
         "redundant_experts": args.redundant_experts,
         "gpu_memory_utilization": args.gpu_memory_utilization,
+        "prefix_cache": args.prefix_cache,
+        "prefix_state_slots": args.prefix_state_slots,
+        "prefix_states_per_path": args.prefix_states_per_path,
+        "prefix_probe_interval": args.prefix_probe_interval,
     }
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:

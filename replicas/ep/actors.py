@@ -150,8 +150,14 @@ class TrunkRankActor(_RankBase):
                 spec_tokens=caches.spec_tokens,
                 with_mtp=weights.mtp is not None,
                 reserved=CANARY_RESERVE,
+                max_checkpoints=caches.state_checkpoints,
             )
-            caches = replace(caches, num_blocks=counts.num_blocks, num_slots=counts.num_slots)
+            caches = replace(
+                caches,
+                num_blocks=counts.num_blocks,
+                num_slots=counts.num_slots,
+                state_checkpoints=counts.num_checkpoints,
+            )
         self.pools = CachePools.allocate(  # the canary's block and slot beyond the engine's (trunk_rank.py)
             cfg,
             num_blocks=caches.num_blocks + CANARY_RESERVE,
@@ -257,6 +263,7 @@ class TrunkRankActor(_RankBase):
             "num_blocks": self.pools.num_blocks - CANARY_RESERVE,
             "num_slots": self.pools.num_slots - CANARY_RESERVE,
             "block_size": self.pools.block_size,
+            "num_checkpoints": self.pools.num_checkpoints,
             "read_bytes": self.read_bytes,
         }
 

@@ -253,6 +253,7 @@ class ExpertParallelGroup:
                 self.config.caches,
                 num_blocks=min(int(i["num_blocks"]) for i in infos),
                 num_slots=min(int(i["num_slots"]) for i in infos),
+                state_checkpoints=min(int(i.get("num_checkpoints", 0)) for i in infos),
             )
         self._form_group()
         self.canary()

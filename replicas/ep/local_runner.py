@@ -52,8 +52,14 @@ class LocalRunner:
                 spec_tokens=caches.spec_tokens,
                 with_mtp=model.trunk.w.mtp is not None,
                 reserved=CANARY_RESERVE,
+                max_checkpoints=caches.state_checkpoints,
             )
-            caches = replace(caches, num_blocks=counts.num_blocks, num_slots=counts.num_slots)
+            caches = replace(
+                caches,
+                num_blocks=counts.num_blocks,
+                num_slots=counts.num_slots,
+                state_checkpoints=counts.num_checkpoints,
+            )
         self.caches = caches
         pools = model.allocate(  # plus the canary's reserved block and slot (trunk_rank.py)
             num_blocks=caches.num_blocks + CANARY_RESERVE,

@@ -20,6 +20,7 @@ from typing import Protocol
 from replicas.engine.block_pool import BlockPool
 from replicas.engine.engine import AsyncRunner, Engine
 from replicas.engine.engine_types import GenerateRequest
+from replicas.engine.prefix_config import PrefixCacheConfig
 from replicas.engine.scheduler import CHUNK_ALIGN, SchedulerConfig
 from replicas.engine.step_types import TokenLogprobs
 from replicas.ep.actors import CacheSizes
@@ -61,12 +62,23 @@ class Completion:
 
 
 def cache_sizes(
-    prompt_len: int, max_tokens: int, *, spec_tokens: int = 0, block_size: int = 16, num_slots: int = 1
+    prompt_len: int,
+    max_tokens: int,
+    *,
+    spec_tokens: int = 0,
+    block_size: int = 16,
+    num_slots: int = 1,
+    state_checkpoints: int = 0,
 ) -> CacheSizes:
-    """Caches for `num_slots` sequences of this length at once, with the 2k positions speculation writes ahead."""
+    """Caches for `num_slots` sequences of this length at once, with the 2k positions speculation writes ahead,
+    and `state_checkpoints` saved states for the prefix cache."""
     per_seq = -(-(prompt_len + max_tokens + 2 * spec_tokens) // block_size)
     return CacheSizes(
-        num_blocks=per_seq * num_slots, block_size=block_size, num_slots=num_slots, spec_tokens=spec_tokens
+        num_blocks=per_seq * num_slots,
+        block_size=block_size,
+        num_slots=num_slots,
+        spec_tokens=spec_tokens,
+        state_checkpoints=state_checkpoints,
     )
 
 
@@ -90,9 +102,11 @@ def offline_engine(
     spec_tokens: int = 0,
     vocab_size: int | None = None,
     metrics: MetricsRegistry | None = None,
+    prefix_cache: PrefixCacheConfig | None = None,
 ) -> Engine:
     """An Engine over `runner`: one running sequence per cache slot, prompts up to `max_prompt_len` prefilled
-    in one step, no recovery (a failed group ends the request). Build it inside the event loop that runs it."""
+    in one step, no recovery (a failed group ends the request), the prefix cache as `prefix_cache` says (None:
+    off) over the runner's state checkpoints. Build it inside the event loop that runs it."""
     caches = runner.caches
     budget = max(CHUNK_ALIGN, -(-max_prompt_len // CHUNK_ALIGN) * CHUNK_ALIGN)
     return Engine(
@@ -103,6 +117,7 @@ def offline_engine(
         metrics=metrics,
         spec_tokens=spec_tokens,
         vocab_size=vocab_size,
+        prefix_cache=prefix_cache,
     )
 
 
@@ -137,27 +152,47 @@ async def run_to_completion(engine: Engine, req: GenerateRequest) -> Completion:
 
 
 def offline_generate(
-    runner: InProcessRunner, req: GenerateRequest, *, spec_tokens: int = 0, vocab_size: int | None = None
+    runner: InProcessRunner,
+    req: GenerateRequest,
+    *,
+    spec_tokens: int = 0,
+    vocab_size: int | None = None,
+    prefix_cache: PrefixCacheConfig | None = None,
 ) -> Completion:
     """Run one request to completion on a fresh Engine over `runner` (its own event loop)."""
-    return asyncio.run(_generate_all(runner, [req], spec_tokens=spec_tokens, vocab_size=vocab_size))[0]
+    return asyncio.run(
+        _generate_all(runner, [req], spec_tokens=spec_tokens, vocab_size=vocab_size, prefix_cache=prefix_cache)
+    )[0]
 
 
 def generate_each(
-    runner: InProcessRunner, reqs: Iterable[GenerateRequest], *, spec_tokens: int = 0, vocab_size: int | None = None
+    runner: InProcessRunner,
+    reqs: Iterable[GenerateRequest],
+    *,
+    spec_tokens: int = 0,
+    vocab_size: int | None = None,
+    prefix_cache: PrefixCacheConfig | None = None,
 ) -> list[Completion]:
     """Run requests one after another (never batched together) on one Engine over `runner`."""
-    return asyncio.run(_generate_all(runner, list(reqs), spec_tokens=spec_tokens, vocab_size=vocab_size))
+    return asyncio.run(
+        _generate_all(runner, list(reqs), spec_tokens=spec_tokens, vocab_size=vocab_size, prefix_cache=prefix_cache)
+    )
 
 
 async def _generate_all(
-    runner: InProcessRunner, reqs: list[GenerateRequest], *, spec_tokens: int, vocab_size: int | None
+    runner: InProcessRunner,
+    reqs: list[GenerateRequest],
+    *,
+    spec_tokens: int,
+    vocab_size: int | None,
+    prefix_cache: PrefixCacheConfig | None = None,
 ) -> list[Completion]:
     engine = offline_engine(
         runner,
         max_prompt_len=max((len(r.prompt_ids) for r in reqs), default=1),
         spec_tokens=spec_tokens,
         vocab_size=vocab_size,
+        prefix_cache=prefix_cache,
     )
     engine.start()
     try:

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from replicas.engine.prefix_config import PrefixCacheConfig
+
 CPU_COLLECTIVE_DEADLINE_S = 5.0
 GPU_COLLECTIVE_DEADLINE_S = 30.0
 
@@ -180,6 +182,27 @@ class AppArgs(BaseModel):
         description="k > 0: the MTP head drafts k tokens per step, verified by the next step "
         "(greedy output is identical to k = 0; needs a checkpoint with mtp.*).",
     )
+    prefix_cache: bool = Field(
+        True,
+        description="Reuse the KV blocks and saved DeltaNet states of earlier prompts' shared prefixes (False: "
+        "`--no-prefix-cache`, every prompt prefills from token 0).",
+    )
+    prefix_state_slots: int | None = Field(
+        None,
+        ge=0,
+        description="Saved DeltaNet states (state checkpoints) per trunk rank for the prefix cache, each the size "
+        "of a state slot. Unset: max_num_seqs. On GPUs a cap: they are carved out of the KV cache memory, at most "
+        "a quarter of it (model_shards/cache_sizing.py); 0: no state is saved, so no prompt resumes from the cache.",
+    )
+    prefix_states_per_path: int = Field(
+        4, ge=1, description="Saved states along one root-to-leaf path of the prefix tree, at most."
+    )
+    prefix_probe_interval: int = Field(
+        512,
+        ge=0,
+        description="A new prompt path's first prefill saves provisional states every this many tokens (a multiple "
+        "of 64; 0: none), so the first request that branches from it resumes near the branch point.",
+    )
     max_request_body_mb: float = Field(
         16.0,
         gt=0,
@@ -220,11 +243,28 @@ class AppArgs(BaseModel):
             raise ValueError("rebalance_interval_steps / rebalance_imbalance_threshold need expert_ranks >= 1")
         if self.api_key is not None and self.api_key_env is not None:
             raise ValueError("give api_key or api_key_env, not both")
+        if self.prefix_probe_interval % 64:
+            raise ValueError(
+                f"prefix_probe_interval must be a multiple of 64 (0: off), got {self.prefix_probe_interval}"
+            )
         if self.collective_deadline_s is None:
             # CPU steps of the served models take well under a second, so 5 s finds a hung (SIGSTOPped) rank
             # within reliability.md's target; NCCL kernels and first-step warm-ups need longer.
             self.collective_deadline_s = CPU_COLLECTIVE_DEADLINE_S if not self.gpus else GPU_COLLECTIVE_DEADLINE_S
         return self
+
+    def prefix_cache_config(self) -> PrefixCacheConfig:
+        return PrefixCacheConfig(
+            enabled=self.prefix_cache,
+            states_per_path=self.prefix_states_per_path,
+            probe_interval=self.prefix_probe_interval,
+        )
+
+    def prefix_state_checkpoints(self) -> int:
+        """State checkpoints each trunk rank allocates (`CacheSizes.state_checkpoints`; on GPUs the cap)."""
+        if not self.prefix_cache:
+            return 0
+        return self.max_num_seqs if self.prefix_state_slots is None else self.prefix_state_slots
 
     def max_request_body_bytes(self) -> int:
         return int(self.max_request_body_mb * 2**20)

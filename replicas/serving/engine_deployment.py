@@ -64,7 +64,11 @@ class EngineServer:
         if k and not self.cfg.has_mtp:
             raise ValueError(f"speculative_tokens {k} needs an MTP head: {folder}'s config has mtp_num_hidden_layers 0")
         caches = CacheSizes(
-            num_blocks=a.num_kv_blocks, block_size=a.block_size, num_slots=a.max_num_seqs, spec_tokens=k
+            num_blocks=a.num_kv_blocks,
+            block_size=a.block_size,
+            num_slots=a.max_num_seqs,
+            spec_tokens=k,
+            state_checkpoints=a.prefix_state_checkpoints(),
         )
         placement = ray.util.get_current_placement_group()
         self.group = ExpertParallelGroup(
@@ -94,7 +98,12 @@ class EngineServer:
         self.metrics = MetricsRegistry()
         sized = self.group.caches  # on GPUs sized by the ranks from free memory; else num_kv_blocks / max_num_seqs
         pools = [
-            BlockPool(num_blocks=sized.num_blocks, num_slots=sized.num_slots, block_size=sized.block_size)
+            BlockPool(
+                num_blocks=sized.num_blocks,
+                num_slots=sized.num_slots,
+                block_size=sized.block_size,
+                num_checkpoints=sized.state_checkpoints,
+            )
             for _ in range(a.trunk_ranks)
         ]
         self.engine = Engine(
@@ -108,6 +117,7 @@ class EngineServer:
             metrics=self.metrics,
             grammars=self._grammar_cache,
             spec_tokens=k,
+            prefix_cache=a.prefix_cache_config(),
             max_queue_steps=a.max_queue_steps,
             vocab_size=self.cfg.vocab_size,
             engine_id=_serve_replica_id(),

@@ -230,6 +230,16 @@ def test_sequences_fill_the_trunk_room() -> None:
     assert plan.sequences_total == 13 * plan.trunk_ranks
 
 
+def test_prefix_states_are_carved_out_of_the_kv_room() -> None:
+    # the same trunk GPU: 13 full-length sequences; a quarter of what their state slots leave holds saved states
+    plan = _plan(config_397b(), nodes=2)
+    room, slot = plan.trunk_cache_bytes, plan.state_bytes_per_slot
+    want = (room - 13 * slot) // 4 // slot
+    assert plan.prefix_state_checkpoints == want > 0 and plan.prefix_state_bytes == want * slot
+    assert plan.sequences_with_prefix_states == (room - want * slot) // plan.bytes_per_sequence < 13
+    assert plan.fits  # the states only take KV blocks: no plan is refused for them
+
+
 # ------------------------------------------------------------------------------ D and X
 def test_auto_rule_worked_example() -> None:
     plan = _plan(config_397b(), nodes=2)

@@ -171,3 +171,81 @@ def test_bad_restores_and_saves_are_refused_naming_the_problem(model) -> None:  
     # a fresh start still begins at 0 without a restore
     res = _one(runner, save._replace(context_len=64, token_ids=PROMPT_A[64:P], save_state=None))
     assert "context 0" in (res.errors[0] or ""), res.errors
+
+
+def test_vision_prompt_resuming_inside_an_image(model, embedded_model_dir: Path) -> None:  # noqa: ANN001
+    """An image before the cached length and one whose pad rows straddle it (120..135): the restored sequence's
+    first chunk (at 128) encodes the images on this rank and takes the right embedding rows; its tokens and
+    logprobs equal a one-shot prefill of the same prompt on a fresh rank."""
+    import numpy as np
+    from PIL import Image
+
+    from model_shards.checkpoint_files import CheckpointReader
+    from model_shards.config import from_hf_config
+    from model_shards.image_processing import PreprocessConfig, preprocess_image
+    from model_shards.mm_positions import TEXT, VisionItem, VisionTokenIds, mrope_positions, token_types
+    from model_shards.vision import VisionTower, load_vision
+    from replicas.ep.dispatch import LocalDispatcher
+    from replicas.ep.trunk_rank import TrunkRank
+
+    cfg = from_hf_config(embedded_model_dir)
+    assert cfg.vision is not None
+    tok, merge = VisionTokenIds.from_config(cfg), cfg.vision.spatial_merge_size
+    weights = load_vision(CheckpointReader(embedded_model_dir), cfg, dtype=torch.float32)
+    tower = VisionTower(weights, cfg.vision, dtype=torch.float32)
+    small = PreprocessConfig.for_vision(cfg.vision)
+    small = replace(small, min_pixels=32 * 32 * 2, max_pixels=32 * 32 * 16)
+    rng = np.random.default_rng(0)
+    images = [
+        preprocess_image(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), cfg=small)
+        for h, w in ((64, 96), (128, 128))
+    ]
+    pads = [v.grid_thw[0] * v.grid_thw[1] * v.grid_thw[2] // merge**2 for v in images]
+    text = list(PROMPT_B)
+    first_img = [tok.vision_start, *[tok.image] * pads[0], tok.vision_end]
+    lead = 120 - len(first_img) - 11  # the second image's pads start at 120
+    ids = [*text[:10], *first_img, *text[10 : 10 + lead], tok.vision_start]
+    ids += [*[tok.image] * pads[1], tok.vision_end, *text[40:70]]
+    assert ids.index(tok.image, 10 + len(first_img)) == 120 and 120 + pads[1] > P, pads
+    types = token_types(ids, tokens=tok)
+    items = [VisionItem("image", v.grid_thw) for v in images]
+    positions, delta = mrope_positions(types, items, merge_size=merge)
+    rows = tuple(i for i, t in enumerate(types) if t != TEXT)
+    prompt = tuple(ids)
+
+    def rank() -> TrunkRank:
+        pools = model.allocate(num_blocks=40, block_size=BLOCK, num_slots=3, num_checkpoints=2)
+        routed = LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers)
+        return TrunkRank(model.trunk, pools, routed, vision=tower)
+
+    def start(slot: int, restore: int | None = None) -> SeqStart:
+        return SeqStart(
+            slot, GREEDY, len(prompt), rope_delta=delta, mm_positions=positions, vision_rows=rows,
+            vision=tuple(images), restore=restore,
+        )  # fmt: skip
+
+    def decode(r: TrunkRank, first: SeqStep) -> list[tuple[int, float]]:
+        out, step, context = [], first, len(prompt)
+        while len(out) < DECODE:
+            res = r.step(StepRequest((step,)))
+            assert res.errors in ((), (None,)), res.errors
+            tok_, lp = res.token_ids[0], res.logprobs[0]
+            assert tok_ is not None and lp is not None
+            out.append((tok_, lp.logprob))
+            step, context = SeqStep(2, context, (tok_,), (), output_index=len(out)), context + 1
+        return out
+
+    need = -(-(len(prompt) + DECODE) // BLOCK)
+    cached = rank()
+    for s in (
+        SeqStep(1, 0, prompt[:64], _blocks(0, 4), start=start(0), sample=False),
+        SeqStep(1, 64, prompt[64:P], _blocks(4, 8), sample=False, save_state=1),
+    ):
+        res = cached.step(StepRequest((s,)))
+        assert res.errors in ((), (None,)), res.errors
+    own = _blocks(20, 20 + need - P // BLOCK)
+    got = decode(cached, SeqStep(2, P, prompt[P:], (*_blocks(0, P // BLOCK), *own), start=start(1, restore=1)))
+    want = decode(rank(), SeqStep(2, 0, prompt, _blocks(20, 20 + need), start=start(1)))
+    assert [t for t, _ in got] == [t for t, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        assert abs(a - b) < 1e-4, (got, want)
