@@ -9,6 +9,7 @@ ids into text; the gRPC service (replicas/api/grpc_service.py) shares it.
 `serve.ingress(build_api)` and the deployment options are applied in replicas/serving/app.py. Must not: run the model.
 A client that leaves cancels its engine requests (tests/replicas/test_cancellation.py); open streams are
 counted so a stopping server waits for them (tests/replicas/test_graceful_shutdown.py).
+Admin: POST /reset_prefix_cache drops every engine replica's prefix cache (epserve/reset_prefix_cache_cmd.py).
 Tests: tests/replicas/test_serving.py.
 """
 
