@@ -18,6 +18,7 @@ COMMANDS = {
     "serve": "epserve.serve_cmd",
     "bench": "epserve.bench_cmd",
     "rebalance": "epserve.rebalance_cmd",
+    "reset-prefix-cache": "epserve.reset_prefix_cache_cmd",
 }
 
 

@@ -6,6 +6,7 @@ group), turning the engine's token-id items (one per request per step) into per-
 (replicas/api/choice_text.py: detokenization, stop strings), telling the engine to stop a choice
 that a stop string ended (`EngineServer.finish_choice`, routed to the replica running it; after
 the last one the stream is drained in the background, so the engine counts a stop, not an abort),
+carrying the prefix cache's count of cached prompt tokens (`EngineStream.cached_tokens`, for usage),
 a broken engine stream ending the open choices with a
 retriable error (never a silent truncation), cancelling the engine request when the caller leaves,
 and readiness. Must not: know HTTP or gRPC (replicas/api/ingress.py, replicas/api/grpc_service.py).
@@ -70,6 +71,10 @@ class EngineStream:
     first: RequestOutput
     req: GenerateRequest
     draining: bool = False  # the front end ended every choice; the engine closes the stream (EngineClient._drain)
+    cached_tokens: int = 0  # prompt tokens the prefix cache saved (RequestOutput.cached_tokens; the largest seen)
+
+    def __post_init__(self) -> None:
+        self.cached_tokens = max(self.cached_tokens, self.first.cached_tokens)
 
     def cancel(self) -> None:
         """Abort the engine request (a no-op for a stream already cancelled, finished or draining)."""
@@ -151,6 +156,8 @@ class EngineClient:
         try:
             item: RequestOutput | None = stream.first
             while item is not None:
+                if item.cached_tokens > stream.cached_tokens:
+                    stream.cached_tokens = item.cached_tokens
                 for out in item.outputs:
                     text = texts[out.index]
                     if text.finished:  # ended here by a stop string: the engine's later tokens count nowhere
@@ -217,6 +224,25 @@ class EngineClient:
         task = asyncio.get_running_loop().create_task(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    async def reset_prefix_cache(self, replicas: int, timeout_s: float) -> list[dict[str, Any]]:
+        """Drop the prefix cache of each of the `replicas` engine replicas (EngineServer.reset_prefix_cache). Calls are
+        routed, not addressed: repeat them, each replica answering once (those done only say so), until all have
+        or `timeout_s` passed. Returns the answers: {"replica": id, what was dropped...} or {"replica", "error"}."""
+        done: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(done) < replicas and (left := deadline - time.monotonic()) > 0:
+            try:
+                out = await asyncio.wait_for(self.engine.reset_prefix_cache.remote(list(done)), left)
+            except TimeoutError:
+                break
+            except Exception as exc:  # noqa: BLE001  # a replica going away: the others still get theirs
+                log.warning("prefix cache reset: %r", exc)
+                await asyncio.sleep(0.2)
+                continue
+            if not out.get("skipped"):
+                done[out["replica"]] = out
+        return list(done.values())
 
     async def ready(self) -> bool:
         """Weights loaded and a step has run on some engine replica (cached for 2 s)."""

@@ -84,10 +84,14 @@ class EpserveClient:
         messages: list[pb.ChatMessage] | None = None,
         model: str = "",
         timeout_s: float | None = None,
+        cache_salt: str | None = None,
         **sampling: Any,  # noqa: ANN401
     ) -> Iterator[pb.GenerateResponse]:
-        """Stream Generate; cancel by closing the returned iterator (`.cancel()` on it)."""
+        """Stream Generate; cancel by closing the returned iterator (`.cancel()` on it). `cache_salt`: the
+        prefix-cache namespace (None: the shared one)."""
         req = pb.GenerateRequest(model=model, sampling=self.sampling(**sampling))
+        if cache_salt is not None:
+            req.cache_salt = cache_salt
         if text is not None:
             req.text = text
         elif token_ids is not None:
@@ -119,6 +123,7 @@ class EpserveClient:
         enable_thinking: bool | None = None,
         max_thinking_tokens: int | None = None,
         timeout_s: float | None = None,
+        cache_salt: str | None = None,
         **sampling: Any,  # noqa: ANN401
     ) -> Iterator[pb.ChatResponse]:
         req = pb.ChatRequest(
@@ -134,6 +139,8 @@ class EpserveClient:
             req.enable_thinking = enable_thinking
         if max_thinking_tokens is not None:
             req.max_thinking_tokens = max_thinking_tokens
+        if cache_salt is not None:
+            req.cache_salt = cache_salt
         return self.stub.Chat(req, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
 
     def model_info(self, timeout_s: float | None = None) -> pb.ModelInfoResponse:

@@ -179,6 +179,8 @@ class GrpcApi:
             if kind is None:
                 raise ApiError(400, "give a prompt: token_ids, text or messages", param="prompt")
             fields = {"model": request.model or ctxm.name, **sampling_fields(request.sampling, chat=kind == "messages")}
+            if request.HasField("cache_salt"):
+                fields["cache_salt"] = request.cache_salt
             if kind == "messages":
                 req = self._validate(
                     ChatCompletionRequest,
@@ -186,7 +188,7 @@ class GrpcApi:
                 )
                 ctxm.check_model(req.model)
                 chat = await asyncio.to_thread(ctxm.chat_prompt, req)
-                prompt, mm = chat.ids, chat.mm
+                prompt, mm, hints = chat.ids, chat.mm, chat.cache_hints
             else:
                 if "max_tokens" not in fields:
                     fields["max_tokens"] = None
@@ -195,9 +197,9 @@ class GrpcApi:
                     {**fields, "prompt": list(request.token_ids.ids) if kind == "token_ids" else request.text},
                 )
                 ctxm.check_model(req.model)
-                prompt, mm = (await asyncio.to_thread(ctxm.completion_prompts, req))[0], None
+                prompt, mm, hints = (await asyncio.to_thread(ctxm.completion_prompts, req))[0], None, ()
             ctxm.check_ids(prompt, "prompt")
-            greq = ctxm.build(req, prompt, request_id=rid, mm=mm)
+            greq = ctxm.build(req, prompt, request_id=rid, mm=mm, cache_hints=hints)
             stream = await self.engine.start(greq)
         except ApiError as err:
             raise fail(ctx, err) from None
@@ -216,7 +218,12 @@ class GrpcApi:
             )
         total = sum(completion.values())
         yield pb.GenerateResponse(
-            usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=total, total_tokens=len(prompt) + total)
+            usage=pb.Usage(
+                prompt_tokens=len(prompt),
+                completion_tokens=total,
+                total_tokens=len(prompt) + total,
+                cached_tokens=stream.cached_tokens,
+            )
         )
 
     async def chat(self, request: pb.ChatRequest, ctx: Any) -> AsyncIterator[pb.ChatResponse]:  # noqa: ANN401
@@ -236,6 +243,7 @@ class GrpcApi:
                 grammar=ctxm.chat_grammar(req, thinking=chat.thinking),
                 mm=chat.mm,
                 thinking=chat.thinking,
+                cache_hints=chat.cache_hints,
             )
             stream = await self.engine.start(greq)
         except ApiError as err:
@@ -261,7 +269,12 @@ class GrpcApi:
             )
         total = sum(completion.values())
         yield pb.ChatResponse(
-            usage=pb.Usage(prompt_tokens=len(chat.ids), completion_tokens=total, total_tokens=len(chat.ids) + total)
+            usage=pb.Usage(
+                prompt_tokens=len(chat.ids),
+                completion_tokens=total,
+                total_tokens=len(chat.ids) + total,
+                cached_tokens=stream.cached_tokens,
+            )
         )
 
     async def model_info(self, request: pb.ModelInfoRequest, ctx: Any) -> pb.ModelInfoResponse:  # noqa: ANN401
@@ -358,6 +371,8 @@ def chat_fields(request: pb.ChatRequest, *, default_model: str) -> dict[str, Any
         fields["chat_template_kwargs"] = {"enable_thinking": request.enable_thinking}
     if request.HasField("max_thinking_tokens"):
         fields["max_thinking_tokens"] = request.max_thinking_tokens
+    if request.HasField("cache_salt"):
+        fields["cache_salt"] = request.cache_salt
     return fields
 
 

@@ -9,6 +9,7 @@ ids into text; the gRPC service (replicas/api/grpc_service.py) shares it.
 `serve.ingress(build_api)` and the deployment options are applied in replicas/serving/app.py. Must not: run the model.
 A client that leaves cancels its engine requests (tests/replicas/test_cancellation.py); open streams are
 counted so a stopping server waits for them (tests/replicas/test_graceful_shutdown.py).
+Admin: POST /reset_prefix_cache drops every engine replica's prefix cache (epserve/reset_prefix_cache_cmd.py).
 Tests: tests/replicas/test_serving.py.
 """
 
@@ -42,6 +43,7 @@ from replicas.api.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ResetPrefixCacheRequest,
     TokenizeRequest,
     bad_request,
     validation_error,
@@ -66,11 +68,15 @@ MAX_BODY_BYTES = 16 * 2**20
 PUBLIC_PATHS = ("/health",)
 METRICS_PUSH_S = 1.0
 REQUEST_ID_HEADER = "X-Request-Id"
+ENGINE_DEPLOYMENT = "EpserveEngine"  # the engine deployment's name (replicas/serving/app.py)
+RESET_TIMEOUT_S = 30.0  # how long /reset_prefix_cache waits for every engine replica to answer
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> Any:  # noqa: ANN401  # returns an instance of `model`
+async def _parse(request: Request, model: type[BaseModel], *, empty_ok: bool = False) -> Any:  # noqa: ANN401  # returns an instance of `model`
     # cap and read deadline: AppArgs, put on the request by the auth middleware
     raw = await read_body(request, *getattr(request.state, "body_limits", (MAX_BODY_BYTES, 10.0)))
+    if empty_ok and not raw.strip():
+        raw = b"{}"
     obj = parse_json(raw)  # depth and lone-surrogate limits: a 400, not a RecursionError / UnicodeEncodeError later
     if not isinstance(obj, dict):
         raise bad_request("the request body must be a JSON object")
@@ -171,6 +177,7 @@ class Ingress:
             grammar=self.ctx.chat_grammar(req, thinking=chat.thinking),
             mm=chat.mm,
             thinking=chat.thinking,
+            cache_hints=chat.cache_hints,
         )
         log.info("request %s: chat, %d prompt tokens, n=%d, stream=%s", rid, len(prompt), req.n, req.stream)
         stream = await self.engine.start(greq)
@@ -190,6 +197,7 @@ class Ingress:
                     prompt_tokens=len(prompt),
                     tok=self.ctx.tokenizer,
                     want_logprobs=req.logprobs,
+                    cached_tokens=stream.cached_tokens,
                 )
             )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -221,7 +229,7 @@ class Ingress:
                 )
                 completion[ev.index] = ev.completion_tokens
                 if continuous:
-                    chunk["usage"] = usage(len(prompt), sum(completion.values()))
+                    chunk["usage"] = usage(len(prompt), sum(completion.values()), stream.cached_tokens)
                 yield _sse(chunk)
             else:
                 if include_usage:
@@ -233,6 +241,7 @@ class Ingress:
                             "chat.completion.chunk",
                             len(prompt),
                             sum(completion.values()),
+                            stream.cached_tokens,
                         )
                     )
             yield "data: [DONE]\n\n"
@@ -280,6 +289,7 @@ class Ingress:
                     tok=self.ctx.tokenizer,
                     want_logprobs=want_lp,
                     echo_texts=echo,
+                    cached_tokens=sum(s.cached_tokens for s in streams),
                 )
             )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -311,7 +321,13 @@ class Ingress:
                 if include_usage:
                     yield _sse(
                         usage_chunk(
-                            body_id, self.ctx.name, created, "text_completion", n_prompt, sum(completion.values())
+                            body_id,
+                            self.ctx.name,
+                            created,
+                            "text_completion",
+                            n_prompt,
+                            sum(completion.values()),
+                            sum(s.cached_tokens for s in streams),
                         )
                     )
             yield "data: [DONE]\n\n"
@@ -362,6 +378,41 @@ class Ingress:
         if req.tokens:
             self.ctx.check_ids(req.tokens, "tokens")
         return {"prompt": self.ctx.tokenizer.decode(req.tokens)}
+
+    async def reset_prefix_cache(self, request: Request) -> dict[str, Any]:
+        """Admin: drop the prefix cache of every engine replica (reached through the engine handle; calls are routed,
+        so they repeat until each running replica answered once). Returns each replica's answer (what it dropped,
+        or its error), the sums over replicas, and whether every running replica answered without an error."""
+        await _parse(request, ResetPrefixCacheRequest, empty_ok=True)
+        expected = await asyncio.to_thread(_running_engine_replicas)
+        answers = await self.engine.reset_prefix_cache(expected, RESET_TIMEOUT_S)
+        if not answers:
+            raise ApiError(
+                503,
+                "no engine replica answered the prefix cache reset",
+                type="service_unavailable_error",
+                retry_after=2,
+            )
+        totals: dict[str, int] = {}
+        for a in answers:
+            for k, v in a.items():
+                if isinstance(v, int) and not isinstance(v, bool):
+                    totals[k] = totals.get(k, 0) + v
+        complete = len(answers) >= expected and not any("error" in a for a in answers)
+        log.warning(
+            "request %s: prefix cache reset on %d of %d engine replicas: %s",
+            request.state.request_id,
+            len(answers),
+            expected,
+            totals,
+        )
+        return {
+            "object": "prefix_cache_reset",
+            "complete": complete,
+            "expected_replicas": expected,
+            "dropped": totals,
+            "replicas": answers,
+        }
 
     async def health(self) -> Response:
         ready = await self.ready()
@@ -421,6 +472,19 @@ def _replica_name() -> str | None:
         return serve.get_replica_context().replica_id.to_full_id_str()
     except Exception:  # noqa: BLE001  # no replica context (tests that build an Ingress directly)
         return None
+
+
+def _running_engine_replicas() -> int:
+    """Running replicas of this app's engine deployment, from Serve's controller (blocking); 1 outside Serve."""
+    from ray import serve
+
+    try:
+        app = serve.get_replica_context().app_name
+        states = serve.status().applications[app].deployments[ENGINE_DEPLOYMENT].replica_states
+    except Exception as exc:  # noqa: BLE001  # no replica context or no such app (tests that build an Ingress directly)
+        log.warning("could not count the engine replicas (%r): assuming 1", exc)
+        return 1
+    return max(1, sum(n for state, n in states.items() if state == "RUNNING"))
 
 
 def default_model_name(model: str | None) -> str:
@@ -787,6 +851,32 @@ def build_api(instance: Any = None) -> FastAPI:  # noqa: ANN401  # an Ingress (t
     )
     async def metrics() -> Response:
         return await ing().prometheus()
+
+    @api.post(
+        "/reset_prefix_cache",
+        openapi_extra=spec(
+            ResetPrefixCacheRequest,
+            {
+                **ok(
+                    "Admin: every engine replica's prefix cache dropped (vLLM's route). The body may be empty.",
+                    {
+                        "type": "object",
+                        "required": ["object", "complete", "expected_replicas", "dropped", "replicas"],
+                        "properties": {
+                            "object": {"const": "prefix_cache_reset"},
+                            "complete": {"type": "boolean"},
+                            "expected_replicas": {"type": "integer"},
+                            "dropped": {"type": "object", "additionalProperties": {"type": "integer"}},
+                            "replicas": {"type": "array", "items": {"type": "object", "required": ["replica"]}},
+                        },
+                    },
+                ),
+                **errors(400, 401, 413, 503),
+            },
+        ),
+    )
+    async def reset_prefix_cache(request: Request) -> dict[str, Any]:
+        return await ing().reset_prefix_cache(request)
 
     route_paths.update(r.path for r in api.routes if hasattr(r, "path"))
     return api

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_STOP = 16
 MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs / logprobs alternatives (HTTP and gRPC alike)
 MAX_STOP_LEN = 256
+MAX_CACHE_SALT_LEN = 256  # a tenant name or token, not a payload
 # Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): logits / 1e-40 overflow to inf in fp32.
 SAMPLING_EPS = 1e-5
 
@@ -85,6 +86,8 @@ class _Sampling(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's prefix-cache namespace: prompts with different salts never share cached prefixes (tenant isolation)
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_LEN)
     # accepted and ignored: they do not change generation here
     user: str | None = None
     store: bool | None = None
@@ -244,6 +247,12 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None
     tokens: list[int]
+
+
+class ResetPrefixCacheRequest(BaseModel):
+    """POST /reset_prefix_cache (admin): no options; an empty body counts as `{}` (vLLM's clients send none)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def validation_error(exc: Exception) -> ApiError:

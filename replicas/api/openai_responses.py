@@ -31,11 +31,14 @@ class ChoiceState:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` is always there (0 without a prefix-cache hit),
+    as OpenAI sends it, so clients need no None check."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -131,7 +134,7 @@ def completion_chunk(
 
 
 def usage_chunk(
-    rid: str, model: str, created: int, obj: str, prompt_tokens: int, completion_tokens: int
+    rid: str, model: str, created: int, obj: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
 ) -> dict[str, Any]:
     return {
         "id": rid,
@@ -139,12 +142,19 @@ def usage_chunk(
         "created": created,
         "model": model,
         "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 
 def chat_response(
-    rid: str, model: str, choices: list[ChoiceState], *, prompt_tokens: int, tok: Tokenizer, want_logprobs: bool
+    rid: str,
+    model: str,
+    choices: list[ChoiceState],
+    *,
+    prompt_tokens: int,
+    tok: Tokenizer,
+    want_logprobs: bool,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
     out = []
     for c in sorted(choices, key=lambda c: c.index):
@@ -168,7 +178,7 @@ def chat_response(
         "created": int(time.time()),
         "model": model,
         "choices": out,
-        "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices)),
+        "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices), cached_tokens),
     }
 
 
@@ -181,6 +191,7 @@ def completion_response(
     tok: Tokenizer,
     want_logprobs: bool,
     echo_texts: dict[int, str] | None = None,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
     out = []
     for c in sorted(choices, key=lambda c: c.index):
@@ -202,5 +213,5 @@ def completion_response(
         "created": int(time.time()),
         "model": model,
         "choices": out,
-        "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices)),
+        "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices), cached_tokens),
     }

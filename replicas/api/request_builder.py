@@ -4,8 +4,9 @@ Owns: the model facts the ingress needs (`ModelContext`: tokenizer, chat templat
 generation_config defaults, context limit, served name) and turning a validated chat or
 completions request into `GenerateRequest`s, with 400s that name the problem (prompt too
 long for the context, token ids outside the vocabulary, n too large). Unset sampling
-parameters take generation_config.json's values (vLLM's behaviour).
-Tests: tests/replicas/test_serving.py.
+parameters take generation_config.json's values (vLLM's behaviour). Chat prompts carry prefix-cache hints
+(`chat_cache_hints`): where the system/tools preamble ends and where the last assistant header starts.
+Tests: tests/replicas/test_serving.py, tests/replicas/test_prefix_api.py.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from replicas.api.reasoning_parser import THINK_CLOSE, TOOL_CALL_OPEN
 from replicas.api.tool_parser import tools_by_name
 from replicas.engine.engine_types import GenerateRequest
 
+TURN_START = "<|im_start|>"  # ChatML: every turn of the rendered prompt opens with this special token
+
 
 @dataclass(frozen=True)
 class ChatPrompt:
@@ -38,6 +41,7 @@ class ChatPrompt:
     thinking: bool  # the prompt opened <think>: reasoning comes first
     tools: dict[str, Any] | None  # tool schemas when calls are parsed
     mm: MultimodalPrompt | None = None  # images / videos: positions and preprocessed inputs
+    cache_hints: tuple[int, ...] = ()  # prompt indices worth a saved prefix-cache state (chat_cache_hints)
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,10 @@ class ModelContext:
                 ids, mm = self.media.expand(ids, inputs, encode_text=self.tokenizer.encode)
             except MediaError as exc:
                 raise bad_request(str(exc), "messages") from None
-        return ChatPrompt(ids=ids, thinking=thinking_open(text), tools=parse_tools, mm=mm)
+        hints = chat_cache_hints(
+            ids, messages, has_tools=bool(req.tools), turn_start=self.tokenizer.token_to_id(TURN_START)
+        )
+        return ChatPrompt(ids=ids, thinking=thinking_open(text), tools=parse_tools, mm=mm, cache_hints=hints)
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         """Token ids of each prompt; the fan-out and length limits hold before anything is tokenized.
@@ -270,10 +277,12 @@ class ModelContext:
         grammar: Any = None,  # noqa: ANN401
         mm: MultimodalPrompt | None = None,
         thinking: bool = False,
+        cache_hints: tuple[int, ...] = (),
     ) -> GenerateRequest:
         """One engine request; raises 400 when the prompt and max_tokens do not fit the context.
         Logprobs come from the validated request (`engine_logprobs`): one cap for HTTP and gRPC.
-        `thinking`: the (chat) prompt opened `<think>`, so the thinking budget applies."""
+        `thinking`: the (chat) prompt opened `<think>`, so the thinking budget applies. `cache_hints`: the
+        chat prompt's (ChatPrompt.cache_hints); the request's `cache_salt` goes along as it is."""
         n_prompt = len(prompt_ids)
         self.check_fanout(1, req.n)
         if n_prompt >= self.max_model_len:
@@ -326,6 +335,8 @@ class ModelContext:
             include_stop_str_in_output=req.include_stop_str_in_output,
             grammar=grammar,
             mm=mm,
+            cache_salt=req.cache_salt,
+            cache_hints=cache_hints,
             **(self.thinking_budget(req, grammar=grammar) if thinking else {}),
         )
 
@@ -348,3 +359,34 @@ class ModelContext:
             "thinking_end_ids": (close, *self.tokenizer.encode("\n\n")),
             "thinking_exit_ids": exits,
         }
+
+
+def chat_cache_hints(
+    ids: list[int], messages: list[dict[str, Any]], *, has_tools: bool, turn_start: int | None
+) -> tuple[int, ...]:
+    """Where a rendered chat prompt is worth a saved prefix-cache state (the engine rounds each down to 64):
+
+    - the end of the system/tools preamble, i.e. the `<|im_start|>` of the first turn after it, when the prompt
+      has one (a system message first, or tools: the template puts tools in the first system turn);
+    - the last `<|im_start|>`, the generation prompt's assistant header: the chat template drops earlier turns'
+      reasoning, so the next turn of this conversation shares the prompt up to that header, not past it.
+
+    Read from the final token ids (after image / video pads are expanded). A turn-start token inside message text
+    can only move a hint: hints choose where states are kept, never what is computed.
+    """
+    if turn_start is None:
+        return ()
+    starts = [i for i, t in enumerate(ids) if t == turn_start]
+    if not starts:
+        return ()
+    leading_system = 0
+    for m in messages:
+        if m.get("role") != "system":
+            break
+        leading_system += 1
+    # the first system message and the tool list share one turn; each further leading system message has its own
+    preamble_turns = max(leading_system, 1 if has_tools else 0)
+    hints = {starts[-1]}
+    if preamble_turns and len(starts) > preamble_turns:
+        hints.add(starts[preamble_turns])
+    return tuple(sorted(h for h in hints if h > 0))

@@ -33,7 +33,7 @@ from replicas.engine.scheduler import SchedulerConfig
 from replicas.ep.actors import CacheSizes
 from replicas.ep.group import ExpertParallelGroup, GroupConfig
 from replicas.serving.app_args import AppArgs
-from replicas.serving.metrics import MetricsRegistry, push_forever, retire_from_hub
+from replicas.serving.metrics import MetricsRegistry, push_forever, record_prefix_cache, retire_from_hub
 from replicas.serving.rebalance_trigger import RebalanceTrigger, auto_rebalance
 
 if TYPE_CHECKING:  # annotations only: llguidance loads with the first grammar
@@ -162,7 +162,14 @@ class EngineServer:
             )
         if self._push_task is None and self.hub is not None:
             self._push_task = asyncio.get_running_loop().create_task(
-                push_forever(self.hub, self.replica_id, self.metrics, METRICS_PUSH_S, before=self._record_expert_load)
+                push_forever(
+                    self.hub,
+                    self.replica_id,
+                    self.metrics,
+                    METRICS_PUSH_S,
+                    before=self._record_expert_load,
+                    on_loop=lambda: record_prefix_cache(self.metrics, self.engine.prefix_cache_stats()),
+                )
             )
 
     def _record_expert_load(self) -> None:
@@ -216,6 +223,22 @@ class EngineServer:
             report["moved_slots"],
         )
         return {"replica": self.replica_id, **report}
+
+    async def reset_prefix_cache(self, skip: list[str] | None = None) -> dict[str, Any]:
+        """Admin (POST /reset_prefix_cache, `epserve reset-prefix-cache`): drop this replica's prefix cache.
+        Returns this replica's id with the states and KV blocks the reset dropped (what running sequences still use
+        stays), or an error when the engine has no prefix cache; a replica named in `skip` (already done: calls are
+        routed, so the ingress repeats them) only returns its id."""
+        if skip and self.replica_id in skip:
+            return {"replica": self.replica_id, "skipped": True}
+        self._ensure_started()
+        before = self.engine.prefix_cache_stats()
+        if not self.engine.reset_prefix_cache():
+            return {"replica": self.replica_id, "error": "this engine has no prefix cache"}
+        after = self.engine.prefix_cache_stats()
+        dropped = {k: before[f"prefix_cache_{k}"] - after[f"prefix_cache_{k}"] for k in ("states", "blocks")}
+        log.info("prefix cache reset: dropped %d states and %d KV blocks", dropped["states"], dropped["blocks"])
+        return {"replica": self.replica_id, **dropped}
 
     async def save_expert_load(self, path: str) -> dict[str, Any]:
         """Admin: write this replica's moving-average expert load (cluster/expert_load.py's file) at `path`."""

@@ -82,6 +82,12 @@ HELP = {
     "spec_decode_num_draft_tokens": "Number of draft tokens proposed by MTP.",
     "spec_decode_num_accepted_tokens": "Number of draft tokens accepted.",
     "http_requests": "Count of HTTP requests by route and status code.",
+    "prefix_cache_queries": "Prefix cache queries, in terms of number of queried tokens.",
+    "prefix_cache_hits": "Prefix cache hits, in terms of number of cached tokens.",
+    "prefix_cache_states_stored": "Count of DeltaNet states saved into the prefix cache.",
+    "prefix_cache_states_evicted": "Count of DeltaNet states evicted from the prefix cache.",
+    "prefix_cache_states": "DeltaNet states held by the prefix cache.",
+    "prefix_cache_blocks": "KV-cache blocks held by the prefix cache.",
     # one replica's parts of the cluster figures above (its own exposition shows them; the hub's combines them)
     "kv_blocks_used": "KV-cache blocks in use on this replica.",
     "kv_blocks_total": "KV-cache blocks of this replica.",
@@ -93,6 +99,15 @@ HELP = {
 
 Labels = tuple[tuple[str, str], ...]
 Key = tuple[str, Labels]
+
+# Engine.stats() keys of the prefix cache -> metrics here: cumulative counts (exported as counters) and levels (gauges)
+PREFIX_CACHE_COUNTERS = (
+    "prefix_cache_queries",
+    "prefix_cache_hits",
+    "prefix_cache_states_stored",
+    "prefix_cache_states_evicted",
+)
+PREFIX_CACHE_GAUGES = ("prefix_cache_states", "prefix_cache_blocks")
 
 
 @dataclass
@@ -213,6 +228,16 @@ class MetricsRegistry:
     def exposition(self) -> str:
         """This process's metrics as Prometheus text (what a replica would serve alone)."""
         return generate_latest(self.registry).decode()
+
+
+def record_prefix_cache(registry: MetricsRegistry, stats: dict[str, Any]) -> None:
+    """Copy the prefix cache's figures (`Engine.prefix_cache_stats()`, also in `Engine.stats()`) into `registry`:
+    its cumulative counts as counters (set, not added: the registry carries a count that restarts, so the exported
+    counter never goes down) and its levels as gauges. A key the engine does not report counts 0."""
+    for name in PREFIX_CACHE_COUNTERS:
+        registry.counters[(name, ())] = float(stats.get(name, 0))
+    for name in PREFIX_CACHE_GAUGES:
+        registry.set(name, float(stats.get(name, 0)))
 
 
 def merge(snapshots: list[Snapshot], *, now: float | None = None, live: set[int] | None = None) -> Snapshot:
@@ -345,11 +370,15 @@ async def push_forever(
     registry: MetricsRegistry,
     period_s: float,
     before: Callable[[], None] | None = None,
+    on_loop: Callable[[], None] | None = None,
 ) -> None:
-    """Push `registry`'s snapshot to `hub` every `period_s` (run as a task; `before` runs in a thread first)."""
+    """Push `registry`'s snapshot to `hub` every `period_s` (run as a task; `on_loop` runs first on the event loop,
+    for state only the loop may read, e.g. the engine's; then `before` in a thread)."""
     while True:
         await asyncio.sleep(period_s)
         try:
+            if on_loop is not None:
+                on_loop()
             if before is not None:
                 await asyncio.to_thread(before)
             hub.push.remote(replica_id, registry.snapshot())

@@ -21,6 +21,7 @@ REQUIRED = {
     "serve": [],
     "bench": ["--base-url", "http://h"],
     "rebalance": ["--address", "h:1"],
+    "reset-prefix-cache": [],
 }
 
 

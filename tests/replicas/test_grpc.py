@@ -216,3 +216,21 @@ def test_image_bytes_over_grpc(app) -> None:  # noqa: ANN001
     with pytest.raises(grpc.RpcError) as info:
         app.client.complete(messages=[bad], max_tokens=3)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_cache_salt_validated_and_cached_tokens_in_usage(app) -> None:  # noqa: ANN001
+    """cache_salt: INVALID_ARGUMENT naming it when empty or too long (Generate and Chat); a valid one is accepted,
+    and Usage.cached_tokens is 0 for a prompt in a salt namespace nothing was cached in."""
+    msgs = [pb.ChatMessage(role="user", content="hi")]
+    for bad in ("", "s" * 257):
+        with pytest.raises(grpc.RpcError) as info:
+            list(app.client.generate(text="x", max_tokens=1, cache_salt=bad))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            list(app.client.chat(msgs, max_tokens=1, cache_salt=bad))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in info.value.details()
+    salt = f"fresh-{time.monotonic_ns()}"
+    out = app.client.complete(token_ids=[7] * 150, max_tokens=1, cache_salt=salt)
+    assert out.usage is not None and out.usage.prompt_tokens == 150 and out.usage.cached_tokens == 0
+    last = list(app.client.chat(msgs, max_tokens=1, cache_salt=salt))[-1]
+    assert last.HasField("usage") and last.usage.cached_tokens == 0 and last.usage.prompt_tokens > 0

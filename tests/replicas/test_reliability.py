@@ -221,6 +221,15 @@ def app(serve_http: str, embedded_model_dir: Path):  # noqa: ANN201
     serve.delete(APP)
 
 
+def test_reset_prefix_cache_reaches_every_engine_replica(app) -> None:  # noqa: ANN001
+    """POST /reset_prefix_cache broadcasts through the engine handle: each running engine replica (Serve's own count
+    is the oracle) answers once, with its own id."""
+    _canary(app.base, 4)
+    body = requests.post(app.base + "/reset_prefix_cache", json={}, timeout=120).json()
+    assert body["expected_replicas"] == _replica_count() == 2, body
+    assert body["complete"] and len({r["replica"] for r in body["replicas"]}) == 2, body
+
+
 @pytest.mark.parametrize(
     "victim,how",
     [("expert1", "kill"), ("expert1", "stop"), ("trunk0", "kill")],

@@ -501,3 +501,128 @@ def test_metrics_are_prometheus_text(app) -> None:  # noqa: ANN001
         ("epserve:expert_load_imbalance", "gauge"),
     ):
         assert types.get(family) == kind, family
+
+
+# ----------------------------------------------------------------------------------------------- prefix cache (API)
+# Last in this file: requests here may leave prefixes in the cache; the last test resets it.
+
+SALT_SYSTEM = "You answer questions about distributed systems, briefly and precisely. " * 12
+
+
+def _salted_chat(app, salt: str | None, **kw):  # noqa: ANN001, ANN003, ANN202
+    body = {"cache_salt": salt} if salt is not None else {}
+    return _chat(app, max_tokens=1, temperature=0, extra_body=body, **kw)
+
+
+def test_cache_salt_is_validated_and_usage_has_cached_tokens(app) -> None:  # noqa: ANN001
+    """A bad cache_salt is a 400 naming it (chat and completions); usage always has
+    prompt_tokens_details.cached_tokens (non-streaming, streaming with include_usage, completions), a multiple of 64
+    below the prompt length, and 0 for a prompt in a salt namespace nothing was cached in."""
+    for bad in ("", "s" * 257, 5):
+        with pytest.raises(openai.BadRequestError) as info:
+            _salted_chat(app, bad)  # type: ignore[arg-type]  # a wrong type on purpose
+        assert info.value.param == "cache_salt", info.value.body
+        with pytest.raises(openai.BadRequestError) as info:
+            app.client.completions.create(model=app.model, prompt="x", max_tokens=1, extra_body={"cache_salt": bad})
+        assert info.value.param == "cache_salt", info.value.body
+    fresh = f"fresh-{time.monotonic_ns()}"
+    out = _salted_chat(app, fresh, content=SALT_SYSTEM)
+    details = out.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens == 0, out.usage
+    chunks = list(
+        _chat(
+            app,
+            content=SALT_SYSTEM,
+            max_tokens=1,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"cache_salt": fresh + "-2"},
+        )
+    )
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 0
+    done = app.client.completions.create(
+        model=app.model, prompt=[7] * 150, max_tokens=1, extra_body={"cache_salt": fresh}
+    )
+    cached = done.usage.prompt_tokens_details.cached_tokens
+    assert cached % 64 == 0 and 0 <= cached < done.usage.prompt_tokens
+
+
+def _has_prefix_cache(app) -> bool:  # noqa: ANN001
+    """Whether the served engine has a prefix cache (its reset says so; resetting here changes nothing the tests
+    after it rely on)."""
+    return bool(requests.post(app.base + "/reset_prefix_cache", timeout=60).json()["complete"])
+
+
+def _scrape_total(app, family: str) -> float:  # noqa: ANN001
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(app.base + "/metrics", timeout=30).text
+    return sum(s.value for f in text_string_to_metric_families(text) if f.name == family for s in f.samples)
+
+
+def test_reset_prefix_cache_reaches_the_engine(app, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    """POST /reset_prefix_cache answers with the engine replica's own report, and the CLI exits by it."""
+    from epserve.cli import main
+
+    r = requests.post(app.base + "/reset_prefix_cache", timeout=60)  # no body, as vLLM's clients send it
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "prefix_cache_reset" and body["expected_replicas"] == 1
+    (replica,) = body["replicas"]
+    if body["complete"]:  # the engine's own answer: what it dropped
+        assert set(replica) == {"replica", "states", "blocks"} and body["dropped"] == {
+            "states": replica["states"],
+            "blocks": replica["blocks"],
+        }
+    else:
+        assert replica["error"] == "this engine has no prefix cache" and body["dropped"] == {}
+    assert requests.post(app.base + "/reset_prefix_cache", json={"x": 1}, timeout=60).status_code == 400
+    code = main(["reset-prefix-cache", "--url", app.base])
+    out = capsys.readouterr().out
+    assert code == (0 if body["complete"] else 1)
+    assert "prefix cache reset on 1 of 1 engine replicas" in out
+
+
+def test_cached_tokens_from_the_chat_hints_and_salts_apart(app) -> None:  # noqa: ANN001
+    """With the engine's prefix cache: a repeated chat hits at least at its last hint (the assistant header, rounded
+    down to 64), the hits show in /metrics, another salt hits nothing, and after a reset nothing is cached."""
+    if not _has_prefix_cache(app):
+        pytest.skip("this engine has no prefix cache")
+    r = requests.post(
+        app.base + "/tokenize",
+        json={
+            "messages": [{"role": "system", "content": SALT_SYSTEM}, {"role": "user", "content": "What is EP?"}],
+            "chat_template_kwargs": {"enable_thinking": False},
+        },
+    ).json()
+    from model_shards.tokenizer import Tokenizer
+
+    im_start = Tokenizer.from_dir(app.folder).token_to_id("<|im_start|>")
+    last_header = max(i for i, t in enumerate(r["tokens"]) if t == im_start)
+    assert last_header >= 128  # the system prompt spans several 64-token blocks
+
+    def ask(salt: str) -> int:
+        out = app.client.chat.completions.create(
+            model=app.model,
+            messages=[{"role": "system", "content": SALT_SYSTEM}, {"role": "user", "content": "What is EP?"}],
+            max_tokens=1,
+            temperature=0,
+            extra_body={"cache_salt": salt, "chat_template_kwargs": {"enable_thinking": False}},
+        )
+        assert out.usage.prompt_tokens == r["count"]
+        return out.usage.prompt_tokens_details.cached_tokens
+
+    time.sleep(2.5)  # earlier pushes
+    hits_before = _scrape_total(app, "epserve:prefix_cache_hits")
+    assert ask("tenant-a") == 0
+    second = ask("tenant-a")
+    assert second >= last_header // 64 * 64 and second % 64 == 0
+    assert ask("tenant-b") == 0
+    deadline = time.monotonic() + 15
+    while _scrape_total(app, "epserve:prefix_cache_hits") - hits_before != second and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert _scrape_total(app, "epserve:prefix_cache_hits") - hits_before == second
+    body = requests.post(app.base + "/reset_prefix_cache", json={}, timeout=60).json()
+    assert body["complete"] and sum(body["dropped"].values()) > 0, body
+    assert ask("tenant-a") == 0
+    requests.post(app.base + "/reset_prefix_cache", timeout=60)
