@@ -165,3 +165,38 @@ def test_shared_prefix_requests_land_on_one_replica(app) -> None:  # noqa: ANN00
     for g in range(2):
         assert len(landed[g]) == 8
         assert Counter(landed[g])[home[g]] >= 7, (home, landed)  # the imbalance cap may divert one
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_multi_turn_replays_the_servers_own_replies(app) -> None:  # noqa: ANN001
+    """loadtest's multi-turn replay: each turn's reply is what the server answers those messages (greedy, checked
+    with the openai client, not streaming), the next turn carries it, and the recorded assistant header start is
+    the turn's prompt less the generation prompt (the same length every turn)."""
+    import asyncio
+
+    import openai
+
+    from loadtest.multiturn import ChatReplayClient, conversations, replay
+
+    convs = conversations(2, turns=3, system_words=40, user_words=10, seed=3)
+
+    async def go():  # noqa: ANN202
+        async with ChatReplayClient(app.base, model="route", max_tokens=24) as client:
+            return await replay(client, convs, concurrency=2)
+
+    recs = asyncio.run(go())
+    assert [(r.conversation, r.turn) for r in recs] == [(c, k) for c in range(2) for k in (1, 2, 3)]
+    assert all(r.error is None and r.engine for r in recs), recs
+    oai = openai.OpenAI(base_url=app.base + "/v1", api_key="none")
+    gen_prompt = {r.prompt_tokens - r.header_start for r in recs if r.prompt_tokens is not None}
+    assert len(gen_prompt) == 1 and gen_prompt.pop() > 0
+    for c, conv in enumerate(convs):
+        messages: list[dict[str, str]] = [{"role": "system", "content": conv.system}]
+        for k, user in enumerate(conv.users):
+            messages.append({"role": "user", "content": user})
+            rec = recs[3 * c + k]
+            reply = oai.chat.completions.create(model="route", messages=messages, max_tokens=24, temperature=0.0)  # type: ignore[arg-type]  # plain dicts
+            assert rec.reply == (reply.choices[0].message.content or "")
+            assert rec.prompt_tokens == reply.usage.prompt_tokens  # type: ignore[union-attr]  # epserve sends usage
+            messages.append({"role": "assistant", "content": reply.choices[0].message.content or ""})
