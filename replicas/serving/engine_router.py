@@ -24,6 +24,7 @@ Tests: tests/replicas/test_engine_router.py, tests/replicas/test_reliability.py.
 from __future__ import annotations
 
 import random
+import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from typing import Any, TypeVar
@@ -43,6 +44,7 @@ from replicas.engine.engine_types import GenerateRequest
 BLOCK_TOKENS = 64  # the prefix cache's grid: only whole 64-token blocks are ever reused
 MAX_BLOCKS = 200_000  # entries of the map (a few tens of MB at most), least recently routed dropped first
 PENDING_REQUESTS = 4096  # requests between their first choice and being routed, at most
+UNSENT_S = 2.0  # a choice not followed by its send within this long no longer counts as load (sent elsewhere)
 K = TypeVar("K", bound=Hashable)  # a replica's id
 IMBALANCE_FACTOR = 1.5
 IMBALANCE_SLACK = 2.0  # requests: small loads (0 vs 2) are not an imbalance
@@ -153,13 +155,18 @@ class AvailableGroupRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         # internal request id -> its block hashes and its prefix's home, from the first choice until routed
         # (bounded: a request cancelled while queued is never routed)
         self._pending: OrderedDict[str, tuple[list[int], Hashable | None]] = OrderedDict()
+        # internal request id -> (replica ranked first, when): chosen but not sent yet. Serve counts a request in the
+        # replica's queue length only once sent, and requests arriving together are chosen before any is sent: they
+        # would all see the same loads and pile onto one replica.
+        self._unsent: OrderedDict[str, tuple[ReplicaID, float]] = OrderedDict()
 
-    def _load(self, r: RunningReplica) -> float:
+    def _load(self, r: RunningReplica, now: float) -> float:
+        unsent = sum(1 for rid, t in self._unsent.values() if rid == r.replica_id and now - t < UNSENT_S)
         queued = self._replica_queue_len_cache.get(r.replica_id)  # ongoing requests as Serve counts them
         if queued is not None:
-            return float(queued)
+            return float(queued) + unsent
         stats = r.routing_stats or {}
-        return float(stats.get("running", 0)) + float(stats.get("waiting", 0))
+        return float(stats.get("running", 0)) + float(stats.get("waiting", 0)) + unsent
 
     def _request_hashes(self, pending_request: PendingRequest) -> list[int]:
         seen = self._pending.get(pending_request.metadata.internal_request_id)
@@ -185,14 +192,30 @@ class AvailableGroupRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         by_id = {r.replica_id: r for r in up}
         hashes = self._request_hashes(pending_request)
         matched = self.prefixes.match(hashes, list(by_id))
-        load = {rid: self._load(r) for rid, r in by_id.items()}
+        now = time.monotonic()
+        rid_ = pending_request.metadata.internal_request_id
+        self._unsent.pop(rid_, None)  # chosen again (backoff): its earlier choice no longer counts
+        load = {rid: self._load(r, now) for rid, r in by_id.items()}
         ranked, home = rank_replicas(
             matched, load, imbalance_factor=self.imbalance_factor, imbalance_slack=self.imbalance_slack
         )
-        self._pending[pending_request.metadata.internal_request_id] = (hashes, home)
-        while len(self._pending) > PENDING_REQUESTS:
-            self._pending.popitem(last=False)
+        self._pending[rid_] = (hashes, home)
+        self._unsent[rid_] = (ranked[0], now)
+        for d in (self._pending, self._unsent):
+            while len(d) > PENDING_REQUESTS:
+                d.popitem(last=False)
+        if hashes and home in (None, ranked[0]):
+            # recorded now, not only when routed: the next request of this prefix may be chosen before this one is
+            # sent (Serve reports a routed request only where replicas may reject it)
+            self.prefixes.record(hashes, ranked[0])
         return [[by_id[rid]] for rid in ranked]
+
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        super().on_send_request(replica_id)  # Serve's queue length now counts it: the oldest unsent choice goes
+        for key, (rid, _) in self._unsent.items():
+            if rid == replica_id:
+                del self._unsent[key]
+                break
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
         hashes, home = self._pending.pop(pending_request.metadata.internal_request_id, ([], None))

@@ -129,9 +129,9 @@ def app(serve_http: str, embedded_model_dir: Path):  # noqa: ANN201
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_shared_prefix_requests_land_on_one_replica(app) -> None:  # noqa: ANN001
-    """Two prefixes, their first requests first, then 8 more each at concurrency 4: each prefix's requests land on
-    its first request's engine replica (the response's x-epserve-engine header names it); routing that ignored the
-    prefix would split them about evenly (7 or 8 of 8 on one given replica: 9/256 by chance)."""
+    """Two prefixes, their first requests together (on different replicas), then 8 more each at concurrency 4:
+    each prefix's requests land on its first request's engine replica (the x-epserve-engine header names it);
+    routing that ignored the prefix would split them about evenly (7 or 8 of 8 on one replica: 9/256 by chance)."""
     import requests
 
     prefixes = {g: _prompt(10 + g, 256) for g in range(2)}
@@ -145,7 +145,14 @@ def test_shared_prefix_requests_land_on_one_replica(app) -> None:  # noqa: ANN00
         assert r.status_code == 200, r.text
         return r.headers["x-epserve-engine"]
 
-    home = {g: send(g, 0) for g in range(2)}  # one after the other, both replicas idle: either may get either
+    home: dict[int, str] = {}
+    firsts = [threading.Thread(target=lambda g=g: home.__setitem__(g, send(g, 0))) for g in range(2)]
+    for t in firsts:
+        t.start()
+    for t in firsts:
+        t.join(120)
+    # sent together, both chosen before either is sent: the router counts its own choices as load
+    assert home[0] != home[1], home
     landed: dict[int, list[str]] = {0: [], 1: []}
     order = [(g, i) for g in range(2) for i in range(1, 9)]
     random.Random(5).shuffle(order)
