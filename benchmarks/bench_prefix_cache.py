@@ -216,7 +216,9 @@ class Bench:
             print(
                 f"[{label}] share of each group on its busiest replica: {shares} (min {land['min_top_share']:.3f}"
                 f"{'' if land['engines_named'] else '; no x-epserve-engine header'}); running + waiting max/mean: "
-                f"worst sample {bal['max_over_mean_max']:.2f}, mean over samples {bal['max_over_mean_mean']:.2f}, "
+                f"worst sample {bal['max_over_mean_max']:.2f} "
+                f"(at full load {bal['max_over_mean_max_at_full_load']:.2f}), "
+                f"mean over samples {bal['max_over_mean_mean']:.2f}, "
                 f"of the averages {bal['max_over_mean_of_averages']:.2f} ({bal['busy_samples']} busy samples)",
                 flush=True,
             )

@@ -21,6 +21,7 @@ from typing import Any
 from loadtest.metrics import RequestResult
 
 SAMPLE_PERIOD_S = 1.0
+FULL_LOAD = 0.9
 
 
 def token_hit_rate(results: Sequence[RequestResult]) -> dict[str, float]:
@@ -52,7 +53,14 @@ def landing(results: Sequence[RequestResult]) -> dict[str, Any]:
 
 def balance(samples: Sequence[dict[str, float]]) -> dict[str, float]:
     """max/mean of the replicas' loads per sample (samples with no load skipped): its largest and its mean value,
-    and max/mean of the replicas' loads averaged over the samples."""
+    its largest at full load (samples whose total is at least FULL_LOAD x the largest total: the tail of a run,
+    1 request vs 0, is 2.0 whatever the router does), and max/mean of the loads averaged over the samples."""
+    peak = max((sum(s.values()) for s in samples), default=0.0)
+    full = [
+        max(s.values()) / (sum(s.values()) / len(s))
+        for s in samples
+        if s and peak and sum(s.values()) >= FULL_LOAD * peak
+    ]
     ratios = []
     totals: dict[str, float] = {}
     for s in samples:
@@ -67,6 +75,7 @@ def balance(samples: Sequence[dict[str, float]]) -> dict[str, float]:
         "busy_samples": len(ratios),
         "max_over_mean_max": max(ratios, default=math.nan),
         "max_over_mean_mean": sum(ratios) / len(ratios) if ratios else math.nan,
+        "max_over_mean_max_at_full_load": max(full, default=math.nan),
         "max_over_mean_of_averages": max(totals.values()) / mean_total if mean_total > 0 else math.nan,
     }
 

@@ -60,6 +60,8 @@ def test_hit_rate_landing_and_balance() -> None:
     assert b["busy_samples"] == 2 and b["max_over_mean_max"] == 1.5
     assert math.isclose(b["max_over_mean_mean"], (1.5 + 5 / 4) / 2)
     assert math.isclose(b["max_over_mean_of_averages"], 9 / 8)
+    tail = balance([{"a": 4, "b": 4}, {"a": 5, "b": 3}, {"a": 1, "b": 0}])
+    assert tail["max_over_mean_max"] == 2.0 and tail["max_over_mean_max_at_full_load"] == 5 / 4
 
 
 def test_turn_report_floor_is_previous_header_rounded_down() -> None:
