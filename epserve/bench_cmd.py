@@ -48,7 +48,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="send ignore_eos and min_tokens = max_tokens, so every request "
         "generates exactly its output length (non-standard fields: strict OpenAI-schema servers reject them)",
     )
-    add("--dataset", choices=["random", "sharegpt", "shared-prefix"], default="random")
+    add(
+        "--dataset",
+        choices=["random", "sharegpt", "shared-prefix", "multi-turn"],
+        default="random",
+        help="multi-turn: --num-prompts chat conversations replayed turn by turn with the server's own replies "
+        "(HTTP only; prints cached tokens per turn)",
+    )
     add("--dataset-path", metavar="FILE", help="ShareGPT JSON file (--dataset sharegpt)")
     add(
         "--random-input-len",
@@ -67,7 +73,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add("--shared-prefix-len", type=int, metavar="N", default=1024, help="prefix tokens shared by a group")
     add("--shared-prefix-groups", type=int, metavar="N", default=8, help="number of prefix groups")
+    add(
+        "--shared-prefix-group-firsts",
+        action="store_true",
+        help="send one request of each group first, the rest shuffled after them (prefix-cache hit rates)",
+    )
     add("--sharegpt-output-len", type=int, metavar="N", help="fixed output length instead of the gpt turn's")
+    add("--multi-turn-turns", type=int, metavar="N", default=6, help="user turns per conversation (default 6)")
     add(
         "--num-prompts",
         type=int,
@@ -117,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     if args.plot:
         _check_plot_dependency()  # before the run: a missing extra must not cost a whole benchmark
+    if args.dataset == "multi-turn":
+        return _multi_turn(args)
     client = _client(args)
     model = asyncio.run(_resolve_model(client))
     requests = _dataset(args, model)
@@ -142,6 +156,52 @@ def run(args: argparse.Namespace) -> int:
         write_plot(result, args.plot, title=_plot_title(args, model))
         print(f"plot written to {args.plot}")
     return 1 if result["failed"] else 0
+
+
+def _multi_turn(args: argparse.Namespace) -> int:
+    """Replay chat conversations turn by turn (loadtest/multiturn.py); print cached tokens per turn."""
+    from loadtest.http_client import OpenAICompletionsClient
+    from loadtest.multiturn import ChatReplayClient, conversations, replay, turn_report
+    from loadtest.report import write_json
+
+    if args.grpc:
+        raise UserError("--dataset multi-turn runs over HTTP chat completions: use --base-url")
+    try:
+        convs = conversations(args.num_prompts, turns=args.multi_turn_turns, seed=args.seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    model = args.model or asyncio.run(_resolve_model(OpenAICompletionsClient(args.base_url, api_key=args.api_key)))
+    client = ChatReplayClient(
+        args.base_url,
+        model=model,
+        max_tokens=args.random_output_len,
+        api_key=args.api_key,
+        timeout_s=args.request_timeout,
+    )
+
+    async def go():  # noqa: ANN202  # -> list[TurnRecord]
+        async with client:
+            return await replay(client, convs, concurrency=args.max_concurrency or 1)
+
+    try:
+        records = asyncio.run(go())
+    except ValueError as exc:  # /tokenize refused
+        raise UserError(str(exc)) from None
+    rows = turn_report(records)
+    print(f"{'turn':>4} {'convs':>5} {'prompt':>7} {'cached':>7} {'floor':>7} {'reached':>8} {'TTFT p50 ms':>11}")
+    for r in rows:
+        floor = "-" if math.isnan(r["mean_floor"]) else f"{r['mean_floor']:.0f}"
+        print(
+            f"{r['turn']:>4} {r['conversations']:>5} {r['mean_prompt_tokens']:>7.0f} {r['mean_cached_tokens']:>7.0f} "
+            f"{floor:>7} {r['reached_floor']:>8} {r['median_ttft_ms']:>11.0f}"
+        )
+    failed = [r for r in records if r.error is not None]
+    for r in failed[:3]:
+        print(f"conversation {r.conversation} turn {r.turn} failed: {r.error}", file=sys.stderr)
+    if args.result_json:
+        write_json({"config": {"dataset": "multi-turn"}, "turns": rows, "failed": len(failed)}, args.result_json)
+        print(f"result written to {args.result_json}")
+    return 1 if failed else 0
 
 
 def _check_plot_dependency() -> None:
@@ -228,7 +288,11 @@ def _dataset(args: argparse.Namespace, model: str) -> list:
         try:
             if args.dataset == "shared-prefix":
                 return ds.shared_prefix_requests(
-                    args.num_prompts, groups=args.shared_prefix_groups, prefix_len=args.shared_prefix_len, **common
+                    args.num_prompts,
+                    groups=args.shared_prefix_groups,
+                    prefix_len=args.shared_prefix_len,
+                    group_firsts_first=args.shared_prefix_group_firsts,
+                    **common,
                 )
             return ds.random_requests(args.num_prompts, **common)
         finally:

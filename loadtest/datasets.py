@@ -55,11 +55,13 @@ class BenchRequest:
         prompt: token ids (sent as a token-id prompt) or text.
         prompt_len: prompt tokens (exact for ids; the tokenizer's count of the text).
         output_len: tokens to generate (max_tokens = min_tokens, with ignore_eos).
+        group: the prefix group (shared-prefix), else None.
     """
 
     prompt: tuple[int, ...] | str
     prompt_len: int
     output_len: int
+    group: int | None = None
 
 
 @dataclass(frozen=True)
@@ -182,12 +184,15 @@ def shared_prefix_requests(
     seed: int = 0,
     space: TokenSpace = TokenSpace(),
     codec: TextCodec | None = None,
+    group_firsts_first: bool = False,
 ) -> list[BenchRequest]:
     """`n` random prompts in `groups` groups; every prompt of a group starts with the group's prefix.
 
     Prompt i belongs to group i % groups; the order is shuffled (as sglang's generated-shared-prefix).
     The question after the prefix has a length drawn around `input_len`. With a `codec` prompts are
     text: each group's prefix text is `prefix_len` tokens, and prefix + question text is the whole length.
+    Without one they are token ids of exact lengths. `group_firsts_first`: one request of each group leads
+    (groups in order), the others follow shuffled, so every group's prefix is prefilled once before it repeats.
     """
     if groups < 1 or prefix_len < 1:
         raise ValueError(f"shared-prefix needs groups >= 1 and a prefix >= 1 token, got {groups}, {prefix_len}")
@@ -196,7 +201,7 @@ def shared_prefix_requests(
     ins, outs = _lengths(rng, input_len, range_ratio, n), _lengths(rng, output_len, range_ratio, n)
     if codec is None:
         reqs = [
-            BenchRequest(prefixes[i % groups] + space.sample(rng, q), prefix_len + q, o)
+            BenchRequest(prefixes[i % groups] + space.sample(rng, q), prefix_len + q, o, i % groups)
             for i, (q, o) in enumerate(zip(ins, outs))
         ]
     else:
@@ -206,7 +211,10 @@ def shared_prefix_requests(
             prefix, prefix_tokens = texts[i % groups]
             target = prefix_tokens + q
             text, n_tokens = fit_text(codec, space.sample(rng, q), target, rng=rng, space=space, prefix=prefix)
-            reqs.append(BenchRequest(text, n_tokens, o))
+            reqs.append(BenchRequest(text, n_tokens, o, i % groups))
+    if group_firsts_first:
+        firsts = min(groups, n)
+        return reqs[:firsts] + [reqs[firsts + i] for i in rng.permutation(n - firsts)]
     order = rng.permutation(n)
     return [reqs[i] for i in order]
 

@@ -101,7 +101,7 @@ class GrpcGenerateClient:
         """Run one Generate call to the end (see http_client.OpenAICompletionsClient.send)."""
         assert self.stub is not None, "use the client as `async with`"
         message = self.request(req)
-        r = RequestResult(req.prompt_len, req.output_len, start=now())
+        r = RequestResult(req.prompt_len, req.output_len, start=now(), group=req.group)
         try:
             metadata = [*self.metadata, ("request_id", uuid.uuid4().hex)]
             call = self.stub.Generate(message, timeout=self.timeout_s, metadata=metadata)

@@ -22,6 +22,7 @@ from loadtest.datasets import BenchRequest
 from loadtest.metrics import RequestResult
 
 ERROR_BODY_CHARS = 300
+ENGINE_HEADER = "x-epserve-engine"  # the engine replica that ran the request (epserve only)
 
 
 def completions_url(base_url: str) -> str:
@@ -114,9 +115,10 @@ class OpenAICompletionsClient:
         """
         assert self.session is not None, "use the client as `async with`"
         data = self.body(req)
-        r = RequestResult(req.prompt_len, req.output_len, start=now())
+        r = RequestResult(req.prompt_len, req.output_len, start=now(), group=req.group)
         try:
             async with self.session.post(self.url, data=data) as resp:
+                r.engine = resp.headers.get(ENGINE_HEADER, "")
                 if resp.status != 200:
                     r.error, r.error_detail = f"http_{resp.status}", (await resp.text())[:ERROR_BODY_CHARS]
                 else:
@@ -163,4 +165,12 @@ def _on_event(payload: bytes, r: RequestResult, t: float) -> bool:
     if usage:
         r.usage_prompt_tokens = usage.get("prompt_tokens")
         r.usage_completion_tokens = usage.get("completion_tokens")
+        r.usage_cached_tokens = cached_tokens(usage)
     return False
+
+
+def cached_tokens(usage: dict[str, Any]) -> int | None:
+    """usage.prompt_tokens_details.cached_tokens (OpenAI's field for prompt tokens served from a cache), if given."""
+    details = usage.get("prompt_tokens_details") or {}
+    value = details.get("cached_tokens")
+    return int(value) if value is not None else None

@@ -28,6 +28,9 @@ class RequestResult:
         chunk_times: arrival time of every token-bearing stream event.
         chunk_tokens: tokens in each of those events (1 per SSE event; len(token_ids) over gRPC).
         usage_prompt_tokens, usage_completion_tokens: the server's usage (final event), if sent.
+        usage_cached_tokens: usage.prompt_tokens_details.cached_tokens (prompt tokens the prefix cache saved), if sent.
+        engine: the engine replica that ran it (the `x-epserve-engine` response header; "" when absent).
+        group: the dataset's prefix group of the request (shared-prefix), else None.
         error: error kind ("http_429", "timeout", "stream_error", ...) or None on success.
     """
 
@@ -39,6 +42,9 @@ class RequestResult:
     chunk_tokens: list[int] = field(default_factory=list)
     usage_prompt_tokens: int | None = None
     usage_completion_tokens: int | None = None
+    usage_cached_tokens: int | None = None
+    engine: str = ""
+    group: int | None = None
     error: str | None = None
     error_detail: str = ""
 

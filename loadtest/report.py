@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from loadtest.metrics import PERCENTILES, RequestResult, describe, peak_concurrency, summarize, timeline
+from loadtest.prefix_stats import landing, token_hit_rate
 from loadtest.runner import RunOutcome
 
 WIDTH = 50
@@ -48,6 +49,9 @@ def build_result(
         "prompt_tokens": sum(r.prompt_tokens for r in outcome.warmup),
         "completion_tokens": sum(r.output_tokens for r in outcome.warmup),
     }
+    out["prefix_cache"] = token_hit_rate(res)
+    if any(r.group is not None for r in res):
+        out["prefix_cache"]["landing"] = landing(res)
     out["timeline"] = tl
     out.update(_per_request(res))
     return out
@@ -119,6 +123,11 @@ def summary_table(result: dict, percentiles: tuple[float, ...] = PERCENTILES) ->
         _row("Peak concurrent requests:", result["peak_concurrent_requests"]),
         _row("Total token throughput (tok/s):", result["total_token_throughput"]),
     ]
+    pc = result.get("prefix_cache")
+    if pc:
+        lines.append(_row("Prefix cache token hit rate:", float(pc["token_hit_rate"]), ".3f"))
+        if "landing" in pc:
+            lines.append(_row("Min share of a group on one engine:", float(pc["landing"]["min_top_share"]), ".3f"))
     for key, (title, short) in METRIC_TITLES.items():
         lines.append("{s:{c}^{n}}".format(s=title, n=WIDTH, c="-"))
         lines.append(_row(f"Mean {short} (ms):", result[f"mean_{key}_ms"]))

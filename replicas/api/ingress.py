@@ -70,6 +70,9 @@ METRICS_PUSH_S = 1.0
 REQUEST_ID_HEADER = "X-Request-Id"
 ENGINE_DEPLOYMENT = "EpserveEngine"  # the engine deployment's name (replicas/serving/app.py)
 RESET_TIMEOUT_S = 30.0  # how long /reset_prefix_cache waits for every engine replica to answer
+# The engine replica(s) that ran the request (RequestOutput.engine_id), so load tests can see where prefix-aware
+# routing sent it (loadtest/, benchmarks/bench_prefix_cache.py).
+ENGINE_HEADER = "x-epserve-engine"
 
 
 async def _parse(request: Request, model: type[BaseModel], *, empty_ok: bool = False) -> Any:  # noqa: ANN401  # returns an instance of `model`
@@ -198,7 +201,8 @@ class Ingress:
                     tok=self.ctx.tokenizer,
                     want_logprobs=req.logprobs,
                     cached_tokens=stream.cached_tokens,
-                )
+                ),
+                headers=_engine_header([stream]),
             )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
@@ -290,7 +294,8 @@ class Ingress:
                     want_logprobs=want_lp,
                     echo_texts=echo,
                     cached_tokens=sum(s.cached_tokens for s in streams),
-                )
+                ),
+                headers=_engine_header(streams),
             )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -501,7 +506,12 @@ def _sse_response(ing: Ingress, body: AsyncIterator[str], streams: list[EngineSt
     runs, so its `finally` never cancels the engine streams: cancel them when the body is dropped.
     """
     weakref.finalize(body, _cancel_all, streams)
-    return StreamingResponse(_counted(ing, body), media_type="text/event-stream")
+    return StreamingResponse(_counted(ing, body), media_type="text/event-stream", headers=_engine_header(streams))
+
+
+def _engine_header(streams: list[EngineStream]) -> dict[str, str]:
+    ids = dict.fromkeys(s.first.engine_id for s in streams if s.first.engine_id)
+    return {ENGINE_HEADER: ",".join(ids)} if ids else {}
 
 
 async def _counted(ing: Ingress, body: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -285,8 +285,13 @@ class EngineServer:
         return await self.engine.probe(max_age_s=5.0, timeout_s=4 * self.args.collective_deadline_s + 10)  # type: ignore[operator]  # set by AppArgs' validator
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Read by the engine request router (replicas/serving/engine_router.py): avoid a group that is down."""
-        return {"available": self.engine.failure is None and not self.engine.draining}
+        """Read by the engine request router (replicas/serving/engine_router.py): avoid a group that is down; its
+        load (running + waiting) when Serve's queue length of the replica is not known yet."""
+        return {
+            "available": self.engine.failure is None and not self.engine.draining,
+            "running": self.engine.scheduler.num_running,
+            "waiting": len(self.engine.scheduler.waiting),
+        }
 
     async def pool_state(self) -> list[dict[str, int]]:
         return self.engine.pool_state()

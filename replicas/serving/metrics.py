@@ -363,6 +363,15 @@ class MetricsHub:
         """One counter's value per reporting replica (to see which replicas served)."""
         return {rid: sum(v for (n, _), v in snap.counters.items() if n == name) for rid, snap in self.snapshots.items()}
 
+    def gauge_by_replica(self, names: list[str]) -> dict[str, float]:
+        """The sum of gauges `names` per live replica (e.g. running + waiting: the load balance of the engines)."""
+        now = time.time()
+        return {
+            rid: sum(v for (n, _), v in snap.gauges.items() if n in names)
+            for rid, snap in self.snapshots.items()
+            if rid not in self.retired and now - snap.time <= GAUGE_STALE_S and any(n in names for n, _ in snap.gauges)
+        }
+
 
 async def push_forever(
     hub: Any,  # noqa: ANN401  # a MetricsHub actor handle
