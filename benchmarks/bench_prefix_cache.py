@@ -15,9 +15,8 @@ engine replica, the app deployed with `serve.run(build_app(AppArgs(...)))` as `e
    busiest replica (`x-epserve-engine` response header), and max/mean of the replicas' running + waiting
    sequences sampled every second from the app's metrics hub (/metrics only has their sum).
 
-Figures are printed (and written with --json); nothing is asserted. Hits show only once the prefix cache itself
-(pfx-engine, pfx-rank, pfx-api branches) is in: before that cached_tokens reads 0. `--no-prefix-cache` maps to
-the AppArgs field the build has (`--off-field` names it if the guess is wrong).
+Figures are printed (and written with --json); nothing is asserted. The cache-off run is `AppArgs.prefix_cache`
+False (`epserve serve --no-prefix-cache`).
 
 Usage: python benchmarks/bench_prefix_cache.py [--sections 1,2,3] [--groups 8] [--per-group 16]
        [--shared 2048] [--unique 128] [--output 32] [--concurrency 8] [--max-num-batched-tokens 512]
@@ -42,13 +41,6 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 APP, PREFIX, MODEL_NAME = "pfxbench", "/pfx", "pfx-tiny"
-# AppArgs fields that could carry --no-prefix-cache, and the value that turns the cache off
-OFF_FIELDS = {
-    "prefix_cache": False,
-    "enable_prefix_cache": False,
-    "enable_prefix_caching": False,
-    "no_prefix_cache": True,
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,24 +62,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--num-kv-blocks", type=int, default=4096, help="per trunk rank, block size 16")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--off-field", metavar="NAME=JSON", help="the AppArgs field that turns the cache off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/epserve"))
     p.add_argument("--json", metavar="FILE", help="write every figure here")
     return p.parse_args(argv)
 
 
-def off_kwargs(a: argparse.Namespace) -> dict[str, Any] | None:
-    """AppArgs overrides that turn the prefix cache off, or None when this build has no such field."""
-    from replicas.serving.app_args import AppArgs
-
-    if a.off_field:
-        name, _, value = a.off_field.partition("=")
-        return {name: json.loads(value)}
-    for name, value in OFF_FIELDS.items():
-        if name in AppArgs.model_fields:
-            return {name: value}
-    return None
+def off_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    """AppArgs overrides that turn the prefix cache off (`--no-prefix-cache`)."""
+    return {"prefix_cache": False}
 
 
 class Bench:
@@ -255,19 +238,14 @@ class Bench:
     def run(self) -> None:
         a = self.a
         sections = {int(s) for s in a.sections.split(",") if s}
-        off = off_kwargs(a)
         if 1 in sections:
-            if off is None:
-                print("this build has no prefix-cache switch in AppArgs: the 'off' run is skipped", flush=True)
-            else:
-                self.deploy(replicas=1, extra=off)
-                self.results["shared_prefix_off"] = self.shared_prefix("cache off")
+            self.deploy(replicas=1, extra=off_kwargs(a))
+            self.results["shared_prefix_off"] = off = self.shared_prefix("cache off")
             self.deploy(replicas=1)
             self.results["shared_prefix_on"] = on = self.shared_prefix("cache on")
-            if off is not None:
-                ratio = self.results["shared_prefix_off"]["median_ttft_ms"] / on["median_ttft_ms"]
-                self.results["ttft_p50_off_over_on"] = ratio
-                print(f"TTFT p50 off / on: {ratio:.2f}x", flush=True)
+            ratio = off["median_ttft_ms"] / on["median_ttft_ms"]
+            self.results["ttft_p50_off_over_on"] = ratio
+            print(f"TTFT p50 off / on: {ratio:.2f}x", flush=True)
         if 2 in sections:
             if 1 not in sections:
                 self.deploy(replicas=1)
