@@ -112,7 +112,7 @@ class Bench:
             expert_ranks=0,
             num_kv_blocks=a.num_kv_blocks,
             block_size=16,
-            max_num_seqs=max(8, a.concurrency),
+            max_num_seqs=max(32, a.concurrency),  # AppArgs default: 32 sequences and 32 state checkpoints
             max_num_batched_tokens=a.max_num_batched_tokens,
             max_model_len=max(4096, a.shared + a.unique + a.output + 64),
             collective_deadline_s=60,

@@ -47,6 +47,9 @@ class _Node:
     provisional: bool = False  # a probe state no branch or hint has claimed (goes first)
     pins: int = 0  # sequences about to restore this state
     last_used: int = 0
+    # the token after `end` in the prompt that saved the state: the MTP layer's KV row at end - 1 was computed with
+    # it, so in an MTP namespace a prompt resumes here only when its own next token is the same
+    next_token: int | None = None
 
 
 class Hit(NamedTuple):
@@ -114,9 +117,10 @@ class PrefixCache:
         path = self._walk(key, ns, len(key) - 1)
         tick = next(self._tick)
         hit = MISS
+        mtp = ns[1]
         for node in path:
             node.last_used = tick
-            if node.checkpoint is not None:
+            if node.checkpoint is not None and (not mtp or node.next_token == key[node.end]):
                 hit = Hit(node.end, (), node.checkpoint)
         if hit.length:
             blocks = [b for node in path[: hit.length // GRID] for b in node.blocks]
@@ -223,6 +227,7 @@ class PrefixCache:
             self.pool.release_checkpoint(checkpoint)
             return False
         node.checkpoint, node.provisional = checkpoint, provisional
+        node.next_token = key[pos] if pos < len(key) else None
         self._states.add(node)
         self.num_states += 1
         self.states_stored += 1

@@ -127,6 +127,20 @@ def test_salts_and_mtp_are_namespaces() -> None:
     assert cache.match(a, NS).length == 0
 
 
+def test_an_mtp_hit_needs_the_same_next_token() -> None:
+    """The MTP layer's KV row at p - 1 was computed with the saving prompt's token p: in an MTP namespace a prompt
+    that differs exactly at p resumes at an earlier state (its drafts would differ from an uncached run's), while a
+    plain namespace resumes at p whatever comes next."""
+    for mtp in (True, False):
+        ns = ("", mtp)
+        cache = _cache(probe_interval=64)
+        a = list(range(300))
+        _prefill(cache, a, cache.plan_captures(a, ns, (), 0), ns=ns)
+        b = a[:128] + [9999] + a[129:]  # differs at 128, a state position
+        assert cache.match(a, ns).length == 256
+        assert cache.match(b, ns).length == (64 if mtp else 128)
+
+
 def test_a_block_a_sequence_uses_is_never_freed_and_leaves_go_first() -> None:
     cache = _cache(blocks=64, probe_interval=64)
     pool = cache.pool
