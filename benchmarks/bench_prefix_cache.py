@@ -170,10 +170,12 @@ class Bench:
 
             async with client, LoadSampler(load) as sampler:
                 out = await run_bench(client, reqs, cfg)
-            return out, sampler.samples
+            await asyncio.sleep(2.5)  # one metrics push after the last request
+            states = await hub.gauge_by_replica.remote(["prefix_cache_states"])
+            return out, sampler.samples, sum(states.values())
 
         t0 = time.monotonic()
-        outcome, samples = asyncio.run(go())
+        outcome, samples, states = asyncio.run(go())
         res = outcome.results
         summary = summarize(res, outcome.duration_s)
         fig = {
@@ -182,6 +184,7 @@ class Bench:
             "median_ttft_ms": summary["median_ttft_ms"],
             **token_hit_rate(res),
             "ideal_hit_rate": (a.per_group - 1) * a.shared / (a.per_group * (a.shared + a.unique)),
+            "states_held": states,  # saved DeltaNet states the prefix cache holds after the run (all replicas)
         }
         if sample_load:
             fig["landing"] = landing(res)
@@ -190,7 +193,7 @@ class Bench:
             f"[{label}] {len(res)} requests in {time.monotonic() - t0:.0f} s, failed {fig['failed']}: "
             f"TTFT p50 {fig['median_ttft_ms']:.0f} ms, token hit rate {fig['token_hit_rate']:.3f} "
             f"(ideal {fig['ideal_hit_rate']:.3f}; {fig['requests_reporting_cached_tokens']} responses carried "
-            "cached_tokens)",
+            f"cached_tokens); states held after the run: {states:.0f} ({states / a.groups:.2f} per group)",
             flush=True,
         )
         if sample_load:

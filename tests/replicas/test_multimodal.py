@@ -255,3 +255,27 @@ def test_bad_videos_get_400_naming_the_limit(app, make, needle: str) -> None:  #
         model=app.name, messages=_messages(_png(48, 48)), max_tokens=2, extra_body={"ignore_eos": True}
     )
     assert (ok.usage.completion_tokens, ok.choices[0].finish_reason) == (2, "length")
+
+
+def test_image_prompts_share_a_cached_prefix_only_with_the_same_image(app) -> None:  # noqa: ANN001
+    """The prefix cache keys image rows by the image's pixels (MultimodalPrompt.cache_key): the second turn of a
+    chat resumes past its image when the image is the same one, not when another image of the same size stands in
+    its place (same token ids, other pixels); both answers equal the uncached greedy run."""
+    question = " ".join(f"detail{i}" for i in range(60))  # ~150 tokens after the image: the header lands past 128
+
+    def turn1(image: bytes) -> list[dict]:
+        parts = [{"type": "image_url", "image_url": {"url": _url(image)}}, {"type": "text", "text": question}]
+        return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": parts}]
+
+    def turn2(image: bytes, reply: str) -> list[dict]:
+        return [*turn1(image), {"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+
+    same, other = _png(64, 96, seed=11), _png(64, 96, seed=12)
+    first = _chat(app, turn1(same))  # saves a state before its assistant header (a chat cache hint)
+    reply = first.choices[0].message.content or ""
+    again, swapped = _chat(app, turn2(same, reply)), _chat(app, turn2(other, reply))
+    assert again.usage.prompt_tokens == swapped.usage.prompt_tokens  # same token ids, only the pixels differ
+    assert again.usage.prompt_tokens_details.cached_tokens >= 128
+    assert swapped.usage.prompt_tokens_details.cached_tokens < 64  # the image starts inside the first 64 tokens
+    assert again.choices[0].message.content == _offline_text(app.folder, turn2(same, reply))
+    assert swapped.choices[0].message.content == _offline_text(app.folder, turn2(other, reply))
