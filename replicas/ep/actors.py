@@ -34,7 +34,7 @@ from cluster.topology import GroupShape
 from model_shards.cache import CachePools
 from model_shards.cache_sizing import pool_counts_on_device
 from model_shards.checkpoint_files import CheckpointReader
-from model_shards.config import from_hf_config
+from model_shards.config import ModelConfig, from_hf_config
 from model_shards.experts import ExpertShard, LayerExperts
 from model_shards.model import resolve_dtype
 from model_shards.tiny_checkpoint import resolve_model_dir
@@ -57,6 +57,34 @@ class CacheSizes:
     num_slots: int
     spec_tokens: int = 0  # k > 0: per-token DeltaNet states for verifying k drafts
     state_checkpoints: int = 0  # prefix-cache saved DeltaNet states (each the size of a slot); 0: no prefix cache
+
+
+def fit_caches_to_device(
+    caches: CacheSizes,
+    cfg: ModelConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    utilization: float,
+    with_mtp: bool,
+) -> CacheSizes:
+    """On a GPU, after the weights loaded: the KV blocks, state slots and prefix-cache checkpoints the free memory
+    holds (model_shards/cache_sizing.py; `caches`' slot and checkpoint counts are caps), beside the canary's."""
+    counts = pool_counts_on_device(
+        cfg,
+        device=device,
+        dtype=dtype,
+        block_size=caches.block_size,
+        max_slots=caches.num_slots,
+        utilization=utilization,
+        spec_tokens=caches.spec_tokens,
+        with_mtp=with_mtp,
+        reserved=CANARY_RESERVE,
+        max_checkpoints=caches.state_checkpoints,
+    )
+    return replace(
+        caches, num_blocks=counts.num_blocks, num_slots=counts.num_slots, state_checkpoints=counts.num_checkpoints
+    )
 
 
 @dataclass(frozen=True)
@@ -161,23 +189,13 @@ class TrunkRankActor(_RankBase):
         assert spec.caches is not None
         caches = spec.caches
         if self.device.type == "cuda":  # after the weights (vision's below is small): what they leave is the pools'
-            counts = pool_counts_on_device(
+            caches = fit_caches_to_device(
+                caches,
                 cfg,
                 device=self.device,
                 dtype=self.dtype,
-                block_size=caches.block_size,
-                max_slots=caches.num_slots,
                 utilization=spec.gpu_memory_utilization,
-                spec_tokens=caches.spec_tokens,
                 with_mtp=weights.mtp is not None,
-                reserved=CANARY_RESERVE,
-                max_checkpoints=caches.state_checkpoints,
-            )
-            caches = replace(
-                caches,
-                num_blocks=counts.num_blocks,
-                num_slots=counts.num_slots,
-                state_checkpoints=counts.num_checkpoints,
             )
         self.pools = CachePools.allocate(  # the canary's block and slot beyond the engine's (trunk_rank.py)
             cfg,

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 from model_shards.cache import CachePools
-from model_shards.cache_sizing import pool_counts_on_device
 from model_shards.model import LocalModel
 from replicas.engine.step_types import StepRequest, StepResult
-from replicas.ep.actors import CacheSizes
+from replicas.ep.actors import CacheSizes, fit_caches_to_device
 from replicas.ep.dispatch import LocalDispatcher
 from replicas.ep.trunk_rank import CANARY_RESERVE, TrunkRank
 
@@ -42,23 +40,13 @@ class LocalRunner:
         self.vocab_size = model.cfg.vocab_size
         self.device = model.device  # the runner's one device: the model's weights, its pools and batches
         if gpu_memory_utilization is not None and self.device.type == "cuda":
-            counts = pool_counts_on_device(
+            caches = fit_caches_to_device(
+                caches,
                 model.cfg,
                 device=self.device,
                 dtype=model.dtype,
-                block_size=caches.block_size,
-                max_slots=caches.num_slots,
                 utilization=gpu_memory_utilization,
-                spec_tokens=caches.spec_tokens,
                 with_mtp=model.trunk.w.mtp is not None,
-                reserved=CANARY_RESERVE,
-                max_checkpoints=caches.state_checkpoints,
-            )
-            caches = replace(
-                caches,
-                num_blocks=counts.num_blocks,
-                num_slots=counts.num_slots,
-                state_checkpoints=counts.num_checkpoints,
             )
         self.caches = caches
         pools = model.allocate(  # plus the canary's reserved block and slot (trunk_rank.py)
