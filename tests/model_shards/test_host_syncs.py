@@ -208,6 +208,25 @@ def _loopback(group: GroupHandle, send: torch.Tensor, *, send_splits: list[int],
     return out if out is not None else send.new_empty((sum(recv_splits), *send.shape[1:]))
 
 
+class _Done:
+    """The work handle of a looped-back exchange: already complete."""
+
+    def wait(self) -> bool:
+        return True
+
+
+def _loopback_start(
+    group: object,
+    send: torch.Tensor,
+    *,
+    send_splits: list[int],
+    recv_splits: list[int],
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, _Done]:
+    """`a2a_protocol.exchange_start` replaced the same way (the dispatcher issues its exchanges asynchronously)."""
+    return _loopback(group, send, send_splits=send_splits, recv_splits=recv_splits, out=out), _Done()
+
+
 @pytest.mark.parametrize("tokens", [3, 64])
 def test_fixed_capacity_dispatch_on_device_reads_only_the_overflow_flag(
     tokens: int, monkeypatch: pytest.MonkeyPatch
@@ -217,6 +236,8 @@ def test_fixed_capacity_dispatch_on_device_reads_only_the_overflow_flag(
     header's overflow flag (`read_overflow`, answered "no overflow" here since fake tensors hold no values)."""
     cfg = tiny()
     monkeypatch.setattr(dispatch_module, "exchange", _loopback)
+    monkeypatch.setattr(dispatch_module, "exchange_start", _loopback_start)
+    monkeypatch.setattr(dispatch_module, "wait_exchange", lambda group, work: work.wait())
     spec = GroupSpec("127.0.0.1", 1, world_size=3, backend="gloo", deadline_s=1.0, epoch=0)
     shape = GroupShape(trunk_ranks=1, expert_ranks=2)
     emap = ExpertMap.contiguous(num_experts=cfg.num_experts, num_moe_layers=2, expert_ranks=2)
