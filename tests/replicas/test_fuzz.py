@@ -48,7 +48,7 @@ pytestmark = pytest.mark.timeout(900)
 
 APP, PREFIX, KEY, MODEL = "fuzz", "/fuzz", "fuzz-key", "fuzz-tiny"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-HTTP_CASES = int(os.environ.get("EPSERVE_FUZZ_CASES", "150"))  # Hypothesis examples per operation and mode
+HTTP_CASES = int(os.environ.get("EPSERVE_FUZZ_CASES", "100"))  # Hypothesis examples per operation and mode
 HTTP_CASES_NO_INPUT = 20  # positive cases of an operation without inputs: the same request each time
 GRPC_CASES = HTTP_CASES  # per RPC
 HOSTILE_CASES = 2 * HTTP_CASES // 3  # hostile HTTP shapes; raw gRPC bytes per RPC

@@ -321,6 +321,7 @@ def test_greedy_speculation_equals_plain_single_process(k: int, peaked_model, pl
     )
 
 
+@pytest.mark.slow  # ~60 s on 2 cores (two full engine runs); the rejection rule's own tests stay in the default run
 def test_sampled_speculation_is_seeded_and_completes(peaked_model) -> None:  # noqa: ANN001
     """Sampled requests with speculation, run twice: same seed, same tokens; every choice runs to
     max_tokens and the pools are returned.
