@@ -190,12 +190,13 @@ class PrefixCache:
         return sorted(Capture(c, c not in kept) for c in planned)
 
     # ----------------------------------------------------------------- adoption
-    def insert(self, key: Seq[int], ns: Namespace, blocks: Seq[int], upto: int) -> None:
+    def insert(self, key: Seq[int], ns: Namespace, blocks: Seq[int], upto: int) -> _Node | None:
         """Adopt a sequence's KV blocks for `key[:upto]` (whole chunks; upto on the grid): chunks the tree lacks
-        take the sequence's blocks (one reference each); chunks it has keep theirs."""
+        take the sequence's blocks (one reference each); chunks it has keep theirs. Returns the node ending at
+        `upto` (None if the path stops short of it), so a caller needs no second walk."""
         upto = (upto // GRID) * GRID
         if upto <= 0:
-            return
+            return None
         node = self._roots.get(ns)
         if node is None:
             node = self._roots[ns] = _Node((), None, 0)
@@ -207,7 +208,7 @@ class PrefixCache:
                 b0 = start // self.pool.block_size
                 own = list(blocks[b0 : b0 + self.per_chunk])
                 if len(own) < self.per_chunk:
-                    return  # the sequence does not hold these blocks (never the case for a computed prefix)
+                    return None  # the sequence does not hold these blocks (never the case for a computed prefix)
                 self.pool.adopt(own)
                 child = node.children[chunk] = _Node(chunk, node, start + GRID, own)
                 self.num_blocks += len(own)
@@ -215,14 +216,14 @@ class PrefixCache:
                 self._leaves.add(child)
             child.last_used = tick
             node = child
+        return node
 
     def captured(
         self, key: Seq[int], ns: Namespace, blocks: Seq[int], pos: int, checkpoint: int, *, provisional: bool
     ) -> bool:
         """The step that saved the sequence's state after `key[:pos]` into `checkpoint` finished: adopt the path
         and keep the state there. False when the node already has a state (the checkpoint goes back to the pool)."""
-        self.insert(key, ns, blocks, pos)
-        node = self._node_at(key, ns, pos)
+        node = self.insert(key, ns, blocks, pos)
         if node is None or node.checkpoint is not None:
             self.pool.release_checkpoint(checkpoint)
             return False

@@ -220,11 +220,13 @@ class Scheduler:
                 self._unpin(seq)
             key, ns = seq.cache_key, seq.cache_ns
             upto = min(sch.start + sch.n, ((seq.prompt_len - 1) // GRID) * GRID)
-            if seq.saving is not None:
+            pos = 0
+            if seq.saving is not None:  # the chunk ends at its capture, so this walk adopts the chunk too
                 pos, ckpt, provisional = seq.saving
                 seq.saving = None
                 cache.captured(key, ns, addr.blocks, pos, ckpt, provisional=provisional)
-            cache.insert(key, ns, addr.blocks, upto)
+            if upto > pos:
+                cache.insert(key, ns, addr.blocks, upto)
 
     # ----------------------------------------------------------------- the decision
     def schedule(self) -> SchedulerOutput:
