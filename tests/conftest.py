@@ -61,6 +61,14 @@ def embedded_model_dir(epserve_cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def embedded_fp32_mtp_model(embedded_model_dir: Path):  # noqa: ANN201  # model_shards.model.LocalModel
+    """The embedded model loaded once in fp32 with its MTP head (the prefix-cache engine and rank tests share it)."""
+    from model_shards.model import LocalModel
+
+    return LocalModel.load(embedded_model_dir, dtype="float32", with_mtp=True)
+
+
+@pytest.fixture(scope="session")
 def serve_ports(ray_cluster):  # noqa: ANN001, ANN201  # -> (http base URL, grpc "host:port")
     """Ray Serve on the shared cluster: HTTP and gRPC proxies on free loopback ports."""
     from ray import serve

@@ -36,12 +36,10 @@ DECODE = 4
 
 
 @pytest.fixture(scope="module")
-def model(embedded_model_dir: Path):  # noqa: ANN201  # LocalModel
-    from model_shards.model import LocalModel
-
+def model(embedded_fp32_mtp_model):  # noqa: ANN001, ANN201  # LocalModel (tests/conftest.py)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield LocalModel.load(embedded_model_dir, dtype="float32", with_mtp=True)
+    yield embedded_fp32_mtp_model
     torch.set_num_threads(before)
 
 
