@@ -1,37 +1,78 @@
-"""Routed-expert SwiGLU over block-FP8 weights, one expert (or a small chunk of experts) at a time.
+"""Routed-expert SwiGLU over block-FP8 weights, never a dequantised copy of the whole expert set per call.
 
-Owns: `fp8_expert_ffn`, the FP8 branch of `moe.expert_ffn`. Temporaries stay bounded by one
-expert: on CPU each hit expert's gate_up and down are dequantised, used and dropped before the next
-expert's, never the whole expert set at once (the rows per expert are read on the host once per call:
-on CPU that is no device sync).
-On a device (GPU) the host never reads the counts for calls of up to `SYNC_FREE_ROWS` rows (every
-decode step): the experts are walked in chunks of `DEVICE_EXPERT_CHUNK`, each chunk dequantised
-(temporaries bounded by the chunk, never the whole set), its rows brought to the front by a device-side
-rotation of the rows and multiplied by one grouped GEMM with device offsets; rows of other experts are
-masked out. Larger calls (prefill) read the counts once (the one named host sync of the call) and take
-the per-expert path, where on CUDA with 128 x 128 weight blocks and torch's `F.scaled_mm`
-(torch >= 2.10) the weights are multiplied as FP8 without any dequantised copy (falling back, with a
-warning, to the dequantising path if that GEMM raises). Must not: hold weights or know about routing.
-Tests: tests/model_shards/test_fp8_experts.py.
+Owns: `fp8_expert_ffn`, the FP8 branch of `moe.expert_ffn`, and the choice of its path (`fp8_path`), first
+that applies:
+1. CPU: `PER_EXPERT`. Each hit expert's gate_up and down are dequantised, used and dropped before the next
+   expert's (temporaries bounded by one expert; the rows per expert read on the host, no sync on CPU). The
+   CPU path and the oracle of every other path.
+2. Not a real CUDA tensor (FakeTensor device-path tests, other devices) or `EPSERVE_KERNELS=reference`:
+   `SYNC_FREE` for calls of up to `SYNC_FREE_ROWS` rows (every decode step; counts never read on the host:
+   chunks of `DEVICE_EXPERT_CHUNK` experts dequantised together, rows rotated to the front on the device,
+   one grouped GEMM with device offsets, rows of other experts masked), else `PER_EXPERT`.
+3. CUDA, a call above `SYNC_FREE_ROWS` rows (prefill), bf16 activations, SM90+, torch with `F.scaled_mm`,
+   128 x 128 blocks and every dim a multiple of 128: `SCALED_MM`, the per-expert loop with the weights
+   multiplied as FP8 by torch's block-scaled GEMM (activations quantised per 1 x 128 block; counts read on
+   the host once, the call's one named sync; falls back, with a warning, to dequantising if it raises).
+4. CUDA with triton importable and both weights FP8: `TRITON`, the grouped block-FP8 kernel
+   (model_shards/fp8_grouped_kernel.py: weights dequantised in registers only, bf16 activations not
+   quantised, fp32 accumulation, no host sync). Taken for decode even where 3's recipe fits: the
+   per-expert scaled GEMM would need the counts on the host.
+5. Otherwise (CUDA without triton, or one weight plain): `SYNC_FREE` up to `SYNC_FREE_ROWS` rows, else
+   `PER_EXPERT`.
+Must not: hold weights or know about routing.
+Tests: tests/model_shards/test_fp8_experts.py, tests/model_shards/test_fp8_grouped_kernel.py.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from model_shards.kernels import grouped_mm
+from model_shards import fp8_grouped_kernel
+from model_shards.kernels import KERNELS_ENV, grouped_mm
 from model_shards.quant import FP8_DTYPE, FP8_MAX, Fp8Weight, Weight, dense
 
 SCALED_MM_BLOCK = 128  # the block `F.scaled_mm`'s BlockWise1x128 / BlockWise128x128 recipes use
 SYNC_FREE_ROWS = 8192  # on a device, calls of at most this many rows (decode) never read counts on the host
 DEVICE_EXPERT_CHUNK = 8  # experts dequantised together by the sync-free path (bounds its temporaries)
+PER_EXPERT, SYNC_FREE, SCALED_MM, TRITON = "per_expert", "sync_free", "scaled_mm", "triton"
+
+
+def choose_path(
+    device_type: str, *, fake: bool, reference: bool, rows: int, scaled_mm: bool, triton: bool, both_fp8: bool
+) -> str:
+    """The path for a call (the module docstring's order). Pure: the unit-tested core of `fp8_path`."""
+    if device_type == "cpu":
+        return PER_EXPERT
+    if device_type == "cuda" and not fake and not reference:
+        if rows > SYNC_FREE_ROWS and scaled_mm:
+            return SCALED_MM
+        if triton and both_fp8:
+            return TRITON
+    return SYNC_FREE if rows <= SYNC_FREE_ROWS else PER_EXPERT
+
+
+def fp8_path(x_RD: torch.Tensor, gate_up: Weight, down: Weight) -> str:
+    """Which path `fp8_expert_ffn` takes for these operands."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    fake = isinstance(x_RD, FakeTensor)
+    return choose_path(
+        x_RD.device.type,
+        fake=fake,
+        reference=os.environ.get(KERNELS_ENV, "auto").strip().lower() == "reference",
+        rows=x_RD.shape[0],
+        scaled_mm=not fake and _scaled_mm_applies(x_RD, gate_up, down),
+        triton=fp8_grouped_kernel.triton_available(),
+        both_fp8=isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight),
+    )
 
 
 def fp8_expert_ffn(x_RD: torch.Tensor, *, counts_E: torch.Tensor, gate_up: Weight, down: Weight) -> torch.Tensor:
-    """SwiGLU of rows grouped by expert, FP8 weights used one expert at a time.
+    """SwiGLU of rows grouped by expert over FP8 weights, by the path `fp8_path` picks (module docstring).
 
     Args:
         x_RD: [R, D] rows, expert e's rows contiguous, in expert order.
@@ -41,10 +82,14 @@ def fp8_expert_ffn(x_RD: torch.Tensor, *, counts_E: torch.Tensor, gate_up: Weigh
         [R, D] in x's dtype. The CPU path gives the same bits as dequantising the hit experts and
         running one grouped GEMM over them (same dequantise op order, same per-group GEMM).
     """
-    if x_RD.device.type != "cpu" and x_RD.shape[0] <= SYNC_FREE_ROWS:
+    path = fp8_path(x_RD, gate_up, down)
+    if path == TRITON:
+        assert isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight)  # checked by fp8_path
+        return fp8_grouped_kernel.triton_fp8_expert_ffn(x_RD, counts_E=counts_E, gate_up=gate_up, down=down)
+    if path == SYNC_FREE:
         return sync_free_expert_ffn(x_RD, counts_E=counts_E, gate_up=gate_up, down=down)
     out = torch.empty_like(x_RD)
-    block_scaled = _scaled_mm_applies(x_RD, gate_up, down)
+    block_scaled = path == SCALED_MM
     start = 0
     # The named host read of this path (no sync on CPU; on a device only for calls above SYNC_FREE_ROWS):
     # the row ranges. Experts with no rows are skipped without touching their weights.
@@ -129,8 +174,10 @@ def _dequantised_swiglu(x_nD: torch.Tensor, gate_up: Weight, down: Weight) -> to
 
 
 def _scaled_mm_applies(x: torch.Tensor, gate_up: Weight, down: Weight) -> bool:
-    """CUDA, bf16 activations, torch with `F.scaled_mm`, 128 x 128 blocks and every dim a multiple of 128."""
+    """CUDA SM90+, bf16 activations, torch with `F.scaled_mm`, 128 x 128 blocks, every dim a multiple of 128."""
     if x.device.type != "cuda" or x.dtype != torch.bfloat16 or not hasattr(F, "scaled_mm"):
+        return False
+    if torch.cuda.get_device_capability(x.device) < (9, 0):  # cuBLASLt's block-scaled FP8 GEMM: Hopper on
         return False
     if not (isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight)):
         return False
