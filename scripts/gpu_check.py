@@ -72,7 +72,11 @@ PLANS = {
     "full": Plan(10, (1, 16, 64), 16, (8, 2048), 4.0, None),
     "dry": Plan(1, (1, 2), 2, (2, 16), None, "choose or grouped_mm_fallback", prompt=12, greedy=3),
 }
-TEST_FILES = ("tests/model_shards/test_kernels.py",)
+TEST_FILES = (
+    "tests/model_shards/test_kernels.py",
+    "tests/model_shards/test_fp8_experts.py",  # F.scaled_mm's block-FP8 GEMM vs the spec
+    "tests/model_shards/test_fp8_grouped_kernel.py",  # the Triton block-FP8 expert kernel vs the spec
+)
 DEVICE_TEST_GLOB = "tests/**/test_device*.py"  # the device-path tests (issue 14 item 2), where present
 
 
@@ -245,7 +249,7 @@ def _greedy(side: Ours | Theirs, prompt: list[int], n: int) -> list[int]:
 
 # ------------------------------------------------------------------------------ stages
 def stage_env(device: torch.device) -> dict[str, Any]:
-    from model_shards import kernels
+    from model_shards import fp8_grouped_kernel, kernels
 
     probe = torch.zeros(1, device=device)
     info: dict[str, Any] = {
@@ -260,6 +264,7 @@ def stage_env(device: torch.device) -> dict[str, Any]:
             "conv": kernels.conv_backend(probe),
             "grouped_mm_bf16": kernels.grouped_mm_applies(probe.bfloat16(), probe.bfloat16()),
             "scaled_mm": hasattr(torch.nn.functional, "scaled_mm"),
+            "triton_fp8_experts": fp8_grouped_kernel.triton_available(),
         },
     }
     try:

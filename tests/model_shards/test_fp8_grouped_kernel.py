@@ -114,7 +114,7 @@ def test_tile_table_makes_no_host_sync() -> None:
 
 
 # ------------------------------------------------------------------------------ path choice
-def test_path_order() -> None:
+def test_choose_path_order() -> None:
     def path(device: str, rows: int = 8, **kw: bool) -> str:
         args = {"fake": False, "reference": False, "scaled_mm": False, "triton": True, "both_fp8": True} | kw
         return choose_path(device, rows=rows, **args)
