@@ -11,7 +11,8 @@ included; weights and inputs excluded). Time = median wall time of --iters calls
 Usage: python benchmarks/bench_fp8_experts.py [--experts 64] [--hidden 512] [--moe 256] [--tokens 256]
     [--top-k 8] [--dtype bfloat16] [--iters 5] [--threads N] [--device auto|cpu|cuda[:N]]
 `--device` (model_shards/device.py): weights, counts and rows are drawn on the host (the same numbers on every
-device) and moved there once before measuring; on cuda each timed call ends with `torch.cuda.synchronize`.
+device) and moved there once before measuring; on cuda each timed call ends with `torch.cuda.synchronize`, and
+"after" takes the path `fp8_experts.fp8_path` picks there (the Triton grouped kernel where triton imports).
 Results: benchmarks/RESULTS-fp8.md. Tests: tests/model_shards/test_fp8_experts.py.
 """
 

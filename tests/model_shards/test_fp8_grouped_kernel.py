@@ -113,6 +113,42 @@ def test_tile_table_makes_no_host_sync() -> None:
         assert expert.device.type == "cuda" and expert.shape == (32 + 64,)
 
 
+class _Launches:
+    """The Triton launch replaced at its boundary (fake tensors cannot enter a kernel): records the grids."""
+
+    def __init__(self) -> None:
+        self.grids: list[tuple[int, int]] = []
+
+    def __getitem__(self, grid: tuple[int, int]):  # noqa: ANN204  # a launcher, as JITFunction[grid] is
+        self.grids.append(grid)
+        return lambda *args, **kwargs: None
+
+
+def test_kernel_wrapper_makes_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Everything around the two launches (tile table, buffers, weight views) on fake CUDA tensors: no sync,
+    and the grids come from host-known sizes only (512 rows / 16 + 64 experts tiles, I / 64 and D / 64)."""
+    from model_shards import fp8_grouped_kernel
+
+    launches = _Launches()
+    monkeypatch.setattr(fp8_grouped_kernel, "_kernel", lambda interpret: launches)
+    e, d, i = 64, 256, 128
+    with fake_cuda():
+        gate_up = Fp8Weight(
+            torch.empty(e, 2 * i, d, device="cuda").to(torch.float8_e4m3fn),
+            torch.empty(e, 2, 2, device="cuda"),
+            (128, 128),
+        )
+        down = Fp8Weight(
+            torch.empty(e, d, i, device="cuda").to(torch.float8_e4m3fn), torch.empty(e, 2, 1, device="cuda"), (128, 128)
+        )
+        x = torch.empty(512, d, device="cuda", dtype=torch.bfloat16)
+        counts = torch.empty(e, device="cuda", dtype=torch.int64)
+        with HostSyncRecorder():
+            y = triton_fp8_expert_ffn(x, counts_E=counts, gate_up=gate_up, down=down, native=False)
+        assert y.device.type == "cuda" and y.shape == x.shape
+    assert launches.grids == [(32 + 64, i // 64), (32 + 64, d // 64)]
+
+
 # ------------------------------------------------------------------------------ path choice
 def test_choose_path_order() -> None:
     def path(device: str, rows: int = 8, **kw: bool) -> str:
