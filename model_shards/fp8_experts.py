@@ -16,7 +16,8 @@ that applies:
 4. CUDA with triton importable and both weights FP8: `TRITON`, the grouped block-FP8 kernel
    (model_shards/fp8_grouped_kernel.py: weights dequantised in registers only, bf16 activations not
    quantised, fp32 accumulation, no host sync). Taken for decode even where 3's recipe fits: the
-   per-expert scaled GEMM would need the counts on the host.
+   per-expert scaled GEMM would need the counts on the host. If it fails to compile or launch, a warning,
+   and 5 for the rest of the process.
 5. Otherwise (CUDA without triton, or one weight plain): `SYNC_FREE` up to `SYNC_FREE_ROWS` rows, else
    `PER_EXPERT`.
 Must not: hold weights or know about routing.
@@ -39,6 +40,8 @@ SCALED_MM_BLOCK = 128  # the block `F.scaled_mm`'s BlockWise1x128 / BlockWise128
 SYNC_FREE_ROWS = 8192  # on a device, calls of at most this many rows (decode) never read counts on the host
 DEVICE_EXPERT_CHUNK = 8  # experts dequantised together by the sync-free path (bounds its temporaries)
 PER_EXPERT, SYNC_FREE, SCALED_MM, TRITON = "per_expert", "sync_free", "scaled_mm", "triton"
+# The Triton kernel's first failure in this process (compile or launch), if any: it is not tried again.
+_TRITON_FAILED: list[str] = []
 
 
 def choose_path(
@@ -66,7 +69,7 @@ def fp8_path(x_RD: torch.Tensor, gate_up: Weight, down: Weight) -> str:
         reference=os.environ.get(KERNELS_ENV, "auto").strip().lower() == "reference",
         rows=x_RD.shape[0],
         scaled_mm=not fake and _scaled_mm_applies(x_RD, gate_up, down),
-        triton=fp8_grouped_kernel.triton_available(),
+        triton=fp8_grouped_kernel.triton_available() and not _TRITON_FAILED,
         both_fp8=isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight),
     )
 
@@ -85,7 +88,16 @@ def fp8_expert_ffn(x_RD: torch.Tensor, *, counts_E: torch.Tensor, gate_up: Weigh
     path = fp8_path(x_RD, gate_up, down)
     if path == TRITON:
         assert isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight)  # checked by fp8_path
-        return fp8_grouped_kernel.triton_fp8_expert_ffn(x_RD, counts_E=counts_E, gate_up=gate_up, down=down)
+        try:
+            return fp8_grouped_kernel.triton_fp8_expert_ffn(x_RD, counts_E=counts_E, gate_up=gate_up, down=down)
+        except ValueError:
+            raise  # our own shape check: a caller's bug, not the kernel's
+        except Exception as err:  # noqa: BLE001  # Triton's errors (TritonError) are not RuntimeErrors
+            # Unverified on this project's hardware (no GPU in CI): a Triton/GPU that fails to compile or launch
+            # it falls back, loudly, and the process does not try it again.
+            warnings.warn(f"Triton block-FP8 expert kernel failed ({err}); dequantising instead", stacklevel=2)
+            _TRITON_FAILED.append(f"{type(err).__name__}: {err}")
+            path = SYNC_FREE if x_RD.shape[0] <= SYNC_FREE_ROWS else PER_EXPERT
     if path == SYNC_FREE:
         return sync_free_expert_ffn(x_RD, counts_E=counts_E, gate_up=gate_up, down=down)
     out = torch.empty_like(x_RD)
