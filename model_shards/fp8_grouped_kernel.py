@@ -17,7 +17,8 @@ Weights go in as their uint8 bits and are converted through Triton's float8e4nv 
 arithmetic elsewhere (older GPUs, which Triton's e4m3 type does not support; the interpreter).
 Under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors: the CI proof) `tl.dot` of bf16 operands is
 wrong (checked with triton 3.9), so there both tiles, already rounded to bf16, are widened to fp32 first:
-bf16 x bf16 products are exact in fp32, so it is the same sum up to order.
+bf16 x bf16 products are exact in fp32, so it is the same sum up to order. The interpreter also truncates
+fp32 -> bf16 casts where compiled Triton rounds to nearest even (the tests' bf16 bound says so).
 Must not: choose between paths (fp8_experts.py does) or hold weights.
 Tests: tests/model_shards/test_fp8_grouped_kernel.py.
 """

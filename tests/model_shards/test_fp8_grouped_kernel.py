@@ -10,10 +10,12 @@ of separately quantised gate and up, experts without rows, one expert with every
 fp16 / bf16 activations, and both e4m3 conversions (Triton's type and the bit arithmetic). On CUDA (skipped
 here): the same comparison for the compiled kernel at a Qwen3.5-sized layer slice, and that `expert_ffn`
 takes the kernel there.
-Tolerances: fp32 activations: |kernel - ref64| <= 1e-5 absolute (fp32 accumulation order only). fp16 /
-bf16: the kernel rounds where the oracle does (weights, gate/up, SiLU, hidden, output) but accumulates in
-another order, so a rounding can flip: max |kernel - ref64| <= 2 x max |oracle - ref64| + 2 ulp of the
-output's largest value.
+Tolerances: fp32 activations: |kernel - ref64| <= 1e-5 absolute (fp32 accumulation order only). fp16: the
+kernel rounds where the oracle does (weights, gate/up, SiLU, hidden, output) but accumulates in another
+order, so a rounding can flip: max |kernel - ref64| <= max |oracle - ref64| + 1 ulp of the output's largest
+value. bf16: Triton 3.9's interpreter truncates fp32 -> bf16 casts (compiled kernels round to nearest even;
+fp16 casts are numpy's and round), which roughly triples the error here: <= 2 x the oracle's + 2 ulp, the
+same bound the CUDA test (rounding to nearest, hidden 4096) uses.
 """
 
 from __future__ import annotations
@@ -217,10 +219,13 @@ def test_interpreted_kernel_matches_the_spec(case: str, dtype: torch.dtype, nati
     err = (got.double() - ref).abs().max().item()
     if dtype == torch.float32:
         assert err <= 1e-5, err
-    else:
-        oracle = fp8_experts.fp8_expert_ffn(x, counts_E=counts_E, gate_up=gate_up, down=down)  # per expert (CPU)
-        oracle_err = (oracle.double() - ref).abs().max().item()
-        ulp = torch.finfo(dtype).eps * ref.abs().max().item()
+        return
+    oracle = fp8_experts.fp8_expert_ffn(x, counts_E=counts_E, gate_up=gate_up, down=down)  # per expert (CPU)
+    oracle_err = (oracle.double() - ref).abs().max().item()
+    ulp = torch.finfo(dtype).eps * ref.abs().max().item()
+    if dtype == torch.float16:
+        assert err <= oracle_err + ulp, (err, oracle_err, ulp)
+    else:  # the interpreter's fp32 -> bf16 casts truncate (compiled Triton rounds to nearest even)
         assert err <= 2 * oracle_err + 2 * ulp, (err, oracle_err, ulp)
 
 
