@@ -6,12 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # Keep every local Ray node on loopback (design.md); set before any test imports ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Without a GPU, Triton kernels run in Triton's CPU interpreter (tests/model_shards/test_fp8_grouped_kernel.py).
 # Set before anything imports triton: its library functions are jitted, in the mode of this variable, at import.
-if not __import__("torch").cuda.is_available():
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

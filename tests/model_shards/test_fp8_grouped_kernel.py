@@ -247,7 +247,11 @@ def test_kernel_names_a_shape_mismatch() -> None:
 # ------------------------------------------------------------------------------ the kernel, compiled (CUDA)
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
 @pytest.mark.parametrize("native", [False, True], ids=["bit-convert", "triton-e4m3"])
-@pytest.mark.parametrize("counts", [[1, 0, 3, 0, 2, 0, 0, 2], [300, 0, 7, 0, 0, 0, 0, 1]], ids=["decode", "prefill"])
+@pytest.mark.parametrize(
+    "counts",
+    [[1, 0, 3, 0, 2, 0, 0, 2], [300, 0, 7, 0, 0, 0, 0, 1], [600, 0, 7, 0, 0, 0, 0, 1]],
+    ids=["decode", "prefill-16-row-tiles", "prefill-64-row-tiles"],
+)
 def test_cuda_kernel_matches_the_spec(counts: list[int], native: bool) -> None:
     """A Qwen3.5-397B expert slice (hidden 4096, expert width 1024, separately quantised gate/up), bf16."""
     if native and torch.cuda.get_device_capability() < (8, 9):
