@@ -69,7 +69,8 @@ def fp8_path(x_RD: torch.Tensor, gate_up: Weight, down: Weight) -> str:
         reference=os.environ.get(KERNELS_ENV, "auto").strip().lower() == "reference",
         rows=x_RD.shape[0],
         scaled_mm=not fake and _scaled_mm_applies(x_RD, gate_up, down),
-        triton=fp8_grouped_kernel.triton_available() and not _TRITON_FAILED,
+        # imported only where it could run (a real CUDA tensor): triton's import costs every other process 1-2 s
+        triton=x_RD.device.type == "cuda" and not fake and not _TRITON_FAILED and fp8_grouped_kernel.triton_available(),
         both_fp8=isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight),
     )
 

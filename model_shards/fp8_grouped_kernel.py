@@ -38,29 +38,40 @@ BLOCK_M_SMALL = 16  # rows per tile for calls with few rows per expert (decode):
 BLOCK_M_LARGE = 64  # rows per tile once experts average at least this many rows (prefill)
 
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001  # ImportError, or Triton failing at import on a machine without a driver
-    triton = None
+# triton.language, bound on first use by `_triton`: importing triton costs 1-2 s of CPU, paid only by the
+# processes that run the kernel (a CUDA rank's first FP8 expert call), not by every importer of moe.py.
+tl: Any = None
+
+
+@functools.cache
+def _triton() -> Any:  # noqa: ANN401  # the triton module (no triton types here)
+    """Import triton (once; binds `tl`), or None where it does not import (CPU-only installs)."""
+    global tl
+    try:
+        import triton
+        import triton.language as language
+    except Exception:  # noqa: BLE001  # ImportError, or Triton failing at import on a machine without a driver
+        return None
+    tl = language
+    return triton
 
 
 def triton_available() -> bool:
-    return triton is not None
+    return _triton() is not None
 
 
 def interpreting() -> bool:
-    """Triton's CPU interpreter is on (triton reads TRITON_INTERPRET when a kernel is jitted)."""
+    """Triton's CPU interpreter is on. Triton reads TRITON_INTERPRET when it jits a function, its own library
+    functions included (at its import): set it before triton is imported (tests/conftest.py does)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache
-def _kernel(interpret: bool) -> Any:  # noqa: ANN401  # triton's JITFunction (no triton types here)
-    """`_grouped_fp8_gemm` jitted on first use, once per mode: `triton.jit` reads TRITON_INTERPRET then, so a
-    process can run the interpreter (tests) and compiled kernels; importing this module never needs triton."""
+def _kernel() -> Any:  # noqa: ANN401  # triton's JITFunction (no triton types here)
+    """`_grouped_fp8_gemm` jitted on first use (importing this module never imports triton)."""
+    triton = _triton()
     if triton is None:
         raise RuntimeError("the Triton block-FP8 expert kernel needs the `triton` package")
-    assert interpret == interpreting()  # the key and what triton.jit sees agree
     return triton.jit(_grouped_fp8_gemm)
 
 
@@ -211,7 +222,7 @@ def triton_fp8_expert_ffn(
     if block_m is None:
         block_m = BLOCK_M_LARGE if r >= BLOCK_M_LARGE * num_experts else BLOCK_M_SMALL
     native = native_fp8(x_RD.device) if native is None else native
-    kernel = _kernel(interpreting())
+    kernel = _kernel()
     x = x_RD.contiguous()
     tile_expert, tile_row0, tile_row_end = tile_table(counts_E, rows=r, block_m=block_m)
     common = {

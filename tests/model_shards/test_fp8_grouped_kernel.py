@@ -132,7 +132,7 @@ def test_kernel_wrapper_makes_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> N
     from model_shards import fp8_grouped_kernel
 
     launches = _Launches()
-    monkeypatch.setattr(fp8_grouped_kernel, "_kernel", lambda interpret: launches)
+    monkeypatch.setattr(fp8_grouped_kernel, "_kernel", lambda: launches)
     e, d, i = 64, 256, 128
     with fake_cuda():
         gate_up = Fp8Weight(
