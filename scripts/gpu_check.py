@@ -73,7 +73,12 @@ PLANS = {
     "full": Plan(10, (1, 16, 64), 16, (8, 2048), 4.0, None),
     "dry": Plan(1, (1, 2), 2, (2, 16), None, "choose or grouped_mm_fallback", prompt=12, greedy=3),
 }
-TEST_FILES = ("tests/model_shards/test_kernels.py",)
+TEST_FILES = (
+    "tests/model_shards/test_kernels.py",
+    # the CUDA-graph decode tests (graph vs eager tokens); the file's CPU proofs run in CI
+    "tests/replicas/test_decode_graphs.py::test_cuda_graph_decode_equals_eager_fp32",
+    "tests/replicas/test_decode_graphs.py::test_cuda_graph_replay_equals_the_static_path_bf16",
+)
 DEVICE_TEST_GLOB = "tests/**/test_device*.py"  # the device-path tests (issue 14 item 2), where present
 
 

@@ -251,37 +251,81 @@ def test_bucketed_decode_step_makes_no_host_sync_on_fake_cuda(tiny_fused: Path) 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
-def _greedy_runs(folder: Path, dtype: str, modes: list[dict[str, Any]]) -> list[tuple[list[Out], Any]]:
+def _drive(runner, prompts: list[tuple[int, ...]], steps: int) -> list[tuple[tuple, tuple]]:  # noqa: ANN001  # LocalRunner
+    """The same steps on any runner, batches fixed by the test (not by engine timing): a prefill of every prompt,
+    then `steps` greedy decode steps in which the sequences leave one by one (batch sizes shrink through the
+    buckets, with padding). Returns each step's (token ids, logprobs)."""
+    params = SamplingParams(temperature=0.0, logprobs=1)
+    n = len(prompts)
+    per_seq = -(-(max(map(len, prompts)) + steps + 1) // BLOCK)
+    starts = [SeqStart(slot=i, params=params, prompt_len=len(p)) for i, p in enumerate(prompts)]
+    tables = [tuple(range(i * per_seq, (i + 1) * per_seq)) for i in range(n)]
+    res = runner.run_step(
+        [StepRequest(seqs=tuple(SeqStep(i, 0, p, tables[i], start=starts[i]) for i, p in enumerate(prompts)))]
+    )[0]
+    out, last, live = [], list(res.token_ids), list(range(n))
+    for j in range(steps):
+        if j and j % 2 == 0 and len(live) > 1:
+            live.pop()  # a sequence finishes: the next steps hold fewer rows
+        seqs = tuple(SeqStep(i, len(prompts[i]) + j, (last[i],), output_index=j + 1) for i in live)
+        res = runner.run_step([StepRequest(seqs=seqs)])[0]
+        for i, t in zip(live, res.token_ids):
+            last[i] = t
+        out.append((tuple(res.token_ids), tuple(lp.logprob if lp is not None else None for lp in res.logprobs)))
+    return out
+
+
+def test_driven_steps_static_equals_eager(model) -> None:  # noqa: ANN001
+    """Rank-level, batches fixed by the test (what the CUDA tests below drive): the static path's tokens equal the
+    eager runner's, logprobs within fp32 round-off."""
+    from replicas.ep.local_runner import LocalRunner
+
+    prompts = [_prompt(30 + i, n) for i, n in enumerate((9, 40, 3, 17, 70))]
+    sizes = CacheSizes(num_blocks=5 * 8, block_size=BLOCK, num_slots=SLOTS)
+    outs = []
+    for kw in ({"decode_graphs": "static"}, {"cuda_graph": False}):
+        runner = LocalRunner(model, sizes, **kw)
+        try:
+            outs.append(_drive(runner, prompts, steps=8))
+        finally:
+            runner.close()
+    for j, ((s_ids, s_lps), (e_ids, e_lps)) in enumerate(zip(*outs)):
+        assert s_ids == e_ids, f"step {j}"
+        torch.testing.assert_close(s_lps, e_lps, rtol=0, atol=1e-5, msg=f"step {j}")
+
+
+def _cuda_runs(folder: Path, dtype: str, modes: list[dict[str, Any]]) -> list[tuple[list, Any]]:
     from model_shards.model import LocalModel
+    from replicas.ep.local_runner import LocalRunner
 
     model = LocalModel.load(folder, dtype=dtype, device=torch.device("cuda", 0))
-    return [_engine_run_kw(model, kw) for kw in modes]
-
-
-def _engine_run_kw(model, kw: dict[str, Any]) -> tuple[list[Out], Any]:  # noqa: ANN001  # LocalModel
-    return _engine_run(model, decode_graphs=kw.get("decode_graphs"), blocks=80)
+    prompts = [_prompt(20 + i, n) for i, n in enumerate((9, 40, 3, 520, 17, 70))]
+    sizes = CacheSizes(num_blocks=6 * 40, block_size=BLOCK, num_slots=SLOTS)
+    outs = []
+    for kw in modes:
+        runner = LocalRunner(model, sizes, **kw)
+        try:
+            outs.append((_drive(runner, prompts, steps=12), runner.graphs))
+        finally:
+            runner.close()
+    return outs
 
 
 @needs_cuda
 def test_cuda_graph_decode_equals_eager_fp32(embedded_model_dir: Path) -> None:
     """Captured graphs vs eager decode on the GPU, fp32 (TF32 off): greedy tokens equal, logprobs close."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    (graph_out, graphs), (eager_out, none) = _greedy_runs(
-        embedded_model_dir, "float32", [{"decode_graphs": "auto"}, {"decode_graphs": None}]
-    )
+    (graph_out, graphs), (eager_out, none) = _cuda_runs(embedded_model_dir, "float32", [{}, {"cuda_graph": False}])
     assert none is None and graphs is not None and graphs.disabled is None, graphs and graphs.disabled
-    assert graphs.graphs == len(graphs._buckets) and graphs.stats.replays > 0
-    for i, (g, w) in enumerate(zip(graph_out, eager_out)):
-        if REQUESTS[i][2].temperature == 0.0:
-            assert g.tokens == w.tokens, f"request {i}"
-            torch.testing.assert_close(g.logprobs, w.logprobs, rtol=0, atol=1e-3, msg=f"request {i}")
+    assert graphs.graphs == len(graphs._buckets) and graphs.stats.replays == 12
+    for j, ((g_ids, g_lps), (e_ids, e_lps)) in enumerate(zip(graph_out, eager_out)):
+        assert g_ids == e_ids, f"step {j}"
+        torch.testing.assert_close(g_lps, e_lps, rtol=0, atol=1e-3, msg=f"step {j}")
 
 
 @needs_cuda
 def test_cuda_graph_replay_equals_the_static_path_bf16(embedded_model_dir: Path) -> None:
     """bf16: a replayed graph computes exactly what its function computes run eagerly on the same buffers."""
-    (graph_out, graphs), (static_out, _) = _greedy_runs(
-        embedded_model_dir, "bfloat16", [{"decode_graphs": "auto"}, {"decode_graphs": "static"}]
-    )
+    (graph_out, graphs), (static_out, _) = _cuda_runs(embedded_model_dir, "bfloat16", [{}, {"decode_graphs": "static"}])
     assert graphs is not None and graphs.disabled is None and graphs.graphs > 0
     assert graph_out == static_out
