@@ -64,7 +64,6 @@ from replicas.ep.dispatch import LocalDispatcher
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "static", "off")  # auto: capture on a real CUDA device, else off; static: no capture (CPU proof)
 ROW_GROWTH = 2  # row buckets 1, 2, 4, ... (and the slot count)
 TILE_GROWTH = 4  # key-tile buckets 1, 4, 16, ... (and the longest context's)
 _TOKEN, _POS, _KV_SLOT, _STATE_SLOT, _KEYS = 0, 1, 4, 5, 6  # columns of the static [rows, 7] block
@@ -145,7 +144,7 @@ class DecodeGraphs:
         self.stats = GraphStats()
         self.disabled: str | None = None  # why graphs are off after a failed capture
         cfg, dev = trunk.cfg, self.device
-        self._moe_layers = [i for i in range(cfg.num_layers)]  # a decoder layer's MoE is MoE layer i
+        self._moe_layers = range(cfg.num_layers)  # decoder layer i's MoE is MoE layer i (MTP layers follow)
         self._pad_row = [0, 0, 0, 0, pad_block * bs, pad_slot, 1]
         self._small = torch.tensor([self._pad_row] * self.max_rows, dtype=torch.long, device=dev)
         self._tables = torch.full(
