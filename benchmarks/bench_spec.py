@@ -52,7 +52,9 @@ def heldout_prompts(n: int, length: int) -> list[list[int]]:
 def run_set(
     model: LocalModel, prompts: list[list[int]], k: int, args: argparse.Namespace, eos: tuple[int, ...]
 ) -> tuple[list[Completion], float]:
-    runner = LocalRunner(model, cache_sizes(args.prompt_len, args.max_tokens, spec_tokens=k))
+    runner = LocalRunner(
+        model, cache_sizes(args.prompt_len, args.max_tokens, spec_tokens=k), cuda_graph=args.cuda_graph
+    )
     reqs = [
         GenerateRequest(
             request_id=f"p{i}",
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="auto", help="auto (cuda:0 when torch sees a GPU, else cpu), cpu, cuda[:N]")
+    ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", help="on cuda: eager decode steps")
     args = ap.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
     if 0 not in ks:

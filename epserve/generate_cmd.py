@@ -54,6 +54,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="on cuda: fraction of the GPU's memory the model may use; KV blocks fill what the weights leave "
         "(default 0.9; ignored on cpu)",
     )
+    p.add_argument(
+        "--no-cuda-graph",
+        dest="cuda_graph",
+        action="store_false",
+        help="single process on cuda: run decode steps eagerly instead of replaying the CUDA graphs captured at "
+        "start (replicas/ep/decode_graphs.py; nothing to turn off on cpu)",
+    )
     p.add_argument("--output", choices=["text", "json"], default="text")
     p.add_argument("--trunk-ranks", type=int, default=1, help="trunk ranks D (>= 1)")
     p.add_argument("--expert-ranks", type=int, default=0, help="expert ranks X (0 = experts in the trunk process)")
@@ -213,6 +220,7 @@ def _generate(args, folder, prompt, params, defaults, cfg):  # noqa: ANN001, ANN
                 LocalModel.load(folder, dtype=args.dtype, device=_device(args)),
                 caches,
                 gpu_memory_utilization=args.gpu_memory_utilization,
+                cuda_graph=args.cuda_graph,
             )
             try:
                 return offline_generate(

@@ -73,6 +73,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "state slots) fill what the weights leave (default 0.9; CPU ranks keep num_kv_blocks)",
     )
     p.add_argument(
+        "--no-cuda-graph",
+        dest="cuda_graph",
+        action="store_const",
+        const=False,
+        help="AppArgs cuda_graph: no CUDA-graph decode (it applies to the in-process runner only; group trunk "
+        "ranks run decode eagerly, see replicas/ep/decode_graphs.py)",
+    )
+    p.add_argument(
         "--micro-batches",
         type=int,
         metavar="M",
@@ -113,6 +121,7 @@ def load_args(args: argparse.Namespace):  # noqa: ANN201  # -> AppArgs
         "redundant_experts": args.redundant_experts,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "micro_batches": args.micro_batches,
+        "cuda_graph": args.cuda_graph,
         "prefix_cache": args.prefix_cache,
         "prefix_state_slots": args.prefix_state_slots,
         "prefix_states_per_path": args.prefix_states_per_path,

@@ -57,6 +57,22 @@ class SeqChunk:
 
 
 @dataclass(frozen=True)
+class FixedDecode:
+    """What makes a `StepBatch` a fixed-shape decode batch (a CUDA-graph bucket, replicas/ep/decode_graphs.py):
+    one token per row on a cached state, every shape fixed by the bucket and no value read on the host, so the
+    layers take their shape-stable paths (attention: `paged_attention.fixed_decode_attention`; DeltaNet: gathered
+    state slots). The batch's host tuples (`context_lens`, `state_slots`) are then placeholders.
+
+    Attributes:
+        key_counts_B: [B] int64 on the device: keys each row attends to (its context + 1).
+        tiles: key tiles (`paged_attention.key_tile`) every row reads; `block_tables_BN` is that many tiles wide.
+    """
+
+    key_counts_B: torch.Tensor
+    tiles: int
+
+
+@dataclass(frozen=True)
 class StepBatch:
     """Packed tokens of B sequences with everything the layers index by.
 
@@ -78,6 +94,7 @@ class StepBatch:
     # state slot of each sequence on the host (what `state_slots_B` holds): layers index by these ints, never
     # by reading the device tensor back (a host sync per layer on a GPU)
     state_slots: tuple[int, ...] = ()
+    fixed_decode: FixedDecode | None = None  # a fixed-shape decode batch (CUDA-graph bucket); see FixedDecode
     _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @staticmethod
@@ -217,6 +234,8 @@ class StepBatch:
         else None: their DeltaNet states are then one block of the pool, read and written in place."""
 
         def make() -> int | None:
+            if self.fixed_decode is not None:  # slots live on the device only: always gathered
+                return None
             slots = [self.state_slots[i] for i in seqs]
             return slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
 

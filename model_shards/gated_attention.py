@@ -24,7 +24,7 @@ import torch
 from model_shards.batch import StepBatch
 from model_shards.config import ModelConfig
 from model_shards.norms import rms_norm_zc_scaled, zc_scale
-from model_shards.paged_attention import decode_attention, decode_plan, prefill_attention
+from model_shards.paged_attention import decode_attention, decode_plan, fixed_decode_attention, prefill_attention
 from model_shards.quant import Weight, linear
 from model_shards.rope import apply_partial_rope
 
@@ -97,6 +97,20 @@ def attention_forward(
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
     eager = impl == "eager"
+    fixed = batch.fixed_decode
+    if fixed is not None:  # a fixed-shape decode batch (CUDA-graph bucket): row i is sequence i's one token
+        if eager:
+            raise ValueError("a fixed-shape decode batch needs paged attention (eager reads key counts on the host)")
+        out = fixed_decode_attention(
+            q,
+            tables_RN=batch.block_tables_BN,
+            key_counts_R=fixed.key_counts_B,
+            tiles=fixed.tiles,
+            k_pool=k_pool,
+            v_pool=v_pool,
+            scale=scale,
+        )
+        return linear(out.reshape(t, h * hd) * torch.sigmoid(gate), w.o_proj)
     if batch.decode_rows:  # one query per row over its cached context, batched (decode and verification)
         rows = batch.decode_row_ids
         if eager:

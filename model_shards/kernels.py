@@ -227,6 +227,18 @@ def grouped_mm_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
     return True
 
 
+def _grouped_mm_masked(a_RK: torch.Tensor, b_EKN: torch.Tensor, *, offs: torch.Tensor) -> torch.Tensor:
+    """`grouped_mm` without reading the offsets on the host (what a CUDA-graph capture needs where
+    `F.grouped_mm` does not apply, e.g. the fp32 checks): every row times every group's matrix, each row
+    keeping its own group's product. E times the FLOPs: a decode-sized fallback, not a serving path."""
+    rows = torch.arange(a_RK.shape[0], device=a_RK.device, dtype=offs.dtype)
+    group = torch.searchsorted(offs, rows, right=True)  # [R] the group of each row
+    out = a_RK.new_zeros(a_RK.shape[0], b_EKN.shape[-1])
+    for e in range(b_EKN.shape[0]):
+        out = torch.where((group == e)[:, None], torch.mm(a_RK, b_EKN[e]), out)
+    return out
+
+
 def grouped_mm(a_RK: torch.Tensor, b_EKN: torch.Tensor, *, offs: torch.Tensor) -> torch.Tensor:
     """`F.grouped_mm(a, b, offs=offs)`: rows offs[e-1]:offs[e] of a times b[e]. Where it does not apply
     (older torch; fp32 on CUDA, as the fp32 parity checks run; a torch whose CPU grouped_mm refuses the
@@ -237,6 +249,8 @@ def grouped_mm(a_RK: torch.Tensor, b_EKN: torch.Tensor, *, offs: torch.Tensor) -
         except (RuntimeError, NotImplementedError):
             # e.g. a CPU or dtype this torch's grouped_mm lacks: remembered, so it is tried once per process
             _GROUPED_MM_REJECTED.add((a_RK.device.type, a_RK.dtype))
+    if a_RK.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _grouped_mm_masked(a_RK, b_EKN, offs=offs)
     out = a_RK.new_empty(a_RK.shape[0], b_EKN.shape[-1])
     start = 0
     for e, end in enumerate(offs.tolist()):

@@ -12,6 +12,10 @@ gives the same bits as a one-shot prefill (key tiles past a row's position are f
 leave its running max, sum and accumulator exactly unchanged: exp(-inf) = 0, alpha = exp(0) = 1).
 Decode: one query per row; the rows that still have keys in tile j are gathered through their block
 tables tile by tile (no copy padded to the longest context).
+Fixed-width decode (`fixed_decode_attention`, what a CUDA graph captures): every row reads the same number
+of key tiles, its key count a device tensor; tiles past a row's keys are fully masked, which leaves its
+running max, sum and accumulator exactly unchanged, so each row gets the bits `decode_attention` gives it.
+No shape depends on a value and nothing is read on the host.
 
 Numerics: scores q.k in the compute dtype, then fp32 scale, max, exp and sums; probabilities are cast
 to the compute dtype for the P.V matmul (as eager does) and accumulated in fp32. The compute dtype is
@@ -211,3 +215,45 @@ def decode_attention(
         )
     out = (acc / den[..., None]).to(q_RHD.dtype).view(r, h, hd)
     return torch.empty_like(out).index_copy_(0, order, out)
+
+
+def fixed_decode_attention(
+    q_RHD: torch.Tensor,
+    *,
+    tables_RN: torch.Tensor,
+    key_counts_R: torch.Tensor,
+    tiles: int,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """`decode_attention` with a plan fixed by shapes alone: every row reads `tiles` key tiles, masked past its
+    key count (a device tensor), in row order (no sort). What a CUDA graph of a decode bucket captures.
+
+    Args:
+        q_RHD: [R, H, hd] queries.
+        tables_RN: [R, >= tiles * blocks per tile] block ids; entries past a row's keys must be valid block ids
+            (they are read, then masked).
+        key_counts_R: [R] int64 keys each row attends to (>= 1; its query is the last of them).
+    Returns:
+        [R, H, hd] in q's dtype.
+    """
+    r, h, hd = q_RHD.shape
+    bs, hkv = k_pool.shape[1], k_pool.shape[2]
+    g = h // hkv
+    kt = key_tile(bs)
+    per_tile = kt // bs
+    dev, cdt = q_RHD.device, compute_dtype(q_RHD)
+    q = q_RHD.view(r, hkv, g, hd).to(cdt)
+    m = torch.full((r, hkv, g), float("-inf"), device=dev)
+    den = torch.zeros(r, hkv, g, device=dev)
+    acc = torch.zeros(r, hkv, g, hd, device=dev)
+    key_offsets = torch.arange(kt, device=dev)
+    for ti in range(tiles):
+        ids = tables_RN[:, ti * per_tile : (ti + 1) * per_tile].reshape(-1)
+        k = k_pool.index_select(0, ids).view(r, kt, hkv, hd).to(cdt)
+        v = v_pool.index_select(0, ids).view(r, kt, hkv, hd).to(cdt)
+        mask = (key_offsets + ti * kt)[None, :] >= key_counts_R[:, None]  # [R, KT] slots past each row's keys
+        v.masked_fill_(mask[:, :, None, None], 0)  # they may hold other data, NaN included
+        _online_step(q, k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3), mask[:, None, None, :], scale, m, den, acc)
+    return (acc / den[..., None]).to(q_RHD.dtype).view(r, h, hd)

@@ -10,7 +10,8 @@ Stages:
 - hf_parity: our LocalModel vs transformers on the same random checkpoint (tests/hf_oracle.py) on the
   device: fp32 logits within FP32_LOGIT_ATOL and greedy tokens equal; bf16 teacher-forced over HF's
   fp32 greedy text, a position counted wrong only where HF's top-2 margin exceeds BF16_MARGIN.
-- cuda_graph: CUDA-graph vs eager decode where the runner has CUDA graphs (skipped, saying why, where not).
+- cuda_graph: the in-process runner's CUDA-graph decode vs its eager decode (`cuda_graph=False`): fp32 greedy
+  tokens equal at batch 1 / 16 / 64, and ms per decode step both ways, fp32 and bf16 (skipped on CPU).
 - bench: prefill tok/s and decode ms/step at batch 1 / 16 / 64, ours vs transformers (its default
   back-ends) on the same device and weights: the tiny model and a random checkpoint of >= 4 GiB
   (`epserve tiny-checkpoint --target-gib`), bf16 and (ours) FP8; peak device memory; start-up time.
@@ -76,6 +77,9 @@ TEST_FILES = (
     "tests/model_shards/test_kernels.py",
     "tests/model_shards/test_fp8_experts.py",  # F.scaled_mm's block-FP8 GEMM vs the spec
     "tests/model_shards/test_fp8_grouped_kernel.py",  # the Triton block-FP8 expert kernel vs the spec
+    # the CUDA-graph decode tests (graph vs eager tokens); the file's CPU proofs run in CI
+    "tests/replicas/test_decode_graphs.py::test_cuda_graph_decode_equals_eager_fp32",
+    "tests/replicas/test_decode_graphs.py::test_cuda_graph_replay_equals_the_static_path_bf16",
 )
 DEVICE_TEST_GLOB = "tests/**/test_device*.py"  # the device-path tests (issue 14 item 2), where present
 
@@ -355,14 +359,99 @@ def stage_hf_parity(device: torch.device, plan: Plan, tmp: Path) -> dict[str, An
     return result
 
 
-def stage_cuda_graph(device: torch.device) -> dict[str, Any]:
+def stage_cuda_graph(device: torch.device, plan: Plan, tmp: Path) -> dict[str, Any]:
+    """The in-process runner with CUDA-graph decode vs the same runner eager (`cuda_graph=False`), on the tiny
+    checkpoint: greedy tokens of every decode batch equal in fp32 (TF32 off), and the decode step's time (the
+    runner's whole step: inputs in, forward, sampling, tokens out) at each batch size, fp32 and bf16."""
     if device.type != "cuda":
         raise Skipped("CUDA graphs need a CUDA device")
-    from model_shards import model as model_module
+    from replicas.ep.actors import CacheSizes
+    from replicas.ep.local_runner import LocalRunner
 
-    if not any("graph" in name.lower() for name in dir(model_module.LocalModel)):
-        raise Skipped("this build's in-process runner has no CUDA-graph decode (issue 14 item 4)")
-    raise Skipped("CUDA-graph runner present but not yet wired into this check")
+    folder = hf_checkpoint(tmp)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    batches = (1, 16, 64) if plan.decode_batches[-1] >= 64 else plan.decode_batches
+    steps, prompt = max(8, plan.decode_steps * 2), 32
+    per_seq = -(-(prompt + steps + 1) // 16)
+    caches = CacheSizes(num_blocks=max(batches) * per_seq, block_size=16, num_slots=max(batches))
+    result: dict[str, Any] = {"batches": list(batches), "steps": steps, "dtypes": {}}
+    ok = True
+    for dtype in ("float32", "bfloat16"):
+        model = LocalModel.load(folder, dtype=dtype, device=device)
+        runs: dict[str, dict[int, tuple[list[list[int]], float]]] = {}
+        info: dict[str, Any] = {}
+        for name, graph in (("graph", True), ("eager", False)):
+            t0 = time.perf_counter()
+            runner = LocalRunner(model, caches, cuda_graph=graph)
+            _sync(device)
+            info[f"{name}_start_s"] = time.perf_counter() - t0
+            try:
+                if graph:
+                    g = runner.graphs
+                    if g is None or g.disabled is not None or not g.graphs:
+                        raise RuntimeError(f"no graphs captured: {g.disabled if g is not None else 'none built'}")
+                    info["graphs"] = g.graphs
+                runs[name] = {
+                    b: _graph_decode(runner, b, prompt, steps, per_seq, model.cfg.vocab_size) for b in batches
+                }
+                if graph and runner.graphs is not None:
+                    info["replays"] = runner.graphs.stats.replays
+            finally:
+                runner.close()
+        rows = []
+        for b in batches:
+            same = runs["graph"][b][0] == runs["eager"][b][0]
+            g_ms, e_ms = runs["graph"][b][1], runs["eager"][b][1]
+            rows.append({"batch": b, "graph_ms": g_ms, "eager_ms": e_ms, "speedup": e_ms / g_ms, "tokens_equal": same})
+            if dtype == "float32" and not same:
+                ok = False
+        info["rows"] = rows
+        result["dtypes"][dtype] = info
+        del model
+    result["status"] = "passed" if ok else "failed"
+    result["summary"] = "; ".join(
+        f"{dt} "
+        + ", ".join(
+            f"B={r['batch']} {r['graph_ms']:.2f} vs {r['eager_ms']:.2f} ms ({r['speedup']:.1f}x, tokens "
+            f"{'equal' if r['tokens_equal'] else 'DIFFER'})"
+            for r in info["rows"]
+        )
+        for dt, info in result["dtypes"].items()
+    )
+    return result
+
+
+def _graph_decode(runner: Any, batch: int, prompt: int, steps: int, per_seq: int, vocab: int) -> tuple[list, float]:  # noqa: ANN401  # a LocalRunner
+    """`batch` greedy sequences: one prefill step, then `steps` decode steps; (tokens per step, median ms/step)."""
+    from model_shards.sampling import SamplingParams
+    from replicas.engine.step_types import SeqStart, SeqStep, StepRequest
+
+    greedy = SamplingParams(temperature=0.0)
+    gen = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, min(vocab, 1000), (batch, prompt), generator=gen).tolist()
+    base = 1000 * batch  # sequence ids of this batch (released at the end)
+    seqs = tuple(
+        SeqStep(
+            base + i,
+            0,
+            tuple(ids[i]),
+            tuple(range(i * per_seq, (i + 1) * per_seq)),
+            start=SeqStart(slot=i, params=greedy, prompt_len=prompt),
+        )
+        for i in range(batch)
+    )
+    last = list(runner.run_step([StepRequest(seqs=seqs)])[0].token_ids)
+    tokens, times = [], []
+    for j in range(steps):
+        req = StepRequest(
+            seqs=tuple(SeqStep(base + i, prompt + j, (last[i],), output_index=j + 1) for i in range(batch))
+        )
+        t0 = time.perf_counter()
+        last = list(runner.run_step([req])[0].token_ids)  # the tokens come back to the host: the step is done
+        times.append(time.perf_counter() - t0)
+        tokens.append(last)
+    runner.run_step([StepRequest(seqs=(), released=tuple(base + i for i in range(batch)))])
+    return tokens, 1e3 * statistics.median(times[1:] if len(times) > 1 else times)
 
 
 def _timed(device: torch.device, fn: Callable[[], object]) -> float:
@@ -507,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
             "env": lambda: stage_env(device),
             "cuda_tests": lambda: stage_cuda_tests(plan, args.out),
             "hf_parity": lambda: stage_hf_parity(device, plan, tmp),
-            "cuda_graph": lambda: stage_cuda_graph(device),
+            "cuda_graph": lambda: stage_cuda_graph(device, plan, tmp),
             "bench": lambda: stage_bench(device, plan, tmp, on_model=_partial(report)),
         }
         for name in stages:

@@ -3,11 +3,13 @@
 `LocalRunner` implements the engine's `AsyncRunner` protocol (replicas/engine/engine.py), as the
 expert-parallel group (replicas/ep/group.py) does, so `epserve generate`, the benchmarks and the tests
 run the same Engine (schedule -> execute -> update, speculation included) as serving. It is the seam of
-the GPU path: a device runner (weights and caches on the accelerator, CUDA graphs for decode batch
-sizes) replaces the CPU `TrunkRank` behind `run_step`, and the engine above it does not change.
+the GPU path: weights and caches live on the model's device, and on a CUDA device decode steps replay
+CUDA graphs captured at construction, one per batch-size / context bucket (replicas/ep/decode_graphs.py;
+`cuda_graph=False`, `--no-cuda-graph`, turns them off); the engine above it does not change.
 Steps run on one dedicated worker thread, so the event loop keeps serving while the model computes and
 thread-bound state (a device's current stream, captured graphs) always sees the same thread.
-Tests: tests/replicas/test_offline_generate.py, tests/replicas/test_speculative.py.
+Tests: tests/replicas/test_offline_generate.py, tests/replicas/test_speculative.py,
+tests/replicas/test_decode_graphs.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from model_shards.cache import CachePools
 from model_shards.model import LocalModel
 from replicas.engine.step_types import StepRequest, StepResult
 from replicas.ep.actors import CacheSizes, fit_caches_to_device
+from replicas.ep.decode_graphs import DecodeGraphs, is_fake
 from replicas.ep.dispatch import LocalDispatcher
 from replicas.ep.trunk_rank import CANARY_RESERVE, TrunkRank
 
@@ -32,11 +35,25 @@ class LocalRunner:
             (replicas/ep/offline_generate.py `engine_pools`, which reads `self.caches`).
         gpu_memory_utilization: on cuda, size the blocks (and at most `caches.num_slots` slots) from the free
             device memory after the weights loaded (model_shards/cache_sizing.py); None, or on cpu: the fixed counts.
+        cuda_graph: decode steps through CUDA graphs, captured here, where the model is on a CUDA device (on cpu
+            nothing to do); False: every step eager.
+        decode_graphs: "auto" (what `cuda_graph` says), or "static": the graphs' static-buffer path without
+            capture on any device (how the CPU tests prove bucketing and padding change nothing).
     """
 
     num_trunk_ranks = 1
 
-    def __init__(self, model: LocalModel, caches: CacheSizes, *, gpu_memory_utilization: float | None = None) -> None:
+    def __init__(
+        self,
+        model: LocalModel,
+        caches: CacheSizes,
+        *,
+        gpu_memory_utilization: float | None = None,
+        cuda_graph: bool = True,
+        decode_graphs: str = "auto",
+    ) -> None:
+        if decode_graphs not in ("auto", "static"):
+            raise ValueError(f"decode_graphs must be 'auto' or 'static', got {decode_graphs!r}")
         self.vocab_size = model.cfg.vocab_size
         self.device = model.device  # the runner's one device: the model's weights, its pools and batches
         if gpu_memory_utilization is not None and self.device.type == "cuda":
@@ -56,11 +73,26 @@ class LocalRunner:
             spec_tokens=caches.spec_tokens,
             num_checkpoints=caches.state_checkpoints,
         )
-        self.rank = TrunkRank(
-            model.trunk, pools, LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers)
-        )
+        routed = LocalDispatcher(model.experts, num_moe_layers=model.cfg.num_moe_layers)
+        self.rank = TrunkRank(model.trunk, pools, routed)
         self.rank.canary()  # a device, layout or weight mistake fails here, not at the first request
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epserve-local-runner")
+        real_cuda = self.device.type == "cuda" and not is_fake(model.trunk.w.embed)
+        capture = cuda_graph and real_cuda and decode_graphs == "auto" and model.trunk.attention == "paged"
+        self.graphs: DecodeGraphs | None = None
+        if capture or decode_graphs == "static":
+            self.graphs = DecodeGraphs(
+                model.trunk,
+                pools,
+                routed,
+                max_rows=caches.num_slots,
+                max_keys=min(caches.num_blocks * caches.block_size, model.cfg.max_position_embeddings),
+                pad_block=self.rank.canary_block,  # padding rows write only the canary's reserved block and slot
+                pad_slot=self.rank.canary_slot,
+                capture=capture,
+            )
+            self._thread.submit(self.graphs.capture).result()  # on the thread that replays them
+            self.rank.decode_graphs = self.graphs
 
     @property
     def pools(self) -> CachePools:

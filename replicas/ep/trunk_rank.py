@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,6 +37,9 @@ from replicas.ep.micro_batches import split_sequences
 from replicas.ep.mtp_drafter import MtpDrafter
 from replicas.ep.rank_seqs import LiveSeq, SeqTable
 from replicas.ep.speculative import verify
+
+if TYPE_CHECKING:
+    from replicas.ep.decode_graphs import DecodeGraphs
 
 
 class TrunkRank:
@@ -75,6 +79,8 @@ class TrunkRank:
             num_checkpoints=pools.num_checkpoints,
         )
         self.drafter = MtpDrafter(trunk, pools, routed)
+        # the in-process runner's CUDA-graph decode (replicas/ep/decode_graphs.py); None: every forward eager
+        self.decode_graphs: DecodeGraphs | None = None
 
     def reset(self) -> None:
         """Forget every sequence (the group is being rebuilt: the engine ended them all)."""
@@ -179,6 +185,10 @@ class TrunkRank:
     def _forward(self, live: list[LiveSeq], batch: StepBatch) -> TrunkOutput:
         """The trunk forward, in the plan's ping-pong micro-batches when it has them (replicas/ep/micro_batches.py)."""
         plan = self._plan
+        if plan is None and self.decode_graphs is not None:  # a decode step that fits a bucket replays its graph
+            out = self.decode_graphs.forward([s.chunk for s in live], batch)
+            if out is not None:
+                return out
         if plan is None or not plan.split:
             return self.trunk.forward(batch, pools=self.pools, routed=self.routed)
         groups = split_sequences([len(s.chunk.token_ids) for s in live], plan.micro_batches)

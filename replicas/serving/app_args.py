@@ -119,6 +119,12 @@ class AppArgs(BaseModel):
         description="With gpus: fraction of each trunk rank's GPU memory it uses; KV blocks (and at most "
         "max_num_seqs state slots) are sized from what the weights leave, not num_kv_blocks (vLLM's name).",
     )
+    cuda_graph: bool = Field(
+        True,
+        description="CUDA graphs for decode steps (batch-size buckets captured at start) where a runner supports "
+        "them: today the in-process runner only (`epserve generate`, the benchmarks); trunk ranks of a group run "
+        "decode eagerly (replicas/ep/decode_graphs.py says what stands in the way). False: eager everywhere.",
+    )
     max_num_seqs: int = Field(32, ge=1, description="Running sequences (= DeltaNet state slots) per trunk rank.")
     max_num_batched_tokens: int = Field(2048, ge=64, description="New tokens per trunk rank per step.")
     max_model_len: int | None = Field(

@@ -120,6 +120,43 @@ def test_decode_rows_match_eager_and_do_not_depend_on_the_batch(dtype: torch.dty
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fixed_width_decode_gives_each_row_the_bits_of_the_sorted_plan(dtype: torch.dtype, tiles: str) -> None:
+    """The CUDA-graph plan (every row reads the same key tiles, key counts on the device, rows unsorted), two more
+    tiles than the longest row needs, a padding row of one key and stale NaN blocks past every row's keys: each
+    real row equals `decode_attention`'s bit for bit (fully masked tiles leave a row's softmax state unchanged)."""
+    gen = torch.Generator().manual_seed(5)
+    bs, hkv, g, hd = 16, 2, 4, 64
+    counts = [7, 700, 33, 1]  # the last: a padding row (its one key in a block of its own)
+    kt = pa.key_tile(bs)
+    tiles_n = -(-max(counts) // kt) + 2
+    per_tile = kt // bs
+    blocks = sum(-(-c // bs) for c in counts) + 2
+    k_pool, v_pool = _pool(gen, blocks, bs, hkv, hd, dtype), _pool(gen, blocks, bs, hkv, hd, dtype)
+    k_pool[0], v_pool[0] = float("nan"), float("nan")  # block 0: stale entries past each row's keys
+    table = torch.zeros(len(counts), tiles_n * per_tile, dtype=torch.long)
+    used = 1
+    for r, c in enumerate(counts):
+        nb = -(-c // bs)
+        table[r, :nb] = torch.arange(used, used + nb)
+        used += nb
+    q = torch.randn(len(counts), hkv * g, hd, generator=gen).to(dtype)
+    got = pa.fixed_decode_attention(
+        q,
+        tables_RN=table,
+        key_counts_R=torch.tensor(counts),
+        tiles=tiles_n,
+        k_pool=k_pool,
+        v_pool=v_pool,
+        scale=hd**-0.5,
+    )
+    assert torch.isfinite(got).all()
+    plan = pa.decode_plan(table[:3], counts[:3], block_size=bs)
+    want = pa.decode_attention(q[:3], plan=plan, k_pool=k_pool, v_pool=v_pool, scale=hd**-0.5)
+    for r in range(3):
+        assert torch.equal(got[r], want[r]), f"row with {counts[r]} keys"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("splits", [(64,), (128, 192), (64, 128, 256)], ids=lambda s: "+".join(map(str, s)))
 def test_prefill_resumed_at_multiples_of_64_is_bit_identical(
     dtype: torch.dtype, splits: tuple[int, ...], tiles: str
