@@ -59,12 +59,32 @@ def bench(config: str, batch: int, steps: int, tmp: Path) -> dict:
     }
     for g in groups.values():
         g.start()
+    import psutil
+    import ray
+
+    # each rank process: its pid (for CPU time from /proc, this host) and its torch intra-op threads
+    procs = {
+        m: [psutil.Process(p) for p in ray.get([a.pid.remote() for a in g.trunks + g.experts])]
+        for m, g in groups.items()
+    }
+    threads = {}
+    for m, g in groups.items():
+        try:  # the expert's default thread runs its step loop: ask on the control group
+            threads[m] = ray.get(
+                [
+                    a.__ray_call__.options(concurrency_group="control").remote(lambda _: torch.get_num_threads())
+                    for a in g.trunks + g.experts
+                ],
+                timeout=30,
+            )
+        except Exception as exc:  # noqa: BLE001  # a diagnostic only
+            threads[m] = [f"? ({type(exc).__name__})"]
     greedy = SamplingParams(temperature=0.0)
     vocab = groups[1].cfg.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vocab, (PREFILL,), generator=gen).tolist() for _ in range(batch)]
     state = {m: [dict(pending=list(p), ctx=0) for p in prompts] for m in groups}
-    samples: dict[int, list[tuple[float, float]]] = {m: [] for m in groups}
+    samples: dict[int, list[tuple[float, float, float, float, float]]] = {m: [] for m in groups}
     mismatched = 0
     loop = asyncio.new_event_loop()
     try:
@@ -85,25 +105,35 @@ def bench(config: str, batch: int, steps: int, tmp: Path) -> dict:
                         for s in range(batch)
                     )
                 )
+                cpu0 = [p.cpu_times() for p in procs[m]]
                 t0 = time.perf_counter()
                 res = loop.run_until_complete(groups[m].step([req]))[0]
                 wall = time.perf_counter() - t0
+                cpu = [sum(p.cpu_times()[:2]) - sum(c[:2]) for p, c in zip(procs[m], cpu0, strict=True)]
+                exch = ray.get(groups[m].trunks[0].take_timings.remote()).get("exchange_s", 0.0)
                 for s, tok in enumerate(res.token_ids):
                     st[s]["ctx"] += len(st[s]["pending"])
                     st[s]["pending"] = [tok]
                 toks[m] = res.token_ids
                 if step > WARM:  # step 0 is the prefill
-                    samples[m].append((wall, res.timings.get("forward_s", 0.0)))
+                    samples[m].append((wall, res.timings.get("forward_s", 0.0), exch, cpu[0], cpu[1]))
             mismatched += toks[1] != toks[2]
     finally:
         loop.close()
         for g in groups.values():
             g.shutdown()
-    out = {"config": config, "batch": batch, "steps": steps, "steps_with_different_tokens": mismatched}
+    out: dict = {"config": config, "batch": batch, "steps": steps, "steps_with_different_tokens": mismatched}
+    out["torch_threads_per_rank"] = {f"m{m}": t for m, t in threads.items()}
     for m in groups:
-        out[f"m{m}_wall_ms"] = statistics.median(w for w, _ in samples[m]) * 1e3
-        out[f"m{m}_forward_ms"] = statistics.median(f for _, f in samples[m]) * 1e3
+        for k, name in enumerate(("wall", "forward", "exchange", "trunk_cpu", "expert_cpu")):
+            out[f"m{m}_{name}_ms"] = statistics.median(x[k] for x in samples[m]) * 1e3
+        # CPU seconds both ranks got per wall second of the step: 1 = they took turns, 2 = both busy all along
+        out[f"m{m}_parallelism"] = statistics.median((x[3] + x[4]) / x[0] for x in samples[m])
     out["speedup"] = out["m1_wall_ms"] / out["m2_wall_ms"]
+    # what m = 2 could reach with a core per rank: the step as long as the busier rank (m = 1's CPU times)
+    out["ideal_speedup"] = (out["m1_trunk_cpu_ms"] + out["m1_expert_cpu_ms"]) / max(
+        out["m1_trunk_cpu_ms"], out["m1_expert_cpu_ms"]
+    )
     return out
 
 
@@ -130,12 +160,18 @@ def main() -> None:
     finally:
         cluster.shutdown()
     print(f"## decode step, D = 1, X = 1, {r['config']} model, fp32, batch {r['batch']}, median of {r['steps']} steps")
-    print("| layout | wall ms | trunk forward ms |")
-    print("|--------|---------|------------------|")
+    print(f"torch threads per rank (trunk, expert): {r['torch_threads_per_rank']}")
+    print("| layout | wall ms | trunk forward ms | trunk in exchanges ms | trunk CPU ms | expert CPU ms | CPU/wall |")
+    print("|--------|---------|------------------|-----------------------|--------------|---------------|----------|")
     for m in (1, 2):
-        print(f"| m = {m}  | {r[f'm{m}_wall_ms']:7.1f} | {r[f'm{m}_forward_ms']:16.1f} |")
+        v = {k[3:]: x for k, x in r.items() if k.startswith(f"m{m}_")}
+        print(
+            f"| m = {m}  | {v['wall_ms']:7.1f} | {v['forward_ms']:16.1f} | {v['exchange_ms']:21.1f} | "
+            f"{v['trunk_cpu_ms']:12.1f} | {v['expert_cpu_ms']:13.1f} | {v['parallelism']:8.2f} |"
+        )
     target = "met" if r["speedup"] >= 1.3 else "MISS"
     print(f"speedup m = 1 / m = 2 (wall medians): {r['speedup']:.2f}x (target >= 1.3x: {target})")
+    print(f"ideal with a core per rank, (trunk + expert CPU) / max of them at m = 1: {r['ideal_speedup']:.2f}x")
     print(f"steps whose greedy tokens differ between m = 1 and m = 2: {r['steps_with_different_tokens']}")
     print(f"total {time.time() - t_start:.0f} s, load average at end {os.getloadavg()[0]:.1f} (1 min)")
     if args.json:
