@@ -592,12 +592,21 @@ class ExpertParallelGroup:
             dead += more_dead
             hung += frozen
             left = [i for i in left if i not in more_dead]
-        if not (dead or raised or hung) and left:  # the deadline passed with no one blamed: who never finished?
-            # (an expert loop between two steps, waiting for the next header, is not the one)
-            hung = [
-                i for i in left if not (watch and (watch.in_collective(i) or (i in loops.values() and watch.idle(i))))
-            ]
-            hung = hung or left
+        if not (dead or raised or hung) and left:  # only collateral errors, or the deadline: who never finished?
+            # first, who died (its death not yet reported through its call: the ranks of a lost node, or processes
+            # that exited while their peers' collectives erred first)
+            more_dead, frozen = await self._ask_pending(actors, left)
+            dead += more_dead
+            left = [i for i in left if i not in more_dead]
+            if more_dead:
+                hung += frozen
+            else:  # (an expert loop between two steps, waiting for the next header, is not the one)
+                hung = [
+                    i
+                    for i in left
+                    if not (watch and (watch.in_collective(i) or (i in loops.values() and watch.idle(i))))
+                ]
+                hung = hung or left
         if collateral and (dead or raised or hung):
             # a rank whose collective erred may have died right after: a lost node's ranks error on each other's
             # closed connections, then their processes end with the node; asked once, as the running ones are
