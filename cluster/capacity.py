@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TypedDict
 
 from cluster.placement import ExpertMap
@@ -318,18 +318,23 @@ def plan_capacity(
 ) -> CapacityPlan:
     """Plan one expert-parallel group on a GPU cluster: D trunk GPUs and X expert GPUs, disjoint pools.
 
-    Choosing D and X (when not given): X is the smallest expert-rank count whose fullest shard
-    (ceil(E/X) experts of every MoE layer, the MTP layer's included) plus the activation reserve
-    fits one GPU; every other GPU of the nodes becomes a trunk rank, because trunk ranks are where
-    sequences live (KV + DeltaNet state). Given only X, D takes the rest; given only D, X takes the
-    rest (capped at E). Why trunk-heavy: under the HBM floor a decode step costs about the same for
-    any D (each expert rank streams its shard once per step however many tokens arrive), so more
-    trunk ranks mean more sequences per step; all-to-all bandwidth and expert compute, which this
-    ignores, are what eventually cap D.
+    Choosing D and X (when neither is given): every GPU is used, and X is scanned from 1 to
+    min(E, GPUs - 1) (D = the other GPUs); among the splits that fit, the one with the least decode
+    floor per decode token of the group wins, i.e. the most tokens per second at full batch:
+    D x T / floor, T the decode batch per trunk rank, floor = max(HBM, network) with m = 2 overlap
+    (the network floor alone without `hbm_tbps`); ties go to fewer expert ranks (`auto_layout`).
+    Why per token and not the step floor alone: the step floor with T fixed per trunk only falls
+    as D shrinks (fewer senders, smaller expert shards), down to D = 1, which serves the fewest
+    sequences. The smallest X whose fullest shard (ceil(E/X) experts of every MoE layer, the MTP
+    layer's included) plus the activation reserve fits one GPU is the first split that fits;
+    when none fits, that X is planned and refused with the reason (as before the scan). Given only
+    X, D takes the rest; given only D, X takes the rest (capped at E); given flags always win.
 
-    Worked example (397B, bf16, 2 nodes x 8 x 140 GiB, reserve 8 GiB): one expert over 61 MoE
-    layers is 61 x 25.17 MB = 1.43 GiB; X = 5 holds 103 experts = 147.3 GiB (too much), X = 6
-    holds 86 = 122.95 GiB, + 8 <= 140, so X = 6 (86, 86, 85, 85, 85, 85 experts) and D = 16 - 6 = 10.
+    Worked example of the smallest X (397B, bf16, 2 nodes x 8 x 140 GiB, reserve 8 GiB): one expert
+    over 61 MoE layers is 61 x 25.17 MB = 1.43 GiB; X = 5 holds 103 experts = 147.3 GiB (too much),
+    X = 6 holds 86 = 122.95 GiB, + 8 <= 140, so X = 6 (86, 86, 85, 85, 85, 85 experts). With the
+    network counted, 4 nodes of H200 at fp8 go from X = 3 (D = 29: 146 ms network-bound floor) to
+    X = 16 (D = 16: 14.9 ms), benchmarks/RESULTS-plan.md.
 
     A trunk GPU holds embed + lm_head + all mixers + routers + shared experts + norms + the MTP
     head's non-expert part + the vision tower, an activation reserve, and in what is left KV blocks
@@ -378,6 +383,30 @@ def plan_capacity(
     speeds = LinkSpeeds(nic_gbps=nic_gbps, nvlink_gbps=nvlink_gbps)  # raises on a non-positive speed
     if decode_tokens_per_trunk is not None and decode_tokens_per_trunk < 0:
         raise ValueError(f"decode_tokens_per_trunk must be >= 0, got {decode_tokens_per_trunk}")
+    if trunk_ranks is None and expert_ranks is None:
+        fitting = [
+            plan_capacity(
+                cfg,
+                topology,
+                weight_format=weight_format,
+                trunk_ranks=topology.total_gpus - x,
+                expert_ranks=x,
+                max_model_len=max_model_len,
+                block_size=block_size,
+                kv_dtype_bytes=kv_dtype_bytes,
+                activation_reserve_gib=activation_reserve_gib,
+                hbm_tbps=hbm_tbps,
+                redundant_experts=redundant_experts,
+                nic_gbps=nic_gbps,
+                nvlink_gbps=nvlink_gbps,
+                decode_tokens_per_trunk=decode_tokens_per_trunk,
+            )
+            for x in range(1, min(cfg.num_experts, topology.total_gpus - 1) + 1)
+        ]
+        chosen = auto_layout([p for p in fitting if p.fits])
+        if chosen is not None:
+            return chosen
+        # nothing fits: plan the smallest X that would (below) so the refusal names the problem
     served, assumptions = planning_config(cfg, weight_format)
     groups = weight_bytes_by_group(served)
     e = cfg.num_experts
@@ -492,6 +521,35 @@ def plan_capacity(
         sequences_with_prefix_states=seqs_with_ckpts,
         **net,
     )
+
+
+def tokens_per_s_bound(plan: CapacityPlan) -> float:
+    """Decode tokens per second of the whole group at full batch: D x T / decode floor (max(HBM, network), m = 2
+    overlap; the network floor alone when the plan has no HBM floor). 0 when the floor is unknown or zero."""
+    floor = plan.decode_floor_overlap_ms if plan.decode_floor_overlap_ms is not None else plan.network_floor_ms
+    if not floor:
+        return 0.0
+    return plan.trunk_ranks * plan.decode_tokens_per_trunk * 1e3 / floor
+
+
+def auto_layout(candidates: list[CapacityPlan]) -> CapacityPlan | None:
+    """The automatic D/X among plans that fit (all GPUs used, X scanned): the most decode tokens per second
+    (`tokens_per_s_bound`, the least floor per token), ties to fewer expert ranks; None when none fits.
+    The chosen plan's `layout_rule` and assumptions say what it was chosen over."""
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda p: (tokens_per_s_bound(p), -p.expert_ranks))
+    first = min(candidates, key=lambda p: p.expert_ranks)
+    by_net = best.decode_floor_overlap_ms is None
+    what = "network floor" if by_net else "decode floor"
+    note = (
+        f"auto layout: X scanned over the {len(candidates)} splits that fit (X = {first.expert_ranks} to "
+        f"{max(p.expert_ranks for p in candidates)}, every GPU used); X = {best.expert_ranks} gives "
+        f"{tokens_per_s_bound(best):,.0f} decode tokens/s at full batch (D x T / {what}); the smallest X that fits "
+        f"(X = {first.expert_ranks}) gives {tokens_per_s_bound(first):,.0f}"
+    )
+    rule = f"auto: the X with the least {what} per decode token among the splits that fit, the rest trunk ranks"
+    return replace(best, layout_rule=rule, assumptions=(*best.assumptions, note))
 
 
 class _Network(TypedDict, total=False):

@@ -51,7 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--trunk-ranks", type=int, help="trunk ranks D (default: the GPUs the experts leave)")
     p.add_argument(
-        "--expert-ranks", type=int, help="expert ranks X (default: the smallest X whose expert shard fits a GPU)"
+        "--expert-ranks",
+        type=int,
+        help="expert ranks X (default: among the splits of all GPUs that fit, the most decode tokens/s: the least "
+        "decode floor, or network floor without --hbm-tbps, per token; ties to fewer expert ranks)",
     )
     p.add_argument("--max-model-len", type=int, help="tokens per sequence (default: max_position_embeddings)")
     p.add_argument(

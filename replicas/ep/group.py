@@ -14,7 +14,7 @@ the collateral ones (waiting in a collective, silent under NCCL, erroring under 
 `rebuild()` replaces only the failed ranks, while the collateral ones keep their weights, abort
 their communicator and join the new process group (a new epoch); an idle step checks the data path.
 Tests: tests/replicas/test_group.py, tests/replicas/test_failures.py (failure classification, recovery),
-tests/replicas/test_rebalance.py (load statistics, rebalancing).
+tests/replicas/test_rebalance.py (load statistics, rebalancing), tests/replicas/test_lost_node.py (a lost node, slow).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ log = logging.getLogger("ray.serve.epserve.group")
 POLL_S = 0.5  # a step running longer than this gets its ranks' progress polled, every this many seconds
 FINAL_POLL_S = 2.0  # after a rank failed, a running rank that cannot report its progress this fast is frozen
 ABORT_WAIT_S = 10.0
+MAX_RECREATE = 3  # per replaced rank: fresh actors that may die unstarted (their node lost) before a rebuild gives up
 DEAD_ERRORS = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError)
 
 
@@ -402,9 +403,9 @@ class ExpertParallelGroup:
         t_left = time.monotonic()
         for r, actor in fresh.items():
             actors[r] = actor
+        self._wait_loaded(actors, failed)  # may replace a fresh actor in `actors` (its node was lost)
         self.trunks = actors[: self.shape.trunk_ranks]
         self.experts = actors[self.shape.trunk_ranks :]
-        ray.get([actors[r].pid.remote() for r in failed], timeout=self.config.load_timeout_s)
         t_loaded = time.monotonic()
         self.epoch += 1
         self._broken = None
@@ -425,6 +426,32 @@ class ExpertParallelGroup:
             [self.names[r] for r in self.last_recovery["kept"]] or "none",
             self.last_recovery["rebuild_s"],
         )
+
+    def _wait_loaded(self, actors: list, ranks: set[int]) -> None:
+        """Wait until the fresh actors of `ranks` have loaded their weights. One that dies before it ran, not by its
+        own error (a lost node: Ray placed it in its bundle on that node before the node's death was known), is
+        created once more per lost node it meets: by then Ray reschedules that placement-group bundle on a node that
+        has room (a replacement, or a remaining node), and the new actor waits for it."""
+        t_end = time.monotonic() + self.config.load_timeout_s
+        waiting = {actors[r].pid.remote(): r for r in ranks}
+        recreated = 0
+        while waiting:
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, t_end - time.monotonic()))
+            if not ready:
+                names = ", ".join(self.names[r] for r in sorted(waiting.values()))
+                raise ray.exceptions.GetTimeoutError(
+                    f"rebuild: {names} did not load in {self.config.load_timeout_s:.0f} s"
+                )
+            r = waiting.pop(ready[0])
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.ActorDiedError as exc:
+                if exc.actor_init_failed or recreated >= MAX_RECREATE * len(ranks):
+                    raise
+                recreated += 1
+                log.warning("rebuild: the new %s died before it ran (%s); creating it again", self.names[r], exc)
+                actors[r] = self._new_actor(r)
+                waiting[actors[r].pid.remote()] = r
 
     def canary(self) -> float:
         """Readiness: every trunk rank runs one token through trunk -> experts -> trunk on its reserved block and
@@ -565,12 +592,28 @@ class ExpertParallelGroup:
             dead += more_dead
             hung += frozen
             left = [i for i in left if i not in more_dead]
-        if not (dead or raised or hung) and left:  # the deadline passed with no one blamed: who never finished?
-            # (an expert loop between two steps, waiting for the next header, is not the one)
-            hung = [
-                i for i in left if not (watch and (watch.in_collective(i) or (i in loops.values() and watch.idle(i))))
-            ]
-            hung = hung or left
+        if not (dead or raised or hung) and left:  # only collateral errors, or the deadline: who never finished?
+            # first, who died (its death not yet reported through its call: the ranks of a lost node, or processes
+            # that exited while their peers' collectives erred first)
+            more_dead, frozen = await self._ask_pending(actors, left)
+            dead += more_dead
+            left = [i for i in left if i not in more_dead]
+            if more_dead:
+                hung += frozen
+            else:  # (an expert loop between two steps, waiting for the next header, is not the one)
+                hung = [
+                    i
+                    for i in left
+                    if not (watch and (watch.in_collective(i) or (i in loops.values() and watch.idle(i))))
+                ]
+                hung = hung or left
+        if collateral and (dead or raised or hung):
+            # a rank whose collective erred may have died right after: a lost node's ranks error on each other's
+            # closed connections, then their processes end with the node; asked once, as the running ones are
+            more_dead, frozen = await self._ask_pending(actors, collateral)
+            dead += more_dead
+            hung += frozen
+            collateral = [i for i in collateral if i not in more_dead and i not in frozen]
         for i in left:
             if i not in hung:
                 collateral.append(i)

@@ -3,7 +3,8 @@
 Proves: weight bytes per group equal model_spec §1.4's published parameter counts x 2 (bf16)
 exactly, and its published totals (793.6 GB bf16 without MTP, 25.17 MB / 12.58 MB per expert,
 12.0 / 6.0 GiB per layer of experts, FP8 total ~399.5 GB); KV 30,720 B/token and 4 MiB of
-recurrent state per layer (§1.5); the auto D/X rule of the docstring's worked example; plans
+recurrent state per layer (§1.5); the smallest X of the docstring's worked example and the
+automatic D/X (the most decode tokens per second among splits that fit) against brute force and by hand; plans
 that cannot run are refused with a reason; bad values raise ValueError; the CLI's exit codes
 and JSON keys (subprocess). Oracle: the published figures, not our own tensor table. The 397B
 config is built here from model_spec §1.1; the shared/configs files, when present, must agree.
@@ -241,14 +242,79 @@ def test_prefix_states_are_carved_out_of_the_kv_room() -> None:
 
 
 # ------------------------------------------------------------------------------ D and X
-def test_auto_rule_worked_example() -> None:
-    plan = _plan(config_397b(), nodes=2)
+def test_smallest_x_worked_example() -> None:
+    """The docstring's worked example of the smallest X that fits (bf16, 2 x 8 x 140 GiB): X = 6. With no decode
+    tokens every split serves 0 tokens/s, so the automatic choice ties and goes to the fewest expert ranks: X = 6."""
+    plan = _plan(config_397b(), nodes=2, decode_tokens_per_trunk=0, hbm_tbps=4.8)
     assert (plan.trunk_ranks, plan.expert_ranks) == (10, 6)
+    assert not _plan(config_397b(), nodes=2, expert_ranks=5).fits
     assert plan.experts_per_rank == (86, 86, 85, 85, 85, 85)
     assert plan.expert_gpu_weight_bytes == 86 * plan.bytes_per_expert
     assert round(plan.expert_gpu_weight_bytes / GIB, 2) == 122.95
     assert 103 * plan.bytes_per_expert + 8 * GIB > 140 * GIB  # X = 5 would not fit
     assert plan.fits and plan.reason == ""
+
+
+def _brute_force_auto(nodes: int, fmt: str, **kw: Any) -> tuple[int, int]:  # noqa: ANN401  # _plan's keywords
+    """Every split of the cluster's GPUs planned with D and X given; the most D x T / floor among those that fit
+    (floor = max(HBM, network) from each plan's own floors), ties to fewer X."""
+    gpus = nodes * 8
+    best: tuple[float, int] | None = None
+    for x in range(1, gpus):
+        p = _plan(config_397b(fp8=fmt == "fp8"), nodes=nodes, fmt=fmt, trunk_ranks=gpus - x, expert_ranks=x, **kw)
+        if not p.fits:
+            continue
+        assert p.network_floor_ms is not None
+        floor = p.network_floor_ms if p.decode_floor_ms is None else max(p.decode_floor_ms, p.network_floor_ms)
+        score = (gpus - x) * p.decode_tokens_per_trunk / floor
+        if best is None or score > best[0]:  # strictly more: an equal score keeps the smaller X
+            best = (score, x)
+    assert best is not None
+    return gpus - best[1], best[1]
+
+
+@pytest.mark.parametrize(
+    "nodes,fmt,kw",
+    [
+        (2, "bf16", {"hbm_tbps": 4.8}),
+        (4, "fp8", {"hbm_tbps": 4.8}),
+        (2, "fp8", {"hbm_tbps": 3.35, "topology": {"gpu_memory_gib": 79.6}}),
+        (4, "bf16", {}),  # no HBM figure: the network floor alone
+        (2, "bf16", {"hbm_tbps": 4.8, "redundant_experts": 32}),  # only X dividing 544 fit
+    ],
+)
+def test_auto_layout_is_the_best_split_by_brute_force(nodes: int, fmt: str, kw: dict[str, Any]) -> None:
+    auto = _plan(config_397b(fp8=fmt == "fp8"), nodes=nodes, fmt=fmt, max_model_len=32768, **dict(kw))
+    want = _brute_force_auto(nodes, fmt, max_model_len=32768, **dict(kw))
+    assert auto.fits and (auto.trunk_ranks, auto.expert_ranks) == want
+    assert auto.layout_rule.startswith("auto: the X with the least")
+    assert any(a.startswith("auto layout: X scanned") for a in auto.assumptions)
+
+
+def test_auto_layout_four_h200_nodes_fp8_by_hand() -> None:
+    """The case the scan fixes: 4 x 8 x H200 at fp8, 32k. The smallest X that fits (3, D = 29) is network-bound at
+    146 ms; the scan picks D = X = 16, 4 + 4 per node. Busiest link by hand: an expert's NIC receives 12 remote
+    trunks' 101 tokens x top-10 x 60 layers / 16 rows of (4096 x 2 + 4) B, then sends them back (4096 x 2 B), at
+    400 Gb/s = 50 GB/s: 7.453 + 7.449 = 14.90 ms, above the HBM floor (7.11 ms)."""
+    plan = _plan(config_397b(fp8=True), nodes=4, fmt="fp8", max_model_len=32768, hbm_tbps=4.8)
+    assert (plan.trunk_ranks, plan.expert_ranks, plan.sequences_per_trunk_gpu) == (16, 16, 101)
+    assert sorted((plan.rank_nodes[:16].count(n), plan.rank_nodes[16:].count(n)) for n in range(4)) == [(4, 4)] * 4
+    rows = 12 * 101 * 10 * 60 / 16
+    expect_ms = (rows * (8192 + 4) + rows * 8192) / 50e9 * 1e3
+    assert plan.network_floor_ms == pytest.approx(expect_ms) and round(expect_ms, 2) == 14.90
+    assert plan.decode_floor_ms is not None and plan.decode_floor_ms < expect_ms
+    assert plan.decode_floor_overlap_ms == pytest.approx(expect_ms)
+    old = _plan(config_397b(fp8=True), nodes=4, fmt="fp8", max_model_len=32768, hbm_tbps=4.8, expert_ranks=3)
+    assert old.fits and old.trunk_ranks == 29 and old.network_floor_ms is not None and old.network_floor_ms > 140
+    # more tokens per second: 16 x 101 / 14.9 ms against 29 x 101 / 146 ms
+    assert 16 / expect_ms > 5 * 29 / old.network_floor_ms
+
+
+def test_given_flags_win_over_the_scan() -> None:
+    given = _plan(config_397b(fp8=True), nodes=4, fmt="fp8", max_model_len=32768, hbm_tbps=4.8, expert_ranks=3)
+    assert (given.trunk_ranks, given.expert_ranks) == (29, 3) and given.layout_rule.startswith("given X")
+    given_d = _plan(config_397b(fp8=True), nodes=4, fmt="fp8", max_model_len=32768, hbm_tbps=4.8, trunk_ranks=26)
+    assert (given_d.trunk_ranks, given_d.expert_ranks) == (26, 6) and given_d.layout_rule.startswith("given D")
 
 
 def test_experts_per_rank_follow_the_contiguous_map() -> None:
@@ -440,7 +506,8 @@ def test_cli_json_when_it_fits(model_dir: Path) -> None:
     ):
         assert key in data, key
     assert data["fits"] is True and data["weight_format"] == "fp8"
-    assert (data["trunk_ranks"], data["expert_ranks"]) == (13, 3)
+    # the scan's choice (RESULTS-plan.md: 12.14 ms, 66.6k tok/s against X = 3's 46.44 ms, 28.3k)
+    assert (data["trunk_ranks"], data["expert_ranks"]) == (8, 8)
     assert any("ASSUMED" in a for a in data["assumptions"])  # fp8 from a bf16 config
 
 

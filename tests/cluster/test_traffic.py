@@ -169,9 +169,10 @@ def test_node_bundles_refuse_bad_layouts(rank_nodes: tuple[int, ...], match: str
 
 # ------------------------------------------------------------------------------ the capacity plan
 def test_397b_bf16_two_nodes_network_floor_by_hand(tmp_path) -> None:  # noqa: ANN001  # pytest's tmp_path
-    """bf16, 2 x 8 x 140 GiB, 32k: D = 10, X = 6 (86, 86, 85 x 4 experts); by traffic each node holds 5 trunks +
-    3 experts. Busiest link: expert rank 0's NIC, receiving 5 remote trunks' 95 tokens x top-10 x 60 layers x
-    86/512 rows of (4096 x 2 + 4) B in dispatch, sending them back (4096 x 2 B) in combine."""
+    """bf16, 2 x 8 x 140 GiB, 32k, X = 6 given (the smallest that fits; D = 10): 86, 86, 85 x 4 experts; by
+    traffic each node holds 5 trunks + 3 experts. Busiest link: expert rank 0's NIC, receiving 5 remote trunks'
+    95 tokens x top-10 x 60 layers x 86/512 rows of (4096 x 2 + 4) B in dispatch, sending them back (4096 x 2 B)
+    in combine."""
     import json
 
     (tmp_path / "config.json").write_text(json.dumps(config_397b()))
@@ -180,6 +181,7 @@ def test_397b_bf16_two_nodes_network_floor_by_hand(tmp_path) -> None:  # noqa: A
         cfg,
         Topology(nodes=2, gpus_per_node=8, gpu_memory_gib=140.0),
         weight_format="bf16",
+        expert_ranks=6,
         max_model_len=32768,
         hbm_tbps=4.8,
     )
@@ -199,6 +201,7 @@ def test_397b_bf16_two_nodes_network_floor_by_hand(tmp_path) -> None:  # noqa: A
         cfg,
         Topology(nodes=2, gpus_per_node=8, gpu_memory_gib=140.0),
         weight_format="bf16",
+        expert_ranks=6,
         max_model_len=32768,
         decode_tokens_per_trunk=19,
         nic_gbps=800.0,
