@@ -42,6 +42,20 @@ log = logging.getLogger("ray.serve.epserve.engine")
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections while the engine runs (Engine.start)
 
 
+# SeqStep's fields after output_index at their defaults (a plain decode's message entry)
+_DECODE_DEFAULTS = (None, (), (), None, None, None, None)
+assert SeqStep._fields[6:] == (
+    "start",
+    "drafts",
+    "suppress_ids",
+    "allowed_mask",
+    "forced_token",
+    "mtp_next",
+    "save_state",
+)
+assert _DECODE_DEFAULTS == tuple(SeqStep._field_defaults[f] for f in SeqStep._fields[6:])
+
+
 class AsyncRunner(Protocol):
     """The group as the engine drives it (replicas/ep/group.py, or an in-process adapter)."""
 
@@ -470,29 +484,26 @@ class Engine:
 
     def _requests(self, out: SchedulerOutput) -> list[StepRequest]:
         reqs = []
+        new = tuple.__new__  # a NamedTuple's own __new__ is a Python function: this builds it in C
         for t, trunk in enumerate(out.per_trunk):
-            # the plain decodes' entries come built by the scheduler (its decode pass): only the others are built here
-            built = out.decode_steps[t] if out.decode_steps else []
-            k = len(built)
-            if None in built:
-                for j in range(k):
-                    if built[j] is None:
-                        built[j] = self._entry(trunk[j])
-            steps = cast(  # no None left
-                "tuple[SeqStep, ...]",
-                tuple(built) if k == len(trunk) else (*built, *(self._entry(sch) for sch in trunk[k:])),
-            )
-            reqs.append(StepRequest(steps, released=self.scheduler.take_released(t), mtp_steps=self.spec_tokens))
+            steps: list[SeqStep] = []
+            append = steps.append
+            for sch in trunk:
+                seq, start, n, sample = sch
+                addr = seq.addr
+                if seq.plain and n == 1 and sample and addr.started and addr.blocks_sent == len(addr.blocks):  # type: ignore[union-attr]  # scheduled: addr set
+                    # the common decode: its token and output index, nothing else (what _seq_step gives it); the
+                    # fields in SeqStep's order, its defaults after the output index
+                    oi = start + 1 - seq.prompt_len
+                    # (a concatenation: `*_DECODE_DEFAULTS` inside the display builds a list first)
+                    append(new(SeqStep, (seq.seq_id, start, (seq.token_ids[start],), (), True, oi) + _DECODE_DEFAULTS))
+                    continue
+                append(self._seq_step(sch))
+                if seq.t_scheduled is None:
+                    seq.t_scheduled = time.monotonic()
+                    self.metrics.observe("request_queue_time_seconds", seq.t_scheduled - seq.t_arrival)
+            reqs.append(StepRequest(tuple(steps), released=self.scheduler.take_released(t), mtp_steps=self.spec_tokens))
         return reqs
-
-    def _entry(self, sch: Scheduled) -> SeqStep:
-        """A sequence's step message entry (one the scheduler did not build), recording its first scheduling."""
-        step = self._seq_step(sch)
-        seq = sch.seq
-        if seq.t_scheduled is None:
-            seq.t_scheduled = time.monotonic()
-            self.metrics.observe("request_queue_time_seconds", seq.t_scheduled - seq.t_arrival)
-        return step
 
     @staticmethod
     def _seq_step(sch: Scheduled) -> SeqStep:

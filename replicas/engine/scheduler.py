@@ -15,8 +15,6 @@ computed (captured states, prompt blocks).
 Per step the work is O(running sequences) in all: the queues are insertion-ordered dicts keyed by
 sequence id (release and preemption O(1), no list scans per sequence), and sequences that leave a
 trunk rank are listed for the next step's header (`take_released`: the rank drops their state).
-A plain decode's step message entry (its token and nothing else) is built in the decode pass that schedules it
-(`SchedulerOutput.decode_steps`), so the engine does not walk the running sequences a second time to build them.
 Tests: tests/replicas/test_step_protocol.py, tests/replicas/test_prefix_cache.py.
 """
 
@@ -29,14 +27,9 @@ from typing import NamedTuple
 from replicas.engine.block_pool import BlockPool
 from replicas.engine.prefix_cache import GRID, Hit, PrefixCache
 from replicas.engine.sequence import CacheAddress, Sequence, Status
-from replicas.engine.step_types import SeqStep
 
 CHUNK_ALIGN = 64
 _new = tuple.__new__
-# SeqStep's fields after output_index at their defaults (a plain decode's message entry)
-_DECODE_TAIL = ("start", "drafts", "suppress_ids", "allowed_mask", "forced_token", "mtp_next", "save_state")
-assert SeqStep._fields[6:] == _DECODE_TAIL
-assert tuple(SeqStep._field_defaults[f] for f in _DECODE_TAIL) == (None, (), (), None, None, None, None)
 
 
 @dataclass(frozen=True)
@@ -71,9 +64,6 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     # prefix cache: sequences whose chunk this step computes prompt KV the cache may adopt (and maybe saves a state)
     prefilled: list[Scheduled] = field(default_factory=list)
-    # per trunk rank: the step message entries of the first len(decode_steps[t]) of per_trunk[t] (its decodes), built
-    # while scheduling them; None where the entry carries more than the token (the engine builds those)
-    decode_steps: list[list[SeqStep | None]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -240,7 +230,7 @@ class Scheduler:
 
     # ----------------------------------------------------------------- the decision
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(per_trunk=[[] for _ in self.pools], decode_steps=[[] for _ in self.pools])
+        out = SchedulerOutput(per_trunk=[[] for _ in self.pools])
         budgets = [self.config.max_num_batched_tokens] * len(self.pools)
         for t in range(len(self.pools)):
             budgets[t] = self._schedule_running(t, budgets[t], out)
@@ -250,8 +240,6 @@ class Scheduler:
     def _schedule_running(self, t: int, budget: int, out: SchedulerOutput) -> int:
         planned: list[Scheduled] = []
         prefills: list[Sequence] = []
-        entries = out.decode_steps[t]
-        entry = entries.append
         lookahead = self.config.lookahead
         block_size = self.pools[t].block_size
         preempted = len(out.preempted)
@@ -274,31 +262,6 @@ class Scheduler:
                     break
             planned.append(_new(Scheduled, (seq, computed, n, True)))  # C-built (a NamedTuple's __new__ is Python)
             budget -= n
-            if n == 1 and seq.plain and addr.started and addr.blocks_sent == len(addr.blocks):
-                # the common decode: its token and output index, SeqStep's defaults after them (the engine's
-                # _seq_step gives it the same); a tuple display, C-built
-                entry(
-                    _new(
-                        SeqStep,
-                        (
-                            seq.seq_id,
-                            computed,
-                            (seq.token_ids[computed],),
-                            (),
-                            True,
-                            computed + 1 - seq.prompt_len,
-                            None,
-                            (),
-                            (),
-                            None,
-                            None,
-                            None,
-                            None,
-                        ),
-                    )
-                )
-            else:
-                entry(None)
         for seq in prefills:  # prefills (fresh or resumed), oldest first
             if seq.addr is None:
                 continue
@@ -312,10 +275,8 @@ class Scheduler:
             if self.caches is not None:
                 self._plan_save(sch, out)
             budget -= n
-        if len(out.preempted) > preempted:  # a preemption may have removed a sequence already planned: keep live ones
-            entries[:] = [e for p, e in zip(planned, entries) if p.seq.addr is not None]  # (the first planned)
-            planned = [p for p in planned if p.seq.addr is not None]
-        out.per_trunk[t] = planned
+        # a preemption may have removed a sequence already planned: keep only live ones
+        out.per_trunk[t] = [p for p in planned if p.seq.addr is not None] if len(out.preempted) > preempted else planned
         return budget
 
     def _admit(self, budgets: list[int], out: SchedulerOutput) -> None:

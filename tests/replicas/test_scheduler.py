@@ -3,9 +3,8 @@
 Known answers worked out by hand in each test (block size 16, so a block holds 16 positions):
 admission is FIFO to the trunk rank with the most free blocks, decodes go before prefills under
 the token budget, non-final prefill chunks are multiples of 64, preemption takes the newest
-running sequence first and the victim is recomputed from token 0, max_num_seqs caps a rank,
-release returns every block and slot, and a plain decode's step message entry (its token, context and output
-index) comes built with its scheduling unless it needs more (a new block, suppressed ids).
+running sequence first and the victim is recomputed from token 0, max_num_seqs caps a rank, and
+release returns every block and slot.
 
 `_complete` plays the group: it does to each scheduled sequence what the engine does with a
 step's results (the chunk is now in the caches; a sampled chunk yields one token).
@@ -20,7 +19,6 @@ from replicas.engine.block_pool import BlockPool
 from replicas.engine.engine_types import GenerateRequest
 from replicas.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from replicas.engine.sequence import Sequence
-from replicas.engine.step_types import SeqStep
 
 BLOCK = 16
 TOKEN = 7  # what every fake step samples
@@ -193,47 +191,3 @@ def test_fits_ever_counts_the_speculation_lookahead() -> None:
     assert sch.fits_ever(64) and not sch.fits_ever(65)  # 4 blocks x 16
     sch = Scheduler(SchedulerConfig(lookahead=2), _pools(4))
     assert sch.fits_ever(62) and not sch.fits_ever(63)
-
-
-def _sent(out: SchedulerOutput) -> None:
-    """What the engine's step message does to each scheduled sequence: the rank now holds it and its blocks."""
-    for trunk in out.per_trunk:
-        for s in trunk:
-            assert s.seq.addr is not None
-            s.seq.addr.started, s.seq.addr.blocks_sent = True, len(s.seq.addr.blocks)
-
-
-def test_plain_decodes_come_with_their_message_entries() -> None:
-    pools = _pools(4)
-    sch = Scheduler(SchedulerConfig(), pools)
-    a, b, c = _seq(0, 20), _seq(1, 16), _seq(2, 16)  # 2 + 1 + 1 blocks: the pool is full
-    for s in (a, b, c):
-        sch.add(s)
-    out = sch.schedule()
-    assert out.decode_steps == [[]]  # no decodes: the engine builds the prefills' entries
-    _sent(out)
-    _complete(out)  # a: 21 tokens in 2 blocks (room for 32); b and c: 17 tokens, each needs a 2nd block
-    out = sch.schedule()
-    # a decodes in its blocks: its entry is its last token at context 20, output index 1, nothing else. b grows
-    # (preempting c, the newest): its entry must bring the new block, so the engine builds it (None).
-    assert [s.req.request_id for s in out.preempted] == ["r2"]
-    assert _plan(out) == [[("r0", 20, 1, True), ("r1", 16, 1, True)]]
-    assert out.decode_steps == [[SeqStep(0, 20, (TOKEN,), (), True, 1), None]]
-    _sent(out)
-    _complete(out)
-    out = sch.schedule()  # a: 22 tokens, b: 18 tokens, both in their blocks; no block left for c
-    assert _plan(out) == [[("r0", 21, 1, True), ("r1", 17, 1, True)]]
-    assert out.decode_steps == [[SeqStep(0, 21, (TOKEN,), (), True, 2), SeqStep(1, 17, (TOKEN,), (), True, 2)]]
-
-
-def test_a_constrained_decode_is_left_to_the_engine() -> None:
-    sch = Scheduler(SchedulerConfig(), _pools(8))
-    req = GenerateRequest("m", tuple(range(1, 21)), SamplingParams(temperature=0.0), max_tokens=10, min_tokens=5)
-    s = Sequence(req, 0, 0)  # min_tokens: its entries carry suppressed ids, which the engine adds
-    sch.add(s)
-    out = sch.schedule()
-    _sent(out)
-    _complete(out)
-    out = sch.schedule()
-    assert _plan(out) == [[("m", 20, 1, True)]]
-    assert out.decode_steps == [[None]]
