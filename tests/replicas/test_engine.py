@@ -235,3 +235,38 @@ def test_engine_start_raises_the_young_gc_threshold_and_never_lowers_it() -> Non
     finally:
         gc.set_threshold(*saved)
         gc.unfreeze()
+
+
+def test_shared_delivery_wakes_its_readers_once_in_order_and_later_callbacks_too() -> None:
+    """The delivery every decoding reader awaits records readers through a plain future (not a Python override):
+    delivering wakes each waiting task once, in the order they began to wait; a callback removed before delivery
+    is never called; one added after delivery is called with the delivery (the Future's own path)."""
+    from replicas.engine.engine import _Delivery
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        d = _Delivery(loop=loop)
+        woke: list[int] = []
+
+        async def reader(i: int) -> None:
+            await d
+            woke.append(i)
+
+        tasks = [asyncio.create_task(reader(i)) for i in range(3)]
+        await asyncio.sleep(0)  # all three wait on d
+        removed: list[object] = []
+
+        def gone(f: object) -> None:
+            removed.append(f)
+
+        d.add_done_callback(gone)
+        assert d.remove_done_callback(gone) == 1
+        d.deliver()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert woke == [0, 1, 2]
+        later: asyncio.Future[object] = loop.create_future()
+        d.add_done_callback(later.set_result)
+        assert await asyncio.wait_for(later, 10) is d
+        assert removed == []
+
+    asyncio.run(main())
