@@ -6,9 +6,14 @@ a bounded LRU map remembers which replicas got which 64-token prompt blocks, key
 request's cache_salt first, then each block with the hash before it, so a key names a whole prefix). A request
 goes to the replica with the longest remembered prefix; load (Serve's queue length of the replica, else the
 running + waiting count of its routing stats) breaks ties, and with no match the least loaded replica gets it.
-When the best replica's load with the request would exceed max(`imbalance_factor` x the mean, the mean +
-`imbalance_slack`), the least loaded of the others gets it instead: affinity must not pile hot prefixes onto one
-group. Such a diverted request is not recorded, so a prefix keeps one home.
+The imbalance cap is the balance measure itself: max / mean of the replicas' loads after the dispatch stays <=
+`imbalance_factor` (1.5), i.e. the home takes the request only while its load with it is <= max(factor x the mean
+after, `imbalance_slack`); the slack (2 requests) lets tiny totals (2 vs 0) through. Otherwise the least loaded of
+the others gets it at once: affinity must not pile hot prefixes onto one group. Such a diverted request is not
+recorded, so a prefix keeps one home. Why divert at once rather than hold the request for its home: under a
+closed loop (clients waiting for their replies) a held request is at no replica, so while it waits the replicas
+show the home's surplus alone; holds made both balance and landing worse in the 2-replica benchmark
+(benchmarks/RESULTS-prefix.md), and no widely used router holds (SGLang's cache-aware policy diverts too).
 
 A failed group (dead or hung rank) fails its requests and rebuilds; meanwhile its replica reports
 `available: false` in its routing stats (EngineServer.record_routing_stats) and this router picks among the
@@ -47,7 +52,7 @@ PENDING_REQUESTS = 4096  # requests between their first choice and being routed,
 UNSENT_S = 2.0  # a choice not followed by its send within this long no longer counts as load (sent elsewhere)
 K = TypeVar("K", bound=Hashable)  # a replica's id
 IMBALANCE_FACTOR = 1.5
-IMBALANCE_SLACK = 2.0  # requests: small loads (0 vs 2) are not an imbalance
+IMBALANCE_SLACK = 2.0  # requests: a home may reach this many whatever the others carry (2 vs 0 is no imbalance)
 
 
 def prefix_hashes(key: Sequence[int], salt: str | None, block: int = BLOCK_TOKENS) -> list[int]:
@@ -106,6 +111,21 @@ class PrefixMap:
                 del self._owners[h]
 
 
+def fits_cap(
+    load: dict[K, float],
+    target: K,
+    *,
+    imbalance_factor: float = IMBALANCE_FACTOR,
+    imbalance_slack: float = IMBALANCE_SLACK,
+) -> bool:
+    """Whether `target` may take one more request: its load after <= max(factor x the mean load after, slack).
+    When the target is then the most loaded, that is max / mean after <= factor, the figure the benchmark samples;
+    a target below the max never worsens the imbalance."""
+    after = load.get(target, 0.0) + 1
+    mean_after = (sum(load.values()) + 1) / max(1, len(load))
+    return after <= max(imbalance_factor * mean_after, imbalance_slack)
+
+
 def rank_replicas(
     matched: dict[K, int],
     load: dict[K, float],
@@ -115,18 +135,18 @@ def rank_replicas(
     rng: random.Random | None = None,
 ) -> tuple[list[K], K | None]:
     """Replicas best first: longest matched prefix, then least load (random among equals). The best goes to the
-    back when, with this request, its load would exceed max(imbalance_factor x mean, mean + imbalance_slack) (the
-    least loaded other is first then). Also returns the prefix's home: the best by affinity when it matched any
-    block (None otherwise), which the caller compares with where the request went."""
+    back when it does not fit the cap with this request (`fits_cap`; the least loaded other is first then).
+    Also returns the prefix's home: the best by affinity when it matched any block (None otherwise), which the
+    caller compares with where the request went."""
     rng = rng or random.Random()
     ids = list(matched)
     rng.shuffle(ids)  # equal replicas: no fixed favourite
     ids.sort(key=lambda r: (-matched[r], load.get(r, 0.0)))
     home = ids[0] if ids and matched[ids[0]] > 0 else None
     if len(ids) > 1:
-        mean_after = (sum(load.get(r, 0.0) for r in ids) + 1) / len(ids)
-        if load.get(ids[0], 0.0) + 1 > max(imbalance_factor * mean_after, mean_after + imbalance_slack):
-            rest = sorted(ids[1:], key=lambda r: load.get(r, 0.0))
+        loads = {r: load.get(r, 0.0) for r in ids}
+        if not fits_cap(loads, ids[0], imbalance_factor=imbalance_factor, imbalance_slack=imbalance_slack):
+            rest = sorted(ids[1:], key=lambda r: loads[r])
             return [*rest, ids[0]], home
     return ids, home
 

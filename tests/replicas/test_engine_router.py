@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from replicas.serving.engine_router import PrefixMap, prefix_hashes, rank_replicas
+from replicas.serving.engine_router import PrefixMap, fits_cap, prefix_hashes, rank_replicas
 
 
 def _prompt(seed: int, n: int) -> list[int]:
@@ -52,7 +52,7 @@ def _first(matched: dict, load: dict, rng: random.Random) -> str:  # replica ids
 
 def test_rank_prefers_longest_prefix_then_load() -> None:
     rng = random.Random(0)
-    assert rank_replicas({"a": 3, "b": 5, "c": 0}, {"a": 0, "b": 2, "c": 0}, rng=rng) == (["b", "a", "c"], "b")
+    assert rank_replicas({"a": 3, "b": 5, "c": 0}, {"a": 0, "b": 1, "c": 0}, rng=rng) == (["b", "a", "c"], "b")
     assert rank_replicas({"a": 5, "b": 5}, {"a": 3, "b": 1}, rng=rng) == (["b", "a"], "b")  # tie: less load
     assert rank_replicas({"a": 0, "b": 0, "c": 0}, {"a": 2, "b": 0, "c": 1}, rng=rng) == (["b", "c", "a"], None)
     firsts = Counter(_first({"a": 0, "b": 0}, {}, rng) for _ in range(200))
@@ -66,10 +66,28 @@ def test_rank_caps_imbalance() -> None:
     assert rank_replicas({"a": 0, "b": 8}, {"a": 1, "b": 6}, rng=rng) == (["a", "b"], "b")  # 7 / 1: diverted
     # 3 replicas: b would carry 11 of 14 (> 1.5 x 4.67): the least loaded other first, then the rest by load
     assert rank_replicas({"a": 0, "b": 8, "c": 0}, {"a": 2, "b": 10, "c": 1}, rng=rng)[0] == ["c", "a", "b"]
-    # light load is no imbalance: 3 vs 0 stays home (mean + slack 2 = 4 after)
-    assert _first({"a": 0, "b": 8}, {"a": 0, "b": 2}, rng) == "b"
-    assert _first({"a": 0, "b": 8}, {"a": 0, "b": 3}, rng) == "b"  # 4 vs 0: max(1.5 x 2, 2 + 2) = 4 still holds
-    assert _first({"a": 0, "b": 8}, {"a": 0, "b": 4}, rng) == "a"  # 5 vs 0 does not
+    # light load: the slack lets a home reach 2 whatever the others carry (2 vs 0), not 3 vs 0 (max/mean 2.0)
+    assert _first({"a": 0, "b": 8}, {"a": 0, "b": 1}, rng) == "b"
+    assert _first({"a": 0, "b": 8}, {"a": 0, "b": 2}, rng) == "a"
+    assert _first({"a": 0, "b": 8}, {"a": 1, "b": 2}, rng) == "b"  # 3 vs 1: 3 <= 1.5 x 2
+
+
+def test_cap_is_max_over_mean_after_dispatch() -> None:
+    """fits_cap against the measure it guards, recomputed by brute force: whenever the target is then the most
+    loaded replica and the total is past the slack, taking the request keeps max / mean <= 1.5 exactly when allowed."""
+    for a in range(12):
+        for b in range(12):
+            for c in (None, 0, 3, 7):
+                load = {"a": float(a), "b": float(b)} | ({} if c is None else {"c": float(c)})
+                after = dict(load, a=load["a"] + 1)
+                ratio = max(after.values()) / (sum(after.values()) / len(after))
+                allowed = fits_cap(load, "a")
+                if after["a"] > 2:  # past the slack: exactly the ratio rule (the target is the max when refused)
+                    assert allowed == (after["a"] <= 1.5 * sum(after.values()) / len(after)), (load, ratio)
+                    if allowed and after["a"] == max(after.values()):
+                        assert ratio <= 1.5 + 1e-9
+                else:
+                    assert allowed
 
 
 def test_groups_stick_and_spread() -> None:
