@@ -13,7 +13,11 @@ engine replica, the app deployed with `serve.run(build_app(AppArgs(...)))` as `e
    header start rounded down to 64) and how many conversations reached it.
 3. two engine replicas, cache on, the shared-prefix run again: per group the share of its requests on its
    busiest replica (`x-epserve-engine` response header), and max/mean of the replicas' running + waiting
-   sequences sampled every second from the app's metrics hub (/metrics only has their sum).
+   sequences sampled every second from the app's metrics hub (/metrics only has their sum; each value is its
+   replica's last push, so a sample's two values may be up to a second apart), and the same measure rebuilt from
+   the run's records (a request is in flight on its replica from send to end of stream), split into the steady
+   phase (first send after the group-firsts .. last send: full concurrency in flight) and the drain tail (one
+   request against none is 2.0 for any router).
 
 Figures are printed (and written with --json); nothing is asserted. The cache-off run is `AppArgs.prefix_cache`
 False (`epserve serve --no-prefix-cache`).
@@ -143,7 +147,7 @@ class Bench:
         from loadtest.datasets import shared_prefix_requests
         from loadtest.http_client import OpenAICompletionsClient
         from loadtest.metrics import summarize
-        from loadtest.prefix_stats import LoadSampler, balance, landing, token_hit_rate
+        from loadtest.prefix_stats import LoadSampler, balance, inflight_balance, landing, token_hit_rate
         from loadtest.runner import RunConfig
         from loadtest.runner import run as run_bench
 
@@ -189,6 +193,7 @@ class Bench:
         if sample_load:
             fig["landing"] = landing(res)
             fig["balance"] = balance(samples)
+            fig["inflight"] = inflight_balance(res, a.groups)
         print(
             f"[{label}] {len(res)} requests in {time.monotonic() - t0:.0f} s, failed {fig['failed']}: "
             f"TTFT p50 {fig['median_ttft_ms']:.0f} ms, token hit rate {fig['token_hit_rate']:.3f} "
@@ -208,6 +213,14 @@ class Bench:
                 f"of the averages {bal['max_over_mean_of_averages']:.2f} ({bal['busy_samples']} busy samples)",
                 flush=True,
             )
+            for phase, ph in fig["inflight"].items():
+                print(
+                    f"[{label}] in flight per replica from the records, {phase} ({ph['from_s']:.1f}-{ph['to_s']:.1f} "
+                    f"s): max/mean worst of {ph['samples']} samples (1/s) {ph['worst_sample']:.2f}, mean "
+                    f"{ph['mean_sample']:.2f}, samples above 1.5: {ph['samples_above_1_5']}; worst at any instant "
+                    f"{ph['worst_instant']:.2f}",
+                    flush=True,
+                )
         return fig
 
     def multi_turn(self) -> list[dict[str, Any]]:

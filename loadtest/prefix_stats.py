@@ -5,7 +5,10 @@
 - landing: per prefix group (BenchRequest.group), the requests each engine replica ran (the `x-epserve-engine`
   header) and the share of the group's busiest replica;
 - load balance: running + waiting requests per engine replica, sampled about once a second by `LoadSampler`
-  from a caller-given source (the app's metrics hub: /metrics sums the replicas), as max/mean per sample.
+  from a caller-given source (the app's metrics hub: /metrics sums the replicas), as max/mean per sample; and the
+  same measure rebuilt from the run's own records (`inflight_balance`): each request is in flight on the replica
+  that ran it from its send to the end of its stream, so every replica's count is known at one instant (the
+  hub's values are each replica's last push, up to a second apart).
 Must not: send requests. Tests: tests/loadtest/test_prefix_stats.py.
 """
 
@@ -108,3 +111,39 @@ class LoadSampler:
                 await self._task
             except asyncio.CancelledError:
                 pass
+
+
+def inflight_balance(results: Sequence[RequestResult], group_firsts: int, period_s: float = SAMPLE_PERIOD_S) -> dict:
+    """max/mean of the requests in flight per engine replica, rebuilt from the records, by phase: `steady` from the
+    first send after the `group_firsts` to the last send (the load generator keeps its full concurrency in flight),
+    `tail` after it (the drain: one request against none is 2.0 whatever the router does). Per phase: the ratio
+    every `period_s` and its worst over every send and end instant (the exact maximum, not a sample)."""
+    ok = [r for r in results if r.ok and r.engine and math.isfinite(r.end)]
+    engines = sorted({r.engine for r in ok})
+    starts = sorted(r.start for r in results)
+    if len(engines) < 2 or len(starts) <= group_firsts:
+        return {}
+
+    def ratio(t: float) -> float:
+        n = Counter(r.engine for r in ok if r.start <= t < r.end)
+        loads = [n.get(e, 0) for e in engines]
+        mean = sum(loads) / len(loads)
+        return max(loads) / mean if mean > 0 else math.nan
+
+    last_end = max(r.end for r in ok)
+    out: dict[str, dict[str, Any]] = {}
+    for name, lo, hi in (("steady", starts[group_firsts], starts[-1]), ("tail", starts[-1], last_end)):
+        ticks = [lo + k * period_s for k in range(int((hi - lo) / period_s) + 1)]
+        events = [t for r in ok for t in (r.start, r.end) if lo <= t <= hi]
+        sampled = [x for x in map(ratio, ticks) if not math.isnan(x)]
+        exact = [x for x in map(ratio, events) if not math.isnan(x)]
+        out[name] = {
+            "from_s": lo,
+            "to_s": hi,
+            "samples": len(sampled),
+            "worst_sample": max(sampled, default=math.nan),
+            "mean_sample": sum(sampled) / len(sampled) if sampled else math.nan,
+            "samples_above_1_5": sum(x > 1.5 + 1e-9 for x in sampled),
+            "worst_instant": max(exact, default=math.nan),
+        }
+    return out

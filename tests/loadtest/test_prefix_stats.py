@@ -11,7 +11,7 @@ from loadtest import datasets as ds
 from loadtest.http_client import _on_event
 from loadtest.metrics import RequestResult
 from loadtest.multiturn import TurnRecord, conversations, turn_report
-from loadtest.prefix_stats import balance, landing, token_hit_rate
+from loadtest.prefix_stats import balance, inflight_balance, landing, token_hit_rate
 
 
 def test_shared_prefix_group_firsts_lead_then_shuffled() -> None:
@@ -82,3 +82,33 @@ def test_conversations_are_seeded() -> None:
     a = conversations(3, turns=6, seed=1)
     assert a == conversations(3, turns=6, seed=1) and a != conversations(3, turns=6, seed=2)
     assert all(len(c.users) == 6 for c in a) and len({c.system for c in a}) == 3
+
+
+def test_inflight_balance_rebuilds_each_replica_at_one_instant() -> None:
+    """Two group-firsts, then a steady phase from t=2 to t=5 (the last send) and a drain tail; counts by hand."""
+
+    def r(start: float, end: float, engine: str) -> RequestResult:
+        return RequestResult(prompt_len=1, output_len=1, start=start, end=end, engine=engine)
+
+    res = [
+        r(0.0, 1.5, "A"),  # group firsts
+        r(0.0, 1.0, "B"),
+        r(2.0, 9.0, "A"),  # steady: A holds 3 from t=4, B holds 1 from t=2 to 4.5, then 1 again from t=5
+        r(3.0, 8.0, "A"),
+        r(4.0, 6.0, "A"),
+        r(2.0, 4.5, "B"),
+        r(5.0, 5.5, "B"),
+        r(4.8, 4.9, "C"),  # failed: sent, so a send of the phase, but in flight nowhere
+    ]
+    res[-1].error = "timeout"
+    out = inflight_balance(res, group_firsts=2, period_s=1.0)
+    steady, tail = out["steady"], out["tail"]
+    assert (steady["from_s"], steady["to_s"]) == (2.0, 5.0)
+    # ticks 2, 3, 4, 5: A/B = 1/1, 2/1, 3/1, 3/1 -> 1.0, 1.333, 1.5, 1.5
+    assert steady["samples"] == 4
+    assert math.isclose(steady["worst_sample"], 1.5) and steady["samples_above_1_5"] == 0
+    assert math.isclose(steady["mean_sample"], (1 + 4 / 3 + 1.5 + 1.5) / 4)
+    # at t=4.5 B's request ends: 3 vs 0 -> 2.0, an instant no 1-second sample hit
+    assert math.isclose(steady["worst_instant"], 2.0)
+    # the tail (5 .. 9): at 6, 8 and 9 A alone holds requests -> 2.0
+    assert math.isclose(tail["worst_sample"], 2.0)
