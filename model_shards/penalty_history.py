@@ -46,7 +46,7 @@ class PenaltyHistory:
         if not self._free:
             self._grow(rows=max(self._first[0], 2 * self.ids.shape[0]), width=max(self._first[1], self.width))
         row = self._free.pop()
-        self.ids[row].fill_(self.vocab_size)  # it may hold an earlier sequence's ids
+        self.ids.select(0, row).fill_(self.vocab_size)  # it may hold an earlier sequence's ids
         self._used += 1
         return row
 
@@ -78,13 +78,14 @@ class PenaltyHistory:
         cols = [c + j for _, c, t in self._staged for j in range(len(t))]
         vals = [x for _, _, t in self._staged for x in t]
         self._staged = []
-        rcv = _upload([rows, cols, vals], self.device)
-        self.ids.index_put_((rcv[0], rcv[1]), rcv[2].to(torch.int32))
+        r, c, v = _upload([rows, cols, vals], self.device).unbind(0)
+        self.ids.index_put_((r, c), v.int())
 
     def _grow(self, *, rows: int, width: int) -> None:
-        old = self.ids
-        self.ids = torch.full((rows, width), self.vocab_size, dtype=torch.int32, device=self.device)
-        self.ids[: old.shape[0], : old.shape[1]].copy_(old)
+        old = self.ids  # padded out with `vocab`: a device op, no host copy
+        self.ids = torch.nn.functional.pad(
+            old, (0, width - old.shape[1], 0, rows - old.shape[0]), value=self.vocab_size
+        )
         self._free.extend(range(rows - 1, old.shape[0] - 1, -1))  # popped from the end: lowest rows first
 
 
