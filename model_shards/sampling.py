@@ -533,6 +533,23 @@ class _Rows:
                 chosen = ids.gather(1, race(x, keys, ids).unsqueeze(1)).squeeze(1)
             tokens.index_copy_(0, self.sel_t.index_select(0, idx), chosen)
 
+    def _device_history(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The penalised rows' histories, read on the device: ids [R, longest] (past each row's length: V), and
+        their prompt lengths."""
+        assert self.history is not None
+        width = max(self.history.lens[i] for i in self.pen)
+        ids = self.history.ids.index_select(0, self.h_row).narrow(1, 0, width).long()
+        ids.masked_fill_(torch.arange(width, device=self.dev) >= self.h_len.unsqueeze(1), self.vocab)
+        return ids, self.h_prompt
+
+    def _history_from_host(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The penalised rows' prompt and output ids from host rows, uploaded in one go (padded with V)."""
+        n = len(self.pen)
+        prompts = [self.prompt_ids[i] if self.prompt_ids is not None else None for i in self.pen]
+        outputs = [self.output_ids[i] if self.output_ids is not None else None for i in self.pen]
+        hist = _upload_rows([*prompts, *outputs], self.vocab, torch.long, self.dev)
+        return hist.narrow(0, 0, n), hist.narrow(0, n, n)
+
     def _processed(self) -> torch.Tensor:
         """The selected rows after min_tokens bans, grammar masks and penalties ([R, V]; the logits themselves
         when no row needs any)."""
@@ -548,34 +565,20 @@ class _Rows:
             rows = work.index_select(0, self.mask_t)
             _apply_bitmask_rows(rows, masks.contiguous())
             work.index_copy_(0, self.mask_t, rows)
-        if self.pen and self.history is not None:
+        if self.pen:
             loc = self.pen_t
-            width = max(self.history.lens[i] for i in self.pen)
-            ids = self.history.ids.index_select(0, self.h_row).narrow(1, 0, width).long()
-            ids = ids.masked_fill_(torch.arange(width, device=dev) >= self.h_len.unsqueeze(1), vocab)
-            rows = apply_penalties_history(
-                work.index_select(0, loc),
-                repetition=self.rep.index_select(0, loc),
-                frequency=self.freq.index_select(0, loc),
-                presence=self.pres.index_select(0, loc),
-                ids_RL=ids,
-                prompt_len=self.h_prompt,
-            )
-            work.index_copy_(0, loc, rows)
-        elif self.pen:
-            n = len(self.pen)
-            prompts = [self.prompt_ids[i] if self.prompt_ids is not None else None for i in self.pen]
-            outputs = [self.output_ids[i] if self.output_ids is not None else None for i in self.pen]
-            hist = _upload_rows([*prompts, *outputs], vocab, torch.long, dev)  # padded with V: ignored
-            loc = self.pen_t
-            rows = apply_penalties(
-                work.index_select(0, loc),
-                repetition=self.rep.index_select(0, loc),
-                frequency=self.freq.index_select(0, loc),
-                presence=self.pres.index_select(0, loc),
-                prompt_RL=hist.narrow(0, 0, n),
-                output_RL=hist.narrow(0, n, n),
-            )
+            rep, freq, pres = (t.index_select(0, loc) for t in (self.rep, self.freq, self.pres))
+            rows = work.index_select(0, loc)
+            if self.history is not None:
+                ids, prompt_len = self._device_history()
+                apply_penalties_history(
+                    rows, repetition=rep, frequency=freq, presence=pres, ids_RL=ids, prompt_len=prompt_len
+                )
+            else:
+                prompt_RL, output_RL = self._history_from_host()
+                apply_penalties(
+                    rows, repetition=rep, frequency=freq, presence=pres, prompt_RL=prompt_RL, output_RL=output_RL
+                )
             work.index_copy_(0, loc, rows)
         return work
 
