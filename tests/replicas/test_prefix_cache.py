@@ -7,10 +7,11 @@ freed), salts and the mtp flag as namespaces, reset.
 End to end with the Engine over the single-process LocalRunner (fp32 embedded model): the oracle is the same engine
 with the cache off (every prompt prefilled from token 0, itself equal to transformers: test_offline_generate.py):
 greedy tokens equal and logprobs within 1e-4 for shared system prompts, branches, prompts shorter than 64, requests
-at once, n = 2, speculative decoding, multi-turn chat rendered with the real template (cached tokens >= the previous
-turn's last assistant header, rounded down to 64), salts (no cross-salt hit), a tiny cache budget (evictions and
-preemptions); the saved states and shared KV blocks are bit-identical before and after sequences that hit them
-ran. A D = 2 x X = 2 expert-parallel group (slow): cached equals uncached, hits on the rank holding the prefix.
+at once, n = 2, speculative decoding, repetition / presence / frequency penalties, multi-turn chat rendered with the
+real template (cached tokens >= the previous turn's last assistant header, rounded down to 64), salts (no cross-salt
+hit), a tiny cache budget (evictions and preemptions); the saved states and shared KV blocks are bit-identical
+before and after sequences that hit them ran. A D = 2 x X = 2 expert-parallel group (slow): cached equals uncached,
+hits on the rank holding the prefix.
 """
 
 from __future__ import annotations
@@ -419,6 +420,32 @@ def test_speculative_decoding_with_hits_equals_plain(model) -> None:  # noqa: AN
     )
     _assert_same(got, want)
     assert [o[0].cached for o in got] == [0, 128, 128, 128]
+
+
+# Penalised requests: a repetition penalty below 1 favours every token of the prompt strongly, so greedy tokens come
+# from the prompt, many from its cached part only: a rank whose history lacked the cached prompt ids would differ.
+PENALISED = [
+    SamplingParams(temperature=0.0, logprobs=0, repetition_penalty=0.05),
+    SamplingParams(temperature=0.0, logprobs=0, repetition_penalty=0.05, presence_penalty=0.4, frequency_penalty=0.3),
+    SamplingParams(temperature=0.0, logprobs=0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2),
+]
+
+
+def test_penalised_requests_with_hits_equal_uncached(model) -> None:  # noqa: ANN001
+    """Requests with repetition / presence / frequency penalties are cached (a restoring rank gets the cached
+    prompt's ids for its penalty history: SeqStart.prefix_ids) and give the uncached run's tokens."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[5]]  # r1 and r2 resume at 128 (r0's path)
+    reqs = [
+        GenerateRequest(f"p{i}", tuple(p), prm, max_tokens=MAX_TOKENS)
+        for i, (p, prm) in enumerate(zip(prompts, PENALISED))
+    ]
+    want = _uncached(model, reqs)
+    got = _serve(model, lambda engine, _: _in_turn(engine, reqs), cache=PrefixCacheConfig(probe_interval=64))
+    _assert_same(got, want)
+    assert [o[0].cached for o in got] == [0, 128, 128]
+    # the cached part of the prompt decides tokens: some come from it and not from the part the rank computed
+    from_prefix = [t for (o,), p in zip(got[1:], prompts[1:]) for t in o.tokens if t in p[:128] and t not in p[128:]]
+    assert from_prefix, "the test's prompts were meant to make the cached prompt matter to the penalty"
 
 
 def _chat(model, tokenizer, *, cache: PrefixCacheConfig | None, turns: int) -> list[tuple[list[int], Out]]:  # noqa: ANN001
