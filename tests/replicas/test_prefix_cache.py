@@ -255,8 +255,9 @@ def test_incremental_insert_builds_the_tree_a_walk_from_the_root_builds() -> Non
     n = 64 * 200 + 30  # 12,830 tokens
     a = list(range(1, n + 1))
     b = a[: 64 * 120] + [90_000 + i for i in range(64 * 50)]
-    trees = []
+    trees: list[list[set[tuple]]] = []  # per run: the tree after each phase
     for walk in (False, True):
+        trees.append([])
         cache = _cache(blocks=4096, checkpoints=16)
         pool = cache.pool
         key_a, key_a2, key_b = _CountingKey(a), _CountingKey(a), _CountingKey(b)
@@ -275,17 +276,20 @@ def test_incremental_insert_builds_the_tree_a_walk_from_the_root_builds() -> Non
         held[id(key_b)] = pool.take_blocks(pool.blocks_for(len(b)))  # b recomputes and goes on to its end
         for end in range(64 * 150, 64 * 170, 64 * 4):
             _adopt(cache, key_b, held[id(key_b)], end, walk=walk)
+        trees[-1].append(_tree(cache))
         pool.release(slot=None, blocks=held.pop(id(key_b)))  # b finished
         for end in range(64 * 100, n, 64 * 7):  # a goes on (a walk from the root once, then its cursor)
             _adopt(cache, key_a, held[id(key_a)], end, walk=walk)
+        trees[-1].append(_tree(cache))
         cache.reset()  # what no sequence uses goes (the rest of b's branch)
         for end in range(64, 64 * 40, 64 * 5):  # a recompute after a preemption adopts its path again
             _adopt(cache, key_a, held[id(key_a)], end, walk=walk)
         _adopt(cache, key_a, held[id(key_a)], ((n - 1) // 64) * 64, walk=walk)
         assert id(key_a) not in cache._cursors, "a key adopted to its end leaves no cursor"
-        trees.append(_tree(cache))
-    assert trees[0] == trees[1]
-    assert len(trees[0]) == (n - 1) // 64  # a's whole path, b's branch gone
+        trees[-1].append(_tree(cache))
+    for phase, (got, want) in enumerate(zip(*trees, strict=True)):
+        assert got == want, f"phase {phase}"
+    assert len(trees[0][-1]) == (n - 1) // 64  # a's whole path, b's branch gone
 
 
 BLOCK = 16
