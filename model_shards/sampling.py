@@ -11,6 +11,8 @@ softmax(x)_v; U_v comes from a counter-based hash of (request seed, output posit
 computed with integer tensor ops, so a draw depends only on its sequence's own seed, position and filtered
 distribution: not on batch composition, row order, preemption or which rank samples, and with no random
 generator per row. Host syncs: none until `SampleOutput.to_host`, the step's one device-to-host transfer.
+Penalty histories come as host rows uploaded for the call (`prompt_ids` / `output_ids`), or as rows a rank keeps
+on the device (`history`, model_shards/penalty_history.py), to which `sample` appends the chosen tokens in place.
 Tests: tests/model_shards/test_sampling.py.
 """
 
@@ -52,6 +54,23 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+@dataclass(frozen=True)
+class DeviceHistory:
+    """The penalty histories of a step's rows on the sampling device (model_shards/penalty_history.py's rows).
+
+    Attributes:
+        ids: int32 [P, W] token ids, padded with ids >= V; W must exceed every row's length (room for the append).
+        rows, lens, prompt_lens: per row of `sample` (params order): its row of `ids` (read for rows with a
+            penalty only), the ids it holds, how many of them are the prompt. `sample` writes each such row's
+            chosen token at ids[row, len], on the device (the caller counts it as fed when it feeds it back).
+    """
+
+    ids: torch.Tensor
+    rows: list[int]
+    lens: list[int]
+    prompt_lens: list[int]
 
 
 @dataclass(frozen=True)
@@ -171,8 +190,39 @@ def apply_penalties(
         logits_RV: float [R, V], changed in place and returned. repetition, frequency, presence: float [R].
         prompt_RL, output_RL: int64 [R, L] token ids, padded with V (any id >= V is ignored).
     """
-    r, vocab = logits_RV.shape
     ids = torch.cat([prompt_RL, output_RL], dim=1)
+    is_output = (torch.arange(ids.shape[1], device=ids.device) >= prompt_RL.shape[1]).expand(ids.shape)
+    return _penalise(logits_RV, repetition, frequency, presence, ids, is_output)
+
+
+def apply_penalties_history(
+    logits_RV: torch.Tensor,
+    *,
+    repetition: torch.Tensor,
+    frequency: torch.Tensor,
+    presence: torch.Tensor,
+    ids_RL: torch.Tensor,
+    prompt_len: torch.Tensor,
+) -> torch.Tensor:
+    """`apply_penalties` over one history per row (model_shards/penalty_history.py's layout): the tokens fed, the
+    first prompt_len of them the prompt, padded with ids >= V.
+
+    Args:
+        ids_RL: int64 [R, L]. prompt_len: int64 [R].
+    """
+    is_output = torch.arange(ids_RL.shape[1], device=ids_RL.device) >= prompt_len.unsqueeze(1)
+    return _penalise(logits_RV, repetition, frequency, presence, ids_RL, is_output)
+
+
+def _penalise(
+    logits_RV: torch.Tensor,
+    repetition: torch.Tensor,
+    frequency: torch.Tensor,
+    presence: torch.Tensor,
+    ids: torch.Tensor,
+    is_output: torch.Tensor,
+) -> torch.Tensor:
+    r, vocab = logits_RV.shape
     if ids.shape[1] == 0:
         return logits_RV
     valid = ids < vocab
@@ -182,7 +232,7 @@ def apply_penalties(
     seen = first < vocab
     at = torch.where(valid, ids, first.clamp(max=vocab - 1))
     counts = torch.zeros(r, vocab + 1, dtype=logits_RV.dtype, device=logits_RV.device)
-    counts.scatter_add_(1, output_RL.clamp(max=vocab), torch.ones_like(output_RL, dtype=logits_RV.dtype))
+    counts.scatter_add_(1, ids.clamp(max=vocab), (is_output & valid).to(logits_RV.dtype))
     n = counts.gather(1, at)
     x = logits_RV.gather(1, at)
     rep = repetition.unsqueeze(1)
@@ -319,6 +369,7 @@ def sample(
     banned: list[tuple[int, ...]] | None = None,
     allowed: list[torch.Tensor | None] | None = None,
     rows: list[int] | None = None,
+    history: DeviceHistory | None = None,
 ) -> SampleOutput:
     """Choose one token per row, batched on the logits' device.
 
@@ -326,7 +377,9 @@ def sample(
         logits_BV: [B, V] fp32 logits (or [T, V] with `rows`).
         params: one `SamplingParams` per row.
         rows: the rows of `logits_BV` to sample from, one per params (default: all, in order).
-        prompt_ids, output_ids: per-row int64 host token tensors (only read for rows with a penalty).
+        prompt_ids, output_ids: per-row int64 host token tensors (only read for rows with a penalty), uploaded
+            for this call; or
+        history: the rows' histories already on the device, appended to in place with the chosen tokens.
         positions: per-row index of the token being sampled in its output (seeds the draw).
         banned: per-row token ids that may not be drawn (min_tokens); logprobs stay those of the raw logits.
         allowed: per-row int32 bitmask of the tokens a grammar allows (structured output), or None.
@@ -342,7 +395,9 @@ def sample(
         or any(banned or ())
         or any(m is not None for m in allowed or ())
     ):
-        _Rows(logits_BV, params, prompt_ids, output_ids, positions, banned, allowed).sample_into(tokens)
+        rows_ = _Rows(logits_BV, params, prompt_ids, output_ids, positions, banned, allowed, history)
+        rows_.sample_into(tokens)
+        rows_.append_history(tokens)
     return _with_logprobs(logits_BV, tokens, params)
 
 
@@ -374,12 +429,13 @@ class _Rows:
         positions: list[int] | None,
         banned: list[tuple[int, ...]] | None,
         allowed: list[torch.Tensor | None] | None,
+        history: DeviceHistory | None = None,
     ) -> None:
         b, vocab = logits_BV.shape
         self.logits, self.dev, self.vocab = logits_BV, logits_BV.device, vocab
         self.banned = banned if banned is not None else [()] * b
         self.allowed = allowed if allowed is not None else [None] * b
-        self.prompt_ids, self.output_ids = prompt_ids, output_ids
+        self.prompt_ids, self.output_ids, self.history = prompt_ids, output_ids, history
         bans = [i for i in range(b) if self.banned[i]]
         masked = [i for i in range(b) if self.allowed[i] is not None]
         pen = [i for i, p in enumerate(params) if p.has_penalties]
@@ -408,13 +464,16 @@ class _Rows:
             [p.seed % 2**63 for p in ps],
             [positions[i] if positions else 0 for i in sel],
             [p.top_k if 0 < p.top_k < vocab else vocab for p in ps],
+            pen,
+            *self._history_lists(history, pen),
         ]
         # step inputs in: every index list and integer parameter in one transfer, the floats in another
         flat = _upload([x for g in lists for x in g], torch.long, self.dev)
         parts = flat.split([len(g) for g in lists])
         self.sel_t = parts[0]
         self.group_t = dict(zip(self.groups, parts[1:5]))
-        self.mask_t, self.pen_t, self.ban_r, self.ban_c, self.seeds, self.pos, self.top_k = parts[5:]
+        self.mask_t, self.pen_t, self.ban_r, self.ban_c, self.seeds, self.pos, self.top_k = parts[5:12]
+        self.pen_b, self.h_row, self.h_len, self.h_prompt = parts[12:]
         f = _upload(
             [
                 [p.temperature or 1.0, p.top_p, p.min_p, p.repetition_penalty, p.frequency_penalty, p.presence_penalty]
@@ -424,6 +483,22 @@ class _Rows:
             self.dev,
         ).reshape(-1, 6)
         self.temp, self.top_p, self.min_p, self.rep, self.freq, self.pres = f.unbind(1)
+
+    @staticmethod
+    def _history_lists(history: DeviceHistory | None, pen: list[int]) -> list[list[int]]:
+        """Pool rows, lengths and prompt lengths of the rows with a penalty (uploaded with the step's inputs)."""
+        if history is None:
+            return [[], [], []]
+        longest = max((history.lens[i] for i in pen), default=0)
+        if longest >= history.ids.shape[1]:
+            raise ValueError(f"penalty history of width {history.ids.shape[1]} has no room to append at {longest}")
+        return [[history.rows[i] for i in pen], [history.lens[i] for i in pen], [history.prompt_lens[i] for i in pen]]
+
+    def append_history(self, tokens: torch.Tensor) -> None:
+        """Each penalised row's chosen token into its device history, at its length (no host value needed)."""
+        h = self.history
+        if h is not None and self.pen:
+            h.ids.index_put_((self.h_row, self.h_len), tokens.index_select(0, self.pen_b).to(h.ids.dtype))
 
     def sample_into(self, tokens: torch.Tensor) -> None:
         """Write the rows' tokens into `tokens` [B]."""
@@ -458,6 +533,23 @@ class _Rows:
                 chosen = ids.gather(1, race(x, keys, ids).unsqueeze(1)).squeeze(1)
             tokens.index_copy_(0, self.sel_t.index_select(0, idx), chosen)
 
+    def _device_history(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The penalised rows' histories, read on the device: ids [R, longest] (past each row's length: V), and
+        their prompt lengths."""
+        assert self.history is not None
+        width = max(self.history.lens[i] for i in self.pen)
+        ids = self.history.ids.index_select(0, self.h_row).narrow(1, 0, width).long()
+        ids.masked_fill_(torch.arange(width, device=self.dev) >= self.h_len.unsqueeze(1), self.vocab)
+        return ids, self.h_prompt
+
+    def _history_from_host(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The penalised rows' prompt and output ids from host rows, uploaded in one go (padded with V)."""
+        n = len(self.pen)
+        prompts = [self.prompt_ids[i] if self.prompt_ids is not None else None for i in self.pen]
+        outputs = [self.output_ids[i] if self.output_ids is not None else None for i in self.pen]
+        hist = _upload_rows([*prompts, *outputs], self.vocab, torch.long, self.dev)
+        return hist.narrow(0, 0, n), hist.narrow(0, n, n)
+
     def _processed(self) -> torch.Tensor:
         """The selected rows after min_tokens bans, grammar masks and penalties ([R, V]; the logits themselves
         when no row needs any)."""
@@ -474,19 +566,19 @@ class _Rows:
             _apply_bitmask_rows(rows, masks.contiguous())
             work.index_copy_(0, self.mask_t, rows)
         if self.pen:
-            n = len(self.pen)
-            prompts = [self.prompt_ids[i] if self.prompt_ids is not None else None for i in self.pen]
-            outputs = [self.output_ids[i] if self.output_ids is not None else None for i in self.pen]
-            hist = _upload_rows([*prompts, *outputs], vocab, torch.long, dev)  # padded with V: ignored
             loc = self.pen_t
-            rows = apply_penalties(
-                work.index_select(0, loc),
-                repetition=self.rep.index_select(0, loc),
-                frequency=self.freq.index_select(0, loc),
-                presence=self.pres.index_select(0, loc),
-                prompt_RL=hist.narrow(0, 0, n),
-                output_RL=hist.narrow(0, n, n),
-            )
+            rep, freq, pres = (t.index_select(0, loc) for t in (self.rep, self.freq, self.pres))
+            rows = work.index_select(0, loc)
+            if self.history is not None:
+                ids, prompt_len = self._device_history()
+                apply_penalties_history(
+                    rows, repetition=rep, frequency=freq, presence=pres, ids_RL=ids, prompt_len=prompt_len
+                )
+            else:
+                prompt_RL, output_RL = self._history_from_host()
+                apply_penalties(
+                    rows, repetition=rep, frequency=freq, presence=pres, prompt_RL=prompt_RL, output_RL=output_RL
+                )
             work.index_copy_(0, loc, rows)
         return work
 

@@ -304,8 +304,7 @@ class Engine:
 
             for s in seqs:
                 s.matcher = GrammarMatcher(compiled, eos_ids=() if req.ignore_eos else req.eos_token_ids)
-        if self.prefix_caches is not None and req.params.repetition_penalty == 1.0:
-            # (the repetition penalty reads the whole prompt: a rank restoring a prefix never sees its tokens)
+        if self.prefix_caches is not None:
             key = req.mm.cache_key(req.prompt_ids) if req.mm is not None else tuple(req.prompt_ids)
             for s in seqs:  # None: not cached (an image prompt without content keys)
                 s.cache_key, s.cache_ns = key, (req.cache_salt or "", s.speculate)
@@ -526,6 +525,10 @@ class Engine:
                 vision=mm.inputs if mm is not None else None,
                 mtp=seq.speculate,
                 restore=addr.restore,
+                # the repetition penalty reads the whole prompt: a restoring rank gets the cached part's ids
+                prefix_ids=tuple(ids[:start])
+                if addr.restore is not None and seq.params.repetition_penalty != 1.0
+                else (),
             )
         new_blocks: tuple[int, ...] = ()
         if addr.blocks_sent != len(addr.blocks):

@@ -16,6 +16,11 @@ Eviction under pressure, KV and states apart, least valuable first: KV of unrefe
 running sequence uses is never freed; evicting a node drops its state), KV-only leaves before leaves that hold a
 state, least recently used first; states unpinned only (a sequence about to restore one pins it), provisional
 ones first, then by recency x tokens saved (all states cost the same bytes).
+Adoption is incremental: `insert` keeps a cursor per key (the node its last insert of that key reached) and a
+prefill's next chunk resumes there, so a prompt costs O(its chunks) over its whole prefill, not a walk from the root
+per chunk; any node leaving the tree (eviction, reset) makes every cursor stale (a generation count), and a stale or
+missing cursor falls back to the walk from the root. The nodes before a cursor keep the recency of the insert that
+passed them (at most a step older than a walk from the root would give).
 Must not: know sequences or steps (the scheduler drives it). Tests: tests/replicas/test_prefix_cache.py.
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import OrderedDict
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -50,6 +56,18 @@ class _Node:
     # the token after `end` in the prompt that saved the state: the MTP layer's KV row at end - 1 was computed with
     # it, so in an MTP namespace a prompt resumes here only when its own next token is the same
     next_token: int | None = None
+
+
+class _Cursor(NamedTuple):
+    """Where the last `insert` of a key got to: valid while the tree's generation is unchanged."""
+
+    key: Seq[int]
+    ns: Namespace
+    node: _Node
+    generation: int
+
+
+_MAX_CURSORS = 1024  # keys whose prefill stopped short (aborted, preempted) do not pile up
 
 
 class Hit(NamedTuple):
@@ -89,6 +107,8 @@ class PrefixCache:
         self._leaves: set[_Node] = set()
         self._states: set[_Node] = set()
         self._tick = itertools.count(1)
+        self._generation = 0  # bumped whenever a node leaves the tree: older cursors are stale
+        self._cursors: OrderedDict[int, _Cursor] = OrderedDict()  # id(key) -> its cursor (holds the key)
         self.num_states = 0
         self.num_blocks = 0
         # counters (tokens for queries and hits, as vLLM counts them)
@@ -197,11 +217,22 @@ class PrefixCache:
         upto = (upto // GRID) * GRID
         if upto <= 0:
             return None
-        node = self._roots.get(ns)
-        if node is None:
-            node = self._roots[ns] = _Node((), None, 0)
         tick = next(self._tick)
-        for start in range(0, upto, GRID):
+        cur = self._cursors.get(id(key))
+        if cur is not None and cur.key is key and cur.ns == ns and cur.generation == self._generation:
+            node = cur.node  # the tree still holds the path up to it: resume there
+            if node.end > upto:  # an earlier point of a path already adopted further
+                while node.end > upto:
+                    assert node.parent is not None
+                    node = node.parent
+                node.last_used = tick
+                return node
+        else:
+            root = self._roots.get(ns)
+            if root is None:
+                root = self._roots[ns] = _Node((), None, 0)
+            node = root
+        for start in range(node.end, upto, GRID):
             chunk = tuple(key[start : start + GRID])
             child = node.children.get(chunk)
             if child is None:
@@ -216,6 +247,13 @@ class PrefixCache:
                 self._leaves.add(child)
             child.last_used = tick
             node = child
+        if upto + GRID > len(key) - 1:  # no later chunk of this key can be adopted: its cursor goes
+            self._cursors.pop(id(key), None)
+        else:
+            self._cursors[id(key)] = _Cursor(key, ns, node, self._generation)
+            self._cursors.move_to_end(id(key))
+            if len(self._cursors) > _MAX_CURSORS:
+                self._cursors.popitem(last=False)
         return node
 
     def captured(
@@ -334,6 +372,7 @@ class PrefixCache:
         parent = node.parent
         assert parent is not None and not node.children
         del parent.children[node.key]
+        self._generation += 1  # cursors may point at it (or below it)
         self._leaves.discard(node)
         if not parent.children and parent.parent is not None:
             self._leaves.add(parent)

@@ -30,6 +30,8 @@ each sequence placed on it, keyed by sequence id, and each step says only what c
       restore                        a prefix-cache hit: state checkpoint copied into `slot` before the first
                                      chunk, whose context_len (the cached length, on the 64-token grid) of KV
                                      is in the first blocks of `new_blocks` (shared, never written)
+      prefix_ids                     with `restore`, when the sequence has a repetition penalty (which reads the
+                                     whole prompt): the cached prompt's token ids, for the rank's penalty history
     SeqStep.save_state               after the chunk, copy the sequence's DeltaNet state into this state
                                      checkpoint (the chunk ends on the 64-token grid; the prefix cache keeps it)
 
@@ -71,6 +73,8 @@ class SeqStart:
         restore: a prefix-cache hit: the state checkpoint (an index into the rank's checkpoint pool) copied into
             `slot` before the first chunk; that chunk's context_len is the cached length (a multiple of 64) and
             the blocks holding it come first in its `new_blocks`, shared with the cache (read-only). None: fresh.
+        prefix_ids: with `restore`, the cached prompt's token ids (context_len of them) when the sequence's
+            repetition penalty reads its whole prompt; () otherwise (the rank pads its history there).
     """
 
     slot: int
@@ -82,6 +86,7 @@ class SeqStart:
     vision: tuple[Any, ...] | None = None
     mtp: bool = False
     restore: int | None = None
+    prefix_ids: tuple[int, ...] = ()
 
 
 class SeqStep(NamedTuple):

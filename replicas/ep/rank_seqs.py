@@ -2,13 +2,17 @@
 
 Owns: per sequence id, what a `SeqStart` brought (slot, sampling, prompt length, MRoPE and vision inputs),
 the block table grown by each step's `new_blocks`, the tokens in its caches (`num_computed`), the penalty
-history (the tokens it was fed, when a penalty reads them) and its vision embeddings; turning one `SeqStep`
+history (the tokens it was fed, when a penalty reads them: a row of the rank's device `PenaltyHistory`, written
+with the step's new tokens and, for a token the rank sampled itself, by the sampler on the device) and its vision
+embeddings; turning one `SeqStep`
 into the `SeqChunk` the model computes (`LiveSeq`); refusing a step that could fail after the first
 collective (ids outside the vocabulary or the pools, a sequence it does not hold, a context it does not have)
 by looking only at what the step brings. A prefix-cache hit (`SeqStart.restore`) starts a sequence at the cached
 length p > 0 on the 64-token grid: its first blocks hold that KV, the rank copies the state checkpoint into its
-slot (replicas/ep/trunk_rank.py), and its penalty history starts with p placeholder ids (>= vocab, which the
-penalties ignore) so prompt and output stay apart. Must not: run the model or sample.
+slot (replicas/ep/trunk_rank.py), and its penalty history starts with the cached prompt's p ids when the start
+brings them (`SeqStart.prefix_ids`: a repetition penalty reads the prompt), else with p padding ids (>= vocab,
+which the penalties ignore: presence and frequency read outputs only) so prompt and output stay apart.
+Must not: run the model or sample.
 Tests: tests/replicas/test_step_protocol.py.
 """
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from model_shards.batch import SeqChunk
+from model_shards.penalty_history import PenaltyHistory
 from model_shards.sampling import SamplingParams
 from replicas.engine.step_types import SeqStart, SeqStep, only_token_mask
 
@@ -33,29 +38,22 @@ class RankSeq:
     start: SeqStart
     blocks: tuple[int, ...] = ()
     num_computed: int = 0  # tokens in the caches
-    history: torch.Tensor | None = None  # int64 buffer of the tokens fed (penalties only); grows by doubling
-    history_len: int = 0
+    history: PenaltyHistory | None = None  # the rank's device rows (penalties only), this sequence's is `row`
+    row: int = -1
+    history_len: int = 0  # ids in its row: the tokens fed
+    sampled: int | None = None  # the token the sampler wrote at history_len on the device (not yet fed)
     embeds: torch.Tensor | None = None  # vision embeddings, encoded with the first chunk
 
     def feed(self, tokens: tuple[int, ...]) -> None:
-        """Append tokens now in the caches to the penalty history (kept only when a penalty reads it)."""
-        if self.history is None or not tokens:
+        """Append tokens now in the caches to the penalty history (kept only when a penalty reads it). A fed token
+        the sampler already wrote there (the last sampled one, fed back) is only counted: nothing is uploaded."""
+        h = self.history
+        if h is None or not tokens:
             return
-        end = self.history_len + len(tokens)
-        if end > self.history.shape[0]:
-            grown = torch.empty(max(end, 2 * self.history.shape[0]), dtype=torch.long)
-            grown[: self.history_len] = self.history[: self.history_len]
-            self.history = grown
-        self.history[self.history_len : end] = torch.tensor(tokens, dtype=torch.long)
-        self.history_len = end
-
-    def prompt_ids(self) -> torch.Tensor | None:
-        return self.history[: min(self.start.prompt_len, self.history_len)] if self.history is not None else None
-
-    def output_ids(self) -> torch.Tensor | None:
-        if self.history is None:
-            return None
-        return self.history[min(self.start.prompt_len, self.history_len) : self.history_len]
+        skip = 1 if self.sampled is not None and tokens[0] == self.sampled else 0
+        self.sampled = None
+        h.stage(self.row, self.history_len + skip, tokens[skip:])
+        self.history_len += len(tokens)
 
 
 class LiveSeq:
@@ -101,19 +99,37 @@ class SeqTable:
     """
 
     def __init__(
-        self, *, vocab_size: int, num_slots: int, num_blocks: int, block_size: int, num_checkpoints: int = 0
+        self,
+        *,
+        vocab_size: int,
+        num_slots: int,
+        num_blocks: int,
+        block_size: int,
+        num_checkpoints: int = 0,
+        device: torch.device | None = None,
     ) -> None:
         self.vocab_size, self.num_slots = vocab_size, num_slots
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_checkpoints = num_checkpoints
         self.seqs: dict[int, RankSeq] = {}
+        # allocated at the first sequence with a penalty
+        self.history = PenaltyHistory(vocab_size, device if device is not None else torch.device("cpu"))
 
     def __len__(self) -> int:
         return len(self.seqs)
 
     def release(self, seq_ids: tuple[int, ...]) -> None:
         for i in seq_ids:
-            self.seqs.pop(i, None)
+            self._drop(self.seqs.pop(i, None))
+
+    def clear(self) -> None:
+        """Forget every sequence."""
+        self.release(tuple(self.seqs))
+
+    def _drop(self, state: RankSeq | None) -> None:
+        if state is not None and state.history is not None:
+            state.history.give(state.row)
+            state.history = None
 
     def refusal(self, s: SeqStep) -> str | None:
         """Why this step of this sequence must not run (it could make the rank raise after the step's first
@@ -174,6 +190,8 @@ class SeqTable:
                 return why
         elif s.context_len != 0:
             return "a sequence starts on a trunk rank at context 0 (or at a cached length with `restore`)"
+        elif st.prefix_ids:
+            return "prefix ids come only with a restore"
         if not 0 <= st.slot < self.num_slots:
             return "cache addresses outside this rank's pools"
         n = st.params.logprobs
@@ -196,9 +214,13 @@ class SeqTable:
             return f"a restored sequence resumes inside its prompt: cached length {p} >= prompt length {st.prompt_len}"
         if len(s.new_blocks) * self.block_size < p:
             return f"{len(s.new_blocks)} KV blocks cannot hold the {p} cached tokens of a restored sequence"
-        if st.params.repetition_penalty != 1.0:
-            # the repetition penalty reads the whole prompt, and the rank never sees the cached part of it
-            return "a restored sequence cannot use repetition_penalty (the cached prompt tokens are not sent)"
+        if st.prefix_ids and len(st.prefix_ids) != p:
+            return f"a restored sequence brings {len(st.prefix_ids)} cached prompt ids for a cached length of {p}"
+        if st.params.repetition_penalty != 1.0 and not st.prefix_ids:
+            # the repetition penalty reads the whole prompt: the rank holds none of the cached part
+            return "a restored sequence with a repetition penalty needs its cached prompt ids (prefix_ids)"
+        if any(not 0 <= t < self.vocab_size for t in st.prefix_ids):
+            return f"prefix ids outside the vocabulary [0, {self.vocab_size})"
         return None
 
     def resolve(self, s: SeqStep) -> LiveSeq:
@@ -206,9 +228,13 @@ class SeqTable:
         chunk: the new tokens then the drafts, at its context, with its slot and block table."""
         if s.start is not None:
             st = s.start
-            state = RankSeq(st, history=torch.empty(0, dtype=torch.long) if st.params.has_penalties else None)
-            if state.history is not None and s.context_len:  # a restore: the cached prompt, as ignored ids
-                state.feed((self.vocab_size,) * s.context_len)
+            self._drop(self.seqs.pop(s.seq_id, None))  # a start replaces (a preempted sequence recomputes)
+            state = RankSeq(st)
+            if st.params.has_penalties:
+                state.history, state.row = self.history, self.history.take()
+                if st.prefix_ids:  # a restore: the cached prompt's ids (else padding: the row starts as padding)
+                    state.feed(st.prefix_ids)
+                state.history_len = s.context_len
             self.seqs[s.seq_id] = state
         else:
             state = self.seqs[s.seq_id]

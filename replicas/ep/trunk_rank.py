@@ -6,7 +6,7 @@ injected (`routed`), so the same class runs in-process or over an all-to-all. St
 (replicas/engine/step_types.py): the rank keeps each sequence's state (replicas/ep/rank_seqs.py).
 The rank owns one device (its pools'): batches, index tables and sampling inputs are made there. Host <->
 device transfers happen at named points only: step inputs in (`StepBatch.build` from the step's Python lists,
-the penalty history and grammar masks in `_sample`), sampled token ids and logprobs out
+the step's new tokens into the penalty history and grammar masks in `_sample`), sampled token ids and logprobs out
 (`SampleOutput.to_host` in `_sample`, `_to_host` in `_verify`), and the canary's one verdict; the
 expert-load counters leave the device only when read (replicas/ep/dispatch.py).
 The readiness canary (`canary`) runs one token through the whole model on a KV block and state slot reserved
@@ -27,7 +27,7 @@ import torch
 from cluster.rank_progress import RankProgress
 from model_shards.batch import SeqChunk, StepBatch
 from model_shards.cache import CachePools
-from model_shards.sampling import sample
+from model_shards.sampling import DeviceHistory, sample
 from model_shards.trunk import Trunk, TrunkOutput
 from model_shards.vision import VisionTower
 from replicas.engine.step_types import SERVER_ERROR, StepRequest, StepResult, TokenLogprobs
@@ -77,6 +77,7 @@ class TrunkRank:
             num_blocks=pools.num_blocks - CANARY_RESERVE,
             block_size=pools.block_size,
             num_checkpoints=pools.num_checkpoints,
+            device=self.device,
         )
         self.drafter = MtpDrafter(trunk, pools, routed)
         # the in-process runner's CUDA-graph decode (replicas/ep/decode_graphs.py); None: every forward eager
@@ -84,7 +85,7 @@ class TrunkRank:
 
     def reset(self) -> None:
         """Forget every sequence (the group is being rebuilt: the engine ended them all)."""
-        self.seqs.seqs.clear()
+        self.seqs.clear()
         self.drafter.pending_q.clear()
 
     @torch.inference_mode()
@@ -226,18 +227,18 @@ class TrunkRank:
         self, live: list[LiveSeq], logits_RV: torch.Tensor, rows: dict[int, tuple[int, int]], res: _Results
     ) -> None:
         """One token per sampling sequence that brings no drafts."""
+        # transfer point (step inputs in): the tokens fed since the last flush into the device penalty history (a
+        # decode step that feeds back the token the rank sampled has none); grammar masks go in the sampler
+        self.seqs.history.flush()
         sampling = [i for i, s in enumerate(live) if s.sample and not s.drafts]
         if not sampling:
             return
         seqs = [live[i] for i in sampling]
-        # transfer point (step inputs in): the sampler uploads penalty histories and grammar masks in one go each
-        history = [_history(s) for s in seqs] if any(s.params.has_penalties for s in seqs) else None
         out = sample(
             logits_RV,
             [s.params for s in seqs],
             rows=[rows[i][0] + rows[i][1] - 1 for i in sampling],
-            prompt_ids=[h[0] for h in history] if history is not None else None,
-            output_ids=[h[1] for h in history] if history is not None else None,
+            history=_history(seqs),
             positions=[s.output_index for s in seqs],
             banned=[s.step.suppress_ids for s in seqs],
             allowed=[s.allowed for s in seqs],
@@ -245,6 +246,8 @@ class TrunkRank:
         host = out.to_host()  # sampled ids and logprobs out: the sampler's one device-to-host transfer
         for j, i in enumerate(sampling):
             res.tokens[i] = host.token_ids[j]
+            if live[i].state.history is not None:  # the sampler wrote it into the history, on the device
+                live[i].state.sampled = host.token_ids[j]
             n = live[i].params.logprobs
             if n is not None and host.logprob is not None:
                 top: tuple[tuple[int, float], ...] = ()
@@ -357,12 +360,21 @@ def _spread(res: StepResult, keep: list[int], refused: dict[int, str], n: int) -
 CANARY_RESERVE = 1  # KV blocks and state slots each trunk rank holds beyond the engine's, for the canary
 
 
-def _history(s: LiveSeq) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt and output ids for penalties (the rank keeps them only for sequences with a penalty), on the host:
-    the sampler packs every row into one staging tensor and uploads it once (its input transfer point)."""
-    prompt, output = s.state.prompt_ids(), s.state.output_ids()
-    empty = torch.empty(0, dtype=torch.long)
-    return (prompt if prompt is not None else empty, output if output is not None else empty)
+def _history(seqs: list[LiveSeq]) -> DeviceHistory | None:
+    """The sampling sequences' penalty histories, on the device (their rows of the rank's `PenaltyHistory`, with
+    room for the token the sampler appends), or None when none has a penalty."""
+    pen = [s.state for s in seqs if s.state.history is not None]
+    if not pen:
+        return None
+    h = pen[0].history
+    assert h is not None
+    h.reserve(max(st.history_len for st in pen) + 1)
+    return DeviceHistory(
+        h.ids,
+        rows=[s.state.row for s in seqs],
+        lens=[s.state.history_len for s in seqs],
+        prompt_lens=[s.state.start.prompt_len for s in seqs],
+    )
 
 
 def _to_host(*tensors: torch.Tensor | None) -> list[list | None]:

@@ -19,10 +19,13 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from model_shards.penalty_history import PenaltyHistory
 from model_shards.sampling import (
+    DeviceHistory,
     SamplingParams,
     apply_bitmask,
     apply_penalties,
+    apply_penalties_history,
     candidates,
     row_keys,
     sample,
@@ -302,6 +305,91 @@ def test_penalties_known_answers() -> None:
     assert got[1].tolist() == [2.0 - 0.5 - 0.25, -2.0, 1.0 - 1.0 - 0.25, 0.5]  # prompt tokens are not penalised
 
 
+def test_history_penalties_equal_the_per_row_oracle() -> None:
+    """The device-history layout (one row of fed ids per sequence, the first prompt_len of them the prompt,
+    padded with V) penalises exactly as the oracle."""
+    gen = torch.Generator().manual_seed(4)
+    v = 300
+    settings = [(1.3, 0.0, 0.0), (0.7, 0.4, 0.0), (1.0, 0.5, 0.25), (1.2, -0.3, 0.8)]
+    x = torch.randn(len(settings), v, generator=gen) * 4
+    prompts = [torch.randint(0, v, (int(n),), generator=gen) for n in (40, 3, 0, 17)]
+    outputs = [torch.randint(0, v, (int(n),), generator=gen) for n in (25, 60, 9, 0)]
+    t = torch.tensor(settings)
+    got = apply_penalties_history(
+        x.clone(),
+        repetition=t[:, 0],
+        frequency=t[:, 1],
+        presence=t[:, 2],
+        ids_RL=_padded([torch.cat([p, o]) for p, o in zip(prompts, outputs)], v),
+        prompt_len=torch.tensor([len(p) for p in prompts]),
+    )
+    for i, (rp, fp, pp) in enumerate(settings):
+        p = SamplingParams(repetition_penalty=rp, frequency_penalty=fp, presence_penalty=pp)
+        torch.testing.assert_close(got[i], ref.penalties(x[i], p, prompts[i], outputs[i]), rtol=0, atol=0)
+
+
+def test_device_history_decodes_as_host_histories_and_appends_the_chosen_tokens() -> None:
+    """Several decode steps over a PenaltyHistory (rows and width grown past their first size, prefixes written in
+    one flush, each chosen token appended by the sampler itself and never written again) give, step by step, the
+    tokens of the host-history path fed the whole history every step (itself the oracle's: tests above); greedy
+    penalised rows are the oracle's argmax; rows without a penalty hold no history."""
+    gen = torch.Generator().manual_seed(5)
+    v, b, steps = 400, 7, 6
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=1.8),
+        SamplingParams(temperature=0.0, presence_penalty=1.5, frequency_penalty=0.7),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.9, repetition_penalty=1.3, frequency_penalty=0.4, seed=3),
+        SamplingParams(temperature=0.0, repetition_penalty=0.8, presence_penalty=-0.5),
+        SamplingParams(temperature=1.1, top_k=30, seed=9),
+        SamplingParams(temperature=0.0, repetition_penalty=2.0, presence_penalty=0.3),
+    ]
+    prompts = [torch.randint(0, v, (int(n),), generator=gen) for n in (9, 40, 5, 0, 23, 7, 12)]
+    hist = PenaltyHistory(v, torch.device("cpu"), rows=2, width=8)  # grows in rows and width
+    rows = [hist.take() if p.has_penalties else -1 for p in params]
+    for r, prompt in zip(rows, prompts):
+        if r >= 0:
+            hist.stage(r, 0, tuple(prompt.tolist()))
+    hist.flush()
+    outputs: list[list[int]] = [[] for _ in range(b)]
+    changed = 0
+    for step in range(steps):
+        # a peaked distribution that repeats: without the penalties the greedy rows would pick their history
+        x = torch.randn(b, v, generator=gen)
+        for i in range(b):
+            x[i, prompts[i][:3]] += 3.0
+            x[i, 7] += 3.0  # a token outside the prompts: the output penalties push it away once chosen
+        lens = [len(prompts[i]) + len(outputs[i]) for i in range(b)]
+        hist.reserve(max(lens) + 1)
+        dev = DeviceHistory(hist.ids, rows=rows, lens=lens, prompt_lens=[len(p) for p in prompts])
+        got = sample(x.clone(), params, history=dev, positions=[step] * b).token_ids
+        want = sample(
+            x.clone(),
+            params,
+            prompt_ids=prompts,
+            output_ids=[torch.tensor(o, dtype=torch.long) for o in outputs],
+            positions=[step] * b,
+        ).token_ids
+        assert torch.equal(got, want), step
+        for i, p in enumerate(params):
+            if p.greedy and p.has_penalties:
+                out = torch.tensor(outputs[i], dtype=torch.long)
+                assert int(got[i]) == int(ref.penalties(x[i], p, prompts[i], out).argmax()), (step, i)
+                changed += int(got[i]) != int(x[i].argmax())
+            outputs[i].append(int(got[i]))
+    assert changed >= steps, "the penalties were meant to change greedy choices"
+    for i, r in enumerate(rows):
+        if r >= 0:
+            n = len(prompts[i]) + steps
+            assert hist.ids[r, :n].tolist() == prompts[i].tolist() + outputs[i]
+            assert bool((hist.ids[r, n:] == v).all()), "past the fed ids: padding"
+    assert hist.ids.shape[0] >= 5 and hist.width >= max(len(p) for p in prompts) + steps
+    for r in rows:
+        if r >= 0:
+            hist.give(r)
+    assert tuple(hist.ids.shape) == (2, 8), "an empty pool shrinks back to its first size"
+
+
 def test_banned_and_allowed_masks() -> None:
     x = torch.tensor([[5.0, 4.0, 3.0, 2.0]] * 3)
     g = SamplingParams(temperature=0.0, logprobs=0)
@@ -416,6 +504,15 @@ def test_no_host_sync_on_a_fake_cuda_device() -> None:
         out = sample(logits, params, rows=[0, 1, 2, 4, 5, 7], **kw)  # type: ignore[arg-type]
         outs = [out.token_ids, out.logprob, out.top_ids, out.top_logprobs]
         assert all(t is not None and t.device.type == "cuda" for t in outs)
+        hist = PenaltyHistory(v, torch.device("cuda"))
+        hrows = [hist.take() for _ in params]
+        for r in hrows:
+            hist.stage(r, 0, (1, 2, 3, 4, 5))
+        hist.flush()
+        dev = DeviceHistory(hist.ids, rows=hrows, lens=[5] * 6, prompt_lens=[3] * 6)
+        kw.pop("prompt_ids"), kw.pop("output_ids")
+        out = sample(logits, params, rows=[0, 1, 2, 4, 5, 7], history=dev, **kw)  # type: ignore[arg-type]
+        assert out.token_ids.device.type == "cuda" and hist.ids.device.type == "cuda"
 
 
 def test_cpu_shortlists_draw_what_the_full_race_draws() -> None:

@@ -23,9 +23,10 @@ subset of experts; a TrunkRank over the AllToAllDispatcher (1 trunk, 2 expert ra
 `a2a_protocol`'s `dist.all_to_all_single` replaced (it echoes: the receive buffer stands for the expert ranks'
 answer), a prefill (VARIABLE mode) and a decode (FIXED mode) step, whose layers may read back only the seam's
 named reads (`A2A_LAYER_READS`: the row counts on prefill, `read_overflow` per MoE layer on decode).
-Asserted: no CPU tensor inside a step; outside the decoder layers, host transfers only at
-the named points (`NAMED_POINTS`, with why); inside the prefill and decode steps' decoder layers and the
-expert rank's compute, no host sync at all. Layer-level checks: tests/model_shards/test_host_syncs.py.
+Asserted: no CPU tensor inside a step; no upload of penalty history in a decode step; outside the decoder layers,
+host transfers only at the named points (`NAMED_POINTS`, with why); inside the prefill and decode steps' decoder
+layers and the expert rank's compute, no host sync at all. Layer-level checks:
+tests/model_shards/test_host_syncs.py.
 """
 
 from __future__ import annotations
@@ -346,8 +347,13 @@ def fake_run(tiny_fused: Path) -> FakeRun:
         steps["prefill resumed at 64"] = _step(
             rec, runner, StepRequest(seqs=(SeqStep(1, 64, PROMPT[64:], allowed_mask=mask),), mtp_steps=2)
         )
+        sampled = steps["prefill resumed at 64"][0]
+        assert sampled is not None and sampled.token_ids[0] is not None
+        # the decode feeds back the token the rank sampled (a fake run's stand-in value): already in its history
         steps["decode: penalty, grammar mask, logprobs"] = _step(
-            rec, runner, StepRequest(seqs=(SeqStep(1, 96, (5,), output_index=1, allowed_mask=mask),))
+            rec,
+            runner,
+            StepRequest(seqs=(SeqStep(1, 96, (sampled.token_ids[0],), output_index=1, allowed_mask=mask),)),
         )
         steps["MTP verify"] = _step(
             rec, runner, StepRequest(seqs=(SeqStep(1, 97, (6,), output_index=2, drafts=(7, 8)),), mtp_steps=2)
@@ -440,6 +446,26 @@ def test_host_transfers_outside_the_layers_are_the_named_points(fake_run: FakeRu
         print(f"transfer point {point[0]}:{point[1]} ({NAMED_POINTS[point]}): {len(names)} in {sorted(set(names))}")
     assert not unnamed, "host transfers outside the named points:\n" + "\n".join(unnamed)
     assert ("trunk_rank.py", "_to_host") in seen  # the recorder does see the transfers it must
+
+
+def test_decode_uploads_no_penalty_history(fake_run: FakeRun) -> None:
+    """The penalty history lives on the device (model_shards/penalty_history.py): a prefill writes its tokens
+    there (one upload of the step's new tokens), a decode that feeds back the sampled token (the sampler appended
+    it on the device) uploads nothing for it, and no step builds a history on the host."""
+
+    def history_uploads(name: str) -> list[Event]:
+        evs = fake_run.steps[name][1]
+        return [e for e in evs if e.kind == "h2d" and any(f == "penalty_history.py" for f, _, _ in e.frames)]
+
+    assert len(history_uploads("prefill 0-64")) == 1  # the recorder sees the uploads it must
+    assert not history_uploads("decode: penalty, grammar mask, logprobs")
+    host_rows = [
+        str(e)
+        for _, evs in fake_run.steps.values()
+        for e in evs
+        if any(fn == "_history_from_host" for _, fn, _ in e.frames)
+    ]
+    assert not host_rows, host_rows
 
 
 def _layer_syncs(events: list[Event]) -> list[Event]:

@@ -7,10 +7,11 @@ freed), salts and the mtp flag as namespaces, reset.
 End to end with the Engine over the single-process LocalRunner (fp32 embedded model): the oracle is the same engine
 with the cache off (every prompt prefilled from token 0, itself equal to transformers: test_offline_generate.py):
 greedy tokens equal and logprobs within 1e-4 for shared system prompts, branches, prompts shorter than 64, requests
-at once, n = 2, speculative decoding, multi-turn chat rendered with the real template (cached tokens >= the previous
-turn's last assistant header, rounded down to 64), salts (no cross-salt hit), a tiny cache budget (evictions and
-preemptions); the saved states and shared KV blocks are bit-identical before and after sequences that hit them
-ran. A D = 2 x X = 2 expert-parallel group (slow): cached equals uncached, hits on the rank holding the prefix.
+at once, n = 2, speculative decoding, repetition / presence / frequency penalties, multi-turn chat rendered with the
+real template (cached tokens >= the previous turn's last assistant header, rounded down to 64), salts (no cross-salt
+hit), a tiny cache budget (evictions and preemptions); the saved states and shared KV blocks are bit-identical
+before and after sequences that hit them ran. A D = 2 x X = 2 expert-parallel group (slow): cached equals uncached,
+hits on the rank holding the prefix.
 """
 
 from __future__ import annotations
@@ -207,6 +208,89 @@ def test_reset_drops_what_no_sequence_uses() -> None:
 # End to end: the Engine over the single-process LocalRunner (fp32 embedded model), cached vs uncached. The oracle
 # is the same engine with the prefix cache off (every prompt prefilled from token 0), whose tokens and logprobs
 # equal transformers' (tests/replicas/test_offline_generate.py).
+
+
+class _CountingKey(tuple):
+    """A prompt key that counts the chunks read from it (the work of a walk)."""
+
+    reads = 0
+
+    def __getitem__(self, i):  # noqa: ANN001, ANN204  # tuple's signature
+        if isinstance(i, slice):
+            type(self).reads += 1
+        return super().__getitem__(i)
+
+
+def _tree(cache: PrefixCache) -> set[tuple]:
+    """The tree as data: per node, its path of chunk ends and keys, blocks, state."""
+    out = set()
+    for node in cache._nodes():
+        path, up = [], node
+        while up is not None and up.parent is not None:
+            path.append(up.key)
+            up = up.parent
+        out.add((node.end, tuple(path), tuple(node.blocks), node.checkpoint, node.provisional))
+    return out
+
+
+def _adopt(cache: PrefixCache, key: tuple, blocks: list[int], upto: int, *, walk: bool, capture: int = 0) -> None:
+    """The scheduler's adoption after a chunk (a capture at `capture` first, if any); `walk`: as a walk from the
+    root would (every cursor dropped before each call)."""
+    if capture:
+        if walk:
+            cache._cursors.clear()
+        ckpt = cache.pool.take_checkpoint()
+        assert ckpt is not None
+        cache.captured(key, NS, blocks, capture, ckpt, provisional=False)
+    if walk:
+        cache._cursors.clear()
+    cache.insert(key, NS, blocks, upto)
+
+
+def test_incremental_insert_builds_the_tree_a_walk_from_the_root_builds() -> None:
+    """A long prompt adopted chunk by chunk (captures on the way, an n = 2 twin, another prompt branching from it,
+    evictions and a reset in between, a recompute) gives the same tree as the same calls each made with a walk
+    from the root (every cursor dropped before each call); and its prefill reads each chunk of its key once, not
+    once per later chunk."""
+    n = 64 * 200 + 30  # 12,830 tokens
+    a = list(range(1, n + 1))
+    b = a[: 64 * 120] + [90_000 + i for i in range(64 * 50)]
+    trees: list[list[set[tuple]]] = []  # per run: the tree after each phase
+    for walk in (False, True):
+        trees.append([])
+        cache = _cache(blocks=4096, checkpoints=16)
+        pool = cache.pool
+        key_a, key_a2, key_b = _CountingKey(a), _CountingKey(a), _CountingKey(b)
+        held = {id(x): pool.take_blocks(pool.blocks_for(len(x))) for x in (key_a, key_a2, key_b)}
+        _CountingKey.reads = 0
+        for end in range(64 * 3, 64 * 100, 64 * 3):  # prefill chunks of 192 tokens, a and its n = 2 twin alike
+            capture = end if end % (64 * 30) == 0 else 0
+            _adopt(cache, key_a, held[id(key_a)], end, walk=walk, capture=capture)
+            _adopt(cache, key_a2, held[id(key_a2)], end, walk=walk)
+        if not walk:
+            assert _CountingKey.reads <= 2 * 100, "each chunk of each key read once"
+        for end in range(512, 64 * 150 + 1, 512):
+            _adopt(cache, key_b, held[id(key_b)], end, walk=walk)
+        pool.release(slot=None, blocks=held.pop(id(key_b)))  # b preempted: its own chunks are the tree's alone
+        assert cache.evict_blocks(64) >= 64  # b's tail: nodes leave (where b's cursor is), every cursor is stale
+        held[id(key_b)] = pool.take_blocks(pool.blocks_for(len(b)))  # b recomputes and goes on to its end
+        for end in range(64 * 150, 64 * 170, 64 * 4):
+            _adopt(cache, key_b, held[id(key_b)], end, walk=walk)
+        trees[-1].append(_tree(cache))
+        pool.release(slot=None, blocks=held.pop(id(key_b)))  # b finished
+        for end in range(64 * 100, n, 64 * 7):  # a goes on (a walk from the root once, then its cursor)
+            _adopt(cache, key_a, held[id(key_a)], end, walk=walk)
+        trees[-1].append(_tree(cache))
+        cache.reset()  # what no sequence uses goes (the rest of b's branch)
+        for end in range(64, 64 * 40, 64 * 5):  # a recompute after a preemption adopts its path again
+            _adopt(cache, key_a, held[id(key_a)], end, walk=walk)
+        _adopt(cache, key_a, held[id(key_a)], ((n - 1) // 64) * 64, walk=walk)
+        assert id(key_a) not in cache._cursors, "a key adopted to its end leaves no cursor"
+        trees[-1].append(_tree(cache))
+    for phase, (got, want) in enumerate(zip(*trees, strict=True)):
+        assert got == want, f"phase {phase}"
+    assert len(trees[0][-1]) == (n - 1) // 64  # a's whole path, b's branch gone
+
 
 BLOCK = 16
 MAX_TOKENS = 5
@@ -419,6 +503,32 @@ def test_speculative_decoding_with_hits_equals_plain(model) -> None:  # noqa: AN
     )
     _assert_same(got, want)
     assert [o[0].cached for o in got] == [0, 128, 128, 128]
+
+
+# Penalised requests: a repetition penalty below 1 favours every token of the prompt strongly, so greedy tokens come
+# from the prompt, many from its cached part only: a rank whose history lacked the cached prompt ids would differ.
+PENALISED = [
+    SamplingParams(temperature=0.0, logprobs=0, repetition_penalty=0.05),
+    SamplingParams(temperature=0.0, logprobs=0, repetition_penalty=0.05, presence_penalty=0.4, frequency_penalty=0.3),
+    SamplingParams(temperature=0.0, logprobs=0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2),
+]
+
+
+def test_penalised_requests_with_hits_equal_uncached(model) -> None:  # noqa: ANN001
+    """Requests with repetition / presence / frequency penalties are cached (a restoring rank gets the cached
+    prompt's ids for its penalty history: SeqStart.prefix_ids) and give the uncached run's tokens."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[5]]  # r1 and r2 resume at 128 (r0's path)
+    reqs = [
+        GenerateRequest(f"p{i}", tuple(p), prm, max_tokens=MAX_TOKENS)
+        for i, (p, prm) in enumerate(zip(prompts, PENALISED))
+    ]
+    want = _uncached(model, reqs)
+    got = _serve(model, lambda engine, _: _in_turn(engine, reqs), cache=PrefixCacheConfig(probe_interval=64))
+    _assert_same(got, want)
+    assert [o[0].cached for o in got] == [0, 128, 128]
+    # the cached part of the prompt decides tokens: some come from it and not from the part the rank computed
+    from_prefix = [t for (o,), p in zip(got[1:], prompts[1:]) for t in o.tokens if t in p[:128] and t not in p[128:]]
+    assert from_prefix, "the test's prompts were meant to make the cached prompt matter to the penalty"
 
 
 def _chat(model, tokenizer, *, cache: PrefixCacheConfig | None, turns: int) -> list[tuple[list[int], Out]]:  # noqa: ANN001

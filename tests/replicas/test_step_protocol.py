@@ -196,3 +196,33 @@ def test_unknown_sequence_is_refused_alone(model) -> None:  # noqa: ANN001
     fresh = LocalRunner(model, CacheSizes(num_blocks=16, block_size=BLOCK, num_slots=2))
     res = fresh.run_step([StepRequest((SeqStep(4, len(prompt) + 1, (want[1],)),))])[0]
     assert res.token_ids == (None,) and "not held" in (res.errors[0] or "")
+
+
+# ---------------------------------------------------------------------------- restores with penalties
+def test_a_restore_with_a_repetition_penalty_needs_its_cached_prompt_ids() -> None:
+    """A prefix-cache hit of a request with a repetition penalty brings the cached prompt's ids (its penalty reads
+    the whole prompt), exactly as many as the cached length; the rank's history then starts with them."""
+    from replicas.engine.step_types import SeqStart, SeqStep
+    from replicas.ep.rank_seqs import SeqTable
+
+    table = SeqTable(vocab_size=1000, num_slots=2, num_blocks=16, block_size=16, num_checkpoints=2)
+    rep = SamplingParams(temperature=0.0, repetition_penalty=1.3)
+    prefix = tuple(range(10, 74))
+
+    def start(params: SamplingParams, ids: tuple[int, ...], context: int = 64, restore: int | None = 0) -> SeqStep:
+        st = SeqStart(slot=0, params=params, prompt_len=100, restore=restore, prefix_ids=ids)
+        return SeqStep(1, context, (5,) * (100 - context), tuple(range(7)), start=st)
+
+    assert "needs its cached prompt ids" in (table.refusal(start(rep, ())) or "")
+    assert "brings 63 cached prompt ids" in (table.refusal(start(rep, prefix[:63])) or "")
+    assert "outside the vocabulary" in (table.refusal(start(rep, (1000,) * 64)) or "")
+    assert "only with a restore" in (table.refusal(start(rep, prefix, context=0, restore=None)) or "")
+    assert table.refusal(start(SamplingParams(temperature=0.0, presence_penalty=0.5), ())) is None
+    ok = start(rep, prefix)
+    assert table.refusal(ok) is None
+    live = table.resolve(ok)
+    table.history.flush()
+    assert live.state.history_len == 100
+    assert table.history.ids[live.state.row, :100].tolist() == [*prefix, *(5,) * 36]
+    table.release((1,))
+    assert table.history.ids.shape[0] == 4, "the row went back (the pool shrank to its first size)"
