@@ -1,20 +1,20 @@
 """The driver of one expert-parallel group: D trunk-rank actors + X expert-rank actors.
 
-Owns: creating the rank actors in a placement group (the caller's, e.g. a Serve replica's
-own with bundle 0 = the replica, or one it creates), forming their process group at trunk
-rank 0's node on a free port, and `step()`: one Ray call per trunk rank per step (nothing per
-layer), returning each trunk rank's sampled tokens. Expert ranks get no Ray call per step: each runs a
-loop (`run_loop`, started once per epoch) on the step header trunk rank 0 sends as the step's first
-message (replicas/ep/step_channel.py); the driver holds each loop's call as that rank's health, and Ray
-keeps placement, lifecycle, statistics, weight moves and rebuilds. A failed step raises `GroupFailure`, which
-names the failed ranks (the one whose call raised on its own, whose process died, or that hung:
-alive, busy outside any collective while its peers wait, read from per-rank progress polled on
-the actors' control thread, so within seconds rather than at the collective deadline) apart from
-the collateral ones (waiting in a collective, silent under NCCL, erroring under gloo);
-`rebuild()` replaces only the failed ranks, while the collateral ones keep their weights, abort
-their communicator and join the new process group (a new epoch); an idle step checks the data path.
+Owns: creating the rank actors in a placement group (the caller's, e.g. a Serve replica's own with bundle 0 = the
+replica, or one it creates), forming their process group at trunk rank 0's node on a free port, and `step()`: no Ray
+call per step (nothing per layer), returning each trunk rank's sampled tokens. Every rank runs a loop (`run_loop`,
+one Ray call per epoch): a trunk rank on its step stream from this driver (the StepRequest out, the StepResult back;
+replicas/ep/step_channel.py `StepClient`), an expert rank on the step header trunk rank 0 sends as the step's first
+message; the driver holds each loop's call as that rank's health, and Ray keeps placement, lifecycle, statistics,
+weight moves and rebuilds (`GroupConfig.expert_loop` / `trunk_loop` False: the earlier Ray call per rank per step).
+A failed step raises `GroupFailure`, which names the failed ranks (the one whose call raised on its own, whose
+process died, or that hung: alive, busy outside any collective while its peers wait, read from per-rank progress
+polled on the actors' control thread, so within seconds rather than at the collective deadline) apart from the
+collateral ones (waiting in a collective, silent under NCCL, erroring under gloo); `rebuild()` replaces only the
+failed ranks, while the collateral ones keep their weights, abort their communicator and join the new process group
+(a new epoch); an idle step checks the data path.
 Tests: tests/replicas/test_group.py, tests/replicas/test_failures.py (failure classification, recovery),
-tests/replicas/test_rebalance.py (load statistics, rebalancing).
+tests/replicas/test_step_channel.py (the streams), tests/replicas/test_rebalance.py (load statistics, rebalancing).
 """
 
 from __future__ import annotations
@@ -547,8 +547,10 @@ class ExpertParallelGroup:
         """Await every rank's call of the step. A step running past POLL_S gets its ranks' progress polled;
         the step fails as soon as one rank raised on its own, died or hung, and the ranks still waiting are
         collateral (NCCL leaves them silent in the collective; they are not waited for). The collective
-        deadline (x the step's collectives) bounds the rest. `refs[i]` is global rank i's call; the expert
-        loops' calls are watched beside them (one ending fails the step) but not waited for."""
+        deadline (x the step's collectives) bounds the rest. `refs[i]` is trunk rank i's step (a Ray call, or its
+        step stream's future) or, without the expert loop, expert rank i - D's call; the ranks' `run_loop` calls
+        are watched beside them (one ending fails the step: a trunk rank's result is then no longer awaited) but
+        not waited for."""
         t_start = time.monotonic()
         actors = self.trunks + self.experts
         ref_of = dict(enumerate(refs))  # the Ray call each rank's state hangs on (its loop's, where it has one)
