@@ -364,7 +364,7 @@ class ExpertParallelGroup:
         self._streams = []
 
     def _loop_watch(self) -> dict[asyncio.Future, int]:
-        """The expert loops' calls as futures of the running event loop (made once per event loop and epoch: a
+        """The rank loops' calls as futures of the running event loop (made once per event loop and epoch: a
         new future per step would leave a callback on every loop call per step)."""
         loop = asyncio.get_running_loop()
         if self._loop_async is None or self._loop_async[0] is not loop:
