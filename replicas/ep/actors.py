@@ -1,18 +1,19 @@
 """The Ray actors of an expert-parallel group: thin shells over TrunkRank and ExpertRank.
 
-Owns: loading each rank's own part of the checkpoint (a trunk rank reads no routed expert, an expert rank only
-its experts), joining / leaving the group's process group, and the step: a trunk rank's `step` call per step
-(trunk rank 0 first sends the step header to the expert ranks), an expert rank's `run_loop` (one call per
-epoch, serving every step the header announces; `serve` is the per-step call of the earlier path,
-`GroupConfig.expert_loop = False`). Both classes are declared Ray actors here (one step call at a time; never
-restarted by Ray, since the group replaces a failed rank itself); what depends on the placement (CPUs, GPU,
-bundle, name) is given per actor in replicas/ep/group.py through `.options()`. A rank whose step failed
-re-raises and stays in its group until the driver decides (NCCL semantics: leaving would not wake peers
-waiting in a collective anyway): a failed rank is killed, a collateral one aborts its communicator
-(`abort_group`) and leaves (`leave`), keeping its weights. Control methods (progress, abort, the test-only
-fault hook, the weight-load counter, pid, stopping the loop) run on their own thread ("control" concurrency
-group), so the driver reads them while a step runs; an expert rank's statistics and weight moves run on an
-"admin" thread beside its loop.
+Owns: loading each rank's own part of the checkpoint (a trunk rank reads no routed expert, an expert rank only its
+experts), joining / leaving the group's process group, and the step: a trunk rank's `run_loop` (one call per epoch,
+serving every step the driver sends on its step stream, replicas/ep/step_channel.py; `step` is the per-step call of
+the earlier path, `GroupConfig.trunk_loop = False`; trunk rank 0 first sends the step header to the expert ranks),
+an expert rank's `run_loop` (one call per epoch, serving every step the header announces; `serve` is the per-step
+call of the earlier path, `GroupConfig.expert_loop = False`). Both classes are declared Ray actors here (one step
+call at a time; never restarted by Ray, since the group replaces a failed rank itself); what depends on the
+placement (CPUs, GPU, bundle, name) is given per actor in replicas/ep/group.py through `.options()`. A rank whose
+step failed re-raises and stays in its group until the driver decides (NCCL semantics: leaving would not wake peers
+waiting in a collective anyway): a failed rank is killed, a collateral one aborts its communicator (`abort_group`)
+and leaves (`leave`), keeping its weights. Control methods (progress, abort, the test-only fault hook, the
+weight-load counter, pid, stopping the loop) run on their own thread ("control" concurrency group), so the driver reads
+them while a step runs; a rank's statistics and weight moves (expert rank) or map staging (trunk rank) run on an
+"admin" thread beside its loop, under the rank's step lock.
 Tests: tests/replicas/test_group.py, tests/replicas/test_failures.py, tests/replicas/test_step_channel.py.
 """
 
@@ -46,7 +47,7 @@ from replicas.ep.a2a_protocol import StepPlan
 from replicas.ep.dispatch import AllToAllDispatcher, LocalDispatcher
 from replicas.ep.expert_moves import Item, ShardBuilder, export_experts
 from replicas.ep.expert_rank import ExpertRank, ExpertStepStats
-from replicas.ep.step_channel import STOP, HeaderReceiver, HeaderSender
+from replicas.ep.step_channel import STOP, HeaderReceiver, HeaderSender, StepServer
 from replicas.ep.trunk_rank import CANARY_RESERVE, TrunkRank
 
 
@@ -120,6 +121,9 @@ CONTROL = {"control": 2}  # the concurrency group of the methods the driver call
 # an expert rank's loop holds its default thread for as long as it serves: statistics and weight moves run on this
 # one (they touch nothing a step uses without the rank's step lock, or stage beside the serving shard)
 EXPERT_GROUPS = {"control": 2, "admin": 1}
+# a trunk rank's loop (`run_loop`, the step stream) holds its default thread the same way: expert-map staging and
+# statistics run on "admin", under the rank's step lock
+TRUNK_GROUPS = {"control": 2, "admin": 1}
 
 
 class _RankBase:
@@ -169,7 +173,7 @@ class _RankBase:
         self.group = None
 
 
-@ray.remote(max_restarts=0, max_concurrency=1, concurrency_groups=CONTROL)  # type: ignore[call-overload]  # Ray's overloads lack max_concurrency
+@ray.remote(max_restarts=0, max_concurrency=1, concurrency_groups=TRUNK_GROUPS)  # type: ignore[call-overload]  # Ray's overloads lack max_concurrency
 class TrunkRankActor(_RankBase):
     """Holds the trunk and the caches of its sequences; with X = 0 also every expert."""
 
@@ -219,6 +223,9 @@ class TrunkRankActor(_RankBase):
         self._map = spec.expert_map
         self._staged: tuple[int, ExpertMap] | None = None
         self._header: HeaderSender | None = None  # trunk rank 0 with the expert loop: the step header's sender
+        self._stream: StepServer | None = None  # the driver's step stream (GroupConfig.trunk_loop), per epoch
+        self._stop = False  # set on the control thread: `run_loop` ends at its next look (POLL_S)
+        self._step_lock = threading.Lock()  # a step against staging and statistics on the admin thread
         if spec.shape.expert_ranks == 0:
             shard = load_experts(
                 reader,
@@ -264,14 +271,18 @@ class TrunkRankActor(_RankBase):
         self.rank = TrunkRank(self.trunk, self.pools, dispatcher, self.vision, progress=self.progress)
         self._dispatcher = dispatcher
 
+    @ray.method(concurrency_group="admin")
     def stage_map(self, expert_map: ExpertMap, version: int) -> int:
         """Hold `expert_map` until a step's plan names `version`; nothing changes before that."""
-        self._staged = (version, expert_map)
+        with self._step_lock:
+            self._staged = (version, expert_map)
         return version
 
+    @ray.method(concurrency_group="admin")
     def drop_staged(self, version: int) -> None:
-        if self._staged is not None and self._staged[0] == version:
-            self._staged = None
+        with self._step_lock:
+            if self._staged is not None and self._staged[0] == version:
+                self._staged = None
 
     def _switch_map(self, plan: StepPlan | None) -> None:
         if plan is None or plan.map_version == self._map_version or self._dispatcher is None:
@@ -283,6 +294,9 @@ class TrunkRankActor(_RankBase):
 
     def leave(self) -> None:
         """Leave the process group for a rebuild; the engine failed every sequence, so their state goes too."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
         if self._header is not None:  # the expert ranks' loops end (those still listening)
             self._header.stop()
             self._header.close()
@@ -291,32 +305,71 @@ class TrunkRankActor(_RankBase):
         if self.rank is not None:
             self.rank.reset()
 
+    def open_step_stream(self) -> tuple[str, int, bytes]:
+        """Listen for the driver's step stream (this epoch's; `run_loop` accepts it); returns the address the driver
+        connects to and the token it proves it holds (the token travels only through Ray calls)."""
+        if self._stream is not None:
+            self._stream.close()
+        ip = ray.util.get_node_ip_address() or socket.gethostbyname(socket.gethostname())
+        self._stream = StepServer(ip)
+        self._stop = False
+        return (*self._stream.address, self._stream.token)
+
+    @ray.method(concurrency_group="control")
+    def stop_loop(self) -> None:
+        """End `run_loop` at its next look at the flag (a rebuild: the driver's stream may be gone)."""
+        self._stop = True
+
+    def run_loop(self, accept_timeout_s: float = 60.0) -> int:
+        """Serve every step the driver sends on the step stream, answering each with its StepResult, until a STOP
+        frame or `stop_loop`; returns the steps served. Started once per epoch by the driver, which holds this
+        call as the rank's health: a step's error raises out of it as `step`'s does (this rank failed), a closed
+        stream or a failed collective as a CollectiveError (collateral)."""
+        assert self._stream is not None, "no step stream opened (open_step_stream)"
+        stream, served = self._stream, 0
+        try:
+            stream.accept(accept_timeout_s)
+            while True:
+                got = stream.receive(lambda: self._stop)
+                if got is None:
+                    return served
+                stream.reply(self.step(*got))
+                served += 1
+        finally:
+            stream.close()
+
     def step(self, req: StepRequest, plan: StepPlan | None) -> StepResult:
         """Run one step. An error raises as it is (this rank failed) or as a CollectiveError (it was waiting on a
         peer that failed); either way the rank stays in its group until the driver's rebuild."""
         assert self.rank is not None, "trunk rank has not joined its group"
         self.progress.begin_step()
         try:
-            if self._header is not None and plan is not None:
-                self._header.send(plan)  # the expert ranks start this step on it: the step's first message
-            if self.spec.step_sleep_s:
-                time.sleep(self.spec.step_sleep_s)
-            self._switch_map(plan)
-            return self.rank.step(req, plan)
+            with self._step_lock:
+                if self._header is not None and plan is not None:
+                    self._header.send(plan)  # the expert ranks start this step on it: the step's first message
+                if self.spec.step_sleep_s:
+                    time.sleep(self.spec.step_sleep_s)
+                self._switch_map(plan)
+                return self.rank.step(req, plan)
         finally:
             self.progress.end_step()
 
+    @ray.method(concurrency_group="admin")
     def take_load(self) -> torch.Tensor:
         """Tokens routed to each expert of each MoE layer since the last call."""
         assert self.rank is not None
-        return self.rank.routed.load.take()
+        with self._step_lock:
+            return self.rank.routed.load.take()
 
+    @ray.method(concurrency_group="admin")
     def take_timings(self) -> dict[str, float]:
         """Seconds in dispatch + combine and MoE layer calls since the last call (empty with X = 0)."""
         assert self.rank is not None
         routed = self.rank.routed
-        return routed.take_timings() if isinstance(routed, AllToAllDispatcher) else {}
+        with self._step_lock:
+            return routed.take_timings() if isinstance(routed, AllToAllDispatcher) else {}
 
+    @ray.method(concurrency_group="admin")
     def cache_info(self) -> dict[str, int]:
         return {  # what the engine may hand out (the canary's reserve apart)
             "num_blocks": self.pools.num_blocks - CANARY_RESERVE,

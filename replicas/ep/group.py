@@ -1,25 +1,27 @@
 """The driver of one expert-parallel group: D trunk-rank actors + X expert-rank actors.
 
-Owns: creating the rank actors in a placement group (the caller's, e.g. a Serve replica's
-own with bundle 0 = the replica, or one it creates), forming their process group at trunk
-rank 0's node on a free port, and `step()`: one Ray call per trunk rank per step (nothing per
-layer), returning each trunk rank's sampled tokens. Expert ranks get no Ray call per step: each runs a
-loop (`run_loop`, started once per epoch) on the step header trunk rank 0 sends as the step's first
-message (replicas/ep/step_channel.py); the driver holds each loop's call as that rank's health, and Ray
-keeps placement, lifecycle, statistics, weight moves and rebuilds. A failed step raises `GroupFailure`, which
-names the failed ranks (the one whose call raised on its own, whose process died, or that hung:
-alive, busy outside any collective while its peers wait, read from per-rank progress polled on
-the actors' control thread, so within seconds rather than at the collective deadline) apart from
-the collateral ones (waiting in a collective, silent under NCCL, erroring under gloo);
-`rebuild()` replaces only the failed ranks, while the collateral ones keep their weights, abort
-their communicator and join the new process group (a new epoch); an idle step checks the data path.
+Owns: creating the rank actors in a placement group (the caller's, e.g. a Serve replica's own with bundle 0 = the
+replica, or one it creates), forming their process group at trunk rank 0's node on a free port, and `step()`: no Ray
+call per step (nothing per layer), returning each trunk rank's sampled tokens. Every rank runs a loop (`run_loop`,
+one Ray call per epoch): a trunk rank on its step stream from this driver (the StepRequest out, the StepResult back;
+replicas/ep/step_channel.py `StepClient`), an expert rank on the step header trunk rank 0 sends as the step's first
+message; the driver holds each loop's call as that rank's health, and Ray keeps placement, lifecycle, statistics,
+weight moves and rebuilds (`GroupConfig.expert_loop` / `trunk_loop` False: the earlier Ray call per rank per step).
+A failed step raises `GroupFailure`, which names the failed ranks (the one whose call raised on its own, whose
+process died, or that hung: alive, busy outside any collective while its peers wait, read from per-rank progress
+polled on the actors' control thread, so within seconds rather than at the collective deadline) apart from the
+collateral ones (waiting in a collective, silent under NCCL, erroring under gloo); `rebuild()` replaces only the
+failed ranks, while the collateral ones keep their weights, abort their communicator and join the new process group
+(a new epoch); an idle step checks the data path.
 Tests: tests/replicas/test_group.py, tests/replicas/test_failures.py (failure classification, recovery),
-tests/replicas/test_rebalance.py (load statistics, rebalancing), tests/replicas/test_lost_node.py (a lost node, slow).
+tests/replicas/test_step_channel.py (the streams), tests/replicas/test_rebalance.py (load statistics, rebalancing),
+tests/replicas/test_lost_node.py (a lost node, slow).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -44,6 +46,7 @@ from replicas.engine.step_types import StepRequest, StepResult
 from replicas.ep.a2a_protocol import FIXED, VARIABLE, StepPlan, fixed_capacity
 from replicas.ep.actors import CacheSizes, ExpertRankActor, RankSpec, TrunkRankActor
 from replicas.ep.micro_batches import max_micro_batch_tokens
+from replicas.ep.step_channel import StepClient
 
 if TYPE_CHECKING:
     from ray.actor import ActorClass
@@ -185,6 +188,10 @@ class GroupConfig:
     # expert ranks loop on trunk rank 0's step header (no Ray call per step); False: one `serve` call per expert
     # rank per step (the earlier path, kept for the control-cost benchmark's comparison)
     expert_loop: bool = True
+    # trunk ranks loop on the driver's step stream (replicas/ep/step_channel.py: the StepRequest out, the StepResult
+    # back, no Ray call per step); False: one `step` call per trunk rank per step (kept for the benchmark's
+    # comparison)
+    trunk_loop: bool = True
     step_sleep_s: float = 0.0  # benchmark only: every rank sleeps this long per step (emulated device compute)
     # ping-pong micro-batches per trunk rank in the decoder layers' exchanges (replicas/ep/micro_batches.py); 1: off
     micro_batches: int = 1
@@ -239,7 +246,8 @@ class ExpertParallelGroup:
         self.experts: list = []
         self._broken: GroupFailure | None = None
         self._stuck: dict[int, Any] = {}  # global rank -> its call of the failed step, still running
-        self._loops: dict[int, Any] = {}  # expert global rank -> its `run_loop` call (expert_loop)
+        self._loops: dict[int, Any] = {}  # global rank -> its `run_loop` call (expert_loop, trunk_loop)
+        self._streams: list[StepClient] = []  # trunk rank i's step stream (trunk_loop), per epoch
         self._loop_cfs: dict[int, Any] = {}  # ... and that call's concurrent future, made once per loop
         self._loop_async: tuple[asyncio.AbstractEventLoop, dict[asyncio.Future, int]] | None = None
         self.actors_created = [0] * self.shape.world_size  # per global rank: weight loads (a replacement adds one)
@@ -275,6 +283,7 @@ class ExpertParallelGroup:
                 state_checkpoints=min(int(i.get("num_checkpoints", 0)) for i in infos),
             )
         self._form_group()
+        self._open_streams()
         self.canary()
 
     def _new_actor(self, global_rank: int):  # noqa: ANN202  # a Ray actor handle
@@ -314,6 +323,7 @@ class ExpertParallelGroup:
         return actor_class.options(**opts).remote(spec)
 
     def _form_group(self) -> None:
+        self._loops, self._loop_cfs, self._loop_async = {}, {}, None
         if self.shape.expert_ranks == 0:
             return
         addr, port = ray.get(self.trunks[0].rendezvous.remote(), timeout=60)
@@ -336,31 +346,51 @@ class ExpertParallelGroup:
         )
         self._loops = {self.shape.expert_rank(j): e.run_loop.remote() for j, e in enumerate(self.experts)}
         self._loop_cfs = {r: ref.future() for r, ref in self._loops.items()}
+
+    def _open_streams(self) -> None:
+        """trunk_loop: each trunk rank listens for this epoch's step stream and starts its loop; the driver connects
+        (proving it holds the token the rank gave it through Ray)."""
+        if not self.config.trunk_loop:
+            return
+        timeout = self.config.deadline_s + 60
+        addrs = ray.get([t.open_step_stream.remote() for t in self.trunks], timeout=60)
+        loops = {self.shape.trunk_rank(i): t.run_loop.remote(timeout) for i, t in enumerate(self.trunks)}
+        self._loops.update(loops)
+        self._loop_cfs.update({r: ref.future() for r, ref in loops.items()})
         self._loop_async = None
+        self._streams = [StepClient((host, port), token=token, timeout_s=timeout) for host, port, token in addrs]
+
+    def _close_streams(self) -> None:
+        for c in self._streams:
+            c.close()  # a trunk loop still waiting for a step ends (its stream closed)
+        self._streams = []
 
     def _loop_watch(self) -> dict[asyncio.Future, int]:
-        """The expert loops' calls as futures of the running event loop (made once per event loop and epoch: a
+        """The rank loops' calls as futures of the running event loop (made once per event loop and epoch: a
         new future per step would leave a callback on every loop call per step)."""
         loop = asyncio.get_running_loop()
         if self._loop_async is None or self._loop_async[0] is not loop:
             self._loop_async = (loop, {asyncio.wrap_future(cf): r for r, cf in self._loop_cfs.items()})
         return self._loop_async[1]
 
-    def _get_steps(self, refs: list, timeout: float) -> list:
-        """ray.get of the steps' calls, failing as soon as an expert rank's loop ended (its error raised)."""
-        loops = list(self._loops.values())
-        left, t_end = list(refs), time.monotonic() + timeout
+    def _get_steps(self, calls: list, timeout: float) -> list:
+        """The results of the steps' calls (Ray calls or step-stream futures), failing as soon as a rank's loop
+        ended (its error raised)."""
+        futs = [_future(c) for c in calls]
+        loops = set(self._loop_cfs.values())
+        left, t_end = set(futs), time.monotonic() + timeout
         while left:
-            ready, _ = ray.wait(left + loops, num_returns=1, timeout=max(0.0, t_end - time.monotonic()))
-            if not ready:
+            done, _ = concurrent.futures.wait(
+                left | loops, timeout=max(0.0, t_end - time.monotonic()), return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            if not done:
                 raise ray.exceptions.GetTimeoutError(f"the group's step did not finish in {timeout:.0f} s")
-            for ref in ready:
-                if ref in left:
-                    left.remove(ref)
-                else:
-                    ray.get(ref)
-                    raise RuntimeError("an expert rank's step loop ended during the step")
-        return ray.get(list(refs))
+            for f in done:
+                if f in loops:
+                    f.result()
+                    raise RuntimeError("a rank's step loop ended during the step")
+                left.discard(f)
+        return [f.result() for f in futs]
 
     def rebuild(self) -> None:
         """Replace the failed ranks with fresh actors (their weights loaded); the collateral ones keep theirs:
@@ -378,7 +408,9 @@ class ExpertParallelGroup:
         fresh = {r: self._new_actor(r) for r in sorted(failed)}
         survivors = [r for r in range(len(actors)) if r not in failed]
         # NCCL peers keep waiting on a dead rank until their communicator is aborted (on their control thread);
-        # a surviving expert rank's loop ends (it may wait for a header that trunk rank 0 will never send)
+        # a surviving expert rank's loop ends (it may wait for a header that trunk rank 0 will never send), and so
+        # does a trunk rank's (its step stream closes)
+        self._close_streams()
         control = [actors[r].abort_group.remote() for r in survivors]
         control += [actors[r].stop_loop.remote() for r in survivors if r in self._loops]
         ray.wait(control, num_returns=len(control), timeout=ABORT_WAIT_S)
@@ -410,6 +442,7 @@ class ExpertParallelGroup:
         self.epoch += 1
         self._broken = None
         self._form_group()
+        self._open_streams()
         self.canary()
         self.last_recovery = {
             "replaced": sorted(failed),
@@ -459,13 +492,14 @@ class ExpertParallelGroup:
         weight mistake fails here rather than at the first request. Returns seconds."""
         t0 = time.monotonic()
         plan = self._canary_plan() if self.shape.expert_ranks else None
-        refs = [t.step.remote(StepRequest(canary=True), plan) for t in self.trunks]
+        refs = self._send([StepRequest(canary=True)] * len(self.trunks), plan)
         if plan is not None and not self.config.expert_loop:
             refs += [e.serve.remote(plan) for e in self.experts]
         self._get_steps(refs, self.config.deadline_s * 4 + 10)
         return time.monotonic() - t0
 
     def shutdown(self) -> None:
+        self._close_streams()
         for a in self.trunks + self.experts:
             try:
                 ray.kill(a, no_restart=True)
@@ -520,7 +554,7 @@ class ExpertParallelGroup:
         else:
             # the map version is read once, here: a step runs wholly under the old map or wholly under the new
             plan = dataclasses.replace(plan or self.plan_for(requests), map_version=self.map_version)
-        refs = [t.step.remote(r, plan) for t, r in zip(self.trunks, requests)]
+        refs = self._send(requests, plan)
         if plan is not None and not self.config.expert_loop:
             refs += [e.serve.remote(plan) for e in self.experts]
         self._steps_in_flight += 1
@@ -531,16 +565,24 @@ class ExpertParallelGroup:
             self._steps_done += 1
         return results[: self.shape.trunk_ranks]
 
+    def _send(self, requests: list[StepRequest], plan: StepPlan | None) -> list:
+        """Each trunk rank's step: on its step stream (a future of its result), or a Ray call (trunk_loop off)."""
+        if self._streams:
+            return [c.send(r, plan) for c, r in zip(self._streams, requests)]
+        return [t.step.remote(r, plan) for t, r in zip(self.trunks, requests)]
+
     async def _gather(self, refs: list, plan: StepPlan | None) -> list:
         """Await every rank's call of the step. A step running past POLL_S gets its ranks' progress polled;
         the step fails as soon as one rank raised on its own, died or hung, and the ranks still waiting are
         collateral (NCCL leaves them silent in the collective; they are not waited for). The collective
-        deadline (x the step's collectives) bounds the rest. `refs[i]` is global rank i's call; the expert
-        loops' calls are watched beside them (one ending fails the step) but not waited for."""
+        deadline (x the step's collectives) bounds the rest. `refs[i]` is trunk rank i's step (a Ray call, or its
+        step stream's future) or, without the expert loop, expert rank i - D's call; the ranks' `run_loop` calls
+        are watched beside them (one ending fails the step: a trunk rank's result is then no longer awaited) but
+        not waited for."""
         t_start = time.monotonic()
         actors = self.trunks + self.experts
-        ref_of = dict(enumerate(refs))
-        futs = {asyncio.wrap_future(ref.future()): i for i, ref in enumerate(refs)}
+        ref_of = dict(enumerate(refs))  # the Ray call each rank's state hangs on (its loop's, where it has one)
+        futs = {asyncio.wrap_future(_future(ref)): i for i, ref in enumerate(refs)}
         loops = self._loop_watch() if self._loops else {}
         ref_of.update(self._loops)
         futs.update(loops)
@@ -561,6 +603,8 @@ class ExpertParallelGroup:
             for fut in done:
                 i = futs[fut]
                 exc = fut.exception()
+                if fut in loops:  # a trunk loop that ended never sends this step's result: stop waiting for it
+                    pending -= {f for f in pending if futs[f] == i}
                 if exc is None and fut in loops:
                     raised[i] = "its step loop ended outside a rebuild"
                 elif exc is None:
@@ -586,9 +630,11 @@ class ExpertParallelGroup:
                 next_poll = time.monotonic() + POLL_S
         if not (dead or raised or hung or collateral or required & pending):
             return out[: len(refs)]
-        left = sorted(futs[f] for f in pending)
-        if (dead or raised) and left:  # the ranks still running: waiting on the failed one, or failed too?
-            more_dead, frozen = await self._ask_pending(actors, left)
+        left = sorted({futs[f] for f in pending})
+        # the ranks still running: waiting on the failed one, or failed too? (also when only collateral errors came
+        # back: a peer's error can overtake the news of the death that caused it)
+        if (dead or raised or collateral) and left:
+            more_dead, frozen = await self._ask_pending(actors, left, loops)
             dead += more_dead
             hung += frozen
             left = [i for i in left if i not in more_dead]
@@ -629,15 +675,34 @@ class ExpertParallelGroup:
         )
         raise self._broken
 
-    async def _ask_pending(self, actors: list, ranks: list[int]) -> tuple[list[int], list[int]]:
+    async def _ask_pending(
+        self, actors: list, ranks: list[int], loops: dict[asyncio.Future, int]
+    ) -> tuple[list[int], list[int]]:
         """After a rank failed, ask the ranks still running for their progress once: a dead one (its death not
         yet reported through its step call: several ranks of a lost node) is failed, one that cannot answer in
-        FINAL_POLL_S is frozen (failed, hung), the others are waiting on the failed one (collateral)."""
+        FINAL_POLL_S is frozen (failed, hung), the others are waiting on the failed one (collateral). A rank whose
+        loop call reports its death meanwhile is dead too (whichever of the two Ray tells first)."""
         polls = {asyncio.wrap_future(actors[i].report_progress.remote().future()): i for i in ranks}
-        done, _ = await asyncio.wait(polls, timeout=FINAL_POLL_S)
-        dead = sorted(polls[f] for f in done if isinstance(f.exception(), DEAD_ERRORS))
-        frozen = sorted(i for f, i in polls.items() if f not in done)
-        return dead, frozen
+        watched = {f: i for f, i in loops.items() if i in ranks and not f.done()}
+        answered: set[int] = set()
+        dead: set[int] = {i for f, i in loops.items() if i in ranks and f.done() and _died(f)}
+        pending = set(polls) | set(watched)
+        t_end = time.monotonic() + FINAL_POLL_S
+        while pending and len(answered | dead) < len(ranks):
+            done, pending = await asyncio.wait(
+                pending, timeout=max(0.0, t_end - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                break
+            for f in done:
+                i = polls.get(f, watched.get(f))
+                assert i is not None
+                if _died(f):
+                    dead.add(i)
+                elif f in polls:
+                    answered.add(i)
+        frozen = sorted(i for i in ranks if i not in answered and i not in dead)
+        return sorted(dead), frozen
 
     async def _poll(self, actors: list, ranks: set[int], watch: _HangWatch) -> None:
         """Ask `ranks` for their progress (one outstanding poll per rank); wait up to POLL_S for the answers."""
@@ -840,6 +905,15 @@ class ExpertParallelGroup:
         done = self._steps_done
         while self._steps_in_flight and self._steps_done == done:
             await asyncio.sleep(poll_s)
+
+
+def _future(call: concurrent.futures.Future | ray.ObjectRef) -> concurrent.futures.Future:
+    """A rank's call as a concurrent future: a step-stream future as it is, a Ray call's own."""
+    return call if isinstance(call, concurrent.futures.Future) else call.future()
+
+
+def _died(fut: asyncio.Future) -> bool:
+    return not fut.cancelled() and isinstance(fut.exception(), DEAD_ERRORS)
 
 
 def _error_text(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ Oracle: the single-process model (tests/replicas/test_group.py's `_Reference`) o
 - an expert rank raising mid-step is the one replaced: the others keep their processes and their single weight
   load, nothing continues from the failed step's half-updated state, and the group serves the reference's tokens;
 - a hung expert rank (alive, sleeping outside any collective) is named within 10 s, not at the 60 s deadline;
+- a trunk rank raising mid-step (its step came on the driver's step stream, no Ray call) is the one replaced;
 - an out-of-memory error before a trunk rank's first collective fails only that step's request (a 500 that is
   not retriable, so never retried on another group) and the same group keeps serving other requests.
 """
@@ -171,6 +172,35 @@ def test_hung_expert_is_named_within_10_s(group, reference: _Reference) -> None:
     assert group.last_recovery["replaced"] == [victim]
     assert [p for r, p in enumerate(_pids(group)) if r != victim] == [p for r, p in enumerate(pids) if r != victim]
     _serves_like_reference(group, reference, seed=45)
+
+
+def test_raising_trunk_rank_on_its_step_stream_is_replaced_alone(group, reference: _Reference) -> None:  # noqa: ANN001
+    """The trunk rank gets its steps on the driver's step stream (no Ray call per step): raising mid-step ends its
+    loop with the error, which names it failed; the expert ranks (silent in the collective) are collateral and keep
+    their processes and weights; the rebuilt group opens a new stream and serves the reference's tokens."""
+    from replicas.ep.group import GroupFailure
+
+    trunk = group.shape.trunk_rank(0)
+    assert group.config.trunk_loop and len(group._streams) == 1  # the path under test
+    pids, loads = _pids(group), _loads(group)
+    sc = _Scenario(group, reference, 1)
+    sc.add(0, rank=0, prompt=_prompts(48, [30])[0], slot=0)
+    sc.step([0])
+    _arm(group.trunks[0], Fault("collective:2", "raise"))
+    t0 = time.monotonic()
+    with pytest.raises(GroupFailure) as info:
+        sc.step([0])
+    failure, took = info.value, time.monotonic() - t0
+    assert failure.raised.keys() == {trunk} and "injected fault" in failure.raised[trunk], str(failure)
+    assert failure.failed_ranks == (trunk,) and not failure.dead and not failure.hung, str(failure)
+    assert set(failure.collateral) == {group.shape.expert_rank(0), group.shape.expert_rank(1)}, str(failure)
+    assert took < 10.0, f"the failure took {took:.1f} s to classify (deadline {DEADLINE_S} s)"
+    group.rebuild()
+    assert group.last_recovery["replaced"] == [trunk], group.last_recovery
+    new_pids = _pids(group)
+    assert new_pids[trunk] != pids[trunk] and new_pids[1:] == pids[1:]
+    assert _loads(group)[1:] == loads[1:]
+    _serves_like_reference(group, reference, seed=49)
 
 
 def test_every_expert_rank_dying_at_once_replaces_them_and_keeps_the_trunk(group, reference: _Reference) -> None:  # noqa: ANN001
