@@ -75,7 +75,7 @@ def _conv_silu_last(
     (`DeltaNetWeights.conv_taps`, fp32 [C] each) are summed oldest first in fp32 with fused
     multiply-adds, the depthwise F.conv1d kernel's order (same bits in fp32 and bf16), rounded to
     the conv weight's dtype, then SiLU. Returns [B, C]."""
-    xs = x_BCL[:, :, -len(taps) :].float().unbind(-1)
+    xs = x_BCL[..., -len(taps) :].float().unbind(-1)  # (any leading dims: verification passes [G, n, C, W + 1])
     acc = xs[0] * taps[0]
     for x, w in zip(xs[1:], taps[1:]):
         acc = torch.addcmul(acc, x, w)
@@ -223,9 +223,9 @@ def _verify_steps(
     slots = batch.state_slots_B.index_select(0, batch.index_of(group))
     new = qkv_TC.index_select(0, flat).view(g, n, -1).transpose(1, 2).to(conv_state.dtype)  # [G, C, n]
     window = torch.cat([conv_state.index_select(0, slots), new], dim=-1)  # [G, C, W + n]
-    # every token's kernel-wide window, [G * n, C, W + 1]: the decode step's conv, row by row
-    views = window.unfold(2, nw + 1, 1).permute(0, 2, 1, 3).reshape(g * n, -1, nw + 1)
-    mixed = _conv_silu_last(views, w.conv_taps, w.conv1d.dtype, qkv_TC.dtype).view(g, n, -1)  # [G, n, C]
+    # every token's kernel-wide window, [G, n, C, W + 1] (a strided view, no copy): the decode step's conv
+    views = window.unfold(2, nw + 1, 1).permute(0, 2, 1, 3)
+    mixed = _conv_silu_last(views, w.conv_taps, w.conv1d.dtype, qkv_TC.dtype)  # [G, n, C]
     q, k, v = _split_heads(mixed, cfg)
     out, states = kernels.recurrent_gated_delta_rule(
         q,

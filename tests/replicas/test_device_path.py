@@ -76,8 +76,7 @@ NAMED_POINTS = {
     ("trunk_rank.py", "_to_host"): "results out: sampled token ids and logprobs",
     ("sampling.py", "to_host"): "results out: the sampler's ids and logprobs, one transfer",
     ("trunk_rank.py", "canary"): "readiness: the canary's one verdict",
-    ("mtp_drafter.py", "draft"): "drafts out: the greedy MTP drafts' ids",
-    ("speculative.py", "verify"): "results out: the target's ids checked against the drafts",
+    ("mtp_drafter.py", "draft"): "drafts out: every sequence's k MTP draft ids, one transfer after the last pass",
     ("dispatch.py", "take"): "expert-load counters out, when the group reads them",
 }
 # The layer-stack files (made sync-free inside the layers; whatever sync remains must be in them).
