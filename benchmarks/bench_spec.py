@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     for k in ks:
         g = gens[k]
         drafted, accepted = sum(x.draft_tokens for x in g), sum(x.accepted_tokens for x in g)
-        forwards = sum(x.steps for x in g)
+        # a completion counts the engine steps of its lifetime: concurrent ones share theirs
+        forwards = max(x.steps for x in g) if args.concurrent else sum(x.steps for x in g)
         tps = sum(len(x.token_ids) for x in g) / statistics.median(times[k])
         same = [x.token_ids for x in g] == base_tokens
         acc = f"{accepted / drafted:.3f}" if drafted else "-"
