@@ -12,17 +12,22 @@ rollback the served engine runs), repetitions interleaved
 - tokens per target forward (1 + mean accepted drafts per verify step);
 - decode tokens/s (median over repeats of the whole set) and its ratio to k=0.
 Greedy runs also check that every k gives exactly the k=0 tokens (speculation must not change output).
+--concurrent decodes all prompts together (one batch of --prompts sequences, the batched verify and drafting
+path) instead of one after another; tok/s is then the set's new tokens over the wall time of the batch.
 --temperature > 0 runs seeded sampling instead (same distribution, not the same tokens).
 
 Usage: python benchmarks/bench_spec.py --model DIR [--ks 0,1,2,3] [--prompts 8] [--prompt-len 128]
        [--max-tokens 128] [--repeats 3] [--temperature 0] [--threads 2] [--dtype float32] [--device auto|cpu|cuda[:N]]
+       [--concurrent]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,7 +41,13 @@ from model_shards.model import LocalModel  # noqa: E402
 from model_shards.sampling import SamplingParams  # noqa: E402
 from replicas.engine.engine_types import GenerateRequest  # noqa: E402
 from replicas.ep.local_runner import LocalRunner  # noqa: E402
-from replicas.ep.offline_generate import Completion, cache_sizes, generate_each  # noqa: E402
+from replicas.ep.offline_generate import (  # noqa: E402
+    Completion,
+    cache_sizes,
+    generate_each,
+    offline_engine,
+    run_to_completion,
+)
 
 HELDOUT_EVERY = 10
 
@@ -52,8 +63,11 @@ def heldout_prompts(n: int, length: int) -> list[list[int]]:
 def run_set(
     model: LocalModel, prompts: list[list[int]], k: int, args: argparse.Namespace, eos: tuple[int, ...]
 ) -> tuple[list[Completion], float]:
+    slots = len(prompts) if args.concurrent else 1
     runner = LocalRunner(
-        model, cache_sizes(args.prompt_len, args.max_tokens, spec_tokens=k), cuda_graph=args.cuda_graph
+        model,
+        cache_sizes(args.prompt_len, args.max_tokens, spec_tokens=k, num_slots=slots),
+        cuda_graph=args.cuda_graph,
     )
     reqs = [
         GenerateRequest(
@@ -66,10 +80,28 @@ def run_set(
         for i, p in enumerate(prompts)
     ]
     try:
+        if args.concurrent:
+            return asyncio.run(_together(runner, reqs, k, model.cfg.vocab_size))
         outs = generate_each(runner, reqs, spec_tokens=k, vocab_size=model.cfg.vocab_size)
     finally:
         runner.close()
     return outs, sum(g.decode_s for g in outs)
+
+
+async def _together(
+    runner: LocalRunner, reqs: list[GenerateRequest], k: int, vocab: int
+) -> tuple[list[Completion], float]:
+    """All requests at once on one Engine: (completions, wall seconds from submission to the last token)."""
+    engine = offline_engine(
+        runner, max_prompt_len=max(len(r.prompt_ids) for r in reqs), spec_tokens=k, vocab_size=vocab
+    )
+    engine.start()
+    try:
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*(run_to_completion(engine, r) for r in reqs))
+        return list(outs), time.perf_counter() - t0
+    finally:
+        await engine.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="auto", help="auto (cuda:0 when torch sees a GPU, else cpu), cpu, cuda[:N]")
     ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", help="on cuda: eager decode steps")
+    ap.add_argument("--concurrent", action="store_true", help="decode all prompts together (one batch)")
     args = ap.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
     if 0 not in ks:
@@ -103,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"model {args.model} ({args.dtype} on {device}), {len(prompts)} held-out prompts x {args.prompt_len} tokens, "
         f"{args.max_tokens} new tokens each, temperature {args.temperature}, threads {args.threads}, "
-        f"{args.repeats} interleaved repeats"
+        f"{args.repeats} interleaved repeats, {'all prompts together' if args.concurrent else 'one prompt at a time'}"
     )
 
     with torch.inference_mode():
@@ -125,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     for k in ks:
         g = gens[k]
         drafted, accepted = sum(x.draft_tokens for x in g), sum(x.accepted_tokens for x in g)
-        forwards = sum(x.steps for x in g)
+        # a completion counts the engine steps of its lifetime: concurrent ones share theirs
+        forwards = max(x.steps for x in g) if args.concurrent else sum(x.steps for x in g)
         tps = sum(len(x.token_ids) for x in g) / statistics.median(times[k])
         same = [x.token_ids for x in g] == base_tokens
         acc = f"{accepted / drafted:.3f}" if drafted else "-"

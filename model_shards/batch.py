@@ -187,6 +187,17 @@ class StepBatch:
         """Sequences whose new tokens are checked token by token (speculative verification)."""
         return tuple(i for i in range(self.num_seqs) if self.is_verify(i))
 
+    def verify_groups(self) -> tuple[tuple[int, ...], ...]:
+        """`verify_seqs` grouped by token count (1 + drafts; first-seen order): each group runs as one batch, so
+        a step makes one group per distinct draft count, never one per sequence."""
+        key = ("verify_groups",)
+        if key not in self._cache:
+            groups: dict[int, list[int]] = {}
+            for i in self.verify_seqs:
+                groups.setdefault(self.query_lens[i], []).append(i)
+            self._cache[key] = tuple(tuple(g) for g in groups.values())
+        return self._cache[key]
+
     def is_verify(self, i: int) -> bool:
         return bool(self.verify) and self.verify[i]
 

@@ -151,6 +151,14 @@ class CachePools:
         self.conv[:, slot] = self.spec_conv[:, slot, keep]
         self.recurrent[:, slot] = self.spec_recurrent[:, slot, keep]
 
+    def rollback_many(self, slots: torch.Tensor, keep: torch.Tensor) -> None:
+        """`rollback` of many slots at once, with the kept token per slot on the device (int64 [S] each): two
+        gathers and two scatters for any number of sequences, and no host read of `keep`."""
+        if self.spec_conv is None or self.spec_recurrent is None:
+            raise ValueError("these pools were allocated without speculation (spec_tokens = 0)")
+        self.conv.index_copy_(1, slots, self.spec_conv[:, slots, keep])
+        self.recurrent.index_copy_(1, slots, self.spec_recurrent[:, slots, keep])
+
     def copy_slot(self, src: int, dst: int) -> None:
         """Duplicate a sequence's DeltaNet state (n > 1 sampling forks a prompt's state)."""
         self.conv[:, dst] = self.conv[:, src]

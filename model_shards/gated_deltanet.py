@@ -75,7 +75,7 @@ def _conv_silu_last(
     (`DeltaNetWeights.conv_taps`, fp32 [C] each) are summed oldest first in fp32 with fused
     multiply-adds, the depthwise F.conv1d kernel's order (same bits in fp32 and bf16), rounded to
     the conv weight's dtype, then SiLU. Returns [B, C]."""
-    xs = x_BCL[:, :, -len(taps) :].float().unbind(-1)
+    xs = x_BCL[..., -len(taps) :].float().unbind(-1)  # (any leading dims: verification passes [G, n, C, W + 1])
     acc = xs[0] * taps[0]
     for x, w in zip(xs[1:], taps[1:]):
         acc = torch.addcmul(acc, x, w)
@@ -138,10 +138,11 @@ def deltanet_forward(
             core_THV.index_copy_(0, rows, recurrent)
         for group in batch.chunk_groups(CHUNK):
             _chunk_group(group, qkv_TC, g_TH, beta_TH, out_THV=core_THV, batch=batch, **step)
-        for i in batch.verify_seqs:
-            if spec_state is None:
-                raise ValueError("verifying sequences need pools allocated with spec_tokens > 0")
-            _verify_steps(i, qkv_TC, g_TH, beta_TH, out_THV=core_THV, batch=batch, spec_state=spec_state, **step)
+        if batch.verify_seqs and spec_state is None:
+            raise ValueError("verifying sequences need pools allocated with spec_tokens > 0")
+        for group in batch.verify_groups():  # one group per draft count: a fixed number, whatever the batch
+            assert spec_state is not None
+            _verify_steps(group, qkv_TC, g_TH, beta_TH, out_THV=core_THV, batch=batch, spec_state=spec_state, **step)
 
     normed = rms_norm_gated(core_THV.reshape(-1, vd), gate=z_TX.reshape(-1, vd), weight=w.norm, eps=cfg.rms_norm_eps)
     return linear(normed.reshape(t, h * vd), w.out_proj)
@@ -193,7 +194,7 @@ def _recurrent_step(
 
 
 def _verify_steps(
-    i: int,
+    group: tuple[int, ...],
     qkv_TC: torch.Tensor,
     g_TH: torch.Tensor,
     beta_TH: torch.Tensor,
@@ -206,35 +207,42 @@ def _verify_steps(
     conv_state: torch.Tensor,
     recurrent_state: torch.Tensor,
 ) -> None:
-    """A verifying sequence's n tokens as n consecutive recurrent steps (the same arithmetic as n decode
-    steps), keeping the conv window and recurrent state after each token in `spec_state`; the slot is
-    left at the last token's states (rolled back by CachePools.rollback when drafts are rejected)."""
-    start, n, slot = batch.starts[i], batch.query_lens[i], batch.state_slots[i]
+    """Verifying sequences with n tokens each, as one batch: each sequence's tokens run as n consecutive
+    recurrent steps (the same arithmetic as n decode steps), keeping the conv window and recurrent state after
+    each token in `spec_state`; the slots are left at the last token's states (rolled back by
+    CachePools.rollback_many when drafts are rejected). A fixed number of ops for any number of sequences."""
+    n = batch.query_lens[group[0]]
+    g = len(group)
     nw = conv_state.shape[-1]
-    window = torch.cat([conv_state[slot], qkv_TC[start : start + n].T.to(conv_state.dtype)], dim=-1)  # [C, W + n]
-    mixed = torch.stack(
-        [
-            _conv_silu_last(window[None, :, j : j + nw + 1], w.conv_taps, w.conv1d.dtype, qkv_TC.dtype)[0]
-            for j in range(n)
-        ]
-    )  # [n, C], each exactly the decode step's conv
-    q, k, v = _split_heads(mixed.unsqueeze(0), cfg)
+    flat = batch.memo(  # [G * n] packed rows, sequence by sequence (built once per step, shared by the layers)
+        ("verify_rows", group),
+        lambda: torch.tensor(
+            [batch.starts[i] + j for i in group for j in range(n)], dtype=torch.long, device=qkv_TC.device
+        ),
+    )
+    slots = batch.state_slots_B.index_select(0, batch.index_of(group))
+    new = qkv_TC.index_select(0, flat).view(g, n, -1).transpose(1, 2).to(conv_state.dtype)  # [G, C, n]
+    window = torch.cat([conv_state.index_select(0, slots), new], dim=-1)  # [G, C, W + n]
+    # every token's kernel-wide window, [G, n, C, W + 1] (a strided view, no copy): the decode step's conv
+    views = window.unfold(2, nw + 1, 1).permute(0, 2, 1, 3)
+    mixed = _conv_silu_last(views, w.conv_taps, w.conv1d.dtype, qkv_TC.dtype)  # [G, n, C]
+    q, k, v = _split_heads(mixed, cfg)
     out, states = kernels.recurrent_gated_delta_rule(
         q,
         k_BTHK=k,
         v_BTHV=v,
-        g_BTH=g_TH[None, start : start + n],
-        beta_BTH=beta_TH[None, start : start + n],
-        state_BHKV=recurrent_state[slot][None],
+        g_BTH=g_TH.index_select(0, flat).view(g, n, -1),
+        beta_BTH=beta_TH.index_select(0, flat).view(g, n, -1),
+        state_BHKV=recurrent_state.index_select(0, slots),
         keep_states=True,
-    )
+    )  # out [G, n, H, V], states [G, n, H, K, V]
     spec_conv, spec_rec = spec_state
-    for j in range(n):
-        spec_conv[slot, j] = window[:, j + 1 : j + 1 + nw]
-    spec_rec[slot, :n] = states[0]
-    conv_state[slot] = window[:, n : n + nw]
-    recurrent_state[slot] = states[0, -1]
-    out_THV[start : start + n] = out[0]
+    after = window.unfold(2, nw, 1).narrow(2, 1, n).permute(0, 2, 1, 3)  # [G, n, C, W]: the window after token j
+    spec_conv.narrow(1, 0, n).index_copy_(0, slots, after.to(spec_conv.dtype))
+    spec_rec.narrow(1, 0, n).index_copy_(0, slots, states.to(spec_rec.dtype))
+    conv_state.index_copy_(0, slots, window.narrow(2, n, nw))
+    recurrent_state.index_copy_(0, slots, states[:, -1])
+    out_THV.index_copy_(0, flat, out.reshape(g * n, *out.shape[2:]).to(out_THV.dtype))
 
 
 def _chunk_group(

@@ -7,8 +7,8 @@ injected (`routed`), so the same class runs in-process or over an all-to-all. St
 The rank owns one device (its pools'): batches, index tables and sampling inputs are made there. Host <->
 device transfers happen at named points only: step inputs in (`StepBatch.build` from the step's Python lists,
 the step's new tokens into the penalty history and grammar masks in `_sample`), sampled token ids and logprobs out
-(`SampleOutput.to_host` in `_sample`, `_to_host` in `_verify`), and the canary's one verdict; the
-expert-load counters leave the device only when read (replicas/ep/dispatch.py).
+(`SampleOutput.to_host` in `_sample`, `_to_host` in `_verify`, the draft ids in `MtpDrafter.draft`), and the canary's
+one verdict; the expert-load counters leave the device only when read (replicas/ep/dispatch.py).
 The readiness canary (`canary`) runs one token through the whole model on a KV block and state slot reserved
 for it: the last of each pool, never offered to sequences, never cached, not counted in the expert load.
 Prefix cache: a start with `restore` gets the state checkpoint copied into its slot before the forward; a step
@@ -27,7 +27,7 @@ import torch
 from cluster.rank_progress import RankProgress
 from model_shards.batch import SeqChunk, StepBatch
 from model_shards.cache import CachePools
-from model_shards.sampling import DeviceHistory, sample
+from model_shards.sampling import DeviceHistory, _upload, sample
 from model_shards.trunk import Trunk, TrunkOutput
 from model_shards.vision import VisionTower
 from replicas.engine.step_types import SERVER_ERROR, StepRequest, StepResult, TokenLogprobs
@@ -36,7 +36,7 @@ from replicas.ep.dispatch import Dispatcher
 from replicas.ep.micro_batches import split_sequences
 from replicas.ep.mtp_drafter import MtpDrafter
 from replicas.ep.rank_seqs import LiveSeq, SeqTable
-from replicas.ep.speculative import verify
+from replicas.ep.speculative import verify_rows
 
 if TYPE_CHECKING:
     from replicas.ep.decode_graphs import DecodeGraphs
@@ -258,23 +258,61 @@ class TrunkRank:
     def _verify(
         self, live: list[LiveSeq], logits_RV: torch.Tensor, rows: dict[int, tuple[int, int]], res: _Results
     ) -> None:
-        """Sequences that bring drafts: accept a prefix, add the target's token, roll the DeltaNet states
-        back to the last accepted token."""
-        for i, s in enumerate(live):
-            if not s.drafts:
-                continue
-            first, count = rows[i]
-            logits = logits_RV[first : first + count]
-            slot = s.chunk.state_slot
-            q = self.drafter.pending_q.pop(slot, [None] * len(s.drafts))
-            a, token = verify(logits, list(s.drafts), s.params, position=s.output_index, q=q)
-            self.pools.rollback(slot, keep=a)
-            res.tokens[i] = token
+        """Sequences that bring drafts, all at once: accept a prefix, add the target's token, roll the DeltaNet
+        states back to the last accepted token. A fixed number of tensor ops for any number of sequences
+        (replicas/ep/speculative.py `verify_rows`), and one transfer of the results out."""
+        verifying = [i for i, s in enumerate(live) if s.drafts]
+        if not verifying:
+            return
+        seqs = [live[i] for i in verifying]
+        counts = [len(s.drafts) for s in seqs]
+        n = max(counts)
+        # step inputs in (one transfer): each sequence's logit rows (past its drafts: its last row again), its
+        # drafts padded with -1 (never a match), its state slot
+        flat = [rows[i][0] + min(j, c) for i, c in zip(verifying, counts) for j in range(n + 1)]
+        flat += [d for s in seqs for d in (*s.drafts, *(-1,) * (n - len(s.drafts)))]
+        flat += [s.chunk.state_slot for s in seqs]
+        ints = _upload(flat, torch.long, logits_RV.device)
+        rows_SJ, drafts_SN, slots = ints.split([len(seqs) * (n + 1), len(seqs) * n, len(seqs)])
+        rows_SJ, drafts_SN = rows_SJ.view(len(seqs), n + 1), drafts_SN.view(len(seqs), n)
+        sampled = [s.chunk.state_slot for s in seqs if not s.params.greedy]
+        out = verify_rows(
+            logits_RV,
+            rows_SJ,
+            drafts_SN,
+            counts,
+            [s.params for s in seqs],
+            [s.output_index for s in seqs],
+            self.drafter.take_q(sampled, n) if sampled else None,
+        )
+        self.pools.rollback_many(slots, out.accepted)
+        want = [j for j, s in enumerate(seqs) if s.params.logprobs is not None]
+        chosen = top_ids = top_vals = None
+        if want:  # raw-model logprobs of every emitted token (columns past the accepted ones are dropped below)
+            idx = _upload(want, torch.long, logits_RV.device) if len(want) < len(seqs) else None
+            sel_rows = rows_SJ if idx is None else rows_SJ.index_select(0, idx)
+            emitted = out.emitted if idx is None else out.emitted.index_select(0, idx)
+            logp = torch.log_softmax(logits_RV.index_select(0, sel_rows.reshape(-1)).float(), dim=-1)
+            chosen = logp.gather(1, emitted.reshape(-1, 1)).view(len(want), n + 1)
+            top_n = max(seqs[j].params.logprobs or 0 for j in want)
+            if top_n > 0:
+                top = logp.topk(top_n, dim=-1)
+                top_ids, top_vals = top.indices.view(len(want), n + 1, top_n), top.values.view(len(want), n + 1, -1)
+        accepted, token, chosen_h, ids_h, vals_h = _to_host(out.accepted, out.token, chosen, top_ids, top_vals)
+        assert accepted is not None and token is not None
+        at = {j: w for w, j in enumerate(want)}
+        for j, i in enumerate(verifying):
+            s, a = seqs[j], accepted[j]
+            res.tokens[i] = token[j]
             res.accepted[i] = tuple(s.drafts[:a])
             res.verified_rows[i] = a + 1
             res.accepted_logprobs[i] = (None,) * a  # one entry per accepted token, logprobs asked or not
-            if s.params.logprobs is not None:
-                lps = _token_logprobs(logits[: a + 1], [*s.drafts[:a], token], s.params.logprobs)
+            w = at.get(j)
+            if w is not None:
+                assert chosen_h is not None
+                k = s.params.logprobs or 0
+                tops = [tuple(zip(ids_h[w][c][:k], vals_h[w][c][:k])) for c in range(a + 1)] if ids_h and vals_h else []
+                lps = [TokenLogprobs(float(chosen_h[w][c]), tops[c] if tops else ()) for c in range(a + 1)]
                 res.accepted_logprobs[i], res.logprobs[i] = tuple(lps[:-1]), lps[-1]
 
     def _vision_rows(self, live: list[LiveSeq], batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -319,21 +357,6 @@ def _logit_rows(live: list[LiveSeq]) -> dict[int, tuple[int, int]]:
             rows[i] = (r, n)
             r += n
     return rows
-
-
-def _token_logprobs(logits_JV: torch.Tensor, tokens: list[int], n: int) -> list[TokenLogprobs]:
-    """Raw-model logprobs of each emitted token and its top-n alternatives (one transfer out for all rows)."""
-    logp = torch.log_softmax(logits_JV.float(), dim=-1)
-    ids = torch.tensor(tokens, dtype=torch.long).to(logp.device, non_blocking=True)
-    chosen = logp.gather(1, ids[:, None])[:, 0]
-    top_vals, top_ids = logp.topk(n, dim=-1) if n > 0 else (None, None)
-    chosen_h, ids_h, vals_h = _to_host(chosen, top_ids, top_vals)
-    assert chosen_h is not None
-    out = []
-    for j in range(len(tokens)):
-        top = tuple(zip(ids_h[j], vals_h[j])) if ids_h is not None and vals_h is not None else ()
-        out.append(TokenLogprobs(float(chosen_h[j]), top))
-    return out
 
 
 def _spread(res: StepResult, keep: list[int], refused: dict[int, str], n: int) -> StepResult:

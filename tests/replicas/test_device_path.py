@@ -17,8 +17,9 @@ faked either: they are recorded and answered with an empty device tensor of the 
 
 Scenarios (the embedded tiny model's shapes, bf16, weights made by the loader from the expected-tensor table
 straight on the device): the LocalRunner's construction (its canary); a prefill resumed at a 64-token boundary
-with MTP drafting; decode with a repetition penalty, a grammar mask and logprobs; an MTP verify step; seeded
-sampling (the batched sampler's counter-based draws, no CUDA generator); an expert rank's compute over a
+with MTP drafting; decode with a repetition penalty, a grammar mask and logprobs; an MTP verify step of a greedy
+and a sampled sequence together (the batched greedy match and rejection rule, the draft distributions kept on the
+device); seeded sampling (the batched sampler's counter-based draws, no CUDA generator); an expert rank's compute over a
 subset of experts; a TrunkRank over the AllToAllDispatcher (1 trunk, 2 expert ranks) with only
 `a2a_protocol`'s `dist.all_to_all_single` replaced (it echoes: the receive buffer stands for the expert ranks'
 answer), a prefill (VARIABLE mode) and a decode (FIXED mode) step, whose layers may read back only the seam's
@@ -77,8 +78,7 @@ NAMED_POINTS = {
     ("trunk_rank.py", "_to_host"): "results out: sampled token ids and logprobs",
     ("sampling.py", "to_host"): "results out: the sampler's ids and logprobs, one transfer",
     ("trunk_rank.py", "canary"): "readiness: the canary's one verdict",
-    ("mtp_drafter.py", "draft"): "drafts out: the greedy MTP drafts' ids",
-    ("speculative.py", "verify"): "results out: the target's ids checked against the drafts",
+    ("mtp_drafter.py", "draft"): "drafts out: every sequence's k MTP draft ids, one transfer after the last pass",
     ("dispatch.py", "take"): "expert-load counters out, when the group reads them",
 }
 # The layer-stack files (made sync-free inside the layers; whatever sync remains must be in them).
@@ -355,13 +355,27 @@ def fake_run(tiny_fused: Path) -> FakeRun:
             runner,
             StepRequest(seqs=(SeqStep(1, 96, (sampled.token_ids[0],), output_index=1, allowed_mask=mask),)),
         )
+        # a sampled speculating sequence beside the greedy one: its drafts and their distributions (kept on the
+        # device) come from its prompt's step, then both verify in one batch (greedy match and the rejection rule)
+        drafting = SeqStart(slot=1, params=SamplingParams(temperature=0.8, top_p=0.9, seed=3), prompt_len=3, mtp=True)
+        steps["prefill: sampled MTP drafts"] = _step(
+            rec, runner, StepRequest(seqs=(SeqStep(3, 0, (1, 2, 3), (9,), start=drafting),), mtp_steps=2)
+        )
         steps["MTP verify"] = _step(
-            rec, runner, StepRequest(seqs=(SeqStep(1, 97, (6,), output_index=2, drafts=(7, 8)),), mtp_steps=2)
+            rec,
+            runner,
+            StepRequest(
+                seqs=(
+                    SeqStep(1, 97, (6,), output_index=2, drafts=(7, 8)),
+                    SeqStep(3, 3, (4,), output_index=1, drafts=(5, 6)),
+                ),
+                mtp_steps=2,
+            ),
         )
         seeded = SeqStart(slot=1, params=SamplingParams(temperature=0.8, seed=7), prompt_len=3)
         try:
             steps["seeded sampling"] = _step(
-                rec, runner, StepRequest(seqs=(SeqStep(2, 0, (1, 2, 3), (8,), start=seeded),))
+                rec, runner, StepRequest(seqs=(SeqStep(2, 0, (1, 2, 3), (8,), start=seeded),), released=(3,))
             )
         except RuntimeError as exc:  # a CUDA generator cannot be made by CPU-only torch (see test_seeded_sampling)
             steps["seeded sampling"] = (None, [Event("error", str(exc)[:120], (), False)])
