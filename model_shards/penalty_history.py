@@ -78,7 +78,7 @@ class PenaltyHistory:
         cols = [c + j for _, c, t in self._staged for j in range(len(t))]
         vals = [x for _, _, t in self._staged for x in t]
         self._staged = []
-        r, c, v = _upload([rows, cols, vals], self.device).unbind(0)
+        r, c, v = upload_list([rows, cols, vals], self.device).unbind(0)
         self.ids.index_put_((r, c), v.int())
 
     def _grow(self, *, rows: int, width: int) -> None:
@@ -89,7 +89,7 @@ class PenaltyHistory:
         self._free.extend(range(rows - 1, old.shape[0] - 1, -1))  # popped from the end: lowest rows first
 
 
-def _upload(values: list[list[int]], device: torch.device) -> torch.Tensor:
+def upload_list(values: list[list[int]], device: torch.device) -> torch.Tensor:
     """Host ints to the device without a host sync (pinned, non-blocking on CUDA; a factory call elsewhere: a
     fake "cuda" device on a CPU-only build cannot take a copy)."""
     if device.type == "cuda" and torch.cuda.is_available():

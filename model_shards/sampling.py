@@ -275,7 +275,7 @@ def _apply_bitmask_rows(logits_RV: torch.Tensor, bitmask_RW: torch.Tensor) -> No
         apply_bitmask(logits_RV, bitmask_RW)
 
 
-def _finite_support(x_RN: torch.Tensor) -> torch.Tensor:
+def finite_support(x_RN: torch.Tensor) -> torch.Tensor:
     """Rows an extreme temperature or penalty overflowed: the +inf tokens tie (0, the rest -inf); NaN never
     wins. (A row with nothing finite left draws its first entry: the best-ranked one in sorted candidates.)"""
     posinf = torch.isposinf(x_RN)
@@ -291,12 +291,12 @@ def _top_p(sorted_RN: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return sorted_RN.masked_fill(drop, _NEG_INF)
 
 
-def _min_p(x_RN: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def min_p_filter(x_RN: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Drop tokens below min_p times the top probability: x < x_max + log(min_p), softmax-free (0: -inf, off)."""
     return x_RN.masked_fill(x_RN < x_RN.amax(dim=-1, keepdim=True) + torch.log(min_p).unsqueeze(1), _NEG_INF)
 
 
-def _filter_sorted(
+def filter_sorted(
     vals_RK: torch.Tensor, temp: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 ) -> torch.Tensor:
     """Temperature, min_p, top_k and top_p over each row's largest raw logits in descending order (the top-k
@@ -305,7 +305,7 @@ def _filter_sorted(
     Args:
         vals_RK: raw logits, descending. temp, min_p, top_p: float [R]; top_k: int64 [R] (K or more: off).
     """
-    x = _min_p(_finite_support(vals_RK / temp.unsqueeze(1)), min_p)
+    x = min_p_filter(finite_support(vals_RK / temp.unsqueeze(1)), min_p)
     x = x.masked_fill(torch.arange(x.shape[1], device=x.device) >= top_k.unsqueeze(1), _NEG_INF)
     return _top_p(x, top_p)
 
@@ -321,7 +321,7 @@ def candidates(logits_V: torch.Tensor, *, params: SamplingParams) -> tuple[torch
     k = params.top_k if 0 < params.top_k < x.shape[-1] else x.shape[-1]
     vals, ids = torch.topk(x, k, dim=-1) if k < x.shape[-1] else torch.sort(x, dim=-1, descending=True)
     one = torch.ones(1, dtype=torch.float32, device=x.device)
-    vals = _filter_sorted(
+    vals = filter_sorted(
         vals, one * params.temperature, one * params.min_p, torch.full_like(one, k).long(), one * params.top_p
     )[0]
     keep = torch.isfinite(vals)  # a data-dependent shape: fine off the common path (one row, speculative)
@@ -333,7 +333,7 @@ def _real_cuda(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
 
 
-def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def upload_list(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Step inputs in: host values to the sampling device without a host sync (pinned, non-blocking on CUDA).
     Without a CUDA runtime but a non-CPU device (FakeTensorMode on a CPU-only build) only a factory call can
     make the tensor there."""
@@ -385,7 +385,7 @@ def sample(
         allowed: per-row int32 bitmask of the tokens a grammar allows (structured output), or None.
     """
     if rows is not None and rows != list(range(logits_BV.shape[0])):
-        logits_BV = logits_BV.index_select(0, _upload(rows, torch.long, logits_BV.device))
+        logits_BV = logits_BV.index_select(0, upload_list(rows, torch.long, logits_BV.device))
     b = logits_BV.shape[0]
     if len(params) != b:
         raise ValueError(f"{len(params)} sampling params for {b} rows")
@@ -468,13 +468,13 @@ class _Rows:
             *self._history_lists(history, pen),
         ]
         # step inputs in: every index list and integer parameter in one transfer, the floats in another
-        flat = _upload([x for g in lists for x in g], torch.long, self.dev)
+        flat = upload_list([x for g in lists for x in g], torch.long, self.dev)
         parts = flat.split([len(g) for g in lists])
         self.sel_t = parts[0]
         self.group_t = dict(zip(self.groups, parts[1:5]))
         self.mask_t, self.pen_t, self.ban_r, self.ban_c, self.seeds, self.pos, self.top_k = parts[5:12]
         self.pen_b, self.h_row, self.h_len, self.h_prompt = parts[12:]
-        f = _upload(
+        f = upload_list(
             [
                 [p.temperature or 1.0, p.top_p, p.min_p, p.repetition_penalty, p.frequency_penalty, p.presence_penalty]
                 for p in ps
@@ -514,7 +514,7 @@ class _Rows:
             keys = row_keys(self.seeds.index_select(0, idx), self.pos.index_select(0, idx))
             temp, min_p = self.temp.index_select(0, idx), self.min_p.index_select(0, idx)
             if name == "plain":  # no top-k / top-p: race over the whole vocabulary, no sort
-                x = _min_p(_finite_support(rows / temp.unsqueeze(1)), min_p)
+                x = min_p_filter(finite_support(rows / temp.unsqueeze(1)), min_p)
                 if self.dev.type == "cpu" and all(self.ps[j].min_p > 0.0 for j in group):
                     x, ids = _cpu_shortlist(x)
                     chosen = ids.gather(1, race(x, keys, ids).unsqueeze(1)).squeeze(1)
@@ -526,7 +526,7 @@ class _Rows:
                 else:
                     vals, ids = torch.sort(rows, dim=-1, descending=True)
                 top_k, top_p = self.top_k.index_select(0, idx), self.top_p.index_select(0, idx)
-                x = _filter_sorted(vals, temp, min_p, top_k, top_p)
+                x = filter_sorted(vals, temp, min_p, top_k, top_p)
                 if self.dev.type == "cpu":
                     x, ids = _cpu_prefix(x, ids)
                 # hashed by vocabulary id, not rank: the draw does not depend on the group's k
@@ -589,7 +589,7 @@ def _with_logprobs(logits_BV: torch.Tensor, tokens: torch.Tensor, params: list[S
     if not want:
         return SampleOutput(tokens, None, None, None)
     b, dev = logits_BV.shape[0], logits_BV.device
-    idx = _upload(want, torch.long, dev)
+    idx = upload_list(want, torch.long, dev)
     logp = torch.log_softmax(logits_BV.index_select(0, idx).float(), dim=-1)
     chosen = torch.full((b,), float("nan"), device=dev).index_copy_(
         0, idx, logp.gather(1, tokens.index_select(0, idx).unsqueeze(1)).squeeze(1)

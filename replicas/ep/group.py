@@ -641,7 +641,7 @@ class ExpertParallelGroup:
         if not (dead or raised or hung) and left:  # only collateral errors, or the deadline: who never finished?
             # first, who died (its death not yet reported through its call: the ranks of a lost node, or processes
             # that exited while their peers' collectives erred first)
-            more_dead, frozen = await self._ask_pending(actors, left)
+            more_dead, frozen = await self._ask_pending(actors, left, loops)
             dead += more_dead
             left = [i for i in left if i not in more_dead]
             if more_dead:
@@ -656,7 +656,7 @@ class ExpertParallelGroup:
         if collateral and (dead or raised or hung):
             # a rank whose collective erred may have died right after: a lost node's ranks error on each other's
             # closed connections, then their processes end with the node; asked once, as the running ones are
-            more_dead, frozen = await self._ask_pending(actors, collateral)
+            more_dead, frozen = await self._ask_pending(actors, collateral, loops)
             dead += more_dead
             hung += frozen
             collateral = [i for i in collateral if i not in more_dead and i not in frozen]

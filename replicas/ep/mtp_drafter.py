@@ -21,7 +21,7 @@ import torch
 from model_shards.batch import SeqChunk, StepBatch
 from model_shards.cache import CachePools
 from model_shards.mtp import mtp_forward
-from model_shards.sampling import _upload
+from model_shards.sampling import upload_list
 from model_shards.trunk import Trunk
 from replicas.ep.dispatch import Dispatcher
 from replicas.ep.rank_seqs import LiveSeq
@@ -51,12 +51,14 @@ class MtpDrafter:
             src[1].append(row)
             src[2].append(j)
         dev = held[0][0].device
-        parts = [q.narrow(1, 0, n).index_select(0, _upload(rows, torch.long, dev)) for q, rows, _ in sources.values()]
+        parts = [
+            q.narrow(1, 0, n).index_select(0, upload_list(rows, torch.long, dev)) for q, rows, _ in sources.values()
+        ]
         if len(parts) == 1:
             return parts[0]
         order = [j for _, _, ours in sources.values() for j in ours]
         inverse = sorted(range(len(order)), key=order.__getitem__)
-        return torch.cat(parts).index_select(0, _upload(inverse, torch.long, dev))
+        return torch.cat(parts).index_select(0, upload_list(inverse, torch.long, dev))
 
     def draft(self, seqs: list[LiveSeq], batch: StepBatch, hidden_TD: torch.Tensor, res: object, *, steps: int) -> None:
         """Run the MTP pass and the recursive steps; writes `res.drafts` (res is trunk_rank._Results)."""
@@ -95,7 +97,7 @@ class MtpDrafter:
         mtp_batch = StepBatch.build(chunks, block_size=self.pools.block_size, device=dev)
         out = mtp_forward(
             self.trunk,
-            hidden_TD.index_select(0, _upload(rows, torch.long, dev)),
+            hidden_TD.index_select(0, upload_list(rows, torch.long, dev)),
             batch=mtp_batch,
             pools=self.pools,
             routed=self.routed,

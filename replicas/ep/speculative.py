@@ -27,14 +27,14 @@ import torch
 
 from model_shards.sampling import (
     SamplingParams,
-    _filter_sorted,  # the sampler's own filters: p and q must be exactly its distributions
-    _finite_support,
-    _min_p,
-    _upload,
     candidates,
+    filter_sorted,  # the sampler's own filters: p and q must be exactly its distributions
+    finite_support,
+    min_p_filter,
     race,
     row_keys,
     uniforms,
+    upload_list,
 )
 
 # A one-layer MTP head chained beyond a few steps is rarely right; the bound also caps the per-token
@@ -84,9 +84,11 @@ class RowParams:
     @staticmethod
     def of(params: list[SamplingParams], positions: list[int], *, vocab: int, device: torch.device) -> RowParams:
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        ints = _upload([p.seed % 2**63 for p in params] + list(positions) + top_k, torch.long, device)
+        ints = upload_list([p.seed % 2**63 for p in params] + list(positions) + top_k, torch.long, device)
         seeds, pos, k = ints.split(len(params))
-        f = _upload([[p.temperature or 1.0, p.top_p, p.min_p] for p in params], torch.float32, device).reshape(-1, 3)
+        f = upload_list([[p.temperature or 1.0, p.top_p, p.min_p] for p in params], torch.float32, device).reshape(
+            -1, 3
+        )
         temp, top_p, min_p = f.unbind(1)
         sort = any(k < vocab or p.top_p < 1.0 for k, p in zip(top_k, params))
         return RowParams(seeds, pos, temp, top_p, min_p, k, sort, max(top_k, default=vocab))
@@ -105,9 +107,9 @@ def filtered_logits(logits_RV: torch.Tensor, rp: RowParams) -> torch.Tensor:
     x = logits_RV.float()
     vocab = x.shape[-1]
     if not rp.sort:  # no top-k / top-p anywhere: no sort
-        return _min_p(_finite_support(x / rp.temp.unsqueeze(1)), rp.min_p)
+        return min_p_filter(finite_support(x / rp.temp.unsqueeze(1)), rp.min_p)
     vals, ids = torch.topk(x, rp.k_max, dim=-1) if rp.k_max < vocab else torch.sort(x, dim=-1, descending=True)
-    kept = _filter_sorted(vals, rp.temp, rp.min_p, rp.top_k, rp.top_p)
+    kept = filter_sorted(vals, rp.temp, rp.min_p, rp.top_k, rp.top_p)
     return torch.full_like(x, _NEG_INF).scatter_(1, ids, kept)
 
 
@@ -131,14 +133,16 @@ def draft_rows(
     if not sampled:
         return tokens, None
     dev, vocab = logits_RV.device, logits_RV.shape[-1]
-    rows = logits_RV if len(sampled) == len(params) else logits_RV.index_select(0, _upload(sampled, torch.long, dev))
+    rows = (
+        logits_RV if len(sampled) == len(params) else logits_RV.index_select(0, upload_list(sampled, torch.long, dev))
+    )
     rp = RowParams.of([params[j] for j in sampled], [positions[j] for j in sampled], vocab=vocab, device=dev)
     x = filtered_logits(rows, rp)
     chosen = race(x, row_keys(rp.seeds, rp.positions, DRAFT_STREAM), _vocab_ids(vocab, dev))
     if len(sampled) == len(params):
         tokens = chosen
     else:
-        tokens.index_copy_(0, _upload(sampled, torch.long, dev), chosen)
+        tokens.index_copy_(0, upload_list(sampled, torch.long, dev), chosen)
     return tokens, torch.softmax(x, dim=-1)
 
 
@@ -183,7 +187,7 @@ def verify_rows(
     if sampled:
         if q_SNV is None or q_SNV.shape[0] != len(sampled):
             raise ValueError("sampled drafts need their draft distributions")
-        idx = _upload(sampled, torch.long, dev)
+        idx = upload_list(sampled, torch.long, dev)
         a, t = _reject(
             logits.index_select(0, idx),
             drafts_SN.index_select(0, idx),
@@ -214,7 +218,7 @@ def _reject(
     p = torch.softmax(filtered_logits(logits_SJV.reshape(-1, vocab), rp.repeat(j1, offsets=offsets)), dim=-1)
     p = p.view(s, j1, vocab)
     q = q_SNV[:, :n].float()
-    valid = offsets[:n].unsqueeze(0) < _upload(counts, torch.long, dev).unsqueeze(1)  # [S, n]
+    valid = offsets[:n].unsqueeze(0) < upload_list(counts, torch.long, dev).unsqueeze(1)  # [S, n]
     d = drafts_SN.clamp(min=0).unsqueeze(2)
     ratio = p[:, :n].gather(2, d).squeeze(2) / q.gather(2, d).squeeze(2).clamp(min=1e-30)
     per_draft = rp.repeat(n, offsets=offsets[:n])

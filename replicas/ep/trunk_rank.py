@@ -27,7 +27,7 @@ import torch
 from cluster.rank_progress import RankProgress
 from model_shards.batch import SeqChunk, StepBatch
 from model_shards.cache import CachePools
-from model_shards.sampling import DeviceHistory, _upload, sample
+from model_shards.sampling import DeviceHistory, sample, upload_list
 from model_shards.trunk import Trunk, TrunkOutput
 from model_shards.vision import VisionTower
 from replicas.engine.step_types import SERVER_ERROR, StepRequest, StepResult, TokenLogprobs
@@ -272,7 +272,7 @@ class TrunkRank:
         flat = [rows[i][0] + min(j, c) for i, c in zip(verifying, counts) for j in range(n + 1)]
         flat += [d for s in seqs for d in (*s.drafts, *(-1,) * (n - len(s.drafts)))]
         flat += [s.chunk.state_slot for s in seqs]
-        ints = _upload(flat, torch.long, logits_RV.device)
+        ints = upload_list(flat, torch.long, logits_RV.device)
         rows_SJ, drafts_SN, slots = ints.split([len(seqs) * (n + 1), len(seqs) * n, len(seqs)])
         rows_SJ, drafts_SN = rows_SJ.view(len(seqs), n + 1), drafts_SN.view(len(seqs), n)
         sampled = [s.chunk.state_slot for s in seqs if not s.params.greedy]
@@ -289,7 +289,7 @@ class TrunkRank:
         want = [j for j, s in enumerate(seqs) if s.params.logprobs is not None]
         chosen = top_ids = top_vals = None
         if want:  # raw-model logprobs of every emitted token (columns past the accepted ones are dropped below)
-            idx = _upload(want, torch.long, logits_RV.device) if len(want) < len(seqs) else None
+            idx = upload_list(want, torch.long, logits_RV.device) if len(want) < len(seqs) else None
             sel_rows = rows_SJ if idx is None else rows_SJ.index_select(0, idx)
             emitted = out.emitted if idx is None else out.emitted.index_select(0, idx)
             logp = torch.log_softmax(logits_RV.index_select(0, sel_rows.reshape(-1)).float(), dim=-1)
