@@ -194,6 +194,8 @@ class Bench:
             fig["landing"] = landing(res)
             fig["balance"] = balance(samples)
             fig["inflight"] = inflight_balance(res, a.groups)
+            # each request's send, end, replica and group, so a run's routing can be replayed (--json)
+            fig["requests"] = [[r.start, r.end, r.engine, r.group, r.usage_cached_tokens] for r in res]
         print(
             f"[{label}] {len(res)} requests in {time.monotonic() - t0:.0f} s, failed {fig['failed']}: "
             f"TTFT p50 {fig['median_ttft_ms']:.0f} ms, token hit rate {fig['token_hit_rate']:.3f} "
