@@ -157,7 +157,9 @@ def test_bad_restores_and_saves_are_refused_naming_the_problem(model) -> None:  
         "outside this rank's state checkpoints": ok._replace(start=replace(start, restore=5)),
         "64-token grid, got 100": ok._replace(context_len=100, token_ids=PROMPT_B[100:]),
         "cannot hold the 128 cached tokens": ok._replace(new_blocks=_blocks(0, 4)),
-        "repetition_penalty": ok._replace(start=replace(start, params=SamplingParams(repetition_penalty=1.2))),
+        "repetition penalty needs its cached prompt ids": ok._replace(
+            start=replace(start, params=SamplingParams(repetition_penalty=1.2))
+        ),
         "resumes inside its prompt": ok._replace(start=replace(start, prompt_len=P), token_ids=(5,)),
     }
     for why, step in cases.items():
