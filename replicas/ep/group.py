@@ -633,15 +633,16 @@ class ExpertParallelGroup:
         left = sorted({futs[f] for f in pending})
         # the ranks still running: waiting on the failed one, or failed too? (also when only collateral errors came
         # back: a peer's error can overtake the news of the death that caused it)
-        if (dead or raised or collateral) and left:
+        asked = bool((dead or raised or collateral) and left)
+        if asked:
             more_dead, frozen = await self._ask_pending(actors, left, loops)
             dead += more_dead
             hung += frozen
             left = [i for i in left if i not in more_dead]
         if not (dead or raised or hung) and left:  # only collateral errors, or the deadline: who never finished?
             # first, who died (its death not yet reported through its call: the ranks of a lost node, or processes
-            # that exited while their peers' collectives erred first)
-            more_dead, frozen = await self._ask_pending(actors, left, loops)
+            # that exited while their peers' collectives erred first); asked once: the collateral case above asked
+            more_dead, frozen = ([], []) if asked else await self._ask_pending(actors, left, loops)
             dead += more_dead
             left = [i for i in left if i not in more_dead]
             if more_dead:
