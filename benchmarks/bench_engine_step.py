@@ -63,7 +63,8 @@ class InstantRunner:
         decoding = self.decode_steps > 0
         if not decoding:
             seqs = [s for r in requests for s in r.seqs]
-            decoding = len(seqs) == self.size and all(len(_new_tokens(s)) == 1 for s in seqs)
+            n = sum(r.num_seqs for r in requests)
+            decoding = n == self.size and all(len(_new_tokens(s)) == 1 for s in seqs)
         if decoding:
             self.decode_steps += 1
             if self.decode_steps == WARMUP:
@@ -81,11 +82,11 @@ class InstantRunner:
             self.bytes.append(sum(len(pickle.dumps(r, protocol=5)) for r in requests))
         await asyncio.sleep(0)  # a real runner awaits the ranks: the stream consumers run meanwhile
         if decoding:
-            return [StepResult(token_ids=(7,) * len(r.seqs), logprobs=(None,) * len(r.seqs)) for r in requests]
+            return [StepResult(token_ids=(7,) * r.num_seqs, logprobs=(None,) * r.num_seqs) for r in requests]
         return [
             StepResult(
-                token_ids=tuple(7 if s.sample else None for s in r.seqs),
-                logprobs=(None,) * len(r.seqs),
+                token_ids=tuple(7 if s.sample else None for s in r.seqs) + (7,) * len(r.decodes),
+                logprobs=(None,) * r.num_seqs,
             )
             for r in requests
         ]

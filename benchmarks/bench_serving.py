@@ -261,6 +261,7 @@ class TimedRunner:
         self.step_s += time.perf_counter() - t0
         self.steps += 1
         self.batch_tokens += sum(len(s.token_ids) + len(s.drafts) for r in requests for s in r.seqs)
+        self.batch_tokens += sum(len(r.decodes) for r in requests)  # columnar decodes: one token each
         for r in results:
             self.forward_s += r.timings.get("forward_s", 0.0)
             self.sample_s += r.timings.get("sample_s", 0.0)

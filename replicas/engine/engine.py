@@ -312,7 +312,8 @@ class Engine:
         self._streams[req.request_id] = (seqs, queue)
         for s in seqs:
             s.stream = queue
-            s.fast = s.plain and not s.speculate and req.n == 1
+            s.self_fed = s.plain and not s.speculate
+            s.fast = s.self_fed and req.n == 1
             self.scheduler.add(s)
         self._wake.set()
         done, n = 0, req.n
@@ -469,7 +470,9 @@ class Engine:
                 continue
             t0 = time.monotonic()
             try:
-                results = await self.runner.step(self._requests(out))
+                requests = self._requests(out)
+                results = await self.runner.step(requests)
+                _check_results(requests, results)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001  # any group failure ends its requests, retriably
@@ -487,9 +490,15 @@ class Engine:
         for t, trunk in enumerate(out.per_trunk):
             steps: list[SeqStep] = []
             append = steps.append
+            full: list[Scheduled] = []  # the scheduled ones with an entry in `steps`
+            cont: list[Scheduled] = []  # the columnar decodes (StepRequest.decodes)
             for sch in trunk:
                 seq, start, n, sample = sch
                 addr = seq.addr
+                if n == 1 and seq.self_fed and sample and addr.started and addr.blocks_sent == len(addr.blocks):  # type: ignore[union-attr]  # scheduled: addr set
+                    cont.append(sch)  # the rank feeds back the token it sampled: nothing to build per sequence
+                    continue
+                full.append(sch)
                 if seq.plain and n == 1 and sample and addr.started and addr.blocks_sent == len(addr.blocks):  # type: ignore[union-attr]  # scheduled: addr set
                     # the common decode: its token and output index, nothing else (what _seq_step gives it); the
                     # fields in SeqStep's order, its defaults after the output index
@@ -501,7 +510,17 @@ class Engine:
                 if seq.t_scheduled is None:
                     seq.t_scheduled = time.monotonic()
                     self.metrics.observe("request_queue_time_seconds", seq.t_scheduled - seq.t_arrival)
-            reqs.append(StepRequest(tuple(steps), released=self.scheduler.take_released(t), mtp_steps=self.spec_tokens))
+            if full and cont:  # the result lists `seqs`, then `decodes`: _update reads the schedule in that order
+                out.per_trunk[t] = full + cont
+            reqs.append(
+                StepRequest(
+                    tuple(steps),
+                    released=self.scheduler.take_released(t),
+                    mtp_steps=self.spec_tokens,
+                    decodes=tuple([sch[0].seq_id for sch in cont]),
+                    decode_context=tuple([sch[1] for sch in cont]),
+                )
+            )
         return reqs
 
     @staticmethod
@@ -897,6 +916,14 @@ class Engine:
             }
             for p in self.scheduler.pools
         ]
+
+
+def _check_results(requests: list[StepRequest], results: list[StepResult]) -> None:
+    """A result per trunk rank with a token per sequence, else the group's answer is broken: the step fails like
+    a group failure instead of the update raising inside the loop (which would leave every stream waiting)."""
+    if len(results) != len(requests) or any(len(res.token_ids) != req.num_seqs for req, res in zip(requests, results)):
+        got = [len(r.token_ids) for r in results]
+        raise RuntimeError(f"the group answered {got} tokens for {[r.num_seqs for r in requests]} sequences per rank")
 
 
 def _output(d: _Delta) -> GenerateOutput:

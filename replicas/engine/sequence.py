@@ -79,6 +79,9 @@ class Sequence:
         # Set by the engine: plain, no speculation, the request's only choice (its update needs no per-step news
         # object: engine.Engine._update). `end_ids`: the tokens that may end it (a hot-path test; `ends` decides).
         self.fast = False
+        # Set by the engine: plain and no speculation, so the token it feeds the rank is always the one the rank
+        # sampled (a decode goes in the step message's columns: step_types.StepRequest.decodes).
+        self.self_fed = False
         self.end_ids = frozenset(req.stop_token_ids) | frozenset(() if req.ignore_eos else req.eos_token_ids)
         self.max_tokens = req.max_tokens
         self.stream: Any = None  # the request's stream buffer (engine._Stream), set by the engine

@@ -7,6 +7,9 @@ each sequence placed on it, keyed by sequence id, and each step says only what c
       released: (seq_id, ...)        sequences the rank forgets before reading `seqs` (finished, aborted,
                                      refused, preempted); unknown ids are ignored
       seqs: (SeqStep, ...)           the sequences taking part in this step
+      decodes: (seq_id, ...),        plain decodes in columns (after `seqs` in the result): each continues
+      decode_context: (n, ...)       at context n with the token the rank sampled for it in its last step,
+                                     its block table unchanged (the rank refuses one it does not hold at n)
       mtp_steps: k                   the group speculates: k MTP draft steps after the target forward
       canary                         readiness: one token through the whole model on the rank's reserved
                                      block and slot (no sequences; not counted in the expert load)
@@ -135,12 +138,24 @@ class StepRequest:
         mtp_steps: k > 0 when the group speculates: after the target forward every rank runs one MTP pass
             and k - 1 recursive draft steps (each an MoE call of the MTP layer, in lock-step).
         canary: run the readiness canary instead of sequences (replicas/ep/trunk_rank.py `TrunkRank.canary`).
+        decodes: sequences that decode one token without anything but that token: the token the rank sampled
+            for them in their last step (an engine that never changes a sampled token: no grammar, forced
+            token, min_tokens or drafts), at an unchanged block table. Columns instead of a `SeqStep` each: at
+            hundreds decoding, building and sending entries was most of the engine's step message work.
+        decode_context: per `decodes` entry, its context length (the rank checks it, as `SeqStep.context_len`).
     """
 
     seqs: tuple[SeqStep, ...] = ()
     released: tuple[int, ...] = ()
     mtp_steps: int = 0
     canary: bool = False
+    decodes: tuple[int, ...] = ()
+    decode_context: tuple[int, ...] = ()
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences in the step: `seqs`, then `decodes` (the order of the result's per-sequence fields)."""
+        return len(self.seqs) + len(self.decodes)
 
 
 @dataclass(frozen=True)

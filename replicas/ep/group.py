@@ -526,7 +526,10 @@ class ExpertParallelGroup:
         # ping-pong over the decoder layers (the MTP passes run as one); C is sized for the largest micro-batch
         m = self.config.micro_batches
         split = self.cfg.num_layers if m > 1 else 0
-        tokens = [max_micro_batch_tokens([len(s.token_ids) + len(s.drafts) for s in r.seqs], m) for r in requests]
+        tokens = [
+            max_micro_batch_tokens([len(s.token_ids) + len(s.drafts) for s in r.seqs] + [1] * len(r.decodes), m)
+            for r in requests
+        ]
         decode = all(len(s.token_ids) == 1 for r in requests for s in r.seqs)  # one token, drafts or not
         if decode and self.shape.expert_ranks:
             cap = fixed_capacity(

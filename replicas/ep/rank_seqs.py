@@ -42,6 +42,7 @@ class RankSeq:
     row: int = -1
     history_len: int = 0  # ids in its row: the tokens fed
     sampled: int | None = None  # the token the sampler wrote at history_len on the device (not yet fed)
+    last_token: int | None = None  # the token sampled in its last step (a columnar decode feeds it back)
     embeds: torch.Tensor | None = None  # vision embeddings, encoded with the first chunk
 
     def feed(self, tokens: tuple[int, ...]) -> None:
@@ -131,6 +132,26 @@ class SeqTable:
             state.history.give(state.row)
             state.history = None
 
+    def decode_steps(self, seq_ids: tuple[int, ...], context: tuple[int, ...]) -> tuple[SeqStep, ...]:
+        """The step message's columnar decodes (StepRequest.decodes) as the `SeqStep`s they stand for: each feeds
+        back the token the rank sampled for it in its last step, at the output index after it. One the rank does
+        not hold, or holds without a sampled token, gets an entry `refusal` names.
+
+        Raises:
+            ValueError: the columns differ in length (a malformed message: the engine never sends one).
+        """
+        if len(seq_ids) != len(context):
+            raise ValueError(f"{len(seq_ids)} columnar decodes with {len(context)} context lengths")
+        get, out = self.seqs.get, []
+        for i, c in zip(seq_ids, context):
+            state = get(i)
+            token = state.last_token if state is not None else None
+            if state is None or token is None:
+                out.append(SeqStep(i, c, ()))  # refused: not held, or nothing sampled to feed back
+            else:
+                out.append(SeqStep(i, c, (token,), (), True, c + 1 - state.start.prompt_len))
+        return tuple(out)
+
     def refusal(self, s: SeqStep) -> str | None:
         """Why this step of this sequence must not run (it could make the rank raise after the step's first
         collective, or the rank does not hold the context it continues), or None. Looks only at what the step
@@ -148,8 +169,8 @@ class SeqTable:
             if s.context_len != state.num_computed:
                 return f"sequence {s.seq_id} continues at {s.context_len} tokens, this rank holds {state.num_computed}"
             blocks = len(state.blocks) + len(s.new_blocks)
-        if not s.token_ids:
-            return "a step needs at least one new token"
+        if not s.token_ids:  # (a columnar decode of a sequence that sampled nothing yet gets none)
+            return "a step needs at least one new token (a columnar decode: a token the rank sampled)"
         for name, ids in (("token ids", s.token_ids), ("drafts", s.drafts), ("suppressed ids", s.suppress_ids)):
             if any(not 0 <= t < vocab for t in ids):
                 return f"{name} outside the vocabulary [0, {vocab})"
@@ -271,7 +292,9 @@ class SeqTable:
         lo, hi = bisect_left(st.vision_rows, start), bisect_left(st.vision_rows, end)
         return positions, tuple(r - start for r in st.vision_rows[lo:hi]), lo
 
-    def advance(self, live: LiveSeq, accepted: tuple[int, ...]) -> None:
-        """After the forward: the chunk's own tokens and the accepted drafts are in the caches."""
+    def advance(self, live: LiveSeq, accepted: tuple[int, ...], token: int | None) -> None:
+        """After the forward: the chunk's own tokens and the accepted drafts are in the caches; `token` was
+        sampled after them (None: the chunk did not sample)."""
         live.state.num_computed = live.step.context_len + len(live.step.token_ids) + len(accepted)
+        live.state.last_token = token
         live.state.feed(accepted)

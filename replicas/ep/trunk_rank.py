@@ -108,20 +108,21 @@ class TrunkRank:
             self.routed.begin(plan)
         self.seqs.release(req.released)
         if req.canary:
-            if req.seqs:
+            if req.num_seqs:
                 raise ValueError("a canary step carries no sequences")
             self.canary()
             self.routed.run_idle()
             self.routed.finish()
             return StepResult(timings={"forward_s": time.perf_counter() - t0})
-        refused = {i: why for i, s in enumerate(req.seqs) if (why := self.seqs.refusal(s)) is not None}
+        steps = req.seqs + self.seqs.decode_steps(req.decodes, req.decode_context) if req.decodes else req.seqs
+        refused = {i: why for i, s in enumerate(steps) if (why := self.seqs.refusal(s)) is not None}
         if not refused:
-            return self._run([self.seqs.resolve(s) for s in req.seqs], req.mtp_steps, t0)
-        keep = [i for i in range(len(req.seqs)) if i not in refused]
-        kept_ids = {req.seqs[i].seq_id for i in keep}
-        self.seqs.release(tuple(req.seqs[i].seq_id for i in refused if req.seqs[i].seq_id not in kept_ids))
-        res = self._run([self.seqs.resolve(req.seqs[i]) for i in keep], req.mtp_steps, t0)
-        return _spread(res, keep, refused, len(req.seqs))
+            return self._run([self.seqs.resolve(s) for s in steps], req.mtp_steps, t0)
+        keep = [i for i in range(len(steps)) if i not in refused]
+        kept_ids = {steps[i].seq_id for i in keep}
+        self.seqs.release(tuple(steps[i].seq_id for i in refused if steps[i].seq_id not in kept_ids))
+        res = self._run([self.seqs.resolve(steps[i]) for i in keep], req.mtp_steps, t0)
+        return _spread(res, keep, refused, len(steps))
 
     def canary(self) -> None:
         """One token through trunk -> experts -> trunk on the reserved block and slot (a fresh sequence: its state
@@ -173,7 +174,7 @@ class TrunkRank:
         self._sample(live, out.logits_RV, rows, res)
         self._verify(live, out.logits_RV, rows, res)
         for i, s in enumerate(live):
-            self.seqs.advance(s, res.accepted[i])
+            self.seqs.advance(s, res.accepted[i], res.tokens[i])
             if s.step.save_state is not None:  # a non-verifying chunk: the slot holds the state at its end
                 self.pools.save_state(s.chunk.state_slot, s.step.save_state)
         t2 = time.perf_counter()

@@ -60,7 +60,7 @@ class _Recorder:
         self.sizes: list[int] = []
 
     async def step(self, reqs):  # noqa: ANN001, ANN202
-        self.sizes.append(len(reqs[0].seqs))
+        self.sizes.append(reqs[0].num_seqs)
         return await self.runner.step(reqs)
 
 

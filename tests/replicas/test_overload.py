@@ -360,8 +360,9 @@ class _SteppedRunner:
 
         self.calls += 1
         await self.release.get()
-        seqs = reqs[0].seqs
-        return [StepResult(tuple(7 if s.sample else None for s in seqs), tuple(None for _ in seqs))]
+        r = reqs[0]
+        tokens = tuple(7 if s.sample else None for s in r.seqs) + (7,) * len(r.decodes)  # then the columnar decodes
+        return [StepResult(tokens, (None,) * r.num_seqs)]
 
 
 def _engine(  # noqa: ANN202  # -> replicas.engine.engine.Engine

@@ -39,7 +39,11 @@ class _InstantRunner:
     async def step(self, reqs: list[StepRequest]) -> list[StepResult]:
         if all(len(s.token_ids) == 1 and s.start is None for r in reqs for s in r.seqs):
             self.decode_bytes.append(len(pickle.dumps(reqs[0], protocol=5)))
-        return [StepResult(tuple(7 if s.sample else None for s in r.seqs), (None,) * len(r.seqs)) for r in reqs]
+        # per sequence: `seqs`, then the columnar decodes
+        return [
+            StepResult(tuple(7 if s.sample else None for s in r.seqs) + (7,) * len(r.decodes), (None,) * r.num_seqs)
+            for r in reqs
+        ]
 
 
 def _decode_message_bytes(context: int) -> list[int]:
@@ -170,7 +174,7 @@ def test_unknown_sequence_is_refused_alone(model) -> None:  # noqa: ANN001
     from replicas.ep.local_runner import LocalRunner
 
     prompt = PROMPTS[1]
-    want = _oracle(model, prompt, SamplingParams(temperature=0.0), 2)
+    want = _oracle(model, prompt, SamplingParams(temperature=0.0), 3)
     runner = LocalRunner(model, CacheSizes(num_blocks=16, block_size=BLOCK, num_slots=2))
     greedy = SamplingParams(temperature=0.0)
     res = runner.run_step([StepRequest((SeqStep(4, 0, prompt, (0, 1, 2), start=SeqStart(0, greedy, len(prompt))),))])[0]
@@ -196,6 +200,13 @@ def test_unknown_sequence_is_refused_alone(model) -> None:  # noqa: ANN001
     fresh = LocalRunner(model, CacheSizes(num_blocks=16, block_size=BLOCK, num_slots=2))
     res = fresh.run_step([StepRequest((SeqStep(4, len(prompt) + 1, (want[1],)),))])[0]
     assert res.token_ids == (None,) and "not held" in (res.errors[0] or "")
+    # columnar decodes (StepRequest.decodes): the rank feeds back the token it sampled (the oracle's next token
+    # follows), after `seqs` in the result; one it does not hold, or holds at another context, is refused alone
+    res = runner.run_step([StepRequest(decodes=(9, 4), decode_context=(40, len(prompt) + 1))])[0]
+    assert "not held" in (res.errors[0] or ""), res.errors
+    assert res.errors[1] is None and res.token_ids[1] == want[2], (res.token_ids, want)
+    res = runner.run_step([StepRequest(decodes=(4,), decode_context=(3,))])[0]
+    assert res.token_ids == (None,) and "continues at 3" in (res.errors[0] or ""), res.errors
 
 
 # ---------------------------------------------------------------------------- restores with penalties
