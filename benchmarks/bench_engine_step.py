@@ -85,7 +85,7 @@ class InstantRunner:
             return [StepResult(token_ids=(7,) * r.num_seqs, logprobs=(None,) * r.num_seqs) for r in requests]
         return [
             StepResult(
-                token_ids=tuple(7 if s.sample else None for s in r.seqs) + (7,) * len(r.decodes),
+                token_ids=(7,) * len(r.decodes) + tuple(7 if s.sample else None for s in r.seqs),
                 logprobs=(None,) * r.num_seqs,
             )
             for r in requests

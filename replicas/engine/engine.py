@@ -66,18 +66,23 @@ class _Stream:
     """A request's stream buffer: items appended by the engine loop, its reader woken per put. Lighter than
     asyncio.Queue (no getter deque, no put-side future machinery): one is fed per request per step.
 
-    A reader waits on its own `waiter`, or, while its choice decodes (news comes with every step), on the engine's
-    one future of the next step's delivery (`shared`): one future set per step instead of one per request."""
+    A reader waits on its own `waiter`, or, while its choice decodes (`decoding`: set by the engine once a plain
+    choice has its first token; news comes with every step from then on), on the engine's one future of the next
+    step's delivery: one future set per step instead of one per request. `ends` counts the choices the items
+    appended so far end (each ends once: a finish or an error), so the reader stops after the last item without
+    looking into each one."""
 
-    __slots__ = ("items", "waiter", "shared")
+    __slots__ = ("items", "waiter", "ends", "decoding")
 
     def __init__(self) -> None:
         self.items: deque[RequestOutput] = deque()
         self.waiter: asyncio.Future[None] | None = None
-        self.shared = False
+        self.ends = 0
+        self.decoding = False
 
     def put_nowait(self, item: RequestOutput) -> None:
         self.items.append(item)
+        self.ends += sum(1 for o in item.outputs if o.finish_reason is not None or o.error is not None)
         self.wake()
 
     def wake(self) -> None:
@@ -220,6 +225,8 @@ class Engine:
         self._delivery: _Delivery | None = None  # what decoding streams' readers wait on (generate)
         self._deliver_pending = False  # an item put between steps waits for _deliver at the loop's next turn
         self._prev_times: list[float] = []  # the step's tokens' previous token times (ITL, observed per step)
+        self._prev_now = 0.0  # the previous step's clock: most tokens' previous token time
+        self._same_prev = 0  # tokens of this step whose previous token came in the previous step
         self._aborted: list[Sequence] = []
         self._ids = itertools.count()
         self._wake = asyncio.Event()
@@ -316,30 +323,28 @@ class Engine:
             s.fast = s.self_fed and req.n == 1
             self.scheduler.add(s)
         self._wake.set()
-        done, n = 0, req.n
-        items, loop, seq = queue.items, asyncio.get_running_loop(), seqs[0]
+        n = req.n
+        items, loop = queue.items, asyncio.get_running_loop()
         try:
-            while done < n:
-                if not items:  # waits here, not in a helper coroutine: one frame less per item (one per step)
-                    if seq.fast and seq.status is Status.RUNNING and seq.num_computed == len(seq.token_ids) - 1:
-                        # decoding: its news comes with the next step; wait on the future every decoding reader shares
-                        f = self._delivery
-                        if f is None or f.done():
-                            f = self._delivery = _Delivery(loop=loop)
-                        queue.shared = True  # (left set if cancelled: the stream is dropped below)
-                        await f
-                        queue.shared = False
-                    else:
-                        queue.waiter = waiter = loop.create_future()
-                        await waiter
+            while True:
+                if items:
+                    yield items.popleft()
                     continue
-                item = items.popleft()
-                for o in item.outputs:
-                    if o.finish_reason is not None or o.error is not None:
-                        done += 1
-                yield item
+                if queue.ends >= n:  # every choice ended, every item out
+                    break
+                # waits here, not in a helper coroutine: one frame less per item (one per step)
+                if queue.decoding:
+                    # decoding: its news comes with the next step; wait on the future every decoding reader shares
+                    # (a preempted choice wakes with each step until it decodes again: a wake finds no item)
+                    f = self._delivery
+                    if f is None or f.done():
+                        f = self._delivery = _Delivery(loop=loop)
+                    await f
+                else:
+                    queue.waiter = waiter = loop.create_future()
+                    await waiter
         finally:
-            if done < n:
+            if queue.ends < n:
                 self.abort(req.request_id)
             self._streams.pop(req.request_id, None)
 
@@ -353,7 +358,7 @@ class Engine:
     def _put_outside_step(self, stream: _Stream, item: RequestOutput) -> None:
         """An item between steps (an error, an acknowledgement): its reader may wait on the shared future."""
         stream.put_nowait(item)
-        if stream.shared:
+        if stream.decoding:  # its reader may wait on the shared delivery (if not, the early wake finds nothing)
             self._deliver()
 
     async def _compile(self, req: GenerateRequest) -> Any:  # noqa: ANN401  # CompiledGrammar
@@ -448,7 +453,7 @@ class Engine:
         queue.put_nowait(RequestOutput(request_id, self.steps, (out,), self.engine_id))
         # A reader on the shared future wakes at the loop's next turn (one wake of all decoding readers per turn,
         # not one per stopped choice): the front end ignores this item, and the loop turns now (or ends a step).
-        self._deliver_pending |= queue.shared
+        self._deliver_pending |= queue.decoding
         self._wake.set()
 
     # ----------------------------------------------------------------- the loop
@@ -479,6 +484,7 @@ class Engine:
                 await self._on_failure(exc)
                 continue
             self.steps += 1
+            self._prev_now = self._now
             self.last_step_time = self._now = time.monotonic()
             self.metrics.observe("step_time_seconds", self.last_step_time - t0)
             self._update(out, results)
@@ -487,18 +493,14 @@ class Engine:
     def _requests(self, out: SchedulerOutput) -> list[StepRequest]:
         reqs = []
         new = tuple.__new__  # a NamedTuple's own __new__ is a Python function: this builds it in C
+        columnar = out.columnar or [0] * len(out.per_trunk)
         for t, trunk in enumerate(out.per_trunk):
             steps: list[SeqStep] = []
             append = steps.append
-            full: list[Scheduled] = []  # the scheduled ones with an entry in `steps`
-            cont: list[Scheduled] = []  # the columnar decodes (StepRequest.decodes)
-            for sch in trunk:
+            k = columnar[t]  # the first k: decodes the rank continues on its own (StepRequest.decodes)
+            for sch in trunk[k:] if k else trunk:
                 seq, start, n, sample = sch
                 addr = seq.addr
-                if n == 1 and seq.self_fed and sample and addr.started and addr.blocks_sent == len(addr.blocks):  # type: ignore[union-attr]  # scheduled: addr set
-                    cont.append(sch)  # the rank feeds back the token it sampled: nothing to build per sequence
-                    continue
-                full.append(sch)
                 if seq.plain and n == 1 and sample and addr.started and addr.blocks_sent == len(addr.blocks):  # type: ignore[union-attr]  # scheduled: addr set
                     # the common decode: its token and output index, nothing else (what _seq_step gives it); the
                     # fields in SeqStep's order, its defaults after the output index
@@ -510,8 +512,7 @@ class Engine:
                 if seq.t_scheduled is None:
                     seq.t_scheduled = time.monotonic()
                     self.metrics.observe("request_queue_time_seconds", seq.t_scheduled - seq.t_arrival)
-            if full and cont:  # the result lists `seqs`, then `decodes`: _update reads the schedule in that order
-                out.per_trunk[t] = full + cont
+            cont = trunk[:k]
             reqs.append(
                 StepRequest(
                     tuple(steps),
@@ -595,7 +596,8 @@ class Engine:
     def _update(self, out: SchedulerOutput, results: list[StepResult]) -> None:
         now, step, engine_id, prevs = self._now, self.steps, self.engine_id, self._prev_times
         add_prev, gen_out, req_out = prevs.append, GenerateOutput, RequestOutput  # locals: read per sequence
-        tokens = 0
+        prev_now = self._prev_now
+        tokens = same = 0
         if out.prefilled:  # prefix cache: before the updates below release sequences that finished in this step
             refused = {
                 sch.seq.seq_id
@@ -622,11 +624,15 @@ class Engine:
                     ids.append(token)
                     prev = seq.t_last_token
                     seq.t_last_token = now
-                    if prev is not None:
+                    stream = seq.stream
+                    if prev == prev_now:  # (counted, not listed: one histogram update for all of them)
+                        same += 1
+                    elif prev is not None:
                         add_prev(prev)
                     else:
                         seq.t_first_token = now
                         self._ttft.observe(now - seq.t_arrival)
+                        stream.decoding = True  # news with every step from now on
                     tokens += 1
                     n = len(ids) - seq.prompt_len
                     lp = logprobs[i]
@@ -634,10 +640,10 @@ class Engine:
                         finish, stop_reason = seq.ends(token)
                         if finish is not None:
                             self._finish(seq, finish)
+                            stream.ends += 1
                         o = gen_out(seq.index, (token,), () if lp is None else (lp,), finish, stop_reason, n)
                     else:  # decoding on (stop_reason and finish_reason None)
                         o = gen_out(seq.index, (token,), () if lp is None else (lp,), None, None, n)
-                    stream = seq.stream
                     stream.items.append(req_out(seq.request_id, step, (o,), engine_id, seq.cached_tokens))
                     if stream.waiter is not None:  # (rare: a decoding reader waits on the shared delivery)
                         stream.wake()
@@ -676,6 +682,7 @@ class Engine:
                     # k drafts emit up to k + 1 tokens: none of them may take the place of a forced token
                     seq.drafts = []
         self._step_tokens += tokens
+        self._same_prev += same
         self._flush()
         self._deliver()
 
@@ -744,7 +751,10 @@ class Engine:
         if self._step_tokens:
             self.metrics.inc("generation_tokens", self._step_tokens)
             self._step_tokens = 0
-        if self._prev_times:  # one histogram update per distinct previous time: most decoded in the last step
+        if self._same_prev:
+            self._itl.observe_many(self._now - self._prev_now, self._same_prev)
+            self._same_prev = 0
+        if self._prev_times:  # one histogram update per distinct previous time
             now, observe = self._now, self._itl.observe_many
             for prev, k in Counter(self._prev_times).items():
                 observe(now - prev, k)

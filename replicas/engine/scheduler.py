@@ -62,6 +62,9 @@ class Scheduled(NamedTuple):
 class SchedulerOutput:
     per_trunk: list[list[Scheduled]]
     preempted: list[Sequence] = field(default_factory=list)
+    # per trunk: how many of its first entries are decodes its rank continues on its own (the step message's
+    # columns, replicas/engine/step_types.py StepRequest.decodes): started, self-fed, no new block
+    columnar: list[int] = field(default_factory=list)
     # prefix cache: sequences whose chunk this step computes prompt KV the cache may adopt (and maybe saves a state)
     prefilled: list[Scheduled] = field(default_factory=list)
 
@@ -230,7 +233,7 @@ class Scheduler:
 
     # ----------------------------------------------------------------- the decision
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(per_trunk=[[] for _ in self.pools])
+        out = SchedulerOutput(per_trunk=[[] for _ in self.pools], columnar=[0] * len(self.pools))
         budgets = [self.config.max_num_batched_tokens] * len(self.pools)
         for t in range(len(self.pools)):
             budgets[t] = self._schedule_running(t, budgets[t], out)
@@ -239,10 +242,12 @@ class Scheduler:
 
     def _schedule_running(self, t: int, budget: int, out: SchedulerOutput) -> int:
         planned: list[Scheduled] = []
+        cols: list[Scheduled] = []  # decodes the rank continues on its own: they lead the step (out.columnar)
         prefills: list[Sequence] = []
         lookahead = self.config.lookahead
         block_size = self.pools[t].block_size
         preempted = len(out.preempted)
+        new, add_col = _new, cols.append  # (locals: read per running sequence)
         for seq in list(self.running[t].values()):  # decodes, oldest first
             addr = seq.addr
             if addr is None:  # preempted by an older one's growth
@@ -260,6 +265,10 @@ class Scheduler:
                         break
                 if seq.addr is None:  # it preempted itself (and every newer one before it)
                     break
+            elif n == 1 and seq.self_fed and addr.started and addr.blocks_sent == len(addr.blocks):
+                add_col(new(Scheduled, (seq, computed, 1, True)))
+                budget -= 1
+                continue
             planned.append(_new(Scheduled, (seq, computed, n, True)))  # C-built (a NamedTuple's __new__ is Python)
             budget -= n
         for seq in prefills:  # prefills (fresh or resumed), oldest first
@@ -276,7 +285,11 @@ class Scheduler:
                 self._plan_save(sch, out)
             budget -= n
         # a preemption may have removed a sequence already planned: keep only live ones
-        out.per_trunk[t] = [p for p in planned if p.seq.addr is not None] if len(out.preempted) > preempted else planned
+        if len(out.preempted) > preempted:
+            cols = [p for p in cols if p.seq.addr is not None]
+            planned = [p for p in planned if p.seq.addr is not None]
+        out.per_trunk[t] = cols + planned if planned else cols
+        out.columnar[t] = len(cols)
         return budget
 
     def _admit(self, budgets: list[int], out: SchedulerOutput) -> None:

@@ -7,7 +7,7 @@ each sequence placed on it, keyed by sequence id, and each step says only what c
       released: (seq_id, ...)        sequences the rank forgets before reading `seqs` (finished, aborted,
                                      refused, preempted); unknown ids are ignored
       seqs: (SeqStep, ...)           the sequences taking part in this step
-      decodes: (seq_id, ...),        plain decodes in columns (after `seqs` in the result): each continues
+      decodes: (seq_id, ...),        plain decodes in columns (before `seqs` in the result): each continues
       decode_context: (n, ...)       at context n with the token the rank sampled for it in its last step,
                                      its block table unchanged (the rank refuses one it does not hold at n)
       mtp_steps: k                   the group speculates: k MTP draft steps after the target forward
@@ -154,7 +154,7 @@ class StepRequest:
 
     @property
     def num_seqs(self) -> int:
-        """Sequences in the step: `seqs`, then `decodes` (the order of the result's per-sequence fields)."""
+        """Sequences in the step: `decodes`, then `seqs` (the order of the result's per-sequence fields)."""
         return len(self.seqs) + len(self.decodes)
 
 

@@ -527,7 +527,7 @@ class ExpertParallelGroup:
         m = self.config.micro_batches
         split = self.cfg.num_layers if m > 1 else 0
         tokens = [
-            max_micro_batch_tokens([len(s.token_ids) + len(s.drafts) for s in r.seqs] + [1] * len(r.decodes), m)
+            max_micro_batch_tokens([1] * len(r.decodes) + [len(s.token_ids) + len(s.drafts) for s in r.seqs], m)
             for r in requests
         ]
         decode = all(len(s.token_ids) == 1 for r in requests for s in r.seqs)  # one token, drafts or not

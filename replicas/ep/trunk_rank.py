@@ -114,7 +114,7 @@ class TrunkRank:
             self.routed.run_idle()
             self.routed.finish()
             return StepResult(timings={"forward_s": time.perf_counter() - t0})
-        steps = req.seqs + self.seqs.decode_steps(req.decodes, req.decode_context) if req.decodes else req.seqs
+        steps = self.seqs.decode_steps(req.decodes, req.decode_context) + req.seqs if req.decodes else req.seqs
         refused = {i: why for i, s in enumerate(steps) if (why := self.seqs.refusal(s)) is not None}
         if not refused:
             return self._run([self.seqs.resolve(s) for s in steps], req.mtp_steps, t0)

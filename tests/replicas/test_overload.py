@@ -361,7 +361,7 @@ class _SteppedRunner:
         self.calls += 1
         await self.release.get()
         r = reqs[0]
-        tokens = tuple(7 if s.sample else None for s in r.seqs) + (7,) * len(r.decodes)  # then the columnar decodes
+        tokens = (7,) * len(r.decodes) + tuple(7 if s.sample else None for s in r.seqs)  # the columnar decodes first
         return [StepResult(tokens, (None,) * r.num_seqs)]
 
 

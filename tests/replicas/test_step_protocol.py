@@ -39,9 +39,9 @@ class _InstantRunner:
     async def step(self, reqs: list[StepRequest]) -> list[StepResult]:
         if all(len(s.token_ids) == 1 and s.start is None for r in reqs for s in r.seqs):
             self.decode_bytes.append(len(pickle.dumps(reqs[0], protocol=5)))
-        # per sequence: `seqs`, then the columnar decodes
+        # per sequence: the columnar decodes, then `seqs`
         return [
-            StepResult(tuple(7 if s.sample else None for s in r.seqs) + (7,) * len(r.decodes), (None,) * r.num_seqs)
+            StepResult((7,) * len(r.decodes) + tuple(7 if s.sample else None for s in r.seqs), (None,) * r.num_seqs)
             for r in reqs
         ]
 
@@ -201,7 +201,7 @@ def test_unknown_sequence_is_refused_alone(model) -> None:  # noqa: ANN001
     res = fresh.run_step([StepRequest((SeqStep(4, len(prompt) + 1, (want[1],)),))])[0]
     assert res.token_ids == (None,) and "not held" in (res.errors[0] or "")
     # columnar decodes (StepRequest.decodes): the rank feeds back the token it sampled (the oracle's next token
-    # follows), after `seqs` in the result; one it does not hold, or holds at another context, is refused alone
+    # follows), before `seqs` in the result; one it does not hold, or holds at another context, is refused alone
     res = runner.run_step([StepRequest(decodes=(9, 4), decode_context=(40, len(prompt) + 1))])[0]
     assert "not held" in (res.errors[0] or ""), res.errors
     assert res.errors[1] is None and res.token_ids[1] == want[2], (res.token_ids, want)
