@@ -204,6 +204,33 @@ def test_cancelled_reader_leaves_the_other_streams_running(tiny_model, plain) ->
         assert got[i] == plain[i], f"prompt {i}"
 
 
+def test_a_group_answer_short_of_tokens_fails_its_requests_retriably() -> None:
+    """A result without a token per sequence (a broken runner) fails the step like a group failure: every request
+    ends with a retriable error naming the counts, instead of the update raising in the loop and every stream
+    waiting forever."""
+    from replicas.engine.block_pool import BlockPool
+    from replicas.engine.engine import Engine
+    from replicas.engine.scheduler import SchedulerConfig
+    from replicas.engine.step_types import StepResult
+
+    class Short:
+        async def step(self, requests):  # noqa: ANN001, ANN202
+            return [StepResult((7,) * (r.num_seqs - 1), (None,) * (r.num_seqs - 1)) for r in requests]
+
+    async def main() -> list:
+        engine = Engine(Short(), pools=[BlockPool(num_blocks=16, num_slots=2, block_size=16)], config=SchedulerConfig())
+        engine.start()
+        try:
+            req = GenerateRequest("r", (1, 2, 3), GREEDY, max_tokens=4)
+            return [o for item in [i async for i in engine.generate(req)] for o in item.outputs]
+        finally:
+            await engine.stop()
+
+    outs = asyncio.run(asyncio.wait_for(main(), 60))
+    assert len(outs) == 1 and outs[0].error is not None and outs[0].error.retriable, outs
+    assert "answered [0] tokens for [1] sequences" in outs[0].error.message, outs[0].error
+
+
 def test_engine_start_raises_the_young_gc_threshold_and_never_lowers_it() -> None:
     """At hundreds running, each step allocates thousands of short-lived objects: the engine raises the first GC
     threshold (default 700) so no young collection promotes the step's items in flight (~0.5 ms per step at 512),

@@ -191,3 +191,23 @@ def test_fits_ever_counts_the_speculation_lookahead() -> None:
     assert sch.fits_ever(64) and not sch.fits_ever(65)  # 4 blocks x 16
     sch = Scheduler(SchedulerConfig(lookahead=2), _pools(4))
     assert sch.fits_ever(62) and not sch.fits_ever(63)
+
+
+def test_decodes_the_rank_continues_alone_lead_the_step() -> None:
+    """The step message's columns (StepRequest.decodes) take the decodes of self-fed sequences the rank already
+    holds whose block table does not grow: the scheduler puts them first and counts them (`out.columnar`)."""
+    sch = Scheduler(SchedulerConfig(max_num_batched_tokens=128), _pools(64))
+    a, b, c = _seq(0, 5), _seq(1, 16), _seq(2, 5)  # b's first decode writes position 17: a second block
+    a.self_fed = b.self_fed = True  # c is not (a grammar, drafts or forced tokens: its entry is built each step)
+    for s in (a, b, c):
+        sch.add(s)
+    out = sch.schedule()
+    assert out.columnar == [0]  # prefills: none has started on the rank
+    _complete(out)
+    for s in (a, b, c):  # what the engine's step message did: started on the rank, every block sent
+        assert s.addr is not None
+        s.addr.started, s.addr.blocks_sent = True, len(s.addr.blocks)
+    out = sch.schedule()
+    assert out.columnar == [1]
+    assert _plan(out) == [[("r0", 5, 1, True), ("r1", 16, 1, True), ("r2", 5, 1, True)]]
+    assert b.addr is not None and len(b.addr.blocks) == 2 and b.addr.blocks_sent == 1
