@@ -501,12 +501,19 @@ class Engine:
             for sch in trunk[k:] if k else trunk:
                 seq, start, n, sample = sch
                 addr = seq.addr
-                if seq.plain and n == 1 and sample and addr.started and addr.blocks_sent == len(addr.blocks):  # type: ignore[union-attr]  # scheduled: addr set
-                    # the common decode: its token and output index, nothing else (what _seq_step gives it); the
-                    # fields in SeqStep's order, its defaults after the output index
+                if seq.plain and n == 1 and sample and addr.started:  # type: ignore[union-attr]  # scheduled: addr set
+                    # a plain decode (here: with drafting on, or a new KV block): its token, output index and new
+                    # blocks, nothing else (what _seq_step gives it); the fields in SeqStep's order, its defaults
+                    # after the output index
+                    sent, blocks = addr.blocks_sent, addr.blocks  # type: ignore[union-attr]
+                    fresh: tuple[int, ...] = ()
+                    if sent != len(blocks):
+                        fresh, addr.blocks_sent = tuple(blocks[sent:]), len(blocks)  # type: ignore[union-attr]
                     oi = start + 1 - seq.prompt_len
                     # (a concatenation: `*_DECODE_DEFAULTS` inside the display builds a list first)
-                    append(new(SeqStep, (seq.seq_id, start, (seq.token_ids[start],), (), True, oi) + _DECODE_DEFAULTS))
+                    append(
+                        new(SeqStep, (seq.seq_id, start, (seq.token_ids[start],), fresh, True, oi) + _DECODE_DEFAULTS)
+                    )
                     continue
                 append(self._seq_step(sch))
                 if seq.t_scheduled is None:
