@@ -110,6 +110,17 @@ def prefill_attention(
     return out.view(groups * qt, h, hd)[context_len - first : s - first]
 
 
+def _online_state(
+    r: int, hkv: int, g: int, hd: int, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The online softmax's running max, denominator and weighted sum for [R, Hkv, G] query heads (fp32)."""
+    return (
+        torch.full((r, hkv, g), float("-inf"), device=dev),
+        torch.zeros(r, hkv, g, device=dev),
+        torch.zeros(r, hkv, g, hd, device=dev),
+    )
+
+
 def _online_step(
     q: torch.Tensor,
     kT: torch.Tensor,
@@ -194,9 +205,7 @@ def decode_attention(
     order, tiles = plan
     dev, cdt = q_RHD.device, compute_dtype(q_RHD)
     q = q_RHD.index_select(0, order).view(r, hkv, g, hd).to(cdt)  # [R, Hkv, G, hd], longest row first
-    m = torch.full((r, hkv, g), float("-inf"), device=dev)
-    den = torch.zeros(r, hkv, g, device=dev)
-    acc = torch.zeros(r, hkv, g, hd, device=dev)
+    m, den, acc = _online_state(r, hkv, g, hd, dev)
     for active, ids, mask in tiles:
         k = k_pool.index_select(0, ids).view(active, kt, hkv, hd).to(cdt)
         v = v_pool.index_select(0, ids).view(active, kt, hkv, hd).to(cdt)
@@ -245,9 +254,7 @@ def fixed_decode_attention(
     per_tile = kt // bs
     dev, cdt = q_RHD.device, compute_dtype(q_RHD)
     q = q_RHD.view(r, hkv, g, hd).to(cdt)
-    m = torch.full((r, hkv, g), float("-inf"), device=dev)
-    den = torch.zeros(r, hkv, g, device=dev)
-    acc = torch.zeros(r, hkv, g, hd, device=dev)
+    m, den, acc = _online_state(r, hkv, g, hd, dev)
     key_offsets = torch.arange(kt, device=dev)
     for ti in range(tiles):
         ids = tables_RN[:, ti * per_tile : (ti + 1) * per_tile].reshape(-1)

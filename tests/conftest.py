@@ -73,6 +73,17 @@ def embedded_fp32_mtp_model(embedded_model_dir: Path):  # noqa: ANN201  # model_
     return LocalModel.load(embedded_model_dir, dtype="float32", with_mtp=True)
 
 
+@pytest.fixture(scope="module")
+def one_thread_mtp_model(embedded_fp32_mtp_model):  # noqa: ANN001, ANN201  # model_shards.model.LocalModel
+    """`embedded_fp32_mtp_model` with torch on one thread for the module, as every rank actor runs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield embedded_fp32_mtp_model
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def serve_ports(ray_cluster):  # noqa: ANN001, ANN201  # -> (http base URL, grpc "host:port")
     """Ray Serve on the shared cluster: HTTP and gRPC proxies on free loopback ports."""

@@ -303,11 +303,8 @@ def _ids(seed: int, n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def model(embedded_fp32_mtp_model):  # noqa: ANN001, ANN201  # LocalModel (tests/conftest.py)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield embedded_fp32_mtp_model
-    torch.set_num_threads(before)
+def model(one_thread_mtp_model):  # noqa: ANN001, ANN201  # LocalModel (tests/conftest.py)
+    return one_thread_mtp_model
 
 
 class Out(NamedTuple):

@@ -36,11 +36,8 @@ DECODE = 4
 
 
 @pytest.fixture(scope="module")
-def model(embedded_fp32_mtp_model):  # noqa: ANN001, ANN201  # LocalModel (tests/conftest.py)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield embedded_fp32_mtp_model
-    torch.set_num_threads(before)
+def model(one_thread_mtp_model):  # noqa: ANN001, ANN201  # LocalModel (tests/conftest.py)
+    return one_thread_mtp_model
 
 
 def _oracle(model, prompt: tuple[int, ...], n: int) -> list[tuple[int, float]]:  # noqa: ANN001
