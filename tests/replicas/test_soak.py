@@ -1,8 +1,9 @@
-"""Soak: 16 concurrent streams for 30 s (the `slow` variant: 10 minutes) on D=2 x X=4 lose nothing and leak nothing.
+"""Soak: 16 concurrent streams on D=2 x X=4 lose nothing and leak nothing.
 
-Every response ends with a finish_reason or an error object (0 lost, 0 hung), and every process of the
-app (ingress, engine replica, the 6 rank actors) grows its resident memory by less than 10% after
-warm-up. EPSERVE_SOAK_S sets the duration (the `slow` variant runs 10 minutes).
+The streams run through a warm-up, then through a measured window of 15 s (the `slow` variant: 10 minutes;
+EPSERVE_SOAK_S sets it). Every response ends with a finish_reason or an error object (0 lost, 0 hung), every
+stream completes requests again and again (a count, not a throughput: CI machines differ), and every process of
+the app (ingress, engine replica, the 6 rank actors) grows its resident memory by less than 10% over the window.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import pytest
 import requests
 
 APP = "soak"
-WARMUP_S = 40.0
+WARMUP_S = 25.0
+# each of the 16 streams must finish this many requests: a stalled or starved stream fails, a slow machine does not
+MIN_PER_STREAM = 2
 
 
 def _pid(_self: object) -> int:
@@ -68,6 +71,7 @@ def _soak(serve_http: str, embedded_model_dir: Path, seconds: float) -> None:
     serve.run(build_app(args), name=APP, route_prefix="/soak")
     base = serve_http + "/soak"
     outcomes = {"finished": 0, "error": 0, "lost": 0}
+    per_stream = [0] * 16
     stop = threading.Event()
     lock = threading.Lock()
 
@@ -104,6 +108,7 @@ def _soak(serve_http: str, embedded_model_dir: Path, seconds: float) -> None:
                 error = {"transport": repr(exc)}
             with lock:
                 outcomes["finished" if finish else "error" if error else "lost"] += 1
+                per_stream[i] += finish is not None
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(16)]
     try:
@@ -113,15 +118,15 @@ def _soak(serve_http: str, embedded_model_dir: Path, seconds: float) -> None:
         pids = _app_pids()
         assert len([n for n in pids if n.startswith("epserve-") and "-metrics-" not in n]) == 6, pids
         before = _rss(pids)
-        time.sleep(max(0.0, seconds - WARMUP_S))
+        time.sleep(seconds)
         after = _rss(pids)
         stop.set()
         for t in threads:
             t.join(180)
         assert not any(t.is_alive() for t in threads), "a stream hung"
-        print(f"soak {seconds:.0f} s: {outcomes}")
+        print(f"soak {WARMUP_S:.0f} s + {seconds:.0f} s: {outcomes}, finished per stream {per_stream}")
         assert outcomes["lost"] == 0 and outcomes["error"] == 0, outcomes
-        assert outcomes["finished"] > 100
+        assert min(per_stream) >= MIN_PER_STREAM, per_stream
         grown = {n: after[n] / before[n] - 1 for n in before}
         print("memory growth after warm-up:", {n: f"{g:+.1%}" for n, g in grown.items()})
         assert all(g < 0.10 for g in grown.values()), grown
@@ -132,7 +137,7 @@ def _soak(serve_http: str, embedded_model_dir: Path, seconds: float) -> None:
 
 @pytest.mark.timeout(900)
 def test_soak_16_streams(serve_http: str, embedded_model_dir: Path) -> None:
-    _soak(serve_http, embedded_model_dir, float(os.environ.get("EPSERVE_SOAK_S", "30")))
+    _soak(serve_http, embedded_model_dir, float(os.environ.get("EPSERVE_SOAK_S", "15")))
 
 
 @pytest.mark.slow
